@@ -1,0 +1,1 @@
+"""The gateway: the one endpoint a search frontend calls."""

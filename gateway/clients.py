@@ -1,0 +1,74 @@
+"""Clients for the recall and rerank tiers: the gateway's edge toward them.
+
+They speak protos to the wire and plain values to the pipeline, and turn RPC
+failures into domain errors.
+"""
+
+from dataclasses import dataclass
+
+import grpc
+
+from twostage.status import error_from_rpc
+from twostage.v1 import recall_pb2, recall_pb2_grpc, rerank_pb2, rerank_pb2_grpc
+
+
+@dataclass(frozen=True)
+class RecallCandidate:
+    id: str
+    title: str
+    text: str
+    score: float
+
+
+@dataclass(frozen=True)
+class RerankReply:
+    scores: dict[int, float]  # candidate position -> score
+    timings_ms: dict[str, float]
+    tokens: int
+    queue_items: int
+
+
+class _Client:
+    def __init__(self, target: str):
+        self.target = target
+        self.channel = grpc.aio.insecure_channel(target)
+
+    async def close(self) -> None:
+        await self.channel.close()
+
+
+class RecallClient(_Client):
+    def __init__(self, target: str):
+        super().__init__(target)
+        self.stub = recall_pb2_grpc.RecallStub(self.channel)
+
+    async def search(
+        self, query: str, k: int, timeout_s: float, request_id: str
+    ) -> tuple[list[RecallCandidate], dict[str, float]]:
+        try:
+            reply = await self.stub.Search(
+                recall_pb2.RecallSearchRequest(query=query, k=k, request_id=request_id), timeout=timeout_s
+            )
+        except grpc.aio.AioRpcError as error:
+            raise error_from_rpc(error, f"recall {self.target}") from None
+        return [RecallCandidate(c.id, c.title, c.text, c.score) for c in reply.candidates], dict(reply.timings_ms)
+
+
+class RerankClient(_Client):
+    def __init__(self, target: str):
+        super().__init__(target)
+        self.stub = rerank_pb2_grpc.RerankStub(self.channel)
+
+    async def rerank(self, query: str, documents: list[str], timeout_s: float, request_id: str) -> RerankReply:
+        try:
+            reply = await self.stub.Rerank(
+                rerank_pb2.RerankRequest(query=query, documents=documents, request_id=request_id), timeout=timeout_s
+            )
+        except grpc.aio.AioRpcError as error:
+            raise error_from_rpc(error, f"rerank {self.target}") from None
+        return RerankReply(
+            scores={r.index: r.score for r in reply.results},
+            timings_ms=dict(reply.timings_ms),
+            tokens=reply.tokens,
+            queue_items=reply.queue_items,
+        )

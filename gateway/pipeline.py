@@ -1,0 +1,173 @@
+"""Recall, then rerank, within the caller's budget.
+
+The effective budget is the smallest of the request's ``budget_ms``, the
+client's deadline and the configured maximum. Recall must answer (without
+candidates there is nothing to return); rerank gets what is left minus a
+return margin, and when it cannot answer in time the recall order is
+returned with ``degraded=True`` and a reason, never an error or a hang.
+"""
+
+import asyncio
+import itertools
+import logging
+import re
+import time
+import uuid
+from dataclasses import dataclass, field
+
+from gateway.clients import RecallCandidate, RecallClient, RerankClient
+from gateway.config import GatewaySettings
+from twostage import errors
+from twostage.corpus import Document, document_text
+
+log = logging.getLogger(__name__)
+_REQUEST_ID = re.compile(r"^[A-Za-z0-9._:/-]{1,128}$")
+
+
+@dataclass(frozen=True)
+class SearchQuery:
+    query: str
+    top_k: int = 0
+    recall_k: int = 0
+    budget_ms: int = 0
+    request_id: str = ""
+    deadline_s: float | None = None  # client deadline, time.monotonic() clock
+
+
+@dataclass(frozen=True)
+class Hit:
+    id: str
+    title: str
+    text: str
+    score: float
+    rerank_score: float | None
+    recall_rank: int
+    recall_score: float
+
+
+@dataclass
+class SearchResult:
+    hits: list[Hit]
+    request_id: str
+    degraded: bool = False
+    degraded_reason: str = ""
+    candidates: int = 0
+    reranked: int = 0
+    timings_ms: dict[str, float] = field(default_factory=dict)
+
+    def degrade(self, reason: str) -> None:
+        self.degraded = True
+        self.degraded_reason = f"{self.degraded_reason}; {reason}" if self.degraded_reason else reason
+
+
+class SearchPipeline:
+    def __init__(self, settings: GatewaySettings, recall: list[RecallClient], rerank: list[RerankClient]):
+        self.settings = settings
+        self.recall = recall
+        self.rerank = rerank
+        self._next_replica = itertools.cycle(range(len(rerank)))
+
+    async def close(self) -> None:
+        await asyncio.gather(*(c.close() for c in [*self.recall, *self.rerank]))
+
+    def resolve(self, q: SearchQuery) -> tuple[int, int, float, str]:
+        """Validate and fill defaults: (top_k, recall_k, budget_s, request_id)."""
+        s = self.settings
+        errors.check_text("query", q.query, s.max_query_chars)
+        top_k = q.top_k or s.default_top_k
+        recall_k = q.recall_k or max(s.default_recall_k, top_k)
+        errors.check_limit("top_k", top_k, 1, s.max_top_k)
+        errors.check_limit("recall_k", recall_k, 1, s.max_recall_k)
+        if top_k > recall_k:
+            raise errors.InvalidArgument(f"top_k ({top_k}) must not exceed recall_k ({recall_k})")
+        errors.check_limit("budget_ms", q.budget_ms, 0, 2**31 - 1)
+        if q.request_id and not _REQUEST_ID.match(q.request_id):
+            raise errors.InvalidArgument("request_id must be 1-128 characters of letters, digits and ._:/-")
+        budget_ms = min(q.budget_ms or s.default_budget_ms, s.max_budget_ms)
+        return top_k, recall_k, budget_ms / 1000, q.request_id or uuid.uuid4().hex
+
+    async def search(self, q: SearchQuery) -> SearchResult:
+        top_k, recall_k, budget_s, request_id = self.resolve(q)
+        start = time.monotonic()
+        deadline = start + budget_s if q.deadline_s is None else min(start + budget_s, q.deadline_s)
+        result = SearchResult(hits=[], request_id=request_id)
+        candidates = await self._recall(q.query, recall_k, deadline, request_id, result)
+        recall_done = time.monotonic()
+        result.timings_ms["recall_ms"] = 1000 * (recall_done - start)
+        result.candidates = len(candidates)
+        scores = await self._rerank(q.query, candidates, deadline, request_id, result) if candidates else {}
+        result.timings_ms["rerank_ms"] = 1000 * (time.monotonic() - recall_done)
+        result.reranked = len(scores)
+        result.hits = self._rank(candidates, scores)[:top_k]
+        result.timings_ms["total_ms"] = 1000 * (time.monotonic() - start)
+        return result
+
+    async def _recall(
+        self, query: str, k: int, deadline: float, request_id: str, result: SearchResult
+    ) -> list[RecallCandidate]:
+        """Query every shard in parallel; merge by score. Fails only if every shard fails."""
+        timeout = deadline - time.monotonic()
+        replies = await asyncio.gather(
+            *(shard.search(query, k, timeout, request_id) for shard in self.recall), return_exceptions=True
+        )
+        failures = [r for r in replies if isinstance(r, BaseException)]
+        if len(failures) == len(replies):
+            raise _worst(failures)
+        if failures:
+            result.degrade(f"recall_partial ({len(replies) - len(failures)} of {len(replies)} shards answered)")
+            for failure in failures:
+                log.warning("request %s: recall shard failed: %s", request_id, failure)
+        merged: dict[str, RecallCandidate] = {}
+        for reply in replies:
+            if isinstance(reply, BaseException):
+                continue
+            candidates, timings = reply
+            for name, ms in timings.items():
+                result.timings_ms[f"recall.{name}"] = max(ms, result.timings_ms.get(f"recall.{name}", 0.0))
+            for candidate in candidates:
+                if candidate.id not in merged or merged[candidate.id].score < candidate.score:
+                    merged[candidate.id] = candidate
+        return sorted(merged.values(), key=lambda c: -c.score)[:k]
+
+    async def _rerank(
+        self, query: str, candidates: list[RecallCandidate], deadline: float, request_id: str, result: SearchResult
+    ) -> dict[int, float]:
+        remaining_s = deadline - time.monotonic() - self.settings.return_margin_ms / 1000
+        if remaining_s * 1000 < self.settings.min_rerank_ms:
+            result.degrade(f"rerank_skipped ({remaining_s * 1000:.0f} ms left after recall)")
+            return {}
+        replica = self.rerank[next(self._next_replica)]
+        documents = [document_text(Document(c.id, c.title, c.text)) for c in candidates]
+        try:
+            reply = await replica.rerank(query, documents, remaining_s, request_id)
+        except errors.TwostageError as error:
+            reason = {
+                errors.DeadlineExceeded: "rerank_timeout",
+                errors.Overloaded: "rerank_overloaded",
+            }.get(type(error), "rerank_unavailable")
+            result.degrade(reason)
+            log.warning("request %s: %s: %s", request_id, reason, error)
+            return {}
+        for name, ms in reply.timings_ms.items():
+            result.timings_ms[f"rerank.{name}"] = ms
+        return reply.scores
+
+    @staticmethod
+    def _rank(candidates: list[RecallCandidate], scores: dict[int, float]) -> list[Hit]:
+        """Reranked candidates by rerank score, then the rest in recall order."""
+        hits = [
+            Hit(c.id, c.title, c.text, scores.get(i, c.score), scores.get(i), i + 1, c.score)
+            for i, c in enumerate(candidates)
+        ]
+        reranked = sorted((h for h in hits if h.rerank_score is not None), key=lambda h: -h.rerank_score)
+        return reranked + [h for h in hits if h.rerank_score is None]
+
+
+def _worst(failures: list[BaseException]) -> BaseException:
+    """The error to report when no shard answered: a deadline beats unavailability."""
+    for failure in failures:
+        if isinstance(failure, (errors.DeadlineExceeded, errors.InvalidArgument)):
+            return failure
+    if all(isinstance(f, errors.TwostageError) for f in failures):
+        return errors.Unavailable(f"no recall shard answered: {failures[0]}")
+    return failures[0]

@@ -1,0 +1,1 @@
+"""Stage 1: the bi-encoder recall service over an HNSW index."""

@@ -1,0 +1,32 @@
+"""Recall server settings: env prefix TWOSTAGE_RECALL_, or CLI flags."""
+
+from pathlib import Path
+
+import platformdirs
+from pydantic import Field
+from pydantic_settings import SettingsConfigDict
+
+from twostage.config import BatchingSettings, RuntimeSettings, ServiceSettings
+from twostage.model_store import DEFAULT_EMBED_MODEL
+
+DEFAULT_INDEX_DIR = Path(platformdirs.user_data_dir("twostage")) / "indexes" / "demo"
+
+
+class RecallSettings(ServiceSettings, RuntimeSettings, BatchingSettings):
+    model_config = SettingsConfigDict(env_prefix="TWOSTAGE_RECALL_", frozen=True, extra="forbid")
+
+    port: int = Field(50052, description="Port to bind; 0 picks a free one.")
+    model: str = Field(DEFAULT_EMBED_MODEL, description="Default model name or a model directory.")
+    index_dir: Path = Field(DEFAULT_INDEX_DIR, description="Index built by 'twostage index build'.")
+    max_length: int = Field(512, description="Tokens read per text; longer texts are truncated.")
+    max_query_chars: int = Field(2048, description="Longest query accepted.")
+    max_k: int = Field(1000, description="Most candidates one search may ask for.")
+    max_embed_texts: int = Field(256, description="Most texts in one Embed request.")
+    max_upsert_docs: int = Field(1000, description="Most documents in one Upsert or Delete request.")
+    max_doc_chars: int = Field(100_000, description="Longest document title + text accepted.")
+    max_id_chars: int = Field(256, description="Longest document id accepted.")
+    save_every_writes: int = Field(
+        1000, description="Save the HNSW graph after this many writes; the store replays the rest on start."
+    )
+    # Queries are short, so batches are cheap; a larger budget helps documents on Upsert.
+    max_batch_tokens: int = Field(16384, description="Most padded tokens in one embedding call.")

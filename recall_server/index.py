@@ -1,0 +1,156 @@
+"""A searchable document index: usearch HNSW (cosine) for vectors, the SQLite
+DocStore for documents.
+
+Writes go to SQLite first (the acknowledgement point), then to the HNSW graph
+in memory. The graph is saved to disk every ``save_every_writes`` writes and
+on close, together with the store sequence it reflects; opening an index
+replays every store write after that sequence, so a crash between saves loses
+nothing that was acknowledged.
+"""
+
+import json
+import os
+import threading
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+from usearch.index import Index
+
+from recall_server.docstore import DocStore
+from twostage.corpus import Document
+from twostage.errors import InvalidArgument, ModelMismatch
+
+MANIFEST = "index.json"
+GRAPH = "vectors.usearch"
+STORE = "docs.sqlite"
+FORMAT_VERSION = 1
+
+
+@dataclass(frozen=True)
+class IndexManifest:
+    model: str
+    dims: int
+    metric: str = "cos"
+    applied_seq: int = 0
+    format_version: int = FORMAT_VERSION
+
+
+def _write_atomically(path: Path, data: bytes) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+class DocumentIndex:
+    def __init__(self, directory: Path, manifest: IndexManifest, save_every_writes: int = 1000):
+        self.directory = Path(directory)
+        self.manifest = manifest
+        self.save_every_writes = save_every_writes
+        self.store = DocStore(self.directory / STORE)
+        self._graph = Index(ndim=manifest.dims, metric=manifest.metric, dtype="f32")
+        # _write_lock orders writers so the graph applies store writes in sequence
+        # (a save must never claim a sequence the graph has not applied);
+        # _graph_lock is held only for graph reads and mutations.
+        self._write_lock = threading.RLock()
+        self._graph_lock = threading.Lock()
+        self._unsaved_writes = 0
+
+    @classmethod
+    def create(cls, directory: Path, model: str, dims: int, **kwargs) -> "DocumentIndex":
+        directory = Path(directory)
+        if (directory / MANIFEST).exists():
+            raise InvalidArgument(f"{directory} already holds an index; remove it or choose another --out")
+        directory.mkdir(parents=True, exist_ok=True)
+        index = cls(directory, IndexManifest(model=model, dims=dims), **kwargs)
+        index.save()
+        return index
+
+    @classmethod
+    def open(cls, directory: Path, model: str, dims: int, **kwargs) -> "DocumentIndex":
+        directory = Path(directory)
+        if not (directory / MANIFEST).exists():
+            raise InvalidArgument(f"{directory} is not an index; build one with 'twostage index build'")
+        manifest = IndexManifest(**json.loads((directory / MANIFEST).read_text()))
+        if manifest.format_version != FORMAT_VERSION:
+            raise ModelMismatch(f"{directory}: index format {manifest.format_version}, expected {FORMAT_VERSION}")
+        if (manifest.model, manifest.dims) != (model, dims):
+            raise ModelMismatch(
+                f"{directory} was built with model {manifest.model!r} ({manifest.dims} dims) but the server "
+                f"loads {model!r} ({dims} dims); rebuild the index or serve the model it was built with"
+            )
+        index = cls(directory, manifest, **kwargs)
+        if (directory / GRAPH).exists():
+            index._graph.load(str(directory / GRAPH))
+        index._catch_up(manifest.applied_seq)
+        return index
+
+    def __len__(self) -> int:
+        return len(self._graph)
+
+    def _catch_up(self, applied_seq: int) -> None:
+        for changes in self.store.changes_since(applied_seq):
+            with self._graph_lock:
+                for change in changes:
+                    self._remove_key(change.key)
+                live = [c for c in changes if c.vector is not None]
+                if live:
+                    self._graph.add(
+                        np.array([c.key for c in live], dtype=np.uint64), np.stack([c.vector for c in live])
+                    )
+
+    def _remove_key(self, key: int) -> None:
+        if self._graph.contains(key):
+            self._graph.remove(key)
+
+    def upsert(self, docs: list[Document], vectors: np.ndarray) -> None:
+        with self._write_lock:
+            keys = self.store.upsert(docs, vectors)  # durable from here on
+            with self._graph_lock:
+                for key in keys:
+                    self._remove_key(key)
+                self._graph.add(np.asarray(keys, dtype=np.uint64), np.asarray(vectors, dtype=np.float32))
+            self._note_writes(len(keys))
+
+    def delete(self, doc_ids: list[str]) -> int:
+        with self._write_lock:
+            keys = self.store.delete(doc_ids)
+            with self._graph_lock:
+                for key in keys:
+                    self._remove_key(key)
+            self._note_writes(len(keys))
+        return len(keys)
+
+    def search(self, vector: np.ndarray, k: int) -> list[tuple[Document, float]]:
+        """The k nearest live documents with their cosine similarity, best first."""
+        with self._graph_lock:
+            if len(self._graph) == 0:
+                return []
+            matches = self._graph.search(np.asarray(vector, dtype=np.float32), min(k, len(self._graph)))
+            keys, distances = matches.keys.tolist(), matches.distances.tolist()
+        docs = self.store.fetch(keys)
+        return [(docs[key], 1.0 - dist) for key, dist in zip(keys, distances) if key in docs]
+
+    def _note_writes(self, count: int) -> None:
+        self._unsaved_writes += count
+        if self._unsaved_writes >= self.save_every_writes:
+            self.save()
+
+    def save(self) -> None:
+        """Persist the graph and the store sequence it reflects."""
+        with self._write_lock:
+            applied_seq = self.store.max_seq()
+            tmp = self.directory / (GRAPH + ".tmp")
+            with self._graph_lock:
+                self._graph.save(str(tmp))
+            os.replace(tmp, self.directory / GRAPH)
+            self.manifest = IndexManifest(**{**asdict(self.manifest), "applied_seq": applied_seq})
+            _write_atomically(self.directory / MANIFEST, json.dumps(asdict(self.manifest), indent=2).encode())
+            self._unsaved_writes = 0
+
+    def close(self) -> None:
+        self.save()
+        self.store.close()

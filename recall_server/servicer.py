@@ -1,0 +1,80 @@
+"""gRPC edge of the recall service: protos in, dataclasses through, protos out."""
+
+import time
+
+import grpc
+
+from recall_server.service import RecallService
+from twostage import __version__
+from twostage.corpus import Document
+from twostage.server import GrpcService, deadline_of
+from twostage.status import translate_errors
+from twostage.v1 import common_pb2, recall_pb2, recall_pb2_grpc
+
+
+def _ms_since(start: float) -> dict[str, float]:
+    return {"total_ms": 1000 * (time.perf_counter() - start)}
+
+
+class RecallServicer(recall_pb2_grpc.RecallServicer):
+    def __init__(self, service: RecallService):
+        self.service = service
+
+    @translate_errors
+    async def Search(self, request: recall_pb2.RecallSearchRequest, context: grpc.aio.ServicerContext):
+        candidates, timings = await self.service.search(request.query, request.k, deadline_of(context))
+        return recall_pb2.RecallSearchResponse(
+            candidates=[
+                recall_pb2.Candidate(id=c.document.id, title=c.document.title, text=c.document.text, score=c.score)
+                for c in candidates
+            ],
+            timings_ms=timings,
+        )
+
+    @translate_errors
+    async def Embed(self, request: recall_pb2.EmbedRequest, context: grpc.aio.ServicerContext):
+        start = time.perf_counter()
+        vectors = await self.service.embed(list(request.texts), request.is_query, request.model, deadline_of(context))
+        return recall_pb2.EmbedResponse(
+            embeddings=[recall_pb2.Embedding(values=v.tolist()) for v in vectors],
+            dims=vectors.shape[1],
+            timings_ms=_ms_since(start),
+        )
+
+    @translate_errors
+    async def Upsert(self, request: recall_pb2.UpsertRequest, context: grpc.aio.ServicerContext):
+        start = time.perf_counter()
+        docs = [Document(d.id, d.title, d.text, dict(d.metadata)) for d in request.documents]
+        upserted = await self.service.upsert(docs, deadline_of(context))
+        return recall_pb2.UpsertResponse(
+            upserted=upserted, doc_count=self.service.doc_count(), timings_ms=_ms_since(start)
+        )
+
+    @translate_errors
+    async def Delete(self, request: recall_pb2.DeleteRequest, context: grpc.aio.ServicerContext):
+        start = time.perf_counter()
+        deleted = await self.service.delete(list(request.ids))
+        return recall_pb2.DeleteResponse(deleted=deleted, doc_count=self.service.doc_count(), timings_ms=_ms_since(start))
+
+    @translate_errors
+    async def Info(self, request: common_pb2.InfoRequest, context: grpc.aio.ServicerContext):
+        info = self.service.info()
+        return recall_pb2.RecallInfo(
+            version=__version__,
+            model=info["model"],
+            dims=info["dims"],
+            doc_count=info["doc_count"],
+            execution_provider=info["execution_provider"],
+            limits=[common_pb2.Limit(name=k, value=v) for k, v in info["limits"].items()],
+        )
+
+
+def build_server(service: RecallService) -> GrpcService:
+    """The GrpcService for a recall server (not yet started)."""
+    return GrpcService(
+        "recall",
+        service.settings,
+        [recall_pb2.DESCRIPTOR.services_by_name["Recall"].full_name],
+        lambda server: recall_pb2_grpc.add_RecallServicer_to_server(RecallServicer(service), server),
+        service,
+    )

@@ -1,0 +1,54 @@
+"""gRPC edge of the rerank service: protos in, dataclasses through, protos out."""
+
+import grpc
+
+from rerank_server.service import RerankQuery, RerankService
+from twostage import __version__
+from twostage.server import GrpcService, deadline_of
+from twostage.status import translate_errors
+from twostage.v1 import common_pb2, rerank_pb2, rerank_pb2_grpc
+
+
+class RerankServicer(rerank_pb2_grpc.RerankServicer):
+    def __init__(self, service: RerankService):
+        self.service = service
+
+    @translate_errors
+    async def Rerank(self, request: rerank_pb2.RerankRequest, context: grpc.aio.ServicerContext):
+        outcome = await self.service.rerank(
+            RerankQuery(
+                query=request.query,
+                documents=list(request.documents),
+                top_n=request.top_n,
+                model=request.model,
+                deadline_s=deadline_of(context),
+            )
+        )
+        return rerank_pb2.RerankResponse(
+            results=[rerank_pb2.RerankResult(index=i, score=s) for i, s in outcome.ranked],
+            timings_ms=outcome.timings_ms,
+            tokens=outcome.tokens,
+            queue_items=outcome.queue_items,
+        )
+
+    @translate_errors
+    async def Info(self, request: common_pb2.InfoRequest, context: grpc.aio.ServicerContext):
+        info = self.service.info()
+        return rerank_pb2.RerankInfo(
+            version=__version__,
+            model=info["model"],
+            max_length=info["max_length"],
+            execution_provider=info["execution_provider"],
+            limits=[common_pb2.Limit(name=k, value=v) for k, v in info["limits"].items()],
+        )
+
+
+def build_server(service: RerankService):
+    """The GrpcService for a rerank server (not yet started)."""
+    return GrpcService(
+        "rerank",
+        service.settings,
+        [rerank_pb2.DESCRIPTOR.services_by_name["Rerank"].full_name],
+        lambda server: rerank_pb2_grpc.add_RerankServicer_to_server(RerankServicer(service), server),
+        service,
+    )

@@ -1,0 +1,287 @@
+"""Dynamic batching: concurrent callers' items are coalesced into batches.
+
+A batch is flushed when it would exceed ``max_batch_size`` items or
+``max_batch_tokens`` padded tokens (items x longest item), or when its oldest
+item has waited ``max_wait_ms``. Items are grouped by length so a batch pads
+little. Items are tokenized before they are queued, so each one's cost is
+known; the model runs on a dedicated executor while the next batch forms.
+
+Every future handed out here is resolved: with a result, with the batch's
+error, with DeadlineExceeded when its deadline passed before it was computed,
+or with NotReady when the batcher is shut down without draining.
+"""
+
+import asyncio
+import logging
+import time
+from collections import Counter
+from collections.abc import Callable, Sequence
+from concurrent.futures import Executor, ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Any, Generic, TypeVar
+
+from twostage.errors import DeadlineExceeded, ModelFailure, NotReady, Overloaded, TwostageError
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
+R = TypeVar("R")
+
+
+@dataclass(frozen=True)
+class BatchPolicy:
+    max_batch_size: int = 32
+    max_batch_tokens: int = 8192
+    max_wait_ms: float = 2.0
+    max_queue_items: int = 4096
+    pipeline_depth: int = 2
+
+    @classmethod
+    def from_settings(cls, settings) -> "BatchPolicy":
+        return cls(**{name: getattr(settings, name) for name in cls.__dataclass_fields__})
+
+
+def plan_batches(lengths: Sequence[int], max_batch_size: int, max_batch_tokens: int) -> list[list[int]]:
+    """Group item indices into length-sorted batches within both limits.
+
+    An item longer than the token budget still gets a batch of its own.
+    """
+    batches: list[list[int]] = []
+    current: list[int] = []
+    for index in sorted(range(len(lengths)), key=lengths.__getitem__):
+        grown = len(current) + 1
+        if current and (grown > max_batch_size or grown * lengths[index] > max_batch_tokens):
+            batches.append(current)
+            current = []
+        current.append(index)
+    if current:
+        batches.append(current)
+    return batches
+
+
+@dataclass
+class BatchStats:
+    """Running totals for benchmarks and metrics."""
+
+    batches: int = 0
+    items: int = 0
+    real_tokens: int = 0
+    padded_tokens: int = 0
+    shed_items: int = 0
+    expired_items: int = 0
+    failed_batches: int = 0
+    batch_sizes: Counter = field(default_factory=Counter)
+
+    @property
+    def padding_waste(self) -> float:
+        return 1 - self.real_tokens / self.padded_tokens if self.padded_tokens else 0.0
+
+
+@dataclass(eq=False)
+class _Item:
+    payload: Any
+    length: int
+    future: asyncio.Future
+    enqueued_s: float
+    deadline_s: float | None
+    dispatched_s: float = 0.0
+    done_s: float = 0.0
+
+
+@dataclass(frozen=True)
+class Submission(Generic[R]):
+    values: list[R]
+    queue_ms: float
+    compute_ms: float
+
+
+# Called after each batch: (size, real_tokens, padded_tokens, queue_waits_s, compute_s).
+BatchObserver = Callable[[int, int, int, list[float], float], None]
+
+
+class DynamicBatcher(Generic[T, R]):
+    def __init__(
+        self,
+        name: str,
+        compute: Callable[[list[T]], Sequence[R]],
+        policy: BatchPolicy,
+        executor: Executor | None = None,
+        observers: Sequence[BatchObserver] = (),
+    ):
+        self.name = name
+        self.policy = policy
+        self.stats = BatchStats()
+        self._compute = compute
+        self._own_executor = executor is None
+        self._executor = executor or ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"{name}-model")
+        self._observers = list(observers)
+        self._queue: list[_Item] = []
+        self._wakeup = asyncio.Event()
+        self._slots = asyncio.Semaphore(policy.pipeline_depth)
+        self._in_flight: set[asyncio.Task] = set()
+        self._closing = False
+        self._runner: asyncio.Task | None = None
+
+    @property
+    def queued_items(self) -> int:
+        return len(self._queue)
+
+    def start(self) -> None:
+        self._runner = asyncio.get_running_loop().create_task(self._run(), name=f"{self.name}-batcher")
+
+    async def submit(
+        self, payloads: Sequence[T], lengths: Sequence[int], deadline_s: float | None = None
+    ) -> Submission[R]:
+        """Queue items (``lengths`` in tokens) and wait for all their results.
+
+        ``deadline_s`` is on the ``time.monotonic()`` clock.
+        """
+        if not payloads:
+            return Submission(values=[], queue_ms=0.0, compute_ms=0.0)
+        if self._closing or self._runner is None:
+            raise NotReady(f"{self.name} is not accepting work (starting or shutting down)")
+        if len(self._queue) + len(payloads) > self.policy.max_queue_items:
+            self.stats.shed_items += len(payloads)
+            raise Overloaded(
+                f"{self.name} is overloaded: {len(self._queue)} items queued, limit "
+                f"{self.policy.max_queue_items}; retry later or on another replica"
+            )
+        loop = asyncio.get_running_loop()
+        now = time.monotonic()
+        items = [_Item(p, n, loop.create_future(), now, deadline_s) for p, n in zip(payloads, lengths)]
+        self._queue.extend(items)
+        self._wakeup.set()
+        futures = [item.future for item in items]
+        timeout = None if deadline_s is None else max(0.0, deadline_s - now)
+        try:
+            _, pending = await asyncio.wait(futures, timeout=timeout)
+        finally:
+            # Cancelled or timed out: unresolved items are skipped when their batch forms.
+            for future in futures:
+                future.cancel()
+        if pending:
+            raise DeadlineExceeded(f"{self.name}: deadline passed with {len(pending)} items not yet computed")
+        failures = [f.exception() for f in futures if f.exception() is not None]
+        if failures:
+            raise failures[0]
+        return Submission(
+            values=[f.result() for f in futures],
+            queue_ms=1000 * max(i.dispatched_s - i.enqueued_s for i in items),
+            compute_ms=1000 * (max(i.done_s for i in items) - min(i.dispatched_s for i in items)),
+        )
+
+    async def close(self, drain: bool = True) -> None:
+        """Refuse new work; finish queued work (or fail it when not draining)."""
+        self._closing = True
+        if not drain:
+            self._fail(self._queue, NotReady(f"{self.name} shut down before this item was computed"))
+            self._queue.clear()
+        self._wakeup.set()
+        if self._runner is not None:
+            await self._runner
+        if self._in_flight:
+            await asyncio.gather(*self._in_flight, return_exceptions=True)
+        if self._own_executor:
+            self._executor.shutdown(wait=True)
+
+    async def _run(self) -> None:
+        while True:
+            if not self._queue:
+                if self._closing:
+                    return
+                self._wakeup.clear()
+                await self._wakeup.wait()
+                continue
+            wait_s = self._seconds_until_due()
+            if wait_s > 0:
+                self._wakeup.clear()
+                try:
+                    await asyncio.wait_for(self._wakeup.wait(), wait_s)
+                except TimeoutError:
+                    pass
+                continue
+            await self._slots.acquire()
+            batch = self._take_batch()
+            if not batch:
+                self._slots.release()
+                continue
+            task = asyncio.get_running_loop().create_task(self._execute(batch))
+            self._in_flight.add(task)
+            task.add_done_callback(self._in_flight.discard)
+
+    def _seconds_until_due(self) -> float:
+        """0 when a batch should run now, else how long until the oldest item is due."""
+        if self._closing or len(self._queue) >= self.policy.max_batch_size:
+            return 0.0
+        if sum(item.length for item in self._queue) >= self.policy.max_batch_tokens:
+            return 0.0
+        oldest = min(item.enqueued_s for item in self._queue)
+        return oldest + self.policy.max_wait_ms / 1000 - time.monotonic()
+
+    def _take_batch(self) -> list[_Item]:
+        """Remove and return the length-sorted batch holding the oldest live item."""
+        now = time.monotonic()
+        live = []
+        for item in self._queue:
+            if item.future.done():
+                continue
+            if item.deadline_s is not None and item.deadline_s <= now:
+                self.stats.expired_items += 1
+                item.future.set_exception(DeadlineExceeded(f"{self.name}: deadline passed while queued"))
+                continue
+            live.append(item)
+        if not live:
+            self._queue = []
+            return []
+        plans = plan_batches([item.length for item in live], self.policy.max_batch_size, self.policy.max_batch_tokens)
+        oldest = min(range(len(live)), key=lambda i: live[i].enqueued_s)
+        chosen = next(plan for plan in plans if oldest in plan)
+        taken = set(chosen)
+        self._queue = [item for i, item in enumerate(live) if i not in taken]
+        return [live[i] for i in chosen]
+
+    async def _execute(self, batch: list[_Item]) -> None:
+        loop = asyncio.get_running_loop()
+        started = time.monotonic()
+        for item in batch:
+            item.dispatched_s = started
+        try:
+            results = await loop.run_in_executor(self._executor, self._compute, [i.payload for i in batch])
+            if len(results) != len(batch):
+                raise RuntimeError(f"model returned {len(results)} results for {len(batch)} items")
+        except Exception as error:  # noqa: BLE001 - every caller must hear of it
+            self.stats.failed_batches += 1
+            log.exception("%s: batch of %d failed", self.name, len(batch))
+            failure = error if isinstance(error, TwostageError) else ModelFailure(
+                f"{self.name}: model failed on a batch of {len(batch)} items: {error}"
+            )
+            self._fail(batch, failure)
+            return
+        finally:
+            self._slots.release()
+        done = time.monotonic()
+        for item, result in zip(batch, results):
+            item.done_s = done
+            if not item.future.done():
+                item.future.set_result(result)
+        self._record(batch, started, done)
+
+    def _record(self, batch: list[_Item], started: float, done: float) -> None:
+        real = sum(item.length for item in batch)
+        padded = len(batch) * max(item.length for item in batch)
+        stats = self.stats
+        stats.batches += 1
+        stats.items += len(batch)
+        stats.real_tokens += real
+        stats.padded_tokens += padded
+        stats.batch_sizes[len(batch)] += 1
+        waits = [started - item.enqueued_s for item in batch]
+        for observer in self._observers:
+            observer(len(batch), real, padded, waits, done - started)
+
+    @staticmethod
+    def _fail(items: list[_Item], error: Exception) -> None:
+        now = time.monotonic()
+        for item in items:
+            item.done_s = now
+            if not item.future.done():
+                item.future.set_exception(error)

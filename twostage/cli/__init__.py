@@ -1,0 +1,36 @@
+"""The ``twostage`` command line: serve, search, models, index, demo."""
+
+import argparse
+import logging
+import os
+import sys
+
+from twostage import __version__
+from twostage.cli import demo, index, models, search, serve
+from twostage.errors import TwostageError
+
+COMMANDS = (serve, search, models, index, demo)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="twostage", description="Two-stage retrieval serving: recall, rerank, gateway.")
+    parser.add_argument("--version", action="version", version=f"twostage {__version__}")
+    parser.add_argument("--log-level", default=os.environ.get("TWOSTAGE_LOG_LEVEL", "INFO"))
+    commands = parser.add_subparsers(dest="command", required=True)
+    for command in COMMANDS:
+        command.register(commands)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(
+        level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr
+    )
+    try:
+        return args.run(args) or 0
+    except (TwostageError, ValueError, FileNotFoundError) as error:
+        print(f"twostage: error: {error}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130

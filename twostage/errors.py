@@ -1,0 +1,54 @@
+"""Domain errors raised by models, indexes, batchers and servicers.
+
+They carry no transport detail; ``twostage.status`` maps each one to a gRPC
+status code in a single table, so this module stays free of grpc.
+"""
+
+
+class TwostageError(Exception):
+    """Base class: the message is shown to the caller as is."""
+
+
+class InvalidArgument(TwostageError):
+    """The request is malformed or exceeds a documented limit."""
+
+
+class Overloaded(TwostageError):
+    """Load is shed: a queue is full. Safe to retry later or elsewhere."""
+
+
+class NotReady(TwostageError):
+    """The service is loading, draining or shutting down."""
+
+
+class Unavailable(TwostageError):
+    """A dependency is missing and nothing useful can be returned."""
+
+
+class DeadlineExceeded(TwostageError):
+    """The caller's deadline passed before the work could be done."""
+
+
+class Cancelled(TwostageError):
+    """The caller went away; the work was dropped."""
+
+
+class ModelMismatch(TwostageError):
+    """An index or request refers to a model other than the one loaded."""
+
+
+def check_limit(field: str, value: int, low: int, high: int) -> None:
+    """Raise InvalidArgument naming the field and its allowed range."""
+    if not low <= value <= high:
+        raise InvalidArgument(f"{field} must be between {low} and {high}, got {value}")
+
+
+def check_text(field: str, text: str, max_chars: int) -> None:
+    if not text or not text.strip():
+        raise InvalidArgument(f"{field} must not be empty")
+    if len(text) > max_chars:
+        raise InvalidArgument(f"{field} is {len(text)} characters; the limit is {max_chars}")
+
+
+class ModelFailure(TwostageError):
+    """The model raised while computing a batch; every caller in it gets this."""

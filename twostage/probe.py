@@ -1,0 +1,34 @@
+"""Waiting for services to report SERVING over the standard health protocol."""
+
+import asyncio
+import time
+
+import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+
+async def is_serving(target: str, timeout_s: float = 1.0) -> bool:
+    async with grpc.aio.insecure_channel(target) as channel:
+        try:
+            reply = await health_pb2_grpc.HealthStub(channel).Check(
+                health_pb2.HealthCheckRequest(service=""), timeout=timeout_s
+            )
+        except grpc.aio.AioRpcError:
+            return False
+    return reply.status == health_pb2.HealthCheckResponse.SERVING
+
+
+async def wait_serving(targets: list[str], timeout_s: float, still_starting=lambda: True) -> None:
+    """Poll until every target is SERVING; raise TimeoutError, or RuntimeError if
+    ``still_starting()`` turns false (a process died)."""
+    deadline = time.monotonic() + timeout_s
+    pending = list(targets)
+    while pending:
+        if not still_starting():
+            raise RuntimeError(f"a service exited before it was ready (waiting for {', '.join(pending)})")
+        ready = await asyncio.gather(*(is_serving(t) for t in pending))
+        pending = [t for t, ok in zip(pending, ready) if not ok]
+        if pending and time.monotonic() > deadline:
+            raise TimeoutError(f"not serving after {timeout_s:.0f} s: {', '.join(pending)}")
+        if pending:
+            await asyncio.sleep(0.2)

@@ -1,0 +1,79 @@
+from twostage.v1 import common_pb2 as _common_pb2
+from google.protobuf.internal import containers as _containers
+from google.protobuf import descriptor as _descriptor
+from google.protobuf import message as _message
+from collections.abc import Iterable as _Iterable, Mapping as _Mapping
+from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
+
+DESCRIPTOR: _descriptor.FileDescriptor
+
+class SearchRequest(_message.Message):
+    __slots__ = ("query", "top_k", "recall_k", "budget_ms", "request_id")
+    QUERY_FIELD_NUMBER: _ClassVar[int]
+    TOP_K_FIELD_NUMBER: _ClassVar[int]
+    RECALL_K_FIELD_NUMBER: _ClassVar[int]
+    BUDGET_MS_FIELD_NUMBER: _ClassVar[int]
+    REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
+    query: str
+    top_k: int
+    recall_k: int
+    budget_ms: int
+    request_id: str
+    def __init__(self, query: _Optional[str] = ..., top_k: _Optional[int] = ..., recall_k: _Optional[int] = ..., budget_ms: _Optional[int] = ..., request_id: _Optional[str] = ...) -> None: ...
+
+class Hit(_message.Message):
+    __slots__ = ("id", "title", "text", "score", "rerank_score", "recall_rank", "recall_score")
+    ID_FIELD_NUMBER: _ClassVar[int]
+    TITLE_FIELD_NUMBER: _ClassVar[int]
+    TEXT_FIELD_NUMBER: _ClassVar[int]
+    SCORE_FIELD_NUMBER: _ClassVar[int]
+    RERANK_SCORE_FIELD_NUMBER: _ClassVar[int]
+    RECALL_RANK_FIELD_NUMBER: _ClassVar[int]
+    RECALL_SCORE_FIELD_NUMBER: _ClassVar[int]
+    id: str
+    title: str
+    text: str
+    score: float
+    rerank_score: float
+    recall_rank: int
+    recall_score: float
+    def __init__(self, id: _Optional[str] = ..., title: _Optional[str] = ..., text: _Optional[str] = ..., score: _Optional[float] = ..., rerank_score: _Optional[float] = ..., recall_rank: _Optional[int] = ..., recall_score: _Optional[float] = ...) -> None: ...
+
+class SearchResponse(_message.Message):
+    __slots__ = ("hits", "degraded", "degraded_reason", "timings_ms", "candidates", "reranked", "request_id")
+    class TimingsMsEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: float
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[float] = ...) -> None: ...
+    HITS_FIELD_NUMBER: _ClassVar[int]
+    DEGRADED_FIELD_NUMBER: _ClassVar[int]
+    DEGRADED_REASON_FIELD_NUMBER: _ClassVar[int]
+    TIMINGS_MS_FIELD_NUMBER: _ClassVar[int]
+    CANDIDATES_FIELD_NUMBER: _ClassVar[int]
+    RERANKED_FIELD_NUMBER: _ClassVar[int]
+    REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
+    hits: _containers.RepeatedCompositeFieldContainer[Hit]
+    degraded: bool
+    degraded_reason: str
+    timings_ms: _containers.ScalarMap[str, float]
+    candidates: int
+    reranked: int
+    request_id: str
+    def __init__(self, hits: _Optional[_Iterable[_Union[Hit, _Mapping]]] = ..., degraded: _Optional[bool] = ..., degraded_reason: _Optional[str] = ..., timings_ms: _Optional[_Mapping[str, float]] = ..., candidates: _Optional[int] = ..., reranked: _Optional[int] = ..., request_id: _Optional[str] = ...) -> None: ...
+
+class GatewayInfo(_message.Message):
+    __slots__ = ("version", "recall_targets", "rerank_targets", "default_budget_ms", "limits")
+    VERSION_FIELD_NUMBER: _ClassVar[int]
+    RECALL_TARGETS_FIELD_NUMBER: _ClassVar[int]
+    RERANK_TARGETS_FIELD_NUMBER: _ClassVar[int]
+    DEFAULT_BUDGET_MS_FIELD_NUMBER: _ClassVar[int]
+    LIMITS_FIELD_NUMBER: _ClassVar[int]
+    version: str
+    recall_targets: _containers.RepeatedScalarFieldContainer[str]
+    rerank_targets: _containers.RepeatedScalarFieldContainer[str]
+    default_budget_ms: int
+    limits: _containers.RepeatedCompositeFieldContainer[_common_pb2.Limit]
+    def __init__(self, version: _Optional[str] = ..., recall_targets: _Optional[_Iterable[str]] = ..., rerank_targets: _Optional[_Iterable[str]] = ..., default_budget_ms: _Optional[int] = ..., limits: _Optional[_Iterable[_Union[_common_pb2.Limit, _Mapping]]] = ...) -> None: ...
