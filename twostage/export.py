@@ -32,11 +32,17 @@ def _sentence_transformers_config(model_dir: Path) -> dict:
 
 
 def quantize_int8(model_path: Path) -> Path:
-    """Dynamic int8 quantisation of the weights: about 4x smaller, 1.5-3x faster on CPU."""
+    """Dynamic int8 quantisation of the MatMul weights, per channel.
+
+    Per-tensor quantisation of every op cost MiniLM-L6 up to 0.06 cosine
+    against fp32; per-channel MatMul-only stays above 0.98.
+    """
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
     out = model_path.with_name("model.int8.onnx")
-    quantize_dynamic(str(model_path), str(out), weight_type=QuantType.QInt8)
+    quantize_dynamic(
+        str(model_path), str(out), weight_type=QuantType.QInt8, per_channel=True, op_types_to_quantize=["MatMul"]
+    )
     return out
 
 

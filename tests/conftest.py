@@ -1,0 +1,129 @@
+"""Shared fixtures: the real default models, a small real index, and real
+gRPC servers on loopback ports picked by the OS."""
+
+import itertools
+import json
+from pathlib import Path
+
+import grpc
+import pytest
+
+from gateway.config import GatewaySettings
+from recall_server.config import RecallSettings
+from rerank_server.config import RerankSettings
+from twostage.cli.demo import DEMO_CORPUS
+from twostage.cli.index import build_from_corpus
+from twostage.corpus import read_corpus, read_qrels, read_queries
+from twostage.model_store import fetch_defaults
+
+# Queries whose relevant documents go into the test index, with filler documents.
+TEST_QUERIES = 8
+FILLER_DOCS = 120
+
+
+@pytest.fixture(scope="session")
+def models() -> dict[str, Path]:
+    return fetch_defaults(log=lambda message: None)
+
+
+@pytest.fixture(scope="session")
+def demo_data() -> dict:
+    queries = read_queries(DEMO_CORPUS)
+    qrels = read_qrels(DEMO_CORPUS)
+    chosen = sorted(qrels)[:TEST_QUERIES]
+    return {
+        "queries": {q: queries[q] for q in chosen},
+        "qrels": {q: qrels[q] for q in chosen},
+        "docs": {d.id: d for d in read_corpus(DEMO_CORPUS)},
+    }
+
+
+@pytest.fixture(scope="session")
+def small_corpus(tmp_path_factory, demo_data) -> Path:
+    """JSONL slice: every relevant document of the test queries plus filler."""
+    relevant = {doc_id for judged in demo_data["qrels"].values() for doc_id in judged}
+    filler = itertools.islice((d for d in demo_data["docs"] if d not in relevant), FILLER_DOCS)
+    path = tmp_path_factory.mktemp("corpus") / "corpus.jsonl"
+    with open(path, "w") as f:
+        for doc_id in [*sorted(relevant), *filler]:
+            doc = demo_data["docs"][doc_id]
+            f.write(json.dumps({"_id": doc.id, "title": doc.title, "text": doc.text}) + "\n")
+    return path
+
+
+@pytest.fixture(scope="session")
+def built_index(tmp_path_factory, models, small_corpus) -> Path:
+    """Built once; tests that write copy it first (see ``index_copy``)."""
+    out = tmp_path_factory.mktemp("index") / "small"
+    build_from_corpus(small_corpus, out)
+    return out
+
+
+@pytest.fixture
+def index_copy(tmp_path, built_index) -> Path:
+    import shutil
+
+    target = tmp_path / "index"
+    shutil.copytree(built_index, target)
+    return target
+
+
+async def start(server_builder):
+    service = server_builder()
+    port = await service.start()
+    return service, f"127.0.0.1:{port}"
+
+
+@pytest.fixture(scope="session")
+async def rerank_target(models):
+    from rerank_server.service import RerankService
+    from rerank_server.servicer import build_server
+
+    service, target = await start(lambda: build_server(RerankService(RerankSettings(port=0))))
+    yield target
+    await service.stop(grace_s=1)
+
+
+@pytest.fixture(scope="session")
+async def recall_server(tmp_path_factory, built_index):
+    """A recall server over its own copy of the index (tests may write to it)."""
+    import shutil
+
+    from recall_server.service import RecallService
+    from recall_server.servicer import build_server
+
+    index_dir = tmp_path_factory.mktemp("served") / "index"
+    shutil.copytree(built_index, index_dir)
+    service, target = await start(lambda: build_server(RecallService(RecallSettings(port=0, index_dir=index_dir))))
+    yield service, target
+    await service.stop(grace_s=1)
+
+
+@pytest.fixture(scope="session")
+def recall_target(recall_server) -> str:
+    return recall_server[1]
+
+
+@pytest.fixture(scope="session")
+async def gateway_target(recall_target, rerank_target):
+    from gateway.servicer import build_server
+
+    settings = GatewaySettings(port=0, recall_targets=recall_target, rerank_targets=rerank_target)
+    service, target = await start(lambda: build_server(settings))
+    yield target
+    await service.stop(grace_s=1)
+
+
+@pytest.fixture(scope="session")
+async def channel_to():
+    """Open (and later close) an aio channel to a target."""
+    channels = []
+
+    def open_channel(target: str) -> grpc.aio.Channel:
+        channel = grpc.aio.insecure_channel(target)
+        channels.append(channel)
+        return channel
+
+    yield open_channel
+    for channel in channels:
+        await channel.close()

@@ -1,0 +1,125 @@
+"""The recall server over gRPC with the real bi-encoder and a real index."""
+
+import grpc
+import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
+
+from twostage.v1 import common_pb2, recall_pb2, recall_pb2_grpc
+
+
+@pytest.fixture
+def stub(recall_target, channel_to):
+    return recall_pb2_grpc.RecallStub(channel_to(recall_target))
+
+
+async def test_search_finds_a_relevant_document(stub, demo_data):
+    for query_id, query in demo_data["queries"].items():
+        reply = await stub.Search(recall_pb2.RecallSearchRequest(query=query, k=10))
+        ids = [c.id for c in reply.candidates]
+        if set(ids) & set(demo_data["qrels"][query_id]):
+            break
+    else:
+        pytest.fail("no test query found a relevant document in its top 10")
+    scores = [c.score for c in reply.candidates]
+    assert scores == sorted(scores, reverse=True)
+    assert all(c.text for c in reply.candidates)
+    assert {"embed_ms", "search_ms", "total_ms"} <= set(reply.timings_ms)
+
+
+async def test_embed_returns_unit_vectors(stub):
+    reply = await stub.Embed(recall_pb2.EmbedRequest(texts=["first text", "second"], is_query=True))
+    assert reply.dims == 384 and len(reply.embeddings) == 2
+    for embedding in reply.embeddings:
+        assert sum(v * v for v in embedding.values) == pytest.approx(1.0, abs=1e-4)
+
+
+async def test_upsert_then_search_then_delete(stub):
+    doc = recall_pb2.Document(
+        id="new-doc-1", title="Zebrafish fin regeneration",
+        text="Zebrafish regenerate amputated caudal fins through blastema formation within two weeks.",
+    )
+    before = (await stub.Info(common_pb2.InfoRequest())).doc_count
+    reply = await stub.Upsert(recall_pb2.UpsertRequest(documents=[doc]))
+    assert (reply.upserted, reply.doc_count) == (1, before + 1)
+    found = await stub.Search(recall_pb2.RecallSearchRequest(query="how do zebrafish regrow fins", k=3))
+    assert found.candidates[0].id == "new-doc-1"
+    assert found.candidates[0].text == doc.text
+
+    deleted = await stub.Delete(recall_pb2.DeleteRequest(ids=["new-doc-1", "never-existed"]))
+    assert (deleted.deleted, deleted.doc_count) == (1, before)
+    after = await stub.Search(recall_pb2.RecallSearchRequest(query="how do zebrafish regrow fins", k=20))
+    assert "new-doc-1" not in [c.id for c in after.candidates]
+
+
+@pytest.mark.parametrize(
+    "call, message",
+    [
+        (lambda s: s.Search(recall_pb2.RecallSearchRequest(query="", k=5)), "query must not be empty"),
+        (lambda s: s.Search(recall_pb2.RecallSearchRequest(query="x" * 5000, k=5)), "limit is 2048"),
+        (lambda s: s.Search(recall_pb2.RecallSearchRequest(query="ok", k=0)), "k must be between 1 and 1000"),
+        (lambda s: s.Search(recall_pb2.RecallSearchRequest(query="ok", k=5000)), "k must be between 1 and 1000"),
+        (lambda s: s.Embed(recall_pb2.EmbedRequest(texts=[])), "texts (count)"),
+        (lambda s: s.Embed(recall_pb2.EmbedRequest(texts=["a"] * 300)), "texts (count)"),
+        (lambda s: s.Embed(recall_pb2.EmbedRequest(texts=["a"], model="other")), "unknown model 'other'"),
+        (lambda s: s.Upsert(recall_pb2.UpsertRequest(documents=[recall_pb2.Document(id=" bad", text="t")])), "malformed"),
+        (lambda s: s.Upsert(recall_pb2.UpsertRequest(documents=[recall_pb2.Document(id="", text="t")])), "malformed"),
+        (
+            lambda s: s.Upsert(recall_pb2.UpsertRequest(documents=[recall_pb2.Document(id="a", text="t")] * 2)),
+            "more than once",
+        ),
+        (lambda s: s.Upsert(recall_pb2.UpsertRequest(documents=[recall_pb2.Document(id="a", text="")])), "empty"),
+        (
+            lambda s: s.Upsert(recall_pb2.UpsertRequest(documents=[recall_pb2.Document(id="a", text="x" * 200_000)])),
+            "limit is 100000",
+        ),
+        (lambda s: s.Delete(recall_pb2.DeleteRequest(ids=[])), "ids (count)"),
+        (lambda s: s.Delete(recall_pb2.DeleteRequest(ids=["a\x00b"])), "malformed"),
+    ],
+)
+async def test_invalid_requests_are_rejected(stub, call, message):
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        await call(stub)
+    assert caught.value.code() is grpc.StatusCode.INVALID_ARGUMENT
+    assert message in caught.value.details()
+
+
+async def test_info_health_and_reflection(recall_target, channel_to, stub):
+    info = await stub.Info(common_pb2.InfoRequest())
+    assert (info.model, info.dims) == ("bge-small-en", 384)
+    assert {limit.name for limit in info.limits} >= {"max_k", "max_upsert_docs"}
+    channel = channel_to(recall_target)
+    health = await health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(service="twostage.v1.Recall"))
+    assert health.status == health_pb2.HealthCheckResponse.SERVING
+    responses = reflection_pb2_grpc.ServerReflectionStub(channel).ServerReflectionInfo(
+        iter([reflection_pb2.ServerReflectionRequest(list_services="")])
+    )
+    async for response in responses:
+        names = {s.name for s in response.list_services_response.service}
+        assert {"twostage.v1.Recall", "grpc.health.v1.Health"} <= names
+        break
+
+
+async def test_acknowledged_writes_survive_a_restart(index_copy, models):
+    from recall_server.config import RecallSettings
+    from recall_server.service import RecallService
+    from recall_server.servicer import build_server
+
+    settings = RecallSettings(port=0, index_dir=index_copy, save_every_writes=10**6)
+    doc = recall_pb2.Document(id="persist-1", title="Tardigrade desiccation",
+                              text="Tardigrades survive complete desiccation by entering a tun state.")
+    for round_trip in range(2):
+        server = build_server(RecallService(settings))
+        port = await server.start()
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
+            stub = recall_pb2_grpc.RecallStub(channel)
+            if round_trip == 0:
+                await stub.Upsert(recall_pb2.UpsertRequest(documents=[doc]))
+                first_doc = (await stub.Search(recall_pb2.RecallSearchRequest(query="mycobacterium", k=1))).candidates[0].id
+                await stub.Delete(recall_pb2.DeleteRequest(ids=[first_doc]))
+            else:
+                found = await stub.Search(recall_pb2.RecallSearchRequest(query="tardigrades surviving drying", k=1))
+                assert found.candidates[0].id == "persist-1"
+                again = await stub.Search(recall_pb2.RecallSearchRequest(query="mycobacterium", k=50))
+                assert first_doc not in [c.id for c in again.candidates]
+        await server.stop(grace_s=1)

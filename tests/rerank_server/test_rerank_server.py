@@ -1,0 +1,108 @@
+"""The rerank server over gRPC with the real cross-encoder."""
+
+import asyncio
+
+import grpc
+import numpy as np
+import pytest
+
+from rerank_server.config import RerankSettings
+from twostage.v1 import common_pb2, rerank_pb2, rerank_pb2_grpc
+
+QUERY = "Does smoking cause lung cancer?"
+RELEVANT = "Cigarette smoking is the leading cause of lung cancer; smokers have a 15 to 30 times higher risk."
+IRRELEVANT = [
+    "The Eiffel Tower was completed in 1889 for the World's Fair in Paris.",
+    "Photosynthesis converts light energy into chemical energy stored in glucose.",
+]
+
+
+@pytest.fixture
+def stub(rerank_target, channel_to):
+    return rerank_pb2_grpc.RerankStub(channel_to(rerank_target))
+
+
+async def test_relevant_document_ranks_first(stub):
+    reply = await stub.Rerank(rerank_pb2.RerankRequest(query=QUERY, documents=[IRRELEVANT[0], RELEVANT, IRRELEVANT[1]]))
+    assert [r.index for r in reply.results][0] == 1
+    scores = [r.score for r in reply.results]
+    assert scores == sorted(scores, reverse=True) and len(scores) == 3
+    assert reply.tokens > 0
+    assert {"tokenize_ms", "queue_ms", "compute_ms", "total_ms"} <= set(reply.timings_ms)
+
+
+async def test_top_n_truncates(stub):
+    reply = await stub.Rerank(rerank_pb2.RerankRequest(query=QUERY, documents=[*IRRELEVANT, RELEVANT], top_n=1))
+    assert [r.index for r in reply.results] == [2]
+
+
+# The default reranker is int8 with dynamic quantisation: activation scales are
+# computed over each whole batch, so a pair's logit moves slightly with its
+# batch-mates. fp32 models are exact (tests/twostage/test_export.py).
+INT8_BATCH_TOLERANCE = 0.3
+
+
+async def test_concurrent_batched_scores_match_unbatched_scores(models, stub, demo_data):
+    from pathlib import Path
+
+    from rerank_server.cross_encoder import CrossEncoder
+    from twostage.config import RuntimeSettings
+    from twostage.corpus import document_text
+
+    documents = [document_text(d) for d in list(demo_data["docs"].values())[:6]]
+    queries = list(demo_data["queries"].values())[:3]
+    replies = await asyncio.gather(
+        *(stub.Rerank(rerank_pb2.RerankRequest(query=q, documents=documents)) for q in queries)
+    )
+    model = CrossEncoder(Path(models["ms-marco-minilm-l12"]), RuntimeSettings(), RerankSettings().max_length)
+    for query, reply in zip(queries, replies):
+        alone = [model.score(model.encode(query, [doc]))[0] for doc in documents]
+        batched = {r.index: r.score for r in reply.results}
+        np.testing.assert_allclose([batched[i] for i in range(len(documents))], alone, atol=INT8_BATCH_TOLERANCE)
+
+
+@pytest.mark.parametrize(
+    "request_, message",
+    [
+        (rerank_pb2.RerankRequest(query="", documents=["d"]), "query must not be empty"),
+        (rerank_pb2.RerankRequest(query="q", documents=[]), "documents (count) must be between 1 and 1000"),
+        (rerank_pb2.RerankRequest(query="q", documents=["d"] * 1001), "documents (count)"),
+        (rerank_pb2.RerankRequest(query="q", documents=["d", "x" * 100_001]), "documents[1] is 100001 characters"),
+        (rerank_pb2.RerankRequest(query="word " * 200, documents=["d"]), "tokens; the limit is 128"),
+        (rerank_pb2.RerankRequest(query="q", documents=["d"], model="bge"), "unknown model 'bge'"),
+        (rerank_pb2.RerankRequest(query="q", documents=["d"], top_n=5000), "top_n"),
+    ],
+)
+async def test_invalid_requests_are_rejected(stub, request_, message):
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        await stub.Rerank(request_)
+    assert caught.value.code() is grpc.StatusCode.INVALID_ARGUMENT
+    assert message in caught.value.details()
+
+
+async def test_info(stub):
+    info = await stub.Info(common_pb2.InfoRequest())
+    assert (info.model, info.max_length, info.execution_provider) == ("ms-marco-minilm-l12", 256, "CPUExecutionProvider")
+    assert {limit.name: limit.value for limit in info.limits}["max_documents"] == 1000
+
+
+async def test_overload_is_shed_with_resource_exhausted(models):
+    """A queue bound of 4 pairs: a 5-document request while another waits is refused at once."""
+    from rerank_server.service import RerankService
+    from rerank_server.servicer import build_server
+
+    server = build_server(RerankService(RerankSettings(port=0, max_queue_items=4, max_batch_size=1, pipeline_depth=1)))
+    port = await server.start()
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
+        stub = rerank_pb2_grpc.RerankStub(channel)
+        with pytest.raises(grpc.aio.AioRpcError) as caught:
+            await stub.Rerank(rerank_pb2.RerankRequest(query=QUERY, documents=[RELEVANT] * 5))
+        assert caught.value.code() is grpc.StatusCode.RESOURCE_EXHAUSTED
+        assert "limit 4" in caught.value.details()
+    await server.stop(grace_s=1)
+
+
+async def test_expired_deadline_is_deadline_exceeded(stub):
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        await stub.Rerank(rerank_pb2.RerankRequest(query=QUERY, documents=[RELEVANT] * 40), timeout=0.05)
+    assert caught.value.code() is grpc.StatusCode.DEADLINE_EXCEEDED

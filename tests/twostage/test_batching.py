@@ -1,0 +1,196 @@
+"""DynamicBatcher with a fake model: the fake records every batch it is given
+and can be told to fail or to block, which the real models cannot."""
+
+import asyncio
+import threading
+import time
+
+import pytest
+
+from twostage.batching import BatchPolicy, DynamicBatcher, plan_batches
+from twostage.errors import DeadlineExceeded, ModelFailure, NotReady, Overloaded
+
+
+class FakeModel:
+    """Returns each payload doubled; remembers batches; can fail or hold a batch."""
+
+    def __init__(self, fail_when=None):
+        self.batches: list[list[int]] = []
+        self.fail_when = fail_when or (lambda batch: False)
+        self.gate = threading.Event()
+        self.gate.set()
+        self.entered = threading.Event()
+
+    def __call__(self, batch):
+        self.entered.set()
+        self.gate.wait(timeout=10)
+        self.batches.append(list(batch))
+        if self.fail_when(batch):
+            raise RuntimeError("injected failure")
+        return [2 * x for x in batch]
+
+
+async def make(model, **policy) -> DynamicBatcher:
+    batcher = DynamicBatcher("test", model, BatchPolicy(**{"max_wait_ms": 5.0, **policy}))
+    batcher.start()
+    return batcher
+
+
+def test_plan_batches_sorts_by_length_within_limits():
+    lengths = [50, 10, 40, 10, 30, 20]
+    plans = plan_batches(lengths, max_batch_size=2, max_batch_tokens=1000)
+    assert [[lengths[i] for i in plan] for plan in plans] == [[10, 10], [20, 30], [40, 50]]
+    for plan in plan_batches(lengths, max_batch_size=10, max_batch_tokens=60):
+        assert len(plan) * max(lengths[i] for i in plan) <= 60
+    # An item over the token budget still gets a batch of its own.
+    assert plan_batches([500, 5], 8, 100) == [[1], [0]]
+
+
+async def test_coalesces_concurrent_callers_into_one_batch():
+    model = FakeModel()
+    batcher = await make(model, max_batch_size=64, max_wait_ms=50)
+    results = await asyncio.gather(*(batcher.submit([i], [10]) for i in range(8)))
+    assert [r.values for r in results] == [[2 * i] for i in range(8)]
+    assert len(model.batches) == 1 and sorted(model.batches[0]) == list(range(8))
+    await batcher.close()
+
+
+async def test_large_request_is_split_by_size_and_token_budget():
+    model = FakeModel()
+    batcher = await make(model, max_batch_size=4, max_batch_tokens=100)
+    lengths = [10, 30, 20, 40, 10, 50, 5, 25, 15, 35]
+    done = await batcher.submit(list(range(10)), lengths)
+    assert done.values == [2 * i for i in range(10)]  # results stay in request order
+    assert sorted(x for b in model.batches for x in b) == list(range(10))
+    for batch in model.batches:
+        assert len(batch) <= 4
+        assert len(batch) * max(lengths[i] for i in batch) <= 100
+    await batcher.close()
+
+
+async def test_batches_are_length_sorted():
+    model = FakeModel()
+    model.gate.clear()  # hold the first batch so the rest queue up together
+    batcher = await make(model, max_batch_size=3, max_batch_tokens=10_000, pipeline_depth=1)
+    blocker = asyncio.create_task(batcher.submit([100], [1]))
+    await asyncio.to_thread(model.entered.wait, 5)
+    lengths = {1: 90, 2: 10, 3: 80, 4: 20, 5: 70, 6: 30}
+    tasks = [asyncio.create_task(batcher.submit([k], [n])) for k, n in lengths.items()]
+    while batcher.queued_items < len(lengths):
+        await asyncio.sleep(0)
+    model.gate.set()
+    await asyncio.gather(blocker, *tasks)
+    # Short items together, long items together; the batch holding the oldest item (1) first.
+    assert model.batches[1:] == [[5, 3, 1], [2, 4, 6]]
+    await batcher.close()
+
+
+async def test_lone_item_runs_after_max_wait_not_before():
+    model = FakeModel()
+    batcher = await make(model, max_batch_size=64, max_wait_ms=30)
+    done = await batcher.submit([1], [10])
+    assert done.values == [2]
+    assert done.queue_ms >= 30 * 0.9  # it waited for company ...
+    assert batcher.stats.batches == 1  # ... then ran alone
+    await batcher.close()
+
+
+async def test_full_batch_runs_without_waiting_for_max_wait():
+    model = FakeModel()
+    batcher = await make(model, max_batch_size=4, max_wait_ms=60_000)
+    done = await asyncio.wait_for(batcher.submit([1, 2, 3, 4], [5] * 4), timeout=10)
+    assert done.values == [2, 4, 6, 8]
+    await batcher.close()
+
+
+async def test_expired_items_are_dropped_before_compute():
+    model = FakeModel()
+    model.gate.clear()
+    batcher = await make(model, max_batch_size=1, pipeline_depth=1)
+    first = asyncio.create_task(batcher.submit([1], [5]))
+    await asyncio.to_thread(model.entered.wait, 5)
+    late = asyncio.create_task(batcher.submit([2], [5], deadline_s=time.monotonic() + 0.05))
+    with pytest.raises(DeadlineExceeded):
+        await late
+    model.gate.set()
+    assert (await first).values == [2]
+    await batcher.close()
+    assert [2] not in model.batches  # never computed
+
+
+async def test_cancelled_caller_items_are_not_computed():
+    model = FakeModel()
+    model.gate.clear()
+    batcher = await make(model, max_batch_size=1, pipeline_depth=1)
+    first = asyncio.create_task(batcher.submit([1], [5]))
+    await asyncio.to_thread(model.entered.wait, 5)
+    gone = asyncio.create_task(batcher.submit([2], [5]))
+    while batcher.queued_items < 1:
+        await asyncio.sleep(0)
+    gone.cancel()
+    model.gate.set()
+    await first
+    await batcher.close()
+    assert model.batches == [[1]]
+
+
+async def test_full_queue_sheds_immediately():
+    model = FakeModel()
+    model.gate.clear()
+    batcher = await make(model, max_batch_size=1, max_queue_items=3, pipeline_depth=1)
+    running = asyncio.create_task(batcher.submit([0], [5]))
+    await asyncio.to_thread(model.entered.wait, 5)
+    queued = asyncio.create_task(batcher.submit([1, 2, 3], [5, 5, 5]))
+    while batcher.queued_items < 3:
+        await asyncio.sleep(0)
+    with pytest.raises(Overloaded, match="limit 3"):
+        await batcher.submit([4], [5])
+    assert batcher.stats.shed_items == 1
+    model.gate.set()
+    assert (await queued).values == [2, 4, 6]
+    await running
+    await batcher.close()
+
+
+async def test_failed_batch_fails_every_caller_and_later_batches_still_run():
+    model = FakeModel(fail_when=lambda batch: 13 in batch)
+    batcher = await make(model, max_batch_size=64, max_wait_ms=50)
+    outcomes = await asyncio.gather(
+        batcher.submit([1], [5]), batcher.submit([13], [5]), batcher.submit([2], [5]), return_exceptions=True
+    )
+    assert all(isinstance(o, ModelFailure) for o in outcomes)
+    assert "injected failure" in str(outcomes[0])
+    assert (await batcher.submit([3], [5])).values == [6]
+    await batcher.close()
+
+
+async def test_close_drains_queued_work_then_refuses():
+    model = FakeModel()
+    model.gate.clear()
+    batcher = await make(model, max_batch_size=1, pipeline_depth=1)
+    tasks = [asyncio.create_task(batcher.submit([i], [5])) for i in range(4)]
+    await asyncio.to_thread(model.entered.wait, 5)
+    closing = asyncio.create_task(batcher.close(drain=True))
+    await asyncio.sleep(0)
+    with pytest.raises(NotReady):
+        await batcher.submit([9], [5])
+    model.gate.set()
+    await closing
+    assert [t.result().values for t in tasks] == [[0], [2], [4], [6]]
+
+
+async def test_close_without_drain_fails_queued_work():
+    model = FakeModel()
+    model.gate.clear()
+    batcher = await make(model, max_batch_size=1, pipeline_depth=1)
+    running = asyncio.create_task(batcher.submit([0], [5]))
+    await asyncio.to_thread(model.entered.wait, 5)
+    queued = asyncio.create_task(batcher.submit([1], [5]))
+    while batcher.queued_items < 1:
+        await asyncio.sleep(0)
+    closing = asyncio.create_task(batcher.close(drain=False))
+    with pytest.raises(NotReady):
+        await queued
+    model.gate.set()
+    await closing
+    assert (await running).values == [0]

@@ -1,0 +1,27 @@
+import grpc
+
+from twostage import errors
+from twostage.status import STATUS_BY_ERROR, status_for
+
+
+def test_every_domain_error_has_a_status():
+    domain_errors = [
+        cls for cls in vars(errors).values()
+        if isinstance(cls, type) and issubclass(cls, errors.TwostageError) and cls is not errors.TwostageError
+    ]
+    unmapped = [cls.__name__ for cls in domain_errors if cls not in STATUS_BY_ERROR and cls is not errors.ModelFailure]
+    assert unmapped == []
+    assert status_for(errors.Overloaded("x")) is grpc.StatusCode.RESOURCE_EXHAUSTED
+    assert status_for(errors.ModelFailure("x")) is grpc.StatusCode.INTERNAL
+    assert status_for(ValueError("x")) is grpc.StatusCode.INTERNAL
+
+
+def test_limits_name_the_field():
+    import pytest
+
+    with pytest.raises(errors.InvalidArgument, match="top_k must be between 1 and 100, got 0"):
+        errors.check_limit("top_k", 0, 1, 100)
+    with pytest.raises(errors.InvalidArgument, match="query must not be empty"):
+        errors.check_text("query", "  ", 10)
+    with pytest.raises(errors.InvalidArgument, match="query is 11 characters; the limit is 10"):
+        errors.check_text("query", "x" * 11, 10)
