@@ -31,7 +31,7 @@ class GatewaySettings(ServiceSettings):
     )
     max_budget_ms: int = Field(60_000, description="Budgets above this are lowered to it.")
     return_margin_ms: float = Field(
-        5.0, description="Time kept back from rerank for building and sending the response."
+        10.0, description="Time kept back from rerank for building and sending the response."
     )
     min_rerank_ms: float = Field(
         20.0, description="If less than this is left after recall, rerank is skipped (degraded: rerank_skipped)."

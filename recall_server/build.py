@@ -2,6 +2,7 @@
 
 import itertools
 import logging
+import shutil
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 
@@ -11,7 +12,7 @@ from tqdm import tqdm
 from recall_server.embedder import Embedder
 from recall_server.index import DocumentIndex
 from twostage.batching import BatchPolicy, plan_batches
-from twostage.corpus import Document, document_text, read_corpus
+from twostage.corpus import Document, corpus_file, document_text, read_corpus
 
 log = logging.getLogger(__name__)
 
@@ -43,11 +44,21 @@ def build_index(
     chunk_docs: int = 4096,
     progress: bool = True,
 ) -> int:
-    """Embed every document of ``corpus`` (BEIR dir or JSONL) into a new index at ``out``."""
+    """Embed every document of ``corpus`` (BEIR dir or JSONL) into a new index at ``out``.
+
+    The index is written beside ``out`` and moved into place when complete, so a
+    failed build leaves nothing that looks like an index.
+    """
+    if not corpus_file(corpus).is_file():
+        raise FileNotFoundError(f"no corpus at {corpus_file(corpus)}")
+    if Path(out).exists():
+        raise FileExistsError(f"{out} already exists; remove it or choose another --out")
     docs: Iterable[Document] = read_corpus(corpus)
     if limit:
         docs = itertools.islice(docs, limit)
-    index = DocumentIndex.create(out, embedder.name, embedder.dims, save_every_writes=1 << 62)
+    partial = Path(out).with_name(Path(out).name + ".partial")
+    shutil.rmtree(partial, ignore_errors=True)
+    index = DocumentIndex.create(partial, embedder.name, embedder.dims, save_every_writes=1 << 62)
     with tqdm(unit="doc", desc="embedding", disable=not progress) as bar:
         for chunk in _chunks(docs, chunk_docs):
             if missing := [d for d in chunk if not d.id]:
@@ -55,5 +66,6 @@ def build_index(
             index.upsert(chunk, embed_documents(embedder, chunk, policy, bar))
     count = index.store.count()
     index.close()
+    partial.rename(out)
     log.info("indexed %d documents into %s", count, out)
     return count

@@ -29,7 +29,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     try:
         return args.run(args) or 0
-    except (TwostageError, ValueError, FileNotFoundError) as error:
+    except (TwostageError, ValueError, OSError) as error:
         print(f"twostage: error: {error}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

