@@ -28,10 +28,14 @@ class RerankReply:
     queue_items: int
 
 
+# A DNS name may resolve to many replicas (a headless Service): spread calls over all of them.
+_CHANNEL_OPTIONS = [("grpc.lb_policy_name", "round_robin"), ("grpc.enable_retries", 0)]
+
+
 class _Client:
     def __init__(self, target: str):
         self.target = target
-        self.channel = grpc.aio.insecure_channel(target)
+        self.channel = grpc.aio.insecure_channel(target, options=_CHANNEL_OPTIONS)
 
     async def close(self) -> None:
         await self.channel.close()

@@ -59,7 +59,9 @@ def build_index(
     partial = Path(out).with_name(Path(out).name + ".partial")
     shutil.rmtree(partial, ignore_errors=True)
     index = DocumentIndex.create(partial, embedder.name, embedder.dims, save_every_writes=1 << 62)
-    with tqdm(unit="doc", desc="embedding", disable=not progress) as bar:
+    with open(corpus_file(corpus), "rb") as f:
+        total = sum(1 for line in f if line.strip())
+    with tqdm(total=min(total, limit or total), unit="doc", desc="embedding", disable=not progress) as bar:
         for chunk in _chunks(docs, chunk_docs):
             if missing := [d for d in chunk if not d.id]:
                 raise ValueError(f"{len(missing)} documents have no _id")

@@ -22,7 +22,8 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("scifact", type=Path)
     args = parser.parse_args()
-    rows = [json.loads(line) for line in open(args.scifact / "corpus.jsonl", encoding="utf-8")]
+    with open(args.scifact / "corpus.jsonl", encoding="utf-8") as f:
+        rows = [json.loads(line) for line in f]
     qrel_lines = (args.scifact / "qrels" / "test.tsv").read_text().splitlines()
     relevant = {line.split("\t")[1] for line in qrel_lines[1:]}
     others = sorted(r["_id"] for r in rows if r["_id"] not in relevant)

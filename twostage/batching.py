@@ -248,7 +248,7 @@ class DynamicBatcher(Generic[T, R]):
             results = await loop.run_in_executor(self._executor, self._compute, [i.payload for i in batch])
             if len(results) != len(batch):
                 raise RuntimeError(f"model returned {len(results)} results for {len(batch)} items")
-        except Exception as error:  # noqa: BLE001 - every caller must hear of it
+        except Exception as error:  # every caller must hear of it
             self.stats.failed_batches += 1
             log.exception("%s: batch of %d failed", self.name, len(batch))
             failure = error if isinstance(error, TwostageError) else ModelFailure(

@@ -24,7 +24,7 @@ def stub(rerank_target, channel_to):
 
 async def test_relevant_document_ranks_first(stub):
     reply = await stub.Rerank(rerank_pb2.RerankRequest(query=QUERY, documents=[IRRELEVANT[0], RELEVANT, IRRELEVANT[1]]))
-    assert [r.index for r in reply.results][0] == 1
+    assert reply.results[0].index == 1
     scores = [r.score for r in reply.results]
     assert scores == sorted(scores, reverse=True) and len(scores) == 3
     assert reply.tokens > 0
