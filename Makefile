@@ -9,7 +9,7 @@ TORCH_SPEC ?= torch==2.13.0
 ONCE ?=
 QUERY ?=
 
-.PHONY: install install-export models demo serve test test-fast protos check-protos bench-rerank bench-embed clean
+.PHONY: install install-export models demo serve test test-fast lint protos check-protos clean
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -37,15 +37,22 @@ serve: install
 	$(PY) -m twostage serve all
 
 test: install-export models
+	$(PY) -m ruff check .
 	$(PY) -m pytest
 
 test-fast: install models
 	$(PY) -m pytest -m "not slow"
 
+lint: install
+	$(PY) -m ruff check .
+
 protos: install
 	$(PY) scripts/gen_protos.py
 
-check-protos: install
+check-lint: install
+	$(PY) -m ruff check .
+
+protos: install
 	$(PY) scripts/gen_protos.py --check
 
 clean:

@@ -5,11 +5,13 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+import onnx
 import onnxruntime as ort
 from tokenizers import Tokenizer
 
 from twostage.config import RuntimeSettings
 from twostage.errors import InvalidArgument
+from twostage.quantization import INCOMPATIBLE_OPTIMIZERS, has_dynamic_quantization, make_batch_invariant
 
 log = logging.getLogger(__name__)
 
@@ -41,8 +43,15 @@ def create_session(model_path: Path, settings: RuntimeSettings) -> ort.Inference
     options.intra_op_num_threads = settings.intra_op_threads
     options.inter_op_num_threads = settings.inter_op_threads
     providers = choose_providers(settings.provider)
-    session = ort.InferenceSession(str(model_path), sess_options=options, providers=providers)
-    log.info("loaded %s on %s", model_path, session.get_providers()[0])
+    model: str | bytes = str(model_path)
+    disabled: list[str] = []
+    if settings.batch_invariant:
+        graph = onnx.load(str(model_path))
+        if has_dynamic_quantization(graph):
+            model = make_batch_invariant(graph).SerializeToString()
+            disabled = INCOMPATIBLE_OPTIMIZERS
+    session = ort.InferenceSession(model, sess_options=options, providers=providers, disabled_optimizers=disabled)
+    log.info("loaded %s on %s%s", model_path, session.get_providers()[0], " (batch-invariant int8)" if disabled else "")
     return session
 
 
