@@ -1,5 +1,7 @@
 """Gateway settings: env prefix TWOSTAGE_GATEWAY_, or CLI flags."""
 
+from typing import Literal
+
 from pydantic import Field
 from pydantic_settings import SettingsConfigDict
 
@@ -10,15 +12,33 @@ def split_targets(value: str) -> list[str]:
     return [t.strip() for t in value.split(",") if t.strip()]
 
 
+def resolve_targets(targets: list[str]) -> list[str]:
+    """Expand ``dns:///name:port`` into one target per address (a headless Service's pods)."""
+    import socket
+
+    resolved = []
+    for target in targets:
+        if not target.startswith("dns:///"):
+            resolved.append(target)
+            continue
+        host, port = target.removeprefix("dns:///").rsplit(":", 1)
+        addresses = sorted({info[4][0] for info in socket.getaddrinfo(host, int(port), type=socket.SOCK_STREAM)})
+        resolved += [f"[{a}]:{port}" if ":" in a else f"{a}:{port}" for a in addresses]
+    return resolved
+
+
 class GatewaySettings(ServiceSettings):
     model_config = SettingsConfigDict(env_prefix="TWOSTAGE_GATEWAY_", frozen=True, extra="forbid")
 
     port: int = Field(50051, description="Port to bind; 0 picks a free one.")
     recall_targets: str = Field(
-        "127.0.0.1:50052", description="Comma-separated recall shards (host:port); every shard is queried."
+        "127.0.0.1:50052",
+        description="Comma-separated recall shards (host:port, or dns:///name:port); every shard is queried.",
     )
     rerank_targets: str = Field(
-        "127.0.0.1:50053", description="Comma-separated rerank replicas (host:port); requests are spread over them."
+        "127.0.0.1:50053",
+        description="Comma-separated rerank replicas (host:port, or dns:///name:port for every address of a "
+        "name); one query's pairs are split over the healthy ones.",
     )
     default_top_k: int = Field(10, description="Hits returned when a request leaves top_k at 0.")
     default_recall_k: int = Field(100, description="Candidates recalled when a request leaves recall_k at 0.")
@@ -37,6 +57,23 @@ class GatewaySettings(ServiceSettings):
         20.0, description="If less than this is left after recall, rerank is skipped (degraded: rerank_skipped)."
     )
     max_query_chars: int = Field(2048, description="Longest query accepted.")
+    fusion: Literal["none", "linear", "rrf"] = Field(
+        "linear",
+        description="Final score: none (rerank only), linear (per-query z-scores, weight fusion_alpha on "
+        "rerank) or rrf. On SciFact linear 0.7 measured best (nDCG@10 0.717 vs 0.701 rerank only).",
+    )
+    fusion_alpha: float = Field(0.7, description="Weight of the rerank score in linear fusion (0-1).")
+    initial_rerank_ms_per_pair: float = Field(
+        70.0,
+        description="Cost assumed per pair before a replica has answered; then measured live (EWMA). "
+        "70 suits the default model on 2 CPU cores; about 1 on a GPU.",
+    )
+    rerank_cost_headroom: float = Field(
+        1.25, description="Predicted rerank time is multiplied by this when choosing how many pairs fit."
+    )
+    eject_after_failures: int = Field(3, description="Consecutive failures that take a rerank replica out.")
+    eject_s: float = Field(5.0, description="How long an ejected replica stays out unless its health recovers.")
+    health_check_period_s: float = Field(1.0, description="How often rerank replicas' health is checked.")
 
     @property
     def recall_target_list(self) -> list[str]:

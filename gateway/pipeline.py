@@ -3,20 +3,23 @@
 The effective budget is the smallest of the request's ``budget_ms``, the
 client's deadline and the configured maximum. Recall must answer (without
 candidates there is nothing to return); rerank gets what is left minus a
-return margin, and when it cannot answer in time the recall order is
-returned with ``degraded=True`` and a reason, never an error or a hang.
+return margin. The rerank pool's live cost model decides how many of the top
+candidates fit in that time; the rest keep their recall order after the
+reranked ones. Whatever is cut is said in ``degraded_reason``; the answer
+never turns into an error or a hang while recall has answered.
 """
 
 import asyncio
-import itertools
 import logging
 import re
 import time
 import uuid
 from dataclasses import dataclass, field
 
-from gateway.clients import RecallCandidate, RecallClient, RerankClient
+from gateway.clients import RecallCandidate, RecallClient
 from gateway.config import GatewaySettings
+from gateway.fusion import fuse
+from gateway.rerank_pool import RerankPool
 from twostage import errors
 from twostage.corpus import Document, document_text
 
@@ -61,21 +64,21 @@ class SearchResult:
 
 
 class SearchPipeline:
-    def __init__(self, settings: GatewaySettings, recall: list[RecallClient], rerank: list[RerankClient]):
+    def __init__(self, settings: GatewaySettings, recall: list[RecallClient], rerank: RerankPool):
         self.settings = settings
         self.recall = recall
         self.rerank = rerank
-        self._next_replica = itertools.cycle(range(len(rerank)))
 
     async def close(self) -> None:
-        await asyncio.gather(*(c.close() for c in [*self.recall, *self.rerank]))
+        await asyncio.gather(*(c.close() for c in [*self.recall, *(r.client for r in self.rerank.replicas)]))
 
     def resolve(self, q: SearchQuery) -> tuple[int, int, float, str]:
         """Validate and fill defaults: (top_k, recall_k, budget_s, request_id)."""
         s = self.settings
         errors.check_text("query", q.query, s.max_query_chars)
-        top_k = q.top_k or s.default_top_k
-        recall_k = q.recall_k or max(s.default_recall_k, top_k)
+        # A field left at 0 takes its default, bounded by the field that was given.
+        recall_k = q.recall_k or max(s.default_recall_k, q.top_k)
+        top_k = q.top_k or min(s.default_top_k, recall_k)
         errors.check_limit("top_k", top_k, 1, s.max_top_k)
         errors.check_limit("recall_k", recall_k, 1, s.max_recall_k)
         if top_k > recall_k:
@@ -132,34 +135,47 @@ class SearchPipeline:
     async def _rerank(
         self, query: str, candidates: list[RecallCandidate], deadline: float, request_id: str, result: SearchResult
     ) -> dict[int, float]:
-        remaining_s = deadline - time.monotonic() - self.settings.return_margin_ms / 1000
-        if remaining_s * 1000 < self.settings.min_rerank_ms:
-            result.degrade(f"rerank_skipped ({remaining_s * 1000:.0f} ms left after recall)")
+        """Rerank the top candidates that fit in the time left; returns position -> rerank score."""
+        s = self.settings
+        rerank_deadline = deadline - s.return_margin_ms / 1000
+        remaining_ms = 1000 * (rerank_deadline - time.monotonic())
+        depth = min(len(candidates), self.rerank.affordable_pairs(remaining_ms, s.rerank_cost_headroom))
+        if not self.rerank.available():
+            result.degrade("rerank_unavailable (no healthy replica)")
             return {}
-        replica = self.rerank[next(self._next_replica)]
-        documents = [document_text(Document(c.id, c.title, c.text)) for c in candidates]
-        try:
-            reply = await replica.rerank(query, documents, remaining_s, request_id)
-        except errors.TwostageError as error:
-            reason = {
-                errors.DeadlineExceeded: "rerank_timeout",
-                errors.Overloaded: "rerank_overloaded",
-            }.get(type(error), "rerank_unavailable")
-            result.degrade(reason)
-            log.warning("request %s: %s: %s", request_id, reason, error)
+        if remaining_ms < s.min_rerank_ms or depth == 0:
+            result.degrade(f"rerank_skipped ({remaining_ms:.0f} ms left affords no pair)")
             return {}
-        for name, ms in reply.timings_ms.items():
+        documents = [document_text(Document(c.id, c.title, c.text)) for c in candidates[:depth]]
+        outcome = await self.rerank.rerank(query, documents, rerank_deadline, request_id)
+        for name, ms in outcome.timings_ms.items():
             result.timings_ms[f"rerank.{name}"] = ms
-        return reply.scores
+        if outcome.error is not None and not outcome.scores:
+            reason = {errors.DeadlineExceeded: "rerank_timeout", errors.Overloaded: "rerank_overloaded"}.get(
+                type(outcome.error), "rerank_unavailable"
+            )
+            result.degrade(reason)
+            log.warning("request %s: %s: %s", request_id, reason, outcome.error)
+            return {}
+        if len(outcome.scores) < len(candidates):
+            result.degrade(f"rerank_partial ({len(outcome.scores)} of {len(candidates)} reranked)")
+        return outcome.scores
 
-    @staticmethod
-    def _rank(candidates: list[RecallCandidate], scores: dict[int, float]) -> list[Hit]:
-        """Reranked candidates by rerank score, then the rest in recall order."""
+    def _rank(self, candidates: list[RecallCandidate], scores: dict[int, float]) -> list[Hit]:
+        """Reranked candidates by fused score, then the rest in recall order."""
+        positions = sorted(scores)
+        fused = dict(
+            zip(
+                positions,
+                fuse([candidates[i].score for i in positions], [scores[i] for i in positions],
+                     self.settings.fusion, self.settings.fusion_alpha),
+            )
+        )
         hits = [
-            Hit(c.id, c.title, c.text, scores.get(i, c.score), scores.get(i), i + 1, c.score)
+            Hit(c.id, c.title, c.text, fused.get(i, c.score), scores.get(i), i + 1, c.score)
             for i, c in enumerate(candidates)
         ]
-        reranked = sorted((h for h in hits if h.rerank_score is not None), key=lambda h: -h.rerank_score)
+        reranked = sorted((h for h in hits if h.rerank_score is not None), key=lambda h: -h.score)
         return reranked + [h for h in hits if h.rerank_score is None]
 
 

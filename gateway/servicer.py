@@ -1,23 +1,27 @@
 """gRPC edge of the gateway: protos in, dataclasses through, protos out."""
 
+import asyncio
+
 import grpc
 
 from gateway.clients import RecallClient, RerankClient
-from gateway.config import GatewaySettings
+from gateway.config import GatewaySettings, resolve_targets
 from gateway.pipeline import SearchPipeline, SearchQuery
+from gateway.rerank_pool import RerankPool
 from twostage import __version__
+from twostage.errors import NotReady
 from twostage.server import GrpcService, deadline_of
 from twostage.status import translate_errors
 from twostage.v1 import common_pb2, gateway_pb2, gateway_pb2_grpc
 
 
 class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
-    def __init__(self, pipeline: SearchPipeline):
-        self.pipeline = pipeline
+    def __init__(self, lifecycle: "GatewayLifecycle"):
+        self.lifecycle = lifecycle
 
     @translate_errors
     async def Search(self, request: gateway_pb2.SearchRequest, context: grpc.aio.ServicerContext):
-        result = await self.pipeline.search(
+        result = await self.lifecycle.ready_pipeline().search(
             SearchQuery(
                 query=request.query,
                 top_k=request.top_k,
@@ -45,11 +49,12 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
 
     @translate_errors
     async def Info(self, request: common_pb2.InfoRequest, context: grpc.aio.ServicerContext):
-        s = self.pipeline.settings
+        pipeline = self.lifecycle.ready_pipeline()
+        s = pipeline.settings
         return gateway_pb2.GatewayInfo(
             version=__version__,
-            recall_targets=s.recall_target_list,
-            rerank_targets=s.rerank_target_list,
+            recall_targets=[c.target for c in pipeline.recall],
+            rerank_targets=[r.target for r in pipeline.rerank.replicas],
             default_budget_ms=s.default_budget_ms,
             limits=[
                 common_pb2.Limit(name=name, value=getattr(s, name))
@@ -59,20 +64,37 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
 
 
 class GatewayLifecycle:
-    """Opens channels to the tiers on start and closes them after draining."""
+    """Resolves the tiers' addresses and opens channels on start; closes them after draining."""
 
     def __init__(self, settings: GatewaySettings):
-        self.pipeline = SearchPipeline(
-            settings,
-            [RecallClient(t) for t in settings.recall_target_list],
-            [RerankClient(t) for t in settings.rerank_target_list],
-        )
+        self.settings = settings
+        self.pipeline: SearchPipeline | None = None
+        self._stop_health = asyncio.Event()
+        self._health_task: asyncio.Task | None = None
+
+    def ready_pipeline(self) -> SearchPipeline:
+        if self.pipeline is None:
+            raise NotReady("gateway is starting")
+        return self.pipeline
 
     async def start(self) -> None:
-        pass
+        s = self.settings
+        recall = [RecallClient(t) for t in resolve_targets(s.recall_target_list)]
+        pool = RerankPool(
+            [RerankClient(t) for t in resolve_targets(s.rerank_target_list)],
+            s.initial_rerank_ms_per_pair,
+            eject_after_failures=s.eject_after_failures,
+            eject_s=s.eject_s,
+        )
+        self.pipeline = SearchPipeline(s, recall, pool)
+        self._health_task = asyncio.create_task(pool.watch_health(self._stop_health, s.health_check_period_s))
 
     async def close(self) -> None:
-        await self.pipeline.close()
+        self._stop_health.set()
+        if self._health_task is not None:
+            await self._health_task
+        if self.pipeline is not None:
+            await self.pipeline.close()
 
 
 def build_server(settings: GatewaySettings) -> GrpcService:
@@ -82,6 +104,6 @@ def build_server(settings: GatewaySettings) -> GrpcService:
         "gateway",
         settings,
         [gateway_pb2.DESCRIPTOR.services_by_name["Gateway"].full_name],
-        lambda server: gateway_pb2_grpc.add_GatewayServicer_to_server(GatewayServicer(lifecycle.pipeline), server),
+        lambda server: gateway_pb2_grpc.add_GatewayServicer_to_server(GatewayServicer(lifecycle), server),
         lifecycle,
     )

@@ -3,6 +3,7 @@
 import itertools
 import logging
 import shutil
+import zlib
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 
@@ -35,39 +36,58 @@ def _chunks(docs: Iterable[Document], size: int) -> Iterator[list[Document]]:
         yield list({doc.id: doc for doc in chunk}.values())
 
 
+def shard_of(doc_id: str, shards: int) -> int:
+    """Stable shard assignment: the same id lands on the same shard on every build."""
+    return zlib.crc32(doc_id.encode()) % shards
+
+
+def shard_dirs(index_dir: Path, shards: int) -> list[Path]:
+    return [Path(index_dir) / f"shard-{i}" for i in range(shards)]
+
+
 def build_index(
     corpus: Path,
     out: Path,
     embedder: Embedder,
     policy: BatchPolicy,
     limit: int | None = None,
+    shards: int = 1,
     chunk_docs: int = 4096,
     progress: bool = True,
 ) -> int:
-    """Embed every document of ``corpus`` (BEIR dir or JSONL) into a new index at ``out``.
+    """Embed every document of ``corpus`` (BEIR dir or JSONL) into a new index at ``out``;
+    with ``shards`` > 1, into ``out/shard-0`` .. ``out/shard-{N-1}``, one recall server each.
 
-    The index is written beside ``out`` and moved into place when complete, so a
-    failed build leaves nothing that looks like an index.
+    Each index is written beside its target and moved into place when complete,
+    so a failed build leaves nothing that looks like an index.
     """
     if not corpus_file(corpus).is_file():
         raise FileNotFoundError(f"no corpus at {corpus_file(corpus)}")
     if Path(out).exists():
         raise FileExistsError(f"{out} already exists; remove it or choose another --out")
-    docs: Iterable[Document] = read_corpus(corpus)
-    if limit:
-        docs = itertools.islice(docs, limit)
-    partial = Path(out).with_name(Path(out).name + ".partial")
+    with open(corpus_file(corpus), "rb") as f:
+        total = min(sum(1 for line in f if line.strip()), limit or 1 << 62)
+    targets = [Path(out)] if shards == 1 else shard_dirs(out, shards)
+    count = 0
+    with tqdm(total=total, unit="doc", desc="embedding", disable=not progress) as bar:
+        for shard, target in enumerate(targets):
+            docs: Iterable[Document] = itertools.islice(read_corpus(corpus), limit)
+            if shards > 1:
+                docs = (d for d in docs if shard_of(d.id, shards) == shard)
+            count += _build_one(docs, target, embedder, policy, chunk_docs, bar)
+    log.info("indexed %d documents into %s", count, out)
+    return count
+
+
+def _build_one(docs: Iterable[Document], out: Path, embedder, policy, chunk_docs: int, bar: tqdm) -> int:
+    partial = out.with_name(out.name + ".partial")
     shutil.rmtree(partial, ignore_errors=True)
     index = DocumentIndex.create(partial, embedder.name, embedder.dims, save_every_writes=1 << 62)
-    with open(corpus_file(corpus), "rb") as f:
-        total = sum(1 for line in f if line.strip())
-    with tqdm(total=min(total, limit or total), unit="doc", desc="embedding", disable=not progress) as bar:
-        for chunk in _chunks(docs, chunk_docs):
-            if missing := [d for d in chunk if not d.id]:
-                raise ValueError(f"{len(missing)} documents have no _id")
-            index.upsert(chunk, embed_documents(embedder, chunk, policy, bar))
+    for chunk in _chunks(docs, chunk_docs):
+        if missing := [d for d in chunk if not d.id]:
+            raise ValueError(f"{len(missing)} documents have no _id")
+        index.upsert(chunk, embed_documents(embedder, chunk, policy, bar))
     count = index.store.count()
     index.close()
     partial.rename(out)
-    log.info("indexed %d documents into %s", count, out)
     return count

@@ -13,7 +13,7 @@ from recall_server.index import DocumentIndex
 from twostage import errors
 from twostage.batching import BatchPolicy, DynamicBatcher
 from twostage.corpus import Document, document_text
-from twostage.metrics import batch_observer
+from twostage.metrics import watch_batcher
 from twostage.model_store import resolve_model
 
 # Printable, no whitespace at the ends: ids travel in logs, URLs and TSV files.
@@ -43,9 +43,8 @@ class RecallService:
         self.index = await asyncio.to_thread(
             DocumentIndex.open, s.index_dir, self.embedder.name, self.embedder.dims, save_every_writes=s.save_every_writes
         )
-        self.batcher = DynamicBatcher(
-            "embed", self.embedder.embed, BatchPolicy.from_settings(s), observers=[batch_observer("embed")]
-        )
+        self.batcher = DynamicBatcher("embed", self.embedder.embed, BatchPolicy.from_settings(s))
+        watch_batcher(self.batcher)
         self.batcher.start()
         await self.search("warm up", 1)
 

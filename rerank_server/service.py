@@ -8,7 +8,7 @@ from rerank_server.config import RerankSettings
 from rerank_server.cross_encoder import CrossEncoder
 from twostage import errors
 from twostage.batching import BatchPolicy, DynamicBatcher
-from twostage.metrics import batch_observer
+from twostage.metrics import watch_batcher
 from twostage.model_store import resolve_model
 from twostage.runtime import choose_providers
 
@@ -41,9 +41,8 @@ class RerankService:
             self.model = await asyncio.to_thread(
                 CrossEncoder, resolve_model(self.settings.model), self.settings, self.settings.max_length
             )
-        self.batcher = DynamicBatcher(
-            "rerank", self.model.score, BatchPolicy.from_settings(self.settings), observers=[batch_observer("rerank")]
-        )
+        self.batcher = DynamicBatcher("rerank", self.model.score, BatchPolicy.from_settings(self.settings))
+        watch_batcher(self.batcher)
         self.batcher.start()
         # Warm up: the first run allocates and optimizes; keep that off the first request.
         await self.rerank(RerankQuery("warm up", ["a short document", "another, slightly longer document"]))

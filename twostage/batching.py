@@ -121,6 +121,9 @@ class DynamicBatcher(Generic[T, R]):
         self._closing = False
         self._runner: asyncio.Task | None = None
 
+    def add_observer(self, observer: BatchObserver) -> None:
+        self._observers.append(observer)
+
     @property
     def queued_items(self) -> int:
         return len(self._queue)

@@ -33,3 +33,48 @@ def batch_observer(batcher: str):
 
 def start_metrics_server(port: int, host: str) -> None:
     prom.start_http_server(port, addr=host)
+
+
+class BatcherStatsCollector:
+    """Exports each registered batcher's running totals at scrape time."""
+
+    def __init__(self):
+        self._batchers = {}
+
+    def register(self, batcher) -> None:
+        self._batchers[batcher.name] = batcher
+
+    def collect(self):
+        from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+
+        counters = {
+            "shed_items": "Items refused because the queue was full",
+            "expired_items": "Items dropped because their deadline passed while queued",
+            "failed_batches": "Batches whose model call raised",
+            "batches": "Batches computed",
+            "items": "Items computed",
+        }
+        for field, help_text in counters.items():
+            family = CounterMetricFamily(f"twostage_batcher_{field}", help_text, labels=["batcher"])
+            for name, batcher in self._batchers.items():
+                family.add_metric([name], getattr(batcher.stats, field))
+            yield family
+        waste = GaugeMetricFamily(
+            "twostage_batcher_padding_waste_ratio", "Share of computed tokens that were padding", labels=["batcher"]
+        )
+        queued = GaugeMetricFamily("twostage_batcher_queued_items", "Items waiting for a batch", labels=["batcher"])
+        for name, batcher in self._batchers.items():
+            waste.add_metric([name], batcher.stats.padding_waste)
+            queued.add_metric([name], batcher.queued_items)
+        yield waste
+        yield queued
+
+
+BATCHERS = BatcherStatsCollector()
+prom.REGISTRY.register(BATCHERS)
+
+
+def watch_batcher(batcher) -> None:
+    """Publish a batcher's histograms (per batch) and totals (at scrape)."""
+    batcher.add_observer(batch_observer(batcher.name))
+    BATCHERS.register(batcher)

@@ -33,8 +33,6 @@ def make_batch_invariant(model: onnx.ModelProto) -> onnx.ModelProto:
     graph = model.graph
     zero_point = _constant(graph, "zero_point", np.array(128, dtype=np.uint8))
     levels = _constant(graph, "levels", np.array(127.0, dtype=np.float32))
-    flat = _constant(graph, "flat", np.array([-1], dtype=np.int64))
-    offset = _constant(graph, "offset", np.array(128.0, dtype=np.float32))
     tiny = _constant(graph, "tiny", np.array(1e-12, dtype=np.float32))
     opset = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 13)
     if opset >= 18:  # ReduceMax takes its axes as an input from opset 18 on
@@ -48,6 +46,7 @@ def make_batch_invariant(model: onnx.ModelProto) -> onnx.ModelProto:
             return helper.make_node(op, [src], [dst], axes=[-1], keepdims=1)
 
     if opset >= 13:
+        flat = _constant(graph, "flat", np.array([-1], dtype=np.int64))
 
         def quantize_rows(x, scale, out, p):
             """One fused QuantizeLinear: view x as (rows, features) with a scale per row."""
@@ -63,6 +62,7 @@ def make_batch_invariant(model: onnx.ModelProto) -> onnx.ModelProto:
                 helper.make_node("Reshape", [p + "q_rows", p + "shape"], [out]),
             ]
     else:  # QuantizeLinear has no per-axis form before opset 13: the same arithmetic, op by op
+        offset = _constant(graph, "offset", np.array(128.0, dtype=np.float32))
 
         def quantize_rows(x, scale, out, p):
             return [

@@ -40,9 +40,9 @@ async def test_search_reranks_recall_candidates(stub, demo_data):
     reply = await stub.Search(gateway_pb2.SearchRequest(query=query, top_k=5, recall_k=12, request_id="req-1"))
     assert not reply.degraded and reply.degraded_reason == ""
     assert (reply.candidates, reply.reranked, len(reply.hits), reply.request_id) == (12, 12, 5, "req-1")
-    scores = [h.rerank_score for h in reply.hits]
+    scores = [h.score for h in reply.hits]  # fused (linear by default)
     assert scores == sorted(scores, reverse=True)
-    assert all(h.HasField("rerank_score") and h.score == h.rerank_score for h in reply.hits)
+    assert all(h.HasField("rerank_score") for h in reply.hits)
     assert all(1 <= h.recall_rank <= 12 and h.text for h in reply.hits)
     assert {"recall_ms", "rerank_ms", "total_ms", "recall.embed_ms", "rerank.compute_ms"} <= set(reply.timings_ms)
 
@@ -58,7 +58,7 @@ async def test_most_test_queries_find_a_relevant_document(stub, demo_data):
 async def test_rerank_tier_down_returns_recall_order_degraded(recall_target, custom_gateway):
     stub = await custom_gateway(recall_targets=recall_target, rerank_targets=DEAD_TARGET)
     reply = await stub.Search(gateway_pb2.SearchRequest(query="vitamin deficiency", top_k=5, recall_k=10), timeout=30)
-    assert reply.degraded and reply.degraded_reason == "rerank_unavailable"
+    assert reply.degraded and reply.degraded_reason.startswith("rerank_unavailable")
     assert [h.recall_rank for h in reply.hits] == [1, 2, 3, 4, 5]
     assert all(not h.HasField("rerank_score") and h.score == h.recall_score for h in reply.hits)
     assert reply.reranked == 0
@@ -71,12 +71,25 @@ async def test_too_little_budget_left_skips_rerank(recall_target, rerank_target,
     assert [h.recall_rank for h in reply.hits] == [1, 2, 3]
 
 
-async def test_budget_shorter_than_rerank_times_out_gracefully(recall_target, rerank_target, custom_gateway):
-    """100 pairs take seconds on a CPU; a 400 ms budget must still answer, degraded."""
+def assert_cut_short(reply) -> None:
+    """A degraded answer whose reason matches its counts."""
+    assert reply.degraded and reply.candidates == 100 and reply.reranked < 100
+    if reply.reranked:
+        assert reply.degraded_reason == f"rerank_partial ({reply.reranked} of 100 reranked)"
+        assert sum(h.HasField("rerank_score") for h in reply.hits) == min(reply.reranked, len(reply.hits))
+    else:
+        assert reply.degraded_reason.startswith(("rerank_timeout", "rerank_skipped"))
+        assert not any(h.HasField("rerank_score") for h in reply.hits)
+
+
+async def test_budget_shorter_than_rerank_reranks_what_fits(recall_target, rerank_target, custom_gateway):
+    """100 pairs take seconds on a CPU; a 400 ms budget still answers, with what fitted."""
     stub = await custom_gateway(recall_targets=recall_target, rerank_targets=rerank_target)
-    reply = await stub.Search(gateway_pb2.SearchRequest(query="vitamin deficiency", recall_k=100, budget_ms=400), timeout=30)
-    assert reply.degraded and reply.degraded_reason == "rerank_timeout"
-    assert reply.candidates == 100 and reply.reranked == 0
+    for _ in range(3):  # the cost model learns from each answer
+        reply = await stub.Search(
+            gateway_pb2.SearchRequest(query="vitamin deficiency", recall_k=100, budget_ms=400), timeout=30
+        )
+        assert_cut_short(reply)
 
 
 async def test_client_deadline_is_honoured(stub):
@@ -84,7 +97,7 @@ async def test_client_deadline_is_honoured(stub):
     reply = await stub.Search(
         gateway_pb2.SearchRequest(query="vitamin deficiency", recall_k=100, budget_ms=60_000), timeout=1.0
     )
-    assert reply.degraded and reply.degraded_reason == "rerank_timeout"
+    assert_cut_short(reply)
 
 
 async def test_recall_tier_down_is_unavailable(rerank_target, custom_gateway):

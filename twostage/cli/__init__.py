@@ -6,10 +6,10 @@ import os
 import sys
 
 from twostage import __version__
-from twostage.cli import config, demo, index, models, search, serve
+from twostage.cli import bench, config, demo, index, models, search, serve
 from twostage.errors import TwostageError
 
-COMMANDS = (serve, search, models, index, demo, config)
+COMMANDS = (serve, search, models, index, demo, config, bench)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -14,6 +14,7 @@ def register(commands) -> None:
     build.add_argument("--out", type=Path, required=True, help="new index directory")
     build.add_argument("--model", default=DEFAULT_EMBED_MODEL, help="default model name or model directory")
     build.add_argument("--limit", type=int, default=None, help="index only the first N documents")
+    build.add_argument("--shards", type=int, default=1, help="split into N shards (out/shard-0 ...), one recall server each")
     build.add_argument("--max-length", type=int, default=None, help="tokens read per document")
     build.add_argument("--max-batch-size", type=int, default=32)
     build.add_argument("--max-batch-tokens", type=int, default=16384)
@@ -22,16 +23,17 @@ def register(commands) -> None:
 
 def _build(args) -> None:
     count = build_from_corpus(args.corpus, args.out, args.model, args.limit, args.max_length,
-                            args.max_batch_size, args.max_batch_tokens)
+                              args.max_batch_size, args.max_batch_tokens, args.shards)
     print(f"indexed {count} documents into {args.out}")
 
 
 def build_from_corpus(corpus: Path, out: Path, model: str = DEFAULT_EMBED_MODEL, limit: int | None = None,
-                    max_length: int | None = None, max_batch_size: int = 32, max_batch_tokens: int = 16384) -> int:
+                      max_length: int | None = None, max_batch_size: int = 32, max_batch_tokens: int = 16384,
+                      shards: int = 1) -> int:
     from recall_server.build import build_index
     from recall_server.embedder import Embedder
     from twostage.batching import BatchPolicy
 
     embedder = Embedder(resolve_model(model), RuntimeSettings(), max_length)
     policy = BatchPolicy(max_batch_size=max_batch_size, max_batch_tokens=max_batch_tokens)
-    return build_index(corpus, out, embedder, policy, limit=limit)
+    return build_index(corpus, out, embedder, policy, limit=limit, shards=shards)

@@ -4,6 +4,7 @@ import argparse
 import asyncio
 import signal
 import sys
+from pathlib import Path
 
 from twostage.config import add_settings_flags, settings_from_args
 from twostage.probe import wait_serving
@@ -34,6 +35,8 @@ def add_stack_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, default=50051, help="gateway port; recall and rerank take the next ones")
     parser.add_argument("--index-dir", default=None, help="recall index (default: the demo index)")
+    parser.add_argument("--recall-shards", type=int, default=1,
+                        help="recall processes, one per index shard (INDEX_DIR/shard-i, from 'index build --shards')")
     parser.add_argument("--rerank-replicas", type=int, default=1, help="rerank processes, each on its own port")
     parser.add_argument("--ready-timeout-s", type=float, default=300.0)
 
@@ -68,12 +71,20 @@ def _serve_gateway(args) -> None:
 class Stack:
     """The three tiers as child processes, started in order and stopped together."""
 
-    def __init__(self, host: str, port: int, index_dir: str | None, rerank_replicas: int = 1):
+    def __init__(self, host: str, port: int, index_dir: str | None, rerank_replicas: int = 1, recall_shards: int = 1):
         self.host = host
         self.gateway_target = f"{host}:{port}"
-        self.recall_targets = [f"{host}:{port + 1}"]
-        self.rerank_targets = [f"{host}:{port + 2 + i}" for i in range(rerank_replicas)]
-        self.index_dir = index_dir
+        self.recall_targets = [f"{host}:{port + 1 + i}" for i in range(recall_shards)]
+        self.rerank_targets = [f"{host}:{port + 1 + recall_shards + i}" for i in range(rerank_replicas)]
+        self.index_dirs: list[str | None] = [index_dir]
+        if recall_shards > 1:
+            from recall_server.build import shard_dirs
+
+            if index_dir is None:
+                raise ValueError("--recall-shards needs --index-dir with shard-0 .. shard-N subdirectories")
+            self.index_dirs = [str(d) for d in shard_dirs(Path(index_dir), recall_shards)]
+            if missing := [d for d in self.index_dirs if not Path(d).is_dir()]:
+                raise FileNotFoundError(f"missing shard {missing[0]}; build with 'twostage index build --shards N'")
         self.processes: list[asyncio.subprocess.Process] = []
 
     async def _spawn(self, module: str, target: str, *flags: str) -> None:
@@ -86,7 +97,8 @@ class Stack:
         return all(p.returncode is None for p in self.processes)
 
     async def start(self, ready_timeout_s: float) -> None:
-        await self._spawn("recall_server", self.recall_targets[0], *(["--index-dir", self.index_dir] if self.index_dir else []))
+        for target, index_dir in zip(self.recall_targets, self.index_dirs):
+            await self._spawn("recall_server", target, *(["--index-dir", index_dir] if index_dir else []))
         for target in self.rerank_targets:
             await self._spawn("rerank_server", target)
         await self._spawn(
@@ -119,7 +131,7 @@ class Stack:
 async def run_stack(args, then=None) -> int:
     """Run the stack until a signal or a child's exit; ``then(stack)`` runs once it is ready
     (with ``args.once`` the stack stops after it)."""
-    stack = Stack(args.host, args.port, args.index_dir, args.rerank_replicas)
+    stack = Stack(args.host, args.port, args.index_dir, args.rerank_replicas, args.recall_shards)
     stop = asyncio.Event()
     install_stop_signals(stop)
     try:

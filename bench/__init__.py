@@ -1,0 +1,1 @@
+"""Benchmarks: throughput and latency as ratios to a ceiling measured in the same run."""

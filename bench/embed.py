@@ -1,0 +1,82 @@
+"""``twostage bench embed``: index-build throughput against the raw embedding ceiling."""
+
+import shutil
+import tempfile
+import time
+from pathlib import Path
+
+from bench.report import machine, print_table, write_json
+from bench.workload import default_dataset, documents
+from recall_server.build import build_index, embed_documents
+from recall_server.config import RecallSettings
+from recall_server.embedder import Embedder
+from twostage.batching import BatchPolicy, plan_batches
+from twostage.corpus import document_text
+from twostage.model_store import resolve_model
+
+
+def measure_ceiling(embedder: Embedder, texts: list[str], batch_sizes: list[int]) -> dict:
+    """Best docs/s of raw onnxruntime over batch sizes, documents length-sorted globally."""
+    encoded = embedder.encode(texts, is_query=False)
+    embedder.embed(encoded[:4])  # warm-up
+    by_size = {}
+    for size in batch_sizes:
+        start = time.perf_counter()
+        for plan in plan_batches([e.length for e in encoded], size, 1 << 30):
+            embedder.embed([encoded[i] for i in plan])
+        by_size[size] = len(texts) / (time.perf_counter() - start)
+    best = max(by_size, key=by_size.get)
+    return {"docs_per_s": by_size[best], "best_batch_size": best, "by_batch_size": by_size}
+
+
+def run(args) -> dict:
+    settings = RecallSettings()
+    count = 48 if args.quick else args.docs
+    dataset = args.dataset or default_dataset()
+    docs = documents(dataset, count)
+    embedder = Embedder(resolve_model(settings.model), settings, settings.max_length)
+    sizes = [16, 32] if args.quick else [8, 16, 32, 64]
+    print(f"ceiling: raw onnxruntime over batch sizes {sizes} on {len(docs)} documents ...", flush=True)
+    ceiling = measure_ceiling(embedder, [document_text(d) for d in docs], sizes)
+
+    policy = BatchPolicy(max_batch_size=ceiling["best_batch_size"], max_batch_tokens=1 << 30)
+    work = Path(tempfile.mkdtemp())
+    try:
+        corpus = work / "corpus.jsonl"
+        import json
+
+        with open(corpus, "w") as f:
+            for d in docs:
+                f.write(json.dumps({"_id": d.id, "title": d.title, "text": d.text}) + "\n")
+        print("index build: tokenize, embed, store, index ...", flush=True)
+        start = time.perf_counter()
+        build_index(corpus, work / "index", embedder, policy, progress=False)
+        build_rate = len(docs) / (time.perf_counter() - start)
+        start = time.perf_counter()
+        embed_documents(embedder, docs, policy)
+        embed_rate = len(docs) / (time.perf_counter() - start)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+    report = {
+        "unit": "docs/s",
+        "model": settings.model,
+        "max_length": settings.max_length,
+        "batch_invariant": settings.batch_invariant,
+        "docs": len(docs),
+        "machine": machine(),
+        "ceiling": round(ceiling["docs_per_s"], 2),
+        "ceiling_by_batch_size": {k: round(v, 2) for k, v in ceiling["by_batch_size"].items()},
+        "server": round(build_rate, 2),
+        "ratio": round(build_rate / ceiling["docs_per_s"], 3),
+        "embed_only": round(embed_rate, 2),
+        "peers": {},
+    }
+    print_table(
+        f"embed: {settings.model}, max_length {settings.max_length}, {len(docs)} documents, {machine()['cpus']} CPUs",
+        "docs/s",
+        ceiling["docs_per_s"],
+        {"twostage index build (embed + store + HNSW)": build_rate, "twostage embed_documents": embed_rate},
+    )
+    write_json(args.json, report)
+    return report

@@ -1,0 +1,33 @@
+"""Peer: the Infinity engine (infinity-emb) reranking with its ONNX (optimum)
+engine. Runs in .venv-infinity; prints {"pairs_per_s": ...} or {"error": ...}.
+
+    python infinity_rerank.py MODEL_DIR WORKLOAD_JSON MAX_LENGTH
+"""
+
+import asyncio
+import json
+import sys
+import time
+
+
+async def main() -> None:
+    model_dir, workload_file, _max_length = sys.argv[1], sys.argv[2], int(sys.argv[3])
+    from infinity_emb import AsyncEngineArray, EngineArgs
+
+    args = EngineArgs(model_name_or_path=model_dir, engine="optimum", device="cpu", batch_size=32,
+                      model_warmup=False, bettertransformer=False)
+    engine = AsyncEngineArray.from_args([args])[0]
+    workload = json.load(open(workload_file))
+    async with engine:
+        await engine.rerank(query=workload[0]["query"], docs=workload[0]["documents"][:8])  # warm-up
+        start = time.perf_counter()
+        await asyncio.gather(*(engine.rerank(query=r["query"], docs=r["documents"]) for r in workload))
+        elapsed = time.perf_counter() - start
+    print(json.dumps({"pairs_per_s": sum(len(r["documents"]) for r in workload) / elapsed}))
+
+
+if __name__ == "__main__":
+    try:
+        asyncio.run(main())
+    except Exception as error:  # report why, so the benchmark can say so
+        print(json.dumps({"error": f"{type(error).__name__}: {error}"[:300]}))

@@ -1,0 +1,189 @@
+"""``twostage bench rerank``: raw ceiling, the server under load, and peers,
+on the same model file and the same pairs, in one run."""
+
+import asyncio
+import os
+import subprocess
+import sys
+import time
+import urllib.request
+
+from prometheus_client.parser import text_string_to_metric_families
+
+from bench.peers import run_peer
+from bench.report import machine, percentiles_ms, print_table, write_json
+from bench.workload import RerankRequest, default_dataset, rerank_workload
+from rerank_server.config import RerankSettings
+from rerank_server.cross_encoder import CrossEncoder
+from twostage.batching import plan_batches
+from twostage.model_store import resolve_model
+from twostage.probe import wait_serving
+
+
+def measure_ceiling(model: CrossEncoder, workload: list[RerankRequest], batch_sizes: list[int]) -> dict:
+    """Best pairs/s of raw onnxruntime over batch sizes, all pairs length-sorted globally."""
+    pairs = [p for r in workload for p in model.encode(r.query, r.documents)]
+    model.score(pairs[:8])  # warm-up
+    by_size = {}
+    for size in batch_sizes:
+        start = time.perf_counter()
+        for plan in plan_batches([p.length for p in pairs], size, 1 << 30):
+            model.score([pairs[i] for i in plan])
+        by_size[size] = len(pairs) / (time.perf_counter() - start)
+    best = max(by_size, key=by_size.get)
+    return {"pairs_per_s": by_size[best], "best_batch_size": best, "by_batch_size": by_size}
+
+
+def raw_request_seconds(model: CrossEncoder, request: RerankRequest, settings: RerankSettings) -> float:
+    """One request scored alone with the server's batch plan: the latency floor."""
+    pairs = model.encode(request.query, request.documents)
+    start = time.perf_counter()
+    for plan in plan_batches([p.length for p in pairs], settings.max_batch_size, settings.max_batch_tokens):
+        model.score([pairs[i] for i in plan])
+    return time.perf_counter() - start
+
+
+class RerankServerProcess:
+    """A rerank server in its own process, configured through the environment."""
+
+    def __init__(self, port: int, metrics_port: int, env: dict[str, str]):
+        self.target = f"127.0.0.1:{port}"
+        self.metrics_url = f"http://127.0.0.1:{metrics_port}/metrics"
+        self.process = subprocess.Popen(
+            [sys.executable, "-m", "rerank_server", "--port", str(port), "--metrics-port", str(metrics_port)],
+            env={**os.environ, **env, "TWOSTAGE_LOG_LEVEL": "WARNING"},
+        )
+
+    async def __aenter__(self):
+        await wait_serving([self.target], 120, lambda: self.process.poll() is None)
+        return self
+
+    async def __aexit__(self, *exc):
+        self.process.terminate()
+        await asyncio.to_thread(self.process.wait, 60)
+
+    def batch_stats(self) -> dict:
+        text = urllib.request.urlopen(self.metrics_url, timeout=10).read().decode()
+        samples = {}
+        sizes = {}
+        for family in text_string_to_metric_families(text):
+            for sample in family.samples:
+                if sample.labels.get("batcher") != "rerank":
+                    continue
+                if sample.name == "twostage_batch_size_items_bucket":
+                    sizes[sample.labels["le"]] = sample.value
+                else:
+                    samples[sample.name] = sample.value
+        padded = samples.get("twostage_batch_padded_tokens_total", 0)
+        real = samples.get("twostage_batch_real_tokens_total", 0)
+        return {
+            "batches": samples.get("twostage_batcher_batches_total", 0),
+            "mean_batch_size": samples.get("twostage_batcher_items_total", 0)
+            / max(samples.get("twostage_batcher_batches_total", 1), 1),
+            "batch_size_cumulative": sizes,
+            "padding_waste": 1 - real / padded if padded else 0.0,
+            "shed_items": samples.get("twostage_batcher_shed_items_total", 0),
+        }
+
+
+async def drive(target: str, workload: list[RerankRequest], clients: int, requests: int) -> dict:
+    """``clients`` concurrent callers send ``requests`` in all; returns throughput and latencies."""
+    import grpc
+
+    from twostage.v1 import rerank_pb2, rerank_pb2_grpc
+
+    latencies, errors = [], {}
+    pairs = 0
+    next_index = iter(range(requests))
+    async with grpc.aio.insecure_channel(target) as channel:
+        stub = rerank_pb2_grpc.RerankStub(channel)
+
+        async def client():
+            nonlocal pairs
+            for i in next_index:
+                request = workload[i % len(workload)]
+                start = time.perf_counter()
+                try:
+                    reply = await stub.Rerank(rerank_pb2.RerankRequest(query=request.query, documents=request.documents))
+                except grpc.aio.AioRpcError as error:
+                    errors[error.code().name] = errors.get(error.code().name, 0) + 1
+                    continue
+                latencies.append(time.perf_counter() - start)
+                pairs += len(reply.results)
+
+        start = time.perf_counter()
+        await asyncio.gather(*(client() for _ in range(clients)))
+        wall = time.perf_counter() - start
+    return {"pairs_per_s": pairs / wall, "latency_ms": percentiles_ms(latencies), "errors": errors, "latencies_s": latencies}
+
+
+async def run(args) -> dict:
+    settings = RerankSettings()
+    if args.quick:
+        queries, candidates, clients, load_requests = 2, 25, 4, 6
+    else:
+        queries, candidates, clients, load_requests = args.queries, args.candidates, args.clients, args.requests
+    workload = rerank_workload(args.dataset or default_dataset(), queries, candidates)
+    model_dir = resolve_model(settings.model)
+    model = CrossEncoder(model_dir, settings, settings.max_length)
+    sizes = [8, 16] if args.quick else [4, 8, 16, 32]
+    print(f"ceiling: raw onnxruntime over batch sizes {sizes} ...", flush=True)
+    ceiling = measure_ceiling(model, workload, sizes)
+    floor_s = sorted(raw_request_seconds(model, r, settings) for r in workload)
+    del model
+
+    print(f"server: {clients} clients x {candidates} candidates ...", flush=True)
+    async with RerankServerProcess(args.port, args.port + 1, {}) as server:
+        await drive(server.target, workload, 1, 1)  # warm the channel and the server
+        low = await drive(server.target, workload, 1, len(workload))
+        saturated = await drive(server.target, workload, clients, load_requests)
+        stats = server.batch_stats()
+
+    peers = {}
+    for peer in ("sentence-transformers", "infinity"):
+        print(f"peer: {peer} ...", flush=True)
+        peers[peer] = await asyncio.to_thread(run_peer, peer, model_dir, workload, settings.max_length)
+
+    floor_ms = 1000 * floor_s[len(floor_s) // 2]
+    added_ms = low["latency_ms"].get("p50", 0) - floor_ms
+    report = {
+        "unit": "pairs/s",
+        "model": settings.model,
+        "max_length": settings.max_length,
+        "batch_invariant": settings.batch_invariant,
+        "pairs": sum(len(r.documents) for r in workload),
+        "machine": machine(),
+        "ceiling": round(ceiling["pairs_per_s"], 2),
+        "ceiling_by_batch_size": {k: round(v, 2) for k, v in ceiling["by_batch_size"].items()},
+        "server": round(saturated["pairs_per_s"], 2),
+        "ratio": round(saturated["pairs_per_s"] / ceiling["pairs_per_s"], 3),
+        "clients": clients,
+        "latency_ms": saturated["latency_ms"],
+        "errors": saturated["errors"],
+        "low_load": {
+            "latency_ms": low["latency_ms"],
+            "raw_request_p50_ms": round(floor_ms, 2),
+            "added_p50_ms": round(added_ms, 2),
+            "max_wait_ms": settings.max_wait_ms,
+        },
+        "batching": stats,
+        "peers": {
+            name: (round(v, 2) if isinstance(v, float) else v) for name, v in peers.items()
+        },
+        "peer_ratios": {name: round(v / ceiling["pairs_per_s"], 3) for name, v in peers.items() if isinstance(v, float)},
+    }
+    print_table(
+        f"rerank: {settings.model}, max_length {settings.max_length}, {report['pairs']} pairs, "
+        f"{machine()['cpus']} CPUs",
+        "pairs/s",
+        ceiling["pairs_per_s"],
+        {f"twostage server ({clients} clients)": saturated["pairs_per_s"], **peers},
+    )
+    print(f"  server latency {saturated['latency_ms']}; errors {saturated['errors'] or 'none'}")
+    print(f"  one client: latency {low['latency_ms']}, raw floor p50 {floor_ms:.1f} ms, "
+          f"added by serving p50 {added_ms:.1f} ms (max_wait_ms {settings.max_wait_ms})")
+    print(f"  batches: mean size {stats['mean_batch_size']:.1f}, padding waste {stats['padding_waste']:.1%}, "
+          f"shed {stats['shed_items']:.0f}")
+    write_json(args.json, report)
+    return report
+

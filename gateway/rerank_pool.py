@@ -1,0 +1,171 @@
+"""The rerank tier as the gateway sees it: replicas with a live cost model.
+
+Each replica's cost is an EWMA of milliseconds per pair as the replica
+itself reports it (its total time, queueing included, so a loaded replica
+looks expensive). The pool answers "how many pairs fit in this budget" and
+spreads one query's pairs over the healthy replicas in parallel, in
+proportion to their speed, less the work this gateway already has on each.
+A slice that fails is retried on another replica while time remains. A
+replica that keeps failing, or whose health says NOT_SERVING, is ejected
+until its health check passes again.
+"""
+
+import asyncio
+import logging
+import time
+from dataclasses import dataclass, field
+
+from gateway.clients import RerankClient
+from twostage import errors
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Replica:
+    client: RerankClient
+    ms_per_pair: float
+    outstanding_pairs: int = 0
+    consecutive_failures: int = 0
+    ejected_until_s: float = 0.0
+    serving: bool = True
+
+    @property
+    def target(self) -> str:
+        return self.client.target
+
+    def available(self, now: float) -> bool:
+        return self.serving and now >= self.ejected_until_s
+
+    def backlog_ms(self) -> float:
+        return self.outstanding_pairs * self.ms_per_pair
+
+
+@dataclass
+class RerankOutcome:
+    scores: dict[int, float] = field(default_factory=dict)  # candidate position -> score
+    timings_ms: dict[str, float] = field(default_factory=dict)
+    failed_slices: int = 0
+    error: errors.TwostageError | None = None
+
+
+class RerankPool:
+    def __init__(
+        self,
+        clients: list[RerankClient],
+        initial_ms_per_pair: float,
+        ewma_weight: float = 0.3,
+        eject_after_failures: int = 3,
+        eject_s: float = 5.0,
+    ):
+        self.replicas = [Replica(c, initial_ms_per_pair) for c in clients]
+        self.ewma_weight = ewma_weight
+        self.eject_after_failures = eject_after_failures
+        self.eject_s = eject_s
+
+    def available(self) -> list[Replica]:
+        now = time.monotonic()
+        return [r for r in self.replicas if r.available(now)]
+
+    def affordable_pairs(self, budget_ms: float, headroom: float) -> int:
+        """Pairs the available replicas can score together within ``budget_ms``."""
+        total = 0.0
+        for replica in self.available():
+            usable_ms = budget_ms / headroom - replica.backlog_ms()
+            total += max(0.0, usable_ms / replica.ms_per_pair)
+        return int(total)
+
+    def _split(self, count: int, replicas: list[Replica]) -> list[tuple[Replica, range]]:
+        """Contiguous slices sized so every replica is predicted to finish together."""
+        speeds = [1 / r.ms_per_pair for r in replicas]
+        horizon = (count + sum(r.outstanding_pairs for r in replicas)) / sum(speeds)
+        shares = [max(0.0, horizon * s - r.outstanding_pairs) for r, s in zip(replicas, speeds)]
+        scale = count / sum(shares) if sum(shares) > 0 else 0
+        sizes = [int(share * scale) for share in shares]
+        for i in sorted(range(len(sizes)), key=lambda i: -shares[i])[: count - sum(sizes)]:
+            sizes[i] += 1
+        slices, start = [], 0
+        for replica, size in zip(replicas, sizes):
+            if size:
+                slices.append((replica, range(start, start + size)))
+                start += size
+        return slices
+
+    def _observe(self, replica: Replica, pairs: int, server_total_ms: float) -> None:
+        replica.consecutive_failures = 0
+        sample = server_total_ms / max(pairs, 1)
+        replica.ms_per_pair += self.ewma_weight * (sample - replica.ms_per_pair)
+
+    def _fail(self, replica: Replica, error: Exception, pairs: int, waited_ms: float) -> None:
+        if isinstance(error, errors.DeadlineExceeded):
+            # It could not finish in time: it is at least this slow per pair.
+            replica.ms_per_pair = max(replica.ms_per_pair, waited_ms / max(pairs, 1))
+            return
+        replica.consecutive_failures += 1
+        if replica.consecutive_failures >= self.eject_after_failures:
+            replica.ejected_until_s = time.monotonic() + self.eject_s
+            log.warning("ejecting rerank replica %s for %.0f s: %s", replica.target, self.eject_s, error)
+
+    async def _score_slice(self, replica, query, documents, positions, deadline_s, request_id, outcome) -> bool:
+        replica.outstanding_pairs += len(positions)
+        start = time.monotonic()
+        try:
+            reply = await replica.client.rerank(
+                query, [documents[i] for i in positions], deadline_s - start, request_id
+            )
+        except errors.TwostageError as error:
+            self._fail(replica, error, len(positions), 1000 * (time.monotonic() - start))
+            outcome.error = error
+            return False
+        finally:
+            replica.outstanding_pairs -= len(positions)
+        self._observe(replica, len(positions), reply.timings_ms.get("total_ms", 0.0))
+        for local, score in reply.scores.items():
+            outcome.scores[positions[local]] = score
+        for name, ms in reply.timings_ms.items():
+            outcome.timings_ms[name] = max(ms, outcome.timings_ms.get(name, 0.0))
+        return True
+
+    async def rerank(self, query: str, documents: list[str], deadline_s: float, request_id: str) -> RerankOutcome:
+        """Score ``documents`` across the available replicas; retry failed slices elsewhere."""
+        outcome = RerankOutcome()
+        pending = list(range(len(documents)))
+        tried: set[str] = set()
+        while pending and time.monotonic() < deadline_s:
+            replicas = [r for r in self.available() if r.target not in tried] or []
+            if not replicas:
+                break
+            slices = self._split(len(pending), replicas)
+            results = await asyncio.gather(
+                *(
+                    self._score_slice(r, query, documents, [pending[i] for i in span], deadline_s, request_id, outcome)
+                    for r, span in slices
+                )
+            )
+            failed = [pending[i] for (r, span), ok in zip(slices, results) if not ok for i in span]
+            outcome.failed_slices += sum(not ok for ok in results)
+            tried.update(r.target for (r, _), ok in zip(slices, results) if not ok)
+            pending = failed
+            if isinstance(outcome.error, errors.DeadlineExceeded):
+                break
+        if pending and not outcome.error:
+            outcome.error = errors.Unavailable("no rerank replica available")
+        return outcome
+
+    async def watch_health(self, stop: asyncio.Event, period_s: float = 1.0) -> None:
+        """Follow each replica's health; an ejected replica returns once it reports SERVING."""
+        from twostage.probe import is_serving
+
+        while not stop.is_set():
+            states = await asyncio.gather(*(is_serving(r.target, timeout_s=period_s) for r in self.replicas))
+            for replica, serving in zip(self.replicas, states):
+                if serving and not replica.serving:
+                    log.info("rerank replica %s is serving again", replica.target)
+                if serving and replica.ejected_until_s:
+                    replica.ejected_until_s = 0.0
+                    replica.consecutive_failures = 0
+                replica.serving = serving
+            try:
+                await asyncio.wait_for(stop.wait(), period_s)
+            except TimeoutError:
+                pass

@@ -1,0 +1,87 @@
+"""RerankPool's bookkeeping with fake replicas (fault injection only)."""
+
+import time
+
+import pytest
+
+from gateway.clients import RerankReply
+from gateway.rerank_pool import RerankPool
+from twostage import errors
+
+
+class FakeReplica:
+    """Answers by document length, or fails as told; records what it was sent."""
+
+    def __init__(self, target: str, fail_with: Exception | None = None, ms_per_pair: float = 10.0):
+        self.target = target
+        self.fail_with = fail_with
+        self.ms_per_pair = ms_per_pair
+        self.received: list[list[str]] = []
+
+    async def rerank(self, query, documents, timeout_s, request_id):
+        self.received.append(documents)
+        if self.fail_with:
+            raise self.fail_with
+        return RerankReply(
+            scores={i: float(len(d)) for i, d in enumerate(documents)},
+            timings_ms={"total_ms": self.ms_per_pair * len(documents)},
+            tokens=0, queue_items=0,
+        )
+
+    async def close(self):
+        pass
+
+
+DOCS = [f"doc {'x' * i}" for i in range(10)]
+
+
+async def score_all(pool):
+    return await pool.rerank("q", DOCS, time.monotonic() + 5, "r1")
+
+
+async def test_pairs_are_split_across_replicas_and_scored_in_place():
+    a, b = FakeReplica("a"), FakeReplica("b")
+    outcome = await score_all(RerankPool([a, b], initial_ms_per_pair=10))
+    assert outcome.scores == {i: float(len(d)) for i, d in enumerate(DOCS)}
+    assert sorted(len(r) for r in (a.received[0], b.received[0])) == [5, 5]
+
+
+async def test_a_slower_replica_gets_fewer_pairs():
+    fast, slow = FakeReplica("fast"), FakeReplica("slow")
+    pool = RerankPool([fast, slow], initial_ms_per_pair=10)
+    pool.replicas[1].ms_per_pair = 40
+    await score_all(pool)
+    assert (len(fast.received[0]), len(slow.received[0])) == (8, 2)
+
+
+async def test_a_failed_slice_is_retried_on_another_replica():
+    broken, healthy = FakeReplica("broken", errors.Unavailable("down")), FakeReplica("healthy")
+    outcome = await score_all(RerankPool([broken, healthy], initial_ms_per_pair=10))
+    assert len(outcome.scores) == len(DOCS) and outcome.failed_slices == 1
+    assert sum(len(r) for r in healthy.received) == len(DOCS)
+
+
+async def test_a_replica_that_keeps_failing_is_ejected():
+    broken, healthy = FakeReplica("broken", errors.Unavailable("down")), FakeReplica("healthy")
+    pool = RerankPool([broken, healthy], initial_ms_per_pair=10, eject_after_failures=2, eject_s=60)
+    await score_all(pool)
+    await score_all(pool)
+    assert [r.target for r in pool.available()] == ["healthy"]
+    await score_all(pool)
+    assert len(broken.received) == 2  # not tried once ejected
+
+
+async def test_cost_model_learns_and_bounds_depth():
+    replica = FakeReplica("a", ms_per_pair=50)
+    pool = RerankPool([replica], initial_ms_per_pair=10, ewma_weight=1.0)
+    assert pool.affordable_pairs(1000, headroom=1.0) == 100
+    await score_all(pool)
+    assert pool.replicas[0].ms_per_pair == pytest.approx(50)
+    assert pool.affordable_pairs(1000, headroom=1.0) == 20
+    assert pool.affordable_pairs(1000, headroom=2.0) == 10
+
+
+async def test_nothing_available_is_an_error_not_a_hang():
+    pool = RerankPool([FakeReplica("a", errors.Unavailable("down"))], initial_ms_per_pair=10)
+    outcome = await score_all(pool)
+    assert outcome.scores == {} and isinstance(outcome.error, errors.Unavailable)

@@ -1,0 +1,138 @@
+"""Independent tiers as real processes on loopback: two recall shards, two
+rerank replicas. Replicas and shards are killed while traffic flows."""
+
+import asyncio
+import time
+
+import grpc
+import pytest
+
+from gateway.config import GatewaySettings
+from gateway.servicer import build_server as build_gateway
+from rerank_server.config import RerankSettings
+from rerank_server.service import RerankService
+from rerank_server.servicer import build_server as build_rerank
+from twostage.cli.index import build_from_corpus
+from twostage.cli.serve import Stack
+from twostage.v1 import gateway_pb2, gateway_pb2_grpc
+
+pytestmark = pytest.mark.slow
+QUERIES = ["vitamin B12 deficiency", "folic acid and homocysteine", "tuberculosis treatment", "obesity and diabetes"]
+
+
+@pytest.fixture(scope="module")
+def sharded_index(tmp_path_factory, small_corpus, models):
+    out = tmp_path_factory.mktemp("sharded") / "index"
+    build_from_corpus(small_corpus, out, shards=2)
+    return out
+
+
+@pytest.fixture
+async def stack(sharded_index, unused_tcp_port_factory):
+    base = unused_tcp_port_factory()
+    topology = Stack("127.0.0.1", base, str(sharded_index), rerank_replicas=2, recall_shards=2)
+    try:
+        await topology.start(ready_timeout_s=180)
+    except Exception:
+        await topology.stop()
+        raise
+    yield topology
+    await topology.stop(timeout_s=10)
+
+
+@pytest.fixture
+async def gateway(channel_to):
+    """In-process gateways over given targets; stopped after the test."""
+    started = []
+
+    async def make(**settings):
+        server = build_gateway(GatewaySettings(port=0, **settings))
+        started.append(server)
+        return gateway_pb2_grpc.GatewayStub(channel_to(f"127.0.0.1:{await server.start()}"))
+
+    yield make
+    for server in started:
+        await server.stop(grace_s=1)
+
+
+def recall_order(reply) -> list[tuple[str, float]]:
+    return [(h.id, round(h.recall_score, 4)) for h in reply.hits]
+
+
+async def test_merged_shards_equal_the_single_index(stack, recall_target, gateway):
+    no_rerank = {"rerank_targets": "127.0.0.1:1", "min_rerank_ms": 10**9}
+    sharded = await gateway(recall_targets=",".join(stack.recall_targets), **no_rerank)
+    single = await gateway(recall_targets=recall_target, **no_rerank)
+    for query in QUERIES:
+        request = gateway_pb2.SearchRequest(query=query, top_k=20, recall_k=20)
+        a, b = await sharded.Search(request), await single.Search(request)
+        assert recall_order(a) == recall_order(b)
+        assert a.candidates == b.candidates == 20
+
+
+async def test_killing_a_rerank_replica_fails_no_request(stack, gateway):
+    stub = await gateway(recall_targets=",".join(stack.recall_targets), rerank_targets=",".join(stack.rerank_targets))
+    replies = []
+    for i in range(10):
+        if i == 3:
+            stack.processes[len(stack.recall_targets)].kill()  # the first rerank replica, mid-stream
+        replies.append(await stub.Search(gateway_pb2.SearchRequest(query=QUERIES[i % 4], recall_k=8, budget_ms=30_000)))
+    assert all(r.reranked == r.candidates == 8 and not r.degraded for r in replies)
+
+
+async def test_a_stopped_shard_degrades_to_recall_partial(stack, gateway):
+    stub = await gateway(recall_targets=",".join(stack.recall_targets), rerank_targets=",".join(stack.rerank_targets))
+    assert not (await stub.Search(gateway_pb2.SearchRequest(query=QUERIES[0], recall_k=8))).degraded
+    shard = stack.processes[1]
+    shard.terminate()
+    await shard.wait()
+    reply = await stub.Search(gateway_pb2.SearchRequest(query=QUERIES[0], recall_k=8))
+    assert reply.degraded and reply.degraded_reason.startswith("recall_partial (1 of 2 shards answered)")
+    assert reply.candidates == 8 and reply.reranked == 8
+
+
+class SlowModel:
+    """Fault injection: the real cross-encoder, a second slower per batch."""
+
+    def __init__(self, model):
+        self.inner = model
+
+    def __getattr__(self, name):
+        return getattr(self.inner, name)
+
+    def score(self, batch):
+        time.sleep(1.0)
+        return self.inner.score(batch)
+
+
+async def test_a_slow_replica_still_answers_within_budget(rerank_target, recall_target, gateway, models):
+    from rerank_server.cross_encoder import CrossEncoder
+
+    settings = RerankSettings(port=0)
+    slow_model = SlowModel(CrossEncoder(models["ms-marco-minilm-l12"], settings, settings.max_length))
+    slow = build_rerank(RerankService(settings, model=slow_model))
+    slow_target = f"127.0.0.1:{await slow.start()}"
+    try:
+        stub = await gateway(recall_targets=recall_target, rerank_targets=f"{slow_target},{rerank_target}",
+                             initial_rerank_ms_per_pair=100)
+        budget_ms = 2500
+        for query in QUERIES:
+            reply = await stub.Search(gateway_pb2.SearchRequest(query=query, recall_k=20, budget_ms=budget_ms))
+            assert reply.timings_ms["total_ms"] <= budget_ms
+            assert reply.reranked > 0
+    finally:
+        await slow.stop(grace_s=0)
+
+
+async def test_tiny_budget_reports_what_was_reranked(stack, gateway):
+    stub = await gateway(recall_targets=",".join(stack.recall_targets), rerank_targets=",".join(stack.rerank_targets))
+    await asyncio.sleep(0)  # let the health watch see the replicas once
+    reply = await stub.Search(gateway_pb2.SearchRequest(query=QUERIES[1], recall_k=50, budget_ms=150))
+    assert reply.degraded and reply.candidates == 50
+    if reply.reranked:
+        assert reply.degraded_reason == f"rerank_partial ({reply.reranked} of 50 reranked)"
+    else:
+        assert reply.degraded_reason.startswith(("rerank_skipped", "rerank_timeout"))
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        await stub.Search(gateway_pb2.SearchRequest(query=QUERIES[1], recall_k=50), timeout=0.001)
+    assert caught.value.code() is grpc.StatusCode.DEADLINE_EXCEEDED

@@ -1,0 +1,50 @@
+"""``twostage bench rerank|embed``: benchmarks as ratios to a ceiling measured in the same run."""
+
+import asyncio
+from pathlib import Path
+
+
+def register(commands) -> None:
+    parser = commands.add_parser("bench", help="throughput and latency against the raw onnxruntime ceiling")
+    kinds = parser.add_subparsers(dest="kind", required=True)
+    for kind in ("rerank", "embed"):
+        sub = kinds.add_parser(kind)
+        sub.add_argument("--json", type=Path, default=None, help="write the report here")
+        sub.add_argument("--quick", action="store_true", help="a reduced run, under a minute")
+        sub.add_argument("--dataset", type=Path, default=None, help="BEIR directory (default: SciFact)")
+        sub.add_argument(
+            "--batch-invariant", choices=["true", "false"], default=None,
+            help="override the runtime setting for the ceiling and the server alike",
+        )
+        sub.set_defaults(run=_rerank if kind == "rerank" else _embed)
+        if kind == "rerank":
+            sub.add_argument("--queries", type=int, default=10, help="queries, each with --candidates documents")
+            sub.add_argument("--candidates", type=int, default=50)
+            sub.add_argument("--clients", type=int, default=8, help="concurrent gRPC clients at saturation")
+            sub.add_argument("--requests", type=int, default=16, help="requests sent at saturation")
+            sub.add_argument("--port", type=int, default=50161, help="server port (and metrics on the next)")
+        else:
+            sub.add_argument("--docs", type=int, default=400)
+
+
+def _apply_overrides(args) -> None:
+    """Settings come from the environment, so the server process sees the same override."""
+    import os
+
+    if args.batch_invariant is not None:
+        for prefix in ("TWOSTAGE_RERANK_", "TWOSTAGE_RECALL_"):
+            os.environ[prefix + "BATCH_INVARIANT"] = args.batch_invariant
+
+
+def _rerank(args) -> None:
+    from bench.rerank import run
+
+    _apply_overrides(args)
+    asyncio.run(run(args))
+
+
+def _embed(args) -> None:
+    from bench.embed import run
+
+    _apply_overrides(args)
+    run(args)
