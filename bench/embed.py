@@ -46,8 +46,7 @@ def run(args) -> dict:
         import json
 
         with open(corpus, "w") as f:
-            for d in docs:
-                f.write(json.dumps({"_id": d.id, "title": d.title, "text": d.text}) + "\n")
+            f.writelines(json.dumps({"_id": d.id, "title": d.title, "text": d.text}) + "\n" for d in docs)
         print("index build: tokenize, embed, store, index ...", flush=True)
         start = time.perf_counter()
         build_index(corpus, work / "index", embedder, policy, progress=False)

@@ -42,7 +42,7 @@ class GatewaySettings(ServiceSettings):
     )
     default_top_k: int = Field(10, description="Hits returned when a request leaves top_k at 0.")
     default_recall_k: int = Field(100, description="Candidates recalled when a request leaves recall_k at 0.")
-    max_top_k: int = Field(100, description="Largest top_k accepted.")
+    max_top_k: int = Field(1000, description="Largest top_k accepted (up to recall_k; eval asks for all).")
     max_recall_k: int = Field(1000, description="Largest recall_k accepted.")
     default_budget_ms: int = Field(
         10_000,

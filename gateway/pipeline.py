@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 from gateway.clients import RecallCandidate, RecallClient
 from gateway.config import GatewaySettings
 from gateway.fusion import fuse
+from gateway.metrics import observe_search
 from gateway.rerank_pool import RerankPool
 from twostage import errors
 from twostage.corpus import Document, document_text
@@ -103,6 +104,7 @@ class SearchPipeline:
         result.reranked = len(scores)
         result.hits = self._rank(candidates, scores)[:top_k]
         result.timings_ms["total_ms"] = 1000 * (time.monotonic() - start)
+        observe_search(result)
         return result
 
     async def _recall(

@@ -1,6 +1,12 @@
 """Prometheus metrics shared by the services."""
 
+import logging
+import time
+
+import grpc
 import prometheus_client as prom
+
+access_log = logging.getLogger("twostage.access")
 
 BATCH_SIZE = prom.Histogram(
     "twostage_batch_size_items", "Items per model batch", ["batcher"], buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256)
@@ -78,3 +84,47 @@ def watch_batcher(batcher) -> None:
     """Publish a batcher's histograms (per batch) and totals (at scrape)."""
     batcher.add_observer(batch_observer(batcher.name))
     BATCHERS.register(batcher)
+
+
+RPC_REQUESTS = prom.Counter("twostage_rpc_requests_total", "RPCs handled", ["method", "code"])
+RPC_LATENCY = prom.Histogram(
+    "twostage_rpc_latency_seconds", "Server-side RPC latency", ["method"],
+    buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30),
+)
+
+
+class RpcMetricsInterceptor(grpc.aio.ServerInterceptor):
+    """Counts every unary RPC by method and status code, times it, and logs it with its request id."""
+
+    async def intercept_service(self, continuation, handler_call_details):
+        handler = await continuation(handler_call_details)
+        if handler is None or handler.unary_unary is None:
+            return handler
+        # "/twostage.v1.Rerank/Rerank" -> "Rerank/Rerank"
+        service, name = handler_call_details.method.rsplit("/", 2)[-2:]
+        method = f"{service.rsplit('.', 1)[-1]}/{name}"
+        behavior = handler.unary_unary
+
+        async def observed(request, context):
+            start = time.perf_counter()
+            code = "OK"
+            try:
+                return await behavior(request, context)
+            except BaseException:
+                code = context.code().name if context.code() is not None else "UNKNOWN"
+                raise
+            finally:
+                elapsed = time.perf_counter() - start
+                RPC_REQUESTS.labels(method, code).inc()
+                RPC_LATENCY.labels(method).observe(elapsed)
+                access_log.info(
+                    "%s %s %.1f ms", method, code, 1000 * elapsed,
+                    extra={"request_id": getattr(request, "request_id", ""), "method": method, "code": code,
+                           "latency_ms": round(1000 * elapsed, 2)},
+                )
+
+        return grpc.unary_unary_rpc_method_handler(
+            observed,
+            request_deserializer=handler.request_deserializer,
+            response_serializer=handler.response_serializer,
+        )

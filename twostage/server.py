@@ -18,6 +18,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from twostage.config import ServiceSettings
+from twostage.metrics import RpcMetricsInterceptor, start_metrics_server
 
 log = logging.getLogger(__name__)
 
@@ -44,7 +45,8 @@ class GrpcService:
         self.lifecycle = lifecycle
         limit = settings.max_message_mb * 1024 * 1024
         self.server = grpc.aio.server(
-            options=[("grpc.max_receive_message_length", limit), ("grpc.max_send_message_length", limit)]
+            interceptors=[RpcMetricsInterceptor()],
+            options=[("grpc.max_receive_message_length", limit), ("grpc.max_send_message_length", limit)],
         )
         self.health = health.aio.HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
@@ -64,8 +66,6 @@ class GrpcService:
             raise OSError(f"{self.name}: cannot bind {self.settings.host}:{self.settings.port}")
         await self.server.start()
         if self.settings.metrics_port:
-            from twostage.metrics import start_metrics_server
-
             start_metrics_server(self.settings.metrics_port, self.settings.host)
         await self.lifecycle.start()
         await self._set_health(health_pb2.HealthCheckResponse.SERVING)

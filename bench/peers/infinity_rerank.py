@@ -1,7 +1,7 @@
 """Peer: the Infinity engine (infinity-emb) reranking with its ONNX (optimum)
 engine. Runs in .venv-infinity; prints {"pairs_per_s": ...} or {"error": ...}.
 
-    python infinity_rerank.py MODEL_DIR WORKLOAD_JSON MAX_LENGTH
+    python infinity_rerank.py MODEL_DIR WORKLOAD_JSON MAX_LENGTH  (max length: Infinity's own)
 """
 
 import asyncio
@@ -10,14 +10,13 @@ import sys
 import time
 
 
-async def main() -> None:
-    model_dir, workload_file, _max_length = sys.argv[1], sys.argv[2], int(sys.argv[3])
+async def main(workload: list[dict]) -> None:
+    model_dir = sys.argv[1]
     from infinity_emb import AsyncEngineArray, EngineArgs
 
     args = EngineArgs(model_name_or_path=model_dir, engine="optimum", device="cpu", batch_size=32,
                       model_warmup=False, bettertransformer=False)
     engine = AsyncEngineArray.from_args([args])[0]
-    workload = json.load(open(workload_file))
     async with engine:
         await engine.rerank(query=workload[0]["query"], docs=workload[0]["documents"][:8])  # warm-up
         start = time.perf_counter()
@@ -28,6 +27,7 @@ async def main() -> None:
 
 if __name__ == "__main__":
     try:
-        asyncio.run(main())
-    except Exception as error:  # report why, so the benchmark can say so
+        with open(sys.argv[2]) as f:
+            asyncio.run(main(json.load(f)))
+    except Exception as error:  # noqa: BLE001 - report why, so the benchmark can say so
         print(json.dumps({"error": f"{type(error).__name__}: {error}"[:300]}))

@@ -14,7 +14,8 @@ def main() -> None:
     from sentence_transformers import CrossEncoder
 
     model = CrossEncoder(model_dir, backend="onnx", max_length=max_length, local_files_only=True)
-    workload = json.load(open(workload_file))
+    with open(workload_file) as f:
+        workload = json.load(f)
     pairs = [(r["query"], d) for r in workload for d in r["documents"]]
     model.predict(pairs[:8])  # warm-up
     start = time.perf_counter()

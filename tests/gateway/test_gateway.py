@@ -113,7 +113,7 @@ async def test_recall_tier_down_is_unavailable(rerank_target, custom_gateway):
     [
         (gateway_pb2.SearchRequest(query=""), "query must not be empty"),
         (gateway_pb2.SearchRequest(query="x" * 3000), "the limit is 2048"),
-        (gateway_pb2.SearchRequest(query="ok", top_k=101), "top_k must be between 1 and 100"),
+        (gateway_pb2.SearchRequest(query="ok", top_k=1001), "top_k must be between 1 and 1000"),
         (gateway_pb2.SearchRequest(query="ok", recall_k=1001), "recall_k must be between 1 and 1000"),
         (gateway_pb2.SearchRequest(query="ok", top_k=20, recall_k=10), "top_k (20) must not exceed recall_k (10)"),
         (gateway_pb2.SearchRequest(query="ok", request_id="has space"), "request_id"),

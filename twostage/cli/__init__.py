@@ -1,15 +1,15 @@
 """The ``twostage`` command line: serve, search, models, index, demo."""
 
 import argparse
-import logging
 import os
 import sys
 
 from twostage import __version__
-from twostage.cli import bench, config, demo, index, models, search, serve
+from twostage.cli import bench, config, demo, evaluate, index, loadtest, models, search, serve
 from twostage.errors import TwostageError
+from twostage.logs import configure as configure_logging
 
-COMMANDS = (serve, search, models, index, demo, config, bench)
+COMMANDS = (serve, search, models, index, demo, evaluate, loadtest, config, bench)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -24,9 +24,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    logging.basicConfig(
-        level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr
-    )
+    configure_logging(args.log_level)
     try:
         return args.run(args) or 0
     except (TwostageError, ValueError, OSError) as error:

@@ -1,0 +1,53 @@
+"""twostage eval end to end on a slice of the demo data, through the real stack."""
+
+import json
+
+from twostage.cli import main
+from twostage.evaluation.eval_run import recall_k_advice
+
+
+def beir_slice(tmp_path, demo_data):
+    (tmp_path / "qrels").mkdir(parents=True)
+    with open(tmp_path / "queries.jsonl", "w") as f:
+        for query_id, text in demo_data["queries"].items():
+            f.write(json.dumps({"_id": query_id, "text": text}) + "\n")
+    with open(tmp_path / "qrels" / "test.tsv", "w") as f:
+        f.write("query-id\tcorpus-id\tscore\n")
+        for query_id, judged in demo_data["qrels"].items():
+            for doc_id, grade in judged.items():
+                f.write(f"{query_id}\t{doc_id}\t{grade}\n")
+    return tmp_path
+
+
+async def test_eval_reports_every_ranking(tmp_path, demo_data, gateway_target, recall_target):
+    import asyncio
+
+    dataset = beir_slice(tmp_path / "data", demo_data)
+    out = tmp_path / "report.json"
+    plot = tmp_path / "sweep.png"
+    code = await asyncio.to_thread(main, [
+        "eval", "--dataset", str(dataset), "--target", gateway_target, "--recall-target", recall_target,
+        "--recall-k", "10", "--sweep", "alpha=0,0.7,1", "--sweep", "recall_k=5", "--json", str(out),
+        "--plot", str(plot),
+    ])
+    assert code == 0
+    report = json.loads(out.read_text())
+    assert report["queries"] == len(demo_data["queries"])
+    for ranking in ("recall", "rerank", "final"):
+        assert {"ndcg@10", "mrr@10", "recall@10", "recall@100"} <= set(report[ranking])
+    # Rerank reorders the same candidates: what is found within recall_k cannot change.
+    assert report["rerank"]["recall@10"] == report["recall"]["recall@10"]
+    assert report["final"]["ndcg@10"] > 0.3
+    assert sum(report["promotion_depth"].values()) == 10 * report["queries"]
+    assert set(report["sweep_alpha"]) == {"0.0", "0.7", "1.0"}
+    assert report["sweep_recall_k"]["5"]["recall@k"] <= report["recall"]["recall@10"]
+    assert 0 <= report["beyond_recall_k"] <= 1 and "recall_k=10" in report["advice"]
+    assert plot.read_bytes()[:4] == b"\x89PNG"
+
+
+def test_recall_k_advice_in_plain_words():
+    positions = {"q1": {"a": 3, "b": 150}, "q2": {"c": None}, "q3": {"d": 40}}
+    share, advice = recall_k_advice(positions, recall_k=100, depth=1000)
+    assert share == 0.5 and "too small" in advice and "50.0%" in advice
+    share, advice = recall_k_advice({"q": {"a": 1}}, recall_k=100, depth=1000)
+    assert share == 0 and "large enough" in advice

@@ -1,0 +1,57 @@
+"""The open-loop load tester against real servers on loopback."""
+
+import time
+
+from rerank_server.config import RerankSettings
+from rerank_server.service import RerankService
+from rerank_server.servicer import build_server
+from twostage.evaluation.loadtest import run_load, schedule
+
+
+def test_schedules_are_bounded_and_open_loop():
+    constant = schedule(10, 2.0, 1000, poisson=False)
+    assert len(constant) == 20 and constant[0] == 0.1
+    assert len(schedule(10, 2.0, 5, poisson=False)) == 5
+    poisson = schedule(10, 100.0, 100_000, poisson=True)
+    assert 800 < len(poisson) < 1200  # mean rate holds
+
+
+async def test_fixed_rate_against_recall(recall_target):
+    result = await run_load(recall_target, "recall", ["vitamin b12", "statins"], 20, 1.5, 1000, recall_k=5,
+                            progress=False)
+    report = result.report()
+    assert report["ok"] == report["requests"] == 30 and report["errors"] == {}
+    assert report["p50_ms"] <= report["p99_ms"] <= report["max_ms"]
+
+
+async def test_schedule_is_kept_when_the_server_is_slow(models):
+    """Each batch takes 0.3 s; requests still leave on time and queueing shows in latency."""
+    from rerank_server.cross_encoder import CrossEncoder
+
+    class SlowModel:  # fault injection
+        def __init__(self, inner):
+            self.inner = inner
+
+        def __getattr__(self, name):
+            return getattr(self.inner, name)
+
+        def score(self, batch):
+            time.sleep(0.3)
+            return self.inner.score(batch)
+
+    settings = RerankSettings(port=0, max_batch_size=1, pipeline_depth=1)
+    model = SlowModel(CrossEncoder(models["ms-marco-minilm-l12"], settings, settings.max_length))
+    server = build_server(RerankService(settings, model=model))
+    target = f"127.0.0.1:{await server.start()}"
+    try:
+        result = await run_load(target, "rerank", ["query"], 10, 1.0, 100, documents=["a document"], progress=False)
+    finally:
+        await server.stop(grace_s=0)
+    assert len(result.send_offsets_s) == 10
+    assert max(result.send_offsets_s) < 0.25  # sent on schedule, not after earlier replies
+    assert max(result.latencies_ms) > 1000  # the tenth waited behind nine slow batches
+
+
+async def test_errors_are_counted_by_status():
+    result = await run_load("127.0.0.1:1", "gateway", ["q"], 20, 0.5, 100, timeout_s=2, progress=False)
+    assert result.report()["errors"] == {"UNAVAILABLE": 10} and result.report()["ok"] == 0

@@ -1,0 +1,97 @@
+"""``twostage eval``: nDCG, MRR and recall of every stage on a BEIR data set."""
+
+import asyncio
+import hashlib
+from pathlib import Path
+
+from twostage.cli.demo import DEMO_CORPUS
+
+
+def register(commands) -> None:
+    parser = commands.add_parser("eval", help="quality and latency of recall, rerank and the final ranking")
+    parser.add_argument("--dataset", type=Path, default=DEMO_CORPUS, help="BEIR directory (default: the demo slice)")
+    parser.add_argument("--split", default="test")
+    parser.add_argument("--target", default=None, help="a running gateway; without it a local stack is started")
+    parser.add_argument("--recall-target", default=None, help="its recall server, for the recall_k advice")
+    parser.add_argument("--recall-k", type=int, default=100)
+    parser.add_argument("--budget-ms", type=int, default=600_000, help="large by default: measure quality, not cuts")
+    parser.add_argument("--limit", type=int, default=None, help="only the first N queries")
+    parser.add_argument("--fusion", default="linear", choices=["none", "linear", "rrf"], help="for the alpha sweep")
+    parser.add_argument("--sweep", action="append", default=[], metavar="NAME=V1,V2",
+                        help="recall_k=20,50,100 and/or alpha=0,0.5,0.7,1 (repeatable)")
+    parser.add_argument("--json", type=Path, default=None)
+    parser.add_argument("--plot", type=Path, default=None, help="PNG of the sweeps")
+    parser.add_argument("--port", type=int, default=50261, help="base port of the local stack")
+    parser.set_defaults(run=run)
+
+
+def parse_sweeps(items: list[str]) -> dict[str, list[float]]:
+    sweeps: dict[str, list[float]] = {}
+    for item in items:
+        name, _, values = item.partition("=")
+        if name not in ("recall_k", "alpha") or not values:
+            raise ValueError(f"--sweep takes recall_k=... or alpha=..., got {item!r}")
+        sweeps[name] = [float(v) for v in values.split(",")]
+    return sweeps
+
+
+def print_report(report: dict) -> None:
+    cutoffs = [key for key in report["final"] if key.startswith("recall@")]
+    print(f"\n{report['queries']} queries, recall_k={report['recall_k']}")
+    print(f"  {'ranking':10} {'nDCG@10':>8} {'MRR@10':>8} " + " ".join(f"{c:>11}" for c in cutoffs))
+    for name in ("recall", "rerank", "final"):
+        row = report[name]
+        print(f"  {name:10} {row['ndcg@10']:8.4f} {row['mrr@10']:8.4f} " + " ".join(f"{row[c]:11.4f}" for c in cutoffs))
+    print(f"  latency: mean {report['latency_ms']['mean']:.1f} ms, p95 {report['latency_ms']['p95']:.1f} ms; "
+          f"degraded: {report['degraded'] or 'none'}")
+    print(f"  final top-10 came from recall positions: {report['promotion_depth']}")
+    if "advice" in report:
+        print(f"  {report['advice']}")
+    for k, row in report.get("sweep_recall_k", {}).items():
+        print(f"  recall_k={k:>5}: final nDCG@10 {row['final_ndcg@10']:.4f}, Recall@k {row['recall@k']:.4f}, "
+              f"mean latency {row['mean_latency_ms']:.1f} ms")
+    for alpha, ndcg in report.get("sweep_alpha", {}).items():
+        print(f"  alpha={alpha}: nDCG@10 {ndcg:.4f}")
+
+
+def run(args) -> None:
+    from twostage.evaluation.eval_run import run as evaluate
+    from twostage.evaluation.eval_run import write_report
+
+    sweeps = parse_sweeps(args.sweep)
+
+    def measure(target: str, recall_target: str | None) -> dict:
+        return evaluate(target, recall_target, args.dataset, args.split, args.recall_k, args.budget_ms, args.limit,
+                        [int(k) for k in sweeps.get("recall_k", [])], sweeps.get("alpha", []), args.fusion)
+
+    if args.target:
+        report = measure(args.target, args.recall_target)
+    else:
+        report = asyncio.run(_with_local_stack(args, measure))
+    print_report(report)
+    write_report(args.json, report)
+    if args.plot:
+        from twostage.evaluation.plots import plot_eval
+
+        plot_eval(report, args.plot)
+        print(f"  plot: {args.plot}")
+
+
+async def _with_local_stack(args, measure) -> dict:
+    """Build (once, cached) an index of the data set and serve it for the run."""
+    from twostage.cli.index import build_from_corpus
+    from twostage.cli.serve import Stack
+    from twostage.model_store import cache_dir, fetch_defaults
+
+    fetch_defaults()
+    key = hashlib.sha256(str(args.dataset.resolve()).encode()).hexdigest()[:12]
+    index_dir = cache_dir().parent / "eval-indexes" / f"{args.dataset.name}-{key}"
+    if not (index_dir / "index.json").exists():
+        print(f"building an index of {args.dataset} into {index_dir}", flush=True)
+        await asyncio.to_thread(build_from_corpus, args.dataset, index_dir)
+    stack = Stack("127.0.0.1", args.port, str(index_dir))
+    try:
+        await stack.start(300)
+        return await asyncio.to_thread(measure, stack.gateway_target, stack.recall_targets[0])
+    finally:
+        await stack.stop()

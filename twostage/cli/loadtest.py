@@ -1,0 +1,81 @@
+"""``twostage loadtest``: open-loop load at a fixed rate, or stepped up to an SLO."""
+
+import asyncio
+import json
+from pathlib import Path
+
+from twostage.cli.demo import DEMO_CORPUS
+
+
+def register(commands) -> None:
+    parser = commands.add_parser("loadtest", help="open-loop load on a gateway or one stage")
+    parser.add_argument("--target", default="localhost:50051")
+    parser.add_argument("--stage", choices=["gateway", "recall", "rerank"], default="gateway")
+    parser.add_argument("--queries", type=Path, default=DEMO_CORPUS / "queries.jsonl",
+                        help="BEIR queries.jsonl or a text file with one query per line")
+    parser.add_argument("--rate-rps", type=float, default=2.0)
+    parser.add_argument("--duration-s", type=float, default=30.0, help="at most 600")
+    parser.add_argument("--max-requests", type=int, default=10_000)
+    parser.add_argument("--poisson", action="store_true", help="Poisson arrivals instead of a constant rate")
+    parser.add_argument("--step", default=None, metavar="R1,R2,...",
+                        help="step mode: these rates in turn, each for --duration-s, until the SLO breaks")
+    parser.add_argument("--slo-p99-ms", type=float, default=None, help="step mode: p99 limit (default: the budget)")
+    parser.add_argument("--top-k", type=int, default=10)
+    parser.add_argument("--recall-k", type=int, default=100)
+    parser.add_argument("--budget-ms", type=int, default=0, help="gateway budget (0: server default)")
+    parser.add_argument("--documents", type=int, default=20, help="rerank stage: documents per request")
+    parser.add_argument("--timeout-s", type=float, default=30.0)
+    parser.add_argument("--json", type=Path, default=None)
+    parser.add_argument("--plot", type=Path, default=None, help="PNG: latency over time and its CDF")
+    parser.set_defaults(run=run)
+
+
+def load_queries(path: Path) -> list[str]:
+    if path.suffix == ".jsonl":
+        from twostage.corpus import read_queries
+
+        return list(read_queries(path).values())
+    return [line.strip() for line in path.read_text().splitlines() if line.strip()]
+
+
+def rerank_documents(count: int) -> list[str]:
+    from itertools import islice
+
+    from twostage.corpus import document_text, read_corpus
+
+    return [document_text(d) for d in islice(read_corpus(DEMO_CORPUS), count)]
+
+
+def run(args) -> int:
+    from twostage.evaluation.loadtest import find_max_rate, run_load
+
+    queries = load_queries(args.queries)
+    common = {
+        "poisson": args.poisson, "timeout_s": args.timeout_s, "top_k": args.top_k, "recall_k": args.recall_k,
+        "budget_ms": args.budget_ms,
+        "documents": rerank_documents(args.documents) if args.stage == "rerank" else None,
+    }
+    if args.step:
+        rates = [float(r) for r in args.step.split(",")]
+        slo = args.slo_p99_ms or float(args.budget_ms or 1000)
+        report = asyncio.run(find_max_rate(args.target, args.stage, queries, rates, args.duration_s, slo, **common))
+        for step in report["steps"]:
+            print(f"  {step['offered_rps']:>8} rps: achieved {step['achieved_rps']}, p99 {step['p99_ms']} ms, "
+                  f"errors {step['errors'] or 'none'}, degraded {step['degraded'] or 'none'}")
+        print(f"highest rate with p99 <= {slo:g} ms and no errors: {report['max_sustainable_rps']} rps")
+    else:
+        result = asyncio.run(
+            run_load(args.target, args.stage, queries, args.rate_rps, args.duration_s, args.max_requests, **common)
+        )
+        report = result.report()
+        print(json.dumps(report, indent=2))
+        if args.plot:
+            from twostage.evaluation.plots import plot_load
+
+            plot_load(result.scheduled_s, result.latencies_ms, args.plot,
+                      f"{args.stage} at {args.rate_rps:g} rps ({'Poisson' if args.poisson else 'constant'})")
+            print(f"plot: {args.plot}")
+    if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps(report, indent=2) + "\n")
+    return 0

@@ -1,0 +1,1 @@
+"""Offline quality and live load measurement: ``twostage eval`` and ``twostage loadtest``."""

@@ -1,0 +1,169 @@
+"""``twostage eval``: quality and latency of recall, rerank and the final
+ranking on a BEIR data set, through a running gateway."""
+
+import asyncio
+import itertools
+import json
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import grpc
+import numpy as np
+from tqdm import tqdm
+
+from twostage.corpus import read_qrels, read_queries
+from twostage.evaluation.metrics import evaluate
+from twostage.v1 import gateway_pb2, gateway_pb2_grpc, recall_pb2, recall_pb2_grpc
+
+# Bins of recall positions for the promotion-depth histogram.
+DEPTH_BINS = [1, 11, 21, 51, 101, 201, 501, 1001]
+
+
+@dataclass
+class Answer:
+    query_id: str
+    hits: list[dict]  # id, recall_rank, recall_score, rerank_score (or None), score
+    latency_s: float
+    degraded_reason: str
+
+
+async def ask_gateway(target: str, queries: dict[str, str], recall_k: int, budget_ms: int, progress=True) -> list[Answer]:
+    """One query at a time (latency without queueing), the whole candidate list returned."""
+    answers = []
+    async with grpc.aio.insecure_channel(target) as channel:
+        stub = gateway_pb2_grpc.GatewayStub(channel)
+        for query_id, text in tqdm(queries.items(), desc=f"recall_k={recall_k}", disable=not progress, unit="q"):
+            start = time.perf_counter()
+            reply = await stub.Search(
+                gateway_pb2.SearchRequest(query=text, top_k=recall_k, recall_k=recall_k, budget_ms=budget_ms)
+            )
+            hits = [
+                {"id": h.id, "recall_rank": h.recall_rank, "recall_score": h.recall_score, "score": h.score,
+                 "rerank_score": h.rerank_score if h.HasField("rerank_score") else None}
+                for h in reply.hits
+            ]
+            answers.append(Answer(query_id, hits, time.perf_counter() - start, reply.degraded_reason))
+    return answers
+
+
+async def recall_positions(target: str, queries: dict[str, str], qrels, depth: int) -> dict[str, dict[str, int | None]]:
+    """Where recall alone ranks each relevant document (None: beyond ``depth``)."""
+    positions = {}
+    async with grpc.aio.insecure_channel(target) as channel:
+        stub = recall_pb2_grpc.RecallStub(channel)
+        for query_id, text in queries.items():
+            reply = await stub.Search(recall_pb2.RecallSearchRequest(query=text, k=depth))
+            rank = {c.id: i + 1 for i, c in enumerate(reply.candidates)}
+            relevant = [d for d, g in qrels.get(query_id, {}).items() if g > 0]
+            positions[query_id] = {d: rank.get(d) for d in relevant}
+    return positions
+
+
+def rankings(answers: list[Answer], fusion: str | None = None, alpha: float = 0.7) -> dict[str, dict[str, list[str]]]:
+    """The recall, rerank and final orderings of each answer (final recomputed when ``fusion`` is given)."""
+    from gateway.fusion import fuse
+
+    out = {"recall": {}, "rerank": {}, "final": {}}
+    for a in answers:
+        by_recall = sorted(a.hits, key=lambda h: h["recall_rank"])
+        reranked = [h for h in by_recall if h["rerank_score"] is not None]
+        rest = [h["id"] for h in by_recall if h["rerank_score"] is None]
+        out["recall"][a.query_id] = [h["id"] for h in by_recall]
+        out["rerank"][a.query_id] = [h["id"] for h in sorted(reranked, key=lambda h: -h["rerank_score"])] + rest
+        if fusion is None:
+            out["final"][a.query_id] = [h["id"] for h in a.hits]
+        else:
+            fused = fuse([h["recall_score"] for h in reranked], [h["rerank_score"] for h in reranked], fusion, alpha)
+            order = [h["id"] for _, h in sorted(zip(fused, reranked), key=lambda pair: -pair[0])]
+            out["final"][a.query_id] = order + rest
+    return out
+
+
+def promotion_histogram(answers: list[Answer], top_k: int = 10) -> dict[str, int]:
+    """How deep in the recall list the final top-k came from."""
+    bins = list(itertools.pairwise(DEPTH_BINS))
+    counts = dict.fromkeys([f"{lo}-{hi - 1}" for lo, hi in bins], 0)
+    for a in answers:
+        for hit in a.hits[:top_k]:
+            for (lo, hi), name in zip(bins, counts):
+                if lo <= hit["recall_rank"] < hi:
+                    counts[name] += 1
+    return counts
+
+
+def recall_k_advice(positions: dict[str, dict[str, int | None]], recall_k: int, depth: int) -> tuple[float, str]:
+    """Share of relevant documents recall ranks beyond recall_k, and what that means in words."""
+    ranks = [r for per_query in positions.values() for r in per_query.values()]
+    if not ranks:
+        return 0.0, "no judged documents to judge recall_k by"
+    beyond = sum(r is None or r > recall_k for r in ranks) / len(ranks)
+    if beyond <= 0.02:
+        return beyond, f"recall_k={recall_k} looks large enough: {beyond:.1%} of relevant documents rank below it."
+    found = sorted(r for r in ranks if r is not None)
+    needed = found[min(len(found) - 1, int(0.98 * len(ranks)))] if found else depth
+    return beyond, (
+        f"recall_k={recall_k} looks too small: {beyond:.1%} of relevant documents rank below it in recall, "
+        f"where no reranker can reach them. recall_k={needed} would cover 98% (at more rerank cost)."
+    )
+
+
+def summarise(answers: list[Answer], qrels, recall_k: int) -> dict:
+    latencies = np.array([a.latency_s for a in answers]) * 1000
+    degraded: dict[str, int] = {}
+    for a in answers:
+        if a.degraded_reason:
+            key = a.degraded_reason.split(" ")[0]
+            degraded[key] = degraded.get(key, 0) + 1
+    cutoffs = sorted({10, 100, recall_k})
+    return {
+        **{name: evaluate(ranking, qrels, cutoffs) for name, ranking in rankings(answers).items()},
+        "latency_ms": {"mean": round(float(latencies.mean()), 2), "p95": round(float(np.percentile(latencies, 95)), 2)},
+        "degraded": degraded,
+        "queries": len(answers),
+    }
+
+
+def load(dataset: Path, split: str, limit: int | None) -> tuple[dict[str, str], dict]:
+    qrels = read_qrels(dataset, split)
+    queries = {q: t for q, t in read_queries(dataset).items() if q in qrels}
+    if limit:
+        queries = dict(list(queries.items())[:limit])
+    return queries, qrels
+
+
+def write_report(path: Path | None, report: dict) -> None:
+    if path:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(report, indent=2) + "\n")
+
+
+def run(target: str, recall_target: str | None, dataset: Path, split: str, recall_k: int, budget_ms: int,
+        limit: int | None, sweep_recall_k: list[int], sweep_alpha: list[float], fusion: str,
+        progress: bool = True) -> dict:
+    queries, qrels = load(dataset, split, limit)
+    answers = asyncio.run(ask_gateway(target, queries, recall_k, budget_ms, progress))
+    report = summarise(answers, qrels, recall_k)
+    report["recall_k"] = recall_k
+    report["promotion_depth"] = promotion_histogram(answers)
+    if recall_target:
+        depth = max(1000, recall_k)
+        positions = asyncio.run(recall_positions(recall_target, queries, qrels, depth))
+        report["beyond_recall_k"], report["advice"] = recall_k_advice(positions, recall_k, depth)
+    if sweep_alpha:
+        report["sweep_alpha"] = {
+            str(alpha): evaluate(rankings(answers, fusion, alpha)["final"], qrels, [10])["ndcg@10"]
+            for alpha in sweep_alpha
+        }
+    if sweep_recall_k:
+        report["sweep_recall_k"] = {}
+        for k in sweep_recall_k:
+            swept = asyncio.run(ask_gateway(target, queries, k, budget_ms, progress))
+            summary = summarise(swept, qrels, k)
+            report["sweep_recall_k"][str(k)] = {
+                "final_ndcg@10": summary["final"]["ndcg@10"],
+                "recall@k": summary["recall"][f"recall@{k}"],
+                "mean_latency_ms": summary["latency_ms"]["mean"],
+                "degraded": sum(summary["degraded"].values()),
+            }
+    return report

@@ -1,0 +1,146 @@
+"""``twostage loadtest``: open-loop load on a gateway or a single stage.
+
+Requests leave on a schedule (constant rate or Poisson arrivals) whether or
+not earlier ones have returned, and each latency is measured from its
+scheduled send time, so a slow server cannot hide its queueing
+(no coordinated omission). Runs are bounded in requests and seconds.
+"""
+
+import asyncio
+import random
+import time
+from collections import Counter
+from dataclasses import dataclass, field
+
+import grpc
+from hdrh.histogram import HdrHistogram
+from tqdm import tqdm
+
+from twostage.v1 import gateway_pb2, gateway_pb2_grpc, recall_pb2, recall_pb2_grpc, rerank_pb2, rerank_pb2_grpc
+
+MAX_DURATION_S = 600
+MAX_LATENCY_US = 600_000_000
+
+
+@dataclass
+class LoadResult:
+    offered_rps: float
+    duration_s: float
+    latencies_ms: list[float] = field(default_factory=list)
+    send_offsets_s: list[float] = field(default_factory=list)  # actual send time - scheduled time
+    scheduled_s: list[float] = field(default_factory=list)
+    errors: Counter = field(default_factory=Counter)
+    degraded: Counter = field(default_factory=Counter)
+    histogram: HdrHistogram = field(default_factory=lambda: HdrHistogram(1, MAX_LATENCY_US, 3))
+
+    def report(self) -> dict:
+        h = self.histogram
+        done = h.get_total_count()
+        percentile = (lambda p: round(h.get_value_at_percentile(p) / 1000, 2)) if done else (lambda p: None)
+        return {
+            "offered_rps": round(self.offered_rps, 3),
+            "achieved_rps": round(done / self.duration_s, 3) if self.duration_s else 0.0,
+            "requests": done + sum(self.errors.values()),
+            "ok": done,
+            "p50_ms": percentile(50),
+            "p90_ms": percentile(90),
+            "p99_ms": percentile(99),
+            "p999_ms": percentile(99.9),
+            "max_ms": round(h.get_max_value() / 1000, 2) if done else None,
+            "errors": dict(self.errors),
+            "degraded": dict(self.degraded),
+        }
+
+
+def schedule(rate_rps: float, duration_s: float, max_requests: int, poisson: bool, seed: int = 1) -> list[float]:
+    """Send times (seconds from start) for a run."""
+    if not poisson:
+        count = min(max_requests, int(duration_s * rate_rps + 1e-9))
+        return [(i + 1) / rate_rps for i in range(count)]
+    rng = random.Random(seed)
+    times, t = [], 0.0
+    while len(times) < max_requests:
+        t += rng.expovariate(rate_rps)
+        if t > duration_s:
+            break
+        times.append(t)
+    return times
+
+
+def make_caller(channel: grpc.aio.Channel, stage: str, top_k: int, recall_k: int, budget_ms: int, documents: list[str]):
+    """An async function query -> degraded reason ('' if none), for the chosen target."""
+    if stage == "gateway":
+        stub = gateway_pb2_grpc.GatewayStub(channel)
+
+        async def call(query: str, timeout_s: float) -> str:
+            reply = await stub.Search(
+                gateway_pb2.SearchRequest(query=query, top_k=top_k, recall_k=recall_k, budget_ms=budget_ms),
+                timeout=timeout_s,
+            )
+            return reply.degraded_reason.split(" ")[0] if reply.degraded else ""
+    elif stage == "recall":
+        stub = recall_pb2_grpc.RecallStub(channel)
+
+        async def call(query: str, timeout_s: float) -> str:
+            await stub.Search(recall_pb2.RecallSearchRequest(query=query, k=recall_k), timeout=timeout_s)
+            return ""
+    else:
+        stub = rerank_pb2_grpc.RerankStub(channel)
+
+        async def call(query: str, timeout_s: float) -> str:
+            await stub.Rerank(rerank_pb2.RerankRequest(query=query, documents=documents), timeout=timeout_s)
+            return ""
+
+    return call
+
+
+async def run_load(target: str, stage: str, queries: list[str], rate_rps: float, duration_s: float,
+                   max_requests: int, poisson: bool = False, timeout_s: float = 30.0, top_k: int = 10,
+                   recall_k: int = 100, budget_ms: int = 0, documents: list[str] | None = None,
+                   progress: bool = True) -> LoadResult:
+    if not queries:
+        raise ValueError("no queries to send")
+    duration_s = min(duration_s, MAX_DURATION_S)
+    times = schedule(rate_rps, duration_s, max_requests, poisson)
+    result = LoadResult(offered_rps=rate_rps, duration_s=duration_s)
+    async with grpc.aio.insecure_channel(target) as channel:
+        call = make_caller(channel, stage, top_k, recall_k, budget_ms, documents or [])
+        start = time.perf_counter()
+
+        async def one(index: int, scheduled: float) -> None:
+            result.send_offsets_s.append(time.perf_counter() - start - scheduled)
+            try:
+                reason = await call(queries[index % len(queries)], timeout_s)
+            except grpc.aio.AioRpcError as error:
+                result.errors[error.code().name] += 1
+                return
+            latency_us = int(1e6 * (time.perf_counter() - start - scheduled))
+            result.histogram.record_value(min(max(latency_us, 1), MAX_LATENCY_US))
+            result.latencies_ms.append(latency_us / 1000)
+            result.scheduled_s.append(scheduled)
+            if reason:
+                result.degraded[reason] += 1
+
+        tasks = []
+        for index, scheduled in enumerate(tqdm(times, desc=f"{rate_rps:g} rps", unit="req", disable=not progress)):
+            delay = scheduled - (time.perf_counter() - start)
+            if delay > 0:
+                await asyncio.sleep(delay)  # the schedule itself: open loop
+            tasks.append(asyncio.create_task(one(index, scheduled)))
+        await asyncio.gather(*tasks)
+        result.duration_s = max(time.perf_counter() - start, 1e-9)
+    return result
+
+
+async def find_max_rate(target: str, stage: str, queries: list[str], rates: list[float], step_s: float,
+                        slo_p99_ms: float, **kwargs) -> dict:
+    """Raise the rate step by step until p99 breaks the SLO or errors appear."""
+    steps, sustainable = [], None
+    for rate in rates:
+        outcome = (await run_load(target, stage, queries, rate, step_s, int(rate * step_s) + 1, **kwargs)).report()
+        steps.append(outcome)
+        healthy = not outcome["errors"] and outcome["p99_ms"] is not None and outcome["p99_ms"] <= slo_p99_ms
+        if not healthy:
+            break
+        sustainable = rate
+    return {"slo_p99_ms": slo_p99_ms, "max_sustainable_rps": sustainable, "steps": steps}

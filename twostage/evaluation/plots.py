@@ -1,0 +1,54 @@
+"""PNG plots for eval sweeps and load tests (matplotlib, headless)."""
+
+from pathlib import Path
+
+
+def _pyplot():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def plot_eval(report: dict, path: Path) -> None:
+    """Quality against latency over recall_k, and quality against the fusion weight."""
+    plt = _pyplot()
+    fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4.2))
+    sweep = report.get("sweep_recall_k", {})
+    if sweep:
+        ks = list(sweep)
+        x = [sweep[k]["mean_latency_ms"] for k in ks]
+        y = [sweep[k]["final_ndcg@10"] for k in ks]
+        left.plot(x, y, "o-")
+        for k, xi, yi in zip(ks, x, y):
+            left.annotate(f"recall_k={k}", (xi, yi), textcoords="offset points", xytext=(5, -12))
+    left.set(xlabel="mean latency (ms)", ylabel="nDCG@10 (final)", title="recall_k: quality against latency")
+    left.grid(alpha=0.3)
+    alphas = report.get("sweep_alpha", {})
+    if alphas:
+        right.plot([float(a) for a in alphas], list(alphas.values()), "o-")
+    right.set(xlabel="fusion weight on rerank (alpha)", ylabel="nDCG@10", title="linear fusion weight")
+    right.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def plot_load(times_s: list[float], latencies_ms: list[float], path: Path, title: str) -> None:
+    """Latency over the run, and its distribution (CDF)."""
+    import numpy as np
+
+    plt = _pyplot()
+    fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4.2))
+    left.plot(times_s, latencies_ms, ".", markersize=3)
+    left.set(xlabel="time since start (s)", ylabel="latency (ms)", title=title)
+    left.grid(alpha=0.3)
+    ordered = np.sort(latencies_ms)
+    right.plot(ordered, np.arange(1, len(ordered) + 1) / max(len(ordered), 1))
+    right.set(xlabel="latency (ms)", ylabel="share of requests", title="latency CDF")
+    right.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
