@@ -9,7 +9,7 @@ TORCH_SPEC ?= torch==2.13.0
 ONCE ?=
 QUERY ?=
 
-.PHONY: install install-export models demo serve test test-fast lint protos check-protos clean
+.PHONY: install install-export models demo serve test test-fast lint protos check-protos bench bench-quick bench-peers clean
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -46,13 +46,27 @@ test-fast: install models
 lint: install
 	$(PY) -m ruff check .
 
+# Benchmarks (not tests): reports land in bench-results/.
+bench: install models
+	$(PY) -m twostage bench rerank --json bench-results/rerank.json
+	$(PY) -m twostage bench rerank --batch-invariant false --json bench-results/rerank-per-tensor.json
+	$(PY) -m twostage bench embed --json bench-results/embed.json
+	$(PY) -m twostage bench gateway --json bench-results/gateway.json
+
+bench-quick: install models
+	$(PY) -m twostage bench rerank --quick --json bench-results/rerank-quick.json
+
+# Peers in their own environments (their pins conflict with the export extra).
+bench-peers:
+	$(PYTHON) -m venv .venv-peers
+	.venv-peers/bin/pip install --quiet '$(TORCH_SPEC)' 'sentence-transformers[onnx]'
+	$(PYTHON) -m venv .venv-infinity
+	.venv-infinity/bin/pip install --quiet '$(TORCH_SPEC)' 'infinity-emb[optimum]'
+
 protos: install
 	$(PY) scripts/gen_protos.py
 
-check-lint: install
-	$(PY) -m ruff check .
-
-protos: install
+check-protos: install
 	$(PY) scripts/gen_protos.py --check
 
 clean:

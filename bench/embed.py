@@ -1,16 +1,17 @@
 """``twostage bench embed``: index-build throughput against the raw embedding ceiling."""
 
+import json
 import shutil
 import tempfile
 import time
 from pathlib import Path
 
+from bench.ceiling import best_rate
 from bench.report import machine, print_table, write_json
 from bench.workload import default_dataset, documents
-from recall_server.build import build_index, embed_documents
+from recall_server.build import DEFAULT_BUILD_POLICY, build_index, embed_documents
 from recall_server.config import RecallSettings
 from recall_server.embedder import Embedder
-from twostage.batching import BatchPolicy, plan_batches
 from twostage.corpus import document_text
 from twostage.model_store import resolve_model
 
@@ -18,15 +19,7 @@ from twostage.model_store import resolve_model
 def measure_ceiling(embedder: Embedder, texts: list[str], batch_sizes: list[int]) -> dict:
     """Best docs/s of raw onnxruntime over batch sizes, documents length-sorted globally."""
     encoded = embedder.encode(texts, is_query=False)
-    embedder.embed(encoded[:4])  # warm-up
-    by_size = {}
-    for size in batch_sizes:
-        start = time.perf_counter()
-        for plan in plan_batches([e.length for e in encoded], size, 1 << 30):
-            embedder.embed([encoded[i] for i in plan])
-        by_size[size] = len(texts) / (time.perf_counter() - start)
-    best = max(by_size, key=by_size.get)
-    return {"docs_per_s": by_size[best], "best_batch_size": best, "by_batch_size": by_size}
+    return best_rate(encoded, [e.length for e in encoded], embedder.embed, batch_sizes)
 
 
 def run(args) -> dict:
@@ -39,14 +32,11 @@ def run(args) -> dict:
     print(f"ceiling: raw onnxruntime over batch sizes {sizes} on {len(docs)} documents ...", flush=True)
     ceiling = measure_ceiling(embedder, [document_text(d) for d in docs], sizes)
 
-    policy = BatchPolicy(max_batch_size=ceiling["best_batch_size"], max_batch_tokens=1 << 30)
+    policy = DEFAULT_BUILD_POLICY  # what `twostage index build` uses
     work = Path(tempfile.mkdtemp())
     try:
         corpus = work / "corpus.jsonl"
-        import json
-
-        with open(corpus, "w") as f:
-            f.writelines(json.dumps({"_id": d.id, "title": d.title, "text": d.text}) + "\n" for d in docs)
+        corpus.write_text("".join(json.dumps({"_id": d.id, "title": d.title, "text": d.text}) + "\n" for d in docs))
         print("index build: tokenize, embed, store, index ...", flush=True)
         start = time.perf_counter()
         build_index(corpus, work / "index", embedder, policy, progress=False)
@@ -64,17 +54,17 @@ def run(args) -> dict:
         "batch_invariant": settings.batch_invariant,
         "docs": len(docs),
         "machine": machine(),
-        "ceiling": round(ceiling["docs_per_s"], 2),
+        "ceiling": round(ceiling["rate"], 2),
         "ceiling_by_batch_size": {k: round(v, 2) for k, v in ceiling["by_batch_size"].items()},
         "server": round(build_rate, 2),
-        "ratio": round(build_rate / ceiling["docs_per_s"], 3),
+        "ratio": round(build_rate / ceiling["rate"], 3),
         "embed_only": round(embed_rate, 2),
         "peers": {},
     }
     print_table(
         f"embed: {settings.model}, max_length {settings.max_length}, {len(docs)} documents, {machine()['cpus']} CPUs",
         "docs/s",
-        ceiling["docs_per_s"],
+        ceiling["rate"],
         {"twostage index build (embed + store + HNSW)": build_rate, "twostage embed_documents": embed_rate},
     )
     write_json(args.json, report)

@@ -10,6 +10,7 @@ import urllib.request
 
 from prometheus_client.parser import text_string_to_metric_families
 
+from bench.ceiling import best_rate
 from bench.peers import run_peer
 from bench.report import machine, percentiles_ms, print_table, write_json
 from bench.workload import RerankRequest, default_dataset, rerank_workload
@@ -23,15 +24,13 @@ from twostage.probe import wait_serving
 def measure_ceiling(model: CrossEncoder, workload: list[RerankRequest], batch_sizes: list[int]) -> dict:
     """Best pairs/s of raw onnxruntime over batch sizes, all pairs length-sorted globally."""
     pairs = [p for r in workload for p in model.encode(r.query, r.documents)]
-    model.score(pairs[:8])  # warm-up
-    by_size = {}
-    for size in batch_sizes:
-        start = time.perf_counter()
-        for plan in plan_batches([p.length for p in pairs], size, 1 << 30):
-            model.score([pairs[i] for i in plan])
-        by_size[size] = len(pairs) / (time.perf_counter() - start)
-    best = max(by_size, key=by_size.get)
-    return {"pairs_per_s": by_size[best], "best_batch_size": best, "by_batch_size": by_size}
+    return best_rate(pairs, [p.length for p in pairs], model.score, batch_sizes)
+
+
+def single_pair_requests(workload: list[RerankRequest], count: int) -> list[RerankRequest]:
+    """One-document requests: a lone caller whose batch can only fill by waiting (max_wait_ms)."""
+    pairs = [(r.query, d) for r in workload for d in r.documents]
+    return [RerankRequest(q, [d]) for q, d in pairs[:count]]
 
 
 def raw_request_seconds(model: CrossEncoder, request: RerankRequest, settings: RerankSettings) -> float:
@@ -92,7 +91,7 @@ async def drive(target: str, workload: list[RerankRequest], clients: int, reques
 
     from twostage.v1 import rerank_pb2, rerank_pb2_grpc
 
-    latencies, errors = [], {}
+    latencies, in_server_ms, queue_ms, errors = [], [], [], {}
     pairs = 0
     next_index = iter(range(requests))
     async with grpc.aio.insecure_channel(target) as channel:
@@ -109,12 +108,17 @@ async def drive(target: str, workload: list[RerankRequest], clients: int, reques
                     errors[error.code().name] = errors.get(error.code().name, 0) + 1
                     continue
                 latencies.append(time.perf_counter() - start)
+                # Server time beyond tokenizing: queueing plus the model's batches.
+                in_server_ms.append(reply.timings_ms["total_ms"] - reply.timings_ms["tokenize_ms"])
+                queue_ms.append(reply.timings_ms["queue_ms"])
                 pairs += len(reply.results)
 
         start = time.perf_counter()
         await asyncio.gather(*(client() for _ in range(clients)))
         wall = time.perf_counter() - start
-    return {"pairs_per_s": pairs / wall, "latency_ms": percentiles_ms(latencies), "errors": errors, "latencies_s": latencies}
+    return {"pairs_per_s": pairs / wall, "latency_ms": percentiles_ms(latencies), "errors": errors,
+            "batcher_p50_ms": sorted(in_server_ms)[len(in_server_ms) // 2] if in_server_ms else 0.0,
+            "queue_p50_ms": sorted(queue_ms)[len(queue_ms) // 2] if queue_ms else 0.0}
 
 
 async def run(args) -> dict:
@@ -130,12 +134,15 @@ async def run(args) -> dict:
     print(f"ceiling: raw onnxruntime over batch sizes {sizes} ...", flush=True)
     ceiling = measure_ceiling(model, workload, sizes)
     floor_s = sorted(raw_request_seconds(model, r, settings) for r in workload)
+    singles = single_pair_requests(workload, 20)
+    single_floor_s = sorted(raw_request_seconds(model, r, settings) for r in singles)
     del model
 
     print(f"server: {clients} clients x {candidates} candidates ...", flush=True)
     async with RerankServerProcess(args.port, args.port + 1, {}) as server:
         await drive(server.target, workload, 1, 1)  # warm the channel and the server
         low = await drive(server.target, workload, 1, len(workload))
+        lone = await drive(server.target, singles, 1, len(singles))
         saturated = await drive(server.target, workload, clients, load_requests)
         stats = server.batch_stats()
 
@@ -145,7 +152,10 @@ async def run(args) -> dict:
         peers[peer] = await asyncio.to_thread(run_peer, peer, model_dir, workload, settings.max_length)
 
     floor_ms = 1000 * floor_s[len(floor_s) // 2]
-    added_ms = low["latency_ms"].get("p50", 0) - floor_ms
+    # What batching adds for a lone caller: time in the batcher and model beyond the same batches run raw.
+    added_ms = low["batcher_p50_ms"] - floor_ms
+    single_floor_ms = 1000 * single_floor_s[len(single_floor_s) // 2]
+    single_added_ms = lone["batcher_p50_ms"] - single_floor_ms
     report = {
         "unit": "pairs/s",
         "model": settings.model,
@@ -153,35 +163,44 @@ async def run(args) -> dict:
         "batch_invariant": settings.batch_invariant,
         "pairs": sum(len(r.documents) for r in workload),
         "machine": machine(),
-        "ceiling": round(ceiling["pairs_per_s"], 2),
+        "ceiling": round(ceiling["rate"], 2),
         "ceiling_by_batch_size": {k: round(v, 2) for k, v in ceiling["by_batch_size"].items()},
         "server": round(saturated["pairs_per_s"], 2),
-        "ratio": round(saturated["pairs_per_s"] / ceiling["pairs_per_s"], 3),
+        "ratio": round(saturated["pairs_per_s"] / ceiling["rate"], 3),
         "clients": clients,
         "latency_ms": saturated["latency_ms"],
         "errors": saturated["errors"],
         "low_load": {
             "latency_ms": low["latency_ms"],
             "raw_request_p50_ms": round(floor_ms, 2),
-            "added_p50_ms": round(added_ms, 2),
+            "batcher_p50_ms": round(low["batcher_p50_ms"], 2),
+            "added_by_batching_p50_ms": round(added_ms, 2),
+            "single_pair_raw_p50_ms": round(single_floor_ms, 2),
+            "single_pair_batcher_p50_ms": round(lone["batcher_p50_ms"], 2),
+            "single_pair_added_p50_ms": round(single_added_ms, 2),
+            "single_pair_queue_p50_ms": round(lone["queue_p50_ms"], 2),
             "max_wait_ms": settings.max_wait_ms,
         },
         "batching": stats,
         "peers": {
             name: (round(v, 2) if isinstance(v, float) else v) for name, v in peers.items()
         },
-        "peer_ratios": {name: round(v / ceiling["pairs_per_s"], 3) for name, v in peers.items() if isinstance(v, float)},
+        "peer_ratios": {name: round(v / ceiling["rate"], 3) for name, v in peers.items() if isinstance(v, float)},
     }
     print_table(
         f"rerank: {settings.model}, max_length {settings.max_length}, {report['pairs']} pairs, "
         f"{machine()['cpus']} CPUs",
         "pairs/s",
-        ceiling["pairs_per_s"],
+        ceiling["rate"],
         {f"twostage server ({clients} clients)": saturated["pairs_per_s"], **peers},
     )
     print(f"  server latency {saturated['latency_ms']}; errors {saturated['errors'] or 'none'}")
-    print(f"  one client: latency {low['latency_ms']}, raw floor p50 {floor_ms:.1f} ms, "
-          f"added by serving p50 {added_ms:.1f} ms (max_wait_ms {settings.max_wait_ms})")
+    print(f"  one client: latency {low['latency_ms']}; the same batches raw: p50 {floor_ms:.1f} ms, in the "
+          f"batcher: p50 {low['batcher_p50_ms']:.1f} ms, added by batching {added_ms:.1f} ms "
+          f"(max_wait_ms {settings.max_wait_ms})")
+    print(f"  one client, one pair per request: raw p50 {single_floor_ms:.1f} ms, in the batcher p50 "
+          f"{lone['batcher_p50_ms']:.1f} ms, added by batching {single_added_ms:.1f} ms; waiting in the "
+          f"queue before its batch ran: p50 {lone['queue_p50_ms']:.2f} ms")
     print(f"  batches: mean size {stats['mean_batch_size']:.1f}, padding waste {stats['padding_waste']:.1%}, "
           f"shed {stats['shed_items']:.0f}")
     write_json(args.json, report)

@@ -50,6 +50,11 @@ class GatewaySettings(ServiceSettings):
         "30 pairs/s, so reranking 100 candidates takes about 3.5 s; on a GPU 200 ms is ample.",
     )
     max_budget_ms: int = Field(60_000, description="Budgets above this are lowered to it.")
+    recall_budget_share: float = Field(
+        0.5,
+        description="Most of the budget recall may use; the rest is kept for rerank. Recall usually needs "
+        "10-50 ms, so this only bites when a shard is slow.",
+    )
     return_margin_ms: float = Field(
         10.0, description="Time kept back from rerank for building and sending the response."
     )

@@ -22,14 +22,14 @@ class RecallServicer(recall_pb2_grpc.RecallServicer):
 
     @translate_errors
     async def Search(self, request: recall_pb2.RecallSearchRequest, context: grpc.aio.ServicerContext):
+        start = time.perf_counter()
         candidates, timings = await self.service.search(request.query, request.k, deadline_of(context))
-        return recall_pb2.RecallSearchResponse(
-            candidates=[
-                recall_pb2.Candidate(id=c.document.id, title=c.document.title, text=c.document.text, score=c.score)
-                for c in candidates
-            ],
-            timings_ms=timings,
-        )
+        converted = [
+            recall_pb2.Candidate(id=c.document.id, title=c.document.title, text=c.document.text, score=c.score)
+            for c in candidates
+        ]
+        # total_ms covers the whole handler, so callers can tell transport from work.
+        return recall_pb2.RecallSearchResponse(candidates=converted, timings_ms={**timings, **_ms_since(start)})
 
     @translate_errors
     async def Embed(self, request: recall_pb2.EmbedRequest, context: grpc.aio.ServicerContext):

@@ -1,5 +1,7 @@
 """gRPC edge of the rerank service: protos in, dataclasses through, protos out."""
 
+import time
+
 import grpc
 
 from rerank_server.service import RerankQuery, RerankService
@@ -15,6 +17,7 @@ class RerankServicer(rerank_pb2_grpc.RerankServicer):
 
     @translate_errors
     async def Rerank(self, request: rerank_pb2.RerankRequest, context: grpc.aio.ServicerContext):
+        start = time.perf_counter()
         outcome = await self.service.rerank(
             RerankQuery(
                 query=request.query,
@@ -24,9 +27,11 @@ class RerankServicer(rerank_pb2_grpc.RerankServicer):
                 deadline_s=deadline_of(context),
             )
         )
+        results = [rerank_pb2.RerankResult(index=i, score=s) for i, s in outcome.ranked]
         return rerank_pb2.RerankResponse(
-            results=[rerank_pb2.RerankResult(index=i, score=s) for i, s in outcome.ranked],
-            timings_ms=outcome.timings_ms,
+            results=results,
+            # total_ms covers the whole handler, so callers can tell transport from work.
+            timings_ms={**outcome.timings_ms, "total_ms": 1000 * (time.perf_counter() - start)},
             tokens=outcome.tokens,
             queue_items=outcome.queue_items,
         )

@@ -21,6 +21,19 @@ TEST_QUERIES = 8
 FILLER_DOCS = 120
 
 
+def pytest_collection_modifyitems(config, items):
+    """gpu tests need a CUDA-capable onnxruntime; perf tests run only when asked for (-m perf)."""
+    import onnxruntime
+
+    has_gpu = "CUDAExecutionProvider" in onnxruntime.get_available_providers()
+    asked_for_perf = "perf" in (config.getoption("-m") or "")
+    for item in items:
+        if "gpu" in item.keywords and not has_gpu:
+            item.add_marker(pytest.mark.skip(reason="no CUDAExecutionProvider in this onnxruntime"))
+        if "perf" in item.keywords and not asked_for_perf:
+            item.add_marker(pytest.mark.skip(reason="benchmark: run with -m perf"))
+
+
 @pytest.fixture(scope="session")
 def models() -> dict[str, Path]:
     return fetch_defaults(log=lambda message: None)

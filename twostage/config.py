@@ -49,8 +49,8 @@ class BatchingSettings(BaseSettings):
 
     max_batch_size: int = Field(
         32,
-        description="Most items in one model call. On CPU, 8-32 is flat; on a GPU raise it (64-256) "
-        "until throughput stops growing.",
+        description="Most items in one model call. On CPU the token budget binds first; on a GPU raise "
+        "both (64-256 items) until throughput stops growing.",
     )
     max_batch_tokens: int = Field(
         8192,

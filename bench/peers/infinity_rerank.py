@@ -12,7 +12,9 @@ import time
 
 async def main(workload: list[dict]) -> None:
     model_dir = sys.argv[1]
+    # Infinity hides why its ONNX engine is unavailable; import it first to report the real cause.
     from infinity_emb import AsyncEngineArray, EngineArgs
+    from optimum.onnxruntime import ORTModelForSequenceClassification  # noqa: F401
 
     args = EngineArgs(model_name_or_path=model_dir, engine="optimum", device="cpu", batch_size=32,
                       model_warmup=False, bettertransformer=False)
@@ -30,4 +32,6 @@ if __name__ == "__main__":
         with open(sys.argv[2]) as f:
             asyncio.run(main(json.load(f)))
     except Exception as error:  # noqa: BLE001 - report why, so the benchmark can say so
-        print(json.dumps({"error": f"{type(error).__name__}: {error}"[:300]}))
+        # The last line of a chained import failure names the root cause.
+        cause = [line for line in str(error).splitlines() if line.strip()][-1:] or [""]
+        print(json.dumps({"error": f"{type(error).__name__}: {cause[0]}"[:300]}))

@@ -9,13 +9,11 @@ from twostage.evaluation.eval_run import recall_k_advice
 def beir_slice(tmp_path, demo_data):
     (tmp_path / "qrels").mkdir(parents=True)
     with open(tmp_path / "queries.jsonl", "w") as f:
-        for query_id, text in demo_data["queries"].items():
-            f.write(json.dumps({"_id": query_id, "text": text}) + "\n")
+        f.writelines(json.dumps({"_id": query_id, "text": text}) + "\n" for query_id, text in demo_data["queries"].items())
     with open(tmp_path / "qrels" / "test.tsv", "w") as f:
         f.write("query-id\tcorpus-id\tscore\n")
         for query_id, judged in demo_data["qrels"].items():
-            for doc_id, grade in judged.items():
-                f.write(f"{query_id}\t{doc_id}\t{grade}\n")
+            f.writelines(f"{query_id}\t{doc_id}\t{grade}\n" for doc_id, grade in judged.items())
     return tmp_path
 
 

@@ -1,5 +1,6 @@
 """Every service exposes Prometheus metrics; the named series appear after traffic."""
 
+import asyncio
 import socket
 import urllib.request
 
@@ -8,6 +9,11 @@ import grpc
 from gateway.config import GatewaySettings
 from gateway.servicer import build_server as build_gateway
 from twostage.v1 import gateway_pb2, gateway_pb2_grpc
+
+
+def scrape(url: str) -> str:
+    with urllib.request.urlopen(url, timeout=10) as response:
+        return response.read().decode()
 
 
 def free_port() -> int:
@@ -26,7 +32,7 @@ async def test_metrics_endpoint_after_traffic(recall_target, rerank_target):
             stub = gateway_pb2_grpc.GatewayStub(channel)
             await stub.Search(gateway_pb2.SearchRequest(query="folic acid", recall_k=6, top_k=3))
             await stub.Search(gateway_pb2.SearchRequest(query="folic acid", recall_k=50, budget_ms=60))
-        text = urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics", timeout=10).read().decode()
+        text = await asyncio.to_thread(scrape, f"http://127.0.0.1:{metrics_port}/metrics")
     finally:
         await gateway.stop(grace_s=1)
     for series in (

@@ -16,8 +16,8 @@ def register(commands) -> None:
     build.add_argument("--limit", type=int, default=None, help="index only the first N documents")
     build.add_argument("--shards", type=int, default=1, help="split into N shards (out/shard-0 ...), one recall server each")
     build.add_argument("--max-length", type=int, default=None, help="tokens read per document")
-    build.add_argument("--max-batch-size", type=int, default=32)
-    build.add_argument("--max-batch-tokens", type=int, default=16384)
+    build.add_argument("--max-batch-size", type=int, default=None, help="default 32")
+    build.add_argument("--max-batch-tokens", type=int, default=None, help="default 4096: 8 long documents per call")
     build.set_defaults(run=_build)
 
 
@@ -28,12 +28,17 @@ def _build(args) -> None:
 
 
 def build_from_corpus(corpus: Path, out: Path, model: str = DEFAULT_EMBED_MODEL, limit: int | None = None,
-                      max_length: int | None = None, max_batch_size: int = 32, max_batch_tokens: int = 16384,
-                      shards: int = 1) -> int:
-    from recall_server.build import build_index
+                      max_length: int | None = None, max_batch_size: int | None = None,
+                      max_batch_tokens: int | None = None, shards: int = 1) -> int:
+    from dataclasses import replace
+
+    from recall_server.build import DEFAULT_BUILD_POLICY, build_index
     from recall_server.embedder import Embedder
-    from twostage.batching import BatchPolicy
 
     embedder = Embedder(resolve_model(model), RuntimeSettings(), max_length)
-    policy = BatchPolicy(max_batch_size=max_batch_size, max_batch_tokens=max_batch_tokens)
+    policy = replace(
+        DEFAULT_BUILD_POLICY,
+        max_batch_size=max_batch_size or DEFAULT_BUILD_POLICY.max_batch_size,
+        max_batch_tokens=max_batch_tokens or DEFAULT_BUILD_POLICY.max_batch_tokens,
+    )
     return build_index(corpus, out, embedder, policy, limit=limit, shards=shards)

@@ -1,0 +1,29 @@
+"""Benchmarks as runnable checks: `pytest -m perf` (they take minutes; never in `make test`)."""
+
+import json
+
+import pytest
+
+from twostage.cli import main
+
+
+@pytest.mark.perf
+def test_quick_rerank_benchmark_reports_ratios(tmp_path, models):
+    out = tmp_path / "rerank.json"
+    assert main(["bench", "rerank", "--quick", "--json", str(out)]) == 0
+    report = json.loads(out.read_text())
+    assert report["ceiling"] > 0 and report["server"] > 0
+    assert report["ratio"] == pytest.approx(report["server"] / report["ceiling"], rel=0.01)
+    assert {"sentence-transformers", "infinity"} <= set(report["peers"])
+    assert report["errors"] == {}
+
+
+@pytest.mark.gpu
+def test_rerank_runs_on_cuda(models):
+    from rerank_server.cross_encoder import CrossEncoder
+    from twostage.config import RuntimeSettings
+
+    model = CrossEncoder(models["ms-marco-minilm-l12"], RuntimeSettings(provider="cuda"), 256)
+    assert model.session.get_providers()[0] == "CUDAExecutionProvider"
+    scores = model.score(model.encode("smoking and cancer", ["smoking causes lung cancer", "the sky is blue"]))
+    assert scores[0] > scores[1]
