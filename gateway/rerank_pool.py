@@ -29,6 +29,7 @@ class Replica:
     consecutive_failures: int = 0
     ejected_until_s: float = 0.0
     serving: bool = True
+    missed_health_checks: int = 0
 
     @property
     def target(self) -> str:
@@ -152,19 +153,26 @@ class RerankPool:
             outcome.error = errors.Unavailable("no rerank replica available")
         return outcome
 
-    async def watch_health(self, stop: asyncio.Event, period_s: float = 1.0) -> None:
-        """Follow each replica's health; an ejected replica returns once it reports SERVING."""
-        from twostage.probe import is_serving
+    async def check_health(self, timeout_s: float, misses_to_eject: int = 3) -> None:
+        """One round of health checks. NOT_SERVING takes a replica out at once; silence only after
+        ``misses_to_eject`` rounds in a row (a busy CPU can delay one answer). An ejected replica
+        returns once it reports SERVING."""
+        from twostage.probe import health_status
 
+        states = await asyncio.gather(*(health_status(r.target, timeout_s) for r in self.replicas))
+        for replica, state in zip(self.replicas, states):
+            replica.missed_health_checks = replica.missed_health_checks + 1 if state is None else 0
+            serving = state if state is not None else replica.missed_health_checks < misses_to_eject
+            if serving and not replica.serving:
+                log.info("rerank replica %s is serving again", replica.target)
+            if state and replica.ejected_until_s:
+                replica.ejected_until_s = 0.0
+                replica.consecutive_failures = 0
+            replica.serving = serving
+
+    async def watch_health(self, stop: asyncio.Event, period_s: float = 1.0) -> None:
         while not stop.is_set():
-            states = await asyncio.gather(*(is_serving(r.target, timeout_s=period_s) for r in self.replicas))
-            for replica, serving in zip(self.replicas, states):
-                if serving and not replica.serving:
-                    log.info("rerank replica %s is serving again", replica.target)
-                if serving and replica.ejected_until_s:
-                    replica.ejected_until_s = 0.0
-                    replica.consecutive_failures = 0
-                replica.serving = serving
+            await self.check_health(timeout_s=2 * period_s)
             try:
                 await asyncio.wait_for(stop.wait(), period_s)
             except TimeoutError:

@@ -7,15 +7,20 @@ import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 
-async def is_serving(target: str, timeout_s: float = 1.0) -> bool:
+async def health_status(target: str, timeout_s: float = 1.0) -> bool | None:
+    """True if SERVING, False if the service says it is not, None if it did not answer."""
     async with grpc.aio.insecure_channel(target) as channel:
         try:
             reply = await health_pb2_grpc.HealthStub(channel).Check(
                 health_pb2.HealthCheckRequest(service=""), timeout=timeout_s
             )
         except grpc.aio.AioRpcError:
-            return False
+            return None
     return reply.status == health_pb2.HealthCheckResponse.SERVING
+
+
+async def is_serving(target: str, timeout_s: float = 1.0) -> bool:
+    return bool(await health_status(target, timeout_s))
 
 
 async def wait_serving(targets: list[str], timeout_s: float, still_starting=lambda: True) -> None:

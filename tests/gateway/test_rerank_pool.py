@@ -85,3 +85,21 @@ async def test_nothing_available_is_an_error_not_a_hang():
     pool = RerankPool([FakeReplica("a", errors.Unavailable("down"))], initial_ms_per_pair=10)
     outcome = await score_all(pool)
     assert outcome.scores == {} and isinstance(outcome.error, errors.Unavailable)
+
+
+async def test_health_needs_repeated_silence_but_obeys_not_serving(monkeypatch):
+    import twostage.probe
+
+    answers = {"a": [None, None, None, True], "b": [False, True, True, True]}
+
+    async def health_status(target, timeout_s):
+        return answers[target].pop(0)
+
+    monkeypatch.setattr(twostage.probe, "health_status", health_status)
+    pool = RerankPool([FakeReplica("a"), FakeReplica("b")], initial_ms_per_pair=10)
+    seen = []
+    for _ in range(4):
+        await pool.check_health(timeout_s=1, misses_to_eject=3)
+        seen.append([r.serving for r in pool.replicas])
+    # a: silent three times, out on the third; back when it answers. b: out at once, back next round.
+    assert seen == [[True, False], [True, True], [False, True], [True, True]]
