@@ -56,7 +56,7 @@ class GatewaySettings(ServiceSettings):
         "10-50 ms, so this only bites when a shard is slow.",
     )
     return_margin_ms: float = Field(
-        10.0, description="Time kept back from rerank for building and sending the response."
+        20.0, description="Time kept back from rerank for building and sending the response."
     )
     min_rerank_ms: float = Field(
         20.0, description="If less than this is left after recall, rerank is skipped (degraded: rerank_skipped)."

@@ -118,7 +118,7 @@ async def test_a_slow_replica_still_answers_within_budget(rerank_target, recall_
         budget_ms = 2500
         for query in QUERIES:
             reply = await stub.Search(gateway_pb2.SearchRequest(query=query, recall_k=20, budget_ms=budget_ms))
-            assert reply.timings_ms["total_ms"] <= budget_ms
+            assert reply.timings_ms["total_ms"] <= 1.05 * budget_ms  # the documented target: budget + 5%
             assert reply.reranked > 0
     finally:
         await slow.stop(grace_s=0)
