@@ -79,6 +79,11 @@ class GatewaySettings(ServiceSettings):
     eject_after_failures: int = Field(3, description="Consecutive failures that take a rerank replica out.")
     eject_s: float = Field(5.0, description="How long an ejected replica stays out unless its health recovers.")
     health_check_period_s: float = Field(1.0, description="How often rerank replicas' health is checked.")
+    startup_wait_s: float = Field(
+        60.0,
+        description="At start, how long to wait for a rerank replica to be SERVING before serving anyway "
+        "(answers are then rerank_unavailable until one is).",
+    )
 
     @property
     def recall_target_list(self) -> list[str]:

@@ -170,6 +170,15 @@ class RerankPool:
                 replica.consecutive_failures = 0
             replica.serving = serving
 
+    async def wait_for_a_replica(self, timeout_s: float, period_s: float = 0.2) -> bool:
+        """At start: until one replica reports SERVING (replicas may still be loading), or timeout."""
+        deadline = time.monotonic() + timeout_s
+        while True:
+            await self.check_health(timeout_s=period_s * 5)
+            if any(r.serving for r in self.replicas) or time.monotonic() >= deadline:
+                return any(r.serving for r in self.replicas)
+            await asyncio.sleep(period_s)
+
     async def watch_health(self, stop: asyncio.Event, period_s: float = 1.0) -> None:
         while not stop.is_set():
             await self.check_health(timeout_s=2 * period_s)

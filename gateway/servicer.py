@@ -1,6 +1,7 @@
 """gRPC edge of the gateway: protos in, dataclasses through, protos out."""
 
 import asyncio
+import logging
 
 import grpc
 
@@ -13,6 +14,8 @@ from twostage.errors import NotReady
 from twostage.server import GrpcService, deadline_of
 from twostage.status import translate_errors
 from twostage.v1 import common_pb2, gateway_pb2, gateway_pb2_grpc
+
+log = logging.getLogger(__name__)
 
 
 class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
@@ -86,6 +89,8 @@ class GatewayLifecycle:
             eject_after_failures=s.eject_after_failures,
             eject_s=s.eject_s,
         )
+        if not await pool.wait_for_a_replica(s.startup_wait_s):
+            log.warning("no rerank replica is serving after %.0f s; answering from recall alone", s.startup_wait_s)
         self.pipeline = SearchPipeline(s, recall, pool)
         self._health_task = asyncio.create_task(pool.watch_health(self._stop_health, s.health_check_period_s))
 

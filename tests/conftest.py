@@ -140,3 +140,31 @@ async def channel_to():
     yield open_channel
     for channel in channels:
         await channel.close()
+
+
+class SlowModel:
+    """Fault injection: a real model whose every batch takes ``delay_s`` longer."""
+
+    def __init__(self, inner, delay_s: float):
+        self.inner = inner
+        self.delay_s = delay_s
+
+    def __getattr__(self, name):
+        return getattr(self.inner, name)
+
+    def score(self, batch):
+        import time
+
+        time.sleep(self.delay_s)
+        return self.inner.score(batch)
+
+
+@pytest.fixture
+def slow_reranker(models):
+    """A real cross-encoder slowed by ``delay_s`` per batch, for a rerank server's ``model``."""
+    from rerank_server.cross_encoder import CrossEncoder
+
+    def make(settings: RerankSettings, delay_s: float) -> SlowModel:
+        return SlowModel(CrossEncoder(models["ms-marco-minilm-l12"], settings, settings.max_length), delay_s)
+
+    return make

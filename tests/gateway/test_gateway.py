@@ -56,7 +56,7 @@ async def test_most_test_queries_find_a_relevant_document(stub, demo_data):
 
 
 async def test_rerank_tier_down_returns_recall_order_degraded(recall_target, custom_gateway):
-    stub = await custom_gateway(recall_targets=recall_target, rerank_targets=DEAD_TARGET)
+    stub = await custom_gateway(recall_targets=recall_target, rerank_targets=DEAD_TARGET, startup_wait_s=0)
     reply = await stub.Search(gateway_pb2.SearchRequest(query="vitamin deficiency", top_k=5, recall_k=10), timeout=30)
     assert reply.degraded and reply.degraded_reason.startswith("rerank_unavailable")
     assert [h.recall_rank for h in reply.hits] == [1, 2, 3, 4, 5]

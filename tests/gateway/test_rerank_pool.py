@@ -103,3 +103,21 @@ async def test_health_needs_repeated_silence_but_obeys_not_serving(monkeypatch):
         seen.append([r.serving for r in pool.replicas])
     # a: silent three times, out on the third; back when it answers. b: out at once, back next round.
     assert seen == [[True, False], [True, True], [False, True], [True, True]]
+
+
+async def test_start_waits_for_a_loading_replica(monkeypatch):
+    import twostage.probe
+
+    answers = [False, False, True]
+
+    async def health_status(target, timeout_s):
+        return answers.pop(0) if len(answers) > 1 else answers[0]
+
+    monkeypatch.setattr(twostage.probe, "health_status", health_status)
+    pool = RerankPool([FakeReplica("a")], initial_ms_per_pair=10)
+    assert await pool.wait_for_a_replica(timeout_s=10, period_s=0.001)
+    assert answers == [True]  # it checked until the replica said SERVING
+
+    answers[:] = [False]
+    pool = RerankPool([FakeReplica("a")], initial_ms_per_pair=10)
+    assert not await pool.wait_for_a_replica(timeout_s=0)

@@ -1,8 +1,6 @@
 """Independent tiers as real processes on loopback: two recall shards, two
 rerank replicas. Replicas and shards are killed while traffic flows."""
 
-import asyncio
-import time
 
 import grpc
 import pytest
@@ -60,7 +58,7 @@ def recall_order(reply) -> list[tuple[str, float]]:
 
 
 async def test_merged_shards_equal_the_single_index(stack, recall_target, gateway):
-    no_rerank = {"rerank_targets": "127.0.0.1:1", "min_rerank_ms": 10**9}
+    no_rerank = {"rerank_targets": "127.0.0.1:1", "min_rerank_ms": 10**9, "startup_wait_s": 0}
     sharded = await gateway(recall_targets=",".join(stack.recall_targets), **no_rerank)
     single = await gateway(recall_targets=recall_target, **no_rerank)
     for query in QUERIES:
@@ -91,26 +89,9 @@ async def test_a_stopped_shard_degrades_to_recall_partial(stack, gateway):
     assert reply.candidates == 8 and reply.reranked == 8
 
 
-class SlowModel:
-    """Fault injection: the real cross-encoder, a second slower per batch."""
-
-    def __init__(self, model):
-        self.inner = model
-
-    def __getattr__(self, name):
-        return getattr(self.inner, name)
-
-    def score(self, batch):
-        time.sleep(1.0)
-        return self.inner.score(batch)
-
-
-async def test_a_slow_replica_still_answers_within_budget(rerank_target, recall_target, gateway, models):
-    from rerank_server.cross_encoder import CrossEncoder
-
+async def test_a_slow_replica_still_answers_within_budget(rerank_target, recall_target, gateway, slow_reranker):
     settings = RerankSettings(port=0)
-    slow_model = SlowModel(CrossEncoder(models["ms-marco-minilm-l12"], settings, settings.max_length))
-    slow = build_rerank(RerankService(settings, model=slow_model))
+    slow = build_rerank(RerankService(settings, model=slow_reranker(settings, delay_s=1.0)))
     slow_target = f"127.0.0.1:{await slow.start()}"
     try:
         stub = await gateway(recall_targets=recall_target, rerank_targets=f"{slow_target},{rerank_target}",
@@ -126,7 +107,6 @@ async def test_a_slow_replica_still_answers_within_budget(rerank_target, recall_
 
 async def test_tiny_budget_reports_what_was_reranked(stack, gateway):
     stub = await gateway(recall_targets=",".join(stack.recall_targets), rerank_targets=",".join(stack.rerank_targets))
-    await asyncio.sleep(0)  # let the health watch see the replicas once
     reply = await stub.Search(gateway_pb2.SearchRequest(query=QUERIES[1], recall_k=50, budget_ms=300))
     assert reply.degraded and reply.candidates == 50
     if reply.reranked:

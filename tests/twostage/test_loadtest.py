@@ -1,7 +1,5 @@
 """The open-loop load tester against real servers on loopback."""
 
-import time
-
 from rerank_server.config import RerankSettings
 from rerank_server.service import RerankService
 from rerank_server.servicer import build_server
@@ -24,24 +22,10 @@ async def test_fixed_rate_against_recall(recall_target):
     assert report["p50_ms"] <= report["p99_ms"] <= report["max_ms"]
 
 
-async def test_schedule_is_kept_when_the_server_is_slow(models):
+async def test_schedule_is_kept_when_the_server_is_slow(slow_reranker):
     """Each batch takes 0.3 s; requests still leave on time and queueing shows in latency."""
-    from rerank_server.cross_encoder import CrossEncoder
-
-    class SlowModel:  # fault injection
-        def __init__(self, inner):
-            self.inner = inner
-
-        def __getattr__(self, name):
-            return getattr(self.inner, name)
-
-        def score(self, batch):
-            time.sleep(0.3)
-            return self.inner.score(batch)
-
     settings = RerankSettings(port=0, max_batch_size=1, pipeline_depth=1)
-    model = SlowModel(CrossEncoder(models["ms-marco-minilm-l12"], settings, settings.max_length))
-    server = build_server(RerankService(settings, model=model))
+    server = build_server(RerankService(settings, model=slow_reranker(settings, delay_s=0.3)))
     target = f"127.0.0.1:{await server.start()}"
     try:
         result = await run_load(target, "rerank", ["query"], 10, 1.0, 100, documents=["a document"], progress=False)

@@ -13,24 +13,24 @@ def _pyplot():
 
 
 def plot_eval(report: dict, path: Path) -> None:
-    """Quality against latency over recall_k, and quality against the fusion weight."""
+    """Quality against latency over recall_k, and quality against the fusion weight (whichever were swept)."""
     plt = _pyplot()
-    fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4.2))
-    sweep = report.get("sweep_recall_k", {})
-    if sweep:
-        ks = list(sweep)
-        x = [sweep[k]["mean_latency_ms"] for k in ks]
-        y = [sweep[k]["final_ndcg@10"] for k in ks]
-        left.plot(x, y, "o-")
-        for k, xi, yi in zip(ks, x, y):
-            left.annotate(f"recall_k={k}", (xi, yi), textcoords="offset points", xytext=(5, -12))
-    left.set(xlabel="mean latency (ms)", ylabel="nDCG@10 (final)", title="recall_k: quality against latency")
-    left.grid(alpha=0.3)
-    alphas = report.get("sweep_alpha", {})
-    if alphas:
-        right.plot([float(a) for a in alphas], list(alphas.values()), "o-")
-    right.set(xlabel="fusion weight on rerank (alpha)", ylabel="nDCG@10", title="linear fusion weight")
-    right.grid(alpha=0.3)
+    sweep, alphas = report.get("sweep_recall_k", {}), report.get("sweep_alpha", {})
+    panels = [name for name, data in (("recall_k", sweep), ("alpha", alphas)) if data] or ["recall_k"]
+    fig, axes = plt.subplots(1, len(panels), figsize=(5.5 * len(panels), 4.2), squeeze=False)
+    for axis, panel in zip(axes[0], panels):
+        if panel == "recall_k":
+            ks = list(sweep)
+            x = [sweep[k]["mean_latency_ms"] for k in ks]
+            y = [sweep[k]["final_ndcg@10"] for k in ks]
+            axis.plot(x, y, "o-")
+            for k, xi, yi in zip(ks, x, y):
+                axis.annotate(f"recall_k={k}", (xi, yi), textcoords="offset points", xytext=(5, -12))
+            axis.set(xlabel="mean latency (ms)", ylabel="nDCG@10 (final)", title="recall_k: quality against latency")
+        else:
+            axis.plot([float(a) for a in alphas], list(alphas.values()), "o-")
+            axis.set(xlabel="fusion weight on rerank (alpha)", ylabel="nDCG@10", title="linear fusion weight")
+        axis.grid(alpha=0.3)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
