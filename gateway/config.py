@@ -47,7 +47,7 @@ class GatewaySettings(ServiceSettings):
     default_budget_ms: int = Field(
         10_000,
         description="Budget when a request sets none. On 2 CPU cores the default reranker scores about "
-        "30 pairs/s, so reranking 100 candidates takes about 3.5 s; on a GPU 200 ms is ample.",
+        "13 pairs/s, so reranking 100 candidates takes about 8 s; on a GPU 200 ms is ample.",
     )
     max_budget_ms: int = Field(60_000, description="Budgets above this are lowered to it.")
     recall_budget_share: float = Field(
