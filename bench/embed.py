@@ -39,7 +39,7 @@ def run(args) -> dict:
         corpus.write_text("".join(json.dumps({"_id": d.id, "title": d.title, "text": d.text}) + "\n" for d in docs))
         print("index build: tokenize, embed, store, index ...", flush=True)
         start = time.perf_counter()
-        build_index(corpus, work / "index", embedder, policy, progress=False)
+        build_index(corpus, work / "index", embedder, policy, RecallSettings().document_limits(), progress=False)
         build_rate = len(docs) / (time.perf_counter() - start)
         start = time.perf_counter()
         embed_documents(embedder, docs, policy)

@@ -9,17 +9,16 @@ from pathlib import Path
 import grpc
 
 from bench.report import machine, write_json
-from twostage.cli.demo import DEMO_CORPUS
-from twostage.cli.serve import Stack
-from twostage.corpus import read_queries
+from twostage.corpus import DEMO_CORPUS, read_queries
 from twostage.evaluation.loadtest import run_load
 from twostage.model_store import cache_dir, fetch_defaults
+from twostage.stack import Stack
 from twostage.v1 import gateway_pb2, gateway_pb2_grpc
 
 
 def bench_index(docs: int) -> Path:
     """A cached index of the first ``docs`` demo documents."""
-    from twostage.cli.index import build_from_corpus
+    from recall_server.build import build_from_corpus
 
     out = cache_dir().parent / "bench-indexes" / f"demo-{docs}"
     if not (out / "index.json").exists():

@@ -4,8 +4,7 @@ import random
 from dataclasses import dataclass
 from pathlib import Path
 
-from twostage.cli.demo import DEMO_CORPUS
-from twostage.corpus import document_text, read_corpus, read_qrels, read_queries
+from twostage.corpus import DEMO_CORPUS, document_text, read_corpus, read_qrels, read_queries
 
 FULL_SCIFACT = Path(__file__).resolve().parent.parent.parent / "shared" / "datasets" / "scifact"
 

@@ -4,12 +4,14 @@ They speak protos to the wire and plain values to the pipeline, and turn RPC
 failures into domain errors.
 """
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import grpc
 
+from twostage.convert import document_from_proto, document_to_proto, metadata_from_proto
+from twostage.corpus import Document, MetadataValue
 from twostage.status import error_from_rpc
-from twostage.v1 import recall_pb2, recall_pb2_grpc, rerank_pb2, rerank_pb2_grpc
+from twostage.v1 import common_pb2, recall_pb2, recall_pb2_grpc, rerank_pb2, rerank_pb2_grpc
 
 
 @dataclass(frozen=True)
@@ -18,6 +20,7 @@ class RecallCandidate:
     title: str
     text: str
     score: float
+    metadata: dict[str, MetadataValue] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -55,7 +58,31 @@ class RecallClient(_Client):
             )
         except grpc.aio.AioRpcError as error:
             raise error_from_rpc(error, f"recall {self.target}") from None
-        return [RecallCandidate(c.id, c.title, c.text, c.score) for c in reply.candidates], dict(reply.timings_ms)
+        candidates = [
+            RecallCandidate(c.id, c.title, c.text, c.score, metadata_from_proto(c.metadata)) for c in reply.candidates
+        ]
+        return candidates, dict(reply.timings_ms)
+
+    async def _call(self, method, request, timeout_s: float | None):
+        try:
+            return await method(request, timeout=timeout_s)
+        except grpc.aio.AioRpcError as error:
+            raise error_from_rpc(error, f"recall {self.target}") from None
+
+    async def upsert(self, docs: list[Document], timeout_s: float | None) -> tuple[int, int]:
+        """(upserted, doc_count)."""
+        request = common_pb2.UpsertRequest(documents=[document_to_proto(d) for d in docs])
+        reply = await self._call(self.stub.Upsert, request, timeout_s)
+        return reply.upserted, reply.doc_count
+
+    async def delete(self, ids: list[str], timeout_s: float | None) -> tuple[int, int]:
+        """(deleted, doc_count)."""
+        reply = await self._call(self.stub.Delete, common_pb2.DeleteRequest(ids=ids), timeout_s)
+        return reply.deleted, reply.doc_count
+
+    async def get(self, ids: list[str], timeout_s: float | None) -> list[Document]:
+        reply = await self._call(self.stub.Get, common_pb2.GetRequest(ids=ids), timeout_s)
+        return [document_from_proto(d) for d in reply.documents]
 
 
 class RerankClient(_Client):

@@ -30,7 +30,7 @@ def resolve_targets(targets: list[str]) -> list[str]:
 class GatewaySettings(ServiceSettings):
     model_config = SettingsConfigDict(env_prefix="TWOSTAGE_GATEWAY_", frozen=True, extra="forbid")
 
-    port: int = Field(50051, description="Port to bind; 0 picks a free one.")
+    port: int = Field(50051, ge=0, le=65535, description="Port to bind; 0 picks a free one.")
     recall_targets: str = Field(
         "127.0.0.1:50052",
         description="Comma-separated recall shards (host:port, or dns:///name:port); every shard is queried.",
@@ -40,47 +40,52 @@ class GatewaySettings(ServiceSettings):
         description="Comma-separated rerank replicas (host:port, or dns:///name:port for every address of a "
         "name); one query's pairs are split over the healthy ones.",
     )
-    default_top_k: int = Field(10, description="Hits returned when a request leaves top_k at 0.")
-    default_recall_k: int = Field(100, description="Candidates recalled when a request leaves recall_k at 0.")
-    max_top_k: int = Field(1000, description="Largest top_k accepted (up to recall_k; eval asks for all).")
-    max_recall_k: int = Field(1000, description="Largest recall_k accepted.")
+    default_top_k: int = Field(10, ge=1, description="Hits returned when a request leaves top_k at 0.")
+    default_recall_k: int = Field(100, ge=1, description="Candidates recalled when a request leaves recall_k at 0.")
+    max_top_k: int = Field(1000, ge=1, description="Largest top_k accepted (up to recall_k; eval asks for all).")
+    max_recall_k: int = Field(1000, ge=1, description="Largest recall_k accepted.")
     default_budget_ms: int = Field(
-        10_000,
+        10_000, ge=1,
         description="Budget when a request sets none. On 2 CPU cores the default reranker scores about "
         "13 pairs/s, so reranking 100 candidates takes about 8 s; on a GPU 200 ms is ample.",
     )
-    max_budget_ms: int = Field(60_000, description="Budgets above this are lowered to it.")
+    max_budget_ms: int = Field(60_000, ge=1, description="Budgets above this are lowered to it.")
     recall_budget_share: float = Field(
-        0.5,
+        0.5, gt=0, le=1,
         description="Most of the budget recall may use; the rest is kept for rerank. Recall usually needs "
         "10-50 ms, so this only bites when a shard is slow.",
     )
     return_margin_ms: float = Field(
-        20.0, description="Time kept back from rerank for building and sending the response."
+        20.0, ge=0, description="Time kept back from rerank for building and sending the response."
     )
     min_rerank_ms: float = Field(
-        20.0, description="If less than this is left after recall, rerank is skipped (degraded: rerank_skipped)."
+        20.0, ge=0, description="If less than this is left after recall, rerank is skipped (degraded: rerank_skipped)."
     )
-    max_query_chars: int = Field(2048, description="Longest query accepted.")
+    max_query_chars: int = Field(2048, ge=1, description="Longest query accepted.")
     fusion: Literal["none", "linear", "rrf"] = Field(
         "linear",
         description="Final score: none (rerank only), linear (per-query z-scores, weight fusion_alpha on "
         "rerank) or rrf. On SciFact linear 0.7 measured best (nDCG@10 0.7167 vs 0.7004 rerank only).",
     )
-    fusion_alpha: float = Field(0.7, description="Weight of the rerank score in linear fusion (0-1).")
+    fusion_alpha: float = Field(0.7, ge=0, le=1, description="Weight of the rerank score in linear fusion (0-1).")
     initial_rerank_ms_per_pair: float = Field(
-        70.0,
+        70.0, gt=0,
         description="Cost assumed per pair before a replica has answered; then measured live (EWMA). "
         "70 suits the default model on 2 CPU cores; about 1 on a GPU.",
     )
     rerank_cost_headroom: float = Field(
-        1.25, description="Predicted rerank time is multiplied by this when choosing how many pairs fit."
+        1.25, ge=1, description="Predicted rerank time is multiplied by this when choosing how many pairs fit."
     )
-    eject_after_failures: int = Field(3, description="Consecutive failures that take a rerank replica out.")
-    eject_s: float = Field(5.0, description="How long an ejected replica stays out unless its health recovers.")
-    health_check_period_s: float = Field(1.0, description="How often rerank replicas' health is checked.")
+    write_timeout_s: float = Field(
+        300.0, gt=0,
+        description="Longest an Upsert, Delete or Get may take at the shards (a caller's shorter deadline wins). "
+        "Embedding 1,000 long documents takes about 2 minutes on 2 CPU cores.",
+    )
+    eject_after_failures: int = Field(3, ge=1, description="Consecutive failures that take a rerank replica out.")
+    eject_s: float = Field(5.0, ge=0, description="How long an ejected replica stays out unless its health recovers.")
+    health_check_period_s: float = Field(1.0, gt=0, description="How often rerank replicas' health is checked.")
     startup_wait_s: float = Field(
-        60.0,
+        60.0, ge=0,
         description="At start, how long to wait for a rerank replica to be SERVING before serving anyway "
         "(answers are then rerank_unavailable until one is).",
     )

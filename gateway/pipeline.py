@@ -22,7 +22,7 @@ from gateway.fusion import fuse
 from gateway.metrics import observe_search
 from gateway.rerank_pool import RerankPool
 from twostage import errors
-from twostage.corpus import Document, document_text
+from twostage.corpus import Document, MetadataValue, document_text
 
 log = logging.getLogger(__name__)
 _REQUEST_ID = re.compile(r"^[A-Za-z0-9._:/-]{1,128}$")
@@ -47,6 +47,7 @@ class Hit:
     rerank_score: float | None
     recall_rank: int
     recall_score: float
+    metadata: dict[str, MetadataValue] = field(default_factory=dict)
 
 
 @dataclass
@@ -175,7 +176,7 @@ class SearchPipeline:
             )
         )
         hits = [
-            Hit(c.id, c.title, c.text, fused.get(i, c.score), scores.get(i), i + 1, c.score)
+            Hit(c.id, c.title, c.text, fused.get(i, c.score), scores.get(i), i + 1, c.score, c.metadata)
             for i, c in enumerate(candidates)
         ]
         reranked = sorted((h for h in hits if h.rerank_score is not None), key=lambda h: -h.score)

@@ -9,7 +9,9 @@ from gateway.clients import RecallClient, RerankClient
 from gateway.config import GatewaySettings, resolve_targets
 from gateway.pipeline import SearchPipeline, SearchQuery
 from gateway.rerank_pool import RerankPool
+from gateway.writes import DocumentRouter
 from twostage import __version__
+from twostage.convert import document_from_proto, document_to_proto, metadata_to_proto
 from twostage.errors import NotReady
 from twostage.server import GrpcService, deadline_of
 from twostage.status import translate_errors
@@ -38,7 +40,7 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
             hits=[
                 gateway_pb2.Hit(
                     id=h.id, title=h.title, text=h.text, score=h.score, rerank_score=h.rerank_score,
-                    recall_rank=h.recall_rank, recall_score=h.recall_score,
+                    recall_rank=h.recall_rank, recall_score=h.recall_score, metadata=metadata_to_proto(h.metadata),
                 )
                 for h in result.hits
             ],
@@ -49,6 +51,27 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
             reranked=result.reranked,
             request_id=result.request_id,
         )
+
+    def _write_timeout_s(self, context: grpc.aio.ServicerContext) -> float:
+        remaining = context.time_remaining()
+        limit = self.lifecycle.settings.write_timeout_s
+        return limit if remaining is None else min(limit, remaining)
+
+    @translate_errors
+    async def Upsert(self, request: common_pb2.UpsertRequest, context: grpc.aio.ServicerContext):
+        docs = [document_from_proto(d) for d in request.documents]
+        result = await self.lifecycle.ready_router().upsert(docs, self._write_timeout_s(context))
+        return common_pb2.UpsertResponse(upserted=result.count, doc_count=result.doc_count, timings_ms=result.timings_ms)
+
+    @translate_errors
+    async def Delete(self, request: common_pb2.DeleteRequest, context: grpc.aio.ServicerContext):
+        result = await self.lifecycle.ready_router().delete(list(request.ids), self._write_timeout_s(context))
+        return common_pb2.DeleteResponse(deleted=result.count, doc_count=result.doc_count, timings_ms=result.timings_ms)
+
+    @translate_errors
+    async def Get(self, request: common_pb2.GetRequest, context: grpc.aio.ServicerContext):
+        found, missing = await self.lifecycle.ready_router().get(list(request.ids), self._write_timeout_s(context))
+        return common_pb2.GetResponse(documents=[document_to_proto(d) for d in found], missing=missing)
 
     @translate_errors
     async def Info(self, request: common_pb2.InfoRequest, context: grpc.aio.ServicerContext):
@@ -72,6 +95,7 @@ class GatewayLifecycle:
     def __init__(self, settings: GatewaySettings):
         self.settings = settings
         self.pipeline: SearchPipeline | None = None
+        self.router: DocumentRouter | None = None
         self._stop_health = asyncio.Event()
         self._health_task: asyncio.Task | None = None
 
@@ -79,6 +103,11 @@ class GatewayLifecycle:
         if self.pipeline is None:
             raise NotReady("gateway is starting")
         return self.pipeline
+
+    def ready_router(self) -> DocumentRouter:
+        if self.router is None:
+            raise NotReady("gateway is starting")
+        return self.router
 
     async def start(self) -> None:
         s = self.settings
@@ -92,6 +121,7 @@ class GatewayLifecycle:
         if not await pool.wait_for_a_replica(s.startup_wait_s):
             log.warning("no rerank replica is serving after %.0f s; answering from recall alone", s.startup_wait_s)
         self.pipeline = SearchPipeline(s, recall, pool)
+        self.router = DocumentRouter(recall)
         self._health_task = asyncio.create_task(pool.watch_health(self._stop_health, s.health_check_period_s))
 
     async def close(self) -> None:

@@ -3,8 +3,8 @@
 import itertools
 import logging
 import shutil
-import zlib
 from collections.abc import Iterable, Iterator
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -13,11 +13,23 @@ from tqdm import tqdm
 from recall_server.embedder import Embedder
 from recall_server.index import DocumentIndex
 from twostage.batching import BatchPolicy, plan_batches
-from twostage.corpus import Document, corpus_file, document_text, read_corpus
+from twostage.config import RuntimeSettings
+from twostage.corpus import Document, corpus_file, corpus_lines, document_text
+from twostage.documents import CorpusScan, DocumentLimits, scan_corpus, valid_documents
+from twostage.errors import InvalidArgument
+from twostage.model_store import DEFAULT_EMBED_MODEL, resolve_model
+from twostage.sharding import shard_of
 
 log = logging.getLogger(__name__)
 # Measured on 2 CPU cores (twostage bench embed): 8 documents of 512 tokens per call is fastest.
 DEFAULT_BUILD_POLICY = BatchPolicy(max_batch_size=32, max_batch_tokens=4096)
+
+
+@dataclass(frozen=True)
+class BuildReport:
+    documents: int
+    skipped_lines: int
+    dropped_fields: dict[str, int]
 
 
 def embed_documents(embedder: Embedder, docs: list[Document], policy: BatchPolicy, bar: tqdm | None = None) -> np.ndarray:
@@ -34,17 +46,35 @@ def embed_documents(embedder: Embedder, docs: list[Document], policy: BatchPolic
 def _chunks(docs: Iterable[Document], size: int) -> Iterator[list[Document]]:
     iterator = iter(docs)
     while chunk := list(itertools.islice(iterator, size)):
-        # Within a chunk the last copy of an id wins, as it would across chunks.
-        yield list({doc.id: doc for doc in chunk}.values())
-
-
-def shard_of(doc_id: str, shards: int) -> int:
-    """Stable shard assignment: the same id lands on the same shard on every build."""
-    return zlib.crc32(doc_id.encode()) % shards
+        yield chunk
 
 
 def shard_dirs(index_dir: Path, shards: int) -> list[Path]:
     return [Path(index_dir) / f"shard-{i}" for i in range(shards)]
+
+
+def check_corpus(corpus: Path, limits: DocumentLimits, skip_invalid: bool) -> CorpusScan:
+    """Validate the whole corpus as Upsert would before embedding anything (minutes to hours)."""
+    if not corpus_file(corpus).is_file():
+        raise FileNotFoundError(f"no corpus at {corpus_file(corpus)}")
+    try:
+        scan = scan_corpus(corpus_lines(corpus), limits)
+    except UnicodeDecodeError as error:
+        raise InvalidArgument(f"{corpus_file(corpus)} is not UTF-8 text: {error}") from None
+    where = corpus_file(corpus)
+    if scan.invalid and not skip_invalid:
+        raise InvalidArgument(
+            f"{where}: {len(scan.invalid)} invalid lines, nothing indexed: {scan.problems()}. "
+            "Fix them, or pass --skip-invalid to index the rest"
+        )
+    if scan.invalid:
+        log.warning("%s: skipping %d invalid lines: %s", where, len(scan.invalid), scan.problems())
+    for name, count in scan.dropped_fields.most_common():
+        log.warning("%s: field %r dropped from %d documents: metadata holds strings, numbers, booleans "
+                    "and lists of strings", where, name, count)
+    if scan.valid == 0:
+        raise InvalidArgument(f"{where}: no documents to index")
+    return scan
 
 
 def build_index(
@@ -52,44 +82,72 @@ def build_index(
     out: Path,
     embedder: Embedder,
     policy: BatchPolicy,
+    limits: DocumentLimits,
     limit: int | None = None,
     shards: int = 1,
+    skip_invalid: bool = False,
     chunk_docs: int = 4096,
     progress: bool = True,
-) -> int:
-    """Embed every document of ``corpus`` (BEIR dir or JSONL) into a new index at ``out``;
+) -> BuildReport:
+    """Embed every valid document of ``corpus`` (BEIR dir or JSONL) into a new index at ``out``;
     with ``shards`` > 1, into ``out/shard-0`` .. ``out/shard-{N-1}``, one recall server each.
 
-    Each index is written beside its target and moved into place when complete,
-    so a failed build leaves nothing that looks like an index.
+    The corpus is validated first, like Upsert (``skip_invalid`` indexes the rest). Each index is
+    written beside its target and moved into place when complete, so a failed build leaves nothing
+    behind, least of all something that looks like an index.
     """
-    if not corpus_file(corpus).is_file():
-        raise FileNotFoundError(f"no corpus at {corpus_file(corpus)}")
     if Path(out).exists():
         raise FileExistsError(f"{out} already exists; remove it or choose another --out")
-    with open(corpus_file(corpus), "rb") as f:
-        total = min(sum(1 for line in f if line.strip()), limit or 1 << 62)
+    scan = check_corpus(corpus, limits, skip_invalid)
+    total = min(scan.valid, limit or 1 << 62)
     targets = [Path(out)] if shards == 1 else shard_dirs(out, shards)
     count = 0
-    with tqdm(total=total, unit="doc", desc="embedding", disable=not progress) as bar:
-        for shard, target in enumerate(targets):
-            docs: Iterable[Document] = itertools.islice(read_corpus(corpus), limit)
-            if shards > 1:
-                docs = (d for d in docs if shard_of(d.id, shards) == shard)
-            count += _build_one(docs, target, embedder, policy, chunk_docs, bar)
+    try:
+        with tqdm(total=total, unit="doc", desc="embedding", disable=not progress) as bar:
+            for shard, target in enumerate(targets):
+                docs: Iterable[Document] = itertools.islice(valid_documents(corpus_lines(corpus), scan), limit)
+                if shards > 1:
+                    docs = (d for d in docs if shard_of(d.id, shards) == shard)
+                count += _build_one(docs, target, embedder, policy, chunk_docs, bar, shard, shards)
+    except BaseException:
+        for target in targets:
+            shutil.rmtree(target.with_name(target.name + ".partial"), ignore_errors=True)
+        if shards > 1:
+            shutil.rmtree(out, ignore_errors=True)
+        raise
     log.info("indexed %d documents into %s", count, out)
-    return count
+    return BuildReport(count, len(scan.invalid), dict(scan.dropped_fields))
 
 
-def _build_one(docs: Iterable[Document], out: Path, embedder, policy, chunk_docs: int, bar: tqdm) -> int:
+def _build_one(docs: Iterable[Document], out: Path, embedder, policy, chunk_docs: int, bar: tqdm,
+               shard: int, shards: int) -> int:
     partial = out.with_name(out.name + ".partial")
     shutil.rmtree(partial, ignore_errors=True)
-    index = DocumentIndex.create(partial, embedder.name, embedder.dims, save_every_writes=1 << 62)
-    for chunk in _chunks(docs, chunk_docs):
-        if missing := [d for d in chunk if not d.id]:
-            raise ValueError(f"{len(missing)} documents have no _id")
-        index.upsert(chunk, embed_documents(embedder, chunk, policy, bar))
-    count = index.store.count()
-    index.close()
+    index = DocumentIndex.create(partial, embedder.name, embedder.dims, shard=shard, shards=shards,
+                                 save_every_writes=1 << 62)
+    try:
+        for chunk in _chunks(docs, chunk_docs):
+            index.upsert(chunk, embed_documents(embedder, chunk, policy, bar))
+        count = index.store.count()
+    finally:
+        index.close()
     partial.rename(out)
     return count
+
+
+def build_from_corpus(corpus: Path, out: Path, model: str = DEFAULT_EMBED_MODEL, limit: int | None = None,
+                      max_length: int | None = None, max_batch_size: int | None = None,
+                      max_batch_tokens: int | None = None, shards: int = 1, skip_invalid: bool = False,
+                      progress: bool = True) -> BuildReport:
+    """Load the embedding model and build an index with the recall server's document limits."""
+    from recall_server.config import RecallSettings
+
+    embedder = Embedder(resolve_model(model), RuntimeSettings(), max_length)
+    policy = replace(
+        DEFAULT_BUILD_POLICY,
+        max_batch_size=max_batch_size or DEFAULT_BUILD_POLICY.max_batch_size,
+        max_batch_tokens=max_batch_tokens or DEFAULT_BUILD_POLICY.max_batch_tokens,
+    )
+    limits = RecallSettings().document_limits()
+    return build_index(corpus, out, embedder, policy, limits, limit=limit, shards=shards,
+                       skip_invalid=skip_invalid, progress=progress)

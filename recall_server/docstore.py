@@ -33,13 +33,18 @@ class Change:
 
 
 class DocStore:
-    def __init__(self, path: Path):
-        self._db = sqlite3.connect(str(path), check_same_thread=False, isolation_level=None)
-        self._db.execute("PRAGMA journal_mode=WAL")
-        # FULL: a commit is on disk before the write is acknowledged.
-        self._db.execute("PRAGMA synchronous=FULL")
-        self._db.executescript(_SCHEMA)
+    def __init__(self, path: Path, read_only: bool = False):
+        if read_only:
+            self._db = sqlite3.connect(f"file:{path}?mode=ro", uri=True, check_same_thread=False, isolation_level=None)
+        else:
+            self._db = sqlite3.connect(str(path), check_same_thread=False, isolation_level=None)
+            self._db.execute("PRAGMA journal_mode=WAL")
+            # FULL: a commit is on disk before the write is acknowledged.
+            self._db.execute("PRAGMA synchronous=FULL")
+            self._db.executescript(_SCHEMA)
         self._lock = threading.Lock()
+        # Kept, not scanned: Info and every write report it.
+        self._live = self._db.execute("SELECT COUNT(*) FROM docs WHERE deleted = 0").fetchone()[0]
 
     def close(self) -> None:
         with self._lock:
@@ -50,8 +55,7 @@ class DocStore:
             return self._db.execute("SELECT COALESCE(MAX(seq), 0) FROM docs").fetchone()[0]
 
     def count(self) -> int:
-        with self._lock:
-            return self._db.execute("SELECT COUNT(*) FROM docs WHERE deleted = 0").fetchone()[0]
+        return self._live
 
     def upsert(self, docs: list[Document], vectors: np.ndarray) -> list[int]:
         """Commit documents with their vectors in one transaction; returns their keys."""
@@ -63,6 +67,7 @@ class DocStore:
             self._db.execute("BEGIN IMMEDIATE")
             try:
                 seq = self._db.execute("SELECT COALESCE(MAX(seq), 0) + 1 FROM docs").fetchone()[0]
+                already_live = self._count_live([d.id for d in docs])
                 keys = [
                     self._db.execute(
                         "INSERT INTO docs (doc_id, title, text, metadata, vector, seq, deleted) "
@@ -77,7 +82,17 @@ class DocStore:
             except BaseException:
                 self._db.execute("ROLLBACK")
                 raise
+            self._live += len(keys) - already_live
         return keys
+
+    def _count_live(self, doc_ids: list[str]) -> int:
+        live = 0
+        for start in range(0, len(doc_ids), 500):  # SQLite bounds the number of parameters
+            part = doc_ids[start:start + 500]
+            live += self._db.execute(
+                f"SELECT COUNT(*) FROM docs WHERE deleted = 0 AND doc_id IN ({','.join('?' * len(part))})", part
+            ).fetchone()[0]
+        return live
 
     def delete(self, doc_ids: list[str]) -> list[int]:
         """Tombstone documents in one transaction; returns keys of those that existed."""
@@ -98,6 +113,7 @@ class DocStore:
             except BaseException:
                 self._db.execute("ROLLBACK")
                 raise
+            self._live -= len(keys)
         return keys
 
     def fetch(self, keys: list[int]) -> dict[int, Document]:
@@ -110,6 +126,19 @@ class DocStore:
                 [int(k) for k in keys],
             ).fetchall()
         return {key: Document(doc_id, title, text, json.loads(meta)) for key, doc_id, title, text, meta in rows}
+
+    def get(self, doc_ids: list[str]) -> dict[str, Document]:
+        """Live documents by id; ids not stored are absent."""
+        found: dict[str, Document] = {}
+        with self._lock:
+            for start in range(0, len(doc_ids), 500):
+                part = doc_ids[start:start + 500]
+                rows = self._db.execute(
+                    f"SELECT doc_id, title, text, metadata FROM docs WHERE deleted = 0 AND doc_id IN "
+                    f"({','.join('?' * len(part))})", part,
+                ).fetchall()
+                found.update({d: Document(d, t, x, json.loads(m)) for d, t, x, m in rows})
+        return found
 
     def changes_since(self, seq: int, batch_rows: int = 4096) -> Iterator[list[Change]]:
         """Every write after ``seq``, in batches, for catching the index up."""

@@ -18,8 +18,9 @@ import numpy as np
 from usearch.index import Index
 
 from recall_server.docstore import DocStore
+from recall_server.index_lock import IndexLock
 from twostage.corpus import Document
-from twostage.errors import InvalidArgument, ModelMismatch
+from twostage.errors import FailedPrecondition, InvalidArgument, ModelMismatch
 
 MANIFEST = "index.json"
 GRAPH = "vectors.usearch"
@@ -34,6 +35,9 @@ class IndexManifest:
     metric: str = "cos"
     applied_seq: int = 0
     format_version: int = FORMAT_VERSION
+    # The part of a sharded corpus this index holds (ids with shard_of(id, shards) == shard).
+    shard: int = 0
+    shards: int = 1
 
 
 def _write_atomically(path: Path, data: bytes) -> None:
@@ -46,11 +50,17 @@ def _write_atomically(path: Path, data: bytes) -> None:
 
 
 class DocumentIndex:
-    def __init__(self, directory: Path, manifest: IndexManifest, save_every_writes: int = 1000):
+    def __init__(self, directory: Path, manifest: IndexManifest, save_every_writes: int = 1000, read_only: bool = False):
         self.directory = Path(directory)
         self.manifest = manifest
         self.save_every_writes = save_every_writes
-        self.store = DocStore(self.directory / STORE)
+        self.read_only = read_only
+        self._lock = IndexLock(self.directory, exclusive=not read_only)
+        try:
+            self.store = DocStore(self.directory / STORE, read_only=read_only)
+        except BaseException:
+            self._lock.release()
+            raise
         self._graph = Index(ndim=manifest.dims, metric=manifest.metric, dtype="f32")
         # _write_lock orders writers so the graph applies store writes in sequence
         # (a save must never claim a sequence the graph has not applied);
@@ -60,12 +70,12 @@ class DocumentIndex:
         self._unsaved_writes = 0
 
     @classmethod
-    def create(cls, directory: Path, model: str, dims: int, **kwargs) -> "DocumentIndex":
+    def create(cls, directory: Path, model: str, dims: int, shard: int = 0, shards: int = 1, **kwargs) -> "DocumentIndex":
         directory = Path(directory)
         if (directory / MANIFEST).exists():
             raise InvalidArgument(f"{directory} already holds an index; remove it or choose another --out")
         directory.mkdir(parents=True, exist_ok=True)
-        index = cls(directory, IndexManifest(model=model, dims=dims), **kwargs)
+        index = cls(directory, IndexManifest(model=model, dims=dims, shard=shard, shards=shards), **kwargs)
         index.save()
         return index
 
@@ -83,9 +93,14 @@ class DocumentIndex:
                 f"loads {model!r} ({dims} dims); rebuild the index or serve the model it was built with"
             )
         index = cls(directory, manifest, **kwargs)
-        if (directory / GRAPH).exists():
-            index._graph.load(str(directory / GRAPH))
-        index._catch_up(manifest.applied_seq)
+        try:
+            if (directory / GRAPH).exists():
+                index._graph.load(str(directory / GRAPH))
+            index._catch_up(manifest.applied_seq)
+        except BaseException:
+            index.store.close()
+            index._lock.release()
+            raise
         return index
 
     def __len__(self) -> int:
@@ -106,7 +121,15 @@ class DocumentIndex:
         if self._graph.contains(key):
             self._graph.remove(key)
 
+    def _require_writable(self) -> None:
+        if self.read_only:
+            raise FailedPrecondition("this recall server opened its index read-only; send writes to the shard's writer")
+
+    def get(self, doc_ids: list[str]) -> dict[str, Document]:
+        return self.store.get(doc_ids)
+
     def upsert(self, docs: list[Document], vectors: np.ndarray) -> None:
+        self._require_writable()
         with self._write_lock:
             keys = self.store.upsert(docs, vectors)  # durable from here on
             with self._graph_lock:
@@ -116,6 +139,7 @@ class DocumentIndex:
             self._note_writes(len(keys))
 
     def delete(self, doc_ids: list[str]) -> int:
+        self._require_writable()
         with self._write_lock:
             keys = self.store.delete(doc_ids)
             with self._graph_lock:
@@ -152,5 +176,9 @@ class DocumentIndex:
             self._unsaved_writes = 0
 
     def close(self) -> None:
-        self.save()
-        self.store.close()
+        try:
+            if not self.read_only:
+                self.save()
+            self.store.close()
+        finally:
+            self._lock.release()

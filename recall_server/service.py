@@ -1,7 +1,6 @@
 """The recall service logic: validate, embed through the batcher, search the index."""
 
 import asyncio
-import re
 import time
 from dataclasses import dataclass
 
@@ -13,11 +12,10 @@ from recall_server.index import DocumentIndex
 from twostage import errors
 from twostage.batching import BatchPolicy, DynamicBatcher
 from twostage.corpus import Document, document_text
+from twostage.documents import check_documents, check_ids
 from twostage.metrics import watch_batcher
 from twostage.model_store import resolve_model
-
-# Printable, no whitespace at the ends: ids travel in logs, URLs and TSV files.
-_ID_PATTERN = re.compile(r"^[^\s\x00-\x1f\x7f](?:[^\x00-\x1f\x7f]*[^\s\x00-\x1f\x7f])?$")
+from twostage.sharding import shard_of
 
 
 @dataclass(frozen=True)
@@ -41,7 +39,8 @@ class RecallService:
         s = self.settings
         self.embedder = await asyncio.to_thread(Embedder, resolve_model(s.model), s, s.max_length)
         self.index = await asyncio.to_thread(
-            DocumentIndex.open, s.index_dir, self.embedder.name, self.embedder.dims, save_every_writes=s.save_every_writes
+            DocumentIndex.open, s.index_dir, self.embedder.name, self.embedder.dims,
+            save_every_writes=s.save_every_writes, read_only=s.read_only,
         )
         self.batcher = DynamicBatcher("embed", self.embedder.embed, BatchPolicy.from_settings(s))
         watch_batcher(self.batcher)
@@ -83,34 +82,41 @@ class RecallService:
             raise errors.InvalidArgument(f"unknown model {model!r}; this server serves {self.embedder.name!r}")
         return await self._embed(texts, is_query, deadline_s)
 
-    def _check_ids(self, ids: list[str]) -> None:
-        errors.check_limit("ids (count)", len(ids), 1, self.settings.max_upsert_docs)
-        seen = set()
-        for i, doc_id in enumerate(ids):
-            if len(doc_id) > self.settings.max_id_chars or not _ID_PATTERN.match(doc_id):
-                raise errors.InvalidArgument(
-                    f"id [{i}] {doc_id[:40]!r} is malformed: 1-{self.settings.max_id_chars} printable "
-                    "characters, no surrounding whitespace"
-                )
-            if doc_id in seen:
-                raise errors.InvalidArgument(f"id {doc_id!r} appears more than once in the request")
-            seen.add(doc_id)
+    def _check_owned(self, ids: list[str]) -> None:
+        """A sharded index holds only its ids: a write for another shard would leave a second copy."""
+        manifest = self.index.manifest
+        if manifest.shards > 1:
+            for i, doc_id in enumerate(ids):
+                if (owner := shard_of(doc_id, manifest.shards)) != manifest.shard:
+                    raise errors.InvalidArgument(
+                        f"ids[{i}]: id {doc_id!r} belongs to shard {owner} of {manifest.shards}, and this server "
+                        f"holds shard {manifest.shard}; write through the gateway (or 'twostage docs'), which "
+                        "routes each id to its shard"
+                    )
 
     async def upsert(self, docs: list[Document], deadline_s: float | None = None) -> int:
         """Embed and store; returns once the documents are durable and searchable."""
         self._require_ready()
-        self._check_ids([d.id for d in docs])
-        texts = [document_text(d) for d in docs]
-        for doc, text in zip(docs, texts):
-            errors.check_text(f"document {doc.id!r} title + text", text, self.settings.max_doc_chars)
-        vectors = await self._embed(texts, False, deadline_s)
+        check_documents(docs, self.settings.document_limits())
+        self._check_owned([d.id for d in docs])
+        if self.index.read_only:
+            raise errors.FailedPrecondition("this recall server serves a read-only index; writes go to its writer")
+        vectors = await self._embed([document_text(d) for d in docs], False, deadline_s)
         await asyncio.to_thread(self.index.upsert, docs, vectors)
         return len(docs)
 
     async def delete(self, ids: list[str]) -> int:
         self._require_ready()
-        self._check_ids(ids)
+        check_ids(ids, self.settings.document_limits())
+        self._check_owned(ids)
         return await asyncio.to_thread(self.index.delete, ids)
+
+    async def get(self, ids: list[str]) -> list[Document]:
+        """Stored documents among ``ids``, in request order."""
+        self._require_ready()
+        check_ids(ids, self.settings.document_limits())
+        found = await asyncio.to_thread(self.index.get, ids)
+        return [found[i] for i in ids if i in found]
 
     def doc_count(self) -> int:
         return self.index.store.count() if self.index else 0
@@ -122,6 +128,9 @@ class RecallService:
             "dims": self.embedder.dims if self.embedder else 0,
             "doc_count": self.doc_count(),
             "execution_provider": self.embedder.session.get_providers()[0] if self.embedder else "",
+            "shard": self.index.manifest.shard if self.index else 0,
+            "shards": self.index.manifest.shards if self.index else 1,
+            "read_only": s.read_only,
             "limits": {
                 "max_k": s.max_k,
                 "max_query_chars": s.max_query_chars,

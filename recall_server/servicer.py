@@ -6,7 +6,7 @@ import grpc
 
 from recall_server.service import RecallService
 from twostage import __version__
-from twostage.corpus import Document
+from twostage.convert import document_from_proto, document_to_proto, metadata_to_proto
 from twostage.server import GrpcService, deadline_of
 from twostage.status import translate_errors
 from twostage.v1 import common_pb2, recall_pb2, recall_pb2_grpc
@@ -25,7 +25,8 @@ class RecallServicer(recall_pb2_grpc.RecallServicer):
         start = time.perf_counter()
         candidates, timings = await self.service.search(request.query, request.k, deadline_of(context))
         converted = [
-            recall_pb2.Candidate(id=c.document.id, title=c.document.title, text=c.document.text, score=c.score)
+            recall_pb2.Candidate(id=c.document.id, title=c.document.title, text=c.document.text, score=c.score,
+                                 metadata=metadata_to_proto(c.document.metadata))
             for c in candidates
         ]
         # total_ms covers the whole handler, so callers can tell transport from work.
@@ -42,19 +43,27 @@ class RecallServicer(recall_pb2_grpc.RecallServicer):
         )
 
     @translate_errors
-    async def Upsert(self, request: recall_pb2.UpsertRequest, context: grpc.aio.ServicerContext):
+    async def Upsert(self, request: common_pb2.UpsertRequest, context: grpc.aio.ServicerContext):
         start = time.perf_counter()
-        docs = [Document(d.id, d.title, d.text, dict(d.metadata)) for d in request.documents]
+        docs = [document_from_proto(d) for d in request.documents]
         upserted = await self.service.upsert(docs, deadline_of(context))
-        return recall_pb2.UpsertResponse(
+        return common_pb2.UpsertResponse(
             upserted=upserted, doc_count=self.service.doc_count(), timings_ms=_ms_since(start)
         )
 
     @translate_errors
-    async def Delete(self, request: recall_pb2.DeleteRequest, context: grpc.aio.ServicerContext):
+    async def Delete(self, request: common_pb2.DeleteRequest, context: grpc.aio.ServicerContext):
         start = time.perf_counter()
         deleted = await self.service.delete(list(request.ids))
-        return recall_pb2.DeleteResponse(deleted=deleted, doc_count=self.service.doc_count(), timings_ms=_ms_since(start))
+        return common_pb2.DeleteResponse(deleted=deleted, doc_count=self.service.doc_count(), timings_ms=_ms_since(start))
+
+    @translate_errors
+    async def Get(self, request: common_pb2.GetRequest, context: grpc.aio.ServicerContext):
+        found = await self.service.get(list(request.ids))
+        stored = {d.id for d in found}
+        return common_pb2.GetResponse(
+            documents=[document_to_proto(d) for d in found], missing=[i for i in request.ids if i not in stored]
+        )
 
     @translate_errors
     async def Info(self, request: common_pb2.InfoRequest, context: grpc.aio.ServicerContext):
@@ -66,6 +75,9 @@ class RecallServicer(recall_pb2_grpc.RecallServicer):
             doc_count=info["doc_count"],
             execution_provider=info["execution_provider"],
             limits=[common_pb2.Limit(name=k, value=v) for k, v in info["limits"].items()],
+            shard=info["shard"],
+            shards=info["shards"],
+            read_only=info["read_only"],
         )
 
 

@@ -10,20 +10,20 @@ from twostage.model_store import DEFAULT_RERANK_MODEL
 class RerankSettings(ServiceSettings, RuntimeSettings, BatchingSettings):
     model_config = SettingsConfigDict(env_prefix="TWOSTAGE_RERANK_", frozen=True, extra="forbid")
 
-    port: int = Field(50053, description="Port to bind; 0 picks a free one.")
+    port: int = Field(50053, ge=0, le=65535, description="Port to bind; 0 picks a free one.")
     model: str = Field(DEFAULT_RERANK_MODEL, description="Default model name or a model directory.")
     max_length: int = Field(
-        256,
+        256, ge=8, le=8192,
         description="Tokens per (query, document) pair; documents are truncated to fit. 256 keeps "
         "nearly all of a typical abstract at half the cost of 512.",
     )
-    max_query_chars: int = Field(2048, description="Longest query accepted.")
-    max_documents: int = Field(1000, description="Most documents in one request.")
-    max_document_chars: int = Field(100_000, description="Longest document accepted.")
+    max_query_chars: int = Field(2048, ge=1, description="Longest query accepted.")
+    max_documents: int = Field(1000, ge=1, description="Most documents in one request.")
+    max_document_chars: int = Field(100_000, ge=1, description="Longest document accepted.")
     # Measured with `twostage bench rerank` on 2 CPU cores, pairs/s by batch size (abstracts cut at 256
     # tokens): 4: 13.2, 8: 11.9, 16: 10.7, 32: 11.9. Small batches win on CPU, so the token budget
     # holds ~4 long pairs (or 16 short ones) per call.
-    max_batch_size: int = Field(32, description="Most pairs in one model call; raise to 64-256 on a GPU.")
+    max_batch_size: int = Field(32, ge=1, description="Most pairs in one model call; raise to 64-256 on a GPU.")
     max_batch_tokens: int = Field(
-        1024, description="Most padded tokens (pairs x longest pair) in one call; 8192-32768 on a GPU."
+        1024, ge=1, description="Most padded tokens (pairs x longest pair) in one call; 8192-32768 on a GPU."
     )

@@ -9,11 +9,10 @@ import grpc
 import pytest
 
 from gateway.config import GatewaySettings
+from recall_server.build import build_from_corpus
 from recall_server.config import RecallSettings
 from rerank_server.config import RerankSettings
-from twostage.cli.demo import DEMO_CORPUS
-from twostage.cli.index import build_from_corpus
-from twostage.corpus import read_corpus, read_qrels, read_queries
+from twostage.corpus import DEMO_CORPUS, read_corpus, read_qrels, read_queries
 from twostage.model_store import fetch_defaults
 
 # Queries whose relevant documents go into the test index, with filler documents.

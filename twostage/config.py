@@ -8,8 +8,10 @@ a CLI flag (``--max-wait-ms 5``), an env var with the service's prefix
 import argparse
 from typing import Literal
 
-from pydantic import Field
+from pydantic import Field, ValidationError
 from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from twostage.errors import ConfigError
 
 Provider = Literal["auto", "cpu", "cuda", "tensorrt"]
 
@@ -18,12 +20,20 @@ class ServiceSettings(BaseSettings):
     model_config = SettingsConfigDict(frozen=True, extra="forbid")
 
     host: str = Field("127.0.0.1", description="Address to bind; 0.0.0.0 in a container.")
-    port: int = Field(0, description="Port to bind; 0 picks a free one.")
-    grace_period_s: float = Field(
-        10.0, description="On SIGTERM, how long in-flight RPCs get to finish before they are cancelled."
+    port: int = Field(0, ge=0, le=65535, description="Port to bind; 0 picks a free one.")
+    reuse_port: bool = Field(
+        False,
+        description="Let several processes share the port (SO_REUSEPORT). Off: a port already in use is "
+        "an error, so a second stack can never silently answer half the requests.",
     )
-    metrics_port: int = Field(0, description="Prometheus /metrics port; 0 disables it.")
-    max_message_mb: int = Field(16, description="Largest gRPC message accepted or sent.")
+    grace_period_s: float = Field(
+        10.0, ge=0, description="On SIGTERM, how long in-flight RPCs get to finish before they are cancelled."
+    )
+    metrics_port: int = Field(0, ge=0, le=65535, description="Prometheus /metrics port; 0 disables it.")
+    metrics_host: str = Field(
+        "127.0.0.1", description="Address the metrics endpoint binds; 0.0.0.0 to let a scraper in another pod reach it."
+    )
+    max_message_mb: int = Field(16, ge=1, le=2047, description="Largest gRPC message accepted or sent.")
 
 
 class RuntimeSettings(BaseSettings):
@@ -33,9 +43,9 @@ class RuntimeSettings(BaseSettings):
         "auto", description="Execution provider: auto picks TensorRT, then CUDA, when installed; else CPU."
     )
     intra_op_threads: int = Field(
-        0, description="Threads inside one operator; 0 lets onnxruntime use every physical core."
+        0, ge=0, description="Threads inside one operator; 0 lets onnxruntime use every physical core."
     )
-    inter_op_threads: int = Field(1, description="Operators run in parallel; 1 suits transformer graphs.")
+    inter_op_threads: int = Field(1, ge=1, description="Operators run in parallel; 1 suits transformer graphs.")
     batch_invariant: bool = Field(
         True,
         description="For dynamically quantised int8 models, quantise activations per row so a result "
@@ -48,27 +58,27 @@ class BatchingSettings(BaseSettings):
     """Dynamic batching knobs. Measure with ``twostage bench`` before changing them."""
 
     max_batch_size: int = Field(
-        32,
+        32, ge=1,
         description="Most items in one model call. On CPU the token budget binds first; on a GPU raise "
         "both (64-256 items) until throughput stops growing.",
     )
     max_batch_tokens: int = Field(
-        8192,
+        8192, ge=1,
         description="Most padded tokens (items x longest item) in one call; bounds memory and per-batch "
         "latency. Raise it on a GPU, lower it if one batch takes longer than your budget allows.",
     )
     max_wait_ms: float = Field(
-        2.0,
+        2.0, ge=0, le=1000,
         description="How long the oldest queued item may wait for company before its batch runs. "
         "Adds at most this much latency at low load; 1-5 ms is enough to coalesce concurrent callers.",
     )
     max_queue_items: int = Field(
-        4096,
+        4096, ge=1,
         description="Items waiting beyond this are refused with RESOURCE_EXHAUSTED instead of queued. "
         "Set it to what the model clears within your latency budget (throughput x budget).",
     )
     pipeline_depth: int = Field(
-        2,
+        2, ge=1,
         description="Batches formed ahead and handed to the executor, so the model never waits for "
         "the next batch to be assembled. 2 is enough; more only adds queueing.",
     )
@@ -78,12 +88,9 @@ def add_settings_flags(parser: argparse.ArgumentParser, settings_cls: type[BaseS
     """Add one ``--field-name`` flag per settings field; unset flags stay None."""
     group = parser.add_argument_group(f"{settings_cls.__name__} (env prefix {settings_cls.model_config.get('env_prefix', '')})")
     for name, field in settings_cls.model_fields.items():
-        group.add_argument(
-            "--" + name.replace("_", "-"),
-            dest=name,
-            default=None,
-            help=f"{field.description or ''} [default: {field.default}]",
-        )
+        # argparse formats help with %, so a literal one must be doubled.
+        text = f"{field.description or ''} [default: {field.default}]".replace("%", "%%")
+        group.add_argument("--" + name.replace("_", "-"), dest=name, default=None, help=text)
 
 
 def settings_from_args(settings_cls, args: argparse.Namespace, **overrides):
@@ -94,4 +101,21 @@ def settings_from_args(settings_cls, args: argparse.Namespace, **overrides):
         if getattr(args, name, None) is not None
     }
     given.update(overrides)
-    return settings_cls(**given)
+    return load_settings(settings_cls, **given)
+
+
+def env_var(settings_cls: type[BaseSettings], field: str) -> str:
+    return f"{settings_cls.model_config.get('env_prefix', '')}{field}".upper()
+
+
+def load_settings(settings_cls, **given):
+    """Build settings; a bad value is a ConfigError naming its flag and environment variable."""
+    try:
+        return settings_cls(**given)
+    except ValidationError as error:
+        problems = []
+        for item in error.errors():
+            field = str(item["loc"][0]) if item["loc"] else ""
+            source = f"--{field.replace('_', '-')} / {env_var(settings_cls, field)}" if field else settings_cls.__name__
+            problems.append(f"{source} = {item.get('input')!r}: {item['msg']}")
+        raise ConfigError("invalid setting: " + "; ".join(problems)) from None

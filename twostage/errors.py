@@ -33,6 +33,22 @@ class Cancelled(TwostageError):
     """The caller went away; the work was dropped."""
 
 
+class FailedPrecondition(TwostageError):
+    """The request is well formed but this server cannot take it in its state (a read-only replica)."""
+
+
+class NotFound(TwostageError):
+    """What the request names does not exist."""
+
+
+class ConfigError(TwostageError):
+    """A setting is missing or out of range; raised at start, never per request."""
+
+
+class IndexLocked(TwostageError):
+    """Another process holds the index directory for writing."""
+
+
 class ModelMismatch(TwostageError):
     """An index or request refers to a model other than the one loaded."""
 

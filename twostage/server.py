@@ -46,13 +46,20 @@ class GrpcService:
         limit = settings.max_message_mb * 1024 * 1024
         self.server = grpc.aio.server(
             interceptors=[RpcMetricsInterceptor()],
-            options=[("grpc.max_receive_message_length", limit), ("grpc.max_send_message_length", limit)],
+            options=[
+                ("grpc.max_receive_message_length", limit),
+                ("grpc.max_send_message_length", limit),
+                # gRPC Python shares ports by default; a second server would then take half the traffic.
+                ("grpc.so_reuseport", int(settings.reuse_port)),
+            ],
         )
         self.health = health.aio.HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
         register(self.server)
         reflection.enable_server_reflection([*service_names, health.SERVICE_NAME, reflection.SERVICE_NAME], self.server)
         self.port = 0
+        self.metrics_port = 0
+        self._started = False
 
     async def _set_health(self, status) -> None:
         for service in ["", *self.service_names]:
@@ -60,19 +67,41 @@ class GrpcService:
 
     async def start(self) -> int:
         """Bind, load, warm up, then serve. Returns the bound port."""
+        s = self.settings
         await self._set_health(health_pb2.HealthCheckResponse.NOT_SERVING)
-        self.port = self.server.add_insecure_port(f"{self.settings.host}:{self.settings.port}")
+        address = f"{s.host}:{s.port}"
+        try:
+            self.port = self.server.add_insecure_port(address)
+        except RuntimeError:
+            self.port = 0
         if self.port == 0:
-            raise OSError(f"{self.name}: cannot bind {self.settings.host}:{self.settings.port}")
+            raise OSError(f"{self.name}: cannot listen on {address}: the port is in use (or the address is not "
+                          "this machine's); stop what holds it or choose another --port")
+        if s.metrics_port:
+            try:
+                start_metrics_server(s.metrics_port, s.metrics_host)
+            except OSError as error:
+                raise OSError(f"{self.name}: cannot serve metrics on {s.metrics_host}:{s.metrics_port}: "
+                              f"{error.strerror}; choose another --metrics-port") from None
+            self.metrics_port = s.metrics_port
+            log.info("%s metrics on http://%s:%d/metrics", self.name, s.metrics_host, s.metrics_port)
         await self.server.start()
-        if self.settings.metrics_port:
-            start_metrics_server(self.settings.metrics_port, self.settings.host)
+        self._started = True
+        log.info("%s listening on %s:%d (NOT_SERVING until loaded)", self.name, s.host, self.port)
         await self.lifecycle.start()
         await self._set_health(health_pb2.HealthCheckResponse.SERVING)
-        log.info("%s serving on %s:%d", self.name, self.settings.host, self.port)
+        log.info("%s serving on %s:%d", self.name, s.host, self.port)
         return self.port
 
+    def describe(self) -> str:
+        """Where it listens, for the line a supervisor waits for."""
+        metrics = f", metrics on {self.settings.metrics_host}:{self.metrics_port}" if self.metrics_port else ""
+        return f"{self.name} serving on port {self.port}{metrics}"
+
     async def stop(self, grace_s: float | None = None) -> None:
+        if not self._started:
+            await self.server.stop(0)
+            return
         await self.health.enter_graceful_shutdown()
         await self.server.stop(self.settings.grace_period_s if grace_s is None else grace_s)
         await self.lifecycle.close()
@@ -85,17 +114,16 @@ def install_stop_signals(stop: asyncio.Event) -> None:
         loop.add_signal_handler(sig, stop.set)
 
 
-async def serve_until_signal(
-    make_service: Callable[[], GrpcService], on_ready: Callable[[int], None] | None = None
-) -> None:
-    """Build (inside the running loop, as grpc.aio requires), start, serve until a signal, stop."""
+async def serve_until_signal(make_service: Callable[[], GrpcService]) -> None:
+    """Build (inside the running loop, as grpc.aio requires), start, serve until a signal, stop.
+
+    Prints one line once serving (``describe``): supervisors such as ``serve all`` wait for it."""
     stop = asyncio.Event()
     install_stop_signals(stop)
     service = make_service()
     try:
-        port = await service.start()
-        if on_ready:
-            on_ready(port)
+        await service.start()
+        print(service.describe(), flush=True)
         await stop.wait()
     finally:
         await service.stop()

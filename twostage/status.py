@@ -17,6 +17,11 @@ STATUS_BY_ERROR: dict[type[errors.TwostageError], grpc.StatusCode] = {
     errors.Unavailable: grpc.StatusCode.UNAVAILABLE,
     errors.DeadlineExceeded: grpc.StatusCode.DEADLINE_EXCEEDED,
     errors.Cancelled: grpc.StatusCode.CANCELLED,
+    errors.FailedPrecondition: grpc.StatusCode.FAILED_PRECONDITION,
+    errors.NotFound: grpc.StatusCode.NOT_FOUND,
+    # Raised at start, not per request; mapped so nothing can ever surface as INTERNAL.
+    errors.ConfigError: grpc.StatusCode.FAILED_PRECONDITION,
+    errors.IndexLocked: grpc.StatusCode.FAILED_PRECONDITION,
 }
 
 
@@ -50,11 +55,18 @@ def translate_errors(method):
 
 
 ERROR_BY_STATUS: dict[grpc.StatusCode, type[errors.TwostageError]] = {
-    code: error for error, code in STATUS_BY_ERROR.items() if error is not errors.ModelMismatch
+    code: error for error, code in STATUS_BY_ERROR.items()
+    if error not in (errors.ModelMismatch, errors.ConfigError, errors.IndexLocked)
 }
 
 
 def error_from_rpc(error: grpc.aio.AioRpcError, target: str) -> errors.TwostageError:
     """A downstream call's failure as a domain error (used by the gateway's clients)."""
     error_type = ERROR_BY_STATUS.get(error.code(), errors.Unavailable)
+    if error.code() in _CALLERS_OWN:
+        # The caller's mistake, passed on as the stage worded it; no internal address in it.
+        return error_type(error.details())
     return error_type(f"{target}: {error.code().name}: {error.details()}")
+
+
+_CALLERS_OWN = {grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.NOT_FOUND, grpc.StatusCode.FAILED_PRECONDITION}

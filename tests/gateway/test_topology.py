@@ -7,11 +7,11 @@ import pytest
 
 from gateway.config import GatewaySettings
 from gateway.servicer import build_server as build_gateway
+from recall_server.build import build_from_corpus
 from rerank_server.config import RerankSettings
 from rerank_server.service import RerankService
 from rerank_server.servicer import build_server as build_rerank
-from twostage.cli.index import build_from_corpus
-from twostage.cli.serve import Stack
+from twostage.stack import Stack
 from twostage.v1 import gateway_pb2, gateway_pb2_grpc
 
 pytestmark = pytest.mark.slow
@@ -73,7 +73,7 @@ async def test_killing_a_rerank_replica_fails_no_request(stack, gateway):
     replies = []
     for i in range(10):
         if i == 3:
-            stack.processes[len(stack.recall_targets)].kill()  # the first rerank replica, mid-stream
+            stack.children[len(stack.recall_targets)].process.kill()  # the first rerank replica, mid-stream
         replies.append(await stub.Search(gateway_pb2.SearchRequest(query=QUERIES[i % 4], recall_k=8, budget_ms=30_000)))
     assert all(r.reranked == r.candidates == 8 and not r.degraded for r in replies)
 
@@ -81,7 +81,7 @@ async def test_killing_a_rerank_replica_fails_no_request(stack, gateway):
 async def test_a_stopped_shard_degrades_to_recall_partial(stack, gateway):
     stub = await gateway(recall_targets=",".join(stack.recall_targets), rerank_targets=",".join(stack.rerank_targets))
     assert not (await stub.Search(gateway_pb2.SearchRequest(query=QUERIES[0], recall_k=8))).degraded
-    shard = stack.processes[1]
+    shard = stack.children[1].process
     shard.terminate()
     await shard.wait()
     reply = await stub.Search(gateway_pb2.SearchRequest(query=QUERIES[0], recall_k=8))

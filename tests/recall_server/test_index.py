@@ -35,7 +35,8 @@ def test_writes_survive_a_crash_between_graph_saves(tmp_path):
     index.upsert(docs("a", "b"), np.stack([unit(1), unit(2)]))
     index.delete(["a"])
     index.upsert(docs("b", "c"), np.stack([unit(5), unit(3)]))  # b moves
-    index.store.close()  # no save: as if the process died here
+    index.store.close()  # no save: as if the process died here (which also drops its lock)
+    index._lock.release()
     reopened = DocumentIndex.open(tmp_path / "ix", "m", DIMS)
     assert len(reopened) == 2
     assert sorted(d.id for d, _ in reopened.search(unit(1), 5)) == ["b", "c"]

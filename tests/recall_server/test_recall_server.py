@@ -35,18 +35,18 @@ async def test_embed_returns_unit_vectors(stub):
 
 
 async def test_upsert_then_search_then_delete(stub):
-    doc = recall_pb2.Document(
+    doc = common_pb2.Document(
         id="new-doc-1", title="Zebrafish fin regeneration",
         text="Zebrafish regenerate amputated caudal fins through blastema formation within two weeks.",
     )
     before = (await stub.Info(common_pb2.InfoRequest())).doc_count
-    reply = await stub.Upsert(recall_pb2.UpsertRequest(documents=[doc]))
+    reply = await stub.Upsert(common_pb2.UpsertRequest(documents=[doc]))
     assert (reply.upserted, reply.doc_count) == (1, before + 1)
     found = await stub.Search(recall_pb2.RecallSearchRequest(query="how do zebrafish regrow fins", k=3))
     assert found.candidates[0].id == "new-doc-1"
     assert found.candidates[0].text == doc.text
 
-    deleted = await stub.Delete(recall_pb2.DeleteRequest(ids=["new-doc-1", "never-existed"]))
+    deleted = await stub.Delete(common_pb2.DeleteRequest(ids=["new-doc-1", "never-existed"]))
     assert (deleted.deleted, deleted.doc_count) == (1, before)
     after = await stub.Search(recall_pb2.RecallSearchRequest(query="how do zebrafish regrow fins", k=20))
     assert "new-doc-1" not in [c.id for c in after.candidates]
@@ -62,19 +62,30 @@ async def test_upsert_then_search_then_delete(stub):
         (lambda s: s.Embed(recall_pb2.EmbedRequest(texts=[])), "texts (count)"),
         (lambda s: s.Embed(recall_pb2.EmbedRequest(texts=["a"] * 300)), "texts (count)"),
         (lambda s: s.Embed(recall_pb2.EmbedRequest(texts=["a"], model="other")), "unknown model 'other'"),
-        (lambda s: s.Upsert(recall_pb2.UpsertRequest(documents=[recall_pb2.Document(id=" bad", text="t")])), "malformed"),
-        (lambda s: s.Upsert(recall_pb2.UpsertRequest(documents=[recall_pb2.Document(id="", text="t")])), "malformed"),
+        (lambda s: s.Upsert(common_pb2.UpsertRequest(documents=[common_pb2.Document(id=" bad", text="t")])), "malformed"),
+        (lambda s: s.Upsert(common_pb2.UpsertRequest(documents=[common_pb2.Document(id="", text="t")])), "malformed"),
         (
-            lambda s: s.Upsert(recall_pb2.UpsertRequest(documents=[recall_pb2.Document(id="a", text="t")] * 2)),
+            lambda s: s.Upsert(common_pb2.UpsertRequest(documents=[common_pb2.Document(id="a", text="t")] * 2)),
             "more than once",
         ),
-        (lambda s: s.Upsert(recall_pb2.UpsertRequest(documents=[recall_pb2.Document(id="a", text="")])), "empty"),
+        (lambda s: s.Upsert(common_pb2.UpsertRequest(documents=[common_pb2.Document(id="a", text="")])), "no title or text"),
         (
-            lambda s: s.Upsert(recall_pb2.UpsertRequest(documents=[recall_pb2.Document(id="a", text="x" * 200_000)])),
+            lambda s: s.Upsert(common_pb2.UpsertRequest(documents=[common_pb2.Document(
+                id="a", text="t", metadata={"bad key!": common_pb2.MetadataValue(string_value="x")})])),
+            "metadata key 'bad key!'",
+        ),
+        (
+            lambda s: s.Upsert(common_pb2.UpsertRequest(documents=[common_pb2.Document(
+                id="a", text="t", metadata={"year": common_pb2.MetadataValue(number_value=float("nan"))})])),
+            "metadata 'year' must be a finite number",
+        ),
+        (lambda s: s.Get(common_pb2.GetRequest(ids=[])), "ids (count)"),
+        (
+            lambda s: s.Upsert(common_pb2.UpsertRequest(documents=[common_pb2.Document(id="a", text="x" * 200_000)])),
             "limit is 100000",
         ),
-        (lambda s: s.Delete(recall_pb2.DeleteRequest(ids=[])), "ids (count)"),
-        (lambda s: s.Delete(recall_pb2.DeleteRequest(ids=["a\x00b"])), "malformed"),
+        (lambda s: s.Delete(common_pb2.DeleteRequest(ids=[])), "ids (count)"),
+        (lambda s: s.Delete(common_pb2.DeleteRequest(ids=["a\x00b"])), "malformed"),
     ],
 )
 async def test_invalid_requests_are_rejected(stub, call, message):
@@ -106,7 +117,7 @@ async def test_acknowledged_writes_survive_a_restart(index_copy, models):
     from recall_server.servicer import build_server
 
     settings = RecallSettings(port=0, index_dir=index_copy, save_every_writes=10**6)
-    doc = recall_pb2.Document(id="persist-1", title="Tardigrade desiccation",
+    doc = common_pb2.Document(id="persist-1", title="Tardigrade desiccation",
                               text="Tardigrades survive complete desiccation by entering a tun state.")
     for round_trip in range(2):
         server = build_server(RecallService(settings))
@@ -114,9 +125,9 @@ async def test_acknowledged_writes_survive_a_restart(index_copy, models):
         async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
             stub = recall_pb2_grpc.RecallStub(channel)
             if round_trip == 0:
-                await stub.Upsert(recall_pb2.UpsertRequest(documents=[doc]))
+                await stub.Upsert(common_pb2.UpsertRequest(documents=[doc]))
                 first_doc = (await stub.Search(recall_pb2.RecallSearchRequest(query="mycobacterium", k=1))).candidates[0].id
-                await stub.Delete(recall_pb2.DeleteRequest(ids=[first_doc]))
+                await stub.Delete(common_pb2.DeleteRequest(ids=[first_doc]))
             else:
                 found = await stub.Search(recall_pb2.RecallSearchRequest(query="tardigrades surviving drying", k=1))
                 assert found.candidates[0].id == "persist-1"

@@ -5,6 +5,7 @@ import pytest
 
 from rerank_server.config import RerankSettings
 from twostage.config import add_settings_flags, settings_from_args
+from twostage.errors import ConfigError
 
 
 def parse(argv):
@@ -25,10 +26,50 @@ def test_settings_are_frozen_and_validated():
     settings = RerankSettings()
     with pytest.raises(pydantic.ValidationError):
         settings.max_wait_ms = 1  # type: ignore[misc]
-    with pytest.raises(pydantic.ValidationError):
+    with pytest.raises(ConfigError, match="--max-batch-size / TWOSTAGE_RERANK_MAX_BATCH_SIZE = 'many'"):
         settings_from_args(RerankSettings, parse(["--max-batch-size", "many"]))
     with pytest.raises(pydantic.ValidationError):
         RerankSettings(provider="tpu")
+
+
+def test_a_bad_environment_value_names_the_variable(monkeypatch):
+    monkeypatch.setenv("TWOSTAGE_RERANK_PIPELINE_DEPTH", "0")
+    with pytest.raises(ConfigError, match=r"TWOSTAGE_RERANK_PIPELINE_DEPTH = '0'.*greater than or equal to 1"):
+        settings_from_args(RerankSettings, parse([]))
+
+
+@pytest.mark.parametrize(
+    ("cls", "field", "value"),
+    [
+        ("rerank", "pipeline_depth", "0"),
+        ("rerank", "max_batch_tokens", "0"),
+        ("rerank", "port", "70000"),
+        ("rerank", "max_wait_ms", "-1"),
+        ("recall", "max_k", "0"),
+        ("gateway", "recall_budget_share", "0"),
+        ("gateway", "fusion_alpha", "1.5"),
+        ("gateway", "health_check_period_s", "0"),
+    ],
+)
+def test_settings_are_range_checked_at_start(cls, field, value):
+    from gateway.config import GatewaySettings
+    from recall_server.config import RecallSettings
+
+    settings_cls = {"rerank": RerankSettings, "recall": RecallSettings, "gateway": GatewaySettings}[cls]
+    parser = argparse.ArgumentParser()
+    add_settings_flags(parser, settings_cls)
+    with pytest.raises(ConfigError, match="--" + field.replace("_", "-")):
+        settings_from_args(settings_cls, parser.parse_args(["--" + field.replace("_", "-"), value]))
+
+
+@pytest.mark.parametrize("service", ["recall", "rerank", "gateway"])
+def test_serve_help_works_for_every_service(service, capsys):
+    from twostage.cli import main
+
+    with pytest.raises(SystemExit) as exited:
+        main(["serve", service, "--help"])
+    assert exited.value.code == 0
+    assert "--port" in capsys.readouterr().out
 
 
 def test_every_field_has_a_description():

@@ -6,9 +6,8 @@ import numpy as np
 
 from recall_server.embedder import Embedder
 from rerank_server.cross_encoder import CrossEncoder
-from twostage.cli.demo import DEMO_CORPUS
 from twostage.config import RuntimeSettings
-from twostage.corpus import document_text, read_corpus
+from twostage.corpus import DEMO_CORPUS, document_text, read_corpus
 
 QUERY = "A deficiency of vitamin B12 increases blood levels of homocysteine."
 

@@ -5,11 +5,11 @@ import os
 import sys
 
 from twostage import __version__
-from twostage.cli import bench, config, demo, evaluate, index, loadtest, models, search, serve
+from twostage.cli import bench, config, demo, docs, evaluate, health, index, loadtest, models, search, serve
 from twostage.errors import TwostageError
 from twostage.logs import configure as configure_logging
 
-COMMANDS = (serve, search, models, index, demo, evaluate, loadtest, config, bench)
+COMMANDS = (serve, search, docs, health, models, index, demo, evaluate, loadtest, config, bench)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -27,6 +27,10 @@ def main(argv: list[str] | None = None) -> int:
     configure_logging(args.log_level)
     try:
         return args.run(args) or 0
+    except BrokenPipeError:
+        # The reader went away (`twostage ... | head`): stop quietly, as other Unix tools do.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 141
     except (TwostageError, ValueError, OSError) as error:
         print(f"twostage: error: {error}", file=sys.stderr)
         return 2

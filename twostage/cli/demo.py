@@ -4,8 +4,8 @@ import asyncio
 from pathlib import Path
 
 from twostage.cli.serve import add_stack_flags, run_stack
+from twostage.corpus import DEMO_CORPUS
 
-DEMO_CORPUS = Path(__file__).resolve().parent.parent / "data" / "scifact-demo"
 SAMPLE_QUERY = "A deficiency of vitamin B12 increases blood levels of homocysteine."
 
 
@@ -21,7 +21,7 @@ def register(commands) -> None:
 def prepare(index_dir: Path, rebuild: bool) -> None:
     import shutil
 
-    from twostage.cli.index import build_from_corpus
+    from recall_server.build import build_from_corpus
     from twostage.model_store import fetch_defaults
 
     fetch_defaults()

@@ -4,7 +4,7 @@ import asyncio
 import hashlib
 from pathlib import Path
 
-from twostage.cli.demo import DEMO_CORPUS
+from twostage.corpus import DEMO_CORPUS
 
 
 def register(commands) -> None:
@@ -79,9 +79,9 @@ def run(args) -> None:
 
 async def _with_local_stack(args, measure) -> dict:
     """Build (once, cached) an index of the data set and serve it for the run."""
-    from twostage.cli.index import build_from_corpus
-    from twostage.cli.serve import Stack
+    from recall_server.build import build_from_corpus
     from twostage.model_store import cache_dir, fetch_defaults
+    from twostage.stack import Stack
 
     fetch_defaults()
     key = hashlib.sha256(str(args.dataset.resolve()).encode()).hexdigest()[:12]

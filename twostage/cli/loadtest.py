@@ -2,9 +2,11 @@
 
 import asyncio
 import json
+import sys
 from pathlib import Path
 
-from twostage.cli.demo import DEMO_CORPUS
+from twostage.cli.args import non_negative_int, positive_float, positive_int
+from twostage.corpus import DEMO_CORPUS
 
 
 def register(commands) -> None:
@@ -13,20 +15,22 @@ def register(commands) -> None:
     parser.add_argument("--stage", choices=["gateway", "recall", "rerank"], default="gateway")
     parser.add_argument("--queries", type=Path, default=DEMO_CORPUS / "queries.jsonl",
                         help="BEIR queries.jsonl or a text file with one query per line")
-    parser.add_argument("--rate-rps", type=float, default=2.0)
-    parser.add_argument("--duration-s", type=float, default=30.0, help="at most 600")
-    parser.add_argument("--max-requests", type=int, default=10_000)
+    parser.add_argument("--rate-rps", type=positive_float, default=2.0)
+    parser.add_argument("--duration-s", type=positive_float, default=30.0, help="at most 600")
+    parser.add_argument("--max-requests", type=positive_int, default=10_000)
     parser.add_argument("--poisson", action="store_true", help="Poisson arrivals instead of a constant rate")
     parser.add_argument("--step", default=None, metavar="R1,R2,...",
                         help="step mode: these rates in turn, each for --duration-s, until the SLO breaks")
     parser.add_argument("--slo-p99-ms", type=float, default=None, help="step mode: p99 limit (default: the budget)")
-    parser.add_argument("--top-k", type=int, default=10)
-    parser.add_argument("--recall-k", type=int, default=100)
-    parser.add_argument("--budget-ms", type=int, default=0, help="gateway budget (0: server default)")
-    parser.add_argument("--documents", type=int, default=20, help="rerank stage: documents per request")
-    parser.add_argument("--timeout-s", type=float, default=30.0)
+    parser.add_argument("--top-k", type=non_negative_int, default=0, help="hits per answer (0: server default)")
+    parser.add_argument("--recall-k", type=non_negative_int, default=0,
+                        help="candidates per search (0: server default; required with --stage recall)")
+    parser.add_argument("--budget-ms", type=non_negative_int, default=0, help="gateway budget (0: server default)")
+    parser.add_argument("--documents", type=positive_int, default=20, help="rerank stage: documents per request")
+    parser.add_argument("--timeout-s", type=positive_float, default=30.0)
     parser.add_argument("--json", type=Path, default=None)
-    parser.add_argument("--plot", type=Path, default=None, help="PNG: latency over time and its CDF")
+    parser.add_argument("--plot", type=Path, default=None,
+                        help="PNG: latency over time and its CDF (step mode: rate and p99 by step)")
     parser.set_defaults(run=run)
 
 
@@ -62,7 +66,14 @@ def run(args) -> int:
         for step in report["steps"]:
             print(f"  {step['offered_rps']:>8} rps: achieved {step['achieved_rps']}, p99 {step['p99_ms']} ms, "
                   f"errors {step['errors'] or 'none'}, degraded {step['degraded'] or 'none'}")
-        print(f"highest rate with p99 <= {slo:g} ms and no errors: {report['max_sustainable_rps']} rps")
+        print(f"highest rate with p99 <= {slo:g} ms, no errors and nothing degraded: "
+              f"{report['max_sustainable_rps']} rps")
+        if args.plot:
+            from twostage.evaluation.plots import plot_steps
+
+            plot_steps(report["steps"], slo, args.plot, f"{args.stage}: step load")
+            print(f"plot: {args.plot}")
+        outcomes = report["steps"]
     else:
         result = asyncio.run(
             run_load(args.target, args.stage, queries, args.rate_rps, args.duration_s, args.max_requests, **common)
@@ -75,7 +86,12 @@ def run(args) -> int:
             plot_load(result.scheduled_s, result.latencies_ms, args.plot,
                       f"{args.stage} at {args.rate_rps:g} rps ({'Poisson' if args.poisson else 'constant'})")
             print(f"plot: {args.plot}")
+        outcomes = [report]
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps(report, indent=2) + "\n")
+    if all(o["ok"] == 0 for o in outcomes):
+        examples = "; ".join(f"{code}: {text}" for o in outcomes for code, text in o["error_examples"].items())
+        print(f"twostage: error: every request failed ({examples})", file=sys.stderr)
+        return 1
     return 0

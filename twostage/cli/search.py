@@ -1,36 +1,41 @@
 """``twostage search "<query>"``: ask a gateway and print the hits."""
 
 import json
+import sys
 import textwrap
 
 import grpc
 from google.protobuf.json_format import MessageToDict
 
+from twostage.cli.args import non_negative_int, positive_float
+from twostage.cli.client import add_target_flag, explain, open_channel
+from twostage.convert import metadata_from_proto
 from twostage.v1 import gateway_pb2, gateway_pb2_grpc
 
 
 def register(commands) -> None:
     parser = commands.add_parser("search", help="search through a running gateway")
     parser.add_argument("query")
-    parser.add_argument("--target", default="localhost:50051", help="gateway host:port")
-    parser.add_argument("--top-k", type=int, default=0, help="hits to return (0: server default)")
-    parser.add_argument("--recall-k", type=int, default=0, help="candidates to recall (0: server default)")
-    parser.add_argument("--budget-ms", type=int, default=0, help="latency budget (0: server default)")
-    parser.add_argument("--timeout-s", type=float, default=60.0, help="client deadline")
+    add_target_flag(parser)
+    parser.add_argument("--top-k", type=non_negative_int, default=0, help="hits to return (0: server default)")
+    parser.add_argument("--recall-k", type=non_negative_int, default=0, help="candidates to recall (0: server default)")
+    parser.add_argument("--budget-ms", type=non_negative_int, default=0, help="latency budget (0: server default)")
+    parser.add_argument("--timeout-s", type=positive_float, default=60.0, help="client deadline")
     parser.add_argument("--json", action="store_true", help="print the response as JSON")
     parser.set_defaults(run=run)
 
 
 def search(target: str, request: gateway_pb2.SearchRequest, timeout_s: float) -> gateway_pb2.SearchResponse:
-    with grpc.insecure_channel(target) as channel:
+    with open_channel(target) as channel:
         return gateway_pb2_grpc.GatewayStub(channel).Search(request, timeout=timeout_s)
 
 
 def response_as_dict(response: gateway_pb2.SearchResponse) -> dict:
     result = MessageToDict(response, preserving_proto_field_name=True, always_print_fields_with_no_presence=True)
     result["timings"] = result.pop("timings_ms")
-    for hit in result["hits"]:
+    for hit, proto in zip(result["hits"], response.hits):
         hit.setdefault("rerank_score", None)
+        hit["metadata"] = metadata_from_proto(proto.metadata)  # plain values, not the oneof wrapper
     return result
 
 
@@ -40,6 +45,9 @@ def format_response(response: gateway_pb2.SearchResponse) -> str:
         rerank = f"{hit.rerank_score:8.3f}" if hit.HasField("rerank_score") else f"{'-':>8}"
         title = textwrap.shorten(hit.title or hit.text, 70)
         lines.append(f"{rank:>3} {hit.score:8.3f} {rerank} {hit.recall_rank:>7}  {hit.id}: {title}")
+        if hit.metadata:
+            pairs = ", ".join(f"{k}={v}" for k, v in sorted(metadata_from_proto(hit.metadata).items()))
+            lines.append(f"{'':>37}{textwrap.shorten(pairs, 70)}")
     timings = ", ".join(f"{k} {v:.1f}" for k, v in sorted(response.timings_ms.items()))
     lines.append(f"{response.reranked} of {response.candidates} candidates reranked; timings (ms): {timings}")
     if response.degraded:
@@ -54,7 +62,7 @@ def run(args) -> int:
     try:
         response = search(args.target, request, args.timeout_s)
     except grpc.RpcError as error:
-        print(f"twostage: search failed: {error.code().name}: {error.details()}")
+        print(f"twostage: search failed: {explain(error, args.target)}", file=sys.stderr)
         return 1
     print(json.dumps(response_as_dict(response), indent=2) if args.json else format_response(response))
     return 0

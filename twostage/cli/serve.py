@@ -2,13 +2,12 @@
 
 import argparse
 import asyncio
-import signal
 import sys
-from pathlib import Path
 
+from twostage.cli.args import port_number, positive_int
 from twostage.config import add_settings_flags, settings_from_args
-from twostage.probe import wait_serving
 from twostage.server import install_stop_signals, serve_until_signal
+from twostage.stack import Stack
 
 
 def register(commands) -> None:
@@ -33,16 +32,17 @@ def register(commands) -> None:
 
 def add_stack_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--host", default="127.0.0.1")
-    parser.add_argument("--port", type=int, default=50051, help="gateway port; recall and rerank take the next ones")
+    parser.add_argument("--port", type=port_number, default=50051, help="gateway port; recall and rerank take the next ones")
     parser.add_argument("--index-dir", default=None, help="recall index (default: the demo index)")
-    parser.add_argument("--recall-shards", type=int, default=1,
+    parser.add_argument("--recall-shards", type=positive_int, default=1,
                         help="recall processes, one per index shard (INDEX_DIR/shard-i, from 'index build --shards')")
-    parser.add_argument("--rerank-replicas", type=int, default=1, help="rerank processes, each on its own port")
+    parser.add_argument("--rerank-replicas", type=positive_int, default=1, help="rerank processes, each on its own port")
     parser.add_argument("--ready-timeout-s", type=float, default=300.0)
-
-
-def _announce(name: str):
-    return lambda port: print(f"{name} serving on port {port}", flush=True)
+    parser.add_argument("--metrics-port", type=port_number, default=0,
+                        help="Prometheus ports from here: gateway, then recall shards, then rerank replicas (0: off)")
+    parser.add_argument("--embed-model", default=None, help="recall's model name or directory (default: the recall server's)")
+    parser.add_argument("--rerank-model", default=None,
+                        help="rerank's model name or directory (default: the rerank server's)")
 
 
 def _serve_recall(args) -> None:
@@ -50,7 +50,7 @@ def _serve_recall(args) -> None:
     from recall_server.servicer import build_server
 
     settings = settings_from_args(args.settings_cls, args)
-    asyncio.run(serve_until_signal(lambda: build_server(RecallService(settings)), _announce("recall")))
+    asyncio.run(serve_until_signal(lambda: build_server(RecallService(settings))))
 
 
 def _serve_rerank(args) -> None:
@@ -58,94 +58,42 @@ def _serve_rerank(args) -> None:
     from rerank_server.servicer import build_server
 
     settings = settings_from_args(args.settings_cls, args)
-    asyncio.run(serve_until_signal(lambda: build_server(RerankService(settings)), _announce("rerank")))
+    asyncio.run(serve_until_signal(lambda: build_server(RerankService(settings))))
 
 
 def _serve_gateway(args) -> None:
     from gateway.servicer import build_server
 
     settings = settings_from_args(args.settings_cls, args)
-    asyncio.run(serve_until_signal(lambda: build_server(settings), _announce("gateway")))
-
-
-class Stack:
-    """The three tiers as child processes, started in order and stopped together."""
-
-    def __init__(self, host: str, port: int, index_dir: str | None, rerank_replicas: int = 1, recall_shards: int = 1):
-        self.host = host
-        self.gateway_target = f"{host}:{port}"
-        self.recall_targets = [f"{host}:{port + 1 + i}" for i in range(recall_shards)]
-        self.rerank_targets = [f"{host}:{port + 1 + recall_shards + i}" for i in range(rerank_replicas)]
-        self.index_dirs: list[str | None] = [index_dir]
-        if recall_shards > 1:
-            from recall_server.build import shard_dirs
-
-            if index_dir is None:
-                raise ValueError("--recall-shards needs --index-dir with shard-0 .. shard-N subdirectories")
-            self.index_dirs = [str(d) for d in shard_dirs(Path(index_dir), recall_shards)]
-            if missing := [d for d in self.index_dirs if not Path(d).is_dir()]:
-                raise FileNotFoundError(f"missing shard {missing[0]}; build with 'twostage index build --shards N'")
-        self.processes: list[asyncio.subprocess.Process] = []
-
-    async def _spawn(self, module: str, target: str, *flags: str) -> None:
-        port = target.rsplit(":", 1)[1]
-        self.processes.append(
-            await asyncio.create_subprocess_exec(sys.executable, "-m", module, "--host", self.host, "--port", port, *flags)
-        )
-
-    def alive(self) -> bool:
-        return all(p.returncode is None for p in self.processes)
-
-    async def start(self, ready_timeout_s: float) -> None:
-        for target, index_dir in zip(self.recall_targets, self.index_dirs):
-            await self._spawn("recall_server", target, *(["--index-dir", index_dir] if index_dir else []))
-        for target in self.rerank_targets:
-            await self._spawn("rerank_server", target)
-        await self._spawn(
-            "gateway",
-            self.gateway_target,
-            "--recall-targets", ",".join(self.recall_targets),
-            "--rerank-targets", ",".join(self.rerank_targets),
-        )
-        targets = [self.gateway_target, *self.recall_targets, *self.rerank_targets]
-        await wait_serving(targets, ready_timeout_s, self.alive)
-
-    async def wait_any_exit(self) -> None:
-        await asyncio.wait([asyncio.create_task(p.wait()) for p in self.processes], return_when=asyncio.FIRST_COMPLETED)
-
-    async def stop(self, timeout_s: float = 30.0) -> int:
-        """SIGTERM the gateway first (no new searches), then the stages; kill stragglers."""
-        for process in self.processes[::-1]:
-            if process.returncode is None:
-                process.send_signal(signal.SIGTERM)
-        codes = []
-        for process in self.processes:
-            try:
-                codes.append(await asyncio.wait_for(process.wait(), timeout_s))
-            except TimeoutError:
-                process.kill()
-                codes.append(await process.wait())
-        return max((abs(c) for c in codes if c not in (0, -signal.SIGTERM)), default=0)
+    asyncio.run(serve_until_signal(lambda: build_server(settings)))
 
 
 async def run_stack(args, then=None) -> int:
     """Run the stack until a signal or a child's exit; ``then(stack)`` runs once it is ready
-    (with ``args.once`` the stack stops after it)."""
-    stack = Stack(args.host, args.port, args.index_dir, args.rerank_replicas, args.recall_shards)
+    (with ``args.once`` the stack stops after it). A child that dies takes the stack down, named."""
+    stack = Stack(args.host, args.port, args.index_dir, args.rerank_replicas, args.recall_shards,
+                  args.metrics_port, args.embed_model, args.rerank_model)
     stop = asyncio.Event()
     install_stop_signals(stop)
+    died = None
     try:
         await stack.start(args.ready_timeout_s)
+        metrics = stack.metrics_ports()
         print(f"twostage is serving: gateway {stack.gateway_target}, recall {', '.join(stack.recall_targets)}, "
-              f"rerank {', '.join(stack.rerank_targets)}", flush=True)
+              f"rerank {', '.join(stack.rerank_targets)}"
+              + (f"; metrics on ports {', '.join(str(p) for p in metrics.values())}" if metrics else ""), flush=True)
         if then is not None:
             await then(stack)
         if not getattr(args, "once", False):
             print("press Ctrl-C to stop", flush=True)
-            await asyncio.wait(
-                [asyncio.create_task(stop.wait()), asyncio.create_task(stack.wait_any_exit())],
-                return_when=asyncio.FIRST_COMPLETED,
-            )
+            stopped = asyncio.create_task(stop.wait())
+            exited = asyncio.create_task(stack.wait_any_exit())
+            await asyncio.wait([stopped, exited], return_when=asyncio.FIRST_COMPLETED)
+            if exited.done():
+                died = exited.result()
+                print(f"twostage: error: {died.exit_description()}; stopping the stack", file=sys.stderr, flush=True)
+            stopped.cancel()
+            exited.cancel()
     finally:
         code = await stack.stop()
-    return code
+    return 1 if died is not None else code

@@ -4,6 +4,7 @@ ranking on a BEIR data set, through a running gateway."""
 import asyncio
 import itertools
 import json
+import math
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -14,7 +15,7 @@ from tqdm import tqdm
 
 from twostage.corpus import read_qrels, read_queries
 from twostage.evaluation.metrics import evaluate
-from twostage.v1 import gateway_pb2, gateway_pb2_grpc, recall_pb2, recall_pb2_grpc
+from twostage.v1 import common_pb2, gateway_pb2, gateway_pb2_grpc, recall_pb2, recall_pb2_grpc
 
 # Bins of recall positions for the promotion-depth histogram.
 DEPTH_BINS = [1, 11, 21, 51, 101, 201, 501, 1001]
@@ -92,20 +93,39 @@ def promotion_histogram(answers: list[Answer], top_k: int = 10) -> dict[str, int
     return counts
 
 
-def recall_k_advice(positions: dict[str, dict[str, int | None]], recall_k: int, depth: int) -> tuple[float, str]:
-    """Share of relevant documents recall ranks beyond recall_k, and what that means in words."""
-    ranks = [r for per_query in positions.values() for r in per_query.values()]
+def recall_k_advice(positions: dict[str, dict[str, int | None]], recall_k: int, depth: int,
+                    not_indexed: set[str] = frozenset()) -> tuple[float, str]:
+    """Share of indexed relevant documents recall ranks beyond recall_k, and what that means in words.
+
+    Relevant documents absent from the index are no fault of recall_k: they are counted apart."""
+    ranks = [r for per_query in positions.values() for d, r in per_query.items() if d not in not_indexed]
+    absent = f" {len(not_indexed)} judged relevant documents are not in the index at all." if not_indexed else ""
     if not ranks:
-        return 0.0, "no judged documents to judge recall_k by"
+        return 0.0, "no judged documents in the index to judge recall_k by." + absent
     beyond = sum(r is None or r > recall_k for r in ranks) / len(ranks)
     if beyond <= 0.02:
-        return beyond, f"recall_k={recall_k} looks large enough: {beyond:.1%} of relevant documents rank below it."
-    found = sorted(r for r in ranks if r is not None)
-    needed = found[min(len(found) - 1, int(0.98 * len(ranks)))] if found else depth
+        return beyond, (f"recall_k={recall_k} looks large enough: {beyond:.1%} of relevant documents in the index "
+                        f"rank below it.{absent}")
+    ordered = sorted(r if r is not None else depth + 1 for r in ranks)
+    needed = ordered[min(len(ordered) - 1, math.ceil(0.98 * len(ordered)) - 1)]
+    cover = (f"recall_k={needed} would cover 98% (at more rerank cost)." if needed <= depth
+             else f"even recall_k={depth} covers less than 98%.")
     return beyond, (
-        f"recall_k={recall_k} looks too small: {beyond:.1%} of relevant documents rank below it in recall, "
-        f"where no reranker can reach them. recall_k={needed} would cover 98% (at more rerank cost)."
+        f"recall_k={recall_k} looks too small: {beyond:.1%} of relevant documents in the index rank below it in "
+        f"recall, where no reranker can reach them. {cover}{absent}"
     )
+
+
+async def not_in_index(gateway_target: str, doc_ids: set[str], batch: int = 500) -> set[str]:
+    """The ids the stack does not store (asked through the gateway, which covers every shard)."""
+    missing: set[str] = set()
+    ids = sorted(doc_ids)
+    async with grpc.aio.insecure_channel(gateway_target) as channel:
+        stub = gateway_pb2_grpc.GatewayStub(channel)
+        for start in range(0, len(ids), batch):
+            reply = await stub.Get(common_pb2.GetRequest(ids=ids[start:start + batch]))
+            missing.update(reply.missing)
+    return missing
 
 
 def summarise(answers: list[Answer], qrels, recall_k: int) -> dict:
@@ -149,7 +169,10 @@ def run(target: str, recall_target: str | None, dataset: Path, split: str, recal
     if recall_target:
         depth = max(1000, recall_k)
         positions = asyncio.run(recall_positions(recall_target, queries, qrels, depth))
-        report["beyond_recall_k"], report["advice"] = recall_k_advice(positions, recall_k, depth)
+        relevant = {d for per_query in positions.values() for d in per_query}
+        absent = asyncio.run(not_in_index(target, relevant))
+        report["relevant_not_indexed"] = len(absent)
+        report["beyond_recall_k"], report["advice"] = recall_k_advice(positions, recall_k, depth, absent)
     if sweep_alpha:
         report["sweep_alpha"] = {
             str(alpha): evaluate(rankings(answers, fusion, alpha)["final"], qrels, [10])["ndcg@10"]

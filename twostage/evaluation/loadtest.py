@@ -30,6 +30,7 @@ class LoadResult:
     send_offsets_s: list[float] = field(default_factory=list)  # actual send time - scheduled time
     scheduled_s: list[float] = field(default_factory=list)
     errors: Counter = field(default_factory=Counter)
+    error_examples: dict[str, str] = field(default_factory=dict)  # status -> the first message with it
     degraded: Counter = field(default_factory=Counter)
     histogram: HdrHistogram = field(default_factory=lambda: HdrHistogram(1, MAX_LATENCY_US, 3))
 
@@ -48,6 +49,7 @@ class LoadResult:
             "p999_ms": percentile(99.9),
             "max_ms": round(h.get_max_value() / 1000, 2) if done else None,
             "errors": dict(self.errors),
+            "error_examples": dict(self.error_examples),
             "degraded": dict(self.degraded),
         }
 
@@ -95,11 +97,13 @@ def make_caller(channel: grpc.aio.Channel, stage: str, top_k: int, recall_k: int
 
 
 async def run_load(target: str, stage: str, queries: list[str], rate_rps: float, duration_s: float,
-                   max_requests: int, poisson: bool = False, timeout_s: float = 30.0, top_k: int = 10,
-                   recall_k: int = 100, budget_ms: int = 0, documents: list[str] | None = None,
+                   max_requests: int, poisson: bool = False, timeout_s: float = 30.0, top_k: int = 0,
+                   recall_k: int = 0, budget_ms: int = 0, documents: list[str] | None = None,
                    progress: bool = True) -> LoadResult:
     if not queries:
         raise ValueError("no queries to send")
+    if stage == "recall" and recall_k < 1:
+        raise ValueError("a load test of the recall stage needs --recall-k (candidates per search)")
     duration_s = min(duration_s, MAX_DURATION_S)
     times = schedule(rate_rps, duration_s, max_requests, poisson)
     result = LoadResult(offered_rps=rate_rps, duration_s=duration_s)
@@ -113,6 +117,7 @@ async def run_load(target: str, stage: str, queries: list[str], rate_rps: float,
                 reason = await call(queries[index % len(queries)], timeout_s)
             except grpc.aio.AioRpcError as error:
                 result.errors[error.code().name] += 1
+                result.error_examples.setdefault(error.code().name, error.details() or "")
                 return
             latency_us = int(1e6 * (time.perf_counter() - start - scheduled))
             result.histogram.record_value(min(max(latency_us, 1), MAX_LATENCY_US))
@@ -134,12 +139,14 @@ async def run_load(target: str, stage: str, queries: list[str], rate_rps: float,
 
 async def find_max_rate(target: str, stage: str, queries: list[str], rates: list[float], step_s: float,
                         slo_p99_ms: float, **kwargs) -> dict:
-    """Raise the rate step by step until p99 breaks the SLO or errors appear."""
+    """Raise the rate step by step until p99 breaks the SLO, or errors or degraded answers appear:
+    a rate is sustained only when every answer is complete and in time."""
     steps, sustainable = [], None
     for rate in rates:
         outcome = (await run_load(target, stage, queries, rate, step_s, int(rate * step_s) + 1, **kwargs)).report()
         steps.append(outcome)
-        healthy = not outcome["errors"] and outcome["p99_ms"] is not None and outcome["p99_ms"] <= slo_p99_ms
+        healthy = (not outcome["errors"] and not outcome["degraded"] and outcome["p99_ms"] is not None
+                   and outcome["p99_ms"] <= slo_p99_ms)
         if not healthy:
             break
         sustainable = rate

@@ -52,3 +52,23 @@ def plot_load(times_s: list[float], latencies_ms: list[float], path: Path, title
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
+
+
+def plot_steps(steps: list[dict], slo_p99_ms: float, path: Path, title: str) -> None:
+    """Step mode: achieved rate and p99 against the offered rate, with the SLO line."""
+    plt = _pyplot()
+    offered = [s["offered_rps"] for s in steps]
+    fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4.2))
+    left.plot(offered, [s["achieved_rps"] for s in steps], "o-", label="achieved")
+    left.plot(offered, offered, ":", color="grey", label="offered")
+    left.set(xlabel="offered (requests/s)", ylabel="answered (requests/s)", title=title)
+    left.legend()
+    right.plot(offered, [s["p99_ms"] or 0 for s in steps], "o-")
+    right.axhline(slo_p99_ms, color="red", linestyle="--", label=f"SLO p99 {slo_p99_ms:g} ms")
+    right.set(xlabel="offered (requests/s)", ylabel="p99 latency (ms)", title="p99 by step")
+    right.legend()
+    for axis in (left, right):
+        axis.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)

@@ -22,7 +22,14 @@ class SearchRequest(_message.Message):
     def __init__(self, query: _Optional[str] = ..., top_k: _Optional[int] = ..., recall_k: _Optional[int] = ..., budget_ms: _Optional[int] = ..., request_id: _Optional[str] = ...) -> None: ...
 
 class Hit(_message.Message):
-    __slots__ = ("id", "title", "text", "score", "rerank_score", "recall_rank", "recall_score")
+    __slots__ = ("id", "title", "text", "score", "rerank_score", "recall_rank", "recall_score", "metadata")
+    class MetadataEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: _common_pb2.MetadataValue
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[_Union[_common_pb2.MetadataValue, _Mapping]] = ...) -> None: ...
     ID_FIELD_NUMBER: _ClassVar[int]
     TITLE_FIELD_NUMBER: _ClassVar[int]
     TEXT_FIELD_NUMBER: _ClassVar[int]
@@ -30,6 +37,7 @@ class Hit(_message.Message):
     RERANK_SCORE_FIELD_NUMBER: _ClassVar[int]
     RECALL_RANK_FIELD_NUMBER: _ClassVar[int]
     RECALL_SCORE_FIELD_NUMBER: _ClassVar[int]
+    METADATA_FIELD_NUMBER: _ClassVar[int]
     id: str
     title: str
     text: str
@@ -37,7 +45,8 @@ class Hit(_message.Message):
     rerank_score: float
     recall_rank: int
     recall_score: float
-    def __init__(self, id: _Optional[str] = ..., title: _Optional[str] = ..., text: _Optional[str] = ..., score: _Optional[float] = ..., rerank_score: _Optional[float] = ..., recall_rank: _Optional[int] = ..., recall_score: _Optional[float] = ...) -> None: ...
+    metadata: _containers.MessageMap[str, _common_pb2.MetadataValue]
+    def __init__(self, id: _Optional[str] = ..., title: _Optional[str] = ..., text: _Optional[str] = ..., score: _Optional[float] = ..., rerank_score: _Optional[float] = ..., recall_rank: _Optional[int] = ..., recall_score: _Optional[float] = ..., metadata: _Optional[_Mapping[str, _common_pb2.MetadataValue]] = ...) -> None: ...
 
 class SearchResponse(_message.Message):
     __slots__ = ("hits", "degraded", "degraded_reason", "timings_ms", "candidates", "reranked", "request_id")

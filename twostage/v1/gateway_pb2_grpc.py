@@ -46,6 +46,21 @@ class GatewayStub:
                 request_serializer=twostage_dot_v1_dot_common__pb2.InfoRequest.SerializeToString,
                 response_deserializer=twostage_dot_v1_dot_gateway__pb2.GatewayInfo.FromString,
                 _registered_method=True)
+        self.Upsert = channel.unary_unary(
+                '/twostage.v1.Gateway/Upsert',
+                request_serializer=twostage_dot_v1_dot_common__pb2.UpsertRequest.SerializeToString,
+                response_deserializer=twostage_dot_v1_dot_common__pb2.UpsertResponse.FromString,
+                _registered_method=True)
+        self.Delete = channel.unary_unary(
+                '/twostage.v1.Gateway/Delete',
+                request_serializer=twostage_dot_v1_dot_common__pb2.DeleteRequest.SerializeToString,
+                response_deserializer=twostage_dot_v1_dot_common__pb2.DeleteResponse.FromString,
+                _registered_method=True)
+        self.Get = channel.unary_unary(
+                '/twostage.v1.Gateway/Get',
+                request_serializer=twostage_dot_v1_dot_common__pb2.GetRequest.SerializeToString,
+                response_deserializer=twostage_dot_v1_dot_common__pb2.GetResponse.FromString,
+                _registered_method=True)
 
 
 class GatewayServicer:
@@ -64,6 +79,27 @@ class GatewayServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Upsert(self, request, context):
+        """Writes and reads by id, routed to the recall shard that owns each id.
+        Durable once acknowledged. An Upsert that fails may have stored part of
+        its documents; resending it is safe.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def Delete(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def Get(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_GatewayServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -76,6 +112,21 @@ def add_GatewayServicer_to_server(servicer, server):
                     servicer.Info,
                     request_deserializer=twostage_dot_v1_dot_common__pb2.InfoRequest.FromString,
                     response_serializer=twostage_dot_v1_dot_gateway__pb2.GatewayInfo.SerializeToString,
+            ),
+            'Upsert': grpc.unary_unary_rpc_method_handler(
+                    servicer.Upsert,
+                    request_deserializer=twostage_dot_v1_dot_common__pb2.UpsertRequest.FromString,
+                    response_serializer=twostage_dot_v1_dot_common__pb2.UpsertResponse.SerializeToString,
+            ),
+            'Delete': grpc.unary_unary_rpc_method_handler(
+                    servicer.Delete,
+                    request_deserializer=twostage_dot_v1_dot_common__pb2.DeleteRequest.FromString,
+                    response_serializer=twostage_dot_v1_dot_common__pb2.DeleteResponse.SerializeToString,
+            ),
+            'Get': grpc.unary_unary_rpc_method_handler(
+                    servicer.Get,
+                    request_deserializer=twostage_dot_v1_dot_common__pb2.GetRequest.FromString,
+                    response_serializer=twostage_dot_v1_dot_common__pb2.GetResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -133,6 +184,87 @@ class Gateway:
             '/twostage.v1.Gateway/Info',
             twostage_dot_v1_dot_common__pb2.InfoRequest.SerializeToString,
             twostage_dot_v1_dot_gateway__pb2.GatewayInfo.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Upsert(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/twostage.v1.Gateway/Upsert',
+            twostage_dot_v1_dot_common__pb2.UpsertRequest.SerializeToString,
+            twostage_dot_v1_dot_common__pb2.UpsertResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Delete(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/twostage.v1.Gateway/Delete',
+            twostage_dot_v1_dot_common__pb2.DeleteRequest.SerializeToString,
+            twostage_dot_v1_dot_common__pb2.DeleteResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Get(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/twostage.v1.Gateway/Get',
+            twostage_dot_v1_dot_common__pb2.GetRequest.SerializeToString,
+            twostage_dot_v1_dot_common__pb2.GetResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -25,57 +25,39 @@ _sym_db = _symbol_database.Default()
 from twostage.v1 import common_pb2 as twostage_dot_v1_dot_common__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x18twostage/v1/recall.proto\x12\x0btwostage.v1\x1a\x18twostage/v1/common.proto\"C\n\x13RecallSearchRequest\x12\r\n\x05query\x18\x01 \x01(\t\x12\t\n\x01k\x18\x02 \x01(\r\x12\x12\n\nrequest_id\x18\x03 \x01(\t\"C\n\tCandidate\x12\n\n\x02id\x18\x01 \x01(\t\x12\r\n\x05title\x18\x02 \x01(\t\x12\x0c\n\x04text\x18\x03 \x01(\t\x12\r\n\x05score\x18\x04 \x01(\x02\"\xba\x01\n\x14RecallSearchResponse\x12*\n\ncandidates\x18\x01 \x03(\x0b\x32\x16.twostage.v1.Candidate\x12\x44\n\ntimings_ms\x18\x02 \x03(\x0b\x32\x30.twostage.v1.RecallSearchResponse.TimingsMsEntry\x1a\x30\n\x0eTimingsMsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01\">\n\x0c\x45mbedRequest\x12\r\n\x05texts\x18\x01 \x03(\t\x12\x10\n\x08is_query\x18\x02 \x01(\x08\x12\r\n\x05model\x18\x03 \x01(\t\"\x1b\n\tEmbedding\x12\x0e\n\x06values\x18\x01 \x03(\x02\"\xba\x01\n\rEmbedResponse\x12*\n\nembeddings\x18\x01 \x03(\x0b\x32\x16.twostage.v1.Embedding\x12\x0c\n\x04\x64ims\x18\x02 \x01(\r\x12=\n\ntimings_ms\x18\x03 \x03(\x0b\x32).twostage.v1.EmbedResponse.TimingsMsEntry\x1a\x30\n\x0eTimingsMsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01\"\x9b\x01\n\x08\x44ocument\x12\n\n\x02id\x18\x01 \x01(\t\x12\r\n\x05title\x18\x02 \x01(\t\x12\x0c\n\x04text\x18\x03 \x01(\t\x12\x35\n\x08metadata\x18\x04 \x03(\x0b\x32#.twostage.v1.Document.MetadataEntry\x1a/\n\rMetadataEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"9\n\rUpsertRequest\x12(\n\tdocuments\x18\x01 \x03(\x0b\x32\x15.twostage.v1.Document\"\xa7\x01\n\x0eUpsertResponse\x12\x10\n\x08upserted\x18\x01 \x01(\r\x12\x11\n\tdoc_count\x18\x02 \x01(\x04\x12>\n\ntimings_ms\x18\x03 \x03(\x0b\x32*.twostage.v1.UpsertResponse.TimingsMsEntry\x1a\x30\n\x0eTimingsMsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01\"\x1c\n\rDeleteRequest\x12\x0b\n\x03ids\x18\x01 \x03(\t\"\xa6\x01\n\x0e\x44\x65leteResponse\x12\x0f\n\x07\x64\x65leted\x18\x01 \x01(\r\x12\x11\n\tdoc_count\x18\x02 \x01(\x04\x12>\n\ntimings_ms\x18\x03 \x03(\x0b\x32*.twostage.v1.DeleteResponse.TimingsMsEntry\x1a\x30\n\x0eTimingsMsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01\"\x8d\x01\n\nRecallInfo\x12\x0f\n\x07version\x18\x01 \x01(\t\x12\r\n\x05model\x18\x02 \x01(\t\x12\x0c\n\x04\x64ims\x18\x03 \x01(\r\x12\x11\n\tdoc_count\x18\x04 \x01(\x04\x12\x1a\n\x12\x65xecution_provider\x18\x05 \x01(\t\x12\"\n\x06limits\x18\x06 \x03(\x0b\x32\x12.twostage.v1.Limit2\xd8\x02\n\x06Recall\x12M\n\x06Search\x12 .twostage.v1.RecallSearchRequest\x1a!.twostage.v1.RecallSearchResponse\x12>\n\x05\x45mbed\x12\x19.twostage.v1.EmbedRequest\x1a\x1a.twostage.v1.EmbedResponse\x12\x41\n\x06Upsert\x12\x1a.twostage.v1.UpsertRequest\x1a\x1b.twostage.v1.UpsertResponse\x12\x41\n\x06\x44\x65lete\x12\x1a.twostage.v1.DeleteRequest\x1a\x1b.twostage.v1.DeleteResponse\x12\x39\n\x04Info\x12\x18.twostage.v1.InfoRequest\x1a\x17.twostage.v1.RecallInfob\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x18twostage/v1/recall.proto\x12\x0btwostage.v1\x1a\x18twostage/v1/common.proto\"C\n\x13RecallSearchRequest\x12\r\n\x05query\x18\x01 \x01(\t\x12\t\n\x01k\x18\x02 \x01(\r\x12\x12\n\nrequest_id\x18\x03 \x01(\t\"\xc8\x01\n\tCandidate\x12\n\n\x02id\x18\x01 \x01(\t\x12\r\n\x05title\x18\x02 \x01(\t\x12\x0c\n\x04text\x18\x03 \x01(\t\x12\r\n\x05score\x18\x04 \x01(\x02\x12\x36\n\x08metadata\x18\x05 \x03(\x0b\x32$.twostage.v1.Candidate.MetadataEntry\x1aK\n\rMetadataEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12)\n\x05value\x18\x02 \x01(\x0b\x32\x1a.twostage.v1.MetadataValue:\x02\x38\x01\"\xba\x01\n\x14RecallSearchResponse\x12*\n\ncandidates\x18\x01 \x03(\x0b\x32\x16.twostage.v1.Candidate\x12\x44\n\ntimings_ms\x18\x02 \x03(\x0b\x32\x30.twostage.v1.RecallSearchResponse.TimingsMsEntry\x1a\x30\n\x0eTimingsMsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01\">\n\x0c\x45mbedRequest\x12\r\n\x05texts\x18\x01 \x03(\t\x12\x10\n\x08is_query\x18\x02 \x01(\x08\x12\r\n\x05model\x18\x03 \x01(\t\"\x1b\n\tEmbedding\x12\x0e\n\x06values\x18\x01 \x03(\x02\"\xba\x01\n\rEmbedResponse\x12*\n\nembeddings\x18\x01 \x03(\x0b\x32\x16.twostage.v1.Embedding\x12\x0c\n\x04\x64ims\x18\x02 \x01(\r\x12=\n\ntimings_ms\x18\x03 \x03(\x0b\x32).twostage.v1.EmbedResponse.TimingsMsEntry\x1a\x30\n\x0eTimingsMsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01\"\xbf\x01\n\nRecallInfo\x12\x0f\n\x07version\x18\x01 \x01(\t\x12\r\n\x05model\x18\x02 \x01(\t\x12\x0c\n\x04\x64ims\x18\x03 \x01(\r\x12\x11\n\tdoc_count\x18\x04 \x01(\x04\x12\x1a\n\x12\x65xecution_provider\x18\x05 \x01(\t\x12\"\n\x06limits\x18\x06 \x03(\x0b\x32\x12.twostage.v1.Limit\x12\r\n\x05shard\x18\x07 \x01(\r\x12\x0e\n\x06shards\x18\x08 \x01(\r\x12\x11\n\tread_only\x18\t \x01(\x08\x32\x92\x03\n\x06Recall\x12M\n\x06Search\x12 .twostage.v1.RecallSearchRequest\x1a!.twostage.v1.RecallSearchResponse\x12>\n\x05\x45mbed\x12\x19.twostage.v1.EmbedRequest\x1a\x1a.twostage.v1.EmbedResponse\x12\x41\n\x06Upsert\x12\x1a.twostage.v1.UpsertRequest\x1a\x1b.twostage.v1.UpsertResponse\x12\x41\n\x06\x44\x65lete\x12\x1a.twostage.v1.DeleteRequest\x1a\x1b.twostage.v1.DeleteResponse\x12\x38\n\x03Get\x12\x17.twostage.v1.GetRequest\x1a\x18.twostage.v1.GetResponse\x12\x39\n\x04Info\x12\x18.twostage.v1.InfoRequest\x1a\x17.twostage.v1.RecallInfob\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'twostage.v1.recall_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
+  _globals['_CANDIDATE_METADATAENTRY']._loaded_options = None
+  _globals['_CANDIDATE_METADATAENTRY']._serialized_options = b'8\001'
   _globals['_RECALLSEARCHRESPONSE_TIMINGSMSENTRY']._loaded_options = None
   _globals['_RECALLSEARCHRESPONSE_TIMINGSMSENTRY']._serialized_options = b'8\001'
   _globals['_EMBEDRESPONSE_TIMINGSMSENTRY']._loaded_options = None
   _globals['_EMBEDRESPONSE_TIMINGSMSENTRY']._serialized_options = b'8\001'
-  _globals['_DOCUMENT_METADATAENTRY']._loaded_options = None
-  _globals['_DOCUMENT_METADATAENTRY']._serialized_options = b'8\001'
-  _globals['_UPSERTRESPONSE_TIMINGSMSENTRY']._loaded_options = None
-  _globals['_UPSERTRESPONSE_TIMINGSMSENTRY']._serialized_options = b'8\001'
-  _globals['_DELETERESPONSE_TIMINGSMSENTRY']._loaded_options = None
-  _globals['_DELETERESPONSE_TIMINGSMSENTRY']._serialized_options = b'8\001'
   _globals['_RECALLSEARCHREQUEST']._serialized_start=67
   _globals['_RECALLSEARCHREQUEST']._serialized_end=134
-  _globals['_CANDIDATE']._serialized_start=136
-  _globals['_CANDIDATE']._serialized_end=203
-  _globals['_RECALLSEARCHRESPONSE']._serialized_start=206
-  _globals['_RECALLSEARCHRESPONSE']._serialized_end=392
-  _globals['_RECALLSEARCHRESPONSE_TIMINGSMSENTRY']._serialized_start=344
-  _globals['_RECALLSEARCHRESPONSE_TIMINGSMSENTRY']._serialized_end=392
-  _globals['_EMBEDREQUEST']._serialized_start=394
-  _globals['_EMBEDREQUEST']._serialized_end=456
-  _globals['_EMBEDDING']._serialized_start=458
-  _globals['_EMBEDDING']._serialized_end=485
-  _globals['_EMBEDRESPONSE']._serialized_start=488
-  _globals['_EMBEDRESPONSE']._serialized_end=674
-  _globals['_EMBEDRESPONSE_TIMINGSMSENTRY']._serialized_start=344
-  _globals['_EMBEDRESPONSE_TIMINGSMSENTRY']._serialized_end=392
-  _globals['_DOCUMENT']._serialized_start=677
-  _globals['_DOCUMENT']._serialized_end=832
-  _globals['_DOCUMENT_METADATAENTRY']._serialized_start=785
-  _globals['_DOCUMENT_METADATAENTRY']._serialized_end=832
-  _globals['_UPSERTREQUEST']._serialized_start=834
-  _globals['_UPSERTREQUEST']._serialized_end=891
-  _globals['_UPSERTRESPONSE']._serialized_start=894
-  _globals['_UPSERTRESPONSE']._serialized_end=1061
-  _globals['_UPSERTRESPONSE_TIMINGSMSENTRY']._serialized_start=344
-  _globals['_UPSERTRESPONSE_TIMINGSMSENTRY']._serialized_end=392
-  _globals['_DELETEREQUEST']._serialized_start=1063
-  _globals['_DELETEREQUEST']._serialized_end=1091
-  _globals['_DELETERESPONSE']._serialized_start=1094
-  _globals['_DELETERESPONSE']._serialized_end=1260
-  _globals['_DELETERESPONSE_TIMINGSMSENTRY']._serialized_start=344
-  _globals['_DELETERESPONSE_TIMINGSMSENTRY']._serialized_end=392
-  _globals['_RECALLINFO']._serialized_start=1263
-  _globals['_RECALLINFO']._serialized_end=1404
-  _globals['_RECALL']._serialized_start=1407
-  _globals['_RECALL']._serialized_end=1751
+  _globals['_CANDIDATE']._serialized_start=137
+  _globals['_CANDIDATE']._serialized_end=337
+  _globals['_CANDIDATE_METADATAENTRY']._serialized_start=262
+  _globals['_CANDIDATE_METADATAENTRY']._serialized_end=337
+  _globals['_RECALLSEARCHRESPONSE']._serialized_start=340
+  _globals['_RECALLSEARCHRESPONSE']._serialized_end=526
+  _globals['_RECALLSEARCHRESPONSE_TIMINGSMSENTRY']._serialized_start=478
+  _globals['_RECALLSEARCHRESPONSE_TIMINGSMSENTRY']._serialized_end=526
+  _globals['_EMBEDREQUEST']._serialized_start=528
+  _globals['_EMBEDREQUEST']._serialized_end=590
+  _globals['_EMBEDDING']._serialized_start=592
+  _globals['_EMBEDDING']._serialized_end=619
+  _globals['_EMBEDRESPONSE']._serialized_start=622
+  _globals['_EMBEDRESPONSE']._serialized_end=808
+  _globals['_EMBEDRESPONSE_TIMINGSMSENTRY']._serialized_start=478
+  _globals['_EMBEDRESPONSE_TIMINGSMSENTRY']._serialized_end=526
+  _globals['_RECALLINFO']._serialized_start=811
+  _globals['_RECALLINFO']._serialized_end=1002
+  _globals['_RECALL']._serialized_start=1005
+  _globals['_RECALL']._serialized_end=1407
 # @@protoc_insertion_point(module_scope)

@@ -49,13 +49,18 @@ class RecallStub:
                 _registered_method=True)
         self.Upsert = channel.unary_unary(
                 '/twostage.v1.Recall/Upsert',
-                request_serializer=twostage_dot_v1_dot_recall__pb2.UpsertRequest.SerializeToString,
-                response_deserializer=twostage_dot_v1_dot_recall__pb2.UpsertResponse.FromString,
+                request_serializer=twostage_dot_v1_dot_common__pb2.UpsertRequest.SerializeToString,
+                response_deserializer=twostage_dot_v1_dot_common__pb2.UpsertResponse.FromString,
                 _registered_method=True)
         self.Delete = channel.unary_unary(
                 '/twostage.v1.Recall/Delete',
-                request_serializer=twostage_dot_v1_dot_recall__pb2.DeleteRequest.SerializeToString,
-                response_deserializer=twostage_dot_v1_dot_recall__pb2.DeleteResponse.FromString,
+                request_serializer=twostage_dot_v1_dot_common__pb2.DeleteRequest.SerializeToString,
+                response_deserializer=twostage_dot_v1_dot_common__pb2.DeleteResponse.FromString,
+                _registered_method=True)
+        self.Get = channel.unary_unary(
+                '/twostage.v1.Recall/Get',
+                request_serializer=twostage_dot_v1_dot_common__pb2.GetRequest.SerializeToString,
+                response_deserializer=twostage_dot_v1_dot_common__pb2.GetResponse.FromString,
                 _registered_method=True)
         self.Info = channel.unary_unary(
                 '/twostage.v1.Recall/Info',
@@ -94,6 +99,13 @@ class RecallServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Get(self, request, context):
+        """Stored documents by id.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def Info(self, request, context):
         """Missing associated documentation comment in .proto file."""
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
@@ -115,13 +127,18 @@ def add_RecallServicer_to_server(servicer, server):
             ),
             'Upsert': grpc.unary_unary_rpc_method_handler(
                     servicer.Upsert,
-                    request_deserializer=twostage_dot_v1_dot_recall__pb2.UpsertRequest.FromString,
-                    response_serializer=twostage_dot_v1_dot_recall__pb2.UpsertResponse.SerializeToString,
+                    request_deserializer=twostage_dot_v1_dot_common__pb2.UpsertRequest.FromString,
+                    response_serializer=twostage_dot_v1_dot_common__pb2.UpsertResponse.SerializeToString,
             ),
             'Delete': grpc.unary_unary_rpc_method_handler(
                     servicer.Delete,
-                    request_deserializer=twostage_dot_v1_dot_recall__pb2.DeleteRequest.FromString,
-                    response_serializer=twostage_dot_v1_dot_recall__pb2.DeleteResponse.SerializeToString,
+                    request_deserializer=twostage_dot_v1_dot_common__pb2.DeleteRequest.FromString,
+                    response_serializer=twostage_dot_v1_dot_common__pb2.DeleteResponse.SerializeToString,
+            ),
+            'Get': grpc.unary_unary_rpc_method_handler(
+                    servicer.Get,
+                    request_deserializer=twostage_dot_v1_dot_common__pb2.GetRequest.FromString,
+                    response_serializer=twostage_dot_v1_dot_common__pb2.GetResponse.SerializeToString,
             ),
             'Info': grpc.unary_unary_rpc_method_handler(
                     servicer.Info,
@@ -210,8 +227,8 @@ class Recall:
             request,
             target,
             '/twostage.v1.Recall/Upsert',
-            twostage_dot_v1_dot_recall__pb2.UpsertRequest.SerializeToString,
-            twostage_dot_v1_dot_recall__pb2.UpsertResponse.FromString,
+            twostage_dot_v1_dot_common__pb2.UpsertRequest.SerializeToString,
+            twostage_dot_v1_dot_common__pb2.UpsertResponse.FromString,
             options,
             channel_credentials,
             insecure,
@@ -237,8 +254,35 @@ class Recall:
             request,
             target,
             '/twostage.v1.Recall/Delete',
-            twostage_dot_v1_dot_recall__pb2.DeleteRequest.SerializeToString,
-            twostage_dot_v1_dot_recall__pb2.DeleteResponse.FromString,
+            twostage_dot_v1_dot_common__pb2.DeleteRequest.SerializeToString,
+            twostage_dot_v1_dot_common__pb2.DeleteResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Get(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/twostage.v1.Recall/Get',
+            twostage_dot_v1_dot_common__pb2.GetRequest.SerializeToString,
+            twostage_dot_v1_dot_common__pb2.GetResponse.FromString,
             options,
             channel_credentials,
             insecure,

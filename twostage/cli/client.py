@@ -1,0 +1,28 @@
+"""What every client command shares: the channel to a target and failures
+explained in words, with a hint when the cause is a common mistake."""
+
+import grpc
+
+DEFAULT_TARGET = "localhost:50051"
+
+
+def add_target_flag(parser, default: str = DEFAULT_TARGET, what: str = "gateway") -> None:
+    parser.add_argument("--target", default=default, help=f"{what} host:port (default {default})")
+
+
+def open_channel(target: str) -> grpc.Channel:
+    return grpc.insecure_channel(target)
+
+
+def explain(error: grpc.RpcError, target: str, service: str = "twostage.v1.Gateway") -> str:
+    """One line for the user: the status, what the server said, and a hint where one helps."""
+    code, details = error.code(), error.details() or ""
+    if code == grpc.StatusCode.UNAVAILABLE and any(
+        text in details.lower() for text in ("connection refused", "failed to connect", "dns resolution failed")
+    ):
+        return (f"nothing answers at {target} ({details}); start the stack with 'twostage serve all' "
+                "(or 'make demo'), or pass --target HOST:PORT")
+    if code == grpc.StatusCode.UNIMPLEMENTED:
+        return (f"{target} does not serve {service}: is that a recall or rerank port? The gateway listens on "
+                "50051 unless 'serve all --port' moved it")
+    return f"{code.name}: {details}"

@@ -1,0 +1,10 @@
+"""Which recall shard owns a document id: the one rule shared by index
+builds, recall servers (which refuse ids they do not own) and the gateway
+(which routes writes)."""
+
+import zlib
+
+
+def shard_of(doc_id: str, shards: int) -> int:
+    """Stable: the same id lands on the same shard on every build and every write."""
+    return zlib.crc32(doc_id.encode()) % shards

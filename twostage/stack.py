@@ -1,0 +1,177 @@
+"""The three tiers as local child processes: ``twostage serve all``, ``demo``,
+``eval`` and the benchmarks run the same topology a cluster does.
+
+Each child prints one line once it serves (``GrpcService.describe``); the
+stack forwards its output and counts a child ready only on that line, so a
+stack never reports ready on the strength of someone else's server holding
+its ports.
+"""
+
+import asyncio
+import signal
+import socket
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from twostage.errors import TwostageError
+
+
+class StackError(TwostageError):
+    """A child failed to start or exited; the message says which and how."""
+
+
+@dataclass
+class Child:
+    name: str  # "recall shard 0", "rerank replica 1", "gateway"
+    service: str  # the name it announces itself with
+    target: str
+    process: asyncio.subprocess.Process | None = None
+    ready: asyncio.Event = field(default_factory=asyncio.Event)
+
+    def exit_description(self) -> str:
+        code = self.process.returncode
+        if code is not None and code < 0:
+            return f"{self.name} (pid {self.process.pid}) was killed by {signal.Signals(-code).name}"
+        return f"{self.name} (pid {self.process.pid}) exited with code {code}"
+
+
+def check_ports_free(host: str, ports: list[int]) -> None:
+    for port in ports:
+        try:
+            with socket.create_server((host, port)):
+                pass
+        except OSError as error:
+            raise StackError(
+                f"port {host}:{port} is in use ({error.strerror}); another stack may be running: stop it or "
+                "choose another --port"
+            ) from None
+
+
+def check_index_dir(index_dir: str | None, shards: int) -> list[str | None]:
+    """The index directory of each recall shard, each checked to hold an index."""
+    from recall_server.build import shard_dirs
+    from recall_server.config import RecallSettings
+    from recall_server.index import MANIFEST
+
+    if shards > 1:
+        if index_dir is None:
+            raise StackError("--recall-shards needs --index-dir with shard-0 .. shard-N subdirectories")
+        dirs = [str(d) for d in shard_dirs(Path(index_dir), shards)]
+    else:
+        dirs = [index_dir]
+    for directory in dirs:
+        path = Path(directory) if directory else RecallSettings().index_dir
+        if not (path / MANIFEST).is_file():
+            hint = "twostage index build --shards N" if shards > 1 else "twostage index build (or twostage demo)"
+            raise StackError(f"no index at {path}; build one with '{hint}'")
+    return dirs
+
+
+class Stack:
+    """The three tiers as child processes, started in order and stopped together."""
+
+    def __init__(self, host: str, port: int, index_dir: str | None, rerank_replicas: int = 1, recall_shards: int = 1,
+                 metrics_port: int = 0, embed_model: str | None = None, rerank_model: str | None = None):
+        if not 1 <= recall_shards <= 64 or not 1 <= rerank_replicas <= 64:
+            raise StackError("--recall-shards and --rerank-replicas must be between 1 and 64")
+        self.host = host
+        self.gateway_target = f"{host}:{port}"
+        self.recall_targets = [f"{host}:{port + 1 + i}" for i in range(recall_shards)]
+        self.rerank_targets = [f"{host}:{port + 1 + recall_shards + i}" for i in range(rerank_replicas)]
+        self.index_dirs = check_index_dir(index_dir, recall_shards)
+        self.metrics_port = metrics_port
+        self.embed_model = embed_model
+        self.rerank_model = rerank_model
+        self.children: list[Child] = []
+
+    @property
+    def targets(self) -> list[str]:
+        return [self.gateway_target, *self.recall_targets, *self.rerank_targets]
+
+    def metrics_ports(self) -> dict[str, int]:
+        """gateway on --metrics-port, then each recall shard, then each rerank replica."""
+        if not self.metrics_port:
+            return {}
+        return {target: self.metrics_port + i for i, target in enumerate(self.targets)}
+
+    async def _spawn(self, child: Child, module: str, *flags: str) -> None:
+        port = child.target.rsplit(":", 1)[1]
+        if metrics := self.metrics_ports().get(child.target):
+            flags = (*flags, "--metrics-port", str(metrics))
+        child.process = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", module, "--host", self.host, "--port", port, *flags, stdout=asyncio.subprocess.PIPE
+        )
+        self.children.append(child)
+        asyncio.get_running_loop().create_task(self._forward(child))
+
+    @staticmethod
+    async def _forward(child: Child) -> None:
+        """Echo the child's output; its announcement line marks it ready."""
+        while line := await child.process.stdout.readline():
+            text = line.decode(errors="replace")
+            if text.startswith(f"{child.service} serving on port"):
+                child.ready.set()
+            sys.stdout.write(text)
+            sys.stdout.flush()
+
+    def alive(self) -> bool:
+        return all(c.process.returncode is None for c in self.children)
+
+    def dead(self) -> list[Child]:
+        return [c for c in self.children if c.process.returncode is not None]
+
+    async def start(self, ready_timeout_s: float) -> None:
+        check_ports_free(self.host, [int(t.rsplit(":", 1)[1]) for t in self.targets] + list(self.metrics_ports().values()))
+        embed = ["--model", self.embed_model] if self.embed_model else []
+        for i, (target, index_dir) in enumerate(zip(self.recall_targets, self.index_dirs)):
+            await self._spawn(Child(f"recall shard {i}", "recall", target), "recall_server",
+                              *(["--index-dir", index_dir] if index_dir else []), *embed)
+        for i, target in enumerate(self.rerank_targets):
+            await self._spawn(Child(f"rerank replica {i}", "rerank", target), "rerank_server",
+                              *(["--model", self.rerank_model] if self.rerank_model else []))
+        await self._spawn(Child("gateway", "gateway", self.gateway_target), "gateway",
+                          "--recall-targets", ",".join(self.recall_targets),
+                          "--rerank-targets", ",".join(self.rerank_targets))
+        await self._wait_ready(self.children, ready_timeout_s)
+
+    async def _wait_ready(self, children: list[Child], timeout_s: float) -> None:
+        exits = {asyncio.ensure_future(c.process.wait()): c for c in children}
+        readies = [asyncio.ensure_future(c.ready.wait()) for c in children]
+        try:
+            pending_ready = set(readies)
+            while pending_ready:
+                done, _ = await asyncio.wait([*pending_ready, *exits], timeout=timeout_s,
+                                             return_when=asyncio.FIRST_COMPLETED)
+                if not done:
+                    waiting = ", ".join(c.name for c in children if not c.ready.is_set())
+                    raise StackError(f"not serving after {timeout_s:.0f} s: {waiting}")
+                if exited := [exits[t] for t in done if t in exits]:
+                    raise StackError(f"{exited[0].exit_description()} before it was ready (its error is above)")
+                pending_ready -= done
+        finally:
+            for task in [*exits, *readies]:
+                task.cancel()
+
+    async def wait_any_exit(self) -> Child:
+        """Wait until some child exits; return it."""
+        tasks = {asyncio.ensure_future(c.process.wait()): c for c in self.children}
+        done, pending = await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
+        for task in pending:
+            task.cancel()
+        return tasks[next(iter(done))]
+
+    async def stop(self, timeout_s: float = 30.0) -> int:
+        """SIGTERM the gateway first (no new searches), then the stages; kill stragglers.
+        Returns 0 if every child stopped cleanly."""
+        for child in self.children[::-1]:
+            if child.process.returncode is None:
+                child.process.send_signal(signal.SIGTERM)
+        codes = []
+        for child in self.children:
+            try:
+                codes.append(await asyncio.wait_for(child.process.wait(), timeout_s))
+            except TimeoutError:
+                child.process.kill()
+                codes.append(await child.process.wait())
+        return max((abs(c) for c in codes if c not in (0, -signal.SIGTERM)), default=0)
