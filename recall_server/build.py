@@ -88,6 +88,7 @@ def build_index(
     skip_invalid: bool = False,
     chunk_docs: int = 4096,
     progress: bool = True,
+    scan: CorpusScan | None = None,
 ) -> BuildReport:
     """Embed every valid document of ``corpus`` (BEIR dir or JSONL) into a new index at ``out``;
     with ``shards`` > 1, into ``out/shard-0`` .. ``out/shard-{N-1}``, one recall server each.
@@ -98,7 +99,7 @@ def build_index(
     """
     if Path(out).exists():
         raise FileExistsError(f"{out} already exists; remove it or choose another --out")
-    scan = check_corpus(corpus, limits, skip_invalid)
+    scan = scan or check_corpus(corpus, limits, skip_invalid)
     total = min(scan.valid, limit or 1 << 62)
     targets = [Path(out)] if shards == 1 else shard_dirs(out, shards)
     count = 0
@@ -139,15 +140,18 @@ def build_from_corpus(corpus: Path, out: Path, model: str = DEFAULT_EMBED_MODEL,
                       max_length: int | None = None, max_batch_size: int | None = None,
                       max_batch_tokens: int | None = None, shards: int = 1, skip_invalid: bool = False,
                       progress: bool = True) -> BuildReport:
-    """Load the embedding model and build an index with the recall server's document limits."""
+    """Check the corpus, load the embedding model, build an index with the recall server's document limits."""
     from recall_server.config import RecallSettings
 
+    if Path(out).exists():
+        raise FileExistsError(f"{out} already exists; remove it or choose another --out")
+    limits = RecallSettings().document_limits()
+    scan = check_corpus(corpus, limits, skip_invalid)  # before the model loads: a bad corpus fails at once
     embedder = Embedder(resolve_model(model), RuntimeSettings(), max_length)
     policy = replace(
         DEFAULT_BUILD_POLICY,
         max_batch_size=max_batch_size or DEFAULT_BUILD_POLICY.max_batch_size,
         max_batch_tokens=max_batch_tokens or DEFAULT_BUILD_POLICY.max_batch_tokens,
     )
-    limits = RecallSettings().document_limits()
     return build_index(corpus, out, embedder, policy, limits, limit=limit, shards=shards,
-                       skip_invalid=skip_invalid, progress=progress)
+                       skip_invalid=skip_invalid, progress=progress, scan=scan)

@@ -71,6 +71,14 @@ def built_index(tmp_path_factory, models, small_corpus) -> Path:
     return out
 
 
+@pytest.fixture(scope="session")
+def sharded_index(tmp_path_factory, small_corpus, models) -> Path:
+    """The small corpus in two shards (INDEX/shard-0, INDEX/shard-1); copy it before writing."""
+    out = tmp_path_factory.mktemp("sharded") / "index"
+    build_from_corpus(small_corpus, out, shards=2, progress=False)
+    return out
+
+
 @pytest.fixture
 def index_copy(tmp_path, built_index) -> Path:
     import shutil

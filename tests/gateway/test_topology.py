@@ -7,7 +7,6 @@ import pytest
 
 from gateway.config import GatewaySettings
 from gateway.servicer import build_server as build_gateway
-from recall_server.build import build_from_corpus
 from rerank_server.config import RerankSettings
 from rerank_server.service import RerankService
 from rerank_server.servicer import build_server as build_rerank
@@ -16,13 +15,6 @@ from twostage.v1 import gateway_pb2, gateway_pb2_grpc
 
 pytestmark = pytest.mark.slow
 QUERIES = ["vitamin B12 deficiency", "folic acid and homocysteine", "tuberculosis treatment", "obesity and diabetes"]
-
-
-@pytest.fixture(scope="module")
-def sharded_index(tmp_path_factory, small_corpus, models):
-    out = tmp_path_factory.mktemp("sharded") / "index"
-    build_from_corpus(small_corpus, out, shards=2)
-    return out
 
 
 @pytest.fixture

@@ -6,7 +6,7 @@ import pytest
 
 from recall_server.index import DocumentIndex
 from twostage.corpus import Document
-from twostage.errors import InvalidArgument, ModelMismatch
+from twostage.errors import FailedPrecondition, IndexLocked, InvalidArgument, ModelMismatch
 
 DIMS = 8
 
@@ -75,3 +75,60 @@ def test_delete_reports_only_existing_ids(tmp_path):
     assert index.delete(["a"]) == 0
     assert index.search(unit(1), 5) == []
     index.close()
+
+
+def test_one_writer_per_index_directory(tmp_path):
+    index = DocumentIndex.create(tmp_path / "ix", "m", DIMS)
+    with pytest.raises(IndexLocked, match="for writing: another process \\(pid \\d+\\) has it open"):
+        DocumentIndex.open(tmp_path / "ix", "m", DIMS)
+    with pytest.raises(IndexLocked, match="read-only"):
+        DocumentIndex.open(tmp_path / "ix", "m", DIMS, read_only=True)
+    index.close()
+    reopened = DocumentIndex.open(tmp_path / "ix", "m", DIMS)  # the lock went with the writer
+    reopened.close()
+
+
+def test_another_process_cannot_open_a_locked_index(tmp_path):
+    import subprocess
+    import sys
+
+    index = DocumentIndex.create(tmp_path / "ix", "m", DIMS)
+    try:
+        script = ("from recall_server.index import DocumentIndex\n"
+                  f"DocumentIndex.open({str(tmp_path / 'ix')!r}, 'm', {DIMS})")
+        other = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60, check=False)
+    finally:
+        index.close()
+    assert other.returncode != 0 and "IndexLocked" in other.stderr
+
+
+def test_read_only_replicas_share_a_snapshot_and_refuse_writes(tmp_path):
+    index = DocumentIndex.create(tmp_path / "ix", "m", DIMS)
+    index.upsert(docs("a", "b"), np.stack([unit(1), unit(2)]))
+    index.close()
+    first = DocumentIndex.open(tmp_path / "ix", "m", DIMS, read_only=True)
+    second = DocumentIndex.open(tmp_path / "ix", "m", DIMS, read_only=True)
+    assert first.search(unit(2), 1)[0][0].id == second.search(unit(2), 1)[0][0].id == "b"
+    with pytest.raises(FailedPrecondition, match="read-only"):
+        first.upsert(docs("c"), np.stack([unit(3)]))
+    with pytest.raises(IndexLocked):
+        DocumentIndex.open(tmp_path / "ix", "m", DIMS)  # no writer while replicas read
+    first.close()
+    second.close()
+    DocumentIndex.open(tmp_path / "ix", "m", DIMS).close()
+
+
+def test_document_count_is_kept_through_writes_and_reopen(tmp_path):
+    index = DocumentIndex.create(tmp_path / "ix", "m", DIMS)
+    index.upsert(docs("a", "b"), np.stack([unit(1), unit(2)]))
+    index.upsert(docs("b", "c"), np.stack([unit(1), unit(3)]))  # b replaced, c new
+    assert index.store.count() == 3
+    assert index.delete(["a", "zz"]) == 1
+    assert index.store.count() == 2
+    index.upsert(docs("a"), np.stack([unit(4)]))  # a comes back
+    assert index.store.count() == 3
+    index.close()
+    reopened = DocumentIndex.open(tmp_path / "ix", "m", DIMS)
+    assert reopened.store.count() == 3
+    assert sorted(reopened.get(["a", "b", "zz"])) == ["a", "b"]
+    reopened.close()

@@ -1,6 +1,7 @@
 """The command line as a user runs it: ``twostage serve all`` in its own
 process, ``twostage search`` against it, then SIGTERM."""
 
+import asyncio
 import json
 import os
 import signal
@@ -68,10 +69,129 @@ def test_serve_all_search_then_sigterm(built_index):
 
 def test_search_against_nothing_fails_cleanly(capsys):
     assert main(["search", "anything", "--target", "127.0.0.1:1", "--timeout-s", "2"]) == 1
-    assert "search failed: UNAVAILABLE" in capsys.readouterr().out
+    error = capsys.readouterr().err
+    assert "search failed: nothing answers at 127.0.0.1:1" in error
+    assert "start the stack with 'twostage serve all'" in error
 
 
 def test_errors_exit_2_with_a_message(capsys, tmp_path):
     assert main(["index", "build", "--corpus", str(tmp_path / "none.jsonl"), "--out", str(tmp_path / "ix")]) == 2
     assert "twostage: error: no corpus at" in capsys.readouterr().err
     assert not (tmp_path / "ix").exists()
+
+
+def wait_for_line(process: subprocess.Popen, prefix: str) -> list[str]:
+    """Read the process's output until a line starts with ``prefix``; fail if it exits first."""
+    lines = []
+    for line in process.stdout:  # blocks until the line comes (or the process exits)
+        lines.append(line)
+        if line.startswith(prefix):
+            return lines
+    pytest.fail(f"exited before printing {prefix!r}:\n" + "".join(lines))
+
+
+def test_day_one_on_a_sharded_stack(sharded_index, tmp_path):
+    """Serve two shards, check health, add documents with metadata from the CLI, find them in search with
+    their metadata, read and delete them, then kill a child: the stack says which one died."""
+    import shutil
+
+    index = tmp_path / "index"
+    shutil.copytree(sharded_index, index)
+    port = free_port_run(5)  # gateway, 2 recall shards, 1 rerank
+    metrics = free_port_run(4)
+    stack = subprocess.Popen(
+        [sys.executable, "-m", "twostage", "serve", "all", "--port", str(port), "--index-dir", str(index),
+         "--recall-shards", "2", "--metrics-port", str(metrics)],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env={**os.environ, "PYTHONUNBUFFERED": "1"},
+    )
+    gateway = f"127.0.0.1:{port}"
+    try:
+        ready = wait_for_line(stack, "twostage is serving")[-1]
+        assert f"metrics on ports {metrics}, {metrics + 1}, {metrics + 2}, {metrics + 3}" in ready
+        targets = [f"127.0.0.1:{port + i}" for i in range(4)]
+        health = twostage("health", *[arg for t in targets for arg in ("--target", t)])
+        assert health.returncode == 0 and health.stdout.count(": SERVING") == 4, health.stdout
+
+        docs = tmp_path / "docs.jsonl"
+        rows = [{"_id": f"cli-{i}", "title": f"Tardigrade study {i}", "lang": "en", "year": 2000 + i,
+                 "text": "Tardigrades survive complete desiccation by entering a tun state.", "tags": ["bio"]}
+                for i in range(6)]
+        docs.write_text("".join(json.dumps(r) + "\n" for r in rows))
+        upsert = twostage("docs", "upsert", str(docs), "--target", gateway, "--batch-size", "4")
+        assert upsert.returncode == 0 and "upserted 6 documents" in upsert.stdout, upsert.stderr
+
+        got = twostage("docs", "get", "cli-3", "--target", gateway)
+        assert got.returncode == 0
+        assert json.loads(got.stdout)["metadata"] == {"lang": "en", "year": 2003, "tags": ["bio"]}
+
+        found = twostage("search", "tardigrades surviving desiccation", "--target", gateway, "--recall-k", "10",
+                         "--top-k", "6", "--json")
+        hits = json.loads(found.stdout)["hits"]
+        assert {h["id"] for h in hits} == {r["_id"] for r in rows}  # one copy each, from its own shard
+        assert all(h["metadata"]["lang"] == "en" and h["metadata"]["year"] >= 2000 for h in hits)
+
+        deleted = twostage("docs", "delete", "cli-0", "cli-1", "never-stored", "--target", gateway)
+        assert deleted.returncode == 0 and "deleted 2 of 3" in deleted.stdout
+        missing = twostage("docs", "get", "cli-0", "cli-2", "--target", gateway)
+        assert missing.returncode == 1 and "not found: cli-0" in missing.stderr and '"cli-2"' in missing.stdout
+
+        # A reader that goes away early gets no traceback.
+        piped = subprocess.run(
+            f"{sys.executable} -m twostage search tardigrades --target {gateway} --recall-k 100 --top-k 100 "
+            "--budget-ms 50 --json | head -c 10", shell=True, capture_output=True, text=True, timeout=120, check=False,
+        )
+        assert piped.stdout == '{\n  "hits"' and "Traceback" not in piped.stderr and "Broken pipe" not in piped.stderr
+
+        recall = subprocess.run(["pgrep", "-f", f"recall_server --host 127.0.0.1 --port {port + 1}"],
+                                capture_output=True, text=True, check=True).stdout.split()
+        os.kill(int(recall[0]), signal.SIGKILL)
+        _, errors = stack.communicate(timeout=60)
+        assert stack.returncode == 1
+        assert f"recall shard 0 (pid {recall[0]}) was killed by SIGKILL; stopping the stack" in errors
+    finally:
+        if stack.poll() is None:
+            stack.send_signal(signal.SIGTERM)
+            stack.communicate(timeout=60)
+
+
+def test_serve_all_refuses_a_busy_port_naming_it(built_index):
+    port = free_port_run(3)
+    with socket.create_server(("127.0.0.1", port + 1)):
+        result = twostage("serve", "all", "--port", str(port), "--index-dir", str(built_index))
+    assert result.returncode == 2
+    assert f"port 127.0.0.1:{port + 1} is in use" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_a_server_refuses_a_port_another_server_holds(built_index):
+    """Without SO_REUSEPORT a second server on the same port fails instead of sharing the traffic."""
+    port = free_port_run(1)
+    with socket.create_server(("127.0.0.1", port)):
+        result = twostage("serve", "gateway", "--port", str(port), "--startup-wait-s", "0")
+    assert result.returncode == 2
+    assert f"cannot listen on 127.0.0.1:{port}: the port is in use" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_serve_all_with_a_wrong_index_dir_fails_in_one_line(tmp_path):
+    result = twostage("serve", "all", "--port", str(free_port_run(3)), "--index-dir", str(tmp_path / "nothing"))
+    assert result.returncode == 2
+    assert result.stderr.strip() == (f"twostage: error: no index at {tmp_path / 'nothing'}; build one with "
+                                     "'twostage index build (or twostage demo)'")
+
+
+async def test_client_commands_explain_common_mistakes(recall_target, capsys):
+    # In a thread: the servers run on this test's event loop.
+    assert await asyncio.to_thread(main, ["search", "anything", "--target", recall_target]) == 1
+    assert "does not serve twostage.v1.Gateway: is that a recall or rerank port?" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["search", "anything", "--top-k", "-1"])
+    assert "argument --top-k: must be at least 0, got -1" in capsys.readouterr().err
+
+
+async def test_health_reports_each_target(recall_target, rerank_target, capsys):
+    assert await asyncio.to_thread(main, ["health", "--target", recall_target, "--target", rerank_target]) == 0
+    assert capsys.readouterr().out.count(": SERVING") == 2
+    assert await asyncio.to_thread(main, ["health", "--target", recall_target, "--service", "twostage.v1.Gateway"]) == 1
+    assert "SERVICE_UNKNOWN" in capsys.readouterr().out
+    assert main(["health", "--target", "127.0.0.1:1", "--timeout-s", "2"]) == 1
+    assert "NO ANSWER: nothing answers at 127.0.0.1:1" in capsys.readouterr().out

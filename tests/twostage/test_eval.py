@@ -49,3 +49,16 @@ def test_recall_k_advice_in_plain_words():
     assert share == 0.5 and "too small" in advice and "50.0%" in advice
     share, advice = recall_k_advice({"q": {"a": 1}}, recall_k=100, depth=1000)
     assert share == 0 and "large enough" in advice
+
+
+def test_advice_counts_documents_missing_from_the_index_apart():
+    """A relevant document that is not indexed is no reason to raise recall_k, and the advice must not
+    contradict itself (too small, yet a smaller recall_k would do)."""
+    positions = {"q1": {"a": 3, "b": None}, "q2": {"c": 5, "d": 12}}
+    share, advice = recall_k_advice(positions, recall_k=20, depth=1000, not_indexed={"b"})
+    assert share == 0.0
+    assert "looks large enough" in advice and "1 judged relevant documents are not in the index" in advice
+    share, advice = recall_k_advice(positions, recall_k=10, depth=1000, not_indexed={"b"})
+    assert "looks too small" in advice and "recall_k=12 would cover 98%" in advice
+    share, advice = recall_k_advice({"q": {"a": 3, "b": None}}, recall_k=10, depth=1000)
+    assert share == 0.5 and "even recall_k=1000 covers less than 98%" in advice

@@ -39,3 +39,37 @@ async def test_schedule_is_kept_when_the_server_is_slow(slow_reranker):
 async def test_errors_are_counted_by_status():
     result = await run_load("127.0.0.1:1", "gateway", ["q"], 20, 0.5, 100, timeout_s=2, progress=False)
     assert result.report()["errors"] == {"UNAVAILABLE": 10} and result.report()["ok"] == 0
+
+
+async def test_defaults_leave_top_k_to_the_server(gateway_target):
+    """--recall-k alone must work: top_k falls back to the server's default, bounded by recall_k."""
+    result = await run_load(gateway_target, "gateway", ["vitamin b12"], 4, 0.5, 2, recall_k=5, budget_ms=100,
+                            progress=False)
+    assert result.report()["errors"] == {} and result.report()["ok"] == 2
+
+
+async def test_degraded_answers_are_not_a_sustained_rate(recall_target, tmp_path):
+    from gateway.config import GatewaySettings
+    from gateway.servicer import build_server as build_gateway
+    from twostage.evaluation.loadtest import find_max_rate
+    from twostage.evaluation.plots import plot_steps
+
+    gateway = build_gateway(GatewaySettings(port=0, recall_targets=recall_target, rerank_targets="127.0.0.1:1",
+                                            startup_wait_s=0))
+    target = f"127.0.0.1:{await gateway.start()}"
+    try:
+        report = await find_max_rate(target, "gateway", ["statins"], [2.0], 1.0, 10_000, recall_k=5, progress=False)
+    finally:
+        await gateway.stop(grace_s=0)
+    assert report["steps"][0]["degraded"] == {"rerank_unavailable": 2} and report["steps"][0]["errors"] == {}
+    assert report["max_sustainable_rps"] is None
+    plot_steps(report["steps"], 10_000, tmp_path / "steps.png", "steps")
+    assert (tmp_path / "steps.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_a_load_test_whose_requests_all_fail_exits_non_zero(capsys):
+    from twostage.cli import main
+
+    code = main(["loadtest", "--target", "127.0.0.1:1", "--rate-rps", "10", "--duration-s", "0.3", "--timeout-s", "2"])
+    assert code == 1
+    assert "every request failed (UNAVAILABLE:" in capsys.readouterr().err
