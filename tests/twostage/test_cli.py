@@ -195,3 +195,13 @@ async def test_health_reports_each_target(recall_target, rerank_target, capsys):
     assert "SERVICE_UNKNOWN" in capsys.readouterr().out
     assert main(["health", "--target", "127.0.0.1:1", "--timeout-s", "2"]) == 1
     assert "NO ANSWER: nothing answers at 127.0.0.1:1" in capsys.readouterr().out
+
+
+def test_a_busy_metrics_port_is_named():
+    port = free_port_run(1)
+    with socket.create_server(("127.0.0.1", port)):
+        result = twostage("serve", "gateway", "--port", "0", "--metrics-port", str(port), "--startup-wait-s", "0")
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert f"cannot serve metrics on 127.0.0.1:{port}: Address already in use; choose another --metrics-port" in (
+        result.stderr
+    )
