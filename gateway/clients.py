@@ -7,7 +7,9 @@ failures into domain errors.
 from dataclasses import dataclass, field
 
 import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from twostage.connect import PLAINTEXT, Credentials
 from twostage.convert import document_from_proto, document_to_proto, metadata_from_proto
 from twostage.corpus import Document, MetadataValue
 from twostage.status import error_from_rpc
@@ -36,17 +38,34 @@ _CHANNEL_OPTIONS = [("grpc.lb_policy_name", "round_robin"), ("grpc.enable_retrie
 
 
 class _Client:
-    def __init__(self, target: str):
+    def __init__(self, target: str, name: str, credentials: Credentials = PLAINTEXT, max_message_mb: int = 16):
         self.target = target
-        self.channel = grpc.aio.insecure_channel(target, options=_CHANNEL_OPTIONS)
+        self.name = name  # what callers are told, never the address
+        self.credentials = credentials
+        limit = max_message_mb * 1024 * 1024
+        # The stages may send up to their max_message_mb; the default 4 MiB receive limit would cut a large answer.
+        self.channel = credentials.aio_channel(
+            target, [*_CHANNEL_OPTIONS, ("grpc.max_receive_message_length", limit),
+                     ("grpc.max_send_message_length", limit)]
+        )
 
     async def close(self) -> None:
         await self.channel.close()
 
+    async def health_status(self, timeout_s: float) -> bool | None:
+        """True if SERVING, False if it says it is not, None if it did not answer."""
+        try:
+            reply = await health_pb2_grpc.HealthStub(self.channel).Check(
+                health_pb2.HealthCheckRequest(service=""), timeout=timeout_s
+            )
+        except grpc.aio.AioRpcError:
+            return None
+        return reply.status == health_pb2.HealthCheckResponse.SERVING
+
 
 class RecallClient(_Client):
-    def __init__(self, target: str):
-        super().__init__(target)
+    def __init__(self, target: str, name: str, credentials: Credentials = PLAINTEXT, max_message_mb: int = 16):
+        super().__init__(target, name, credentials, max_message_mb)
         self.stub = recall_pb2_grpc.RecallStub(self.channel)
 
     async def search(
@@ -54,10 +73,11 @@ class RecallClient(_Client):
     ) -> tuple[list[RecallCandidate], dict[str, float]]:
         try:
             reply = await self.stub.Search(
-                recall_pb2.RecallSearchRequest(query=query, k=k, request_id=request_id), timeout=timeout_s
+                recall_pb2.RecallSearchRequest(query=query, k=k, request_id=request_id), timeout=timeout_s,
+                metadata=self.credentials.metadata,
             )
         except grpc.aio.AioRpcError as error:
-            raise error_from_rpc(error, f"recall {self.target}") from None
+            raise error_from_rpc(error, self.name, self.target) from None
         candidates = [
             RecallCandidate(c.id, c.title, c.text, c.score, metadata_from_proto(c.metadata)) for c in reply.candidates
         ]
@@ -65,9 +85,9 @@ class RecallClient(_Client):
 
     async def _call(self, method, request, timeout_s: float | None):
         try:
-            return await method(request, timeout=timeout_s)
+            return await method(request, timeout=timeout_s, metadata=self.credentials.metadata)
         except grpc.aio.AioRpcError as error:
-            raise error_from_rpc(error, f"recall {self.target}") from None
+            raise error_from_rpc(error, self.name, self.target) from None
 
     async def upsert(self, docs: list[Document], timeout_s: float | None) -> tuple[int, int]:
         """(upserted, doc_count)."""
@@ -86,17 +106,18 @@ class RecallClient(_Client):
 
 
 class RerankClient(_Client):
-    def __init__(self, target: str):
-        super().__init__(target)
+    def __init__(self, target: str, name: str, credentials: Credentials = PLAINTEXT, max_message_mb: int = 16):
+        super().__init__(target, name, credentials, max_message_mb)
         self.stub = rerank_pb2_grpc.RerankStub(self.channel)
 
     async def rerank(self, query: str, documents: list[str], timeout_s: float, request_id: str) -> RerankReply:
         try:
             reply = await self.stub.Rerank(
-                rerank_pb2.RerankRequest(query=query, documents=documents, request_id=request_id), timeout=timeout_s
+                rerank_pb2.RerankRequest(query=query, documents=documents, request_id=request_id), timeout=timeout_s,
+                metadata=self.credentials.metadata,
             )
         except grpc.aio.AioRpcError as error:
-            raise error_from_rpc(error, f"rerank {self.target}") from None
+            raise error_from_rpc(error, self.name, self.target) from None
         return RerankReply(
             scores={r.index: r.score for r in reply.results},
             timings_ms=dict(reply.timings_ms),

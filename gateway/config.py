@@ -1,5 +1,6 @@
 """Gateway settings: env prefix TWOSTAGE_GATEWAY_, or CLI flags."""
 
+from pathlib import Path
 from typing import Literal
 
 from pydantic import Field
@@ -39,6 +40,16 @@ class GatewaySettings(ServiceSettings):
         "127.0.0.1:50053",
         description="Comma-separated rerank replicas (host:port, or dns:///name:port for every address of a "
         "name); one query's pairs are split over the healthy ones.",
+    )
+    stage_token_file: Path | None = Field(
+        None,
+        description="File holding the bearer token this gateway sends to recall and rerank (its own credential, "
+        "never the caller's); it needs the admin role to route writes.",
+    )
+    stage_tls_server_name: str = Field(
+        "",
+        description="With TLS, the name the stages' certificates must carry, when the gateway dials pod "
+        "addresses rather than that name (for example recall.twostage.svc). Empty: the target's host.",
     )
     default_top_k: int = Field(10, ge=1, description="Hits returned when a request leaves top_k at 0.")
     default_recall_k: int = Field(100, ge=1, description="Candidates recalled when a request leaves recall_k at 0.")

@@ -157,9 +157,7 @@ class RerankPool:
         """One round of health checks. NOT_SERVING takes a replica out at once; silence only after
         ``misses_to_eject`` rounds in a row (a busy CPU can delay one answer). An ejected replica
         returns once it reports SERVING."""
-        from twostage.probe import health_status
-
-        states = await asyncio.gather(*(health_status(r.target, timeout_s) for r in self.replicas))
+        states = await asyncio.gather(*(r.client.health_status(timeout_s) for r in self.replicas))
         for replica, state in zip(self.replicas, states):
             replica.missed_health_checks = replica.missed_health_checks + 1 if state is None else 0
             serving = state if state is not None else replica.missed_health_checks < misses_to_eject

@@ -11,6 +11,7 @@ from gateway.pipeline import SearchPipeline, SearchQuery
 from gateway.rerank_pool import RerankPool
 from gateway.writes import DocumentRouter
 from twostage import __version__
+from twostage.connect import Credentials, read_token_file
 from twostage.convert import document_from_proto, document_to_proto, metadata_to_proto
 from twostage.errors import NotReady
 from twostage.server import GrpcService, deadline_of
@@ -111,9 +112,13 @@ class GatewayLifecycle:
 
     async def start(self) -> None:
         s = self.settings
-        recall = [RecallClient(t) for t in resolve_targets(s.recall_target_list)]
+        credentials = Credentials(s.tls_dir, await asyncio.to_thread(read_token_file, s.stage_token_file),
+                                  s.stage_tls_server_name)
+        recall = [RecallClient(t, f"recall shard {i}", credentials, s.max_message_mb)
+                  for i, t in enumerate(resolve_targets(s.recall_target_list))]
         pool = RerankPool(
-            [RerankClient(t) for t in resolve_targets(s.rerank_target_list)],
+            [RerankClient(t, f"rerank replica {i}", credentials, s.max_message_mb)
+             for i, t in enumerate(resolve_targets(s.rerank_target_list))],
             s.initial_rerank_ms_per_pair,
             eject_after_failures=s.eject_after_failures,
             eject_s=s.eject_s,

@@ -17,6 +17,10 @@ class RecallSettings(ServiceSettings, RuntimeSettings, BatchingSettings):
     model_config = SettingsConfigDict(env_prefix="TWOSTAGE_RECALL_", frozen=True, extra="forbid")
 
     port: int = Field(50052, ge=0, le=65535, description="Port to bind; 0 picks a free one.")
+    tls_client_auth: bool = Field(
+        True, description="With TLS, accept only clients whose certificate chains to ca.pem: the gateway, the "
+        "index-build job. Stages are never called by frontends directly.",
+    )
     model: str = Field(DEFAULT_EMBED_MODEL, description="Default model name or a model directory.")
     index_dir: Path = Field(DEFAULT_INDEX_DIR, description="Index built by 'twostage index build'.")
     max_length: int = Field(512, ge=8, le=8192, description="Tokens read per text; longer texts are truncated.")

@@ -11,6 +11,10 @@ class RerankSettings(ServiceSettings, RuntimeSettings, BatchingSettings):
     model_config = SettingsConfigDict(env_prefix="TWOSTAGE_RERANK_", frozen=True, extra="forbid")
 
     port: int = Field(50053, ge=0, le=65535, description="Port to bind; 0 picks a free one.")
+    tls_client_auth: bool = Field(
+        True, description="With TLS, accept only clients whose certificate chains to ca.pem: the gateway, the "
+        "index-build job. Stages are never called by frontends directly.",
+    )
     model: str = Field(DEFAULT_RERANK_MODEL, description="Default model name or a model directory.")
     max_length: int = Field(
         256, ge=8, le=8192,

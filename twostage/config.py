@@ -6,6 +6,7 @@ a CLI flag (``--max-wait-ms 5``), an env var with the service's prefix
 """
 
 import argparse
+from pathlib import Path
 from typing import Literal
 
 from pydantic import Field, ValidationError
@@ -34,6 +35,22 @@ class ServiceSettings(BaseSettings):
         "127.0.0.1", description="Address the metrics endpoint binds; 0.0.0.0 to let a scraper in another pod reach it."
     )
     max_message_mb: int = Field(16, ge=1, le=2047, description="Largest gRPC message accepted or sent.")
+    tls_dir: Path | None = Field(
+        None,
+        description="Serve TLS from this directory (ca.pem, server.pem, server.key; client.pem and client.key for "
+        "calls to other tiers); files are re-read when they change. Unset: plaintext.",
+    )
+    tls_client_auth: bool = Field(
+        False, description="With TLS, accept only clients whose certificate chains to ca.pem (mutual TLS)."
+    )
+    auth_tokens: Path | None = Field(
+        None,
+        description="Tokens file ('twostage auth add-token'): every call but health needs a bearer token, and "
+        "writes need the admin role. Re-read when it changes. Unset: no auth.",
+    )
+    reflection: Literal["auto", "on", "off"] = Field(
+        "auto", description="gRPC server reflection; auto serves it without auth and hides it with auth."
+    )
 
 
 class RuntimeSettings(BaseSettings):

@@ -17,8 +17,10 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
+from twostage.auth import TokenAuthInterceptor, TokenFile
 from twostage.config import ServiceSettings
 from twostage.metrics import RpcMetricsInterceptor, start_metrics_server
+from twostage.tls import server_credentials
 
 log = logging.getLogger(__name__)
 
@@ -44,8 +46,12 @@ class GrpcService:
         self.service_names = service_names
         self.lifecycle = lifecycle
         limit = settings.max_message_mb * 1024 * 1024
+        interceptors: list[grpc.aio.ServerInterceptor] = [RpcMetricsInterceptor()]
+        reflection_on = settings.reflection == "on" or (settings.reflection == "auto" and not settings.auth_tokens)
+        if settings.auth_tokens:
+            interceptors.append(TokenAuthInterceptor(TokenFile(settings.auth_tokens), open_reflection=reflection_on))
         self.server = grpc.aio.server(
-            interceptors=[RpcMetricsInterceptor()],
+            interceptors=interceptors,
             options=[
                 ("grpc.max_receive_message_length", limit),
                 ("grpc.max_send_message_length", limit),
@@ -56,7 +62,10 @@ class GrpcService:
         self.health = health.aio.HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
         register(self.server)
-        reflection.enable_server_reflection([*service_names, health.SERVICE_NAME, reflection.SERVICE_NAME], self.server)
+        if reflection_on:
+            reflection.enable_server_reflection(
+                [*service_names, health.SERVICE_NAME, reflection.SERVICE_NAME], self.server
+            )
         self.port = 0
         self.metrics_port = 0
         self._started = False
@@ -71,7 +80,11 @@ class GrpcService:
         await self._set_health(health_pb2.HealthCheckResponse.NOT_SERVING)
         address = f"{s.host}:{s.port}"
         try:
-            self.port = self.server.add_insecure_port(address)
+            if s.tls_dir:
+                credentials = server_credentials(s.tls_dir, require_client_auth=s.tls_client_auth)
+                self.port = self.server.add_secure_port(address, credentials)
+            else:
+                self.port = self.server.add_insecure_port(address)
         except RuntimeError:
             self.port = 0
         if self.port == 0:
@@ -87,7 +100,9 @@ class GrpcService:
             log.info("%s metrics on http://%s:%d/metrics", self.name, s.metrics_host, s.metrics_port)
         await self.server.start()
         self._started = True
-        log.info("%s listening on %s:%d (NOT_SERVING until loaded)", self.name, s.host, self.port)
+        security = ("mutual TLS" if s.tls_client_auth else "TLS") if s.tls_dir else "plaintext"
+        log.info("%s listening on %s:%d (%s%s; NOT_SERVING until loaded)", self.name, s.host, self.port, security,
+                 ", bearer tokens" if s.auth_tokens else "")
         await self.lifecycle.start()
         await self._set_health(health_pb2.HealthCheckResponse.SERVING)
         log.info("%s serving on %s:%d", self.name, s.host, self.port)

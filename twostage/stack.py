@@ -8,9 +8,12 @@ its ports.
 """
 
 import asyncio
+import secrets
+import shutil
 import signal
 import socket
 import sys
+import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -72,7 +75,8 @@ class Stack:
     """The three tiers as child processes, started in order and stopped together."""
 
     def __init__(self, host: str, port: int, index_dir: str | None, rerank_replicas: int = 1, recall_shards: int = 1,
-                 metrics_port: int = 0, embed_model: str | None = None, rerank_model: str | None = None):
+                 metrics_port: int = 0, embed_model: str | None = None, rerank_model: str | None = None,
+                 tls_dir: str | None = None, auth_tokens: str | None = None):
         if not 1 <= recall_shards <= 64 or not 1 <= rerank_replicas <= 64:
             raise StackError("--recall-shards and --rerank-replicas must be between 1 and 64")
         self.host = host
@@ -83,7 +87,28 @@ class Stack:
         self.metrics_port = metrics_port
         self.embed_model = embed_model
         self.rerank_model = rerank_model
+        self.tls_dir = tls_dir
+        self.auth_tokens = auth_tokens
+        self._secrets: Path | None = None
         self.children: list[Child] = []
+
+    def _security_flags(self) -> tuple[list[str], list[str]]:
+        """(flags for the stages, flags for the gateway). With auth, the gateway gets its own admin token for
+        the stages, made for this run and stored beside the caller's tokens in a private directory."""
+        common = ["--tls-dir", self.tls_dir] if self.tls_dir else []
+        if not self.auth_tokens:
+            return common, common
+        from twostage.auth import TOKEN_PREFIX, token_digest
+
+        self._secrets = Path(tempfile.mkdtemp(prefix="twostage-stack-"))  # mode 0700
+        token = TOKEN_PREFIX + secrets.token_urlsafe(32)
+        stage_tokens = self._secrets / "stage-tokens"
+        stage_tokens.write_text(Path(self.auth_tokens).read_text().rstrip("\n") + "\n"
+                                + f"sha256:{token_digest(token)} admin gateway (this serve all run)\n")
+        token_file = self._secrets / "gateway-token"
+        token_file.write_text(token + "\n")
+        return ([*common, "--auth-tokens", str(stage_tokens)],
+                [*common, "--auth-tokens", self.auth_tokens, "--stage-token-file", str(token_file)])
 
     @property
     def targets(self) -> list[str]:
@@ -123,16 +148,17 @@ class Stack:
 
     async def start(self, ready_timeout_s: float) -> None:
         check_ports_free(self.host, [int(t.rsplit(":", 1)[1]) for t in self.targets] + list(self.metrics_ports().values()))
+        stage_flags, gateway_flags = self._security_flags()
         embed = ["--model", self.embed_model] if self.embed_model else []
         for i, (target, index_dir) in enumerate(zip(self.recall_targets, self.index_dirs)):
             await self._spawn(Child(f"recall shard {i}", "recall", target), "recall_server",
-                              *(["--index-dir", index_dir] if index_dir else []), *embed)
+                              *(["--index-dir", index_dir] if index_dir else []), *embed, *stage_flags)
         for i, target in enumerate(self.rerank_targets):
             await self._spawn(Child(f"rerank replica {i}", "rerank", target), "rerank_server",
-                              *(["--model", self.rerank_model] if self.rerank_model else []))
+                              *(["--model", self.rerank_model] if self.rerank_model else []), *stage_flags)
         await self._spawn(Child("gateway", "gateway", self.gateway_target), "gateway",
                           "--recall-targets", ",".join(self.recall_targets),
-                          "--rerank-targets", ",".join(self.rerank_targets))
+                          "--rerank-targets", ",".join(self.rerank_targets), *gateway_flags)
         await self._wait_ready(self.children, ready_timeout_s)
 
     async def _wait_ready(self, children: list[Child], timeout_s: float) -> None:
@@ -174,4 +200,6 @@ class Stack:
             except TimeoutError:
                 child.process.kill()
                 codes.append(await child.process.wait())
+        if self._secrets is not None:
+            shutil.rmtree(self._secrets, ignore_errors=True)
         return max((abs(c) for c in codes if c not in (0, -signal.SIGTERM)), default=0)

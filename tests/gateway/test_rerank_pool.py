@@ -12,11 +12,16 @@ from twostage import errors
 class FakeReplica:
     """Answers by document length, or fails as told; records what it was sent."""
 
-    def __init__(self, target: str, fail_with: Exception | None = None, ms_per_pair: float = 10.0):
+    def __init__(self, target: str, fail_with: Exception | None = None, ms_per_pair: float = 10.0,
+                 health: list | None = None):
         self.target = target
         self.fail_with = fail_with
         self.ms_per_pair = ms_per_pair
         self.received: list[list[str]] = []
+        self.health = health if health is not None else [True]  # answers in turn; the last one repeats
+
+    async def health_status(self, timeout_s):
+        return self.health.pop(0) if len(self.health) > 1 else self.health[0]
 
     async def rerank(self, query, documents, timeout_s, request_id):
         self.received.append(documents)
@@ -87,16 +92,9 @@ async def test_nothing_available_is_an_error_not_a_hang():
     assert outcome.scores == {} and isinstance(outcome.error, errors.Unavailable)
 
 
-async def test_health_needs_repeated_silence_but_obeys_not_serving(monkeypatch):
-    import twostage.probe
-
-    answers = {"a": [None, None, None, True], "b": [False, True, True, True]}
-
-    async def health_status(target, timeout_s):
-        return answers[target].pop(0)
-
-    monkeypatch.setattr(twostage.probe, "health_status", health_status)
-    pool = RerankPool([FakeReplica("a"), FakeReplica("b")], initial_ms_per_pair=10)
+async def test_health_needs_repeated_silence_but_obeys_not_serving():
+    pool = RerankPool([FakeReplica("a", health=[None, None, None, True]), FakeReplica("b", health=[False, True])],
+                      initial_ms_per_pair=10)
     seen = []
     for _ in range(4):
         await pool.check_health(timeout_s=1, misses_to_eject=3)
@@ -105,19 +103,11 @@ async def test_health_needs_repeated_silence_but_obeys_not_serving(monkeypatch):
     assert seen == [[True, False], [True, True], [False, True], [True, True]]
 
 
-async def test_start_waits_for_a_loading_replica(monkeypatch):
-    import twostage.probe
-
-    answers = [False, False, True]
-
-    async def health_status(target, timeout_s):
-        return answers.pop(0) if len(answers) > 1 else answers[0]
-
-    monkeypatch.setattr(twostage.probe, "health_status", health_status)
-    pool = RerankPool([FakeReplica("a")], initial_ms_per_pair=10)
+async def test_start_waits_for_a_loading_replica():
+    replica = FakeReplica("a", health=[False, False, True])
+    pool = RerankPool([replica], initial_ms_per_pair=10)
     assert await pool.wait_for_a_replica(timeout_s=10, period_s=0.001)
-    assert answers == [True]  # it checked until the replica said SERVING
+    assert replica.health == [True]  # it checked until the replica said SERVING
 
-    answers[:] = [False]
-    pool = RerankPool([FakeReplica("a")], initial_ms_per_pair=10)
+    pool = RerankPool([FakeReplica("a", health=[False])], initial_ms_per_pair=10)
     assert not await pool.wait_for_a_replica(timeout_s=0)

@@ -205,3 +205,43 @@ def test_a_busy_metrics_port_is_named():
     assert f"cannot serve metrics on 127.0.0.1:{port}: Address already in use; choose another --metrics-port" in (
         result.stderr
     )
+
+
+def test_serve_all_and_search_with_tls_and_tokens(built_index, tmp_path):
+    """The demo flow with every hop on TLS and every call carrying a token."""
+    tls = tmp_path / "tls"
+    assert twostage("certs", "dev", "--out", str(tls)).returncode == 0
+    assert sorted(p.name for p in tls.iterdir()) == ["ca.pem", "client.key", "client.pem", "server.key", "server.pem"]
+    assert oct((tls / "server.key").stat().st_mode & 0o777) == "0o600"
+    tokens = tmp_path / "tokens"
+    made = twostage("auth", "add-token", "--role", "search", "--file", str(tokens))
+    token = made.stdout.strip()
+    assert made.returncode == 0 and token.startswith("ts_") and token not in tokens.read_text()
+
+    port = free_port_run(3)
+    stack = subprocess.Popen(
+        [sys.executable, "-m", "twostage", "serve", "all", "--port", str(port), "--index-dir", str(built_index),
+         "--tls-dir", str(tls), "--auth-tokens", str(tokens)],
+        stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, env={**os.environ, "PYTHONUNBUFFERED": "1"},
+    )
+    target = f"127.0.0.1:{port}"
+    try:
+        wait_for_line(stack, "twostage is serving")
+        env = {**os.environ, "TWOSTAGE_TOKEN": token}
+        found = subprocess.run(
+            [sys.executable, "-m", "twostage", "search", "homocysteine and vitamin B12", "--target", target,
+             "--tls-dir", str(tls), "--recall-k", "4", "--top-k", "2", "--json"],
+            capture_output=True, text=True, timeout=120, check=False, env=env,
+        )
+        assert found.returncode == 0, found.stderr
+        assert json.loads(found.stdout)["reranked"] == 4
+        refused = twostage("search", "x", "--target", target, "--tls-dir", str(tls))
+        assert refused.returncode == 1 and "UNAUTHENTICATED: missing token" in refused.stderr
+        plaintext = twostage("search", "x", "--target", target, "--token", token, "--timeout-s", "5")
+        assert plaintext.returncode == 1
+        health = twostage("health", "--target", target, "--target", f"127.0.0.1:{port + 1}", "--tls-dir", str(tls))
+        assert health.returncode == 0, health.stdout  # probes need no token
+    finally:
+        stack.send_signal(signal.SIGTERM)
+        stack.communicate(timeout=60)
+    assert stack.returncode == 0

@@ -5,11 +5,11 @@ import os
 import sys
 
 from twostage import __version__
-from twostage.cli import bench, config, demo, docs, evaluate, health, index, loadtest, models, search, serve
+from twostage.cli import bench, config, demo, docs, evaluate, health, index, loadtest, models, search, security, serve
 from twostage.errors import TwostageError
 from twostage.logs import configure as configure_logging
 
-COMMANDS = (serve, search, docs, health, models, index, demo, evaluate, loadtest, config, bench)
+COMMANDS = (serve, search, docs, health, models, index, demo, evaluate, loadtest, config, bench, security)
 
 
 def build_parser() -> argparse.ArgumentParser:

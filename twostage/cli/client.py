@@ -3,15 +3,15 @@ explained in words, with a hint when the cause is a common mistake."""
 
 import grpc
 
+from twostage.connect import add_credential_flags
+
 DEFAULT_TARGET = "localhost:50051"
 
 
 def add_target_flag(parser, default: str = DEFAULT_TARGET, what: str = "gateway") -> None:
+    """--target, plus --tls-dir and --token for a secured stack."""
     parser.add_argument("--target", default=default, help=f"{what} host:port (default {default})")
-
-
-def open_channel(target: str) -> grpc.Channel:
-    return grpc.insecure_channel(target)
+    add_credential_flags(parser)
 
 
 def explain(error: grpc.RpcError, target: str, service: str = "twostage.v1.Gateway") -> str:
@@ -22,6 +22,11 @@ def explain(error: grpc.RpcError, target: str, service: str = "twostage.v1.Gatew
     ):
         return (f"nothing answers at {target} ({details}); start the stack with 'twostage serve all' "
                 "(or 'make demo'), or pass --target HOST:PORT")
+    if code == grpc.StatusCode.UNAVAILABLE and any(
+        text in details.lower() for text in ("ssl", "handshake", "tls", "certificate")
+    ):
+        return (f"TLS handshake with {target} failed ({details}); pass --tls-dir with the stack's ca.pem (and "
+                "client.pem/client.key where the server requires them)")
     if code == grpc.StatusCode.UNIMPLEMENTED:
         return (f"{target} does not serve {service}: is that a recall or rerank port? The gateway listens on "
                 "50051 unless 'serve all --port' moved it")

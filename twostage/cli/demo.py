@@ -1,9 +1,11 @@
 """``twostage demo``: fetch models, build the demo index, serve, answer a query."""
 
 import asyncio
+import os
 from pathlib import Path
 
 from twostage.cli.serve import add_stack_flags, run_stack
+from twostage.connect import Credentials
 from twostage.corpus import DEMO_CORPUS
 
 SAMPLE_QUERY = "A deficiency of vitamin B12 increases blood levels of homocysteine."
@@ -46,7 +48,9 @@ def run(args) -> int:
 
     async def answer(stack) -> None:
         request = gateway_pb2.SearchRequest(query=args.query)
-        response = await asyncio.to_thread(search, stack.gateway_target, request, 120.0)
+        # With --auth-tokens the sample query needs a token of yours: TWOSTAGE_TOKEN.
+        credentials = Credentials(args.tls_dir, os.environ.get("TWOSTAGE_TOKEN") or None)
+        response = await asyncio.to_thread(search, stack.gateway_target, request, 120.0, credentials)
         print(f"\nquery: {args.query}\n{format_response(response)}\n", flush=True)
         print(f"try: twostage search \"<your query>\" --target {stack.gateway_target} [--json]", flush=True)
 

@@ -9,7 +9,8 @@ import grpc
 from tqdm import tqdm
 
 from twostage.cli.args import positive_int
-from twostage.cli.client import add_target_flag, explain, open_channel
+from twostage.cli.client import add_target_flag, explain
+from twostage.connect import credentials_from_args
 from twostage.errors import InvalidArgument
 
 
@@ -65,13 +66,14 @@ def _upsert(args) -> int:
     docs = list(valid_documents(lines, scan))
     batch_size = min(args.batch_size, limits.max_docs)
     sent = 0
-    with open_channel(args.target) as channel, tqdm(total=len(docs), unit="doc", desc="upserting") as bar:
+    credentials = credentials_from_args(args)
+    with credentials.channel(args.target) as channel, tqdm(total=len(docs), unit="doc", desc="upserting") as bar:
         stub = gateway_pb2_grpc.GatewayStub(channel)
         for start in range(0, len(docs), batch_size):
             batch = docs[start:start + batch_size]
             try:
                 stub.Upsert(common_pb2.UpsertRequest(documents=[document_to_proto(d) for d in batch]),
-                            timeout=args.timeout_s)
+                            timeout=args.timeout_s, metadata=credentials.metadata)
             except grpc.RpcError as error:
                 bar.close()
                 print(f"twostage: upsert failed: {explain(error, args.target)}", file=sys.stderr)
@@ -86,10 +88,11 @@ def _upsert(args) -> int:
 def _delete(args) -> int:
     from twostage.v1 import common_pb2, gateway_pb2_grpc
 
-    with open_channel(args.target) as channel:
+    credentials = credentials_from_args(args)
+    with credentials.channel(args.target) as channel:
         try:
             reply = gateway_pb2_grpc.GatewayStub(channel).Delete(common_pb2.DeleteRequest(ids=args.ids),
-                                                                 timeout=args.timeout_s)
+                                                                 timeout=args.timeout_s, metadata=credentials.metadata)
         except grpc.RpcError as error:
             print(f"twostage: delete failed: {explain(error, args.target)}", file=sys.stderr)
             return 1
@@ -101,10 +104,11 @@ def _get(args) -> int:
     from twostage.convert import document_from_proto
     from twostage.v1 import common_pb2, gateway_pb2_grpc
 
-    with open_channel(args.target) as channel:
+    credentials = credentials_from_args(args)
+    with credentials.channel(args.target) as channel:
         try:
             reply = gateway_pb2_grpc.GatewayStub(channel).Get(common_pb2.GetRequest(ids=args.ids),
-                                                              timeout=args.timeout_s)
+                                                              timeout=args.timeout_s, metadata=credentials.metadata)
         except grpc.RpcError as error:
             print(f"twostage: get failed: {explain(error, args.target)}", file=sys.stderr)
             return 1

@@ -4,6 +4,7 @@ import asyncio
 import hashlib
 from pathlib import Path
 
+from twostage.connect import PLAINTEXT, add_credential_flags, credentials_from_args
 from twostage.corpus import DEMO_CORPUS
 
 
@@ -22,6 +23,7 @@ def register(commands) -> None:
     parser.add_argument("--json", type=Path, default=None)
     parser.add_argument("--plot", type=Path, default=None, help="PNG of the sweeps")
     parser.add_argument("--port", type=int, default=50261, help="base port of the local stack")
+    add_credential_flags(parser)
     parser.set_defaults(run=run)
 
 
@@ -61,8 +63,11 @@ def run(args) -> None:
     sweeps = parse_sweeps(args.sweep)
 
     def measure(target: str, recall_target: str | None) -> dict:
+        # A local stack is plaintext; credentials are for a running one.
+        credentials = credentials_from_args(args) if args.target else PLAINTEXT
         return evaluate(target, recall_target, args.dataset, args.split, args.recall_k, args.budget_ms, args.limit,
-                        [int(k) for k in sweeps.get("recall_k", [])], sweeps.get("alpha", []), args.fusion)
+                        [int(k) for k in sweeps.get("recall_k", [])], sweeps.get("alpha", []), args.fusion,
+                        credentials=credentials)
 
     if args.target:
         report = measure(args.target, args.recall_target)

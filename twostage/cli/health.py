@@ -5,7 +5,8 @@ import sys
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from twostage.cli.client import DEFAULT_TARGET, explain, open_channel
+from twostage.cli.client import DEFAULT_TARGET, explain
+from twostage.connect import PLAINTEXT, Credentials, add_credential_flags, credentials_from_args
 
 
 def register(commands) -> None:
@@ -15,12 +16,13 @@ def register(commands) -> None:
     parser.add_argument("--service", default="",
                         help="a service name such as twostage.v1.Recall (default: the server as a whole)")
     parser.add_argument("--timeout-s", type=float, default=5.0)
+    add_credential_flags(parser)
     parser.set_defaults(run=run)
 
 
-def check(target: str, service: str, timeout_s: float) -> str:
-    """SERVING, NOT_SERVING, SERVICE_UNKNOWN, or why there was no answer."""
-    with open_channel(target) as channel:
+def check(target: str, service: str, timeout_s: float, credentials: Credentials = PLAINTEXT) -> str:
+    """SERVING, NOT_SERVING, SERVICE_UNKNOWN, or why there was no answer (health needs no token)."""
+    with credentials.channel(target) as channel:
         try:
             reply = health_pb2_grpc.HealthStub(channel).Check(
                 health_pb2.HealthCheckRequest(service=service), timeout=timeout_s
@@ -35,7 +37,7 @@ def check(target: str, service: str, timeout_s: float) -> str:
 def run(args) -> int:
     healthy = True
     for target in args.target or [DEFAULT_TARGET]:
-        status = check(target, args.service, args.timeout_s)
+        status = check(target, args.service, args.timeout_s, credentials_from_args(args))
         healthy &= status == "SERVING"
         print(f"{target}{' ' + args.service if args.service else ''}: {status}")
     sys.stdout.flush()

@@ -6,12 +6,14 @@ import sys
 from pathlib import Path
 
 from twostage.cli.args import non_negative_int, positive_float, positive_int
+from twostage.cli.client import add_target_flag
+from twostage.connect import credentials_from_args
 from twostage.corpus import DEMO_CORPUS
 
 
 def register(commands) -> None:
     parser = commands.add_parser("loadtest", help="open-loop load on a gateway or one stage")
-    parser.add_argument("--target", default="localhost:50051")
+    add_target_flag(parser, what="gateway (or, with --stage, recall or rerank)")
     parser.add_argument("--stage", choices=["gateway", "recall", "rerank"], default="gateway")
     parser.add_argument("--queries", type=Path, default=DEMO_CORPUS / "queries.jsonl",
                         help="BEIR queries.jsonl or a text file with one query per line")
@@ -58,6 +60,7 @@ def run(args) -> int:
         "poisson": args.poisson, "timeout_s": args.timeout_s, "top_k": args.top_k, "recall_k": args.recall_k,
         "budget_ms": args.budget_ms,
         "documents": rerank_documents(args.documents) if args.stage == "rerank" else None,
+        "credentials": credentials_from_args(args),
     }
     if args.step:
         rates = [float(r) for r in args.step.split(",")]

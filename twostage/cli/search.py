@@ -8,7 +8,8 @@ import grpc
 from google.protobuf.json_format import MessageToDict
 
 from twostage.cli.args import non_negative_int, positive_float
-from twostage.cli.client import add_target_flag, explain, open_channel
+from twostage.cli.client import add_target_flag, explain
+from twostage.connect import PLAINTEXT, Credentials, credentials_from_args
 from twostage.convert import metadata_from_proto
 from twostage.v1 import gateway_pb2, gateway_pb2_grpc
 
@@ -25,9 +26,10 @@ def register(commands) -> None:
     parser.set_defaults(run=run)
 
 
-def search(target: str, request: gateway_pb2.SearchRequest, timeout_s: float) -> gateway_pb2.SearchResponse:
-    with open_channel(target) as channel:
-        return gateway_pb2_grpc.GatewayStub(channel).Search(request, timeout=timeout_s)
+def search(target: str, request: gateway_pb2.SearchRequest, timeout_s: float,
+           credentials: Credentials = PLAINTEXT) -> gateway_pb2.SearchResponse:
+    with credentials.channel(target) as channel:
+        return gateway_pb2_grpc.GatewayStub(channel).Search(request, timeout=timeout_s, metadata=credentials.metadata)
 
 
 def response_as_dict(response: gateway_pb2.SearchResponse) -> dict:
@@ -60,7 +62,7 @@ def run(args) -> int:
         query=args.query, top_k=args.top_k, recall_k=args.recall_k, budget_ms=args.budget_ms
     )
     try:
-        response = search(args.target, request, args.timeout_s)
+        response = search(args.target, request, args.timeout_s, credentials_from_args(args))
     except grpc.RpcError as error:
         print(f"twostage: search failed: {explain(error, args.target)}", file=sys.stderr)
         return 1

@@ -43,6 +43,12 @@ def add_stack_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--embed-model", default=None, help="recall's model name or directory (default: the recall server's)")
     parser.add_argument("--rerank-model", default=None,
                         help="rerank's model name or directory (default: the rerank server's)")
+    parser.add_argument("--tls-dir", default=None,
+                        help="TLS on every hop from this directory ('twostage certs dev'); the stages require the "
+                        "gateway's client certificate")
+    parser.add_argument("--auth-tokens", default=None,
+                        help="tokens file ('twostage auth add-token'): callers need a token; the gateway uses one "
+                        "of its own, made for this run, toward the stages")
 
 
 def _serve_recall(args) -> None:
@@ -72,7 +78,7 @@ async def run_stack(args, then=None) -> int:
     """Run the stack until a signal or a child's exit; ``then(stack)`` runs once it is ready
     (with ``args.once`` the stack stops after it). A child that dies takes the stack down, named."""
     stack = Stack(args.host, args.port, args.index_dir, args.rerank_replicas, args.recall_shards,
-                  args.metrics_port, args.embed_model, args.rerank_model)
+                  args.metrics_port, args.embed_model, args.rerank_model, args.tls_dir, args.auth_tokens)
     stop = asyncio.Event()
     install_stop_signals(stop)
     died = None

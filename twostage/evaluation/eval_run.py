@@ -9,10 +9,10 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-import grpc
 import numpy as np
 from tqdm import tqdm
 
+from twostage.connect import PLAINTEXT, Credentials
 from twostage.corpus import read_qrels, read_queries
 from twostage.evaluation.metrics import evaluate
 from twostage.v1 import common_pb2, gateway_pb2, gateway_pb2_grpc, recall_pb2, recall_pb2_grpc
@@ -29,15 +29,17 @@ class Answer:
     degraded_reason: str
 
 
-async def ask_gateway(target: str, queries: dict[str, str], recall_k: int, budget_ms: int, progress=True) -> list[Answer]:
+async def ask_gateway(target: str, queries: dict[str, str], recall_k: int, budget_ms: int, progress=True,
+                      credentials: Credentials = PLAINTEXT) -> list[Answer]:
     """One query at a time (latency without queueing), the whole candidate list returned."""
     answers = []
-    async with grpc.aio.insecure_channel(target) as channel:
+    async with credentials.aio_channel(target) as channel:
         stub = gateway_pb2_grpc.GatewayStub(channel)
         for query_id, text in tqdm(queries.items(), desc=f"recall_k={recall_k}", disable=not progress, unit="q"):
             start = time.perf_counter()
             reply = await stub.Search(
-                gateway_pb2.SearchRequest(query=text, top_k=recall_k, recall_k=recall_k, budget_ms=budget_ms)
+                gateway_pb2.SearchRequest(query=text, top_k=recall_k, recall_k=recall_k, budget_ms=budget_ms),
+                metadata=credentials.metadata,
             )
             hits = [
                 {"id": h.id, "recall_rank": h.recall_rank, "recall_score": h.recall_score, "score": h.score,
@@ -48,13 +50,14 @@ async def ask_gateway(target: str, queries: dict[str, str], recall_k: int, budge
     return answers
 
 
-async def recall_positions(target: str, queries: dict[str, str], qrels, depth: int) -> dict[str, dict[str, int | None]]:
+async def recall_positions(target: str, queries: dict[str, str], qrels, depth: int,
+                           credentials: Credentials = PLAINTEXT) -> dict[str, dict[str, int | None]]:
     """Where recall alone ranks each relevant document (None: beyond ``depth``)."""
     positions = {}
-    async with grpc.aio.insecure_channel(target) as channel:
+    async with credentials.aio_channel(target) as channel:
         stub = recall_pb2_grpc.RecallStub(channel)
         for query_id, text in queries.items():
-            reply = await stub.Search(recall_pb2.RecallSearchRequest(query=text, k=depth))
+            reply = await stub.Search(recall_pb2.RecallSearchRequest(query=text, k=depth), metadata=credentials.metadata)
             rank = {c.id: i + 1 for i, c in enumerate(reply.candidates)}
             relevant = [d for d, g in qrels.get(query_id, {}).items() if g > 0]
             positions[query_id] = {d: rank.get(d) for d in relevant}
@@ -116,14 +119,15 @@ def recall_k_advice(positions: dict[str, dict[str, int | None]], recall_k: int, 
     )
 
 
-async def not_in_index(gateway_target: str, doc_ids: set[str], batch: int = 500) -> set[str]:
+async def not_in_index(gateway_target: str, doc_ids: set[str], batch: int = 500,
+                       credentials: Credentials = PLAINTEXT) -> set[str]:
     """The ids the stack does not store (asked through the gateway, which covers every shard)."""
     missing: set[str] = set()
     ids = sorted(doc_ids)
-    async with grpc.aio.insecure_channel(gateway_target) as channel:
+    async with credentials.aio_channel(gateway_target) as channel:
         stub = gateway_pb2_grpc.GatewayStub(channel)
         for start in range(0, len(ids), batch):
-            reply = await stub.Get(common_pb2.GetRequest(ids=ids[start:start + batch]))
+            reply = await stub.Get(common_pb2.GetRequest(ids=ids[start:start + batch]), metadata=credentials.metadata)
             missing.update(reply.missing)
     return missing
 
@@ -160,17 +164,17 @@ def write_report(path: Path | None, report: dict) -> None:
 
 def run(target: str, recall_target: str | None, dataset: Path, split: str, recall_k: int, budget_ms: int,
         limit: int | None, sweep_recall_k: list[int], sweep_alpha: list[float], fusion: str,
-        progress: bool = True) -> dict:
+        progress: bool = True, credentials: Credentials = PLAINTEXT) -> dict:
     queries, qrels = load(dataset, split, limit)
-    answers = asyncio.run(ask_gateway(target, queries, recall_k, budget_ms, progress))
+    answers = asyncio.run(ask_gateway(target, queries, recall_k, budget_ms, progress, credentials))
     report = summarise(answers, qrels, recall_k)
     report["recall_k"] = recall_k
     report["promotion_depth"] = promotion_histogram(answers)
     if recall_target:
         depth = max(1000, recall_k)
-        positions = asyncio.run(recall_positions(recall_target, queries, qrels, depth))
+        positions = asyncio.run(recall_positions(recall_target, queries, qrels, depth, credentials))
         relevant = {d for per_query in positions.values() for d in per_query}
-        absent = asyncio.run(not_in_index(target, relevant))
+        absent = asyncio.run(not_in_index(target, relevant, credentials=credentials))
         report["relevant_not_indexed"] = len(absent)
         report["beyond_recall_k"], report["advice"] = recall_k_advice(positions, recall_k, depth, absent)
     if sweep_alpha:
@@ -181,7 +185,7 @@ def run(target: str, recall_target: str | None, dataset: Path, split: str, recal
     if sweep_recall_k:
         report["sweep_recall_k"] = {}
         for k in sweep_recall_k:
-            swept = asyncio.run(ask_gateway(target, queries, k, budget_ms, progress))
+            swept = asyncio.run(ask_gateway(target, queries, k, budget_ms, progress, credentials))
             summary = summarise(swept, qrels, k)
             report["sweep_recall_k"][str(k)] = {
                 "final_ndcg@10": summary["final"]["ndcg@10"],

@@ -16,6 +16,7 @@ import grpc
 from hdrh.histogram import HdrHistogram
 from tqdm import tqdm
 
+from twostage.connect import PLAINTEXT, Credentials
 from twostage.v1 import gateway_pb2, gateway_pb2_grpc, recall_pb2, recall_pb2_grpc, rerank_pb2, rerank_pb2_grpc
 
 MAX_DURATION_S = 600
@@ -69,7 +70,8 @@ def schedule(rate_rps: float, duration_s: float, max_requests: int, poisson: boo
     return times
 
 
-def make_caller(channel: grpc.aio.Channel, stage: str, top_k: int, recall_k: int, budget_ms: int, documents: list[str]):
+def make_caller(channel: grpc.aio.Channel, stage: str, top_k: int, recall_k: int, budget_ms: int, documents: list[str],
+                metadata=()):
     """An async function query -> degraded reason ('' if none), for the chosen target."""
     if stage == "gateway":
         stub = gateway_pb2_grpc.GatewayStub(channel)
@@ -77,20 +79,22 @@ def make_caller(channel: grpc.aio.Channel, stage: str, top_k: int, recall_k: int
         async def call(query: str, timeout_s: float) -> str:
             reply = await stub.Search(
                 gateway_pb2.SearchRequest(query=query, top_k=top_k, recall_k=recall_k, budget_ms=budget_ms),
-                timeout=timeout_s,
+                timeout=timeout_s, metadata=metadata,
             )
             return reply.degraded_reason.split(" ")[0] if reply.degraded else ""
     elif stage == "recall":
         stub = recall_pb2_grpc.RecallStub(channel)
 
         async def call(query: str, timeout_s: float) -> str:
-            await stub.Search(recall_pb2.RecallSearchRequest(query=query, k=recall_k), timeout=timeout_s)
+            await stub.Search(recall_pb2.RecallSearchRequest(query=query, k=recall_k), timeout=timeout_s,
+                              metadata=metadata)
             return ""
     else:
         stub = rerank_pb2_grpc.RerankStub(channel)
 
         async def call(query: str, timeout_s: float) -> str:
-            await stub.Rerank(rerank_pb2.RerankRequest(query=query, documents=documents), timeout=timeout_s)
+            await stub.Rerank(rerank_pb2.RerankRequest(query=query, documents=documents), timeout=timeout_s,
+                              metadata=metadata)
             return ""
 
     return call
@@ -99,7 +103,7 @@ def make_caller(channel: grpc.aio.Channel, stage: str, top_k: int, recall_k: int
 async def run_load(target: str, stage: str, queries: list[str], rate_rps: float, duration_s: float,
                    max_requests: int, poisson: bool = False, timeout_s: float = 30.0, top_k: int = 0,
                    recall_k: int = 0, budget_ms: int = 0, documents: list[str] | None = None,
-                   progress: bool = True) -> LoadResult:
+                   progress: bool = True, credentials: Credentials = PLAINTEXT) -> LoadResult:
     if not queries:
         raise ValueError("no queries to send")
     if stage == "recall" and recall_k < 1:
@@ -107,8 +111,8 @@ async def run_load(target: str, stage: str, queries: list[str], rate_rps: float,
     duration_s = min(duration_s, MAX_DURATION_S)
     times = schedule(rate_rps, duration_s, max_requests, poisson)
     result = LoadResult(offered_rps=rate_rps, duration_s=duration_s)
-    async with grpc.aio.insecure_channel(target) as channel:
-        call = make_caller(channel, stage, top_k, recall_k, budget_ms, documents or [])
+    async with credentials.aio_channel(target) as channel:
+        call = make_caller(channel, stage, top_k, recall_k, budget_ms, documents or [], credentials.metadata)
         start = time.perf_counter()
 
         async def one(index: int, scheduled: float) -> None:

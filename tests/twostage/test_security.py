@@ -1,0 +1,203 @@
+"""TLS, mutual TLS and bearer tokens with real handshakes on loopback: a gateway
+that serves TLS to callers and calls its stages with mutual TLS and its own token."""
+
+import asyncio
+import socket
+import ssl
+import time
+
+import grpc
+import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
+
+from twostage.auth import add_token
+from twostage.connect import Credentials
+from twostage.dev_certs import make_ca, write_dev_certs
+from twostage.v1 import common_pb2, gateway_pb2, gateway_pb2_grpc, rerank_pb2, rerank_pb2_grpc
+
+
+@pytest.fixture(scope="module")
+def secrets_dir(tmp_path_factory):
+    root = tmp_path_factory.mktemp("secrets")
+    ca = make_ca()
+    write_dev_certs(root / "tls", ca=ca)
+    write_dev_certs(root / "other-ca")  # a different CA altogether
+    tokens = root / "tokens"
+    search, admin, gateway = (add_token(tokens, role) for role in ("search", "admin", "admin"))
+    (root / "gateway-token").write_text(gateway)
+    return {"root": root, "ca": ca, "tls": root / "tls", "other": root / "other-ca", "tokens": tokens,
+            "search": search, "admin": admin, "gateway_token_file": root / "gateway-token"}
+
+
+@pytest.fixture(scope="module")
+async def secured(secrets_dir, tmp_path_factory, built_index):
+    """Recall and rerank requiring mutual TLS and tokens; a gateway with TLS and tokens in front."""
+    import shutil
+
+    from gateway.config import GatewaySettings
+    from gateway.servicer import build_server as build_gateway
+    from recall_server.config import RecallSettings
+    from recall_server.service import RecallService
+    from recall_server.servicer import build_server as build_recall
+    from rerank_server.config import RerankSettings
+    from rerank_server.service import RerankService
+    from rerank_server.servicer import build_server as build_rerank
+
+    security = {"tls_dir": secrets_dir["tls"], "auth_tokens": secrets_dir["tokens"]}
+    index_dir = tmp_path_factory.mktemp("secured") / "index"
+    shutil.copytree(built_index, index_dir)
+    recall = build_recall(RecallService(RecallSettings(port=0, index_dir=index_dir, **security)))
+    rerank = build_rerank(RerankService(RerankSettings(port=0, **security)))
+    recall_port, rerank_port = await recall.start(), await rerank.start()
+    gateway = build_gateway(GatewaySettings(
+        port=0, recall_targets=f"127.0.0.1:{recall_port}", rerank_targets=f"127.0.0.1:{rerank_port}",
+        stage_token_file=secrets_dir["gateway_token_file"], **security,
+    ))
+    gateway_port = await gateway.start()
+    yield {"gateway": f"127.0.0.1:{gateway_port}", "recall": f"127.0.0.1:{recall_port}",
+           "rerank": f"127.0.0.1:{rerank_port}"}
+    for server in (gateway, recall, rerank):
+        await server.stop(grace_s=0)
+
+
+def search_request(query="vitamin B12 and homocysteine"):
+    return gateway_pb2.SearchRequest(query=query, recall_k=4, top_k=3)
+
+
+async def call_gateway(credentials: Credentials, target: str, method="Search", request=None):
+    async with credentials.aio_channel(target) as channel:
+        stub = gateway_pb2_grpc.GatewayStub(channel)
+        return await getattr(stub, method)(request or search_request(), timeout=60, metadata=credentials.metadata)
+
+
+async def status_of(coroutine) -> grpc.StatusCode:
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        await coroutine
+    return caught.value.code(), caught.value.details()
+
+
+async def test_a_search_token_searches_end_to_end(secured, secrets_dir):
+    reply = await call_gateway(Credentials(secrets_dir["tls"], secrets_dir["search"]), secured["gateway"])
+    assert len(reply.hits) == 3 and reply.reranked == 4 and not reply.degraded
+
+
+async def test_plaintext_and_foreign_ca_clients_fail_the_handshake(secured, secrets_dir):
+    code, _ = await status_of(call_gateway(Credentials(None, secrets_dir["search"]), secured["gateway"]))
+    assert code is grpc.StatusCode.UNAVAILABLE
+    code, _ = await status_of(call_gateway(Credentials(secrets_dir["other"], secrets_dir["search"]), secured["gateway"]))
+    assert code is grpc.StatusCode.UNAVAILABLE
+
+
+async def test_a_stage_refuses_a_client_without_a_certificate(secured, secrets_dir, tmp_path):
+    ca_only = tmp_path / "ca-only"
+    ca_only.mkdir()
+    (ca_only / "ca.pem").write_bytes((secrets_dir["tls"] / "ca.pem").read_bytes())
+    request = rerank_pb2.RerankRequest(query="q", documents=["d"])
+    for tls_dir, expected in ((ca_only, grpc.StatusCode.UNAVAILABLE), (secrets_dir["tls"], None)):
+        credentials = Credentials(tls_dir, secrets_dir["search"])
+        async with credentials.aio_channel(secured["rerank"]) as channel:
+            call = rerank_pb2_grpc.RerankStub(channel).Rerank(request, timeout=30, metadata=credentials.metadata)
+            if expected is None:
+                assert len((await call).results) == 1  # the same call with the client certificate passes
+            else:
+                assert (await status_of(call))[0] is expected
+
+
+async def test_tokens_and_roles(secured, secrets_dir):
+    tls = secrets_dir["tls"]
+    code, details = await status_of(call_gateway(Credentials(tls), secured["gateway"]))
+    assert code is grpc.StatusCode.UNAUTHENTICATED and "missing token" in details
+    code, details = await status_of(call_gateway(Credentials(tls, "ts_not-a-real-token"), secured["gateway"]))
+    assert code is grpc.StatusCode.UNAUTHENTICATED and details == "unknown token"
+    doc = common_pb2.Document(id="secured-1", title="Axolotl regeneration", text="Axolotls regrow their limbs.")
+    upsert = common_pb2.UpsertRequest(documents=[doc])
+    code, details = await status_of(
+        call_gateway(Credentials(tls, secrets_dir["search"]), secured["gateway"], "Upsert", upsert)
+    )
+    assert code is grpc.StatusCode.PERMISSION_DENIED and "needs an admin token" in details
+    # An admin token writes; the gateway passes the write on with its own credentials.
+    reply = await call_gateway(Credentials(tls, secrets_dir["admin"]), secured["gateway"], "Upsert", upsert)
+    assert reply.upserted == 1
+    got = await call_gateway(Credentials(tls, secrets_dir["search"]), secured["gateway"], "Get",
+                             common_pb2.GetRequest(ids=["secured-1"]))
+    assert [d.id for d in got.documents] == ["secured-1"]
+
+
+async def test_health_needs_no_token_and_reflection_is_hidden(secured, secrets_dir):
+    credentials = Credentials(secrets_dir["tls"])
+    for target in (secured["gateway"], secured["recall"], secured["rerank"]):
+        async with credentials.aio_channel(target) as channel:
+            reply = await health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=10)
+            assert reply.status == health_pb2.HealthCheckResponse.SERVING
+    async with credentials.aio_channel(secured["gateway"]) as channel:
+        responses = reflection_pb2_grpc.ServerReflectionStub(channel).ServerReflectionInfo(
+            iter([reflection_pb2.ServerReflectionRequest(list_services="")]), timeout=10
+        )
+        with pytest.raises(grpc.aio.AioRpcError) as caught:
+            async for _ in responses:
+                pass
+        assert caught.value.code() is grpc.StatusCode.UNIMPLEMENTED
+
+
+async def test_a_token_added_while_serving_is_accepted(secured, secrets_dir):
+    token = add_token(secrets_dir["tokens"], "search", "added later")
+    credentials = Credentials(secrets_dir["tls"], token)
+    deadline = time.monotonic() + 30
+    while True:  # the file is re-read at most once a second
+        try:
+            await call_gateway(credentials, secured["gateway"])
+            break
+        except grpc.aio.AioRpcError as error:
+            assert error.code() is grpc.StatusCode.UNAUTHENTICATED and time.monotonic() < deadline
+            await asyncio.sleep(0.2)
+
+
+def served_certificate(target: str, ca_file) -> bytes:
+    """The certificate a fresh TLS connection is shown (DER)."""
+    host, port = target.rsplit(":", 1)
+    context = ssl.create_default_context(cafile=str(ca_file))
+    context.set_alpn_protocols(["h2"])
+    with socket.create_connection((host, int(port)), timeout=10) as raw, \
+            context.wrap_socket(raw, server_hostname=host) as tls_socket:
+        return tls_socket.getpeercert(binary_form=True)
+
+
+async def test_a_rotated_certificate_is_served_without_restart(secured, secrets_dir):
+    from cryptography import x509
+    from cryptography.hazmat.primitives import serialization
+
+    def current_file() -> bytes:
+        pem = (secrets_dir["tls"] / "server.pem").read_bytes()
+        return x509.load_pem_x509_certificate(pem).public_bytes(serialization.Encoding.DER)
+
+    ca_file = secrets_dir["tls"] / "ca.pem"
+    credentials = Credentials(secrets_dir["tls"], secrets_dir["search"])
+    async with credentials.aio_channel(secured["gateway"]) as open_channel:
+        stub = gateway_pb2_grpc.GatewayStub(open_channel)
+        await stub.Search(search_request(), timeout=60, metadata=credentials.metadata)
+        before = await asyncio.to_thread(served_certificate, secured["gateway"], ca_file)
+        assert before == current_file()
+        write_dev_certs(secrets_dir["tls"], ca=secrets_dir["ca"])  # new leaves, same CA: what cert-manager does
+        after = await asyncio.to_thread(served_certificate, secured["gateway"], ca_file)
+        assert after == current_file() != before
+        # The connection opened before the rotation keeps working.
+        reply = await stub.Search(search_request(), timeout=60, metadata=credentials.metadata)
+        assert reply.hits
+    # And so does the whole path (the gateway's own client certificate toward the stages changed too).
+    assert (await call_gateway(credentials, secured["gateway"])).reranked == 4
+
+
+async def test_errors_do_not_reveal_internal_addresses(secrets_dir):
+    from gateway.config import GatewaySettings
+    from gateway.servicer import build_server as build_gateway
+
+    gateway = build_gateway(GatewaySettings(port=0, recall_targets="127.0.0.1:1", rerank_targets="127.0.0.1:2",
+                                            startup_wait_s=0))
+    target = f"127.0.0.1:{await gateway.start()}"
+    try:
+        code, details = await status_of(call_gateway(Credentials(), target))
+    finally:
+        await gateway.stop(grace_s=0)
+    assert code is grpc.StatusCode.UNAVAILABLE and "recall shard 0" in details
+    assert "127.0.0.1" not in details and ":1" not in details

@@ -1,0 +1,103 @@
+"""TLS for every hop, from PEM files in one directory.
+
+Layout (what ``twostage certs dev`` writes, and what a cert-manager Secret
+mounts): ``ca.pem`` (the CA that signs both sides), ``server.pem`` +
+``server.key`` (a server's certificate chain and key), ``client.pem`` +
+``client.key`` (the certificate a caller presents for mutual TLS).
+
+Servers re-read their files when they change: gRPC asks for the certificate
+configuration on every new handshake, and we answer from a cache keyed by the
+files' modification times, so a rotated certificate is served to the next
+connection while open connections carry on undisturbed.
+"""
+
+import logging
+import os
+from pathlib import Path
+
+import grpc
+
+from twostage.errors import ConfigError
+
+log = logging.getLogger(__name__)
+
+CA = "ca.pem"
+SERVER_CERT, SERVER_KEY = "server.pem", "server.key"
+CLIENT_CERT, CLIENT_KEY = "client.pem", "client.key"
+
+
+def _read(directory: Path, name: str) -> bytes:
+    try:
+        return (directory / name).read_bytes()
+    except OSError as error:
+        raise ConfigError(f"TLS: cannot read {name} in the TLS directory: {error.strerror}") from None
+
+
+class _RotatingServerCertificates:
+    """The certificate-configuration fetcher gRPC calls on each handshake."""
+
+    def __init__(self, directory: Path, require_client_auth: bool):
+        self.directory = directory
+        self.require_client_auth = require_client_auth
+        self._stamp = self._files_stamp()
+
+    def _files_stamp(self) -> tuple:
+        names = [SERVER_CERT, SERVER_KEY] + ([CA] if self.require_client_auth else [])
+        return tuple(os.stat(self.directory / name).st_mtime_ns for name in names)
+
+    def configuration(self) -> grpc.ServerCertificateConfiguration:
+        key, chain = _read(self.directory, SERVER_KEY), _read(self.directory, SERVER_CERT)
+        _check_pair(key, chain)
+        return grpc.ssl_server_certificate_configuration(
+            [(key, chain)], root_certificates=_read(self.directory, CA) if self.require_client_auth else None
+        )
+
+    def __call__(self) -> grpc.ServerCertificateConfiguration | None:
+        """None keeps the current configuration; runs on a gRPC thread, never on the event loop."""
+        try:
+            stamp = self._files_stamp()
+            if stamp == self._stamp:
+                return None
+            configuration = self.configuration()
+        except (OSError, ConfigError) as error:
+            # Mid-rotation (one file written, not yet the other): keep serving the old pair.
+            log.warning("TLS: keeping the current certificate: %s", error)
+            return None
+        self._stamp = stamp
+        log.info("TLS: serving the rotated certificate from %s", self.directory)
+        return configuration
+
+
+def _check_pair(key_pem: bytes, chain_pem: bytes) -> None:
+    """The key must belong to the first certificate: files caught mid-rotation fail here, not in handshakes."""
+    from cryptography import x509
+    from cryptography.hazmat.primitives import serialization
+
+    try:
+        key = serialization.load_pem_private_key(key_pem, password=None)
+        cert = x509.load_pem_x509_certificate(chain_pem)
+    except ValueError as error:
+        raise ConfigError(f"TLS: unreadable server certificate or key: {error}") from None
+    public = serialization.PublicFormat.SubjectPublicKeyInfo
+    if key.public_key().public_bytes(serialization.Encoding.DER, public) != cert.public_key().public_bytes(
+        serialization.Encoding.DER, public
+    ):
+        raise ConfigError("TLS: server.key does not belong to server.pem")
+
+
+def server_credentials(directory: Path, require_client_auth: bool) -> grpc.ServerCredentials:
+    """Credentials that re-read the certificate files when they change; with
+    ``require_client_auth`` only clients whose certificate chains to ca.pem get in."""
+    certificates = _RotatingServerCertificates(Path(directory), require_client_auth)
+    return grpc.dynamic_ssl_server_credentials(
+        certificates.configuration(), certificates, require_client_authentication=require_client_auth
+    )
+
+
+def channel_credentials(directory: Path, present_client_certificate: bool = True) -> grpc.ChannelCredentials:
+    """Verify the server against ca.pem; present client.pem when it exists (mutual TLS)."""
+    directory = Path(directory)
+    ca = _read(directory, CA)
+    if present_client_certificate and (directory / CLIENT_CERT).exists():
+        return grpc.ssl_channel_credentials(ca, _read(directory, CLIENT_KEY), _read(directory, CLIENT_CERT))
+    return grpc.ssl_channel_credentials(ca)
