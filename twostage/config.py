@@ -48,6 +48,11 @@ class ServiceSettings(BaseSettings):
         description="Tokens file ('twostage auth add-token'): every call but health needs a bearer token, and "
         "writes need the admin role. Re-read when it changes. Unset: no auth.",
     )
+    health_port: int = Field(
+        0, ge=0, le=65535,
+        description="A plaintext port serving only grpc.health.v1, for probes that cannot speak TLS (Kubernetes "
+        "gRPC probes); 0: none. It reveals nothing but SERVING or NOT_SERVING.",
+    )
     reflection: Literal["auto", "on", "off"] = Field(
         "auto", description="gRPC server reflection; auto serves it without auth and hides it with auth."
     )

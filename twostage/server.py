@@ -61,6 +61,11 @@ class GrpcService:
         )
         self.health = health.aio.HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
+        # Probes (kubelet) cannot speak TLS: the same health state, alone, on a plaintext port.
+        self.probe_server = None
+        if settings.health_port:
+            self.probe_server = grpc.aio.server(options=[("grpc.so_reuseport", int(settings.reuse_port))])
+            health_pb2_grpc.add_HealthServicer_to_server(self.health, self.probe_server)
         register(self.server)
         if reflection_on:
             reflection.enable_server_reflection(
@@ -90,6 +95,16 @@ class GrpcService:
         if self.port == 0:
             raise OSError(f"{self.name}: cannot listen on {address}: the port is in use (or the address is not "
                           "this machine's); stop what holds it or choose another --port")
+        if self.probe_server is not None:
+            try:
+                bound = self.probe_server.add_insecure_port(f"{s.host}:{s.health_port}")
+            except RuntimeError:
+                bound = 0
+            if not bound:
+                raise OSError(f"{self.name}: cannot serve health on {s.host}:{s.health_port}: the port is in use; "
+                              "choose another --health-port")
+            await self.probe_server.start()
+            log.info("%s health (plaintext, for probes) on %s:%d", self.name, s.host, bound)
         if s.metrics_port:
             try:
                 start_metrics_server(s.metrics_port, s.metrics_host)
@@ -116,9 +131,13 @@ class GrpcService:
     async def stop(self, grace_s: float | None = None) -> None:
         if not self._started:
             await self.server.stop(0)
+            if self.probe_server is not None:
+                await self.probe_server.stop(0)
             return
         await self.health.enter_graceful_shutdown()
         await self.server.stop(self.settings.grace_period_s if grace_s is None else grace_s)
+        if self.probe_server is not None:  # probes saw NOT_SERVING throughout the drain
+            await self.probe_server.stop(0)
         await self.lifecycle.close()
         log.info("%s stopped", self.name)
 

@@ -201,3 +201,27 @@ async def test_errors_do_not_reveal_internal_addresses(secrets_dir):
         await gateway.stop(grace_s=0)
     assert code is grpc.StatusCode.UNAVAILABLE and "recall shard 0" in details
     assert "127.0.0.1" not in details and ":1" not in details
+
+
+async def test_probes_get_health_in_plaintext_on_their_own_port(secrets_dir, models):
+    """Kubernetes gRPC probes cannot speak TLS: a plaintext port serves health and nothing else."""
+    from rerank_server.config import RerankSettings
+    from rerank_server.service import RerankService
+    from rerank_server.servicer import build_server as build_rerank
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        health_port = probe.getsockname()[1]
+    server = build_rerank(RerankService(RerankSettings(port=0, tls_dir=secrets_dir["tls"],
+                                                       auth_tokens=secrets_dir["tokens"], health_port=health_port)))
+    await server.start()
+    try:
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{health_port}") as channel:
+            reply = await health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=10)
+            assert reply.status == health_pb2.HealthCheckResponse.SERVING
+            with pytest.raises(grpc.aio.AioRpcError) as caught:
+                await rerank_pb2_grpc.RerankStub(channel).Rerank(rerank_pb2.RerankRequest(query="q", documents=["d"]),
+                                                                 timeout=10)
+            assert caught.value.code() is grpc.StatusCode.UNIMPLEMENTED
+    finally:
+        await server.stop(grace_s=0)
