@@ -9,6 +9,7 @@ from pathlib import Path
 import grpc
 
 from bench.report import machine, write_json
+from twostage.connect import PLAINTEXT, Credentials
 from twostage.corpus import DEMO_CORPUS, read_queries
 from twostage.evaluation.loadtest import run_load
 from twostage.model_store import cache_dir, fetch_defaults
@@ -26,14 +27,15 @@ def bench_index(docs: int) -> Path:
     return out
 
 
-async def overhead(target: str, queries: list[str], requests: int) -> dict:
+async def overhead(target: str, queries: list[str], requests: int, credentials: Credentials = PLAINTEXT) -> dict:
     """Time not spent inside the stages, per request: as the client sees it and inside the gateway."""
     client_ms, inside_ms, own_ms = [], [], []
-    async with grpc.aio.insecure_channel(target) as channel:
+    async with credentials.aio_channel(target) as channel:
         stub = gateway_pb2_grpc.GatewayStub(channel)
         for i in range(requests):
             start = time.perf_counter()
-            reply = await stub.Search(gateway_pb2.SearchRequest(query=queries[i % len(queries)], recall_k=4, top_k=4))
+            reply = await stub.Search(gateway_pb2.SearchRequest(query=queries[i % len(queries)], recall_k=4, top_k=4),
+                                      metadata=credentials.metadata)
             elapsed_ms = 1000 * (time.perf_counter() - start)
             stages_ms = reply.timings_ms["recall.total_ms"] + reply.timings_ms.get("rerank.total_ms", 0.0)
             client_ms.append(elapsed_ms - stages_ms)
@@ -56,6 +58,25 @@ async def sustainable_rps(target: str, queries: list[str], recall_k: int) -> flo
         return 3 / (time.perf_counter() - start)
 
 
+async def secured_overhead(index_dir: Path, port: int, queries: list[str], requests: int) -> dict:
+    """The same overhead measurement with TLS on every hop (mutual between tiers) and tokens on every call."""
+    import tempfile
+
+    from twostage.auth import add_token
+    from twostage.dev_certs import write_dev_certs
+
+    with tempfile.TemporaryDirectory(prefix="twostage-bench-") as secrets_dir:
+        tls, tokens = Path(secrets_dir) / "tls", Path(secrets_dir) / "tokens"
+        write_dev_certs(tls)
+        token = add_token(tokens, "search", "bench")
+        stack = Stack("127.0.0.1", port, str(index_dir), tls_dir=str(tls), auth_tokens=str(tokens))
+        await stack.start(300)
+        try:
+            return await overhead(stack.gateway_target, queries, requests, Credentials(tls, token))
+        finally:
+            await stack.stop()
+
+
 async def run(args) -> dict:
     fetch_defaults(log=lambda message: None)
     queries = list(read_queries(DEMO_CORPUS).values())
@@ -75,10 +96,19 @@ async def run(args) -> dict:
                               timeout_s=args.budget_ms / 1000 * 3)
     finally:
         await stack.stop()
+    print("gateway overhead with TLS and tokens ...", flush=True)
+    secured = await secured_overhead(index_dir, args.port + 10, queries, 20 if args.quick else 100)
     overload = load.report()
     report = {
         "machine": machine(),
         "overhead": cost,
+        "security": {
+            "plaintext": cost,
+            "tls_and_tokens": secured,
+            # Target <= 1 ms: what TLS on both hops and the token check add, as the client sees it.
+            "added_client_p50_ms": round(secured["client_p50_ms"] - cost["client_p50_ms"], 3),
+            "added_gateway_p50_ms": round(secured["gateway_p50_ms"] - cost["gateway_p50_ms"], 3),
+        },
         "overload": {**overload, "budget_ms": args.budget_ms, "recall_k": args.recall_k,
                      "sustainable_full_depth_rps": round(capacity, 3),
                      "p99_within_budget_plus_5pct": overload["p99_ms"] is not None
@@ -88,6 +118,8 @@ async def run(args) -> dict:
     print(f"\ngateway overhead p50 (stages' own handler time excluded): {cost['client_p50_ms']} ms as the client "
           f"sees it, {cost['gateway_p50_ms']} ms inside the gateway, of which {cost['gateway_own_p50_ms']} ms "
           f"is the gateway's own work and {cost['downstream_hops_p50_ms']} ms the two gRPC hops to the stages")
+    print(f"TLS (mutual between tiers) and tokens add {report['security']['added_client_p50_ms']} ms p50 as the "
+          f"client sees it ({secured['client_p50_ms']} vs {cost['client_p50_ms']} ms)")
     print(f"overload at {rate:.2f} rps: p50 {overload['p50_ms']} ms, p99 {overload['p99_ms']} ms "
           f"(budget {args.budget_ms} ms), errors {overload['errors'] or 'none'}, degraded {overload['degraded']}")
     write_json(args.json, report)

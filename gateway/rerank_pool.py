@@ -30,6 +30,7 @@ class Replica:
     ejected_until_s: float = 0.0
     serving: bool = True
     missed_health_checks: int = 0
+    answered_serving: bool = False  # its last health check said SERVING (not merely stayed silent)
 
     @property
     def target(self) -> str:
@@ -159,6 +160,7 @@ class RerankPool:
         returns once it reports SERVING."""
         states = await asyncio.gather(*(r.client.health_status(timeout_s) for r in self.replicas))
         for replica, state in zip(self.replicas, states):
+            replica.answered_serving = state is True
             replica.missed_health_checks = replica.missed_health_checks + 1 if state is None else 0
             serving = state if state is not None else replica.missed_health_checks < misses_to_eject
             if serving and not replica.serving:
@@ -169,12 +171,13 @@ class RerankPool:
             replica.serving = serving
 
     async def wait_for_a_replica(self, timeout_s: float, period_s: float = 0.2) -> bool:
-        """At start: until one replica reports SERVING (replicas may still be loading), or timeout."""
+        """At start: until one replica answers SERVING (replicas may still be loading), or timeout.
+        Silence, which later rounds tolerate from a busy replica, does not count here."""
         deadline = time.monotonic() + timeout_s
         while True:
             await self.check_health(timeout_s=period_s * 5)
-            if any(r.serving for r in self.replicas) or time.monotonic() >= deadline:
-                return any(r.serving for r in self.replicas)
+            if any(r.answered_serving for r in self.replicas) or time.monotonic() >= deadline:
+                return any(r.answered_serving for r in self.replicas)
             await asyncio.sleep(period_s)
 
     async def watch_health(self, stop: asyncio.Event, period_s: float = 1.0) -> None:

@@ -111,3 +111,11 @@ async def test_start_waits_for_a_loading_replica():
 
     pool = RerankPool([FakeReplica("a", health=[False])], initial_ms_per_pair=10)
     assert not await pool.wait_for_a_replica(timeout_s=0)
+
+
+async def test_start_does_not_take_silence_for_serving():
+    """A replica still starting refuses connections (no answer): the gateway must keep waiting."""
+    replica = FakeReplica("a", health=[None, None, True])
+    pool = RerankPool([replica], initial_ms_per_pair=10)
+    assert await pool.wait_for_a_replica(timeout_s=10, period_s=0.001)
+    assert replica.health == [True]
