@@ -23,7 +23,7 @@ from twostage.probe import wait_serving
 
 def measure_ceiling(model: CrossEncoder, workload: list[RerankRequest], batch_sizes: list[int]) -> dict:
     """Best pairs/s of raw onnxruntime over batch sizes, all pairs length-sorted globally."""
-    pairs = [p for r in workload for p in model.encode(r.query, r.documents)]
+    pairs = [p for r in workload for p in model.encode(r.query, r.documents)[0]]
     return best_rate(pairs, [p.length for p in pairs], model.score, batch_sizes)
 
 
@@ -35,7 +35,7 @@ def single_pair_requests(workload: list[RerankRequest], count: int) -> list[Rera
 
 def raw_request_seconds(model: CrossEncoder, request: RerankRequest, settings: RerankSettings) -> float:
     """One request scored alone with the server's batch plan: the latency floor."""
-    pairs = model.encode(request.query, request.documents)
+    pairs, _ = model.encode(request.query, request.documents)
     start = time.perf_counter()
     for plan in plan_batches([p.length for p in pairs], settings.max_batch_size, settings.max_batch_tokens):
         model.score([pairs[i] for i in plan])

@@ -31,6 +31,7 @@ class RerankReply:
     timings_ms: dict[str, float]
     tokens: int
     queue_items: int
+    query_truncated: bool = False
 
 
 # A DNS name may resolve to many replicas (a headless Service): spread calls over all of them.
@@ -51,6 +52,14 @@ class _Client:
 
     async def close(self) -> None:
         await self.channel.close()
+
+    async def limits(self, timeout_s: float) -> dict[str, int]:
+        """The limits the server publishes in Info."""
+        try:
+            reply = await self.stub.Info(common_pb2.InfoRequest(), timeout=timeout_s, metadata=self.credentials.metadata)
+        except grpc.aio.AioRpcError as error:
+            raise error_from_rpc(error, self.name, self.target) from None
+        return {limit.name: limit.value for limit in reply.limits}
 
     async def health_status(self, timeout_s: float) -> bool | None:
         """True if SERVING, False if it says it is not, None if it did not answer."""
@@ -123,4 +132,5 @@ class RerankClient(_Client):
             timings_ms=dict(reply.timings_ms),
             tokens=reply.tokens,
             queue_items=reply.queue_items,
+            query_truncated=reply.query_truncated,
         )

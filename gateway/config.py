@@ -6,26 +6,8 @@ from typing import Literal
 from pydantic import Field
 from pydantic_settings import SettingsConfigDict
 
+from gateway.membership import split_targets
 from twostage.config import ServiceSettings
-
-
-def split_targets(value: str) -> list[str]:
-    return [t.strip() for t in value.split(",") if t.strip()]
-
-
-def resolve_targets(targets: list[str]) -> list[str]:
-    """Expand ``dns:///name:port`` into one target per address (a headless Service's pods)."""
-    import socket
-
-    resolved = []
-    for target in targets:
-        if not target.startswith("dns:///"):
-            resolved.append(target)
-            continue
-        host, port = target.removeprefix("dns:///").rsplit(":", 1)
-        addresses = sorted({info[4][0] for info in socket.getaddrinfo(host, int(port), type=socket.SOCK_STREAM)})
-        resolved += [f"[{a}]:{port}" if ":" in a else f"{a}:{port}" for a in addresses]
-    return resolved
 
 
 class GatewaySettings(ServiceSettings):
@@ -34,12 +16,18 @@ class GatewaySettings(ServiceSettings):
     port: int = Field(50051, ge=0, le=65535, description="Port to bind; 0 picks a free one.")
     recall_targets: str = Field(
         "127.0.0.1:50052",
-        description="Comma-separated recall shards (host:port, or dns:///name:port); every shard is queried.",
+        description="Comma-separated recall shards in shard order; each is host:port, a|b (replicas of the shard), "
+        "dns:///name:port (every address of the name is a replica) or file:///path (one host:port a line).",
     )
     rerank_targets: str = Field(
         "127.0.0.1:50053",
-        description="Comma-separated rerank replicas (host:port, or dns:///name:port for every address of a "
-        "name); one query's pairs are split over the healthy ones.",
+        description="Comma-separated rerank replicas: host:port, dns:///name:port (every address of the name) or "
+        "file:///path; one query's pairs are split over the healthy ones.",
+    )
+    resolve_period_s: float = Field(
+        5.0, gt=0,
+        description="How often dns:/// and file:/// targets are re-resolved (and at once, at most every 0.5 s, "
+        "when a member is unreachable): replicas join and leave while serving.",
     )
     stage_token_file: Path | None = Field(
         None,

@@ -28,8 +28,8 @@ def observe_search(result) -> None:
     for stage in ("recall", "rerank", "total"):
         if f"{stage}_ms" in result.timings_ms:
             STAGE_LATENCY.labels(stage).observe(result.timings_ms[f"{stage}_ms"] / 1000)
-    for reason in filter(None, result.degraded_reason.split("; ")):
-        DEGRADED.labels(reason.split(" ")[0]).inc()
+    for degradation in result.degradations:
+        DEGRADED.labels(degradation.code.value).inc()
     RERANK_DEPTH.observe(result.reranked)
     if result.candidates:
         RERANK_SHARE.observe(result.reranked / result.candidates)

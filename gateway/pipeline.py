@@ -16,10 +16,12 @@ import time
 import uuid
 from dataclasses import dataclass, field
 
-from gateway.clients import RecallCandidate, RecallClient
+from gateway.clients import RecallCandidate
 from gateway.config import GatewaySettings
+from gateway.degradation import Degradation, DegradationCode
 from gateway.fusion import fuse
 from gateway.metrics import observe_search
+from gateway.recall_tier import RecallShard
 from gateway.rerank_pool import RerankPool
 from twostage import errors
 from twostage.corpus import Document, MetadataValue, document_text
@@ -54,35 +56,67 @@ class Hit:
 class SearchResult:
     hits: list[Hit]
     request_id: str
-    degraded: bool = False
-    degraded_reason: str = ""
+    degradations: list[Degradation] = field(default_factory=list)
     candidates: int = 0
     reranked: int = 0
     timings_ms: dict[str, float] = field(default_factory=dict)
 
-    def degrade(self, reason: str) -> None:
-        self.degraded = True
-        self.degraded_reason = f"{self.degraded_reason}; {reason}" if self.degraded_reason else reason
+    def degrade(self, code: DegradationCode, detail: str = "") -> None:
+        self.degradations.append(Degradation(code, detail))
+
+    @property
+    def degraded(self) -> bool:
+        return bool(self.degradations)
+
+    @property
+    def degraded_reason(self) -> str:
+        return "; ".join(map(str, self.degradations))
+
+
+@dataclass
+class StageLimits:
+    """What the stages accept, from their Info; the gateway checks requests against it so that a
+    caller's mistake is refused at the edge and never reaches (or is blamed on) a replica."""
+
+    recall_max_query_chars: int | None = None
+    recall_max_k: int | None = None
+    rerank_max_query_chars: int | None = None
+    rerank_max_documents: int | None = None
+    rerank_max_document_chars: int | None = None
+
+    def update(self, **limits: int) -> None:
+        for name, value in limits.items():
+            if value:
+                setattr(self, name, value)
 
 
 class SearchPipeline:
-    def __init__(self, settings: GatewaySettings, recall: list[RecallClient], rerank: RerankPool):
+    def __init__(self, settings: GatewaySettings, recall: list[RecallShard], rerank: RerankPool,
+                 limits: StageLimits | None = None):
         self.settings = settings
         self.recall = recall
         self.rerank = rerank
+        self.limits = limits or StageLimits()
 
     async def close(self) -> None:
-        await asyncio.gather(*(c.close() for c in [*self.recall, *(r.client for r in self.rerank.replicas)]))
+        await asyncio.gather(*(shard.close() for shard in self.recall), self.rerank.close())
+
+    def max_query_chars(self) -> int:
+        return min(v for v in (self.settings.max_query_chars, self.limits.recall_max_query_chars,
+                               self.limits.rerank_max_query_chars) if v)
+
+    def max_recall_k(self) -> int:
+        return min(v for v in (self.settings.max_recall_k, self.limits.recall_max_k) if v)
 
     def resolve(self, q: SearchQuery) -> tuple[int, int, float, str]:
         """Validate and fill defaults: (top_k, recall_k, budget_s, request_id)."""
         s = self.settings
-        errors.check_text("query", q.query, s.max_query_chars)
+        errors.check_text("query", q.query, self.max_query_chars())
         # A field left at 0 takes its default, bounded by the field that was given.
         recall_k = q.recall_k or max(s.default_recall_k, q.top_k)
         top_k = q.top_k or min(s.default_top_k, recall_k)
         errors.check_limit("top_k", top_k, 1, s.max_top_k)
-        errors.check_limit("recall_k", recall_k, 1, s.max_recall_k)
+        errors.check_limit("recall_k", recall_k, 1, self.max_recall_k())
         if top_k > recall_k:
             raise errors.InvalidArgument(f"top_k ({top_k}) must not exceed recall_k ({recall_k})")
         errors.check_limit("budget_ms", q.budget_ms, 0, 2**31 - 1)
@@ -96,7 +130,8 @@ class SearchPipeline:
         start = time.monotonic()
         deadline = start + budget_s if q.deadline_s is None else min(start + budget_s, q.deadline_s)
         result = SearchResult(hits=[], request_id=request_id)
-        recall_deadline = min(deadline, start + budget_s * self.settings.recall_budget_share)
+        # Recall's share of the time actually left (a short client deadline included), not of the nominal budget.
+        recall_deadline = start + (deadline - start) * self.settings.recall_budget_share
         candidates = await self._recall(q.query, recall_k, recall_deadline, request_id, result)
         recall_done = time.monotonic()
         result.timings_ms["recall_ms"] = 1000 * (recall_done - start)
@@ -113,15 +148,15 @@ class SearchPipeline:
         self, query: str, k: int, deadline: float, request_id: str, result: SearchResult
     ) -> list[RecallCandidate]:
         """Query every shard in parallel; merge by score. Fails only if every shard fails."""
-        timeout = deadline - time.monotonic()
         replies = await asyncio.gather(
-            *(shard.search(query, k, timeout, request_id) for shard in self.recall), return_exceptions=True
+            *(shard.search(query, k, deadline, request_id) for shard in self.recall), return_exceptions=True
         )
         failures = [r for r in replies if isinstance(r, BaseException)]
         if len(failures) == len(replies):
             raise _worst(failures)
         if failures:
-            result.degrade(f"recall_partial ({len(replies) - len(failures)} of {len(replies)} shards answered)")
+            result.degrade(DegradationCode.RECALL_PARTIAL,
+                           f"{len(replies) - len(failures)} of {len(replies)} shards answered")
             for failure in failures:
                 log.warning("request %s: recall shard failed: %s", request_id, failure)
         merged: dict[str, RecallCandidate] = {}
@@ -143,26 +178,32 @@ class SearchPipeline:
         s = self.settings
         rerank_deadline = deadline - s.return_margin_ms / 1000
         remaining_ms = 1000 * (rerank_deadline - time.monotonic())
-        depth = min(len(candidates), self.rerank.affordable_pairs(remaining_ms, s.rerank_cost_headroom))
+        depth = min(len(candidates), self.rerank.affordable_pairs(remaining_ms, s.rerank_cost_headroom),
+                    self.limits.rerank_max_documents or len(candidates))
         if not self.rerank.available():
-            result.degrade("rerank_unavailable (no healthy replica)")
+            result.degrade(DegradationCode.RERANK_UNAVAILABLE, "no healthy replica")
             return {}
         if remaining_ms < s.min_rerank_ms or depth == 0:
-            result.degrade(f"rerank_skipped ({remaining_ms:.0f} ms left affords no pair)")
+            result.degrade(DegradationCode.RERANK_SKIPPED, f"{remaining_ms:.0f} ms left affords no pair")
             return {}
-        documents = [document_text(Document(c.id, c.title, c.text)) for c in candidates[:depth]]
+        # Index limits and rerank limits are set apart: cut a document rather than have it refused.
+        max_chars = self.limits.rerank_max_document_chars
+        documents = [document_text(Document(c.id, c.title, c.text))[:max_chars] for c in candidates[:depth]]
         outcome = await self.rerank.rerank(query, documents, rerank_deadline, request_id)
         for name, ms in outcome.timings_ms.items():
             result.timings_ms[f"rerank.{name}"] = ms
+        if outcome.query_truncated:
+            result.degrade(DegradationCode.QUERY_TRUNCATED, "rerank read the start of the query")
         if outcome.error is not None and not outcome.scores:
-            reason = {errors.DeadlineExceeded: "rerank_timeout", errors.Overloaded: "rerank_overloaded"}.get(
-                type(outcome.error), "rerank_unavailable"
-            )
-            result.degrade(reason)
-            log.warning("request %s: %s: %s", request_id, reason, outcome.error)
+            code = {
+                errors.DeadlineExceeded: DegradationCode.RERANK_TIMEOUT,
+                errors.Overloaded: DegradationCode.RERANK_OVERLOADED,
+            }.get(type(outcome.error), DegradationCode.RERANK_UNAVAILABLE)
+            result.degrade(code, str(outcome.error))
+            log.warning("request %s: %s: %s", request_id, code.value, outcome.error)
             return {}
         if len(outcome.scores) < len(candidates):
-            result.degrade(f"rerank_partial ({len(outcome.scores)} of {len(candidates)} reranked)")
+            result.degrade(DegradationCode.RERANK_PARTIAL, f"{len(outcome.scores)} of {len(candidates)} reranked")
         return outcome.scores
 
     def _rank(self, candidates: list[RecallCandidate], scores: dict[int, float]) -> list[Hit]:

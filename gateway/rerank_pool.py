@@ -5,9 +5,16 @@ itself reports it (its total time, queueing included, so a loaded replica
 looks expensive). The pool answers "how many pairs fit in this budget" and
 spreads one query's pairs over the healthy replicas in parallel, in
 proportion to their speed, less the work this gateway already has on each.
-A slice that fails is retried on another replica while time remains. A
-replica that keeps failing, or whose health says NOT_SERVING, is ejected
-until its health check passes again.
+
+Only a replica's own faults count against it (outlier ejection as in
+Envoy): UNAVAILABLE, INTERNAL, NOT_SERVING. A caller's mistake
+(INVALID_ARGUMENT) is the caller's answer and is never retried elsewhere;
+shed load (RESOURCE_EXHAUSTED) and a deadline are not faults. A slice that
+fails for the replica's sake is retried on another replica while time
+remains. A replica that fails ``eject_after_failures`` times in a row is
+ejected for ``eject_s``, then returns once a health check says SERVING; one
+whose health says NOT_SERVING is out until it says SERVING. Members come and
+go with ``update_members`` (see gateway/membership.py).
 """
 
 import asyncio
@@ -37,7 +44,8 @@ class Replica:
         return self.client.target
 
     def available(self, now: float) -> bool:
-        return self.serving and now >= self.ejected_until_s
+        # Ejected until eject_s has passed and a health check has said SERVING since (check_health clears it).
+        return self.serving and not self.ejected_until_s
 
     def backlog_ms(self) -> float:
         return self.outstanding_pairs * self.ms_per_pair
@@ -49,6 +57,17 @@ class RerankOutcome:
     timings_ms: dict[str, float] = field(default_factory=dict)
     failed_slices: int = 0
     error: errors.TwostageError | None = None
+    query_truncated: bool = False
+
+
+def is_callers_mistake(error: Exception) -> bool:
+    return isinstance(error, errors.InvalidArgument | errors.FailedPrecondition | errors.NotFound)
+
+
+def is_replica_fault(error: Exception) -> bool:
+    """Only what says something about the replica: unreachable, not serving, or broken."""
+    not_the_replicas = errors.Overloaded | errors.DeadlineExceeded | errors.Cancelled
+    return not (is_callers_mistake(error) or isinstance(error, not_the_replicas))
 
 
 class RerankPool:
@@ -61,9 +80,39 @@ class RerankPool:
         eject_s: float = 5.0,
     ):
         self.replicas = [Replica(c, initial_ms_per_pair) for c in clients]
+        self.initial_ms_per_pair = initial_ms_per_pair
         self.ewma_weight = ewma_weight
         self.eject_after_failures = eject_after_failures
         self.eject_s = eject_s
+        # Set when a replica fails as an unreachable one would: membership is re-resolved early.
+        self.unreachable = asyncio.Event()
+        self._retiring: set[asyncio.Task] = set()
+
+    def update_members(self, addresses: list[str], make_client) -> tuple[list[str], list[str]]:
+        """Follow the resolved addresses: new ones join (with the initial cost), gone ones leave once
+        their in-flight pairs finish. Returns (added, removed)."""
+        current = {r.target: r for r in self.replicas}
+        wanted = set(addresses)
+        added = [a for a in addresses if a not in current]
+        removed = [r for r in self.replicas if r.target not in wanted]
+        if not added and not removed:
+            return [], []
+        self.replicas = [current.get(a) or Replica(make_client(a), self.initial_ms_per_pair) for a in addresses]
+        for replica in removed:
+            task = asyncio.get_running_loop().create_task(self._retire(replica))
+            self._retiring.add(task)
+            task.add_done_callback(self._retiring.discard)
+        return added, [r.target for r in removed]
+
+    @staticmethod
+    async def _retire(replica: Replica, patience_s: float = 60.0) -> None:
+        deadline = time.monotonic() + patience_s
+        while replica.outstanding_pairs and time.monotonic() < deadline:
+            await asyncio.sleep(0.1)
+        await replica.client.close()
+
+    async def close(self) -> None:
+        await asyncio.gather(*(r.client.close() for r in self.replicas), *self._retiring, return_exceptions=True)
 
     def available(self) -> list[Replica]:
         now = time.monotonic()
@@ -103,6 +152,10 @@ class RerankPool:
             # It could not finish in time: it is at least this slow per pair.
             replica.ms_per_pair = max(replica.ms_per_pair, waited_ms / max(pairs, 1))
             return
+        if not is_replica_fault(error):
+            return
+        if isinstance(error, errors.Unavailable | errors.NotReady):
+            self.unreachable.set()
         replica.consecutive_failures += 1
         if replica.consecutive_failures >= self.eject_after_failures:
             replica.ejected_until_s = time.monotonic() + self.eject_s
@@ -122,6 +175,7 @@ class RerankPool:
         finally:
             replica.outstanding_pairs -= len(positions)
         self._observe(replica, len(positions), reply.timings_ms.get("total_ms", 0.0))
+        outcome.query_truncated |= reply.query_truncated
         for local, score in reply.scores.items():
             outcome.scores[positions[local]] = score
         for name, ms in reply.timings_ms.items():
@@ -148,7 +202,10 @@ class RerankPool:
             outcome.failed_slices += sum(not ok for ok in results)
             tried.update(r.target for (r, _), ok in zip(slices, results) if not ok)
             pending = failed
-            if isinstance(outcome.error, errors.DeadlineExceeded):
+            # A deadline ends the attempt; a caller's mistake would be the same on every replica.
+            if isinstance(outcome.error, errors.DeadlineExceeded) or (
+                outcome.error is not None and is_callers_mistake(outcome.error)
+            ):
                 break
         if pending and not outcome.error:
             outcome.error = errors.Unavailable("no rerank replica available")
@@ -158,14 +215,16 @@ class RerankPool:
         """One round of health checks. NOT_SERVING takes a replica out at once; silence only after
         ``misses_to_eject`` rounds in a row (a busy CPU can delay one answer). An ejected replica
         returns once it reports SERVING."""
-        states = await asyncio.gather(*(r.client.health_status(timeout_s) for r in self.replicas))
-        for replica, state in zip(self.replicas, states):
+        replicas = list(self.replicas)  # membership may change while the checks are out
+        states = await asyncio.gather(*(r.client.health_status(timeout_s) for r in replicas))
+        for replica, state in zip(replicas, states):
             replica.answered_serving = state is True
             replica.missed_health_checks = replica.missed_health_checks + 1 if state is None else 0
             serving = state if state is not None else replica.missed_health_checks < misses_to_eject
             if serving and not replica.serving:
                 log.info("rerank replica %s is serving again", replica.target)
-            if state and replica.ejected_until_s:
+            if state and replica.ejected_until_s and time.monotonic() >= replica.ejected_until_s:
+                log.info("rerank replica %s returns after its ejection", replica.target)
                 replica.ejected_until_s = 0.0
                 replica.consecutive_failures = 0
             replica.serving = serving

@@ -1,19 +1,14 @@
 """gRPC edge of the gateway: protos in, dataclasses through, protos out."""
 
-import asyncio
 import logging
 
 import grpc
 
-from gateway.clients import RecallClient, RerankClient
-from gateway.config import GatewaySettings, resolve_targets
-from gateway.pipeline import SearchPipeline, SearchQuery
-from gateway.rerank_pool import RerankPool
-from gateway.writes import DocumentRouter
+from gateway.config import GatewaySettings
+from gateway.lifecycle import GatewayLifecycle
+from gateway.pipeline import SearchQuery
 from twostage import __version__
-from twostage.connect import Credentials, read_token_file
 from twostage.convert import document_from_proto, document_to_proto, metadata_to_proto
-from twostage.errors import NotReady
 from twostage.server import GrpcService, deadline_of
 from twostage.status import translate_errors
 from twostage.v1 import common_pb2, gateway_pb2, gateway_pb2_grpc
@@ -47,6 +42,10 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
             ],
             degraded=result.degraded,
             degraded_reason=result.degraded_reason,
+            degradations=[
+                gateway_pb2.Degradation(code=gateway_pb2.DegradationCode.Value(d.code.name), detail=d.detail)
+                for d in result.degradations
+            ],
             timings_ms=result.timings_ms,
             candidates=result.candidates,
             reranked=result.reranked,
@@ -80,61 +79,17 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
         s = pipeline.settings
         return gateway_pb2.GatewayInfo(
             version=__version__,
-            recall_targets=[c.target for c in pipeline.recall],
+            recall_targets=[shard.target.spec for shard in pipeline.recall],
             rerank_targets=[r.target for r in pipeline.rerank.replicas],
             default_budget_ms=s.default_budget_ms,
             limits=[
                 common_pb2.Limit(name=name, value=getattr(s, name))
-                for name in ("max_top_k", "max_recall_k", "max_budget_ms", "max_query_chars")
+                for name in ("max_top_k", "max_budget_ms")
+            ] + [
+                common_pb2.Limit(name="max_recall_k", value=pipeline.max_recall_k()),
+                common_pb2.Limit(name="max_query_chars", value=pipeline.max_query_chars()),
             ],
         )
-
-
-class GatewayLifecycle:
-    """Resolves the tiers' addresses and opens channels on start; closes them after draining."""
-
-    def __init__(self, settings: GatewaySettings):
-        self.settings = settings
-        self.pipeline: SearchPipeline | None = None
-        self.router: DocumentRouter | None = None
-        self._stop_health = asyncio.Event()
-        self._health_task: asyncio.Task | None = None
-
-    def ready_pipeline(self) -> SearchPipeline:
-        if self.pipeline is None:
-            raise NotReady("gateway is starting")
-        return self.pipeline
-
-    def ready_router(self) -> DocumentRouter:
-        if self.router is None:
-            raise NotReady("gateway is starting")
-        return self.router
-
-    async def start(self) -> None:
-        s = self.settings
-        credentials = Credentials(s.tls_dir, await asyncio.to_thread(read_token_file, s.stage_token_file),
-                                  s.stage_tls_server_name)
-        recall = [RecallClient(t, f"recall shard {i}", credentials, s.max_message_mb)
-                  for i, t in enumerate(resolve_targets(s.recall_target_list))]
-        pool = RerankPool(
-            [RerankClient(t, f"rerank replica {i}", credentials, s.max_message_mb)
-             for i, t in enumerate(resolve_targets(s.rerank_target_list))],
-            s.initial_rerank_ms_per_pair,
-            eject_after_failures=s.eject_after_failures,
-            eject_s=s.eject_s,
-        )
-        if not await pool.wait_for_a_replica(s.startup_wait_s):
-            log.warning("no rerank replica is serving after %.0f s; answering from recall alone", s.startup_wait_s)
-        self.pipeline = SearchPipeline(s, recall, pool)
-        self.router = DocumentRouter(recall)
-        self._health_task = asyncio.create_task(pool.watch_health(self._stop_health, s.health_check_period_s))
-
-    async def close(self) -> None:
-        self._stop_health.set()
-        if self._health_task is not None:
-            await self._health_task
-        if self.pipeline is not None:
-            await self.pipeline.close()
 
 
 def build_server(settings: GatewaySettings) -> GrpcService:

@@ -4,8 +4,9 @@ The gateway's recall targets are the shards in order (target i holds shard
 i), the same order ``index build --shards`` numbers them; each recall server
 also refuses ids it does not own, so a misordered list fails loudly instead
 of leaving a second copy. A request that spans shards is split and sent to
-each in parallel; when one part fails the whole request fails (resending an
-Upsert or Delete is safe: both are idempotent).
+each in parallel, and a write reaches every replica of its shard; when one
+part fails the whole request fails (resending an Upsert or Delete is safe:
+both are idempotent).
 """
 
 import asyncio
@@ -13,7 +14,7 @@ import time
 from collections import defaultdict
 from dataclasses import dataclass
 
-from gateway.clients import RecallClient
+from gateway.recall_tier import RecallShard
 from twostage import errors
 from twostage.corpus import Document
 from twostage.sharding import shard_of
@@ -27,7 +28,7 @@ class WriteResult:
 
 
 class DocumentRouter:
-    def __init__(self, shards: list[RecallClient]):
+    def __init__(self, shards: list[RecallShard]):
         self.shards = shards
 
     def _split(self, ids: list[str]) -> dict[int, list[int]]:
@@ -38,8 +39,10 @@ class DocumentRouter:
         return parts
 
     async def _each(self, parts: dict[int, list], call) -> list:
-        replies = await asyncio.gather(*(call(self.shards[s], items) for s, items in parts.items()),
-                                       return_exceptions=True)
+        replies = await asyncio.gather(
+            *(self.shards[s].on_every_replica(lambda client, items=items: call(client, items)) for s, items in parts.items()),
+            return_exceptions=True,
+        )
         for shard, reply in zip(parts, replies):
             if isinstance(reply, errors.TwostageError) and not isinstance(reply, errors.InvalidArgument):
                 raise type(reply)(f"shard {shard} of {len(self.shards)} failed ({reply}); resending is safe")
@@ -51,21 +54,21 @@ class DocumentRouter:
         _check_count("documents", len(docs))
         start = time.perf_counter()
         parts = {s: [docs[i] for i in positions] for s, positions in self._split([d.id for d in docs]).items()}
-        replies = await self._each(parts, lambda shard, part: shard.upsert(part, timeout_s))
+        replies = await self._each(parts, lambda client, part: client.upsert(part, timeout_s))
         return WriteResult(sum(r[0] for r in replies), sum(r[1] for r in replies), _ms_since(start))
 
     async def delete(self, ids: list[str], timeout_s: float) -> WriteResult:
         _check_count("ids", len(ids))
         start = time.perf_counter()
         parts = {s: [ids[i] for i in positions] for s, positions in self._split(ids).items()}
-        replies = await self._each(parts, lambda shard, part: shard.delete(part, timeout_s))
+        replies = await self._each(parts, lambda client, part: client.delete(part, timeout_s))
         return WriteResult(sum(r[0] for r in replies), sum(r[1] for r in replies), _ms_since(start))
 
     async def get(self, ids: list[str], timeout_s: float) -> tuple[list[Document], list[str]]:
         """(stored documents in request order, ids not stored)."""
         _check_count("ids", len(ids))
         parts = {s: [ids[i] for i in positions] for s, positions in self._split(ids).items()}
-        replies = await self._each(parts, lambda shard, part: shard.get(part, timeout_s))
+        replies = await self._each(parts, lambda client, part: client.get(part, timeout_s))
         found = {d.id: d for reply in replies for d in reply}
         return [found[i] for i in ids if i in found], [i for i in ids if i not in found]
 

@@ -6,7 +6,6 @@ from pathlib import Path
 import numpy as np
 
 from twostage.config import RuntimeSettings
-from twostage.errors import InvalidArgument
 from twostage.manifest import ModelManifest
 from twostage.runtime import Encoded, create_session, encode_all, load_tokenizer, pad_batch
 
@@ -16,10 +15,13 @@ class CrossEncoder:
         self.manifest = ModelManifest.load(model_dir)
         self.manifest.require_task("rerank")
         self.max_length = min(max_length, self.manifest.max_length)
-        # The query is never truncated, so it must leave room for the document.
+        # A longer query is cut to this many tokens, so every document keeps at least half the window.
         self.max_query_tokens = self.max_length // 2
         self.session = create_session(Path(model_dir) / self.manifest.onnx_file, runtime)
         self.tokenizer = load_tokenizer(model_dir, self.max_length, pair_truncation=True)
+        # Counting a query's tokens must not go through pair truncation, which fails on a lone long text.
+        self._query_tokenizer = load_tokenizer(model_dir, self.max_length)
+        self._query_tokenizer.no_truncation()
         self._input_names = {i.name for i in self.session.get_inputs()}
         self._output_name = self.session.get_outputs()[0].name
 
@@ -27,15 +29,19 @@ class CrossEncoder:
     def name(self) -> str:
         return self.manifest.name
 
-    def encode(self, query: str, documents: list[str]) -> list[Encoded]:
-        """Tokenize (query, document) pairs; documents are truncated, queries never."""
-        query_tokens = len(self.tokenizer.encode(query, add_special_tokens=False).ids)
-        if query_tokens > self.max_query_tokens:
-            raise InvalidArgument(
-                f"query is {query_tokens} tokens; the limit is {self.max_query_tokens} "
-                f"(half of max_length {self.max_length})"
-            )
-        return encode_all(self.tokenizer, [(query, doc) for doc in documents])
+    def fit_query(self, query: str) -> tuple[str, bool]:
+        """The query as scored: cut after ``max_query_tokens`` tokens when longer. Returns (text, truncated)."""
+        encoding = self._query_tokenizer.encode(query, add_special_tokens=False)
+        if len(encoding.ids) <= self.max_query_tokens:
+            return query, False
+        end = encoding.offsets[self.max_query_tokens - 1][1]
+        return query[:end], True
+
+    def encode(self, query: str, documents: list[str]) -> tuple[list[Encoded], bool]:
+        """Tokenize (query, document) pairs; documents fill what the query leaves of the window.
+        Returns (pairs, whether the query was cut)."""
+        query, truncated = self.fit_query(query)
+        return encode_all(self.tokenizer, [(query, doc) for doc in documents]), truncated
 
     def score(self, batch: list[Encoded]) -> np.ndarray:
         """One relevance logit per pair; higher is more relevant."""

@@ -28,6 +28,7 @@ class RerankOutcome:
     tokens: int
     queue_items: int
     timings_ms: dict[str, float] = field(default_factory=dict)
+    query_truncated: bool = False
 
 
 class RerankService:
@@ -69,7 +70,7 @@ class RerankService:
             raise errors.NotReady("rerank server is still loading its model")
         started = time.perf_counter()
         self.validate(request)
-        pairs = await asyncio.to_thread(self.model.encode, request.query, request.documents)
+        pairs, query_truncated = await asyncio.to_thread(self.model.encode, request.query, request.documents)
         tokenized = time.perf_counter()
         done = await self.batcher.submit(pairs, [p.length for p in pairs], request.deadline_s)
         ranked = sorted(enumerate(map(float, done.values)), key=lambda pair: -pair[1])
@@ -85,6 +86,7 @@ class RerankService:
                 "compute_ms": done.compute_ms,
                 "total_ms": 1000 * (time.perf_counter() - started),
             },
+            query_truncated=query_truncated,
         )
 
     def info(self) -> dict:

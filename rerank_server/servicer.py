@@ -34,6 +34,7 @@ class RerankServicer(rerank_pb2_grpc.RerankServicer):
             timings_ms={**outcome.timings_ms, "total_ms": 1000 * (time.perf_counter() - start)},
             tokens=outcome.tokens,
             queue_items=outcome.queue_items,
+            query_truncated=outcome.query_truncated,
         )
 
     @translate_errors

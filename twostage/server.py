@@ -151,15 +151,24 @@ def install_stop_signals(stop: asyncio.Event) -> None:
 async def serve_until_signal(make_service: Callable[[], GrpcService]) -> None:
     """Build (inside the running loop, as grpc.aio requires), start, serve until a signal, stop.
 
-    Prints one line once serving (``describe``): supervisors such as ``serve all`` wait for it."""
+    Prints one line once serving (``describe``): supervisors such as ``serve all`` wait for it. A
+    signal during start (a model still loading, a gateway still waiting for its stages) stops too."""
     stop = asyncio.Event()
     install_stop_signals(stop)
     service = make_service()
+    starting = asyncio.ensure_future(service.start())
+    stopping = asyncio.ensure_future(stop.wait())
     try:
-        await service.start()
-        print(service.describe(), flush=True)
-        await stop.wait()
+        await asyncio.wait([starting, stopping], return_when=asyncio.FIRST_COMPLETED)
+        if starting.done():
+            starting.result()  # raises what start raised
+            print(service.describe(), flush=True)
+            await stopping
+        else:
+            starting.cancel()
+            await asyncio.gather(starting, return_exceptions=True)
     finally:
+        stopping.cancel()
         await service.stop()
 
 

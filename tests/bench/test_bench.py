@@ -25,5 +25,5 @@ def test_rerank_runs_on_cuda(models):
 
     model = CrossEncoder(models["ms-marco-minilm-l12"], RuntimeSettings(provider="cuda"), 256)
     assert model.session.get_providers()[0] == "CUDAExecutionProvider"
-    scores = model.score(model.encode("smoking and cancer", ["smoking causes lung cancer", "the sky is blue"]))
+    scores = model.score(model.encode("smoking and cancer", ["smoking causes lung cancer", "the sky is blue"])[0])
     assert scores[0] > scores[1]

@@ -1,11 +1,31 @@
 from twostage.v1 import common_pb2 as _common_pb2
 from google.protobuf.internal import containers as _containers
+from google.protobuf.internal import enum_type_wrapper as _enum_type_wrapper
 from google.protobuf import descriptor as _descriptor
 from google.protobuf import message as _message
 from collections.abc import Iterable as _Iterable, Mapping as _Mapping
 from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 
 DESCRIPTOR: _descriptor.FileDescriptor
+
+class DegradationCode(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    DEGRADATION_CODE_UNSPECIFIED: _ClassVar[DegradationCode]
+    RERANK_PARTIAL: _ClassVar[DegradationCode]
+    RERANK_SKIPPED: _ClassVar[DegradationCode]
+    RERANK_TIMEOUT: _ClassVar[DegradationCode]
+    RERANK_OVERLOADED: _ClassVar[DegradationCode]
+    RERANK_UNAVAILABLE: _ClassVar[DegradationCode]
+    RECALL_PARTIAL: _ClassVar[DegradationCode]
+    QUERY_TRUNCATED: _ClassVar[DegradationCode]
+DEGRADATION_CODE_UNSPECIFIED: DegradationCode
+RERANK_PARTIAL: DegradationCode
+RERANK_SKIPPED: DegradationCode
+RERANK_TIMEOUT: DegradationCode
+RERANK_OVERLOADED: DegradationCode
+RERANK_UNAVAILABLE: DegradationCode
+RECALL_PARTIAL: DegradationCode
+QUERY_TRUNCATED: DegradationCode
 
 class SearchRequest(_message.Message):
     __slots__ = ("query", "top_k", "recall_k", "budget_ms", "request_id")
@@ -48,8 +68,16 @@ class Hit(_message.Message):
     metadata: _containers.MessageMap[str, _common_pb2.MetadataValue]
     def __init__(self, id: _Optional[str] = ..., title: _Optional[str] = ..., text: _Optional[str] = ..., score: _Optional[float] = ..., rerank_score: _Optional[float] = ..., recall_rank: _Optional[int] = ..., recall_score: _Optional[float] = ..., metadata: _Optional[_Mapping[str, _common_pb2.MetadataValue]] = ...) -> None: ...
 
+class Degradation(_message.Message):
+    __slots__ = ("code", "detail")
+    CODE_FIELD_NUMBER: _ClassVar[int]
+    DETAIL_FIELD_NUMBER: _ClassVar[int]
+    code: DegradationCode
+    detail: str
+    def __init__(self, code: _Optional[_Union[DegradationCode, str]] = ..., detail: _Optional[str] = ...) -> None: ...
+
 class SearchResponse(_message.Message):
-    __slots__ = ("hits", "degraded", "degraded_reason", "timings_ms", "candidates", "reranked", "request_id")
+    __slots__ = ("hits", "degraded", "degraded_reason", "degradations", "timings_ms", "candidates", "reranked", "request_id")
     class TimingsMsEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -60,6 +88,7 @@ class SearchResponse(_message.Message):
     HITS_FIELD_NUMBER: _ClassVar[int]
     DEGRADED_FIELD_NUMBER: _ClassVar[int]
     DEGRADED_REASON_FIELD_NUMBER: _ClassVar[int]
+    DEGRADATIONS_FIELD_NUMBER: _ClassVar[int]
     TIMINGS_MS_FIELD_NUMBER: _ClassVar[int]
     CANDIDATES_FIELD_NUMBER: _ClassVar[int]
     RERANKED_FIELD_NUMBER: _ClassVar[int]
@@ -67,11 +96,12 @@ class SearchResponse(_message.Message):
     hits: _containers.RepeatedCompositeFieldContainer[Hit]
     degraded: bool
     degraded_reason: str
+    degradations: _containers.RepeatedCompositeFieldContainer[Degradation]
     timings_ms: _containers.ScalarMap[str, float]
     candidates: int
     reranked: int
     request_id: str
-    def __init__(self, hits: _Optional[_Iterable[_Union[Hit, _Mapping]]] = ..., degraded: _Optional[bool] = ..., degraded_reason: _Optional[str] = ..., timings_ms: _Optional[_Mapping[str, float]] = ..., candidates: _Optional[int] = ..., reranked: _Optional[int] = ..., request_id: _Optional[str] = ...) -> None: ...
+    def __init__(self, hits: _Optional[_Iterable[_Union[Hit, _Mapping]]] = ..., degraded: _Optional[bool] = ..., degraded_reason: _Optional[str] = ..., degradations: _Optional[_Iterable[_Union[Degradation, _Mapping]]] = ..., timings_ms: _Optional[_Mapping[str, float]] = ..., candidates: _Optional[int] = ..., reranked: _Optional[int] = ..., request_id: _Optional[str] = ...) -> None: ...
 
 class GatewayInfo(_message.Message):
     __slots__ = ("version", "recall_targets", "rerank_targets", "default_budget_ms", "limits")

@@ -30,7 +30,7 @@ class RerankResult(_message.Message):
     def __init__(self, index: _Optional[int] = ..., score: _Optional[float] = ...) -> None: ...
 
 class RerankResponse(_message.Message):
-    __slots__ = ("results", "timings_ms", "tokens", "queue_items")
+    __slots__ = ("results", "timings_ms", "tokens", "queue_items", "query_truncated")
     class TimingsMsEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -42,11 +42,13 @@ class RerankResponse(_message.Message):
     TIMINGS_MS_FIELD_NUMBER: _ClassVar[int]
     TOKENS_FIELD_NUMBER: _ClassVar[int]
     QUEUE_ITEMS_FIELD_NUMBER: _ClassVar[int]
+    QUERY_TRUNCATED_FIELD_NUMBER: _ClassVar[int]
     results: _containers.RepeatedCompositeFieldContainer[RerankResult]
     timings_ms: _containers.ScalarMap[str, float]
     tokens: int
     queue_items: int
-    def __init__(self, results: _Optional[_Iterable[_Union[RerankResult, _Mapping]]] = ..., timings_ms: _Optional[_Mapping[str, float]] = ..., tokens: _Optional[int] = ..., queue_items: _Optional[int] = ...) -> None: ...
+    query_truncated: bool
+    def __init__(self, results: _Optional[_Iterable[_Union[RerankResult, _Mapping]]] = ..., timings_ms: _Optional[_Mapping[str, float]] = ..., tokens: _Optional[int] = ..., queue_items: _Optional[int] = ..., query_truncated: _Optional[bool] = ...) -> None: ...
 
 class RerankInfo(_message.Message):
     __slots__ = ("version", "model", "max_length", "execution_provider", "limits")

@@ -1,0 +1,157 @@
+"""The gateway's life: resolve the tiers, wait until it can answer, follow
+membership and health while serving, close channels after draining.
+
+The gateway reports NOT_SERVING until every recall shard has at least one
+address (a gateway started before its stages waits, it does not exit). It
+then waits up to ``startup_wait_s`` for a rerank replica to answer SERVING,
+and serves anyway if none does: answers are recall's order, marked
+``rerank_unavailable``, until one does.
+"""
+
+import asyncio
+import itertools
+import logging
+import time
+
+from gateway.clients import RecallClient, RerankClient
+from gateway.config import GatewaySettings
+from gateway.membership import Target
+from gateway.pipeline import SearchPipeline, StageLimits
+from gateway.recall_tier import RecallShard
+from gateway.rerank_pool import RerankPool
+from gateway.writes import DocumentRouter
+from twostage.connect import Credentials, read_token_file
+from twostage.errors import NotReady, TwostageError
+
+log = logging.getLogger(__name__)
+MIN_RESOLVE_INTERVAL_S = 0.5
+
+
+class GatewayLifecycle:
+    def __init__(self, settings: GatewaySettings):
+        self.settings = settings
+        self.pipeline: SearchPipeline | None = None
+        self.router: DocumentRouter | None = None
+        self.shards: list[RecallShard] = []
+        self.pool: RerankPool | None = None
+        self.limits = StageLimits()
+        self._recall_targets = [Target(t) for t in settings.recall_target_list]
+        self._rerank_targets = [Target(t) for t in settings.rerank_target_list]
+        self._stop = asyncio.Event()
+        self._tasks: list[asyncio.Task] = []
+
+    def ready_pipeline(self) -> SearchPipeline:
+        if self.pipeline is None:
+            raise NotReady("gateway is starting")
+        return self.pipeline
+
+    def ready_router(self) -> DocumentRouter:
+        if self.router is None:
+            raise NotReady("gateway is starting")
+        return self.router
+
+    async def start(self) -> None:
+        s = self.settings
+        credentials = Credentials(s.tls_dir, await asyncio.to_thread(read_token_file, s.stage_token_file),
+                                  s.stage_tls_server_name)
+        numbers = itertools.count()
+
+        def make_recall(address: str, name: str) -> RecallClient:
+            return RecallClient(address, name, credentials, s.max_message_mb)
+
+        def make_rerank(address: str) -> RerankClient:
+            return RerankClient(address, f"rerank replica {next(numbers)}", credentials, s.max_message_mb)
+
+        self._make_rerank = make_rerank
+        await self._resolve_all()
+        self.shards = [RecallShard(i, t, make_recall) for i, t in enumerate(self._recall_targets)]
+        self.pool = RerankPool([], s.initial_rerank_ms_per_pair, eject_after_failures=s.eject_after_failures,
+                               eject_s=s.eject_s)
+        self._apply_members()
+        await self._wait_for_recall()
+        await self._wait_for_rerank(s.startup_wait_s)
+        await self.refresh_limits()
+        self.pipeline = SearchPipeline(s, self.shards, self.pool, self.limits)
+        self.router = DocumentRouter(self.shards)
+        self._tasks = [
+            asyncio.create_task(self.pool.watch_health(self._stop, s.health_check_period_s)),
+            asyncio.create_task(self._follow_membership()),
+        ]
+
+    async def _resolve_all(self) -> None:
+        await asyncio.gather(*(t.resolve() for t in [*self._recall_targets, *self._rerank_targets]))
+
+    def _apply_members(self) -> bool:
+        """Apply the last resolution to shards and pool; True if anything changed."""
+        changed = False
+        for shard, target in zip(self.shards, self._recall_targets):
+            added, removed = shard.update_members(target.addresses)
+            changed |= bool(added or removed)
+        rerank_addresses = sorted({a for t in self._rerank_targets for a in t.addresses})
+        added, removed = self.pool.update_members(rerank_addresses, self._make_rerank)
+        if added or removed:
+            log.info("rerank replicas: +%s -%s", added or "none", removed or "none")
+        return changed or bool(added or removed)
+
+    async def _wait_for_recall(self) -> None:
+        """NOT_SERVING (start has not returned) until every shard has somewhere to go."""
+        waited_since = time.monotonic()
+        while missing := [shard.name for shard in self.shards if not shard.replicas]:
+            if time.monotonic() - waited_since > 10:
+                log.warning("still waiting for %s to resolve to an address", ", ".join(missing))
+                waited_since = time.monotonic()
+            await asyncio.sleep(MIN_RESOLVE_INTERVAL_S)
+            await self._resolve_all()
+            self._apply_members()
+
+    async def _wait_for_rerank(self, timeout_s: float) -> None:
+        deadline = time.monotonic() + timeout_s
+        while not await self.pool.wait_for_a_replica(min(1.0, max(0.0, deadline - time.monotonic()))):
+            if time.monotonic() >= deadline:
+                log.warning("no rerank replica is serving after %.0f s; answering from recall alone", timeout_s)
+                return
+            await self._resolve_all()
+            self._apply_members()
+
+    async def refresh_limits(self) -> None:
+        """Learn what the stages accept (best effort: until they answer, the gateway's own limits apply)."""
+        recall = next((shard.replicas[0] for shard in self.shards if shard.replicas), None)
+        rerank = self.pool.replicas[0].client if self.pool.replicas else None
+        for client, names in (
+            (recall, {"max_query_chars": "recall_max_query_chars", "max_k": "recall_max_k"}),
+            (rerank, {"max_query_chars": "rerank_max_query_chars", "max_documents": "rerank_max_documents",
+                      "max_document_chars": "rerank_max_document_chars"}),
+        ):
+            if client is None:
+                continue
+            try:
+                published = await client.limits(timeout_s=2.0)
+            except TwostageError as error:
+                log.info("limits of %s not known yet: %s", client.name, error)
+                continue
+            self.limits.update(**{ours: published.get(theirs, 0) for theirs, ours in names.items()})
+
+    async def _follow_membership(self) -> None:
+        """Re-resolve every resolve_period_s, and early when a member turns out unreachable."""
+        hints = [self.pool.unreachable, *(shard.unreachable for shard in self.shards)]
+        while not self._stop.is_set():
+            waits = [asyncio.ensure_future(e.wait()) for e in [self._stop, *hints]]
+            await asyncio.wait(waits, timeout=self.settings.resolve_period_s, return_when=asyncio.FIRST_COMPLETED)
+            for w in waits:
+                w.cancel()
+            if self._stop.is_set():
+                return
+            for hint in hints:
+                hint.clear()
+            await self._resolve_all()
+            if self._apply_members():
+                await self.refresh_limits()
+            await asyncio.sleep(MIN_RESOLVE_INTERVAL_S)  # a failure storm cannot turn into a DNS storm
+
+    async def close(self) -> None:
+        self._stop.set()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        if self.pipeline is not None:
+            await self.pipeline.close()
+        elif self.pool is not None:
+            await asyncio.gather(self.pool.close(), *(shard.close() for shard in self.shards))
