@@ -39,6 +39,10 @@ class RecallSettings(ServiceSettings, RuntimeSettings, BatchingSettings):
     )
     # Measured with `twostage bench embed` on 2 CPU cores, documents/s by batch size (512 tokens):
     # 8: 7.6, 16: 7.5, 32: 6.9, 64: 6.5. 4096 tokens holds 8 long documents or 64 queries.
+    # One long document (512 tokens) per bulk batch: a query waits for at most one document's embedding.
+    bulk_max_batch_tokens: int = Field(
+        512, ge=1, description="Most padded tokens in one batch of documents being written; queries go first."
+    )
     max_batch_tokens: int = Field(4096, ge=1, description="Most padded tokens in one embedding call.")
 
     def document_limits(self) -> DocumentLimits:

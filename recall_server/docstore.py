@@ -12,6 +12,7 @@ from pathlib import Path
 import numpy as np
 
 from twostage.corpus import Document
+from twostage.errors import StorageFull
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS docs (
@@ -32,6 +33,12 @@ class Change:
     vector: np.ndarray | None  # None: the document was deleted
 
 
+def _storage_error(error: sqlite3.OperationalError) -> Exception:
+    if "full" in str(error):
+        return StorageFull("the document store's disk is full; nothing of this write was stored")
+    return error
+
+
 class DocStore:
     def __init__(self, path: Path, read_only: bool = False):
         if read_only:
@@ -45,6 +52,10 @@ class DocStore:
         self._lock = threading.Lock()
         # Kept, not scanned: Info and every write report it.
         self._live = self._db.execute("SELECT COUNT(*) FROM docs WHERE deleted = 0").fetchone()[0]
+
+    def _rollback(self) -> None:
+        if self._db.in_transaction:  # SQLite may already have rolled back (a full disk does)
+            self._db.execute("ROLLBACK")
 
     def close(self) -> None:
         with self._lock:
@@ -79,8 +90,11 @@ class DocStore:
                     for row in rows
                 ]
                 self._db.execute("COMMIT")
+            except sqlite3.OperationalError as error:
+                self._rollback()
+                raise _storage_error(error) from None
             except BaseException:
-                self._db.execute("ROLLBACK")
+                self._rollback()
                 raise
             self._live += len(keys) - already_live
         return keys
@@ -110,8 +124,11 @@ class DocStore:
                     if row:
                         keys.append(row[0])
                 self._db.execute("COMMIT")
+            except sqlite3.OperationalError as error:
+                self._rollback()
+                raise _storage_error(error) from None
             except BaseException:
-                self._db.execute("ROLLBACK")
+                self._rollback()
                 raise
             self._live -= len(keys)
         return keys

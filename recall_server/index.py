@@ -6,9 +6,17 @@ in memory. The graph is saved to disk every ``save_every_writes`` writes and
 on close, together with the store sequence it reflects; opening an index
 replays every store write after that sequence, so a crash between saves loses
 nothing that was acknowledged.
+
+A save copies the graph under the lock (a memory copy) and writes the copy
+without it, so searches never wait on the disk. The graph file and the
+directory are fsynced before the manifest names the sequence, so after a
+power cut the manifest never claims a graph that is not on disk. A missing or
+unreadable graph is rebuilt from the store (which holds every vector), never
+served partially.
 """
 
 import json
+import logging
 import os
 import threading
 from dataclasses import asdict, dataclass
@@ -22,6 +30,7 @@ from recall_server.index_lock import IndexLock
 from twostage.corpus import Document
 from twostage.errors import FailedPrecondition, InvalidArgument, ModelMismatch
 
+log = logging.getLogger(__name__)
 MANIFEST = "index.json"
 GRAPH = "vectors.usearch"
 STORE = "docs.sqlite"
@@ -40,6 +49,20 @@ class IndexManifest:
     shards: int = 1
 
 
+def _fsync_directory(directory: Path) -> None:
+    """A rename is durable only once its directory is."""
+    fd = os.open(directory, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _fsync_file(path: Path) -> None:
+    with open(path, "rb+") as f:
+        os.fsync(f.fileno())
+
+
 def _write_atomically(path: Path, data: bytes) -> None:
     tmp = path.with_name(path.name + ".tmp")
     with open(tmp, "wb") as f:
@@ -47,6 +70,7 @@ def _write_atomically(path: Path, data: bytes) -> None:
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, path)
+    _fsync_directory(path.parent)
 
 
 class DocumentIndex:
@@ -67,6 +91,7 @@ class DocumentIndex:
         # _graph_lock is held only for graph reads and mutations.
         self._write_lock = threading.RLock()
         self._graph_lock = threading.Lock()
+        self._save_lock = threading.Lock()  # one save at a time, so manifests only move forward
         self._unsaved_writes = 0
 
     @classmethod
@@ -94,14 +119,43 @@ class DocumentIndex:
             )
         index = cls(directory, manifest, **kwargs)
         try:
-            if (directory / GRAPH).exists():
-                index._graph.load(str(directory / GRAPH))
-            index._catch_up(manifest.applied_seq)
+            applied_seq = manifest.applied_seq
+            if not index._load_graph():
+                applied_seq = 0  # rebuild: replay every live document from the store
+            index._catch_up(applied_seq)
+            if applied_seq == 0 and manifest.applied_seq and not index.read_only:
+                index.save()
         except BaseException:
             index.store.close()
             index._lock.release()
             raise
         return index
+
+    def _load_graph(self) -> bool:
+        """Load the saved graph; False (and an empty graph) when it is missing or unreadable."""
+        path = self.directory / GRAPH
+        if not path.exists():
+            if self.manifest.applied_seq:
+                log.warning("%s: the graph file is missing; rebuilding it from the document store", self.directory)
+            return False
+        try:
+            self._graph.load(str(path))
+        except (RuntimeError, ValueError, OSError) as error:  # what usearch raises on a torn file
+            log.warning("%s: the graph file is unreadable (%s); rebuilding it from the document store",
+                        self.directory, error)
+            self._graph = Index(ndim=self.manifest.dims, metric=self.manifest.metric, dtype="f32")
+            return False
+        return True
+
+    def rebuild_graph(self) -> int:
+        """Rebuild the graph from the store alone and save it (``twostage index repair``). Returns its size."""
+        self._require_writable()
+        with self._write_lock:
+            with self._graph_lock:
+                self._graph = Index(ndim=self.manifest.dims, metric=self.manifest.metric, dtype="f32")
+            self._catch_up(0)
+            self.save()
+            return len(self._graph)
 
     def __len__(self) -> int:
         return len(self._graph)
@@ -161,19 +215,33 @@ class DocumentIndex:
     def _note_writes(self, count: int) -> None:
         self._unsaved_writes += count
         if self._unsaved_writes >= self.save_every_writes:
-            self.save()
+            try:
+                self.save()
+            except OSError as error:
+                # The writes are committed in the store; a later save (or a replay on start) covers them.
+                log.error("%s: saving the graph failed (%s); writes go on, the next save retries",
+                          self.directory, error)
+                self._unsaved_writes = 0
 
     def save(self) -> None:
-        """Persist the graph and the store sequence it reflects."""
-        with self._write_lock:
-            applied_seq = self.store.max_seq()
+        """Persist the graph and the store sequence it reflects, without holding searches back."""
+        with self._save_lock:
+            with self._write_lock:  # the copy and the sequence must match: no write in between
+                applied_seq = self.store.max_seq()
+                with self._graph_lock:
+                    snapshot = self._graph.copy()
+                self._unsaved_writes = 0
             tmp = self.directory / (GRAPH + ".tmp")
-            with self._graph_lock:
-                self._graph.save(str(tmp))
-            os.replace(tmp, self.directory / GRAPH)
+            try:
+                snapshot.save(str(tmp))
+                _fsync_file(tmp)
+                os.replace(tmp, self.directory / GRAPH)
+                _fsync_directory(self.directory)
+            except BaseException:
+                tmp.unlink(missing_ok=True)
+                raise
             self.manifest = IndexManifest(**{**asdict(self.manifest), "applied_seq": applied_seq})
             _write_atomically(self.directory / MANIFEST, json.dumps(asdict(self.manifest), indent=2).encode())
-            self._unsaved_writes = 0
 
     def close(self) -> None:
         try:
@@ -182,3 +250,16 @@ class DocumentIndex:
             self.store.close()
         finally:
             self._lock.release()
+
+
+def repair_index(directory: Path) -> int:
+    """Rebuild a writable index's graph from its store (``twostage index repair``); returns the documents."""
+    manifest_path = Path(directory) / MANIFEST
+    if not manifest_path.exists():
+        raise InvalidArgument(f"{directory} is not an index; build one with 'twostage index build'")
+    manifest = IndexManifest(**json.loads(manifest_path.read_text()))
+    index = DocumentIndex.open(directory, manifest.model, manifest.dims)
+    try:
+        return index.rebuild_graph()
+    finally:
+        index.close()

@@ -59,7 +59,8 @@ class RecallService:
 
     async def _embed(self, texts: list[str], is_query: bool, deadline_s: float | None) -> np.ndarray:
         encoded = await asyncio.to_thread(self.embedder.encode, texts, is_query)
-        done = await self.batcher.submit(encoded, [e.length for e in encoded], deadline_s)
+        # Documents (writes) yield to queries in the batcher: a bulk upsert never holds searches back.
+        done = await self.batcher.submit(encoded, [e.length for e in encoded], deadline_s, bulk=not is_query)
         return np.stack(done.values) if done.values else np.empty((0, self.embedder.dims), np.float32)
 
     async def search(self, query: str, k: int, deadline_s: float | None = None) -> tuple[list[Candidate], dict]:

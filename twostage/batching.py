@@ -6,6 +6,12 @@ item has waited ``max_wait_ms``. Items are grouped by length so a batch pads
 little. Items are tokenized before they are queued, so each one's cost is
 known; the model runs on a dedicated executor while the next batch forms.
 
+Two lanes: interactive items (queries) go before bulk items (documents being
+written), so a large upsert never holds searches back; bulk batches are kept
+small (``bulk_max_batch_tokens``) so a query arriving mid-batch waits little,
+and the oldest bulk item is served anyway once it has waited
+``bulk_max_wait_ms`` (no starvation).
+
 Every future handed out here is resolved: with a result, with the batch's
 error, with DeadlineExceeded when its deadline passed before it was computed,
 or with NotReady when the batcher is shut down without draining.
@@ -34,10 +40,12 @@ class BatchPolicy:
     max_wait_ms: float = 2.0
     max_queue_items: int = 4096
     pipeline_depth: int = 2
+    bulk_max_batch_tokens: int = 8192
+    bulk_max_wait_ms: float = 2000.0
 
     @classmethod
     def from_settings(cls, settings) -> "BatchPolicy":
-        return cls(**{name: getattr(settings, name) for name in cls.__dataclass_fields__})
+        return cls(**{name: getattr(settings, name) for name in cls.__dataclass_fields__ if hasattr(settings, name)})
 
 
 def plan_batches(lengths: Sequence[int], max_batch_size: int, max_batch_tokens: int) -> list[list[int]]:
@@ -83,6 +91,7 @@ class _Item:
     future: asyncio.Future
     enqueued_s: float
     deadline_s: float | None
+    bulk: bool = False
     dispatched_s: float = 0.0
     done_s: float = 0.0
 
@@ -132,11 +141,11 @@ class DynamicBatcher(Generic[T, R]):
         self._runner = asyncio.get_running_loop().create_task(self._run(), name=f"{self.name}-batcher")
 
     async def submit(
-        self, payloads: Sequence[T], lengths: Sequence[int], deadline_s: float | None = None
+        self, payloads: Sequence[T], lengths: Sequence[int], deadline_s: float | None = None, bulk: bool = False
     ) -> Submission[R]:
         """Queue items (``lengths`` in tokens) and wait for all their results.
 
-        ``deadline_s`` is on the ``time.monotonic()`` clock.
+        ``deadline_s`` is on the ``time.monotonic()`` clock; ``bulk`` items yield to interactive ones.
         """
         if not payloads:
             return Submission(values=[], queue_ms=0.0, compute_ms=0.0)
@@ -150,7 +159,7 @@ class DynamicBatcher(Generic[T, R]):
             )
         loop = asyncio.get_running_loop()
         now = time.monotonic()
-        items = [_Item(p, n, loop.create_future(), now, deadline_s) for p, n in zip(payloads, lengths)]
+        items = [_Item(p, n, loop.create_future(), now, deadline_s, bulk) for p, n in zip(payloads, lengths)]
         self._queue.extend(items)
         self._wakeup.set()
         futures = [item.future for item in items]
@@ -215,7 +224,9 @@ class DynamicBatcher(Generic[T, R]):
         """0 when a batch should run now, else how long until the oldest item is due."""
         if self._closing or len(self._queue) >= self.policy.max_batch_size:
             return 0.0
-        if sum(item.length for item in self._queue) >= self.policy.max_batch_tokens:
+        if sum(item.length for item in self._queue if not item.bulk) >= self.policy.max_batch_tokens:
+            return 0.0
+        if sum(item.length for item in self._queue if item.bulk) >= self.policy.bulk_max_batch_tokens:
             return 0.0
         oldest = min(item.enqueued_s for item in self._queue)
         return oldest + self.policy.max_wait_ms / 1000 - time.monotonic()
@@ -235,12 +246,24 @@ class DynamicBatcher(Generic[T, R]):
         if not live:
             self._queue = []
             return []
-        plans = plan_batches([item.length for item in live], self.policy.max_batch_size, self.policy.max_batch_tokens)
-        oldest = min(range(len(live)), key=lambda i: live[i].enqueued_s)
-        chosen = next(plan for plan in plans if oldest in plan)
+        lane = self._lane(live, now)
+        candidates = [i for i, item in enumerate(live) if item.bulk == lane]
+        token_budget = self.policy.bulk_max_batch_tokens if lane else self.policy.max_batch_tokens
+        plans = plan_batches([live[i].length for i in candidates], self.policy.max_batch_size, token_budget)
+        oldest = min(range(len(candidates)), key=lambda i: live[candidates[i]].enqueued_s)
+        chosen = [candidates[i] for i in next(plan for plan in plans if oldest in plan)]
         taken = set(chosen)
         self._queue = [item for i, item in enumerate(live) if i not in taken]
         return [live[i] for i in chosen]
+
+    def _lane(self, live: list[_Item], now: float) -> bool:
+        """True for the bulk lane: when nothing interactive waits, or bulk has waited too long."""
+        bulk = [item.enqueued_s for item in live if item.bulk]
+        if not bulk:
+            return False
+        if len(bulk) == len(live):
+            return True
+        return now - min(bulk) > self.policy.bulk_max_wait_ms / 1000
 
     async def _execute(self, batch: list[_Item]) -> None:
         loop = asyncio.get_running_loop()

@@ -99,6 +99,16 @@ class BatchingSettings(BaseSettings):
         description="Items waiting beyond this are refused with RESOURCE_EXHAUSTED instead of queued. "
         "Set it to what the model clears within your latency budget (throughput x budget).",
     )
+    bulk_max_batch_tokens: int = Field(
+        8192, ge=1,
+        description="Most padded tokens in one batch of bulk items (documents being written). Small bulk "
+        "batches keep a query that arrives mid-batch from waiting long; recall lowers it.",
+    )
+    bulk_max_wait_ms: float = Field(
+        2000.0, ge=0,
+        description="Queries go before bulk items; a bulk item that has waited this long goes next anyway, "
+        "so writes progress under any query load.",
+    )
     pipeline_depth: int = Field(
         2, ge=1,
         description="Batches formed ahead and handed to the executor, so the model never waits for "

@@ -41,6 +41,10 @@ class NotFound(TwostageError):
     """What the request names does not exist."""
 
 
+class StorageFull(TwostageError):
+    """The disk refused a write; nothing of it was stored. Retry once space is freed."""
+
+
 class ConfigError(TwostageError):
     """A setting is missing or out of range; raised at start, never per request."""
 

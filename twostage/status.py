@@ -19,6 +19,7 @@ STATUS_BY_ERROR: dict[type[errors.TwostageError], grpc.StatusCode] = {
     errors.Cancelled: grpc.StatusCode.CANCELLED,
     errors.FailedPrecondition: grpc.StatusCode.FAILED_PRECONDITION,
     errors.NotFound: grpc.StatusCode.NOT_FOUND,
+    errors.StorageFull: grpc.StatusCode.RESOURCE_EXHAUSTED,
     # Raised at start, not per request; mapped so nothing can ever surface as INTERNAL.
     errors.ConfigError: grpc.StatusCode.FAILED_PRECONDITION,
     errors.IndexLocked: grpc.StatusCode.FAILED_PRECONDITION,
@@ -56,7 +57,7 @@ def translate_errors(method):
 
 ERROR_BY_STATUS: dict[grpc.StatusCode, type[errors.TwostageError]] = {
     code: error for error, code in STATUS_BY_ERROR.items()
-    if error not in (errors.ModelMismatch, errors.ConfigError, errors.IndexLocked)
+    if error not in (errors.ModelMismatch, errors.ConfigError, errors.IndexLocked, errors.StorageFull)
 }
 
 

@@ -132,3 +132,67 @@ def test_document_count_is_kept_through_writes_and_reopen(tmp_path):
     assert reopened.store.count() == 3
     assert sorted(reopened.get(["a", "b", "zz"])) == ["a", "b"]
     reopened.close()
+
+
+@pytest.mark.parametrize("damage", ["missing", "torn", "garbage"])
+def test_a_lost_or_torn_graph_is_rebuilt_from_the_store(tmp_path, damage):
+    index = DocumentIndex.create(tmp_path / "ix", "m", DIMS)
+    index.upsert(docs("a", "b", "c"), np.stack([unit(1), unit(2), unit(3)]))
+    index.delete(["b"])
+    index.close()
+    graph = tmp_path / "ix" / "vectors.usearch"
+    if damage == "missing":
+        graph.unlink()
+    elif damage == "torn":
+        graph.write_bytes(graph.read_bytes()[: graph.stat().st_size // 2])
+    else:
+        graph.write_bytes(b"not a graph" * 10)
+    reopened = DocumentIndex.open(tmp_path / "ix", "m", DIMS)
+    try:
+        assert len(reopened) == 2  # every live document, not only the writes after the last save
+        assert reopened.search(unit(3), 1)[0][0].id == "c"
+        assert "b" not in [d.id for d, _ in reopened.search(unit(2), 5)]
+    finally:
+        reopened.close()
+    assert DocumentIndex.open(tmp_path / "ix", "m", DIMS).close() is None  # the rebuilt graph was saved
+
+
+def test_a_failed_graph_save_does_not_fail_writes(tmp_path, monkeypatch):
+    """Fault injection: the disk refuses the graph file (ENOSPC). Acknowledged writes stay acknowledged,
+    later writes succeed, and a restart recovers everything from the store."""
+    import errno
+
+    index = DocumentIndex.create(tmp_path / "ix", "m", DIMS, save_every_writes=1)
+    real_fsync = __import__("recall_server.index", fromlist=["_fsync_file"])._fsync_file
+    full = {"on": True}
+
+    def fsync_or_full(path):
+        if full["on"]:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        real_fsync(path)
+
+    monkeypatch.setattr("recall_server.index._fsync_file", fsync_or_full)
+    index.upsert(docs("a"), np.stack([unit(1)]))  # its save fails; the write does not
+    index.upsert(docs("b"), np.stack([unit(2)]))
+    assert not list((tmp_path / "ix").glob("*.tmp"))  # nothing half-written left behind
+    full["on"] = False  # space returns
+    index.upsert(docs("c"), np.stack([unit(3)]))
+    index.store.close()
+    index._lock.release()  # as if the process died
+    reopened = DocumentIndex.open(tmp_path / "ix", "m", DIMS)
+    assert sorted(reopened.get(["a", "b", "c"])) == ["a", "b", "c"] and len(reopened) == 3
+    reopened.close()
+
+
+def test_repair_rebuilds_the_graph_from_the_store(tmp_path, capsys):
+    from twostage.cli import main
+
+    index = DocumentIndex.create(tmp_path / "ix", "m", DIMS)
+    index.upsert(docs("a", "b"), np.stack([unit(1), unit(2)]))
+    index.close()
+    (tmp_path / "ix" / "vectors.usearch").write_bytes(b"torn")
+    assert main(["index", "repair", "--index-dir", str(tmp_path / "ix")]) == 0
+    assert "2 documents" in capsys.readouterr().out
+    reopened = DocumentIndex.open(tmp_path / "ix", "m", DIMS)
+    assert reopened.search(unit(2), 1)[0][0].id == "b"
+    reopened.close()

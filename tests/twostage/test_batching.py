@@ -194,3 +194,40 @@ async def test_close_without_drain_fails_queued_work():
     model.gate.set()
     await closing
     assert (await running).values == [0]
+
+
+async def test_queries_go_before_queued_bulk_items():
+    """A bulk write queued first must not hold a later query back beyond the batch already running."""
+    model = FakeModel()
+    batcher = await make(model, max_batch_size=4, pipeline_depth=1, bulk_max_batch_tokens=20)
+    model.gate.clear()  # hold the first bulk batch in the model
+    bulk = asyncio.ensure_future(batcher.submit(list(range(100, 112)), [10] * 12, bulk=True))
+    await asyncio.to_thread(model.entered.wait, 5)
+    query = asyncio.ensure_future(batcher.submit([7], [5]))
+    await asyncio.sleep(0.05)  # the query is queued behind the running bulk batch
+    model.gate.set()
+    assert (await query).values == [14]
+    await bulk
+    await batcher.close()
+    # The running bulk batch finished, then the query, then the rest of the bulk work.
+    assert model.batches[0] == [100, 101] and model.batches[1] == [7]
+    assert all(len(batch) * 10 <= 20 for batch in model.batches if batch[0] >= 100)  # small bulk batches
+
+
+async def test_bulk_items_are_not_starved():
+    model = FakeModel()
+    batcher = await make(model, max_batch_size=1, pipeline_depth=1, bulk_max_wait_ms=50)
+    stop = time.monotonic() + 2.0
+
+    async def query_stream():  # always a few queries waiting: without the bound, bulk would never run
+        while time.monotonic() < stop:
+            await batcher.submit([1], [10])
+
+    streams = [asyncio.ensure_future(query_stream()) for _ in range(3)]
+    await asyncio.sleep(0.01)
+    bulk = asyncio.ensure_future(batcher.submit([100], [10], bulk=True))
+    await asyncio.wait([bulk], timeout=1.5)
+    assert bulk.done() and (await bulk).values == [200]
+    assert any(len(model.batches) > i and model.batches[i] == [1] for i in range(3))  # queries were flowing
+    await asyncio.gather(*streams)
+    await batcher.close()

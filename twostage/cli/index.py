@@ -26,6 +26,11 @@ def register(commands) -> None:
     build.add_argument("--max-batch-size", type=positive_int, default=None, help="documents per model call")
     build.add_argument("--max-batch-tokens", type=positive_int, default=None, help="padded tokens per model call")
     build.set_defaults(run=_build)
+    repair = actions.add_parser(
+        "repair", help="rebuild an index's HNSW graph from its document store (after a lost or torn graph file)"
+    )
+    repair.add_argument("--index-dir", type=Path, required=True)
+    repair.set_defaults(run=_repair)
 
 
 def _build(args) -> None:
@@ -37,3 +42,9 @@ def _build(args) -> None:
                                shards=args.shards, skip_invalid=args.skip_invalid, **model)
     skipped = f"; skipped {report.skipped_lines} invalid lines" if report.skipped_lines else ""
     print(f"indexed {report.documents} documents into {args.out}{skipped}")
+
+
+def _repair(args) -> None:
+    from recall_server.index import repair_index
+
+    print(f"rebuilt the graph of {args.index_dir}: {repair_index(args.index_dir)} documents")
