@@ -34,21 +34,31 @@ class RerankReply:
     query_truncated: bool = False
 
 
-# A DNS name may resolve to many replicas (a headless Service): spread calls over all of them.
-_CHANNEL_OPTIONS = [("grpc.lb_policy_name", "round_robin"), ("grpc.enable_retries", 0)]
+def channel_options(max_message_mb: int = 16, keepalive_time_s: float = 30.0,
+                    keepalive_timeout_s: float = 10.0) -> list[tuple[str, int]]:
+    limit = max_message_mb * 1024 * 1024
+    return [
+        # Retries are the pool's business (another replica), not the channel's (the same one again).
+        ("grpc.enable_retries", 0),
+        # The stages may send up to their max_message_mb; the default 4 MiB receive limit would cut a large answer.
+        ("grpc.max_receive_message_length", limit),
+        ("grpc.max_send_message_length", limit),
+        # A replica that vanished without closing its connections is noticed within a ping.
+        ("grpc.keepalive_time_ms", int(keepalive_time_s * 1000)),
+        ("grpc.keepalive_timeout_ms", int(keepalive_timeout_s * 1000)),
+        ("grpc.keepalive_permit_without_calls", 1),
+        # Reconnect to a restarted replica quickly rather than after gRPC's default backoff.
+        ("grpc.initial_reconnect_backoff_ms", 200),
+        ("grpc.max_reconnect_backoff_ms", 2000),
+    ]
 
 
 class _Client:
-    def __init__(self, target: str, name: str, credentials: Credentials = PLAINTEXT, max_message_mb: int = 16):
+    def __init__(self, target: str, name: str, credentials: Credentials = PLAINTEXT, options: list | None = None):
         self.target = target
         self.name = name  # what callers are told, never the address
         self.credentials = credentials
-        limit = max_message_mb * 1024 * 1024
-        # The stages may send up to their max_message_mb; the default 4 MiB receive limit would cut a large answer.
-        self.channel = credentials.aio_channel(
-            target, [*_CHANNEL_OPTIONS, ("grpc.max_receive_message_length", limit),
-                     ("grpc.max_send_message_length", limit)]
-        )
+        self.channel = credentials.aio_channel(target, options if options is not None else channel_options())
 
     async def close(self) -> None:
         await self.channel.close()
@@ -73,8 +83,8 @@ class _Client:
 
 
 class RecallClient(_Client):
-    def __init__(self, target: str, name: str, credentials: Credentials = PLAINTEXT, max_message_mb: int = 16):
-        super().__init__(target, name, credentials, max_message_mb)
+    def __init__(self, target: str, name: str, credentials: Credentials = PLAINTEXT, options: list | None = None):
+        super().__init__(target, name, credentials, options)
         self.stub = recall_pb2_grpc.RecallStub(self.channel)
 
     async def search(
@@ -115,8 +125,8 @@ class RecallClient(_Client):
 
 
 class RerankClient(_Client):
-    def __init__(self, target: str, name: str, credentials: Credentials = PLAINTEXT, max_message_mb: int = 16):
-        super().__init__(target, name, credentials, max_message_mb)
+    def __init__(self, target: str, name: str, credentials: Credentials = PLAINTEXT, options: list | None = None):
+        super().__init__(target, name, credentials, options)
         self.stub = rerank_pb2_grpc.RerankStub(self.channel)
 
     async def rerank(self, query: str, documents: list[str], timeout_s: float, request_id: str) -> RerankReply:

@@ -13,7 +13,7 @@ import itertools
 import logging
 import time
 
-from gateway.clients import RecallClient, RerankClient
+from gateway.clients import RecallClient, RerankClient, channel_options
 from gateway.config import GatewaySettings
 from gateway.membership import Target
 from gateway.pipeline import SearchPipeline, StageLimits
@@ -55,12 +55,13 @@ class GatewayLifecycle:
         credentials = Credentials(s.tls_dir, await asyncio.to_thread(read_token_file, s.stage_token_file),
                                   s.stage_tls_server_name)
         numbers = itertools.count()
+        options = channel_options(s.max_message_mb, s.keepalive_time_s, s.keepalive_timeout_s)
 
         def make_recall(address: str, name: str) -> RecallClient:
-            return RecallClient(address, name, credentials, s.max_message_mb)
+            return RecallClient(address, name, credentials, options)
 
         def make_rerank(address: str) -> RerankClient:
-            return RerankClient(address, f"rerank replica {next(numbers)}", credentials, s.max_message_mb)
+            return RerankClient(address, f"rerank replica {next(numbers)}", credentials, options)
 
         self._make_rerank = make_rerank
         await self._resolve_all()

@@ -127,6 +127,7 @@ class DynamicBatcher(Generic[T, R]):
         self._wakeup = asyncio.Event()
         self._slots = asyncio.Semaphore(policy.pipeline_depth)
         self._in_flight: set[asyncio.Task] = set()
+        self._started_at: dict[asyncio.Task, float] = {}
         self._closing = False
         self._runner: asyncio.Task | None = None
 
@@ -136,6 +137,18 @@ class DynamicBatcher(Generic[T, R]):
     @property
     def queued_items(self) -> int:
         return len(self._queue)
+
+    def longest_running_s(self) -> float:
+        """How long the oldest batch now in the model has been running (0 when none is)."""
+        if not self._started_at:
+            return 0.0
+        return time.monotonic() - min(self._started_at.values())
+
+    def fail_queued(self, error: Exception) -> int:
+        """Fail every item not yet handed to the model (a stuck model: let callers go elsewhere)."""
+        queued, self._queue = self._queue, []
+        self._fail(queued, error)
+        return len(queued)
 
     def start(self) -> None:
         self._runner = asyncio.get_running_loop().create_task(self._run(), name=f"{self.name}-batcher")
@@ -218,7 +231,9 @@ class DynamicBatcher(Generic[T, R]):
                 continue
             task = asyncio.get_running_loop().create_task(self._execute(batch))
             self._in_flight.add(task)
+            self._started_at[task] = time.monotonic()
             task.add_done_callback(self._in_flight.discard)
+            task.add_done_callback(lambda t: self._started_at.pop(t, None))
 
     def _seconds_until_due(self) -> float:
         """0 when a batch should run now, else how long until the oldest item is due."""

@@ -30,6 +30,23 @@ class ServiceSettings(BaseSettings):
     grace_period_s: float = Field(
         10.0, ge=0, description="On SIGTERM, how long in-flight RPCs get to finish before they are cancelled."
     )
+    drain_delay_s: float = Field(
+        0.0, ge=0, le=300,
+        description="On SIGTERM, report NOT_SERVING and keep serving this long before refusing new RPCs, so "
+        "load balancers and gateways notice first (5 in Kubernetes; 0 stops at once).",
+    )
+    max_concurrent_rpcs: int = Field(
+        1000, ge=1, description="RPCs handled at once; more are refused with RESOURCE_EXHAUSTED, not queued."
+    )
+    keepalive_time_s: float = Field(
+        30.0, ge=1, description="Idle connections are pinged this often, so dead peers are noticed."
+    )
+    keepalive_timeout_s: float = Field(10.0, ge=1, description="A ping unanswered this long closes the connection.")
+    watchdog_s: float = Field(
+        60.0, ge=1,
+        description="A model batch running longer than this means the model thread is stuck: the service turns "
+        "NOT_SERVING (readiness and liveness) and queued work fails over to other replicas.",
+    )
     metrics_port: int = Field(0, ge=0, le=65535, description="Prometheus /metrics port; 0 disables it.")
     metrics_host: str = Field(
         "127.0.0.1", description="Address the metrics endpoint binds; 0.0.0.0 to let a scraper in another pod reach it."

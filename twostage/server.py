@@ -2,8 +2,15 @@
 
 Lifecycle: bind the port with health NOT_SERVING, load and warm up the
 service, then report SERVING. On SIGTERM or SIGINT: report NOT_SERVING
-(load balancers stop sending), stop accepting RPCs, give in-flight RPCs a
-grace period, then drain the service (batchers, executors, files).
+(load balancers stop sending), keep serving for ``drain_delay_s`` while they
+notice, stop accepting RPCs, give in-flight RPCs a grace period, then drain
+the service (batchers, executors, files).
+
+Health has two sides. Readiness is the server-wide status ("") and each
+service's: NOT_SERVING while loading, draining, or while a watchdog finds the
+model thread stuck. Liveness (service name ``liveness``) is SERVING from the
+moment the port is bound until the watchdog finds the model stuck: an orchestrator
+restarts on liveness and routes on readiness.
 """
 
 import asyncio
@@ -19,6 +26,7 @@ from grpc_reflection.v1alpha import reflection
 
 from twostage.auth import TokenAuthInterceptor, TokenFile
 from twostage.config import ServiceSettings
+from twostage.errors import Unavailable
 from twostage.metrics import RpcMetricsInterceptor, start_metrics_server
 from twostage.tls import server_credentials
 
@@ -28,6 +36,10 @@ log = logging.getLogger(__name__)
 class Lifecycle(Protocol):
     async def start(self) -> None: ...  # load and warm up
     async def close(self) -> None: ...  # drain and release
+
+
+LIVENESS = "liveness"
+WATCHDOG_PERIOD_S = 1.0
 
 
 class GrpcService:
@@ -52,11 +64,18 @@ class GrpcService:
             interceptors.append(TokenAuthInterceptor(TokenFile(settings.auth_tokens), open_reflection=reflection_on))
         self.server = grpc.aio.server(
             interceptors=interceptors,
+            maximum_concurrent_rpcs=settings.max_concurrent_rpcs,
             options=[
                 ("grpc.max_receive_message_length", limit),
                 ("grpc.max_send_message_length", limit),
                 # gRPC Python shares ports by default; a second server would then take half the traffic.
                 ("grpc.so_reuseport", int(settings.reuse_port)),
+                ("grpc.keepalive_time_ms", int(settings.keepalive_time_s * 1000)),
+                ("grpc.keepalive_timeout_ms", int(settings.keepalive_timeout_s * 1000)),
+                ("grpc.keepalive_permit_without_calls", 1),
+                # Clients may ping as often as our own keepalive does, and no more often.
+                ("grpc.http2.min_recv_ping_interval_without_data_ms", int(settings.keepalive_time_s * 1000)),
+                ("grpc.http2.max_ping_strikes", 2),
             ],
         )
         self.health = health.aio.HealthServicer()
@@ -74,15 +93,42 @@ class GrpcService:
         self.port = 0
         self.metrics_port = 0
         self._started = False
+        self._ready = False  # loaded and not draining
+        self._stalled = False
+        self._watchdog: asyncio.Task | None = None
 
     async def _set_health(self, status) -> None:
+        """Readiness: the server as a whole and each service."""
         for service in ["", *self.service_names]:
             await self.health.set(service, status)
+
+    async def _watch_model(self) -> None:
+        """Readiness and liveness follow the model thread: a batch running past watchdog_s means it is stuck."""
+        batcher = getattr(self.lifecycle, "batcher", None)
+        if batcher is None:
+            return
+        serving, not_serving = health_pb2.HealthCheckResponse.SERVING, health_pb2.HealthCheckResponse.NOT_SERVING
+        while True:
+            await asyncio.sleep(WATCHDOG_PERIOD_S)
+            stalled = batcher.longest_running_s() > self.settings.watchdog_s
+            if stalled == self._stalled:
+                continue
+            self._stalled = stalled
+            if stalled:
+                failed = batcher.fail_queued(Unavailable(f"{self.name}: the model is stuck; try another replica"))
+                log.error("%s: a model batch has run for over %.0f s: NOT_SERVING (%d queued items failed over)",
+                          self.name, self.settings.watchdog_s, failed)
+            else:
+                log.warning("%s: the model thread is moving again", self.name)
+            await self.health.set(LIVENESS, not_serving if stalled else serving)
+            if self._ready:
+                await self._set_health(not_serving if stalled else serving)
 
     async def start(self) -> int:
         """Bind, load, warm up, then serve. Returns the bound port."""
         s = self.settings
         await self._set_health(health_pb2.HealthCheckResponse.NOT_SERVING)
+        await self.health.set(LIVENESS, health_pb2.HealthCheckResponse.SERVING)
         address = f"{s.host}:{s.port}"
         try:
             if s.tls_dir:
@@ -119,7 +165,9 @@ class GrpcService:
         log.info("%s listening on %s:%d (%s%s; NOT_SERVING until loaded)", self.name, s.host, self.port, security,
                  ", bearer tokens" if s.auth_tokens else "")
         await self.lifecycle.start()
+        self._ready = True
         await self._set_health(health_pb2.HealthCheckResponse.SERVING)
+        self._watchdog = asyncio.get_running_loop().create_task(self._watch_model())
         log.info("%s serving on %s:%d", self.name, s.host, self.port)
         return self.port
 
@@ -134,7 +182,15 @@ class GrpcService:
             if self.probe_server is not None:
                 await self.probe_server.stop(0)
             return
+        self._ready = False
+        await self._set_health(health_pb2.HealthCheckResponse.NOT_SERVING)  # readiness only: still alive
+        if self.settings.drain_delay_s and grace_s is None:
+            log.info("%s: NOT_SERVING; still answering for %.1f s while callers notice", self.name,
+                     self.settings.drain_delay_s)
+            await asyncio.sleep(self.settings.drain_delay_s)
         await self.health.enter_graceful_shutdown()
+        if self._watchdog is not None:
+            self._watchdog.cancel()
         await self.server.stop(self.settings.grace_period_s if grace_s is None else grace_s)
         if self.probe_server is not None:  # probes saw NOT_SERVING throughout the drain
             await self.probe_server.stop(0)
