@@ -175,3 +175,29 @@ def slow_reranker(models):
         return SlowModel(CrossEncoder(models["ms-marco-minilm-l12"], settings, settings.max_length), delay_s)
 
     return make
+
+
+class FlakyModel:
+    """Fault injection: a real model that raises while ``failing`` is set."""
+
+    def __init__(self, inner):
+        self.inner = inner
+        self.failing = False
+
+    def __getattr__(self, name):
+        return getattr(self.inner, name)
+
+    def score(self, batch):
+        if self.failing:
+            raise RuntimeError("injected model failure")
+        return self.inner.score(batch)
+
+
+@pytest.fixture
+def flaky_reranker(models):
+    from rerank_server.cross_encoder import CrossEncoder
+
+    def make(settings: RerankSettings) -> FlakyModel:
+        return FlakyModel(CrossEncoder(models["ms-marco-minilm-l12"], settings, settings.max_length))
+
+    return make
