@@ -82,9 +82,23 @@ def assert_cut_short(reply) -> None:
         assert not any(h.HasField("rerank_score") for h in reply.hits)
 
 
-async def test_budget_shorter_than_rerank_reranks_what_fits(recall_target, rerank_target, custom_gateway):
-    """100 pairs take seconds on a CPU; a 400 ms budget still answers, with what fitted."""
-    stub = await custom_gateway(recall_targets=recall_target, rerank_targets=rerank_target)
+@pytest.fixture
+async def slow_rerank_target(slow_reranker):
+    """A rerank server whose every batch takes 0.25 s longer (fault injection): 100 pairs cannot fit in
+    a second on any hardware."""
+    from rerank_server.config import RerankSettings
+    from rerank_server.service import RerankService
+    from rerank_server.servicer import build_server as build_rerank
+
+    settings = RerankSettings(port=0)
+    server = build_rerank(RerankService(settings, model=slow_reranker(settings, delay_s=0.25)))
+    yield f"127.0.0.1:{await server.start()}"
+    await server.stop(grace_s=0)
+
+
+async def test_budget_shorter_than_rerank_reranks_what_fits(recall_target, slow_rerank_target, custom_gateway):
+    """A 400 ms budget against a slow replica still answers, with what fitted."""
+    stub = await custom_gateway(recall_targets=recall_target, rerank_targets=slow_rerank_target)
     for _ in range(3):  # the cost model learns from each answer
         reply = await stub.Search(
             gateway_pb2.SearchRequest(query="vitamin deficiency", recall_k=100, budget_ms=400), timeout=30
@@ -92,8 +106,9 @@ async def test_budget_shorter_than_rerank_reranks_what_fits(recall_target, reran
         assert_cut_short(reply)
 
 
-async def test_client_deadline_is_honoured(stub):
-    """A client deadline shorter than the budget wins: a degraded answer, not an error."""
+async def test_client_deadline_is_honoured(recall_target, slow_rerank_target, custom_gateway):
+    """A client deadline shorter than the budget wins: a degraded answer before it, not an error."""
+    stub = await custom_gateway(recall_targets=recall_target, rerank_targets=slow_rerank_target)
     reply = await stub.Search(
         gateway_pb2.SearchRequest(query="vitamin deficiency", recall_k=100, budget_ms=60_000), timeout=1.0
     )

@@ -95,7 +95,7 @@ async def test_a_failing_replica_is_ejected_for_eject_s_then_returns(servers, re
     flaky_settings = RerankSettings(port=0)
     flaky_model = flaky_reranker(flaky_settings)
     flaky, flaky_target = await rerank(model=flaky_model)
-    healthy, healthy_target = await rerank()
+    _, healthy_target = await rerank()
     server, target = await gateway(recall_targets=recall_target, rerank_targets=f"{flaky_target},{healthy_target}",
                                    eject_after_failures=2, eject_s=2.0, health_check_period_s=0.2)
     pool = server.lifecycle.pool
@@ -123,7 +123,7 @@ async def _searched_until(target, done) -> bool:
 
 async def test_a_replica_added_while_traffic_flows_gets_work(servers, recall_target, tmp_path):
     gateway, rerank = servers
-    first, first_target = await rerank()
+    _, first_target = await rerank()
     members = tmp_path / "rerank-members"
     members.write_text(first_target + "\n")
     _, target = await gateway(recall_targets=recall_target, rerank_targets=f"file://{members}", resolve_period_s=0.5)

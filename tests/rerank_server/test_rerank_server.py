@@ -91,23 +91,56 @@ async def test_info(stub):
     assert {limit.name: limit.value for limit in info.limits}["max_documents"] == 1000
 
 
-async def test_overload_is_shed_with_resource_exhausted(models):
-    """A queue bound of 4 pairs: a 5-document request while another waits is refused at once."""
+async def wait_until(condition, timeout_s: float = 30.0) -> None:
+    import time
+
+    deadline = time.monotonic() + timeout_s
+    while not condition():
+        assert time.monotonic() < deadline, "condition not reached"
+        await asyncio.sleep(0.01)
+
+
+async def test_overload_is_shed_with_resource_exhausted(slow_reranker):
+    """A queue bound of 4 pairs: with 3 queued behind a slow batch, 2 more are refused at once
+    (each request alone fits the queue)."""
     from rerank_server.service import RerankService
     from rerank_server.servicer import build_server
 
-    server = build_server(RerankService(RerankSettings(port=0, max_queue_items=4, max_batch_size=1, pipeline_depth=1)))
+    settings = RerankSettings(port=0, max_queue_items=4, max_batch_size=1, pipeline_depth=1)
+    service = RerankService(settings, model=slow_reranker(settings, delay_s=0.5))
+    server = build_server(service)
     port = await server.start()
     async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
         stub = rerank_pb2_grpc.RerankStub(channel)
+        first = asyncio.ensure_future(stub.Rerank(rerank_pb2.RerankRequest(query=QUERY, documents=[RELEVANT] * 4)))
+        await wait_until(lambda: service.batcher.queued_items == 3)  # one in the model, three waiting
         with pytest.raises(grpc.aio.AioRpcError) as caught:
-            await stub.Rerank(rerank_pb2.RerankRequest(query=QUERY, documents=[RELEVANT] * 5))
+            await stub.Rerank(rerank_pb2.RerankRequest(query=QUERY, documents=[RELEVANT] * 2))
         assert caught.value.code() is grpc.StatusCode.RESOURCE_EXHAUSTED
         assert "limit 4" in caught.value.details()
+        assert len((await first).results) == 4  # the queued work was not harmed
     await server.stop(grace_s=1)
 
 
-async def test_expired_deadline_is_deadline_exceeded(stub):
-    with pytest.raises(grpc.aio.AioRpcError) as caught:
-        await stub.Rerank(rerank_pb2.RerankRequest(query=QUERY, documents=[RELEVANT] * 40), timeout=0.05)
-    assert caught.value.code() is grpc.StatusCode.DEADLINE_EXCEEDED
+async def test_an_item_whose_deadline_passes_in_the_queue_is_dropped_uncomputed(slow_reranker):
+    """The server, not only the client, gives up: the expired item never reaches the model."""
+    from rerank_server.service import RerankService
+    from rerank_server.servicer import build_server
+
+    settings = RerankSettings(port=0, max_batch_size=1, pipeline_depth=1)
+    model = slow_reranker(settings, delay_s=1.0)
+    service = RerankService(settings, model=model)
+    server = build_server(service)
+    port = await server.start()
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
+        stub = rerank_pb2_grpc.RerankStub(channel)
+        computed_before = service.batcher.stats.items
+        holding = asyncio.ensure_future(stub.Rerank(rerank_pb2.RerankRequest(query=QUERY, documents=[RELEVANT])))
+        await wait_until(lambda: service.batcher.longest_running_s() > 0)
+        with pytest.raises(grpc.aio.AioRpcError) as caught:
+            await stub.Rerank(rerank_pb2.RerankRequest(query=QUERY, documents=[RELEVANT]), timeout=0.3)
+        assert caught.value.code() is grpc.StatusCode.DEADLINE_EXCEEDED
+        await holding
+        await wait_until(lambda: service.batcher.queued_items == 0)
+        assert service.batcher.stats.items == computed_before + 1  # only the holding request was computed
+    await server.stop(grace_s=1)

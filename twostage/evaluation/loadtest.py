@@ -103,7 +103,9 @@ def make_caller(channel: grpc.aio.Channel, stage: str, top_k: int, recall_k: int
 async def run_load(target: str, stage: str, queries: list[str], rate_rps: float, duration_s: float,
                    max_requests: int, poisson: bool = False, timeout_s: float = 30.0, top_k: int = 0,
                    recall_k: int = 0, budget_ms: int = 0, documents: list[str] | None = None,
-                   progress: bool = True, credentials: Credentials = PLAINTEXT) -> LoadResult:
+                   progress: bool = True, credentials: Credentials = PLAINTEXT,
+                   stop: asyncio.Event | None = None) -> LoadResult:
+    """Send on schedule for ``duration_s`` (or until ``stop`` is set), then wait for every answer."""
     if not queries:
         raise ValueError("no queries to send")
     if stage == "recall" and recall_k < 1:
@@ -132,6 +134,8 @@ async def run_load(target: str, stage: str, queries: list[str], rate_rps: float,
 
         tasks = []
         for index, scheduled in enumerate(tqdm(times, desc=f"{rate_rps:g} rps", unit="req", disable=not progress)):
+            if stop is not None and stop.is_set():
+                break
             delay = scheduled - (time.perf_counter() - start)
             if delay > 0:
                 await asyncio.sleep(delay)  # the schedule itself: open loop
