@@ -38,6 +38,7 @@ class Replica:
     serving: bool = True
     missed_health_checks: int = 0
     answered_serving: bool = False  # its last health check said SERVING (not merely stayed silent)
+    pairs_scored: int = 0
 
     @property
     def target(self) -> str:
@@ -144,6 +145,7 @@ class RerankPool:
 
     def _observe(self, replica: Replica, pairs: int, server_total_ms: float) -> None:
         replica.consecutive_failures = 0
+        replica.pairs_scored += pairs
         sample = server_total_ms / max(pairs, 1)
         replica.ms_per_pair += self.ewma_weight * (sample - replica.ms_per_pair)
 

@@ -50,6 +50,11 @@ class DocStore:
             self._db.execute("PRAGMA synchronous=FULL")
             self._db.executescript(_SCHEMA)
         self._lock = threading.Lock()
+        # Searches read through their own connection: in WAL mode a reader never waits for a writer's
+        # commit (fsync included), so a bulk upsert cannot hold searches back.
+        self._reader = sqlite3.connect(f"file:{path}?mode=ro", uri=True, check_same_thread=False,
+                                       isolation_level=None)
+        self._read_lock = threading.Lock()
         # Kept, not scanned: Info and every write report it.
         self._live = self._db.execute("SELECT COUNT(*) FROM docs WHERE deleted = 0").fetchone()[0]
 
@@ -58,6 +63,8 @@ class DocStore:
             self._db.execute("ROLLBACK")
 
     def close(self) -> None:
+        with self._read_lock:
+            self._reader.close()
         with self._lock:
             self._db.close()
 
@@ -137,8 +144,8 @@ class DocStore:
         if not keys:
             return {}
         marks = ",".join("?" * len(keys))
-        with self._lock:
-            rows = self._db.execute(
+        with self._read_lock:
+            rows = self._reader.execute(
                 f"SELECT key, doc_id, title, text, metadata FROM docs WHERE deleted=0 AND key IN ({marks})",
                 [int(k) for k in keys],
             ).fetchall()
@@ -147,10 +154,10 @@ class DocStore:
     def get(self, doc_ids: list[str]) -> dict[str, Document]:
         """Live documents by id; ids not stored are absent."""
         found: dict[str, Document] = {}
-        with self._lock:
+        with self._read_lock:
             for start in range(0, len(doc_ids), 500):
                 part = doc_ids[start:start + 500]
-                rows = self._db.execute(
+                rows = self._reader.execute(
                     f"SELECT doc_id, title, text, metadata FROM docs WHERE deleted = 0 AND doc_id IN "
                     f"({','.join('?' * len(part))})", part,
                 ).fetchall()

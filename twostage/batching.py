@@ -128,6 +128,7 @@ class DynamicBatcher(Generic[T, R]):
         self._slots = asyncio.Semaphore(policy.pipeline_depth)
         self._in_flight: set[asyncio.Task] = set()
         self._started_at: dict[asyncio.Task, float] = {}
+        self._last_bulk_s = time.monotonic()  # when the bulk lane last got a batch
         self._closing = False
         self._runner: asyncio.Task | None = None
 
@@ -224,6 +225,13 @@ class DynamicBatcher(Generic[T, R]):
                 except TimeoutError:
                     pass
                 continue
+            if self._in_flight and self._lane([i for i in self._queue if not i.future.done()], time.monotonic()):
+                # Bulk work is never formed ahead: a query that arrives waits for one small batch at most.
+                self._wakeup.clear()
+                woken = asyncio.ensure_future(self._wakeup.wait())
+                await asyncio.wait([*self._in_flight, woken], return_when=asyncio.FIRST_COMPLETED)
+                woken.cancel()
+                continue
             await self._slots.acquire()
             batch = self._take_batch()
             if not batch:
@@ -262,6 +270,8 @@ class DynamicBatcher(Generic[T, R]):
             self._queue = []
             return []
         lane = self._lane(live, now)
+        if lane:
+            self._last_bulk_s = now
         candidates = [i for i, item in enumerate(live) if item.bulk == lane]
         token_budget = self.policy.bulk_max_batch_tokens if lane else self.policy.max_batch_tokens
         plans = plan_batches([live[i].length for i in candidates], self.policy.max_batch_size, token_budget)
@@ -273,12 +283,16 @@ class DynamicBatcher(Generic[T, R]):
 
     def _lane(self, live: list[_Item], now: float) -> bool:
         """True for the bulk lane: when nothing interactive waits, or bulk has waited too long."""
+        if not live:
+            return False
         bulk = [item.enqueued_s for item in live if item.bulk]
         if not bulk:
             return False
         if len(bulk) == len(live):
             return True
-        return now - min(bulk) > self.policy.bulk_max_wait_ms / 1000
+        # Starved: queries have had the model to themselves for bulk_max_wait_ms. One bulk batch, then queries again.
+        bound = self.policy.bulk_max_wait_ms / 1000
+        return now - min(bulk) > bound and now - self._last_bulk_s > bound
 
     async def _execute(self, batch: list[_Item]) -> None:
         loop = asyncio.get_running_loop()

@@ -7,7 +7,7 @@ from pathlib import Path
 def register(commands) -> None:
     parser = commands.add_parser("bench", help="throughput and latency against the raw onnxruntime ceiling")
     kinds = parser.add_subparsers(dest="kind", required=True)
-    for kind in ("rerank", "embed", "gateway"):
+    for kind in ("rerank", "embed", "gateway", "resilience"):
         sub = kinds.add_parser(kind)
         sub.add_argument("--json", type=Path, default=None, help="write the report here")
         sub.add_argument("--quick", action="store_true", help="a reduced run, under a minute")
@@ -16,13 +16,17 @@ def register(commands) -> None:
             "--batch-invariant", choices=["true", "false"], default=None,
             help="override the runtime setting for the ceiling and the server alike",
         )
-        sub.set_defaults(run={"rerank": _rerank, "embed": _embed, "gateway": _gateway}[kind])
+        sub.set_defaults(run={"rerank": _rerank, "embed": _embed, "gateway": _gateway, "resilience": _resilience}[kind])
         if kind == "rerank":
             sub.add_argument("--queries", type=int, default=10, help="queries, each with --candidates documents")
             sub.add_argument("--candidates", type=int, default=50)
             sub.add_argument("--clients", type=int, default=8, help="concurrent gRPC clients at saturation")
             sub.add_argument("--requests", type=int, default=16, help="requests sent at saturation")
             sub.add_argument("--port", type=int, default=50161, help="server port (and metrics on the next)")
+        elif kind == "resilience":
+            sub.add_argument("--rate-rps", type=float, default=10.0, help="recall searches per second")
+            sub.add_argument("--resolve-period-s", type=float, default=1.0, help="the gateway's re-resolution period")
+            sub.add_argument("--port", type=int, default=50191, help="base port of the stack it starts")
         elif kind == "embed":
             sub.add_argument("--docs", type=int, default=400)
         else:
@@ -56,6 +60,13 @@ def _embed(args) -> None:
 
 def _gateway(args) -> None:
     from bench.gateway import run
+
+    _apply_overrides(args)
+    asyncio.run(run(args))
+
+
+def _resilience(args) -> None:
+    from bench.resilience import run
 
     _apply_overrides(args)
     asyncio.run(run(args))

@@ -14,6 +14,7 @@ from tqdm import tqdm
 
 from twostage.connect import PLAINTEXT, Credentials
 from twostage.corpus import read_qrels, read_queries
+from twostage.evaluation.loadtest import degradation_codes
 from twostage.evaluation.metrics import evaluate
 from twostage.v1 import common_pb2, gateway_pb2, gateway_pb2_grpc, recall_pb2, recall_pb2_grpc
 
@@ -26,7 +27,7 @@ class Answer:
     query_id: str
     hits: list[dict]  # id, recall_rank, recall_score, rerank_score (or None), score
     latency_s: float
-    degraded_reason: str
+    degradations: list[str]  # codes: rerank_partial, ...
 
 
 async def ask_gateway(target: str, queries: dict[str, str], recall_k: int, budget_ms: int, progress=True,
@@ -46,7 +47,7 @@ async def ask_gateway(target: str, queries: dict[str, str], recall_k: int, budge
                  "rerank_score": h.rerank_score if h.HasField("rerank_score") else None}
                 for h in reply.hits
             ]
-            answers.append(Answer(query_id, hits, time.perf_counter() - start, reply.degraded_reason))
+            answers.append(Answer(query_id, hits, time.perf_counter() - start, degradation_codes(reply)))
     return answers
 
 
@@ -136,9 +137,8 @@ def summarise(answers: list[Answer], qrels, recall_k: int) -> dict:
     latencies = np.array([a.latency_s for a in answers]) * 1000
     degraded: dict[str, int] = {}
     for a in answers:
-        if a.degraded_reason:
-            key = a.degraded_reason.split(" ")[0]
-            degraded[key] = degraded.get(key, 0) + 1
+        for code in a.degradations:
+            degraded[code] = degraded.get(code, 0) + 1
     cutoffs = sorted({10, 100, recall_k})
     return {
         **{name: evaluate(ranking, qrels, cutoffs) for name, ranking in rankings(answers).items()},

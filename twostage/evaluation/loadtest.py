@@ -70,9 +70,14 @@ def schedule(rate_rps: float, duration_s: float, max_requests: int, poisson: boo
     return times
 
 
+def degradation_codes(reply: gateway_pb2.SearchResponse) -> list[str]:
+    """The answer's degradation codes as the metrics name them (rerank_partial, ...)."""
+    return [gateway_pb2.DegradationCode.Name(d.code).lower() for d in reply.degradations]
+
+
 def make_caller(channel: grpc.aio.Channel, stage: str, top_k: int, recall_k: int, budget_ms: int, documents: list[str],
                 metadata=()):
-    """An async function query -> degraded reason ('' if none), for the chosen target."""
+    """An async function query -> its degradation codes (empty if none), for the chosen target."""
     if stage == "gateway":
         stub = gateway_pb2_grpc.GatewayStub(channel)
 
@@ -81,21 +86,21 @@ def make_caller(channel: grpc.aio.Channel, stage: str, top_k: int, recall_k: int
                 gateway_pb2.SearchRequest(query=query, top_k=top_k, recall_k=recall_k, budget_ms=budget_ms),
                 timeout=timeout_s, metadata=metadata,
             )
-            return reply.degraded_reason.split(" ")[0] if reply.degraded else ""
+            return degradation_codes(reply)
     elif stage == "recall":
         stub = recall_pb2_grpc.RecallStub(channel)
 
         async def call(query: str, timeout_s: float) -> str:
             await stub.Search(recall_pb2.RecallSearchRequest(query=query, k=recall_k), timeout=timeout_s,
                               metadata=metadata)
-            return ""
+            return []
     else:
         stub = rerank_pb2_grpc.RerankStub(channel)
 
         async def call(query: str, timeout_s: float) -> str:
             await stub.Rerank(rerank_pb2.RerankRequest(query=query, documents=documents), timeout=timeout_s,
                               metadata=metadata)
-            return ""
+            return []
 
     return call
 
@@ -120,7 +125,7 @@ async def run_load(target: str, stage: str, queries: list[str], rate_rps: float,
         async def one(index: int, scheduled: float) -> None:
             result.send_offsets_s.append(time.perf_counter() - start - scheduled)
             try:
-                reason = await call(queries[index % len(queries)], timeout_s)
+                codes = await call(queries[index % len(queries)], timeout_s)
             except grpc.aio.AioRpcError as error:
                 result.errors[error.code().name] += 1
                 result.error_examples.setdefault(error.code().name, error.details() or "")
@@ -129,8 +134,7 @@ async def run_load(target: str, stage: str, queries: list[str], rate_rps: float,
             result.histogram.record_value(min(max(latency_us, 1), MAX_LATENCY_US))
             result.latencies_ms.append(latency_us / 1000)
             result.scheduled_s.append(scheduled)
-            if reason:
-                result.degraded[reason] += 1
+            result.degraded.update(codes)
 
         tasks = []
         for index, scheduled in enumerate(tqdm(times, desc=f"{rate_rps:g} rps", unit="req", disable=not progress)):
