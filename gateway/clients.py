@@ -38,8 +38,8 @@ def channel_options(max_message_mb: int = 16, keepalive_time_s: float = 30.0,
                     keepalive_timeout_s: float = 10.0) -> list[tuple[str, int]]:
     limit = max_message_mb * 1024 * 1024
     return [
-        # Retries are the pool's business (another replica), not the channel's (the same one again).
-        ("grpc.enable_retries", 0),
+        # No retry policy: retrying on another replica is the pool's business. gRPC's transparent retries
+        # (an RPC that never left this process, say on a connection closed by GOAWAY) stay on.
         # The stages may send up to their max_message_mb; the default 4 MiB receive limit would cut a large answer.
         ("grpc.max_receive_message_length", limit),
         ("grpc.max_send_message_length", limit),

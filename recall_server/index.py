@@ -35,6 +35,9 @@ MANIFEST = "index.json"
 GRAPH = "vectors.usearch"
 STORE = "docs.sqlite"
 FORMAT_VERSION = 1
+# Rebuild the graph once removals (deletes and replaced documents) reach this share of it.
+COMPACT_SHARE = 0.2
+COMPACT_MIN_REMOVALS = 256
 
 
 @dataclass(frozen=True)
@@ -93,6 +96,7 @@ class DocumentIndex:
         self._graph_lock = threading.Lock()
         self._save_lock = threading.Lock()  # one save at a time, so manifests only move forward
         self._unsaved_writes = 0
+        self._removed_since_compaction = 0
 
     @classmethod
     def create(cls, directory: Path, model: str, dims: int, shard: int = 0, shards: int = 1, **kwargs) -> "DocumentIndex":
@@ -174,6 +178,26 @@ class DocumentIndex:
     def _remove_key(self, key: int) -> None:
         if self._graph.contains(key):
             self._graph.remove(key)
+            self._removed_since_compaction += 1
+
+    def _compact_if_worn(self) -> None:
+        """HNSW removals leave tombstones that still route searches; past a share of the graph they cut it
+        apart (searches come back short, even empty). Rebuild from the live vectors before that happens.
+        Called with the write lock held: writes wait, searches go on against the old graph until the swap."""
+        live = len(self._graph)
+        if self._removed_since_compaction < max(COMPACT_MIN_REMOVALS, COMPACT_SHARE * live):
+            return
+        with self._graph_lock:
+            keys = np.asarray(self._graph.keys, dtype=np.uint64)
+            vectors = self._graph.get(keys) if len(keys) else np.empty((0, self.manifest.dims), np.float32)
+        fresh = Index(ndim=self.manifest.dims, metric=self.manifest.metric, dtype="f32")
+        if len(keys):
+            fresh.add(keys, np.asarray(vectors, dtype=np.float32))
+        with self._graph_lock:
+            self._graph = fresh
+        log.info("%s: compacted the graph after %d removals (%d live)", self.directory,
+                 self._removed_since_compaction, live)
+        self._removed_since_compaction = 0
 
     def _require_writable(self) -> None:
         if self.read_only:
@@ -190,6 +214,7 @@ class DocumentIndex:
                 for key in keys:
                     self._remove_key(key)
                 self._graph.add(np.asarray(keys, dtype=np.uint64), np.asarray(vectors, dtype=np.float32))
+            self._compact_if_worn()
             self._note_writes(len(keys))
 
     def delete(self, doc_ids: list[str]) -> int:
@@ -199,6 +224,7 @@ class DocumentIndex:
             with self._graph_lock:
                 for key in keys:
                     self._remove_key(key)
+            self._compact_if_worn()
             self._note_writes(len(keys))
         return len(keys)
 
@@ -207,10 +233,23 @@ class DocumentIndex:
         with self._graph_lock:
             if len(self._graph) == 0:
                 return []
-            matches = self._graph.search(np.asarray(vector, dtype=np.float32), min(k, len(self._graph)))
+            wanted = min(k, len(self._graph))
+            matches = self._graph.search(np.asarray(vector, dtype=np.float32), wanted)
             keys, distances = matches.keys.tolist(), matches.distances.tolist()
+            if len(keys) < wanted:
+                # A worn graph came back short: answer exactly from its vectors rather than return too few.
+                keys, distances = self._exact_search(np.asarray(vector, dtype=np.float32), wanted)
         docs = self.store.fetch(keys)
         return [(docs[key], 1.0 - dist) for key, dist in zip(keys, distances) if key in docs]
+
+    def _exact_search(self, vector: np.ndarray, k: int) -> tuple[list[int], list[float]]:
+        """Brute-force cosine over every live vector; called with the graph lock held."""
+        keys = np.asarray(self._graph.keys, dtype=np.uint64)
+        vectors = np.asarray(self._graph.get(keys), dtype=np.float32)
+        norms = np.linalg.norm(vectors, axis=1) * max(float(np.linalg.norm(vector)), 1e-12)
+        similarity = vectors @ vector / np.maximum(norms, 1e-12)
+        best = np.argsort(-similarity)[:k]
+        return keys[best].tolist(), (1.0 - similarity[best]).tolist()
 
     def _note_writes(self, count: int) -> None:
         self._unsaved_writes += count

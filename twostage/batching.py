@@ -165,10 +165,13 @@ class DynamicBatcher(Generic[T, R]):
             return Submission(values=[], queue_ms=0.0, compute_ms=0.0)
         if self._closing or self._runner is None:
             raise NotReady(f"{self.name} is not accepting work (starting or shutting down)")
-        if len(self._queue) + len(payloads) > self.policy.max_queue_items:
+        # Each lane has its own bound: a backlog of writes never sheds a query, nor queries a write.
+        queued = sum(1 for item in self._queue if item.bulk == bulk)
+        if queued + len(payloads) > self.policy.max_queue_items:
             self.stats.shed_items += len(payloads)
+            lane = "bulk items" if bulk else "items"
             raise Overloaded(
-                f"{self.name} is overloaded: {len(self._queue)} items queued, limit "
+                f"{self.name} is overloaded: {queued} {lane} queued, limit "
                 f"{self.policy.max_queue_items}; retry later or on another replica"
             )
         loop = asyncio.get_running_loop()

@@ -73,8 +73,8 @@ class GrpcService:
                 ("grpc.keepalive_time_ms", int(settings.keepalive_time_s * 1000)),
                 ("grpc.keepalive_timeout_ms", int(settings.keepalive_timeout_s * 1000)),
                 ("grpc.keepalive_permit_without_calls", 1),
-                # Clients may ping as often as our own keepalive does, and no more often.
-                ("grpc.http2.min_recv_ping_interval_without_data_ms", int(settings.keepalive_time_s * 1000)),
+                # Clients pinging at our own keepalive period (give or take jitter) are welcome.
+                ("grpc.http2.min_ping_interval_without_data_ms", int(settings.keepalive_time_s * 500)),
                 ("grpc.http2.max_ping_strikes", 2),
             ],
         )

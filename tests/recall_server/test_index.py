@@ -196,3 +196,21 @@ def test_repair_rebuilds_the_graph_from_the_store(tmp_path, capsys):
     reopened = DocumentIndex.open(tmp_path / "ix", "m", DIMS)
     assert reopened.search(unit(2), 1)[0][0].id == "b"
     reopened.close()
+
+
+def test_heavy_deletes_and_rewrites_never_leave_searches_short(tmp_path):
+    """HNSW tombstones can cut a graph apart (found by fuzzing: thousands of identical documents written
+    and deleted). Searches must still return the k nearest live documents."""
+    index = DocumentIndex.create(tmp_path / "ix", "m", DIMS)
+    rng = np.random.default_rng(0)
+    base = rng.normal(size=(200, DIMS)).astype(np.float32)
+    base /= np.linalg.norm(base, axis=1, keepdims=True)
+    index.upsert([Document(f"r{i}", "", "x") for i in range(200)], base)
+    same = np.tile(np.full(DIMS, 1 / np.sqrt(DIMS), dtype=np.float32), (1000, 1))
+    for _ in range(5):
+        index.upsert([Document(f"n{i}", "", "t") for i in range(1000)], same)
+        index.delete([f"n{i}" for i in range(1000)])
+    for probe in (5, 77, 150):
+        exact = [f"r{i}" for i in np.argsort(-(base @ base[probe]))[:8]]
+        assert [d.id for d, _ in index.search(base[probe], 8)] == exact
+    index.close()

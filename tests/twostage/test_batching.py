@@ -231,3 +231,18 @@ async def test_bulk_items_are_not_starved():
     assert any(len(model.batches) > i and model.batches[i] == [1] for i in range(3))  # queries were flowing
     await asyncio.gather(*streams)
     await batcher.close()
+
+
+async def test_a_backlog_of_writes_never_sheds_a_query():
+    model = FakeModel()
+    batcher = await make(model, max_queue_items=4, max_batch_size=1, pipeline_depth=1)
+    model.gate.clear()
+    writes = asyncio.ensure_future(batcher.submit([100, 101, 102, 103], [10] * 4, bulk=True))
+    await asyncio.to_thread(model.entered.wait, 5)
+    with pytest.raises(Overloaded, match="bulk items queued"):
+        await batcher.submit([200, 201], [10, 10], bulk=True)
+    query = asyncio.ensure_future(batcher.submit([1, 2, 3], [10, 10, 10]))  # its own bound
+    model.gate.set()
+    assert (await query).values == [2, 4, 6]
+    await writes
+    await batcher.close()
