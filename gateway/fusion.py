@@ -5,6 +5,12 @@
   Scores are standardised within each query because a cosine and a logit live
   on different scales.
 - ``rrf``: reciprocal rank fusion, ``1/(k + rerank_rank) + 1/(k + recall_rank)``.
+- ``calibrated``: ``alpha * relevance + (1 - alpha) * cosine``, where relevance is the
+  sigmoid of the cross-encoder logit (the probability these models are trained
+  to give) and cosine the recall similarity clipped to [0, 1]. Scores keep an
+  absolute meaning in [0, 1]: a query with no relevant document scores low, so
+  a frontend can threshold and compare across queries. The per-query methods
+  (``linear``, ``rrf``) cannot: they rescale every query to the same spread.
 
 Only reranked candidates are fused; the rest keep their recall order after them.
 """
@@ -13,8 +19,19 @@ from typing import Literal
 
 import numpy as np
 
-Fusion = Literal["none", "linear", "rrf"]
+Fusion = Literal["none", "linear", "rrf", "calibrated"]
+FUSIONS: tuple[str, ...] = ("none", "linear", "rrf", "calibrated")
 RRF_K = 60
+
+
+def relevance(logit: float) -> float:
+    """The cross-encoder's calibrated relevance in [0, 1]."""
+    return float(1 / (1 + np.exp(-np.clip(logit, -60, 60))))
+
+
+def recall_part(cosine: float) -> float:
+    """A recall similarity on the same [0, 1] scale as relevance."""
+    return float(min(max(cosine, 0.0), 1.0))
 
 
 def _zscores(values: np.ndarray) -> np.ndarray:
@@ -30,6 +47,9 @@ def fuse(recall_scores: list[float], rerank_scores: list[float], method: Fusion,
         return rerank.tolist()
     if method == "linear":
         return (alpha * _zscores(rerank) + (1 - alpha) * _zscores(recall)).tolist()
+    if method == "calibrated":
+        probability = 1 / (1 + np.exp(-np.clip(rerank, -60, 60)))
+        return (alpha * probability + (1 - alpha) * np.clip(recall, 0, 1)).tolist()
     if method == "rrf":
         rerank_rank = np.empty(len(rerank))
         rerank_rank[np.argsort(-rerank, kind="stable")] = np.arange(1, len(rerank) + 1)

@@ -186,10 +186,12 @@ def test_after_the_fuzz_every_replica_still_answers(stack):
                        "by_method": {f"{m} {s}": n for (m, s), n in sorted(OUTCOMES.items())}}, f, indent=2)
     assert sent >= 10_000
     gateway = gateway_pb2_grpc.GatewayStub(stack["gateway"])
-    for _ in range(4):  # the pool spreads a query over both replicas; four queries reach both
-        reply = gateway.Search(gateway_pb2.SearchRequest(query="vitamin B12 and homocysteine", recall_k=8,
-                                                         budget_ms=60_000), timeout=120)
-        assert reply.reranked == reply.candidates == 8 and not reply.degraded, reply.degraded_reason
+    request = gateway_pb2.SearchRequest(query="vitamin B12 and homocysteine", recall_k=4)
+    # Budgets are capped at 500 ms in this stack and the cost model still remembers the fuzz's queues:
+    # within a few calm answers it must be back to reranking every candidate.
+    replies = [gateway.Search(request, timeout=120) for _ in range(20)]
+    assert all(r.candidates == 4 for r in replies)
+    assert not replies[-1].degraded and replies[-1].reranked == 4, replies[-1].degraded_reason
     for name in ("rerank", "rerank2"):
         reply = rerank_pb2_grpc.RerankStub(stack[name]).Rerank(
             rerank_pb2.RerankRequest(query="vitamin b12", documents=["b12 and homocysteine", "the sky"]), timeout=60)
