@@ -61,7 +61,7 @@ class GatewaySettings(ServiceSettings):
         20.0, ge=0, description="If less than this is left after recall, rerank is skipped (degraded: rerank_skipped)."
     )
     max_query_chars: int = Field(2048, ge=1, description="Longest query accepted.")
-    fusion: Literal["none", "linear", "rrf"] = Field(
+    fusion: Literal["none", "linear", "rrf", "calibrated"] = Field(
         "linear",
         description="Final score: none (rerank only), linear (per-query z-scores, weight fusion_alpha on "
         "rerank) or rrf. On SciFact linear 0.7 measured best (nDCG@10 0.7167 vs 0.7004 rerank only).",

@@ -11,6 +11,7 @@ never turns into an error or a hang while recall has answered.
 
 import asyncio
 import logging
+import math
 import re
 import time
 import uuid
@@ -19,7 +20,7 @@ from dataclasses import dataclass, field
 from gateway.clients import RecallCandidate
 from gateway.config import GatewaySettings
 from gateway.degradation import Degradation, DegradationCode
-from gateway.fusion import fuse
+from gateway.fusion import FUSIONS, fuse, recall_part, relevance
 from gateway.metrics import observe_search
 from gateway.recall_tier import RecallShard
 from gateway.rerank_pool import RerankPool
@@ -38,6 +39,10 @@ class SearchQuery:
     budget_ms: int = 0
     request_id: str = ""
     deadline_s: float | None = None  # client deadline, time.monotonic() clock
+    fusion: str | None = None  # None: the server default
+    fusion_alpha: float | None = None
+    skip_rerank: bool = False
+    score_threshold: float | None = None
 
 
 @dataclass(frozen=True)
@@ -50,6 +55,7 @@ class Hit:
     recall_rank: int
     recall_score: float
     metadata: dict[str, MetadataValue] = field(default_factory=dict)
+    relevance: float | None = None
 
 
 @dataclass
@@ -122,6 +128,12 @@ class SearchPipeline:
         errors.check_limit("budget_ms", q.budget_ms, 0, 2**31 - 1)
         if q.request_id and not _REQUEST_ID.match(q.request_id):
             raise errors.InvalidArgument("request_id must be 1-128 characters of letters, digits and ._:/-")
+        if q.fusion is not None and q.fusion not in FUSIONS:
+            raise errors.InvalidArgument(f"fusion must be one of {', '.join(FUSIONS)}, got {q.fusion!r}")
+        if q.fusion_alpha is not None and not 0 <= q.fusion_alpha <= 1:
+            raise errors.InvalidArgument(f"fusion_alpha must be between 0 and 1, got {q.fusion_alpha}")
+        if q.score_threshold is not None and not math.isfinite(q.score_threshold):
+            raise errors.InvalidArgument("score_threshold must be a finite number")
         budget_ms = min(q.budget_ms or s.default_budget_ms, s.max_budget_ms)
         return top_k, recall_k, budget_ms / 1000, q.request_id or uuid.uuid4().hex
 
@@ -130,16 +142,35 @@ class SearchPipeline:
         start = time.monotonic()
         deadline = start + budget_s if q.deadline_s is None else min(start + budget_s, q.deadline_s)
         result = SearchResult(hits=[], request_id=request_id)
-        # Recall's share of the time actually left (a short client deadline included), not of the nominal budget.
-        recall_deadline = start + (deadline - start) * self.settings.recall_budget_share
-        candidates = await self._recall(q.query, recall_k, recall_deadline, request_id, result)
+        s = self.settings
+        left_ms = 1000 * (deadline - start)
+        if q.skip_rerank or left_ms < 2 * (s.min_rerank_ms + s.return_margin_ms):
+            # Rerank will not run: recall may use all the time there is, so a tiny budget still gets an answer.
+            recall_deadline = deadline
+        else:
+            # Recall's share of the time actually left (a short client deadline included), not of the nominal budget.
+            recall_deadline = start + (deadline - start) * s.recall_budget_share
+        try:
+            candidates = await self._recall(q.query, recall_k, recall_deadline, request_id, result)
+        except errors.DeadlineExceeded:
+            raise errors.DeadlineExceeded(
+                f"no answer within {left_ms:.0f} ms: recall did not answer in time; allow more budget_ms "
+                "(or a longer deadline)"
+            ) from None
         recall_done = time.monotonic()
         result.timings_ms["recall_ms"] = 1000 * (recall_done - start)
         result.candidates = len(candidates)
-        scores = await self._rerank(q.query, candidates, deadline, request_id, result) if candidates else {}
+        scores = {}
+        if candidates and not q.skip_rerank:
+            scores = await self._rerank(q.query, candidates, deadline, request_id, result)
         result.timings_ms["rerank_ms"] = 1000 * (time.monotonic() - recall_done)
         result.reranked = len(scores)
-        result.hits = self._rank(candidates, scores)[:top_k]
+        fusion = q.fusion or s.fusion
+        alpha = s.fusion_alpha if q.fusion_alpha is None else q.fusion_alpha
+        hits = self._rank(candidates, scores, fusion, alpha)[:top_k]
+        if q.score_threshold is not None:
+            hits = [h for h in hits if h.score >= q.score_threshold]  # scores descend: this cuts a tail
+        result.hits = hits
         result.timings_ms["total_ms"] = 1000 * (time.monotonic() - start)
         observe_search(result)
         return result
@@ -206,22 +237,31 @@ class SearchPipeline:
             result.degrade(DegradationCode.RERANK_PARTIAL, f"{len(outcome.scores)} of {len(candidates)} reranked")
         return outcome.scores
 
-    def _rank(self, candidates: list[RecallCandidate], scores: dict[int, float]) -> list[Hit]:
-        """Reranked candidates by fused score, then the rest in recall order."""
+    @staticmethod
+    def _rank(candidates: list[RecallCandidate], scores: dict[int, float], fusion: str, alpha: float) -> list[Hit]:
+        """Reranked candidates by fused score, then the rest in recall order; scores descend with rank."""
         positions = sorted(scores)
-        fused = dict(
-            zip(
-                positions,
-                fuse([candidates[i].score for i in positions], [scores[i] for i in positions],
-                     self.settings.fusion, self.settings.fusion_alpha),
-            )
+        fused = dict(zip(positions, fuse([candidates[i].score for i in positions], [scores[i] for i in positions],
+                                         fusion, alpha)))
+        reranked = sorted(
+            (Hit(c.id, c.title, c.text, fused[i], scores[i], i + 1, c.score, c.metadata, relevance(scores[i]))
+             for i, c in enumerate(candidates) if i in scores),
+            key=lambda h: -h.score,
         )
-        hits = [
-            Hit(c.id, c.title, c.text, fused.get(i, c.score), scores.get(i), i + 1, c.score, c.metadata)
-            for i, c in enumerate(candidates)
-        ]
-        reranked = sorted((h for h in hits if h.rerank_score is not None), key=lambda h: -h.score)
-        return reranked + [h for h in hits if h.rerank_score is None]
+        # Not reranked: what the fusion gives a candidate with no rerank evidence (calibrated: its recall part
+        # alone; the relative fusions: the cosine), never above a reranked hit, so order and score agree.
+        rest = []
+        ceiling = reranked[-1].score if reranked else math.inf
+        for i, c in enumerate(candidates):
+            if i in scores:
+                continue
+            natural = (1 - alpha) * recall_part(c.score) if fusion == "calibrated" else c.score
+            score = min(natural, ceiling)
+            if reranked and score >= ceiling:
+                score = math.nextafter(ceiling, -math.inf)
+            ceiling = score
+            rest.append(Hit(c.id, c.title, c.text, score, None, i + 1, c.score, c.metadata))
+        return reranked + rest
 
 
 def _worst(failures: list[BaseException]) -> BaseException:

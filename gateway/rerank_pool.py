@@ -31,8 +31,11 @@ log = logging.getLogger(__name__)
 @dataclass
 class Replica:
     client: RerankClient
-    ms_per_pair: float
-    outstanding_pairs: int = 0
+    ms_per_pair: float  # service time: what one pair costs this replica's model
+    outstanding_pairs: int = 0  # this gateway's pairs sent and not yet answered
+    overhead_ms: float = 0.0  # per request, outside the model: tokenising, transport (learned)
+    others_pairs: int = 0  # pairs other callers had queued there, as of its last answer
+    others_seen_s: float = 0.0
     consecutive_failures: int = 0
     ejected_until_s: float = 0.0
     serving: bool = True
@@ -48,8 +51,16 @@ class Replica:
         # Ejected until eject_s has passed and a health check has said SERVING since (check_health clears it).
         return self.serving and not self.ejected_until_s
 
-    def backlog_ms(self) -> float:
-        return self.outstanding_pairs * self.ms_per_pair
+    def backlog_pairs(self, now: float) -> float:
+        """Work queued ahead of a new request, each pair counted once: ours, plus what others had queued
+        at the last answer (forgotten after a second, as it drains)."""
+        others = self.others_pairs if now - self.others_seen_s < 1.0 else 0
+        return self.outstanding_pairs + others
+
+    def predict_ms(self, pairs: int, now: float | None = None) -> float:
+        """When ``pairs`` sent now would be answered: overhead, then the backlog, then them."""
+        now = time.monotonic() if now is None else now
+        return self.overhead_ms + (self.backlog_pairs(now) + pairs) * self.ms_per_pair
 
 
 @dataclass
@@ -120,18 +131,21 @@ class RerankPool:
         return [r for r in self.replicas if r.available(now)]
 
     def affordable_pairs(self, budget_ms: float, headroom: float) -> int:
-        """Pairs the available replicas can score together within ``budget_ms``."""
+        """Pairs the available replicas can score together within ``budget_ms`` (the inverse of predict_ms)."""
+        now = time.monotonic()
         total = 0.0
         for replica in self.available():
-            usable_ms = budget_ms / headroom - replica.backlog_ms()
-            total += max(0.0, usable_ms / replica.ms_per_pair)
+            usable_ms = budget_ms / headroom - replica.overhead_ms
+            total += max(0.0, usable_ms / replica.ms_per_pair - replica.backlog_pairs(now))
         return int(total)
 
     def _split(self, count: int, replicas: list[Replica]) -> list[tuple[Replica, range]]:
         """Contiguous slices sized so every replica is predicted to finish together."""
+        now = time.monotonic()
         speeds = [1 / r.ms_per_pair for r in replicas]
-        horizon = (count + sum(r.outstanding_pairs for r in replicas)) / sum(speeds)
-        shares = [max(0.0, horizon * s - r.outstanding_pairs) for r, s in zip(replicas, speeds)]
+        backlogs = [r.backlog_pairs(now) for r in replicas]
+        horizon = (count + sum(backlogs)) / sum(speeds)
+        shares = [max(0.0, horizon * s - b) for b, s in zip(backlogs, speeds)]
         scale = count / sum(shares) if sum(shares) > 0 else 0
         sizes = [int(share * scale) for share in shares]
         for i in sorted(range(len(sizes)), key=lambda i: -shares[i])[: count - sum(sizes)]:
@@ -143,17 +157,23 @@ class RerankPool:
                 start += size
         return slices
 
-    def _observe(self, replica: Replica, pairs: int, server_total_ms: float) -> None:
+    def _observe(self, replica: Replica, pairs: int, reply, elapsed_ms: float, ours_in_flight: int) -> None:
+        """Learn service time and overhead from what the replica reports, apart from its queueing."""
         replica.consecutive_failures = 0
         replica.pairs_scored += pairs
-        sample = server_total_ms / max(pairs, 1)
-        replica.ms_per_pair += self.ewma_weight * (sample - replica.ms_per_pair)
+        timings = reply.timings_ms
+        if timings.get("model_ms_per_pair"):
+            replica.ms_per_pair = timings["model_ms_per_pair"]  # the replica's own recent average
+        elif timings.get("compute_ms"):
+            replica.ms_per_pair += self.ewma_weight * (timings["compute_ms"] / max(pairs, 1) - replica.ms_per_pair)
+        overhead = elapsed_ms - timings.get("queue_ms", 0.0) - timings.get("compute_ms", 0.0)
+        replica.overhead_ms += self.ewma_weight * (max(overhead, 0.0) - replica.overhead_ms)
+        replica.others_pairs = max(0, reply.queue_items - ours_in_flight)
+        replica.others_seen_s = time.monotonic()
 
     def _fail(self, replica: Replica, error: Exception, pairs: int, waited_ms: float) -> None:
         if isinstance(error, errors.DeadlineExceeded):
-            # It could not finish in time: it is at least this slow per pair.
-            replica.ms_per_pair = max(replica.ms_per_pair, waited_ms / max(pairs, 1))
-            return
+            return  # late is not broken; its service time and queue are learned from its answers
         if not is_replica_fault(error):
             return
         if isinstance(error, errors.Unavailable | errors.NotReady):
@@ -176,7 +196,7 @@ class RerankPool:
             return False
         finally:
             replica.outstanding_pairs -= len(positions)
-        self._observe(replica, len(positions), reply.timings_ms.get("total_ms", 0.0))
+        self._observe(replica, len(positions), reply, 1000 * (time.monotonic() - start), replica.outstanding_pairs)
         outcome.query_truncated |= reply.query_truncated
         for local, score in reply.scores.items():
             outcome.scores[positions[local]] = score

@@ -5,6 +5,7 @@ import logging
 import grpc
 
 from gateway.config import GatewaySettings
+from gateway.fusion import FUSIONS
 from gateway.lifecycle import GatewayLifecycle
 from gateway.pipeline import SearchQuery
 from twostage import __version__
@@ -14,6 +15,11 @@ from twostage.status import translate_errors
 from twostage.v1 import common_pb2, gateway_pb2, gateway_pb2_grpc
 
 log = logging.getLogger(__name__)
+
+
+# The proto's FusionMethod by the settings' names; UNSPECIFIED means the server default.
+FUSION_BY_CODE = {gateway_pb2.FusionMethod.Value(f"FUSION_{name.upper()}"): name for name in FUSIONS}
+CODE_BY_FUSION = {name: code for code, name in FUSION_BY_CODE.items()}
 
 
 class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
@@ -30,6 +36,10 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
                 budget_ms=request.budget_ms,
                 request_id=request.request_id,
                 deadline_s=deadline_of(context),
+                fusion=FUSION_BY_CODE.get(request.fusion),
+                fusion_alpha=request.fusion_alpha if request.HasField("fusion_alpha") else None,
+                skip_rerank=request.skip_rerank,
+                score_threshold=request.score_threshold if request.HasField("score_threshold") else None,
             )
         )
         return gateway_pb2.SearchResponse(
@@ -37,6 +47,7 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
                 gateway_pb2.Hit(
                     id=h.id, title=h.title, text=h.text, score=h.score, rerank_score=h.rerank_score,
                     recall_rank=h.recall_rank, recall_score=h.recall_score, metadata=metadata_to_proto(h.metadata),
+                    relevance=h.relevance,
                 )
                 for h in result.hits
             ],
@@ -82,6 +93,10 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
             recall_targets=[shard.target.spec for shard in pipeline.recall],
             rerank_targets=[r.target for r in pipeline.rerank.replicas],
             default_budget_ms=s.default_budget_ms,
+            default_fusion=CODE_BY_FUSION[s.fusion],
+            default_fusion_alpha=s.fusion_alpha,
+            default_top_k=s.default_top_k,
+            default_recall_k=s.default_recall_k,
             limits=[
                 common_pb2.Limit(name=name, value=getattr(s, name))
                 for name in ("max_top_k", "max_budget_ms")

@@ -84,6 +84,8 @@ class RerankService:
                 "tokenize_ms": 1000 * (tokenized - started),
                 "queue_ms": done.queue_ms,
                 "compute_ms": done.compute_ms,
+                # What one pair costs the model now: callers model this replica's service time with it.
+                "model_ms_per_pair": self.batcher.ms_per_item,
                 "total_ms": 1000 * (time.perf_counter() - started),
             },
             query_truncated=query_truncated,

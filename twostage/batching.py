@@ -129,6 +129,7 @@ class DynamicBatcher(Generic[T, R]):
         self._in_flight: set[asyncio.Task] = set()
         self._started_at: dict[asyncio.Task, float] = {}
         self._last_bulk_s = time.monotonic()  # when the bulk lane last got a batch
+        self.ms_per_item = 0.0  # model time per item, recent batches weighted most (callers model cost with it)
         self._closing = False
         self._runner: asyncio.Task | None = None
 
@@ -332,6 +333,8 @@ class DynamicBatcher(Generic[T, R]):
         stats.real_tokens += real
         stats.padded_tokens += padded
         stats.batch_sizes[len(batch)] += 1
+        sample = 1000 * (done - started) / len(batch)
+        self.ms_per_item = sample if not self.ms_per_item else self.ms_per_item + 0.2 * (sample - self.ms_per_item)
         waits = [started - item.enqueued_s for item in batch]
         for observer in self._observers:
             observer(len(batch), real, padded, waits, done - started)

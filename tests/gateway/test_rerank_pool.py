@@ -1,5 +1,6 @@
 """RerankPool's bookkeeping with fake replicas (fault injection only)."""
 
+import asyncio
 import time
 
 import pytest
@@ -29,7 +30,8 @@ class FakeReplica:
             raise self.fail_with
         return RerankReply(
             scores={i: float(len(d)) for i, d in enumerate(documents)},
-            timings_ms={"total_ms": self.ms_per_pair * len(documents)},
+            timings_ms={"total_ms": self.ms_per_pair * len(documents), "compute_ms": self.ms_per_pair * len(documents),
+                        "model_ms_per_pair": self.ms_per_pair, "queue_ms": 0.0},
             tokens=0, queue_items=0,
         )
 
@@ -119,3 +121,60 @@ async def test_start_does_not_take_silence_for_serving():
     pool = RerankPool([replica], initial_ms_per_pair=10)
     assert await pool.wait_for_a_replica(timeout_s=10, period_s=0.001)
     assert replica.health == [True]
+
+
+class QueuedReplica:
+    """A replica as the server behaves: one model, pairs served in arrival order at a known service time
+    each, reporting queue, compute, service time and what is still queued, as the rerank server does."""
+
+    def __init__(self, target: str, ms_per_pair: float, overhead_ms: float = 2.0):
+        self.target = target
+        self.ms_per_pair = ms_per_pair
+        self.overhead_ms = overhead_ms
+        self.model = asyncio.Lock()
+        self.queued = 0
+
+    async def rerank(self, query, documents, timeout_s, request_id):
+        await asyncio.sleep(self.overhead_ms / 1000)
+        arrived = time.monotonic()
+        self.queued += len(documents)
+        async with self.model:
+            started = time.monotonic()
+            await asyncio.sleep(self.ms_per_pair * len(documents) / 1000)
+        self.queued -= len(documents)
+        return RerankReply(
+            scores={i: 0.0 for i in range(len(documents))},
+            timings_ms={"queue_ms": 1000 * (started - arrived), "compute_ms": self.ms_per_pair * len(documents),
+                        "model_ms_per_pair": self.ms_per_pair},
+            tokens=0, queue_items=self.queued,
+        )
+
+    async def health_status(self, timeout_s):
+        return True
+
+    async def close(self):
+        pass
+
+
+async def test_the_cost_model_predicts_completion_within_ten_percent():
+    """Service time and the queue ahead, each counted once, predict when concurrent requests finish."""
+    replica = QueuedReplica("a", ms_per_pair=20)
+    pool = RerankPool([replica], initial_ms_per_pair=100)  # a wrong guess, corrected by the first answers
+    for _ in range(6):
+        await pool.rerank("q", ["d"] * 5, time.monotonic() + 10, "warm")
+    predicted, finished = [], []
+
+    async def one(i):
+        predicted.append(pool.replicas[0].predict_ms(5))
+        start = time.monotonic()
+        await pool.rerank("q", ["d"] * 5, time.monotonic() + 10, f"r{i}")
+        finished.append(1000 * (time.monotonic() - start))
+
+    tasks = []
+    for i in range(4):  # each sent while the earlier ones are queued
+        tasks.append(asyncio.ensure_future(one(i)))
+        await asyncio.sleep(0)
+    await asyncio.gather(*tasks)
+    for p, f in zip(predicted, finished):
+        assert f == pytest.approx(p, rel=0.10), (predicted, finished)
+    assert finished[-1] > 3 * finished[0]  # the queue really was there, and counted once

@@ -17,7 +17,8 @@ def register(commands) -> None:
     parser.add_argument("--recall-k", type=int, default=100)
     parser.add_argument("--budget-ms", type=int, default=600_000, help="large by default: measure quality, not cuts")
     parser.add_argument("--limit", type=int, default=None, help="only the first N queries")
-    parser.add_argument("--fusion", default="linear", choices=["none", "linear", "rrf"], help="for the alpha sweep")
+    parser.add_argument("--fusion", default="linear", choices=["none", "linear", "rrf", "calibrated"],
+                        help="the fusion the alpha sweep recomputes")
     parser.add_argument("--sweep", action="append", default=[], metavar="NAME=V1,V2",
                         help="recall_k=20,50,100 and/or alpha=0,0.5,0.7,1 (repeatable)")
     parser.add_argument("--json", type=Path, default=None)

@@ -8,6 +8,14 @@ from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 
 DESCRIPTOR: _descriptor.FileDescriptor
 
+class FusionMethod(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    FUSION_METHOD_UNSPECIFIED: _ClassVar[FusionMethod]
+    FUSION_NONE: _ClassVar[FusionMethod]
+    FUSION_LINEAR: _ClassVar[FusionMethod]
+    FUSION_RRF: _ClassVar[FusionMethod]
+    FUSION_CALIBRATED: _ClassVar[FusionMethod]
+
 class DegradationCode(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     __slots__ = ()
     DEGRADATION_CODE_UNSPECIFIED: _ClassVar[DegradationCode]
@@ -18,6 +26,11 @@ class DegradationCode(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     RERANK_UNAVAILABLE: _ClassVar[DegradationCode]
     RECALL_PARTIAL: _ClassVar[DegradationCode]
     QUERY_TRUNCATED: _ClassVar[DegradationCode]
+FUSION_METHOD_UNSPECIFIED: FusionMethod
+FUSION_NONE: FusionMethod
+FUSION_LINEAR: FusionMethod
+FUSION_RRF: FusionMethod
+FUSION_CALIBRATED: FusionMethod
 DEGRADATION_CODE_UNSPECIFIED: DegradationCode
 RERANK_PARTIAL: DegradationCode
 RERANK_SKIPPED: DegradationCode
@@ -28,21 +41,29 @@ RECALL_PARTIAL: DegradationCode
 QUERY_TRUNCATED: DegradationCode
 
 class SearchRequest(_message.Message):
-    __slots__ = ("query", "top_k", "recall_k", "budget_ms", "request_id")
+    __slots__ = ("query", "top_k", "recall_k", "budget_ms", "request_id", "fusion", "fusion_alpha", "skip_rerank", "score_threshold")
     QUERY_FIELD_NUMBER: _ClassVar[int]
     TOP_K_FIELD_NUMBER: _ClassVar[int]
     RECALL_K_FIELD_NUMBER: _ClassVar[int]
     BUDGET_MS_FIELD_NUMBER: _ClassVar[int]
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
+    FUSION_FIELD_NUMBER: _ClassVar[int]
+    FUSION_ALPHA_FIELD_NUMBER: _ClassVar[int]
+    SKIP_RERANK_FIELD_NUMBER: _ClassVar[int]
+    SCORE_THRESHOLD_FIELD_NUMBER: _ClassVar[int]
     query: str
     top_k: int
     recall_k: int
     budget_ms: int
     request_id: str
-    def __init__(self, query: _Optional[str] = ..., top_k: _Optional[int] = ..., recall_k: _Optional[int] = ..., budget_ms: _Optional[int] = ..., request_id: _Optional[str] = ...) -> None: ...
+    fusion: FusionMethod
+    fusion_alpha: float
+    skip_rerank: bool
+    score_threshold: float
+    def __init__(self, query: _Optional[str] = ..., top_k: _Optional[int] = ..., recall_k: _Optional[int] = ..., budget_ms: _Optional[int] = ..., request_id: _Optional[str] = ..., fusion: _Optional[_Union[FusionMethod, str]] = ..., fusion_alpha: _Optional[float] = ..., skip_rerank: _Optional[bool] = ..., score_threshold: _Optional[float] = ...) -> None: ...
 
 class Hit(_message.Message):
-    __slots__ = ("id", "title", "text", "score", "rerank_score", "recall_rank", "recall_score", "metadata")
+    __slots__ = ("id", "title", "text", "score", "rerank_score", "recall_rank", "recall_score", "metadata", "relevance")
     class MetadataEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -58,6 +79,7 @@ class Hit(_message.Message):
     RECALL_RANK_FIELD_NUMBER: _ClassVar[int]
     RECALL_SCORE_FIELD_NUMBER: _ClassVar[int]
     METADATA_FIELD_NUMBER: _ClassVar[int]
+    RELEVANCE_FIELD_NUMBER: _ClassVar[int]
     id: str
     title: str
     text: str
@@ -66,7 +88,8 @@ class Hit(_message.Message):
     recall_rank: int
     recall_score: float
     metadata: _containers.MessageMap[str, _common_pb2.MetadataValue]
-    def __init__(self, id: _Optional[str] = ..., title: _Optional[str] = ..., text: _Optional[str] = ..., score: _Optional[float] = ..., rerank_score: _Optional[float] = ..., recall_rank: _Optional[int] = ..., recall_score: _Optional[float] = ..., metadata: _Optional[_Mapping[str, _common_pb2.MetadataValue]] = ...) -> None: ...
+    relevance: float
+    def __init__(self, id: _Optional[str] = ..., title: _Optional[str] = ..., text: _Optional[str] = ..., score: _Optional[float] = ..., rerank_score: _Optional[float] = ..., recall_rank: _Optional[int] = ..., recall_score: _Optional[float] = ..., metadata: _Optional[_Mapping[str, _common_pb2.MetadataValue]] = ..., relevance: _Optional[float] = ...) -> None: ...
 
 class Degradation(_message.Message):
     __slots__ = ("code", "detail")
@@ -104,15 +127,23 @@ class SearchResponse(_message.Message):
     def __init__(self, hits: _Optional[_Iterable[_Union[Hit, _Mapping]]] = ..., degraded: _Optional[bool] = ..., degraded_reason: _Optional[str] = ..., degradations: _Optional[_Iterable[_Union[Degradation, _Mapping]]] = ..., timings_ms: _Optional[_Mapping[str, float]] = ..., candidates: _Optional[int] = ..., reranked: _Optional[int] = ..., request_id: _Optional[str] = ...) -> None: ...
 
 class GatewayInfo(_message.Message):
-    __slots__ = ("version", "recall_targets", "rerank_targets", "default_budget_ms", "limits")
+    __slots__ = ("version", "recall_targets", "rerank_targets", "default_budget_ms", "limits", "default_fusion", "default_fusion_alpha", "default_top_k", "default_recall_k")
     VERSION_FIELD_NUMBER: _ClassVar[int]
     RECALL_TARGETS_FIELD_NUMBER: _ClassVar[int]
     RERANK_TARGETS_FIELD_NUMBER: _ClassVar[int]
     DEFAULT_BUDGET_MS_FIELD_NUMBER: _ClassVar[int]
     LIMITS_FIELD_NUMBER: _ClassVar[int]
+    DEFAULT_FUSION_FIELD_NUMBER: _ClassVar[int]
+    DEFAULT_FUSION_ALPHA_FIELD_NUMBER: _ClassVar[int]
+    DEFAULT_TOP_K_FIELD_NUMBER: _ClassVar[int]
+    DEFAULT_RECALL_K_FIELD_NUMBER: _ClassVar[int]
     version: str
     recall_targets: _containers.RepeatedScalarFieldContainer[str]
     rerank_targets: _containers.RepeatedScalarFieldContainer[str]
     default_budget_ms: int
     limits: _containers.RepeatedCompositeFieldContainer[_common_pb2.Limit]
-    def __init__(self, version: _Optional[str] = ..., recall_targets: _Optional[_Iterable[str]] = ..., rerank_targets: _Optional[_Iterable[str]] = ..., default_budget_ms: _Optional[int] = ..., limits: _Optional[_Iterable[_Union[_common_pb2.Limit, _Mapping]]] = ...) -> None: ...
+    default_fusion: FusionMethod
+    default_fusion_alpha: float
+    default_top_k: int
+    default_recall_k: int
+    def __init__(self, version: _Optional[str] = ..., recall_targets: _Optional[_Iterable[str]] = ..., rerank_targets: _Optional[_Iterable[str]] = ..., default_budget_ms: _Optional[int] = ..., limits: _Optional[_Iterable[_Union[_common_pb2.Limit, _Mapping]]] = ..., default_fusion: _Optional[_Union[FusionMethod, str]] = ..., default_fusion_alpha: _Optional[float] = ..., default_top_k: _Optional[int] = ..., default_recall_k: _Optional[int] = ...) -> None: ...
