@@ -33,6 +33,7 @@ class LoadResult:
     errors: Counter = field(default_factory=Counter)
     error_examples: dict[str, str] = field(default_factory=dict)  # status -> the first message with it
     degraded: Counter = field(default_factory=Counter)
+    reranked: list[int] = field(default_factory=list)  # gateway: candidates reranked per answer
     histogram: HdrHistogram = field(default_factory=lambda: HdrHistogram(1, MAX_LATENCY_US, 3))
 
     def report(self) -> dict:
@@ -52,6 +53,7 @@ class LoadResult:
             "errors": dict(self.errors),
             "error_examples": dict(self.error_examples),
             "degraded": dict(self.degraded),
+            "mean_reranked": round(sum(self.reranked) / len(self.reranked), 3) if self.reranked else None,
         }
 
 
@@ -81,26 +83,26 @@ def make_caller(channel: grpc.aio.Channel, stage: str, top_k: int, recall_k: int
     if stage == "gateway":
         stub = gateway_pb2_grpc.GatewayStub(channel)
 
-        async def call(query: str, timeout_s: float) -> str:
+        async def call(query: str, timeout_s: float) -> tuple[list[str], int | None]:
             reply = await stub.Search(
                 gateway_pb2.SearchRequest(query=query, top_k=top_k, recall_k=recall_k, budget_ms=budget_ms),
                 timeout=timeout_s, metadata=metadata,
             )
-            return degradation_codes(reply)
+            return degradation_codes(reply), reply.reranked
     elif stage == "recall":
         stub = recall_pb2_grpc.RecallStub(channel)
 
-        async def call(query: str, timeout_s: float) -> str:
+        async def call(query: str, timeout_s: float) -> tuple[list[str], int | None]:
             await stub.Search(recall_pb2.RecallSearchRequest(query=query, k=recall_k), timeout=timeout_s,
                               metadata=metadata)
-            return []
+            return [], None
     else:
         stub = rerank_pb2_grpc.RerankStub(channel)
 
-        async def call(query: str, timeout_s: float) -> str:
+        async def call(query: str, timeout_s: float) -> tuple[list[str], int | None]:
             await stub.Rerank(rerank_pb2.RerankRequest(query=query, documents=documents), timeout=timeout_s,
                               metadata=metadata)
-            return []
+            return [], None
 
     return call
 
@@ -125,7 +127,7 @@ async def run_load(target: str, stage: str, queries: list[str], rate_rps: float,
         async def one(index: int, scheduled: float) -> None:
             result.send_offsets_s.append(time.perf_counter() - start - scheduled)
             try:
-                codes = await call(queries[index % len(queries)], timeout_s)
+                codes, reranked = await call(queries[index % len(queries)], timeout_s)
             except grpc.aio.AioRpcError as error:
                 result.errors[error.code().name] += 1
                 result.error_examples.setdefault(error.code().name, error.details() or "")
@@ -135,6 +137,8 @@ async def run_load(target: str, stage: str, queries: list[str], rate_rps: float,
             result.latencies_ms.append(latency_us / 1000)
             result.scheduled_s.append(scheduled)
             result.degraded.update(codes)
+            if reranked is not None:
+                result.reranked.append(reranked)
 
         tasks = []
         for index, scheduled in enumerate(tqdm(times, desc=f"{rate_rps:g} rps", unit="req", disable=not progress)):
