@@ -85,33 +85,38 @@ def _upsert(args) -> int:
     return 0
 
 
-def _delete(args) -> int:
-    from twostage.v1 import common_pb2, gateway_pb2_grpc
+def _ask_gateway(args, method: str, request):
+    """One call to the gateway; None (after saying why) when it fails."""
+    from twostage.v1 import gateway_pb2_grpc
 
     credentials = credentials_from_args(args)
     with credentials.channel(args.target) as channel:
         try:
-            reply = gateway_pb2_grpc.GatewayStub(channel).Delete(common_pb2.DeleteRequest(ids=args.ids),
-                                                                 timeout=args.timeout_s, metadata=credentials.metadata)
+            return getattr(gateway_pb2_grpc.GatewayStub(channel), method)(
+                request, timeout=args.timeout_s, metadata=credentials.metadata
+            )
         except grpc.RpcError as error:
-            print(f"twostage: delete failed: {explain(error, args.target)}", file=sys.stderr)
-            return 1
+            print(f"twostage: {method.lower()} failed: {explain(error, args.target)}", file=sys.stderr)
+            return None
+
+
+def _delete(args) -> int:
+    from twostage.v1 import common_pb2
+
+    reply = _ask_gateway(args, "Delete", common_pb2.DeleteRequest(ids=args.ids))
+    if reply is None:
+        return 1
     print(f"deleted {reply.deleted} of {len(args.ids)} ids ({len(args.ids) - reply.deleted} were not stored)")
     return 0
 
 
 def _get(args) -> int:
     from twostage.convert import document_from_proto
-    from twostage.v1 import common_pb2, gateway_pb2_grpc
+    from twostage.v1 import common_pb2
 
-    credentials = credentials_from_args(args)
-    with credentials.channel(args.target) as channel:
-        try:
-            reply = gateway_pb2_grpc.GatewayStub(channel).Get(common_pb2.GetRequest(ids=args.ids),
-                                                              timeout=args.timeout_s, metadata=credentials.metadata)
-        except grpc.RpcError as error:
-            print(f"twostage: get failed: {explain(error, args.target)}", file=sys.stderr)
-            return 1
+    reply = _ask_gateway(args, "Get", common_pb2.GetRequest(ids=args.ids))
+    if reply is None:
+        return 1
     for proto in reply.documents:
         doc = document_from_proto(proto)
         print(json.dumps({"_id": doc.id, "title": doc.title, "text": doc.text, "metadata": doc.metadata},
