@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 from gateway.clients import RecallCandidate
 from gateway.config import GatewaySettings
 from gateway.degradation import Degradation, DegradationCode
-from gateway.fusion import FUSIONS, fuse, recall_part, relevance
+from gateway.fusion import FUSIONS, RECALL_CENTER, RECALL_SCALE, fuse, recall_part, relevance
 from gateway.metrics import observe_search
 from gateway.recall_tier import RecallShard
 from gateway.rerank_pool import RerankPool
@@ -167,7 +167,8 @@ class SearchPipeline:
         result.reranked = len(scores)
         fusion = q.fusion or s.fusion
         alpha = s.fusion_alpha if q.fusion_alpha is None else q.fusion_alpha
-        hits = self._rank(candidates, scores, fusion, alpha)[:top_k]
+        hits = self._rank(candidates, scores, fusion, alpha, s.calibrated_recall_scale,
+                          s.calibrated_recall_center)[:top_k]
         if q.score_threshold is not None:
             hits = [h for h in hits if h.score >= q.score_threshold]  # scores descend: this cuts a tail
         result.hits = hits
@@ -238,11 +239,12 @@ class SearchPipeline:
         return outcome.scores
 
     @staticmethod
-    def _rank(candidates: list[RecallCandidate], scores: dict[int, float], fusion: str, alpha: float) -> list[Hit]:
+    def _rank(candidates: list[RecallCandidate], scores: dict[int, float], fusion: str, alpha: float,
+              scale: float = RECALL_SCALE, center: float = RECALL_CENTER) -> list[Hit]:
         """Reranked candidates by fused score, then the rest in recall order; scores descend with rank."""
         positions = sorted(scores)
         fused = dict(zip(positions, fuse([candidates[i].score for i in positions], [scores[i] for i in positions],
-                                         fusion, alpha)))
+                                         fusion, alpha, scale, center)))
         reranked = sorted(
             (Hit(c.id, c.title, c.text, fused[i], scores[i], i + 1, c.score, c.metadata, relevance(scores[i]))
              for i, c in enumerate(candidates) if i in scores),
@@ -255,7 +257,7 @@ class SearchPipeline:
         for i, c in enumerate(candidates):
             if i in scores:
                 continue
-            natural = (1 - alpha) * recall_part(c.score) if fusion == "calibrated" else c.score
+            natural = recall_part(c.score, alpha, scale, center) if fusion == "calibrated" else c.score
             score = min(natural, ceiling)
             if reranked and score >= ceiling:
                 score = math.nextafter(ceiling, -math.inf)

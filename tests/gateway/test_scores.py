@@ -54,10 +54,10 @@ async def test_a_query_with_nothing_relevant_scores_below_one_with_a_match(stub,
     relevant, nonsense = await search(asked), await search(NONSENSE_QUERY)
     assert relevant.hits[0].score > 0.5 > nonsense.hits[0].score
     assert relevant.hits[0].relevance > 0.5 > nonsense.hits[0].relevance
-    # The relative fusions cannot tell them apart: both queries get a top score of the same size.
+    # A relative fusion cannot tell: per-query z-scores put the best of any query above the average.
     linear = await stub.Search(gateway_pb2.SearchRequest(query=NONSENSE_QUERY, recall_k=8, budget_ms=60_000,
                                                          fusion=gateway_pb2.FUSION_LINEAR))
-    assert linear.hits[0].score > 1
+    assert linear.hits[0].score > 0
 
 
 async def test_score_threshold_drops_the_tail(stub):
