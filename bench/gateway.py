@@ -49,13 +49,15 @@ async def overhead(target: str, queries: list[str], requests: int, credentials: 
 
 
 async def sustainable_rps(target: str, queries: list[str], recall_k: int) -> float:
-    """Full-depth searches per second one at a time: what the rerank tier sustains."""
+    """Full-depth searches per second the rerank tier sustains: pairs it scored per second, one search at
+    a time, divided by recall_k (counting pairs keeps the figure right even if depth is cut)."""
     async with grpc.aio.insecure_channel(target) as channel:
         stub = gateway_pb2_grpc.GatewayStub(channel)
-        start = time.perf_counter()
+        start, pairs = time.perf_counter(), 0
         for query in queries[:3]:
-            await stub.Search(gateway_pb2.SearchRequest(query=query, recall_k=recall_k, budget_ms=600_000))
-        return 3 / (time.perf_counter() - start)
+            reply = await stub.Search(gateway_pb2.SearchRequest(query=query, recall_k=recall_k, budget_ms=600_000))
+            pairs += reply.reranked
+        return pairs / recall_k / (time.perf_counter() - start)
 
 
 async def secured_overhead(index_dir: Path, port: int, queries: list[str], requests: int) -> dict:
@@ -97,9 +99,9 @@ async def run(args) -> dict:
     await stack.start(300)
     rerank_metrics = stack.metrics_ports()[stack.rerank_targets[0]]
     try:
+        capacity = await sustainable_rps(stack.gateway_target, queries, args.recall_k)
         print("gateway overhead ...", flush=True)
         cost = await overhead(stack.gateway_target, queries, 20 if args.quick else 100)
-        capacity = await sustainable_rps(stack.gateway_target, queries, args.recall_k)
         rate = 2 * capacity
         duration = 10 if args.quick else 40
         print(f"overload: {rate:.2f} rps (2x the {capacity:.2f} rps rerank sustains at recall_k "
