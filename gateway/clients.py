@@ -7,11 +7,11 @@ failures into domain errors.
 from dataclasses import dataclass, field
 
 import grpc
-from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from twostage.connect import PLAINTEXT, Credentials
 from twostage.convert import document_from_proto, document_to_proto, metadata_from_proto
 from twostage.corpus import Document, MetadataValue
+from twostage.probe import channel_health
 from twostage.status import error_from_rpc
 from twostage.v1 import common_pb2, recall_pb2, recall_pb2_grpc, rerank_pb2, rerank_pb2_grpc
 
@@ -63,23 +63,21 @@ class _Client:
     async def close(self) -> None:
         await self.channel.close()
 
-    async def limits(self, timeout_s: float) -> dict[str, int]:
-        """The limits the server publishes in Info."""
+    async def _call(self, method, request, timeout_s: float | None):
+        """One RPC with this client's credentials; its failure as a domain error."""
         try:
-            reply = await self.stub.Info(common_pb2.InfoRequest(), timeout=timeout_s, metadata=self.credentials.metadata)
+            return await method(request, timeout=timeout_s, metadata=self.credentials.metadata)
         except grpc.aio.AioRpcError as error:
             raise error_from_rpc(error, self.name, self.target) from None
+
+    async def limits(self, timeout_s: float) -> dict[str, int]:
+        """The limits the server publishes in Info."""
+        reply = await self._call(self.stub.Info, common_pb2.InfoRequest(), timeout_s)
         return {limit.name: limit.value for limit in reply.limits}
 
     async def health_status(self, timeout_s: float) -> bool | None:
         """True if SERVING, False if it says it is not, None if it did not answer."""
-        try:
-            reply = await health_pb2_grpc.HealthStub(self.channel).Check(
-                health_pb2.HealthCheckRequest(service=""), timeout=timeout_s
-            )
-        except grpc.aio.AioRpcError:
-            return None
-        return reply.status == health_pb2.HealthCheckResponse.SERVING
+        return await channel_health(self.channel, timeout_s)
 
 
 class RecallClient(_Client):
@@ -90,23 +88,13 @@ class RecallClient(_Client):
     async def search(
         self, query: str, k: int, timeout_s: float, request_id: str
     ) -> tuple[list[RecallCandidate], dict[str, float]]:
-        try:
-            reply = await self.stub.Search(
-                recall_pb2.RecallSearchRequest(query=query, k=k, request_id=request_id), timeout=timeout_s,
-                metadata=self.credentials.metadata,
-            )
-        except grpc.aio.AioRpcError as error:
-            raise error_from_rpc(error, self.name, self.target) from None
+        reply = await self._call(
+            self.stub.Search, recall_pb2.RecallSearchRequest(query=query, k=k, request_id=request_id), timeout_s
+        )
         candidates = [
             RecallCandidate(c.id, c.title, c.text, c.score, metadata_from_proto(c.metadata)) for c in reply.candidates
         ]
         return candidates, dict(reply.timings_ms)
-
-    async def _call(self, method, request, timeout_s: float | None):
-        try:
-            return await method(request, timeout=timeout_s, metadata=self.credentials.metadata)
-        except grpc.aio.AioRpcError as error:
-            raise error_from_rpc(error, self.name, self.target) from None
 
     async def upsert(self, docs: list[Document], timeout_s: float | None) -> tuple[int, int]:
         """(upserted, doc_count)."""
@@ -130,13 +118,8 @@ class RerankClient(_Client):
         self.stub = rerank_pb2_grpc.RerankStub(self.channel)
 
     async def rerank(self, query: str, documents: list[str], timeout_s: float, request_id: str) -> RerankReply:
-        try:
-            reply = await self.stub.Rerank(
-                rerank_pb2.RerankRequest(query=query, documents=documents, request_id=request_id), timeout=timeout_s,
-                metadata=self.credentials.metadata,
-            )
-        except grpc.aio.AioRpcError as error:
-            raise error_from_rpc(error, self.name, self.target) from None
+        request = rerank_pb2.RerankRequest(query=query, documents=documents, request_id=request_id)
+        reply = await self._call(self.stub.Rerank, request, timeout_s)
         return RerankReply(
             scores={r.index: r.score for r in reply.results},
             timings_ms=dict(reply.timings_ms),

@@ -73,7 +73,7 @@ class RerankOutcome:
 
 
 def is_callers_mistake(error: Exception) -> bool:
-    return isinstance(error, errors.InvalidArgument | errors.FailedPrecondition | errors.NotFound)
+    return isinstance(error, errors.CALLERS_MISTAKES)
 
 
 def is_replica_fault(error: Exception) -> bool:

@@ -33,6 +33,13 @@ class Change:
     vector: np.ndarray | None  # None: the document was deleted
 
 
+def _in_chunks(values: list, size: int = 500):
+    """(chunk, its "?,?,..." placeholders): SQLite bounds the parameters of one statement."""
+    for start in range(0, len(values), size):
+        part = values[start:start + size]
+        yield part, ",".join("?" * len(part))
+
+
 def _storage_error(error: sqlite3.OperationalError) -> Exception:
     if "full" in str(error):
         return StorageFull("the document store's disk is full; nothing of this write was stored")
@@ -107,13 +114,10 @@ class DocStore:
         return keys
 
     def _count_live(self, doc_ids: list[str]) -> int:
-        live = 0
-        for start in range(0, len(doc_ids), 500):  # SQLite bounds the number of parameters
-            part = doc_ids[start:start + 500]
-            live += self._db.execute(
-                f"SELECT COUNT(*) FROM docs WHERE deleted = 0 AND doc_id IN ({','.join('?' * len(part))})", part
-            ).fetchone()[0]
-        return live
+        return sum(
+            self._db.execute(f"SELECT COUNT(*) FROM docs WHERE deleted = 0 AND doc_id IN ({marks})", part).fetchone()[0]
+            for part, marks in _in_chunks(doc_ids)
+        )
 
     def delete(self, doc_ids: list[str]) -> list[int]:
         """Tombstone documents in one transaction; returns keys of those that existed."""
@@ -155,11 +159,9 @@ class DocStore:
         """Live documents by id; ids not stored are absent."""
         found: dict[str, Document] = {}
         with self._read_lock:
-            for start in range(0, len(doc_ids), 500):
-                part = doc_ids[start:start + 500]
+            for part, marks in _in_chunks(doc_ids):
                 rows = self._reader.execute(
-                    f"SELECT doc_id, title, text, metadata FROM docs WHERE deleted = 0 AND doc_id IN "
-                    f"({','.join('?' * len(part))})", part,
+                    f"SELECT doc_id, title, text, metadata FROM docs WHERE deleted = 0 AND doc_id IN ({marks})", part,
                 ).fetchall()
                 found.update({d: Document(d, t, x, json.loads(m)) for d, t, x, m in rows})
         return found

@@ -88,7 +88,7 @@ class DocumentIndex:
         except BaseException:
             self._lock.release()
             raise
-        self._graph = Index(ndim=manifest.dims, metric=manifest.metric, dtype="f32")
+        self._graph = self._new_graph()
         # _write_lock orders writers so the graph applies store writes in sequence
         # (a save must never claim a sequence the graph has not applied);
         # _graph_lock is held only for graph reads and mutations.
@@ -135,6 +135,9 @@ class DocumentIndex:
             raise
         return index
 
+    def _new_graph(self) -> Index:
+        return Index(ndim=self.manifest.dims, metric=self.manifest.metric, dtype="f32")
+
     def _load_graph(self) -> bool:
         """Load the saved graph; False (and an empty graph) when it is missing or unreadable."""
         path = self.directory / GRAPH
@@ -147,16 +150,16 @@ class DocumentIndex:
         except (RuntimeError, ValueError, OSError) as error:  # what usearch raises on a torn file
             log.warning("%s: the graph file is unreadable (%s); rebuilding it from the document store",
                         self.directory, error)
-            self._graph = Index(ndim=self.manifest.dims, metric=self.manifest.metric, dtype="f32")
+            self._graph = self._new_graph()
             return False
         return True
 
     def rebuild_graph(self) -> int:
         """Rebuild the graph from the store alone and save it (``twostage index repair``). Returns its size."""
-        self._require_writable()
+        self.require_writable()
         with self._write_lock:
             with self._graph_lock:
-                self._graph = Index(ndim=self.manifest.dims, metric=self.manifest.metric, dtype="f32")
+                self._graph = self._new_graph()
             self._catch_up(0)
             self.save()
             return len(self._graph)
@@ -190,7 +193,7 @@ class DocumentIndex:
         with self._graph_lock:
             keys = np.asarray(self._graph.keys, dtype=np.uint64)
             vectors = self._graph.get(keys) if len(keys) else np.empty((0, self.manifest.dims), np.float32)
-        fresh = Index(ndim=self.manifest.dims, metric=self.manifest.metric, dtype="f32")
+        fresh = self._new_graph()
         if len(keys):
             fresh.add(keys, np.asarray(vectors, dtype=np.float32))
         with self._graph_lock:
@@ -199,7 +202,7 @@ class DocumentIndex:
                  self._removed_since_compaction, live)
         self._removed_since_compaction = 0
 
-    def _require_writable(self) -> None:
+    def require_writable(self) -> None:
         if self.read_only:
             raise FailedPrecondition("this recall server opened its index read-only; send writes to the shard's writer")
 
@@ -207,7 +210,7 @@ class DocumentIndex:
         return self.store.get(doc_ids)
 
     def upsert(self, docs: list[Document], vectors: np.ndarray) -> None:
-        self._require_writable()
+        self.require_writable()
         with self._write_lock:
             keys = self.store.upsert(docs, vectors)  # durable from here on
             with self._graph_lock:
@@ -218,7 +221,7 @@ class DocumentIndex:
             self._note_writes(len(keys))
 
     def delete(self, doc_ids: list[str]) -> int:
-        self._require_writable()
+        self.require_writable()
         with self._write_lock:
             keys = self.store.delete(doc_ids)
             with self._graph_lock:

@@ -100,8 +100,7 @@ class RecallService:
         self._require_ready()
         check_documents(docs, self.settings.document_limits())
         self._check_owned([d.id for d in docs])
-        if self.index.read_only:
-            raise errors.FailedPrecondition("this recall server serves a read-only index; writes go to its writer")
+        self.index.require_writable()  # before the embedding, which is the expensive part
         vectors = await self._embed([document_text(d) for d in docs], False, deadline_s)
         await asyncio.to_thread(self.index.upsert, docs, vectors)
         return len(docs)

@@ -66,15 +66,24 @@ def parse_tokens(text: str, source: str) -> list[TokenEntry]:
     return entries
 
 
-def add_token(path: Path, role: str, label: str = "") -> str:
-    """Append a new token's hash to the tokens file (created 0600); return the token, shown once."""
+def new_token() -> str:
+    return TOKEN_PREFIX + secrets.token_urlsafe(32)
+
+
+def token_line(token: str, role: str, label: str = "") -> str:
+    """The tokens-file line for ``token``: its hash, never the token."""
     if role not in ROLES:
         raise ConfigError(f"role must be one of {', '.join(ROLES)}, got {role!r}")
-    token = TOKEN_PREFIX + secrets.token_urlsafe(32)
-    path = Path(path)
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+    return f"sha256:{token_digest(token)} {role}{' ' + label if label else ''}\n"
+
+
+def add_token(path: Path, role: str, label: str = "") -> str:
+    """Append a new token's hash to the tokens file (created 0600); return the token, shown once."""
+    token = new_token()
+    line = token_line(token, role, label)
+    fd = os.open(Path(path), os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
     with os.fdopen(fd, "a") as f:
-        f.write(f"sha256:{token_digest(token)} {role}{' ' + label if label else ''}\n")
+        f.write(line)
     return token
 
 

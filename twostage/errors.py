@@ -70,5 +70,9 @@ def check_text(field: str, text: str, max_chars: int) -> None:
         raise InvalidArgument(f"{field} is {len(text)} characters; the limit is {max_chars}")
 
 
+# Errors that are the caller's to fix: answered as they are, never retried elsewhere, never a replica's fault.
+CALLERS_MISTAKES = (InvalidArgument, FailedPrecondition, NotFound)
+
+
 class ModelFailure(TwostageError):
     """The model raised while computing a batch; every caller in it gets this."""

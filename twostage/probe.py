@@ -7,16 +7,21 @@ import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 
-async def health_status(target: str, timeout_s: float = 1.0) -> bool | None:
+async def channel_health(channel: grpc.aio.Channel, timeout_s: float = 1.0) -> bool | None:
     """True if SERVING, False if the service says it is not, None if it did not answer."""
-    async with grpc.aio.insecure_channel(target) as channel:
-        try:
-            reply = await health_pb2_grpc.HealthStub(channel).Check(
-                health_pb2.HealthCheckRequest(service=""), timeout=timeout_s
-            )
-        except grpc.aio.AioRpcError:
-            return None
+    try:
+        reply = await health_pb2_grpc.HealthStub(channel).Check(
+            health_pb2.HealthCheckRequest(service=""), timeout=timeout_s
+        )
+    except grpc.aio.AioRpcError:
+        return None
     return reply.status == health_pb2.HealthCheckResponse.SERVING
+
+
+async def health_status(target: str, timeout_s: float = 1.0) -> bool | None:
+    """``channel_health`` of a plaintext target, on a channel of its own."""
+    async with grpc.aio.insecure_channel(target) as channel:
+        return await channel_health(channel, timeout_s)
 
 
 async def is_serving(target: str, timeout_s: float = 1.0) -> bool:

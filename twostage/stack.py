@@ -8,7 +8,6 @@ its ports.
 """
 
 import asyncio
-import secrets
 import shutil
 import signal
 import socket
@@ -98,13 +97,13 @@ class Stack:
         common = ["--tls-dir", self.tls_dir] if self.tls_dir else []
         if not self.auth_tokens:
             return common, common
-        from twostage.auth import TOKEN_PREFIX, token_digest
+        from twostage.auth import new_token, token_line
 
         self._secrets = Path(tempfile.mkdtemp(prefix="twostage-stack-"))  # mode 0700
-        token = TOKEN_PREFIX + secrets.token_urlsafe(32)
+        token = new_token()
         stage_tokens = self._secrets / "stage-tokens"
         stage_tokens.write_text(Path(self.auth_tokens).read_text().rstrip("\n") + "\n"
-                                + f"sha256:{token_digest(token)} admin gateway (this serve all run)\n")
+                                + token_line(token, "admin", "gateway (this serve all run)"))
         token_file = self._secrets / "gateway-token"
         token_file.write_text(token + "\n")
         return ([*common, "--auth-tokens", str(stage_tokens)],

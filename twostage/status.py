@@ -67,11 +67,9 @@ def error_from_rpc(error: grpc.aio.AioRpcError, name: str, target: str) -> error
     Callers see the tier by ``name`` ("recall shard 0"), never its address: transport details name
     internal hosts, so they go to this server's log instead."""
     error_type = ERROR_BY_STATUS.get(error.code(), errors.Unavailable)
-    if error.code() in _CALLERS_OWN:
+    if issubclass(error_type, errors.CALLERS_MISTAKES):
         # The caller's mistake, passed on as the stage worded it.
         return error_type(error.details())
     log.warning("%s at %s: %s: %s", name, target, error.code().name, error.details())
     return error_type(f"{name}: {error.code().name}")
 
-
-_CALLERS_OWN = {grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.NOT_FOUND, grpc.StatusCode.FAILED_PRECONDITION}
