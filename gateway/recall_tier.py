@@ -51,7 +51,12 @@ class RecallShard:
         await asyncio.gather(*(c.close() for c in self.replicas), return_exceptions=True)
 
     async def search(self, query: str, k: int, deadline_s: float, request_id: str):
-        """One replica answers; an unreachable one hands over to the next while time remains."""
+        return await self.on_one_replica(lambda client, timeout: client.search(query, k, timeout, request_id),
+                                         deadline_s)
+
+    async def on_one_replica(self, call, deadline_s: float):
+        """A read: ``call(client, timeout_s)`` on one replica, taken in turn; an unreachable one hands over to
+        the next while time remains."""
         replicas = list(self.replicas)
         if not replicas:
             raise errors.Unavailable(f"{self.name} has no replicas (its name resolves to nothing yet)")
@@ -63,7 +68,7 @@ class RecallShard:
                 break
             client = replicas[(start + attempt) % len(replicas)]
             try:
-                return await client.search(query, k, timeout, request_id)
+                return await call(client, timeout)
             except (errors.Unavailable, errors.NotReady) as error:
                 self.unreachable.set()
                 last_error = error
