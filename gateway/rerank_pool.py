@@ -130,10 +130,6 @@ class RerankPool:
         now = time.monotonic()
         return [r for r in self.replicas if r.available(now)]
 
-    def capacity_pairs_per_s(self) -> float:
-        """What the available replicas can score per second, from their service times."""
-        return sum(1000 / r.ms_per_pair for r in self.available() if r.ms_per_pair > 0)
-
     def affordable_pairs(self, budget_ms: float, headroom: float) -> int:
         """Pairs the available replicas can score together within ``budget_ms`` (the inverse of predict_ms)."""
         now = time.monotonic()

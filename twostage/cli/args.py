@@ -20,8 +20,6 @@ def _int_at_least(low: int, high: int | None = None):
 positive_int = _int_at_least(1)
 non_negative_int = _int_at_least(0)
 port_number = _int_at_least(0, 65535)
-# 0 means the server's default for search knobs; the server checks the upper bound.
-server_default_or_count = _int_at_least(0, 2**31 - 1)
 
 
 def positive_float(text: str) -> float:
