@@ -210,7 +210,12 @@ def test_heavy_deletes_and_rewrites_never_leave_searches_short(tmp_path):
     for _ in range(5):
         index.upsert([Document(f"n{i}", "", "t") for i in range(1000)], same)
         index.delete([f"n{i}" for i in range(1000)])
-    for probe in (5, 77, 150):
-        exact = [f"r{i}" for i in np.argsort(-(base @ base[probe]))[:8]]
-        assert [d.id for d, _ in index.search(base[probe], 8)] == exact
+    overlaps = []
+    for probe in range(0, 200, 10):
+        exact = {f"r{i}" for i in np.argsort(-(base @ base[probe]))[:8]}
+        found = [d.id for d, _ in index.search(base[probe], 8)]
+        assert len(found) == 8 and found[0] == f"r{probe}"  # never short; the nearest (itself) first
+        overlaps.append(len(exact & set(found)))
+    # HNSW is approximate, so no exact order is promised; worn out, it had returned nothing at all.
+    assert sum(overlaps) / len(overlaps) >= 7.5
     index.close()
