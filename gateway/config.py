@@ -88,7 +88,13 @@ class GatewaySettings(ServiceSettings):
         "70 suits the default model on 2 CPU cores; about 1 on a GPU.",
     )
     rerank_cost_headroom: float = Field(
-        1.25, ge=1, description="Predicted rerank time is multiplied by this when choosing how many pairs fit."
+        1.1, ge=1, description="Predicted rerank time is multiplied by this when choosing how many pairs fit "
+        "(room for the model's speed to vary; a tail that runs late loses only its slice, see rerank_slice_ms)."
+    )
+    rerank_slice_ms: float = Field(
+        150.0, ge=0,
+        description="A replica's share of one query is sent as requests of about this much predicted model "
+        "time each (at least one pair), so a tail that runs late costs only its own pairs. 0: one request.",
     )
     write_timeout_s: float = Field(
         300.0, gt=0,

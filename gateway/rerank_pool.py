@@ -1,10 +1,14 @@
 """The rerank tier as the gateway sees it: replicas with a live cost model.
 
-Each replica's cost is an EWMA of milliseconds per pair as the replica
-itself reports it (its total time, queueing included, so a loaded replica
-looks expensive). The pool answers "how many pairs fit in this budget" and
-spreads one query's pairs over the healthy replicas in parallel, in
-proportion to their speed, less the work this gateway already has on each.
+A replica is modelled as a queue: service time per pair (the model time the
+replica reports, apart from its queueing) plus the work ahead of a new
+request, counted once: what this gateway has sent and is predicted not yet
+done (it drains as the replica works on it, so a long request half done
+counts half),
+plus what other callers had queued there at its last answer. The pool
+answers "how many pairs fit in this budget" and spreads one query's pairs
+over the healthy replicas in parallel, so that all are predicted to finish
+together.
 
 Only a replica's own faults count against it (outlier ejection as in
 Envoy): UNAVAILABLE, INTERNAL, NOT_SERVING. A caller's mistake
@@ -33,6 +37,7 @@ class Replica:
     client: RerankClient
     ms_per_pair: float  # service time: what one pair costs this replica's model
     outstanding_pairs: int = 0  # this gateway's pairs sent and not yet answered
+    progress_since_s: float = 0.0  # since when the replica has been working on our outstanding pairs
     overhead_ms: float = 0.0  # per request, outside the model: tokenising, transport (learned)
     others_pairs: int = 0  # pairs other callers had queued there, as of its last answer
     others_seen_s: float = 0.0
@@ -51,16 +56,27 @@ class Replica:
         # Ejected until eject_s has passed and a health check has said SERVING since (check_health clears it).
         return self.serving and not self.ejected_until_s
 
-    def backlog_pairs(self, now: float) -> float:
-        """Work queued ahead of a new request, each pair counted once: ours, plus what others had queued
-        at the last answer (forgotten after a second, as it drains)."""
+    def backlog_ms(self, now: float) -> float:
+        """Work ahead of a new request, each pair counted once: what is left of ours, plus what others
+        had queued at the last answer (forgotten after a second, as it drains)."""
         others = self.others_pairs if now - self.others_seen_s < 1.0 else 0
-        return self.outstanding_pairs + others
+        ours = self.outstanding_pairs * self.ms_per_pair - 1000 * (now - self.progress_since_s)
+        return max(0.0, ours) + others * self.ms_per_pair
 
     def predict_ms(self, pairs: int, now: float | None = None) -> float:
         """When ``pairs`` sent now would be answered: overhead, then the backlog, then them."""
         now = time.monotonic() if now is None else now
-        return self.overhead_ms + (self.backlog_pairs(now) + pairs) * self.ms_per_pair
+        return self.overhead_ms + self.backlog_ms(now) + pairs * self.ms_per_pair
+
+    def sent(self, pairs: int, now: float) -> None:
+        if not self.outstanding_pairs:
+            self.progress_since_s = now
+        self.outstanding_pairs += pairs
+
+    def answered(self, pairs: int, now: float) -> None:
+        # Counted afresh from here: errors in the estimate never accumulate.
+        self.outstanding_pairs -= pairs
+        self.progress_since_s = now
 
 
 @dataclass
@@ -90,12 +106,14 @@ class RerankPool:
         ewma_weight: float = 0.3,
         eject_after_failures: int = 3,
         eject_s: float = 5.0,
+        slice_ms: float = 0.0,
     ):
         self.replicas = [Replica(c, initial_ms_per_pair) for c in clients]
         self.initial_ms_per_pair = initial_ms_per_pair
         self.ewma_weight = ewma_weight
         self.eject_after_failures = eject_after_failures
         self.eject_s = eject_s
+        self.slice_ms = slice_ms
         # Set when a replica fails as an unreachable one would: membership is re-resolved early.
         self.unreachable = asyncio.Event()
         self._retiring: set[asyncio.Task] = set()
@@ -135,15 +153,15 @@ class RerankPool:
         now = time.monotonic()
         total = 0.0
         for replica in self.available():
-            usable_ms = budget_ms / headroom - replica.overhead_ms
-            total += max(0.0, usable_ms / replica.ms_per_pair - replica.backlog_pairs(now))
+            usable_ms = budget_ms / headroom - replica.overhead_ms - replica.backlog_ms(now)
+            total += max(0.0, usable_ms / replica.ms_per_pair)
         return int(total)
 
     def _split(self, count: int, replicas: list[Replica]) -> list[tuple[Replica, range]]:
         """Contiguous slices sized so every replica is predicted to finish together."""
         now = time.monotonic()
         speeds = [1 / r.ms_per_pair for r in replicas]
-        backlogs = [r.backlog_pairs(now) for r in replicas]
+        backlogs = [r.backlog_ms(now) / r.ms_per_pair for r in replicas]
         horizon = (count + sum(backlogs)) / sum(speeds)
         shares = [max(0.0, horizon * s - b) for b, s in zip(backlogs, speeds)]
         scale = count / sum(shares) if sum(shares) > 0 else 0
@@ -152,9 +170,11 @@ class RerankPool:
             sizes[i] += 1
         slices, start = [], 0
         for replica, size in zip(replicas, sizes):
-            if size:
-                slices.append((replica, range(start, start + size)))
-                start += size
+            # Several smaller requests rather than one: if the tail runs late, only the tail is lost.
+            most = max(1, int(self.slice_ms / replica.ms_per_pair)) if self.slice_ms else size
+            for first in range(start, start + size, most):
+                slices.append((replica, range(first, min(first + most, start + size))))
+            start += size
         return slices
 
     def _observe(self, replica: Replica, pairs: int, reply, elapsed_ms: float, ours_in_flight: int) -> None:
@@ -184,8 +204,8 @@ class RerankPool:
             log.warning("ejecting rerank replica %s for %.0f s: %s", replica.target, self.eject_s, error)
 
     async def _score_slice(self, replica, query, documents, positions, deadline_s, request_id, outcome) -> bool:
-        replica.outstanding_pairs += len(positions)
         start = time.monotonic()
+        replica.sent(len(positions), start)
         try:
             reply = await replica.client.rerank(
                 query, [documents[i] for i in positions], deadline_s - start, request_id
@@ -195,7 +215,7 @@ class RerankPool:
             outcome.error = error
             return False
         finally:
-            replica.outstanding_pairs -= len(positions)
+            replica.answered(len(positions), time.monotonic())
         self._observe(replica, len(positions), reply, 1000 * (time.monotonic() - start), replica.outstanding_pairs)
         outcome.query_truncated |= reply.query_truncated
         for local, score in reply.scores.items():

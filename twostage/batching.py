@@ -2,9 +2,14 @@
 
 A batch is flushed when it would exceed ``max_batch_size`` items or
 ``max_batch_tokens`` padded tokens (items x longest item), or when its oldest
-item has waited ``max_wait_ms``. Items are grouped by length so a batch pads
-little. Items are tokenized before they are queued, so each one's cost is
-known; the model runs on a dedicated executor while the next batch forms.
+item has waited ``max_wait_ms``. The most urgent items go first (earliest
+deadline, then oldest), so a caller that books its work behind earlier work
+can predict when it will be done; among items due at the same time (one
+request's items, or items without deadlines), batches are grouped by length
+so they pad little, and room left in a batch is filled with the next most
+urgent items that fit. Items are tokenized before they are queued, so each
+one's cost is known; the model runs on a dedicated executor while the next
+batch forms.
 
 Two lanes: interactive items (queries) go before bulk items (documents being
 written), so a large upsert never holds searches back; bulk batches are kept
@@ -94,6 +99,14 @@ class _Item:
     bulk: bool = False
     dispatched_s: float = 0.0
     done_s: float = 0.0
+
+
+def _due(item: _Item) -> float:
+    return item.deadline_s if item.deadline_s is not None else float("inf")
+
+
+def _urgency(item: _Item) -> tuple[float, float]:
+    return _due(item), item.enqueued_s
 
 
 @dataclass(frozen=True)
@@ -276,14 +289,22 @@ class DynamicBatcher(Generic[T, R]):
         lane = self._lane(live, now)
         if lane:
             self._last_bulk_s = now
-        candidates = [i for i, item in enumerate(live) if item.bulk == lane]
+        candidates = sorted((item for item in live if item.bulk == lane), key=_urgency)
         token_budget = self.policy.bulk_max_batch_tokens if lane else self.policy.max_batch_tokens
-        plans = plan_batches([live[i].length for i in candidates], self.policy.max_batch_size, token_budget)
-        oldest = min(range(len(candidates)), key=lambda i: live[candidates[i]].enqueued_s)
-        chosen = [candidates[i] for i in next(plan for plan in plans if oldest in plan)]
-        taken = set(chosen)
-        self._queue = [item for i, item in enumerate(live) if i not in taken]
-        return [live[i] for i in chosen]
+        due = _due(candidates[0])
+        first_due = [item for item in candidates if _due(item) == due]
+        plans = plan_batches([item.length for item in first_due], self.policy.max_batch_size, token_budget)
+        batch = [first_due[i] for i in next(plan for plan in plans if 0 in plan)]
+        longest = max(item.length for item in batch)
+        for item in candidates[len(first_due):]:
+            if len(batch) >= self.policy.max_batch_size:
+                break
+            if (len(batch) + 1) * max(longest, item.length) <= token_budget:
+                batch.append(item)
+                longest = max(longest, item.length)
+        taken = set(map(id, batch))
+        self._queue = [item for item in live if id(item) not in taken]
+        return batch
 
     def _lane(self, live: list[_Item], now: float) -> bool:
         """True for the bulk lane: when nothing interactive waits, or bulk has waited too long."""
@@ -304,7 +325,17 @@ class DynamicBatcher(Generic[T, R]):
         for item in batch:
             item.dispatched_s = started
         try:
-            results = await loop.run_in_executor(self._executor, self._compute, [i.payload for i in batch])
+            started, computed, results = await loop.run_in_executor(self._executor, self._timed_compute, batch)
+            if len(computed) < len(batch):
+                late = [item for item in batch if item not in computed]
+                self.stats.expired_items += len(late)
+                self._fail(late, DeadlineExceeded(f"{self.name}: deadline would pass before this item's batch finished"))
+                batch = computed
+            if not batch:
+                return
+            # Time spent behind the batch ahead (pipelining) is queueing, not model time.
+            for item in batch:
+                item.dispatched_s = started
             if len(results) != len(batch):
                 raise RuntimeError(f"model returned {len(results)} results for {len(batch)} items")
         except Exception as error:  # every caller must hear of it
@@ -323,6 +354,15 @@ class DynamicBatcher(Generic[T, R]):
             if not item.future.done():
                 item.future.set_result(result)
         self._record(batch, started, done)
+
+    def _timed_compute(self, batch: list[_Item]) -> tuple[float, list[_Item], list]:
+        """Runs on the model's thread, once the batch ahead is done: leaves out items whose caller has
+        gone or whose deadline falls before this batch would finish (computing them is wasted work the
+        callers behind would wait for), then returns when the model began, the items computed and results."""
+        started = time.monotonic()
+        finish_s = started + self.ms_per_item * len(batch) / 1000
+        live = [i for i in batch if not i.future.done() and (i.deadline_s is None or i.deadline_s > finish_s)]
+        return started, live, self._compute([i.payload for i in live]) if live else []
 
     def _record(self, batch: list[_Item], started: float, done: float) -> None:
         real = sum(item.length for item in batch)

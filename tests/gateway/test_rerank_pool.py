@@ -178,3 +178,41 @@ async def test_the_cost_model_predicts_completion_within_ten_percent():
     for p, f in zip(predicted, finished):
         assert f == pytest.approx(p, rel=0.10), (predicted, finished)
     assert finished[-1] > 3 * finished[0]  # the queue really was there, and counted once
+
+
+async def test_work_half_done_counts_half():
+    """The backlog drains while the replica works: a request sent halfway through another's pairs is
+    predicted to wait for the half that is left, not the whole."""
+    replica = QueuedReplica("a", ms_per_pair=20)
+    pool = RerankPool([replica], initial_ms_per_pair=20)
+    await pool.rerank("q", ["d"], time.monotonic() + 10, "warm")
+    long = asyncio.ensure_future(pool.rerank("q", ["d"] * 20, time.monotonic() + 10, "long"))
+    while not replica.model.locked():
+        await asyncio.sleep(0)
+    await asyncio.sleep(0.2)  # let the replica get through about half of the 400 ms
+    predicted = pool.replicas[0].predict_ms(5)
+    start = time.monotonic()
+    await pool.rerank("q", ["d"] * 5, time.monotonic() + 10, "late")
+    finished = 1000 * (time.monotonic() - start)
+    await long
+    assert finished == pytest.approx(predicted, rel=0.10)
+    assert predicted < 0.8 * (20 + 5) * 20  # not the whole of the first request again
+
+
+async def test_a_late_tail_costs_only_its_own_slice():
+    """With slice_ms set, a replica's share goes out as several requests; one that misses its deadline
+    loses its own pairs and the rest are kept."""
+
+    class LateAfter(FakeReplica):
+        async def rerank(self, query, documents, timeout_s, request_id):
+            if len(self.received) >= 2:
+                self.received.append(documents)
+                raise errors.DeadlineExceeded("late")
+            return await super().rerank(query, documents, timeout_s, request_id)
+
+    replica = LateAfter("a", ms_per_pair=10)
+    pool = RerankPool([replica], initial_ms_per_pair=10, slice_ms=30)
+    outcome = await score_all(pool)
+    assert [len(r) for r in replica.received] == [3, 3, 3, 1]
+    assert sorted(outcome.scores) == list(range(6))
+    assert isinstance(outcome.error, errors.DeadlineExceeded)

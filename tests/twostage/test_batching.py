@@ -118,6 +118,46 @@ async def test_expired_items_are_dropped_before_compute():
     assert [2] not in model.batches  # never computed
 
 
+async def test_an_item_whose_deadline_would_pass_during_its_batch_is_not_computed():
+    """Formed behind a running batch (pipelining), it is checked again when the model is free: work that
+    would finish after its caller gave up is left out, so the callers behind it wait less."""
+    model = FakeModel()
+    model.gate.clear()
+    batcher = await make(model, max_batch_size=1, pipeline_depth=2)
+    batcher.ms_per_item = 60_000.0  # as learned: a batch of one takes a minute
+    first = asyncio.create_task(batcher.submit([1], [5]))
+    await asyncio.to_thread(model.entered.wait, 5)
+    hopeless = asyncio.create_task(batcher.submit([2], [5], deadline_s=time.monotonic() + 30))
+    patient = asyncio.create_task(batcher.submit([3], [5]))
+    while batcher.queued_items:
+        await asyncio.sleep(0)
+    model.gate.set()
+    with pytest.raises(DeadlineExceeded, match="would pass"):
+        await hopeless
+    assert (await first).values == [2] and (await patient).values == [6]
+    await batcher.close()
+    assert [2] not in model.batches and batcher.stats.expired_items == 1
+
+
+async def test_items_due_sooner_go_first_and_fill_the_batch_in_order_of_urgency():
+    model = FakeModel()
+    model.gate.clear()  # hold the first batch so the rest queue up together
+    batcher = await make(model, max_batch_size=3, max_batch_tokens=10_000, pipeline_depth=1)
+    blocker = asyncio.create_task(batcher.submit([100], [1]))
+    await asyncio.to_thread(model.entered.wait, 5)
+    now = time.monotonic()
+    # (payload, length, seconds to deadline), submitted in this order.
+    items = [(1, 10, 60), (2, 90, 20), (3, 10, 40), (4, 50, 10), (5, 20, 50)]
+    tasks = [asyncio.create_task(batcher.submit([k], [n], deadline_s=now + due)) for k, n, due in items]
+    while batcher.queued_items < len(items):
+        await asyncio.sleep(0)
+    model.gate.set()
+    await asyncio.gather(blocker, *tasks)
+    # Earliest deadline first, whatever the length or the order of arrival.
+    assert model.batches[1:] == [[4, 2, 3], [5, 1]]
+    await batcher.close()
+
+
 async def test_cancelled_caller_items_are_not_computed():
     model = FakeModel()
     model.gate.clear()
