@@ -9,8 +9,16 @@ from dataclasses import dataclass, field
 import grpc
 
 from twostage.connect import PLAINTEXT, Credentials
-from twostage.convert import document_from_proto, document_to_proto, metadata_from_proto
+from twostage.convert import (
+    document_from_proto,
+    document_to_proto,
+    filter_to_proto,
+    metadata_from_proto,
+    recall_mode_from_proto,
+    recall_mode_to_proto,
+)
 from twostage.corpus import Document, MetadataValue
+from twostage.filters import Filter
 from twostage.probe import channel_health
 from twostage.status import error_from_rpc
 from twostage.v1 import common_pb2, recall_pb2, recall_pb2_grpc, rerank_pb2, rerank_pb2_grpc
@@ -21,8 +29,10 @@ class RecallCandidate:
     id: str
     title: str
     text: str
-    score: float
+    score: float  # the recall order's score (cosine, BM25 or fused, by mode)
     metadata: dict[str, MetadataValue] = field(default_factory=dict)
+    dense_score: float = 0.0
+    lexical_score: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -70,10 +80,8 @@ class _Client:
         except grpc.aio.AioRpcError as error:
             raise error_from_rpc(error, self.name, self.target) from None
 
-    async def limits(self, timeout_s: float) -> dict[str, int]:
-        """The limits the server publishes in Info."""
-        reply = await self._call(self.stub.Info, common_pb2.InfoRequest(), timeout_s)
-        return {limit.name: limit.value for limit in reply.limits}
+    async def info(self, timeout_s: float):
+        return await self._call(self.stub.Info, common_pb2.InfoRequest(), timeout_s)
 
     async def health_status(self, timeout_s: float) -> bool | None:
         """True if SERVING, False if it says it is not, None if it did not answer."""
@@ -86,15 +94,19 @@ class RecallClient(_Client):
         self.stub = recall_pb2_grpc.RecallStub(self.channel)
 
     async def search(
-        self, query: str, k: int, timeout_s: float, request_id: str
-    ) -> tuple[list[RecallCandidate], dict[str, float]]:
-        reply = await self._call(
-            self.stub.Search, recall_pb2.RecallSearchRequest(query=query, k=k, request_id=request_id), timeout_s
-        )
+        self, query: str, k: int, timeout_s: float, request_id: str, mode: str | None = None,
+        filter_: Filter | None = None,
+    ) -> tuple[list[RecallCandidate], dict[str, float], str | None]:
+        """Candidates best first, the server's timings, and the mode that answered."""
+        request = recall_pb2.RecallSearchRequest(query=query, k=k, request_id=request_id,
+                                                 mode=recall_mode_to_proto(mode), filter=filter_to_proto(filter_))
+        reply = await self._call(self.stub.Search, request, timeout_s)
         candidates = [
-            RecallCandidate(c.id, c.title, c.text, c.score, metadata_from_proto(c.metadata)) for c in reply.candidates
+            RecallCandidate(c.id, c.title, c.text, c.score, metadata_from_proto(c.metadata), c.dense_score,
+                            c.lexical_score)
+            for c in reply.candidates
         ]
-        return candidates, dict(reply.timings_ms)
+        return candidates, dict(reply.timings_ms), recall_mode_from_proto(reply.mode)
 
     async def upsert(self, docs: list[Document], timeout_s: float | None) -> tuple[int, int]:
         """(upserted, doc_count)."""

@@ -5,18 +5,22 @@
   Scores are standardised within each query because a cosine and a logit live
   on different scales.
 - ``rrf``: reciprocal rank fusion, ``1/(k + rerank_rank) + 1/(k + recall_rank)``.
-- ``calibrated``: ``sigmoid(alpha * logit + (1 - alpha) * scale * (cosine - center))``:
-  both scores on the logit scale with fixed constants instead of per-query
+- ``calibrated``: ``sigmoid(alpha * logit + (1 - alpha) * recall_logit)``, with
+  ``recall_logit = scale * (cosine - center) + lexical_scale * (bm25 - lexical_center)``
+  (the BM25 part only when recall ran lexically: hybrid or lexical mode):
+  every score on the logit scale with fixed constants instead of per-query
   statistics, then squashed to [0, 1]. Scores keep an absolute meaning: a query
   with no relevant document scores low, so a frontend can threshold and compare
   across queries. The per-query methods (``linear``, ``rrf``) cannot: they
-  rescale every query to the same spread. ``scale`` and ``center`` map the
-  embedding model's cosines onto logits (measured for bge-small-en on SciFact:
-  candidate cosines average 0.72, and a scale of 100-150 ranks best).
+  rescale every query to the same spread. The constants map the embedding
+  model's cosines and BM25 onto logits (measured for bge-small-en on SciFact:
+  candidate cosines average 0.72 and a scale of 100-150 ranks best; candidate
+  BM25 averages 13, and 0.5 logits per point ranks best).
 
 Only reranked candidates are fused; the rest keep their recall order after them.
 """
 
+from dataclasses import dataclass
 from typing import Literal
 
 import numpy as np
@@ -33,11 +37,37 @@ def relevance(logit: float) -> float:
 
 RECALL_SCALE = 100.0
 RECALL_CENTER = 0.72
+LEXICAL_SCALE = 0.5
+LEXICAL_CENTER = 13.0
 
 
-def recall_part(cosine: float, alpha: float, scale: float = RECALL_SCALE, center: float = RECALL_CENTER) -> float:
+@dataclass(frozen=True)
+class Calibration:
+    """Fixed constants that put recall's scores on the cross-encoder's logit scale."""
+
+    scale: float = RECALL_SCALE
+    center: float = RECALL_CENTER
+    lexical_scale: float = LEXICAL_SCALE
+    lexical_center: float = LEXICAL_CENTER
+
+    def recall_logits(self, cosines, bm25=None) -> np.ndarray:
+        logits = self.scale * (np.asarray(cosines, dtype=np.float64) - self.center)
+        if bm25 is not None:
+            logits = logits + self.lexical_scale * (np.asarray(bm25, dtype=np.float64) - self.lexical_center)
+        return logits
+
+
+DEFAULT_CALIBRATION = Calibration()
+
+
+def _sigmoid(x: np.ndarray) -> np.ndarray:
+    return 1 / (1 + np.exp(-np.clip(x, -60, 60)))
+
+
+def recall_part(cosine: float, alpha: float, calibration: Calibration = DEFAULT_CALIBRATION,
+                bm25: float | None = None) -> float:
     """The calibrated score of a candidate with no rerank evidence: its recall part alone."""
-    return float(1 / (1 + np.exp(-np.clip((1 - alpha) * scale * (cosine - center), -60, 60))))
+    return float(_sigmoid((1 - alpha) * calibration.recall_logits([cosine], None if bm25 is None else [bm25]))[0])
 
 
 def _zscores(values: np.ndarray) -> np.ndarray:
@@ -46,8 +76,9 @@ def _zscores(values: np.ndarray) -> np.ndarray:
 
 
 def fuse(recall_scores: list[float], rerank_scores: list[float], method: Fusion, alpha: float,
-         scale: float = RECALL_SCALE, center: float = RECALL_CENTER) -> list[float]:
-    """Final scores for the reranked candidates, given in recall order."""
+         calibration: Calibration = DEFAULT_CALIBRATION, lexical_scores: list[float] | None = None) -> list[float]:
+    """Final scores for the reranked candidates, given in recall order. For ``calibrated``, recall_scores are
+    the cosines and lexical_scores the BM25 (None when recall did not run lexically)."""
     recall = np.asarray(recall_scores, dtype=np.float64)
     rerank = np.asarray(rerank_scores, dtype=np.float64)
     if method == "none" or len(rerank) == 0:
@@ -55,8 +86,7 @@ def fuse(recall_scores: list[float], rerank_scores: list[float], method: Fusion,
     if method == "linear":
         return (alpha * _zscores(rerank) + (1 - alpha) * _zscores(recall)).tolist()
     if method == "calibrated":
-        logit = alpha * rerank + (1 - alpha) * scale * (recall - center)
-        return (1 / (1 + np.exp(-np.clip(logit, -60, 60)))).tolist()
+        return _sigmoid(alpha * rerank + (1 - alpha) * calibration.recall_logits(recall, lexical_scores)).tolist()
     if method == "rrf":
         rerank_rank = np.empty(len(rerank))
         rerank_rank[np.argsort(-rerank, kind="stable")] = np.arange(1, len(rerank) + 1)

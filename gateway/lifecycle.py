@@ -22,6 +22,7 @@ from gateway.rerank_pool import RerankPool
 from gateway.writes import DocumentRouter
 from twostage.connect import Credentials, read_token_file
 from twostage.errors import NotReady, TwostageError
+from twostage.v1 import recall_pb2
 
 log = logging.getLogger(__name__)
 MIN_RESOLVE_INTERVAL_S = 0.5
@@ -127,11 +128,16 @@ class GatewayLifecycle:
             if client is None:
                 continue
             try:
-                published = await client.limits(timeout_s=2.0)
+                info = await client.info(timeout_s=2.0)
             except TwostageError as error:
                 log.info("limits of %s not known yet: %s", client.name, error)
                 continue
+            published = {limit.name: limit.value for limit in info.limits}
             self.limits.update(**{ours: published.get(theirs, 0) for theirs, ours in names.items()})
+            if client is recall and info.hybrid_fusion:
+                self.limits.recall_hybrid_fusion = recall_pb2.HybridFusion.Name(info.hybrid_fusion).removeprefix(
+                    "HYBRID_FUSION_").lower()
+                self.limits.recall_hybrid_dense_weight = info.hybrid_dense_weight
 
     async def _follow_membership(self) -> None:
         """Re-resolve every resolve_period_s, and early when a member turns out unreachable."""

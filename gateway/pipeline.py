@@ -10,6 +10,7 @@ never turns into an error or a hang while recall has answered.
 """
 
 import asyncio
+import dataclasses
 import logging
 import math
 import re
@@ -20,12 +21,14 @@ from dataclasses import dataclass, field
 from gateway.clients import RecallCandidate
 from gateway.config import GatewaySettings
 from gateway.degradation import Degradation, DegradationCode
-from gateway.fusion import FUSIONS, RECALL_CENTER, RECALL_SCALE, fuse, recall_part, relevance
+from gateway.fusion import DEFAULT_CALIBRATION, FUSIONS, Calibration, fuse, recall_part, relevance
 from gateway.metrics import observe_search
 from gateway.recall_tier import RecallShard
 from gateway.rerank_pool import RerankPool
 from twostage import errors
 from twostage.corpus import Document, MetadataValue, document_text
+from twostage.filters import Filter
+from twostage.hybrid import fuse as fuse_recall
 
 log = logging.getLogger(__name__)
 _REQUEST_ID = re.compile(r"^[A-Za-z0-9._:/-]{1,128}$")
@@ -43,6 +46,8 @@ class SearchQuery:
     fusion_alpha: float | None = None
     skip_rerank: bool = False
     score_threshold: float | None = None
+    recall_mode: str | None = None  # None: the recall servers' default
+    filter: Filter | None = None
 
 
 @dataclass(frozen=True)
@@ -56,6 +61,8 @@ class Hit:
     recall_score: float
     metadata: dict[str, MetadataValue] = field(default_factory=dict)
     relevance: float | None = None
+    dense_score: float = 0.0
+    lexical_score: float = 0.0
 
 
 @dataclass
@@ -66,6 +73,7 @@ class SearchResult:
     candidates: int = 0
     reranked: int = 0
     timings_ms: dict[str, float] = field(default_factory=dict)
+    recall_mode: str | None = None  # the mode the recall shards answered in
 
     def degrade(self, code: DegradationCode, detail: str = "") -> None:
         self.degradations.append(Degradation(code, detail))
@@ -89,6 +97,8 @@ class StageLimits:
     rerank_max_query_chars: int | None = None
     rerank_max_documents: int | None = None
     rerank_max_document_chars: int | None = None
+    recall_hybrid_fusion: str | None = None  # how the shards fuse hybrid lists; the gateway fuses their union alike
+    recall_hybrid_dense_weight: float | None = None
 
     def update(self, **limits: int) -> None:
         for name, value in limits.items():
@@ -151,7 +161,7 @@ class SearchPipeline:
             # Recall's share of the time actually left (a short client deadline included), not of the nominal budget.
             recall_deadline = start + (deadline - start) * s.recall_budget_share
         try:
-            candidates = await self._recall(q.query, recall_k, recall_deadline, request_id, result)
+            candidates = await self._recall(q, recall_k, recall_deadline, request_id, result)
         except errors.DeadlineExceeded:
             raise errors.DeadlineExceeded(
                 f"no answer within {left_ms:.0f} ms: recall did not answer in time; allow more budget_ms "
@@ -167,8 +177,8 @@ class SearchPipeline:
         result.reranked = len(scores)
         fusion = q.fusion or s.fusion
         alpha = s.fusion_alpha if q.fusion_alpha is None else q.fusion_alpha
-        hits = self._rank(candidates, scores, fusion, alpha, s.calibrated_recall_scale,
-                          s.calibrated_recall_center)[:top_k]
+        hits = self._rank(candidates, scores, fusion, alpha, s.calibration,
+                          lexical=result.recall_mode in ("lexical", "hybrid"))[:top_k]
         if q.score_threshold is not None:
             hits = [h for h in hits if h.score >= q.score_threshold]  # scores descend: this cuts a tail
         result.hits = hits
@@ -177,11 +187,12 @@ class SearchPipeline:
         return result
 
     async def _recall(
-        self, query: str, k: int, deadline: float, request_id: str, result: SearchResult
+        self, q: SearchQuery, k: int, deadline: float, request_id: str, result: SearchResult
     ) -> list[RecallCandidate]:
-        """Query every shard in parallel; merge by score. Fails only if every shard fails."""
+        """Query every shard in parallel; merge. Fails only if every shard fails."""
         replies = await asyncio.gather(
-            *(shard.search(query, k, deadline, request_id) for shard in self.recall), return_exceptions=True
+            *(shard.search(q.query, k, deadline, request_id, q.recall_mode, q.filter) for shard in self.recall),
+            return_exceptions=True,
         )
         failures = [r for r in replies if isinstance(r, BaseException)]
         if len(failures) == len(replies):
@@ -192,15 +203,21 @@ class SearchPipeline:
             for failure in failures:
                 log.warning("request %s: recall shard failed: %s", request_id, failure)
         merged: dict[str, RecallCandidate] = {}
-        for reply in replies:
-            if isinstance(reply, BaseException):
-                continue
-            candidates, timings = reply
+        answered = [reply for reply in replies if not isinstance(reply, BaseException)]
+        result.recall_mode = answered[0][2]
+        for candidates, timings, _ in answered:
             for name, ms in timings.items():
                 result.timings_ms[f"recall.{name}"] = max(ms, result.timings_ms.get(f"recall.{name}", 0.0))
             for candidate in candidates:
                 if candidate.id not in merged or merged[candidate.id].score < candidate.score:
                     merged[candidate.id] = candidate
+        hybrid = self.limits.recall_hybrid_fusion
+        if len(answered) > 1 and hybrid and any(mode == "hybrid" for _, _, mode in answered):
+            # Fused scores are relative to each shard's lists: fuse the union again, as one index would.
+            pool = list(merged.values())
+            fused = fuse_recall(range(len(pool)), [c.dense_score for c in pool], [c.lexical_score for c in pool],
+                                hybrid, self.limits.recall_hybrid_dense_weight)
+            return [dataclasses.replace(pool[i], score=score) for i, score in fused[:k]]
         return sorted(merged.values(), key=lambda c: -c.score)[:k]
 
     async def _rerank(
@@ -240,13 +257,18 @@ class SearchPipeline:
 
     @staticmethod
     def _rank(candidates: list[RecallCandidate], scores: dict[int, float], fusion: str, alpha: float,
-              scale: float = RECALL_SCALE, center: float = RECALL_CENTER) -> list[Hit]:
-        """Reranked candidates by fused score, then the rest in recall order; scores descend with rank."""
+              calibration: Calibration = DEFAULT_CALIBRATION, lexical: bool = False) -> list[Hit]:
+        """Reranked candidates by fused score, then the rest in recall order; scores descend with rank.
+        ``lexical``: recall ran lexically, so calibrated fusion counts BM25 too."""
         positions = sorted(scores)
-        fused = dict(zip(positions, fuse([candidates[i].score for i in positions], [scores[i] for i in positions],
-                                         fusion, alpha, scale, center)))
+        # Calibrated fusion reads the cosine (fixed constants); the relative ones the recall order's own score.
+        recall_scores = [c.dense_score if fusion == "calibrated" else c.score for c in candidates]
+        bm25 = [candidates[i].lexical_score for i in positions] if lexical else None
+        fused = dict(zip(positions, fuse([recall_scores[i] for i in positions], [scores[i] for i in positions],
+                                         fusion, alpha, calibration, bm25)))
         reranked = sorted(
-            (Hit(c.id, c.title, c.text, fused[i], scores[i], i + 1, c.score, c.metadata, relevance(scores[i]))
+            (Hit(c.id, c.title, c.text, fused[i], scores[i], i + 1, c.score, c.metadata, relevance(scores[i]),
+                 c.dense_score, c.lexical_score)
              for i, c in enumerate(candidates) if i in scores),
             key=lambda h: -h.score,
         )
@@ -257,12 +279,14 @@ class SearchPipeline:
         for i, c in enumerate(candidates):
             if i in scores:
                 continue
-            natural = recall_part(c.score, alpha, scale, center) if fusion == "calibrated" else c.score
+            natural = (recall_part(c.dense_score, alpha, calibration, c.lexical_score if lexical else None)
+                       if fusion == "calibrated" else c.score)
             score = min(natural, ceiling)
             if reranked and score >= ceiling:
                 score = math.nextafter(ceiling, -math.inf)
             ceiling = score
-            rest.append(Hit(c.id, c.title, c.text, score, None, i + 1, c.score, c.metadata))
+            rest.append(Hit(c.id, c.title, c.text, score, None, i + 1, c.score, c.metadata,
+                            dense_score=c.dense_score, lexical_score=c.lexical_score))
         return reranked + rest
 
 

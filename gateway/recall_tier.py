@@ -50,9 +50,10 @@ class RecallShard:
     async def close(self) -> None:
         await asyncio.gather(*(c.close() for c in self.replicas), return_exceptions=True)
 
-    async def search(self, query: str, k: int, deadline_s: float, request_id: str):
-        return await self.on_one_replica(lambda client, timeout: client.search(query, k, timeout, request_id),
-                                         deadline_s)
+    async def search(self, query: str, k: int, deadline_s: float, request_id: str, mode: str | None = None,
+                     filter_=None):
+        return await self.on_one_replica(
+            lambda client, timeout: client.search(query, k, timeout, request_id, mode, filter_), deadline_s)
 
     async def on_one_replica(self, call, deadline_s: float):
         """A read: ``call(client, timeout_s)`` on one replica, taken in turn; an unreachable one hands over to

@@ -9,7 +9,13 @@ from gateway.fusion import FUSIONS
 from gateway.lifecycle import GatewayLifecycle
 from gateway.pipeline import SearchQuery
 from twostage import __version__
-from twostage.convert import document_from_proto, document_to_proto, metadata_to_proto
+from twostage.convert import (
+    document_from_proto,
+    document_to_proto,
+    filter_from_proto,
+    metadata_to_proto,
+    recall_mode_from_proto,
+)
 from twostage.server import GrpcService, deadline_of
 from twostage.status import translate_errors
 from twostage.v1 import common_pb2, gateway_pb2, gateway_pb2_grpc
@@ -40,6 +46,8 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
                 fusion_alpha=request.fusion_alpha if request.HasField("fusion_alpha") else None,
                 skip_rerank=request.skip_rerank,
                 score_threshold=request.score_threshold if request.HasField("score_threshold") else None,
+                recall_mode=recall_mode_from_proto(request.recall_mode),
+                filter=filter_from_proto(request.filter),
             )
         )
         return gateway_pb2.SearchResponse(
@@ -47,7 +55,7 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
                 gateway_pb2.Hit(
                     id=h.id, title=h.title, text=h.text, score=h.score, rerank_score=h.rerank_score,
                     recall_rank=h.recall_rank, recall_score=h.recall_score, metadata=metadata_to_proto(h.metadata),
-                    relevance=h.relevance,
+                    relevance=h.relevance, dense_score=h.dense_score, lexical_score=h.lexical_score,
                 )
                 for h in result.hits
             ],

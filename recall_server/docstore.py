@@ -1,8 +1,14 @@
 """The durable document store (SQLite): ids, text, metadata and each
 document's vector. It is the source of truth; the HNSW index is rebuilt or
-caught up from it, so an acknowledged write survives any restart."""
+caught up from it, so an acknowledged write survives any restart.
+
+It also holds the lexical index: SQLite FTS5 (BM25, Porter stemming) over
+title and text, written in the same transaction as the document, so a write
+and a crash cover both indexes alike. A store made before it existed gains
+it when first opened for writing (built from the stored text, no re-embedding)."""
 
 import json
+import re
 import sqlite3
 import threading
 from collections.abc import Iterator
@@ -12,7 +18,8 @@ from pathlib import Path
 import numpy as np
 
 from twostage.corpus import Document
-from twostage.errors import StorageFull
+from twostage.errors import FailedPrecondition, StorageFull
+from twostage.filters import Filter
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS docs (
@@ -25,6 +32,30 @@ CREATE TABLE IF NOT EXISTS docs (
 );
 CREATE INDEX IF NOT EXISTS docs_seq ON docs(seq);
 """
+# External content: the text lives once, in docs; FTS5 keeps only its inverted index.
+_LEXICAL_SCHEMA = """
+CREATE VIRTUAL TABLE docs_fts USING fts5(
+    title, text, content='docs', content_rowid='key', tokenize='porter unicode61 remove_diacritics 2'
+);
+INSERT INTO docs_fts(docs_fts) VALUES ('rebuild');
+"""
+_TITLE_WEIGHT, _TEXT_WEIGHT = 1.0, 1.0
+_TERM = re.compile(r"\w+", re.UNICODE)
+
+
+# English function words: they occur in nearly every document, so they add almost nothing to BM25 and
+# most of its cost (every document they occur in is scored).
+STOP_WORDS = frozenset(
+    ["a", "an", "and", "are", "as", "at", "be", "but", "by", "for", "if", "in", "into", "is", "it", "no", "not", "of", "on", "or", "such", "that", "the", "their", "then", "there", "these", "they", "this", "to", "was", "will", "with"]
+)
+
+
+def lexical_query(text: str, max_terms: int = 64) -> str:
+    """An FTS5 query matching any of the text's words but stop words (each quoted, so no word is read as
+    syntax); a text of stop words alone keeps them."""
+    terms = list(dict.fromkeys(t.lower() for t in _TERM.findall(text)))
+    terms = ([t for t in terms if t not in STOP_WORDS] or terms)[:max_terms]
+    return " OR ".join(f'"{t}"' for t in terms)
 
 
 @dataclass(frozen=True)
@@ -56,6 +87,7 @@ class DocStore:
             # FULL: a commit is on disk before the write is acknowledged.
             self._db.execute("PRAGMA synchronous=FULL")
             self._db.executescript(_SCHEMA)
+            self._ensure_lexical()
         self._lock = threading.Lock()
         # Searches read through their own connection: in WAL mode a reader never waits for a writer's
         # commit (fsync included), so a bulk upsert cannot hold searches back.
@@ -64,6 +96,31 @@ class DocStore:
         self._read_lock = threading.Lock()
         # Kept, not scanned: Info and every write report it.
         self._live = self._db.execute("SELECT COUNT(*) FROM docs WHERE deleted = 0").fetchone()[0]
+
+    def _ensure_lexical(self) -> None:
+        exists = self._db.execute("SELECT 1 FROM sqlite_master WHERE name = 'docs_fts'").fetchone()
+        if not exists:
+            self._db.execute("BEGIN IMMEDIATE")
+            try:
+                for statement in _LEXICAL_SCHEMA.strip().split(";\n"):
+                    self._db.execute(statement)
+                self._db.execute("COMMIT")
+            except BaseException:
+                self._rollback()
+                raise
+
+    @property
+    def has_lexical(self) -> bool:
+        with self._read_lock:
+            return bool(self._reader.execute("SELECT 1 FROM sqlite_master WHERE name = 'docs_fts'").fetchone())
+
+    def _unindex_text(self, doc_ids: list[str]) -> None:
+        """Take live documents' current text out of the lexical index (FTS5 needs the indexed values)."""
+        for part, marks in _in_chunks(doc_ids):
+            self._db.execute(
+                "INSERT INTO docs_fts(docs_fts, rowid, title, text) SELECT 'delete', key, title, text FROM docs "
+                f"WHERE deleted = 0 AND doc_id IN ({marks})", part,
+            )
 
     def _rollback(self) -> None:
         if self._db.in_transaction:  # SQLite may already have rolled back (a full disk does)
@@ -93,6 +150,7 @@ class DocStore:
             try:
                 seq = self._db.execute("SELECT COALESCE(MAX(seq), 0) + 1 FROM docs").fetchone()[0]
                 already_live = self._count_live([d.id for d in docs])
+                self._unindex_text([d.id for d in docs])
                 keys = [
                     self._db.execute(
                         "INSERT INTO docs (doc_id, title, text, metadata, vector, seq, deleted) "
@@ -103,6 +161,8 @@ class DocStore:
                     ).fetchone()[0]
                     for row in rows
                 ]
+                self._db.executemany("INSERT INTO docs_fts(rowid, title, text) VALUES (?, ?, ?)",
+                                     [(key, d.title, d.text) for key, d in zip(keys, docs)])
                 self._db.execute("COMMIT")
             except sqlite3.OperationalError as error:
                 self._rollback()
@@ -125,6 +185,7 @@ class DocStore:
             self._db.execute("BEGIN IMMEDIATE")
             try:
                 seq = self._db.execute("SELECT COALESCE(MAX(seq), 0) + 1 FROM docs").fetchone()[0]
+                self._unindex_text(doc_ids)
                 keys = []
                 for doc_id in doc_ids:
                     row = self._db.execute(
@@ -179,3 +240,40 @@ class DocStore:
                 return
             last_key = rows[-1][0]
             yield [Change(k, None if v is None else np.frombuffer(v, dtype=np.float32)) for k, v in rows]
+
+    def lexical_search(self, query: str, k: int, filter_: Filter | None = None) -> list[tuple[int, float]]:
+        """(key, BM25) of the k best live documents matching any query term, best first."""
+        match = lexical_query(query)
+        if not match or k <= 0:
+            return []
+        where, params = ("", []) if filter_ is None else filter_.sql("docs.metadata")
+        sql = (f"SELECT docs_fts.rowid, -bm25(docs_fts, {_TITLE_WEIGHT}, {_TEXT_WEIGHT}) FROM docs_fts "
+               + ("JOIN docs ON docs.key = docs_fts.rowid " if filter_ else "")
+               + "WHERE docs_fts MATCH ? " + (f"AND docs.deleted = 0 AND {where} " if filter_ else "")
+               + "ORDER BY bm25(docs_fts, ?, ?) LIMIT ?")
+        with self._read_lock:
+            self._require_lexical()
+            return self._reader.execute(sql, [match, *params, _TITLE_WEIGHT, _TEXT_WEIGHT, k]).fetchall()
+
+    def _require_lexical(self) -> None:
+        if not self._reader.execute("SELECT 1 FROM sqlite_master WHERE name = 'docs_fts'").fetchone():
+            raise FailedPrecondition("this index has no lexical part yet; open it for writing once "
+                                     "(or run 'twostage index repair --index-dir DIR') to build it")
+
+    def matching_keys(self, filter_: Filter, limit: int | None = None) -> list[int]:
+        """Keys of live documents whose metadata passes the filter (at most ``limit``)."""
+        where, params = filter_.sql("metadata")
+        sql = f"SELECT key FROM docs WHERE deleted = 0 AND {where}" + (" LIMIT ?" if limit is not None else "")
+        with self._read_lock:
+            rows = self._reader.execute(sql, params + ([limit] if limit is not None else [])).fetchall()
+        return [key for (key,) in rows]
+
+    def passing(self, filter_: Filter, keys: list[int]) -> set[int]:
+        """Which of these keys pass the filter."""
+        where, params = filter_.sql("metadata")
+        found: set[int] = set()
+        with self._read_lock:
+            for part, marks in _in_chunks([int(k) for k in keys]):
+                found.update(k for (k,) in self._reader.execute(
+                    f"SELECT key FROM docs WHERE deleted = 0 AND key IN ({marks}) AND {where}", [*part, *params]))
+        return found

@@ -29,6 +29,7 @@ from recall_server.docstore import DocStore
 from recall_server.index_lock import IndexLock
 from twostage.corpus import Document
 from twostage.errors import FailedPrecondition, InvalidArgument, ModelMismatch
+from twostage.filters import Filter
 
 log = logging.getLogger(__name__)
 MANIFEST = "index.json"
@@ -77,8 +78,10 @@ def _write_atomically(path: Path, data: bytes) -> None:
 
 
 class DocumentIndex:
-    def __init__(self, directory: Path, manifest: IndexManifest, save_every_writes: int = 1000, read_only: bool = False):
+    def __init__(self, directory: Path, manifest: IndexManifest, save_every_writes: int = 1000, read_only: bool = False,
+                 filter_exact_max_docs: int = 10_000):
         self.directory = Path(directory)
+        self.filter_exact_max_docs = filter_exact_max_docs
         self.manifest = manifest
         self.save_every_writes = save_every_writes
         self.read_only = read_only
@@ -231,28 +234,69 @@ class DocumentIndex:
             self._note_writes(len(keys))
         return len(keys)
 
-    def search(self, vector: np.ndarray, k: int) -> list[tuple[Document, float]]:
-        """The k nearest live documents with their cosine similarity, best first."""
+    def search(self, vector: np.ndarray, k: int, filter_: Filter | None = None) -> list[tuple[Document, float]]:
+        """The k nearest live documents that pass the filter, with their cosine similarity, best first."""
+        hits = self.nearest(vector, k, filter_)
+        docs = self.store.fetch([key for key, _ in hits])
+        return [(docs[key], score) for key, score in hits if key in docs]
+
+    def nearest(self, vector: np.ndarray, k: int, filter_: Filter | None = None) -> list[tuple[int, float]]:
+        """(key, cosine) of the k nearest live documents that pass the filter, best first."""
+        vector = np.asarray(vector, dtype=np.float32)
+        if filter_ is not None:
+            return self._filtered_search(vector, k, filter_)
         with self._graph_lock:
             if len(self._graph) == 0:
                 return []
             wanted = min(k, len(self._graph))
-            matches = self._graph.search(np.asarray(vector, dtype=np.float32), wanted)
+            matches = self._graph.search(vector, wanted)
             keys, distances = matches.keys.tolist(), matches.distances.tolist()
             if len(keys) < wanted:
                 # A worn graph came back short: answer exactly from its vectors rather than return too few.
-                keys, distances = self._exact_search(np.asarray(vector, dtype=np.float32), wanted)
-        docs = self.store.fetch(keys)
-        return [(docs[key], 1.0 - dist) for key, dist in zip(keys, distances) if key in docs]
+                return self._exact_search(vector, np.asarray(self._graph.keys, dtype=np.uint64), wanted)
+        return [(key, 1.0 - dist) for key, dist in zip(keys, distances)]
 
-    def _exact_search(self, vector: np.ndarray, k: int) -> tuple[list[int], list[float]]:
-        """Brute-force cosine over every live vector; called with the graph lock held."""
-        keys = np.asarray(self._graph.keys, dtype=np.uint64)
-        vectors = np.asarray(self._graph.get(keys), dtype=np.float32)
+    def _filtered_search(self, vector: np.ndarray, k: int, filter_: Filter) -> list[tuple[int, float]]:
+        """Exact whatever the selectivity: when few documents pass, score exactly those; when many do, search
+        the graph with over-fetch (the more fail, the more is fetched) and keep those that pass."""
+        allowed = self.store.matching_keys(filter_, limit=self.filter_exact_max_docs + 1)
+        if len(allowed) <= self.filter_exact_max_docs:
+            with self._graph_lock:
+                return self._exact_search(vector, np.asarray(allowed, dtype=np.uint64), k)
+        fetch = 4 * k
+        while True:
+            with self._graph_lock:
+                size = len(self._graph)
+                matches = self._graph.search(vector, min(fetch, size))
+            keys, distances = matches.keys.tolist(), matches.distances.tolist()
+            passing = self.store.passing(filter_, keys)
+            hits = [(key, 1.0 - dist) for key, dist in zip(keys, distances) if key in passing][:k]
+            if len(hits) >= k or len(keys) >= size:
+                break
+            fetch *= 4
+        if len(hits) < k:  # a worn graph can come back short: answer exactly
+            with self._graph_lock:
+                return self._exact_search(vector, np.asarray(self.store.matching_keys(filter_), np.uint64), k)
+        return hits
+
+    def dense_scores(self, vector: np.ndarray, keys: list[int]) -> dict[int, float]:
+        """Cosine of the query with these documents' vectors (live ones only)."""
+        with self._graph_lock:
+            present = np.asarray([key for key in keys if self._graph.contains(key)], dtype=np.uint64)
+            return dict(self._exact_search(np.asarray(vector, np.float32), present, len(present)))
+
+    def _exact_search(self, vector: np.ndarray, keys: np.ndarray, k: int) -> list[tuple[int, float]]:
+        """(key, cosine) of the k best of these keys by brute force; called with the graph lock held."""
+        if len(keys) == 0 or k <= 0:
+            return []
+        vectors = np.asarray(self._graph.get(keys), dtype=np.float32).reshape(len(keys), -1)
         norms = np.linalg.norm(vectors, axis=1) * max(float(np.linalg.norm(vector)), 1e-12)
         similarity = vectors @ vector / np.maximum(norms, 1e-12)
-        best = np.argsort(-similarity)[:k]
-        return keys[best].tolist(), (1.0 - similarity[best]).tolist()
+        best = np.argsort(-similarity, kind="stable")[:k]
+        return list(zip(keys[best].tolist(), similarity[best].tolist()))
+
+    def fetch(self, keys: list[int]) -> dict[int, Document]:
+        return self.store.fetch(keys)
 
     def _note_writes(self, count: int) -> None:
         self._unsaved_writes += count

@@ -1,6 +1,7 @@
 """The recall service logic: validate, embed through the batcher, search the index."""
 
 import asyncio
+import logging
 import time
 from dataclasses import dataclass
 
@@ -13,15 +14,22 @@ from twostage import errors
 from twostage.batching import BatchPolicy, DynamicBatcher
 from twostage.corpus import Document, document_text
 from twostage.documents import check_documents, check_ids
+from twostage.filters import Filter
+from twostage.hybrid import fuse
+from twostage.metrics import RECALL_SEARCH_SECONDS as SEARCH_SECONDS
 from twostage.metrics import watch_batcher
 from twostage.model_store import resolve_model
 from twostage.sharding import shard_of
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
 class Candidate:
     document: Document
-    score: float
+    score: float  # the order's score: cosine (dense), BM25 (lexical) or fused (hybrid)
+    dense_score: float = 0.0
+    lexical_score: float = 0.0
 
 
 def _ms_since(start: float) -> float:
@@ -41,11 +49,15 @@ class RecallService:
         self.index = await asyncio.to_thread(
             DocumentIndex.open, s.index_dir, self.embedder.name, self.embedder.dims,
             save_every_writes=s.save_every_writes, read_only=s.read_only,
+            filter_exact_max_docs=s.filter_exact_max_docs,
         )
         self.batcher = DynamicBatcher("embed", self.embedder.embed, BatchPolicy.from_settings(s))
         watch_batcher(self.batcher)
         self.batcher.start()
-        await self.search("warm up", 1)
+        await self.search("warm up", 1, mode="dense")
+        if not self.index.store.has_lexical:
+            log.warning("%s has no lexical part: lexical and hybrid searches are refused until it is opened for "
+                        "writing once (or 'twostage index repair')", s.index_dir)
 
     async def close(self) -> None:
         if self.batcher is not None:
@@ -63,16 +75,55 @@ class RecallService:
         done = await self.batcher.submit(encoded, [e.length for e in encoded], deadline_s, bulk=not is_query)
         return np.stack(done.values) if done.values else np.empty((0, self.embedder.dims), np.float32)
 
-    async def search(self, query: str, k: int, deadline_s: float | None = None) -> tuple[list[Candidate], dict]:
+    async def search(self, query: str, k: int, deadline_s: float | None = None, mode: str | None = None,
+                     filter_: Filter | None = None) -> tuple[list[Candidate], dict, str]:
+        """Candidates best first, timings, and the mode that answered."""
         self._require_ready()
         errors.check_text("query", query, self.settings.max_query_chars)
         errors.check_limit("k", k, 1, self.settings.max_k)
+        mode = mode or self.settings.recall_mode
         start = time.perf_counter()
+        # Every mode reports the cosine (the gateway's calibrated fusion reads it), so the query is embedded.
         (vector,) = await self._embed([query], True, deadline_s)
         embedded = time.perf_counter()
-        hits = await asyncio.to_thread(self.index.search, vector, k)
-        timings = {"embed_ms": 1000 * (embedded - start), "search_ms": _ms_since(embedded), "total_ms": _ms_since(start)}
-        return [Candidate(doc, score) for doc, score in hits], timings
+        candidates, timings = await asyncio.to_thread(self._find, query, vector, k, mode, filter_)
+        SEARCH_SECONDS.labels(mode).observe(time.perf_counter() - start)
+        timings = {"embed_ms": 1000 * (embedded - start), **timings, "total_ms": _ms_since(start)}
+        return candidates, timings, mode
+
+    def _find(self, query: str, vector: np.ndarray, k: int, mode: str, filter_: Filter | None):
+        """Runs off the event loop: the index and SQLite block."""
+        s, index = self.settings, self.index
+        start = time.perf_counter()
+        dense = dict(index.nearest(vector, k, filter_)) if mode != "lexical" else {}
+        searched = time.perf_counter()
+        lexical: dict[int, float] = {}
+        keys = list(dense)
+        if mode != "dense":
+            # Hybrid reads deeper than k, to give the dense candidates their BM25 from the same query; one beyond
+            # that depth gets the last score read (an upper bound), and 0 when every match was read.
+            depth = max(k, s.lexical_depth) if mode == "hybrid" else k
+            matches = index.store.lexical_search(query, depth, filter_)
+            lexical = dict(matches[:k])
+            keys = list(lexical) if mode == "lexical" else list(dense | lexical)
+            if mode == "hybrid":
+                every, floor = dict(matches), (matches[-1][1] if len(matches) == depth else 0.0)
+                lexical.update({key: every.get(key, floor) for key in dense if key not in lexical})
+            if missing := [key for key in lexical if key not in dense]:
+                dense.update(index.dense_scores(vector, missing))
+        timings = {"search_ms": 1000 * (searched - start), "lexical_ms": _ms_since(searched)}
+        if mode == "hybrid":
+            ranked = fuse(keys, [dense.get(key, 0.0) for key in keys], [lexical.get(key, 0.0) for key in keys],
+                          s.hybrid_fusion, s.hybrid_dense_weight)[:k]
+        else:
+            source = dense if mode == "dense" else lexical
+            ranked = sorted(((key, source[key]) for key in keys), key=lambda pair: -pair[1])[:k]
+        docs = index.fetch([key for key, _ in ranked])
+        fused_at = time.perf_counter()
+        candidates = [Candidate(docs[key], score, dense.get(key, 0.0), lexical.get(key, 0.0))
+                      for key, score in ranked if key in docs]
+        timings["fetch_ms"] = _ms_since(fused_at)
+        return candidates, timings
 
     async def embed(self, texts: list[str], is_query: bool, model: str, deadline_s: float | None) -> np.ndarray:
         self._require_ready()
@@ -131,6 +182,10 @@ class RecallService:
             "shard": self.index.manifest.shard if self.index else 0,
             "shards": self.index.manifest.shards if self.index else 1,
             "read_only": s.read_only,
+            "default_mode": s.recall_mode,
+            "hybrid_fusion": s.hybrid_fusion,
+            "hybrid_dense_weight": s.hybrid_dense_weight,
+            "lexical": self.index.store.has_lexical if self.index else False,
             "limits": {
                 "max_k": s.max_k,
                 "max_query_chars": s.max_query_chars,

@@ -6,7 +6,14 @@ import grpc
 
 from recall_server.service import RecallService
 from twostage import __version__
-from twostage.convert import document_from_proto, document_to_proto, metadata_to_proto
+from twostage.convert import (
+    document_from_proto,
+    document_to_proto,
+    filter_from_proto,
+    metadata_to_proto,
+    recall_mode_from_proto,
+    recall_mode_to_proto,
+)
 from twostage.server import GrpcService, deadline_of
 from twostage.status import translate_errors
 from twostage.v1 import common_pb2, recall_pb2, recall_pb2_grpc
@@ -23,14 +30,19 @@ class RecallServicer(recall_pb2_grpc.RecallServicer):
     @translate_errors
     async def Search(self, request: recall_pb2.RecallSearchRequest, context: grpc.aio.ServicerContext):
         start = time.perf_counter()
-        candidates, timings = await self.service.search(request.query, request.k, deadline_of(context))
+        candidates, timings, mode = await self.service.search(
+            request.query, request.k, deadline_of(context), recall_mode_from_proto(request.mode),
+            filter_from_proto(request.filter),
+        )
         converted = [
             recall_pb2.Candidate(id=c.document.id, title=c.document.title, text=c.document.text, score=c.score,
-                                 metadata=metadata_to_proto(c.document.metadata))
+                                 metadata=metadata_to_proto(c.document.metadata), dense_score=c.dense_score,
+                                 lexical_score=c.lexical_score)
             for c in candidates
         ]
         # total_ms covers the whole handler, so callers can tell transport from work.
-        return recall_pb2.RecallSearchResponse(candidates=converted, timings_ms={**timings, **_ms_since(start)})
+        return recall_pb2.RecallSearchResponse(candidates=converted, timings_ms={**timings, **_ms_since(start)},
+                                               mode=recall_mode_to_proto(mode))
 
     @translate_errors
     async def Embed(self, request: recall_pb2.EmbedRequest, context: grpc.aio.ServicerContext):
@@ -78,6 +90,10 @@ class RecallServicer(recall_pb2_grpc.RecallServicer):
             shard=info["shard"],
             shards=info["shards"],
             read_only=info["read_only"],
+            default_mode=recall_mode_to_proto(info["default_mode"]),
+            hybrid_fusion=recall_pb2.HybridFusion.Value(f"HYBRID_FUSION_{info['hybrid_fusion'].upper()}"),
+            hybrid_dense_weight=info["hybrid_dense_weight"],
+            lexical=info["lexical"],
         )
 
 

@@ -3,6 +3,8 @@
 from collections.abc import Mapping
 
 from twostage.corpus import Document, MetadataValue
+from twostage.errors import InvalidArgument
+from twostage.filters import Filter, FilterClause, NumberRange, check_filter
 from twostage.v1 import common_pb2
 
 _INTEGRAL = 2**53  # doubles hold every integer up to here exactly
@@ -44,3 +46,56 @@ def document_to_proto(doc: Document) -> common_pb2.Document:
 
 def document_from_proto(doc: common_pb2.Document) -> Document:
     return Document(doc.id, doc.title, doc.text, metadata_from_proto(doc.metadata))
+
+
+def filter_from_proto(proto: common_pb2.Filter) -> Filter | None:
+    """A request's filter, checked (INVALID_ARGUMENT names the clause); None when it has no clauses."""
+    clauses = []
+    for clause in proto.clauses:
+        test = clause.WhichOneof("test")
+        if test == "equals":
+            clauses.append(FilterClause(clause.key, equals=metadata_value_from_proto(clause.equals)))
+        elif test == "any_of":
+            clauses.append(FilterClause(clause.key, any_of=tuple(
+                metadata_value_from_proto(v) for v in clause.any_of.values)))
+        elif test == "range":
+            r = clause.range
+            clauses.append(FilterClause(clause.key, range=NumberRange(
+                *(getattr(r, b) if r.HasField(b) else None for b in ("gte", "gt", "lte", "lt")))))
+        else:
+            clauses.append(FilterClause(clause.key))  # no test: check_filter says so
+    return check_filter(clauses)
+
+
+def filter_to_proto(filter_: Filter | None) -> common_pb2.Filter:
+    if filter_ is None:
+        return common_pb2.Filter()
+    clauses = []
+    for c in filter_.clauses:
+        if c.range is not None:
+            bounds = {b: getattr(c.range, b) for b in ("gte", "gt", "lte", "lt") if getattr(c.range, b) is not None}
+            clauses.append(common_pb2.FilterClause(key=c.key, range=common_pb2.NumberRange(**bounds)))
+        elif c.any_of is not None:
+            clauses.append(common_pb2.FilterClause(key=c.key, any_of=common_pb2.ValueList(
+                values=[metadata_value_to_proto(v) for v in c.any_of])))
+        else:
+            clauses.append(common_pb2.FilterClause(key=c.key, equals=metadata_value_to_proto(c.equals)))
+    return common_pb2.Filter(clauses=clauses)
+
+
+RECALL_MODES = {"dense": common_pb2.RECALL_MODE_DENSE, "lexical": common_pb2.RECALL_MODE_LEXICAL,
+                "hybrid": common_pb2.RECALL_MODE_HYBRID}
+
+
+def recall_mode_from_proto(mode: int) -> str | None:
+    """None when unspecified (the server's default applies)."""
+    for name, value in RECALL_MODES.items():
+        if value == mode:
+            return name
+    if mode != common_pb2.RECALL_MODE_UNSPECIFIED:
+        raise InvalidArgument(f"recall_mode: unknown value {mode}")
+    return None
+
+
+def recall_mode_to_proto(mode: str | None) -> int:
+    return RECALL_MODES[mode] if mode else common_pb2.RECALL_MODE_UNSPECIFIED

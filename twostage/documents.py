@@ -13,7 +13,7 @@ from twostage.corpus import Document, MetadataValue, document_from_row, document
 
 # Printable, no whitespace at the ends: ids travel in logs, URLs and TSV files.
 _ID_PATTERN = re.compile(r"^[^\s\x00-\x1f\x7f](?:[^\x00-\x1f\x7f]*[^\s\x00-\x1f\x7f])?$")
-_KEY_PATTERN = re.compile(r"^[A-Za-z0-9_.:-]{1,128}$")
+METADATA_KEY_PATTERN = re.compile(r"^[A-Za-z0-9_.:-]{1,128}$")
 
 
 @dataclass(frozen=True)
@@ -51,7 +51,7 @@ def check_metadata(metadata: dict[str, MetadataValue], where: str, limits: Docum
     if len(metadata) > limits.max_metadata_keys:
         raise errors.InvalidArgument(f"{where}: {len(metadata)} metadata keys; the limit is {limits.max_metadata_keys}")
     for key, value in metadata.items():
-        if not _KEY_PATTERN.match(key):
+        if not METADATA_KEY_PATTERN.match(key):
             raise errors.InvalidArgument(
                 f"{where}: metadata key {key[:40]!r} must be 1-128 letters, digits or _.:-"
             )

@@ -19,8 +19,13 @@ def register(commands) -> None:
     parser.add_argument("--limit", type=int, default=None, help="only the first N queries")
     parser.add_argument("--fusion", default="linear", choices=["none", "linear", "rrf", "calibrated"],
                         help="the fusion the alpha sweep recomputes")
+    parser.add_argument("--recall-mode", default=None, choices=["dense", "lexical", "hybrid"],
+                        help="how recall finds candidates (default: the recall servers' setting)")
+    parser.add_argument("--stages", default="all", choices=["all", "recall"],
+                        help="recall: evaluate recall alone, without reranking (seconds, not minutes)")
     parser.add_argument("--sweep", action="append", default=[], metavar="NAME=V1,V2",
-                        help="recall_k=20,50,100 and/or alpha=0,0.5,0.7,1 (repeatable)")
+                        help="recall_k=20,50,100, alpha=0,0.5,0.7,1 and/or recall_mode=dense,lexical,hybrid "
+                        "(repeatable)")
     parser.add_argument("--json", type=Path, default=None)
     parser.add_argument("--plot", type=Path, default=None, help="PNG of the sweeps")
     parser.add_argument("--port", type=int, default=50261, help="base port of the local stack")
@@ -28,19 +33,29 @@ def register(commands) -> None:
     parser.set_defaults(run=run)
 
 
-def parse_sweeps(items: list[str]) -> dict[str, list[float]]:
-    sweeps: dict[str, list[float]] = {}
+RECALL_MODES = ("dense", "lexical", "hybrid")
+
+
+def parse_sweeps(items: list[str]) -> dict[str, list]:
+    sweeps: dict[str, list] = {}
     for item in items:
         name, _, values = item.partition("=")
-        if name not in ("recall_k", "alpha") or not values:
-            raise ValueError(f"--sweep takes recall_k=... or alpha=..., got {item!r}")
-        sweeps[name] = [float(v) for v in values.split(",")]
+        if name not in ("recall_k", "alpha", "recall_mode") or not values:
+            raise ValueError(f"--sweep takes recall_k=..., alpha=... or recall_mode=..., got {item!r}")
+        if name == "recall_mode":
+            modes = values.split(",")
+            if unknown := [m for m in modes if m not in RECALL_MODES]:
+                raise ValueError(f"--sweep recall_mode: unknown {', '.join(unknown)}; choose from {RECALL_MODES}")
+            sweeps[name] = modes
+        else:
+            sweeps[name] = [float(v) for v in values.split(",")]
     return sweeps
 
 
 def print_report(report: dict) -> None:
     cutoffs = [key for key in report["final"] if key.startswith("recall@")]
-    print(f"\n{report['queries']} queries, recall_k={report['recall_k']}")
+    print(f"\n{report['queries']} queries, recall_k={report['recall_k']}, recall mode {report['recall_mode']}"
+          + (", recall alone" if report.get("stages") == "recall" else ""))
     print(f"  {'ranking':10} {'nDCG@10':>8} {'MRR@10':>8} " + " ".join(f"{c:>11}" for c in cutoffs))
     for name in ("recall", "rerank", "final"):
         row = report[name]
@@ -55,6 +70,13 @@ def print_report(report: dict) -> None:
               f"mean latency {row['mean_latency_ms']:.1f} ms")
     for alpha, ndcg in report.get("sweep_alpha", {}).items():
         print(f"  alpha={alpha}: nDCG@10 {ndcg:.4f}")
+    for mode, row in report.get("sweep_recall_mode", {}).items():
+        recalls = ", ".join(f"Recall@{c.split('@')[1]} {row[c]:.4f}" for c in ("recall@10", "recall@20", "recall@100")
+                            if c in row)
+        print(f"  {mode:>8}: recall nDCG@10 {row['ndcg@10']:.4f}, {recalls}; final nDCG@10 "
+              f"{row['final_ndcg@10']:.4f}, mean latency {row['mean_latency_ms']:.1f} ms")
+        if "advice" in row:
+            print(f"            {row['advice']}")
 
 
 def run(args) -> None:
@@ -68,7 +90,8 @@ def run(args) -> None:
         credentials = credentials_from_args(args) if args.target else PLAINTEXT
         return evaluate(target, recall_target, args.dataset, args.split, args.recall_k, args.budget_ms, args.limit,
                         [int(k) for k in sweeps.get("recall_k", [])], sweeps.get("alpha", []), args.fusion,
-                        credentials=credentials)
+                        credentials=credentials, recall_mode=args.recall_mode, stages=args.stages,
+                        sweep_recall_mode=sweeps.get("recall_mode", []))
 
     if args.target:
         report = measure(args.target, args.recall_target)

@@ -13,6 +13,7 @@ import numpy as np
 from tqdm import tqdm
 
 from twostage.connect import PLAINTEXT, Credentials
+from twostage.convert import recall_mode_to_proto
 from twostage.corpus import read_qrels, read_queries
 from twostage.evaluation.loadtest import degradation_codes
 from twostage.evaluation.metrics import evaluate
@@ -31,20 +32,25 @@ class Answer:
 
 
 async def ask_gateway(target: str, queries: dict[str, str], recall_k: int, budget_ms: int, progress=True,
-                      credentials: Credentials = PLAINTEXT) -> list[Answer]:
+                      credentials: Credentials = PLAINTEXT, recall_mode: str | None = None,
+                      skip_rerank: bool = False) -> list[Answer]:
     """One query at a time (latency without queueing), the whole candidate list returned."""
     answers = []
+    mode = recall_mode_to_proto(recall_mode)
+    label = f"recall_k={recall_k}" + (f" {recall_mode}" if recall_mode else "")
     async with credentials.aio_channel(target) as channel:
         stub = gateway_pb2_grpc.GatewayStub(channel)
-        for query_id, text in tqdm(queries.items(), desc=f"recall_k={recall_k}", disable=not progress, unit="q"):
+        for query_id, text in tqdm(queries.items(), desc=label, disable=not progress, unit="q"):
             start = time.perf_counter()
             reply = await stub.Search(
-                gateway_pb2.SearchRequest(query=text, top_k=recall_k, recall_k=recall_k, budget_ms=budget_ms),
+                gateway_pb2.SearchRequest(query=text, top_k=recall_k, recall_k=recall_k, budget_ms=budget_ms,
+                                          recall_mode=mode, skip_rerank=skip_rerank),
                 metadata=credentials.metadata,
             )
             hits = [
                 {"id": h.id, "recall_rank": h.recall_rank, "recall_score": h.recall_score, "score": h.score,
-                 "rerank_score": h.rerank_score if h.HasField("rerank_score") else None}
+                 "rerank_score": h.rerank_score if h.HasField("rerank_score") else None,
+                 "dense_score": h.dense_score, "lexical_score": h.lexical_score}
                 for h in reply.hits
             ]
             answers.append(Answer(query_id, hits, time.perf_counter() - start, degradation_codes(reply)))
@@ -52,13 +58,15 @@ async def ask_gateway(target: str, queries: dict[str, str], recall_k: int, budge
 
 
 async def recall_positions(target: str, queries: dict[str, str], qrels, depth: int,
-                           credentials: Credentials = PLAINTEXT) -> dict[str, dict[str, int | None]]:
+                           credentials: Credentials = PLAINTEXT,
+                           recall_mode: str | None = None) -> dict[str, dict[str, int | None]]:
     """Where recall alone ranks each relevant document (None: beyond ``depth``)."""
     positions = {}
     async with credentials.aio_channel(target) as channel:
         stub = recall_pb2_grpc.RecallStub(channel)
         for query_id, text in queries.items():
-            reply = await stub.Search(recall_pb2.RecallSearchRequest(query=text, k=depth), metadata=credentials.metadata)
+            request = recall_pb2.RecallSearchRequest(query=text, k=depth, mode=recall_mode_to_proto(recall_mode))
+            reply = await stub.Search(request, metadata=credentials.metadata)
             rank = {c.id: i + 1 for i, c in enumerate(reply.candidates)}
             relevant = [d for d, g in qrels.get(query_id, {}).items() if g > 0]
             positions[query_id] = {d: rank.get(d) for d in relevant}
@@ -139,13 +147,24 @@ def summarise(answers: list[Answer], qrels, recall_k: int) -> dict:
     for a in answers:
         for code in a.degradations:
             degraded[code] = degraded.get(code, 0) + 1
-    cutoffs = sorted({10, 100, recall_k})
+    cutoffs = sorted({10, 20, 100, recall_k})
     return {
         **{name: evaluate(ranking, qrels, cutoffs) for name, ranking in rankings(answers).items()},
         "latency_ms": {"mean": round(float(latencies.mean()), 2), "p95": round(float(np.percentile(latencies, 95)), 2)},
         "degraded": degraded,
         "queries": len(answers),
     }
+
+
+def _advice(target: str, recall_target: str, queries: dict[str, str], qrels, recall_k: int,
+            credentials: Credentials, recall_mode: str | None, absent: set[str] | None = None) -> dict:
+    depth = max(1000, recall_k)
+    positions = asyncio.run(recall_positions(recall_target, queries, qrels, depth, credentials, recall_mode))
+    if absent is None:
+        relevant = {d for per_query in positions.values() for d in per_query}
+        absent = asyncio.run(not_in_index(target, relevant, credentials=credentials))
+    beyond, advice = recall_k_advice(positions, recall_k, depth, absent)
+    return {"relevant_not_indexed": len(absent), "beyond_recall_k": beyond, "advice": advice, "absent": absent}
 
 
 def load(dataset: Path, split: str, limit: int | None) -> tuple[dict[str, str], dict]:
@@ -164,19 +183,36 @@ def write_report(path: Path | None, report: dict) -> None:
 
 def run(target: str, recall_target: str | None, dataset: Path, split: str, recall_k: int, budget_ms: int,
         limit: int | None, sweep_recall_k: list[int], sweep_alpha: list[float], fusion: str,
-        progress: bool = True, credentials: Credentials = PLAINTEXT) -> dict:
+        progress: bool = True, credentials: Credentials = PLAINTEXT, recall_mode: str | None = None,
+        stages: str = "all", sweep_recall_mode: list[str] = ()) -> dict:
+    """``stages="recall"`` evaluates recall alone (no reranking; rerank and final then equal recall)."""
     queries, qrels = load(dataset, split, limit)
-    answers = asyncio.run(ask_gateway(target, queries, recall_k, budget_ms, progress, credentials))
+    skip_rerank = stages == "recall"
+    answers = asyncio.run(ask_gateway(target, queries, recall_k, budget_ms, progress, credentials, recall_mode,
+                                      skip_rerank))
     report = summarise(answers, qrels, recall_k)
     report["recall_k"] = recall_k
+    report["recall_mode"] = recall_mode or "server default"
+    report["stages"] = stages
     report["promotion_depth"] = promotion_histogram(answers)
+    absent: set[str] = set()
     if recall_target:
-        depth = max(1000, recall_k)
-        positions = asyncio.run(recall_positions(recall_target, queries, qrels, depth, credentials))
-        relevant = {d for per_query in positions.values() for d in per_query}
-        absent = asyncio.run(not_in_index(target, relevant, credentials=credentials))
-        report["relevant_not_indexed"] = len(absent)
-        report["beyond_recall_k"], report["advice"] = recall_k_advice(positions, recall_k, depth, absent)
+        advice = _advice(target, recall_target, queries, qrels, recall_k, credentials, recall_mode)
+        absent = advice.pop("absent")
+        report.update(advice)
+    if sweep_recall_mode:
+        report["sweep_recall_mode"] = {}
+        for mode in sweep_recall_mode:
+            swept = asyncio.run(ask_gateway(target, queries, recall_k, budget_ms, progress, credentials, mode,
+                                            skip_rerank))
+            summary = summarise(swept, qrels, recall_k)
+            row = {**{c: summary["recall"][c] for c in ("ndcg@10", "recall@10", "recall@20", "recall@100")
+                      if c in summary["recall"]},
+                   "final_ndcg@10": summary["final"]["ndcg@10"], "mean_latency_ms": summary["latency_ms"]["mean"]}
+            if recall_target:
+                mode_advice = _advice(target, recall_target, queries, qrels, recall_k, credentials, mode, absent)
+                row["beyond_recall_k"], row["advice"] = mode_advice["beyond_recall_k"], mode_advice["advice"]
+            report["sweep_recall_mode"][mode] = row
     if sweep_alpha:
         report["sweep_alpha"] = {
             str(alpha): evaluate(rankings(answers, fusion, alpha)["final"], qrels, [10])["ndcg@10"]

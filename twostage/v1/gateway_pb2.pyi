@@ -41,7 +41,7 @@ RECALL_PARTIAL: DegradationCode
 QUERY_TRUNCATED: DegradationCode
 
 class SearchRequest(_message.Message):
-    __slots__ = ("query", "top_k", "recall_k", "budget_ms", "request_id", "fusion", "fusion_alpha", "skip_rerank", "score_threshold")
+    __slots__ = ("query", "top_k", "recall_k", "budget_ms", "request_id", "fusion", "fusion_alpha", "skip_rerank", "score_threshold", "recall_mode", "filter")
     QUERY_FIELD_NUMBER: _ClassVar[int]
     TOP_K_FIELD_NUMBER: _ClassVar[int]
     RECALL_K_FIELD_NUMBER: _ClassVar[int]
@@ -51,6 +51,8 @@ class SearchRequest(_message.Message):
     FUSION_ALPHA_FIELD_NUMBER: _ClassVar[int]
     SKIP_RERANK_FIELD_NUMBER: _ClassVar[int]
     SCORE_THRESHOLD_FIELD_NUMBER: _ClassVar[int]
+    RECALL_MODE_FIELD_NUMBER: _ClassVar[int]
+    FILTER_FIELD_NUMBER: _ClassVar[int]
     query: str
     top_k: int
     recall_k: int
@@ -60,10 +62,12 @@ class SearchRequest(_message.Message):
     fusion_alpha: float
     skip_rerank: bool
     score_threshold: float
-    def __init__(self, query: _Optional[str] = ..., top_k: _Optional[int] = ..., recall_k: _Optional[int] = ..., budget_ms: _Optional[int] = ..., request_id: _Optional[str] = ..., fusion: _Optional[_Union[FusionMethod, str]] = ..., fusion_alpha: _Optional[float] = ..., skip_rerank: _Optional[bool] = ..., score_threshold: _Optional[float] = ...) -> None: ...
+    recall_mode: _common_pb2.RecallMode
+    filter: _common_pb2.Filter
+    def __init__(self, query: _Optional[str] = ..., top_k: _Optional[int] = ..., recall_k: _Optional[int] = ..., budget_ms: _Optional[int] = ..., request_id: _Optional[str] = ..., fusion: _Optional[_Union[FusionMethod, str]] = ..., fusion_alpha: _Optional[float] = ..., skip_rerank: _Optional[bool] = ..., score_threshold: _Optional[float] = ..., recall_mode: _Optional[_Union[_common_pb2.RecallMode, str]] = ..., filter: _Optional[_Union[_common_pb2.Filter, _Mapping]] = ...) -> None: ...
 
 class Hit(_message.Message):
-    __slots__ = ("id", "title", "text", "score", "rerank_score", "recall_rank", "recall_score", "metadata", "relevance")
+    __slots__ = ("id", "title", "text", "score", "rerank_score", "recall_rank", "recall_score", "metadata", "relevance", "dense_score", "lexical_score")
     class MetadataEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -80,6 +84,8 @@ class Hit(_message.Message):
     RECALL_SCORE_FIELD_NUMBER: _ClassVar[int]
     METADATA_FIELD_NUMBER: _ClassVar[int]
     RELEVANCE_FIELD_NUMBER: _ClassVar[int]
+    DENSE_SCORE_FIELD_NUMBER: _ClassVar[int]
+    LEXICAL_SCORE_FIELD_NUMBER: _ClassVar[int]
     id: str
     title: str
     text: str
@@ -89,7 +95,9 @@ class Hit(_message.Message):
     recall_score: float
     metadata: _containers.MessageMap[str, _common_pb2.MetadataValue]
     relevance: float
-    def __init__(self, id: _Optional[str] = ..., title: _Optional[str] = ..., text: _Optional[str] = ..., score: _Optional[float] = ..., rerank_score: _Optional[float] = ..., recall_rank: _Optional[int] = ..., recall_score: _Optional[float] = ..., metadata: _Optional[_Mapping[str, _common_pb2.MetadataValue]] = ..., relevance: _Optional[float] = ...) -> None: ...
+    dense_score: float
+    lexical_score: float
+    def __init__(self, id: _Optional[str] = ..., title: _Optional[str] = ..., text: _Optional[str] = ..., score: _Optional[float] = ..., rerank_score: _Optional[float] = ..., recall_rank: _Optional[int] = ..., recall_score: _Optional[float] = ..., metadata: _Optional[_Mapping[str, _common_pb2.MetadataValue]] = ..., relevance: _Optional[float] = ..., dense_score: _Optional[float] = ..., lexical_score: _Optional[float] = ...) -> None: ...
 
 class Degradation(_message.Message):
     __slots__ = ("code", "detail")

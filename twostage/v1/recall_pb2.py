@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 from twostage.v1 import common_pb2 as twostage_dot_v1_dot_common__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x18twostage/v1/recall.proto\x12\x0btwostage.v1\x1a\x18twostage/v1/common.proto\"C\n\x13RecallSearchRequest\x12\r\n\x05query\x18\x01 \x01(\t\x12\t\n\x01k\x18\x02 \x01(\r\x12\x12\n\nrequest_id\x18\x03 \x01(\t\"\xc8\x01\n\tCandidate\x12\n\n\x02id\x18\x01 \x01(\t\x12\r\n\x05title\x18\x02 \x01(\t\x12\x0c\n\x04text\x18\x03 \x01(\t\x12\r\n\x05score\x18\x04 \x01(\x02\x12\x36\n\x08metadata\x18\x05 \x03(\x0b\x32$.twostage.v1.Candidate.MetadataEntry\x1aK\n\rMetadataEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12)\n\x05value\x18\x02 \x01(\x0b\x32\x1a.twostage.v1.MetadataValue:\x02\x38\x01\"\xba\x01\n\x14RecallSearchResponse\x12*\n\ncandidates\x18\x01 \x03(\x0b\x32\x16.twostage.v1.Candidate\x12\x44\n\ntimings_ms\x18\x02 \x03(\x0b\x32\x30.twostage.v1.RecallSearchResponse.TimingsMsEntry\x1a\x30\n\x0eTimingsMsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01\">\n\x0c\x45mbedRequest\x12\r\n\x05texts\x18\x01 \x03(\t\x12\x10\n\x08is_query\x18\x02 \x01(\x08\x12\r\n\x05model\x18\x03 \x01(\t\"\x1b\n\tEmbedding\x12\x0e\n\x06values\x18\x01 \x03(\x02\"\xba\x01\n\rEmbedResponse\x12*\n\nembeddings\x18\x01 \x03(\x0b\x32\x16.twostage.v1.Embedding\x12\x0c\n\x04\x64ims\x18\x02 \x01(\r\x12=\n\ntimings_ms\x18\x03 \x03(\x0b\x32).twostage.v1.EmbedResponse.TimingsMsEntry\x1a\x30\n\x0eTimingsMsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01\"\xbf\x01\n\nRecallInfo\x12\x0f\n\x07version\x18\x01 \x01(\t\x12\r\n\x05model\x18\x02 \x01(\t\x12\x0c\n\x04\x64ims\x18\x03 \x01(\r\x12\x11\n\tdoc_count\x18\x04 \x01(\x04\x12\x1a\n\x12\x65xecution_provider\x18\x05 \x01(\t\x12\"\n\x06limits\x18\x06 \x03(\x0b\x32\x12.twostage.v1.Limit\x12\r\n\x05shard\x18\x07 \x01(\r\x12\x0e\n\x06shards\x18\x08 \x01(\r\x12\x11\n\tread_only\x18\t \x01(\x08\x32\x92\x03\n\x06Recall\x12M\n\x06Search\x12 .twostage.v1.RecallSearchRequest\x1a!.twostage.v1.RecallSearchResponse\x12>\n\x05\x45mbed\x12\x19.twostage.v1.EmbedRequest\x1a\x1a.twostage.v1.EmbedResponse\x12\x41\n\x06Upsert\x12\x1a.twostage.v1.UpsertRequest\x1a\x1b.twostage.v1.UpsertResponse\x12\x41\n\x06\x44\x65lete\x12\x1a.twostage.v1.DeleteRequest\x1a\x1b.twostage.v1.DeleteResponse\x12\x38\n\x03Get\x12\x17.twostage.v1.GetRequest\x1a\x18.twostage.v1.GetResponse\x12\x39\n\x04Info\x12\x18.twostage.v1.InfoRequest\x1a\x17.twostage.v1.RecallInfob\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x18twostage/v1/recall.proto\x12\x0btwostage.v1\x1a\x18twostage/v1/common.proto\"\x8f\x01\n\x13RecallSearchRequest\x12\r\n\x05query\x18\x01 \x01(\t\x12\t\n\x01k\x18\x02 \x01(\r\x12\x12\n\nrequest_id\x18\x03 \x01(\t\x12%\n\x04mode\x18\x04 \x01(\x0e\x32\x17.twostage.v1.RecallMode\x12#\n\x06\x66ilter\x18\x05 \x01(\x0b\x32\x13.twostage.v1.Filter\"\xf4\x01\n\tCandidate\x12\n\n\x02id\x18\x01 \x01(\t\x12\r\n\x05title\x18\x02 \x01(\t\x12\x0c\n\x04text\x18\x03 \x01(\t\x12\r\n\x05score\x18\x04 \x01(\x02\x12\x36\n\x08metadata\x18\x05 \x03(\x0b\x32$.twostage.v1.Candidate.MetadataEntry\x12\x13\n\x0b\x64\x65nse_score\x18\x06 \x01(\x02\x12\x15\n\rlexical_score\x18\x07 \x01(\x02\x1aK\n\rMetadataEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12)\n\x05value\x18\x02 \x01(\x0b\x32\x1a.twostage.v1.MetadataValue:\x02\x38\x01\"\xe1\x01\n\x14RecallSearchResponse\x12*\n\ncandidates\x18\x01 \x03(\x0b\x32\x16.twostage.v1.Candidate\x12\x44\n\ntimings_ms\x18\x02 \x03(\x0b\x32\x30.twostage.v1.RecallSearchResponse.TimingsMsEntry\x12%\n\x04mode\x18\x03 \x01(\x0e\x32\x17.twostage.v1.RecallMode\x1a\x30\n\x0eTimingsMsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01\">\n\x0c\x45mbedRequest\x12\r\n\x05texts\x18\x01 \x03(\t\x12\x10\n\x08is_query\x18\x02 \x01(\x08\x12\r\n\x05model\x18\x03 \x01(\t\"\x1b\n\tEmbedding\x12\x0e\n\x06values\x18\x01 \x03(\x02\"\xba\x01\n\rEmbedResponse\x12*\n\nembeddings\x18\x01 \x03(\x0b\x32\x16.twostage.v1.Embedding\x12\x0c\n\x04\x64ims\x18\x02 \x01(\r\x12=\n\ntimings_ms\x18\x03 \x03(\x0b\x32).twostage.v1.EmbedResponse.TimingsMsEntry\x1a\x30\n\x0eTimingsMsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01\"\xce\x02\n\nRecallInfo\x12\x0f\n\x07version\x18\x01 \x01(\t\x12\r\n\x05model\x18\x02 \x01(\t\x12\x0c\n\x04\x64ims\x18\x03 \x01(\r\x12\x11\n\tdoc_count\x18\x04 \x01(\x04\x12\x1a\n\x12\x65xecution_provider\x18\x05 \x01(\t\x12\"\n\x06limits\x18\x06 \x03(\x0b\x32\x12.twostage.v1.Limit\x12\r\n\x05shard\x18\x07 \x01(\r\x12\x0e\n\x06shards\x18\x08 \x01(\r\x12\x11\n\tread_only\x18\t \x01(\x08\x12-\n\x0c\x64\x65\x66\x61ult_mode\x18\n \x01(\x0e\x32\x17.twostage.v1.RecallMode\x12\x30\n\rhybrid_fusion\x18\x0b \x01(\x0e\x32\x19.twostage.v1.HybridFusion\x12\x1b\n\x13hybrid_dense_weight\x18\x0c \x01(\x02\x12\x0f\n\x07lexical\x18\r \x01(\x08*^\n\x0cHybridFusion\x12\x1d\n\x19HYBRID_FUSION_UNSPECIFIED\x10\x00\x12\x18\n\x14HYBRID_FUSION_ZSCORE\x10\x01\x12\x15\n\x11HYBRID_FUSION_RRF\x10\x02\x32\x92\x03\n\x06Recall\x12M\n\x06Search\x12 .twostage.v1.RecallSearchRequest\x1a!.twostage.v1.RecallSearchResponse\x12>\n\x05\x45mbed\x12\x19.twostage.v1.EmbedRequest\x1a\x1a.twostage.v1.EmbedResponse\x12\x41\n\x06Upsert\x12\x1a.twostage.v1.UpsertRequest\x1a\x1b.twostage.v1.UpsertResponse\x12\x41\n\x06\x44\x65lete\x12\x1a.twostage.v1.DeleteRequest\x1a\x1b.twostage.v1.DeleteResponse\x12\x38\n\x03Get\x12\x17.twostage.v1.GetRequest\x1a\x18.twostage.v1.GetResponse\x12\x39\n\x04Info\x12\x18.twostage.v1.InfoRequest\x1a\x17.twostage.v1.RecallInfob\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -38,26 +38,28 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_RECALLSEARCHRESPONSE_TIMINGSMSENTRY']._serialized_options = b'8\001'
   _globals['_EMBEDRESPONSE_TIMINGSMSENTRY']._loaded_options = None
   _globals['_EMBEDRESPONSE_TIMINGSMSENTRY']._serialized_options = b'8\001'
-  _globals['_RECALLSEARCHREQUEST']._serialized_start=67
-  _globals['_RECALLSEARCHREQUEST']._serialized_end=134
-  _globals['_CANDIDATE']._serialized_start=137
-  _globals['_CANDIDATE']._serialized_end=337
-  _globals['_CANDIDATE_METADATAENTRY']._serialized_start=262
-  _globals['_CANDIDATE_METADATAENTRY']._serialized_end=337
-  _globals['_RECALLSEARCHRESPONSE']._serialized_start=340
-  _globals['_RECALLSEARCHRESPONSE']._serialized_end=526
-  _globals['_RECALLSEARCHRESPONSE_TIMINGSMSENTRY']._serialized_start=478
-  _globals['_RECALLSEARCHRESPONSE_TIMINGSMSENTRY']._serialized_end=526
-  _globals['_EMBEDREQUEST']._serialized_start=528
-  _globals['_EMBEDREQUEST']._serialized_end=590
-  _globals['_EMBEDDING']._serialized_start=592
-  _globals['_EMBEDDING']._serialized_end=619
-  _globals['_EMBEDRESPONSE']._serialized_start=622
-  _globals['_EMBEDRESPONSE']._serialized_end=808
-  _globals['_EMBEDRESPONSE_TIMINGSMSENTRY']._serialized_start=478
-  _globals['_EMBEDRESPONSE_TIMINGSMSENTRY']._serialized_end=526
-  _globals['_RECALLINFO']._serialized_start=811
-  _globals['_RECALLINFO']._serialized_end=1002
-  _globals['_RECALL']._serialized_start=1005
-  _globals['_RECALL']._serialized_end=1407
+  _globals['_HYBRIDFUSION']._serialized_start=1307
+  _globals['_HYBRIDFUSION']._serialized_end=1401
+  _globals['_RECALLSEARCHREQUEST']._serialized_start=68
+  _globals['_RECALLSEARCHREQUEST']._serialized_end=211
+  _globals['_CANDIDATE']._serialized_start=214
+  _globals['_CANDIDATE']._serialized_end=458
+  _globals['_CANDIDATE_METADATAENTRY']._serialized_start=383
+  _globals['_CANDIDATE_METADATAENTRY']._serialized_end=458
+  _globals['_RECALLSEARCHRESPONSE']._serialized_start=461
+  _globals['_RECALLSEARCHRESPONSE']._serialized_end=686
+  _globals['_RECALLSEARCHRESPONSE_TIMINGSMSENTRY']._serialized_start=638
+  _globals['_RECALLSEARCHRESPONSE_TIMINGSMSENTRY']._serialized_end=686
+  _globals['_EMBEDREQUEST']._serialized_start=688
+  _globals['_EMBEDREQUEST']._serialized_end=750
+  _globals['_EMBEDDING']._serialized_start=752
+  _globals['_EMBEDDING']._serialized_end=779
+  _globals['_EMBEDRESPONSE']._serialized_start=782
+  _globals['_EMBEDRESPONSE']._serialized_end=968
+  _globals['_EMBEDRESPONSE_TIMINGSMSENTRY']._serialized_start=638
+  _globals['_EMBEDRESPONSE_TIMINGSMSENTRY']._serialized_end=686
+  _globals['_RECALLINFO']._serialized_start=971
+  _globals['_RECALLINFO']._serialized_end=1305
+  _globals['_RECALL']._serialized_start=1404
+  _globals['_RECALL']._serialized_end=1806
 # @@protoc_insertion_point(module_scope)

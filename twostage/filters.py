@@ -1,0 +1,154 @@
+"""Metadata filters: a conjunction of typed clauses on metadata keys.
+
+One definition, three uses: checked at the edge (a malformed clause is
+INVALID_ARGUMENT naming it), turned into SQL over the store's JSON metadata,
+and evaluated in Python (``matches``), which states the semantics the SQL
+must agree with:
+
+- ``equals`` a string, number or boolean: the key holds that value (of that
+  type), or holds a list of strings containing it;
+- ``any_of``: ``equals`` one of the values;
+- ``range``: the key holds a number within every bound given.
+
+A document without the key fails the clause.
+"""
+
+import math
+from dataclasses import dataclass
+
+from twostage import errors
+from twostage.corpus import MetadataValue
+from twostage.documents import METADATA_KEY_PATTERN
+
+MAX_CLAUSES = 32
+MAX_ANY_OF = 1024
+
+Scalar = str | int | float | bool
+
+
+@dataclass(frozen=True)
+class NumberRange:
+    gte: float | None = None
+    gt: float | None = None
+    lte: float | None = None
+    lt: float | None = None
+
+    def holds(self, number: float) -> bool:
+        return ((self.gte is None or number >= self.gte) and (self.gt is None or number > self.gt)
+                and (self.lte is None or number <= self.lte) and (self.lt is None or number < self.lt))
+
+
+@dataclass(frozen=True)
+class FilterClause:
+    key: str
+    equals: Scalar | None = None
+    any_of: tuple[Scalar, ...] | None = None
+    range: NumberRange | None = None
+
+    def matches(self, metadata: dict[str, MetadataValue]) -> bool:
+        if self.key not in metadata:
+            return False
+        value = metadata[self.key]
+        if self.range is not None:
+            return _is_number(value) and self.range.holds(value)
+        wanted = (self.equals,) if self.any_of is None else self.any_of
+        if isinstance(value, list):
+            return any(isinstance(w, str) and w in value for w in wanted)
+        return any(_same(value, w) for w in wanted)
+
+
+@dataclass(frozen=True)
+class Filter:
+    clauses: tuple[FilterClause, ...]
+
+    def matches(self, metadata: dict[str, MetadataValue]) -> bool:
+        return all(clause.matches(metadata) for clause in self.clauses)
+
+    def sql(self, column: str = "metadata") -> tuple[str, list]:
+        """A WHERE condition over a JSON ``column`` and its parameters."""
+        parts, params = [], []
+        for clause in self.clauses:
+            path = f'$."{clause.key}"'  # keys are checked: no quotes or backslashes
+            if clause.range is not None:
+                tests = [f"json_type({column}, ?) IN ('integer', 'real')"]
+                params.append(path)
+                for bound, op in (("gte", ">="), ("gt", ">"), ("lte", "<="), ("lt", "<")):
+                    limit = getattr(clause.range, bound)
+                    if limit is not None:
+                        tests.append(f"json_extract({column}, ?) {op} ?")
+                        params += [path, limit]
+                parts.append("(" + " AND ".join(tests) + ")")
+                continue
+            alternatives = []
+            for value in (clause.equals,) if clause.any_of is None else clause.any_of:
+                sql, value_params = _equals_sql(column, path, value)
+                alternatives.append(sql)
+                params += value_params
+            parts.append("(" + " OR ".join(alternatives) + ")")
+        return " AND ".join(parts) or "1", params
+
+
+def _is_number(value) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool)
+
+
+def _same(value, wanted) -> bool:
+    if isinstance(wanted, bool) or isinstance(value, bool):
+        return isinstance(value, bool) and isinstance(wanted, bool) and value == wanted
+    if _is_number(wanted):
+        return _is_number(value) and value == wanted
+    return isinstance(value, str) and value == wanted
+
+
+def _equals_sql(column: str, path: str, value: Scalar) -> tuple[str, list]:
+    if isinstance(value, bool):
+        return f"json_type({column}, ?) = ?", [path, "true" if value else "false"]
+    if _is_number(value):
+        return f"(json_type({column}, ?) IN ('integer', 'real') AND json_extract({column}, ?) = ?)", [path, path, value]
+    sql = (f"((json_type({column}, ?) = 'text' AND json_extract({column}, ?) = ?) OR (json_type({column}, ?) = "
+           f"'array' AND EXISTS (SELECT 1 FROM json_each({column}, ?) WHERE json_each.value = ?)))")
+    return sql, [path, path, value, path, path, value]
+
+
+def _scalar(value: MetadataValue, where: str) -> Scalar:
+    if isinstance(value, list):
+        raise errors.InvalidArgument(f"{where}: compare with one string, number or boolean (any_of for several)")
+    if _is_number(value) and not math.isfinite(value):
+        raise errors.InvalidArgument(f"{where}: the number must be finite")
+    return value
+
+
+def check_filter(clauses: list[FilterClause]) -> Filter | None:
+    """Validate clauses built from a request; None when there are none."""
+    if not clauses:
+        return None
+    if len(clauses) > MAX_CLAUSES:
+        raise errors.InvalidArgument(f"filter: {len(clauses)} clauses; the limit is {MAX_CLAUSES}")
+    checked = []
+    for i, clause in enumerate(clauses):
+        where = f"filter clause {i} (key {clause.key[:40]!r})"
+        if not METADATA_KEY_PATTERN.match(clause.key):
+            raise errors.InvalidArgument(f"{where}: the key must be 1-128 letters, digits or _.:-")
+        tests = sum(t is not None for t in (clause.equals, clause.any_of, clause.range))
+        if tests != 1:
+            raise errors.InvalidArgument(f"{where}: set exactly one of equals, any_of, range")
+        if clause.equals is not None:
+            checked.append(FilterClause(clause.key, equals=_scalar(clause.equals, where)))
+        elif clause.any_of is not None:
+            if not clause.any_of or len(clause.any_of) > MAX_ANY_OF:
+                raise errors.InvalidArgument(f"{where}: any_of needs 1-{MAX_ANY_OF} values")
+            checked.append(FilterClause(clause.key, any_of=tuple(_scalar(v, where) for v in clause.any_of)))
+        else:
+            r = clause.range
+            bounds = [b for b in (r.gte, r.gt, r.lte, r.lt) if b is not None]
+            if not bounds:
+                raise errors.InvalidArgument(f"{where}: range needs at least one of gte, gt, lte, lt")
+            if not all(math.isfinite(b) for b in bounds):
+                raise errors.InvalidArgument(f"{where}: range bounds must be finite")
+            if (r.gte is not None and r.gt is not None) or (r.lte is not None and r.lt is not None):
+                raise errors.InvalidArgument(f"{where}: give one lower bound (gte or gt) and one upper (lte or lt)")
+            low, high = (r.gte if r.gte is not None else r.gt), (r.lte if r.lte is not None else r.lt)
+            if low is not None and high is not None and low > high:
+                raise errors.InvalidArgument(f"{where}: the lower bound {low} is above the upper bound {high}")
+            checked.append(clause)
+    return Filter(tuple(checked))
