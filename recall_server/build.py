@@ -155,3 +155,17 @@ def build_from_corpus(corpus: Path, out: Path, model: str = DEFAULT_EMBED_MODEL,
     )
     return build_index(corpus, out, embedder, policy, limits, limit=limit, shards=shards,
                        skip_invalid=skip_invalid, progress=progress, scan=scan)
+
+
+def cached_index(dataset: Path) -> Path:
+    """An index of a BEIR data set, built once and kept in the cache (evaluation and benchmarks share it)."""
+    import hashlib
+
+    from twostage.model_store import cache_dir
+
+    key = hashlib.sha256(str(dataset.resolve()).encode()).hexdigest()[:12]
+    index_dir = cache_dir().parent / "eval-indexes" / f"{dataset.name}-{key}"
+    if not (index_dir / "index.json").exists():
+        print(f"building an index of {dataset} into {index_dir}", flush=True)
+        build_from_corpus(dataset, index_dir)
+    return index_dir

@@ -32,6 +32,19 @@ CREATE TABLE IF NOT EXISTS docs (
 );
 CREATE INDEX IF NOT EXISTS docs_seq ON docs(seq);
 """
+# Live documents' metadata, a row per value (a list of strings: a row per item), indexed by key and value,
+# so a filter reads the documents that pass instead of parsing every document's JSON.
+_METADATA_SCHEMA = """
+CREATE TABLE doc_meta (
+    key INTEGER NOT NULL,              -- docs.key
+    name TEXT NOT NULL,
+    kind TEXT NOT NULL,                -- text, item (of a list of strings), number, bool
+    num REAL, txt TEXT
+);
+CREATE INDEX doc_meta_num ON doc_meta(name, kind, num);
+CREATE INDEX doc_meta_txt ON doc_meta(name, kind, txt);
+CREATE INDEX doc_meta_key ON doc_meta(key);
+"""
 # External content: the text lives once, in docs; FTS5 keeps only its inverted index.
 _LEXICAL_SCHEMA = """
 CREATE VIRTUAL TABLE docs_fts USING fts5(
@@ -64,6 +77,52 @@ class Change:
     vector: np.ndarray | None  # None: the document was deleted
 
 
+_INSERT_META = "INSERT INTO doc_meta (key, name, kind, num, txt) VALUES (?, ?, ?, ?, ?)"
+
+
+def _metadata_rows(key: int, metadata: dict) -> list[tuple]:
+    rows = []
+    for name, value in metadata.items():
+        if isinstance(value, bool):
+            rows.append((key, name, "bool", float(value), None))
+        elif isinstance(value, int | float):
+            rows.append((key, name, "number", float(value), None))
+        elif isinstance(value, list):
+            rows.extend((key, name, "item", None, str(item)) for item in value)
+        else:
+            rows.append((key, name, "text", None, str(value)))
+    return rows
+
+
+def _value_test(value) -> tuple[str, list]:
+    if isinstance(value, bool):
+        return "(kind = 'bool' AND num = ?)", [float(value)]
+    if isinstance(value, int | float):
+        return "(kind = 'number' AND num = ?)", [float(value)]
+    return "(kind IN ('text', 'item') AND txt = ?)", [value]
+
+
+def filter_sql(filter_: Filter) -> tuple[str, list]:
+    """A query for the keys of live documents that pass (the semantics are Filter.matches')."""
+    parts, params = [], []
+    for clause in filter_.clauses:
+        if clause.range is not None:
+            bounds = [(op, getattr(clause.range, name)) for name, op in
+                      (("gte", ">="), ("gt", ">"), ("lte", "<="), ("lt", "<")) if getattr(clause.range, name) is not None]
+            tests = " AND ".join(f"num {op} ?" for op, _ in bounds)
+            parts.append(f"SELECT DISTINCT key FROM doc_meta WHERE name = ? AND kind = 'number' AND {tests}")
+            params += [clause.key, *(limit for _, limit in bounds)]
+            continue
+        tests, values = [], []
+        for value in (clause.equals,) if clause.any_of is None else clause.any_of:
+            test, test_params = _value_test(value)
+            tests.append(test)
+            values += test_params
+        parts.append(f"SELECT DISTINCT key FROM doc_meta WHERE name = ? AND ({' OR '.join(tests)})")
+        params += [clause.key, *values]
+    return " INTERSECT ".join(parts), params
+
+
 def _in_chunks(values: list, size: int = 500):
     """(chunk, its "?,?,..." placeholders): SQLite bounds the parameters of one statement."""
     for start in range(0, len(values), size):
@@ -88,6 +147,7 @@ class DocStore:
             self._db.execute("PRAGMA synchronous=FULL")
             self._db.executescript(_SCHEMA)
             self._ensure_lexical()
+            self._ensure_metadata_table()
         self._lock = threading.Lock()
         # Searches read through their own connection: in WAL mode a reader never waits for a writer's
         # commit (fsync included), so a bulk upsert cannot hold searches back.
@@ -109,6 +169,20 @@ class DocStore:
                 self._rollback()
                 raise
 
+    def _ensure_metadata_table(self) -> None:
+        if self._db.execute("SELECT 1 FROM sqlite_master WHERE name = 'doc_meta'").fetchone():
+            return
+        self._db.execute("BEGIN IMMEDIATE")
+        try:
+            for statement in _METADATA_SCHEMA.strip().split(";\n"):
+                self._db.execute(statement)
+            for key, metadata in self._db.execute("SELECT key, metadata FROM docs WHERE deleted = 0").fetchall():
+                self._db.executemany(_INSERT_META, _metadata_rows(key, json.loads(metadata or "{}")))
+            self._db.execute("COMMIT")
+        except BaseException:
+            self._rollback()
+            raise
+
     @property
     def has_lexical(self) -> bool:
         with self._read_lock:
@@ -121,6 +195,10 @@ class DocStore:
                 "INSERT INTO docs_fts(docs_fts, rowid, title, text) SELECT 'delete', key, title, text FROM docs "
                 f"WHERE deleted = 0 AND doc_id IN ({marks})", part,
             )
+
+    def _forget_metadata(self, keys: list[int]) -> None:
+        for part, marks in _in_chunks(keys):
+            self._db.execute(f"DELETE FROM doc_meta WHERE key IN ({marks})", part)
 
     def _rollback(self) -> None:
         if self._db.in_transaction:  # SQLite may already have rolled back (a full disk does)
@@ -163,6 +241,9 @@ class DocStore:
                 ]
                 self._db.executemany("INSERT INTO docs_fts(rowid, title, text) VALUES (?, ?, ?)",
                                      [(key, d.title, d.text) for key, d in zip(keys, docs)])
+                self._forget_metadata(keys)
+                self._db.executemany(_INSERT_META, [row for key, d in zip(keys, docs)
+                                                    for row in _metadata_rows(key, d.metadata)])
                 self._db.execute("COMMIT")
             except sqlite3.OperationalError as error:
                 self._rollback()
@@ -195,6 +276,7 @@ class DocStore:
                     ).fetchone()
                     if row:
                         keys.append(row[0])
+                self._forget_metadata(keys)
                 self._db.execute("COMMIT")
             except sqlite3.OperationalError as error:
                 self._rollback()
@@ -246,10 +328,9 @@ class DocStore:
         match = lexical_query(query)
         if not match or k <= 0:
             return []
-        where, params = ("", []) if filter_ is None else filter_.sql("docs.metadata")
+        passing, params = ("", []) if filter_ is None else filter_sql(filter_)
         sql = (f"SELECT docs_fts.rowid, -bm25(docs_fts, {_TITLE_WEIGHT}, {_TEXT_WEIGHT}) FROM docs_fts "
-               + ("JOIN docs ON docs.key = docs_fts.rowid " if filter_ else "")
-               + "WHERE docs_fts MATCH ? " + (f"AND docs.deleted = 0 AND {where} " if filter_ else "")
+               "WHERE docs_fts MATCH ? " + (f"AND docs_fts.rowid IN ({passing}) " if filter_ else "")
                + "ORDER BY bm25(docs_fts, ?, ?) LIMIT ?")
         with self._read_lock:
             self._require_lexical()
@@ -262,18 +343,18 @@ class DocStore:
 
     def matching_keys(self, filter_: Filter, limit: int | None = None) -> list[int]:
         """Keys of live documents whose metadata passes the filter (at most ``limit``)."""
-        where, params = filter_.sql("metadata")
-        sql = f"SELECT key FROM docs WHERE deleted = 0 AND {where}" + (" LIMIT ?" if limit is not None else "")
+        passing, params = filter_sql(filter_)
+        sql = passing + (" LIMIT ?" if limit is not None else "")
         with self._read_lock:
             rows = self._reader.execute(sql, params + ([limit] if limit is not None else [])).fetchall()
         return [key for (key,) in rows]
 
     def passing(self, filter_: Filter, keys: list[int]) -> set[int]:
         """Which of these keys pass the filter."""
-        where, params = filter_.sql("metadata")
+        passing, params = filter_sql(filter_)
         found: set[int] = set()
         with self._read_lock:
             for part, marks in _in_chunks([int(k) for k in keys]):
                 found.update(k for (k,) in self._reader.execute(
-                    f"SELECT key FROM docs WHERE deleted = 0 AND key IN ({marks}) AND {where}", [*part, *params]))
+                    f"SELECT key FROM ({passing}) WHERE key IN ({marks})", [*params, *part]))
         return found

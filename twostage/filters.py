@@ -1,9 +1,9 @@
 """Metadata filters: a conjunction of typed clauses on metadata keys.
 
 One definition, three uses: checked at the edge (a malformed clause is
-INVALID_ARGUMENT naming it), turned into SQL over the store's JSON metadata,
-and evaluated in Python (``matches``), which states the semantics the SQL
-must agree with:
+INVALID_ARGUMENT naming it), run as SQL by the document store
+(recall_server/docstore.py), and evaluated in Python (``matches``), which
+states the semantics the SQL must agree with:
 
 - ``equals`` a string, number or boolean: the key holds that value (of that
   type), or holds a list of strings containing it;
@@ -64,29 +64,6 @@ class Filter:
     def matches(self, metadata: dict[str, MetadataValue]) -> bool:
         return all(clause.matches(metadata) for clause in self.clauses)
 
-    def sql(self, column: str = "metadata") -> tuple[str, list]:
-        """A WHERE condition over a JSON ``column`` and its parameters."""
-        parts, params = [], []
-        for clause in self.clauses:
-            path = f'$."{clause.key}"'  # keys are checked: no quotes or backslashes
-            if clause.range is not None:
-                tests = [f"json_type({column}, ?) IN ('integer', 'real')"]
-                params.append(path)
-                for bound, op in (("gte", ">="), ("gt", ">"), ("lte", "<="), ("lt", "<")):
-                    limit = getattr(clause.range, bound)
-                    if limit is not None:
-                        tests.append(f"json_extract({column}, ?) {op} ?")
-                        params += [path, limit]
-                parts.append("(" + " AND ".join(tests) + ")")
-                continue
-            alternatives = []
-            for value in (clause.equals,) if clause.any_of is None else clause.any_of:
-                sql, value_params = _equals_sql(column, path, value)
-                alternatives.append(sql)
-                params += value_params
-            parts.append("(" + " OR ".join(alternatives) + ")")
-        return " AND ".join(parts) or "1", params
-
 
 def _is_number(value) -> bool:
     return isinstance(value, int | float) and not isinstance(value, bool)
@@ -98,16 +75,6 @@ def _same(value, wanted) -> bool:
     if _is_number(wanted):
         return _is_number(value) and value == wanted
     return isinstance(value, str) and value == wanted
-
-
-def _equals_sql(column: str, path: str, value: Scalar) -> tuple[str, list]:
-    if isinstance(value, bool):
-        return f"json_type({column}, ?) = ?", [path, "true" if value else "false"]
-    if _is_number(value):
-        return f"(json_type({column}, ?) IN ('integer', 'real') AND json_extract({column}, ?) = ?)", [path, path, value]
-    sql = (f"((json_type({column}, ?) = 'text' AND json_extract({column}, ?) = ?) OR (json_type({column}, ?) = "
-           f"'array' AND EXISTS (SELECT 1 FROM json_each({column}, ?) WHERE json_each.value = ?)))")
-    return sql, [path, path, value, path, path, value]
 
 
 def _scalar(value: MetadataValue, where: str) -> Scalar:

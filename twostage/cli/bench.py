@@ -7,7 +7,7 @@ from pathlib import Path
 def register(commands) -> None:
     parser = commands.add_parser("bench", help="throughput and latency against the raw onnxruntime ceiling")
     kinds = parser.add_subparsers(dest="kind", required=True)
-    for kind in ("rerank", "embed", "gateway", "resilience"):
+    for kind in ("rerank", "embed", "gateway", "resilience", "recall"):
         sub = kinds.add_parser(kind)
         sub.add_argument("--json", type=Path, default=None, help="write the report here")
         sub.add_argument("--quick", action="store_true", help="a reduced run, under a minute")
@@ -16,7 +16,8 @@ def register(commands) -> None:
             "--batch-invariant", choices=["true", "false"], default=None,
             help="override the runtime setting for the ceiling and the server alike",
         )
-        sub.set_defaults(run={"rerank": _rerank, "embed": _embed, "gateway": _gateway, "resilience": _resilience}[kind])
+        sub.set_defaults(run={"rerank": _rerank, "embed": _embed, "gateway": _gateway, "resilience": _resilience,
+                              "recall": _recall}[kind])
         if kind == "rerank":
             sub.add_argument("--queries", type=int, default=10, help="queries, each with --candidates documents")
             sub.add_argument("--candidates", type=int, default=50)
@@ -29,6 +30,9 @@ def register(commands) -> None:
             sub.add_argument("--port", type=int, default=50191, help="base port of the stack it starts")
         elif kind == "embed":
             sub.add_argument("--docs", type=int, default=400)
+        elif kind == "recall":
+            sub.add_argument("--recall-k", type=int, default=100, help="candidates per search")
+            sub.add_argument("--dims", type=int, default=384, help="dimensions of the synthetic filtered index")
         else:
             sub.add_argument("--recall-k", type=int, default=20, help="candidates per search")
             sub.add_argument("--budget-ms", type=int, default=1000)
@@ -70,3 +74,10 @@ def _resilience(args) -> None:
 
     _apply_overrides(args)
     asyncio.run(run(args))
+
+
+def _recall(args) -> None:
+    from bench.recall import run
+
+    _apply_overrides(args)
+    run(args)

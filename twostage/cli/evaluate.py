@@ -1,7 +1,6 @@
 """``twostage eval``: nDCG, MRR and recall of every stage on a BEIR data set."""
 
 import asyncio
-import hashlib
 from pathlib import Path
 
 from twostage.connect import PLAINTEXT, add_credential_flags, credentials_from_args
@@ -108,16 +107,12 @@ def run(args) -> None:
 
 async def _with_local_stack(args, measure) -> dict:
     """Build (once, cached) an index of the data set and serve it for the run."""
-    from recall_server.build import build_from_corpus
-    from twostage.model_store import cache_dir, fetch_defaults
+    from recall_server.build import cached_index
+    from twostage.model_store import fetch_defaults
     from twostage.stack import Stack
 
     fetch_defaults()
-    key = hashlib.sha256(str(args.dataset.resolve()).encode()).hexdigest()[:12]
-    index_dir = cache_dir().parent / "eval-indexes" / f"{args.dataset.name}-{key}"
-    if not (index_dir / "index.json").exists():
-        print(f"building an index of {args.dataset} into {index_dir}", flush=True)
-        await asyncio.to_thread(build_from_corpus, args.dataset, index_dir)
+    index_dir = await asyncio.to_thread(cached_index, args.dataset)
     stack = Stack("127.0.0.1", args.port, str(index_dir))
     try:
         await stack.start(300)

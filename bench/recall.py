@@ -1,0 +1,99 @@
+"""``twostage bench recall``: what lexical search and fusion add to a recall search on a real index, and
+filtered dense search on a large synthetic index (random vectors), checked exact against brute force."""
+
+import asyncio
+import shutil
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+from bench.report import machine, write_json
+from bench.workload import default_dataset
+from recall_server.build import cached_index
+from recall_server.config import RecallSettings
+from recall_server.index import DocumentIndex
+from recall_server.service import RecallService
+from twostage.corpus import Document, read_queries
+from twostage.filters import FilterClause, check_filter
+from twostage.model_store import fetch_defaults
+
+MODES = ("dense", "lexical", "hybrid")
+
+
+async def mode_latency(index_dir: Path, queries: list[str], k: int) -> dict:
+    """Per-search time of each mode, the embedding included; the modes take turns query by query."""
+    service = RecallService(RecallSettings(port=0, index_dir=index_dir))
+    await service.start()
+    try:
+        times: dict[str, list[float]] = {mode: [] for mode in MODES}
+        for query in queries:
+            for mode in MODES:
+                start = time.perf_counter()
+                await service.search(query, k, mode=mode)
+                times[mode].append(1000 * (time.perf_counter() - start))
+    finally:
+        await service.close()
+    p50 = {mode: round(statistics.median(t), 3) for mode, t in times.items()}
+    return {"queries": len(queries), "k": k, "p50_ms": p50,
+            "hybrid_added_p50_ms": round(p50["hybrid"] - p50["dense"], 3)}
+
+
+def filtered_search(docs: int, dims: int, queries: int, k: int, seed: int = 11) -> dict:
+    """p50 of filtered searches at 1% and 50% selectivity; every answer compared with brute force."""
+    rng = np.random.default_rng(seed)
+    vectors = rng.standard_normal((docs, dims)).astype(np.float32)
+    work = Path(tempfile.mkdtemp(prefix="twostage-bench-filter-"))
+    try:
+        index = DocumentIndex.create(work / "index", "random", dims, save_every_writes=10**9)
+        start = time.perf_counter()
+        for first in range(0, docs, 5000):
+            part = range(first, min(first + 5000, docs))
+            index.upsert([Document(f"d{i}", "", "", {"bucket": i % 100, "half": i % 2 == 0}) for i in part],
+                         vectors[first:part.stop])
+        build_s = time.perf_counter() - start
+        report = {"docs": docs, "dims": dims, "k": k, "build_s": round(build_s, 1)}
+        for name, clause in (("1%", FilterClause("bucket", equals=7)), ("50%", FilterClause("half", equals=True))):
+            filter_ = check_filter([clause])
+            passing = np.asarray([i for i in range(docs) if filter_.matches({"bucket": i % 100, "half": i % 2 == 0})])
+            unit = vectors[passing] / np.linalg.norm(vectors[passing], axis=1, keepdims=True)
+            times, exact, found = [], 0, 0
+            for _ in range(queries):
+                query = rng.standard_normal(dims).astype(np.float32)
+                start = time.perf_counter()
+                hits = index.search(query, k, filter_)
+                times.append(1000 * (time.perf_counter() - start))
+                got = [int(doc.id[1:]) for doc, _ in hits]
+                truth = passing[np.argsort(-(unit @ query))[:k]].tolist()
+                exact += got == truth
+                found += len(set(got) & set(truth))
+            report[name] = {"p50_ms": round(statistics.median(times), 3), "exact_answers": f"{exact}/{queries}",
+                            "recall_at_k": round(found / (k * queries), 4), "passing_docs": len(passing),
+                            "path": "exact" if len(passing) <= index.filter_exact_max_docs else "graph"}
+        index.close()
+        return report
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+
+def run(args) -> dict:
+    fetch_defaults(log=lambda message: None)
+    dataset = args.dataset or default_dataset()
+    index_dir = cached_index(dataset)
+    queries = list(read_queries(dataset).values())[: 50 if args.quick else 300]
+    print(f"recall modes on {dataset.name}: {len(queries)} queries each ...", flush=True)
+    modes = asyncio.run(mode_latency(index_dir, queries, args.recall_k))
+    docs = 20_000 if args.quick else 100_000
+    print(f"filtered search on {docs:,} random {args.dims}-d vectors ...", flush=True)
+    filtered = filtered_search(docs, args.dims, 20 if args.quick else 100, 10)
+    report = {"machine": machine(), "dataset": dataset.name, "modes": modes, "filtered": filtered}
+    print("\nrecall p50 (embedding included): " + ", ".join(f"{m} {v} ms" for m, v in modes["p50_ms"].items())
+          + f"; hybrid adds {modes['hybrid_added_p50_ms']} ms to dense (target <= 5)")
+    for name in ("1%", "50%"):
+        row = filtered[name]
+        print(f"filtered search, {name} of {docs:,} pass ({row['path']}): p50 {row['p50_ms']} ms, "
+              f"{row['exact_answers']} equal to brute force, recall@10 {row['recall_at_k']}")
+    write_json(args.json, report)
+    return report
