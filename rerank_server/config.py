@@ -21,6 +21,11 @@ class RerankSettings(ServiceSettings, RuntimeSettings, BatchingSettings):
         description="Tokens per (query, document) pair; documents are truncated to fit. 256 keeps "
         "nearly all of a typical abstract at half the cost of 512.",
     )
+    score_cache_mb: float = Field(
+        64.0, ge=0,
+        description="Bound of the pair-score cache (LRU; about 200 bytes a pair, so 64 MB holds ~300,000 pairs). "
+        "0 turns it off. A request can bypass it.",
+    )
     max_query_chars: int = Field(2048, ge=1, description="Longest query accepted.")
     max_documents: int = Field(1000, ge=1, description="Most documents in one request.")
     max_document_chars: int = Field(100_000, ge=1, description="Longest document accepted.")

@@ -17,7 +17,8 @@ class CrossEncoder:
         self.max_length = min(max_length, self.manifest.max_length)
         # A longer query is cut to this many tokens, so every document keeps at least half the window.
         self.max_query_tokens = self.max_length // 2
-        self.session = create_session(Path(model_dir) / self.manifest.onnx_file, runtime)
+        self.model_file = Path(model_dir) / self.manifest.onnx_file
+        self.session = create_session(self.model_file, runtime)
         self.tokenizer = load_tokenizer(model_dir, self.max_length, pair_truncation=True)
         # Counting a query's tokens must not go through pair truncation, which fails on a lone long text.
         self._query_tokenizer = load_tokenizer(model_dir, self.max_length)

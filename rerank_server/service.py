@@ -6,10 +6,11 @@ from dataclasses import dataclass, field
 
 from rerank_server.config import RerankSettings
 from rerank_server.cross_encoder import CrossEncoder
+from rerank_server.score_cache import PairScoreCache
 from twostage import errors
 from twostage.batching import BatchPolicy, DynamicBatcher
 from twostage.metrics import watch_batcher
-from twostage.model_store import resolve_model
+from twostage.model_store import resolve_model, sha256_of
 from twostage.runtime import choose_providers
 
 
@@ -20,6 +21,7 @@ class RerankQuery:
     top_n: int = 0
     model: str = ""
     deadline_s: float | None = None
+    bypass_cache: bool = False
 
 
 @dataclass(frozen=True)
@@ -29,6 +31,7 @@ class RerankOutcome:
     queue_items: int
     timings_ms: dict[str, float] = field(default_factory=dict)
     query_truncated: bool = False
+    cached: int = 0  # pairs answered from the cache or from an identical pair in flight
 
 
 class RerankService:
@@ -36,12 +39,16 @@ class RerankService:
         self.settings = settings
         self.model = model
         self.batcher: DynamicBatcher | None = None
+        self.cache: PairScoreCache | None = None
 
     async def start(self) -> None:
         if self.model is None:
             self.model = await asyncio.to_thread(
                 CrossEncoder, resolve_model(self.settings.model), self.settings, self.settings.max_length
             )
+        if self.settings.score_cache_mb > 0:
+            identity = await asyncio.to_thread(self._model_identity)
+            self.cache = PairScoreCache(int(self.settings.score_cache_mb * 2**20), identity)
         self.batcher = DynamicBatcher("rerank", self.model.score, BatchPolicy.from_settings(self.settings))
         watch_batcher(self.batcher)
         self.batcher.start()
@@ -65,31 +72,85 @@ class RerankService:
         if request.model and request.model != self.model.name:
             raise errors.InvalidArgument(f"unknown model {request.model!r}; this server serves {self.model.name!r}")
 
+    def _model_identity(self) -> str:
+        """What a score depends on besides the text: the model file, how much of a pair it reads, the graph."""
+        model_file = getattr(self.model, "model_file", None)
+        digest = sha256_of(model_file) if model_file else self.model.name
+        return f"{digest}:{self.model.max_length}:{self.model.max_query_tokens}:{self.settings.batch_invariant}"
+
+    async def _compute(self, query: str, documents: list[str], deadline_s: float | None, timings: dict) -> tuple:
+        """Scores from the model: (scores, tokens)."""
+        started = time.perf_counter()
+        pairs, _ = await asyncio.to_thread(self.model.encode, query, documents)
+        timings["tokenize_ms"] = timings.get("tokenize_ms", 0.0) + 1000 * (time.perf_counter() - started)
+        done = await self.batcher.submit(pairs, [p.length for p in pairs], deadline_s)
+        timings["queue_ms"], timings["compute_ms"] = done.queue_ms, done.compute_ms
+        return [float(v) for v in done.values], sum(p.length for p in pairs)
+
     async def rerank(self, request: RerankQuery) -> RerankOutcome:
         if self.batcher is None:
             raise errors.NotReady("rerank server is still loading its model")
         started = time.perf_counter()
         self.validate(request)
-        pairs, query_truncated = await asyncio.to_thread(self.model.encode, request.query, request.documents)
-        tokenized = time.perf_counter()
-        done = await self.batcher.submit(pairs, [p.length for p in pairs], request.deadline_s)
-        ranked = sorted(enumerate(map(float, done.values)), key=lambda pair: -pair[1])
+        timings = {"tokenize_ms": 0.0, "queue_ms": 0.0, "compute_ms": 0.0}
+        query, query_truncated = await asyncio.to_thread(self.model.fit_query, request.query)
+        timings["tokenize_ms"] = 1000 * (time.perf_counter() - started)
+        documents = request.documents
+        if self.cache is None or request.bypass_cache:
+            values, tokens = await self._compute(query, documents, request.deadline_s, timings)
+            scores, cached = dict(enumerate(values)), 0
+        else:
+            scores, tokens, computed = await self._cached_scores(query, documents, request.deadline_s, timings)
+            cached = len(documents) - computed
+        ranked = sorted(scores.items(), key=lambda pair: -pair[1])
         if request.top_n:
             ranked = ranked[: request.top_n]
         return RerankOutcome(
             ranked=ranked,
-            tokens=sum(p.length for p in pairs),
+            tokens=tokens,
             queue_items=self.batcher.queued_items,
             timings_ms={
-                "tokenize_ms": 1000 * (tokenized - started),
-                "queue_ms": done.queue_ms,
-                "compute_ms": done.compute_ms,
+                **timings,
                 # What one pair costs the model now: callers model this replica's service time with it.
                 "model_ms_per_pair": self.batcher.ms_per_item,
                 "total_ms": 1000 * (time.perf_counter() - started),
             },
             query_truncated=query_truncated,
+            cached=cached,
         )
+
+    async def _cached_scores(self, query: str, documents: list[str], deadline_s: float | None, timings: dict):
+        """Scores from the cache, from identical pairs in flight, and from the model for the rest:
+        (position -> score, tokens computed, pairs computed here)."""
+        cache = self.cache
+        keys = [cache.key(query, document) for document in documents]
+        scores, awaited, computed = cache.split(keys)
+        tokens = 0
+        if computed:
+            mine = [keys[i] for i in computed]
+            try:
+                values, tokens = await self._compute(query, [documents[i] for i in computed], deadline_s, timings)
+            except BaseException as error:
+                cache.finish(mine, None, error)
+                raise
+            cache.finish(mine, values)
+            scores.update(zip(computed, values))
+        if awaited:
+            results = await asyncio.gather(*awaited.values(), return_exceptions=True)
+            redo = []
+            for position, result in zip(awaited, results):
+                if isinstance(result, errors.ModelFailure):
+                    raise result  # the model failed on this very pair
+                if isinstance(result, BaseException):
+                    redo.append(position)  # the caller computing it went away: compute it here
+                else:
+                    scores[position] = result
+            if redo:
+                values, more = await self._compute(query, [documents[i] for i in redo], deadline_s, timings)
+                scores.update(zip(redo, values))
+                tokens += more
+                computed = [*computed, *redo]
+        return scores, tokens, len(computed)
 
     def info(self) -> dict:
         s = self.settings

@@ -25,6 +25,7 @@ class RerankServicer(rerank_pb2_grpc.RerankServicer):
                 top_n=request.top_n,
                 model=request.model,
                 deadline_s=deadline_of(context),
+                bypass_cache=request.bypass_cache,
             )
         )
         results = [rerank_pb2.RerankResult(index=i, score=s) for i, s in outcome.ranked]
@@ -35,6 +36,7 @@ class RerankServicer(rerank_pb2_grpc.RerankServicer):
             tokens=outcome.tokens,
             queue_items=outcome.queue_items,
             query_truncated=outcome.query_truncated,
+            cached=outcome.cached,
         )
 
     @translate_errors

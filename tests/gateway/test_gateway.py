@@ -91,7 +91,7 @@ async def slow_rerank_target(slow_reranker):
     from rerank_server.service import RerankService
     from rerank_server.servicer import build_server as build_rerank
 
-    settings = RerankSettings(port=0)
+    settings = RerankSettings(port=0, score_cache_mb=0)
     server = build_rerank(RerankService(settings, model=slow_reranker(settings, delay_s=0.25)))
     yield f"127.0.0.1:{await server.start()}"
     await server.stop(grace_s=0)

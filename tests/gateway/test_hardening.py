@@ -38,7 +38,7 @@ async def servers():
         return server, f"127.0.0.1:{port}"
 
     async def rerank(model=None, **settings):
-        service = RerankService(RerankSettings(port=0, **settings), model=model)
+        service = RerankService(RerankSettings(port=0, score_cache_mb=0, **settings), model=model)
         server = build_rerank(service)
         port = await server.start()
         started.append(server)
@@ -92,7 +92,7 @@ async def test_bad_requests_are_refused_at_the_edge(gateway_target, fields, mess
 
 async def test_a_failing_replica_is_ejected_for_eject_s_then_returns(servers, recall_target, flaky_reranker):
     gateway, rerank = servers
-    flaky_settings = RerankSettings(port=0)
+    flaky_settings = RerankSettings(port=0, score_cache_mb=0)
     flaky_model = flaky_reranker(flaky_settings)
     flaky, flaky_target = await rerank(model=flaky_model)
     _, healthy_target = await rerank()

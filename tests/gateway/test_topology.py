@@ -104,7 +104,7 @@ async def test_a_stopped_shard_degrades_to_recall_partial(stack, gateway):
 
 
 async def test_a_slow_replica_still_answers_within_budget(rerank_target, recall_target, gateway, slow_reranker):
-    settings = RerankSettings(port=0)
+    settings = RerankSettings(port=0, score_cache_mb=0)
     slow = build_rerank(RerankService(settings, model=slow_reranker(settings, delay_s=1.0)))
     slow_target = f"127.0.0.1:{await slow.start()}"
     try:

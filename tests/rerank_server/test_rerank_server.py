@@ -106,7 +106,7 @@ async def test_overload_is_shed_with_resource_exhausted(slow_reranker):
     from rerank_server.service import RerankService
     from rerank_server.servicer import build_server
 
-    settings = RerankSettings(port=0, max_queue_items=4, max_batch_size=1, pipeline_depth=1)
+    settings = RerankSettings(port=0, score_cache_mb=0, max_queue_items=4, max_batch_size=1, pipeline_depth=1)
     service = RerankService(settings, model=slow_reranker(settings, delay_s=0.5))
     server = build_server(service)
     port = await server.start()
@@ -127,7 +127,7 @@ async def test_an_item_whose_deadline_passes_in_the_queue_is_dropped_uncomputed(
     from rerank_server.service import RerankService
     from rerank_server.servicer import build_server
 
-    settings = RerankSettings(port=0, max_batch_size=1, pipeline_depth=1)
+    settings = RerankSettings(port=0, score_cache_mb=0, max_batch_size=1, pipeline_depth=1)
     model = slow_reranker(settings, delay_s=1.0)
     service = RerankService(settings, model=model)
     server = build_server(service)

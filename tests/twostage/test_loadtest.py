@@ -24,7 +24,7 @@ async def test_fixed_rate_against_recall(recall_target):
 
 async def test_schedule_is_kept_when_the_server_is_slow(slow_reranker):
     """Each batch takes 0.3 s; requests still leave on time and queueing shows in latency."""
-    settings = RerankSettings(port=0, max_batch_size=1, pipeline_depth=1)
+    settings = RerankSettings(port=0, score_cache_mb=0, max_batch_size=1, pipeline_depth=1)
     server = build_server(RerankService(settings, model=slow_reranker(settings, delay_s=0.3)))
     target = f"127.0.0.1:{await server.start()}"
     try:

@@ -28,7 +28,7 @@ async def wait_until(condition, timeout_s: float = 30.0) -> None:
 
 
 async def test_a_stuck_model_turns_the_server_not_serving_and_back(slow_reranker):
-    settings = RerankSettings(port=0, watchdog_s=1)
+    settings = RerankSettings(port=0, score_cache_mb=0, watchdog_s=1)
     model = slow_reranker(settings, delay_s=0.0)
     server = build_server(RerankService(settings, model=model))
     port = await server.start()
