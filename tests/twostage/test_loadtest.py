@@ -73,3 +73,15 @@ def test_a_load_test_whose_requests_all_fail_exits_non_zero(capsys):
     code = main(["loadtest", "--target", "127.0.0.1:1", "--rate-rps", "10", "--duration-s", "0.3", "--timeout-s", "2"])
     assert code == 1
     assert "every request failed (UNAVAILABLE:" in capsys.readouterr().err
+
+
+def test_a_zipf_stream_repeats_the_head_as_s_grows():
+    from twostage.evaluation.loadtest import zipf_stream
+
+    queries = [f"q{i}" for i in range(200)]
+    uniform, skewed = zipf_stream(queries, 2000, 0.0, seed=1), zipf_stream(queries, 2000, 1.2, seed=1)
+    head = {q: skewed.count(q) for q in queries[:3]}
+    assert skewed.count("q0") > skewed.count("q1") > skewed.count("q9") > 0  # popularity follows the rank
+    assert len(set(skewed)) < len(set(uniform))  # more repetition, fewer distinct queries
+    assert max(uniform.count(q) for q in queries) < min(head.values())
+    assert zipf_stream(queries, 50, 1.0, seed=3) == zipf_stream(queries, 50, 1.0, seed=3)  # reproducible

@@ -5,7 +5,7 @@ import json
 import sys
 from pathlib import Path
 
-from twostage.cli.args import non_negative_int, positive_float, positive_int
+from twostage.cli.args import non_negative_float, non_negative_int, positive_float, positive_int
 from twostage.cli.client import add_target_flag
 from twostage.connect import credentials_from_args
 from twostage.corpus import DEMO_CORPUS
@@ -17,6 +17,10 @@ def register(commands) -> None:
     parser.add_argument("--stage", choices=["gateway", "recall", "rerank"], default="gateway")
     parser.add_argument("--queries", type=Path, default=DEMO_CORPUS / "queries.jsonl",
                         help="BEIR queries.jsonl or a text file with one query per line")
+    parser.add_argument("--zipf", type=non_negative_float, default=None, metavar="S",
+                        help="replay --queries with Zipf(S) repetition: the i-th query is sent with probability "
+                        "proportional to 1/i^S (0: uniform at random); without it queries go round in order")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the --zipf draw")
     parser.add_argument("--rate-rps", type=positive_float, default=2.0)
     parser.add_argument("--duration-s", type=positive_float, default=30.0, help="at most 600")
     parser.add_argument("--max-requests", type=positive_int, default=10_000)
@@ -56,6 +60,12 @@ def run(args) -> int:
     from twostage.evaluation.loadtest import find_max_rate, run_load
 
     queries = load_queries(args.queries)
+    if args.zipf is not None:
+        from twostage.evaluation.loadtest import zipf_stream
+
+        queries = zipf_stream(queries, args.max_requests, args.zipf, args.seed)
+        print(f"Zipf({args.zipf:g}) stream: {len(set(queries))} distinct queries in the first {len(queries)}",
+              file=sys.stderr)
     common = {
         "poisson": args.poisson, "timeout_s": args.timeout_s, "top_k": args.top_k, "recall_k": args.recall_k,
         "budget_ms": args.budget_ms,

@@ -13,6 +13,7 @@ from collections import Counter
 from dataclasses import dataclass, field
 
 import grpc
+import numpy as np
 from hdrh.histogram import HdrHistogram
 from tqdm import tqdm
 
@@ -105,6 +106,16 @@ def make_caller(channel: grpc.aio.Channel, stage: str, top_k: int, recall_k: int
             return [], None
 
     return call
+
+
+def zipf_stream(queries: list[str], count: int, s: float, seed: int = 0) -> list[str]:
+    """``count`` queries drawn with Zipf popularity: the i-th (1-based) with probability proportional to
+    1 / i**s, so the head repeats as real query streams do; s = 0 draws uniformly."""
+    if not queries:
+        raise ValueError("no queries to draw from")
+    weights = 1.0 / np.arange(1, len(queries) + 1) ** s
+    picks = np.random.default_rng(seed).choice(len(queries), size=count, p=weights / weights.sum())
+    return [queries[i] for i in picks]
 
 
 async def run_load(target: str, stage: str, queries: list[str], rate_rps: float, duration_s: float,
