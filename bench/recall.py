@@ -101,7 +101,7 @@ def run(args) -> dict:
     print(f"recall modes on {dataset.name}: {len(queries)} queries each ...", flush=True)
     modes = asyncio.run(mode_latency(index_dir, queries, args.recall_k))
     docs = 20_000 if args.quick else 100_000
-    print(f"filtered search on {docs:,} random {args.dims}-d vectors ...", flush=True)
+    print(f"filtered search on {docs:,} clustered random {args.dims}-d vectors ...", flush=True)
     filtered = filtered_search(docs, args.dims, 20 if args.quick else 100, 10)
     report = {"machine": machine(), "dataset": dataset.name, "modes": modes, "filtered": filtered}
     print("\nrecall p50 (embedding included): " + ", ".join(f"{m} {v} ms" for m, v in modes["p50_ms"].items())

@@ -3,6 +3,7 @@ on the same model file and the same pairs, in one run."""
 
 import asyncio
 import os
+import statistics
 import subprocess
 import sys
 import time
@@ -61,6 +62,13 @@ class RerankServerProcess:
         self.process.terminate()
         await asyncio.to_thread(self.process.wait, 60)
 
+    def cache_bytes(self) -> tuple[float, int]:
+        """(bytes the pair-score cache holds, its bound)."""
+        text = urllib.request.urlopen(self.metrics_url, timeout=10).read().decode()
+        held = next((s.value for f in text_string_to_metric_families(text) for s in f.samples
+                     if s.name == "twostage_rerank_cache_bytes"), 0.0)
+        return held, int(RerankSettings().score_cache_mb * 2**20)
+
     def batch_stats(self) -> dict:
         text = urllib.request.urlopen(self.metrics_url, timeout=10).read().decode()
         samples = {}
@@ -85,25 +93,28 @@ class RerankServerProcess:
         }
 
 
-async def drive(target: str, workload: list[RerankRequest], clients: int, requests: int) -> dict:
-    """``clients`` concurrent callers send ``requests`` in all; returns throughput and latencies."""
+async def drive(target: str, workload: list[RerankRequest], clients: int, requests: int,
+                bypass_cache: bool = True) -> dict:
+    """``clients`` concurrent callers send ``requests`` in all; returns throughput and latencies. The model is
+    measured with the pair-score cache bypassed (the workload repeats); the cache section turns it on."""
     import grpc
 
     from twostage.v1 import rerank_pb2, rerank_pb2_grpc
 
-    latencies, in_server_ms, queue_ms, errors = [], [], [], {}
-    pairs = 0
+    latencies, in_server_ms, queue_ms, handler_ms, errors = [], [], [], [], {}
+    pairs = cached = 0
     next_index = iter(range(requests))
     async with grpc.aio.insecure_channel(target) as channel:
         stub = rerank_pb2_grpc.RerankStub(channel)
 
         async def client():
-            nonlocal pairs
+            nonlocal pairs, cached
             for i in next_index:
                 request = workload[i % len(workload)]
                 start = time.perf_counter()
                 try:
-                    reply = await stub.Rerank(rerank_pb2.RerankRequest(query=request.query, documents=request.documents))
+                    reply = await stub.Rerank(rerank_pb2.RerankRequest(query=request.query, documents=request.documents,
+                                                                       bypass_cache=bypass_cache))
                 except grpc.aio.AioRpcError as error:
                     errors[error.code().name] = errors.get(error.code().name, 0) + 1
                     continue
@@ -111,12 +122,15 @@ async def drive(target: str, workload: list[RerankRequest], clients: int, reques
                 # Server time beyond tokenizing: queueing plus the model's batches.
                 in_server_ms.append(reply.timings_ms["total_ms"] - reply.timings_ms["tokenize_ms"])
                 queue_ms.append(reply.timings_ms["queue_ms"])
+                handler_ms.append(reply.timings_ms["total_ms"])
                 pairs += len(reply.results)
+                cached += reply.cached
 
         start = time.perf_counter()
         await asyncio.gather(*(client() for _ in range(clients)))
         wall = time.perf_counter() - start
     return {"pairs_per_s": pairs / wall, "latency_ms": percentiles_ms(latencies), "errors": errors,
+            "pairs": pairs, "cached_pairs": cached, "handler_ms": handler_ms,
             "batcher_p50_ms": sorted(in_server_ms)[len(in_server_ms) // 2] if in_server_ms else 0.0,
             "queue_p50_ms": sorted(queue_ms)[len(queue_ms) // 2] if queue_ms else 0.0}
 
@@ -145,6 +159,8 @@ async def run(args) -> dict:
         lone = await drive(server.target, singles, 1, len(singles))
         saturated = await drive(server.target, workload, clients, load_requests)
         stats = server.batch_stats()
+        cache = await cache_section(server, args.dataset or default_dataset(), 12 if args.quick else 60,
+                                    10 if args.quick else 20, clients)
 
     peers = {}
     for peer in ("sentence-transformers", "infinity"):
@@ -182,6 +198,7 @@ async def run(args) -> dict:
             "max_wait_ms": settings.max_wait_ms,
         },
         "batching": stats,
+        "cache": cache,
         "peers": {
             name: (round(v, 2) if isinstance(v, float) else v) for name, v in peers.items()
         },
@@ -203,6 +220,38 @@ async def run(args) -> dict:
           f"queue before its batch ran: p50 {lone['queue_p50_ms']:.2f} ms")
     print(f"  batches: mean size {stats['mean_batch_size']:.1f}, padding waste {stats['padding_waste']:.1%}, "
           f"shed {stats['shed_items']:.0f}")
+    print(f"  pair-score cache, Zipf(1.0) stream of {cache['requests']} requests: hit rate {cache['hit_rate']:.1%}, "
+          f"speedup {cache['speedup']:.2f}x, efficiency {cache['efficiency']:.2f} (target >= 0.9); a fully cached "
+          f"request of 50 pairs: {cache['cached_50_pairs_server_ms']:.2f} ms at the server (target <= 2); "
+          f"{cache['bytes']:,.0f} bytes held of {cache['max_bytes']:,}")
     write_json(args.json, report)
     return report
+
+
+async def cache_section(server: "RerankServerProcess", dataset, requests: int, candidates: int,
+                        clients: int) -> dict:
+    """A Zipf(1.0) stream over the data set's queries, each with its candidates: pairs/s with the cache
+    bypassed, then with it (starting empty), on one server."""
+    from twostage.evaluation.loadtest import zipf_stream
+
+    queries = rerank_workload(dataset, 300, candidates)
+    stream = zipf_stream(queries, requests, 1.0, seed=5)
+    print(f"cache: Zipf(1.0) stream of {requests} requests over {len(queries)} queries, off then on ...",
+          flush=True)
+    off = await drive(server.target, stream, clients, len(stream), bypass_cache=True)
+    on = await drive(server.target, stream, clients, len(stream), bypass_cache=False)
+    hit_rate = on["cached_pairs"] / on["pairs"]
+    speedup = on["pairs_per_s"] / off["pairs_per_s"]
+    fifty = [RerankRequest(queries[0].query,
+                           [f"{d} ({i})" for i, d in enumerate((queries[0].documents * 50)[:50])])]
+    await drive(server.target, fifty, 1, 1, bypass_cache=False)  # computed once: 50 pairs now cached
+    cached_run = await drive(server.target, fifty, 1, 5, bypass_cache=False)
+    bytes_held, max_bytes = server.cache_bytes()
+    return {"requests": requests, "distinct_queries": len({r.query for r in stream}), "candidates": candidates,
+            "pairs_per_s_off": round(off["pairs_per_s"], 2), "pairs_per_s_on": round(on["pairs_per_s"], 2),
+            "hit_rate": round(hit_rate, 4), "speedup": round(speedup, 3),
+            # 1.0 when every hit is free: the speedup the hit rate alone would give, achieved.
+            "efficiency": round(speedup * (1 - hit_rate), 3),
+            "cached_50_pairs_server_ms": round(statistics.median(cached_run["handler_ms"]), 3),
+            "bytes": bytes_held, "max_bytes": max_bytes}
 
