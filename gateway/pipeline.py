@@ -24,7 +24,7 @@ from gateway.degradation import Degradation, DegradationCode
 from gateway.fusion import DEFAULT_CALIBRATION, FUSIONS, Calibration, fuse, recall_part, relevance
 from gateway.metrics import observe_search
 from gateway.recall_tier import RecallShard
-from gateway.rerank_pool import RerankPool
+from gateway.rerank_pool import RerankOutcome, RerankPool
 from twostage import errors
 from twostage.corpus import Document, MetadataValue, document_text
 from twostage.filters import Filter
@@ -170,15 +170,19 @@ class SearchPipeline:
         recall_done = time.monotonic()
         result.timings_ms["recall_ms"] = 1000 * (recall_done - start)
         result.candidates = len(candidates)
-        scores = {}
-        if candidates and not q.skip_rerank:
-            scores = await self._rerank(q.query, candidates, deadline, request_id, result)
-        result.timings_ms["rerank_ms"] = 1000 * (time.monotonic() - recall_done)
-        result.reranked = len(scores)
         fusion = q.fusion or s.fusion
         alpha = s.fusion_alpha if q.fusion_alpha is None else q.fusion_alpha
-        hits = self._rank(candidates, scores, fusion, alpha, s.calibration,
-                          lexical=result.recall_mode in ("lexical", "hybrid"))[:top_k]
+        lexical = result.recall_mode in ("lexical", "hybrid")
+
+        def rank(scores: dict[int, float]) -> list[Hit]:
+            return self._rank(candidates, scores, fusion, alpha, s.calibration, lexical)
+
+        scores = {}
+        if candidates and not q.skip_rerank:
+            scores = await self._rerank(q.query, candidates, deadline, request_id, result, top_k, rank)
+        result.timings_ms["rerank_ms"] = 1000 * (time.monotonic() - recall_done)
+        result.reranked = len(scores)
+        hits = rank(scores)[:top_k]
         if q.score_threshold is not None:
             hits = [h for h in hits if h.score >= q.score_threshold]  # scores descend: this cuts a tail
         result.hits = hits
@@ -221,9 +225,13 @@ class SearchPipeline:
         return sorted(merged.values(), key=lambda c: -c.score)[:k]
 
     async def _rerank(
-        self, query: str, candidates: list[RecallCandidate], deadline: float, request_id: str, result: SearchResult
+        self, query: str, candidates: list[RecallCandidate], deadline: float, request_id: str, result: SearchResult,
+        top_k: int = 0, rank=None,
     ) -> dict[int, float]:
-        """Rerank the top candidates that fit in the time left; returns position -> rerank score."""
+        """Rerank the top candidates that fit in the time left; returns position -> rerank score. With
+        ``rerank_round_pairs`` set, in rounds: the first hits a frontend shows (``rerank_round_top_k``, at most
+        top_k), then more while the last round still placed a candidate among them (``rank`` orders
+        candidates by the scores so far)."""
         s = self.settings
         rerank_deadline = deadline - s.return_margin_ms / 1000
         remaining_ms = 1000 * (rerank_deadline - time.monotonic())
@@ -238,7 +246,12 @@ class SearchPipeline:
         # Index limits and rerank limits are set apart: cut a document rather than have it refused.
         max_chars = self.limits.rerank_max_document_chars
         documents = [document_text(Document(c.id, c.title, c.text))[:max_chars] for c in candidates[:depth]]
-        outcome = await self.rerank.rerank(query, documents, rerank_deadline, request_id)
+        watched = min(top_k or depth, s.rerank_round_top_k)
+        if s.rerank_round_pairs and rank is not None and watched < depth:
+            outcome, by_evidence = await self._rerank_in_rounds(query, documents, rerank_deadline, request_id,
+                                                                watched, rank)
+        else:
+            outcome, by_evidence = await self.rerank.rerank(query, documents, rerank_deadline, request_id), False
         for name, ms in outcome.timings_ms.items():
             result.timings_ms[f"rerank.{name}"] = ms
         if outcome.query_truncated:
@@ -251,9 +264,32 @@ class SearchPipeline:
             result.degrade(code, str(outcome.error))
             log.warning("request %s: %s: %s", request_id, code.value, outcome.error)
             return {}
-        if len(outcome.scores) < len(candidates):
+        if len(outcome.scores) < len(candidates) and not by_evidence:
             result.degrade(DegradationCode.RERANK_PARTIAL, f"{len(outcome.scores)} of {len(candidates)} reranked")
         return outcome.scores
+
+    async def _rerank_in_rounds(self, query: str, documents: list[str], deadline: float, request_id: str,
+                                top_k: int, rank) -> tuple[RerankOutcome, bool]:
+        """(the merged outcome, whether the rounds stopped because the last one changed nothing in the top_k).
+        The documents are the prefix the budget affords, so the budget still caps the rounds."""
+        merged = RerankOutcome()
+        end = min(top_k, len(documents))
+        start = 0
+        while True:
+            outcome = await self.rerank.rerank(query, documents[start:end], deadline, request_id)
+            merged.scores.update({start + i: score for i, score in outcome.scores.items()})
+            for name, ms in outcome.timings_ms.items():
+                merged.timings_ms[name] = merged.timings_ms.get(name, 0.0) + ms
+            merged.query_truncated |= outcome.query_truncated
+            merged.failed_slices += outcome.failed_slices
+            merged.error = outcome.error or merged.error
+            if outcome.error is not None or end >= len(documents):
+                return merged, False
+            if start >= top_k:  # after the first round: go on only while the last one reached the top_k
+                top = {hit.recall_rank - 1 for hit in rank(merged.scores)[:top_k]}
+                if not top & set(range(start, end)):
+                    return merged, True
+            start, end = end, min(end + self.settings.rerank_round_pairs, len(documents))
 
     @staticmethod
     def _rank(candidates: list[RecallCandidate], scores: dict[int, float], fusion: str, alpha: float,

@@ -60,7 +60,7 @@ def print_report(report: dict) -> None:
         row = report[name]
         print(f"  {name:10} {row['ndcg@10']:8.4f} {row['mrr@10']:8.4f} " + " ".join(f"{row[c]:11.4f}" for c in cutoffs))
     print(f"  latency: mean {report['latency_ms']['mean']:.1f} ms, p95 {report['latency_ms']['p95']:.1f} ms; "
-          f"degraded: {report['degraded'] or 'none'}")
+          f"degraded: {report['degraded'] or 'none'}; pairs reranked per query: {report['mean_reranked']}")
     print(f"  final top-10 came from recall positions: {report['promotion_depth']}")
     if "advice" in report:
         print(f"  {report['advice']}")

@@ -153,6 +153,8 @@ def summarise(answers: list[Answer], qrels, recall_k: int) -> dict:
         "latency_ms": {"mean": round(float(latencies.mean()), 2), "p95": round(float(np.percentile(latencies, 95)), 2)},
         "degraded": degraded,
         "queries": len(answers),
+        # Pairs the cross-encoder scored per query (rounds and budgets make it less than recall_k).
+        "mean_reranked": round(sum(h["rerank_score"] is not None for a in answers for h in a.hits) / len(answers), 3),
     }
 
 
