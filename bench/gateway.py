@@ -79,15 +79,19 @@ async def secured_overhead(index_dir: Path, port: int, queries: list[str], reque
             await stack.stop()
 
 
-def rerank_compute_s(metrics_port: int) -> float:
-    """Seconds the rerank model has spent computing, from the replica's own Prometheus endpoint."""
+def rerank_totals(metrics_port: int) -> tuple[float, float]:
+    """(seconds the rerank model has spent computing, pairs it has scored), from the replica's own
+    Prometheus endpoint."""
     import urllib.request
 
+    wanted = {'twostage_batch_compute_seconds_sum{batcher="rerank"}': 0.0,
+              'twostage_batcher_items_total{batcher="rerank"}': 0.0}
     with urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics", timeout=10) as response:
         for line in response.read().decode().splitlines():
-            if line.startswith('twostage_batch_compute_seconds_sum{batcher="rerank"}'):
-                return float(line.rsplit(" ", 1)[1])
-    return 0.0
+            name, _, value = line.rpartition(" ")
+            if name in wanted:
+                wanted[name] = float(value)
+    return tuple(wanted.values())
 
 
 async def run(args) -> dict:
@@ -111,12 +115,14 @@ async def run(args) -> dict:
         duration = 10 if args.quick else 40
         print(f"overload: {rate:.2f} rps (2x the {capacity:.2f} rps rerank sustains at recall_k "
               f"{args.recall_k}), budget {args.budget_ms} ms, {duration} s ...", flush=True)
-        busy_before, wall_before = await asyncio.to_thread(rerank_compute_s, rerank_metrics), time.perf_counter()
+        (busy_before, scored_before), wall_before = await asyncio.to_thread(rerank_totals, rerank_metrics), \
+            time.perf_counter()
         load = await run_load(stack.gateway_target, "gateway", queries, rate, duration, 10_000,
                               poisson=True, recall_k=args.recall_k, budget_ms=args.budget_ms,
                               timeout_s=args.budget_ms / 1000 * 3)
-        busy = await asyncio.to_thread(rerank_compute_s, rerank_metrics) - busy_before
-        utilization = busy / (time.perf_counter() - wall_before)
+        busy_after, scored_after = await asyncio.to_thread(rerank_totals, rerank_metrics)
+        utilization = (busy_after - busy_before) / (time.perf_counter() - wall_before)
+        scored = scored_after - scored_before
     finally:
         await stack.stop()
     print("gateway overhead with TLS and tokens ...", flush=True)
@@ -139,6 +145,9 @@ async def run(args) -> dict:
                      # What the tier can rerank per answer at this rate, capped at recall_k; mean_reranked
                      # should reach 0.85 of it.
                      "fair_share_pairs": round(min(args.recall_k, capacity * args.recall_k / rate), 3),
+                     # Pairs the model scored whose answer was not used (its caller's time ran out first).
+                     "pairs_scored": scored,
+                     "wasted_share": round(1 - overload["mean_reranked"] * overload["ok"] / scored, 3) if scored else 0,
                      "p99_within_budget_plus_5pct": overload["p99_ms"] is not None
                      and overload["p99_ms"] <= 1.05 * args.budget_ms,
                      "deadline_exceeded": overload["errors"].get("DEADLINE_EXCEEDED", 0)},
@@ -150,7 +159,8 @@ async def run(args) -> dict:
           f"client sees it ({secured['client_p50_ms']} vs {cost['client_p50_ms']} ms)")
     o = report["overload"]
     print(f"rerank tier {o['rerank_utilization']:.0%} busy; {o['mean_reranked']} candidates reranked per answer "
-          f"against a fair share of {o['fair_share_pairs']} (target >= 0.85 of it)")
+          f"against a fair share of {o['fair_share_pairs']} (target >= 0.85 of it); {o['wasted_share']:.1%} of "
+          f"the {o['pairs_scored']:.0f} pairs scored went unused")
     print(f"overload at {rate:.2f} rps: p50 {overload['p50_ms']} ms, p99 {overload['p99_ms']} ms "
           f"(budget {args.budget_ms} ms), errors {overload['errors'] or 'none'}, degraded {overload['degraded']}")
     write_json(args.json, report)

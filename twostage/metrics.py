@@ -55,7 +55,7 @@ class BatcherStatsCollector:
 
         counters = {
             "shed_items": "Items refused because the queue was full",
-            "expired_items": "Items dropped because their deadline passed while queued",
+            "expired_items": "Items dropped uncomputed: their deadline passed, or would before their batch finished",
             "failed_batches": "Batches whose model call raised",
             "batches": "Batches computed",
             "items": "Items computed",
