@@ -23,7 +23,8 @@ def register(commands) -> None:
     parser.add_argument("--stages", default="all", choices=["all", "recall"],
                         help="recall: evaluate recall alone, without reranking (seconds, not minutes)")
     parser.add_argument("--sweep", action="append", default=[], metavar="NAME=V1,V2",
-                        help="recall_k=20,50,100, alpha=0,0.5,0.7,1 and/or recall_mode=dense,lexical,hybrid "
+                        help="recall_k=20,50,100, alpha=0,0.5,0.7,1, recall_mode=dense,lexical,hybrid and/or "
+                        "max_length=128,192,256,384 (the reranker's truncation; restarts the local stack per length) "
                         "(repeatable)")
     parser.add_argument("--json", type=Path, default=None)
     parser.add_argument("--plot", type=Path, default=None, help="PNG of the sweeps")
@@ -39,13 +40,15 @@ def parse_sweeps(items: list[str]) -> dict[str, list]:
     sweeps: dict[str, list] = {}
     for item in items:
         name, _, values = item.partition("=")
-        if name not in ("recall_k", "alpha", "recall_mode") or not values:
-            raise ValueError(f"--sweep takes recall_k=..., alpha=... or recall_mode=..., got {item!r}")
+        if name not in ("recall_k", "alpha", "recall_mode", "max_length") or not values:
+            raise ValueError(f"--sweep takes recall_k=..., alpha=..., recall_mode=... or max_length=..., got {item!r}")
         if name == "recall_mode":
             modes = values.split(",")
             if unknown := [m for m in modes if m not in RECALL_MODES]:
                 raise ValueError(f"--sweep recall_mode: unknown {', '.join(unknown)}; choose from {RECALL_MODES}")
             sweeps[name] = modes
+        elif name == "max_length":
+            sweeps[name] = [int(v) for v in values.split(",")]
         else:
             sweeps[name] = [float(v) for v in values.split(",")]
     return sweeps
@@ -69,6 +72,9 @@ def print_report(report: dict) -> None:
               f"mean latency {row['mean_latency_ms']:.1f} ms")
     for alpha, ndcg in report.get("sweep_alpha", {}).items():
         print(f"  alpha={alpha}: nDCG@10 {ndcg:.4f}")
+    for length, row in report.get("sweep_max_length", {}).items():
+        print(f"  max_length={length:>4}: final nDCG@10 {row['final_ndcg@10']:.4f}, rerank alone "
+              f"{row['rerank_ndcg@10']:.4f}, {row['pairs_per_s']:.1f} pairs/s (one query at a time)")
     for mode, row in report.get("sweep_recall_mode", {}).items():
         recalls = ", ".join(f"Recall@{c.split('@')[1]} {row[c]:.4f}" for c in ("recall@10", "recall@20", "recall@100")
                             if c in row)
@@ -92,10 +98,15 @@ def run(args) -> None:
                         credentials=credentials, recall_mode=args.recall_mode, stages=args.stages,
                         sweep_recall_mode=sweeps.get("recall_mode", []))
 
+    if "max_length" in sweeps and args.target:
+        raise SystemExit("twostage: error: --sweep max_length restarts the rerank server, so it needs the local "
+                         "stack: leave out --target")
     if args.target:
         report = measure(args.target, args.recall_target)
     else:
         report = asyncio.run(_with_local_stack(args, measure))
+    if "max_length" in sweeps:
+        report["sweep_max_length"] = _sweep_max_length(args, sweeps["max_length"])
     print_report(report)
     write_report(args.json, report)
     if args.plot:
@@ -119,3 +130,34 @@ async def _with_local_stack(args, measure) -> dict:
         return await asyncio.to_thread(measure, stack.gateway_target, stack.recall_targets[0])
     finally:
         await stack.stop()
+
+
+def _sweep_max_length(args, lengths: list[int]) -> dict:
+    """Quality and rerank throughput per truncation length, each on a fresh local stack."""
+    import os
+
+    from twostage.evaluation.eval_run import ask_gateway, load, summarise
+
+    queries, qrels = load(args.dataset, args.split, args.limit)
+    rows = {}
+    before = os.environ.get("TWOSTAGE_RERANK_MAX_LENGTH")
+    try:
+        for length in lengths:
+            os.environ["TWOSTAGE_RERANK_MAX_LENGTH"] = str(length)  # the rerank server reads its settings here
+
+            def measure(target: str, recall_target: str | None) -> dict:
+                answers = asyncio.run(ask_gateway(target, queries, args.recall_k, args.budget_ms,
+                                                  recall_mode=args.recall_mode))
+                summary = summarise(answers, qrels, args.recall_k)
+                seconds = sum(a.latency_s for a in answers)
+                return {"final_ndcg@10": summary["final"]["ndcg@10"], "rerank_ndcg@10": summary["rerank"]["ndcg@10"],
+                        "pairs_per_s": round(summary["mean_reranked"] * len(answers) / seconds, 2),
+                        "mean_latency_ms": summary["latency_ms"]["mean"]}
+
+            rows[str(length)] = asyncio.run(_with_local_stack(args, measure))
+    finally:
+        if before is None:
+            os.environ.pop("TWOSTAGE_RERANK_MAX_LENGTH", None)
+        else:
+            os.environ["TWOSTAGE_RERANK_MAX_LENGTH"] = before
+    return rows
