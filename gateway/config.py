@@ -110,6 +110,11 @@ class GatewaySettings(ServiceSettings):
     rerank_round_top_k: int = Field(
         10, ge=1, description="With rerank_round_pairs: the hits the rounds watch (at most the request's top_k).",
     )
+    rerank_affinity: bool = Field(
+        True,
+        description="Send each document to a rerank replica chosen by a rendezvous hash of its text (weighted by "
+        "speed and backlog), so a repeated pair finds its score in that replica's cache. False: contiguous slices.",
+    )
     rerank_slice_ms: float = Field(
         150.0, ge=0,
         description="A replica's share of one query is sent as requests of about this much predicted model "

@@ -68,7 +68,7 @@ class GatewayLifecycle:
         await self._resolve_all()
         self.shards = [RecallShard(i, t, make_recall) for i, t in enumerate(self._recall_targets)]
         self.pool = RerankPool([], s.initial_rerank_ms_per_pair, eject_after_failures=s.eject_after_failures,
-                               slice_ms=s.rerank_slice_ms,
+                               slice_ms=s.rerank_slice_ms, affinity=s.rerank_affinity,
                                eject_s=s.eject_s)
         self._apply_members()
         await self._wait_for_recall()

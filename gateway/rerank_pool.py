@@ -22,7 +22,9 @@ go with ``update_members`` (see gateway/membership.py).
 """
 
 import asyncio
+import hashlib
 import logging
+import math
 import time
 from dataclasses import dataclass, field
 
@@ -107,6 +109,7 @@ class RerankPool:
         eject_after_failures: int = 3,
         eject_s: float = 5.0,
         slice_ms: float = 0.0,
+        affinity: bool = True,
     ):
         self.replicas = [Replica(c, initial_ms_per_pair) for c in clients]
         self.initial_ms_per_pair = initial_ms_per_pair
@@ -114,6 +117,7 @@ class RerankPool:
         self.eject_after_failures = eject_after_failures
         self.eject_s = eject_s
         self.slice_ms = slice_ms
+        self.affinity = affinity
         # Set when a replica fails as an unreachable one would: membership is re-resolved early.
         self.unreachable = asyncio.Event()
         self._retiring: set[asyncio.Task] = set()
@@ -157,24 +161,35 @@ class RerankPool:
             total += max(0.0, usable_ms / replica.ms_per_pair)
         return int(total)
 
-    def _split(self, count: int, replicas: list[Replica]) -> list[tuple[Replica, range]]:
-        """Contiguous slices sized so every replica is predicted to finish together."""
+    def _shares(self, count: int, replicas: list[Replica]) -> list[float]:
+        """Pairs each replica should take so that all are predicted to finish together."""
         now = time.monotonic()
         speeds = [1 / r.ms_per_pair for r in replicas]
         backlogs = [r.backlog_ms(now) / r.ms_per_pair for r in replicas]
         horizon = (count + sum(backlogs)) / sum(speeds)
-        shares = [max(0.0, horizon * s - b) for b, s in zip(backlogs, speeds)]
-        scale = count / sum(shares) if sum(shares) > 0 else 0
-        sizes = [int(share * scale) for share in shares]
-        for i in sorted(range(len(sizes)), key=lambda i: -shares[i])[: count - sum(sizes)]:
-            sizes[i] += 1
-        slices, start = [], 0
-        for replica, size in zip(replicas, sizes):
+        return [max(0.0, horizon * s - b) for b, s in zip(backlogs, speeds)]
+
+    def _split(self, documents: list[str], replicas: list[Replica]) -> list[tuple[Replica, list[int]]]:
+        """Which replica scores which document, as slices. With several replicas each document goes where a
+        rendezvous hash of its text, weighted by the replicas' shares, sends it: the same document keeps
+        going to the same replica (and finds its score in that replica's cache) while the spread still
+        follows speed and backlog."""
+        shares = self._shares(len(documents), replicas)
+        if len(replicas) == 1 or not self.affinity:
+            sizes = _apportion(len(documents), shares)
+            assigned, start = [], 0
+            for size in sizes:
+                assigned.append(list(range(start, start + size)))
+                start += size
+        else:
+            assigned = [[] for _ in replicas]
+            for i, document in enumerate(documents):
+                assigned[_rendezvous(document, replicas, shares)].append(i)
+        slices = []
+        for replica, positions in zip(replicas, assigned):
             # Several smaller requests rather than one: if the tail runs late, only the tail is lost.
-            most = max(1, int(self.slice_ms / replica.ms_per_pair)) if self.slice_ms else size
-            for first in range(start, start + size, most):
-                slices.append((replica, range(first, min(first + most, start + size))))
-            start += size
+            most = max(1, int(self.slice_ms / replica.ms_per_pair)) if self.slice_ms else max(len(positions), 1)
+            slices += [(replica, positions[first:first + most]) for first in range(0, len(positions), most)]
         return slices
 
     def _observe(self, replica: Replica, pairs: int, reply, elapsed_ms: float, ours_in_flight: int) -> None:
@@ -233,7 +248,7 @@ class RerankPool:
             replicas = [r for r in self.available() if r.target not in tried] or []
             if not replicas:
                 break
-            slices = self._split(len(pending), replicas)
+            slices = self._split([documents[i] for i in pending], replicas)
             results = await asyncio.gather(
                 *(
                     self._score_slice(r, query, documents, [pending[i] for i in span], deadline_s, request_id, outcome)
@@ -288,3 +303,26 @@ class RerankPool:
                 await asyncio.wait_for(stop.wait(), period_s)
             except TimeoutError:
                 pass
+
+
+def _apportion(count: int, shares: list[float]) -> list[int]:
+    """``count`` split in proportion to ``shares``, largest remainders first."""
+    scale = count / sum(shares) if sum(shares) > 0 else 0
+    sizes = [int(share * scale) for share in shares]
+    for i in sorted(range(len(sizes)), key=lambda i: -shares[i])[: count - sum(sizes)]:
+        sizes[i] += 1
+    return sizes
+
+
+def _rendezvous(document: str, replicas: list[Replica], weights: list[float]) -> int:
+    """Weighted rendezvous hashing: the replica with the highest weight / -ln(hash) for this document."""
+    best, best_score = 0, -1.0
+    for i, (replica, weight) in enumerate(zip(replicas, weights)):
+        if weight <= 0:
+            continue
+        digest = hashlib.blake2b(f"{replica.target}\0{document}".encode(), digest_size=8).digest()
+        unit = (int.from_bytes(digest, "little") + 1) / (2**64 + 1)  # in (0, 1)
+        score = weight / -math.log(unit)
+        if score > best_score:
+            best, best_score = i, score
+    return best

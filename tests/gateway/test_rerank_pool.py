@@ -48,17 +48,35 @@ async def score_all(pool):
 
 async def test_pairs_are_split_across_replicas_and_scored_in_place():
     a, b = FakeReplica("a"), FakeReplica("b")
-    outcome = await score_all(RerankPool([a, b], initial_ms_per_pair=10))
+    outcome = await score_all(RerankPool([a, b], initial_ms_per_pair=10, affinity=False))
     assert outcome.scores == {i: float(len(d)) for i, d in enumerate(DOCS)}
     assert sorted(len(r) for r in (a.received[0], b.received[0])) == [5, 5]
 
 
 async def test_a_slower_replica_gets_fewer_pairs():
     fast, slow = FakeReplica("fast"), FakeReplica("slow")
-    pool = RerankPool([fast, slow], initial_ms_per_pair=10)
+    pool = RerankPool([fast, slow], initial_ms_per_pair=10, affinity=False)
     pool.replicas[1].ms_per_pair = 40
     await score_all(pool)
     assert (len(fast.received[0]), len(slow.received[0])) == (8, 2)
+
+
+async def test_a_document_goes_to_the_same_replica_every_time_in_proportion_to_speed():
+    """Affinity: a rendezvous hash of the text picks the replica, so a repeated pair meets its cached score;
+    over many documents each replica's share follows its speed."""
+    fast, slow = FakeReplica("fast", ms_per_pair=10), FakeReplica("slow", ms_per_pair=30)
+    pool = RerankPool([fast, slow], initial_ms_per_pair=10)
+    pool.replicas[1].ms_per_pair = 30
+    documents = [f"document number {i}" for i in range(2000)]
+    first = await pool.rerank("q", documents, time.monotonic() + 5, "r1")
+    placed = {d: "fast" for r in fast.received for d in r} | {d: "slow" for r in slow.received for d in r}
+    fast.received.clear(), slow.received.clear()
+    again = await pool.rerank("another query", documents[:500][::-1], time.monotonic() + 5, "r2")
+    assert again.scores and all(placed[d] == "fast" for r in fast.received for d in r)
+    assert all(placed[d] == "slow" for r in slow.received for d in r)
+    assert len(first.scores) == 2000
+    share_fast = sum(v == "fast" for v in placed.values()) / len(placed)
+    assert 0.70 < share_fast < 0.80  # three times as fast: three quarters of the documents
 
 
 async def test_a_failed_slice_is_retried_on_another_replica():
