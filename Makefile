@@ -52,6 +52,7 @@ bench: install models
 	$(PY) -m twostage bench rerank --batch-invariant false --json bench-results/rerank-per-tensor.json
 	$(PY) -m twostage bench embed --json bench-results/embed.json
 	$(PY) -m twostage bench gateway --json bench-results/gateway.json
+	$(PY) -m twostage bench recall --json bench-results/recall.json
 
 bench-quick: install models
 	$(PY) -m twostage bench rerank --quick --json bench-results/rerank-quick.json
