@@ -24,6 +24,8 @@ def register(commands) -> None:
             sub.add_argument("--clients", type=int, default=8, help="concurrent gRPC clients at saturation")
             sub.add_argument("--requests", type=int, default=16, help="requests sent at saturation")
             sub.add_argument("--port", type=int, default=50161, help="server port (and metrics on the next)")
+            sub.add_argument("--rounds", type=int, default=3,
+                             help="the ceiling, the server and each peer take turns this many times (medians)")
         elif kind == "resilience":
             sub.add_argument("--rate-rps", type=float, default=10.0, help="recall searches per second")
             sub.add_argument("--resolve-period-s", type=float, default=1.0, help="the gateway's re-resolution period")
