@@ -13,11 +13,22 @@ import time
 async def main(workload: list[dict]) -> None:
     model_dir = sys.argv[1]
     # Infinity hides why its ONNX engine is unavailable; import it first to report the real cause.
+    from pathlib import Path
+
+    import infinity_emb.transformer.crossencoder.optimum as infinity_optimum
     from infinity_emb import AsyncEngineArray, EngineArgs
     from optimum.onnxruntime import ORTModelForSequenceClassification  # noqa: F401
 
+    # infinity-emb 0.0.78 passes the ONNX file's absolute path as optimum's `file_name`; optimum >= 2 compares
+    # `file_name` with bare file names, so it never matches (FileNotFoundError "Could not find any ONNX files
+    # with target file name .../model.onnx"). optimum < 2 cannot be used with torch 2.13 (its exporter imports
+    # torch.onnx.symbolic_opset14._attention_scale). Hand optimum the bare name, as its API asks.
+    find_onnx = infinity_optimum.get_onnx_files
+    infinity_optimum.get_onnx_files = lambda **kwargs: Path(find_onnx(**kwargs).name)
+
+    # The same graph as the others: Infinity's own graph optimisation off.
     args = EngineArgs(model_name_or_path=model_dir, engine="optimum", device="cpu", batch_size=32,
-                      model_warmup=False, bettertransformer=False)
+                      model_warmup=False, bettertransformer=False, onnx_disable_optimize=True)
     engine = AsyncEngineArray.from_args([args])[0]
     async with engine:
         await engine.rerank(query=workload[0]["query"], docs=workload[0]["documents"][:8])  # warm-up
