@@ -18,8 +18,9 @@ class RerankSettings(ServiceSettings, RuntimeSettings, BatchingSettings):
     model: str = Field(DEFAULT_RERANK_MODEL, description="Default model name or a model directory.")
     max_length: int = Field(
         256, ge=8, le=8192,
-        description="Tokens per (query, document) pair; documents are truncated to fit. 256 keeps "
-        "nearly all of a typical abstract at half the cost of 512.",
+        description="Tokens per (query, document) pair; documents are truncated to fit. Measured on SciFact "
+        "(recall_k 20, final nDCG@10 / pairs/s): 128: 0.7381 / 44.9, 192: 0.7462 / 29.0, 256: 0.7480 / 25.7, "
+        "384: 0.7486 / 15.9; 256 keeps nearly all the quality at 1.6x the speed of 384.",
     )
     score_cache_mb: float = Field(
         64.0, ge=0,
