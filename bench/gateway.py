@@ -94,6 +94,50 @@ def rerank_totals(metrics_port: int) -> tuple[float, float]:
     return tuple(wanted.values())
 
 
+def cache_counts(metrics_port: int) -> tuple[float, float]:
+    """(pairs answered from the score cache or a pair in flight, pairs computed) at one rerank replica."""
+    import urllib.request
+
+    wanted = {"twostage_rerank_cache_hits_total": 0.0, "twostage_rerank_cache_shared_total": 0.0,
+              "twostage_rerank_cache_misses_total": 0.0}
+    with urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics", timeout=10) as response:
+        for line in response.read().decode().splitlines():
+            name, _, value = line.rpartition(" ")
+            if name in wanted:
+                wanted[name] = float(value)
+    return wanted["twostage_rerank_cache_hits_total"] + wanted["twostage_rerank_cache_shared_total"], \
+        wanted["twostage_rerank_cache_misses_total"]
+
+
+async def cache_affinity(index_dir: Path, port: int, queries: list[str], searches: int, recall_k: int) -> dict:
+    """The score cache's hit rate over a Zipf(1.0) query stream through the gateway: one rerank replica,
+    two with affinity (each document sent where a hash of its text says), two without (contiguous slices)."""
+    import os
+
+    from twostage.evaluation.loadtest import zipf_stream
+
+    stream = zipf_stream(queries, searches, 1.0, seed=3)
+    rows = {}
+    for name, replicas, affinity in (("one_replica", 1, True), ("two_replicas_affinity", 2, True),
+                                     ("two_replicas_no_affinity", 2, False)):
+        os.environ["TWOSTAGE_GATEWAY_RERANK_AFFINITY"] = "true" if affinity else "false"
+        stack = Stack("127.0.0.1", port, str(index_dir), rerank_replicas=replicas, metrics_port=port + 20)
+        await stack.start(300)
+        try:
+            async with grpc.aio.insecure_channel(stack.gateway_target) as channel:
+                stub = gateway_pb2_grpc.GatewayStub(channel)
+                for query in stream:
+                    await stub.Search(gateway_pb2.SearchRequest(query=query, recall_k=recall_k, budget_ms=600_000))
+            ports = stack.metrics_ports()
+            counts = [await asyncio.to_thread(cache_counts, ports[t]) for t in stack.rerank_targets]
+        finally:
+            await stack.stop()
+        hits, misses = sum(c[0] for c in counts), sum(c[1] for c in counts)
+        rows[name] = {"hit_rate": round(hits / (hits + misses), 4), "pairs_computed": misses}
+    os.environ.pop("TWOSTAGE_GATEWAY_RERANK_AFFINITY", None)
+    return {"searches": searches, "distinct_queries": len(set(stream)), "recall_k": recall_k, **rows}
+
+
 async def run(args) -> dict:
     import os
 
@@ -127,6 +171,9 @@ async def run(args) -> dict:
         await stack.stop()
     print("gateway overhead with TLS and tokens ...", flush=True)
     secured = await secured_overhead(index_dir, args.port + 10, queries, 20 if args.quick else 100)
+    os.environ.pop("TWOSTAGE_RERANK_SCORE_CACHE_MB")  # the cache is what this part measures
+    print("score cache through the gateway: one replica, two with and without affinity ...", flush=True)
+    affinity = await cache_affinity(index_dir, args.port + 30, queries, 12 if args.quick else 40, args.recall_k)
     overload = load.report()
     report = {
         "machine": machine(),
@@ -138,6 +185,7 @@ async def run(args) -> dict:
             "added_client_p50_ms": round(secured["client_p50_ms"] - cost["client_p50_ms"], 3),
             "added_gateway_p50_ms": round(secured["gateway_p50_ms"] - cost["gateway_p50_ms"], 3),
         },
+        "cache_affinity": affinity,
         "overload": {**overload, "budget_ms": args.budget_ms, "recall_k": args.recall_k,
                      "sustainable_full_depth_rps": round(capacity, 3),
                      # The rerank tier's model time over wall time (target >= 0.85).
@@ -163,5 +211,7 @@ async def run(args) -> dict:
           f"the {o['pairs_scored']:.0f} pairs scored went unused")
     print(f"overload at {rate:.2f} rps: p50 {overload['p50_ms']} ms, p99 {overload['p99_ms']} ms "
           f"(budget {args.budget_ms} ms), errors {overload['errors'] or 'none'}, degraded {overload['degraded']}")
+    print("score cache hit rate over a Zipf(1.0) stream: " + ", ".join(
+        f"{name} {row['hit_rate']:.1%}" for name, row in affinity.items() if isinstance(row, dict)))
     write_json(args.json, report)
     return report
