@@ -278,8 +278,8 @@ class SearchPipeline:
         while True:
             outcome = await self.rerank.rerank(query, documents[start:end], deadline, request_id)
             merged.scores.update({start + i: score for i, score in outcome.scores.items()})
-            for name, ms in outcome.timings_ms.items():
-                merged.timings_ms[name] = merged.timings_ms.get(name, 0.0) + ms
+            for name, ms in outcome.timings_ms.items():  # times add up over rounds; a rate is the latest
+                merged.timings_ms[name] = ms if name.endswith("_per_pair") else merged.timings_ms.get(name, 0.0) + ms
             merged.query_truncated |= outcome.query_truncated
             merged.failed_slices += outcome.failed_slices
             merged.error = outcome.error or merged.error
