@@ -79,34 +79,32 @@ async def secured_overhead(index_dir: Path, port: int, queries: list[str], reque
             await stack.stop()
 
 
-def rerank_totals(metrics_port: int) -> tuple[float, float]:
-    """(seconds the rerank model has spent computing, pairs it has scored), from the replica's own
-    Prometheus endpoint."""
+def scrape(metrics_port: int, names: list[str]) -> dict[str, float]:
+    """These samples (name with labels, as exposed) from a server's own Prometheus endpoint; 0 when absent."""
     import urllib.request
 
-    wanted = {'twostage_batch_compute_seconds_sum{batcher="rerank"}': 0.0,
-              'twostage_batcher_items_total{batcher="rerank"}': 0.0}
+    found = dict.fromkeys(names, 0.0)
     with urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics", timeout=10) as response:
         for line in response.read().decode().splitlines():
             name, _, value = line.rpartition(" ")
-            if name in wanted:
-                wanted[name] = float(value)
-    return tuple(wanted.values())
+            if name in found:
+                found[name] = float(value)
+    return found
+
+
+def rerank_totals(metrics_port: int) -> tuple[float, float]:
+    """(seconds the rerank model has spent computing, pairs it has scored)."""
+    totals = scrape(metrics_port, ['twostage_batch_compute_seconds_sum{batcher="rerank"}',
+                                   'twostage_batcher_items_total{batcher="rerank"}'])
+    return tuple(totals.values())
 
 
 def cache_counts(metrics_port: int) -> tuple[float, float]:
     """(pairs answered from the score cache or a pair in flight, pairs computed) at one rerank replica."""
-    import urllib.request
-
-    wanted = {"twostage_rerank_cache_hits_total": 0.0, "twostage_rerank_cache_shared_total": 0.0,
-              "twostage_rerank_cache_misses_total": 0.0}
-    with urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics", timeout=10) as response:
-        for line in response.read().decode().splitlines():
-            name, _, value = line.rpartition(" ")
-            if name in wanted:
-                wanted[name] = float(value)
-    return wanted["twostage_rerank_cache_hits_total"] + wanted["twostage_rerank_cache_shared_total"], \
-        wanted["twostage_rerank_cache_misses_total"]
+    counts = scrape(metrics_port, ["twostage_rerank_cache_hits_total", "twostage_rerank_cache_shared_total",
+                                   "twostage_rerank_cache_misses_total"])
+    hits, shared, misses = counts.values()
+    return hits + shared, misses
 
 
 async def cache_affinity(index_dir: Path, port: int, queries: list[str], searches: int, recall_k: int) -> dict:
