@@ -109,7 +109,7 @@ class RerankPool:
         eject_after_failures: int = 3,
         eject_s: float = 5.0,
         slice_ms: float = 0.0,
-        affinity: bool = True,
+        affinity: bool = False,
     ):
         self.replicas = [Replica(c, initial_ms_per_pair) for c in clients]
         self.initial_ms_per_pair = initial_ms_per_pair

@@ -65,7 +65,7 @@ async def test_a_document_goes_to_the_same_replica_every_time_in_proportion_to_s
     """Affinity: a rendezvous hash of the text picks the replica, so a repeated pair meets its cached score;
     over many documents each replica's share follows its speed."""
     fast, slow = FakeReplica("fast", ms_per_pair=10), FakeReplica("slow", ms_per_pair=30)
-    pool = RerankPool([fast, slow], initial_ms_per_pair=10)
+    pool = RerankPool([fast, slow], initial_ms_per_pair=10, affinity=True)
     pool.replicas[1].ms_per_pair = 30
     documents = [f"document number {i}" for i in range(2000)]
     first = await pool.rerank("q", documents, time.monotonic() + 5, "r1")
