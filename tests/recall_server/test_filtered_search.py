@@ -61,7 +61,9 @@ def test_filtered_hits_are_the_nearest_passing_documents(corpus, selectivity):
 def test_conjunctions_and_a_filter_no_document_passes(corpus):
     index, docs, vectors = corpus
     query = np.ones(DIMS, np.float32)
-    both = check_filter([FilterClause("tags", equals="even"), FilterClause("bucket", range=NumberRange(gte=500))])
+    # About 100 documents pass both clauses: the passing set is scored exactly, so the answer is brute force's.
+    both = check_filter([FilterClause("tags", equals="even"), FilterClause("bucket", range=NumberRange(gte=950))])
+    assert sum(both.matches(d.metadata) for d in docs) <= index.filter_exact_max_docs
     hits = index.search(query, K, both)
     assert [d.id for d, _ in hits] == brute_force(vectors, docs, query, both, K)
     nothing = check_filter([FilterClause("tags", equals="neither")])
