@@ -19,7 +19,7 @@ import numpy as np
 
 from twostage.corpus import Document
 from twostage.errors import FailedPrecondition, StorageFull
-from twostage.filters import Filter
+from twostage.filters import BOUNDS, Filter
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS docs (
@@ -107,11 +107,10 @@ def filter_sql(filter_: Filter) -> tuple[str, list]:
     parts, params = [], []
     for clause in filter_.clauses:
         if clause.range is not None:
-            bounds = [(op, getattr(clause.range, name)) for name, op in
-                      (("gte", ">="), ("gt", ">"), ("lte", "<="), ("lt", "<")) if getattr(clause.range, name) is not None]
-            tests = " AND ".join(f"num {op} ?" for op, _ in bounds)
+            bounds = clause.range.given()
+            tests = " AND ".join(f"num {BOUNDS[name]} ?" for name in bounds)
             parts.append(f"SELECT DISTINCT key FROM doc_meta WHERE name = ? AND kind = 'number' AND {tests}")
-            params += [clause.key, *(limit for _, limit in bounds)]
+            params += [clause.key, *bounds.values()]
             continue
         tests, values = [], []
         for value in (clause.equals,) if clause.any_of is None else clause.any_of:

@@ -4,7 +4,7 @@ from collections.abc import Mapping
 
 from twostage.corpus import Document, MetadataValue
 from twostage.errors import InvalidArgument
-from twostage.filters import Filter, FilterClause, NumberRange, check_filter
+from twostage.filters import BOUNDS, Filter, FilterClause, NumberRange, check_filter
 from twostage.v1 import common_pb2
 
 _INTEGRAL = 2**53  # doubles hold every integer up to here exactly
@@ -61,7 +61,7 @@ def filter_from_proto(proto: common_pb2.Filter) -> Filter | None:
         elif test == "range":
             r = clause.range
             clauses.append(FilterClause(clause.key, range=NumberRange(
-                *(getattr(r, b) if r.HasField(b) else None for b in ("gte", "gt", "lte", "lt")))))
+                **{name: getattr(r, name) for name in BOUNDS if r.HasField(name)})))
         else:
             clauses.append(FilterClause(clause.key))  # no test: check_filter says so
     return check_filter(clauses)
@@ -73,8 +73,7 @@ def filter_to_proto(filter_: Filter | None) -> common_pb2.Filter:
     clauses = []
     for c in filter_.clauses:
         if c.range is not None:
-            bounds = {b: getattr(c.range, b) for b in ("gte", "gt", "lte", "lt") if getattr(c.range, b) is not None}
-            clauses.append(common_pb2.FilterClause(key=c.key, range=common_pb2.NumberRange(**bounds)))
+            clauses.append(common_pb2.FilterClause(key=c.key, range=common_pb2.NumberRange(**c.range.given())))
         elif c.any_of is not None:
             clauses.append(common_pb2.FilterClause(key=c.key, any_of=common_pb2.ValueList(
                 values=[metadata_value_to_proto(v) for v in c.any_of])))

@@ -26,6 +26,11 @@ MAX_ANY_OF = 1024
 Scalar = str | int | float | bool
 
 
+# A range's bounds by name, with the comparison each makes (the proto's field names, and SQL's operators).
+BOUNDS = {"gte": ">=", "gt": ">", "lte": "<=", "lt": "<"}
+_COMPARE = {">=": float.__ge__, ">": float.__gt__, "<=": float.__le__, "<": float.__lt__}
+
+
 @dataclass(frozen=True)
 class NumberRange:
     gte: float | None = None
@@ -33,9 +38,12 @@ class NumberRange:
     lte: float | None = None
     lt: float | None = None
 
+    def given(self) -> dict[str, float]:
+        """The bounds that are set, by name."""
+        return {name: getattr(self, name) for name in BOUNDS if getattr(self, name) is not None}
+
     def holds(self, number: float) -> bool:
-        return ((self.gte is None or number >= self.gte) and (self.gt is None or number > self.gt)
-                and (self.lte is None or number <= self.lte) and (self.lt is None or number < self.lt))
+        return all(_COMPARE[BOUNDS[name]](float(number), limit) for name, limit in self.given().items())
 
 
 @dataclass(frozen=True)
@@ -107,7 +115,7 @@ def check_filter(clauses: list[FilterClause]) -> Filter | None:
             checked.append(FilterClause(clause.key, any_of=tuple(_scalar(v, where) for v in clause.any_of)))
         else:
             r = clause.range
-            bounds = [b for b in (r.gte, r.gt, r.lte, r.lt) if b is not None]
+            bounds = list(r.given().values())
             if not bounds:
                 raise errors.InvalidArgument(f"{where}: range needs at least one of gte, gt, lte, lt")
             if not all(math.isfinite(b) for b in bounds):
