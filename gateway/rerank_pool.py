@@ -4,11 +4,10 @@ A replica is modelled as a queue: service time per pair (the model time the
 replica reports, apart from its queueing) plus the work ahead of a new
 request, counted once: what this gateway has sent and is predicted not yet
 done (it drains as the replica works on it, so a long request half done
-counts half),
-plus what other callers had queued there at its last answer. The pool
-answers "how many pairs fit in this budget" and spreads one query's pairs
-over the healthy replicas in parallel, so that all are predicted to finish
-together.
+counts half), plus what other callers had queued there at its last answer.
+The pool answers "how many pairs fit in this budget" and spreads one query's
+pairs over the healthy replicas in parallel, so that all are predicted to
+finish together.
 
 Only a replica's own faults count against it (outlier ejection as in
 Envoy): UNAVAILABLE, INTERNAL, NOT_SERVING. A caller's mistake
@@ -157,7 +156,7 @@ class RerankPool:
         now = time.monotonic()
         total = 0.0
         for replica in self.available():
-            usable_ms = budget_ms / headroom - replica.overhead_ms - replica.backlog_ms(now)
+            usable_ms = budget_ms / headroom - replica.predict_ms(0, now)
             total += max(0.0, usable_ms / replica.ms_per_pair)
         return int(total)
 
@@ -170,10 +169,9 @@ class RerankPool:
         return [max(0.0, horizon * s - b) for b, s in zip(backlogs, speeds)]
 
     def _split(self, documents: list[str], replicas: list[Replica]) -> list[tuple[Replica, list[int]]]:
-        """Which replica scores which document, as slices. With several replicas each document goes where a
-        rendezvous hash of its text, weighted by the replicas' shares, sends it: the same document keeps
-        going to the same replica (and finds its score in that replica's cache) while the spread still
-        follows speed and backlog."""
+        """Which replica scores which document, as slices: contiguous runs sized by the replicas' shares, or
+        with ``affinity`` each document where a rendezvous hash of its text, weighted by the shares, sends
+        it (the same document keeps going to the same replica, and its cache)."""
         shares = self._shares(len(documents), replicas)
         if len(replicas) == 1 or not self.affinity:
             sizes = _apportion(len(documents), shares)
@@ -196,7 +194,7 @@ class RerankPool:
             slices += [(replica, positions[first:first + most]) for first in range(0, len(positions), most)]
         return slices
 
-    def _observe(self, replica: Replica, pairs: int, reply, elapsed_ms: float, ours_in_flight: int) -> None:
+    def _observe(self, replica: Replica, pairs: int, reply, elapsed_ms: float) -> None:
         """Learn service time and overhead from what the replica reports, apart from its queueing."""
         replica.consecutive_failures = 0
         replica.pairs_scored += pairs
@@ -207,10 +205,10 @@ class RerankPool:
             replica.ms_per_pair += self.ewma_weight * (timings["compute_ms"] / max(pairs, 1) - replica.ms_per_pair)
         overhead = elapsed_ms - timings.get("queue_ms", 0.0) - timings.get("compute_ms", 0.0)
         replica.overhead_ms += self.ewma_weight * (max(overhead, 0.0) - replica.overhead_ms)
-        replica.others_pairs = max(0, reply.queue_items - ours_in_flight)
+        replica.others_pairs = max(0, reply.queue_items - replica.outstanding_pairs)
         replica.others_seen_s = time.monotonic()
 
-    def _fail(self, replica: Replica, error: Exception, pairs: int, waited_ms: float) -> None:
+    def _fail(self, replica: Replica, error: Exception) -> None:
         if isinstance(error, errors.DeadlineExceeded):
             return  # late is not broken; its service time and queue are learned from its answers
         if not is_replica_fault(error):
@@ -230,12 +228,12 @@ class RerankPool:
                 query, [documents[i] for i in positions], deadline_s - start, request_id
             )
         except errors.TwostageError as error:
-            self._fail(replica, error, len(positions), 1000 * (time.monotonic() - start))
+            self._fail(replica, error)
             outcome.error = error
             return False
         finally:
             replica.answered(len(positions), time.monotonic())
-        self._observe(replica, len(positions), reply, 1000 * (time.monotonic() - start), replica.outstanding_pairs)
+        self._observe(replica, len(positions), reply, 1000 * (time.monotonic() - start))
         outcome.query_truncated |= reply.query_truncated
         for local, score in reply.scores.items():
             outcome.scores[positions[local]] = score

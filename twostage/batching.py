@@ -321,9 +321,6 @@ class DynamicBatcher(Generic[T, R]):
 
     async def _execute(self, batch: list[_Item]) -> None:
         loop = asyncio.get_running_loop()
-        started = time.monotonic()
-        for item in batch:
-            item.dispatched_s = started
         try:
             started, computed, results = await loop.run_in_executor(self._executor, self._timed_compute, batch)
             if len(computed) < len(batch):
