@@ -122,6 +122,10 @@ def filter_sql(filter_: Filter) -> tuple[str, list]:
     return " INTERSECT ".join(parts), params
 
 
+def _has_table(db: sqlite3.Connection, name: str) -> bool:
+    return db.execute("SELECT 1 FROM sqlite_master WHERE name = ?", (name,)).fetchone() is not None
+
+
 def _in_chunks(values: list, size: int = 500):
     """(chunk, its "?,?,..." placeholders): SQLite bounds the parameters of one statement."""
     for start in range(0, len(values), size):
@@ -145,8 +149,8 @@ class DocStore:
             # FULL: a commit is on disk before the write is acknowledged.
             self._db.execute("PRAGMA synchronous=FULL")
             self._db.executescript(_SCHEMA)
-            self._ensure_lexical()
-            self._ensure_metadata_table()
+            self._create_once("docs_fts", _LEXICAL_SCHEMA)  # its schema rebuilds it from the stored text
+            self._create_once("doc_meta", _METADATA_SCHEMA, self._fill_metadata)
         self._lock = threading.Lock()
         # Searches read through their own connection: in WAL mode a reader never waits for a writer's
         # commit (fsync included), so a bulk upsert cannot hold searches back.
@@ -156,36 +160,30 @@ class DocStore:
         # Kept, not scanned: Info and every write report it.
         self._live = self._db.execute("SELECT COUNT(*) FROM docs WHERE deleted = 0").fetchone()[0]
 
-    def _ensure_lexical(self) -> None:
-        exists = self._db.execute("SELECT 1 FROM sqlite_master WHERE name = 'docs_fts'").fetchone()
-        if not exists:
-            self._db.execute("BEGIN IMMEDIATE")
-            try:
-                for statement in _LEXICAL_SCHEMA.strip().split(";\n"):
-                    self._db.execute(statement)
-                self._db.execute("COMMIT")
-            except BaseException:
-                self._rollback()
-                raise
-
-    def _ensure_metadata_table(self) -> None:
-        if self._db.execute("SELECT 1 FROM sqlite_master WHERE name = 'doc_meta'").fetchone():
+    def _create_once(self, table: str, schema: str, fill=None) -> None:
+        """Create ``table`` (with what ``schema`` builds alongside) if this store predates it, in one
+        transaction; ``fill`` then derives its rows from the documents already stored."""
+        if _has_table(self._db, table):
             return
         self._db.execute("BEGIN IMMEDIATE")
         try:
-            for statement in _METADATA_SCHEMA.strip().split(";\n"):
+            for statement in schema.strip().split(";\n"):
                 self._db.execute(statement)
-            for key, metadata in self._db.execute("SELECT key, metadata FROM docs WHERE deleted = 0").fetchall():
-                self._db.executemany(_INSERT_META, _metadata_rows(key, json.loads(metadata or "{}")))
+            if fill is not None:
+                fill()
             self._db.execute("COMMIT")
         except BaseException:
             self._rollback()
             raise
 
+    def _fill_metadata(self) -> None:
+        for key, metadata in self._db.execute("SELECT key, metadata FROM docs WHERE deleted = 0").fetchall():
+            self._db.executemany(_INSERT_META, _metadata_rows(key, json.loads(metadata or "{}")))
+
     @property
     def has_lexical(self) -> bool:
         with self._read_lock:
-            return bool(self._reader.execute("SELECT 1 FROM sqlite_master WHERE name = 'docs_fts'").fetchone())
+            return _has_table(self._reader, "docs_fts")
 
     def _unindex_text(self, doc_ids: list[str]) -> None:
         """Take live documents' current text out of the lexical index (FTS5 needs the indexed values)."""
@@ -336,7 +334,7 @@ class DocStore:
             return self._reader.execute(sql, [match, *params, _TITLE_WEIGHT, _TEXT_WEIGHT, k]).fetchall()
 
     def _require_lexical(self) -> None:
-        if not self._reader.execute("SELECT 1 FROM sqlite_master WHERE name = 'docs_fts'").fetchone():
+        if not _has_table(self._reader, "docs_fts"):
             raise FailedPrecondition("this index has no lexical part yet; open it for writing once "
                                      "(or run 'twostage index repair --index-dir DIR') to build it")
 

@@ -257,8 +257,9 @@ class DocumentIndex:
         return [(key, 1.0 - dist) for key, dist in zip(keys, distances)]
 
     def _filtered_search(self, vector: np.ndarray, k: int, filter_: Filter) -> list[tuple[int, float]]:
-        """Exact whatever the selectivity: when few documents pass, score exactly those; when many do, search
-        the graph with over-fetch (the more fail, the more is fetched) and keep those that pass."""
+        """Only documents that pass, and k of them when k pass: when few pass, score exactly those; when many
+        do, search the graph with over-fetch (the more fail, the more is fetched) and keep those that pass,
+        as near to brute force as the graph is without a filter."""
         allowed = self.store.matching_keys(filter_, limit=self.filter_exact_max_docs + 1)
         if len(allowed) <= self.filter_exact_max_docs:
             with self._graph_lock:
