@@ -30,9 +30,13 @@ FUSIONS: tuple[str, ...] = ("none", "linear", "rrf", "calibrated")
 RRF_K = 60
 
 
+def _sigmoid(x):
+    return 1 / (1 + np.exp(-np.clip(x, -60, 60)))
+
+
 def relevance(logit: float) -> float:
     """The cross-encoder's calibrated relevance in [0, 1]."""
-    return float(1 / (1 + np.exp(-np.clip(logit, -60, 60))))
+    return float(_sigmoid(logit))
 
 
 RECALL_SCALE = 100.0
@@ -58,10 +62,6 @@ class Calibration:
 
 
 DEFAULT_CALIBRATION = Calibration()
-
-
-def _sigmoid(x: np.ndarray) -> np.ndarray:
-    return 1 / (1 + np.exp(-np.clip(x, -60, 60)))
 
 
 def recall_part(cosine: float, alpha: float, calibration: Calibration = DEFAULT_CALIBRATION,

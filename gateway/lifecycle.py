@@ -21,8 +21,8 @@ from gateway.recall_tier import RecallShard
 from gateway.rerank_pool import RerankPool
 from gateway.writes import DocumentRouter
 from twostage.connect import Credentials, read_token_file
+from twostage.convert import hybrid_fusion_from_proto
 from twostage.errors import NotReady, TwostageError
-from twostage.v1 import recall_pb2
 
 log = logging.getLogger(__name__)
 MIN_RESOLVE_INTERVAL_S = 0.5
@@ -134,9 +134,8 @@ class GatewayLifecycle:
                 continue
             published = {limit.name: limit.value for limit in info.limits}
             self.limits.update(**{ours: published.get(theirs, 0) for theirs, ours in names.items()})
-            if client is recall and info.hybrid_fusion:
-                self.limits.recall_hybrid_fusion = recall_pb2.HybridFusion.Name(info.hybrid_fusion).removeprefix(
-                    "HYBRID_FUSION_").lower()
+            if client is recall and (fusion := hybrid_fusion_from_proto(info.hybrid_fusion)):
+                self.limits.recall_hybrid_fusion = fusion
                 self.limits.recall_hybrid_dense_weight = info.hybrid_dense_weight
 
     async def _follow_membership(self) -> None:

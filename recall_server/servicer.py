@@ -7,6 +7,7 @@ import grpc
 from recall_server.service import RecallService
 from twostage import __version__
 from twostage.convert import (
+    HYBRID_FUSIONS,
     document_from_proto,
     document_to_proto,
     filter_from_proto,
@@ -91,7 +92,7 @@ class RecallServicer(recall_pb2_grpc.RecallServicer):
             shards=info["shards"],
             read_only=info["read_only"],
             default_mode=recall_mode_to_proto(info["default_mode"]),
-            hybrid_fusion=recall_pb2.HybridFusion.Value(f"HYBRID_FUSION_{info['hybrid_fusion'].upper()}"),
+            hybrid_fusion=HYBRID_FUSIONS[info["hybrid_fusion"]],
             hybrid_dense_weight=info["hybrid_dense_weight"],
             lexical=info["lexical"],
         )

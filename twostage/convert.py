@@ -5,7 +5,7 @@ from collections.abc import Mapping
 from twostage.corpus import Document, MetadataValue
 from twostage.errors import InvalidArgument
 from twostage.filters import BOUNDS, Filter, FilterClause, NumberRange, check_filter
-from twostage.v1 import common_pb2
+from twostage.v1 import common_pb2, recall_pb2
 
 _INTEGRAL = 2**53  # doubles hold every integer up to here exactly
 
@@ -98,3 +98,11 @@ def recall_mode_from_proto(mode: int) -> str | None:
 
 def recall_mode_to_proto(mode: str | None) -> int:
     return RECALL_MODES[mode] if mode else common_pb2.RECALL_MODE_UNSPECIFIED
+
+
+HYBRID_FUSIONS = {"zscore": recall_pb2.HYBRID_FUSION_ZSCORE, "rrf": recall_pb2.HYBRID_FUSION_RRF}
+
+
+def hybrid_fusion_from_proto(fusion: int) -> str | None:
+    """None when unspecified (a recall server that does not say)."""
+    return next((name for name, value in HYBRID_FUSIONS.items() if value == fusion), None)
