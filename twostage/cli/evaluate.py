@@ -86,7 +86,7 @@ def print_report(report: dict) -> None:
 
 def run(args) -> None:
     from twostage.evaluation.eval_run import run as evaluate
-    from twostage.evaluation.eval_run import write_report
+    from twostage.evaluation.eval_run import serve_and_measure, sweep_max_length, write_report
 
     sweeps = parse_sweeps(args.sweep)
 
@@ -104,9 +104,11 @@ def run(args) -> None:
     if args.target:
         report = measure(args.target, args.recall_target)
     else:
-        report = asyncio.run(_with_local_stack(args, measure))
+        report = asyncio.run(serve_and_measure(args.dataset, args.port, measure))
     if "max_length" in sweeps:
-        report["sweep_max_length"] = _sweep_max_length(args, sweeps["max_length"])
+        report["sweep_max_length"] = sweep_max_length(args.dataset, args.split, args.limit, args.recall_k,
+                                                      args.budget_ms, args.recall_mode, args.port,
+                                                      sweeps["max_length"])
     print_report(report)
     write_report(args.json, report)
     if args.plot:
@@ -114,50 +116,3 @@ def run(args) -> None:
 
         plot_eval(report, args.plot)
         print(f"  plot: {args.plot}")
-
-
-async def _with_local_stack(args, measure) -> dict:
-    """Build (once, cached) an index of the data set and serve it for the run."""
-    from recall_server.build import cached_index
-    from twostage.model_store import fetch_defaults
-    from twostage.stack import Stack
-
-    fetch_defaults()
-    index_dir = await asyncio.to_thread(cached_index, args.dataset)
-    stack = Stack("127.0.0.1", args.port, str(index_dir))
-    try:
-        await stack.start(300)
-        return await asyncio.to_thread(measure, stack.gateway_target, stack.recall_targets[0])
-    finally:
-        await stack.stop()
-
-
-def _sweep_max_length(args, lengths: list[int]) -> dict:
-    """Quality and rerank throughput per truncation length, each on a fresh local stack."""
-    import os
-
-    from twostage.evaluation.eval_run import ask_gateway, load, summarise
-
-    queries, qrels = load(args.dataset, args.split, args.limit)
-    rows = {}
-    before = os.environ.get("TWOSTAGE_RERANK_MAX_LENGTH")
-    try:
-        for length in lengths:
-            os.environ["TWOSTAGE_RERANK_MAX_LENGTH"] = str(length)  # the rerank server reads its settings here
-
-            def measure(target: str, recall_target: str | None) -> dict:
-                answers = asyncio.run(ask_gateway(target, queries, args.recall_k, args.budget_ms,
-                                                  recall_mode=args.recall_mode))
-                summary = summarise(answers, qrels, args.recall_k)
-                seconds = sum(a.latency_s for a in answers)
-                return {"final_ndcg@10": summary["final"]["ndcg@10"], "rerank_ndcg@10": summary["rerank"]["ndcg@10"],
-                        "pairs_per_s": round(summary["mean_reranked"] * len(answers) / seconds, 2),
-                        "mean_latency_ms": summary["latency_ms"]["mean"]}
-
-            rows[str(length)] = asyncio.run(_with_local_stack(args, measure))
-    finally:
-        if before is None:
-            os.environ.pop("TWOSTAGE_RERANK_MAX_LENGTH", None)
-        else:
-            os.environ["TWOSTAGE_RERANK_MAX_LENGTH"] = before
-    return rows

@@ -232,3 +232,49 @@ def run(target: str, recall_target: str | None, dataset: Path, split: str, recal
                 "degraded": sum(summary["degraded"].values()),
             }
     return report
+
+
+async def serve_and_measure(dataset: Path, port: int, measure) -> dict:
+    """Build (once, cached) an index of the data set, serve it as a local stack from ``port`` on, and return
+    ``measure(gateway_target, recall_target)``."""
+    from recall_server.build import cached_index
+    from twostage.model_store import fetch_defaults
+    from twostage.stack import Stack
+
+    fetch_defaults()
+    index_dir = await asyncio.to_thread(cached_index, dataset)
+    stack = Stack("127.0.0.1", port, str(index_dir))
+    try:
+        await stack.start(300)
+        return await asyncio.to_thread(measure, stack.gateway_target, stack.recall_targets[0])
+    finally:
+        await stack.stop()
+
+
+def sweep_max_length(dataset: Path, split: str, limit: int | None, recall_k: int, budget_ms: int,
+                     recall_mode: str | None, port: int, lengths: list[int]) -> dict:
+    """Quality and rerank throughput per truncation length, each on a fresh local stack."""
+    import os
+
+    queries, qrels = load(dataset, split, limit)
+    rows = {}
+    before = os.environ.get("TWOSTAGE_RERANK_MAX_LENGTH")
+    try:
+        for length in lengths:
+            os.environ["TWOSTAGE_RERANK_MAX_LENGTH"] = str(length)  # the rerank server reads its settings here
+
+            def measure(target: str, recall_target: str | None) -> dict:
+                answers = asyncio.run(ask_gateway(target, queries, recall_k, budget_ms, recall_mode=recall_mode))
+                summary = summarise(answers, qrels, recall_k)
+                seconds = sum(a.latency_s for a in answers)
+                return {"final_ndcg@10": summary["final"]["ndcg@10"], "rerank_ndcg@10": summary["rerank"]["ndcg@10"],
+                        "pairs_per_s": round(summary["mean_reranked"] * len(answers) / seconds, 2),
+                        "mean_latency_ms": summary["latency_ms"]["mean"]}
+
+            rows[str(length)] = asyncio.run(serve_and_measure(dataset, port, measure))
+    finally:
+        if before is None:
+            os.environ.pop("TWOSTAGE_RERANK_MAX_LENGTH", None)
+        else:
+            os.environ["TWOSTAGE_RERANK_MAX_LENGTH"] = before
+    return rows
