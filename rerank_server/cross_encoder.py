@@ -42,7 +42,11 @@ class CrossEncoder:
         """Tokenize (query, document) pairs; documents fill what the query leaves of the window.
         Returns (pairs, whether the query was cut)."""
         query, truncated = self.fit_query(query)
-        return encode_all(self.tokenizer, [(query, doc) for doc in documents]), truncated
+        return self.encode_pairs(query, documents), truncated
+
+    def encode_pairs(self, fitted_query: str, documents: list[str]) -> list[Encoded]:
+        """Tokenize pairs for a query already cut by ``fit_query``."""
+        return encode_all(self.tokenizer, [(fitted_query, doc) for doc in documents])
 
     def score(self, batch: list[Encoded]) -> np.ndarray:
         """One relevance logit per pair; higher is more relevant."""

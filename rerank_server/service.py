@@ -81,7 +81,7 @@ class RerankService:
     async def _compute(self, query: str, documents: list[str], deadline_s: float | None, timings: dict) -> tuple:
         """Scores from the model: (scores, tokens)."""
         started = time.perf_counter()
-        pairs, _ = await asyncio.to_thread(self.model.encode, query, documents)
+        pairs = await asyncio.to_thread(self.model.encode_pairs, query, documents)  # the query is already fitted
         timings["tokenize_ms"] = timings.get("tokenize_ms", 0.0) + 1000 * (time.perf_counter() - started)
         done = await self.batcher.submit(pairs, [p.length for p in pairs], deadline_s)
         timings["queue_ms"], timings["compute_ms"] = done.queue_ms, done.compute_ms
