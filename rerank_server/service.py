@@ -75,7 +75,9 @@ class RerankService:
     def _model_identity(self) -> str:
         """What a score depends on besides the text: the model file, how much of a pair it reads, the graph."""
         model_file = getattr(self.model, "model_file", None)
-        digest = sha256_of(model_file) if model_file else self.model.name
+        manifest = getattr(self.model, "manifest", None)
+        recorded = manifest.sha256.get(manifest.onnx_file) if manifest else None  # checked when fetched
+        digest = recorded or (sha256_of(model_file) if model_file else self.model.name)
         return f"{digest}:{self.model.max_length}:{self.model.max_query_tokens}:{self.settings.batch_invariant}"
 
     async def _compute(self, query: str, documents: list[str], deadline_s: float | None, timings: dict) -> tuple:
