@@ -1,8 +1,13 @@
 """``twostage index build``: embed a corpus and write a DocumentIndex."""
 
+import contextlib
 import itertools
+import json
 import logging
 import shutil
+import tempfile
+import time
+import urllib.request
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -89,9 +94,11 @@ def build_index(
     chunk_docs: int = 4096,
     progress: bool = True,
     scan: CorpusScan | None = None,
+    shard_index: int | None = None,
 ) -> BuildReport:
     """Embed every valid document of ``corpus`` (BEIR dir or JSONL) into a new index at ``out``;
-    with ``shards`` > 1, into ``out/shard-0`` .. ``out/shard-{N-1}``, one recall server each.
+    with ``shards`` > 1, into ``out/shard-0`` .. ``out/shard-{N-1}``, one recall server each, or, with
+    ``shard_index``, only that shard into ``out`` (one build job per shard).
 
     The corpus is validated first, like Upsert (``skip_invalid`` indexes the rest). Each index is
     written beside its target and moved into place when complete, so a failed build leaves nothing
@@ -99,13 +106,20 @@ def build_index(
     """
     if Path(out).exists():
         raise FileExistsError(f"{out} already exists; remove it or choose another --out")
+    if shard_index is not None and not 0 <= shard_index < shards:
+        raise InvalidArgument(f"--shard-index {shard_index} is not a shard of {shards} (0 to {shards - 1})")
     scan = scan or check_corpus(corpus, limits, skip_invalid)
     total = min(scan.valid, limit or 1 << 62)
-    targets = [Path(out)] if shards == 1 else shard_dirs(out, shards)
+    if shard_index is not None:
+        plan = [(shard_index, Path(out))]
+        total = None  # unknown until the ids are hashed
+    else:
+        plan = list(enumerate([Path(out)] if shards == 1 else shard_dirs(out, shards)))
+    targets = [target for _, target in plan]
     count = 0
     try:
         with tqdm(total=total, unit="doc", desc="embedding", disable=not progress) as bar:
-            for shard, target in enumerate(targets):
+            for shard, target in plan:
                 docs: Iterable[Document] = itertools.islice(valid_documents(corpus_lines(corpus), scan), limit)
                 if shards > 1:
                     docs = (d for d in docs if shard_of(d.id, shards) == shard)
@@ -113,7 +127,7 @@ def build_index(
     except BaseException:
         for target in targets:
             shutil.rmtree(target.with_name(target.name + ".partial"), ignore_errors=True)
-        if shards > 1:
+        if shards > 1 and shard_index is None:
             shutil.rmtree(out, ignore_errors=True)
         raise
     log.info("indexed %d documents into %s", count, out)
@@ -139,7 +153,7 @@ def _build_one(docs: Iterable[Document], out: Path, embedder, policy, chunk_docs
 def build_from_corpus(corpus: Path, out: Path, model: str = DEFAULT_EMBED_MODEL, limit: int | None = None,
                       max_length: int | None = None, max_batch_size: int | None = None,
                       max_batch_tokens: int | None = None, shards: int = 1, skip_invalid: bool = False,
-                      progress: bool = True) -> BuildReport:
+                      progress: bool = True, shard_index: int | None = None) -> BuildReport:
     """Check the corpus, load the embedding model, build an index with the recall server's document limits."""
     from recall_server.config import RecallSettings
 
@@ -154,7 +168,48 @@ def build_from_corpus(corpus: Path, out: Path, model: str = DEFAULT_EMBED_MODEL,
         max_batch_tokens=max_batch_tokens or DEFAULT_BUILD_POLICY.max_batch_tokens,
     )
     return build_index(corpus, out, embedder, policy, limits, limit=limit, shards=shards,
-                       skip_invalid=skip_invalid, progress=progress, scan=scan)
+                       skip_invalid=skip_invalid, progress=progress, scan=scan, shard_index=shard_index)
+
+
+def build_snapshot(corpus: Path, snapshot_dir: Path, shards: int, shard_index: int, version: str | None = None,
+                   **build_options) -> tuple[BuildReport, Path]:
+    """Build one shard and publish it as a snapshot (``ROOT/shard-I/VERSION``) for recall servers to load."""
+    from recall_server.index import IndexManifest
+    from recall_server.snapshots import Snapshot, building_dir, default_version, publish
+
+    version = version or default_version()
+    building = building_dir(snapshot_dir, shard_index, version)
+    building.parent.mkdir(parents=True, exist_ok=True)
+    shutil.rmtree(building, ignore_errors=True)  # a build of this version that died
+    report = build_from_corpus(corpus, building, shards=shards, shard_index=shard_index, **build_options)
+    manifest = IndexManifest(**json.loads((building / "index.json").read_text()))
+    snapshot = Snapshot(version, shard_index, shards, manifest.model, report.documents, time.time())
+    return report, publish(building, snapshot_dir, snapshot)
+
+
+@contextlib.contextmanager
+def local_corpus(source: str) -> Iterator[Path]:
+    """A corpus path for a path or URL: http(s) URLs (a presigned object-store URL, for one) are streamed to
+    a temporary file; s3://, gs:// and other fsspec URLs need fsspec and its filesystem package."""
+    scheme = source.split("://", 1)[0] if "://" in source else ""
+    if not scheme:
+        yield Path(source)
+        return
+    with tempfile.TemporaryDirectory(prefix="twostage-corpus-") as tmp:
+        target = Path(tmp) / "corpus.jsonl"
+        if scheme in ("http", "https"):
+            with urllib.request.urlopen(source, timeout=60) as response, open(target, "wb") as out:
+                shutil.copyfileobj(response, out, 1 << 20)
+        else:
+            try:
+                import fsspec
+            except ImportError:
+                raise InvalidArgument(f"--corpus {source}: {scheme}:// URLs need fsspec (pip install fsspec and "
+                                      "its filesystem, such as s3fs or gcsfs), or use a presigned https:// URL") from None
+            with fsspec.open(source, "rb") as remote, open(target, "wb") as out:
+                shutil.copyfileobj(remote, out, 1 << 20)
+        log.info("fetched %s (%d bytes)", source, target.stat().st_size)
+        yield target
 
 
 def cached_index(dataset: Path) -> Path:

@@ -55,6 +55,16 @@ class RecallSettings(ServiceSettings, RuntimeSettings, BatchingSettings):
         description="A filtered search scores every passing document exactly when at most this many pass; when "
         "more pass it searches the graph with over-fetch. Either way the result is exact.",
     )
+    snapshot_dir: Path | None = Field(
+        None,
+        description="Where index-build jobs publish snapshots (SNAPSHOT_DIR/shard-I/VERSION, a shared volume). When "
+        "set, the server serves its shard's newest complete snapshot, copied to its own volume (index_dir is then "
+        "a link it manages), waits NOT_SERVING until one exists, and switches to newer ones while serving.",
+    )
+    shard: int = Field(0, ge=0, le=4095, description="Which shard's snapshots to serve (with snapshot_dir).")
+    snapshot_poll_s: float = Field(
+        30.0, ge=0.05, le=3600, description="How often to look for a newer snapshot (with snapshot_dir).",
+    )
     read_only: bool = Field(
         False,
         description="Open the index read-only (a shared lock): replicas serving one snapshot; writes are refused.",

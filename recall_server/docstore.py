@@ -320,6 +320,23 @@ class DocStore:
             last_key = rows[-1][0]
             yield [Change(k, None if v is None else np.frombuffer(v, dtype=np.float32)) for k, v in rows]
 
+    def writes_since(self, seq: int, batch_rows: int = 1024) -> Iterator[list[tuple[Document, np.ndarray | None]]]:
+        """Every write after ``seq`` in the order it was made, as (document, vector) with vector None for a
+        delete (the document then carries only its id): for carrying writes over to another index."""
+        last = (seq, 1 << 62)  # keys are below this: the first batch starts after seq
+        while True:
+            with self._lock:
+                rows = self._db.execute(
+                    "SELECT seq, key, doc_id, title, text, metadata, vector FROM docs WHERE (seq, key) > (?, ?) "
+                    "ORDER BY seq, key LIMIT ?", (*last, batch_rows),
+                ).fetchall()
+            if not rows:
+                return
+            last = (rows[-1][0], rows[-1][1])
+            yield [(Document(doc_id, title or "", text or "", json.loads(meta or "{}")),
+                    None if vector is None else np.frombuffer(vector, dtype=np.float32))
+                   for _, _, doc_id, title, text, meta, vector in rows]
+
     def lexical_search(self, query: str, k: int, filter_: Filter | None = None) -> list[tuple[int, float]]:
         """(key, BM25) of the k best live documents matching any query term, best first."""
         match = lexical_query(query)

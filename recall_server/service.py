@@ -10,6 +10,7 @@ import numpy as np
 from recall_server.config import RecallSettings
 from recall_server.embedder import Embedder
 from recall_server.index import DocumentIndex
+from recall_server.snapshot_follower import IndexLeases, SnapshotFollower
 from twostage import errors
 from twostage.batching import BatchPolicy, DynamicBatcher
 from twostage.corpus import Document, document_text
@@ -42,31 +43,64 @@ class RecallService:
         self.embedder: Embedder | None = None
         self.index: DocumentIndex | None = None
         self.batcher: DynamicBatcher | None = None
+        self.snapshots: SnapshotFollower | None = None
+        # Writes and an index switch take turns, so no write lands on an index being replaced.
+        self._write_gate = asyncio.Lock()
+        self._leases = IndexLeases()
 
     async def start(self) -> None:
         s = self.settings
+        if s.snapshot_dir is not None and s.read_only:
+            raise errors.ConfigError("snapshot_dir and read_only exclude each other: a server following snapshots "
+                                     "serves its own writable copy")
         self.embedder = await asyncio.to_thread(Embedder, resolve_model(s.model), s, s.max_length)
-        self.index = await asyncio.to_thread(
-            DocumentIndex.open, s.index_dir, self.embedder.name, self.embedder.dims,
-            save_every_writes=s.save_every_writes, read_only=s.read_only,
-            filter_exact_max_docs=s.filter_exact_max_docs,
-        )
         self.batcher = DynamicBatcher("embed", self.embedder.embed, BatchPolicy.from_settings(s))
         watch_batcher(self.batcher)
         self.batcher.start()
+        if s.snapshot_dir is not None:
+            self.snapshots = SnapshotFollower(s, self.embedder.name, self.embedder.dims, self._switch_index,
+                                              self._open_index)
+            await self.snapshots.start()  # returns once an index is served; NOT_SERVING until then
+        else:
+            self.index = await asyncio.to_thread(self._open_index, s.index_dir)
         await self.search("warm up", 1, mode="dense")
-        if not self.index.store.has_lexical:
+
+    def _open_index(self, directory) -> DocumentIndex:
+        s = self.settings
+        index = DocumentIndex.open(directory, self.embedder.name, self.embedder.dims,
+                                   save_every_writes=s.save_every_writes, read_only=s.read_only,
+                                   filter_exact_max_docs=s.filter_exact_max_docs)
+        if not index.store.has_lexical:
             log.warning("%s has no lexical part: lexical and hybrid searches are refused until it is opened for "
-                        "writing once (or 'twostage index repair')", s.index_dir)
+                        "writing once (or 'twostage index repair')", directory)
+        return index
+
+    async def _switch_index(self, fresh: DocumentIndex, prepare) -> None:
+        """Serve ``fresh`` from now on. ``prepare(old, fresh)`` runs first, in a thread, with writes held (it
+        carries the old index's own writes over); searches never wait. The old index closes once its last
+        in-flight call ends."""
+        async with self._write_gate:
+            old = self.index
+            await asyncio.to_thread(prepare, old, fresh)
+            self.index = fresh
+        if old is not None:
+            await self._leases.wait_idle(old)
+            await asyncio.to_thread(old.close)
 
     async def close(self) -> None:
+        if self.snapshots is not None:
+            await self.snapshots.close()
         if self.batcher is not None:
             await self.batcher.close(drain=True)
-        if self.index is not None:
-            await asyncio.to_thread(self.index.close)
+        async with self._write_gate:
+            if self.index is not None:
+                await self._leases.wait_idle(self.index)
+                await asyncio.to_thread(self.index.close)
 
     def _require_ready(self) -> None:
         if self.batcher is None or self.index is None:
+            if self.snapshots is not None and self.batcher is not None:
+                raise errors.NotReady(self.snapshots.waiting_reason())
             raise errors.NotReady("recall server is still loading its model and index")
 
     async def _embed(self, texts: list[str], is_query: bool, deadline_s: float | None) -> np.ndarray:
@@ -86,14 +120,15 @@ class RecallService:
         # Every mode reports the cosine (the gateway's calibrated fusion reads it), so the query is embedded.
         (vector,) = await self._embed([query], True, deadline_s)
         embedded = time.perf_counter()
-        candidates, timings = await asyncio.to_thread(self._find, query, vector, k, mode, filter_)
+        with self._leases.hold(self.index) as index:
+            candidates, timings = await asyncio.to_thread(self._find, index, query, vector, k, mode, filter_)
         SEARCH_SECONDS.labels(mode).observe(time.perf_counter() - start)
         timings = {"embed_ms": 1000 * (embedded - start), **timings, "total_ms": _ms_since(start)}
         return candidates, timings, mode
 
-    def _find(self, query: str, vector: np.ndarray, k: int, mode: str, filter_: Filter | None):
+    def _find(self, index: DocumentIndex, query: str, vector: np.ndarray, k: int, mode: str, filter_: Filter | None):
         """Runs off the event loop: the index and SQLite block."""
-        s, index = self.settings, self.index
+        s = self.settings
         start = time.perf_counter()
         dense = dict(index.nearest(vector, k, filter_)) if mode != "lexical" else {}
         searched = time.perf_counter()
@@ -154,20 +189,25 @@ class RecallService:
         self._check_owned([d.id for d in docs])
         self.index.require_writable()  # before the embedding, which is the expensive part
         vectors = await self._embed([document_text(d) for d in docs], False, deadline_s)
-        await asyncio.to_thread(self.index.upsert, docs, vectors)
+        async with self._write_gate:
+            with self._leases.hold(self.index) as index:
+                await asyncio.to_thread(index.upsert, docs, vectors)
         return len(docs)
 
     async def delete(self, ids: list[str]) -> int:
         self._require_ready()
         check_ids(ids, self.settings.document_limits())
         self._check_owned(ids)
-        return await asyncio.to_thread(self.index.delete, ids)
+        async with self._write_gate:
+            with self._leases.hold(self.index) as index:
+                return await asyncio.to_thread(index.delete, ids)
 
     async def get(self, ids: list[str]) -> list[Document]:
         """Stored documents among ``ids``, in request order."""
         self._require_ready()
         check_ids(ids, self.settings.document_limits())
-        found = await asyncio.to_thread(self.index.get, ids)
+        with self._leases.hold(self.index) as index:
+            found = await asyncio.to_thread(index.get, ids)
         return [found[i] for i in ids if i in found]
 
     def doc_count(self) -> int:

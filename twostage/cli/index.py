@@ -2,7 +2,8 @@
 
 from pathlib import Path
 
-from twostage.cli.args import positive_int
+from twostage.cli.args import non_negative_int, positive_int
+from twostage.errors import InvalidArgument
 
 
 def register(commands) -> None:
@@ -14,12 +15,23 @@ def register(commands) -> None:
         "'metadata' object, become the document's metadata (strings, numbers, booleans, lists of strings). "
         "The corpus is checked as Upsert would check it before anything is embedded.",
     )
-    build.add_argument("--corpus", type=Path, required=True, help="BEIR directory or JSONL (_id, title, text)")
-    build.add_argument("--out", type=Path, required=True, help="new index directory")
+    build.add_argument("--corpus", required=True,
+                       help="BEIR directory or JSONL (_id, title, text), a path or an http(s):// URL (s3:// and "
+                       "gs:// with fsspec installed)")
+    build.add_argument("--out", type=Path, default=None, help="new index directory (or --snapshot-dir)")
     build.add_argument("--model", default=None, help="model name or directory (default: the recall server's)")
     build.add_argument("--limit", type=positive_int, default=None, help="index only the first N documents")
     build.add_argument("--shards", type=positive_int, default=1,
                        help="split into N shards (out/shard-0 ...), one recall server each")
+    build.add_argument("--shard-index", type=non_negative_int, default=None,
+                       help="build only this shard of --shards (one job per shard; in a Kubernetes Indexed Job, "
+                       "$(JOB_COMPLETION_INDEX))")
+    build.add_argument("--snapshot-dir", type=Path, default=None,
+                       help="publish the shard as a snapshot SNAPSHOT_DIR/shard-I/VERSION for recall servers started "
+                       "with --snapshot-dir (needs --shard-index; instead of --out)")
+    build.add_argument("--version", default=None,
+                       help="the snapshot's version (default: the UTC time, e.g. 20261125T210000Z); newer "
+                       "snapshots replace older ones in serving")
     build.add_argument("--skip-invalid", action="store_true",
                        help="index the valid documents and report the invalid lines (default: refuse the corpus)")
     build.add_argument("--max-length", type=positive_int, default=None, help="tokens read per document")
@@ -34,14 +46,24 @@ def register(commands) -> None:
 
 
 def _build(args) -> None:
-    from recall_server.build import build_from_corpus
+    from recall_server.build import build_from_corpus, build_snapshot, local_corpus
 
-    model = {"model": args.model} if args.model else {}
-    report = build_from_corpus(args.corpus, args.out, limit=args.limit, max_length=args.max_length,
-                               max_batch_size=args.max_batch_size, max_batch_tokens=args.max_batch_tokens,
-                               shards=args.shards, skip_invalid=args.skip_invalid, **model)
+    if (args.out is None) == (args.snapshot_dir is None):
+        raise InvalidArgument("give either --out (an index directory) or --snapshot-dir (publish a snapshot)")
+    if args.snapshot_dir is not None and args.shard_index is None:
+        raise InvalidArgument("--snapshot-dir publishes one shard: give --shard-index (0 with --shards 1)")
+    options = dict(limit=args.limit, max_length=args.max_length, max_batch_size=args.max_batch_size,
+                   max_batch_tokens=args.max_batch_tokens, skip_invalid=args.skip_invalid,
+                   **({"model": args.model} if args.model else {}))
+    with local_corpus(args.corpus) as corpus:
+        if args.snapshot_dir is not None:
+            report, where = build_snapshot(corpus, args.snapshot_dir, args.shards, args.shard_index, args.version,
+                                           **options)
+        else:
+            report = build_from_corpus(corpus, args.out, shards=args.shards, shard_index=args.shard_index, **options)
+            where = args.out
     skipped = f"; skipped {report.skipped_lines} invalid lines" if report.skipped_lines else ""
-    print(f"indexed {report.documents} documents into {args.out}{skipped}")
+    print(f"indexed {report.documents} documents into {where}{skipped}")
 
 
 def _repair(args) -> None:

@@ -1,0 +1,173 @@
+"""A recall server that follows its shard's snapshots (``--snapshot-dir``):
+waits for the first, serves it, and switches to newer ones while serving.
+The snapshot layout and the files it reads are in ``recall_server.snapshots``."""
+
+import asyncio
+import collections
+import contextlib
+import itertools
+import logging
+import shutil
+from pathlib import Path
+
+import numpy as np
+
+from recall_server.config import RecallSettings
+from recall_server.index import DocumentIndex
+from recall_server.snapshots import (
+    Snapshot,
+    check_managed,
+    copy_snapshot,
+    newest_snapshot,
+    point_at,
+    read_adoption,
+    record_adoption,
+    shard_root,
+)
+from twostage.errors import TwostageError
+
+log = logging.getLogger(__name__)
+
+
+class IndexLeases:
+    """Calls in flight per index, so a replaced index closes only once its last caller is done."""
+
+    def __init__(self):
+        self._in_flight: collections.Counter[int] = collections.Counter()
+        self._idle: dict[int, asyncio.Event] = {}
+
+    @contextlib.contextmanager
+    def hold(self, index: DocumentIndex):
+        key = id(index)
+        self._in_flight[key] += 1
+        try:
+            yield index
+        finally:
+            self._in_flight[key] -= 1
+            if not self._in_flight[key]:
+                del self._in_flight[key]
+                if event := self._idle.get(key):
+                    event.set()
+
+    async def wait_idle(self, index: DocumentIndex) -> None:
+        key = id(index)
+        if not self._in_flight.get(key):
+            return
+        event = self._idle.setdefault(key, asyncio.Event())
+        try:
+            await event.wait()
+        finally:
+            self._idle.pop(key, None)
+
+
+def carry_over(old: DocumentIndex, fresh: DocumentIndex, since_seq: int) -> int:
+    """Apply the writes ``old`` took after ``since_seq`` to ``fresh``, in order (stored vectors: no
+    re-embedding). Returns how many documents were written or deleted."""
+    applied = 0
+    for batch in old.store.writes_since(since_seq):
+        for deleted, run in itertools.groupby(batch, key=lambda write: write[1] is None):
+            run = list(run)
+            if deleted:
+                fresh.delete([doc.id for doc, _ in run])
+            else:
+                fresh.upsert([doc for doc, _ in run], np.stack([vector for _, vector in run]))
+            applied += len(run)
+    return applied
+
+
+class SnapshotFollower:
+    """``switch(fresh, prepare)`` is the service's: it holds writes, calls ``prepare(old, fresh)`` in a thread,
+    serves ``fresh`` and closes ``old`` once idle."""
+
+    def __init__(self, settings: RecallSettings, model: str, dims: int, switch, open_index):
+        self.settings = settings
+        self.model, self.dims = model, dims
+        self._switch = switch
+        self._open_index = open_index
+        self.root = Path(settings.snapshot_dir)
+        self.shard = settings.shard
+        self.current: Snapshot | None = None
+        self._base_seq = 0  # writes after this sequence in the served copy are this server's own
+        self._copy: Path | None = None
+        self._refused: set[str] = set()
+        self._task: asyncio.Task | None = None
+        self._checking = asyncio.Lock()
+
+    def waiting_reason(self) -> str:
+        return (f"recall shard {self.shard} has no index yet: waiting for a snapshot under "
+                f"{shard_root(self.root, self.shard)} (publish one with 'twostage index build --snapshot-dir "
+                f"{self.root} --shard-index {self.shard}')")
+
+    async def start(self) -> None:
+        """Serve the copy made before a restart, if any, then wait until some snapshot is served."""
+        index_dir = self.settings.index_dir
+        await asyncio.to_thread(check_managed, index_dir)
+        if (adoption := await asyncio.to_thread(read_adoption, index_dir)) is not None:
+            index = await asyncio.to_thread(self._open_index, index_dir)
+            await self._switch(index, lambda old, fresh: None)
+            self.current, self._base_seq, self._copy = adoption.snapshot, adoption.base_seq, index_dir.resolve()
+            log.info("serving snapshot %s of shard %d from %s", self.current.version, self.shard, self._copy)
+        await self.check_now()
+        if self.current is None:
+            log.warning("%s; NOT_SERVING until then", self.waiting_reason())
+        while self.current is None:
+            await asyncio.sleep(self.settings.snapshot_poll_s)  # polling a shared filesystem: no event to wait on
+            await self.check_now()
+        self._task = asyncio.get_running_loop().create_task(self._follow())
+
+    async def _follow(self) -> None:
+        while True:
+            await asyncio.sleep(self.settings.snapshot_poll_s)
+            try:
+                await self.check_now()
+            except (OSError, TwostageError) as error:
+                log.error("following snapshots of shard %d: %s; still serving %s", self.shard, error,
+                          self.current.version if self.current else "nothing")
+
+    async def close(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+
+    async def check_now(self) -> bool:
+        """Adopt the newest snapshot if it is newer than the one served. True when it switched."""
+        async with self._checking:
+            found = await asyncio.to_thread(newest_snapshot, self.root, self.shard)
+            if found is None:
+                return False
+            snapshot, source = found
+            if self.current is not None and snapshot.order <= self.current.order:
+                return False
+            if snapshot.version in self._refused:
+                return False
+            if snapshot.model != self.model:
+                self._refused.add(snapshot.version)
+                log.error("snapshot %s of shard %d was built with model %r but this server serves %r; not "
+                          "loading it", snapshot.version, self.shard, snapshot.model, self.model)
+                return False
+            await self._adopt(snapshot, source)
+            return True
+
+    async def _adopt(self, snapshot: Snapshot, source: Path) -> None:
+        index_dir = self.settings.index_dir
+        log.info("loading snapshot %s of shard %d (%d documents) from %s", snapshot.version, self.shard,
+                 snapshot.documents, source)
+        copy = await asyncio.to_thread(copy_snapshot, source, index_dir, snapshot)
+        fresh = await asyncio.to_thread(self._open_index, copy)
+        base_seq = fresh.store.max_seq()
+        since, previous = self._base_seq, self._copy
+
+        def prepare(old: DocumentIndex | None, fresh: DocumentIndex) -> None:
+            if old is not None:
+                carried = carry_over(old, fresh, since)
+                if carried:
+                    log.info("carried %d writes made since the last snapshot over to %s", carried, snapshot.version)
+            record_adoption(copy, snapshot, base_seq)
+            point_at(index_dir, copy)
+
+        await self._switch(fresh, prepare)
+        self.current, self._base_seq, self._copy = snapshot, base_seq, copy
+        if previous is not None and previous != copy:
+            await asyncio.to_thread(shutil.rmtree, previous, True)
+        log.info("serving snapshot %s of shard %d (%d documents)", snapshot.version, self.shard, len(fresh))
