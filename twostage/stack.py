@@ -75,14 +75,19 @@ class Stack:
 
     def __init__(self, host: str, port: int, index_dir: str | None, rerank_replicas: int = 1, recall_shards: int = 1,
                  metrics_port: int = 0, embed_model: str | None = None, rerank_model: str | None = None,
-                 tls_dir: str | None = None, auth_tokens: str | None = None):
-        if not 1 <= recall_shards <= 64 or not 1 <= rerank_replicas <= 64:
-            raise StackError("--recall-shards and --rerank-replicas must be between 1 and 64")
+                 tls_dir: str | None = None, auth_tokens: str | None = None, shard_replicas: int = 1):
+        if not all(1 <= n <= 64 for n in (recall_shards, rerank_replicas, shard_replicas)):
+            raise StackError("--recall-shards, --shard-replicas and --rerank-replicas must be between 1 and 64")
         self.host = host
         self.gateway_target = f"{host}:{port}"
-        self.recall_targets = [f"{host}:{port + 1 + i}" for i in range(recall_shards)]
-        self.rerank_targets = [f"{host}:{port + 1 + recall_shards + i}" for i in range(rerank_replicas)]
+        recall_processes = recall_shards * shard_replicas
+        # Shard i's replicas, as the gateway takes them: one target "a|b|..." per shard.
+        self.shard_targets = [[f"{host}:{port + 1 + i * shard_replicas + j}" for j in range(shard_replicas)]
+                              for i in range(recall_shards)]
+        self.recall_targets = [target for replicas in self.shard_targets for target in replicas]
+        self.rerank_targets = [f"{host}:{port + 1 + recall_processes + i}" for i in range(rerank_replicas)]
         self.index_dirs = check_index_dir(index_dir, recall_shards)
+        self._replica_copies: Path | None = None
         self.metrics_port = metrics_port
         self.embed_model = embed_model
         self.rerank_model = rerank_model
@@ -149,16 +154,30 @@ class Stack:
         check_ports_free(self.host, [int(t.rsplit(":", 1)[1]) for t in self.targets] + list(self.metrics_ports().values()))
         stage_flags, gateway_flags = self._security_flags()
         embed = ["--model", self.embed_model] if self.embed_model else []
-        for i, (target, index_dir) in enumerate(zip(self.recall_targets, self.index_dirs)):
-            await self._spawn(Child(f"recall shard {i}", "recall", target), "recall_server",
-                              *(["--index-dir", index_dir] if index_dir else []), *embed, *stage_flags)
+        for i, (replicas, index_dir) in enumerate(zip(self.shard_targets, self.index_dirs)):
+            for j, target in enumerate(replicas):
+                replica_dir = index_dir if j == 0 else await asyncio.to_thread(self._replica_copy, index_dir, i, j)
+                name = f"recall shard {i}" + (f" replica {j}" if len(replicas) > 1 else "")
+                await self._spawn(Child(name, "recall", target), "recall_server",
+                                  *(["--index-dir", replica_dir] if replica_dir else []), *embed, *stage_flags)
         for i, target in enumerate(self.rerank_targets):
             await self._spawn(Child(f"rerank replica {i}", "rerank", target), "rerank_server",
                               *(["--model", self.rerank_model] if self.rerank_model else []), *stage_flags)
         await self._spawn(Child("gateway", "gateway", self.gateway_target), "gateway",
-                          "--recall-targets", ",".join(self.recall_targets),
+                          "--recall-targets", ",".join("|".join(replicas) for replicas in self.shard_targets),
                           "--rerank-targets", ",".join(self.rerank_targets), *gateway_flags)
         await self._wait_ready(self.children, ready_timeout_s)
+
+    def _replica_copy(self, index_dir: str | None, shard: int, replica: int) -> str:
+        """Replica 0 of a shard serves the shard's index; each other replica its own copy, made for this run
+        (every replica takes every write of its shard, as in a cluster)."""
+        from recall_server.config import RecallSettings
+
+        if self._replica_copies is None:
+            self._replica_copies = Path(tempfile.mkdtemp(prefix="twostage-replicas-"))
+        target = self._replica_copies / f"shard-{shard}-replica-{replica}"
+        shutil.copytree(index_dir or RecallSettings().index_dir, target, ignore=shutil.ignore_patterns(".lock"))
+        return str(target)
 
     async def _wait_ready(self, children: list[Child], timeout_s: float) -> None:
         exits = {asyncio.ensure_future(c.process.wait()): c for c in children}
@@ -199,6 +218,7 @@ class Stack:
             except TimeoutError:
                 child.process.kill()
                 codes.append(await child.process.wait())
-        if self._secrets is not None:
-            shutil.rmtree(self._secrets, ignore_errors=True)
+        for private in (self._secrets, self._replica_copies):
+            if private is not None:
+                shutil.rmtree(private, ignore_errors=True)
         return max((abs(c) for c in codes if c not in (0, -signal.SIGTERM)), default=0)

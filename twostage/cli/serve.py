@@ -36,6 +36,9 @@ def add_stack_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--index-dir", default=None, help="recall index (default: the demo index)")
     parser.add_argument("--recall-shards", type=positive_int, default=1,
                         help="recall processes, one per index shard (INDEX_DIR/shard-i, from 'index build --shards')")
+    parser.add_argument("--shard-replicas", type=positive_int, default=1,
+                        help="recall processes per shard; the gateway spreads searches over them and sends every "
+                        "write to each (replicas after the first serve a copy of the shard made for the run)")
     parser.add_argument("--rerank-replicas", type=positive_int, default=1, help="rerank processes, each on its own port")
     parser.add_argument("--ready-timeout-s", type=float, default=300.0)
     parser.add_argument("--metrics-port", type=port_number, default=0,
@@ -78,7 +81,8 @@ async def run_stack(args, then=None) -> int:
     """Run the stack until a signal or a child's exit; ``then(stack)`` runs once it is ready
     (with ``args.once`` the stack stops after it). A child that dies takes the stack down, named."""
     stack = Stack(args.host, args.port, args.index_dir, args.rerank_replicas, args.recall_shards,
-                  args.metrics_port, args.embed_model, args.rerank_model, args.tls_dir, args.auth_tokens)
+                  args.metrics_port, args.embed_model, args.rerank_model, args.tls_dir, args.auth_tokens,
+                  args.shard_replicas)
     stop = asyncio.Event()
     install_stop_signals(stop)
     died = None
