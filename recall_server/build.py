@@ -18,7 +18,6 @@ from tqdm import tqdm
 from recall_server.embedder import Embedder
 from recall_server.index import DocumentIndex
 from twostage.batching import BatchPolicy, plan_batches
-from twostage.config import RuntimeSettings
 from twostage.corpus import Document, corpus_file, corpus_lines, document_text
 from twostage.documents import CorpusScan, DocumentLimits, scan_corpus, valid_documents
 from twostage.errors import InvalidArgument
@@ -159,9 +158,11 @@ def build_from_corpus(corpus: Path, out: Path, model: str = DEFAULT_EMBED_MODEL,
 
     if Path(out).exists():
         raise FileExistsError(f"{out} already exists; remove it or choose another --out")
-    limits = RecallSettings().document_limits()
+    # The recall server's settings (TWOSTAGE_RECALL_*): its document limits, provider and threads.
+    settings = RecallSettings()
+    limits = settings.document_limits()
     scan = check_corpus(corpus, limits, skip_invalid)  # before the model loads: a bad corpus fails at once
-    embedder = Embedder(resolve_model(model), RuntimeSettings(), max_length)
+    embedder = Embedder(resolve_model(model), settings, max_length)
     policy = replace(
         DEFAULT_BUILD_POLICY,
         max_batch_size=max_batch_size or DEFAULT_BUILD_POLICY.max_batch_size,

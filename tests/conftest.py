@@ -27,9 +27,9 @@ def pytest_collection_modifyitems(config, items):
     has_gpu = "CUDAExecutionProvider" in onnxruntime.get_available_providers()
     asked_for_perf = "perf" in (config.getoption("-m") or "")
     for item in items:
-        if "gpu" in item.keywords and not has_gpu:
+        if item.get_closest_marker("gpu") and not has_gpu:
             item.add_marker(pytest.mark.skip(reason="no CUDAExecutionProvider in this onnxruntime"))
-        if "perf" in item.keywords and not asked_for_perf:
+        if item.get_closest_marker("perf") and not asked_for_perf:
             item.add_marker(pytest.mark.skip(reason="benchmark: run with -m perf"))
 
 

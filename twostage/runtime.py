@@ -6,8 +6,13 @@ from pathlib import Path
 
 import numpy as np
 import onnx
-import onnxruntime as ort
 from tokenizers import Tokenizer
+
+try:
+    import onnxruntime as ort
+except ImportError:  # the cpu and gpu extras each bring one; they must not be installed together
+    raise ImportError("twostage needs onnxruntime: install 'twostage[cpu]', or 'twostage[gpu]' (onnxruntime-gpu) "
+                      "on a CUDA machine") from None
 
 from twostage.config import RuntimeSettings
 from twostage.errors import InvalidArgument

@@ -1,54 +1,165 @@
-"""The Kubernetes manifests, rendered by kustomize and checked for what the
-security model relies on."""
+"""The Kubernetes manifests: each overlay rendered by kustomize, every object validated against the
+Kubernetes schemas offline, and checked for what booting and running a cluster relies on."""
 
+import re
 import shutil
 import subprocess
 from pathlib import Path
 
+import kubernetes_validate
 import pytest
 import yaml
 
-DEPLOY = Path(__file__).resolve().parents[2] / "deploy" / "k8s"
+K8S = Path(__file__).resolve().parents[2] / "deploy" / "k8s"
+KUBERNETES_VERSION = "1.33.0"  # the oldest release the manifests promise to work on
+CUSTOM_KINDS = {("cert-manager.io/v1", "Certificate"), ("cert-manager.io/v1", "Issuer")}
+OVERLAYS = ["cpu", "gpu"]
 pytestmark = pytest.mark.skipif(shutil.which("kubectl") is None, reason="needs kubectl (with kustomize)")
 
 
-@pytest.fixture(scope="module")
-def objects() -> list[dict]:
-    rendered = subprocess.run(["kubectl", "kustomize", str(DEPLOY)], capture_output=True, text=True, check=True)
+def render(overlay: str) -> list[dict]:
+    rendered = subprocess.run(["kubectl", "kustomize", str(K8S / "overlays" / overlay)], capture_output=True,
+                              text=True, check=True)
     return [o for o in yaml.safe_load_all(rendered.stdout) if o]
 
 
-def workloads(objects) -> dict[str, dict]:
-    return {o["metadata"]["name"]: o for o in objects if o["kind"] in ("Deployment", "StatefulSet")}
+@pytest.fixture(scope="module", params=OVERLAYS)
+def objects(request) -> list[dict]:
+    return render(request.param)
+
+
+def workloads(objects, kinds=("Deployment", "StatefulSet", "Job")) -> dict[str, dict]:
+    return {o["metadata"]["name"]: o for o in objects if o["kind"] in kinds}
+
+
+def pod_spec(workload: dict) -> dict:
+    return workload["spec"]["template"]["spec"]
+
+
+def container(workload: dict) -> dict:
+    return pod_spec(workload)["containers"][0]
 
 
 def env_of(workload: dict) -> dict[str, str]:
-    container = workload["spec"]["template"]["spec"]["containers"][0]
-    return {e["name"]: e.get("value") for e in container.get("env", [])}
+    return {e["name"]: e.get("value") for e in container(workload).get("env", [])}
+
+
+def service_of(workload: dict) -> str:
+    """recall, rerank or gateway for a server; index for the build."""
+    args = container(workload)["args"]
+    return args[1] if args[0] == "serve" else args[0]
+
+
+def servers(objects) -> dict[str, dict]:
+    return workloads(objects, ("Deployment", "StatefulSet"))
+
+
+def selects(selector: dict, labels: dict) -> bool:
+    return all(labels.get(k) == v for k, v in selector["matchLabels"].items())
+
+
+def test_every_object_validates_against_the_kubernetes_schemas(objects):
+    for obj in objects:
+        if (obj["apiVersion"], obj["kind"]) in CUSTOM_KINDS:
+            assert obj["spec"], obj["metadata"]["name"]  # cert-manager's own; its CRDs are not in these schemas
+            continue
+        kubernetes_validate.validate(obj, KUBERNETES_VERSION, strict=True)
+
+
+def test_every_workload_runs_unprivileged_with_resources_sized_to_its_threads(objects):
+    for name, workload in workloads(objects).items():
+        pod, main = pod_spec(workload), container(workload)
+        assert pod["securityContext"]["runAsNonRoot"] is True, name
+        assert pod["securityContext"]["seccompProfile"] == {"type": "RuntimeDefault"}, name
+        assert main["securityContext"] == {"allowPrivilegeEscalation": False, "readOnlyRootFilesystem": True,
+                                           "capabilities": {"drop": ["ALL"]}}, name
+        mounts = {m["mountPath"] for m in main["volumeMounts"]}
+        assert "/tmp" in mounts, name  # the root filesystem is read-only
+        claims = [v for v in pod["volumes"] if "persistentVolumeClaim" in v and not v["persistentVolumeClaim"].get(
+            "readOnly")] + workload["spec"].get("volumeClaimTemplates", [])
+        if claims:
+            assert pod["securityContext"]["fsGroup"] == 10001, name  # the volume is writable by the user
+        resources = main["resources"]
+        assert {"cpu", "memory"} <= set(resources["requests"]) and "memory" in resources["limits"], name
+        threads = {k: v for k, v in env_of(workload).items() if k.endswith("_INTRA_OP_THREADS")}
+        if service_of(workload) in ("recall", "rerank", "index"):
+            # onnxruntime would otherwise start a thread per node core and fight over the CPUs requested.
+            assert threads and all(v == str(resources["requests"]["cpu"]) for v in threads.values()), name
+
+
+def test_every_server_has_probes_a_drain_and_spreads_over_nodes(objects):
+    for name, workload in servers(objects).items():
+        main, pod = container(workload), pod_spec(workload)
+        prefix = f"TWOSTAGE_{service_of(workload).upper()}_"
+        env = env_of(workload)
+        for probe in ("startupProbe", "readinessProbe", "livenessProbe"):
+            assert str(main[probe]["grpc"]["port"]) == env[prefix + "HEALTH_PORT"], (name, probe)
+        # Alive while loading or waiting for a snapshot; SERVING only when it can answer.
+        assert main["startupProbe"]["grpc"]["service"] == "liveness", name
+        assert main["livenessProbe"]["grpc"]["service"] == "liveness", name
+        assert "service" not in main["readinessProbe"]["grpc"], name
+        pre_stop = main["lifecycle"]["preStop"]["sleep"]["seconds"]
+        needed = pre_stop + float(env[prefix + "DRAIN_DELAY_S"]) + float(env[prefix + "GRACE_PERIOD_S"])
+        assert pod["terminationGracePeriodSeconds"] > needed, name
+        term = pod["affinity"]["podAntiAffinity"]["preferredDuringSchedulingIgnoredDuringExecution"][0]
+        assert term["podAffinityTerm"]["topologyKey"] == "kubernetes.io/hostname", name
+        assert selects(term["podAffinityTerm"]["labelSelector"], workload["spec"]["template"]["metadata"]["labels"])
 
 
 def test_every_tier_serves_tls_and_checks_tokens(objects):
-    for name, workload in workloads(objects).items():
-        prefix = f"TWOSTAGE_{name.upper()}_"
+    for name, workload in servers(objects).items():
+        prefix = f"TWOSTAGE_{service_of(workload).upper()}_"
         env = env_of(workload)
         assert env[prefix + "TLS_DIR"] == "/etc/twostage/tls", name
         assert env[prefix + "AUTH_TOKENS"] == "/etc/twostage/auth/tokens", name
-        volumes = {v["name"]: v for v in workload["spec"]["template"]["spec"]["volumes"]}
+        volumes = {v["name"]: v for v in pod_spec(workload)["volumes"]}
         # Projected (not subPath) so that rotated certificates reach the pod without a restart.
         paths = {item["path"] for source in volumes["tls"]["projected"]["sources"] for item in source["secret"]["items"]}
         assert {"server.pem", "server.key", "ca.pem"} <= paths, name
-        if name == "gateway":
+        if service_of(workload) == "gateway":
             assert {"client.pem", "client.key"} <= paths
             assert env["TWOSTAGE_GATEWAY_STAGE_TOKEN_FILE"].startswith("/etc/twostage/")
 
 
-def test_probes_use_the_plaintext_health_port(objects):
-    for name, workload in workloads(objects).items():
-        container = workload["spec"]["template"]["spec"]["containers"][0]
-        health = env_of(workload)[f"TWOSTAGE_{name.upper()}_HEALTH_PORT"]
-        for probe in ("readinessProbe", "livenessProbe", "startupProbe"):
-            if probe in container:
-                assert str(container[probe]["grpc"]["port"]) == health, (name, probe)
+def test_rerank_and_gateway_autoscale_and_every_tier_has_a_disruption_budget(objects):
+    scaled = {o["spec"]["scaleTargetRef"]["name"] for o in objects if o["kind"] == "HorizontalPodAutoscaler"}
+    by_service = {}
+    for name, workload in servers(objects).items():
+        by_service.setdefault(service_of(workload), []).append(name)
+    assert set(by_service["rerank"]) | set(by_service["gateway"]) <= scaled
+    budgets = [o for o in objects if o["kind"] == "PodDisruptionBudget"]
+    for name, workload in servers(objects).items():
+        labels = workload["spec"]["template"]["metadata"]["labels"]
+        covering = [b for b in budgets if selects(b["spec"]["selector"], labels)]
+        assert len(covering) == 1, name  # one budget per workload: a shard's never counts another shard's pods
+
+
+def test_shards_builds_and_the_gateway_agree(objects):
+    shards = {name: w for name, w in servers(objects).items() if service_of(w) == "recall"}
+    count = len(shards)
+    assert count >= 2
+    services = {o["metadata"]["name"]: o for o in objects if o["kind"] == "Service"}
+    targets = env_of(servers(objects)["gateway"])["TWOSTAGE_GATEWAY_RECALL_TARGETS"].split(",")
+    assert len(targets) == count
+    for i, target in enumerate(targets):
+        statefulset = shards[f"recall-shard-{i}"]
+        env = env_of(statefulset)
+        assert env["TWOSTAGE_RECALL_SHARD"] == str(i)
+        assert env["TWOSTAGE_RECALL_SNAPSHOT_DIR"].startswith("/snapshots/")
+        assert statefulset["spec"]["replicas"] >= 2  # a shard survives the loss of a replica
+        service = services[statefulset["spec"]["serviceName"]]
+        assert service["spec"]["clusterIP"] == "None"
+        assert selects({"matchLabels": service["spec"]["selector"]}, statefulset["spec"]["template"]["metadata"]["labels"])
+        assert re.fullmatch(rf"dns:///{service['metadata']['name']}\.twostage\.svc\.cluster\.local:50052", target)
+    # Another shard's pods never answer for this one.
+    selectors = [tuple(sorted(s["spec"]["selector"]["matchLabels"].items())) for s in shards.values()]
+    assert len(set(selectors)) == count
+    (build,) = [w for w in workloads(objects, ("Job",)).values() if service_of(w) == "index"]
+    assert build["spec"]["completionMode"] == "Indexed" and build["spec"]["completions"] == count
+    args = container(build)["args"]
+    assert f"--shards={count}" in args and "--shard-index=$(JOB_COMPLETION_INDEX)" in args
+    snapshot_dir = next(a.split("=", 1)[1] for a in args if a.startswith("--snapshot-dir="))
+    assert all(env_of(s)["TWOSTAGE_RECALL_SNAPSHOT_DIR"] == snapshot_dir for s in shards.values())
 
 
 def test_only_the_gateway_and_the_index_build_reach_the_stages(objects):
@@ -65,3 +176,15 @@ def test_only_the_gateway_and_the_index_build_reach_the_stages(objects):
     assert recall_extra[0]["spec"]["ingress"][0]["from"][0]["podSelector"]["matchLabels"] == {
         "app": "twostage-index-build"
     }
+
+
+def test_the_gpu_overlay_puts_the_model_work_on_gpus():
+    cpu, gpu = (workloads(render(o)) for o in OVERLAYS)
+    for name in ("rerank", "index-build"):
+        main = container(gpu[name])
+        assert main["resources"]["limits"]["nvidia.com/gpu"] == 1, name
+        assert main["image"].endswith("-gpu") and not container(cpu[name])["image"].endswith("-gpu"), name
+        assert "nvidia.com/gpu" not in container(cpu[name])["resources"]["limits"], name
+    assert env_of(gpu["rerank"])["TWOSTAGE_RERANK_PROVIDER"] == "cuda"
+    assert int(env_of(gpu["rerank"])["TWOSTAGE_RERANK_MAX_BATCH_SIZE"]) > 32  # the CPU default
+    assert not container(gpu["gateway"])["image"].endswith("-gpu")

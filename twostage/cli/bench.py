@@ -51,35 +51,35 @@ def _apply_overrides(args) -> None:
 
 
 def _rerank(args) -> None:
-    from bench.rerank import run
+    from twostage.bench.rerank import run
 
     _apply_overrides(args)
     asyncio.run(run(args))
 
 
 def _embed(args) -> None:
-    from bench.embed import run
+    from twostage.bench.embed import run
 
     _apply_overrides(args)
     run(args)
 
 
 def _gateway(args) -> None:
-    from bench.gateway import run
+    from twostage.bench.gateway import run
 
     _apply_overrides(args)
     asyncio.run(run(args))
 
 
 def _resilience(args) -> None:
-    from bench.resilience import run
+    from twostage.bench.resilience import run
 
     _apply_overrides(args)
     asyncio.run(run(args))
 
 
 def _recall(args) -> None:
-    from bench.recall import run
+    from twostage.bench.recall import run
 
     _apply_overrides(args)
     run(args)

@@ -4,7 +4,10 @@ from pathlib import Path
 
 
 def _pyplot():
-    import matplotlib
+    try:
+        import matplotlib
+    except ImportError:
+        raise ImportError("plots need matplotlib: install 'twostage[plots]'") from None
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt

@@ -10,12 +10,12 @@ from pathlib import Path
 
 import numpy as np
 
-from bench.report import machine, write_json
-from bench.workload import default_dataset
 from recall_server.build import cached_index
 from recall_server.config import RecallSettings
 from recall_server.index import DocumentIndex
 from recall_server.service import RecallService
+from twostage.bench.report import machine, write_json
+from twostage.bench.workload import default_dataset
 from twostage.corpus import Document, read_queries
 from twostage.filters import FilterClause, check_filter
 from twostage.model_store import fetch_defaults

@@ -6,12 +6,12 @@ import tempfile
 import time
 from pathlib import Path
 
-from bench.ceiling import best_rate
-from bench.report import machine, print_table, write_json
-from bench.workload import default_dataset, documents
 from recall_server.build import DEFAULT_BUILD_POLICY, build_index, embed_documents
 from recall_server.config import RecallSettings
 from recall_server.embedder import Embedder
+from twostage.bench.ceiling import best_rate
+from twostage.bench.report import machine, print_table, write_json
+from twostage.bench.workload import default_dataset, documents
 from twostage.corpus import document_text
 from twostage.model_store import resolve_model
 

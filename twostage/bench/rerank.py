@@ -11,13 +11,13 @@ import urllib.request
 
 from prometheus_client.parser import text_string_to_metric_families
 
-from bench.ceiling import best_rate
-from bench.peers import run_peer
-from bench.report import machine, percentiles_ms, print_table, write_json
-from bench.workload import RerankRequest, default_dataset, rerank_workload
 from rerank_server.config import RerankSettings
 from rerank_server.cross_encoder import CrossEncoder
 from twostage.batching import plan_batches
+from twostage.bench.ceiling import best_rate
+from twostage.bench.peers import run_peer
+from twostage.bench.report import machine, percentiles_ms, print_table, write_json
+from twostage.bench.workload import RerankRequest, default_dataset, rerank_workload
 from twostage.model_store import resolve_model
 from twostage.probe import wait_serving
 

@@ -16,8 +16,8 @@ import tempfile
 import time
 from pathlib import Path
 
-from bench.gateway import bench_index
-from bench.report import machine, write_json
+from twostage.bench.gateway import bench_index
+from twostage.bench.report import machine, write_json
 from twostage.corpus import DEMO_CORPUS, read_corpus, read_queries
 from twostage.evaluation.loadtest import run_load
 from twostage.model_store import fetch_defaults

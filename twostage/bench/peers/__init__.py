@@ -12,7 +12,8 @@ import subprocess
 import tempfile
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[2]
+# Where `make bench-peers` put the environments: the checkout (TWOSTAGE_PEER_ENVS to look elsewhere).
+ROOT = Path(os.environ.get("TWOSTAGE_PEER_ENVS") or Path(__file__).resolve().parents[3])
 HERE = Path(__file__).resolve().parent
 PEERS = {
     "sentence-transformers": (ROOT / ".venv-peers" / "bin" / "python", HERE / "st_crossencoder.py"),

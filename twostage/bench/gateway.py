@@ -8,7 +8,7 @@ from pathlib import Path
 
 import grpc
 
-from bench.report import machine, write_json
+from twostage.bench.report import machine, write_json
 from twostage.connect import PLAINTEXT, Credentials
 from twostage.corpus import DEMO_CORPUS, read_queries
 from twostage.evaluation.loadtest import run_load
