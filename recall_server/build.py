@@ -2,12 +2,13 @@
 
 import contextlib
 import itertools
-import json
 import logging
+import os
 import shutil
 import tempfile
 import time
 import urllib.request
+import uuid
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -16,13 +17,13 @@ import numpy as np
 from tqdm import tqdm
 
 from recall_server.embedder import Embedder
-from recall_server.index import DocumentIndex
+from recall_server.index import DocumentIndex, IndexManifest
 from twostage.batching import BatchPolicy, plan_batches
 from twostage.corpus import Document, corpus_file, corpus_lines, document_text
 from twostage.documents import CorpusScan, DocumentLimits, scan_corpus, valid_documents
-from twostage.errors import InvalidArgument
+from twostage.errors import InvalidArgument, TwostageError
 from twostage.model_store import DEFAULT_EMBED_MODEL, resolve_model
-from twostage.sharding import shard_of
+from twostage.sharding import part_of, shard_of
 
 log = logging.getLogger(__name__)
 # Measured on 2 CPU cores (twostage bench embed): 8 documents of 512 tokens per call is fastest.
@@ -94,10 +95,12 @@ def build_index(
     progress: bool = True,
     scan: CorpusScan | None = None,
     shard_index: int | None = None,
+    part: tuple[int, int] | None = None,
 ) -> BuildReport:
     """Embed every valid document of ``corpus`` (BEIR dir or JSONL) into a new index at ``out``;
     with ``shards`` > 1, into ``out/shard-0`` .. ``out/shard-{N-1}``, one recall server each, or, with
-    ``shard_index``, only that shard into ``out`` (one build job per shard).
+    ``shard_index``, only that shard into ``out`` (one build job per shard), and with ``part`` = (j, parts)
+    only part j of that shard (several jobs per shard, merged by ``merge_parts``).
 
     The corpus is validated first, like Upsert (``skip_invalid`` indexes the rest). Each index is
     written beside its target and moved into place when complete, so a failed build leaves nothing
@@ -122,6 +125,8 @@ def build_index(
                 docs: Iterable[Document] = itertools.islice(valid_documents(corpus_lines(corpus), scan), limit)
                 if shards > 1:
                     docs = (d for d in docs if shard_of(d.id, shards) == shard)
+                if part is not None and part[1] > 1:
+                    docs = (d for d in docs if part_of(d.id, shards, part[1]) == part[0])
                 count += _build_one(docs, target, embedder, policy, chunk_docs, bar, shard, shards)
     except BaseException:
         for target in targets:
@@ -152,7 +157,8 @@ def _build_one(docs: Iterable[Document], out: Path, embedder, policy, chunk_docs
 def build_from_corpus(corpus: Path, out: Path, model: str = DEFAULT_EMBED_MODEL, limit: int | None = None,
                       max_length: int | None = None, max_batch_size: int | None = None,
                       max_batch_tokens: int | None = None, shards: int = 1, skip_invalid: bool = False,
-                      progress: bool = True, shard_index: int | None = None) -> BuildReport:
+                      progress: bool = True, shard_index: int | None = None,
+                      part: tuple[int, int] | None = None) -> BuildReport:
     """Check the corpus, load the embedding model, build an index with the recall server's document limits."""
     from recall_server.config import RecallSettings
 
@@ -169,23 +175,102 @@ def build_from_corpus(corpus: Path, out: Path, model: str = DEFAULT_EMBED_MODEL,
         max_batch_tokens=max_batch_tokens or DEFAULT_BUILD_POLICY.max_batch_tokens,
     )
     return build_index(corpus, out, embedder, policy, limits, limit=limit, shards=shards,
-                       skip_invalid=skip_invalid, progress=progress, scan=scan, shard_index=shard_index)
+                       skip_invalid=skip_invalid, progress=progress, scan=scan, shard_index=shard_index, part=part)
 
 
 def build_snapshot(corpus: Path, snapshot_dir: Path, shards: int, shard_index: int, version: str | None = None,
-                   **build_options) -> tuple[BuildReport, Path]:
-    """Build one shard and publish it as a snapshot (``ROOT/shard-I/VERSION``) for recall servers to load."""
-    from recall_server.index import IndexManifest
-    from recall_server.snapshots import Snapshot, building_dir, default_version, publish
+                   parts: int = 1, part_index: int = 0, **build_options) -> tuple[BuildReport, Path | None]:
+    """Build one shard and publish it as a snapshot (``ROOT/shard-I/VERSION``) for recall servers to load.
 
-    version = version or default_version()
+    With ``parts`` > 1 this builds part ``part_index`` of the shard (``ROOT/shard-I/.parts-VERSION/part-J``);
+    whichever part finds every part complete merges them (stored vectors, no re-embedding) and publishes.
+    Returns the published snapshot's path, or None while other parts are still building."""
+    from recall_server.snapshots import check_version, default_version, shard_root
+
+    version = check_version(version or default_version())
+    if not 0 <= part_index < parts:
+        raise InvalidArgument(f"part {part_index} is not a part of {parts} (0 to {parts - 1})")
+    if parts == 1:
+        building = _fresh_building_dir(snapshot_dir, shard_index, version)
+        report = build_from_corpus(corpus, building, shards=shards, shard_index=shard_index, **build_options)
+        return report, _publish(building, snapshot_dir, shard_index, shards, version, report.documents)
+    parts_dir = shard_root(snapshot_dir, shard_index) / f".parts-{version}"
+    part_dir = parts_dir / f"part-{part_index}"
+    if part_dir.exists():  # a retried job: this part is already complete
+        log.info("%s is already built", part_dir)
+        report = BuildReport(0, 0, {})
+    else:
+        parts_dir.mkdir(parents=True, exist_ok=True)
+        report = build_from_corpus(corpus, part_dir, shards=shards, shard_index=shard_index,
+                                   part=(part_index, parts), **build_options)
+    built = [parts_dir / f"part-{j}" for j in range(parts)]
+    if missing := [p.name for p in built if not p.exists()]:
+        log.info("part %d of shard %d built; waiting for %s (the last part to finish merges)", part_index,
+                 shard_index, ", ".join(missing))
+        return report, None
+    from recall_server.snapshots import read_snapshot
+
+    published = merge_parts(built, snapshot_dir, shard_index, shards, version)
+    return replace(report, documents=read_snapshot(published).documents), published
+
+
+def _fresh_building_dir(snapshot_dir: Path, shard_index: int, version: str, suffix: str = "") -> Path:
+    from recall_server.snapshots import building_dir
+
     building = building_dir(snapshot_dir, shard_index, version)
+    building = building.with_name(building.name + suffix)
     building.parent.mkdir(parents=True, exist_ok=True)
     shutil.rmtree(building, ignore_errors=True)  # a build of this version that died
-    report = build_from_corpus(corpus, building, shards=shards, shard_index=shard_index, **build_options)
-    manifest = IndexManifest(**json.loads((building / "index.json").read_text()))
-    snapshot = Snapshot(version, shard_index, shards, manifest.model, report.documents, time.time())
-    return report, publish(building, snapshot_dir, snapshot)
+    return building
+
+
+def _publish(building: Path, snapshot_dir: Path, shard_index: int, shards: int, version: str, documents: int) -> Path:
+    from recall_server.snapshots import Snapshot, publish
+
+    manifest = IndexManifest.read(building)
+    return publish(building, snapshot_dir, Snapshot(version, shard_index, shards, manifest.model, documents, time.time()))
+
+
+def merge_parts(parts: list[Path], snapshot_dir: Path, shard_index: int, shards: int, version: str) -> Path:
+    """Merge a shard's parts into one index and publish it. Parts finishing together may both merge: the
+    first to publish wins and the other discards its copy, so no lock is needed on a shared volume."""
+    from recall_server.snapshots import shard_root
+
+    target = shard_root(snapshot_dir, shard_index) / version
+    if target.exists():
+        log.info("snapshot %s was published by another part", target)
+        return target
+    building = _fresh_building_dir(snapshot_dir, shard_index, version, suffix=f"-{os.getpid()}-{uuid.uuid4().hex[:6]}")
+    try:
+        first = IndexManifest.read(parts[0])
+        merged = DocumentIndex.create(building, first.model, first.dims, shard=shard_index, shards=shards,
+                                      save_every_writes=1 << 62)
+        try:
+            for part in parts:
+                manifest = IndexManifest.read(part)
+                if (manifest.model, manifest.dims) != (first.model, first.dims):
+                    raise InvalidArgument(f"{part} was built with {manifest.model}, {parts[0]} with {first.model}")
+                source = DocumentIndex.open(part, manifest.model, manifest.dims, read_only=True)
+                try:
+                    for batch in source.store.writes_since(0, batch_rows=4096):
+                        live = [(doc, vector) for doc, vector in batch if vector is not None]
+                        if live:
+                            merged.upsert([doc for doc, _ in live], np.stack([vector for _, vector in live]))
+                finally:
+                    source.close()
+            documents = merged.store.count()
+        finally:
+            merged.close()
+        published = _publish(building, snapshot_dir, shard_index, shards, version, documents)
+    except (OSError, TwostageError):
+        shutil.rmtree(building, ignore_errors=True)
+        if target.exists():  # another part merged and published first (and removed the parts)
+            log.info("snapshot %s was published by another part", target)
+            return target
+        raise
+    shutil.rmtree(parts[0].parent, ignore_errors=True)
+    log.info("merged %d parts into %s (%d documents)", len(parts), published, documents)
+    return published
 
 
 @contextlib.contextmanager

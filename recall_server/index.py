@@ -55,6 +55,10 @@ class IndexManifest:
     shard: int = 0
     shards: int = 1
 
+    @classmethod
+    def read(cls, directory: Path) -> "IndexManifest":
+        return cls(**json.loads((Path(directory) / MANIFEST).read_text()))
+
 
 def _fsync_directory(directory: Path) -> None:
     """A rename is durable only once its directory is."""
@@ -123,7 +127,7 @@ class DocumentIndex:
         directory = Path(directory)
         if not (directory / MANIFEST).exists():
             raise InvalidArgument(f"{directory} is not an index; build one with 'twostage index build'")
-        manifest = IndexManifest(**json.loads((directory / MANIFEST).read_text()))
+        manifest = IndexManifest.read(directory)
         if manifest.format_version != FORMAT_VERSION:
             raise ModelMismatch(f"{directory}: index format {manifest.format_version}, expected {FORMAT_VERSION}")
         if (manifest.model, manifest.dims) != (model, dims):
@@ -350,7 +354,7 @@ def repair_index(directory: Path) -> int:
     manifest_path = Path(directory) / MANIFEST
     if not manifest_path.exists():
         raise InvalidArgument(f"{directory} is not an index; build one with 'twostage index build'")
-    manifest = IndexManifest(**json.loads(manifest_path.read_text()))
+    manifest = IndexManifest.read(directory)
     index = DocumentIndex.open(directory, manifest.model, manifest.dims)
     try:
         return index.rebuild_graph()

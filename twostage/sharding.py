@@ -8,3 +8,9 @@ import zlib
 def shard_of(doc_id: str, shards: int) -> int:
     """Stable: the same id lands on the same shard on every build and every write."""
     return zlib.crc32(doc_id.encode()) % shards
+
+
+def part_of(doc_id: str, shards: int, parts: int) -> int:
+    """Which of a shard's ``parts`` builds embeds the id (for building one shard on several machines);
+    consistent with ``shard_of``: ids of one shard spread evenly over its parts."""
+    return zlib.crc32(doc_id.encode()) % (shards * parts) // shards

@@ -155,9 +155,10 @@ def test_shards_builds_and_the_gateway_agree(objects):
     selectors = [tuple(sorted(s["spec"]["selector"]["matchLabels"].items())) for s in shards.values()]
     assert len(set(selectors)) == count
     (build,) = [w for w in workloads(objects, ("Job",)).values() if service_of(w) == "index"]
-    assert build["spec"]["completionMode"] == "Indexed" and build["spec"]["completions"] == count
     args = container(build)["args"]
-    assert f"--shards={count}" in args and "--shard-index=$(JOB_COMPLETION_INDEX)" in args
+    parts = int(next(a.split("=", 1)[1].split()[0] for a in args if a.startswith("--parts=")))
+    assert build["spec"]["completionMode"] == "Indexed" and build["spec"]["completions"] == count * parts
+    assert f"--shards={count}" in args and "--task-index=$(JOB_COMPLETION_INDEX)" in args
     snapshot_dir = next(a.split("=", 1)[1] for a in args if a.startswith("--snapshot-dir="))
     assert all(env_of(s)["TWOSTAGE_RECALL_SNAPSHOT_DIR"] == snapshot_dir for s in shards.values())
 

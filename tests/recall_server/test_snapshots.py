@@ -170,3 +170,35 @@ def test_a_server_following_snapshots_will_not_replace_an_index_it_did_not_make(
     with pytest.raises(ConfigError, match="manages --index-dir itself"):
         check_managed(index_copy)
     check_managed(tmp_path / "empty" / "index")  # nothing there yet: fine
+
+
+def test_a_shard_built_in_parts_is_merged_by_the_last_part(tmp_path, small_corpus, models, capsys):
+    root = tmp_path / "snapshots"
+    first = [json.loads(line)["_id"] for line in small_corpus.read_text().splitlines()[:16]]
+    build = ["index", "build", "--corpus", str(small_corpus), "--limit", "16", "--shards", "2", "--parts", "2",
+             "--snapshot-dir", str(root), "--version", "v1"]
+    assert main([*build, "--task-index", "1"]) == 0  # shard 0, part 1
+    assert "the last part to finish publishes the shard" in capsys.readouterr().out
+    assert not (root / "shard-0" / "v1").exists()
+    assert main([*build, "--task-index", "0"]) == 0  # shard 0, part 0: the last, so it merges
+    snapshot = read_snapshot(root / "shard-0" / "v1")
+    mine = {doc_id for doc_id in first if shard_of(doc_id, 2) == 0}
+    assert snapshot.documents == len(mine) and snapshot.shards == 2
+    assert [p.name for p in (root / "shard-0").iterdir()] == ["v1"]  # the parts are gone
+    index = DocumentIndex.open(root / "shard-0" / "v1", snapshot.model, 384, read_only=True)
+    assert set(index.get(first)) == mine and len(index) == len(mine)
+    index.close()
+    # Two parts finishing at once both merge: the second to publish defers to the first.
+    from recall_server.build import merge_parts
+
+    again = [*build[:-1], "v2"]
+    assert main([*again, "--task-index", "1"]) == 0
+    kept = shutil.copytree(root / "shard-0" / ".parts-v2", tmp_path / "kept-parts")
+    assert main([*again, "--task-index", "0"]) == 0
+    published = root / "shard-0" / "v2"
+    created = read_snapshot(published).created_at
+    assert merge_parts([kept / "part-0", kept / "part-1"], root, 0, 2, "v2") == published
+    assert read_snapshot(published).created_at == created
+    assert sorted(p.name for p in (root / "shard-0").iterdir()) == ["v1", "v2"]  # its own copy is gone
+    assert main([*build, "--task-index", "4"]) == 2
+    assert "beyond --shards x --parts" in capsys.readouterr().err

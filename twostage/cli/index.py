@@ -26,6 +26,13 @@ def register(commands) -> None:
     build.add_argument("--shard-index", type=non_negative_int, default=None,
                        help="build only this shard of --shards (one job per shard; in a Kubernetes Indexed Job, "
                        "$(JOB_COMPLETION_INDEX))")
+    build.add_argument("--parts", type=positive_int, default=1,
+                       help="with --snapshot-dir: build each shard as P parts on P machines; the last part to "
+                       "finish merges them (stored vectors, no re-embedding) and publishes the shard")
+    build.add_argument("--part-index", type=non_negative_int, default=0, help="which part of the shard to build")
+    build.add_argument("--task-index", type=non_negative_int, default=None,
+                       help="shard and part from one number K (shard K // parts, part K %% parts): the completion "
+                       "index of a Kubernetes Indexed Job with shards x parts completions")
     build.add_argument("--snapshot-dir", type=Path, default=None,
                        help="publish the shard as a snapshot SNAPSHOT_DIR/shard-I/VERSION for recall servers started "
                        "with --snapshot-dir (needs --shard-index; instead of --out)")
@@ -50,15 +57,28 @@ def _build(args) -> None:
 
     if (args.out is None) == (args.snapshot_dir is None):
         raise InvalidArgument("give either --out (an index directory) or --snapshot-dir (publish a snapshot)")
+    if args.task_index is not None:
+        if args.shard_index is not None or args.part_index:
+            raise InvalidArgument("give --task-index or --shard-index/--part-index, not both")
+        if args.task_index >= args.shards * args.parts:
+            raise InvalidArgument(f"--task-index {args.task_index} is beyond --shards x --parts "
+                                  f"({args.shards * args.parts} tasks, 0 to {args.shards * args.parts - 1})")
+        args.shard_index, args.part_index = divmod(args.task_index, args.parts)
     if args.snapshot_dir is not None and args.shard_index is None:
         raise InvalidArgument("--snapshot-dir publishes one shard: give --shard-index (0 with --shards 1)")
+    if args.parts > 1 and args.snapshot_dir is None:
+        raise InvalidArgument("--parts builds parts that merge into a snapshot: give --snapshot-dir")
     options = dict(limit=args.limit, max_length=args.max_length, max_batch_size=args.max_batch_size,
                    max_batch_tokens=args.max_batch_tokens, skip_invalid=args.skip_invalid,
                    **({"model": args.model} if args.model else {}))
     with local_corpus(args.corpus) as corpus:
         if args.snapshot_dir is not None:
             report, where = build_snapshot(corpus, args.snapshot_dir, args.shards, args.shard_index, args.version,
-                                           **options)
+                                           args.parts, args.part_index, **options)
+            if where is None:
+                print(f"built part {args.part_index} of shard {args.shard_index} ({report.documents} documents); "
+                      "the last part to finish publishes the shard")
+                return
         else:
             report = build_from_corpus(corpus, args.out, shards=args.shards, shard_index=args.shard_index, **options)
             where = args.out
