@@ -7,8 +7,8 @@ from pydantic import Field
 from pydantic_settings import SettingsConfigDict
 
 from gateway.fusion import LEXICAL_CENTER, LEXICAL_SCALE, RECALL_CENTER, RECALL_SCALE, Calibration
-from gateway.membership import split_targets
 from twostage.config import ServiceSettings
+from twostage.membership import split_targets
 
 
 class GatewaySettings(ServiceSettings):

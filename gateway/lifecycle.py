@@ -15,7 +15,6 @@ import time
 
 from gateway.clients import RecallClient, RerankClient, channel_options
 from gateway.config import GatewaySettings
-from gateway.membership import Target
 from gateway.pipeline import SearchPipeline, StageLimits
 from gateway.recall_tier import RecallShard
 from gateway.rerank_pool import RerankPool
@@ -23,6 +22,7 @@ from gateway.writes import DocumentRouter
 from twostage.connect import Credentials, read_token_file
 from twostage.convert import hybrid_fusion_from_proto
 from twostage.errors import NotReady, TwostageError
+from twostage.membership import Target
 
 log = logging.getLogger(__name__)
 MIN_RESOLVE_INTERVAL_S = 0.5

@@ -15,8 +15,8 @@ import logging
 import time
 
 from gateway.clients import RecallClient
-from gateway.membership import Target
 from twostage import errors
+from twostage.membership import Target
 
 log = logging.getLogger(__name__)
 

@@ -253,7 +253,7 @@ def merge_parts(parts: list[Path], snapshot_dir: Path, shard_index: int, shards:
                 source = DocumentIndex.open(part, manifest.model, manifest.dims, read_only=True)
                 try:
                     for batch in source.store.writes_since(0, batch_rows=4096):
-                        live = [(doc, vector) for doc, vector in batch if vector is not None]
+                        live = [(doc, vector) for _, doc, vector in batch if vector is not None]
                         if live:
                             merged.upsert([doc for doc, _ in live], np.stack([vector for _, vector in live]))
                 finally:

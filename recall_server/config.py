@@ -65,6 +65,21 @@ class RecallSettings(ServiceSettings, RuntimeSettings, BatchingSettings):
     snapshot_poll_s: float = Field(
         30.0, ge=0.05, le=3600, description="How often to look for a newer snapshot (with snapshot_dir).",
     )
+    peers: str = Field(
+        "",
+        description="This shard's replicas, this server included: dns:///name:port (the shard's headless Service), "
+        "a|b, or file:///path. With snapshot_dir, the server copies from them the writes it missed while it was away "
+        "(at start, before it serves, then every peer_sync_period_s).",
+    )
+    peer_sync_period_s: float = Field(
+        10.0, ge=0.05, le=3600, description="How often to copy writes the other replicas took (with peers).",
+    )
+    peer_token_file: Path | None = Field(
+        None, description="A file holding an admin token for calling the other replicas (when they check tokens).",
+    )
+    peer_tls_server_name: str = Field(
+        "", description="The name the other replicas' certificates carry, when it is not their address's host.",
+    )
     read_only: bool = Field(
         False,
         description="Open the index read-only (a shared lock): replicas serving one snapshot; writes are refused.",

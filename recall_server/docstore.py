@@ -28,7 +28,8 @@ CREATE TABLE IF NOT EXISTS docs (
     title TEXT, text TEXT, metadata TEXT,
     vector BLOB,                       -- NULL once deleted
     seq INTEGER NOT NULL,              -- write sequence, for catching the index up
-    deleted INTEGER NOT NULL DEFAULT 0
+    deleted INTEGER NOT NULL DEFAULT 0,
+    from_peer INTEGER NOT NULL DEFAULT 0  -- copied from another replica (not served to replicas in turn)
 );
 CREATE INDEX IF NOT EXISTS docs_seq ON docs(seq);
 """
@@ -126,6 +127,10 @@ def _has_table(db: sqlite3.Connection, name: str) -> bool:
     return db.execute("SELECT 1 FROM sqlite_master WHERE name = ?", (name,)).fetchone() is not None
 
 
+def _columns(db: sqlite3.Connection, table: str) -> set[str]:
+    return {row[1] for row in db.execute(f"PRAGMA table_info({table})")}
+
+
 def _in_chunks(values: list, size: int = 500):
     """(chunk, its "?,?,..." placeholders): SQLite bounds the parameters of one statement."""
     for start in range(0, len(values), size):
@@ -149,6 +154,8 @@ class DocStore:
             # FULL: a commit is on disk before the write is acknowledged.
             self._db.execute("PRAGMA synchronous=FULL")
             self._db.executescript(_SCHEMA)
+            if "from_peer" not in _columns(self._db, "docs"):  # a store made before replicas caught up
+                self._db.execute("ALTER TABLE docs ADD COLUMN from_peer INTEGER NOT NULL DEFAULT 0")
             self._create_once("docs_fts", _LEXICAL_SCHEMA)  # its schema rebuilds it from the stored text
             self._create_once("doc_meta", _METADATA_SCHEMA, self._fill_metadata)
         self._lock = threading.Lock()
@@ -214,10 +221,10 @@ class DocStore:
     def count(self) -> int:
         return self._live
 
-    def upsert(self, docs: list[Document], vectors: np.ndarray) -> list[int]:
+    def upsert(self, docs: list[Document], vectors: np.ndarray, from_peer: bool = False) -> list[int]:
         """Commit documents with their vectors in one transaction; returns their keys."""
         rows = [
-            (d.id, d.title, d.text, json.dumps(d.metadata), np.asarray(v, dtype=np.float32).tobytes())
+            (d.id, d.title, d.text, json.dumps(d.metadata), np.asarray(v, dtype=np.float32).tobytes(), int(from_peer))
             for d, v in zip(docs, vectors)
         ]
         with self._lock:
@@ -228,10 +235,11 @@ class DocStore:
                 self._unindex_text([d.id for d in docs])
                 keys = [
                     self._db.execute(
-                        "INSERT INTO docs (doc_id, title, text, metadata, vector, seq, deleted) "
-                        "VALUES (?, ?, ?, ?, ?, ?, 0) ON CONFLICT(doc_id) DO UPDATE SET "
+                        "INSERT INTO docs (doc_id, title, text, metadata, vector, from_peer, seq, deleted) "
+                        "VALUES (?, ?, ?, ?, ?, ?, ?, 0) ON CONFLICT(doc_id) DO UPDATE SET "
                         "title=excluded.title, text=excluded.text, metadata=excluded.metadata, "
-                        "vector=excluded.vector, seq=excluded.seq, deleted=0 RETURNING key",
+                        "vector=excluded.vector, from_peer=excluded.from_peer, seq=excluded.seq, deleted=0 "
+                        "RETURNING key",
                         (*row, seq),
                     ).fetchone()[0]
                     for row in rows
@@ -257,7 +265,7 @@ class DocStore:
             for part, marks in _in_chunks(doc_ids)
         )
 
-    def delete(self, doc_ids: list[str]) -> list[int]:
+    def delete(self, doc_ids: list[str], from_peer: bool = False) -> list[int]:
         """Tombstone documents in one transaction; returns keys of those that existed."""
         with self._lock:
             self._db.execute("BEGIN IMMEDIATE")
@@ -267,9 +275,9 @@ class DocStore:
                 keys = []
                 for doc_id in doc_ids:
                     row = self._db.execute(
-                        "UPDATE docs SET title=NULL, text=NULL, metadata=NULL, vector=NULL, seq=?, deleted=1 "
-                        "WHERE doc_id=? AND deleted=0 RETURNING key",
-                        (seq, doc_id),
+                        "UPDATE docs SET title=NULL, text=NULL, metadata=NULL, vector=NULL, seq=?, deleted=1, "
+                        "from_peer=? WHERE doc_id=? AND deleted=0 RETURNING key",
+                        (seq, int(from_peer), doc_id),
                     ).fetchone()
                     if row:
                         keys.append(row[0])
@@ -320,22 +328,25 @@ class DocStore:
             last_key = rows[-1][0]
             yield [Change(k, None if v is None else np.frombuffer(v, dtype=np.float32)) for k, v in rows]
 
-    def writes_since(self, seq: int, batch_rows: int = 1024) -> Iterator[list[tuple[Document, np.ndarray | None]]]:
-        """Every write after ``seq`` in the order it was made, as (document, vector) with vector None for a
-        delete (the document then carries only its id): for carrying writes over to another index."""
+    def writes_since(self, seq: int, batch_rows: int = 1024, from_clients_only: bool = False,
+                     ) -> Iterator[list[tuple[int, Document, np.ndarray | None]]]:
+        """Every document written after ``seq``, as it is now, in write order: (seq, document, vector), the
+        vector None for a delete (the document then carries only its id). For carrying writes over to
+        another index, and (``from_clients_only``) for replicas catching up from each other."""
         last = (seq, 1 << 62)  # keys are below this: the first batch starts after seq
+        origin = "AND from_peer = 0 " if from_clients_only else ""
         while True:
             with self._lock:
                 rows = self._db.execute(
                     "SELECT seq, key, doc_id, title, text, metadata, vector FROM docs WHERE (seq, key) > (?, ?) "
-                    "ORDER BY seq, key LIMIT ?", (*last, batch_rows),
+                    f"{origin}ORDER BY seq, key LIMIT ?", (*last, batch_rows),
                 ).fetchall()
             if not rows:
                 return
             last = (rows[-1][0], rows[-1][1])
-            yield [(Document(doc_id, title or "", text or "", json.loads(meta or "{}")),
+            yield [(row_seq, Document(doc_id, title or "", text or "", json.loads(meta or "{}")),
                     None if vector is None else np.frombuffer(vector, dtype=np.float32))
-                   for _, _, doc_id, title, text, meta, vector in rows]
+                   for row_seq, _, doc_id, title, text, meta, vector in rows]
 
     def lexical_search(self, query: str, k: int, filter_: Filter | None = None) -> list[tuple[int, float]]:
         """(key, BM25) of the k best live documents matching any query term, best first."""

@@ -222,10 +222,10 @@ class DocumentIndex:
     def get(self, doc_ids: list[str]) -> dict[str, Document]:
         return self.store.get(doc_ids)
 
-    def upsert(self, docs: list[Document], vectors: np.ndarray) -> None:
+    def upsert(self, docs: list[Document], vectors: np.ndarray, from_peer: bool = False) -> None:
         self.require_writable()
         with self._write_lock:
-            keys = self.store.upsert(docs, vectors)  # durable from here on
+            keys = self.store.upsert(docs, vectors, from_peer)  # durable from here on
             with self._graph_lock:
                 for key in keys:
                     self._remove_key(key)
@@ -233,10 +233,10 @@ class DocumentIndex:
             self._compact_if_worn()
             self._note_writes(len(keys))
 
-    def delete(self, doc_ids: list[str]) -> int:
+    def delete(self, doc_ids: list[str], from_peer: bool = False) -> int:
         self.require_writable()
         with self._write_lock:
-            keys = self.store.delete(doc_ids)
+            keys = self.store.delete(doc_ids, from_peer)
             with self._graph_lock:
                 for key in keys:
                     self._remove_key(key)

@@ -3,6 +3,7 @@
 import asyncio
 import logging
 import time
+import uuid
 from dataclasses import dataclass
 
 import numpy as np
@@ -10,6 +11,8 @@ import numpy as np
 from recall_server.config import RecallSettings
 from recall_server.embedder import Embedder
 from recall_server.index import DocumentIndex
+from recall_server.peer_sync import PAGE as PEER_PAGE
+from recall_server.peer_sync import PeerSync, apply_changes
 from recall_server.snapshot_follower import IndexLeases, SnapshotFollower
 from twostage import errors
 from twostage.batching import BatchPolicy, DynamicBatcher
@@ -44,6 +47,8 @@ class RecallService:
         self.index: DocumentIndex | None = None
         self.batcher: DynamicBatcher | None = None
         self.snapshots: SnapshotFollower | None = None
+        self.replica_id = uuid.uuid4().hex  # this process, as its peers see it
+        self.peers: PeerSync | None = PeerSync(settings, self) if settings.peers else None
         # Writes and an index switch take turns, so no write lands on an index being replaced.
         self._write_gate = asyncio.Lock()
         self._leases = IndexLeases()
@@ -53,6 +58,9 @@ class RecallService:
         if s.snapshot_dir is not None and s.read_only:
             raise errors.ConfigError("snapshot_dir and read_only exclude each other: a server following snapshots "
                                      "serves its own writable copy")
+        if s.peers and s.snapshot_dir is None:
+            raise errors.ConfigError("peers needs snapshot_dir: replicas catch up on the writes made since the "
+                                     "snapshot they share")
         self.embedder = await asyncio.to_thread(Embedder, resolve_model(s.model), s, s.max_length)
         self.batcher = DynamicBatcher("embed", self.embedder.embed, BatchPolicy.from_settings(s))
         watch_batcher(self.batcher)
@@ -61,6 +69,9 @@ class RecallService:
             self.snapshots = SnapshotFollower(s, self.embedder.name, self.embedder.dims, self._switch_index,
                                               self._open_index)
             await self.snapshots.start()  # returns once an index is served; NOT_SERVING until then
+            if self.peers is not None:
+                await self.peers.sync_once()  # writes missed while away, before serving
+                self.peers.start()
         else:
             self.index = await asyncio.to_thread(self._open_index, s.index_dir)
         await self.search("warm up", 1, mode="dense")
@@ -88,6 +99,8 @@ class RecallService:
             await asyncio.to_thread(old.close)
 
     async def close(self) -> None:
+        if self.peers is not None:
+            await self.peers.close()
         if self.snapshots is not None:
             await self.snapshots.close()
         if self.batcher is not None:
@@ -209,6 +222,27 @@ class RecallService:
         with self._leases.hold(self.index) as index:
             found = await asyncio.to_thread(index.get, ids)
         return [found[i] for i in ids if i in found]
+
+    async def changes(self, snapshot_version: str, after_seq: int, limit: int) -> tuple[list, str]:
+        """The writes this replica took from clients since it adopted its snapshot (``Recall.Changes``):
+        [(seq, document, vector or None)], and this process's id."""
+        self._require_ready()
+        served = self.snapshots.current.version if self.snapshots and self.snapshots.current else None
+        if served is None:
+            raise errors.FailedPrecondition("this recall server does not follow snapshots (--snapshot-dir)")
+        if snapshot_version != served:
+            raise errors.FailedPrecondition(f"this replica serves snapshot {served!r}, not {snapshot_version!r}")
+        limit = min(limit or PEER_PAGE, PEER_PAGE)
+        since = max(after_seq, self.snapshots.base_seq)
+        with self._leases.hold(self.index) as index:
+            batch = await asyncio.to_thread(
+                lambda: next(index.store.writes_since(since, batch_rows=limit, from_clients_only=True), []))
+        return batch, self.replica_id
+
+    async def apply_peer_changes(self, changes: list) -> int:
+        async with self._write_gate:
+            with self._leases.hold(self.index) as index:
+                return await asyncio.to_thread(apply_changes, index, changes)
 
     def doc_count(self) -> int:
         return self.index.store.count() if self.index else 0

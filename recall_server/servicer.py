@@ -79,6 +79,18 @@ class RecallServicer(recall_pb2_grpc.RecallServicer):
         )
 
     @translate_errors
+    async def Changes(self, request: recall_pb2.ChangesRequest, context: grpc.aio.ServicerContext):
+        batch, replica_id = await self.service.changes(request.snapshot_version, request.after_seq, request.limit)
+        return recall_pb2.ChangesResponse(
+            changes=[recall_pb2.DocumentChange(
+                document=document_to_proto(doc) if vector is not None else common_pb2.Document(id=doc.id),
+                deleted=vector is None, vector=b"" if vector is None else vector.astype("<f4").tobytes(), seq=seq)
+                for seq, doc, vector in batch],
+            replica_id=replica_id,
+            snapshot_version=request.snapshot_version,
+        )
+
+    @translate_errors
     async def Info(self, request: common_pb2.InfoRequest, context: grpc.aio.ServicerContext):
         info = self.service.info()
         return recall_pb2.RecallInfo(

@@ -65,12 +65,12 @@ def carry_over(old: DocumentIndex, fresh: DocumentIndex, since_seq: int) -> int:
     re-embedding). Returns how many documents were written or deleted."""
     applied = 0
     for batch in old.store.writes_since(since_seq):
-        for deleted, run in itertools.groupby(batch, key=lambda write: write[1] is None):
+        for deleted, run in itertools.groupby(batch, key=lambda write: write[2] is None):
             run = list(run)
             if deleted:
-                fresh.delete([doc.id for doc, _ in run])
+                fresh.delete([doc.id for _, doc, _ in run])
             else:
-                fresh.upsert([doc for doc, _ in run], np.stack([vector for _, vector in run]))
+                fresh.upsert([doc for _, doc, _ in run], np.stack([vector for _, _, vector in run]))
             applied += len(run)
     return applied
 
@@ -87,7 +87,7 @@ class SnapshotFollower:
         self.root = Path(settings.snapshot_dir)
         self.shard = settings.shard
         self.current: Snapshot | None = None
-        self._base_seq = 0  # writes after this sequence in the served copy are this server's own
+        self.base_seq = 0  # writes after this sequence in the served copy are this server's own
         self._copy: Path | None = None
         self._refused: set[str] = set()
         self._task: asyncio.Task | None = None
@@ -105,7 +105,7 @@ class SnapshotFollower:
         if (adoption := await asyncio.to_thread(read_adoption, index_dir)) is not None:
             index = await asyncio.to_thread(self._open_index, index_dir)
             await self._switch(index, lambda old, fresh: None)
-            self.current, self._base_seq, self._copy = adoption.snapshot, adoption.base_seq, index_dir.resolve()
+            self.current, self.base_seq, self._copy = adoption.snapshot, adoption.base_seq, index_dir.resolve()
             log.info("serving snapshot %s of shard %d from %s", self.current.version, self.shard, self._copy)
         await self.check_now()
         if self.current is None:
@@ -156,7 +156,7 @@ class SnapshotFollower:
         copy = await asyncio.to_thread(copy_snapshot, source, index_dir, snapshot)
         fresh = await asyncio.to_thread(self._open_index, copy)
         base_seq = fresh.store.max_seq()
-        since, previous = self._base_seq, self._copy
+        since, previous = self.base_seq, self._copy
 
         def prepare(old: DocumentIndex | None, fresh: DocumentIndex) -> None:
             if old is not None:
@@ -167,7 +167,7 @@ class SnapshotFollower:
             point_at(index_dir, copy)
 
         await self._switch(fresh, prepare)
-        self.current, self._base_seq, self._copy = snapshot, base_seq, copy
+        self.current, self.base_seq, self._copy = snapshot, base_seq, copy
         if previous is not None and previous != copy:
             await asyncio.to_thread(shutil.rmtree, previous, True)
         log.info("serving snapshot %s of shard %d (%d documents)", snapshot.version, self.shard, len(fresh))

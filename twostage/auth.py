@@ -28,10 +28,12 @@ log = logging.getLogger(__name__)
 
 ROLES = ("search", "admin")
 TOKEN_PREFIX = "ts_"
-# Methods that change state; every other twostage method needs the search role.
+# Methods that change state (or read the store in bulk); every other twostage method needs the search role.
 ADMIN_METHODS = {
     "/twostage.v1.Gateway/Upsert", "/twostage.v1.Gateway/Delete",
     "/twostage.v1.Recall/Upsert", "/twostage.v1.Recall/Delete",
+    # Whole documents in bulk, for replicas of a shard catching up: not for search clients.
+    "/twostage.v1.Recall/Changes",
 }
 SEARCH_METHODS = {
     "/twostage.v1.Gateway/Search", "/twostage.v1.Gateway/Info", "/twostage.v1.Gateway/Get",

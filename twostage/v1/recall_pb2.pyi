@@ -135,3 +135,35 @@ class RecallInfo(_message.Message):
     hybrid_dense_weight: float
     lexical: bool
     def __init__(self, version: _Optional[str] = ..., model: _Optional[str] = ..., dims: _Optional[int] = ..., doc_count: _Optional[int] = ..., execution_provider: _Optional[str] = ..., limits: _Optional[_Iterable[_Union[_common_pb2.Limit, _Mapping]]] = ..., shard: _Optional[int] = ..., shards: _Optional[int] = ..., read_only: _Optional[bool] = ..., default_mode: _Optional[_Union[_common_pb2.RecallMode, str]] = ..., hybrid_fusion: _Optional[_Union[HybridFusion, str]] = ..., hybrid_dense_weight: _Optional[float] = ..., lexical: _Optional[bool] = ...) -> None: ...
+
+class ChangesRequest(_message.Message):
+    __slots__ = ("snapshot_version", "after_seq", "limit")
+    SNAPSHOT_VERSION_FIELD_NUMBER: _ClassVar[int]
+    AFTER_SEQ_FIELD_NUMBER: _ClassVar[int]
+    LIMIT_FIELD_NUMBER: _ClassVar[int]
+    snapshot_version: str
+    after_seq: int
+    limit: int
+    def __init__(self, snapshot_version: _Optional[str] = ..., after_seq: _Optional[int] = ..., limit: _Optional[int] = ...) -> None: ...
+
+class DocumentChange(_message.Message):
+    __slots__ = ("document", "deleted", "vector", "seq")
+    DOCUMENT_FIELD_NUMBER: _ClassVar[int]
+    DELETED_FIELD_NUMBER: _ClassVar[int]
+    VECTOR_FIELD_NUMBER: _ClassVar[int]
+    SEQ_FIELD_NUMBER: _ClassVar[int]
+    document: _common_pb2.Document
+    deleted: bool
+    vector: bytes
+    seq: int
+    def __init__(self, document: _Optional[_Union[_common_pb2.Document, _Mapping]] = ..., deleted: _Optional[bool] = ..., vector: _Optional[bytes] = ..., seq: _Optional[int] = ...) -> None: ...
+
+class ChangesResponse(_message.Message):
+    __slots__ = ("changes", "replica_id", "snapshot_version")
+    CHANGES_FIELD_NUMBER: _ClassVar[int]
+    REPLICA_ID_FIELD_NUMBER: _ClassVar[int]
+    SNAPSHOT_VERSION_FIELD_NUMBER: _ClassVar[int]
+    changes: _containers.RepeatedCompositeFieldContainer[DocumentChange]
+    replica_id: str
+    snapshot_version: str
+    def __init__(self, changes: _Optional[_Iterable[_Union[DocumentChange, _Mapping]]] = ..., replica_id: _Optional[str] = ..., snapshot_version: _Optional[str] = ...) -> None: ...

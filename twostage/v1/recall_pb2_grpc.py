@@ -67,6 +67,11 @@ class RecallStub:
                 request_serializer=twostage_dot_v1_dot_common__pb2.InfoRequest.SerializeToString,
                 response_deserializer=twostage_dot_v1_dot_recall__pb2.RecallInfo.FromString,
                 _registered_method=True)
+        self.Changes = channel.unary_unary(
+                '/twostage.v1.Recall/Changes',
+                request_serializer=twostage_dot_v1_dot_recall__pb2.ChangesRequest.SerializeToString,
+                response_deserializer=twostage_dot_v1_dot_recall__pb2.ChangesResponse.FromString,
+                _registered_method=True)
 
 
 class RecallServicer:
@@ -112,6 +117,15 @@ class RecallServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Changes(self, request, context):
+        """The writes this replica took from clients (not those it copied from its
+        peers) since it adopted its snapshot, in store order: replicas of a shard
+        read each other's to catch up on writes made while they were away.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_RecallServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -144,6 +158,11 @@ def add_RecallServicer_to_server(servicer, server):
                     servicer.Info,
                     request_deserializer=twostage_dot_v1_dot_common__pb2.InfoRequest.FromString,
                     response_serializer=twostage_dot_v1_dot_recall__pb2.RecallInfo.SerializeToString,
+            ),
+            'Changes': grpc.unary_unary_rpc_method_handler(
+                    servicer.Changes,
+                    request_deserializer=twostage_dot_v1_dot_recall__pb2.ChangesRequest.FromString,
+                    response_serializer=twostage_dot_v1_dot_recall__pb2.ChangesResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -310,6 +329,33 @@ class Recall:
             '/twostage.v1.Recall/Info',
             twostage_dot_v1_dot_common__pb2.InfoRequest.SerializeToString,
             twostage_dot_v1_dot_recall__pb2.RecallInfo.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Changes(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/twostage.v1.Recall/Changes',
+            twostage_dot_v1_dot_recall__pb2.ChangesRequest.SerializeToString,
+            twostage_dot_v1_dot_recall__pb2.ChangesResponse.FromString,
             options,
             channel_credentials,
             insecure,
