@@ -146,6 +146,7 @@ def test_shards_builds_and_the_gateway_agree(objects):
         env = env_of(statefulset)
         assert env["TWOSTAGE_RECALL_SHARD"] == str(i)
         assert env["TWOSTAGE_RECALL_SNAPSHOT_DIR"].startswith("/snapshots/")
+        assert env["TWOSTAGE_RECALL_PEERS"] == target  # replicas catch up from their own shard's replicas
         assert statefulset["spec"]["replicas"] >= 2  # a shard survives the loss of a replica
         service = services[statefulset["spec"]["serviceName"]]
         assert service["spec"]["clusterIP"] == "None"
@@ -163,7 +164,7 @@ def test_shards_builds_and_the_gateway_agree(objects):
     assert all(env_of(s)["TWOSTAGE_RECALL_SNAPSHOT_DIR"] == snapshot_dir for s in shards.values())
 
 
-def test_only_the_gateway_and_the_index_build_reach_the_stages(objects):
+def test_only_the_gateway_reaches_the_stages_and_recall_replicas_each_other(objects):
     policies = [o for o in objects if o["kind"] == "NetworkPolicy"]
     stage_policies = [
         p for p in policies
@@ -174,9 +175,8 @@ def test_only_the_gateway_and_the_index_build_reach_the_stages(objects):
     grpc_rules = [r for r in stage_policies[0]["spec"]["ingress"] if {"port": "grpc"} in r["ports"]]
     assert [r["from"] for r in grpc_rules] == [[{"podSelector": {"matchLabels": {"app": "twostage-gateway"}}}]]
     recall_extra = [p for p in policies if p["spec"]["podSelector"].get("matchLabels") == {"app": "twostage-recall"}]
-    assert recall_extra[0]["spec"]["ingress"][0]["from"][0]["podSelector"]["matchLabels"] == {
-        "app": "twostage-index-build"
-    }
+    assert [r["from"] for p in recall_extra for r in p["spec"]["ingress"]] == [
+        [{"podSelector": {"matchLabels": {"app": "twostage-recall"}}}]]
 
 
 def test_the_gpu_overlay_puts_the_model_work_on_gpus():
