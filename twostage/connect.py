@@ -49,9 +49,13 @@ def add_credential_flags(parser) -> None:
     parser.add_argument("--tls-dir", type=Path, default=os.environ.get("TWOSTAGE_TLS_DIR") or None,
                         help="connect with TLS: ca.pem verifies the server; client.pem/client.key, when present, "
                         "are presented (env TWOSTAGE_TLS_DIR)")
+    parser.add_argument("--tls-server-name", default="",
+                        help="the name the server's certificate carries, when the target's host is not it (a "
+                        "port-forward to localhost, an IP)")
     parser.add_argument("--token", default=None,
                         help="bearer token (default: env TWOSTAGE_TOKEN; prefer the variable, flags show in ps)")
 
 
 def credentials_from_args(args) -> Credentials:
-    return Credentials(tls_dir=args.tls_dir, token=args.token or os.environ.get("TWOSTAGE_TOKEN") or None)
+    return Credentials(tls_dir=args.tls_dir, token=args.token or os.environ.get("TWOSTAGE_TOKEN") or None,
+                       server_name=getattr(args, "tls_server_name", ""))
