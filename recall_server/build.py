@@ -268,7 +268,10 @@ def merge_parts(parts: list[Path], snapshot_dir: Path, shard_index: int, shards:
             log.info("snapshot %s was published by another part", target)
             return target
         raise
-    shutil.rmtree(parts[0].parent, ignore_errors=True)
+    for part in parts:
+        shutil.rmtree(part, ignore_errors=True)
+    with contextlib.suppress(OSError):
+        parts[0].parent.rmdir()  # the .parts-VERSION directory, once empty
     log.info("merged %d parts into %s (%d documents)", len(parts), published, documents)
     return published
 
