@@ -93,6 +93,60 @@ def _graph_recall(index: DocumentIndex, vectors: np.ndarray, rng, queries: int, 
     return round(found / (k * queries), 4)
 
 
+async def snapshot_switch(index_dir: Path, queries: list[str], k: int) -> dict:
+    """Publishing a shard from a built part (the merge: stored vectors, no embedding), and a recall server
+    switching to a newer snapshot while a client searches back to back: how long, and whether any failed."""
+    from recall_server.build import merge_parts
+    from recall_server.snapshots import SNAPSHOT_FILE, Snapshot, publish, read_snapshot, shard_root
+
+    work = Path(tempfile.mkdtemp(prefix="twostage-bench-snapshots-"))
+    try:
+        part = work / "parts" / "part-0"
+        await asyncio.to_thread(shutil.copytree, index_dir, part, ignore=shutil.ignore_patterns(".lock"))
+        root = work / "snapshots"
+        start = time.perf_counter()
+        first = await asyncio.to_thread(merge_parts, [part], root, 0, 1, "v1")
+        merge_s = time.perf_counter() - start
+        documents = read_snapshot(first).documents
+        service = RecallService(RecallSettings(port=0, index_dir=work / "data" / "index", snapshot_dir=root,
+                                               snapshot_poll_s=0.05))
+        await service.start()
+        try:
+            building = shard_root(root, 0) / ".building-v2"
+            await asyncio.to_thread(shutil.copytree, first, building, ignore=shutil.ignore_patterns(SNAPSHOT_FILE))
+            latencies, failures, switched = [], 0, asyncio.Event()
+
+            async def search_throughout() -> None:
+                nonlocal failures
+                turn = 0
+                while not switched.is_set() or turn < 20:
+                    began = time.perf_counter()
+                    try:
+                        await service.search(queries[turn % len(queries)], k)
+                        latencies.append(1000 * (time.perf_counter() - began))
+                    except Exception:  # noqa: BLE001 - any failure counts: the point is that none happens
+                        failures += 1
+                    turn += 1
+
+            searching = asyncio.create_task(search_throughout())
+            published_at = time.perf_counter()
+            snapshot = Snapshot("v2", 0, 1, read_snapshot(first).model, documents, time.time())
+            await asyncio.to_thread(publish, building, root, snapshot)
+            while service.snapshots.current.version != "v2":
+                await asyncio.sleep(0.005)  # polling the server's own state: it switches on its own
+            switch_s = time.perf_counter() - published_at
+            switched.set()
+            await searching
+        finally:
+            await service.close()
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    return {"documents": documents, "merge_s": round(merge_s, 3), "merge_docs_per_s": round(documents / merge_s),
+            "switch_after_publish_s": round(switch_s, 3), "poll_s": 0.05, "searches": len(latencies) + failures,
+            "failed_searches": failures, "search_p50_ms": round(statistics.median(latencies), 2),
+            "search_max_ms": round(max(latencies), 2)}
+
+
 def run(args) -> dict:
     fetch_defaults(log=lambda message: None)
     dataset = args.dataset or default_dataset()
@@ -103,7 +157,10 @@ def run(args) -> dict:
     docs = 20_000 if args.quick else 100_000
     print(f"filtered search on {docs:,} clustered random {args.dims}-d vectors ...", flush=True)
     filtered = filtered_search(docs, args.dims, 20 if args.quick else 100, 10)
-    report = {"machine": machine(), "dataset": dataset.name, "modes": modes, "filtered": filtered}
+    print("snapshots: merging a part, and switching while searching ...", flush=True)
+    snapshots = asyncio.run(snapshot_switch(index_dir, queries, args.recall_k))
+    report = {"machine": machine(), "dataset": dataset.name, "modes": modes, "filtered": filtered,
+              "snapshots": snapshots}
     print("\nrecall p50 (embedding included): " + ", ".join(f"{m} {v} ms" for m, v in modes["p50_ms"].items())
           + f"; hybrid adds {modes['hybrid_added_p50_ms']} ms to dense (target <= 5)")
     print(f"graph recall@10 without a filter: {filtered['unfiltered_graph_recall_at_k']}")
@@ -111,5 +168,9 @@ def run(args) -> dict:
         row = filtered[name]
         print(f"filtered search, {name} of {docs:,} pass ({row['path']}): p50 {row['p50_ms']} ms, "
               f"{row['exact_answers']} equal to brute force, recall@10 {row['recall_at_k']}")
+    print(f"snapshot of {snapshots['documents']:,} documents: merged from a part in {snapshots['merge_s']} s "
+          f"({snapshots['merge_docs_per_s']} docs/s); served {snapshots['switch_after_publish_s']} s after publishing "
+          f"(poll {snapshots['poll_s']} s), {snapshots['failed_searches']} of {snapshots['searches']} searches failed "
+          f"during the switch (p50 {snapshots['search_p50_ms']} ms, max {snapshots['search_max_ms']} ms)")
     write_json(args.json, report)
     return report
