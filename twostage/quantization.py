@@ -5,16 +5,24 @@ onnxruntime's dynamic quantisation (``DynamicQuantizeLinear``) picks one
 activation scale for the whole batch tensor, so a pair's score depends on
 which other pairs share its batch (by up to 0.3 logits with the default
 reranker). This rewrite quantises each row (token) with its own symmetric
-scale instead, which makes every result independent of its batch-mates and
-keeps the fast uint8 x int8 kernels: the zero point is a constant 128.
+scale instead, which makes every result independent of its batch-mates.
+
+It keeps onnxruntime's fused int8 kernel: each row is divided by its largest
+magnitude, so one scalar scale (1/127, zero point 128) quantises every row the
+same way; ``MatMulIntegerToFloat`` multiplies with that scalar scale, and its
+output is multiplied back by each row's magnitude. The arithmetic is per-row
+symmetric quantisation; only the kernels differ. (Quantising with a per-row
+scale directly, as this module first did, ruled the fused kernel out and cost
+about 18% more throughput on CPU.)
 """
+
+import collections
 
 import numpy as np
 import onnx
-from onnx import TensorProto, helper, numpy_helper
+from onnx import helper, numpy_helper
 
-# This fusion assumes a per-tensor activation scale; it must stay off for rewritten graphs.
-INCOMPATIBLE_OPTIMIZERS = ["MatMulIntegerToFloatFusion", "DynamicQuantizeMatMulFusion"]
+from twostage.errors import InvalidArgument
 
 _PREFIX = "twostage_row_quant_"
 
@@ -28,68 +36,88 @@ def _constant(graph: onnx.GraphProto, name: str, value) -> str:
     return _PREFIX + name
 
 
+def _fused_matmuls(graph: onnx.GraphProto, quantized: set[str], scales: set[str]) -> dict[int, tuple]:
+    """Each MatMulInteger -> Cast -> Mul(activation scale x weight scale) reading a rewritten activation, by
+    node position: {MatMulInteger: (its inputs, the weight scale, the Mul's output, the Cast's and the Mul's)}."""
+    nodes = list(graph.node)
+    consumers, producer = collections.defaultdict(list), {}
+    for i, node in enumerate(nodes):
+        for name in node.input:
+            consumers[name].append(i)
+        for name in node.output:
+            producer[name] = i
+    found = {}
+    for i, node in enumerate(nodes):
+        if node.op_type != "MatMulInteger" or node.input[0] not in quantized:
+            continue
+        casts = consumers[node.output[0]]
+        cast_ok = len(casts) == 1 and nodes[casts[0]].op_type == "Cast"
+        muls = consumers[nodes[casts[0]].output[0]] if cast_ok else []
+        mul_ok = len(muls) == 1 and nodes[muls[0]].op_type == "Mul"
+        scale_mul = nodes[producer[nodes[muls[0]].input[1]]] if mul_ok and nodes[muls[0]].input[1] in producer else None
+        if scale_mul is None or scale_mul.op_type != "Mul" or not set(scale_mul.input) & scales:
+            raise InvalidArgument(
+                f"{node.name or node.output[0]}: not the MatMulInteger -> Cast -> Mul(scales) pattern of dynamic "
+                "quantisation; serve this model with batch_invariant=false"
+            )
+        weight_scale = next(name for name in scale_mul.input if name not in scales)
+        found[i] = (list(node.input), weight_scale, nodes[muls[0]].output[0], {casts[0], muls[0]})
+    return found
+
+
 def make_batch_invariant(model: onnx.ModelProto) -> onnx.ModelProto:
     """Replace every DynamicQuantizeLinear with per-row symmetric quantisation (in place)."""
     graph = model.graph
     zero_point = _constant(graph, "zero_point", np.array(128, dtype=np.uint8))
-    levels = _constant(graph, "levels", np.array(127.0, dtype=np.float32))
-    tiny = _constant(graph, "tiny", np.array(1e-12, dtype=np.float32))
+    unit_scale = _constant(graph, "unit_scale", np.array(1 / 127, dtype=np.float32))
+    tiny = _constant(graph, "tiny", np.array(1e-30, dtype=np.float32))  # an all-zero row stays finite
     opset = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 13)
     if opset >= 18:  # ReduceMax takes its axes as an input from opset 18 on
         last_axis = _constant(graph, "last_axis", np.array([-1], dtype=np.int64))
 
-        def reduce(op, src, dst):
-            return helper.make_node(op, [src, last_axis], [dst], keepdims=1)
+        def row_max(src, dst):
+            return helper.make_node("ReduceMax", [src, last_axis], [dst], keepdims=1)
     else:
 
-        def reduce(op, src, dst):
-            return helper.make_node(op, [src], [dst], axes=[-1], keepdims=1)
+        def row_max(src, dst):
+            return helper.make_node("ReduceMax", [src], [dst], axes=[-1], keepdims=1)
 
-    if opset >= 13:
-        flat = _constant(graph, "flat", np.array([-1], dtype=np.int64))
-
-        def quantize_rows(x, scale, out, p):
-            """One fused QuantizeLinear: view x as (rows, features) with a scale per row."""
-            return [
-                helper.make_node("Flatten", [x], [p + "rows"], axis=-1),
-                helper.make_node("Reshape", [scale, flat], [p + "row_scale"]),
-                helper.make_node("Shape", [p + "row_scale"], [p + "row_count"]),
-                helper.make_node("Expand", [zero_point, p + "row_count"], [p + "row_zero_point"]),
-                helper.make_node(
-                    "QuantizeLinear", [p + "rows", p + "row_scale", p + "row_zero_point"], [p + "q_rows"], axis=0
-                ),
-                helper.make_node("Shape", [x], [p + "shape"]),
-                helper.make_node("Reshape", [p + "q_rows", p + "shape"], [out]),
-            ]
-    else:  # QuantizeLinear has no per-axis form before opset 13: the same arithmetic, op by op
-        offset = _constant(graph, "offset", np.array(128.0, dtype=np.float32))
-
-        def quantize_rows(x, scale, out, p):
-            return [
-                helper.make_node("Div", [x, scale], [p + "scaled"]),
-                helper.make_node("Round", [p + "scaled"], [p + "rounded"]),
-                helper.make_node("Add", [p + "rounded", offset], [p + "shifted"]),
-                helper.make_node("Cast", [p + "shifted"], [out], to=TensorProto.UINT8),
-            ]
-
+    dynamic = [node for node in graph.node if node.op_type == "DynamicQuantizeLinear"]
+    matmuls = _fused_matmuls(graph, {n.output[0] for n in dynamic}, {n.output[1] for n in dynamic})
+    replaced = set().union(*(dropped for *_, dropped in matmuls.values()))
+    magnitude: dict[str, str] = {}  # quantized activation -> its rows' largest magnitudes
     nodes = []
-    for node in graph.node:
-        if node.op_type != "DynamicQuantizeLinear":
-            nodes.append(node)
+    for position, node in enumerate(list(graph.node)):
+        if position in replaced:
             continue
-        (x,) = node.input
-        quantized, scale, node_zero_point = node.output
-        p = f"{_PREFIX}{len(nodes)}_"
-        nodes += [
-            helper.make_node("Abs", [x], [p + "abs"]),
-            reduce("ReduceMax", p + "abs", p + "absmax"),
-            helper.make_node("Div", [p + "absmax", levels], [p + "scale"]),
-            helper.make_node("Max", [p + "scale", tiny], [scale]),  # an all-zero row keeps a finite scale
-            *quantize_rows(x, scale, quantized, p),
-            helper.make_node("Identity", [zero_point], [node_zero_point]),
-        ]
+        if node.op_type == "DynamicQuantizeLinear":
+            (x,) = node.input
+            quantized, scale, node_zero_point = node.output
+            p = f"{_PREFIX}{len(nodes)}_"
+            nodes += [
+                helper.make_node("Abs", [x], [p + "abs"]),
+                row_max(p + "abs", p + "row_max"),
+                helper.make_node("Max", [p + "row_max", tiny], [p + "magnitude"]),
+                helper.make_node("Div", [x, p + "magnitude"], [p + "unit_rows"]),
+                helper.make_node("QuantizeLinear", [p + "unit_rows", unit_scale, zero_point], [quantized]),
+                helper.make_node("Identity", [unit_scale], [scale]),
+                helper.make_node("Identity", [zero_point], [node_zero_point]),
+            ]
+            magnitude[quantized] = p + "magnitude"
+        elif position in matmuls:
+            (a, b, _, b_zero_point), weight_scale, output, _ = matmuls[position]
+            p = f"{_PREFIX}{len(nodes)}_"
+            nodes += [
+                helper.make_node("MatMulIntegerToFloat", [a, b, unit_scale, weight_scale, zero_point, b_zero_point],
+                                 [p + "unit_product"], domain="com.microsoft"),
+                helper.make_node("Mul", [p + "unit_product", magnitude[a]], [output]),
+            ]
+        else:
+            nodes.append(node)
     del graph.node[:]
     graph.node.extend(nodes)
+    if not any(o.domain == "com.microsoft" for o in model.opset_import):
+        model.opset_import.append(helper.make_opsetid("com.microsoft", 1))
     # Shapes recorded for the old per-tensor scales are now wrong; let the runtime infer them.
     kept = [info for info in graph.value_info if not info.name.endswith(("_scale", "_scales_mul:0"))]
     del graph.value_info[:]

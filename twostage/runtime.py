@@ -16,7 +16,7 @@ except ImportError:  # the cpu and gpu extras each bring one; they must not be i
 
 from twostage.config import RuntimeSettings
 from twostage.errors import InvalidArgument
-from twostage.quantization import INCOMPATIBLE_OPTIMIZERS, has_dynamic_quantization, make_batch_invariant
+from twostage.quantization import has_dynamic_quantization, make_batch_invariant
 
 log = logging.getLogger(__name__)
 
@@ -49,14 +49,13 @@ def create_session(model_path: Path, settings: RuntimeSettings) -> ort.Inference
     options.inter_op_num_threads = settings.inter_op_threads
     providers = choose_providers(settings.provider)
     model: str | bytes = str(model_path)
-    disabled: list[str] = []
+    rewritten = False
     if settings.batch_invariant:
         graph = onnx.load(str(model_path))
         if has_dynamic_quantization(graph):
-            model = make_batch_invariant(graph).SerializeToString()
-            disabled = INCOMPATIBLE_OPTIMIZERS
-    session = ort.InferenceSession(model, sess_options=options, providers=providers, disabled_optimizers=disabled)
-    log.info("loaded %s on %s%s", model_path, session.get_providers()[0], " (batch-invariant int8)" if disabled else "")
+            model, rewritten = make_batch_invariant(graph).SerializeToString(), True
+    session = ort.InferenceSession(model, sess_options=options, providers=providers)
+    log.info("loaded %s on %s%s", model_path, session.get_providers()[0], " (batch-invariant int8)" if rewritten else "")
     return session
 
 
