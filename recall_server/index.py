@@ -26,6 +26,7 @@ import numpy as np
 from usearch.index import Index
 
 from recall_server.docstore import DocStore
+from recall_server.durable import fsync_directory, fsync_file, write_atomically
 from recall_server.index_lock import IndexLock
 from twostage.corpus import Document
 from twostage.errors import FailedPrecondition, InvalidArgument, ModelMismatch
@@ -58,30 +59,6 @@ class IndexManifest:
     @classmethod
     def read(cls, directory: Path) -> "IndexManifest":
         return cls(**json.loads((Path(directory) / MANIFEST).read_text()))
-
-
-def _fsync_directory(directory: Path) -> None:
-    """A rename is durable only once its directory is."""
-    fd = os.open(directory, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _fsync_file(path: Path) -> None:
-    with open(path, "rb+") as f:
-        os.fsync(f.fileno())
-
-
-def _write_atomically(path: Path, data: bytes) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    _fsync_directory(path.parent)
 
 
 def _add(graph: Index, keys: np.ndarray, vectors: np.ndarray) -> None:
@@ -331,14 +308,14 @@ class DocumentIndex:
             tmp = self.directory / (GRAPH + ".tmp")
             try:
                 snapshot.save(str(tmp))
-                _fsync_file(tmp)
+                fsync_file(tmp)
                 os.replace(tmp, self.directory / GRAPH)
-                _fsync_directory(self.directory)
+                fsync_directory(self.directory)
             except BaseException:
                 tmp.unlink(missing_ok=True)
                 raise
             self.manifest = IndexManifest(**{**asdict(self.manifest), "applied_seq": applied_seq})
-            _write_atomically(self.directory / MANIFEST, json.dumps(asdict(self.manifest), indent=2).encode())
+            write_atomically(self.directory / MANIFEST, json.dumps(asdict(self.manifest), indent=2).encode())
 
     def close(self) -> None:
         try:

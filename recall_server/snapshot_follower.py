@@ -107,22 +107,26 @@ class SnapshotFollower:
             await self._switch(index, lambda old, fresh: None)
             self.current, self.base_seq, self._copy = adoption.snapshot, adoption.base_seq, index_dir.resolve()
             log.info("serving snapshot %s of shard %d from %s", self.current.version, self.shard, self._copy)
-        await self.check_now()
+        await self._check_logged()
         if self.current is None:
             log.warning("%s; NOT_SERVING until then", self.waiting_reason())
         while self.current is None:
             await asyncio.sleep(self.settings.snapshot_poll_s)  # polling a shared filesystem: no event to wait on
-            await self.check_now()
+            await self._check_logged()
         self._task = asyncio.get_running_loop().create_task(self._follow())
 
     async def _follow(self) -> None:
         while True:
             await asyncio.sleep(self.settings.snapshot_poll_s)
-            try:
-                await self.check_now()
-            except (OSError, TwostageError) as error:
-                log.error("following snapshots of shard %d: %s; still serving %s", self.shard, error,
-                          self.current.version if self.current else "nothing")
+            await self._check_logged()
+
+    async def _check_logged(self) -> None:
+        """A snapshot that cannot be loaded is logged, never fatal: the server keeps serving (or waiting)."""
+        try:
+            await self.check_now()
+        except (OSError, TwostageError) as error:
+            log.error("loading a snapshot of shard %d: %s; still serving %s", self.shard, error,
+                      self.current.version if self.current else "nothing")
 
     async def close(self) -> None:
         if self._task is not None:
@@ -154,7 +158,12 @@ class SnapshotFollower:
         log.info("loading snapshot %s of shard %d (%d documents) from %s", snapshot.version, self.shard,
                  snapshot.documents, source)
         copy = await asyncio.to_thread(copy_snapshot, source, index_dir, snapshot)
-        fresh = await asyncio.to_thread(self._open_index, copy)
+        try:
+            fresh = await asyncio.to_thread(self._open_index, copy)
+        except TwostageError:  # not a usable index (another model, another format): not retried
+            self._refused.add(snapshot.version)
+            await asyncio.to_thread(shutil.rmtree, copy, True)
+            raise
         base_seq = fresh.store.max_seq()
         since, previous = self.base_seq, self._copy
 

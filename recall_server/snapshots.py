@@ -22,6 +22,7 @@ import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from recall_server.durable import fsync_directory, write_atomically
 from twostage.errors import ConfigError
 
 log = logging.getLogger(__name__)
@@ -71,11 +72,7 @@ def publish(built: Path, root: Path, snapshot: Snapshot) -> Path:
     (built / SNAPSHOT_FILE).write_text(json.dumps(asdict(snapshot), indent=2))
     target = shard_root(root, snapshot.shard) / snapshot.version
     built.rename(target)
-    fd = os.open(target.parent, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+    fsync_directory(target.parent)
     log.info("published snapshot %s (%d documents)", target, snapshot.documents)
     return target
 
@@ -143,10 +140,7 @@ def copy_snapshot(source: Path, index_dir: Path, snapshot: Snapshot) -> Path:
 
 
 def record_adoption(copy: Path, snapshot: Snapshot, base_seq: int) -> None:
-    path = copy / ADOPTED_FILE
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps({"snapshot": asdict(snapshot), "base_seq": base_seq}, indent=2))
-    os.replace(tmp, path)
+    write_atomically(copy / ADOPTED_FILE, json.dumps({"snapshot": asdict(snapshot), "base_seq": base_seq}).encode())
 
 
 def point_at(index_dir: Path, copy: Path) -> None:
@@ -156,8 +150,4 @@ def point_at(index_dir: Path, copy: Path) -> None:
     link.unlink(missing_ok=True)
     link.symlink_to(copy.resolve())
     os.replace(link, index_dir)
-    fd = os.open(index_dir.parent, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+    fsync_directory(index_dir.parent)

@@ -163,7 +163,7 @@ def test_a_failed_graph_save_does_not_fail_writes(tmp_path, monkeypatch):
     import errno
 
     index = DocumentIndex.create(tmp_path / "ix", "m", DIMS, save_every_writes=1)
-    real_fsync = __import__("recall_server.index", fromlist=["_fsync_file"])._fsync_file
+    from recall_server.index import fsync_file as real_fsync
     full = {"on": True}
 
     def fsync_or_full(path):
@@ -171,7 +171,7 @@ def test_a_failed_graph_save_does_not_fail_writes(tmp_path, monkeypatch):
             raise OSError(errno.ENOSPC, "No space left on device")
         real_fsync(path)
 
-    monkeypatch.setattr("recall_server.index._fsync_file", fsync_or_full)
+    monkeypatch.setattr("recall_server.index.fsync_file", fsync_or_full)
     index.upsert(docs("a"), np.stack([unit(1)]))  # its save fails; the write does not
     index.upsert(docs("b"), np.stack([unit(2)]))
     assert not list((tmp_path / "ix").glob("*.tmp"))  # nothing half-written left behind

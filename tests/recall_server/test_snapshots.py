@@ -202,3 +202,21 @@ def test_a_shard_built_in_parts_is_merged_by_the_last_part(tmp_path, small_corpu
     assert sorted(p.name for p in (root / "shard-0").iterdir()) == ["v1", "v2"]  # its own copy is gone
     assert main([*build, "--task-index", "4"]) == 2
     assert "beyond --shards x --parts" in capsys.readouterr().err
+
+
+async def test_a_snapshot_that_cannot_be_opened_is_skipped_and_the_next_one_served(tmp_path, sharded_index, models):
+    root = tmp_path / "snapshots"
+    broken = publish_copy(sharded_index / "shard-1", root, "v1")
+    manifest = json.loads((broken / "index.json").read_text())
+    (broken / "index.json").write_text(json.dumps({**manifest, "dims": 8}))  # built for another model
+    service = RecallService(RecallSettings(port=0, index_dir=tmp_path / "data" / "index", snapshot_dir=root,
+                                           shard=SHARD, snapshot_poll_s=0.05))
+    starting = asyncio.create_task(service.start())
+    await until(lambda: service.snapshots is not None and "v1" in service.snapshots._refused)
+    assert not starting.done() and service.index is None  # still waiting, not crashed
+    publish_copy(sharded_index / "shard-1", root, "v2")
+    await starting
+    try:
+        assert service.snapshots.current.version == "v2" and service.doc_count() > 0
+    finally:
+        await service.close()
