@@ -21,14 +21,6 @@ import sys
 from collections import OrderedDict
 from dataclasses import dataclass
 
-import prometheus_client as prom
-
-HITS = prom.Counter("twostage_rerank_cache_hits_total", "Pairs answered from the score cache")
-MISSES = prom.Counter("twostage_rerank_cache_misses_total", "Pairs the score cache did not hold")
-SHARED = prom.Counter("twostage_rerank_cache_shared_total", "Pairs awaited from an identical pair in flight")
-EVICTIONS = prom.Counter("twostage_rerank_cache_evictions_total", "Scores evicted to stay within the byte bound")
-BYTES = prom.Gauge("twostage_rerank_cache_bytes", "Bytes the score cache holds (keys, scores, bookkeeping)")
-
 # What an entry costs beyond its key and score objects: the dict slot and the LRU links (CPython).
 _ENTRY_OVERHEAD_BYTES = 100
 
@@ -39,6 +31,8 @@ def entry_bytes(key: bytes, score: float) -> int:
 
 @dataclass
 class CacheStats:
+    """Running totals; Prometheus reads them at scrape time (``twostage.metrics.watch_score_cache``)."""
+
     hits: int = 0
     misses: int = 0
     shared: int = 0
@@ -82,8 +76,6 @@ class PairScoreCache:
             old_key, old_score = self._scores.popitem(last=False)
             self.bytes -= entry_bytes(old_key, old_score)
             self.stats.evictions += 1
-            EVICTIONS.inc()
-        BYTES.set(self.bytes)
 
     def __len__(self) -> int:
         return len(self._scores)
@@ -104,9 +96,6 @@ class PairScoreCache:
         self.stats.hits += len(cached)
         self.stats.shared += len(awaited)
         self.stats.misses += len(computed)
-        HITS.inc(len(cached))
-        SHARED.inc(len(awaited))
-        MISSES.inc(len(computed))
         return cached, awaited, computed
 
     def finish(self, keys: list[bytes], scores: list[float] | None, error: BaseException | None = None) -> None:

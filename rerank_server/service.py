@@ -9,7 +9,7 @@ from rerank_server.cross_encoder import CrossEncoder
 from rerank_server.score_cache import PairScoreCache
 from twostage import errors
 from twostage.batching import BatchPolicy, DynamicBatcher
-from twostage.metrics import watch_batcher
+from twostage.metrics import watch_batcher, watch_score_cache
 from twostage.model_store import resolve_model, sha256_of
 from twostage.runtime import choose_providers
 
@@ -49,6 +49,7 @@ class RerankService:
         if self.settings.score_cache_mb > 0:
             identity = await asyncio.to_thread(self._model_identity)
             self.cache = PairScoreCache(int(self.settings.score_cache_mb * 2**20), identity)
+            watch_score_cache(self.cache)
         self.batcher = DynamicBatcher("rerank", self.model.score, BatchPolicy.from_settings(self.settings))
         watch_batcher(self.batcher)
         self.batcher.start()

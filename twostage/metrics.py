@@ -2,6 +2,7 @@
 
 import logging
 import time
+import weakref
 
 import grpc
 import prometheus_client as prom
@@ -84,6 +85,41 @@ def watch_batcher(batcher) -> None:
     """Publish a batcher's histograms (per batch) and totals (at scrape)."""
     batcher.add_observer(batch_observer(batcher.name))
     BATCHERS.register(batcher)
+
+
+class ScoreCacheCollector:
+    """Exports the rerank score caches' running totals and size at scrape time (summed over the caches
+    alive in this process: one per rerank server)."""
+
+    def __init__(self):
+        self._caches = weakref.WeakSet()
+
+    def register(self, cache) -> None:
+        self._caches.add(cache)
+
+    def collect(self):
+        from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+
+        caches = list(self._caches)
+        counters = {
+            "hits": "Pairs answered from the score cache",
+            "misses": "Pairs the score cache did not hold",
+            "shared": "Pairs awaited from an identical pair in flight",
+            "evictions": "Scores evicted to stay within the byte bound",
+        }
+        for field, help_text in counters.items():
+            yield CounterMetricFamily(f"twostage_rerank_cache_{field}", help_text,
+                                      value=sum(getattr(c.stats, field) for c in caches))
+        yield GaugeMetricFamily("twostage_rerank_cache_bytes", "Bytes the score cache holds (keys, scores, bookkeeping)",
+                                value=sum(c.bytes for c in caches))
+
+
+SCORE_CACHES = ScoreCacheCollector()
+prom.REGISTRY.register(SCORE_CACHES)
+
+
+def watch_score_cache(cache) -> None:
+    SCORE_CACHES.register(cache)
 
 
 RECALL_SEARCH_SECONDS = prom.Histogram(

@@ -134,3 +134,19 @@ def test_the_byte_bound_holds_under_a_stream_of_unique_pairs():
     assert cache.bytes == sum(entry_bytes(k, v) for k, v in cache._scores.items())
     assert cache.get(cache.key("q", "document 0")) is None  # the oldest went first
     assert cache.key("ab", "c") != cache.key("a", "bc")
+
+
+async def test_prometheus_reads_the_caches_own_totals_at_scrape_time():
+    from twostage.metrics import ScoreCacheCollector
+
+    collector = ScoreCacheCollector()
+    cache = PairScoreCache(10_000, "model")
+    collector.register(cache)
+    keys = [cache.key("query", f"document {i}") for i in range(3)]
+    _, _, computed = cache.split(keys)
+    cache.finish([keys[i] for i in computed], [0.1, 0.2, 0.3])
+    cache.split(keys[:2])
+    exported = {family.name: family.samples[0].value for family in collector.collect()}
+    assert exported == {"twostage_rerank_cache_hits": 2, "twostage_rerank_cache_misses": 3,
+                        "twostage_rerank_cache_shared": 0, "twostage_rerank_cache_evictions": 0,
+                        "twostage_rerank_cache_bytes": cache.bytes}
