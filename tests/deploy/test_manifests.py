@@ -159,6 +159,7 @@ def test_shards_builds_and_the_gateway_agree(objects):
     args = container(build)["args"]
     parts = int(next(a.split("=", 1)[1].split()[0] for a in args if a.startswith("--parts=")))
     assert build["spec"]["completionMode"] == "Indexed" and build["spec"]["completions"] == count * parts
+    assert build["spec"]["suspend"] is True  # applied with everything else, it starts only once resumed
     assert f"--shards={count}" in args and "--task-index=$(JOB_COMPLETION_INDEX)" in args
     snapshot_dir = next(a.split("=", 1)[1] for a in args if a.startswith("--snapshot-dir="))
     assert all(env_of(s)["TWOSTAGE_RECALL_SNAPSHOT_DIR"] == snapshot_dir for s in shards.values())
