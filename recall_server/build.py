@@ -18,6 +18,15 @@ from tqdm import tqdm
 
 from recall_server.embedder import Embedder
 from recall_server.index import DocumentIndex, IndexManifest
+from recall_server.snapshots import (
+    Snapshot,
+    building_dir,
+    check_version,
+    default_version,
+    publish,
+    read_snapshot,
+    shard_root,
+)
 from twostage.batching import BatchPolicy, plan_batches
 from twostage.corpus import Document, corpus_file, corpus_lines, document_text
 from twostage.documents import CorpusScan, DocumentLimits, scan_corpus, valid_documents
@@ -185,8 +194,6 @@ def build_snapshot(corpus: Path, snapshot_dir: Path, shards: int, shard_index: i
     With ``parts`` > 1 this builds part ``part_index`` of the shard (``ROOT/shard-I/.parts-VERSION/part-J``);
     whichever part finds every part complete merges them (stored vectors, no re-embedding) and publishes.
     Returns the published snapshot's path, or None while other parts are still building."""
-    from recall_server.snapshots import check_version, default_version, shard_root
-
     version = check_version(version or default_version())
     if not 0 <= part_index < parts:
         raise InvalidArgument(f"part {part_index} is not a part of {parts} (0 to {parts - 1})")
@@ -208,15 +215,11 @@ def build_snapshot(corpus: Path, snapshot_dir: Path, shards: int, shard_index: i
         log.info("part %d of shard %d built; waiting for %s (the last part to finish merges)", part_index,
                  shard_index, ", ".join(missing))
         return report, None
-    from recall_server.snapshots import read_snapshot
-
     published = merge_parts(built, snapshot_dir, shard_index, shards, version)
     return replace(report, documents=read_snapshot(published).documents), published
 
 
 def _fresh_building_dir(snapshot_dir: Path, shard_index: int, version: str, suffix: str = "") -> Path:
-    from recall_server.snapshots import building_dir
-
     building = building_dir(snapshot_dir, shard_index, version)
     building = building.with_name(building.name + suffix)
     building.parent.mkdir(parents=True, exist_ok=True)
@@ -225,8 +228,6 @@ def _fresh_building_dir(snapshot_dir: Path, shard_index: int, version: str, suff
 
 
 def _publish(building: Path, snapshot_dir: Path, shard_index: int, shards: int, version: str, documents: int) -> Path:
-    from recall_server.snapshots import Snapshot, publish
-
     manifest = IndexManifest.read(building)
     return publish(building, snapshot_dir, Snapshot(version, shard_index, shards, manifest.model, documents, time.time()))
 
@@ -234,8 +235,6 @@ def _publish(building: Path, snapshot_dir: Path, shard_index: int, shards: int, 
 def merge_parts(parts: list[Path], snapshot_dir: Path, shard_index: int, shards: int, version: str) -> Path:
     """Merge a shard's parts into one index and publish it. Parts finishing together may both merge: the
     first to publish wins and the other discards its copy, so no lock is needed on a shared volume."""
-    from recall_server.snapshots import shard_root
-
     target = shard_root(snapshot_dir, shard_index) / version
     if target.exists():
         log.info("snapshot %s was published by another part", target)
@@ -252,10 +251,7 @@ def merge_parts(parts: list[Path], snapshot_dir: Path, shard_index: int, shards:
                     raise InvalidArgument(f"{part} was built with {manifest.model}, {parts[0]} with {first.model}")
                 source = DocumentIndex.open(part, manifest.model, manifest.dims, read_only=True)
                 try:
-                    for batch in source.store.writes_since(0, batch_rows=4096):
-                        live = [(doc, vector) for _, doc, vector in batch if vector is not None]
-                        if live:
-                            merged.upsert([doc for doc, _ in live], np.stack([vector for _, vector in live]))
+                    merged.copy_writes(source)
                 finally:
                     source.close()
             documents = merged.store.count()

@@ -221,6 +221,26 @@ class DocumentIndex:
             self._note_writes(len(keys))
         return len(keys)
 
+    def apply_writes(self, writes: list[tuple[Document, np.ndarray | None]], from_peer: bool = False) -> None:
+        """Store each document with its vector, or delete it when the vector is None (the document then carries
+        only its id). Each id appears once, so the order among them does not matter."""
+        upserts = [(doc, vector) for doc, vector in writes if vector is not None]
+        if upserts:
+            self.upsert([doc for doc, _ in upserts], np.stack([vector for _, vector in upserts]), from_peer)
+        if deletes := [doc.id for doc, vector in writes if vector is None]:
+            self.delete(deletes, from_peer)
+
+    def copy_writes(self, source: "DocumentIndex", since_seq: int = 0) -> int:
+        """Apply every write ``source`` took after ``since_seq``, in order, with its stored vector (no
+        re-embedding): merging parts of a shard, or carrying writes over to a newer snapshot. Returns how
+        many documents were written or deleted."""
+        copied = 0
+        # Batches large enough that the graph adds them on every thread.
+        for batch in source.store.writes_since(since_seq, batch_rows=PARALLEL_ADD_MIN_VECTORS):
+            self.apply_writes([(doc, vector) for _, doc, vector in batch])
+            copied += len(batch)
+        return copied
+
     def search(self, vector: np.ndarray, k: int, filter_: Filter | None = None) -> list[tuple[Document, float]]:
         """The k nearest live documents that pass the filter, with their cosine similarity, best first."""
         hits = self.nearest(vector, k, filter_)

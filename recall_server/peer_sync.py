@@ -34,13 +34,10 @@ PAGE = 512
 def apply_changes(index, changes: list[tuple[Document, np.ndarray | None]]) -> int:
     """Apply a peer's changes this index lacks (runs in a thread). Returns how many it applied."""
     local = index.get([doc.id for doc, _ in changes])
-    upserts = [(doc, vector) for doc, vector in changes if vector is not None and local.get(doc.id) != doc]
-    deletes = [doc.id for doc, vector in changes if vector is None and doc.id in local]
-    if upserts:
-        index.upsert([doc for doc, _ in upserts], np.stack([vector for _, vector in upserts]), from_peer=True)
-    if deletes:
-        index.delete(deletes, from_peer=True)
-    return len(upserts) + len(deletes)
+    lacking = [(doc, vector) for doc, vector in changes
+               if (local.get(doc.id) != doc if vector is not None else doc.id in local)]
+    index.apply_writes(lacking, from_peer=True)
+    return len(lacking)
 
 
 class PeerSync:
@@ -53,8 +50,8 @@ class PeerSync:
         self.credentials = Credentials(settings.tls_dir, read_token_file(settings.peer_token_file),
                                        settings.peer_tls_server_name)
         self._channels: dict[str, grpc.aio.Channel] = {}
-        # Per peer process: (the snapshot both served, the last of its sequences applied here).
-        self._cursors: dict[str, tuple[str, int]] = {}
+        # Per peer address: (the process that answered there, the snapshot both served, its last sequence applied).
+        self._cursors: dict[str, tuple[str, str, int]] = {}
         self._task: asyncio.Task | None = None
 
     def start(self) -> None:
@@ -92,7 +89,7 @@ class PeerSync:
         if address not in self._channels:
             self._channels[address] = self.credentials.aio_channel(address)
         stub = recall_pb2_grpc.RecallStub(self._channels[address])
-        known = self._cursors.get(address)  # (the process that answered there, its snapshot, the last seq applied)
+        known = self._cursors.get(address)
         after = known[2] if known and known[1] == version else 0
         applied = 0
         while True:

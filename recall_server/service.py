@@ -66,8 +66,7 @@ class RecallService:
         watch_batcher(self.batcher)
         self.batcher.start()
         if s.snapshot_dir is not None:
-            self.snapshots = SnapshotFollower(s, self.embedder.name, self.embedder.dims, self._switch_index,
-                                              self._open_index)
+            self.snapshots = SnapshotFollower(s, self.embedder.name, self._switch_index, self._open_index)
             await self.snapshots.start()  # returns once an index is served; NOT_SERVING until then
             if self.peers is not None:
                 await self.peers.sync_once()  # writes missed while away, before serving

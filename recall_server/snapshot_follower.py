@@ -5,12 +5,9 @@ The snapshot layout and the files it reads are in ``recall_server.snapshots``.""
 import asyncio
 import collections
 import contextlib
-import itertools
 import logging
 import shutil
 from pathlib import Path
-
-import numpy as np
 
 from recall_server.config import RecallSettings
 from recall_server.index import DocumentIndex
@@ -60,28 +57,13 @@ class IndexLeases:
             self._idle.pop(key, None)
 
 
-def carry_over(old: DocumentIndex, fresh: DocumentIndex, since_seq: int) -> int:
-    """Apply the writes ``old`` took after ``since_seq`` to ``fresh``, in order (stored vectors: no
-    re-embedding). Returns how many documents were written or deleted."""
-    applied = 0
-    for batch in old.store.writes_since(since_seq):
-        for deleted, run in itertools.groupby(batch, key=lambda write: write[2] is None):
-            run = list(run)
-            if deleted:
-                fresh.delete([doc.id for _, doc, _ in run])
-            else:
-                fresh.upsert([doc for _, doc, _ in run], np.stack([vector for _, _, vector in run]))
-            applied += len(run)
-    return applied
-
-
 class SnapshotFollower:
     """``switch(fresh, prepare)`` is the service's: it holds writes, calls ``prepare(old, fresh)`` in a thread,
     serves ``fresh`` and closes ``old`` once idle."""
 
-    def __init__(self, settings: RecallSettings, model: str, dims: int, switch, open_index):
+    def __init__(self, settings: RecallSettings, model: str, switch, open_index):
         self.settings = settings
-        self.model, self.dims = model, dims
+        self.model = model
         self._switch = switch
         self._open_index = open_index
         self.root = Path(settings.snapshot_dir)
@@ -105,7 +87,8 @@ class SnapshotFollower:
         if (adoption := await asyncio.to_thread(read_adoption, index_dir)) is not None:
             index = await asyncio.to_thread(self._open_index, index_dir)
             await self._switch(index, lambda old, fresh: None)
-            self.current, self.base_seq, self._copy = adoption.snapshot, adoption.base_seq, index_dir.resolve()
+            self._copy = await asyncio.to_thread(index_dir.resolve)
+            self.current, self.base_seq = adoption.snapshot, adoption.base_seq
             log.info("serving snapshot %s of shard %d from %s", self.current.version, self.shard, self._copy)
         await self._check_logged()
         if self.current is None:
@@ -164,12 +147,12 @@ class SnapshotFollower:
             self._refused.add(snapshot.version)
             await asyncio.to_thread(shutil.rmtree, copy, True)
             raise
-        base_seq = fresh.store.max_seq()
+        base_seq = await asyncio.to_thread(fresh.store.max_seq)
         since, previous = self.base_seq, self._copy
 
         def prepare(old: DocumentIndex | None, fresh: DocumentIndex) -> None:
             if old is not None:
-                carried = carry_over(old, fresh, since)
+                carried = fresh.copy_writes(old, since)
                 if carried:
                     log.info("carried %d writes made since the last snapshot over to %s", carried, snapshot.version)
             record_adoption(copy, snapshot, base_seq)
