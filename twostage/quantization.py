@@ -36,33 +36,48 @@ def _constant(graph: onnx.GraphProto, name: str, value) -> str:
     return _PREFIX + name
 
 
-def _fused_matmuls(graph: onnx.GraphProto, quantized: set[str], scales: set[str]) -> dict[int, tuple]:
-    """Each MatMulInteger -> Cast -> Mul(activation scale x weight scale) reading a rewritten activation, by
-    node position: {MatMulInteger: (its inputs, the weight scale, the Mul's output, the Cast's and the Mul's)}."""
-    nodes = list(graph.node)
+def _unsupported(what: str) -> InvalidArgument:
+    return InvalidArgument(f"{what}, which the batch-invariant rewrite does not handle; serve this model with "
+                           "batch_invariant=false")
+
+
+def _fused_matmuls(nodes: list[onnx.NodeProto], graph_outputs: set[str]) -> tuple[dict[int, tuple], set[int]]:
+    """For every DynamicQuantizeLinear, the MatMulInteger -> Cast -> Mul(activation scale x weight scale)
+    chains that read it, by node position: ({MatMulInteger: (its inputs, the weight scale, the Mul's output)},
+    positions of the nodes the rewrite replaces: the Casts, the Muls and the scale products). Any other use
+    of a quantised activation, its scale or its zero point would keep the per-tensor meaning, so it is refused."""
     consumers, producer = collections.defaultdict(list), {}
     for i, node in enumerate(nodes):
         for name in node.input:
             consumers[name].append(i)
         for name in node.output:
             producer[name] = i
-    found = {}
-    for i, node in enumerate(nodes):
-        if node.op_type != "MatMulInteger" or node.input[0] not in quantized:
-            continue
-        casts = consumers[node.output[0]]
-        cast_ok = len(casts) == 1 and nodes[casts[0]].op_type == "Cast"
-        muls = consumers[nodes[casts[0]].output[0]] if cast_ok else []
-        mul_ok = len(muls) == 1 and nodes[muls[0]].op_type == "Mul"
-        scale_mul = nodes[producer[nodes[muls[0]].input[1]]] if mul_ok and nodes[muls[0]].input[1] in producer else None
-        if scale_mul is None or scale_mul.op_type != "Mul" or not set(scale_mul.input) & scales:
-            raise InvalidArgument(
-                f"{node.name or node.output[0]}: not the MatMulInteger -> Cast -> Mul(scales) pattern of dynamic "
-                "quantisation; serve this model with batch_invariant=false"
-            )
-        weight_scale = next(name for name in scale_mul.input if name not in scales)
-        found[i] = (list(node.input), weight_scale, nodes[muls[0]].output[0], {casts[0], muls[0]})
-    return found
+    found, replaced, scale_products = {}, set(), set()
+    for dynamic in (node for node in nodes if node.op_type == "DynamicQuantizeLinear"):
+        quantized, scale, zero_point = dynamic.output
+        if read_out := set(dynamic.output) & graph_outputs:
+            raise _unsupported(f"{dynamic.name or quantized}: the graph outputs {', '.join(sorted(read_out))}")
+        for i in consumers[quantized]:
+            node = nodes[i]
+            casts = consumers[node.output[0]] if node.op_type == "MatMulInteger" else []
+            muls = consumers[nodes[casts[0]].output[0]] if len(casts) == 1 and nodes[casts[0]].op_type == "Cast" else []
+            mul = nodes[muls[0]] if len(muls) == 1 and nodes[muls[0]].op_type == "Mul" else None
+            scale_mul = producer.get(mul.input[1]) if mul is not None else None
+            if (node.input[0] != quantized or scale_mul is None or nodes[scale_mul].op_type != "Mul"
+                    or scale not in nodes[scale_mul].input):
+                raise _unsupported(f"{node.name or node.output[0]}: {node.op_type} reads a dynamically quantised "
+                                   "activation outside the MatMulInteger -> Cast -> Mul(scales) pattern")
+            weight_scale = next(name for name in nodes[scale_mul].input if name != scale)
+            found[i] = (list(node.input), weight_scale, mul.output[0])
+            replaced |= {casts[0], muls[0], scale_mul}
+            scale_products.add(scale_mul)
+        for name in (scale, zero_point):
+            if other := [i for i in consumers[name] if i not in replaced and i not in found]:
+                raise _unsupported(f"{nodes[other[0]].name or name}: {nodes[other[0]].op_type} reads {name}")
+    for i in scale_products:
+        if any(c not in replaced for c in consumers[nodes[i].output[0]]):
+            raise _unsupported(f"{nodes[i].name or nodes[i].output[0]}: a scale product is read elsewhere")
+    return found, replaced
 
 
 def make_batch_invariant(model: onnx.ModelProto) -> onnx.ModelProto:
@@ -82,17 +97,16 @@ def make_batch_invariant(model: onnx.ModelProto) -> onnx.ModelProto:
         def row_max(src, dst):
             return helper.make_node("ReduceMax", [src], [dst], axes=[-1], keepdims=1)
 
-    dynamic = [node for node in graph.node if node.op_type == "DynamicQuantizeLinear"]
-    matmuls = _fused_matmuls(graph, {n.output[0] for n in dynamic}, {n.output[1] for n in dynamic})
-    replaced = set().union(*(dropped for *_, dropped in matmuls.values()))
+    matmuls, replaced = _fused_matmuls(list(graph.node), {output.name for output in graph.output})
     magnitude: dict[str, str] = {}  # quantized activation -> its rows' largest magnitudes
     nodes = []
     for position, node in enumerate(list(graph.node)):
         if position in replaced:
             continue
         if node.op_type == "DynamicQuantizeLinear":
+            # Its scale and zero point outputs are read by nothing once the products are replaced.
             (x,) = node.input
-            quantized, scale, node_zero_point = node.output
+            quantized = node.output[0]
             p = f"{_PREFIX}{len(nodes)}_"
             nodes += [
                 helper.make_node("Abs", [x], [p + "abs"]),
@@ -100,12 +114,10 @@ def make_batch_invariant(model: onnx.ModelProto) -> onnx.ModelProto:
                 helper.make_node("Max", [p + "row_max", tiny], [p + "magnitude"]),
                 helper.make_node("Div", [x, p + "magnitude"], [p + "unit_rows"]),
                 helper.make_node("QuantizeLinear", [p + "unit_rows", unit_scale, zero_point], [quantized]),
-                helper.make_node("Identity", [unit_scale], [scale]),
-                helper.make_node("Identity", [zero_point], [node_zero_point]),
             ]
             magnitude[quantized] = p + "magnitude"
         elif position in matmuls:
-            (a, b, _, b_zero_point), weight_scale, output, _ = matmuls[position]
+            (a, b, _, b_zero_point), weight_scale, output = matmuls[position]
             p = f"{_PREFIX}{len(nodes)}_"
             nodes += [
                 helper.make_node("MatMulIntegerToFloat", [a, b, unit_scale, weight_scale, zero_point, b_zero_point],
