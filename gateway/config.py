@@ -100,6 +100,13 @@ class GatewaySettings(ServiceSettings):
         1.1, ge=1, description="Predicted rerank time is multiplied by this when choosing how many pairs fit "
         "(room for the model's speed to vary; a tail that runs late loses only its slice, see rerank_slice_ms)."
     )
+    rerank_top_up: bool = Field(
+        True,
+        description="When a request's rerank calls finish with time left, score the next candidates the cost "
+        "model still affords (in the time left, behind the queue then), instead of stopping at the depth chosen "
+        "on arrival: under bursty load this keeps the tier busy in the gaps and gives answers more reranked "
+        "candidates within the same budget.",
+    )
     rerank_round_pairs: int = Field(
         0, ge=0,
         description="Rerank in rounds: the first top_k candidates, then this many more at a time while the last "

@@ -235,8 +235,7 @@ class SearchPipeline:
         s = self.settings
         rerank_deadline = deadline - s.return_margin_ms / 1000
         remaining_ms = 1000 * (rerank_deadline - time.monotonic())
-        depth = min(len(candidates), self.rerank.affordable_pairs(remaining_ms, s.rerank_cost_headroom),
-                    self.limits.rerank_max_documents or len(candidates))
+        depth = self._affordable_depth(remaining_ms, len(candidates))
         if not self.rerank.available():
             result.degrade(DegradationCode.RERANK_UNAVAILABLE, "no healthy replica")
             return {}
@@ -245,13 +244,14 @@ class SearchPipeline:
             return {}
         # Index limits and rerank limits are set apart: cut a document rather than have it refused.
         max_chars = self.limits.rerank_max_document_chars
-        documents = [document_text(Document(c.id, c.title, c.text))[:max_chars] for c in candidates[:depth]]
+        documents = [document_text(Document(c.id, c.title, c.text))[:max_chars] for c in candidates]
         watched = min(top_k or depth, s.rerank_round_top_k)
         if s.rerank_round_pairs and rank is not None and watched < depth:
-            outcome, by_evidence = await self._rerank_in_rounds(query, documents, rerank_deadline, request_id,
-                                                                watched, rank)
+            outcome, by_evidence = await self._rerank_in_rounds(query, documents[:depth], rerank_deadline,
+                                                                request_id, watched, rank)
         else:
-            outcome, by_evidence = await self.rerank.rerank(query, documents, rerank_deadline, request_id), False
+            outcome, by_evidence = await self._rerank_with_top_ups(query, documents, depth, rerank_deadline,
+                                                                   request_id), False
         for name, ms in outcome.timings_ms.items():
             result.timings_ms[f"rerank.{name}"] = ms
         if outcome.query_truncated:
@@ -268,6 +268,28 @@ class SearchPipeline:
             result.degrade(DegradationCode.RERANK_PARTIAL, f"{len(outcome.scores)} of {len(candidates)} reranked")
         return outcome.scores
 
+    def _affordable_depth(self, remaining_ms: float, candidates: int) -> int:
+        return min(candidates, self.rerank.affordable_pairs(remaining_ms, self.settings.rerank_cost_headroom),
+                   self.limits.rerank_max_documents or candidates)
+
+    async def _rerank_with_top_ups(self, query: str, documents: list[str], depth: int, deadline: float,
+                                   request_id: str) -> RerankOutcome:
+        """Score the first ``depth`` documents; then, while time is left and the tier has room again
+        (the queue ahead drained faster than predicted, or arrivals paused), score the next ones the cost
+        model affords. Depth chosen once at arrival would leave the tier idle in the gaps of the load while
+        answers in flight still had budget for more candidates."""
+        merged = RerankOutcome()
+        start, end = 0, depth
+        while True:
+            outcome = await self.rerank.rerank(query, documents[start:end], deadline, request_id)
+            _merge(merged, outcome, start)
+            if outcome.error is not None or not self.settings.rerank_top_up or end >= len(documents):
+                return merged
+            more = self._affordable_depth(1000 * (deadline - time.monotonic()), len(documents) - end)
+            if more == 0:
+                return merged
+            start, end = end, end + more
+
     async def _rerank_in_rounds(self, query: str, documents: list[str], deadline: float, request_id: str,
                                 top_k: int, rank) -> tuple[RerankOutcome, bool]:
         """(the merged outcome, whether the rounds stopped because the last one changed nothing in the top_k).
@@ -277,12 +299,7 @@ class SearchPipeline:
         start = 0
         while True:
             outcome = await self.rerank.rerank(query, documents[start:end], deadline, request_id)
-            merged.scores.update({start + i: score for i, score in outcome.scores.items()})
-            for name, ms in outcome.timings_ms.items():  # times add up over rounds; a rate is the latest
-                merged.timings_ms[name] = ms if name.endswith("_per_pair") else merged.timings_ms.get(name, 0.0) + ms
-            merged.query_truncated |= outcome.query_truncated
-            merged.failed_slices += outcome.failed_slices
-            merged.error = outcome.error or merged.error
+            _merge(merged, outcome, start)
             if outcome.error is not None or end >= len(documents):
                 return merged, False
             if start >= top_k:  # after the first round: go on only while the last one reached the top_k
@@ -324,6 +341,16 @@ class SearchPipeline:
             rest.append(Hit(c.id, c.title, c.text, score, None, i + 1, c.score, c.metadata,
                             dense_score=c.dense_score, lexical_score=c.lexical_score))
         return reranked + rest
+
+
+def _merge(merged: RerankOutcome, outcome: RerankOutcome, offset: int) -> None:
+    """Add one call's outcome (its positions counted from ``offset``) to the request's."""
+    merged.scores.update({offset + i: score for i, score in outcome.scores.items()})
+    for name, ms in outcome.timings_ms.items():  # times add up over calls; a rate is the latest
+        merged.timings_ms[name] = ms if name.endswith("_per_pair") else merged.timings_ms.get(name, 0.0) + ms
+    merged.query_truncated |= outcome.query_truncated
+    merged.failed_slices += outcome.failed_slices
+    merged.error = outcome.error or merged.error
 
 
 def _worst(failures: list[BaseException]) -> BaseException:

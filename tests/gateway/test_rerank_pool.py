@@ -151,8 +151,10 @@ class QueuedReplica:
         self.overhead_ms = overhead_ms
         self.model = asyncio.Lock()
         self.queued = 0
+        self.received: list[list[str]] = []
 
     async def rerank(self, query, documents, timeout_s, request_id):
+        self.received.append(documents)
         await asyncio.sleep(self.overhead_ms / 1000)
         arrived = time.monotonic()
         self.queued += len(documents)

@@ -8,7 +8,7 @@ from gateway.clients import RecallCandidate
 from gateway.config import GatewaySettings
 from gateway.pipeline import SearchPipeline, SearchResult
 from gateway.rerank_pool import RerankPool
-from tests.gateway.test_rerank_pool import FakeReplica
+from tests.gateway.test_rerank_pool import FakeReplica, QueuedReplica
 
 
 def pipeline(round_pairs: int, ms_per_pair: float = 1.0) -> tuple[SearchPipeline, FakeReplica]:
@@ -59,3 +59,32 @@ async def test_without_rounds_the_affordable_prefix_goes_at_once():
     p, replica = pipeline(round_pairs=0)
     scores, _ = await rerank(p, by_length([90, 80, 70, 5, 4, 3, 2, 1]))
     assert sorted(scores) == list(range(8)) and [len(r) for r in replica.received] == [8]
+
+
+def queued_pipeline(top_up: bool) -> tuple[SearchPipeline, QueuedReplica]:
+    replica = QueuedReplica("a", ms_per_pair=20)
+    settings = GatewaySettings(rerank_top_up=top_up, rerank_slice_ms=0)
+    pool = RerankPool([replica], initial_ms_per_pair=20)
+    # Another caller had 15 pairs (300 ms) queued at the replica's last answer, then went away: the first
+    # depth is chosen behind a queue that is no longer there.
+    pool.replicas[0].others_pairs, pool.replicas[0].others_seen_s = 15, time.monotonic()
+    return SearchPipeline(settings, [], pool), replica
+
+
+async def test_time_left_after_the_first_depth_buys_more_candidates():
+    p, replica = queued_pipeline(top_up=True)
+    start = time.monotonic()
+    scores, result = await rerank(p, by_length(range(1, 21)), budget_s=0.6)
+    first = len(replica.received[0])
+    assert first < 20 and len(replica.received) >= 2  # the first depth was cut, then topped up
+    assert len(scores) > first and sum(map(len, replica.received)) == len(scores)
+    assert time.monotonic() - start < 0.6  # within the budget: each top-up is what the time left affords
+    if len(scores) == 20:
+        assert not result.degraded
+
+
+async def test_without_top_up_the_depth_chosen_on_arrival_is_final():
+    p, replica = queued_pipeline(top_up=False)
+    scores, result = await rerank(p, by_length(range(1, 21)), budget_s=0.6)
+    assert len(replica.received) == 1 and len(scores) == len(replica.received[0]) < 20
+    assert result.degraded_reason.startswith("rerank_partial")

@@ -19,6 +19,7 @@ async def test_fixed_rate_against_recall(recall_target):
                             progress=False)
     report = result.report()
     assert report["ok"] == report["requests"] == 30 and report["errors"] == {}
+    assert report["sent_rps"] == 20  # what was sent over the schedule's window, not the run's whole length
     assert report["p50_ms"] <= report["p99_ms"] <= report["max_ms"]
 
 

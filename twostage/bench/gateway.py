@@ -188,9 +188,10 @@ async def run(args) -> dict:
                      "sustainable_full_depth_rps": round(capacity, 3),
                      # The rerank tier's model time over wall time (target >= 0.85).
                      "rerank_utilization": round(utilization, 3),
-                     # What the tier can rerank per answer at this rate, capped at recall_k; mean_reranked
-                     # should reach 0.85 of it.
-                     "fair_share_pairs": round(min(args.recall_k, capacity * args.recall_k / rate), 3),
+                     # What the tier can rerank per answer at the rate really sent (the Poisson schedule's
+                     # count varies around 2x), capped at recall_k; mean_reranked should reach 0.85 of it.
+                     "fair_share_pairs": round(min(args.recall_k, capacity * args.recall_k / overload["sent_rps"]), 3),
+                     "fair_share_pairs_at_nominal_rate": round(min(args.recall_k, capacity * args.recall_k / rate), 3),
                      # Pairs the model scored whose answer was not used (its caller's time ran out first).
                      "pairs_scored": scored,
                      "wasted_share": round(1 - overload["mean_reranked"] * overload["ok"] / scored, 3) if scored else 0,

@@ -26,8 +26,9 @@ MAX_LATENCY_US = 600_000_000
 
 @dataclass
 class LoadResult:
-    offered_rps: float
+    offered_rps: float  # the schedule's nominal rate
     duration_s: float
+    window_s: float = 0.0  # the time the schedule sends over (duration_s grows to include the last answers)
     latencies_ms: list[float] = field(default_factory=list)
     send_offsets_s: list[float] = field(default_factory=list)  # actual send time - scheduled time
     scheduled_s: list[float] = field(default_factory=list)
@@ -43,6 +44,8 @@ class LoadResult:
         percentile = (lambda p: round(h.get_value_at_percentile(p) / 1000, 2)) if done else (lambda p: None)
         return {
             "offered_rps": round(self.offered_rps, 3),
+            # What was really sent: a Poisson schedule's count varies around the nominal rate.
+            "sent_rps": round((done + sum(self.errors.values())) / self.window_s, 3) if self.window_s else None,
             "achieved_rps": round(done / self.duration_s, 3) if self.duration_s else 0.0,
             "requests": done + sum(self.errors.values()),
             "ok": done,
@@ -130,7 +133,7 @@ async def run_load(target: str, stage: str, queries: list[str], rate_rps: float,
         raise ValueError("a load test of the recall stage needs --recall-k (candidates per search)")
     duration_s = min(duration_s, MAX_DURATION_S)
     times = schedule(rate_rps, duration_s, max_requests, poisson)
-    result = LoadResult(offered_rps=rate_rps, duration_s=duration_s)
+    result = LoadResult(offered_rps=rate_rps, duration_s=duration_s, window_s=duration_s)
     async with credentials.aio_channel(target) as channel:
         call = make_caller(channel, stage, top_k, recall_k, budget_ms, documents or [], credentials.metadata)
         start = time.perf_counter()
@@ -154,6 +157,7 @@ async def run_load(target: str, stage: str, queries: list[str], rate_rps: float,
         tasks = []
         for index, scheduled in enumerate(tqdm(times, desc=f"{rate_rps:g} rps", unit="req", disable=not progress)):
             if stop is not None and stop.is_set():
+                result.window_s = time.perf_counter() - start
                 break
             delay = scheduled - (time.perf_counter() - start)
             if delay > 0:

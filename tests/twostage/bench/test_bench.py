@@ -18,6 +18,17 @@ def test_quick_rerank_benchmark_reports_ratios(tmp_path, models):
     assert report["errors"] == {}
 
 
+@pytest.mark.perf
+def test_quick_gateway_benchmark_reports_the_overload_keys(tmp_path, models):
+    out = tmp_path / "gateway.json"
+    assert main(["bench", "gateway", "--quick", "--json", str(out)]) == 0
+    overload = json.loads(out.read_text())["overload"]
+    assert 0 < overload["rerank_utilization"] <= 1.05
+    assert 0 < overload["fair_share_pairs"] <= overload["recall_k"]
+    assert 0 <= overload["mean_reranked"] <= overload["recall_k"]
+    assert overload["errors"] == {}
+
+
 @pytest.mark.gpu
 def test_rerank_runs_on_cuda(models):
     from rerank_server.cross_encoder import CrossEncoder
