@@ -42,6 +42,7 @@ class RerankReply:
     tokens: int
     queue_items: int
     query_truncated: bool = False
+    unscored: int = 0  # documents the replica's deadline left unscored (absent from scores)
 
 
 def channel_options(max_message_mb: int = 16, keepalive_time_s: float = 30.0,
@@ -130,7 +131,8 @@ class RerankClient(_Client):
         self.stub = rerank_pb2_grpc.RerankStub(self.channel)
 
     async def rerank(self, query: str, documents: list[str], timeout_s: float, request_id: str) -> RerankReply:
-        request = rerank_pb2.RerankRequest(query=query, documents=documents, request_id=request_id)
+        # Partial answers: pairs scored before the deadline are used rather than thrown away with the rest.
+        request = rerank_pb2.RerankRequest(query=query, documents=documents, request_id=request_id, allow_partial=True)
         reply = await self._call(self.stub.Rerank, request, timeout_s)
         return RerankReply(
             scores={r.index: r.score for r in reply.results},
@@ -138,4 +140,5 @@ class RerankClient(_Client):
             tokens=reply.tokens,
             queue_items=reply.queue_items,
             query_truncated=reply.query_truncated,
+            unscored=reply.unscored,
         )

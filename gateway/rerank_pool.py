@@ -233,10 +233,14 @@ class RerankPool:
             return False
         finally:
             replica.answered(len(positions), time.monotonic())
-        self._observe(replica, len(positions), reply, 1000 * (time.monotonic() - start))
+        self._observe(replica, len(positions) - reply.unscored, reply, 1000 * (time.monotonic() - start))
         outcome.query_truncated |= reply.query_truncated
         for local, score in reply.scores.items():
             outcome.scores[positions[local]] = score
+        if reply.unscored:
+            # The replica scored what it could before the deadline: keep that, and stop asking for more.
+            outcome.error = errors.DeadlineExceeded(
+                f"rerank replica {replica.target}: {reply.unscored} of {len(positions)} pairs not scored in time")
         for name, ms in reply.timings_ms.items():
             outcome.timings_ms[name] = max(ms, outcome.timings_ms.get(name, 0.0))
         return True

@@ -22,6 +22,7 @@ class RerankQuery:
     model: str = ""
     deadline_s: float | None = None
     bypass_cache: bool = False
+    allow_partial: bool = False  # answer with what was scored in time rather than DeadlineExceeded
 
 
 @dataclass(frozen=True)
@@ -32,6 +33,7 @@ class RerankOutcome:
     timings_ms: dict[str, float] = field(default_factory=dict)
     query_truncated: bool = False
     cached: int = 0  # pairs answered from the cache or from an identical pair in flight
+    unscored: int = 0  # with allow_partial: documents the deadline left unscored (absent from ranked)
 
 
 class RerankService:
@@ -81,14 +83,17 @@ class RerankService:
         digest = recorded or (sha256_of(model_file) if model_file else self.model.name)
         return f"{digest}:{self.model.max_length}:{self.model.max_query_tokens}:{self.settings.batch_invariant}"
 
-    async def _compute(self, query: str, documents: list[str], deadline_s: float | None, timings: dict) -> tuple:
-        """Scores from the model: (scores, tokens)."""
+    async def _compute(self, query: str, documents: list[str], deadline_s: float | None, timings: dict,
+                       partial: bool = False) -> tuple:
+        """Scores from the model: (scores, tokens); with ``partial`` None for a document its deadline left
+        unscored (at least one is scored, or it is DeadlineExceeded)."""
         started = time.perf_counter()
         pairs = await asyncio.to_thread(self.model.encode_pairs, query, documents)  # the query is already fitted
         timings["tokenize_ms"] = timings.get("tokenize_ms", 0.0) + 1000 * (time.perf_counter() - started)
-        done = await self.batcher.submit(pairs, [p.length for p in pairs], deadline_s)
+        done = await self.batcher.submit(pairs, [p.length for p in pairs], deadline_s, partial=partial)
         timings["queue_ms"], timings["compute_ms"] = done.queue_ms, done.compute_ms
-        return [float(v) for v in done.values], sum(p.length for p in pairs)
+        values = [None if v is None else float(v) for v in done.values]
+        return values, sum(p.length for p, v in zip(pairs, values) if v is not None)
 
     async def rerank(self, request: RerankQuery) -> RerankOutcome:
         if self.batcher is None:
@@ -100,10 +105,12 @@ class RerankService:
         timings["tokenize_ms"] = 1000 * (time.perf_counter() - started)
         documents = request.documents
         if self.cache is None or request.bypass_cache:
-            values, tokens = await self._compute(query, documents, request.deadline_s, timings)
-            scores, cached = dict(enumerate(values)), 0
+            values, tokens = await self._compute(query, documents, request.deadline_s, timings, request.allow_partial)
+            scores = {i: v for i, v in enumerate(values) if v is not None}
+            cached = 0
         else:
-            scores, tokens, computed = await self._cached_scores(query, documents, request.deadline_s, timings)
+            scores, tokens, computed = await self._cached_scores(query, documents, request.deadline_s, timings,
+                                                                 request.allow_partial)
             cached = len(documents) - computed
         ranked = sorted(scores.items(), key=lambda pair: -pair[1])
         if request.top_n:
@@ -120,11 +127,14 @@ class RerankService:
             },
             query_truncated=query_truncated,
             cached=cached,
+            unscored=len(documents) - len(scores),
         )
 
-    async def _cached_scores(self, query: str, documents: list[str], deadline_s: float | None, timings: dict):
+    async def _cached_scores(self, query: str, documents: list[str], deadline_s: float | None, timings: dict,
+                             partial: bool = False):
         """Scores from the cache, from identical pairs in flight, and from the model for the rest:
-        (position -> score, tokens computed, pairs computed here)."""
+        (position -> score, tokens computed, pairs computed here). With ``partial``, a position the
+        deadline left unscored is absent."""
         cache = self.cache
         keys = [cache.key(query, document) for document in documents]
         scores, awaited, computed = cache.split(keys)
@@ -132,12 +142,22 @@ class RerankService:
         if computed:
             mine = [keys[i] for i in computed]
             try:
-                values, tokens = await self._compute(query, [documents[i] for i in computed], deadline_s, timings)
+                values, tokens = await self._compute(query, [documents[i] for i in computed], deadline_s, timings,
+                                                     partial)
+            except errors.DeadlineExceeded as error:
+                if not (partial and (scores or awaited)):
+                    cache.finish(mine, None, error)
+                    raise
+                values = [None] * len(computed)  # the cached and shared scores still make a partial answer
             except BaseException as error:
                 cache.finish(mine, None, error)
                 raise
-            cache.finish(mine, values)
-            scores.update(zip(computed, values))
+            done = [(key, position, v) for key, position, v in zip(mine, computed, values) if v is not None]
+            cache.finish([key for key, _, _ in done], [v for _, _, v in done])
+            if len(done) < len(mine):
+                late = [key for key, v in zip(mine, values) if v is None]
+                cache.finish(late, None, errors.DeadlineExceeded("the deadline passed before this pair was scored"))
+            scores.update((position, v) for _, position, v in done)
         if awaited:
             results = await asyncio.gather(*awaited.values(), return_exceptions=True)
             redo = []
@@ -149,10 +169,18 @@ class RerankService:
                 else:
                     scores[position] = result
             if redo:
-                values, more = await self._compute(query, [documents[i] for i in redo], deadline_s, timings)
-                scores.update(zip(redo, values))
+                try:
+                    values, more = await self._compute(query, [documents[i] for i in redo], deadline_s, timings,
+                                                       partial)
+                except errors.DeadlineExceeded:
+                    if not (partial and scores):
+                        raise
+                    values, more = [None] * len(redo), 0
+                scores.update((position, v) for position, v in zip(redo, values) if v is not None)
                 tokens += more
                 computed = [*computed, *redo]
+        if len(scores) < len(documents) and not (partial and scores):
+            raise errors.DeadlineExceeded("rerank: the deadline passed before the pairs were scored")
         return scores, tokens, len(computed)
 
     def info(self) -> dict:

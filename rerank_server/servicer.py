@@ -26,6 +26,7 @@ class RerankServicer(rerank_pb2_grpc.RerankServicer):
                 model=request.model,
                 deadline_s=deadline_of(context),
                 bypass_cache=request.bypass_cache,
+                allow_partial=request.allow_partial,
             )
         )
         results = [rerank_pb2.RerankResult(index=i, score=s) for i, s in outcome.ranked]
@@ -37,6 +38,7 @@ class RerankServicer(rerank_pb2_grpc.RerankServicer):
             queue_items=outcome.queue_items,
             query_truncated=outcome.query_truncated,
             cached=outcome.cached,
+            unscored=outcome.unscored,
         )
 
     @translate_errors

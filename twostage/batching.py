@@ -111,9 +111,39 @@ def _urgency(item: _Item) -> tuple[float, float]:
 
 @dataclass(frozen=True)
 class Submission(Generic[R]):
-    values: list[R]
+    values: list[R | None]  # None only with partial=True: an item its deadline left uncomputed
     queue_ms: float
     compute_ms: float
+
+    @property
+    def missing(self) -> int:
+        return sum(value is None for value in self.values)
+
+
+class BatchCost:
+    """A batch's model time as a fixed part plus a part per padded token, fitted by least squares over
+    recent batches (each older batch weighs ``memory`` times less than the one after it)."""
+
+    def __init__(self, memory: float = 0.9):
+        self.memory = memory
+        self._sums = [0.0] * 5  # weight, tokens, ms, tokens^2, tokens x ms
+
+    def add(self, padded_tokens: int, ms: float) -> None:
+        x, y = float(padded_tokens), ms
+        self._sums = [self.memory * total + term for total, term in zip(self._sums, (1.0, x, y, x * x, x * y))]
+
+    def predict(self, padded_tokens: int) -> float | None:
+        """None until batches of clearly different sizes have been seen (one shape cannot separate the parts)."""
+        weight, sx, sy, sxx, sxy = self._sums
+        if not weight:
+            return None
+        mean_x, mean_y = sx / weight, sy / weight
+        variance = sxx / weight - mean_x**2
+        if variance <= (0.1 * mean_x) ** 2:
+            return None
+        per_token = max(0.0, (sxy / weight - mean_x * mean_y) / variance)
+        fixed = max(0.0, mean_y - per_token * mean_x)
+        return fixed + per_token * padded_tokens
 
 
 # Called after each batch: (size, real_tokens, padded_tokens, queue_waits_s, compute_s).
@@ -143,6 +173,7 @@ class DynamicBatcher(Generic[T, R]):
         self._started_at: dict[asyncio.Task, float] = {}
         self._last_bulk_s = time.monotonic()  # when the bulk lane last got a batch
         self.ms_per_item = 0.0  # model time per item, recent batches weighted most (callers model cost with it)
+        self.batch_cost = BatchCost()  # predicts one batch's model time from its padded tokens
         self._closing = False
         self._runner: asyncio.Task | None = None
 
@@ -169,11 +200,15 @@ class DynamicBatcher(Generic[T, R]):
         self._runner = asyncio.get_running_loop().create_task(self._run(), name=f"{self.name}-batcher")
 
     async def submit(
-        self, payloads: Sequence[T], lengths: Sequence[int], deadline_s: float | None = None, bulk: bool = False
+        self, payloads: Sequence[T], lengths: Sequence[int], deadline_s: float | None = None, bulk: bool = False,
+        partial: bool = False,
     ) -> Submission[R]:
         """Queue items (``lengths`` in tokens) and wait for all their results.
 
         ``deadline_s`` is on the ``time.monotonic()`` clock; ``bulk`` items yield to interactive ones.
+        ``partial``: when the deadline leaves some items uncomputed, return the others (None in their
+        places) rather than DeadlineExceeded, so the model time spent on them is not thrown away; with
+        none computed it is still DeadlineExceeded.
         """
         if not payloads:
             return Submission(values=[], queue_ms=0.0, compute_ms=0.0)
@@ -196,20 +231,23 @@ class DynamicBatcher(Generic[T, R]):
         futures = [item.future for item in items]
         timeout = None if deadline_s is None else max(0.0, deadline_s - now)
         try:
-            _, pending = await asyncio.wait(futures, timeout=timeout)
+            await asyncio.wait(futures, timeout=timeout)
         finally:
             # Cancelled or timed out: unresolved items are skipped when their batch forms.
             for future in futures:
                 future.cancel()
-        if pending:
-            raise DeadlineExceeded(f"{self.name}: deadline passed with {len(pending)} items not yet computed")
-        failures = [f.exception() for f in futures if f.exception() is not None]
-        if failures:
-            raise failures[0]
+        # After the cancel above a future is cancelled (never computed in time), failed or holds a result.
+        failures = [i.future.exception() for i in items if not i.future.cancelled() and i.future.exception()]
+        if broken := [e for e in failures if not isinstance(e, DeadlineExceeded)]:
+            raise broken[0]
+        computed = [i for i in items if not i.future.cancelled() and not i.future.exception()]
+        if len(computed) < len(items) and not (partial and computed):
+            raise failures[0] if failures else DeadlineExceeded(
+                f"{self.name}: deadline passed with {len(items) - len(computed)} items not yet computed")
         return Submission(
-            values=[f.result() for f in futures],
-            queue_ms=1000 * max(i.dispatched_s - i.enqueued_s for i in items),
-            compute_ms=1000 * (max(i.done_s for i in items) - min(i.dispatched_s for i in items)),
+            values=[None if i.future.cancelled() or i.future.exception() else i.future.result() for i in items],
+            queue_ms=1000 * max(i.dispatched_s - i.enqueued_s for i in computed),
+            compute_ms=1000 * (max(i.done_s for i in computed) - min(i.dispatched_s for i in computed)),
         )
 
     async def close(self, drain: bool = True) -> None:
@@ -357,9 +395,16 @@ class DynamicBatcher(Generic[T, R]):
         gone or whose deadline falls before this batch would finish (computing them is wasted work the
         callers behind would wait for), then returns when the model began, the items computed and results."""
         started = time.monotonic()
-        finish_s = started + self.ms_per_item * len(batch) / 1000
+        finish_s = started + self.predict_ms(batch) / 1000
         live = [i for i in batch if not i.future.done() and (i.deadline_s is None or i.deadline_s > finish_s)]
         return started, live, self._compute([i.payload for i in live]) if live else []
+
+    def predict_ms(self, batch: list[_Item]) -> float:
+        """How long the model will take over this batch: by its padded tokens once batches of different
+        shapes have been seen (a batch of long items takes longer than the average batch, and an item
+        predicted on time must finish on time), else by the average per item."""
+        predicted = self.batch_cost.predict(len(batch) * max(item.length for item in batch))
+        return self.ms_per_item * len(batch) if predicted is None else predicted
 
     def _record(self, batch: list[_Item], started: float, done: float) -> None:
         real = sum(item.length for item in batch)
@@ -372,6 +417,7 @@ class DynamicBatcher(Generic[T, R]):
         stats.batch_sizes[len(batch)] += 1
         sample = 1000 * (done - started) / len(batch)
         self.ms_per_item = sample if not self.ms_per_item else self.ms_per_item + 0.2 * (sample - self.ms_per_item)
+        self.batch_cost.add(padded, 1000 * (done - started))
         waits = [started - item.enqueued_s for item in batch]
         for observer in self._observers:
             observer(len(batch), real, padded, waits, done - started)

@@ -1,5 +1,6 @@
 """Prometheus metrics shared by the services."""
 
+import asyncio
 import logging
 import time
 import weakref
@@ -150,6 +151,11 @@ class RpcMetricsInterceptor(grpc.aio.ServerInterceptor):
             code = "OK"
             try:
                 return await behavior(request, context)
+            except asyncio.CancelledError:
+                # gRPC cancels the handler when its caller's deadline passes or the caller goes away.
+                remaining = context.time_remaining()
+                code = "DEADLINE_EXCEEDED" if remaining is not None and remaining <= 0 else "CANCELLED"
+                raise
             except BaseException:
                 code = context.code().name if context.code() is not None else "UNKNOWN"
                 raise

@@ -1,6 +1,7 @@
 """RerankPool's bookkeeping with fake replicas (fault injection only)."""
 
 import asyncio
+import dataclasses
 import time
 
 import pytest
@@ -236,3 +237,21 @@ async def test_a_late_tail_costs_only_its_own_slice():
     assert [len(r) for r in replica.received] == [3, 3, 3, 1]
     assert sorted(outcome.scores) == list(range(6))
     assert isinstance(outcome.error, errors.DeadlineExceeded)
+
+
+async def test_a_partial_answer_keeps_its_scores_and_is_no_fault():
+    """A replica that scored part of its slice before the deadline: those scores are used, no more is
+    asked of the request (its time is up), and the replica's health is untouched."""
+
+    class ScoresTheFirstTwo(FakeReplica):
+        async def rerank(self, query, documents, timeout_s, request_id):
+            reply = await super().rerank(query, documents, timeout_s, request_id)
+            return dataclasses.replace(reply, scores={i: s for i, s in reply.scores.items() if i < 2},
+                                       unscored=len(documents) - 2)
+
+    replica = ScoresTheFirstTwo("partial")
+    pool = RerankPool([replica], initial_ms_per_pair=10)
+    outcome = await score_all(pool)
+    assert sorted(outcome.scores) == [0, 1] and outcome.scores[1] == len(DOCS[1])
+    assert isinstance(outcome.error, errors.DeadlineExceeded) and outcome.failed_slices == 0
+    assert pool.replicas[0].consecutive_failures == 0 and len(replica.received) == 1

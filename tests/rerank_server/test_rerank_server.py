@@ -144,3 +144,32 @@ async def test_an_item_whose_deadline_passes_in_the_queue_is_dropped_uncomputed(
         await wait_until(lambda: service.batcher.queued_items == 0)
         assert service.batcher.stats.items == computed_before + 1  # only the holding request was computed
     await server.stop(grace_s=1)
+
+
+@pytest.mark.parametrize("score_cache_mb", [0, 8])
+async def test_allow_partial_answers_with_the_pairs_scored_before_the_deadline(slow_reranker, score_cache_mb):
+    """One pair a batch, a second a batch, 1.6 s: the first batch is scored, the others would finish late
+    and are left out. With allow_partial the scored pair comes back (the rest counted as unscored, and
+    never cached as scores); without it the request is DEADLINE_EXCEEDED."""
+    from rerank_server.service import RerankService
+    from rerank_server.servicer import build_server
+
+    settings = RerankSettings(port=0, score_cache_mb=score_cache_mb, max_batch_size=1, pipeline_depth=1)
+    service = RerankService(settings, model=slow_reranker(settings, delay_s=1.0))
+    server = build_server(service)
+    port = await server.start()
+    documents = [RELEVANT, *IRRELEVANT]
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
+        stub = rerank_pb2_grpc.RerankStub(channel)
+        await stub.Rerank(rerank_pb2.RerankRequest(query="warm up", documents=["x"]))  # learns a second a batch
+        with pytest.raises(grpc.aio.AioRpcError) as caught:
+            await stub.Rerank(rerank_pb2.RerankRequest(query=QUERY, documents=documents, bypass_cache=True),
+                              timeout=1.6)
+        assert caught.value.code() is grpc.StatusCode.DEADLINE_EXCEEDED
+        reply = await stub.Rerank(rerank_pb2.RerankRequest(query=QUERY, documents=documents, allow_partial=True),
+                                  timeout=1.6)
+        assert len(reply.results) == 1 and reply.unscored == 2
+        full = await stub.Rerank(rerank_pb2.RerankRequest(query=QUERY, documents=documents))
+        assert {r.index: r.score for r in full.results}[reply.results[0].index] == reply.results[0].score
+        assert full.unscored == 0 and full.cached == (1 if score_cache_mb else 0)
+    await server.stop(grace_s=1)

@@ -7,7 +7,7 @@ import time
 
 import pytest
 
-from twostage.batching import BatchPolicy, DynamicBatcher, plan_batches
+from twostage.batching import BatchCost, BatchPolicy, DynamicBatcher, plan_batches
 from twostage.errors import DeadlineExceeded, ModelFailure, NotReady, Overloaded
 
 
@@ -137,6 +137,55 @@ async def test_an_item_whose_deadline_would_pass_during_its_batch_is_not_compute
     assert (await first).values == [2] and (await patient).values == [6]
     await batcher.close()
     assert [2] not in model.batches and batcher.stats.expired_items == 1
+
+
+@pytest.mark.parametrize("partial", [False, True])
+async def test_a_partial_submission_keeps_what_was_computed_before_its_deadline(partial):
+    """The first batch is computed; the model then holds until the deadline has passed. A partial
+    submission returns the first result (None for the rest); a whole one is DeadlineExceeded."""
+    released = threading.Event()
+
+    def model(batch):
+        if batch != [1]:
+            released.wait(timeout=10)
+        return [2 * x for x in batch]
+
+    batcher = await make(model, max_batch_size=1, pipeline_depth=1)
+    submission = batcher.submit([1, 2, 3], [5, 5, 5], deadline_s=time.monotonic() + 0.5, partial=partial)
+    try:
+        if partial:
+            done = await submission
+            assert done.values == [2, None, None] and done.missing == 2
+        else:
+            with pytest.raises(DeadlineExceeded):
+                await submission
+    finally:
+        released.set()
+        await batcher.close()
+
+
+async def test_a_partial_submission_with_nothing_computed_is_still_deadline_exceeded():
+    model = FakeModel()
+    model.gate.clear()
+    batcher = await make(model, max_batch_size=1, pipeline_depth=1)
+    first = asyncio.create_task(batcher.submit([1], [5]))
+    await asyncio.to_thread(model.entered.wait, 5)
+    with pytest.raises(DeadlineExceeded):
+        await batcher.submit([2, 3], [5, 5], deadline_s=time.monotonic() + 0.05, partial=True)
+    model.gate.set()
+    assert (await first).values == [2]
+    await batcher.close()
+
+
+def test_batch_cost_separates_the_fixed_part_from_the_part_per_token():
+    cost = BatchCost()
+    assert cost.predict(100) is None
+    cost.add(100, 30.0)
+    cost.add(100, 30.0)
+    assert cost.predict(400) is None  # one shape so far: the parts cannot be told apart
+    for tokens in (100, 400, 200, 800):
+        cost.add(tokens, 10.0 + 0.2 * tokens)
+    assert cost.predict(1000) == pytest.approx(210.0) and cost.predict(50) == pytest.approx(20.0)
 
 
 async def test_items_due_sooner_go_first_and_fill_the_batch_in_order_of_urgency():

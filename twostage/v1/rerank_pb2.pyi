@@ -8,20 +8,22 @@ from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 DESCRIPTOR: _descriptor.FileDescriptor
 
 class RerankRequest(_message.Message):
-    __slots__ = ("query", "documents", "top_n", "model", "request_id", "bypass_cache")
+    __slots__ = ("query", "documents", "top_n", "model", "request_id", "bypass_cache", "allow_partial")
     QUERY_FIELD_NUMBER: _ClassVar[int]
     DOCUMENTS_FIELD_NUMBER: _ClassVar[int]
     TOP_N_FIELD_NUMBER: _ClassVar[int]
     MODEL_FIELD_NUMBER: _ClassVar[int]
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     BYPASS_CACHE_FIELD_NUMBER: _ClassVar[int]
+    ALLOW_PARTIAL_FIELD_NUMBER: _ClassVar[int]
     query: str
     documents: _containers.RepeatedScalarFieldContainer[str]
     top_n: int
     model: str
     request_id: str
     bypass_cache: bool
-    def __init__(self, query: _Optional[str] = ..., documents: _Optional[_Iterable[str]] = ..., top_n: _Optional[int] = ..., model: _Optional[str] = ..., request_id: _Optional[str] = ..., bypass_cache: _Optional[bool] = ...) -> None: ...
+    allow_partial: bool
+    def __init__(self, query: _Optional[str] = ..., documents: _Optional[_Iterable[str]] = ..., top_n: _Optional[int] = ..., model: _Optional[str] = ..., request_id: _Optional[str] = ..., bypass_cache: _Optional[bool] = ..., allow_partial: _Optional[bool] = ...) -> None: ...
 
 class RerankResult(_message.Message):
     __slots__ = ("index", "score")
@@ -32,7 +34,7 @@ class RerankResult(_message.Message):
     def __init__(self, index: _Optional[int] = ..., score: _Optional[float] = ...) -> None: ...
 
 class RerankResponse(_message.Message):
-    __slots__ = ("results", "timings_ms", "tokens", "queue_items", "query_truncated", "cached")
+    __slots__ = ("results", "timings_ms", "tokens", "queue_items", "query_truncated", "cached", "unscored")
     class TimingsMsEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -46,13 +48,15 @@ class RerankResponse(_message.Message):
     QUEUE_ITEMS_FIELD_NUMBER: _ClassVar[int]
     QUERY_TRUNCATED_FIELD_NUMBER: _ClassVar[int]
     CACHED_FIELD_NUMBER: _ClassVar[int]
+    UNSCORED_FIELD_NUMBER: _ClassVar[int]
     results: _containers.RepeatedCompositeFieldContainer[RerankResult]
     timings_ms: _containers.ScalarMap[str, float]
     tokens: int
     queue_items: int
     query_truncated: bool
     cached: int
-    def __init__(self, results: _Optional[_Iterable[_Union[RerankResult, _Mapping]]] = ..., timings_ms: _Optional[_Mapping[str, float]] = ..., tokens: _Optional[int] = ..., queue_items: _Optional[int] = ..., query_truncated: _Optional[bool] = ..., cached: _Optional[int] = ...) -> None: ...
+    unscored: int
+    def __init__(self, results: _Optional[_Iterable[_Union[RerankResult, _Mapping]]] = ..., timings_ms: _Optional[_Mapping[str, float]] = ..., tokens: _Optional[int] = ..., queue_items: _Optional[int] = ..., query_truncated: _Optional[bool] = ..., cached: _Optional[int] = ..., unscored: _Optional[int] = ...) -> None: ...
 
 class RerankInfo(_message.Message):
     __slots__ = ("version", "model", "max_length", "execution_provider", "limits")
