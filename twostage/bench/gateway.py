@@ -195,6 +195,11 @@ async def run(args) -> dict:
                      # Pairs the model scored whose answer was not used (its caller's time ran out first).
                      "pairs_scored": scored,
                      "wasted_share": round(1 - overload["mean_reranked"] * overload["ok"] / scored, 3) if scored else 0,
+                     # Each answer's latency (from its scheduled send) over its budget: how much it used.
+                     "budget_used_mean": round(statistics.fmean(load.latencies_ms) / args.budget_ms, 3)
+                     if load.latencies_ms else None,
+                     "budget_used_p50": round(statistics.median(load.latencies_ms) / args.budget_ms, 3)
+                     if load.latencies_ms else None,
                      "p99_within_budget_plus_5pct": overload["p99_ms"] is not None
                      and overload["p99_ms"] <= 1.05 * args.budget_ms,
                      "deadline_exceeded": overload["errors"].get("DEADLINE_EXCEEDED", 0)},
@@ -208,8 +213,9 @@ async def run(args) -> dict:
     print(f"rerank tier {o['rerank_utilization']:.0%} busy; {o['mean_reranked']} candidates reranked per answer "
           f"against a fair share of {o['fair_share_pairs']} (target >= 0.85 of it); {o['wasted_share']:.1%} of "
           f"the {o['pairs_scored']:.0f} pairs scored went unused")
-    print(f"overload at {rate:.2f} rps: p50 {overload['p50_ms']} ms, p99 {overload['p99_ms']} ms "
-          f"(budget {args.budget_ms} ms), errors {overload['errors'] or 'none'}, degraded {overload['degraded']}")
+    print(f"overload at {rate:.2f} rps ({overload['sent_rps']} sent): p50 {overload['p50_ms']} ms, p99 "
+          f"{overload['p99_ms']} ms (budget {args.budget_ms} ms; {o['budget_used_mean']:.0%} of it used on average), "
+          f"errors {overload['errors'] or 'none'}, degraded {overload['degraded']}")
     print("score cache hit rate over a Zipf(1.0) stream: " + ", ".join(
         f"{name} {row['hit_rate']:.1%}" for name, row in affinity.items() if isinstance(row, dict)))
     write_json(args.json, report)
