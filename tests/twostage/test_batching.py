@@ -103,13 +103,14 @@ async def test_full_batch_runs_without_waiting_for_max_wait():
     await batcher.close()
 
 
-async def test_expired_items_are_dropped_before_compute():
+@pytest.mark.parametrize("partial", [False, True])  # partial or not: with nothing computed it is DeadlineExceeded
+async def test_expired_items_are_dropped_before_compute(partial):
     model = FakeModel()
     model.gate.clear()
     batcher = await make(model, max_batch_size=1, pipeline_depth=1)
     first = asyncio.create_task(batcher.submit([1], [5]))
     await asyncio.to_thread(model.entered.wait, 5)
-    late = asyncio.create_task(batcher.submit([2], [5], deadline_s=time.monotonic() + 0.05))
+    late = asyncio.create_task(batcher.submit([2], [5], deadline_s=time.monotonic() + 0.05, partial=partial))
     with pytest.raises(DeadlineExceeded):
         await late
     model.gate.set()
@@ -162,19 +163,6 @@ async def test_a_partial_submission_keeps_what_was_computed_before_its_deadline(
     finally:
         released.set()
         await batcher.close()
-
-
-async def test_a_partial_submission_with_nothing_computed_is_still_deadline_exceeded():
-    model = FakeModel()
-    model.gate.clear()
-    batcher = await make(model, max_batch_size=1, pipeline_depth=1)
-    first = asyncio.create_task(batcher.submit([1], [5]))
-    await asyncio.to_thread(model.entered.wait, 5)
-    with pytest.raises(DeadlineExceeded):
-        await batcher.submit([2, 3], [5, 5], deadline_s=time.monotonic() + 0.05, partial=True)
-    model.gate.set()
-    assert (await first).values == [2]
-    await batcher.close()
 
 
 def test_batch_cost_separates_the_fixed_part_from_the_part_per_token():
