@@ -115,10 +115,6 @@ class Submission(Generic[R]):
     queue_ms: float
     compute_ms: float
 
-    @property
-    def missing(self) -> int:
-        return sum(value is None for value in self.values)
-
 
 class BatchCost:
     """A batch's model time as a fixed part plus a part per padded token, fitted by least squares over
