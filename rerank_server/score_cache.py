@@ -98,15 +98,17 @@ class PairScoreCache:
         self.stats.misses += len(computed)
         return cached, awaited, computed
 
-    def finish(self, keys: list[bytes], scores: list[float] | None, error: BaseException | None = None) -> None:
-        """The computation of these in-flight keys ended: store and hand out the scores, or the error."""
+    def finish(self, keys: list[bytes], scores: list[float | None] | None, error: BaseException | None = None) -> None:
+        """The computation of these in-flight keys ended: store and hand out the scores; a key without one
+        (``scores`` None, or None in its place: not computed) hands out the error and stores nothing."""
         for i, key in enumerate(keys):
             future = self._in_flight.pop(key, None)
-            if scores is not None:
-                self.put(key, scores[i])
+            score = None if scores is None else scores[i]
+            if score is not None:
+                self.put(key, score)
             if future is not None and not future.done():
-                if scores is not None:
-                    future.set_result(scores[i])
+                if score is not None:
+                    future.set_result(score)
                 else:
                     future.set_exception(error or RuntimeError("computation abandoned"))
                     future.exception()  # retrieved here: a follower may have gone, nobody else would

@@ -84,13 +84,19 @@ class RerankService:
         return f"{digest}:{self.model.max_length}:{self.model.max_query_tokens}:{self.settings.batch_invariant}"
 
     async def _compute(self, query: str, documents: list[str], deadline_s: float | None, timings: dict,
-                       partial: bool = False) -> tuple:
+                       partial: bool = False, answered_elsewhere: bool = False) -> tuple:
         """Scores from the model: (scores, tokens); with ``partial`` None for a document its deadline left
-        unscored (at least one is scored, or it is DeadlineExceeded)."""
+        unscored (at least one is scored, or it is DeadlineExceeded, unless ``answered_elsewhere``: other
+        scores already make the partial answer, and these may all be None)."""
         started = time.perf_counter()
         pairs = await asyncio.to_thread(self.model.encode_pairs, query, documents)  # the query is already fitted
         timings["tokenize_ms"] = timings.get("tokenize_ms", 0.0) + 1000 * (time.perf_counter() - started)
-        done = await self.batcher.submit(pairs, [p.length for p in pairs], deadline_s, partial=partial)
+        try:
+            done = await self.batcher.submit(pairs, [p.length for p in pairs], deadline_s, partial=partial)
+        except errors.DeadlineExceeded:
+            if not (partial and answered_elsewhere):
+                raise
+            return [None] * len(documents), 0
         timings["queue_ms"], timings["compute_ms"] = done.queue_ms, done.compute_ms
         values = [None if v is None else float(v) for v in done.values]
         return values, sum(p.length for p, v in zip(pairs, values) if v is not None)
@@ -143,21 +149,12 @@ class RerankService:
             mine = [keys[i] for i in computed]
             try:
                 values, tokens = await self._compute(query, [documents[i] for i in computed], deadline_s, timings,
-                                                     partial)
-            except errors.DeadlineExceeded as error:
-                if not (partial and (scores or awaited)):
-                    cache.finish(mine, None, error)
-                    raise
-                values = [None] * len(computed)  # the cached and shared scores still make a partial answer
+                                                     partial, answered_elsewhere=bool(scores or awaited))
             except BaseException as error:
                 cache.finish(mine, None, error)
                 raise
-            done = [(key, position, v) for key, position, v in zip(mine, computed, values) if v is not None]
-            cache.finish([key for key, _, _ in done], [v for _, _, v in done])
-            if len(done) < len(mine):
-                late = [key for key, v in zip(mine, values) if v is None]
-                cache.finish(late, None, errors.DeadlineExceeded("the deadline passed before this pair was scored"))
-            scores.update((position, v) for _, position, v in done)
+            cache.finish(mine, values, errors.DeadlineExceeded("the deadline passed before this pair was scored"))
+            scores.update((position, v) for position, v in zip(computed, values) if v is not None)
         if awaited:
             results = await asyncio.gather(*awaited.values(), return_exceptions=True)
             redo = []
@@ -169,13 +166,8 @@ class RerankService:
                 else:
                     scores[position] = result
             if redo:
-                try:
-                    values, more = await self._compute(query, [documents[i] for i in redo], deadline_s, timings,
-                                                       partial)
-                except errors.DeadlineExceeded:
-                    if not (partial and scores):
-                        raise
-                    values, more = [None] * len(redo), 0
+                values, more = await self._compute(query, [documents[i] for i in redo], deadline_s, timings,
+                                                   partial, answered_elsewhere=bool(scores))
                 scores.update((position, v) for position, v in zip(redo, values) if v is not None)
                 tokens += more
                 computed = [*computed, *redo]
