@@ -58,7 +58,10 @@ class IndexManifest:
 
     @classmethod
     def read(cls, directory: Path) -> "IndexManifest":
-        return cls(**json.loads((Path(directory) / MANIFEST).read_text()))
+        path = Path(directory) / MANIFEST
+        if not path.exists():
+            raise InvalidArgument(f"{directory} is not an index; build one with 'twostage index build'")
+        return cls(**json.loads(path.read_text()))
 
 
 def _add(graph: Index, keys: np.ndarray, vectors: np.ndarray) -> None:
@@ -102,8 +105,6 @@ class DocumentIndex:
     @classmethod
     def open(cls, directory: Path, model: str, dims: int, **kwargs) -> "DocumentIndex":
         directory = Path(directory)
-        if not (directory / MANIFEST).exists():
-            raise InvalidArgument(f"{directory} is not an index; build one with 'twostage index build'")
         manifest = IndexManifest.read(directory)
         if manifest.format_version != FORMAT_VERSION:
             raise ModelMismatch(f"{directory}: index format {manifest.format_version}, expected {FORMAT_VERSION}")
@@ -348,9 +349,6 @@ class DocumentIndex:
 
 def repair_index(directory: Path) -> int:
     """Rebuild a writable index's graph from its store (``twostage index repair``); returns the documents."""
-    manifest_path = Path(directory) / MANIFEST
-    if not manifest_path.exists():
-        raise InvalidArgument(f"{directory} is not an index; build one with 'twostage index build'")
     manifest = IndexManifest.read(directory)
     index = DocumentIndex.open(directory, manifest.model, manifest.dims)
     try:
