@@ -173,6 +173,12 @@ async def run(args) -> dict:
     print("score cache through the gateway: one replica, two with and without affinity ...", flush=True)
     affinity = await cache_affinity(index_dir, args.port + 30, queries, 12 if args.quick else 40, args.recall_k)
     overload = load.report()
+
+    def fair_share(rate_rps: float) -> float:
+        """What the tier can rerank per answer at this rate, capped at recall_k."""
+        return round(min(args.recall_k, capacity * args.recall_k / rate_rps), 3)
+
+    budget_used = [ms / args.budget_ms for ms in load.latencies_ms]
     report = {
         "machine": machine(),
         "overhead": cost,
@@ -188,18 +194,16 @@ async def run(args) -> dict:
                      "sustainable_full_depth_rps": round(capacity, 3),
                      # The rerank tier's model time over wall time (target >= 0.85).
                      "rerank_utilization": round(utilization, 3),
-                     # What the tier can rerank per answer at the rate really sent (the Poisson schedule's
-                     # count varies around 2x), capped at recall_k; mean_reranked should reach 0.85 of it.
-                     "fair_share_pairs": round(min(args.recall_k, capacity * args.recall_k / overload["sent_rps"]), 3),
-                     "fair_share_pairs_at_nominal_rate": round(min(args.recall_k, capacity * args.recall_k / rate), 3),
+                     # At the rate really sent (the Poisson schedule's count varies around 2x); mean_reranked
+                     # should reach 0.85 of it.
+                     "fair_share_pairs": fair_share(overload["sent_rps"]),
+                     "fair_share_pairs_at_nominal_rate": fair_share(rate),
                      # Pairs the model scored whose answer was not used (its caller's time ran out first).
                      "pairs_scored": scored,
                      "wasted_share": round(1 - overload["mean_reranked"] * overload["ok"] / scored, 3) if scored else 0,
                      # Each answer's latency (from its scheduled send) over its budget: how much it used.
-                     "budget_used_mean": round(statistics.fmean(load.latencies_ms) / args.budget_ms, 3)
-                     if load.latencies_ms else None,
-                     "budget_used_p50": round(statistics.median(load.latencies_ms) / args.budget_ms, 3)
-                     if load.latencies_ms else None,
+                     "budget_used_mean": round(statistics.fmean(budget_used), 3) if budget_used else None,
+                     "budget_used_p50": round(statistics.median(budget_used), 3) if budget_used else None,
                      "p99_within_budget_plus_5pct": overload["p99_ms"] is not None
                      and overload["p99_ms"] <= 1.05 * args.budget_ms,
                      "deadline_exceeded": overload["errors"].get("DEADLINE_EXCEEDED", 0)},

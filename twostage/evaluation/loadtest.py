@@ -41,13 +41,14 @@ class LoadResult:
     def report(self) -> dict:
         h = self.histogram
         done = h.get_total_count()
+        sent = done + sum(self.errors.values())
         percentile = (lambda p: round(h.get_value_at_percentile(p) / 1000, 2)) if done else (lambda p: None)
         return {
             "offered_rps": round(self.offered_rps, 3),
             # What was really sent: a Poisson schedule's count varies around the nominal rate.
-            "sent_rps": round((done + sum(self.errors.values())) / self.window_s, 3) if self.window_s else None,
+            "sent_rps": round(sent / self.window_s, 3) if self.window_s else None,
             "achieved_rps": round(done / self.duration_s, 3) if self.duration_s else 0.0,
-            "requests": done + sum(self.errors.values()),
+            "requests": sent,
             "ok": done,
             "p50_ms": percentile(50),
             "p90_ms": percentile(90),
