@@ -103,14 +103,38 @@ class Document(_message.Message):
     metadata: _containers.MessageMap[str, MetadataValue]
     def __init__(self, id: _Optional[str] = ..., title: _Optional[str] = ..., text: _Optional[str] = ..., metadata: _Optional[_Mapping[str, MetadataValue]] = ...) -> None: ...
 
-class UpsertRequest(_message.Message):
-    __slots__ = ("documents",)
+class WriteVersion(_message.Message):
+    __slots__ = ("clock", "writer")
+    CLOCK_FIELD_NUMBER: _ClassVar[int]
+    WRITER_FIELD_NUMBER: _ClassVar[int]
+    clock: int
+    writer: str
+    def __init__(self, clock: _Optional[int] = ..., writer: _Optional[str] = ...) -> None: ...
+
+class ShardAck(_message.Message):
+    __slots__ = ("shard", "documents", "acknowledged", "replicas")
+    SHARD_FIELD_NUMBER: _ClassVar[int]
     DOCUMENTS_FIELD_NUMBER: _ClassVar[int]
+    ACKNOWLEDGED_FIELD_NUMBER: _ClassVar[int]
+    REPLICAS_FIELD_NUMBER: _ClassVar[int]
+    shard: int
+    documents: int
+    acknowledged: int
+    replicas: int
+    def __init__(self, shard: _Optional[int] = ..., documents: _Optional[int] = ..., acknowledged: _Optional[int] = ..., replicas: _Optional[int] = ...) -> None: ...
+
+class UpsertRequest(_message.Message):
+    __slots__ = ("documents", "request_id", "version")
+    DOCUMENTS_FIELD_NUMBER: _ClassVar[int]
+    REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
+    VERSION_FIELD_NUMBER: _ClassVar[int]
     documents: _containers.RepeatedCompositeFieldContainer[Document]
-    def __init__(self, documents: _Optional[_Iterable[_Union[Document, _Mapping]]] = ...) -> None: ...
+    request_id: str
+    version: WriteVersion
+    def __init__(self, documents: _Optional[_Iterable[_Union[Document, _Mapping]]] = ..., request_id: _Optional[str] = ..., version: _Optional[_Union[WriteVersion, _Mapping]] = ...) -> None: ...
 
 class UpsertResponse(_message.Message):
-    __slots__ = ("upserted", "doc_count", "timings_ms")
+    __slots__ = ("upserted", "doc_count", "timings_ms", "version", "shards", "request_id")
     class TimingsMsEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -121,19 +145,29 @@ class UpsertResponse(_message.Message):
     UPSERTED_FIELD_NUMBER: _ClassVar[int]
     DOC_COUNT_FIELD_NUMBER: _ClassVar[int]
     TIMINGS_MS_FIELD_NUMBER: _ClassVar[int]
+    VERSION_FIELD_NUMBER: _ClassVar[int]
+    SHARDS_FIELD_NUMBER: _ClassVar[int]
+    REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     upserted: int
     doc_count: int
     timings_ms: _containers.ScalarMap[str, float]
-    def __init__(self, upserted: _Optional[int] = ..., doc_count: _Optional[int] = ..., timings_ms: _Optional[_Mapping[str, float]] = ...) -> None: ...
+    version: WriteVersion
+    shards: _containers.RepeatedCompositeFieldContainer[ShardAck]
+    request_id: str
+    def __init__(self, upserted: _Optional[int] = ..., doc_count: _Optional[int] = ..., timings_ms: _Optional[_Mapping[str, float]] = ..., version: _Optional[_Union[WriteVersion, _Mapping]] = ..., shards: _Optional[_Iterable[_Union[ShardAck, _Mapping]]] = ..., request_id: _Optional[str] = ...) -> None: ...
 
 class DeleteRequest(_message.Message):
-    __slots__ = ("ids",)
+    __slots__ = ("ids", "request_id", "version")
     IDS_FIELD_NUMBER: _ClassVar[int]
+    REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
+    VERSION_FIELD_NUMBER: _ClassVar[int]
     ids: _containers.RepeatedScalarFieldContainer[str]
-    def __init__(self, ids: _Optional[_Iterable[str]] = ...) -> None: ...
+    request_id: str
+    version: WriteVersion
+    def __init__(self, ids: _Optional[_Iterable[str]] = ..., request_id: _Optional[str] = ..., version: _Optional[_Union[WriteVersion, _Mapping]] = ...) -> None: ...
 
 class DeleteResponse(_message.Message):
-    __slots__ = ("deleted", "doc_count", "timings_ms")
+    __slots__ = ("deleted", "doc_count", "timings_ms", "version", "shards", "request_id")
     class TimingsMsEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -144,10 +178,16 @@ class DeleteResponse(_message.Message):
     DELETED_FIELD_NUMBER: _ClassVar[int]
     DOC_COUNT_FIELD_NUMBER: _ClassVar[int]
     TIMINGS_MS_FIELD_NUMBER: _ClassVar[int]
+    VERSION_FIELD_NUMBER: _ClassVar[int]
+    SHARDS_FIELD_NUMBER: _ClassVar[int]
+    REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     deleted: int
     doc_count: int
     timings_ms: _containers.ScalarMap[str, float]
-    def __init__(self, deleted: _Optional[int] = ..., doc_count: _Optional[int] = ..., timings_ms: _Optional[_Mapping[str, float]] = ...) -> None: ...
+    version: WriteVersion
+    shards: _containers.RepeatedCompositeFieldContainer[ShardAck]
+    request_id: str
+    def __init__(self, deleted: _Optional[int] = ..., doc_count: _Optional[int] = ..., timings_ms: _Optional[_Mapping[str, float]] = ..., version: _Optional[_Union[WriteVersion, _Mapping]] = ..., shards: _Optional[_Iterable[_Union[ShardAck, _Mapping]]] = ..., request_id: _Optional[str] = ...) -> None: ...
 
 class GetRequest(_message.Message):
     __slots__ = ("ids",)

@@ -81,8 +81,10 @@ class GatewayServicer:
 
     def Upsert(self, request, context):
         """Writes and reads by id, routed to the recall shard that owns each id.
-        Durable once acknowledged. An Upsert that fails may have stored part of
-        its documents; resending it is safe.
+        Acknowledged once durable on write_quorum replicas of every shard the
+        request touches (the reply's shards say how many). A write that fails may
+        be durable on some replicas, and those spread it to the rest: resend it
+        with the same request_id, which finishes it at the same version.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

@@ -137,26 +137,30 @@ class RecallInfo(_message.Message):
     def __init__(self, version: _Optional[str] = ..., model: _Optional[str] = ..., dims: _Optional[int] = ..., doc_count: _Optional[int] = ..., execution_provider: _Optional[str] = ..., limits: _Optional[_Iterable[_Union[_common_pb2.Limit, _Mapping]]] = ..., shard: _Optional[int] = ..., shards: _Optional[int] = ..., read_only: _Optional[bool] = ..., default_mode: _Optional[_Union[_common_pb2.RecallMode, str]] = ..., hybrid_fusion: _Optional[_Union[HybridFusion, str]] = ..., hybrid_dense_weight: _Optional[float] = ..., lexical: _Optional[bool] = ...) -> None: ...
 
 class ChangesRequest(_message.Message):
-    __slots__ = ("snapshot_version", "after_seq", "limit")
+    __slots__ = ("snapshot_version", "after_seq", "limit", "ids")
     SNAPSHOT_VERSION_FIELD_NUMBER: _ClassVar[int]
     AFTER_SEQ_FIELD_NUMBER: _ClassVar[int]
     LIMIT_FIELD_NUMBER: _ClassVar[int]
+    IDS_FIELD_NUMBER: _ClassVar[int]
     snapshot_version: str
     after_seq: int
     limit: int
-    def __init__(self, snapshot_version: _Optional[str] = ..., after_seq: _Optional[int] = ..., limit: _Optional[int] = ...) -> None: ...
+    ids: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, snapshot_version: _Optional[str] = ..., after_seq: _Optional[int] = ..., limit: _Optional[int] = ..., ids: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class DocumentChange(_message.Message):
-    __slots__ = ("document", "deleted", "vector", "seq")
+    __slots__ = ("document", "deleted", "vector", "seq", "version")
     DOCUMENT_FIELD_NUMBER: _ClassVar[int]
     DELETED_FIELD_NUMBER: _ClassVar[int]
     VECTOR_FIELD_NUMBER: _ClassVar[int]
     SEQ_FIELD_NUMBER: _ClassVar[int]
+    VERSION_FIELD_NUMBER: _ClassVar[int]
     document: _common_pb2.Document
     deleted: bool
     vector: bytes
     seq: int
-    def __init__(self, document: _Optional[_Union[_common_pb2.Document, _Mapping]] = ..., deleted: _Optional[bool] = ..., vector: _Optional[bytes] = ..., seq: _Optional[int] = ...) -> None: ...
+    version: _common_pb2.WriteVersion
+    def __init__(self, document: _Optional[_Union[_common_pb2.Document, _Mapping]] = ..., deleted: _Optional[bool] = ..., vector: _Optional[bytes] = ..., seq: _Optional[int] = ..., version: _Optional[_Union[_common_pb2.WriteVersion, _Mapping]] = ...) -> None: ...
 
 class ChangesResponse(_message.Message):
     __slots__ = ("changes", "replica_id", "snapshot_version")
@@ -167,3 +171,57 @@ class ChangesResponse(_message.Message):
     replica_id: str
     snapshot_version: str
     def __init__(self, changes: _Optional[_Iterable[_Union[DocumentChange, _Mapping]]] = ..., replica_id: _Optional[str] = ..., snapshot_version: _Optional[str] = ...) -> None: ...
+
+class DigestRequest(_message.Message):
+    __slots__ = ("snapshot_version",)
+    SNAPSHOT_VERSION_FIELD_NUMBER: _ClassVar[int]
+    snapshot_version: str
+    def __init__(self, snapshot_version: _Optional[str] = ...) -> None: ...
+
+class BucketDigest(_message.Message):
+    __slots__ = ("bucket", "count", "hash")
+    BUCKET_FIELD_NUMBER: _ClassVar[int]
+    COUNT_FIELD_NUMBER: _ClassVar[int]
+    HASH_FIELD_NUMBER: _ClassVar[int]
+    bucket: int
+    count: int
+    hash: int
+    def __init__(self, bucket: _Optional[int] = ..., count: _Optional[int] = ..., hash: _Optional[int] = ...) -> None: ...
+
+class DigestResponse(_message.Message):
+    __slots__ = ("replica_id", "snapshot_version", "buckets", "digests")
+    REPLICA_ID_FIELD_NUMBER: _ClassVar[int]
+    SNAPSHOT_VERSION_FIELD_NUMBER: _ClassVar[int]
+    BUCKETS_FIELD_NUMBER: _ClassVar[int]
+    DIGESTS_FIELD_NUMBER: _ClassVar[int]
+    replica_id: str
+    snapshot_version: str
+    buckets: int
+    digests: _containers.RepeatedCompositeFieldContainer[BucketDigest]
+    def __init__(self, replica_id: _Optional[str] = ..., snapshot_version: _Optional[str] = ..., buckets: _Optional[int] = ..., digests: _Optional[_Iterable[_Union[BucketDigest, _Mapping]]] = ...) -> None: ...
+
+class VersionsRequest(_message.Message):
+    __slots__ = ("snapshot_version", "buckets")
+    SNAPSHOT_VERSION_FIELD_NUMBER: _ClassVar[int]
+    BUCKETS_FIELD_NUMBER: _ClassVar[int]
+    snapshot_version: str
+    buckets: _containers.RepeatedScalarFieldContainer[int]
+    def __init__(self, snapshot_version: _Optional[str] = ..., buckets: _Optional[_Iterable[int]] = ...) -> None: ...
+
+class DocumentVersion(_message.Message):
+    __slots__ = ("id", "version", "deleted")
+    ID_FIELD_NUMBER: _ClassVar[int]
+    VERSION_FIELD_NUMBER: _ClassVar[int]
+    DELETED_FIELD_NUMBER: _ClassVar[int]
+    id: str
+    version: _common_pb2.WriteVersion
+    deleted: bool
+    def __init__(self, id: _Optional[str] = ..., version: _Optional[_Union[_common_pb2.WriteVersion, _Mapping]] = ..., deleted: _Optional[bool] = ...) -> None: ...
+
+class VersionsResponse(_message.Message):
+    __slots__ = ("replica_id", "versions")
+    REPLICA_ID_FIELD_NUMBER: _ClassVar[int]
+    VERSIONS_FIELD_NUMBER: _ClassVar[int]
+    replica_id: str
+    versions: _containers.RepeatedCompositeFieldContainer[DocumentVersion]
+    def __init__(self, replica_id: _Optional[str] = ..., versions: _Optional[_Iterable[_Union[DocumentVersion, _Mapping]]] = ...) -> None: ...

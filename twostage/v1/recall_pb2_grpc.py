@@ -72,6 +72,16 @@ class RecallStub:
                 request_serializer=twostage_dot_v1_dot_recall__pb2.ChangesRequest.SerializeToString,
                 response_deserializer=twostage_dot_v1_dot_recall__pb2.ChangesResponse.FromString,
                 _registered_method=True)
+        self.Digest = channel.unary_unary(
+                '/twostage.v1.Recall/Digest',
+                request_serializer=twostage_dot_v1_dot_recall__pb2.DigestRequest.SerializeToString,
+                response_deserializer=twostage_dot_v1_dot_recall__pb2.DigestResponse.FromString,
+                _registered_method=True)
+        self.Versions = channel.unary_unary(
+                '/twostage.v1.Recall/Versions',
+                request_serializer=twostage_dot_v1_dot_recall__pb2.VersionsRequest.SerializeToString,
+                response_deserializer=twostage_dot_v1_dot_recall__pb2.VersionsResponse.FromString,
+                _registered_method=True)
 
 
 class RecallServicer:
@@ -118,9 +128,24 @@ class RecallServicer:
         raise NotImplementedError('Method not implemented!')
 
     def Changes(self, request, context):
-        """The writes this replica took from clients (not those it copied from its
-        peers) since it adopted its snapshot, in store order: replicas of a shard
-        read each other's to catch up on writes made while they were away.
+        """Every write this replica holds since it adopted its snapshot (its own and
+        those it copied), in store order, with versions and vectors; or named
+        documents as stored. Replicas of a shard read each other's to catch up.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def Digest(self, request, context):
+        """Per bucket of ids, a digest of (id, version, deleted): replicas compare
+        digests and exchange only the buckets that differ (anti-entropy).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def Versions(self, request, context):
+        """(id, version, deleted) of every document in the buckets asked for.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -163,6 +188,16 @@ def add_RecallServicer_to_server(servicer, server):
                     servicer.Changes,
                     request_deserializer=twostage_dot_v1_dot_recall__pb2.ChangesRequest.FromString,
                     response_serializer=twostage_dot_v1_dot_recall__pb2.ChangesResponse.SerializeToString,
+            ),
+            'Digest': grpc.unary_unary_rpc_method_handler(
+                    servicer.Digest,
+                    request_deserializer=twostage_dot_v1_dot_recall__pb2.DigestRequest.FromString,
+                    response_serializer=twostage_dot_v1_dot_recall__pb2.DigestResponse.SerializeToString,
+            ),
+            'Versions': grpc.unary_unary_rpc_method_handler(
+                    servicer.Versions,
+                    request_deserializer=twostage_dot_v1_dot_recall__pb2.VersionsRequest.FromString,
+                    response_serializer=twostage_dot_v1_dot_recall__pb2.VersionsResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -356,6 +391,60 @@ class Recall:
             '/twostage.v1.Recall/Changes',
             twostage_dot_v1_dot_recall__pb2.ChangesRequest.SerializeToString,
             twostage_dot_v1_dot_recall__pb2.ChangesResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Digest(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/twostage.v1.Recall/Digest',
+            twostage_dot_v1_dot_recall__pb2.DigestRequest.SerializeToString,
+            twostage_dot_v1_dot_recall__pb2.DigestResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Versions(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/twostage.v1.Recall/Versions',
+            twostage_dot_v1_dot_recall__pb2.VersionsRequest.SerializeToString,
+            twostage_dot_v1_dot_recall__pb2.VersionsResponse.FromString,
             options,
             channel_credentials,
             insecure,
