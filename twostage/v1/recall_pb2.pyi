@@ -219,9 +219,11 @@ class DocumentVersion(_message.Message):
     def __init__(self, id: _Optional[str] = ..., version: _Optional[_Union[_common_pb2.WriteVersion, _Mapping]] = ..., deleted: _Optional[bool] = ...) -> None: ...
 
 class VersionsResponse(_message.Message):
-    __slots__ = ("replica_id", "versions")
+    __slots__ = ("replica_id", "versions", "snapshot_version")
     REPLICA_ID_FIELD_NUMBER: _ClassVar[int]
     VERSIONS_FIELD_NUMBER: _ClassVar[int]
+    SNAPSHOT_VERSION_FIELD_NUMBER: _ClassVar[int]
     replica_id: str
     versions: _containers.RepeatedCompositeFieldContainer[DocumentVersion]
-    def __init__(self, replica_id: _Optional[str] = ..., versions: _Optional[_Iterable[_Union[DocumentVersion, _Mapping]]] = ...) -> None: ...
+    snapshot_version: str
+    def __init__(self, replica_id: _Optional[str] = ..., versions: _Optional[_Iterable[_Union[DocumentVersion, _Mapping]]] = ..., snapshot_version: _Optional[str] = ...) -> None: ...
