@@ -33,6 +33,7 @@ from twostage.documents import CorpusScan, DocumentLimits, scan_corpus, valid_do
 from twostage.errors import InvalidArgument, TwostageError
 from twostage.model_store import DEFAULT_EMBED_MODEL, resolve_model
 from twostage.sharding import part_of, shard_of
+from twostage.versions import BASE
 
 log = logging.getLogger(__name__)
 # Measured on 2 CPU cores (twostage bench embed): 8 documents of 512 tokens per call is fastest.
@@ -155,7 +156,7 @@ def _build_one(docs: Iterable[Document], out: Path, embedder, policy, chunk_docs
                                  save_every_writes=1 << 62)
     try:
         for chunk in _chunks(docs, chunk_docs):
-            index.upsert(chunk, embed_documents(embedder, chunk, policy, bar))
+            index.upsert(chunk, embed_documents(embedder, chunk, policy, bar), BASE)  # below every live write
         count = index.store.count()
     finally:
         index.close()

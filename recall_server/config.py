@@ -69,10 +69,21 @@ class RecallSettings(ServiceSettings, RuntimeSettings, BatchingSettings):
         "",
         description="This shard's replicas, this server included: dns:///name:port (the shard's headless Service), "
         "a|b, or file:///path. With snapshot_dir, the server copies from them the writes it missed while it was away "
-        "(at start, before it serves, then every peer_sync_period_s).",
+        "(at start, before it serves, then every peer_sync_period_s) and compares digests with them.",
     )
     peer_sync_period_s: float = Field(
-        10.0, ge=0.05, le=3600, description="How often to copy writes the other replicas took (with peers).",
+        10.0, ge=0.05, le=3600,
+        description="How often to copy the writes the other replicas hold since the snapshot (with peers).",
+    )
+    anti_entropy_period_s: float = Field(
+        30.0, ge=0.05, le=86400,
+        description="How often to compare per-bucket digests of (id, version) with each other replica and pull the "
+        "documents it holds newer (with peers): repairs what catch-up cannot see, such as a restored disk.",
+    )
+    tombstone_ttl_s: float = Field(
+        7 * 86400.0, ge=1,
+        description="How long a delete's tombstone (and a write's request id) is kept. A replica away longer than "
+        "this must start again from a snapshot on an empty volume, or deleted documents could come back.",
     )
     peer_token_file: Path | None = Field(
         None, description="A file holding an admin token for calling the other replicas (when they check tokens).",

@@ -2,17 +2,25 @@
 document's vector. It is the source of truth; the HNSW index is rebuilt or
 caught up from it, so an acknowledged write survives any restart.
 
+Every write of an id carries a version (``twostage.versions``) and is stored
+only when newer than the version held; a delete leaves a versioned tombstone,
+kept until ``purge`` drops tombstones older than the purge horizon. Each
+stored row gets a sequence of its own, so a reader paging by sequence (index
+catch-up, replicas catching up from each other) never skips a row.
+
 It also holds the lexical index: SQLite FTS5 (BM25, Porter stemming) over
 title and text, written in the same transaction as the document, so a write
 and a crash cover both indexes alike. A store made before it existed gains
 it when first opened for writing (built from the stored text, no re-embedding)."""
 
+import hashlib
 import json
 import re
 import sqlite3
 import threading
+import time
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -20,6 +28,7 @@ import numpy as np
 from twostage.corpus import Document
 from twostage.errors import FailedPrecondition, StorageFull
 from twostage.filters import BOUNDS, Filter
+from twostage.versions import Version
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS docs (
@@ -29,10 +38,37 @@ CREATE TABLE IF NOT EXISTS docs (
     vector BLOB,                       -- NULL once deleted
     seq INTEGER NOT NULL,              -- write sequence, for catching the index up
     deleted INTEGER NOT NULL DEFAULT 0,
-    from_peer INTEGER NOT NULL DEFAULT 0  -- copied from another replica (not served to replicas in turn)
+    from_peer INTEGER NOT NULL DEFAULT 0  -- unused since writes are versioned (stores made before keep it)
 );
 CREATE INDEX IF NOT EXISTS docs_seq ON docs(seq);
 """
+# Versions, and what anti-entropy compares: each id's bucket and a hash of (id, version, deleted).
+_VERSION_COLUMNS = {
+    "clock": "INTEGER NOT NULL DEFAULT 0",
+    "writer": "TEXT NOT NULL DEFAULT ''",
+    "bucket": "INTEGER NOT NULL DEFAULT 0",
+    "row_hash": "INTEGER NOT NULL DEFAULT 0",
+}
+_REPLICATION_SCHEMA = """
+CREATE INDEX IF NOT EXISTS docs_bucket ON docs(bucket);
+CREATE TABLE IF NOT EXISTS requests (       -- writes by request id, so a resend is answered alike
+    request_id TEXT PRIMARY KEY,
+    count INTEGER NOT NULL, clock INTEGER NOT NULL, writer TEXT NOT NULL, at REAL NOT NULL
+);
+CREATE TABLE IF NOT EXISTS replica_state (name TEXT PRIMARY KEY, value INTEGER NOT NULL);
+"""
+BUCKETS = 1024  # anti-entropy compares ids in this many buckets
+
+
+def bucket_of(doc_id: str) -> int:
+    return int.from_bytes(hashlib.blake2b(doc_id.encode(), digest_size=4).digest(), "big") % BUCKETS
+
+
+def row_hash(doc_id: str, clock: int, writer: str, deleted: int) -> int:
+    """A signed 32-bit hash of one row's state; a bucket's digest is their sum (order does not matter)."""
+    digest = hashlib.blake2b(f"{doc_id}\0{clock}\0{writer}\0{int(deleted)}".encode(), digest_size=4).digest()
+    return int.from_bytes(digest, "big", signed=True)
+
 # Live documents' metadata, a row per value (a list of strings: a row per item), indexed by key and value,
 # so a filter reads the documents that pass instead of parsing every document's JSON.
 _METADATA_SCHEMA = """
@@ -76,6 +112,34 @@ def lexical_query(text: str, max_terms: int = 64) -> str:
 class Change:
     key: int
     vector: np.ndarray | None  # None: the document was deleted
+
+
+@dataclass(frozen=True)
+class Write:
+    """One versioned write of one id: an upsert, or a tombstone when ``vector`` is None (``doc`` then
+    carries only the id). ``seq`` is the store's sequence when read back from a store."""
+
+    doc: Document
+    vector: np.ndarray | None
+    version: Version
+    seq: int = 0
+
+    @property
+    def deleted(self) -> bool:
+        return self.vector is None
+
+
+@dataclass(frozen=True)
+class Applied:
+    """What one ``DocStore.apply`` did."""
+
+    keys: list[int] = field(default_factory=list)  # rows written: their graph entries are replaced
+    added: list[tuple[int, np.ndarray]] = field(default_factory=list)  # (key, vector) of live rows written
+    deleted: int = 0  # live documents that a tombstone replaced
+    last_seq: int = 0  # the store's sequence after the write
+    count: int = 0  # the request's answer (stored with its request id)
+    replayed: bool = False  # the request id was known: nothing was applied, ``count`` is the first answer
+    version: Version | None = None  # the request's version, when replayed
 
 
 _INSERT_META = "INSERT INTO doc_meta (key, name, kind, num, txt) VALUES (?, ?, ?, ?, ?)"
@@ -144,6 +208,25 @@ def _storage_error(error: sqlite3.OperationalError) -> Exception:
     return error
 
 
+_WRITE_COLUMNS = "seq, doc_id, title, text, metadata, vector, clock, writer, deleted"
+
+
+def _write_of(row) -> Write:
+    seq, doc_id, title, text, meta, vector, clock, writer, deleted = row
+    document = Document(doc_id, title or "", text or "", json.loads(meta or "{}"))
+    return Write(document, None if deleted or vector is None else np.frombuffer(vector, dtype=np.float32),
+                 Version(clock, writer), seq)
+
+
+@dataclass(frozen=True)
+class _Outcome:
+    keys: list[int] = field(default_factory=list)
+    added: list[tuple[int, np.ndarray]] = field(default_factory=list)
+    deleted: int = 0
+    last_seq: int = 0
+    live_before: int = 0  # live rows this write replaced (upserted over or deleted)
+
+
 class DocStore:
     def __init__(self, path: Path, read_only: bool = False):
         if read_only:
@@ -156,6 +239,8 @@ class DocStore:
             self._db.executescript(_SCHEMA)
             if "from_peer" not in _columns(self._db, "docs"):  # a store made before replicas caught up
                 self._db.execute("ALTER TABLE docs ADD COLUMN from_peer INTEGER NOT NULL DEFAULT 0")
+            self._add_version_columns()
+            self._db.executescript(_REPLICATION_SCHEMA)
             self._create_once("docs_fts", _LEXICAL_SCHEMA)  # its schema rebuilds it from the stored text
             self._create_once("doc_meta", _METADATA_SCHEMA, self._fill_metadata)
         self._lock = threading.Lock()
@@ -164,6 +249,7 @@ class DocStore:
         self._reader = sqlite3.connect(f"file:{path}?mode=ro", uri=True, check_same_thread=False,
                                        isolation_level=None)
         self._read_lock = threading.Lock()
+        self._has_state = _has_table(self._db, "replica_state")  # a read-only store made before versions lacks it
         # Kept, not scanned: Info and every write report it.
         self._live = self._db.execute("SELECT COUNT(*) FROM docs WHERE deleted = 0").fetchone()[0]
 
@@ -178,6 +264,23 @@ class DocStore:
                 self._db.execute(statement)
             if fill is not None:
                 fill()
+            self._db.execute("COMMIT")
+        except BaseException:
+            self._rollback()
+            raise
+
+    def _add_version_columns(self) -> None:
+        """A store made before writes were versioned: its rows are the base version (below every write)."""
+        missing = [name for name in _VERSION_COLUMNS if name not in _columns(self._db, "docs")]
+        if not missing:
+            return
+        self._db.execute("BEGIN IMMEDIATE")
+        try:
+            for name in missing:
+                self._db.execute(f"ALTER TABLE docs ADD COLUMN {name} {_VERSION_COLUMNS[name]}")
+            rows = self._db.execute("SELECT key, doc_id, clock, writer, deleted FROM docs").fetchall()
+            self._db.executemany("UPDATE docs SET bucket = ?, row_hash = ? WHERE key = ?",
+                                 [(bucket_of(d), row_hash(d, c, w, x), k) for k, d, c, w, x in rows])
             self._db.execute("COMMIT")
         except BaseException:
             self._rollback()
@@ -216,39 +319,43 @@ class DocStore:
 
     def max_seq(self) -> int:
         with self._lock:
-            return self._db.execute("SELECT COALESCE(MAX(seq), 0) FROM docs").fetchone()[0]
+            return self._max_seq_locked()
 
     def count(self) -> int:
         return self._live
 
-    def upsert(self, docs: list[Document], vectors: np.ndarray, from_peer: bool = False) -> list[int]:
-        """Commit documents with their vectors in one transaction; returns their keys."""
-        rows = [
-            (d.id, d.title, d.text, json.dumps(d.metadata), np.asarray(v, dtype=np.float32).tobytes(), int(from_peer))
-            for d, v in zip(docs, vectors)
-        ]
+    def request(self, request_id: str) -> tuple[int, Version] | None:
+        """(answer, version) of a write stored under this request id, if any."""
+        with self._read_lock:
+            row = self._reader.execute("SELECT count, clock, writer FROM requests WHERE request_id = ?",
+                                       (request_id,)).fetchone()
+        return None if row is None else (row[0], Version(row[1], row[2]))
+
+    def purge_horizon(self) -> Version | None:
+        """Tombstones older than this were purged: an id absent here with an older version was deleted."""
+        with self._lock:
+            row = self._db.execute("SELECT value FROM replica_state WHERE name = 'purge_horizon'").fetchone()
+        return None if row is None else Version(row[0], "")
+
+    def apply(self, writes: list[Write], request_id: str = "", answer=None) -> Applied:
+        """Store each write whose version is newer than the one held for its id, in one transaction
+        (durable on return). A request id already stored is not applied again: its first answer comes
+        back. ``answer(applied_rows, deleted)`` gives the count a request id is answered with (default:
+        the writes given)."""
         with self._lock:
             self._db.execute("BEGIN IMMEDIATE")
             try:
-                seq = self._db.execute("SELECT COALESCE(MAX(seq), 0) + 1 FROM docs").fetchone()[0]
-                already_live = self._count_live([d.id for d in docs])
-                self._unindex_text([d.id for d in docs])
-                keys = [
-                    self._db.execute(
-                        "INSERT INTO docs (doc_id, title, text, metadata, vector, from_peer, seq, deleted) "
-                        "VALUES (?, ?, ?, ?, ?, ?, ?, 0) ON CONFLICT(doc_id) DO UPDATE SET "
-                        "title=excluded.title, text=excluded.text, metadata=excluded.metadata, "
-                        "vector=excluded.vector, from_peer=excluded.from_peer, seq=excluded.seq, deleted=0 "
-                        "RETURNING key",
-                        (*row, seq),
-                    ).fetchone()[0]
-                    for row in rows
-                ]
-                self._db.executemany("INSERT INTO docs_fts(rowid, title, text) VALUES (?, ?, ?)",
-                                     [(key, d.title, d.text) for key, d in zip(keys, docs)])
-                self._forget_metadata(keys)
-                self._db.executemany(_INSERT_META, [row for key, d in zip(keys, docs)
-                                                    for row in _metadata_rows(key, d.metadata)])
+                if request_id and (known := self._db.execute(
+                        "SELECT count, clock, writer FROM requests WHERE request_id = ?", (request_id,)).fetchone()):
+                    self._db.execute("COMMIT")
+                    return Applied(count=known[0], replayed=True, version=Version(known[1], known[2]),
+                                   last_seq=self._max_seq_locked())
+                applied = self._apply_locked(writes)
+                count = len(writes) if answer is None else answer(applied)
+                if request_id:
+                    version = writes[0].version if writes else Version(0, "")
+                    self._db.execute("INSERT INTO requests (request_id, count, clock, writer, at) VALUES (?, ?, ?, ?, ?)",
+                                     (request_id, count, version.clock, version.writer, time.time()))
                 self._db.execute("COMMIT")
             except sqlite3.OperationalError as error:
                 self._rollback()
@@ -256,32 +363,90 @@ class DocStore:
             except BaseException:
                 self._rollback()
                 raise
-            self._live += len(keys) - already_live
-        return keys
+            self._live += len(applied.added) - applied.live_before
+        return Applied(applied.keys, applied.added, applied.deleted, applied.last_seq, count)
 
-    def _count_live(self, doc_ids: list[str]) -> int:
-        return sum(
-            self._db.execute(f"SELECT COUNT(*) FROM docs WHERE deleted = 0 AND doc_id IN ({marks})", part).fetchone()[0]
-            for part, marks in _in_chunks(doc_ids)
-        )
+    def _max_seq_locked(self) -> int:
+        if not self._has_state:
+            return self._db.execute("SELECT COALESCE(MAX(seq), 0) FROM docs").fetchone()[0]
+        # Purged tombstones took their sequences with them; the floor keeps sequences from ever going back.
+        return self._db.execute(
+            "SELECT MAX(COALESCE((SELECT MAX(seq) FROM docs), 0), "
+            "COALESCE((SELECT value FROM replica_state WHERE name = 'seq_floor'), 0))").fetchone()[0]
 
-    def delete(self, doc_ids: list[str], from_peer: bool = False) -> list[int]:
-        """Tombstone documents in one transaction; returns keys of those that existed."""
+    def _apply_locked(self, writes: list[Write]) -> "_Outcome":
+        ids = [w.doc.id for w in writes]
+        held: dict[str, tuple[int, Version, int]] = {}  # id -> (key, version, deleted)
+        for part, marks in _in_chunks(ids):
+            for doc_id, key, clock, writer, deleted in self._db.execute(
+                    f"SELECT doc_id, key, clock, writer, deleted FROM docs WHERE doc_id IN ({marks})", part):
+                held[doc_id] = (key, Version(clock, writer), deleted)
+        horizon = self._db.execute("SELECT value FROM replica_state WHERE name = 'purge_horizon'").fetchone()
+        absent = None if horizon is None else Version(horizon[0], "")
+
+        def newer(write: Write) -> bool:
+            current = held[write.doc.id][1] if write.doc.id in held else absent
+            return current is None or write.version > current
+
+        chosen = [w for w in writes if newer(w)]
+        seq = self._max_seq_locked()
+        if not chosen:
+            return _Outcome(last_seq=seq)
+        replaced_live = [w.doc.id for w in chosen if w.doc.id in held and not held[w.doc.id][2]]
+        self._unindex_text(replaced_live)
+        keys, added, deleted = [], [], 0
+        for write in chosen:
+            seq += 1
+            doc, version = write.doc, write.version
+            hashed = (bucket_of(doc.id), row_hash(doc.id, version.clock, version.writer, write.deleted))
+            if write.deleted:
+                row = (doc.id, None, None, None, None, 1)
+            else:
+                vector = np.asarray(write.vector, dtype=np.float32)
+                row = (doc.id, doc.title, doc.text, json.dumps(doc.metadata), vector.tobytes(), 0)
+            key = self._db.execute(
+                "INSERT INTO docs (doc_id, title, text, metadata, vector, deleted, seq, clock, writer, bucket, row_hash) "
+                "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT(doc_id) DO UPDATE SET "
+                "title=excluded.title, text=excluded.text, metadata=excluded.metadata, vector=excluded.vector, "
+                "deleted=excluded.deleted, seq=excluded.seq, clock=excluded.clock, writer=excluded.writer, "
+                "bucket=excluded.bucket, row_hash=excluded.row_hash, from_peer=0 RETURNING key",
+                (*row, seq, version.clock, version.writer, *hashed),
+            ).fetchone()[0]
+            keys.append(key)
+            if write.deleted:
+                deleted += doc.id in held and not held[doc.id][2]
+            else:
+                added.append((key, vector))
+        live = {key for key, _ in added}
+        self._db.executemany("INSERT INTO docs_fts(rowid, title, text) VALUES (?, ?, ?)",
+                             [(key, w.doc.title, w.doc.text) for key, w in zip(keys, chosen) if key in live])
+        self._forget_metadata(keys)
+        self._db.executemany(_INSERT_META, [row for key, w in zip(keys, chosen) if key in live
+                                            for row in _metadata_rows(key, w.doc.metadata)])
+        return _Outcome(keys, added, deleted, seq, live_before=len(replaced_live))
+
+    def upsert(self, docs: list[Document], vectors: np.ndarray, version: Version) -> Applied:
+        """Store documents at one version (ids unique within the call)."""
+        return self.apply([Write(d, v, version) for d, v in zip(docs, vectors)])
+
+    def delete(self, doc_ids: list[str], version: Version) -> Applied:
+        """Tombstone ids at one version; ``deleted`` counts those that were live."""
+        return self.apply([Write(Document(i, "", ""), None, version) for i in doc_ids])
+
+    def purge(self, horizon: Version, requests_older_than_s: float) -> int:
+        """Drop tombstones older than ``horizon`` (ids absent from here on count as deleted at it) and request
+        ids older than the given age. Returns the tombstones dropped."""
         with self._lock:
             self._db.execute("BEGIN IMMEDIATE")
             try:
-                seq = self._db.execute("SELECT COALESCE(MAX(seq), 0) + 1 FROM docs").fetchone()[0]
-                self._unindex_text(doc_ids)
-                keys = []
-                for doc_id in doc_ids:
-                    row = self._db.execute(
-                        "UPDATE docs SET title=NULL, text=NULL, metadata=NULL, vector=NULL, seq=?, deleted=1, "
-                        "from_peer=? WHERE doc_id=? AND deleted=0 RETURNING key",
-                        (seq, int(from_peer), doc_id),
-                    ).fetchone()
-                    if row:
-                        keys.append(row[0])
-                self._forget_metadata(keys)
+                self._db.execute("INSERT INTO replica_state (name, value) VALUES ('seq_floor', ?) "
+                                 "ON CONFLICT(name) DO UPDATE SET value = MAX(value, excluded.value)",
+                                 (self._max_seq_locked(),))
+                dropped = self._db.execute("DELETE FROM docs WHERE deleted = 1 AND clock < ?",
+                                           (horizon.clock,)).rowcount
+                self._db.execute("INSERT INTO replica_state (name, value) VALUES ('purge_horizon', ?) "
+                                 "ON CONFLICT(name) DO UPDATE SET value = MAX(value, excluded.value)", (horizon.clock,))
+                self._db.execute("DELETE FROM requests WHERE at < ?", (time.time() - requests_older_than_s,))
                 self._db.execute("COMMIT")
             except sqlite3.OperationalError as error:
                 self._rollback()
@@ -289,8 +454,36 @@ class DocStore:
             except BaseException:
                 self._rollback()
                 raise
-            self._live -= len(keys)
-        return keys
+        return dropped
+
+    def digests(self, tombstones_from: Version) -> dict[int, tuple[int, int]]:
+        """bucket -> (rows, sum of row hashes mod 2^64), tombstones older than ``tombstones_from`` left out
+        (replicas purge them at slightly different times)."""
+        with self._read_lock:
+            rows = self._reader.execute(
+                "SELECT bucket, COUNT(*), SUM(row_hash) FROM docs WHERE deleted = 0 OR clock >= ? GROUP BY bucket",
+                (tombstones_from.clock,)).fetchall()
+        return {bucket: (count, total % (1 << 64)) for bucket, count, total in rows}
+
+    def versions(self, buckets: list[int], tombstones_from: Version) -> list[tuple[str, Version, bool]]:
+        """(id, version, deleted) of every row in these buckets (tombstones as in ``digests``)."""
+        found = []
+        with self._read_lock:
+            for part, marks in _in_chunks([int(b) for b in buckets]):
+                found += [(doc_id, Version(clock, writer), bool(deleted)) for doc_id, clock, writer, deleted in
+                          self._reader.execute(
+                              f"SELECT doc_id, clock, writer, deleted FROM docs WHERE bucket IN ({marks}) "
+                              "AND (deleted = 0 OR clock >= ?)", [*part, tombstones_from.clock])]
+        return found
+
+    def rows(self, doc_ids: list[str]) -> list[Write]:
+        """These ids as stored, live or tombstone (ids never stored, or purged, are left out)."""
+        found = []
+        with self._read_lock:
+            for part, marks in _in_chunks(doc_ids):
+                found += [_write_of(row) for row in self._reader.execute(
+                    f"SELECT {_WRITE_COLUMNS} FROM docs WHERE doc_id IN ({marks})", part)]
+        return found
 
     def fetch(self, keys: list[int]) -> dict[int, Document]:
         if not keys:
@@ -328,25 +521,19 @@ class DocStore:
             last_key = rows[-1][0]
             yield [Change(k, None if v is None else np.frombuffer(v, dtype=np.float32)) for k, v in rows]
 
-    def writes_since(self, seq: int, batch_rows: int = 1024, from_clients_only: bool = False,
-                     ) -> Iterator[list[tuple[int, Document, np.ndarray | None]]]:
-        """Every document written after ``seq``, as it is now, in write order: (seq, document, vector), the
-        vector None for a delete (the document then carries only its id). For carrying writes over to
-        another index, and (``from_clients_only``) for replicas catching up from each other."""
-        last = (seq, 1 << 62)  # keys are below this: the first batch starts after seq
-        origin = "AND from_peer = 0 " if from_clients_only else ""
+    def writes_since(self, seq: int, batch_rows: int = 1024) -> Iterator[list[Write]]:
+        """Every row written after ``seq``, as it is now, in sequence order, with its version and vector (a
+        tombstone's vector None): for carrying writes over to another index, and for replicas catching up."""
         while True:
-            with self._lock:
-                rows = self._db.execute(
-                    "SELECT seq, key, doc_id, title, text, metadata, vector FROM docs WHERE (seq, key) > (?, ?) "
-                    f"{origin}ORDER BY seq, key LIMIT ?", (*last, batch_rows),
+            with self._read_lock:
+                rows = self._reader.execute(
+                    f"SELECT {_WRITE_COLUMNS} FROM docs WHERE seq > ? ORDER BY seq LIMIT ?", (seq, batch_rows),
                 ).fetchall()
             if not rows:
                 return
-            last = (rows[-1][0], rows[-1][1])
-            yield [(row_seq, Document(doc_id, title or "", text or "", json.loads(meta or "{}")),
-                    None if vector is None else np.frombuffer(vector, dtype=np.float32))
-                   for row_seq, _, doc_id, title, text, meta, vector in rows]
+            batch = [_write_of(row) for row in rows]
+            seq = batch[-1].seq
+            yield batch
 
     def lexical_search(self, query: str, k: int, filter_: Filter | None = None) -> list[tuple[int, float]]:
         """(key, BM25) of the k best live documents matching any query term, best first."""

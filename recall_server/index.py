@@ -5,7 +5,10 @@ Writes go to SQLite first (the acknowledgement point), then to the HNSW graph
 in memory. The graph is saved to disk every ``save_every_writes`` writes and
 on close, together with the store sequence it reflects; opening an index
 replays every store write after that sequence, so a crash between saves loses
-nothing that was acknowledged.
+nothing that was acknowledged. The sequence saved is the graph's own: a write
+committed to the store whose graph insert failed (out of memory, say) leaves
+the graph behind, and it is caught up from the store before the next write
+and never claimed by a save.
 
 A save copies the graph under the lock (a memory copy) and writes the copy
 without it, so searches never wait on the disk. The graph file and the
@@ -19,18 +22,20 @@ import json
 import logging
 import os
 import threading
+import uuid
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
 from usearch.index import Index
 
-from recall_server.docstore import DocStore
+from recall_server.docstore import Applied, DocStore, Write
 from recall_server.durable import fsync_directory, fsync_file, write_atomically
 from recall_server.index_lock import IndexLock
 from twostage.corpus import Document
 from twostage.errors import FailedPrecondition, InvalidArgument, ModelMismatch
 from twostage.filters import Filter
+from twostage.versions import HybridClock, Version
 
 log = logging.getLogger(__name__)
 MANIFEST = "index.json"
@@ -88,9 +93,14 @@ class DocumentIndex:
         # _graph_lock is held only for graph reads and mutations.
         self._write_lock = threading.RLock()
         self._graph_lock = threading.Lock()
-        self._save_lock = threading.Lock()  # one save at a time, so manifests only move forward
+        # One save at a time, so manifests only move forward. Lock order: _save_lock before _write_lock;
+        # a writer never saves while it holds _write_lock.
+        self._save_lock = threading.Lock()
         self._unsaved_writes = 0
         self._removed_since_compaction = 0
+        self._graph_seq = manifest.applied_seq  # every store write up to here is in the graph
+        self.graph_behind = False  # a graph insert failed: caught up from the store before the next write
+        self.clock = HybridClock(f"index-{uuid.uuid4().hex[:12]}")  # versions for writes given none
 
     @classmethod
     def create(cls, directory: Path, model: str, dims: int, shard: int = 0, shards: int = 1, **kwargs) -> "DocumentIndex":
@@ -160,6 +170,8 @@ class DocumentIndex:
         return len(self._graph)
 
     def _catch_up(self, applied_seq: int) -> None:
+        """Apply every store write after ``applied_seq`` to the graph (no write runs meanwhile)."""
+        target = self.store.max_seq()
         for changes in self.store.changes_since(applied_seq):
             with self._graph_lock:
                 for change in changes:
@@ -168,6 +180,8 @@ class DocumentIndex:
                 if live:
                     _add(self._graph, np.array([c.key for c in live], dtype=np.uint64),
                          np.stack([c.vector for c in live]))
+        self._graph_seq = target
+        self.graph_behind = False
 
     def _remove_key(self, key: int) -> None:
         if self._graph.contains(key):
@@ -200,45 +214,68 @@ class DocumentIndex:
     def get(self, doc_ids: list[str]) -> dict[str, Document]:
         return self.store.get(doc_ids)
 
-    def upsert(self, docs: list[Document], vectors: np.ndarray, from_peer: bool = False) -> None:
+    def apply(self, writes: list[Write], request_id: str = "", answer=None) -> Applied:
+        """Store versioned writes (each applied only when newer than what is held; see ``DocStore.apply``),
+        durable on return, then update the graph. Ids are unique within one call."""
         self.require_writable()
+        for write in writes:
+            if write.vector is not None and np.shape(write.vector) != (self.manifest.dims,):
+                raise InvalidArgument(f"document {write.doc.id!r}: its vector has shape {np.shape(write.vector)}; "
+                                      f"this index holds {self.manifest.dims}-dimension vectors")
         with self._write_lock:
-            keys = self.store.upsert(docs, vectors, from_peer)  # durable from here on
-            with self._graph_lock:
-                for key in keys:
-                    self._remove_key(key)
-                _add(self._graph, np.asarray(keys, dtype=np.uint64), np.asarray(vectors, dtype=np.float32))
-            self._compact_if_worn()
-            self._note_writes(len(keys))
+            self._catch_up_if_behind()
+            applied = self.store.apply(writes, request_id, answer)  # durable from here on
+            if applied.keys:
+                self._update_graph(applied)
+            self._unsaved_writes += len(applied.keys)
+            save_due = self._unsaved_writes >= self.save_every_writes
+        if save_due:
+            self._save_logged()
+        return applied
 
-    def delete(self, doc_ids: list[str], from_peer: bool = False) -> int:
-        self.require_writable()
-        with self._write_lock:
-            keys = self.store.delete(doc_ids, from_peer)
+    def _update_graph(self, applied: Applied) -> None:
+        try:
             with self._graph_lock:
-                for key in keys:
+                for key in applied.keys:
                     self._remove_key(key)
-            self._compact_if_worn()
-            self._note_writes(len(keys))
-        return len(keys)
+                if applied.added:
+                    _add(self._graph, np.asarray([key for key, _ in applied.added], dtype=np.uint64),
+                         np.stack([vector for _, vector in applied.added]))
+        except Exception:
+            # Committed in the store: the graph replays it from there (before the next write, or on open).
+            log.exception("%s: updating the graph failed; catching it up from the store", self.directory)
+            self.graph_behind = True
+            return
+        if not self.graph_behind:
+            self._graph_seq = applied.last_seq
+        self._compact_if_worn()
 
-    def apply_writes(self, writes: list[tuple[Document, np.ndarray | None]], from_peer: bool = False) -> None:
-        """Store each document with its vector, or delete it when the vector is None (the document then carries
-        only its id). Each id appears once, so the order among them does not matter."""
-        upserts = [(doc, vector) for doc, vector in writes if vector is not None]
-        if upserts:
-            self.upsert([doc for doc, _ in upserts], np.stack([vector for _, vector in upserts]), from_peer)
-        if deletes := [doc.id for doc, vector in writes if vector is None]:
-            self.delete(deletes, from_peer)
+    def _catch_up_if_behind(self) -> None:
+        if self.graph_behind:
+            try:
+                self._catch_up(self._graph_seq)
+            except Exception:
+                log.exception("%s: catching the graph up from the store failed; retried on the next write",
+                              self.directory)
+
+    def upsert(self, docs: list[Document], vectors: np.ndarray, version: Version | None = None) -> Applied:
+        """Store documents at one version (a new one from this index's clock when none is given)."""
+        version = version or self.clock.now()
+        return self.apply([Write(doc, vector, version) for doc, vector in zip(docs, vectors)])
+
+    def delete(self, doc_ids: list[str], version: Version | None = None) -> int:
+        """Tombstone ids at one version; returns how many were live."""
+        version = version or self.clock.now()
+        return self.apply([Write(Document(doc_id, "", ""), None, version) for doc_id in doc_ids]).deleted
 
     def copy_writes(self, source: "DocumentIndex", since_seq: int = 0) -> int:
-        """Apply every write ``source`` took after ``since_seq``, in order, with its stored vector (no
+        """Apply every write ``source`` holds after ``since_seq``, with its version and stored vector (no
         re-embedding): merging parts of a shard, or carrying writes over to a newer snapshot. Returns how
-        many documents were written or deleted."""
+        many rows were read."""
         copied = 0
         # Batches large enough that the graph adds them on every thread.
         for batch in source.store.writes_since(since_seq, batch_rows=PARALLEL_ADD_MIN_VECTORS):
-            self.apply_writes([(doc, vector) for _, doc, vector in batch])
+            self.apply(batch)
             copied += len(batch)
         return copied
 
@@ -307,22 +344,18 @@ class DocumentIndex:
     def fetch(self, keys: list[int]) -> dict[int, Document]:
         return self.store.fetch(keys)
 
-    def _note_writes(self, count: int) -> None:
-        self._unsaved_writes += count
-        if self._unsaved_writes >= self.save_every_writes:
-            try:
-                self.save()
-            except OSError as error:
-                # The writes are committed in the store; a later save (or a replay on start) covers them.
-                log.error("%s: saving the graph failed (%s); writes go on, the next save retries",
-                          self.directory, error)
-                self._unsaved_writes = 0
+    def _save_logged(self) -> None:
+        try:
+            self.save()
+        except OSError as error:
+            # The writes are committed in the store; a later save (or a replay on start) covers them.
+            log.error("%s: saving the graph failed (%s); writes go on, the next save retries", self.directory, error)
 
     def save(self) -> None:
         """Persist the graph and the store sequence it reflects, without holding searches back."""
         with self._save_lock:
             with self._write_lock:  # the copy and the sequence must match: no write in between
-                applied_seq = self.store.max_seq()
+                applied_seq = self._graph_seq
                 with self._graph_lock:
                     snapshot = self._graph.copy()
                 self._unsaved_writes = 0

@@ -1,47 +1,76 @@
-"""Replicas of a shard catch up from each other.
+"""Replicas of a shard converge on the same documents at the same versions.
 
-The gateway sends every write to every replica of the owning shard, but only
-to those it can reach: a replica that was restarting, or is new, misses
-writes. Each replica therefore reads, from every other replica serving the
-same snapshot, the writes that one took from clients (``Recall.Changes``)
-and applies those it lacks, keeping the copy's ``from_peer`` mark so that it
-never serves them on in turn: only writes a replica took from a client
-travel, so copies cannot bounce between replicas.
+Contract:
 
-A change is applied only when the document differs from the local one, so a
-replica that already has a write does nothing. Replicas converge within one
-``peer_sync_period_s`` of a write; two different writes of one id through
-two gateways at the same moment may leave replicas holding different
-versions of that id until it is written again.
+- Every write carries a version (``twostage.versions``) and a replica keeps,
+  per id, only the newest version it has seen (``DocStore.apply``). Copying
+  writes between replicas is therefore safe in any order and any number of
+  times: a copy never replaces a newer write, and a copy that is not newer is
+  a no-op (so copies cannot bounce between replicas).
+- **Catch-up.** Each replica reads, from every other replica serving the same
+  snapshot, the rows written there since that snapshot (``Recall.Changes``)
+  and applies them. Every stored row has a sequence of its own, so the last
+  sequence received is an exact cursor: paging never skips a row. A cursor is
+  kept per peer process and starts over when another process answers.
+- **Anti-entropy.** Every ``anti_entropy_period_s`` a replica compares, with
+  each peer, a digest of (id, version, deleted) per bucket of ids
+  (``Recall.Digest``), lists the versions in the buckets that differ
+  (``Recall.Versions``) and pulls the documents the peer holds newer
+  (``Changes`` by id). This repairs what catch-up cannot see: a lost cursor,
+  a restored disk, a write that reached only some replicas. The time since
+  every peer last agreed is ``twostage_replica_agreement_age_seconds``.
+- **Tombstones** are kept for ``tombstone_ttl_s`` and then purged; an id
+  absent from a store is taken as deleted at its purge horizon, so a purge
+  never lets a stale copy come back. A replica that was away longer than
+  ``tombstone_ttl_s`` must start again from a snapshot (an empty volume).
+- A round that fails (a peer away, a broken reply, a full disk) is logged,
+  counted in ``twostage_peer_sync_failures_total`` and retried on the next
+  round; the loop never ends while the server runs.
 """
 
 import asyncio
 import logging
+import time
 
 import grpc
 import numpy as np
+import prometheus_client as prom
 
+from recall_server.docstore import Write
 from twostage.connect import Credentials, read_token_file
 from twostage.convert import document_from_proto
 from twostage.corpus import Document
 from twostage.membership import Target
-from twostage.v1 import recall_pb2, recall_pb2_grpc
+from twostage.v1 import common_pb2, recall_pb2, recall_pb2_grpc
+from twostage.versions import Version
 
 log = logging.getLogger(__name__)
-PAGE = 512
+PAGE = 512  # changes per Changes reply
+BUCKETS_PER_CALL = 128  # buckets per Versions call
+
+REPAIRED = prom.Counter("twostage_replica_repaired_total", "Writes copied from other replicas of the shard", ["how"])
+FAILURES = prom.Counter("twostage_peer_sync_failures_total", "Catch-up or anti-entropy calls to a peer that failed",
+                        ["step"])
+AGREEMENT_AGE = prom.Gauge("twostage_replica_agreement_age_seconds",
+                           "Seconds since every other replica of the shard last had the same digest as this one")
 
 
-def apply_changes(index, changes: list[tuple[Document, np.ndarray | None]]) -> int:
-    """Apply a peer's changes this index lacks (runs in a thread). Returns how many it applied."""
-    local = index.get([doc.id for doc, _ in changes])
-    lacking = [(doc, vector) for doc, vector in changes
-               if (local.get(doc.id) != doc if vector is not None else doc.id in local)]
-    index.apply_writes(lacking, from_peer=True)
-    return len(lacking)
+def version_of(proto: common_pb2.WriteVersion) -> Version:
+    return Version(proto.clock, proto.writer)
+
+
+def version_to_proto(version: Version) -> common_pb2.WriteVersion:
+    return common_pb2.WriteVersion(clock=version.clock, writer=version.writer)
+
+
+def write_from_proto(change: recall_pb2.DocumentChange) -> Write:
+    vector = None if change.deleted else np.frombuffer(change.vector, "<f4").astype(np.float32)
+    doc = Document(change.document.id, "", "") if change.deleted else document_from_proto(change.document)
+    return Write(doc, vector, version_of(change.version), change.seq)
 
 
 class PeerSync:
-    """``service`` is the RecallService: its index, write gate and snapshot follower."""
+    """``service`` is the RecallService: it applies copied writes and answers for the local store."""
 
     def __init__(self, settings, service):
         self.settings = settings
@@ -53,6 +82,14 @@ class PeerSync:
         # Per peer address: (the process that answered there, the snapshot both served, its last sequence applied).
         self._cursors: dict[str, tuple[str, str, int]] = {}
         self._task: asyncio.Task | None = None
+        self._started = time.time()
+        self.last_agreement: float | None = None  # wall-clock time every peer last agreed
+        self.last_error = ""
+        self._disagreed = False  # some peer's digest differed in this anti-entropy round
+        AGREEMENT_AGE.set_function(self.agreement_age_s)
+
+    def agreement_age_s(self) -> float:
+        return time.time() - (self.last_agreement or self._started)
 
     def start(self) -> None:
         self._task = asyncio.get_running_loop().create_task(self._loop())
@@ -64,31 +101,65 @@ class PeerSync:
         await asyncio.gather(*(c.close() for c in self._channels.values()), return_exceptions=True)
 
     async def _loop(self) -> None:
+        s = self.settings
+        next_comparison = time.monotonic()
         while True:
-            await asyncio.sleep(self.settings.peer_sync_period_s)
-            await self.sync_once()
+            await asyncio.sleep(s.peer_sync_period_s)
+            try:
+                await self.sync_once()
+                if time.monotonic() >= next_comparison:
+                    next_comparison = time.monotonic() + s.anti_entropy_period_s
+                    await self.anti_entropy_once()
+                    await self.service.purge_tombstones()
+            except asyncio.CancelledError:
+                raise
+            except Exception as error:  # never silently: logged, counted, retried next round
+                FAILURES.labels("round").inc()
+                self.last_error = f"{type(error).__name__}: {error}"
+                log.exception("replica sync round failed; retrying in %.1f s", s.peer_sync_period_s)
 
-    async def sync_once(self) -> int:
-        """One pass over every peer; returns the changes applied. A peer that cannot answer is skipped."""
-        applied = 0
+    def _stub(self, address: str) -> recall_pb2_grpc.RecallStub:
+        if address not in self._channels:
+            self._channels[address] = self.credentials.aio_channel(address)
+        return recall_pb2_grpc.RecallStub(self._channels[address])
+
+    def _served_version(self) -> str | None:
+        snapshots = self.service.snapshots
+        return None if snapshots is None or snapshots.current is None else snapshots.current.version
+
+    async def _each_peer(self, step: str, call) -> tuple[int, bool]:
+        """``call(address, snapshot_version)`` for every peer; (sum of results, whether every peer answered)."""
+        version = self._served_version()
+        if version is None:
+            return 0, False
+        total, everyone = 0, True
         for address in await self.target.resolve():
             try:
-                applied += await self._sync_from(address)
+                total += await call(address, version)
+            except asyncio.CancelledError:
+                raise
             except grpc.aio.AioRpcError as error:
+                everyone = False
+                FAILURES.labels(step).inc()
                 if error.code() != grpc.StatusCode.FAILED_PRECONDITION:  # another snapshot: expected in a switch
-                    log.warning("catching up from %s: %s", address, error.details())
+                    log.warning("%s with %s: %s", step, address, error.details())
+            except Exception as error:
+                everyone = False
+                FAILURES.labels(step).inc()
+                self.last_error = f"{step} with {address}: {type(error).__name__}: {error}"
+                log.exception("%s with %s failed", step, address)
+        return total, everyone
+
+    async def sync_once(self) -> int:
+        """Catch up from every peer; returns the writes applied. A peer that cannot answer is skipped."""
+        applied, _ = await self._each_peer("catch-up", self._catch_up_from)
         if applied:
+            REPAIRED.labels("catch_up").inc(applied)
             log.info("copied %d writes from the other replicas", applied)
         return applied
 
-    async def _sync_from(self, address: str) -> int:
-        snapshots = self.service.snapshots
-        if snapshots is None or snapshots.current is None:
-            return 0
-        version = snapshots.current.version
-        if address not in self._channels:
-            self._channels[address] = self.credentials.aio_channel(address)
-        stub = recall_pb2_grpc.RecallStub(self._channels[address])
+    async def _catch_up_from(self, address: str, version: str) -> int:
+        stub = self._stub(address)
         known = self._cursors.get(address)
         after = known[2] if known and known[1] == version else 0
         applied = 0
@@ -98,14 +169,48 @@ class PeerSync:
             if reply.replica_id == self.service.replica_id:
                 return 0  # this server, found among its peers
             if known and after and reply.replica_id != known[0]:
-                known, after = None, 0  # another process answers there now: its sequences start afresh
+                known, after = None, 0  # another process answers there now: start over (applying is idempotent)
                 continue
             if reply.changes:
-                changes = [(document_from_proto(c.document),
-                            None if c.deleted else np.frombuffer(c.vector, np.float32)) for c in reply.changes]
-                applied += await self.service.apply_peer_changes(changes)
+                applied += await self.service.apply_peer_writes([write_from_proto(c) for c in reply.changes])
                 after = reply.changes[-1].seq
             known = (reply.replica_id, version, after)
             self._cursors[address] = known
             if len(reply.changes) < PAGE:
                 return applied
+
+    async def anti_entropy_once(self) -> int:
+        """Compare digests with every peer and pull what they hold newer; returns the writes applied."""
+        self._disagreed = False
+        repaired, everyone = await self._each_peer("anti-entropy", self._reconcile_with)
+        if everyone and not self._disagreed:
+            self.last_agreement = time.time()
+        if repaired:
+            REPAIRED.labels("anti_entropy").inc(repaired)
+            log.info("anti-entropy copied %d writes from the other replicas", repaired)
+        return repaired
+
+    async def _reconcile_with(self, address: str, version: str) -> int:
+        stub, metadata = self._stub(address), self.credentials.metadata
+        theirs = await stub.Digest(recall_pb2.DigestRequest(snapshot_version=version), metadata=metadata, timeout=30)
+        if theirs.replica_id == self.service.replica_id:
+            return 0
+        ours, _ = await self.service.digests(version)
+        peer = {d.bucket: (d.count, d.hash) for d in theirs.digests}
+        differing = sorted(b for b in set(ours) | set(peer) if ours.get(b) != peer.get(b))
+        if not differing:
+            return 0
+        self._disagreed = True
+        applied = 0
+        for start in range(0, len(differing), BUCKETS_PER_CALL):
+            buckets = differing[start:start + BUCKETS_PER_CALL]
+            listed = await stub.Versions(recall_pb2.VersionsRequest(snapshot_version=version, buckets=buckets),
+                                         metadata=metadata, timeout=30)
+            newer = await self.service.newer_elsewhere(
+                [(v.id, version_of(v.version)) for v in listed.versions], buckets)
+            for first in range(0, len(newer), PAGE):
+                reply = await stub.Changes(
+                    recall_pb2.ChangesRequest(snapshot_version=version, ids=newer[first:first + PAGE]),
+                    metadata=metadata, timeout=30)
+                applied += await self.service.apply_peer_writes([write_from_proto(c) for c in reply.changes])
+        return applied

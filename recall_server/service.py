@@ -1,6 +1,7 @@
 """The recall service logic: validate, embed through the batcher, search the index."""
 
 import asyncio
+import contextlib
 import logging
 import time
 import uuid
@@ -9,10 +10,11 @@ from dataclasses import dataclass
 import numpy as np
 
 from recall_server.config import RecallSettings
+from recall_server.docstore import BUCKETS, Write
 from recall_server.embedder import Embedder
 from recall_server.index import DocumentIndex
 from recall_server.peer_sync import PAGE as PEER_PAGE
-from recall_server.peer_sync import PeerSync, apply_changes
+from recall_server.peer_sync import PeerSync
 from recall_server.snapshot_follower import IndexLeases, SnapshotFollower
 from twostage import errors
 from twostage.batching import BatchPolicy, DynamicBatcher
@@ -24,8 +26,37 @@ from twostage.metrics import RECALL_SEARCH_SECONDS as SEARCH_SECONDS
 from twostage.metrics import watch_batcher
 from twostage.model_store import resolve_model
 from twostage.sharding import shard_of
+from twostage.versions import HybridClock, Version, clock_at
 
 log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class WriteReply:
+    count: int  # documents upserted, or live documents deleted
+    version: Version
+    doc_count: int
+
+
+async def finish_even_if_cancelled(work):
+    """Await ``work`` (a coroutine); if the caller is cancelled meanwhile, still wait for it to end before
+    the cancellation goes on, so locks held around it are released only once a thread stops writing."""
+    task = asyncio.ensure_future(work)
+    try:
+        return await asyncio.shield(task)
+    except asyncio.CancelledError:
+        while not task.done():
+            with contextlib.suppress(asyncio.CancelledError):
+                await asyncio.wait([task])  # never raises the task's own error
+        raise
+
+
+def tombstone_horizon(ttl_s: float, now_s: float | None = None) -> Version:
+    """Tombstones older than this are purged. Rounded down, so replicas pick the same point and their digests
+    (which leave such tombstones out) agree between purges."""
+    step = min(3600.0, ttl_s / 4)
+    point = (time.time() if now_s is None else now_s) - ttl_s
+    return Version(clock_at(point - point % step), "")
 
 
 @dataclass(frozen=True)
@@ -48,6 +79,7 @@ class RecallService:
         self.batcher: DynamicBatcher | None = None
         self.snapshots: SnapshotFollower | None = None
         self.replica_id = uuid.uuid4().hex  # this process, as its peers see it
+        self.clock = HybridClock(f"recall-{self.replica_id[:12]}")  # versions for writes sent here directly
         self.peers: PeerSync | None = PeerSync(settings, self) if settings.peers else None
         # Writes and an index switch take turns, so no write lands on an index being replaced.
         self._write_gate = asyncio.Lock()
@@ -194,25 +226,52 @@ class RecallService:
                         "routes each id to its shard"
                     )
 
-    async def upsert(self, docs: list[Document], deadline_s: float | None = None) -> int:
-        """Embed and store; returns once the documents are durable and searchable."""
+    async def _exclusive_write(self, write):
+        """``write(index)`` in a thread, with writes and index switches held off until it ends, also when the
+        caller is cancelled meanwhile."""
+        async with self._write_gate:
+            with self._leases.hold(self.index) as index:
+                return await finish_even_if_cancelled(asyncio.to_thread(write, index))
+
+    async def _replayed(self, request_id: str) -> WriteReply | None:
+        if request_id and (known := await asyncio.to_thread(self.index.store.request, request_id)):
+            return WriteReply(known[0], known[1], self.doc_count())
+        return None
+
+    def _version(self, given: Version | None) -> Version:
+        if given is None:
+            return self.clock.now()
+        self.clock.observe(given.clock)
+        return given
+
+    async def upsert(self, docs: list[Document], deadline_s: float | None = None, request_id: str = "",
+                     version: Version | None = None) -> WriteReply:
+        """Embed and store at one version; returns once the documents are durable and searchable. A request id
+        seen before is answered as the first time, and not applied again."""
         self._require_ready()
         check_documents(docs, self.settings.document_limits())
         self._check_owned([d.id for d in docs])
         self.index.require_writable()  # before the embedding, which is the expensive part
+        if replayed := await self._replayed(request_id):
+            return replayed
         vectors = await self._embed([document_text(d) for d in docs], False, deadline_s)
-        async with self._write_gate:
-            with self._leases.hold(self.index) as index:
-                await asyncio.to_thread(index.upsert, docs, vectors)
-        return len(docs)
+        version = self._version(version)
+        writes = [Write(doc, vector, version) for doc, vector in zip(docs, vectors)]
+        applied = await self._exclusive_write(lambda index: index.apply(writes, request_id))
+        return WriteReply(applied.count, applied.version or version, self.doc_count())
 
-    async def delete(self, ids: list[str]) -> int:
+    async def delete(self, ids: list[str], request_id: str = "", version: Version | None = None) -> WriteReply:
+        """Tombstone ids at one version; the count is of those that were live."""
         self._require_ready()
         check_ids(ids, self.settings.document_limits())
         self._check_owned(ids)
-        async with self._write_gate:
-            with self._leases.hold(self.index) as index:
-                return await asyncio.to_thread(index.delete, ids)
+        if replayed := await self._replayed(request_id):
+            return replayed
+        version = self._version(version)
+        writes = [Write(Document(doc_id, "", ""), None, version) for doc_id in ids]
+        applied = await self._exclusive_write(
+            lambda index: index.apply(writes, request_id, answer=lambda outcome: outcome.deleted))
+        return WriteReply(applied.count, applied.version or version, self.doc_count())
 
     async def get(self, ids: list[str]) -> list[Document]:
         """Stored documents among ``ids``, in request order."""
@@ -222,26 +281,70 @@ class RecallService:
             found = await asyncio.to_thread(index.get, ids)
         return [found[i] for i in ids if i in found]
 
-    async def changes(self, snapshot_version: str, after_seq: int, limit: int) -> tuple[list, str]:
-        """The writes this replica took from clients since it adopted its snapshot (``Recall.Changes``):
-        [(seq, document, vector or None)], and this process's id."""
+    def _served_snapshot(self, snapshot_version: str) -> str:
+        """The snapshot this replica serves, which must be the caller's (empty: any)."""
         self._require_ready()
         served = self.snapshots.current.version if self.snapshots and self.snapshots.current else None
         if served is None:
             raise errors.FailedPrecondition("this recall server does not follow snapshots (--snapshot-dir)")
-        if snapshot_version != served:
+        if snapshot_version and snapshot_version != served:
             raise errors.FailedPrecondition(f"this replica serves snapshot {served!r}, not {snapshot_version!r}")
-        limit = min(limit or PEER_PAGE, PEER_PAGE)
-        since = max(after_seq, self.snapshots.base_seq)
+        return served
+
+    async def changes(self, snapshot_version: str, after_seq: int, limit: int, ids: list[str] = ()
+                      ) -> tuple[list[Write], str]:
+        """Rows written since this replica adopted its snapshot, after ``after_seq`` (``Recall.Changes``), or the
+        rows of the ids asked for; and this process's id."""
+        self._served_snapshot(snapshot_version)
         with self._leases.hold(self.index) as index:
-            batch = await asyncio.to_thread(
-                lambda: next(index.store.writes_since(since, batch_rows=limit, from_clients_only=True), []))
+            if ids:
+                check_ids(list(ids), self.settings.document_limits())
+                return await asyncio.to_thread(index.store.rows, list(ids)), self.replica_id
+            limit = min(limit or PEER_PAGE, PEER_PAGE)
+            since = max(after_seq, self.snapshots.base_seq)
+            batch = await asyncio.to_thread(lambda: next(index.store.writes_since(since, batch_rows=limit), []))
         return batch, self.replica_id
 
-    async def apply_peer_changes(self, changes: list) -> int:
-        async with self._write_gate:
-            with self._leases.hold(self.index) as index:
-                return await asyncio.to_thread(apply_changes, index, changes)
+    def _tombstones_from(self) -> Version:
+        return tombstone_horizon(self.settings.tombstone_ttl_s)
+
+    async def digests(self, snapshot_version: str = "") -> tuple[dict[int, tuple[int, int]], str]:
+        served = self._served_snapshot(snapshot_version)
+        with self._leases.hold(self.index) as index:
+            return await asyncio.to_thread(index.store.digests, self._tombstones_from()), served
+
+    async def versions(self, snapshot_version: str, buckets: list[int]) -> tuple[list, str]:
+        served = self._served_snapshot(snapshot_version)
+        if any(not 0 <= b < BUCKETS for b in buckets):
+            raise errors.InvalidArgument(f"buckets are 0-{BUCKETS - 1}")
+        with self._leases.hold(self.index) as index:
+            return await asyncio.to_thread(index.store.versions, buckets, self._tombstones_from()), served
+
+    async def newer_elsewhere(self, listed: list[tuple[str, Version]], buckets: list[int]) -> list[str]:
+        """Ids among ``listed`` (a peer's versions in these buckets) whose version is newer than this replica's;
+        an id absent here counts as deleted at the purge horizon."""
+        with self._leases.hold(self.index) as index:
+            def compare():
+                held = {doc_id: version for doc_id, version, _ in index.store.versions(buckets, Version(0, ""))}
+                absent = index.store.purge_horizon()
+                return [doc_id for doc_id, version in listed
+                        if (held.get(doc_id) or absent) is None or version > (held.get(doc_id) or absent)]
+            return await asyncio.to_thread(compare)
+
+    async def apply_peer_writes(self, writes: list[Write]) -> int:
+        """Apply writes copied from a peer (each only if newer); returns how many were newer."""
+        if not writes:
+            return 0
+        self.clock.observe(max(w.version.clock for w in writes))
+        applied = await self._exclusive_write(lambda index: index.apply(writes))
+        return len(applied.keys)
+
+    async def purge_tombstones(self) -> int:
+        horizon, ttl = self._tombstones_from(), self.settings.tombstone_ttl_s
+        dropped = await self._exclusive_write(lambda index: index.store.purge(horizon, ttl))
+        if dropped:
+            log.info("purged %d tombstones older than %.0f s", dropped, ttl)
+        return dropped
 
     def doc_count(self) -> int:
         return self.index.store.count() if self.index else 0

@@ -4,6 +4,8 @@ import time
 
 import grpc
 
+from recall_server.docstore import BUCKETS
+from recall_server.peer_sync import version_of, version_to_proto
 from recall_server.service import RecallService
 from twostage import __version__
 from twostage.convert import (
@@ -22,6 +24,11 @@ from twostage.v1 import common_pb2, recall_pb2, recall_pb2_grpc
 
 def _ms_since(start: float) -> dict[str, float]:
     return {"total_ms": 1000 * (time.perf_counter() - start)}
+
+
+def _given_version(request):
+    """The version a gateway assigned, or None for a client writing directly (the server stamps one)."""
+    return version_of(request.version) if request.HasField("version") else None
 
 
 class RecallServicer(recall_pb2_grpc.RecallServicer):
@@ -59,16 +66,16 @@ class RecallServicer(recall_pb2_grpc.RecallServicer):
     async def Upsert(self, request: common_pb2.UpsertRequest, context: grpc.aio.ServicerContext):
         start = time.perf_counter()
         docs = [document_from_proto(d) for d in request.documents]
-        upserted = await self.service.upsert(docs, deadline_of(context))
-        return common_pb2.UpsertResponse(
-            upserted=upserted, doc_count=self.service.doc_count(), timings_ms=_ms_since(start)
-        )
+        reply = await self.service.upsert(docs, deadline_of(context), request.request_id, _given_version(request))
+        return common_pb2.UpsertResponse(upserted=reply.count, doc_count=reply.doc_count, timings_ms=_ms_since(start),
+                                         version=version_to_proto(reply.version), request_id=request.request_id)
 
     @translate_errors
     async def Delete(self, request: common_pb2.DeleteRequest, context: grpc.aio.ServicerContext):
         start = time.perf_counter()
-        deleted = await self.service.delete(list(request.ids))
-        return common_pb2.DeleteResponse(deleted=deleted, doc_count=self.service.doc_count(), timings_ms=_ms_since(start))
+        reply = await self.service.delete(list(request.ids), request.request_id, _given_version(request))
+        return common_pb2.DeleteResponse(deleted=reply.count, doc_count=reply.doc_count, timings_ms=_ms_since(start),
+                                         version=version_to_proto(reply.version), request_id=request.request_id)
 
     @translate_errors
     async def Get(self, request: common_pb2.GetRequest, context: grpc.aio.ServicerContext):
@@ -80,14 +87,34 @@ class RecallServicer(recall_pb2_grpc.RecallServicer):
 
     @translate_errors
     async def Changes(self, request: recall_pb2.ChangesRequest, context: grpc.aio.ServicerContext):
-        batch, replica_id = await self.service.changes(request.snapshot_version, request.after_seq, request.limit)
+        batch, replica_id = await self.service.changes(request.snapshot_version, request.after_seq, request.limit,
+                                                       list(request.ids))
         return recall_pb2.ChangesResponse(
             changes=[recall_pb2.DocumentChange(
-                document=document_to_proto(doc) if vector is not None else common_pb2.Document(id=doc.id),
-                deleted=vector is None, vector=b"" if vector is None else vector.astype("<f4").tobytes(), seq=seq)
-                for seq, doc, vector in batch],
+                document=common_pb2.Document(id=w.doc.id) if w.deleted else document_to_proto(w.doc),
+                deleted=w.deleted, vector=b"" if w.deleted else w.vector.astype("<f4").tobytes(), seq=w.seq,
+                version=version_to_proto(w.version))
+                for w in batch],
             replica_id=replica_id,
             snapshot_version=request.snapshot_version,
+        )
+
+    @translate_errors
+    async def Digest(self, request: recall_pb2.DigestRequest, context: grpc.aio.ServicerContext):
+        digests, served = await self.service.digests(request.snapshot_version)
+        return recall_pb2.DigestResponse(
+            replica_id=self.service.replica_id, snapshot_version=served, buckets=BUCKETS,
+            digests=[recall_pb2.BucketDigest(bucket=b, count=count, hash=total)
+                     for b, (count, total) in sorted(digests.items())],
+        )
+
+    @translate_errors
+    async def Versions(self, request: recall_pb2.VersionsRequest, context: grpc.aio.ServicerContext):
+        listed, served = await self.service.versions(request.snapshot_version, list(request.buckets))
+        return recall_pb2.VersionsResponse(
+            replica_id=self.service.replica_id, snapshot_version=served,
+            versions=[recall_pb2.DocumentVersion(id=doc_id, version=version_to_proto(version), deleted=deleted)
+                      for doc_id, version, deleted in listed],
         )
 
     @translate_errors

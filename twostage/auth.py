@@ -33,7 +33,7 @@ ADMIN_METHODS = {
     "/twostage.v1.Gateway/Upsert", "/twostage.v1.Gateway/Delete",
     "/twostage.v1.Recall/Upsert", "/twostage.v1.Recall/Delete",
     # Whole documents in bulk, for replicas of a shard catching up: not for search clients.
-    "/twostage.v1.Recall/Changes",
+    "/twostage.v1.Recall/Changes", "/twostage.v1.Recall/Digest", "/twostage.v1.Recall/Versions",
 }
 SEARCH_METHODS = {
     "/twostage.v1.Gateway/Search", "/twostage.v1.Gateway/Info", "/twostage.v1.Gateway/Get",

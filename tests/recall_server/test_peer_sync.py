@@ -1,28 +1,43 @@
-"""Replicas of a shard catch up from each other on the writes they missed, and copies never bounce."""
+"""Replicas of a shard converge: a replica that was away catches up exactly (a 1,000-document write
+included), an older version never replaces a newer one, and anti-entropy repairs what catch-up missed."""
 
 import asyncio
+import time
 
 import grpc
 import pytest
 
 from recall_server.config import RecallSettings
+from recall_server.peer_sync import AGREEMENT_AGE
 from recall_server.service import RecallService
 from recall_server.servicer import build_server
 from tests.recall_server.test_snapshots import SHARD, id_of_shard, publish_copy, until
 from twostage.corpus import Document
+from twostage.sharding import shard_of
 from twostage.v1 import recall_pb2, recall_pb2_grpc
+from twostage.versions import Version
 
 
-async def start_replica(tmp_path, name: str, root, peers_file):
+async def start_replica(tmp_path, name: str, root, peers_file, anti_entropy_period_s: float = 3600):
     settings = RecallSettings(port=0, index_dir=tmp_path / name / "index", snapshot_dir=root, shard=SHARD,
-                              snapshot_poll_s=0.05, peers=f"file://{peers_file}", peer_sync_period_s=0.05)
+                              snapshot_poll_s=0.05, peers=f"file://{peers_file}", peer_sync_period_s=0.05,
+                              anti_entropy_period_s=anti_entropy_period_s)
     service = RecallService(settings)
     server = build_server(service)
     port = await server.start()
     return service, server, f"127.0.0.1:{port}"
 
 
-async def test_a_replica_that_was_away_catches_up_and_copies_never_bounce(tmp_path, sharded_index, models):
+def ids_of_shard(prefix: str, count: int) -> list[str]:
+    return [i for i in (f"{prefix}-{n}" for n in range(4 * count)) if shard_of(i, 2) == SHARD][:count]
+
+
+def state(service: RecallService) -> dict:
+    return {w.doc.id: (w.version, w.deleted, w.doc.text)
+            for batch in service.index.store.writes_since(0) for w in batch}
+
+
+async def test_a_replica_away_during_a_1000_document_write_gets_all_of_it(tmp_path, sharded_index, models):
     root, peers_file = tmp_path / "snapshots", tmp_path / "peers"
     publish_copy(sharded_index / "shard-1", root, "v1")
     peers_file.write_text("")
@@ -30,34 +45,92 @@ async def test_a_replica_that_was_away_catches_up_and_copies_never_bounce(tmp_pa
     peers_file.write_text(first_address + "\n")
     servers = [first_server]
     try:
-        # Writes the second replica misses: it is not running yet.
-        missed = id_of_shard("written-while-away")
-        await first.upsert([Document(missed, "Coral bleaching", "Corals expel algae when the sea warms.")])
-        existing = first.index.fetch([1])[1].id  # a document of the snapshot
+        # Writes the second replica misses: it is not running yet. One upsert of 1,000 documents (more than two
+        # pages of Changes), and a delete of a snapshot document.
+        bulk = [Document(i, "", f"note {n}") for n, i in enumerate(ids_of_shard("bulk", 1000))]
+        await first.upsert(bulk)
+        existing = first.index.fetch([1])[1].id
         await first.delete([existing])
 
         second, second_server, second_address = await start_replica(tmp_path, "b", root, peers_file)
         servers.append(second_server)
-        # Caught up before it served: the write it missed is there, the deleted document is not.
-        assert [d.id for d in await second.get([missed, existing])] == [missed]
-        assert second.doc_count() == first.doc_count()
+        # Caught up before it served: every document of the bulk write, and the delete.
+        assert len(await second.get([d.id for d in bulk])) == 1000
+        assert await second.get([existing]) == []
+        assert state(second) == state(first) and second.doc_count() == first.doc_count()
 
-        # From now on both are peers; a write only the second took reaches the first.
+        # Both are peers now; a write only the second took reaches the first, and nothing bounces back and forth.
         peers_file.write_text(f"{first_address}\n{second_address}\n")
         later = id_of_shard("written-to-one")
         await second.upsert([Document(later, "Octopus cognition", "Octopuses solve puzzles with their arms.")])
         await until(lambda: first.index.get([later]))
-        # Each serves only what clients wrote to it: the copies stay where they are.
-        served = {}
-        for name, service in (("first", first), ("second", second)):
-            batch, _ = await service.changes("v1", 0, 100)
-            served[name] = {doc.id for _, doc, _ in batch}
-        assert served == {"first": {missed, existing}, "second": {later}}
+        settled = first.index.store.max_seq(), second.index.store.max_seq()
+        assert await first.peers.sync_once() == 0 and await second.peers.sync_once() == 0
+        assert (first.index.store.max_seq(), second.index.store.max_seq()) == settled
 
         async with grpc.aio.insecure_channel(second_address) as channel:
             with pytest.raises(grpc.aio.AioRpcError) as refused:
                 await recall_pb2_grpc.RecallStub(channel).Changes(recall_pb2.ChangesRequest(snapshot_version="v0"))
         assert refused.value.code() == grpc.StatusCode.FAILED_PRECONDITION
         assert "serves snapshot 'v1', not 'v0'" in refused.value.details()
+    finally:
+        await asyncio.gather(*(s.stop(grace_s=1) for s in servers))
+
+
+async def test_a_restarted_replica_never_brings_an_older_version_back(tmp_path, sharded_index, models):
+    root, peers_file = tmp_path / "snapshots", tmp_path / "peers"
+    publish_copy(sharded_index / "shard-1", root, "v1")
+    peers_file.write_text("")
+    doc_id = id_of_shard("contested")
+    first, first_server, first_address = await start_replica(tmp_path, "a", root, peers_file)
+    second, second_server, second_address = await start_replica(tmp_path, "b", root, peers_file)
+    peers_file.write_text(f"{first_address}\n{second_address}\n")
+    servers = [first_server, second_server]
+    try:
+        await first.upsert([Document(doc_id, "", "version one")])
+        await until(lambda: doc_id in second.index.get([doc_id]))
+        await second_server.stop(grace_s=1)
+        servers.remove(second_server)
+        newer = await first.upsert([Document(doc_id, "", "version two")])
+        # The second replica restarts while the first holds version two, and both read each other.
+        peers_file.write_text(f"{first_address}\n")
+        second, second_server, second_address = await start_replica(tmp_path, "b", root, peers_file)
+        servers.append(second_server)
+        peers_file.write_text(f"{first_address}\n{second_address}\n")
+        await until(lambda: second.index.get([doc_id])[doc_id].text == "version two")
+        await first.peers.sync_once()
+        assert first.index.get([doc_id])[doc_id].text == "version two"
+        assert first.index.store.rows([doc_id])[0].version == newer.version
+        # Two writes of one id at the same moment through two entry points: one order, on every replica.
+        tie = newer.version.clock + (1 << 20)
+        await first.upsert([Document(doc_id, "", "from gateway a")], version=Version(tie, "gateway-a"))
+        await second.upsert([Document(doc_id, "", "from gateway b")], version=Version(tie, "gateway-b"))
+        await until(lambda: state(first) == state(second))
+        assert first.index.get([doc_id])[doc_id].text == "from gateway b"
+    finally:
+        await asyncio.gather(*(s.stop(grace_s=1) for s in servers))
+
+
+async def test_anti_entropy_repairs_what_catch_up_cannot_see(tmp_path, sharded_index, models):
+    root, peers_file = tmp_path / "snapshots", tmp_path / "peers"
+    publish_copy(sharded_index / "shard-1", root, "v1")
+    peers_file.write_text("")
+    first, first_server, first_address = await start_replica(tmp_path, "a", root, peers_file)
+    second, second_server, second_address = await start_replica(tmp_path, "b", root, peers_file,
+                                                                anti_entropy_period_s=0.2)
+    servers = [first_server, second_server]
+    try:
+        written = [Document(i, "", f"written while apart {i}") for i in ids_of_shard("apart", 40)]
+        await first.upsert(written)
+        await first.delete([first.index.fetch([2])[2].id])
+        # The second replica's cursor claims it has read all of the first's changes already (a lost or restored
+        # cursor, say): catch-up alone never sends them.
+        _, first_id = await first.changes("v1", 0, 1)
+        second.peers._cursors[first_address] = (first_id, "v1", first.index.store.max_seq())
+        peers_file.write_text(f"{first_address}\n{second_address}\n")
+        await until(lambda: state(second) == state(first), timeout_s=60)
+        repaired_at = time.time()
+        await until(lambda: (second.peers.last_agreement or 0) > repaired_at, timeout_s=60)
+        assert AGREEMENT_AGE.collect()[0].samples[0].value < 60
     finally:
         await asyncio.gather(*(s.stop(grace_s=1) for s in servers))

@@ -12,6 +12,7 @@ from twostage.convert import filter_from_proto, filter_to_proto
 from twostage.corpus import Document
 from twostage.filters import FilterClause, NumberRange, check_filter
 from twostage.v1 import common_pb2
+from twostage.versions import Version
 
 TAGS = ["red", "green", "blue", "amber"]
 
@@ -59,8 +60,8 @@ def test_store_sql_agrees_with_the_stated_semantics(tmp_path):
     rng = random.Random(7)
     store = DocStore(tmp_path / "docs.sqlite")
     docs = [Document(f"d{i}", "", f"text {i}", random_metadata(rng)) for i in range(600)]
-    keys = store.upsert(docs, np.zeros((len(docs), 4), np.float32))
-    store.delete(["d0", "d1"])  # deleted documents never pass
+    keys = store.upsert(docs, np.zeros((len(docs), 4), np.float32), Version(1, "w")).keys
+    store.delete(["d0", "d1"], Version(2, "w"))  # deleted documents never pass
     live = {key: doc for key, doc in zip(keys, docs) if doc.id not in ("d0", "d1")}
     nonempty = 0
     for _ in range(300):
