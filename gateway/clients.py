@@ -22,6 +22,7 @@ from twostage.filters import Filter
 from twostage.probe import channel_health
 from twostage.status import error_from_rpc
 from twostage.v1 import common_pb2, recall_pb2, recall_pb2_grpc, rerank_pb2, rerank_pb2_grpc
+from twostage.versions import Version
 
 
 @dataclass(frozen=True)
@@ -62,6 +63,10 @@ def channel_options(max_message_mb: int = 16, keepalive_time_s: float = 30.0,
         ("grpc.initial_reconnect_backoff_ms", 200),
         ("grpc.max_reconnect_backoff_ms", 2000),
     ]
+
+
+def _version_proto(version: Version | None) -> common_pb2.WriteVersion | None:
+    return None if version is None else common_pb2.WriteVersion(clock=version.clock, writer=version.writer)
 
 
 class _Client:
@@ -109,15 +114,19 @@ class RecallClient(_Client):
         ]
         return candidates, dict(reply.timings_ms), recall_mode_from_proto(reply.mode)
 
-    async def upsert(self, docs: list[Document], timeout_s: float | None) -> tuple[int, int]:
+    async def upsert(self, docs: list[Document], timeout_s: float | None, request_id: str = "",
+                     version: Version | None = None) -> tuple[int, int]:
         """(upserted, doc_count)."""
-        request = common_pb2.UpsertRequest(documents=[document_to_proto(d) for d in docs])
+        request = common_pb2.UpsertRequest(documents=[document_to_proto(d) for d in docs], request_id=request_id,
+                                           version=_version_proto(version))
         reply = await self._call(self.stub.Upsert, request, timeout_s)
         return reply.upserted, reply.doc_count
 
-    async def delete(self, ids: list[str], timeout_s: float | None) -> tuple[int, int]:
+    async def delete(self, ids: list[str], timeout_s: float | None, request_id: str = "",
+                     version: Version | None = None) -> tuple[int, int]:
         """(deleted, doc_count)."""
-        reply = await self._call(self.stub.Delete, common_pb2.DeleteRequest(ids=ids), timeout_s)
+        request = common_pb2.DeleteRequest(ids=ids, request_id=request_id, version=_version_proto(version))
+        reply = await self._call(self.stub.Delete, request, timeout_s)
         return reply.deleted, reply.doc_count
 
     async def get(self, ids: list[str], timeout_s: float | None) -> list[Document]:

@@ -135,6 +135,17 @@ class GatewaySettings(ServiceSettings):
         description="Longest an Upsert, Delete or Get may take at the shards (a caller's shorter deadline wins). "
         "Embedding 1,000 long documents takes about 2 minutes on 2 CPU cores.",
     )
+    write_quorum: Literal["majority", "all", "one"] = Field(
+        "majority",
+        description="Replicas of each shard that must make a write durable before it is acknowledged: majority "
+        "(keeps taking writes with a minority of a shard's replicas down), all (one replica away blocks its "
+        "shard's writes) or one (a write acknowledged by one replica is lost if that replica's disk is).",
+    )
+    request_id_ttl_s: float = Field(
+        3600.0, gt=0,
+        description="How long a write's request_id is remembered, so a resend is applied at the same version and "
+        "answered alike (the recall replicas keep theirs for their tombstone_ttl_s).",
+    )
     eject_after_failures: int = Field(3, ge=1, description="Consecutive failures that take a rerank replica out.")
     eject_s: float = Field(5.0, ge=0, description="How long an ejected replica stays out unless its health recovers.")
     health_check_period_s: float = Field(1.0, gt=0, description="How often rerank replicas' health is checked.")

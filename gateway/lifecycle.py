@@ -75,7 +75,7 @@ class GatewayLifecycle:
         await self._wait_for_rerank(s.startup_wait_s)
         await self.refresh_limits()
         self.pipeline = SearchPipeline(s, self.shards, self.pool, self.limits)
-        self.router = DocumentRouter(self.shards)
+        self.router = DocumentRouter(self.shards, self.limits, s.write_quorum, s.request_id_ttl_s)
         self._tasks = [
             asyncio.create_task(self.pool.watch_health(self._stop, s.health_check_period_s)),
             asyncio.create_task(self._follow_membership()),
@@ -121,7 +121,9 @@ class GatewayLifecycle:
         recall = next((shard.replicas[0] for shard in self.shards if shard.replicas), None)
         rerank = self.pool.replicas[0].client if self.pool.replicas else None
         for client, names in (
-            (recall, {"max_query_chars": "recall_max_query_chars", "max_k": "recall_max_k"}),
+            (recall, {"max_query_chars": "recall_max_query_chars", "max_k": "recall_max_k",
+                      "max_upsert_docs": "recall_max_upsert_docs", "max_doc_chars": "recall_max_doc_chars",
+                      "max_id_chars": "recall_max_id_chars"}),
             (rerank, {"max_query_chars": "rerank_max_query_chars", "max_documents": "rerank_max_documents",
                       "max_document_chars": "rerank_max_document_chars"}),
         ):

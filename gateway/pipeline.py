@@ -94,6 +94,9 @@ class StageLimits:
 
     recall_max_query_chars: int | None = None
     recall_max_k: int | None = None
+    recall_max_upsert_docs: int | None = None
+    recall_max_doc_chars: int | None = None
+    recall_max_id_chars: int | None = None
     rerank_max_query_chars: int | None = None
     rerank_max_documents: int | None = None
     rerank_max_document_chars: int | None = None

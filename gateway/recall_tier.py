@@ -5,20 +5,48 @@ Target i of ``recall_targets`` is shard i (the order ``index build --shards``
 numbers them). A search goes to one replica of every shard, taken in turn;
 when a replica is unreachable or not serving, the next replica of the same
 shard answers within the same deadline. A write goes to every replica of the
-shard that owns the id, so each replica's copy stays whole; it succeeds only
-when all of them acknowledge (resending is safe).
+shard that owns the id and is acknowledged once a quorum of them has made it
+durable (``gateway.writes`` states the contract); the calls to the rest run
+on to their deadline, so a replica that is merely slow still takes the write.
 """
 
 import asyncio
 import itertools
 import logging
 import time
+from dataclasses import dataclass, field
 
 from gateway.clients import RecallClient
 from twostage import errors
 from twostage.membership import Target
 
 log = logging.getLogger(__name__)
+
+
+QUORUMS = ("majority", "all", "one")
+
+
+def quorum_size(quorum: str, replicas: int) -> int:
+    return {"majority": replicas // 2 + 1, "all": replicas, "one": 1}[quorum]
+
+
+@dataclass
+class ShardWrite:
+    """How one shard's part of a write went."""
+
+    replicas: int
+    needed: int
+    replies: list = field(default_factory=list)  # the acknowledging replicas' answers
+    error: str = ""  # the first failure, when some replica failed
+    invalid: errors.InvalidArgument | None = None  # every replica refused the request itself
+
+    @property
+    def acknowledged(self) -> int:
+        return len(self.replies)
+
+    @property
+    def met(self) -> bool:
+        return self.acknowledged >= self.needed
 
 
 class RecallShard:
@@ -29,6 +57,7 @@ class RecallShard:
         self.replicas: list[RecallClient] = []
         self._turn = itertools.count()
         self.unreachable = asyncio.Event()
+        self._stragglers: set[asyncio.Task] = set()  # write calls past the quorum, kept until they end
         self.update_members(target.addresses)
 
     @property
@@ -75,13 +104,35 @@ class RecallShard:
                 last_error = error
         raise last_error or errors.DeadlineExceeded(f"{self.name}: the deadline passed")
 
-    async def on_every_replica(self, call):
-        """``call(client)`` on every replica in parallel; all must succeed. Returns the first reply."""
+    async def on_quorum(self, call, quorum: str, timeout_s: float) -> ShardWrite:
+        """``call(client, timeout_s)`` on every replica at once; returns once ``quorum`` of them succeeded or
+        too few can. Calls still running then go on in the background until they end (their own timeout)."""
         replicas = list(self.replicas)
         if not replicas:
             raise errors.Unavailable(f"{self.name} has no replicas (its name resolves to nothing yet)")
-        replies = await asyncio.gather(*(call(c) for c in replicas), return_exceptions=True)
-        for reply in replies:
-            if isinstance(reply, BaseException):
-                raise reply
-        return replies[0]
+        outcome = ShardWrite(len(replicas), quorum_size(quorum, len(replicas)))
+        pending = {asyncio.ensure_future(call(client, timeout_s)) for client in replicas}
+        refusals = []
+        while pending and not outcome.met and outcome.needed - outcome.acknowledged <= len(pending):
+            done, pending = await asyncio.wait(pending, return_when=asyncio.FIRST_COMPLETED)
+            for task in done:
+                if task.exception() is None:
+                    outcome.replies.append(task.result())
+                    continue
+                error = task.exception()
+                if isinstance(error, errors.InvalidArgument):
+                    refusals.append(error)
+                if isinstance(error, errors.Unavailable | errors.NotReady):
+                    self.unreachable.set()
+                outcome.error = outcome.error or str(error)
+        for task in pending:
+            self._stragglers.add(task)
+            task.add_done_callback(self._straggler_done)
+        if not outcome.replies and refusals and len(refusals) == len(replicas) - len(pending):
+            outcome.invalid = refusals[0]
+        return outcome
+
+    def _straggler_done(self, task: asyncio.Task) -> None:
+        self._stragglers.discard(task)
+        if not task.cancelled() and task.exception() is not None:
+            log.info("%s: a replica the write did not wait for failed: %s", self.name, task.exception())

@@ -8,6 +8,7 @@ from gateway.config import GatewaySettings
 from gateway.fusion import FUSIONS
 from gateway.lifecycle import GatewayLifecycle
 from gateway.pipeline import SearchQuery
+from gateway.writes import WriteResult
 from twostage import __version__
 from twostage.convert import (
     document_from_proto,
@@ -26,6 +27,18 @@ log = logging.getLogger(__name__)
 # The proto's FusionMethod by the settings' names; UNSPECIFIED means the server default.
 FUSION_BY_CODE = {gateway_pb2.FusionMethod.Value(f"FUSION_{name.upper()}"): name for name in FUSIONS}
 CODE_BY_FUSION = {name: code for code, name in FUSION_BY_CODE.items()}
+
+
+def _write_fields(result: WriteResult) -> dict:
+    """What Upsert and Delete replies share: counts, version, acknowledgements per shard."""
+    return {
+        "doc_count": result.doc_count,
+        "timings_ms": result.timings_ms,
+        "version": common_pb2.WriteVersion(clock=result.version.clock, writer=result.version.writer),
+        "shards": [common_pb2.ShardAck(shard=a.shard, documents=a.documents, acknowledged=a.acknowledged,
+                                       replicas=a.replicas) for a in result.shards],
+        "request_id": result.request_id,
+    }
 
 
 class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
@@ -79,13 +92,14 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
     @translate_errors
     async def Upsert(self, request: common_pb2.UpsertRequest, context: grpc.aio.ServicerContext):
         docs = [document_from_proto(d) for d in request.documents]
-        result = await self.lifecycle.ready_router().upsert(docs, self._write_timeout_s(context))
-        return common_pb2.UpsertResponse(upserted=result.count, doc_count=result.doc_count, timings_ms=result.timings_ms)
+        result = await self.lifecycle.ready_router().upsert(docs, self._write_timeout_s(context), request.request_id)
+        return common_pb2.UpsertResponse(upserted=result.count, **_write_fields(result))
 
     @translate_errors
     async def Delete(self, request: common_pb2.DeleteRequest, context: grpc.aio.ServicerContext):
-        result = await self.lifecycle.ready_router().delete(list(request.ids), self._write_timeout_s(context))
-        return common_pb2.DeleteResponse(deleted=result.count, doc_count=result.doc_count, timings_ms=result.timings_ms)
+        result = await self.lifecycle.ready_router().delete(list(request.ids), self._write_timeout_s(context),
+                                                            request.request_id)
+        return common_pb2.DeleteResponse(deleted=result.count, **_write_fields(result))
 
     @translate_errors
     async def Get(self, request: common_pb2.GetRequest, context: grpc.aio.ServicerContext):

@@ -1,23 +1,63 @@
 """Writes and reads by id, routed to the recall shard that owns each id.
 
-The gateway's recall targets are the shards in order (target i holds shard
-i), the same order ``index build --shards`` numbers them; each recall server
-also refuses ids it does not own, so a misordered list fails loudly instead
-of leaving a second copy. A request that spans shards is split and sent to
-each in parallel; a write reaches every replica of its shard, a read one of them; when one
-part fails the whole request fails (resending an Upsert or Delete is safe:
-both are idempotent).
+Write contract, as a client can rely on it:
+
+- **Validated whole at the edge.** The request is checked with the rules the
+  recall servers apply (``twostage.documents``, with the limits they publish)
+  before any shard sees it, so an invalid document never leaves part of a
+  request applied. Errors name the position in the client's request.
+- **One version per request**, from this gateway's hybrid logical clock
+  (``twostage.versions``): every document of it carries the same version on
+  every shard and replica, and concurrent writes of one id through different
+  gateways have one order that every replica agrees on.
+- **Acknowledged once durable on ``write_quorum`` replicas of every shard it
+  touches** (each replica commits to disk before it answers). ``majority``
+  (default) survives the loss of a minority of a shard's replicas and keeps
+  accepting writes while one is down; ``all`` waits for every replica (one
+  replica away blocks the shard's writes); ``one`` answers after the first
+  (a write acknowledged by a replica whose disk is then lost is gone). The
+  reply says how many replicas acknowledged each shard's part. Replicas that
+  missed the write converge by catch-up and anti-entropy (``recall_server.peer_sync``).
+- **Retries.** A resend with the same ``request_id`` is applied at the same
+  version and answered alike: this gateway remembers request ids for
+  ``request_id_ttl_s``, and each recall replica stores the request ids it
+  applied, so a resend through another gateway is not applied twice by a
+  replica that took the first.
+- **A write that fails part-way** (too few replicas of some shard answered) is
+  reported UNAVAILABLE with what is durable where. It may still take effect,
+  since the replicas that took it spread it to the others; resending it with
+  the same request_id finishes it at the same version. Never assume that a
+  failed write did not happen.
+
+Reads (Get) are answered by one replica of each shard and may trail the
+newest acknowledged write by a catch-up period.
 """
 
 import asyncio
+import collections
+import hashlib
+import json
+import re
 import time
-from collections import defaultdict
+import uuid
 from dataclasses import dataclass
 
-from gateway.recall_tier import RecallShard
+from gateway.recall_tier import RecallShard, ShardWrite
 from twostage import errors
 from twostage.corpus import Document
+from twostage.documents import DocumentLimits, check_documents, check_ids
 from twostage.sharding import shard_of
+from twostage.versions import HybridClock, Version
+
+_POSITION = re.compile(r"^(documents|ids)\[(\d+)\]")
+
+
+@dataclass(frozen=True)
+class ShardAcks:
+    shard: int
+    documents: int
+    acknowledged: int
+    replicas: int
 
 
 @dataclass(frozen=True)
@@ -25,64 +65,163 @@ class WriteResult:
     count: int  # upserted or deleted
     doc_count: int  # live documents in the shards written to
     timings_ms: dict[str, float]
+    version: Version
+    shards: list[ShardAcks]
+    request_id: str
+
+
+@dataclass
+class _Remembered:
+    fingerprint: str
+    version: Version
+    at: float
+    result: WriteResult | None = None
+    running: asyncio.Future | None = None
+
+
+class RequestLog:
+    """Request ids this gateway has written: a resend gets the first version, and the first answer once one
+    exists. Bounded in count and age."""
+
+    def __init__(self, ttl_s: float, most: int):
+        self.ttl_s, self.most = ttl_s, most
+        self._entries: collections.OrderedDict[str, _Remembered] = collections.OrderedDict()
+
+    def entry(self, request_id: str, fingerprint: str, new_version) -> _Remembered:
+        now = time.monotonic()
+        while self._entries and (len(self._entries) >= self.most
+                                 or next(iter(self._entries.values())).at < now - self.ttl_s):
+            self._entries.popitem(last=False)
+        known = self._entries.get(request_id)
+        if known is None:
+            known = self._entries[request_id] = _Remembered(fingerprint, new_version(), now)
+        elif known.fingerprint != fingerprint:
+            raise errors.InvalidArgument(f"request_id {request_id!r} was already used for a different write; "
+                                         "use a new request_id for a new write")
+        return known
+
+
+def _fingerprint(kind: str, items: list) -> str:
+    return hashlib.sha256(json.dumps([kind, items], sort_keys=True).encode()).hexdigest()
 
 
 class DocumentRouter:
-    def __init__(self, shards: list[RecallShard]):
+    def __init__(self, shards: list[RecallShard], limits=None, write_quorum: str = "majority",
+                 request_id_ttl_s: float = 3600.0, request_ids_kept: int = 100_000):
         self.shards = shards
+        self.limits = limits  # StageLimits: what the recall servers accept
+        self.write_quorum = write_quorum
+        self.clock = HybridClock(f"gateway-{uuid.uuid4().hex[:12]}")
+        self.requests = RequestLog(request_id_ttl_s, request_ids_kept)
+
+    def _document_limits(self) -> DocumentLimits:
+        limits = self.limits
+        return DocumentLimits(
+            getattr(limits, "recall_max_upsert_docs", None) or 1000,
+            getattr(limits, "recall_max_doc_chars", None) or 100_000,
+            getattr(limits, "recall_max_id_chars", None) or 256,
+        )
 
     def _split(self, ids: list[str]) -> dict[int, list[int]]:
         """shard -> positions in the request."""
-        parts: dict[int, list[int]] = defaultdict(list)
+        parts: dict[int, list[int]] = collections.defaultdict(list)
         for position, doc_id in enumerate(ids):
             parts[shard_of(doc_id, len(self.shards))].append(position)
         return parts
 
-    async def _each(self, parts: dict[int, list], call, timeout_s: float, read: bool = False) -> list:
-        """``call(client, items, timeout_s)`` per shard: writes on every replica of it, reads on one."""
-        deadline = time.monotonic() + timeout_s
+    async def _write(self, kind: str, items: list, ids: list[str], request_id: str, timeout_s: float,
+                     send) -> WriteResult:
+        """``send(client, part, version, request_id, timeout)`` on a quorum of each shard's replicas."""
+        generated = not request_id
+        request_id = request_id or uuid.uuid4().hex
+        if generated:  # nobody can resend it by id: nothing to remember
+            remembered = _Remembered("", self.clock.now(), time.monotonic())
+        else:
+            remembered = self.requests.entry(request_id, _fingerprint(kind, items), self.clock.now)
+        if remembered.result is not None:
+            return remembered.result
+        if remembered.running is not None:  # the same request, still in flight: share its outcome
+            try:
+                return await asyncio.shield(remembered.running)
+            except errors.TwostageError:
+                pass  # it failed: this resend tries again, at the same version
+        remembered.running = asyncio.get_running_loop().create_future()
+        try:
+            result = await self._send_to_shards(items, ids, request_id, remembered.version, timeout_s, send)
+        except BaseException as error:
+            if not remembered.running.done():
+                remembered.running.set_exception(error if isinstance(error, errors.TwostageError)
+                                                 else errors.Unavailable("the first attempt was cancelled"))
+                remembered.running.exception()  # retrieved: nobody need wait on it
+            remembered.running = None
+            raise
+        remembered.result = result
+        remembered.running.set_result(result)
+        return result
 
-        def on_shard(shard: int, items: list):
-            if read:
-                return self.shards[shard].on_one_replica(lambda client, timeout: call(client, items, timeout), deadline)
-            return self.shards[shard].on_every_replica(lambda client: call(client, items, timeout_s))
-
-        replies = await asyncio.gather(*(on_shard(s, items) for s, items in parts.items()), return_exceptions=True)
-        for shard, reply in zip(parts, replies):
-            if isinstance(reply, errors.TwostageError) and not isinstance(reply, errors.InvalidArgument):
-                raise type(reply)(f"shard {shard} of {len(self.shards)} failed ({reply}); resending is safe")
-            if isinstance(reply, BaseException):
-                raise reply
-        return replies
-
-    async def upsert(self, docs: list[Document], timeout_s: float) -> WriteResult:
-        _check_count("documents", len(docs))
+    async def _send_to_shards(self, items: list, ids: list[str], request_id: str, version: Version,
+                              timeout_s: float, send) -> WriteResult:
         start = time.perf_counter()
-        parts = {s: [docs[i] for i in positions] for s, positions in self._split([d.id for d in docs]).items()}
-        replies = await self._each(parts, lambda client, part, timeout: client.upsert(part, timeout), timeout_s)
-        return WriteResult(sum(r[0] for r in replies), sum(r[1] for r in replies), _ms_since(start))
+        positions = self._split(ids)
+        parts = {s: [items[i] for i in where] for s, where in positions.items()}
+        outcomes = await asyncio.gather(*(
+            self.shards[s].on_quorum(lambda client, timeout, part=part: send(client, part, version, request_id,
+                                                                             timeout),
+                                     self.write_quorum, timeout_s)
+            for s, part in parts.items()))
+        by_shard: dict[int, ShardWrite] = dict(zip(parts, outcomes))
+        for shard, outcome in by_shard.items():
+            if outcome.invalid is not None:
+                raise _in_client_positions(outcome.invalid, positions[shard])
+        if short := [s for s, o in by_shard.items() if not o.met]:
+            durable = "; ".join(
+                f"shard {s} on {o.acknowledged} of {o.replicas} replicas ({o.needed} needed"
+                + (f": {o.error}" if o.error else "") + ")" for s, o in sorted(by_shard.items()))
+            raise errors.Unavailable(
+                f"write not acknowledged: shard {', '.join(map(str, short))} could not make it durable on enough "
+                f"replicas. Durable so far: {durable}. It may still take effect; resend it with request_id "
+                f"{request_id!r} to finish it at the same version")
+        acks = [ShardAcks(s, len(parts[s]), o.acknowledged, o.replicas) for s, o in sorted(by_shard.items())]
+        return WriteResult(
+            count=sum(max(reply[0] for reply in o.replies) for o in by_shard.values()),
+            doc_count=sum(max(reply[1] for reply in o.replies) for o in by_shard.values()),
+            timings_ms={"total_ms": 1000 * (time.perf_counter() - start)},
+            version=version, shards=acks, request_id=request_id,
+        )
 
-    async def delete(self, ids: list[str], timeout_s: float) -> WriteResult:
-        _check_count("ids", len(ids))
-        start = time.perf_counter()
-        parts = {s: [ids[i] for i in positions] for s, positions in self._split(ids).items()}
-        replies = await self._each(parts, lambda client, part, timeout: client.delete(part, timeout), timeout_s)
-        return WriteResult(sum(r[0] for r in replies), sum(r[1] for r in replies), _ms_since(start))
+    async def upsert(self, docs: list[Document], timeout_s: float, request_id: str = "") -> WriteResult:
+        check_documents(docs, self._document_limits())
+        items = [[d.id, d.title, d.text, d.metadata] for d in docs]
+        docs_by_id = {d.id: d for d in docs}
+        return await self._write("upsert", items, [d.id for d in docs], request_id, timeout_s,
+                                 lambda client, part, version, rid, timeout: client.upsert(
+                                     [docs_by_id[row[0]] for row in part], timeout, rid, version))
+
+    async def delete(self, ids: list[str], timeout_s: float, request_id: str = "") -> WriteResult:
+        check_ids(ids, self._document_limits())
+        return await self._write("delete", list(ids), ids, request_id, timeout_s,
+                                 lambda client, part, version, rid, timeout: client.delete(part, timeout, rid, version))
 
     async def get(self, ids: list[str], timeout_s: float) -> tuple[list[Document], list[str]]:
         """(stored documents in request order, ids not stored)."""
-        _check_count("ids", len(ids))
-        parts = {s: [ids[i] for i in positions] for s, positions in self._split(ids).items()}
-        replies = await self._each(parts, lambda client, part, timeout: client.get(part, timeout), timeout_s, read=True)
+        if not ids:
+            raise errors.InvalidArgument("ids must not be empty")
+        deadline = time.monotonic() + timeout_s
+        parts = {s: [ids[i] for i in where] for s, where in self._split(ids).items()}
+        replies = await asyncio.gather(*(
+            self.shards[s].on_one_replica(lambda client, timeout, part=part: client.get(part, timeout), deadline)
+            for s, part in parts.items()), return_exceptions=True)
+        for shard, reply in zip(parts, replies):
+            if isinstance(reply, errors.TwostageError) and not isinstance(reply, errors.InvalidArgument):
+                raise type(reply)(f"shard {shard} of {len(self.shards)} failed ({reply})")
+            if isinstance(reply, BaseException):
+                raise reply
         found = {d.id: d for reply in replies for d in reply}
         return [found[i] for i in ids if i in found], [i for i in ids if i not in found]
 
 
-def _check_count(field: str, count: int) -> None:
-    # Each shard checks the rest (its own limits); an empty request never reaches one.
-    if count == 0:
-        raise errors.InvalidArgument(f"{field} must not be empty")
-
-
-def _ms_since(start: float) -> dict[str, float]:
-    return {"total_ms": 1000 * (time.perf_counter() - start)}
+def _in_client_positions(error: errors.InvalidArgument, positions: list[int]) -> errors.InvalidArgument:
+    """A shard's refusal names a position in its part of the request; say which one the client sent."""
+    message = _POSITION.sub(lambda m: f"{m.group(1)}[{positions[int(m.group(2))]}]"
+                            if int(m.group(2)) < len(positions) else m.group(0), str(error))
+    return errors.InvalidArgument(message)
