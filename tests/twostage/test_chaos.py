@@ -73,7 +73,7 @@ def test_concurrent_writes_of_one_id_are_ordered_by_version_then_writer():
     verdict = check([first, second], states_of({A: ((50, "g1"), False)}), texts_of({A: "from g1"}))
     assert verdict["lost"] == 0
     verdict = check([first, second], states_of({A: ((50, "g0"), False)}), texts_of({A: "from g0"}))
-    assert verdict["lost"] == 6  # the newer write missing (older version) and the pinned state wrong
+    assert verdict["lost"] == 3  # the newer write, at an older version on each replica
 
 
 def test_a_deleted_id_live_again_is_resurrected_unless_an_indeterminate_write_touched_it():
@@ -107,14 +107,37 @@ def test_searches_are_attributed_to_the_fault_active_when_they_started():
     assert set(FAULTS) < set(stats)
 
 
+def test_without_root_the_campaign_fails_saying_why(monkeypatch):
+    import asyncio
+
+    from twostage.bench import hosts
+
+    monkeypatch.setattr(hosts.os, "geteuid", lambda: 1000)
+    with pytest.raises(hosts.HostsError, match="need root"):
+        asyncio.run(hosts.Network().create())
+
+
+def _leftovers() -> list[str]:
+    import subprocess
+    import tempfile
+    from pathlib import Path
+
+    namespaces = subprocess.run(["ip", "netns", "list"], check=True, capture_output=True, text=True).stdout.split()
+    links = subprocess.run(["ip", "-o", "link", "show"], check=True, capture_output=True, text=True).stdout
+    return ([n for n in namespaces if n.startswith("ts-")] + [w for w in links.split() if w.startswith("ts-")]
+            + [p.name for p in Path(tempfile.gettempdir()).glob("ts-*")])
+
+
 @pytest.mark.slow
-def test_quick_campaign_loses_no_acknowledged_write(tmp_path):
+def test_quick_campaign_loses_no_acknowledged_write(tmp_path, capsys):
     """Ten hosts in network namespaces, every fault type while writes and searches go on. Needs root and
     iproute2: without them the campaign fails, saying why."""
     from twostage.cli import main
 
     out = tmp_path / "chaos.json"
     code = main(["bench", "chaos", "--quick", "--json", str(out)])
+    assert _leftovers() == []
+    assert out.exists(), capsys.readouterr().err
     report = json.loads(out.read_text())
     assert report["acknowledged"] > 0
     assert report["bulk"]["outcome"] == "ok" and report["bulk"]["documents"] == 1000
@@ -122,6 +145,6 @@ def test_quick_campaign_loses_no_acknowledged_write(tmp_path):
     assert report["resurrected"] == 0, report["resurrected_examples"]
     assert report["divergent"] == 0, report["divergent_examples"]
     assert report["misplaced"] == 0, report["misplaced_examples"]
-    assert report["converge_s"] is not None and not report["read_errors"]
+    assert report["converge_s"] is not None and not report["read_errors"], report["read_errors"]
     assert all(report["faults"][fault]["rounds"] >= 1 for fault in FAULTS)
     assert code == 0

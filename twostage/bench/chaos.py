@@ -251,10 +251,15 @@ def search_stats(searches: list[SearchRecord], windows: list[Window]) -> dict[st
     for fault in (*FAULTS, "none"):
         group = groups.get(fault, [])
         latencies = [s.latency_s * 1000 for s in group]
+        errors: dict[str, int] = {}
+        for search in group:
+            if search.failed:
+                errors[search.error] = errors.get(search.error, 0) + 1
         report[fault] = {
             "searches": len(group),
             "search_failed_share": round(sum(s.failed for s in group) / len(group), 4) if group else None,
             "search_p99_ms": round(float(np.percentile(latencies, 99)), 1) if latencies else None,
+            "search_errors": errors,
         } | ({"rounds": rounds[fault]} if fault in rounds else {})
     return report
 
@@ -466,7 +471,9 @@ async def search_loop(stubs, settings: ChaosSettings, rng: random.Random, stop: 
             await stubs[gateway].Search(request, timeout=settings.search_budget_ms / 1000 + 2)
             records.append(SearchRecord(start, time.monotonic() - start, False, gateway))
         except grpc.aio.AioRpcError as error:
-            records.append(SearchRecord(start, time.monotonic() - start, True, gateway, error.code().name))
+            detail = (error.details() or "")[:60]
+            records.append(SearchRecord(start, time.monotonic() - start, True, gateway,
+                                        f"{error.code().name}: {detail}"))
         finally:
             slots.release()
 
@@ -687,7 +694,9 @@ async def run_campaign(settings: ChaosSettings, log=print) -> dict:
         finally:
             stop.set()
             await nemesis.heal_all()
-            await asyncio.gather(*loops, searcher, bulk, return_exceptions=True)
+            outcomes = await asyncio.gather(*loops, searcher, bulk, return_exceptions=True)
+        if crashed := [o for o in outcomes if isinstance(o, Exception)]:
+            raise ChaosError(f"the writer or searcher crashed: {crashed[0]!r}") from crashed[0]
         healed_at = time.monotonic()
         log(f"healed; {len(writer.history)} writes, {len(searches)} searches; waiting for the replicas to agree ...")
 
@@ -704,7 +713,7 @@ async def run_campaign(settings: ChaosSettings, log=print) -> dict:
             for name, stub in replicas.items():
                 texts.setdefault(shard, {})[name] = await read_texts(stub, ids)
         verdict = check(writer.history, agreement["states"], texts)
-        bulk_op = bulk.result() if not bulk.cancelled() and bulk.exception() is None else None
+        bulk_op = bulk.result()
         report = {
             "machine": _machine(),
             "settings": asdict(settings),
@@ -718,7 +727,7 @@ async def run_campaign(settings: ChaosSettings, log=print) -> dict:
             "snapshots_served": agreement["snapshots"],
             "bulk": {"documents": len(bulk_op.ids), "outcome": bulk_op.outcome,
                      "latency_s": round(bulk_op.end - bulk_op.start, 2), "tries": bulk_op.tries,
-                     "error": bulk_op.error} if bulk_op else {"outcome": "error", "error": repr(bulk.exception())},
+                     "error": bulk_op.error},
             "writes": _write_summary(writer.history),
             "faults": search_stats(searches, nemesis.windows),
             "windows": [{"fault": w.fault, "target": w.target, "start_s": round(w.start - started, 2),
