@@ -167,6 +167,7 @@ class Network:
             if host.process.returncode is not None:
                 raise HostsError(f"{host.name} ({host.service}) exited with {host.process.returncode} before "
                                  f"serving:\n{tail}")
+            await self.kill(host)  # a process that never became ready is not left running
             raise HostsError(f"{host.name} ({host.service}) not serving after {ready_timeout_s:.0f} s:\n{tail}")
 
     @staticmethod
