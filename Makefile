@@ -55,6 +55,7 @@ bench: install models
 	$(PY) -m twostage bench embed --json bench-results/embed.json
 	$(PY) -m twostage bench gateway --json bench-results/gateway.json
 	$(PY) -m twostage bench recall --json bench-results/recall.json
+	$(PY) -m twostage bench chaos --json bench-results/chaos.json  # as root: network namespaces
 
 bench-quick: install models
 	$(PY) -m twostage bench rerank --quick --json bench-results/rerank-quick.json
