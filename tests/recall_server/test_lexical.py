@@ -108,6 +108,29 @@ def test_an_index_made_before_the_lexical_part_gains_it_on_open(index_copy):
     index.close()
 
 
+def test_whether_the_store_has_a_lexical_part_is_known_without_reading_it(index_copy):
+    """Info reports it on the event loop: it must never wait for the store's reader (a long search holds it)."""
+    import threading
+
+    from recall_server.docstore import DocStore
+
+    with sqlite3.connect(index_copy / "docs.sqlite") as db:
+        db.execute("DROP TABLE docs_fts")
+    reader = DocStore(index_copy / "docs.sqlite", read_only=True)
+    try:
+        answers = []
+        with reader._read_lock:
+            asking = threading.Thread(target=lambda: answers.append(reader.has_lexical), daemon=True)
+            asking.start()
+            asking.join(timeout=5)
+            assert answers == [False]
+        # Another process (the writer) builds the lexical part: the reader's searches find it, and say so.
+        DocStore(index_copy / "docs.sqlite").close()
+        assert reader.lexical_search("cancer", 5) and reader.has_lexical
+    finally:
+        reader.close()
+
+
 @pytest.mark.slow
 def test_both_indexes_survive_kill_9(built_index, tmp_path):
     from tests.recall_server.test_crash_recovery import start_recall
