@@ -94,6 +94,19 @@ async def test_filters_apply_in_every_mode(service):
     assert await ids(service, "barley", "hybrid", filter_=farming) == [RARE.id]
 
 
+async def test_a_searchs_deadline_reaches_the_filtered_graph_search(service, monkeypatch):
+    """A filtered dense search runs in a thread that cancelling the call cannot stop: it checks the deadline."""
+    import time
+
+    seen = []
+    nearest = service.index.nearest
+    monkeypatch.setattr(service.index, "nearest", lambda *args: seen.append(args[3]) or nearest(*args))
+    deadline = time.monotonic() + 60
+    farming = check_filter([FilterClause("tags", equals="farming")])
+    await service.search("barley", 3, deadline_s=deadline, mode="dense", filter_=farming)
+    assert seen == [deadline]
+
+
 def test_an_index_made_before_the_lexical_part_gains_it_on_open(index_copy):
     with sqlite3.connect(index_copy / "docs.sqlite") as db:
         db.execute("DROP TABLE docs_fts")
