@@ -264,6 +264,7 @@ class RecallService:
             "hybrid_fusion": s.hybrid_fusion,
             "hybrid_dense_weight": s.hybrid_dense_weight,
             "lexical": self.index.store.has_lexical if self.index else False,
+            "snapshot": self.snapshots.state() if self.snapshots else None,
             "limits": {
                 "max_k": s.max_k,
                 "max_query_chars": s.max_query_chars,
