@@ -55,6 +55,12 @@ class RecallSettings(ServiceSettings, RuntimeSettings, BatchingSettings):
         description="A filtered search scores every passing document exactly when at most this many pass; when "
         "more pass it searches the graph with over-fetch. Either way the result is exact.",
     )
+    filter_max_fetch: int = Field(
+        4096, ge=1,
+        description="The most neighbours a filtered search fetches from the graph (the over-fetch grows fourfold "
+        "up to it); when they hold fewer than k passing documents, every passing document is scored exactly, in "
+        "chunks that let writes and the deadline in between.",
+    )
     snapshot_dir: Path | None = Field(
         None,
         description="Where index-build jobs publish snapshots (SNAPSHOT_DIR/shard-I/VERSION, a shared volume). When "

@@ -250,6 +250,9 @@ class DocStore:
                                        isolation_level=None)
         self._read_lock = threading.Lock()
         self._has_state = _has_table(self._db, "replica_state")  # a read-only store made before versions lacks it
+        # Kept, not queried: Info reads it on the event loop. A read-only store learns in _require_lexical
+        # that another process built the table since.
+        self._lexical = _has_table(self._reader, "docs_fts")
         # Kept, not scanned: Info and every write report it.
         self._live = self._db.execute("SELECT COUNT(*) FROM docs WHERE deleted = 0").fetchone()[0]
 
@@ -292,8 +295,7 @@ class DocStore:
 
     @property
     def has_lexical(self) -> bool:
-        with self._read_lock:
-            return _has_table(self._reader, "docs_fts")
+        return self._lexical
 
     def _unindex_text(self, doc_ids: list[str]) -> None:
         """Take live documents' current text out of the lexical index (FTS5 needs the indexed values)."""
@@ -549,7 +551,10 @@ class DocStore:
             return self._reader.execute(sql, [match, *params, _TITLE_WEIGHT, _TEXT_WEIGHT, k]).fetchall()
 
     def _require_lexical(self) -> None:
-        if not _has_table(self._reader, "docs_fts"):
+        """Called with the read lock held."""
+        if not self._lexical:
+            self._lexical = _has_table(self._reader, "docs_fts")
+        if not self._lexical:
             raise FailedPrecondition("this index has no lexical part yet; open it for writing once "
                                      "(or run 'twostage index repair --index-dir DIR') to build it")
 

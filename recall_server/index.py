@@ -22,6 +22,7 @@ import json
 import logging
 import os
 import threading
+import time
 import uuid
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -33,7 +34,7 @@ from recall_server.docstore import Applied, DocStore, Write
 from recall_server.durable import fsync_directory, fsync_file, write_atomically
 from recall_server.index_lock import IndexLock
 from twostage.corpus import Document
-from twostage.errors import FailedPrecondition, InvalidArgument, ModelMismatch
+from twostage.errors import DeadlineExceeded, FailedPrecondition, InvalidArgument, ModelMismatch
 from twostage.filters import Filter
 from twostage.versions import HybridClock, Version
 
@@ -48,6 +49,8 @@ COMPACT_MIN_REMOVALS = 256
 # usearch links vectors added concurrently less well: 200 vectors added on two threads missed their own
 # nearest neighbour in 1% of searches, on one thread never. Small batches gain nothing from threads anyway.
 PARALLEL_ADD_MIN_VECTORS = 4096
+# A filtered search that scores passing documents exactly holds the graph lock for this many at a time.
+EXACT_CHUNK_KEYS = 4096
 
 
 @dataclass(frozen=True)
@@ -75,9 +78,10 @@ def _add(graph: Index, keys: np.ndarray, vectors: np.ndarray) -> None:
 
 class DocumentIndex:
     def __init__(self, directory: Path, manifest: IndexManifest, save_every_writes: int = 1000, read_only: bool = False,
-                 filter_exact_max_docs: int = 10_000):
+                 filter_exact_max_docs: int = 10_000, filter_max_fetch: int = 4096):
         self.directory = Path(directory)
         self.filter_exact_max_docs = filter_exact_max_docs
+        self.filter_max_fetch = filter_max_fetch
         self.manifest = manifest
         self.save_every_writes = save_every_writes
         self.read_only = read_only
@@ -285,11 +289,13 @@ class DocumentIndex:
         docs = self.store.fetch([key for key, _ in hits])
         return [(docs[key], score) for key, score in hits if key in docs]
 
-    def nearest(self, vector: np.ndarray, k: int, filter_: Filter | None = None) -> list[tuple[int, float]]:
-        """(key, cosine) of the k nearest live documents that pass the filter, best first."""
+    def nearest(self, vector: np.ndarray, k: int, filter_: Filter | None = None,
+                deadline: float | None = None) -> list[tuple[int, float]]:
+        """(key, cosine) of the k nearest live documents that pass the filter, best first. A filtered search
+        raises DeadlineExceeded once ``deadline`` (time.monotonic()) passes: it runs in a thread no one can stop."""
         vector = np.asarray(vector, dtype=np.float32)
         if filter_ is not None:
-            return self._filtered_search(vector, k, filter_)
+            return self._filtered_search(vector, k, filter_, deadline)
         with self._graph_lock:
             if len(self._graph) == 0:
                 return []
@@ -301,29 +307,46 @@ class DocumentIndex:
                 return self._exact_search(vector, np.asarray(self._graph.keys, dtype=np.uint64), wanted)
         return [(key, 1.0 - dist) for key, dist in zip(keys, distances)]
 
-    def _filtered_search(self, vector: np.ndarray, k: int, filter_: Filter) -> list[tuple[int, float]]:
+    def _filtered_search(self, vector: np.ndarray, k: int, filter_: Filter,
+                         deadline: float | None = None) -> list[tuple[int, float]]:
         """Only documents that pass, and k of them when k pass: when few pass, score exactly those; when many
-        do, search the graph with over-fetch (the more fail, the more is fetched) and keep those that pass,
-        as near to brute force as the graph is without a filter."""
+        do, search the graph with over-fetch (the more fail, the more is fetched, up to filter_max_fetch) and
+        keep those that pass, as near to brute force as the graph is without a filter. When the cap finds
+        fewer than k, score every passing document exactly, a chunk at a time."""
         allowed = self.store.matching_keys(filter_, limit=self.filter_exact_max_docs + 1)
         if len(allowed) <= self.filter_exact_max_docs:
             with self._graph_lock:
                 return self._exact_search(vector, np.asarray(allowed, dtype=np.uint64), k)
-        fetch = 4 * k
+        cap = max(self.filter_max_fetch, k)
+        fetch = min(4 * k, cap)
         while True:
+            _check_deadline(deadline)
             with self._graph_lock:
                 size = len(self._graph)
                 matches = self._graph.search(vector, min(fetch, size))
             keys, distances = matches.keys.tolist(), matches.distances.tolist()
             passing = self.store.passing(filter_, keys)
             hits = [(key, 1.0 - dist) for key, dist in zip(keys, distances) if key in passing][:k]
-            if len(hits) >= k or len(keys) >= size:
+            if len(hits) >= k or len(keys) >= size or fetch >= cap:
                 break
-            fetch *= 4
-        if len(hits) < k:  # a worn graph can come back short: answer exactly
-            with self._graph_lock:
-                return self._exact_search(vector, np.asarray(self.store.matching_keys(filter_), np.uint64), k)
+            fetch = min(4 * fetch, cap)
+        if len(hits) < k:  # the cap, or a worn graph that came back short: answer exactly
+            return self._chunked_exact_search(vector, np.asarray(self.store.matching_keys(filter_), np.uint64), k,
+                                              deadline)
         return hits
+
+    def _chunked_exact_search(self, vector: np.ndarray, keys: np.ndarray, k: int,
+                              deadline: float | None) -> list[tuple[int, float]]:
+        """_exact_search over many keys: the graph lock is taken per chunk, so writes and other searches go on
+        between chunks, and the deadline is checked between them."""
+        best: list[tuple[int, float]] = []
+        for start in range(0, len(keys), EXACT_CHUNK_KEYS):
+            _check_deadline(deadline)
+            with self._graph_lock:
+                found = self._exact_search(vector, keys[start:start + EXACT_CHUNK_KEYS], k)
+            # Earlier chunks first and a stable sort: ties keep key order, as one pass over every key would.
+            best = sorted(best + found, key=lambda pair: -pair[1])[:k]
+        return best
 
     def dense_scores(self, vector: np.ndarray, keys: list[int]) -> dict[int, float]:
         """Cosine of the query with these documents' vectors (live ones only)."""
@@ -378,6 +401,11 @@ class DocumentIndex:
             self.store.close()
         finally:
             self._lock.release()
+
+
+def _check_deadline(deadline: float | None) -> None:
+    if deadline is not None and time.monotonic() > deadline:
+        raise DeadlineExceeded("the deadline passed during a filtered search")
 
 
 def repair_index(directory: Path) -> int:

@@ -111,7 +111,8 @@ class RecallService:
         s = self.settings
         index = DocumentIndex.open(directory, self.embedder.name, self.embedder.dims,
                                    save_every_writes=s.save_every_writes, read_only=s.read_only,
-                                   filter_exact_max_docs=s.filter_exact_max_docs)
+                                   filter_exact_max_docs=s.filter_exact_max_docs,
+                                   filter_max_fetch=s.filter_max_fetch)
         if not index.store.has_lexical:
             log.warning("%s has no lexical part: lexical and hybrid searches are refused until it is opened for "
                         "writing once (or 'twostage index repair')", directory)
@@ -165,16 +166,19 @@ class RecallService:
         (vector,) = await self._embed([query], True, deadline_s)
         embedded = time.perf_counter()
         with self._leases.hold(self.index) as index:
-            candidates, timings = await asyncio.to_thread(self._find, index, query, vector, k, mode, filter_)
+            candidates, timings = await asyncio.to_thread(self._find, index, query, vector, k, mode, filter_,
+                                                          deadline_s)
         SEARCH_SECONDS.labels(mode).observe(time.perf_counter() - start)
         timings = {"embed_ms": 1000 * (embedded - start), **timings, "total_ms": _ms_since(start)}
         return candidates, timings, mode
 
-    def _find(self, index: DocumentIndex, query: str, vector: np.ndarray, k: int, mode: str, filter_: Filter | None):
-        """Runs off the event loop: the index and SQLite block."""
+    def _find(self, index: DocumentIndex, query: str, vector: np.ndarray, k: int, mode: str, filter_: Filter | None,
+              deadline_s: float | None = None):
+        """Runs off the event loop: the index and SQLite block. A filtered dense search stops at ``deadline_s``
+        (time.monotonic()): cancelling the call cannot stop this thread."""
         s = self.settings
         start = time.perf_counter()
-        dense = dict(index.nearest(vector, k, filter_)) if mode != "lexical" else {}
+        dense = dict(index.nearest(vector, k, filter_, deadline_s)) if mode != "lexical" else {}
         searched = time.perf_counter()
         lexical: dict[int, float] = {}
         keys = list(dense)
@@ -363,6 +367,7 @@ class RecallService:
             "hybrid_fusion": s.hybrid_fusion,
             "hybrid_dense_weight": s.hybrid_dense_weight,
             "lexical": self.index.store.has_lexical if self.index else False,
+            "snapshot": self.snapshots.state() if self.snapshots else None,
             "limits": {
                 "max_k": s.max_k,
                 "max_query_chars": s.max_query_chars,

@@ -21,7 +21,8 @@ from recall_server.snapshots import (
     record_adoption,
     shard_root,
 )
-from twostage.errors import TwostageError
+from twostage.errors import ModelMismatch
+from twostage.metrics import RECALL_SNAPSHOT_CHECK_FAILURES
 
 log = logging.getLogger(__name__)
 
@@ -71,7 +72,9 @@ class SnapshotFollower:
         self.current: Snapshot | None = None
         self.base_seq = 0  # writes after this sequence in the served copy are this server's own
         self._copy: Path | None = None
-        self._refused: set[str] = set()
+        self._refused: set[str] = set()  # versions that can never open here (another model or format)
+        self.failures = 0  # checks failed in a row; each is retried at the next poll
+        self.last_error: str | None = None  # the latest failure, kept after a success for diagnosis
         self._task: asyncio.Task | None = None
         self._checking = asyncio.Lock()
 
@@ -104,12 +107,25 @@ class SnapshotFollower:
             await self._check_logged()
 
     async def _check_logged(self) -> None:
-        """A snapshot that cannot be loaded is logged, never fatal: the server keeps serving (or waiting)."""
+        """Any failure of a check (a damaged or half-synced copy raises whatever SQLite, JSON or usearch
+        raise) is logged, counted and retried at the next poll, never fatal: the server keeps serving (or
+        waiting), and following. CancelledError is not an Exception, so close() still stops it."""
         try:
             await self.check_now()
-        except (OSError, TwostageError) as error:
-            log.error("loading a snapshot of shard %d: %s; still serving %s", self.shard, error,
-                      self.current.version if self.current else "nothing")
+        except Exception as error:  # noqa: BLE001 - whatever it was, the next poll tries again
+            self.failures += 1
+            self.last_error = f"{type(error).__name__}: {error}"
+            RECALL_SNAPSHOT_CHECK_FAILURES.inc()
+            log.error("loading a snapshot of shard %d failed (%d in a row): %s; still serving %s, retrying in %gs",
+                      self.shard, self.failures, self.last_error,
+                      self.current.version if self.current else "nothing", self.settings.snapshot_poll_s)
+        else:
+            self.failures = 0
+
+    def state(self) -> dict:
+        """What Info shows: the snapshot served and how checking for newer ones goes."""
+        return {"version": self.current.version if self.current else "", "failures": self.failures,
+                "last_error": self.last_error or ""}
 
     async def close(self) -> None:
         if self._task is not None:
@@ -143,9 +159,12 @@ class SnapshotFollower:
         copy = await asyncio.to_thread(copy_snapshot, source, index_dir, snapshot)
         try:
             fresh = await asyncio.to_thread(self._open_index, copy)
-        except TwostageError:  # not a usable index (another model, another format): not retried
-            self._refused.add(snapshot.version)
+        except Exception as error:
             await asyncio.to_thread(shutil.rmtree, copy, True)
+            # Another model or format never opens here; anything else (a snapshot not fully synced yet, a
+            # damaged file) may be whole at a later poll, which copies it afresh.
+            if isinstance(error, ModelMismatch):
+                self._refused.add(snapshot.version)
             raise
         base_seq = await asyncio.to_thread(fresh.store.max_seq)
         since, previous = self.base_seq, self._copy

@@ -22,7 +22,7 @@ import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from recall_server.durable import fsync_directory, write_atomically
+from recall_server.durable import fsync_directory, fsync_file, write_atomically
 from twostage.errors import ConfigError
 
 log = logging.getLogger(__name__)
@@ -129,13 +129,21 @@ def copy_snapshot(source: Path, index_dir: Path, snapshot: Snapshot) -> Path:
     when its directory has its final name."""
     copies = Path(index_dir).parent / "snapshots"
     copies.mkdir(parents=True, exist_ok=True)
+    fsync_directory(copies.parent)
     target = copies / snapshot.version
     if target.exists():
         shutil.rmtree(target)
     partial = copies / (".copy-" + snapshot.version)
     shutil.rmtree(partial, ignore_errors=True)
     shutil.copytree(source, partial, ignore=shutil.ignore_patterns(SNAPSHOT_FILE, ".lock"))
+    # The adoption is recorded durably next: the files it names must be on disk before the copy takes its
+    # name, and the name before the adoption.
+    for directory, _, files in os.walk(partial):
+        for name in files:
+            fsync_file(Path(directory) / name)
+        fsync_directory(Path(directory))
     partial.rename(target)
+    fsync_directory(copies)
     return target
 
 

@@ -10,9 +10,10 @@ bit-identical to a fresh one.
 
 The cache is bounded in bytes with LRU eviction. Identical pairs in flight at
 the same time are computed once (single-flight): the first caller computes,
-the others await its result; if the first caller's computation does not
-finish for its own reasons (its deadline, its cancellation), the others
-compute for themselves.
+the others await its result. The computation outlives its caller (a caller
+going away neither stops it nor cancels what others await), so its scores
+are stored; if it fails for its caller's own reasons (its deadline), the
+others compute for themselves.
 """
 
 import asyncio

@@ -42,6 +42,8 @@ class RerankService:
         self.model = model
         self.batcher: DynamicBatcher | None = None
         self.cache: PairScoreCache | None = None
+        # Computations of shared pairs, held here: their caller may go away, and the loop keeps tasks weakly.
+        self._computing: set[asyncio.Task] = set()
 
     async def start(self) -> None:
         if self.model is None:
@@ -143,37 +145,69 @@ class RerankService:
         deadline left unscored is absent."""
         cache = self.cache
         keys = [cache.key(query, document) for document in documents]
-        scores, awaited, computed = cache.split(keys)
-        tokens = 0
-        if computed:
-            mine = [keys[i] for i in computed]
-            try:
-                values, tokens = await self._compute(query, [documents[i] for i in computed], deadline_s, timings,
-                                                     partial, answered_elsewhere=bool(scores or awaited))
-            except BaseException as error:
-                cache.finish(mine, None, error)
-                raise
-            cache.finish(mine, values, errors.DeadlineExceeded("the deadline passed before this pair was scored"))
-            scores.update((position, v) for position, v in zip(computed, values) if v is not None)
-        if awaited:
-            results = await asyncio.gather(*awaited.values(), return_exceptions=True)
-            redo = []
-            for position, result in zip(awaited, results):
-                if isinstance(result, errors.ModelFailure):
-                    raise result  # the model failed on this very pair
-                if isinstance(result, BaseException):
-                    redo.append(position)  # the caller computing it went away: compute it here
-                else:
-                    scores[position] = result
-            if redo:
-                values, more = await self._compute(query, [documents[i] for i in redo], deadline_s, timings,
-                                                   partial, answered_elsewhere=bool(scores))
-                scores.update((position, v) for position, v in zip(redo, values) if v is not None)
-                tokens += more
-                computed = [*computed, *redo]
+        scores: dict[int, float] = {}
+        tokens = computed = 0
+        positions = list(range(len(documents)))
+        # A second round for pairs whose computation failed for its own caller's reasons (its deadline):
+        # computed here then, or awaited from whoever took them on meanwhile.
+        for _ in range(2):
+            cached, awaited, mine = cache.split([keys[p] for p in positions])
+            scores.update((positions[i], score) for i, score in cached.items())
+            awaited = {positions[i]: future for i, future in awaited.items()}
+            mine = [positions[i] for i in mine]
+            if mine:
+                values, more = await self._compute_shared(
+                    [keys[p] for p in mine], query, [documents[p] for p in mine], deadline_s, timings, partial,
+                    answered_elsewhere=bool(scores or awaited))
+                scores.update((p, v) for p, v in zip(mine, values) if v is not None)
+                tokens, computed = tokens + more, computed + len(mine)
+            positions = await self._await_shared(awaited, scores)
+            if not positions:
+                break
         if len(scores) < len(documents) and not (partial and scores):
             raise errors.DeadlineExceeded("rerank: the deadline passed before the pairs were scored")
-        return scores, tokens, len(computed)
+        return scores, tokens, computed
+
+    async def _compute_shared(self, keys: list[bytes], query: str, documents: list[str], deadline_s: float | None,
+                              timings: dict, partial: bool, answered_elsewhere: bool) -> tuple:
+        """_compute for pairs registered in flight, which other requests may await: it runs in a task of its
+        own, so this caller going away neither cancels it nor leaves the others to compute the pairs again;
+        its scores are stored and each of its futures resolved however it ends."""
+        cache = self.cache
+
+        async def compute():
+            try:
+                values, tokens = await self._compute(query, documents, deadline_s, timings, partial,
+                                                     answered_elsewhere)
+            except BaseException as error:
+                cache.finish(keys, None, error)
+                raise
+            cache.finish(keys, values, errors.DeadlineExceeded("the deadline passed before this pair was scored"))
+            return values, tokens
+
+        task = asyncio.get_running_loop().create_task(compute())
+        self._computing.add(task)
+        task.add_done_callback(self._computing.discard)
+        return await asyncio.shield(task)
+
+    @staticmethod
+    async def _await_shared(awaited: dict, scores: dict) -> list[int]:
+        """Wait for pairs other requests compute, filling ``scores``; the positions whose computation failed
+        for its caller's own reasons. asyncio.wait, not gather: a caller going away must not cancel futures
+        that other requests await."""
+        if not awaited:
+            return []
+        await asyncio.wait(set(awaited.values()))
+        failed = []
+        for position, future in awaited.items():
+            error = asyncio.CancelledError() if future.cancelled() else future.exception()
+            if isinstance(error, errors.ModelFailure):
+                raise error  # the model failed on this very pair
+            if error is None:
+                scores[position] = future.result()
+            else:
+                failed.append(position)
+        return failed
 
     def info(self) -> dict:
         s = self.settings

@@ -127,6 +127,10 @@ RECALL_SEARCH_SECONDS = prom.Histogram(
     "twostage_recall_search_seconds", "Recall search time by mode (dense, lexical, hybrid), embedding included",
     ["mode"], buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5),
 )
+RECALL_SNAPSHOT_CHECK_FAILURES = prom.Counter(
+    "twostage_recall_snapshot_check_failures_total",
+    "Looks for a newer snapshot that failed (unreadable, damaged or half-synced); each is retried at the next poll",
+)
 RPC_REQUESTS = prom.Counter("twostage_rpc_requests_total", "RPCs handled", ["method", "code"])
 RPC_LATENCY = prom.Histogram(
     "twostage_rpc_latency_seconds", "Server-side RPC latency", ["method"],

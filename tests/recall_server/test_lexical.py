@@ -94,6 +94,19 @@ async def test_filters_apply_in_every_mode(service):
     assert await ids(service, "barley", "hybrid", filter_=farming) == [RARE.id]
 
 
+async def test_a_searchs_deadline_reaches_the_filtered_graph_search(service, monkeypatch):
+    """A filtered dense search runs in a thread that cancelling the call cannot stop: it checks the deadline."""
+    import time
+
+    seen = []
+    nearest = service.index.nearest
+    monkeypatch.setattr(service.index, "nearest", lambda *args: seen.append(args[3]) or nearest(*args))
+    deadline = time.monotonic() + 60
+    farming = check_filter([FilterClause("tags", equals="farming")])
+    await service.search("barley", 3, deadline_s=deadline, mode="dense", filter_=farming)
+    assert seen == [deadline]
+
+
 def test_an_index_made_before_the_lexical_part_gains_it_on_open(index_copy):
     with sqlite3.connect(index_copy / "docs.sqlite") as db:
         db.execute("DROP TABLE docs_fts")
@@ -106,6 +119,29 @@ def test_an_index_made_before_the_lexical_part_gains_it_on_open(index_copy):
     index = DocumentIndex.open(index_copy, meta["model"], meta["dims"])
     assert index.store.has_lexical and index.store.lexical_search("cancer", 5)
     index.close()
+
+
+def test_whether_the_store_has_a_lexical_part_is_known_without_reading_it(index_copy):
+    """Info reports it on the event loop: it must never wait for the store's reader (a long search holds it)."""
+    import threading
+
+    from recall_server.docstore import DocStore
+
+    with sqlite3.connect(index_copy / "docs.sqlite") as db:
+        db.execute("DROP TABLE docs_fts")
+    reader = DocStore(index_copy / "docs.sqlite", read_only=True)
+    try:
+        answers = []
+        with reader._read_lock:
+            asking = threading.Thread(target=lambda: answers.append(reader.has_lexical), daemon=True)
+            asking.start()
+            asking.join(timeout=5)
+            assert answers == [False]
+        # Another process (the writer) builds the lexical part: the reader's searches find it, and say so.
+        DocStore(index_copy / "docs.sqlite").close()
+        assert reader.lexical_search("cancer", 5) and reader.has_lexical
+    finally:
+        reader.close()
 
 
 @pytest.mark.slow

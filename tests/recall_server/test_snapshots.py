@@ -220,3 +220,64 @@ async def test_a_snapshot_that_cannot_be_opened_is_skipped_and_the_next_one_serv
         assert service.snapshots.current.version == "v2" and service.doc_count() > 0
     finally:
         await service.close()
+
+
+async def test_a_damaged_or_unfinished_snapshot_is_retried_and_following_goes_on(tmp_path, sharded_index, models):
+    from prometheus_client import REGISTRY
+
+    def failures_counted() -> float:
+        return REGISTRY.get_sample_value("twostage_recall_snapshot_check_failures_total") or 0.0
+
+    root = tmp_path / "snapshots"
+    damaged = publish_copy(sharded_index / "shard-1", root, "v1")
+    for path in damaged.glob("docs.sqlite*"):
+        path.unlink()
+    (damaged / "docs.sqlite").write_bytes(b"not a database " * 512)  # a torn or corrupted copy
+    counted = failures_counted()
+    service = RecallService(RecallSettings(port=0, index_dir=tmp_path / "data" / "index", snapshot_dir=root,
+                                           shard=SHARD, snapshot_poll_s=0.05))
+    starting = asyncio.create_task(service.start())
+    try:
+        # Not fatal at start: logged, counted, shown, and tried again at each poll.
+        await until(lambda: starting.done() or (service.snapshots and service.snapshots.failures >= 3))
+        assert not starting.done() and "v1" not in service.snapshots._refused
+        assert "database" in service.snapshots.last_error
+        assert failures_counted() >= counted + 3
+        publish_copy(sharded_index / "shard-1", root, "v2")
+        await starting
+        assert service.snapshots.current.version == "v2" and service.snapshots.failures == 0
+        # While serving: a snapshot whose index.json is half written is retried, not refused for good...
+        unfinished = publish_copy(sharded_index / "shard-1", root, "v3")
+        manifest = (unfinished / "index.json").read_text()
+        (unfinished / "index.json").write_text(manifest[: len(manifest) // 2])
+        failed = service.snapshots.failures
+        await until(lambda: service.snapshots.failures >= failed + 2)
+        assert service.snapshots.current.version == "v2" and service.doc_count() > 0
+        assert service.info()["snapshot"]["failures"] >= 2 and service.info()["snapshot"]["version"] == "v2"
+        # ...and served once it is whole: following went on.
+        (unfinished / "index.json").write_text(manifest)
+        await until(lambda: service.snapshots.current.version == "v3")
+        assert service.snapshots.failures == 0 and "v3" not in service.snapshots._refused
+    finally:
+        if not starting.done():
+            starting.cancel()
+        await service.close()
+
+
+def test_a_snapshot_copy_is_durable_before_and_after_it_takes_its_name(tmp_path, monkeypatch):
+    from recall_server import snapshots
+
+    source = tmp_path / "published" / "v1"
+    (source / "nested").mkdir(parents=True)
+    for name in ("index.json", "docs.sqlite", "vectors.usearch", "nested/part"):
+        (source / name).write_text(name)
+    synced = []
+    monkeypatch.setattr(snapshots, "fsync_file", lambda path: synced.append(("file", Path(path))), raising=False)
+    monkeypatch.setattr(snapshots, "fsync_directory", lambda path: synced.append(("dir", Path(path))))
+    snapshot = Snapshot("v1", SHARD, 2, "model", 0, time.time())
+    copy = snapshots.copy_snapshot(source, tmp_path / "data" / "index", snapshot)
+    partial = copy.with_name(".copy-v1")
+    files = {("file", partial / name) for name in ("index.json", "docs.sqlite", "vectors.usearch", "nested/part")}
+    renamed = synced.index(("dir", copy.parent))  # the rename itself
+    assert files <= set(synced[:renamed])  # every copied file, before the rename makes the copy count
+    assert {("dir", partial), ("dir", partial / "nested")} <= set(synced[:renamed])

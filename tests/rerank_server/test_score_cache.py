@@ -26,12 +26,14 @@ class GatedModel:
         self.inner = inner
         self.gate = threading.Event()
         self.gate.set()
+        self.running = threading.Event()  # a batch has reached the model
         self.pairs = 0
 
     def __getattr__(self, name):
         return getattr(self.inner, name)
 
     def score(self, batch):
+        self.running.set()
         self.gate.wait(timeout=30)
         self.pairs += len(batch)
         return self.inner.score(batch)
@@ -88,7 +90,7 @@ async def test_two_concurrent_identical_requests_run_the_model_once(service):
     assert (a.cached, b.cached) == (0, 3) and scores(a) == scores(b)
 
 
-async def test_a_follower_computes_for_itself_when_the_first_caller_goes_away(service):
+async def test_a_follower_is_answered_when_the_first_caller_goes_away_before_its_batch(service):
     service.model.gate.clear()
     leader = asyncio.ensure_future(service.rerank(RerankQuery(QUERY, DOCUMENTS)))
     while not service.cache._in_flight:
@@ -99,6 +101,47 @@ async def test_a_follower_computes_for_itself_when_the_first_caller_goes_away(se
     service.model.gate.set()
     outcome = await follower
     assert len(outcome.ranked) == 3 and not service.cache._in_flight
+    assert service.model.pairs == 3  # computed once, for both
+
+
+async def until(condition, timeout_s: float = 30.0) -> None:
+    deadline = asyncio.get_running_loop().time() + timeout_s
+    while not condition():
+        assert asyncio.get_running_loop().time() < deadline, "condition not reached"
+        await asyncio.sleep(0.001)
+
+
+async def test_the_computing_caller_going_away_still_fills_the_cache_for_the_others(service):
+    service.model.gate.clear()
+    first = asyncio.ensure_future(service.rerank(RerankQuery(QUERY, DOCUMENTS)))
+    await until(service.model.running.is_set)  # the first request's batch is in the model
+    second = asyncio.ensure_future(service.rerank(RerankQuery(QUERY, DOCUMENTS)))
+    await until(lambda: service.cache.stats.shared == 3)  # the second awaits the first's pairs
+    first.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await first
+    service.model.gate.set()
+    outcome = await second
+    assert len(outcome.ranked) == 3 and outcome.cached == 3
+    assert service.model.pairs == 3  # the batch the first started was not thrown away and computed again
+    third = await service.rerank(RerankQuery(QUERY, DOCUMENTS))
+    assert third.cached == 3 and service.model.pairs == 3  # and its scores were stored
+    assert scores(third) == scores(outcome) and not service.cache._in_flight
+
+
+async def test_a_waiting_caller_going_away_leaves_the_shared_pairs_to_the_others(service):
+    service.model.gate.clear()
+    first = asyncio.ensure_future(service.rerank(RerankQuery(QUERY, DOCUMENTS)))
+    await until(service.model.running.is_set)
+    waiters = [asyncio.ensure_future(service.rerank(RerankQuery(QUERY, DOCUMENTS))) for _ in range(2)]
+    await until(lambda: service.cache.stats.shared == 6)
+    waiters[0].cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await waiters[0]
+    service.model.gate.set()
+    a, b = await asyncio.gather(first, waiters[1])
+    assert (a.cached, b.cached) == (0, 3) and scores(a) == scores(b)
+    assert service.model.pairs == 3 and not service.cache._in_flight
 
 
 async def test_bypassing_the_cache_computes_every_time(service, models):
