@@ -124,11 +124,14 @@ class RecallService:
         in-flight call ends."""
         async with self._write_gate:
             old = self.index
-            await asyncio.to_thread(prepare, old, fresh)
+            await finish_even_if_cancelled(asyncio.to_thread(prepare, old, fresh))
             self.index = fresh
         if old is not None:
             await self._leases.wait_idle(old)
-            await asyncio.to_thread(old.close)
+            try:
+                await asyncio.to_thread(old.close)
+            except Exception:  # the new index serves already; the old one's last save is replayed from its store
+                log.exception("closing the replaced index failed")
 
     async def close(self) -> None:
         if self.peers is not None:

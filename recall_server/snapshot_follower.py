@@ -166,7 +166,6 @@ class SnapshotFollower:
             if isinstance(error, ModelMismatch):
                 self._refused.add(snapshot.version)
             raise
-        base_seq = await asyncio.to_thread(fresh.store.max_seq)
         since, previous = self.base_seq, self._copy
 
         def prepare(old: DocumentIndex | None, fresh: DocumentIndex) -> None:
@@ -177,7 +176,15 @@ class SnapshotFollower:
             record_adoption(copy, snapshot, base_seq)
             point_at(index_dir, copy)
 
-        await self._switch(fresh, prepare)
+        try:
+            base_seq = await asyncio.to_thread(fresh.store.max_seq)
+            await self._switch(fresh, prepare)
+        except BaseException:
+            # Not served (a full disk while carrying writes over, say): the old index goes on, this copy goes,
+            # and a later poll tries again from the start.
+            await asyncio.to_thread(fresh.close)
+            await asyncio.to_thread(shutil.rmtree, copy, True)
+            raise
         self.current, self.base_seq, self._copy = snapshot, base_seq, copy
         if previous is not None and previous != copy:
             await asyncio.to_thread(shutil.rmtree, previous, True)
