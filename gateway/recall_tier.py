@@ -105,15 +105,17 @@ class RecallShard:
         raise last_error or errors.DeadlineExceeded(f"{self.name}: the deadline passed")
 
     async def on_quorum(self, call, quorum: str, timeout_s: float) -> ShardWrite:
-        """``call(client, timeout_s)`` on every replica at once; returns once ``quorum`` of them succeeded or
-        too few can. Calls still running then go on in the background until they end (their own timeout)."""
+        """``call(client, timeout_s)`` on every replica at once; returns once ``quorum`` of them succeeded, or
+        once every call has ended short of it. Calls still running after a quorum go on in the background until
+        they end (their own timeout)."""
         replicas = list(self.replicas)
         if not replicas:
             raise errors.Unavailable(f"{self.name} has no replicas (its name resolves to nothing yet)")
         outcome = ShardWrite(len(replicas), quorum_size(quorum, len(replicas)))
         pending = {asyncio.ensure_future(call(client, timeout_s)) for client in replicas}
         refusals = []
-        while pending and not outcome.met and outcome.needed - outcome.acknowledged <= len(pending):
+        # Short of a quorum, every call is waited for, so the error says exactly what is durable where.
+        while pending and not outcome.met:
             done, pending = await asyncio.wait(pending, return_when=asyncio.FIRST_COMPLETED)
             for task in done:
                 if task.exception() is None:

@@ -1,6 +1,9 @@
 """DocumentIndex durability: SQLite is the acknowledgement point; the graph
 catches up from it on open."""
 
+import threading
+import time
+
 import numpy as np
 import pytest
 
@@ -218,4 +221,63 @@ def test_heavy_deletes_and_rewrites_never_leave_searches_short(tmp_path):
         overlaps.append(len(exact & set(found)))
     # HNSW is approximate, so no exact order is promised; worn out, it had returned nothing at all.
     assert sum(overlaps) / len(overlaps) >= 7.5
+    index.close()
+
+
+def test_a_write_whose_graph_insert_failed_is_never_claimed_by_a_save(tmp_path, monkeypatch):
+    import recall_server.index as index_module
+
+    real_add, failing = index_module._add, {"on": True}
+
+    def add_or_fail(graph, keys, vectors):
+        if failing["on"]:
+            raise MemoryError("no memory for the graph")
+        real_add(graph, keys, vectors)
+
+    index = DocumentIndex.create(tmp_path / "ix", "m", DIMS)
+    index.upsert(docs("a"), np.stack([unit(1)]))
+    monkeypatch.setattr(index_module, "_add", add_or_fail)
+    index.upsert(docs("b"), np.stack([unit(2)]))  # committed in the store; the graph insert fails
+    assert index.get(["b"]) and index.graph_behind
+    index.save()  # must not claim b is in the saved graph
+    index.store.close()
+    index._lock.release()  # as if the process died here
+    failing["on"] = False
+    reopened = DocumentIndex.open(tmp_path / "ix", "m", DIMS)
+    assert reopened.search(unit(2), 1)[0][0].id == "b"  # replayed from the store on open
+    # In a running server the next write catches the graph up first.
+    failing["on"] = True
+    reopened.upsert(docs("c"), np.stack([unit(3)]))
+    failing["on"] = False
+    reopened.upsert(docs("d"), np.stack([unit(4)]))
+    assert not reopened.graph_behind and [reopened.search(unit(n), 1)[0][0].id for n in (3, 4)] == ["c", "d"]
+    reopened.close()
+
+
+def test_a_save_and_a_write_that_triggers_one_never_wait_for_each_other(tmp_path, monkeypatch):
+    """A save takes the save lock, then the write lock; a write must not take them the other way round."""
+    index = DocumentIndex.create(tmp_path / "ix", "m", DIMS, save_every_writes=1)
+    inside_write, go_on = threading.Event(), threading.Event()
+    real_apply = index.store.apply
+
+    def apply_then_wait(*args, **kwargs):
+        applied = real_apply(*args, **kwargs)
+        inside_write.set()
+        assert go_on.wait(30)
+        return applied
+
+    monkeypatch.setattr(index.store, "apply", apply_then_wait)
+    writer = threading.Thread(target=index.upsert, args=(docs("a"), np.stack([unit(1)])))
+    writer.start()
+    assert inside_write.wait(30)  # the writer holds the write lock
+    saver = threading.Thread(target=index.save)
+    saver.start()
+    deadline = time.monotonic() + 30
+    while not index._save_lock.locked():  # the saver holds the save lock and waits for the write lock
+        assert time.monotonic() < deadline
+        time.sleep(0.005)  # polling a lock another thread takes: there is no event to wait on
+    go_on.set()  # the writer now finishes and its save is due
+    writer.join(30)
+    saver.join(30)
+    assert not writer.is_alive() and not saver.is_alive(), "deadlock between a save and a write"
     index.close()

@@ -5,10 +5,10 @@ import asyncio
 import time
 
 import grpc
+import prometheus_client
 import pytest
 
 from recall_server.config import RecallSettings
-from recall_server.peer_sync import AGREEMENT_AGE
 from recall_server.service import RecallService
 from recall_server.servicer import build_server
 from tests.recall_server.test_snapshots import SHARD, id_of_shard, publish_copy, until
@@ -131,6 +131,62 @@ async def test_anti_entropy_repairs_what_catch_up_cannot_see(tmp_path, sharded_i
         await until(lambda: state(second) == state(first), timeout_s=60)
         repaired_at = time.time()
         await until(lambda: (second.peers.last_agreement or 0) > repaired_at, timeout_s=60)
-        assert AGREEMENT_AGE.collect()[0].samples[0].value < 60
+        assert prometheus_client.REGISTRY.get_sample_value("twostage_replica_agreement_age_seconds") < 60
     finally:
         await asyncio.gather(*(s.stop(grace_s=1) for s in servers))
+
+
+async def test_a_cancelled_write_holds_writes_back_until_its_thread_has_finished(index_copy, models):
+    import threading
+
+    service = RecallService(RecallSettings(port=0, index_dir=index_copy))
+    await service.start()
+    try:
+        entered, release = threading.Event(), threading.Event()
+        real_apply = service.index.apply
+
+        def slow_apply(*args, **kwargs):
+            entered.set()
+            assert release.wait(30)
+            return real_apply(*args, **kwargs)
+
+        service.index.apply = slow_apply
+        write = asyncio.ensure_future(service.upsert([Document("cancelled-1", "", "A write its caller gave up on.")]))
+        await until(entered.is_set)
+        write.cancel()
+        await asyncio.sleep(0)  # let the cancellation reach the write
+        # The thread is still writing: the write gate (which a snapshot switch or shutdown takes) stays held.
+        assert service._write_gate.locked()
+        release.set()
+        with pytest.raises(asyncio.CancelledError):
+            await write
+        assert not service._write_gate.locked()
+        assert await service.get(["cancelled-1"])  # the write the thread made is whole
+    finally:
+        await service.close()
+
+
+async def test_a_failing_sync_round_is_logged_counted_and_retried(tmp_path, sharded_index, models):
+    def failed_rounds() -> float:
+        return prometheus_client.REGISTRY.get_sample_value("twostage_peer_sync_failures_total", {"step": "round"}) or 0
+
+    root, peers_file = tmp_path / "snapshots", tmp_path / "peers"
+    publish_copy(sharded_index / "shard-1", root, "v1")
+    peers_file.write_text("")
+    service, server, _ = await start_replica(tmp_path, "a", root, peers_file)
+    try:
+        rounds, real_sync = [], service.peers.sync_once
+        before = failed_rounds()
+
+        async def broken_once():
+            rounds.append(1)
+            if len(rounds) == 1:
+                raise ValueError("a damaged reply")
+            return await real_sync()
+
+        service.peers.sync_once = broken_once
+        await until(lambda: len(rounds) >= 3)  # the loop went on after the failure
+        assert failed_rounds() == before + 1
+        assert "ValueError: a damaged reply" in service.peers.last_error
+    finally:
+        await server.stop(grace_s=1)

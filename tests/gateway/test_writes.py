@@ -1,0 +1,118 @@
+"""Write semantics at the gateway over real recall replicas: a request is validated whole before any shard
+sees it, a write is acknowledged by a quorum of each shard's replicas (one replica down does not block its
+shard), the reply says how many acknowledged, and a resend with the same request_id is answered alike."""
+
+import shutil
+
+import grpc
+import pytest
+
+from gateway.config import GatewaySettings
+from gateway.servicer import build_server as build_gateway
+from recall_server.config import RecallSettings
+from recall_server.service import RecallService
+from recall_server.servicer import build_server as build_recall
+from twostage.sharding import shard_of
+from twostage.v1 import common_pb2, gateway_pb2_grpc
+
+pytestmark = pytest.mark.slow
+
+
+def ids_of(shard: int, prefix: str, count: int) -> list[str]:
+    return [i for i in (f"{prefix}-{n}" for n in range(8 * count)) if shard_of(i, 2) == shard][:count]
+
+
+@pytest.fixture(scope="module")
+async def replicas(sharded_index, tmp_path_factory, models):
+    """Shard 0 on three replicas, shard 1 on one, each on its own copy of its shard."""
+    servers = {0: [], 1: []}
+    for shard, count in ((0, 3), (1, 1)):
+        for n in range(count):
+            directory = tmp_path_factory.mktemp("replica") / "index"
+            shutil.copytree(sharded_index / f"shard-{shard}", directory)
+            service = RecallService(RecallSettings(port=0, index_dir=directory))
+            server = build_recall(service)
+            servers[shard].append((service, server, f"127.0.0.1:{await server.start()}"))
+    yield servers
+    for shard in servers.values():
+        for _, server, _ in shard:
+            await server.stop(grace_s=1)
+
+
+@pytest.fixture
+async def gateway(replicas, channel_to):
+    started = []
+
+    async def make(**settings):
+        targets = ",".join("|".join(address for _, _, address in replicas[s]) for s in (0, 1))
+        server = build_gateway(GatewaySettings(port=0, recall_targets=targets, rerank_targets="127.0.0.1:1",
+                                               startup_wait_s=0, **settings))
+        started.append(server)
+        return gateway_pb2_grpc.GatewayStub(channel_to(f"127.0.0.1:{await server.start()}"))
+
+    yield make
+    for server in started:
+        await server.stop(grace_s=1)
+
+
+def document(doc_id: str, text: str = "Corals expel algae when the sea warms.") -> common_pb2.Document:
+    return common_pb2.Document(id=doc_id, title="", text=text)
+
+
+async def stored_on(replicas, shard: int, ids: list[str], up: slice = slice(None)) -> list[int]:
+    """How many of the ids each (running) replica of the shard holds."""
+    return [len(await service.get(ids)) for service, _, _ in replicas[shard][up]]
+
+
+async def test_an_invalid_document_anywhere_leaves_every_shard_untouched(replicas, gateway):
+    stub = await gateway()
+    (valid,), (invalid,) = ids_of(0, "edge", 1), ids_of(1, "edge", 1)
+    with pytest.raises(grpc.aio.AioRpcError) as refused:
+        await stub.Upsert(common_pb2.UpsertRequest(documents=[document(valid), document(invalid, " ")]))
+    assert refused.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert refused.value.details().startswith("documents[1]:")  # the client's position, not the shard's
+    assert await stored_on(replicas, 0, [valid]) == [0, 0, 0]
+
+
+async def test_one_replica_down_does_not_block_its_shards_writes_under_a_majority(replicas, gateway):
+    stub = await gateway()
+    down_service, down_server, _ = replicas[0][2]
+    await down_server.stop(grace_s=1)
+    try:
+        ids = ids_of(0, "majority", 30) + ids_of(1, "majority", 10)
+        reply = await stub.Upsert(common_pb2.UpsertRequest(documents=[document(i) for i in ids],
+                                                           request_id="majority-1"))
+        acks = {a.shard: (a.documents, a.acknowledged, a.replicas) for a in reply.shards}
+        assert acks == {0: (30, 2, 3), 1: (10, 1, 1)}
+        assert reply.upserted == 40 and reply.version.clock > 0
+        assert await stored_on(replicas, 0, ids[:30], slice(0, 2)) == [30, 30]
+
+        # "all" needs the replica that is down: refused, saying what is durable where.
+        strict = await gateway(write_quorum="all")
+        more = ids_of(0, "strict", 5)
+        with pytest.raises(grpc.aio.AioRpcError) as refused:
+            await strict.Upsert(common_pb2.UpsertRequest(documents=[document(i) for i in more], request_id="all-1"))
+        assert refused.value.code() == grpc.StatusCode.UNAVAILABLE
+        assert "shard 0 on 2 of 3 replicas (3 needed" in refused.value.details()
+        assert "resend it with request_id 'all-1'" in refused.value.details()
+    finally:  # back, on its volume, for the tests after this one
+        service = RecallService(down_service.settings)
+        server = build_recall(service)
+        replicas[0][2] = (service, server, f"127.0.0.1:{await server.start()}")
+
+
+async def test_a_resend_with_the_same_request_id_is_answered_alike(replicas, gateway):
+    stub = await gateway()
+    ids = ids_of(0, "resend", 3) + ids_of(1, "resend", 2)
+    request = common_pb2.DeleteRequest(ids=ids, request_id="resend-1")
+    await stub.Upsert(common_pb2.UpsertRequest(documents=[document(i) for i in ids]))
+    first = await stub.Delete(request)
+    second = await stub.Delete(request)
+    assert first.deleted == 5 and (second.deleted, second.version) == (first.deleted, first.version)
+    # Through another gateway, which never saw it: each replica answers from the request ids it stored.
+    other = await (await gateway()).Delete(request)
+    assert other.deleted == 5
+    with pytest.raises(grpc.aio.AioRpcError) as reused:
+        await stub.Delete(common_pb2.DeleteRequest(ids=ids[:1], request_id="resend-1"))
+    assert reused.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "already used for a different write" in reused.value.details()
