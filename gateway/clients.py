@@ -65,6 +65,22 @@ def channel_options(max_message_mb: int = 16, keepalive_time_s: float = 30.0,
     ]
 
 
+@dataclass(frozen=True)
+class WriteReply:
+    """One replica's answer to a write."""
+
+    count: int  # upserted, or live documents deleted
+    doc_count: int
+    superseded: int
+    newest: Version | None
+
+    @classmethod
+    def of(cls, reply, count: int) -> "WriteReply":
+        newest = reply.newest_version if reply.HasField("newest_version") else None
+        return cls(count, reply.doc_count, reply.superseded,
+                   None if newest is None else Version(newest.clock, newest.writer))
+
+
 def _version_proto(version: Version | None) -> common_pb2.WriteVersion | None:
     return None if version is None else common_pb2.WriteVersion(clock=version.clock, writer=version.writer)
 
@@ -115,19 +131,17 @@ class RecallClient(_Client):
         return candidates, dict(reply.timings_ms), recall_mode_from_proto(reply.mode)
 
     async def upsert(self, docs: list[Document], timeout_s: float | None, request_id: str = "",
-                     version: Version | None = None) -> tuple[int, int]:
-        """(upserted, doc_count)."""
+                     version: Version | None = None) -> "WriteReply":
         request = common_pb2.UpsertRequest(documents=[document_to_proto(d) for d in docs], request_id=request_id,
                                            version=_version_proto(version))
         reply = await self._call(self.stub.Upsert, request, timeout_s)
-        return reply.upserted, reply.doc_count
+        return WriteReply.of(reply, reply.upserted)
 
     async def delete(self, ids: list[str], timeout_s: float | None, request_id: str = "",
-                     version: Version | None = None) -> tuple[int, int]:
-        """(deleted, doc_count)."""
+                     version: Version | None = None) -> "WriteReply":
         request = common_pb2.DeleteRequest(ids=ids, request_id=request_id, version=_version_proto(version))
         reply = await self._call(self.stub.Delete, request, timeout_s)
-        return reply.deleted, reply.doc_count
+        return WriteReply.of(reply, reply.deleted)
 
     async def get(self, ids: list[str], timeout_s: float | None) -> list[Document]:
         reply = await self._call(self.stub.Get, common_pb2.GetRequest(ids=ids), timeout_s)

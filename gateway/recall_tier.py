@@ -39,6 +39,7 @@ class ShardWrite:
     replies: list = field(default_factory=list)  # the acknowledging replicas' answers
     error: str = ""  # the first failure, when some replica failed
     invalid: errors.InvalidArgument | None = None  # every replica refused the request itself
+    failures: list = field(default_factory=list)  # every replica's error
 
     @property
     def acknowledged(self) -> int:
@@ -122,6 +123,7 @@ class RecallShard:
                     outcome.replies.append(task.result())
                     continue
                 error = task.exception()
+                outcome.failures.append(error)
                 if isinstance(error, errors.InvalidArgument):
                     refusals.append(error)
                 if isinstance(error, errors.Unavailable | errors.NotReady):

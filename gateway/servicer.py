@@ -38,6 +38,9 @@ def _write_fields(result: WriteResult) -> dict:
         "shards": [common_pb2.ShardAck(shard=a.shard, documents=a.documents, acknowledged=a.acknowledged,
                                        replicas=a.replicas) for a in result.shards],
         "request_id": result.request_id,
+        "superseded": result.superseded,
+        **({"newest_version": common_pb2.WriteVersion(clock=result.newest.clock, writer=result.newest.writer)}
+           if result.newest is not None else {}),
     }
 
 

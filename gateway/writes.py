@@ -18,11 +18,19 @@ Write contract, as a client can rely on it:
   (a write acknowledged by a replica whose disk is then lost is gone). The
   reply says how many replicas acknowledged each shard's part. Replicas that
   missed the write converge by catch-up and anti-entropy (``recall_server.peer_sync``).
-- **Retries.** A resend with the same ``request_id`` is applied at the same
-  version and answered alike: this gateway remembers request ids for
-  ``request_id_ttl_s``, and each recall replica stores the request ids it
-  applied, so a resend through another gateway is not applied twice by a
-  replica that took the first.
+- **Retries.** A resend with the same ``request_id`` to this gateway is applied
+  at the same version and answered alike (request ids are remembered for
+  ``request_id_ttl_s``). Each recall replica stores the request ids it
+  applied, so a resend through another gateway (or after a restart) is not
+  applied twice by a replica that took the first; the replicas that had not
+  take it at that gateway's version, and replicas converge on the newer of
+  the two, which carries the same content.
+- **Last writer wins, by version.** A write of an id that a replica already
+  holds at a newer version (a later write through another gateway, or one
+  whose clock runs ahead) is superseded: the reply counts such documents in
+  ``superseded``, and the gateway moves its clock past the newest version the
+  replicas hold, so its next write of those ids is ordered after it. Between
+  gateways, order follows their clocks within their skew; keep hosts on NTP.
 - **A write that fails part-way** (too few replicas of some shard answered) is
   reported UNAVAILABLE with what is durable where. It may still take effect,
   since the replicas that took it spread it to the others; resending it with
@@ -45,7 +53,7 @@ from dataclasses import dataclass
 from gateway.recall_tier import RecallShard, ShardWrite
 from twostage import errors
 from twostage.corpus import Document
-from twostage.documents import DocumentLimits, check_documents, check_ids
+from twostage.documents import DocumentLimits, check_documents, check_ids, check_request_id
 from twostage.sharding import shard_of
 from twostage.versions import HybridClock, Version
 
@@ -68,6 +76,8 @@ class WriteResult:
     version: Version
     shards: list[ShardAcks]
     request_id: str
+    superseded: int = 0  # documents held at a newer version by the replicas that answered
+    newest: Version | None = None
 
 
 @dataclass
@@ -132,31 +142,33 @@ class DocumentRouter:
     async def _write(self, kind: str, items: list, ids: list[str], request_id: str, timeout_s: float,
                      send) -> WriteResult:
         """``send(client, part, version, request_id, timeout)`` on a quorum of each shard's replicas."""
-        generated = not request_id
-        request_id = request_id or uuid.uuid4().hex
-        if generated:  # nobody can resend it by id: nothing to remember
-            remembered = _Remembered("", self.clock.now(), time.monotonic())
-        else:
-            remembered = self.requests.entry(request_id, _fingerprint(kind, items), self.clock.now)
-        if remembered.result is not None:
-            return remembered.result
-        if remembered.running is not None:  # the same request, still in flight: share its outcome
-            try:
-                return await asyncio.shield(remembered.running)
+        check_request_id(request_id)
+        if not request_id:  # nobody can resend it by id: nothing to remember, here or on the replicas
+            return await self._send_to_shards(items, ids, "", self.clock.now(), timeout_s, send)
+        fingerprint = await asyncio.to_thread(_fingerprint, kind, items)  # hashing a large request takes a while
+        remembered = self.requests.entry(request_id, fingerprint, self.clock.now)
+        while True:
+            if remembered.result is not None:
+                return remembered.result
+            running = remembered.running
+            if running is None:
+                break
+            try:  # the same request, still in flight: share its outcome
+                return await asyncio.shield(running)
             except errors.TwostageError:
-                pass  # it failed: this resend tries again, at the same version
-        remembered.running = asyncio.get_running_loop().create_future()
+                continue  # it failed: unless another resend has started meanwhile, this one tries again
+        running = remembered.running = asyncio.get_running_loop().create_future()
         try:
             result = await self._send_to_shards(items, ids, request_id, remembered.version, timeout_s, send)
         except BaseException as error:
-            if not remembered.running.done():
-                remembered.running.set_exception(error if isinstance(error, errors.TwostageError)
-                                                 else errors.Unavailable("the first attempt was cancelled"))
-                remembered.running.exception()  # retrieved: nobody need wait on it
-            remembered.running = None
+            running.set_exception(error if isinstance(error, errors.TwostageError)
+                                  else errors.Unavailable("the first attempt was cancelled"))
+            running.exception()  # retrieved: nobody need wait on it
+            if remembered.running is running:
+                remembered.running = None
             raise
         remembered.result = result
-        remembered.running.set_result(result)
+        running.set_result(result)
         return result
 
     async def _send_to_shards(self, items: list, ids: list[str], request_id: str, version: Version,
@@ -177,16 +189,27 @@ class DocumentRouter:
             durable = "; ".join(
                 f"shard {s} on {o.acknowledged} of {o.replicas} replicas ({o.needed} needed"
                 + (f": {o.error}" if o.error else "") + ")" for s, o in sorted(by_shard.items()))
-            raise errors.Unavailable(
+            # One kind of failure everywhere (every replica shed the load, say) is reported as that kind, so a
+            # caller backs off as it would for a single server; mixed failures are the tier being unavailable.
+            kinds = {type(error) for s in short for error in by_shard[s].failures}
+            kind = next(iter(kinds)) if len(kinds) == 1 else errors.Unavailable
+            raise (kind if issubclass(kind, errors.TwostageError) else errors.Unavailable)(
                 f"write not acknowledged: shard {', '.join(map(str, short))} could not make it durable on enough "
-                f"replicas. Durable so far: {durable}. It may still take effect; resend it with request_id "
-                f"{request_id!r} to finish it at the same version")
+                f"replicas. Durable so far: {durable}. It may still take effect; "
+                + (f"resend it with request_id {request_id!r} to finish it at the same version" if request_id else
+                   "resending it applies it again at a new version (give writes a request_id to resend them "
+                   "exactly)"))
         acks = [ShardAcks(s, len(parts[s]), o.acknowledged, o.replicas) for s, o in sorted(by_shard.items())]
+        replies = [reply for o in by_shard.values() for reply in o.replies]
+        if newest := max((reply.newest for reply in replies if reply.newest is not None), default=None):
+            self.clock.observe(newest.clock)  # this gateway's next write of these ids is ordered after them
         return WriteResult(
-            count=sum(max(reply[0] for reply in o.replies) for o in by_shard.values()),
-            doc_count=sum(max(reply[1] for reply in o.replies) for o in by_shard.values()),
+            count=sum(max(reply.count for reply in o.replies) for o in by_shard.values()),
+            doc_count=sum(max(reply.doc_count for reply in o.replies) for o in by_shard.values()),
             timings_ms={"total_ms": 1000 * (time.perf_counter() - start)},
             version=version, shards=acks, request_id=request_id,
+            superseded=sum(max(reply.superseded for reply in o.replies) for o in by_shard.values()),
+            newest=newest,
         )
 
     async def upsert(self, docs: list[Document], timeout_s: float, request_id: str = "") -> WriteResult:

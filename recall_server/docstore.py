@@ -140,6 +140,8 @@ class Applied:
     count: int = 0  # the request's answer (stored with its request id)
     replayed: bool = False  # the request id was known: nothing was applied, ``count`` is the first answer
     version: Version | None = None  # the request's version, when replayed
+    superseded: int = 0  # writes not applied because a newer version of their id was held
+    newest: Version | None = None  # the newest version held for the writes' ids afterwards
 
 
 _INSERT_META = "INSERT INTO doc_meta (key, name, kind, num, txt) VALUES (?, ?, ?, ?, ?)"
@@ -225,6 +227,8 @@ class _Outcome:
     deleted: int = 0
     last_seq: int = 0
     live_before: int = 0  # live rows this write replaced (upserted over or deleted)
+    superseded: int = 0
+    newest: Version | None = None
 
 
 class DocStore:
@@ -366,7 +370,8 @@ class DocStore:
                 self._rollback()
                 raise
             self._live += len(applied.added) - applied.live_before
-        return Applied(applied.keys, applied.added, applied.deleted, applied.last_seq, count)
+        return Applied(applied.keys, applied.added, applied.deleted, applied.last_seq, count,
+                       superseded=applied.superseded, newest=applied.newest)
 
     def _max_seq_locked(self) -> int:
         if not self._has_state:
@@ -391,9 +396,11 @@ class DocStore:
             return current is None or write.version > current
 
         chosen = [w for w in writes if newer(w)]
+        newest = max([w.version for w in writes] + [version for _, version, _ in held.values()], default=None)
+        superseded = sum(1 for w in writes if w.doc.id in held and held[w.doc.id][1] > w.version)
         seq = self._max_seq_locked()
         if not chosen:
-            return _Outcome(last_seq=seq)
+            return _Outcome(last_seq=seq, superseded=superseded, newest=newest)
         replaced_live = [w.doc.id for w in chosen if w.doc.id in held and not held[w.doc.id][2]]
         self._unindex_text(replaced_live)
         keys, added, deleted = [], [], 0
@@ -425,7 +432,8 @@ class DocStore:
         self._forget_metadata(keys)
         self._db.executemany(_INSERT_META, [row for key, w in zip(keys, chosen) if key in live
                                             for row in _metadata_rows(key, w.doc.metadata)])
-        return _Outcome(keys, added, deleted, seq, live_before=len(replaced_live))
+        return _Outcome(keys, added, deleted, seq, live_before=len(replaced_live), superseded=superseded,
+                        newest=newest)
 
     def upsert(self, docs: list[Document], vectors: np.ndarray, version: Version) -> Applied:
         """Store documents at one version (ids unique within the call)."""
@@ -435,17 +443,18 @@ class DocStore:
         """Tombstone ids at one version; ``deleted`` counts those that were live."""
         return self.apply([Write(Document(i, "", ""), None, version) for i in doc_ids])
 
-    def purge(self, horizon: Version, requests_older_than_s: float) -> int:
+    def purge(self, horizon: Version, requests_older_than_s: float, saved_seq: int) -> int:
         """Drop tombstones older than ``horizon`` (ids absent from here on count as deleted at it) and request
-        ids older than the given age. Returns the tombstones dropped."""
+        ids older than the given age. Only tombstones at or below ``saved_seq`` go: a graph saved before a
+        tombstone must still find it when it replays the store after a crash. Returns the tombstones dropped."""
         with self._lock:
             self._db.execute("BEGIN IMMEDIATE")
             try:
                 self._db.execute("INSERT INTO replica_state (name, value) VALUES ('seq_floor', ?) "
                                  "ON CONFLICT(name) DO UPDATE SET value = MAX(value, excluded.value)",
                                  (self._max_seq_locked(),))
-                dropped = self._db.execute("DELETE FROM docs WHERE deleted = 1 AND clock < ?",
-                                           (horizon.clock,)).rowcount
+                dropped = self._db.execute("DELETE FROM docs WHERE deleted = 1 AND clock < ? AND seq <= ?",
+                                           (horizon.clock, saved_seq)).rowcount
                 self._db.execute("INSERT INTO replica_state (name, value) VALUES ('purge_horizon', ?) "
                                  "ON CONFLICT(name) DO UPDATE SET value = MAX(value, excluded.value)", (horizon.clock,))
                 self._db.execute("DELETE FROM requests WHERE at < ?", (time.time() - requests_older_than_s,))
@@ -529,11 +538,17 @@ class DocStore:
         while True:
             with self._read_lock:
                 rows = self._reader.execute(
-                    f"SELECT {_WRITE_COLUMNS} FROM docs WHERE seq > ? ORDER BY seq LIMIT ?", (seq, batch_rows),
+                    f"SELECT {_WRITE_COLUMNS}, key FROM docs WHERE seq > ? ORDER BY seq, key LIMIT ?", (seq, batch_rows),
                 ).fetchall()
+                if rows:
+                    # Stores made before every row had its own sequence hold groups of rows sharing one: a page
+                    # ends with the whole of its last sequence, so the next page (after that sequence) skips none.
+                    rows += self._reader.execute(
+                        f"SELECT {_WRITE_COLUMNS}, key FROM docs WHERE seq = ? AND key > ? ORDER BY key",
+                        (rows[-1][0], rows[-1][-1])).fetchall()
             if not rows:
                 return
-            batch = [_write_of(row) for row in rows]
+            batch = [_write_of(row[:-1]) for row in rows]
             seq = batch[-1].seq
             yield batch
 

@@ -272,6 +272,11 @@ class DocumentIndex:
         version = version or self.clock.now()
         return self.apply([Write(Document(doc_id, "", ""), None, version) for doc_id in doc_ids]).deleted
 
+    def purge(self, horizon: Version, requests_older_than_s: float) -> int:
+        """Drop tombstones older than ``horizon`` that the saved graph has already seen (``DocStore.purge``)."""
+        self.require_writable()
+        return self.store.purge(horizon, requests_older_than_s, saved_seq=self.manifest.applied_seq)
+
     def copy_writes(self, source: "DocumentIndex", since_seq: int = 0) -> int:
         """Apply every write ``source`` holds after ``since_seq``, with its version and stored vector (no
         re-embedding): merging parts of a shard, or carrying writes over to a newer snapshot. Returns how

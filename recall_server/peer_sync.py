@@ -19,10 +19,14 @@ Contract:
   (``Changes`` by id). This repairs what catch-up cannot see: a lost cursor,
   a restored disk, a write that reached only some replicas. The time since
   every peer last agreed is ``twostage_replica_agreement_age_seconds``.
-- **Tombstones** are kept for ``tombstone_ttl_s`` and then purged; an id
-  absent from a store is taken as deleted at its purge horizon, so a purge
-  never lets a stale copy come back. A replica that was away longer than
-  ``tombstone_ttl_s`` must start again from a snapshot (an empty volume).
+- **Tombstones** are kept for ``tombstone_ttl_s`` (and at least until a
+  snapshot newer than the delete is served), then purged, but only by a
+  replica whose last anti-entropy round reached every peer and found every
+  digest equal: a replica that may lack writes never takes absence as
+  deletion. An id absent from a store is taken as deleted at its purge
+  horizon, so a stale copy of it is never pulled; and a replica that holds an
+  id live, older than a peer's purge horizon, which that peer lacks, deletes
+  it (the peer deleted it so long ago that the tombstone is gone).
 - A round that fails (a peer away, a broken reply, a full disk) is logged,
   counted in ``twostage_peer_sync_failures_total`` and retried on the next
   round; the loop never ends while the server runs.
@@ -46,7 +50,7 @@ from twostage.versions import Version
 
 log = logging.getLogger(__name__)
 PAGE = 512  # changes per Changes reply
-BUCKETS_PER_CALL = 128  # buckets per Versions call
+BUCKETS_PER_CALL = 16  # buckets per Versions call: about 10,000 documents each on a 10-million-document shard
 
 REPAIRED = prom.Counter("twostage_replica_repaired_total", "Writes copied from other replicas of the shard", ["how"])
 FAILURES = prom.Counter("twostage_peer_sync_failures_total", "Catch-up or anti-entropy calls to a peer that failed",
@@ -86,6 +90,7 @@ class PeerSync:
         self.last_agreement: float | None = None  # wall-clock time every peer last agreed
         self.last_error = ""
         self._disagreed = False  # some peer's digest differed in this anti-entropy round
+        self.agreed = False  # the last anti-entropy round reached every peer and every digest matched
         AGREEMENT_AGE.set_function(self.agreement_age_s)
 
     def agreement_age_s(self) -> float:
@@ -110,7 +115,8 @@ class PeerSync:
                 if time.monotonic() >= next_comparison:
                     next_comparison = time.monotonic() + s.anti_entropy_period_s
                     await self.anti_entropy_once()
-                    await self.service.purge_tombstones()
+                    if self.agreed:  # only a replica that holds what its peers hold may take absence as deletion
+                        await self.service.purge_tombstones()
             except asyncio.CancelledError:
                 raise
             except Exception as error:  # never silently: logged, counted, retried next round
@@ -176,14 +182,15 @@ class PeerSync:
                 after = reply.changes[-1].seq
             known = (reply.replica_id, version, after)
             self._cursors[address] = known
-            if len(reply.changes) < PAGE:
+            if not reply.more:
                 return applied
 
     async def anti_entropy_once(self) -> int:
         """Compare digests with every peer and pull what they hold newer; returns the writes applied."""
         self._disagreed = False
         repaired, everyone = await self._each_peer("anti-entropy", self._reconcile_with)
-        if everyone and not self._disagreed:
+        self.agreed = everyone and not self._disagreed
+        if self.agreed:
             self.last_agreement = time.time()
         if repaired:
             REPAIRED.labels("anti_entropy").inc(repaired)
@@ -195,7 +202,7 @@ class PeerSync:
         theirs = await stub.Digest(recall_pb2.DigestRequest(snapshot_version=version), metadata=metadata, timeout=30)
         if theirs.replica_id == self.service.replica_id:
             return 0
-        ours, _ = await self.service.digests(version)
+        ours, _, _ = await self.service.digests(version)
         peer = {d.bucket: (d.count, d.hash) for d in theirs.digests}
         differing = sorted(b for b in set(ours) | set(peer) if ours.get(b) != peer.get(b))
         if not differing:
@@ -206,11 +213,18 @@ class PeerSync:
             buckets = differing[start:start + BUCKETS_PER_CALL]
             listed = await stub.Versions(recall_pb2.VersionsRequest(snapshot_version=version, buckets=buckets),
                                          metadata=metadata, timeout=30)
-            newer = await self.service.newer_elsewhere(
-                [(v.id, version_of(v.version)) for v in listed.versions], buckets)
-            for first in range(0, len(newer), PAGE):
-                reply = await stub.Changes(
-                    recall_pb2.ChangesRequest(snapshot_version=version, ids=newer[first:first + PAGE]),
-                    metadata=metadata, timeout=30)
+            pull, purged = await self.service.reconcile_plan(
+                [(v.id, version_of(v.version)) for v in listed.versions], buckets, theirs.purge_horizon)
+            if purged:  # deleted at the peer so long ago that its tombstone is gone: delete here too
+                horizon = Version(theirs.purge_horizon, "")
+                applied += await self.service.apply_peer_writes(
+                    [Write(Document(doc_id, "", ""), None, horizon) for doc_id in purged])
+            while pull:
+                reply = await stub.Changes(recall_pb2.ChangesRequest(snapshot_version=version, ids=pull[:PAGE]),
+                                           metadata=metadata, timeout=30)
                 applied += await self.service.apply_peer_writes([write_from_proto(c) for c in reply.changes])
+                if reply.more and reply.changes:  # cut at its size limit: ask again after the last one answered
+                    pull = pull[pull.index(reply.changes[-1].document.id) + 1:]
+                else:
+                    pull = pull[PAGE:]
         return applied

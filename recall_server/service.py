@@ -2,10 +2,11 @@
 
 import asyncio
 import contextlib
+import json
 import logging
 import time
 import uuid
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 
@@ -19,7 +20,7 @@ from recall_server.snapshot_follower import IndexLeases, SnapshotFollower
 from twostage import errors
 from twostage.batching import BatchPolicy, DynamicBatcher
 from twostage.corpus import Document, document_text
-from twostage.documents import check_documents, check_ids
+from twostage.documents import check_documents, check_ids, check_request_id
 from twostage.filters import Filter
 from twostage.hybrid import fuse
 from twostage.metrics import RECALL_SEARCH_SECONDS as SEARCH_SECONDS
@@ -36,6 +37,12 @@ class WriteReply:
     count: int  # documents upserted, or live documents deleted
     version: Version
     doc_count: int
+    superseded: int = 0  # documents held at a newer version: this write lost to them
+    newest: Version | None = None  # the newest version held for the write's ids afterwards
+
+
+CHANGES_MAX_BYTES = 4 << 20  # one Changes reply, well inside the default 16 MiB message limit
+MAX_BUCKETS_PER_CALL = 128
 
 
 async def finish_even_if_cancelled(work):
@@ -49,6 +56,12 @@ async def finish_even_if_cancelled(work):
             with contextlib.suppress(asyncio.CancelledError):
                 await asyncio.wait([task])  # never raises the task's own error
         raise
+
+
+def _change_bytes(write: Write) -> int:
+    doc = write.doc
+    return 64 + len(doc.id) + len(doc.title) + len(doc.text) + len(json.dumps(doc.metadata)) + (
+        0 if write.vector is None else write.vector.nbytes)
 
 
 def tombstone_horizon(ttl_s: float, now_s: float | None = None) -> Version:
@@ -84,6 +97,7 @@ class RecallService:
         # Writes and an index switch take turns, so no write lands on an index being replaced.
         self._write_gate = asyncio.Lock()
         self._leases = IndexLeases()
+        self._purging: asyncio.Task | None = None
 
     async def start(self) -> None:
         s = self.settings
@@ -105,6 +119,8 @@ class RecallService:
                 self.peers.start()
         else:
             self.index = await asyncio.to_thread(self._open_index, s.index_dir)
+        if self.peers is None and not s.read_only:
+            self._purging = asyncio.get_running_loop().create_task(self._purge_periodically())
         await self.search("warm up", 1, mode="dense")
 
     def _open_index(self, directory) -> DocumentIndex:
@@ -124,7 +140,13 @@ class RecallService:
         in-flight call ends."""
         async with self._write_gate:
             old = self.index
-            await finish_even_if_cancelled(asyncio.to_thread(prepare, old, fresh))
+            prepared = asyncio.ensure_future(asyncio.to_thread(prepare, old, fresh))
+            try:
+                await finish_even_if_cancelled(prepared)
+            except asyncio.CancelledError:
+                if not prepared.cancelled() and prepared.exception() is None:
+                    self.index = fresh  # on disk the switch is made: serve what a restart would open
+                raise
             self.index = fresh
         if old is not None:
             await self._leases.wait_idle(old)
@@ -134,6 +156,9 @@ class RecallService:
                 log.exception("closing the replaced index failed")
 
     async def close(self) -> None:
+        if self._purging is not None:
+            self._purging.cancel()
+            await asyncio.gather(self._purging, return_exceptions=True)
         if self.peers is not None:
             await self.peers.close()
         if self.snapshots is not None:
@@ -241,6 +266,7 @@ class RecallService:
                 return await finish_even_if_cancelled(asyncio.to_thread(write, index))
 
     async def _replayed(self, request_id: str) -> WriteReply | None:
+        check_request_id(request_id)
         if request_id and (known := await asyncio.to_thread(self.index.store.request, request_id)):
             return WriteReply(known[0], known[1], self.doc_count())
         return None
@@ -265,7 +291,7 @@ class RecallService:
         version = self._version(version)
         writes = [Write(doc, vector, version) for doc, vector in zip(docs, vectors)]
         applied = await self._exclusive_write(lambda index: index.apply(writes, request_id))
-        return WriteReply(applied.count, applied.version or version, self.doc_count())
+        return self._reply(applied, version)
 
     async def delete(self, ids: list[str], request_id: str = "", version: Version | None = None) -> WriteReply:
         """Tombstone ids at one version; the count is of those that were live."""
@@ -278,7 +304,13 @@ class RecallService:
         writes = [Write(Document(doc_id, "", ""), None, version) for doc_id in ids]
         applied = await self._exclusive_write(
             lambda index: index.apply(writes, request_id, answer=lambda outcome: outcome.deleted))
-        return WriteReply(applied.count, applied.version or version, self.doc_count())
+        return self._reply(applied, version)
+
+    def _reply(self, applied, version: Version) -> WriteReply:
+        if applied.newest is not None:
+            self.clock.observe(applied.newest.clock)
+        return WriteReply(applied.count, applied.version or version, self.doc_count(), applied.superseded,
+                          applied.newest)
 
     async def get(self, ids: list[str]) -> list[Document]:
         """Stored documents among ``ids``, in request order."""
@@ -299,44 +331,69 @@ class RecallService:
         return served
 
     async def changes(self, snapshot_version: str, after_seq: int, limit: int, ids: list[str] = ()
-                      ) -> tuple[list[Write], str]:
+                      ) -> tuple[list[Write], str, bool]:
         """Rows written since this replica adopted its snapshot, after ``after_seq`` (``Recall.Changes``), or the
-        rows of the ids asked for; and this process's id."""
+        rows of the ids asked for (in the order asked); this process's id; and whether the reply was cut short
+        (more rows follow the last one, or ids after the last one answered are still to fetch)."""
         self._served_snapshot(snapshot_version)
         with self._leases.hold(self.index) as index:
             if ids:
-                check_ids(list(ids), self.settings.document_limits())
-                return await asyncio.to_thread(index.store.rows, list(ids)), self.replica_id
-            limit = min(limit or PEER_PAGE, PEER_PAGE)
-            since = max(after_seq, self.snapshots.base_seq)
-            batch = await asyncio.to_thread(lambda: next(index.store.writes_since(since, batch_rows=limit), []))
-        return batch, self.replica_id
+                errors.check_limit("ids (count)", len(ids), 1, PEER_PAGE)
+                check_ids(list(ids), replace(self.settings.document_limits(), max_docs=PEER_PAGE))
+                found = {w.doc.id: w for w in await asyncio.to_thread(index.store.rows, list(ids))}
+                rows = [found[i] for i in ids if i in found]
+            else:
+                limit = min(limit or PEER_PAGE, PEER_PAGE)
+                since = max(after_seq, self.snapshots.base_seq)
+                rows = await asyncio.to_thread(lambda: next(index.store.writes_since(since, batch_rows=limit), []))
+        kept, size = [], 0
+        for row in rows:
+            size += _change_bytes(row)
+            if kept and size > CHANGES_MAX_BYTES and not (not ids and row.seq == kept[-1].seq):
+                return kept, self.replica_id, True
+            kept.append(row)
+        return kept, self.replica_id, (not ids and len(rows) >= (limit or PEER_PAGE))
 
     def _tombstones_from(self) -> Version:
         return tombstone_horizon(self.settings.tombstone_ttl_s)
 
-    async def digests(self, snapshot_version: str = "") -> tuple[dict[int, tuple[int, int]], str]:
+    async def digests(self, snapshot_version: str = "") -> tuple[dict[int, tuple[int, int]], str, int]:
+        """Per bucket (rows, hash sum), the served snapshot, and the purge horizon's clock (0: none)."""
         served = self._served_snapshot(snapshot_version)
         with self._leases.hold(self.index) as index:
-            return await asyncio.to_thread(index.store.digests, self._tombstones_from()), served
+            digests = await asyncio.to_thread(index.store.digests, self._tombstones_from())
+            horizon = await asyncio.to_thread(index.store.purge_horizon)
+        return digests, served, 0 if horizon is None else horizon.clock
 
     async def versions(self, snapshot_version: str, buckets: list[int]) -> tuple[list, str]:
         served = self._served_snapshot(snapshot_version)
+        buckets = sorted(set(buckets))
         if any(not 0 <= b < BUCKETS for b in buckets):
             raise errors.InvalidArgument(f"buckets are 0-{BUCKETS - 1}")
+        errors.check_limit("buckets (count)", len(buckets), 1, MAX_BUCKETS_PER_CALL)
         with self._leases.hold(self.index) as index:
             return await asyncio.to_thread(index.store.versions, buckets, self._tombstones_from()), served
 
-    async def newer_elsewhere(self, listed: list[tuple[str, Version]], buckets: list[int]) -> list[str]:
-        """Ids among ``listed`` (a peer's versions in these buckets) whose version is newer than this replica's;
-        an id absent here counts as deleted at the purge horizon."""
+    async def reconcile_plan(self, listed: list[tuple[str, Version]], buckets: list[int], peer_horizon: int
+                             ) -> tuple[list[str], list[str]]:
+        """Against a peer's versions in these buckets: (ids it holds newer, which to pull; ids held live here that
+        the peer purged as deleted, which to tombstone). An id absent here counts as deleted at this store's
+        purge horizon; one absent at the peer, older than its horizon, was deleted there."""
         with self._leases.hold(self.index) as index:
-            def compare():
-                held = {doc_id: version for doc_id, version, _ in index.store.versions(buckets, Version(0, ""))}
+            def plan():
+                held = {doc_id: (version, deleted)
+                        for doc_id, version, deleted in index.store.versions(buckets, Version(0, ""))}
                 absent = index.store.purge_horizon()
-                return [doc_id for doc_id, version in listed
-                        if (held.get(doc_id) or absent) is None or version > (held.get(doc_id) or absent)]
-            return await asyncio.to_thread(compare)
+                pull = []
+                for doc_id, version in listed:
+                    ours = held[doc_id][0] if doc_id in held else absent
+                    if ours is None or version > ours:
+                        pull.append(doc_id)
+                theirs = {doc_id for doc_id, _ in listed}
+                purged = [doc_id for doc_id, (version, deleted) in held.items()
+                          if not deleted and doc_id not in theirs and version.clock < peer_horizon]
+                return pull, purged
+            return await asyncio.to_thread(plan)
 
     async def apply_peer_writes(self, writes: list[Write]) -> int:
         """Apply writes copied from a peer (each only if newer); returns how many were newer."""
@@ -347,11 +404,28 @@ class RecallService:
         return len(applied.keys)
 
     async def purge_tombstones(self) -> int:
+        """Drop tombstones past ``tombstone_ttl_s`` (and older than the served snapshot's build, whose corpus
+        then postdates the delete). With peers, call it only after a round in which every peer agreed: a replica
+        that has not caught up must not treat writes it lacks as deleted."""
         horizon, ttl = self._tombstones_from(), self.settings.tombstone_ttl_s
-        dropped = await self._exclusive_write(lambda index: index.store.purge(horizon, ttl))
+        if self.snapshots is not None and self.snapshots.current is not None:
+            horizon = min(horizon, Version(clock_at(self.snapshots.current.created_at), ""))
+        dropped = await self._exclusive_write(lambda index: index.purge(horizon, ttl))
         if dropped:
             log.info("purged %d tombstones older than %.0f s", dropped, ttl)
         return dropped
+
+    async def _purge_periodically(self) -> None:
+        """For a server without peers (with peers, the sync loop purges after an agreeing round)."""
+        period = min(3600.0, self.settings.tombstone_ttl_s / 4)
+        while True:
+            await asyncio.sleep(period)
+            try:
+                await self.purge_tombstones()
+            except asyncio.CancelledError:
+                raise
+            except Exception:
+                log.exception("purging tombstones failed; retrying in %.0f s", period)
 
     def doc_count(self) -> int:
         return self.index.store.count() if self.index else 0

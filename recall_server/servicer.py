@@ -31,6 +31,14 @@ def _given_version(request):
     return version_of(request.version) if request.HasField("version") else None
 
 
+def _write_fields(reply) -> dict:
+    fields = {"doc_count": reply.doc_count, "version": version_to_proto(reply.version),
+              "superseded": reply.superseded}
+    if reply.newest is not None:
+        fields["newest_version"] = version_to_proto(reply.newest)
+    return fields
+
+
 class RecallServicer(recall_pb2_grpc.RecallServicer):
     def __init__(self, service: RecallService):
         self.service = service
@@ -67,15 +75,15 @@ class RecallServicer(recall_pb2_grpc.RecallServicer):
         start = time.perf_counter()
         docs = [document_from_proto(d) for d in request.documents]
         reply = await self.service.upsert(docs, deadline_of(context), request.request_id, _given_version(request))
-        return common_pb2.UpsertResponse(upserted=reply.count, doc_count=reply.doc_count, timings_ms=_ms_since(start),
-                                         version=version_to_proto(reply.version), request_id=request.request_id)
+        return common_pb2.UpsertResponse(upserted=reply.count, timings_ms=_ms_since(start),
+                                         request_id=request.request_id, **_write_fields(reply))
 
     @translate_errors
     async def Delete(self, request: common_pb2.DeleteRequest, context: grpc.aio.ServicerContext):
         start = time.perf_counter()
         reply = await self.service.delete(list(request.ids), request.request_id, _given_version(request))
-        return common_pb2.DeleteResponse(deleted=reply.count, doc_count=reply.doc_count, timings_ms=_ms_since(start),
-                                         version=version_to_proto(reply.version), request_id=request.request_id)
+        return common_pb2.DeleteResponse(deleted=reply.count, timings_ms=_ms_since(start),
+                                         request_id=request.request_id, **_write_fields(reply))
 
     @translate_errors
     async def Get(self, request: common_pb2.GetRequest, context: grpc.aio.ServicerContext):
@@ -87,8 +95,8 @@ class RecallServicer(recall_pb2_grpc.RecallServicer):
 
     @translate_errors
     async def Changes(self, request: recall_pb2.ChangesRequest, context: grpc.aio.ServicerContext):
-        batch, replica_id = await self.service.changes(request.snapshot_version, request.after_seq, request.limit,
-                                                       list(request.ids))
+        batch, replica_id, more = await self.service.changes(request.snapshot_version, request.after_seq,
+                                                             request.limit, list(request.ids))
         return recall_pb2.ChangesResponse(
             changes=[recall_pb2.DocumentChange(
                 document=common_pb2.Document(id=w.doc.id) if w.deleted else document_to_proto(w.doc),
@@ -97,13 +105,14 @@ class RecallServicer(recall_pb2_grpc.RecallServicer):
                 for w in batch],
             replica_id=replica_id,
             snapshot_version=request.snapshot_version,
+            more=more,
         )
 
     @translate_errors
     async def Digest(self, request: recall_pb2.DigestRequest, context: grpc.aio.ServicerContext):
-        digests, served = await self.service.digests(request.snapshot_version)
+        digests, served, horizon = await self.service.digests(request.snapshot_version)
         return recall_pb2.DigestResponse(
-            replica_id=self.service.replica_id, snapshot_version=served, buckets=BUCKETS,
+            replica_id=self.service.replica_id, snapshot_version=served, buckets=BUCKETS, purge_horizon=horizon,
             digests=[recall_pb2.BucketDigest(bucket=b, count=count, hash=total)
                      for b, (count, total) in sorted(digests.items())],
         )

@@ -180,6 +180,8 @@ class SnapshotFollower:
             base_seq = await asyncio.to_thread(fresh.store.max_seq)
             await self._switch(fresh, prepare)
         except BaseException:
+            if await asyncio.to_thread(lambda: Path(index_dir).resolve() == copy.resolve()):
+                raise  # switched on disk before a shutdown interrupted it: the copy is what a restart serves
             # Not served (a full disk while carrying writes over, say): the old index goes on, this copy goes,
             # and a later poll tries again from the start.
             await asyncio.to_thread(fresh.close)

@@ -36,6 +36,16 @@ def check_id(doc_id: str, where: str, limits: DocumentLimits) -> None:
         )
 
 
+MAX_REQUEST_ID_CHARS = 128
+
+
+def check_request_id(request_id: str) -> None:
+    """A write's request_id names it for resends: printable, bounded (servers remember them)."""
+    if request_id and (len(request_id) > MAX_REQUEST_ID_CHARS or not _ID_PATTERN.match(request_id)):
+        raise errors.InvalidArgument(f"request_id {request_id[:40]!r} is malformed: 1-{MAX_REQUEST_ID_CHARS} "
+                                     "printable characters, no surrounding whitespace")
+
+
 def check_ids(ids: list[str], limits: DocumentLimits, field: str = "ids") -> None:
     """Count, form and uniqueness of the ids of one request."""
     errors.check_limit(f"{field} (count)", len(ids), 1, limits.max_docs)

@@ -116,3 +116,34 @@ async def test_a_resend_with_the_same_request_id_is_answered_alike(replicas, gat
         await stub.Delete(common_pb2.DeleteRequest(ids=ids[:1], request_id="resend-1"))
     assert reused.value.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert "already used for a different write" in reused.value.details()
+
+
+async def test_resends_waiting_on_a_failed_attempt_start_one_new_attempt_between_them():
+    import asyncio
+
+    from gateway.writes import DocumentRouter
+    from twostage import errors
+
+    router = DocumentRouter([])
+    sends, first_may_fail = [], asyncio.Event()
+
+    async def send_to_shards(items, ids, request_id, version, timeout_s, send):
+        sends.append(version)
+        if len(sends) == 1:
+            await first_may_fail.wait()
+            raise errors.Unavailable("too few replicas")
+        return version
+
+    router._send_to_shards = send_to_shards
+    first = asyncio.ensure_future(router.delete(["a"], 5, "req-1"))
+    await asyncio.sleep(0)
+    while not sends:  # the first attempt is in flight
+        await asyncio.sleep(0)
+    resends = [asyncio.ensure_future(router.delete(["a"], 5, "req-1")) for _ in range(3)]
+    await asyncio.sleep(0)
+    first_may_fail.set()
+    with pytest.raises(errors.Unavailable):
+        await first
+    answers = await asyncio.gather(*resends)
+    assert len(sends) == 2 and len(set(sends)) == 1  # one new attempt, at the first attempt's version
+    assert answers == [sends[0]] * 3

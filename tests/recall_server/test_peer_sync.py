@@ -190,3 +190,56 @@ async def test_a_failing_sync_round_is_logged_counted_and_retried(tmp_path, shar
         assert "ValueError: a damaged reply" in service.peers.last_error
     finally:
         await server.stop(grace_s=1)
+
+
+async def test_tombstones_are_purged_only_after_every_peer_agreed(tmp_path, sharded_index, models):
+    root, peers_file = tmp_path / "snapshots", tmp_path / "peers"
+    publish_copy(sharded_index / "shard-1", root, "v1")
+    peers_file.write_text("")
+    service, server, address = await start_replica(tmp_path, "a", root, peers_file, anti_entropy_period_s=0.05)
+    try:
+        rounds, purges = [], []
+        real_round, real_purge = service.peers.anti_entropy_once, service.purge_tombstones
+
+        async def counted_round():
+            rounds.append(1)
+            return await real_round()
+
+        async def counted_purge():
+            purges.append(len(rounds))
+            return await real_purge()
+
+        service.peers.anti_entropy_once, service.purge_tombstones = counted_round, counted_purge
+        # A peer that cannot be reached: this replica may lack writes it holds, so absence proves nothing.
+        peers_file.write_text(f"{address}\n127.0.0.1:1\n")
+        start = len(rounds)
+        await until(lambda: len(rounds) >= start + 3)
+        assert not service.peers.agreed and not purges
+        peers_file.write_text(f"{address}\n")  # every peer (none but itself) agrees
+        await until(lambda: purges)
+        assert service.peers.agreed
+    finally:
+        await server.stop(grace_s=1)
+
+
+async def test_a_replica_that_missed_a_delete_whose_tombstone_is_gone_deletes_too(tmp_path, sharded_index, models):
+    from twostage.versions import clock_at
+
+    root, peers_file = tmp_path / "snapshots", tmp_path / "peers"
+    publish_copy(sharded_index / "shard-1", root, "v1")
+    peers_file.write_text("")
+    first, first_server, first_address = await start_replica(tmp_path, "a", root, peers_file)
+    second, second_server, second_address = await start_replica(tmp_path, "b", root, peers_file,
+                                                                anti_entropy_period_s=0.1)
+    servers = [first_server, second_server]
+    try:
+        gone = first.index.fetch([3])[3].id  # a snapshot document, live on both
+        await first.delete([gone])
+        await asyncio.to_thread(first.index.save)
+        await asyncio.to_thread(first.index.purge, Version(clock_at(time.time() + 1), ""), 0)
+        assert first.index.store.rows([gone]) == []  # the tombstone is gone too
+        assert await second.get([gone])  # the second replica never saw the delete
+        peers_file.write_text(f"{first_address}\n{second_address}\n")
+        await until(lambda: gone not in second.index.get([gone]), timeout_s=60)
+    finally:
+        await asyncio.gather(*(s.stop(grace_s=1) for s in servers))

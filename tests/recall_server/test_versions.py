@@ -87,7 +87,7 @@ def test_purged_tombstones_keep_deleted_documents_deleted(tmp_path):
     store.apply([upsert("base", "snapshot", 0, ""), upsert("x", "t", 5)])
     store.apply([delete("base", 10), delete("x", 11)])
     last_seq = store.max_seq()
-    assert store.purge(Version(100, ""), requests_older_than_s=0) == 2
+    assert store.purge(Version(100, ""), requests_older_than_s=0, saved_seq=store.max_seq()) == 2
     assert state(store) == {}
     # A stale copy from a replica that never saw the deletes stays out: absent means deleted at the horizon.
     store.apply([upsert("x", "stale", 5), Write(Document("base", "", "snapshot"), np.zeros(4, np.float32), BASE)])
@@ -122,3 +122,33 @@ def test_the_clock_orders_writes_after_any_version_it_has_seen():
     frozen = HybridClock("g2", wall=lambda: 1.0)
     readings = [frozen.now() for _ in range(5)]
     assert readings == sorted(readings) and len(set(readings)) == 5  # a stopped wall clock still moves it on
+
+
+def test_a_store_made_before_rows_had_sequences_of_their_own_is_paged_whole(tmp_path):
+    store = DocStore(tmp_path / "docs.sqlite")
+    store.apply([upsert(f"d{i}", "t", 5) for i in range(10)])
+    store._db.execute("UPDATE docs SET seq = 3")  # as an older store wrote one upsert: one sequence for all
+    seen, after = [], 0
+    while page := next(store.writes_since(after, batch_rows=4), []):
+        seen += [w.doc.id for w in page]
+        after = page[-1].seq
+    assert sorted(seen) == sorted(f"d{i}" for i in range(10))
+    store.close()
+
+
+def test_a_write_that_loses_to_a_newer_version_is_reported_superseded(tmp_path):
+    store = DocStore(tmp_path / "docs.sqlite")
+    store.apply([upsert("x", "later elsewhere", 50, "b")])
+    outcome = store.apply([upsert("x", "earlier", 40), upsert("y", "new", 40)])
+    assert (outcome.superseded, outcome.newest) == (1, Version(50, "b"))
+    assert store.get(["x"])["x"].text == "later elsewhere"
+    store.close()
+
+
+def test_a_purge_keeps_tombstones_the_saved_graph_has_not_seen(tmp_path):
+    store = DocStore(tmp_path / "docs.sqlite")
+    store.apply([upsert("x", "t", 5)])
+    store.apply([delete("x", 6)])
+    assert store.purge(Version(100, ""), requests_older_than_s=0, saved_seq=1) == 0  # the graph saved at seq 1
+    assert store.purge(Version(100, ""), requests_older_than_s=0, saved_seq=store.max_seq()) == 1
+    store.close()

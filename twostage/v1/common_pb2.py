@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x18twostage/v1/common.proto\x12\x0btwostage.v1\"\r\n\x0bInfoRequest\"$\n\x05Limit\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x03\"\x8d\x01\n\rMetadataValue\x12\x16\n\x0cstring_value\x18\x01 \x01(\tH\x00\x12\x16\n\x0cnumber_value\x18\x02 \x01(\x01H\x00\x12\x14\n\nbool_value\x18\x03 \x01(\x08H\x00\x12.\n\x0bstring_list\x18\x04 \x01(\x0b\x32\x17.twostage.v1.StringListH\x00\x42\x06\n\x04kind\"\x1c\n\nStringList\x12\x0e\n\x06values\x18\x01 \x03(\t\"4\n\x06\x46ilter\x12*\n\x07\x63lauses\x18\x01 \x03(\x0b\x32\x19.twostage.v1.FilterClause\"\xa6\x01\n\x0c\x46ilterClause\x12\x0b\n\x03key\x18\x01 \x01(\t\x12,\n\x06\x65quals\x18\x02 \x01(\x0b\x32\x1a.twostage.v1.MetadataValueH\x00\x12(\n\x06\x61ny_of\x18\x03 \x01(\x0b\x32\x16.twostage.v1.ValueListH\x00\x12)\n\x05range\x18\x04 \x01(\x0b\x32\x18.twostage.v1.NumberRangeH\x00\x42\x06\n\x04test\"7\n\tValueList\x12*\n\x06values\x18\x01 \x03(\x0b\x32\x1a.twostage.v1.MetadataValue\"q\n\x0bNumberRange\x12\x10\n\x03gte\x18\x01 \x01(\x01H\x00\x88\x01\x01\x12\x0f\n\x02gt\x18\x02 \x01(\x01H\x01\x88\x01\x01\x12\x10\n\x03lte\x18\x03 \x01(\x01H\x02\x88\x01\x01\x12\x0f\n\x02lt\x18\x04 \x01(\x01H\x03\x88\x01\x01\x42\x06\n\x04_gteB\x05\n\x03_gtB\x06\n\x04_lteB\x05\n\x03_lt\"\xbd\x01\n\x08\x44ocument\x12\n\n\x02id\x18\x01 \x01(\t\x12\r\n\x05title\x18\x02 \x01(\t\x12\x0c\n\x04text\x18\x03 \x01(\t\x12\x35\n\x08metadata\x18\x05 \x03(\x0b\x32#.twostage.v1.Document.MetadataEntry\x1aK\n\rMetadataEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12)\n\x05value\x18\x02 \x01(\x0b\x32\x1a.twostage.v1.MetadataValue:\x02\x38\x01J\x04\x08\x04\x10\x05\"-\n\x0cWriteVersion\x12\r\n\x05\x63lock\x18\x01 \x01(\x04\x12\x0e\n\x06writer\x18\x02 \x01(\t\"T\n\x08ShardAck\x12\r\n\x05shard\x18\x01 \x01(\r\x12\x11\n\tdocuments\x18\x02 \x01(\r\x12\x14\n\x0c\x61\x63knowledged\x18\x03 \x01(\r\x12\x10\n\x08replicas\x18\x04 \x01(\r\"y\n\rUpsertRequest\x12(\n\tdocuments\x18\x01 \x03(\x0b\x32\x15.twostage.v1.Document\x12\x12\n\nrequest_id\x18\x02 \x01(\t\x12*\n\x07version\x18\x03 \x01(\x0b\x32\x19.twostage.v1.WriteVersion\"\x8e\x02\n\x0eUpsertResponse\x12\x10\n\x08upserted\x18\x01 \x01(\r\x12\x11\n\tdoc_count\x18\x02 \x01(\x04\x12>\n\ntimings_ms\x18\x03 \x03(\x0b\x32*.twostage.v1.UpsertResponse.TimingsMsEntry\x12*\n\x07version\x18\x04 \x01(\x0b\x32\x19.twostage.v1.WriteVersion\x12%\n\x06shards\x18\x05 \x03(\x0b\x32\x15.twostage.v1.ShardAck\x12\x12\n\nrequest_id\x18\x06 \x01(\t\x1a\x30\n\x0eTimingsMsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01\"\\\n\rDeleteRequest\x12\x0b\n\x03ids\x18\x01 \x03(\t\x12\x12\n\nrequest_id\x18\x02 \x01(\t\x12*\n\x07version\x18\x03 \x01(\x0b\x32\x19.twostage.v1.WriteVersion\"\x8d\x02\n\x0e\x44\x65leteResponse\x12\x0f\n\x07\x64\x65leted\x18\x01 \x01(\r\x12\x11\n\tdoc_count\x18\x02 \x01(\x04\x12>\n\ntimings_ms\x18\x03 \x03(\x0b\x32*.twostage.v1.DeleteResponse.TimingsMsEntry\x12*\n\x07version\x18\x04 \x01(\x0b\x32\x19.twostage.v1.WriteVersion\x12%\n\x06shards\x18\x05 \x03(\x0b\x32\x15.twostage.v1.ShardAck\x12\x12\n\nrequest_id\x18\x06 \x01(\t\x1a\x30\n\x0eTimingsMsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01\"\x19\n\nGetRequest\x12\x0b\n\x03ids\x18\x01 \x03(\t\"H\n\x0bGetResponse\x12(\n\tdocuments\x18\x01 \x03(\x0b\x32\x15.twostage.v1.Document\x12\x0f\n\x07missing\x18\x02 \x03(\t*q\n\nRecallMode\x12\x1b\n\x17RECALL_MODE_UNSPECIFIED\x10\x00\x12\x15\n\x11RECALL_MODE_DENSE\x10\x01\x12\x17\n\x13RECALL_MODE_LEXICAL\x10\x02\x12\x16\n\x12RECALL_MODE_HYBRID\x10\x03\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x18twostage/v1/common.proto\x12\x0btwostage.v1\"\r\n\x0bInfoRequest\"$\n\x05Limit\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x03\"\x8d\x01\n\rMetadataValue\x12\x16\n\x0cstring_value\x18\x01 \x01(\tH\x00\x12\x16\n\x0cnumber_value\x18\x02 \x01(\x01H\x00\x12\x14\n\nbool_value\x18\x03 \x01(\x08H\x00\x12.\n\x0bstring_list\x18\x04 \x01(\x0b\x32\x17.twostage.v1.StringListH\x00\x42\x06\n\x04kind\"\x1c\n\nStringList\x12\x0e\n\x06values\x18\x01 \x03(\t\"4\n\x06\x46ilter\x12*\n\x07\x63lauses\x18\x01 \x03(\x0b\x32\x19.twostage.v1.FilterClause\"\xa6\x01\n\x0c\x46ilterClause\x12\x0b\n\x03key\x18\x01 \x01(\t\x12,\n\x06\x65quals\x18\x02 \x01(\x0b\x32\x1a.twostage.v1.MetadataValueH\x00\x12(\n\x06\x61ny_of\x18\x03 \x01(\x0b\x32\x16.twostage.v1.ValueListH\x00\x12)\n\x05range\x18\x04 \x01(\x0b\x32\x18.twostage.v1.NumberRangeH\x00\x42\x06\n\x04test\"7\n\tValueList\x12*\n\x06values\x18\x01 \x03(\x0b\x32\x1a.twostage.v1.MetadataValue\"q\n\x0bNumberRange\x12\x10\n\x03gte\x18\x01 \x01(\x01H\x00\x88\x01\x01\x12\x0f\n\x02gt\x18\x02 \x01(\x01H\x01\x88\x01\x01\x12\x10\n\x03lte\x18\x03 \x01(\x01H\x02\x88\x01\x01\x12\x0f\n\x02lt\x18\x04 \x01(\x01H\x03\x88\x01\x01\x42\x06\n\x04_gteB\x05\n\x03_gtB\x06\n\x04_lteB\x05\n\x03_lt\"\xbd\x01\n\x08\x44ocument\x12\n\n\x02id\x18\x01 \x01(\t\x12\r\n\x05title\x18\x02 \x01(\t\x12\x0c\n\x04text\x18\x03 \x01(\t\x12\x35\n\x08metadata\x18\x05 \x03(\x0b\x32#.twostage.v1.Document.MetadataEntry\x1aK\n\rMetadataEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12)\n\x05value\x18\x02 \x01(\x0b\x32\x1a.twostage.v1.MetadataValue:\x02\x38\x01J\x04\x08\x04\x10\x05\"-\n\x0cWriteVersion\x12\r\n\x05\x63lock\x18\x01 \x01(\x04\x12\x0e\n\x06writer\x18\x02 \x01(\t\"T\n\x08ShardAck\x12\r\n\x05shard\x18\x01 \x01(\r\x12\x11\n\tdocuments\x18\x02 \x01(\r\x12\x14\n\x0c\x61\x63knowledged\x18\x03 \x01(\r\x12\x10\n\x08replicas\x18\x04 \x01(\r\"y\n\rUpsertRequest\x12(\n\tdocuments\x18\x01 \x03(\x0b\x32\x15.twostage.v1.Document\x12\x12\n\nrequest_id\x18\x02 \x01(\t\x12*\n\x07version\x18\x03 \x01(\x0b\x32\x19.twostage.v1.WriteVersion\"\xd5\x02\n\x0eUpsertResponse\x12\x10\n\x08upserted\x18\x01 \x01(\r\x12\x11\n\tdoc_count\x18\x02 \x01(\x04\x12>\n\ntimings_ms\x18\x03 \x03(\x0b\x32*.twostage.v1.UpsertResponse.TimingsMsEntry\x12*\n\x07version\x18\x04 \x01(\x0b\x32\x19.twostage.v1.WriteVersion\x12%\n\x06shards\x18\x05 \x03(\x0b\x32\x15.twostage.v1.ShardAck\x12\x12\n\nrequest_id\x18\x06 \x01(\t\x12\x12\n\nsuperseded\x18\x07 \x01(\r\x12\x31\n\x0enewest_version\x18\x08 \x01(\x0b\x32\x19.twostage.v1.WriteVersion\x1a\x30\n\x0eTimingsMsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01\"\\\n\rDeleteRequest\x12\x0b\n\x03ids\x18\x01 \x03(\t\x12\x12\n\nrequest_id\x18\x02 \x01(\t\x12*\n\x07version\x18\x03 \x01(\x0b\x32\x19.twostage.v1.WriteVersion\"\xd4\x02\n\x0e\x44\x65leteResponse\x12\x0f\n\x07\x64\x65leted\x18\x01 \x01(\r\x12\x11\n\tdoc_count\x18\x02 \x01(\x04\x12>\n\ntimings_ms\x18\x03 \x03(\x0b\x32*.twostage.v1.DeleteResponse.TimingsMsEntry\x12*\n\x07version\x18\x04 \x01(\x0b\x32\x19.twostage.v1.WriteVersion\x12%\n\x06shards\x18\x05 \x03(\x0b\x32\x15.twostage.v1.ShardAck\x12\x12\n\nrequest_id\x18\x06 \x01(\t\x12\x12\n\nsuperseded\x18\x07 \x01(\r\x12\x31\n\x0enewest_version\x18\x08 \x01(\x0b\x32\x19.twostage.v1.WriteVersion\x1a\x30\n\x0eTimingsMsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01\"\x19\n\nGetRequest\x12\x0b\n\x03ids\x18\x01 \x03(\t\"H\n\x0bGetResponse\x12(\n\tdocuments\x18\x01 \x03(\x0b\x32\x15.twostage.v1.Document\x12\x0f\n\x07missing\x18\x02 \x03(\t*q\n\nRecallMode\x12\x1b\n\x17RECALL_MODE_UNSPECIFIED\x10\x00\x12\x15\n\x11RECALL_MODE_DENSE\x10\x01\x12\x17\n\x13RECALL_MODE_LEXICAL\x10\x02\x12\x16\n\x12RECALL_MODE_HYBRID\x10\x03\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -37,8 +37,8 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_UPSERTRESPONSE_TIMINGSMSENTRY']._serialized_options = b'8\001'
   _globals['_DELETERESPONSE_TIMINGSMSENTRY']._loaded_options = None
   _globals['_DELETERESPONSE_TIMINGSMSENTRY']._serialized_options = b'8\001'
-  _globals['_RECALLMODE']._serialized_start=1851
-  _globals['_RECALLMODE']._serialized_end=1964
+  _globals['_RECALLMODE']._serialized_start=1993
+  _globals['_RECALLMODE']._serialized_end=2106
   _globals['_INFOREQUEST']._serialized_start=41
   _globals['_INFOREQUEST']._serialized_end=54
   _globals['_LIMIT']._serialized_start=56
@@ -66,17 +66,17 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_UPSERTREQUEST']._serialized_start=988
   _globals['_UPSERTREQUEST']._serialized_end=1109
   _globals['_UPSERTRESPONSE']._serialized_start=1112
-  _globals['_UPSERTRESPONSE']._serialized_end=1382
-  _globals['_UPSERTRESPONSE_TIMINGSMSENTRY']._serialized_start=1334
-  _globals['_UPSERTRESPONSE_TIMINGSMSENTRY']._serialized_end=1382
-  _globals['_DELETEREQUEST']._serialized_start=1384
-  _globals['_DELETEREQUEST']._serialized_end=1476
-  _globals['_DELETERESPONSE']._serialized_start=1479
-  _globals['_DELETERESPONSE']._serialized_end=1748
-  _globals['_DELETERESPONSE_TIMINGSMSENTRY']._serialized_start=1334
-  _globals['_DELETERESPONSE_TIMINGSMSENTRY']._serialized_end=1382
-  _globals['_GETREQUEST']._serialized_start=1750
-  _globals['_GETREQUEST']._serialized_end=1775
-  _globals['_GETRESPONSE']._serialized_start=1777
-  _globals['_GETRESPONSE']._serialized_end=1849
+  _globals['_UPSERTRESPONSE']._serialized_end=1453
+  _globals['_UPSERTRESPONSE_TIMINGSMSENTRY']._serialized_start=1405
+  _globals['_UPSERTRESPONSE_TIMINGSMSENTRY']._serialized_end=1453
+  _globals['_DELETEREQUEST']._serialized_start=1455
+  _globals['_DELETEREQUEST']._serialized_end=1547
+  _globals['_DELETERESPONSE']._serialized_start=1550
+  _globals['_DELETERESPONSE']._serialized_end=1890
+  _globals['_DELETERESPONSE_TIMINGSMSENTRY']._serialized_start=1405
+  _globals['_DELETERESPONSE_TIMINGSMSENTRY']._serialized_end=1453
+  _globals['_GETREQUEST']._serialized_start=1892
+  _globals['_GETREQUEST']._serialized_end=1917
+  _globals['_GETRESPONSE']._serialized_start=1919
+  _globals['_GETRESPONSE']._serialized_end=1991
 # @@protoc_insertion_point(module_scope)

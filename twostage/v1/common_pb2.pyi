@@ -134,7 +134,7 @@ class UpsertRequest(_message.Message):
     def __init__(self, documents: _Optional[_Iterable[_Union[Document, _Mapping]]] = ..., request_id: _Optional[str] = ..., version: _Optional[_Union[WriteVersion, _Mapping]] = ...) -> None: ...
 
 class UpsertResponse(_message.Message):
-    __slots__ = ("upserted", "doc_count", "timings_ms", "version", "shards", "request_id")
+    __slots__ = ("upserted", "doc_count", "timings_ms", "version", "shards", "request_id", "superseded", "newest_version")
     class TimingsMsEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -148,13 +148,17 @@ class UpsertResponse(_message.Message):
     VERSION_FIELD_NUMBER: _ClassVar[int]
     SHARDS_FIELD_NUMBER: _ClassVar[int]
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
+    SUPERSEDED_FIELD_NUMBER: _ClassVar[int]
+    NEWEST_VERSION_FIELD_NUMBER: _ClassVar[int]
     upserted: int
     doc_count: int
     timings_ms: _containers.ScalarMap[str, float]
     version: WriteVersion
     shards: _containers.RepeatedCompositeFieldContainer[ShardAck]
     request_id: str
-    def __init__(self, upserted: _Optional[int] = ..., doc_count: _Optional[int] = ..., timings_ms: _Optional[_Mapping[str, float]] = ..., version: _Optional[_Union[WriteVersion, _Mapping]] = ..., shards: _Optional[_Iterable[_Union[ShardAck, _Mapping]]] = ..., request_id: _Optional[str] = ...) -> None: ...
+    superseded: int
+    newest_version: WriteVersion
+    def __init__(self, upserted: _Optional[int] = ..., doc_count: _Optional[int] = ..., timings_ms: _Optional[_Mapping[str, float]] = ..., version: _Optional[_Union[WriteVersion, _Mapping]] = ..., shards: _Optional[_Iterable[_Union[ShardAck, _Mapping]]] = ..., request_id: _Optional[str] = ..., superseded: _Optional[int] = ..., newest_version: _Optional[_Union[WriteVersion, _Mapping]] = ...) -> None: ...
 
 class DeleteRequest(_message.Message):
     __slots__ = ("ids", "request_id", "version")
@@ -167,7 +171,7 @@ class DeleteRequest(_message.Message):
     def __init__(self, ids: _Optional[_Iterable[str]] = ..., request_id: _Optional[str] = ..., version: _Optional[_Union[WriteVersion, _Mapping]] = ...) -> None: ...
 
 class DeleteResponse(_message.Message):
-    __slots__ = ("deleted", "doc_count", "timings_ms", "version", "shards", "request_id")
+    __slots__ = ("deleted", "doc_count", "timings_ms", "version", "shards", "request_id", "superseded", "newest_version")
     class TimingsMsEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -181,13 +185,17 @@ class DeleteResponse(_message.Message):
     VERSION_FIELD_NUMBER: _ClassVar[int]
     SHARDS_FIELD_NUMBER: _ClassVar[int]
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
+    SUPERSEDED_FIELD_NUMBER: _ClassVar[int]
+    NEWEST_VERSION_FIELD_NUMBER: _ClassVar[int]
     deleted: int
     doc_count: int
     timings_ms: _containers.ScalarMap[str, float]
     version: WriteVersion
     shards: _containers.RepeatedCompositeFieldContainer[ShardAck]
     request_id: str
-    def __init__(self, deleted: _Optional[int] = ..., doc_count: _Optional[int] = ..., timings_ms: _Optional[_Mapping[str, float]] = ..., version: _Optional[_Union[WriteVersion, _Mapping]] = ..., shards: _Optional[_Iterable[_Union[ShardAck, _Mapping]]] = ..., request_id: _Optional[str] = ...) -> None: ...
+    superseded: int
+    newest_version: WriteVersion
+    def __init__(self, deleted: _Optional[int] = ..., doc_count: _Optional[int] = ..., timings_ms: _Optional[_Mapping[str, float]] = ..., version: _Optional[_Union[WriteVersion, _Mapping]] = ..., shards: _Optional[_Iterable[_Union[ShardAck, _Mapping]]] = ..., request_id: _Optional[str] = ..., superseded: _Optional[int] = ..., newest_version: _Optional[_Union[WriteVersion, _Mapping]] = ...) -> None: ...
 
 class GetRequest(_message.Message):
     __slots__ = ("ids",)

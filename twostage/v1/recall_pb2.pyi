@@ -163,14 +163,16 @@ class DocumentChange(_message.Message):
     def __init__(self, document: _Optional[_Union[_common_pb2.Document, _Mapping]] = ..., deleted: _Optional[bool] = ..., vector: _Optional[bytes] = ..., seq: _Optional[int] = ..., version: _Optional[_Union[_common_pb2.WriteVersion, _Mapping]] = ...) -> None: ...
 
 class ChangesResponse(_message.Message):
-    __slots__ = ("changes", "replica_id", "snapshot_version")
+    __slots__ = ("changes", "replica_id", "snapshot_version", "more")
     CHANGES_FIELD_NUMBER: _ClassVar[int]
     REPLICA_ID_FIELD_NUMBER: _ClassVar[int]
     SNAPSHOT_VERSION_FIELD_NUMBER: _ClassVar[int]
+    MORE_FIELD_NUMBER: _ClassVar[int]
     changes: _containers.RepeatedCompositeFieldContainer[DocumentChange]
     replica_id: str
     snapshot_version: str
-    def __init__(self, changes: _Optional[_Iterable[_Union[DocumentChange, _Mapping]]] = ..., replica_id: _Optional[str] = ..., snapshot_version: _Optional[str] = ...) -> None: ...
+    more: bool
+    def __init__(self, changes: _Optional[_Iterable[_Union[DocumentChange, _Mapping]]] = ..., replica_id: _Optional[str] = ..., snapshot_version: _Optional[str] = ..., more: _Optional[bool] = ...) -> None: ...
 
 class DigestRequest(_message.Message):
     __slots__ = ("snapshot_version",)
@@ -189,16 +191,18 @@ class BucketDigest(_message.Message):
     def __init__(self, bucket: _Optional[int] = ..., count: _Optional[int] = ..., hash: _Optional[int] = ...) -> None: ...
 
 class DigestResponse(_message.Message):
-    __slots__ = ("replica_id", "snapshot_version", "buckets", "digests")
+    __slots__ = ("replica_id", "snapshot_version", "buckets", "digests", "purge_horizon")
     REPLICA_ID_FIELD_NUMBER: _ClassVar[int]
     SNAPSHOT_VERSION_FIELD_NUMBER: _ClassVar[int]
     BUCKETS_FIELD_NUMBER: _ClassVar[int]
     DIGESTS_FIELD_NUMBER: _ClassVar[int]
+    PURGE_HORIZON_FIELD_NUMBER: _ClassVar[int]
     replica_id: str
     snapshot_version: str
     buckets: int
     digests: _containers.RepeatedCompositeFieldContainer[BucketDigest]
-    def __init__(self, replica_id: _Optional[str] = ..., snapshot_version: _Optional[str] = ..., buckets: _Optional[int] = ..., digests: _Optional[_Iterable[_Union[BucketDigest, _Mapping]]] = ...) -> None: ...
+    purge_horizon: int
+    def __init__(self, replica_id: _Optional[str] = ..., snapshot_version: _Optional[str] = ..., buckets: _Optional[int] = ..., digests: _Optional[_Iterable[_Union[BucketDigest, _Mapping]]] = ..., purge_horizon: _Optional[int] = ...) -> None: ...
 
 class VersionsRequest(_message.Message):
     __slots__ = ("snapshot_version", "buckets")
