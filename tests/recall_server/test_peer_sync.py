@@ -125,7 +125,7 @@ async def test_anti_entropy_repairs_what_catch_up_cannot_see(tmp_path, sharded_i
         await first.delete([first.index.fetch([2])[2].id])
         # The second replica's cursor claims it has read all of the first's changes already (a lost or restored
         # cursor, say): catch-up alone never sends them.
-        _, first_id = await first.changes("v1", 0, 1)
+        _, first_id, _ = await first.changes("v1", 0, 1)
         second.peers._cursors[first_address] = (first_id, "v1", first.index.store.max_seq())
         peers_file.write_text(f"{first_address}\n{second_address}\n")
         await until(lambda: state(second) == state(first), timeout_s=60)
