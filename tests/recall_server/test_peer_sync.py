@@ -28,6 +28,36 @@ async def start_replica(tmp_path, name: str, root, peers_file, anti_entropy_peri
     return service, server, f"127.0.0.1:{port}"
 
 
+class ShardReplicas:
+    """Snapshot v1 of shard 1 published, a peers file (empty at first), and the replicas started on it."""
+
+    def __init__(self, tmp_path, sharded_index):
+        self.tmp_path, self.root, self.peers_file = tmp_path, tmp_path / "snapshots", tmp_path / "peers"
+        publish_copy(sharded_index / "shard-1", self.root, "v1")
+        self.peers_file.write_text("")
+        self.servers = []
+
+    async def start(self, name: str, anti_entropy_period_s: float = 3600):
+        service, server, address = await start_replica(self.tmp_path, name, self.root, self.peers_file,
+                                                       anti_entropy_period_s)
+        self.servers.append(server)
+        return service, server, address
+
+    def peers(self, *addresses: str) -> None:
+        self.peers_file.write_text("".join(f"{address}\n" for address in addresses))
+
+    async def stop(self, server) -> None:
+        self.servers.remove(server)
+        await server.stop(grace_s=1)
+
+
+@pytest.fixture
+async def shard(tmp_path, sharded_index, models):
+    replicas = ShardReplicas(tmp_path, sharded_index)
+    yield replicas
+    await asyncio.gather(*(server.stop(grace_s=1) for server in replicas.servers))
+
+
 def ids_of_shard(prefix: str, count: int) -> list[str]:
     return [i for i in (f"{prefix}-{n}" for n in range(4 * count)) if shard_of(i, 2) == SHARD][:count]
 
@@ -37,103 +67,78 @@ def state(service: RecallService) -> dict:
             for batch in service.index.store.writes_since(0) for w in batch}
 
 
-async def test_a_replica_away_during_a_1000_document_write_gets_all_of_it(tmp_path, sharded_index, models):
-    root, peers_file = tmp_path / "snapshots", tmp_path / "peers"
-    publish_copy(sharded_index / "shard-1", root, "v1")
-    peers_file.write_text("")
-    first, first_server, first_address = await start_replica(tmp_path, "a", root, peers_file)
-    peers_file.write_text(first_address + "\n")
-    servers = [first_server]
-    try:
-        # Writes the second replica misses: it is not running yet. One upsert of 1,000 documents (more than two
-        # pages of Changes), and a delete of a snapshot document.
-        bulk = [Document(i, "", f"note {n}") for n, i in enumerate(ids_of_shard("bulk", 1000))]
-        await first.upsert(bulk)
-        existing = first.index.fetch([1])[1].id
-        await first.delete([existing])
+async def test_a_replica_away_during_a_1000_document_write_gets_all_of_it(shard):
+    first, _, first_address = await shard.start("a")
+    shard.peers(first_address)
+    # Writes the second replica misses: it is not running yet. One upsert of 1,000 documents (more than two
+    # pages of Changes), and a delete of a snapshot document.
+    bulk = [Document(i, "", f"note {n}") for n, i in enumerate(ids_of_shard("bulk", 1000))]
+    await first.upsert(bulk)
+    existing = first.index.fetch([1])[1].id
+    await first.delete([existing])
 
-        second, second_server, second_address = await start_replica(tmp_path, "b", root, peers_file)
-        servers.append(second_server)
-        # Caught up before it served: every document of the bulk write, and the delete.
-        assert len(await second.get([d.id for d in bulk])) == 1000
-        assert await second.get([existing]) == []
-        assert state(second) == state(first) and second.doc_count() == first.doc_count()
+    second, _, second_address = await shard.start("b")
+    # Caught up before it served: every document of the bulk write, and the delete.
+    assert len(await second.get([d.id for d in bulk])) == 1000
+    assert await second.get([existing]) == []
+    assert state(second) == state(first) and second.doc_count() == first.doc_count()
 
-        # Both are peers now; a write only the second took reaches the first, and nothing bounces back and forth.
-        peers_file.write_text(f"{first_address}\n{second_address}\n")
-        later = id_of_shard("written-to-one")
-        await second.upsert([Document(later, "Octopus cognition", "Octopuses solve puzzles with their arms.")])
-        await until(lambda: first.index.get([later]))
-        settled = first.index.store.max_seq(), second.index.store.max_seq()
-        assert await first.peers.sync_once() == 0 and await second.peers.sync_once() == 0
-        assert (first.index.store.max_seq(), second.index.store.max_seq()) == settled
+    # Both are peers now; a write only the second took reaches the first, and nothing bounces back and forth.
+    shard.peers(first_address, second_address)
+    later = id_of_shard("written-to-one")
+    await second.upsert([Document(later, "Octopus cognition", "Octopuses solve puzzles with their arms.")])
+    await until(lambda: first.index.get([later]))
+    settled = first.index.store.max_seq(), second.index.store.max_seq()
+    assert await first.peers.sync_once() == 0 and await second.peers.sync_once() == 0
+    assert (first.index.store.max_seq(), second.index.store.max_seq()) == settled
 
-        async with grpc.aio.insecure_channel(second_address) as channel:
-            with pytest.raises(grpc.aio.AioRpcError) as refused:
-                await recall_pb2_grpc.RecallStub(channel).Changes(recall_pb2.ChangesRequest(snapshot_version="v0"))
-        assert refused.value.code() == grpc.StatusCode.FAILED_PRECONDITION
-        assert "serves snapshot 'v1', not 'v0'" in refused.value.details()
-    finally:
-        await asyncio.gather(*(s.stop(grace_s=1) for s in servers))
+    async with grpc.aio.insecure_channel(second_address) as channel:
+        with pytest.raises(grpc.aio.AioRpcError) as refused:
+            await recall_pb2_grpc.RecallStub(channel).Changes(recall_pb2.ChangesRequest(snapshot_version="v0"))
+    assert refused.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+    assert "serves snapshot 'v1', not 'v0'" in refused.value.details()
 
 
-async def test_a_restarted_replica_never_brings_an_older_version_back(tmp_path, sharded_index, models):
-    root, peers_file = tmp_path / "snapshots", tmp_path / "peers"
-    publish_copy(sharded_index / "shard-1", root, "v1")
-    peers_file.write_text("")
+async def test_a_restarted_replica_never_brings_an_older_version_back(shard):
     doc_id = id_of_shard("contested")
-    first, first_server, first_address = await start_replica(tmp_path, "a", root, peers_file)
-    second, second_server, second_address = await start_replica(tmp_path, "b", root, peers_file)
-    peers_file.write_text(f"{first_address}\n{second_address}\n")
-    servers = [first_server, second_server]
-    try:
-        await first.upsert([Document(doc_id, "", "version one")])
-        await until(lambda: doc_id in second.index.get([doc_id]))
-        await second_server.stop(grace_s=1)
-        servers.remove(second_server)
-        newer = await first.upsert([Document(doc_id, "", "version two")])
-        # The second replica restarts while the first holds version two, and both read each other.
-        peers_file.write_text(f"{first_address}\n")
-        second, second_server, second_address = await start_replica(tmp_path, "b", root, peers_file)
-        servers.append(second_server)
-        peers_file.write_text(f"{first_address}\n{second_address}\n")
-        await until(lambda: second.index.get([doc_id])[doc_id].text == "version two")
-        await first.peers.sync_once()
-        assert first.index.get([doc_id])[doc_id].text == "version two"
-        assert first.index.store.rows([doc_id])[0].version == newer.version
-        # Two writes of one id at the same moment through two entry points: one order, on every replica.
-        tie = newer.version.clock + (1 << 20)
-        await first.upsert([Document(doc_id, "", "from gateway a")], version=Version(tie, "gateway-a"))
-        await second.upsert([Document(doc_id, "", "from gateway b")], version=Version(tie, "gateway-b"))
-        await until(lambda: state(first) == state(second))
-        assert first.index.get([doc_id])[doc_id].text == "from gateway b"
-    finally:
-        await asyncio.gather(*(s.stop(grace_s=1) for s in servers))
+    first, _, first_address = await shard.start("a")
+    second, second_server, second_address = await shard.start("b")
+    shard.peers(first_address, second_address)
+    await first.upsert([Document(doc_id, "", "version one")])
+    await until(lambda: doc_id in second.index.get([doc_id]))
+    await shard.stop(second_server)
+    newer = await first.upsert([Document(doc_id, "", "version two")])
+    # The second replica restarts while the first holds version two, and both read each other.
+    shard.peers(first_address)
+    second, _, second_address = await shard.start("b")
+    shard.peers(first_address, second_address)
+    await until(lambda: second.index.get([doc_id])[doc_id].text == "version two")
+    await first.peers.sync_once()
+    assert first.index.get([doc_id])[doc_id].text == "version two"
+    assert first.index.store.rows([doc_id])[0].version == newer.version
+    # Two writes of one id at the same moment through two entry points: one order, on every replica.
+    tie = newer.version.clock + (1 << 20)
+    await first.upsert([Document(doc_id, "", "from gateway a")], version=Version(tie, "gateway-a"))
+    await second.upsert([Document(doc_id, "", "from gateway b")], version=Version(tie, "gateway-b"))
+    await until(lambda: state(first) == state(second))
+    assert first.index.get([doc_id])[doc_id].text == "from gateway b"
 
 
-async def test_anti_entropy_repairs_what_catch_up_cannot_see(tmp_path, sharded_index, models):
-    root, peers_file = tmp_path / "snapshots", tmp_path / "peers"
-    publish_copy(sharded_index / "shard-1", root, "v1")
-    peers_file.write_text("")
-    first, first_server, first_address = await start_replica(tmp_path, "a", root, peers_file)
-    second, second_server, second_address = await start_replica(tmp_path, "b", root, peers_file,
-                                                                anti_entropy_period_s=0.2)
-    servers = [first_server, second_server]
-    try:
-        written = [Document(i, "", f"written while apart {i}") for i in ids_of_shard("apart", 40)]
-        await first.upsert(written)
-        await first.delete([first.index.fetch([2])[2].id])
-        # The second replica's cursor claims it has read all of the first's changes already (a lost or restored
-        # cursor, say): catch-up alone never sends them.
-        _, first_id, _ = await first.changes("v1", 0, 1)
-        second.peers._cursors[first_address] = (first_id, "v1", first.index.store.max_seq())
-        peers_file.write_text(f"{first_address}\n{second_address}\n")
-        await until(lambda: state(second) == state(first), timeout_s=60)
-        repaired_at = time.time()
-        await until(lambda: (second.peers.last_agreement or 0) > repaired_at, timeout_s=60)
-        assert prometheus_client.REGISTRY.get_sample_value("twostage_replica_agreement_age_seconds") < 60
-    finally:
-        await asyncio.gather(*(s.stop(grace_s=1) for s in servers))
+async def test_anti_entropy_repairs_what_catch_up_cannot_see(shard):
+    first, _, first_address = await shard.start("a")
+    second, _, second_address = await shard.start("b", anti_entropy_period_s=0.2)
+    written = [Document(i, "", f"written while apart {i}") for i in ids_of_shard("apart", 40)]
+    await first.upsert(written)
+    await first.delete([first.index.fetch([2])[2].id])
+    # The second replica's cursor claims it has read all of the first's changes already (a lost or restored
+    # cursor, say): catch-up alone never sends them.
+    _, first_id, _ = await first.changes("v1", 0, 1)
+    second.peers._cursors[first_address] = (first_id, "v1", first.index.store.max_seq())
+    shard.peers(first_address, second_address)
+    await until(lambda: state(second) == state(first), timeout_s=60)
+    repaired_at = time.time()
+    await until(lambda: (second.peers.last_agreement or 0) > repaired_at, timeout_s=60)
+    assert prometheus_client.REGISTRY.get_sample_value("twostage_replica_agreement_age_seconds") < 60
 
 
 async def test_a_cancelled_write_holds_writes_back_until_its_thread_has_finished(index_copy, models):
@@ -166,80 +171,60 @@ async def test_a_cancelled_write_holds_writes_back_until_its_thread_has_finished
         await service.close()
 
 
-async def test_a_failing_sync_round_is_logged_counted_and_retried(tmp_path, sharded_index, models):
+async def test_a_failing_sync_round_is_logged_counted_and_retried(shard):
     def failed_rounds() -> float:
         return prometheus_client.REGISTRY.get_sample_value("twostage_peer_sync_failures_total", {"step": "round"}) or 0
 
-    root, peers_file = tmp_path / "snapshots", tmp_path / "peers"
-    publish_copy(sharded_index / "shard-1", root, "v1")
-    peers_file.write_text("")
-    service, server, _ = await start_replica(tmp_path, "a", root, peers_file)
-    try:
-        rounds, real_sync = [], service.peers.sync_once
-        before = failed_rounds()
+    service, _, _ = await shard.start("a")
+    rounds, real_sync = [], service.peers.sync_once
+    before = failed_rounds()
 
-        async def broken_once():
-            rounds.append(1)
-            if len(rounds) == 1:
-                raise ValueError("a damaged reply")
-            return await real_sync()
+    async def broken_once():
+        rounds.append(1)
+        if len(rounds) == 1:
+            raise ValueError("a damaged reply")
+        return await real_sync()
 
-        service.peers.sync_once = broken_once
-        await until(lambda: len(rounds) >= 3)  # the loop went on after the failure
-        assert failed_rounds() == before + 1
-        assert "ValueError: a damaged reply" in service.peers.last_error
-    finally:
-        await server.stop(grace_s=1)
+    service.peers.sync_once = broken_once
+    await until(lambda: len(rounds) >= 3)  # the loop went on after the failure
+    assert failed_rounds() == before + 1
+    assert "ValueError: a damaged reply" in service.peers.last_error
 
 
-async def test_tombstones_are_purged_only_after_every_peer_agreed(tmp_path, sharded_index, models):
-    root, peers_file = tmp_path / "snapshots", tmp_path / "peers"
-    publish_copy(sharded_index / "shard-1", root, "v1")
-    peers_file.write_text("")
-    service, server, address = await start_replica(tmp_path, "a", root, peers_file, anti_entropy_period_s=0.05)
-    try:
-        rounds, purges = [], []
-        real_round, real_purge = service.peers.anti_entropy_once, service.purge_tombstones
+async def test_tombstones_are_purged_only_after_every_peer_agreed(shard):
+    service, _, address = await shard.start("a", anti_entropy_period_s=0.05)
+    rounds, purges = [], []
+    real_round, real_purge = service.peers.anti_entropy_once, service.purge_tombstones
 
-        async def counted_round():
-            rounds.append(1)
-            return await real_round()
+    async def counted_round():
+        rounds.append(1)
+        return await real_round()
 
-        async def counted_purge():
-            purges.append(len(rounds))
-            return await real_purge()
+    async def counted_purge():
+        purges.append(len(rounds))
+        return await real_purge()
 
-        service.peers.anti_entropy_once, service.purge_tombstones = counted_round, counted_purge
-        # A peer that cannot be reached: this replica may lack writes it holds, so absence proves nothing.
-        peers_file.write_text(f"{address}\n127.0.0.1:1\n")
-        start = len(rounds)
-        await until(lambda: len(rounds) >= start + 3)
-        assert not service.peers.agreed and not purges
-        peers_file.write_text(f"{address}\n")  # every peer (none but itself) agrees
-        await until(lambda: purges)
-        assert service.peers.agreed
-    finally:
-        await server.stop(grace_s=1)
+    service.peers.anti_entropy_once, service.purge_tombstones = counted_round, counted_purge
+    # A peer that cannot be reached: this replica may lack writes it holds, so absence proves nothing.
+    shard.peers(address, "127.0.0.1:1")
+    start = len(rounds)
+    await until(lambda: len(rounds) >= start + 3)
+    assert not service.peers.agreed and not purges
+    shard.peers(address)  # every peer (none but itself) agrees
+    await until(lambda: purges)
+    assert service.peers.agreed
 
 
-async def test_a_replica_that_missed_a_delete_whose_tombstone_is_gone_deletes_too(tmp_path, sharded_index, models):
+async def test_a_replica_that_missed_a_delete_whose_tombstone_is_gone_deletes_too(shard):
     from twostage.versions import clock_at
 
-    root, peers_file = tmp_path / "snapshots", tmp_path / "peers"
-    publish_copy(sharded_index / "shard-1", root, "v1")
-    peers_file.write_text("")
-    first, first_server, first_address = await start_replica(tmp_path, "a", root, peers_file)
-    second, second_server, second_address = await start_replica(tmp_path, "b", root, peers_file,
-                                                                anti_entropy_period_s=0.1)
-    servers = [first_server, second_server]
-    try:
-        gone = first.index.fetch([3])[3].id  # a snapshot document, live on both
-        await first.delete([gone])
-        await asyncio.to_thread(first.index.save)
-        await asyncio.to_thread(first.index.purge, Version(clock_at(time.time() + 1), ""), 0)
-        assert first.index.store.rows([gone]) == []  # the tombstone is gone too
-        assert await second.get([gone])  # the second replica never saw the delete
-        peers_file.write_text(f"{first_address}\n{second_address}\n")
-        await until(lambda: gone not in second.index.get([gone]), timeout_s=60)
-    finally:
-        await asyncio.gather(*(s.stop(grace_s=1) for s in servers))
+    first, _, first_address = await shard.start("a")
+    second, _, second_address = await shard.start("b", anti_entropy_period_s=0.1)
+    gone = first.index.fetch([3])[3].id  # a snapshot document, live on both
+    await first.delete([gone])
+    await asyncio.to_thread(first.index.save)
+    await asyncio.to_thread(first.index.purge, Version(clock_at(time.time() + 1), ""), 0)
+    assert first.index.store.rows([gone]) == []  # the tombstone is gone too
+    assert await second.get([gone])  # the second replica never saw the delete
+    shard.peers(first_address, second_address)
+    await until(lambda: gone not in second.index.get([gone]), timeout_s=60)

@@ -19,6 +19,15 @@ def delete(doc_id: str, clock: int, writer: str = "a") -> Write:
     return Write(Document(doc_id, "", ""), None, Version(clock, writer))
 
 
+def paged(store: DocStore, batch_rows: int) -> list[str]:
+    """Every id, paged as a replica catching up pages: after the last sequence received."""
+    seen, after = [], 0
+    while page := next(store.writes_since(after, batch_rows=batch_rows), []):
+        seen += [w.doc.id for w in page]
+        after = page[-1].seq
+    return seen
+
+
 def state(store: DocStore) -> dict:
     """id -> (version, deleted, text) of every row."""
     return {w.doc.id: (w.version, w.deleted, w.doc.text) for batch in store.writes_since(0) for w in batch}
@@ -63,11 +72,7 @@ def test_an_older_write_never_replaces_a_newer_one_and_a_delete_is_a_versioned_t
 def test_each_row_has_its_own_sequence_so_a_page_boundary_never_skips_one(tmp_path):
     store = DocStore(tmp_path / "docs.sqlite")
     store.apply([upsert(f"d{i}", "t", 5) for i in range(1000)])  # one write of 1,000 documents
-    seen, after = [], 0
-    while page := next(store.writes_since(after, batch_rows=512), []):
-        seen += [w.doc.id for w in page]
-        after = page[-1].seq
-    assert sorted(seen) == sorted(f"d{i}" for i in range(1000))
+    assert sorted(paged(store, 512)) == sorted(f"d{i}" for i in range(1000))
     store.close()
 
 
@@ -128,11 +133,7 @@ def test_a_store_made_before_rows_had_sequences_of_their_own_is_paged_whole(tmp_
     store = DocStore(tmp_path / "docs.sqlite")
     store.apply([upsert(f"d{i}", "t", 5) for i in range(10)])
     store._db.execute("UPDATE docs SET seq = 3")  # as an older store wrote one upsert: one sequence for all
-    seen, after = [], 0
-    while page := next(store.writes_since(after, batch_rows=4), []):
-        seen += [w.doc.id for w in page]
-        after = page[-1].seq
-    assert sorted(seen) == sorted(f"d{i}" for i in range(10))
+    assert sorted(paged(store, 4)) == sorted(f"d{i}" for i in range(10))
     store.close()
 
 

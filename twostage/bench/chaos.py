@@ -552,33 +552,29 @@ class Nemesis:
     async def _hold(self) -> None:
         await asyncio.sleep(self.settings.hold_s)  # the fault's duration
 
+    async def _fault(self, fault: str, target: str, inject, heal) -> None:
+        """Inject, hold for the fault's duration, heal (also when the hold is interrupted); the window is recorded."""
+        window = self._open(fault, target)
+        await inject()
+        try:
+            await self._hold()
+        finally:
+            await heal()
+        window.end = time.monotonic()
+
     async def kill(self) -> None:
         host = self._next_replica()
-        window = self._open("kill", host.name)
-        await self.net.kill(host)
-        await self._hold()
-        await self.net.restart(host, self.settings.restart_timeout_s)
-        window.end = time.monotonic()
+        await self._fault("kill", host.name, lambda: self.net.kill(host),
+                          lambda: self.net.restart(host, self.settings.restart_timeout_s))
 
     async def partition(self) -> None:
         host = self._next_replica()
-        window = self._open("partition", host.name)
-        await self.net.partition(host)
-        try:
-            await self._hold()
-        finally:
-            await self.net.heal(host)
-        window.end = time.monotonic()
+        await self._fault("partition", host.name, lambda: self.net.partition(host), lambda: self.net.heal(host))
 
     async def pause(self) -> None:
         host = self._next_replica()
-        window = self._open("pause", host.name)
-        host.signal(signal.SIGSTOP)
-        try:
-            await self._hold()
-        finally:
-            host.signal(signal.SIGCONT)
-        window.end = time.monotonic()
+        await self._fault("pause", host.name, lambda: asyncio.to_thread(host.signal, signal.SIGSTOP),
+                          lambda: asyncio.to_thread(host.signal, signal.SIGCONT))
 
     async def snapshot(self) -> None:
         shard = self.rng.randrange(SHARDS)
@@ -591,21 +587,14 @@ class Nemesis:
 
     async def gateway_restart(self) -> None:
         host = self.cluster.gateways[self.rng.randrange(2)]
-        window = self._open("gateway_restart", host.name)
-        await self.net.stop(host)
-        await self._hold()
-        await self.net.restart(host, self.settings.restart_timeout_s)
-        window.end = time.monotonic()
+        await self._fault("gateway_restart", host.name, lambda: self.net.stop(host),
+                          lambda: self.net.restart(host, self.settings.restart_timeout_s))
 
     async def disk_full(self) -> None:
         host = self._next_replica()
-        window = self._open("disk_full", host.name)
-        await asyncio.to_thread(fill_disk, host.volume, self.settings.volume_mib)
-        try:
-            await self._hold()
-        finally:
-            await asyncio.to_thread((host.volume / "fill").unlink, True)
-        window.end = time.monotonic()
+        await self._fault("disk_full", host.name,
+                          lambda: asyncio.to_thread(fill_disk, host.volume, self.settings.volume_mib),
+                          lambda: asyncio.to_thread((host.volume / "fill").unlink, True))
 
     async def heal_all(self) -> None:
         """After the campaign: every link up, nothing paused, the disks emptied, every process running."""
