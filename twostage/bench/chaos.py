@@ -140,15 +140,21 @@ def _could_be_newer(indeterminate: Op, acked: Op) -> bool:
     return indeterminate.end >= acked.start
 
 
-def pinned_writes(history: list[Op]) -> dict[str, Op]:
-    """Per id, its newest acknowledged write when no indeterminate write of the id could be newer: the state
-    every replica must hold for the id."""
+def newest_acknowledged(history: list[Op]) -> dict[str, Op]:
+    """Per id, its acknowledged write of the highest version."""
     newest: dict[str, Op] = {}
     for op in history:
         if op.acknowledged:
             for doc_id in op.ids:
                 if doc_id not in newest or op.version > newest[doc_id].version:
                     newest[doc_id] = op
+    return newest
+
+
+def pinned_writes(history: list[Op]) -> dict[str, Op]:
+    """Per id, its newest acknowledged write when no indeterminate write of the id could be newer: the state
+    every replica must hold for the id."""
+    newest = newest_acknowledged(history)
     loose: dict[str, list[Op]] = {}
     for op in history:
         if not op.acknowledged:
@@ -208,13 +214,7 @@ def check(history: list[Op], states: dict[int, dict[str, State]], texts: dict[in
                      + (f" at version {row[0]}" if row[0] != op.version else ""))
 
     touched_loosely = {doc_id for op in history if not op.acknowledged for doc_id in op.ids}
-    newest: dict[str, Op] = {}
-    for op in history:
-        if op.acknowledged:
-            for doc_id in op.ids:
-                if doc_id not in newest or op.version > newest[doc_id].version:
-                    newest[doc_id] = op
-    deleted = {doc_id for doc_id, op in newest.items() if op.kind == "delete" and doc_id not in touched_loosely}
+    deleted = {doc_id for doc_id, op in newest_acknowledged(history).items() if op.kind == "delete" and doc_id not in touched_loosely}
     resurrected = sorted({doc_id for replicas in states.values() for state in replicas.values()
                           for doc_id, (_, gone) in state.items() if doc_id in deleted and not gone})
 
