@@ -32,7 +32,9 @@ Write contract, as a client can rely on it:
   replicas hold, so its next write of those ids is ordered after it. Between
   gateways, order follows their clocks within their skew; keep hosts on NTP.
 - **A write that fails part-way** (too few replicas of some shard answered) is
-  reported UNAVAILABLE with what is durable where. It may still take effect,
+  reported UNAVAILABLE with what is durable where (a write that no replica
+  took, for one reason everywhere, is reported as that reason: shed load is
+  RESOURCE_EXHAUSTED, say). It may still take effect,
   since the replicas that took it spread it to the others; resending it with
   the same request_id finishes it at the same version. Never assume that a
   failed write did not happen.
@@ -189,10 +191,11 @@ class DocumentRouter:
             durable = "; ".join(
                 f"shard {s} on {o.acknowledged} of {o.replicas} replicas ({o.needed} needed"
                 + (f": {o.error}" if o.error else "") + ")" for s, o in sorted(by_shard.items()))
-            # One kind of failure everywhere (every replica shed the load, say) is reported as that kind, so a
-            # caller backs off as it would for a single server; mixed failures are the tier being unavailable.
+            # Nothing applied anywhere, for one reason everywhere (every replica shed the load, say): reported as
+            # that reason, so a caller backs off as it would for a single server. Otherwise the tier is unavailable.
             kinds = {type(error) for s in short for error in by_shard[s].failures}
-            kind = next(iter(kinds)) if len(kinds) == 1 else errors.Unavailable
+            nothing_applied = not any(o.replies for o in by_shard.values())
+            kind = next(iter(kinds)) if len(kinds) == 1 and nothing_applied else errors.Unavailable
             raise (kind if issubclass(kind, errors.TwostageError) else errors.Unavailable)(
                 f"write not acknowledged: shard {', '.join(map(str, short))} could not make it durable on enough "
                 f"replicas. Durable so far: {durable}. It may still take effect; "

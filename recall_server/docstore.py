@@ -123,6 +123,7 @@ class Write:
     vector: np.ndarray | None
     version: Version
     seq: int = 0
+    key: int = 0  # the store's key, when read back from a store (with seq, an exact cursor)
 
     @property
     def deleted(self) -> bool:
@@ -210,14 +211,15 @@ def _storage_error(error: sqlite3.OperationalError) -> Exception:
     return error
 
 
-_WRITE_COLUMNS = "seq, doc_id, title, text, metadata, vector, clock, writer, deleted"
+_WRITE_COLUMNS = "seq, doc_id, title, text, metadata, vector, clock, writer, deleted, key"
+_AFTER_EVERY_KEY = 1 << 62  # keys are below this
 
 
 def _write_of(row) -> Write:
-    seq, doc_id, title, text, meta, vector, clock, writer, deleted = row
+    seq, doc_id, title, text, meta, vector, clock, writer, deleted, key = row
     document = Document(doc_id, title or "", text or "", json.loads(meta or "{}"))
     return Write(document, None if deleted or vector is None else np.frombuffer(vector, dtype=np.float32),
-                 Version(clock, writer), seq)
+                 Version(clock, writer), seq, key)
 
 
 @dataclass(frozen=True)
@@ -396,8 +398,9 @@ class DocStore:
             return current is None or write.version > current
 
         chosen = [w for w in writes if newer(w)]
-        newest = max([w.version for w in writes] + [version for _, version, _ in held.values()], default=None)
-        superseded = sum(1 for w in writes if w.doc.id in held and held[w.doc.id][1] > w.version)
+        newest = max([w.version for w in writes] + [version for _, version, _ in held.values()]
+                     + ([absent] if absent is not None and len(held) < len(writes) else []), default=None)
+        superseded = len(writes) - len(chosen)  # held at a newer version, or deleted past the purge horizon
         seq = self._max_seq_locked()
         if not chosen:
             return _Outcome(last_seq=seq, superseded=superseded, newest=newest)
@@ -467,24 +470,25 @@ class DocStore:
                 raise
         return dropped
 
-    def digests(self, tombstones_from: Version) -> dict[int, tuple[int, int]]:
-        """bucket -> (rows, sum of row hashes mod 2^64), tombstones older than ``tombstones_from`` left out
-        (replicas purge them at slightly different times)."""
+    def digests(self, tombstones_after: Version, below_clock: int = 0) -> dict[int, tuple[int, int]]:
+        """bucket -> (rows, sum of row hashes mod 2^64). Tombstones at or before ``tombstones_after`` are left
+        out (replicas purge them at slightly different times); with ``below_clock``, only rows older than it."""
+        below = "AND clock < ? " if below_clock else ""
         with self._read_lock:
             rows = self._reader.execute(
-                "SELECT bucket, COUNT(*), SUM(row_hash) FROM docs WHERE deleted = 0 OR clock >= ? GROUP BY bucket",
-                (tombstones_from.clock,)).fetchall()
+                f"SELECT bucket, COUNT(*), SUM(row_hash) FROM docs WHERE (deleted = 0 OR clock > ?) {below}"
+                "GROUP BY bucket", (tombstones_after.clock, *([below_clock] if below_clock else []))).fetchall()
         return {bucket: (count, total % (1 << 64)) for bucket, count, total in rows}
 
-    def versions(self, buckets: list[int], tombstones_from: Version) -> list[tuple[str, Version, bool]]:
-        """(id, version, deleted) of every row in these buckets (tombstones as in ``digests``)."""
+    def versions(self, buckets: list[int]) -> list[tuple[str, Version, bool]]:
+        """(id, version, deleted) of every row in these buckets, old tombstones included (a replica still
+        holding a stale live copy learns of its delete from them)."""
         found = []
         with self._read_lock:
             for part, marks in _in_chunks([int(b) for b in buckets]):
                 found += [(doc_id, Version(clock, writer), bool(deleted)) for doc_id, clock, writer, deleted in
                           self._reader.execute(
-                              f"SELECT doc_id, clock, writer, deleted FROM docs WHERE bucket IN ({marks}) "
-                              "AND (deleted = 0 OR clock >= ?)", [*part, tombstones_from.clock])]
+                              f"SELECT doc_id, clock, writer, deleted FROM docs WHERE bucket IN ({marks})", part)]
         return found
 
     def rows(self, doc_ids: list[str]) -> list[Write]:
@@ -532,24 +536,22 @@ class DocStore:
             last_key = rows[-1][0]
             yield [Change(k, None if v is None else np.frombuffer(v, dtype=np.float32)) for k, v in rows]
 
-    def writes_since(self, seq: int, batch_rows: int = 1024) -> Iterator[list[Write]]:
-        """Every row written after ``seq``, as it is now, in sequence order, with its version and vector (a
-        tombstone's vector None): for carrying writes over to another index, and for replicas catching up."""
+    def writes_since(self, seq: int, batch_rows: int = 1024, after_key: int = 0) -> Iterator[list[Write]]:
+        """Every row written after ``(seq, after_key)`` (0: after the whole of ``seq``), as it is now, in
+        (sequence, key) order, with its version and vector (a tombstone's vector None): for carrying writes over
+        to another index, and for replicas catching up. The cursor is exact even where rows share a sequence, as
+        those of stores made before every row had its own do."""
+        last = (seq, after_key or _AFTER_EVERY_KEY)
         while True:
             with self._read_lock:
                 rows = self._reader.execute(
-                    f"SELECT {_WRITE_COLUMNS}, key FROM docs WHERE seq > ? ORDER BY seq, key LIMIT ?", (seq, batch_rows),
+                    f"SELECT {_WRITE_COLUMNS} FROM docs WHERE (seq, key) > (?, ?) ORDER BY seq, key LIMIT ?",
+                    (*last, batch_rows),
                 ).fetchall()
-                if rows:
-                    # Stores made before every row had its own sequence hold groups of rows sharing one: a page
-                    # ends with the whole of its last sequence, so the next page (after that sequence) skips none.
-                    rows += self._reader.execute(
-                        f"SELECT {_WRITE_COLUMNS}, key FROM docs WHERE seq = ? AND key > ? ORDER BY key",
-                        (rows[-1][0], rows[-1][-1])).fetchall()
             if not rows:
                 return
-            batch = [_write_of(row[:-1]) for row in rows]
-            seq = batch[-1].seq
+            batch = [_write_of(row) for row in rows]
+            last = (batch[-1].seq, batch[-1].key)
             yield batch
 
     def lexical_search(self, query: str, k: int, filter_: Filter | None = None) -> list[tuple[int, float]]:

@@ -21,8 +21,9 @@ Contract:
   every peer last agreed is ``twostage_replica_agreement_age_seconds``.
 - **Tombstones** are kept for ``tombstone_ttl_s`` (and at least until a
   snapshot newer than the delete is served), then purged, but only by a
-  replica whose last anti-entropy round reached every peer and found every
-  digest equal: a replica that may lack writes never takes absence as
+  replica whose peers all answered and hold exactly its rows older than the
+  purge horizon (a digest of those rows alone, so writes being made now never
+  hold a purge back): a replica that may lack writes never takes absence as
   deletion. An id absent from a store is taken as deleted at its purge
   horizon, so a stale copy of it is never pulled; and a replica that holds an
   id live, older than a peer's purge horizon, which that peer lacks, deletes
@@ -70,7 +71,7 @@ def version_to_proto(version: Version) -> common_pb2.WriteVersion:
 def write_from_proto(change: recall_pb2.DocumentChange) -> Write:
     vector = None if change.deleted else np.frombuffer(change.vector, "<f4").astype(np.float32)
     doc = Document(change.document.id, "", "") if change.deleted else document_from_proto(change.document)
-    return Write(doc, vector, version_of(change.version), change.seq)
+    return Write(doc, vector, version_of(change.version), change.seq, change.key)
 
 
 class PeerSync:
@@ -83,8 +84,9 @@ class PeerSync:
         self.credentials = Credentials(settings.tls_dir, read_token_file(settings.peer_token_file),
                                        settings.peer_tls_server_name)
         self._channels: dict[str, grpc.aio.Channel] = {}
-        # Per peer address: (the process that answered there, the snapshot both served, its last sequence applied).
-        self._cursors: dict[str, tuple[str, str, int]] = {}
+        # Per peer address: (the process that answered there, the snapshot both served, the (sequence, key) of the
+        # last change applied).
+        self._cursors: dict[str, tuple[str, str, tuple[int, int]]] = {}
         self._task: asyncio.Task | None = None
         self._started = time.time()
         self.last_agreement: float | None = None  # wall-clock time every peer last agreed
@@ -115,8 +117,11 @@ class PeerSync:
                 if time.monotonic() >= next_comparison:
                     next_comparison = time.monotonic() + s.anti_entropy_period_s
                     await self.anti_entropy_once()
-                    if self.agreed:  # only a replica that holds what its peers hold may take absence as deletion
-                        await self.service.purge_tombstones()
+                    horizon = self.service.tombstones_purgeable()
+                    # Only a replica that holds every row its peers hold below the horizon may take absence there
+                    # as deletion; rows being written now are newer, so they never hold the purge back.
+                    if await self.agree_below(horizon):
+                        await self.service.purge_tombstones(horizon)
             except asyncio.CancelledError:
                 raise
             except Exception as error:  # never silently: logged, counted, retried next round
@@ -167,19 +172,20 @@ class PeerSync:
     async def _catch_up_from(self, address: str, version: str) -> int:
         stub = self._stub(address)
         known = self._cursors.get(address)
-        after = known[2] if known and known[1] == version else 0
+        after = known[2] if known and known[1] == version else (0, 0)
         applied = 0
         while True:
-            reply = await stub.Changes(recall_pb2.ChangesRequest(snapshot_version=version, after_seq=after, limit=PAGE),
+            reply = await stub.Changes(recall_pb2.ChangesRequest(snapshot_version=version, after_seq=after[0],
+                                                                 after_key=after[1], limit=PAGE),
                                        metadata=self.credentials.metadata, timeout=30)
             if reply.replica_id == self.service.replica_id:
                 return 0  # this server, found among its peers
-            if known and after and reply.replica_id != known[0]:
-                known, after = None, 0  # another process answers there now: start over (applying is idempotent)
+            if known and after != (0, 0) and reply.replica_id != known[0]:
+                known, after = None, (0, 0)  # another process answers there now: start over (applying is idempotent)
                 continue
             if reply.changes:
-                applied += await self.service.apply_peer_writes([write_from_proto(c) for c in reply.changes])
-                after = reply.changes[-1].seq
+                applied += await self.service.apply_peer_writes([write_from_proto(c) for c in reply.changes], version)
+                after = (reply.changes[-1].seq, reply.changes[-1].key)
             known = (reply.replica_id, version, after)
             self._cursors[address] = known
             if not reply.more:
@@ -196,6 +202,23 @@ class PeerSync:
             REPAIRED.labels("anti_entropy").inc(repaired)
             log.info("anti-entropy copied %d writes from the other replicas", repaired)
         return repaired
+
+    async def agree_below(self, horizon: Version) -> bool:
+        """Whether every peer answered and holds exactly this replica's rows older than ``horizon``."""
+        if horizon.clock <= 0:
+            return False
+
+        async def same(address: str, version: str) -> int:
+            theirs = await self._stub(address).Digest(
+                recall_pb2.DigestRequest(snapshot_version=version, below_clock=horizon.clock),
+                metadata=self.credentials.metadata, timeout=30)
+            if theirs.replica_id == self.service.replica_id:
+                return 0
+            ours, _, _ = await self.service.digests(version, horizon.clock)
+            return int(ours != {d.bucket: (d.count, d.hash) for d in theirs.digests})
+
+        differing, everyone = await self._each_peer("purge agreement", same)
+        return everyone and not differing
 
     async def _reconcile_with(self, address: str, version: str) -> int:
         stub, metadata = self._stub(address), self.credentials.metadata
@@ -214,15 +237,16 @@ class PeerSync:
             listed = await stub.Versions(recall_pb2.VersionsRequest(snapshot_version=version, buckets=buckets),
                                          metadata=metadata, timeout=30)
             pull, purged = await self.service.reconcile_plan(
-                [(v.id, version_of(v.version)) for v in listed.versions], buckets, theirs.purge_horizon)
+                version, [(v.id, version_of(v.version)) for v in listed.versions], buckets, theirs.purge_horizon)
             if purged:  # deleted at the peer so long ago that its tombstone is gone: delete here too
                 horizon = Version(theirs.purge_horizon, "")
                 applied += await self.service.apply_peer_writes(
-                    [Write(Document(doc_id, "", ""), None, horizon) for doc_id in purged])
+                    [Write(Document(doc_id, "", ""), None, horizon) for doc_id in purged], version)
             while pull:
                 reply = await stub.Changes(recall_pb2.ChangesRequest(snapshot_version=version, ids=pull[:PAGE]),
                                            metadata=metadata, timeout=30)
-                applied += await self.service.apply_peer_writes([write_from_proto(c) for c in reply.changes])
+                applied += await self.service.apply_peer_writes([write_from_proto(c) for c in reply.changes],
+                                                                version)
                 if reply.more and reply.changes:  # cut at its size limit: ask again after the last one answered
                     pull = pull[pull.index(reply.changes[-1].document.id) + 1:]
                 else:

@@ -6,7 +6,7 @@ import json
 import logging
 import time
 import uuid
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 
 import numpy as np
 
@@ -134,10 +134,10 @@ class RecallService:
                         "writing once (or 'twostage index repair')", directory)
         return index
 
-    async def _switch_index(self, fresh: DocumentIndex, prepare) -> None:
+    async def _switch_index(self, fresh: DocumentIndex, prepare, served=lambda: None) -> None:
         """Serve ``fresh`` from now on. ``prepare(old, fresh)`` runs first, in a thread, with writes held (it
-        carries the old index's own writes over); searches never wait. The old index closes once its last
-        in-flight call ends."""
+        carries the old index's own writes over); searches never wait. ``served()`` runs in the same step as the
+        swap (the follower records the snapshot then). The old index closes once its last in-flight call ends."""
         async with self._write_gate:
             old = self.index
             prepared = asyncio.ensure_future(asyncio.to_thread(prepare, old, fresh))
@@ -146,8 +146,11 @@ class RecallService:
             except asyncio.CancelledError:
                 if not prepared.cancelled() and prepared.exception() is None:
                     self.index = fresh  # on disk the switch is made: serve what a restart would open
+                    served()
                 raise
+            # One step, no await between: whoever reads the served snapshot reads the index that goes with it.
             self.index = fresh
+            served()
         if old is not None:
             await self._leases.wait_idle(old)
             try:
@@ -258,10 +261,12 @@ class RecallService:
                         "routes each id to its shard"
                     )
 
-    async def _exclusive_write(self, write):
+    async def _exclusive_write(self, write, snapshot_version: str = ""):
         """``write(index)`` in a thread, with writes and index switches held off until it ends, also when the
-        caller is cancelled meanwhile."""
+        caller is cancelled meanwhile; with ``snapshot_version``, only if that snapshot is still the one served."""
         async with self._write_gate:
+            if snapshot_version:
+                self._served_snapshot(snapshot_version)
             with self._leases.hold(self.index) as index:
                 return await finish_even_if_cancelled(asyncio.to_thread(write, index))
 
@@ -330,40 +335,51 @@ class RecallService:
             raise errors.FailedPrecondition(f"this replica serves snapshot {served!r}, not {snapshot_version!r}")
         return served
 
-    async def changes(self, snapshot_version: str, after_seq: int, limit: int, ids: list[str] = ()
-                      ) -> tuple[list[Write], str, bool]:
-        """Rows written since this replica adopted its snapshot, after ``after_seq`` (``Recall.Changes``), or the
-        rows of the ids asked for (in the order asked); this process's id; and whether the reply was cut short
-        (more rows follow the last one, or ids after the last one answered are still to fetch)."""
+    async def changes(self, snapshot_version: str, after_seq: int, limit: int, ids: list[str] = (),
+                      after_key: int = 0) -> tuple[list[Write], str, bool]:
+        """Rows written since this replica adopted its snapshot, after ``(after_seq, after_key)``
+        (``Recall.Changes``), or the rows of the ids asked for (in the order asked); this process's id; and whether
+        the reply was cut short (more rows follow the last one, or ids after the last one answered are still to
+        fetch)."""
         self._served_snapshot(snapshot_version)
-        with self._leases.hold(self.index) as index:
+        with self._leases.hold(self.index) as index:  # the index of the snapshot just checked: no await between
             if ids:
+                # Only the count: ids a peer stores were valid when written, whatever the limits are now.
                 errors.check_limit("ids (count)", len(ids), 1, PEER_PAGE)
-                check_ids(list(ids), replace(self.settings.document_limits(), max_docs=PEER_PAGE))
                 found = {w.doc.id: w for w in await asyncio.to_thread(index.store.rows, list(ids))}
                 rows = [found[i] for i in ids if i in found]
             else:
                 limit = min(limit or PEER_PAGE, PEER_PAGE)
-                since = max(after_seq, self.snapshots.base_seq)
-                rows = await asyncio.to_thread(lambda: next(index.store.writes_since(since, batch_rows=limit), []))
+                base = self.snapshots.base_seq
+                cursor = (after_seq, after_key) if after_seq >= base else (base, 0)
+                rows = await asyncio.to_thread(
+                    lambda: next(index.store.writes_since(cursor[0], limit, after_key=cursor[1]), []))
         kept, size = [], 0
         for row in rows:
             size += _change_bytes(row)
-            if kept and size > CHANGES_MAX_BYTES and not (not ids and row.seq == kept[-1].seq):
+            if kept and size > CHANGES_MAX_BYTES:
                 return kept, self.replica_id, True
             kept.append(row)
-        return kept, self.replica_id, (not ids and len(rows) >= (limit or PEER_PAGE))
+        return kept, self.replica_id, (not ids and len(rows) >= limit)
 
-    def _tombstones_from(self) -> Version:
-        return tombstone_horizon(self.settings.tombstone_ttl_s)
+    def tombstones_purgeable(self) -> Version:
+        """Tombstones older than this may be purged now: past ``tombstone_ttl_s``, and older than the served
+        snapshot's build (whose corpus then postdates the delete)."""
+        horizon = tombstone_horizon(self.settings.tombstone_ttl_s)
+        if self.snapshots is not None and self.snapshots.current is not None:
+            horizon = min(horizon, Version(clock_at(self.snapshots.current.created_at), ""))
+        return horizon
 
-    async def digests(self, snapshot_version: str = "") -> tuple[dict[int, tuple[int, int]], str, int]:
+    async def digests(self, snapshot_version: str = "", below_clock: int = 0
+                      ) -> tuple[dict[int, tuple[int, int]], str, int]:
         """Per bucket (rows, hash sum), the served snapshot, and the purge horizon's clock (0: none)."""
         served = self._served_snapshot(snapshot_version)
         with self._leases.hold(self.index) as index:
-            digests = await asyncio.to_thread(index.store.digests, self._tombstones_from())
-            horizon = await asyncio.to_thread(index.store.purge_horizon)
-        return digests, served, 0 if horizon is None else horizon.clock
+            def read():
+                horizon = index.store.purge_horizon()
+                digests = index.store.digests(tombstone_horizon(self.settings.tombstone_ttl_s), below_clock)
+                return digests, served, 0 if horizon is None else horizon.clock
+            return await asyncio.to_thread(read)
 
     async def versions(self, snapshot_version: str, buckets: list[int]) -> tuple[list, str]:
         served = self._served_snapshot(snapshot_version)
@@ -372,17 +388,17 @@ class RecallService:
             raise errors.InvalidArgument(f"buckets are 0-{BUCKETS - 1}")
         errors.check_limit("buckets (count)", len(buckets), 1, MAX_BUCKETS_PER_CALL)
         with self._leases.hold(self.index) as index:
-            return await asyncio.to_thread(index.store.versions, buckets, self._tombstones_from()), served
+            return await asyncio.to_thread(index.store.versions, buckets), served
 
-    async def reconcile_plan(self, listed: list[tuple[str, Version]], buckets: list[int], peer_horizon: int
-                             ) -> tuple[list[str], list[str]]:
-        """Against a peer's versions in these buckets: (ids it holds newer, which to pull; ids held live here that
-        the peer purged as deleted, which to tombstone). An id absent here counts as deleted at this store's
-        purge horizon; one absent at the peer, older than its horizon, was deleted there."""
-        with self._leases.hold(self.index) as index:
+    async def reconcile_plan(self, snapshot_version: str, listed: list[tuple[str, Version]], buckets: list[int],
+                             peer_horizon: int) -> tuple[list[str], list[str]]:
+        """Against a peer's versions in these buckets (of the same snapshot): (ids it holds newer, which to pull;
+        ids held live here that the peer purged as deleted, which to tombstone). An id absent here counts as
+        deleted at this store's purge horizon; one absent at the peer, older than its horizon, was deleted there."""
+        self._served_snapshot(snapshot_version)
+        with self._leases.hold(self.index) as index:  # the index of the snapshot just checked: no await between
             def plan():
-                held = {doc_id: (version, deleted)
-                        for doc_id, version, deleted in index.store.versions(buckets, Version(0, ""))}
+                held = {doc_id: (version, deleted) for doc_id, version, deleted in index.store.versions(buckets)}
                 absent = index.store.purge_horizon()
                 pull = []
                 for doc_id, version in listed:
@@ -395,21 +411,20 @@ class RecallService:
                 return pull, purged
             return await asyncio.to_thread(plan)
 
-    async def apply_peer_writes(self, writes: list[Write]) -> int:
-        """Apply writes copied from a peer (each only if newer); returns how many were newer."""
+    async def apply_peer_writes(self, writes: list[Write], snapshot_version: str = "") -> int:
+        """Apply writes copied from a peer serving ``snapshot_version`` (each only if newer; nothing if this replica
+        serves another snapshot by then); returns how many were newer."""
         if not writes:
             return 0
         self.clock.observe(max(w.version.clock for w in writes))
-        applied = await self._exclusive_write(lambda index: index.apply(writes))
+        applied = await self._exclusive_write(lambda index: index.apply(writes), snapshot_version)
         return len(applied.keys)
 
-    async def purge_tombstones(self) -> int:
-        """Drop tombstones past ``tombstone_ttl_s`` (and older than the served snapshot's build, whose corpus
-        then postdates the delete). With peers, call it only after a round in which every peer agreed: a replica
-        that has not caught up must not treat writes it lacks as deleted."""
-        horizon, ttl = self._tombstones_from(), self.settings.tombstone_ttl_s
-        if self.snapshots is not None and self.snapshots.current is not None:
-            horizon = min(horizon, Version(clock_at(self.snapshots.current.created_at), ""))
+    async def purge_tombstones(self, horizon: Version | None = None) -> int:
+        """Drop tombstones older than ``horizon`` (default: ``tombstones_purgeable()``). With peers, the sync loop
+        calls it only once every peer agrees on every row below the horizon: a replica that may lack writes must
+        not take absence as deletion."""
+        horizon, ttl = horizon or self.tombstones_purgeable(), self.settings.tombstone_ttl_s
         dropped = await self._exclusive_write(lambda index: index.purge(horizon, ttl))
         if dropped:
             log.info("purged %d tombstones older than %.0f s", dropped, ttl)

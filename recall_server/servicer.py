@@ -96,12 +96,12 @@ class RecallServicer(recall_pb2_grpc.RecallServicer):
     @translate_errors
     async def Changes(self, request: recall_pb2.ChangesRequest, context: grpc.aio.ServicerContext):
         batch, replica_id, more = await self.service.changes(request.snapshot_version, request.after_seq,
-                                                             request.limit, list(request.ids))
+                                                             request.limit, list(request.ids), request.after_key)
         return recall_pb2.ChangesResponse(
             changes=[recall_pb2.DocumentChange(
                 document=common_pb2.Document(id=w.doc.id) if w.deleted else document_to_proto(w.doc),
                 deleted=w.deleted, vector=b"" if w.deleted else w.vector.astype("<f4").tobytes(), seq=w.seq,
-                version=version_to_proto(w.version))
+                key=w.key, version=version_to_proto(w.version))
                 for w in batch],
             replica_id=replica_id,
             snapshot_version=request.snapshot_version,
@@ -110,7 +110,7 @@ class RecallServicer(recall_pb2_grpc.RecallServicer):
 
     @translate_errors
     async def Digest(self, request: recall_pb2.DigestRequest, context: grpc.aio.ServicerContext):
-        digests, served, horizon = await self.service.digests(request.snapshot_version)
+        digests, served, horizon = await self.service.digests(request.snapshot_version, request.below_clock)
         return recall_pb2.DigestResponse(
             replica_id=self.service.replica_id, snapshot_version=served, buckets=BUCKETS, purge_horizon=horizon,
             digests=[recall_pb2.BucketDigest(bucket=b, count=count, hash=total)

@@ -59,8 +59,9 @@ class IndexLeases:
 
 
 class SnapshotFollower:
-    """``switch(fresh, prepare)`` is the service's: it holds writes, calls ``prepare(old, fresh)`` in a thread,
-    serves ``fresh`` and closes ``old`` once idle."""
+    """``switch(fresh, prepare, served)`` is the service's: it holds writes, calls ``prepare(old, fresh)`` in a
+    thread, serves ``fresh``, calls ``served()`` in the same step (so the snapshot recorded here always goes with
+    the index served) and closes ``old`` once idle."""
 
     def __init__(self, settings: RecallSettings, model: str, switch, open_index):
         self.settings = settings
@@ -89,9 +90,12 @@ class SnapshotFollower:
         await asyncio.to_thread(check_managed, index_dir)
         if (adoption := await asyncio.to_thread(read_adoption, index_dir)) is not None:
             index = await asyncio.to_thread(self._open_index, index_dir)
-            await self._switch(index, lambda old, fresh: None)
-            self._copy = await asyncio.to_thread(index_dir.resolve)
-            self.current, self.base_seq = adoption.snapshot, adoption.base_seq
+            copy = await asyncio.to_thread(index_dir.resolve)
+
+            def served() -> None:
+                self.current, self.base_seq, self._copy = adoption.snapshot, adoption.base_seq, copy
+
+            await self._switch(index, lambda old, fresh: None, served)
             log.info("serving snapshot %s of shard %d from %s", self.current.version, self.shard, self._copy)
         await self._check_logged()
         if self.current is None:
@@ -176,9 +180,12 @@ class SnapshotFollower:
             record_adoption(copy, snapshot, base_seq)
             point_at(index_dir, copy)
 
+        def served() -> None:
+            self.current, self.base_seq, self._copy = snapshot, base_seq, copy
+
         try:
             base_seq = await asyncio.to_thread(fresh.store.max_seq)
-            await self._switch(fresh, prepare)
+            await self._switch(fresh, prepare, served)
         except BaseException:
             if await asyncio.to_thread(lambda: Path(index_dir).resolve() == copy.resolve()):
                 raise  # switched on disk before a shutdown interrupted it: the copy is what a restart serves
@@ -187,7 +194,6 @@ class SnapshotFollower:
             await asyncio.to_thread(fresh.close)
             await asyncio.to_thread(shutil.rmtree, copy, True)
             raise
-        self.current, self.base_seq, self._copy = snapshot, base_seq, copy
         if previous is not None and previous != copy:
             await asyncio.to_thread(shutil.rmtree, previous, True)
         log.info("serving snapshot %s of shard %d (%d documents)", snapshot.version, self.shard, len(fresh))

@@ -59,6 +59,12 @@ def document(doc_id: str, text: str = "Corals expel algae when the sea warms.") 
     return common_pb2.Document(id=doc_id, title="", text=text)
 
 
+def common_doc(doc_id: str, text: str):
+    from twostage.corpus import Document
+
+    return Document(doc_id, "", text)
+
+
 async def stored_on(replicas, shard: int, ids: list[str], up: slice = slice(None)) -> list[int]:
     """How many of the ids each (running) replica of the shard holds."""
     return [len(await service.get(ids)) for service, _, _ in replicas[shard][up]]
@@ -147,3 +153,32 @@ async def test_resends_waiting_on_a_failed_attempt_start_one_new_attempt_between
     answers = await asyncio.gather(*resends)
     assert len(sends) == 2 and len(set(sends)) == 1  # one new attempt, at the first attempt's version
     assert answers == [sends[0]] * 3
+
+
+async def test_a_write_that_loses_to_a_newer_version_says_so_and_the_next_one_wins(replicas, gateway):
+    from twostage.versions import Version
+
+    stub = await gateway()
+    (doc_id,) = ids_of(1, "ahead", 1)
+    first = await stub.Upsert(common_pb2.UpsertRequest(documents=[document(doc_id, "first")]))
+    # Written elsewhere by a writer whose clock runs a minute ahead of this gateway's.
+    ahead = Version(first.version.clock + (60_000 << 16), "elsewhere")
+    service = replicas[1][0][0]
+    await service.upsert([common_doc(doc_id, "from the writer ahead")], version=ahead)
+    lost = await stub.Upsert(common_pb2.UpsertRequest(documents=[document(doc_id, "second")]))
+    assert lost.superseded == 1 and (lost.newest_version.clock, lost.newest_version.writer) == (ahead.clock,
+                                                                                                 ahead.writer)
+    assert (await service.get([doc_id]))[0].text == "from the writer ahead"
+    won = await stub.Upsert(common_pb2.UpsertRequest(documents=[document(doc_id, "third")]))
+    assert won.superseded == 0 and won.version.clock > ahead.clock  # the gateway's clock moved past it
+    assert (await service.get([doc_id]))[0].text == "third"
+
+
+async def test_a_malformed_request_id_is_refused_before_any_shard_sees_it(replicas, gateway):
+    stub = await gateway()
+    (doc_id,) = ids_of(0, "rid", 1)
+    for bad in ("x" * 129, " padded", "line\nbreak"):
+        with pytest.raises(grpc.aio.AioRpcError) as refused:
+            await stub.Upsert(common_pb2.UpsertRequest(documents=[document(doc_id)], request_id=bad))
+        assert refused.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "request_id" in refused.value.details()
+    assert await stored_on(replicas, 0, [doc_id]) == [0, 0, 0]

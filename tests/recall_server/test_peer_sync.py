@@ -5,10 +5,12 @@ import asyncio
 import time
 
 import grpc
+import numpy as np
 import prometheus_client
 import pytest
 
 from recall_server.config import RecallSettings
+from recall_server.docstore import Write
 from recall_server.service import RecallService
 from recall_server.servicer import build_server
 from tests.recall_server.test_snapshots import SHARD, id_of_shard, publish_copy, until
@@ -191,28 +193,57 @@ async def test_a_failing_sync_round_is_logged_counted_and_retried(shard):
     assert "ValueError: a damaged reply" in service.peers.last_error
 
 
-async def test_tombstones_are_purged_only_after_every_peer_agreed(shard):
-    service, _, address = await shard.start("a", anti_entropy_period_s=0.05)
-    rounds, purges = [], []
-    real_round, real_purge = service.peers.anti_entropy_once, service.purge_tombstones
+async def test_a_purge_waits_until_every_peer_holds_the_rows_below_its_horizon(shard):
+    from twostage.versions import clock_at
 
-    async def counted_round():
-        rounds.append(1)
-        return await real_round()
+    first, _, first_address = await shard.start("a")
+    second, _, second_address = await shard.start("b")
+    horizon = Version(clock_at(time.time() - 60), "")
+    # A row older than the horizon that only the first replica holds (a write the second missed).
+    vector = np.ones(first.index.manifest.dims, np.float32) / np.sqrt(first.index.manifest.dims)
+    old = Write(Document(id_of_shard("old-write"), "", "written long ago"), vector, Version(horizon.clock - 1, "w"))
+    await first.apply_peer_writes([old])
+    shard.peers(first_address, "127.0.0.1:1")
+    assert not await first.peers.agree_below(horizon)  # a peer that cannot answer may hold rows this one lacks
+    shard.peers(first_address, second_address)
+    # Writes going on now are newer than the horizon: they never hold the purge back; the missing old row does.
+    writing = asyncio.ensure_future(first.upsert([Document(i, "", "new") for i in ids_of_shard("now", 20)]))
+    assert not await second.peers.agree_below(horizon)
+    await until(lambda: second.index.get([old.doc.id]), timeout_s=60)  # caught up
+    await writing
+    await second.upsert([Document(id_of_shard("later"), "", "newer than the horizon")])
+    assert await second.peers.agree_below(horizon) and await first.peers.agree_below(horizon)
 
-    async def counted_purge():
-        purges.append(len(rounds))
-        return await real_purge()
 
-    service.peers.anti_entropy_once, service.purge_tombstones = counted_round, counted_purge
-    # A peer that cannot be reached: this replica may lack writes it holds, so absence proves nothing.
-    shard.peers(address, "127.0.0.1:1")
-    start = len(rounds)
-    await until(lambda: len(rounds) >= start + 3)
-    assert not service.peers.agreed and not purges
-    shard.peers(address)  # every peer (none but itself) agrees
-    await until(lambda: purges)
-    assert service.peers.agreed
+async def test_changes_are_sent_in_replies_bounded_in_size(shard, monkeypatch):
+    import recall_server.service as service_module
+
+    monkeypatch.setattr(service_module, "CHANGES_MAX_BYTES", 1)  # one change a reply
+    first, _, first_address = await shard.start("a")
+    written = [Document(i, "", f"note {i}") for i in ids_of_shard("bounded", 30)]
+    await first.upsert(written)
+    # By cursor: a change a reply, marked as cut short, and the replica reading them gets every one.
+    batch, _, more = await first.changes("v1", 0, 0)
+    assert len(batch) == 1 and more
+    second, _, _ = await shard.start("b")
+    shard.peers(first_address)
+    await until(lambda: len(second.index.get([d.id for d in written])) == 30)
+    # By ids: answered in the order asked, cut after the first, the rest still to ask for.
+    asked = [written[5].id, "never-stored", written[2].id]
+    batch, _, more = await first.changes("v1", 0, 0, ids=asked)
+    assert [w.doc.id for w in batch] == [written[5].id] and more
+
+
+async def test_versions_are_listed_for_distinct_buckets_and_a_bounded_count(shard):
+    _, _, address = await shard.start("a")
+    async with grpc.aio.insecure_channel(address) as channel:
+        stub = recall_pb2_grpc.RecallStub(channel)
+        once = await stub.Versions(recall_pb2.VersionsRequest(buckets=[7]))
+        repeated = await stub.Versions(recall_pb2.VersionsRequest(buckets=[7] * 5000))
+        assert list(repeated.versions) == list(once.versions)
+        with pytest.raises(grpc.aio.AioRpcError) as refused:
+            await stub.Versions(recall_pb2.VersionsRequest(buckets=list(range(129))))
+        assert refused.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "buckets" in refused.value.details()
 
 
 async def test_a_replica_that_missed_a_delete_whose_tombstone_is_gone_deletes_too(shard):

@@ -137,30 +137,34 @@ class RecallInfo(_message.Message):
     def __init__(self, version: _Optional[str] = ..., model: _Optional[str] = ..., dims: _Optional[int] = ..., doc_count: _Optional[int] = ..., execution_provider: _Optional[str] = ..., limits: _Optional[_Iterable[_Union[_common_pb2.Limit, _Mapping]]] = ..., shard: _Optional[int] = ..., shards: _Optional[int] = ..., read_only: _Optional[bool] = ..., default_mode: _Optional[_Union[_common_pb2.RecallMode, str]] = ..., hybrid_fusion: _Optional[_Union[HybridFusion, str]] = ..., hybrid_dense_weight: _Optional[float] = ..., lexical: _Optional[bool] = ...) -> None: ...
 
 class ChangesRequest(_message.Message):
-    __slots__ = ("snapshot_version", "after_seq", "limit", "ids")
+    __slots__ = ("snapshot_version", "after_seq", "limit", "ids", "after_key")
     SNAPSHOT_VERSION_FIELD_NUMBER: _ClassVar[int]
     AFTER_SEQ_FIELD_NUMBER: _ClassVar[int]
     LIMIT_FIELD_NUMBER: _ClassVar[int]
     IDS_FIELD_NUMBER: _ClassVar[int]
+    AFTER_KEY_FIELD_NUMBER: _ClassVar[int]
     snapshot_version: str
     after_seq: int
     limit: int
     ids: _containers.RepeatedScalarFieldContainer[str]
-    def __init__(self, snapshot_version: _Optional[str] = ..., after_seq: _Optional[int] = ..., limit: _Optional[int] = ..., ids: _Optional[_Iterable[str]] = ...) -> None: ...
+    after_key: int
+    def __init__(self, snapshot_version: _Optional[str] = ..., after_seq: _Optional[int] = ..., limit: _Optional[int] = ..., ids: _Optional[_Iterable[str]] = ..., after_key: _Optional[int] = ...) -> None: ...
 
 class DocumentChange(_message.Message):
-    __slots__ = ("document", "deleted", "vector", "seq", "version")
+    __slots__ = ("document", "deleted", "vector", "seq", "version", "key")
     DOCUMENT_FIELD_NUMBER: _ClassVar[int]
     DELETED_FIELD_NUMBER: _ClassVar[int]
     VECTOR_FIELD_NUMBER: _ClassVar[int]
     SEQ_FIELD_NUMBER: _ClassVar[int]
     VERSION_FIELD_NUMBER: _ClassVar[int]
+    KEY_FIELD_NUMBER: _ClassVar[int]
     document: _common_pb2.Document
     deleted: bool
     vector: bytes
     seq: int
     version: _common_pb2.WriteVersion
-    def __init__(self, document: _Optional[_Union[_common_pb2.Document, _Mapping]] = ..., deleted: _Optional[bool] = ..., vector: _Optional[bytes] = ..., seq: _Optional[int] = ..., version: _Optional[_Union[_common_pb2.WriteVersion, _Mapping]] = ...) -> None: ...
+    key: int
+    def __init__(self, document: _Optional[_Union[_common_pb2.Document, _Mapping]] = ..., deleted: _Optional[bool] = ..., vector: _Optional[bytes] = ..., seq: _Optional[int] = ..., version: _Optional[_Union[_common_pb2.WriteVersion, _Mapping]] = ..., key: _Optional[int] = ...) -> None: ...
 
 class ChangesResponse(_message.Message):
     __slots__ = ("changes", "replica_id", "snapshot_version", "more")
@@ -175,10 +179,12 @@ class ChangesResponse(_message.Message):
     def __init__(self, changes: _Optional[_Iterable[_Union[DocumentChange, _Mapping]]] = ..., replica_id: _Optional[str] = ..., snapshot_version: _Optional[str] = ..., more: _Optional[bool] = ...) -> None: ...
 
 class DigestRequest(_message.Message):
-    __slots__ = ("snapshot_version",)
+    __slots__ = ("snapshot_version", "below_clock")
     SNAPSHOT_VERSION_FIELD_NUMBER: _ClassVar[int]
+    BELOW_CLOCK_FIELD_NUMBER: _ClassVar[int]
     snapshot_version: str
-    def __init__(self, snapshot_version: _Optional[str] = ...) -> None: ...
+    below_clock: int
+    def __init__(self, snapshot_version: _Optional[str] = ..., below_clock: _Optional[int] = ...) -> None: ...
 
 class BucketDigest(_message.Message):
     __slots__ = ("bucket", "count", "hash")
