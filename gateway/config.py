@@ -141,6 +141,12 @@ class GatewaySettings(ServiceSettings):
         "(keeps taking writes with a minority of a shard's replicas down), all (one replica away blocks its "
         "shard's writes) or one (a write acknowledged by one replica is lost if that replica's disk is).",
     )
+    shard_replicas: int = Field(
+        0, ge=0, le=64,
+        description="Replicas each recall shard is meant to have; a write quorum is counted against this (or the "
+        "replicas resolved, if more), never against only those that resolve now: with dns:/// a replica that is "
+        "down drops out of the answer. 0: as resolved.",
+    )
     request_id_ttl_s: float = Field(
         3600.0, gt=0,
         description="How long a write's request_id is remembered, so a resend is applied at the same version and "

@@ -75,7 +75,8 @@ class GatewayLifecycle:
         await self._wait_for_rerank(s.startup_wait_s)
         await self.refresh_limits()
         self.pipeline = SearchPipeline(s, self.shards, self.pool, self.limits)
-        self.router = DocumentRouter(self.shards, self.limits, s.write_quorum, s.request_id_ttl_s)
+        self.router = DocumentRouter(self.shards, self.limits, s.write_quorum, s.request_id_ttl_s,
+                                     shard_replicas=s.shard_replicas)
         self._tasks = [
             asyncio.create_task(self.pool.watch_health(self._stop, s.health_check_period_s)),
             asyncio.create_task(self._follow_membership()),

@@ -105,14 +105,16 @@ class RecallShard:
                 last_error = error
         raise last_error or errors.DeadlineExceeded(f"{self.name}: the deadline passed")
 
-    async def on_quorum(self, call, quorum: str, timeout_s: float) -> ShardWrite:
+    async def on_quorum(self, call, quorum: str, timeout_s: float, expected_replicas: int = 0) -> ShardWrite:
         """``call(client, timeout_s)`` on every replica at once; returns once ``quorum`` of them succeeded, or
         once every call has ended short of it. Calls still running after a quorum go on in the background until
         they end (their own timeout)."""
         replicas = list(self.replicas)
         if not replicas:
             raise errors.Unavailable(f"{self.name} has no replicas (its name resolves to nothing yet)")
-        outcome = ShardWrite(len(replicas), quorum_size(quorum, len(replicas)))
+        # Counted against the replicas the shard is meant to have: a down replica's name may not resolve at all.
+        size = max(len(replicas), expected_replicas)
+        outcome = ShardWrite(size, quorum_size(quorum, size))
         pending = {asyncio.ensure_future(call(client, timeout_s)) for client in replicas}
         refusals = []
         # Short of a quorum, every call is waited for, so the error says exactly what is durable where.

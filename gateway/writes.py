@@ -119,10 +119,11 @@ def _fingerprint(kind: str, items: list) -> str:
 
 class DocumentRouter:
     def __init__(self, shards: list[RecallShard], limits=None, write_quorum: str = "majority",
-                 request_id_ttl_s: float = 3600.0, request_ids_kept: int = 100_000):
+                 request_id_ttl_s: float = 3600.0, request_ids_kept: int = 100_000, shard_replicas: int = 0):
         self.shards = shards
         self.limits = limits  # StageLimits: what the recall servers accept
         self.write_quorum = write_quorum
+        self.shard_replicas = shard_replicas
         self.clock = HybridClock(f"gateway-{uuid.uuid4().hex[:12]}")
         self.requests = RequestLog(request_id_ttl_s, request_ids_kept)
 
@@ -181,7 +182,7 @@ class DocumentRouter:
         outcomes = await asyncio.gather(*(
             self.shards[s].on_quorum(lambda client, timeout, part=part: send(client, part, version, request_id,
                                                                              timeout),
-                                     self.write_quorum, timeout_s)
+                                     self.write_quorum, timeout_s, self.shard_replicas)
             for s, part in parts.items()))
         by_shard: dict[int, ShardWrite] = dict(zip(parts, outcomes))
         for shard, outcome in by_shard.items():

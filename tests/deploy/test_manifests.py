@@ -147,7 +147,10 @@ def test_shards_builds_and_the_gateway_agree(objects):
         assert env["TWOSTAGE_RECALL_SHARD"] == str(i)
         assert env["TWOSTAGE_RECALL_SNAPSHOT_DIR"].startswith("/snapshots/")
         assert env["TWOSTAGE_RECALL_PEERS"] == target  # replicas catch up from their own shard's replicas
-        assert statefulset["spec"]["replicas"] >= 2  # a shard survives the loss of a replica
+        assert statefulset["spec"]["replicas"] >= 3  # a majority takes writes while one replica is away
+        # Quorums count against the shard's size, not against the replicas that happen to resolve.
+        assert env_of(servers(objects)["gateway"])["TWOSTAGE_GATEWAY_SHARD_REPLICAS"] == str(
+            statefulset["spec"]["replicas"])
         service = services[statefulset["spec"]["serviceName"]]
         assert service["spec"]["clusterIP"] == "None"
         assert selects({"matchLabels": service["spec"]["selector"]}, statefulset["spec"]["template"]["metadata"]["labels"])

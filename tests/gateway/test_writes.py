@@ -182,3 +182,13 @@ async def test_a_malformed_request_id_is_refused_before_any_shard_sees_it(replic
             await stub.Upsert(common_pb2.UpsertRequest(documents=[document(doc_id)], request_id=bad))
         assert refused.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "request_id" in refused.value.details()
     assert await stored_on(replicas, 0, [doc_id]) == [0, 0, 0]
+
+
+async def test_a_quorum_counts_the_replicas_a_shard_is_meant_to_have(replicas, gateway):
+    # Shard 1 is meant to have three replicas but one resolves (the others' names dropped out while down).
+    stub = await gateway(shard_replicas=3)
+    (doc_id,) = ids_of(1, "meant", 1)
+    with pytest.raises(grpc.aio.AioRpcError) as refused:
+        await stub.Upsert(common_pb2.UpsertRequest(documents=[document(doc_id)], request_id="meant-1"))
+    assert refused.value.code() == grpc.StatusCode.UNAVAILABLE
+    assert "shard 1 on 1 of 3 replicas (2 needed" in refused.value.details()
