@@ -9,6 +9,7 @@ import socket
 import subprocess
 import sys
 
+import grpc
 import pytest
 
 from twostage.cli import main
@@ -284,3 +285,19 @@ async def test_search_with_filters_and_options_from_the_command_line(gateway_tar
     with pytest.raises(SystemExit):
         main(["search", "x", "--alpha", "2"])
     assert "must be between 0 and 1" in capsys.readouterr().err
+
+
+async def test_a_plaintext_client_at_a_tls_port_is_told_to_pass_tls_dir(tmp_path, capsys):
+    from twostage.dev_certs import write_dev_certs
+    from twostage.tls import server_credentials
+
+    write_dev_certs(tmp_path)
+    server = grpc.aio.server()
+    port = server.add_secure_port("127.0.0.1:0", server_credentials(tmp_path, False))
+    await server.start()
+    try:
+        code = await asyncio.to_thread(main, ["search", "x", "--target", f"127.0.0.1:{port}", "--timeout-s", "5"])
+    finally:
+        await server.stop(None)
+    error = capsys.readouterr().err
+    assert code == 1 and "if the stack serves TLS, pass --tls-dir" in error and "nothing answers" not in error
