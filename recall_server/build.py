@@ -302,14 +302,16 @@ def local_corpus(source: str) -> Iterator[Path]:
         yield target
 
 
-def cached_index(dataset: Path) -> Path:
-    """An index of a BEIR data set, built once and kept in the cache (evaluation and benchmarks share it)."""
+def cached_index(dataset: Path, index_dir: Path | None = None) -> Path:
+    """An index of a BEIR data set, built once and kept (in the cache unless ``index_dir`` is given;
+    evaluation and benchmarks share it)."""
     import hashlib
 
     from twostage.model_store import cache_dir
 
-    key = hashlib.sha256(str(dataset.resolve()).encode()).hexdigest()[:12]
-    index_dir = cache_dir().parent / "eval-indexes" / f"{dataset.name}-{key}"
+    if index_dir is None:
+        key = hashlib.sha256(str(dataset.resolve()).encode()).hexdigest()[:12]
+        index_dir = cache_dir().parent / "eval-indexes" / f"{dataset.name}-{key}"
     if not (index_dir / "index.json").exists():
         print(f"building an index of {dataset} into {index_dir}", flush=True)
         build_from_corpus(dataset, index_dir)
