@@ -165,3 +165,14 @@ async def test_writes_and_filters_are_checked_against_the_schema(product_index, 
         assert coercing.index.store.schema()["price"] == "number"
     finally:
         await server.stop(grace_s=1)
+
+
+def test_corpus_warnings_name_lines_and_ids_in_good_english():
+    rows = [{"_id": "a", "text": "x", "tags": [1, 2]}, {"_id": "b", "text": "y"}, {"_id": "c", "text": "z",
+                                                                                    "dims": {"w": 3}}]
+    scan = scan_corpus(lines(rows), LIMITS)
+    tail = "; metadata holds strings, numbers, booleans and lists of strings"
+    assert scan.dropped_warnings() == [f"field 'tags' dropped from 1 document: line 1 (id 'a'){tail}",
+                                       f"field 'dims' dropped from 1 document: line 3 (id 'c'){tail}"]
+    assert scan_corpus(lines([{"text": "no id"}]), LIMITS).invalid == {
+        1: "the document has no id; give each one an _id (or id)"}
