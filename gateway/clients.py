@@ -44,6 +44,7 @@ class RerankReply:
     queue_items: int
     query_truncated: bool = False
     unscored: int = 0  # documents the replica's deadline left unscored (absent from scores)
+    cached: int = 0  # pairs answered from the replica's score cache
 
 
 def channel_options(max_message_mb: int = 16, keepalive_time_s: float = 30.0,
@@ -164,4 +165,5 @@ class RerankClient(_Client):
             queue_items=reply.queue_items,
             query_truncated=reply.query_truncated,
             unscored=reply.unscored,
+            cached=reply.cached,
         )

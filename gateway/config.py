@@ -93,7 +93,8 @@ class GatewaySettings(ServiceSettings):
     )
     initial_rerank_ms_per_pair: float = Field(
         70.0, gt=0,
-        description="Cost assumed per pair before a replica has answered; then measured live (EWMA). "
+        description="Cost assumed per pair for a replica that has neither published the cost it measured at load "
+        "(Info) nor answered; then measured live (EWMA). "
         "70 suits the default model on 2 CPU cores; about 1 on a GPU.",
     )
     rerank_cost_headroom: float = Field(

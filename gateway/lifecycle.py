@@ -74,6 +74,7 @@ class GatewayLifecycle:
         await self._wait_for_recall()
         await self._wait_for_rerank(s.startup_wait_s)
         await self.refresh_limits()
+        await self.adopt_published_costs()
         self.pipeline = SearchPipeline(s, self.shards, self.pool, self.limits)
         self.router = DocumentRouter(self.shards, self.limits, s.write_quorum, s.request_id_ttl_s,
                                      shard_replicas=s.shard_replicas)
@@ -141,6 +142,20 @@ class GatewayLifecycle:
                 self.limits.recall_hybrid_fusion = fusion
                 self.limits.recall_hybrid_dense_weight = info.hybrid_dense_weight
 
+    async def adopt_published_costs(self) -> None:
+        """Start each replica's cost model from the speed it measured at load (Info), not the pessimistic
+        default, until it has answered; best effort (a replica that does not say keeps the default)."""
+        async def adopt(replica) -> None:
+            try:
+                info = await replica.client.info(timeout_s=2.0)
+            except TwostageError as error:
+                log.info("cost of %s not known yet: %s", replica.target, error)
+                return
+            if info.ms_per_pair > 0 and not replica.pairs_scored:
+                replica.ms_per_pair = info.ms_per_pair
+
+        await asyncio.gather(*(adopt(r) for r in self.pool.replicas if not r.pairs_scored))
+
     async def _follow_membership(self) -> None:
         """Re-resolve every resolve_period_s, and early when a member turns out unreachable."""
         hints = [self.pool.unreachable, *(shard.unreachable for shard in self.shards)]
@@ -156,6 +171,7 @@ class GatewayLifecycle:
             await self._resolve_all()
             if self._apply_members():
                 await self.refresh_limits()
+                await self.adopt_published_costs()
             await asyncio.sleep(MIN_RESOLVE_INTERVAL_S)  # a failure storm cannot turn into a DNS storm
 
     async def close(self) -> None:

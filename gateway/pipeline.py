@@ -72,6 +72,7 @@ class SearchResult:
     degradations: list[Degradation] = field(default_factory=list)
     candidates: int = 0
     reranked: int = 0
+    rerank_cached: int = 0
     timings_ms: dict[str, float] = field(default_factory=dict)
     recall_mode: str | None = None  # the mode the recall shards answered in
 
@@ -267,6 +268,7 @@ class SearchPipeline:
             result.degrade(code, str(outcome.error))
             log.warning("request %s: %s: %s", request_id, code.value, outcome.error)
             return {}
+        result.rerank_cached = min(outcome.cached, len(outcome.scores))
         if len(outcome.scores) < len(candidates) and not by_evidence:
             result.degrade(DegradationCode.RERANK_PARTIAL, f"{len(outcome.scores)} of {len(candidates)} reranked")
         return outcome.scores
@@ -352,6 +354,7 @@ def _merge(merged: RerankOutcome, outcome: RerankOutcome, offset: int) -> None:
     for name, ms in outcome.timings_ms.items():  # times add up over calls; a rate is the latest
         merged.timings_ms[name] = ms if name.endswith("_per_pair") else merged.timings_ms.get(name, 0.0) + ms
     merged.query_truncated |= outcome.query_truncated
+    merged.cached += outcome.cached
     merged.failed_slices += outcome.failed_slices
     merged.error = outcome.error or merged.error
 

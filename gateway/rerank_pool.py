@@ -87,6 +87,7 @@ class RerankOutcome:
     failed_slices: int = 0
     error: errors.TwostageError | None = None
     query_truncated: bool = False
+    cached: int = 0  # pairs a replica answered from its score cache
 
 
 def is_callers_mistake(error: Exception) -> bool:
@@ -235,6 +236,7 @@ class RerankPool:
             replica.answered(len(positions), time.monotonic())
         self._observe(replica, len(positions) - reply.unscored, reply, 1000 * (time.monotonic() - start))
         outcome.query_truncated |= reply.query_truncated
+        outcome.cached += reply.cached
         for local, score in reply.scores.items():
             outcome.scores[positions[local]] = score
         if reply.unscored:

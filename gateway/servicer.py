@@ -84,6 +84,7 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
             timings_ms=result.timings_ms,
             candidates=result.candidates,
             reranked=result.reranked,
+            rerank_cached=result.rerank_cached if result.reranked else 0,
             request_id=result.request_id,
         )
 

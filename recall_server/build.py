@@ -10,7 +10,7 @@ import time
 import urllib.request
 import uuid
 from collections.abc import Iterable, Iterator
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -45,6 +45,7 @@ class BuildReport:
     documents: int
     skipped_lines: int
     dropped_fields: dict[str, int]
+    schema: dict[str, str] = field(default_factory=dict)  # metadata key -> type, stored with the index
 
 
 def embed_documents(embedder: Embedder, docs: list[Document], policy: BatchPolicy, bar: tqdm | None = None) -> np.ndarray:
@@ -68,12 +69,14 @@ def shard_dirs(index_dir: Path, shards: int) -> list[Path]:
     return [Path(index_dir) / f"shard-{i}" for i in range(shards)]
 
 
-def check_corpus(corpus: Path, limits: DocumentLimits, skip_invalid: bool) -> CorpusScan:
-    """Validate the whole corpus as Upsert would before embedding anything (minutes to hours)."""
+def check_corpus(corpus: Path, limits: DocumentLimits, skip_invalid: bool,
+                 schema: dict[str, str] | None = None) -> CorpusScan:
+    """Validate the whole corpus as Upsert would before embedding anything (minutes to hours); ``schema``
+    declares metadata types (the rest are inferred from the first line with each key)."""
     if not corpus_file(corpus).is_file():
         raise FileNotFoundError(f"no corpus at {corpus_file(corpus)}")
     try:
-        scan = scan_corpus(corpus_lines(corpus), limits)
+        scan = scan_corpus(corpus_lines(corpus), limits, schema)
     except UnicodeDecodeError as error:
         raise InvalidArgument(f"{corpus_file(corpus)} is not UTF-8 text: {error}") from None
     where = corpus_file(corpus)
@@ -84,9 +87,8 @@ def check_corpus(corpus: Path, limits: DocumentLimits, skip_invalid: bool) -> Co
         )
     if scan.invalid:
         log.warning("%s: skipping %d invalid lines: %s", where, len(scan.invalid), scan.problems())
-    for name, count in scan.dropped_fields.most_common():
-        log.warning("%s: field %r dropped from %d documents: metadata holds strings, numbers, booleans "
-                    "and lists of strings", where, name, count)
+    for warning in scan.dropped_warnings():
+        log.warning("%s: %s", where, warning)
     if scan.valid == 0:
         raise InvalidArgument(f"{where}: no documents to index")
     return scan
@@ -137,7 +139,7 @@ def build_index(
                     docs = (d for d in docs if shard_of(d.id, shards) == shard)
                 if part is not None and part[1] > 1:
                     docs = (d for d in docs if part_of(d.id, shards, part[1]) == part[0])
-                count += _build_one(docs, target, embedder, policy, chunk_docs, bar, shard, shards)
+                count += _build_one(docs, target, embedder, policy, chunk_docs, bar, shard, shards, scan.schema)
     except BaseException:
         for target in targets:
             shutil.rmtree(target.with_name(target.name + ".partial"), ignore_errors=True)
@@ -145,16 +147,17 @@ def build_index(
             shutil.rmtree(out, ignore_errors=True)
         raise
     log.info("indexed %d documents into %s", count, out)
-    return BuildReport(count, len(scan.invalid), dict(scan.dropped_fields))
+    return BuildReport(count, len(scan.invalid), dict(scan.dropped_fields), dict(scan.schema))
 
 
 def _build_one(docs: Iterable[Document], out: Path, embedder, policy, chunk_docs: int, bar: tqdm,
-               shard: int, shards: int) -> int:
+               shard: int, shards: int, schema: dict[str, str]) -> int:
     partial = out.with_name(out.name + ".partial")
     shutil.rmtree(partial, ignore_errors=True)
     index = DocumentIndex.create(partial, embedder.name, embedder.dims, shard=shard, shards=shards,
                                  save_every_writes=1 << 62)
     try:
+        index.store.declare_schema(schema)  # the whole corpus's, so every shard holds the same types
         for chunk in _chunks(docs, chunk_docs):
             index.upsert(chunk, embed_documents(embedder, chunk, policy, bar), BASE)  # below every live write
         count = index.store.count()
@@ -168,8 +171,9 @@ def build_from_corpus(corpus: Path, out: Path, model: str = DEFAULT_EMBED_MODEL,
                       max_length: int | None = None, max_batch_size: int | None = None,
                       max_batch_tokens: int | None = None, shards: int = 1, skip_invalid: bool = False,
                       progress: bool = True, shard_index: int | None = None,
-                      part: tuple[int, int] | None = None) -> BuildReport:
-    """Check the corpus, load the embedding model, build an index with the recall server's document limits."""
+                      part: tuple[int, int] | None = None, schema: dict[str, str] | None = None) -> BuildReport:
+    """Check the corpus, load the embedding model, build an index with the recall server's document limits
+    (``schema`` declares metadata types; the rest are inferred)."""
     from recall_server.config import RecallSettings
 
     if Path(out).exists():
@@ -177,7 +181,7 @@ def build_from_corpus(corpus: Path, out: Path, model: str = DEFAULT_EMBED_MODEL,
     # The recall server's settings (TWOSTAGE_RECALL_*): its document limits, provider and threads.
     settings = RecallSettings()
     limits = settings.document_limits()
-    scan = check_corpus(corpus, limits, skip_invalid)  # before the model loads: a bad corpus fails at once
+    scan = check_corpus(corpus, limits, skip_invalid, schema)  # before the model loads: a bad corpus fails at once
     embedder = Embedder(resolve_model(model), settings, max_length)
     policy = replace(
         DEFAULT_BUILD_POLICY,
@@ -298,14 +302,16 @@ def local_corpus(source: str) -> Iterator[Path]:
         yield target
 
 
-def cached_index(dataset: Path) -> Path:
-    """An index of a BEIR data set, built once and kept in the cache (evaluation and benchmarks share it)."""
+def cached_index(dataset: Path, index_dir: Path | None = None) -> Path:
+    """An index of a BEIR data set, built once and kept (in the cache unless ``index_dir`` is given;
+    evaluation and benchmarks share it)."""
     import hashlib
 
     from twostage.model_store import cache_dir
 
-    key = hashlib.sha256(str(dataset.resolve()).encode()).hexdigest()[:12]
-    index_dir = cache_dir().parent / "eval-indexes" / f"{dataset.name}-{key}"
+    if index_dir is None:
+        key = hashlib.sha256(str(dataset.resolve()).encode()).hexdigest()[:12]
+        index_dir = cache_dir().parent / "eval-indexes" / f"{dataset.name}-{key}"
     if not (index_dir / "index.json").exists():
         print(f"building an index of {dataset} into {index_dir}", flush=True)
         build_from_corpus(dataset, index_dir)

@@ -61,6 +61,12 @@ class RecallSettings(ServiceSettings, RuntimeSettings, BatchingSettings):
         "up to it); when they hold fewer than k passing documents, every passing document is scored exactly, in "
         "chunks that let writes and the deadline in between.",
     )
+    metadata_coerce: bool = Field(
+        False,
+        description="Convert a written metadata value to its key's type in the index's schema where that loses "
+        "nothing (\"12.99\" to a number, \"true\" to a boolean, 7 to \"7\", a string to a list of one); "
+        "otherwise a value of the wrong type is refused (INVALID_ARGUMENT naming the document and the key).",
+    )
     snapshot_dir: Path | None = Field(
         None,
         description="Where index-build jobs publish snapshots (SNAPSHOT_DIR/shard-I/VERSION, a shared volume). When "

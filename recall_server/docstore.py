@@ -26,8 +26,9 @@ from pathlib import Path
 import numpy as np
 
 from twostage.corpus import Document
-from twostage.errors import FailedPrecondition, StorageFull
+from twostage.errors import FailedPrecondition, InvalidArgument, StorageFull
 from twostage.filters import BOUNDS, Filter
+from twostage.schema import type_of
 from twostage.versions import Version
 
 _SCHEMA = """
@@ -82,6 +83,9 @@ CREATE INDEX doc_meta_num ON doc_meta(name, kind, num);
 CREATE INDEX doc_meta_txt ON doc_meta(name, kind, txt);
 CREATE INDEX doc_meta_key ON doc_meta(key);
 """
+# The type of each metadata key (twostage.schema): declared at build, or set by the first value stored.
+_METADATA_TYPES_SCHEMA = "CREATE TABLE metadata_schema (name TEXT PRIMARY KEY, type TEXT NOT NULL)"
+_KIND_TYPES = {"text": "string", "item": "string_list", "number": "number", "bool": "bool"}
 # External content: the text lives once, in docs; FTS5 keeps only its inverted index.
 _LEXICAL_SCHEMA = """
 CREATE VIRTUAL TABLE docs_fts USING fts5(
@@ -231,6 +235,7 @@ class _Outcome:
     live_before: int = 0  # live rows this write replaced (upserted over or deleted)
     superseded: int = 0
     newest: Version | None = None
+    new_types: dict[str, str] = field(default_factory=dict)  # metadata keys this write typed first
 
 
 class DocStore:
@@ -249,6 +254,7 @@ class DocStore:
             self._db.executescript(_REPLICATION_SCHEMA)
             self._create_once("docs_fts", _LEXICAL_SCHEMA)  # its schema rebuilds it from the stored text
             self._create_once("doc_meta", _METADATA_SCHEMA, self._fill_metadata)
+            self._create_once("metadata_schema", _METADATA_TYPES_SCHEMA, self._fill_schema)
         self._lock = threading.Lock()
         # Searches read through their own connection: in WAL mode a reader never waits for a writer's
         # commit (fsync included), so a bulk upsert cannot hold searches back.
@@ -261,6 +267,9 @@ class DocStore:
         self._lexical = _has_table(self._reader, "docs_fts")
         # Kept, not scanned: Info and every write report it.
         self._live = self._db.execute("SELECT COUNT(*) FROM docs WHERE deleted = 0").fetchone()[0]
+        # Kept, not queried: every write and filter checks against it.
+        self._schema: dict[str, str] = dict(self._db.execute("SELECT name, type FROM metadata_schema").fetchall()
+                                            if _has_table(self._db, "metadata_schema") else [])
 
     def _create_once(self, table: str, schema: str, fill=None) -> None:
         """Create ``table`` (with what ``schema`` builds alongside) if this store predates it, in one
@@ -298,6 +307,35 @@ class DocStore:
     def _fill_metadata(self) -> None:
         for key, metadata in self._db.execute("SELECT key, metadata FROM docs WHERE deleted = 0").fetchall():
             self._db.executemany(_INSERT_META, _metadata_rows(key, json.loads(metadata or "{}")))
+
+    def _fill_schema(self) -> None:
+        """A store made before schemas: each key takes the type most of its stored values have."""
+        rows = self._db.execute("SELECT name, kind, COUNT(DISTINCT key) AS n FROM doc_meta GROUP BY name, kind "
+                                "ORDER BY n DESC").fetchall()
+        self._db.executemany("INSERT OR IGNORE INTO metadata_schema (name, type) VALUES (?, ?)",
+                             [(name, _KIND_TYPES[kind]) for name, kind, _ in rows])
+
+    def schema(self) -> dict[str, str]:
+        """metadata key -> type (twostage.schema.TYPES)."""
+        return dict(self._schema)
+
+    def declare_schema(self, declared: dict[str, str]) -> None:
+        """Types declared for keys (at build): a key already typed otherwise is INVALID_ARGUMENT."""
+        with self._lock:
+            clash = {k: t for k, t in declared.items() if self._schema.get(k, t) != t}
+            if clash:
+                key = next(iter(clash))
+                raise InvalidArgument(f"metadata schema: {key!r} is declared {clash[key]} but the index holds "
+                                      f"{self._schema[key]} values under it")
+            self._db.execute("BEGIN IMMEDIATE")
+            try:
+                self._db.executemany("INSERT OR IGNORE INTO metadata_schema (name, type) VALUES (?, ?)",
+                                     list(declared.items()))
+                self._db.execute("COMMIT")
+            except BaseException:
+                self._rollback()
+                raise
+            self._schema.update(declared)
 
     @property
     def has_lexical(self) -> bool:
@@ -372,6 +410,7 @@ class DocStore:
                 self._rollback()
                 raise
             self._live += len(applied.added) - applied.live_before
+            self._schema.update(applied.new_types)
         return Applied(applied.keys, applied.added, applied.deleted, applied.last_seq, count,
                        superseded=applied.superseded, newest=applied.newest)
 
@@ -435,8 +474,17 @@ class DocStore:
         self._forget_metadata(keys)
         self._db.executemany(_INSERT_META, [row for key, w in zip(keys, chosen) if key in live
                                             for row in _metadata_rows(key, w.doc.metadata)])
+        # New keys take the type of their first value. Never a refusal here: a row a peer accepted is copied
+        # as it is (clients' writes were checked against the schema before they came here).
+        new_types = {}
+        for write in chosen:
+            for name, value in write.doc.metadata.items():
+                if not write.deleted and name not in self._schema and name not in new_types:
+                    new_types[name] = type_of(value)
+        self._db.executemany("INSERT OR IGNORE INTO metadata_schema (name, type) VALUES (?, ?)",
+                             list(new_types.items()))
         return _Outcome(keys, added, deleted, seq, live_before=len(replaced_live), superseded=superseded,
-                        newest=newest)
+                        newest=newest, new_types=new_types)
 
     def upsert(self, docs: list[Document], vectors: np.ndarray, version: Version) -> Applied:
         """Store documents at one version (ids unique within the call)."""

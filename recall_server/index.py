@@ -24,7 +24,7 @@ import os
 import threading
 import time
 import uuid
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -63,6 +63,8 @@ class IndexManifest:
     # The part of a sharded corpus this index holds (ids with shard_of(id, shards) == shard).
     shard: int = 0
     shards: int = 1
+    # The type of each metadata key (twostage.schema); the store holds it durably, a save copies it here.
+    metadata_schema: dict[str, str] = field(default_factory=dict)
 
     @classmethod
     def read(cls, directory: Path) -> "IndexManifest":
@@ -91,6 +93,9 @@ class DocumentIndex:
         except BaseException:
             self._lock.release()
             raise
+        if not read_only and (declared := {k: t for k, t in manifest.metadata_schema.items()
+                                           if k not in self.store.schema()}):
+            self.store.declare_schema(declared)  # a manifest written with a schema the store lacks
         self._graph = self._new_graph()
         # _write_lock orders writers so the graph applies store writes in sequence
         # (a save must never claim a sequence the graph has not applied);
@@ -396,7 +401,8 @@ class DocumentIndex:
             except BaseException:
                 tmp.unlink(missing_ok=True)
                 raise
-            self.manifest = IndexManifest(**{**asdict(self.manifest), "applied_seq": applied_seq})
+            self.manifest = IndexManifest(**{**asdict(self.manifest), "applied_seq": applied_seq,
+                                             "metadata_schema": dict(sorted(self.store.schema().items()))})
             write_atomically(self.directory / MANIFEST, json.dumps(asdict(self.manifest), indent=2).encode())
 
     def close(self) -> None:

@@ -26,6 +26,7 @@ from twostage.hybrid import fuse
 from twostage.metrics import RECALL_SEARCH_SECONDS as SEARCH_SECONDS
 from twostage.metrics import watch_batcher
 from twostage.model_store import resolve_model
+from twostage.schema import check_filter_types, conform
 from twostage.sharding import shard_of
 from twostage.versions import HybridClock, Version, clock_at
 
@@ -192,6 +193,7 @@ class RecallService:
         errors.check_text("query", query, self.settings.max_query_chars)
         errors.check_limit("k", k, 1, self.settings.max_k)
         mode = mode or self.settings.recall_mode
+        check_filter_types(filter_, self.index.store.schema())
         start = time.perf_counter()
         # Every mode reports the cosine (the gateway's calibrated fusion reads it), so the query is embedded.
         (vector,) = await self._embed([query], True, deadline_s)
@@ -292,10 +294,17 @@ class RecallService:
         self.index.require_writable()  # before the embedding, which is the expensive part
         if replayed := await self._replayed(request_id):
             return replayed
+        coerce = self.settings.metadata_coerce
+        conform(docs, self.index.store.schema(), coerce)  # before the embedding: a refusal costs nothing
         vectors = await self._embed([document_text(d) for d in docs], False, deadline_s)
         version = self._version(version)
-        writes = [Write(doc, vector, version) for doc, vector in zip(docs, vectors)]
-        applied = await self._exclusive_write(lambda index: index.apply(writes, request_id))
+
+        def write(index: DocumentIndex):
+            # Again behind the write gate: a write that came meanwhile may have typed a key first.
+            conformed, _ = conform(docs, index.store.schema(), coerce)
+            return index.apply([Write(doc, vector, version) for doc, vector in zip(conformed, vectors)], request_id)
+
+        applied = await self._exclusive_write(write)
         return self._reply(applied, version)
 
     async def delete(self, ids: list[str], request_id: str = "", version: Version | None = None) -> WriteReply:

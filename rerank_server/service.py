@@ -44,6 +44,7 @@ class RerankService:
         self.cache: PairScoreCache | None = None
         # Computations of shared pairs, held here: their caller may go away, and the loop keeps tasks weakly.
         self._computing: set[asyncio.Task] = set()
+        self.measured_ms_per_pair = 0.0
 
     async def start(self) -> None:
         if self.model is None:
@@ -59,6 +60,15 @@ class RerankService:
         self.batcher.start()
         # Warm up: the first run allocates and optimizes; keep that off the first request.
         await self.rerank(RerankQuery("warm up", ["a short document", "another, slightly longer document"]))
+        # What a pair costs here, published in Info: gateways budget with it from their first request instead of
+        # a guess. Measured after the warm-up (its first run allocates), on pairs of typical length.
+        typical = " ".join(["measuring what one pair of typical length costs this replica's model"] * 16)
+        # One batch, within the queue bound: startup stays short, and a small queue does not shed it.
+        s = self.settings
+        pairs = [f"{i} {typical}" for i in range(max(1, min(4, s.max_batch_size, s.max_queue_items)))]
+        started = time.perf_counter()
+        await self.rerank(RerankQuery("how much does a pair cost", pairs, bypass_cache=True))
+        self.measured_ms_per_pair = 1000 * (time.perf_counter() - started) / len(pairs)
 
     async def close(self) -> None:
         if self.batcher is not None:
@@ -212,6 +222,7 @@ class RerankService:
     def info(self) -> dict:
         s = self.settings
         return {
+            "ms_per_pair": self.measured_ms_per_pair,
             "model": self.model.name if self.model else s.model,
             "max_length": s.max_length,
             "execution_provider": self.model.session.get_providers()[0] if self.model else choose_providers(s.provider)[0],

@@ -50,6 +50,7 @@ class RerankServicer(rerank_pb2_grpc.RerankServicer):
             max_length=info["max_length"],
             execution_provider=info["execution_provider"],
             limits=[common_pb2.Limit(name=k, value=v) for k, v in info["limits"].items()],
+            ms_per_pair=info["ms_per_pair"],
         )
 
 

@@ -52,7 +52,11 @@ def document_from_row(row: dict) -> tuple[Document, list[str]]:
     nested = row.get("metadata") or {}
     if not isinstance(nested, dict):
         raise InvalidArgument(f"metadata must be an object, got {type(nested).__name__}")
-    fields = {**{k: v for k, v in row.items() if k not in _DOCUMENT_FIELDS}, **nested}
+    top = {k: v for k, v in row.items() if k not in _DOCUMENT_FIELDS}
+    if clash := sorted(set(top) & set(nested)):
+        # Neither copy is dropped silently: the writer says which one is meant.
+        raise InvalidArgument(f"field {clash[0]!r} is both a top-level field and a key of metadata; keep one")
+    fields = {**top, **nested}
     metadata, dropped = {}, []
     for key, value in fields.items():
         converted = _metadata_value(value)

@@ -10,6 +10,7 @@ from dataclasses import dataclass, field
 
 from twostage import errors
 from twostage.corpus import Document, MetadataValue, document_from_row, document_text
+from twostage.wording import count_of
 
 # Printable, no whitespace at the ends: ids travel in logs, URLs and TSV files.
 _ID_PATTERN = re.compile(r"^[^\s\x00-\x1f\x7f](?:[^\x00-\x1f\x7f]*[^\s\x00-\x1f\x7f])?$")
@@ -29,6 +30,8 @@ class DocumentLimits:
 
 
 def check_id(doc_id: str, where: str, limits: DocumentLimits) -> None:
+    if not doc_id:
+        raise errors.InvalidArgument(f"{where}: the document has no id; give each one an _id (or id)")
     if len(doc_id) > limits.max_id_chars or not _ID_PATTERN.match(doc_id):
         raise errors.InvalidArgument(
             f"{where}: id {doc_id[:40]!r} is malformed: 1-{limits.max_id_chars} printable characters, "
@@ -112,6 +115,18 @@ class CorpusScan:
     valid: int = 0
     invalid: dict[int, str] = field(default_factory=dict)  # line number -> why
     dropped_fields: Counter = field(default_factory=Counter)  # field name -> documents it was dropped from
+    dropped_at: dict[str, list[tuple[int, str]]] = field(default_factory=dict)  # field name -> (line, id), first few
+    schema: dict[str, str] = field(default_factory=dict)  # metadata key -> type (twostage.schema)
+
+    def dropped_warnings(self, most: int = 3) -> list[str]:
+        """One line per dropped field, naming the lines and ids it was dropped from."""
+        warnings = []
+        for name, count in self.dropped_fields.most_common():
+            where = ", ".join(f"line {n} (id {doc_id!r})" for n, doc_id in self.dropped_at[name][:most])
+            more = f" and {count_of(count - most, 'more')}" if count > most else ""
+            warnings.append(f"field {name!r} dropped from {count_of(count, 'document')}: {where}{more}; metadata "
+                            "holds strings, numbers, booleans and lists of strings")
+        return warnings
 
     def problems(self, most: int = 5) -> str:
         shown = [f"line {n}: {why}" for n, why in list(self.invalid.items())[:most]]
@@ -119,26 +134,34 @@ class CorpusScan:
         return "; ".join(shown) + (f" (and {more} more)" if more > 0 else "")
 
 
-def scan_corpus(lines: Iterable[tuple[int, str]], limits: DocumentLimits) -> CorpusScan:
+def scan_corpus(lines: Iterable[tuple[int, str]], limits: DocumentLimits,
+                schema: dict[str, str] | None = None) -> CorpusScan:
     """Validate every line as Upsert would: JSON, each document, ids unique across the file
-    (a repeated id is invalid where it repeats)."""
-    scan = CorpusScan()
+    (a repeated id is invalid where it repeats), each metadata key of one type (the first line with
+    the key sets it, unless ``schema`` declares it); ``scan.schema`` is the schema found."""
+    from twostage.schema import conform
+
+    scan = CorpusScan(schema=dict(schema or {}))
     first_line_of: dict[str, int] = {}
     for number, line in lines:
         try:
             doc, dropped = document_from_row(json.loads(line))
             check_document(doc, "document", limits)
+            _, added = conform([doc], scan.schema, hint=False)
         except json.JSONDecodeError as error:
             scan.invalid[number] = f"not JSON: {error.msg} at column {error.colno}"
             continue
         except (ValueError, errors.InvalidArgument) as error:
-            scan.invalid[number] = str(error).removeprefix("document: ")
+            scan.invalid[number] = str(error).removeprefix("document: ").removeprefix("documents[0]: ")
             continue
         if doc.id in first_line_of:
             scan.invalid[number] = f"id {doc.id!r} already appears on line {first_line_of[doc.id]}"
             continue
         first_line_of[doc.id] = number
+        scan.schema.update(added)
         scan.dropped_fields.update(dropped)
+        for name in dropped:
+            scan.dropped_at.setdefault(name, []).append((number, doc.id))
         scan.valid += 1
     return scan
 

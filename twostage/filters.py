@@ -13,7 +13,9 @@ states the semantics the SQL must agree with:
 A document without the key fails the clause.
 """
 
+import json
 import math
+import re
 from dataclasses import dataclass
 
 from twostage import errors
@@ -88,6 +90,8 @@ def _same(value, wanted) -> bool:
 def _scalar(value: MetadataValue, where: str) -> Scalar:
     if isinstance(value, list):
         raise errors.InvalidArgument(f"{where}: compare with one string, number or boolean (any_of for several)")
+    if not (isinstance(value, str | bool) or _is_number(value)):
+        raise errors.InvalidArgument(f"{where}: compare with a string, number or boolean, got {value!r}")
     if _is_number(value) and not math.isfinite(value):
         raise errors.InvalidArgument(f"{where}: the number must be finite")
     return value
@@ -127,3 +131,80 @@ def check_filter(clauses: list[FilterClause]) -> Filter | None:
                 raise errors.InvalidArgument(f"{where}: the lower bound {low} is above the upper bound {high}")
             checked.append(clause)
     return Filter(tuple(checked))
+
+
+# The command line's short forms, longest operator first so "<=" is not read as "<".
+_SHORT = re.compile(r"^\s*([A-Za-z0-9_.:-]+)\s*(<=|>=|!=|<|>|=|\s+in\s+)\s*(.*?)\s*$", re.IGNORECASE)
+_SHORT_RANGE = {"<=": "lte", ">=": "gte", "<": "lt", ">": "gt"}
+
+
+def _literal(text: str, where: str) -> Scalar:
+    """A short-form value: JSON's numbers, true/false and quoted strings; anything else is a bare string."""
+    text = text.strip()
+    if not text:
+        raise errors.InvalidArgument(f"{where}: the value is empty")
+    try:
+        value = json.loads(text)
+    except ValueError:
+        return text
+    if isinstance(value, str | bool) or _is_number(value):
+        return value
+    return text
+
+
+def _clause_from_json(key: str, test, where: str) -> FilterClause:
+    if isinstance(test, dict):
+        if set(test) <= set(BOUNDS) and test:
+            if not all(_is_number(v) for v in test.values()):
+                raise errors.InvalidArgument(f"{where}: range bounds must be numbers")
+            return FilterClause(key, range=NumberRange(**{k: float(v) for k, v in test.items()}))
+        if set(test) == {"equals"}:
+            return FilterClause(key, equals=test["equals"])
+        if set(test) == {"any_of"} and isinstance(test["any_of"], list):
+            return FilterClause(key, any_of=tuple(test["any_of"]))
+        raise errors.InvalidArgument(
+            f"{where}: expected a value, a list (any of), or an object of gte/gt/lte/lt, equals or any_of")
+    if isinstance(test, list):
+        return FilterClause(key, any_of=tuple(test))
+    if test is None:
+        raise errors.InvalidArgument(f"{where}: null matches nothing; leave the key out")
+    return FilterClause(key, equals=test)
+
+
+def parse_filter(texts: list[str]) -> Filter | None:
+    """Filters as a user types them, each text one or more clauses that must all hold:
+
+    - JSON: ``{"price": {"lte": 100}, "tags": "travel", "category": ["garden", "outdoor"]}``;
+    - short forms: ``price<=100``, ``price>5``, ``tags=travel``, ``in_stock=true``, ``category in garden,outdoor``.
+
+    A short-form value is a number, true/false, or a string (quote it, ``code="007"``, to keep digits a string).
+    """
+    clauses: list[FilterClause] = []
+    for text in texts:
+        where = f"filter {text[:60]!r}"
+        if text.lstrip().startswith("{"):
+            try:
+                tests = json.loads(text)
+            except ValueError as error:
+                raise errors.InvalidArgument(f"{where}: not valid JSON ({error})") from None
+            if not isinstance(tests, dict) or not tests:
+                raise errors.InvalidArgument(f"{where}: expected a JSON object of key: test")
+            clauses.extend(_clause_from_json(key, test, where) for key, test in tests.items())
+            continue
+        match = _SHORT.match(text)
+        if match is None:
+            raise errors.InvalidArgument(
+                f"{where}: expected KEY=VALUE, KEY<=N, KEY>=N, KEY<N, KEY>N, 'KEY in A,B' or a JSON object")
+        key, op, value = match.group(1), match.group(2).strip().lower(), match.group(3)
+        if op == "!=":
+            raise errors.InvalidArgument(f"{where}: filters have no 'not equal'; use 'in' with the values wanted")
+        if op == "in":
+            clauses.append(FilterClause(key, any_of=tuple(_literal(v, where) for v in value.split(","))))
+        elif op == "=":
+            clauses.append(FilterClause(key, equals=_literal(value, where)))
+        else:
+            bound = _literal(value, where)
+            if not _is_number(bound):
+                raise errors.InvalidArgument(f"{where}: {op} compares with a number, got {value!r}")
+            clauses.append(FilterClause(key, range=NumberRange(**{_SHORT_RANGE[op]: float(bound)})))
+    return check_filter(clauses)

@@ -63,7 +63,7 @@ async def test_upsert_then_search_then_delete(stub):
         (lambda s: s.Embed(recall_pb2.EmbedRequest(texts=["a"] * 300)), "texts (count)"),
         (lambda s: s.Embed(recall_pb2.EmbedRequest(texts=["a"], model="other")), "unknown model 'other'"),
         (lambda s: s.Upsert(common_pb2.UpsertRequest(documents=[common_pb2.Document(id=" bad", text="t")])), "malformed"),
-        (lambda s: s.Upsert(common_pb2.UpsertRequest(documents=[common_pb2.Document(id="", text="t")])), "malformed"),
+        (lambda s: s.Upsert(common_pb2.UpsertRequest(documents=[common_pb2.Document(id="", text="t")])), "has no id; give each one an _id"),
         (
             lambda s: s.Upsert(common_pb2.UpsertRequest(documents=[common_pb2.Document(id="a", text="t")] * 2)),
             "more than once",

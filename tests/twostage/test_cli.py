@@ -9,6 +9,7 @@ import socket
 import subprocess
 import sys
 
+import grpc
 import pytest
 
 from twostage.cli import main
@@ -245,3 +246,58 @@ def test_serve_all_and_search_with_tls_and_tokens(built_index, tmp_path):
         stack.send_signal(signal.SIGTERM)
         stack.communicate(timeout=60)
     assert stack.returncode == 0
+
+
+async def test_search_with_filters_and_options_from_the_command_line(gateway_target, channel_to, capsys):
+    from twostage.convert import document_to_proto
+    from twostage.corpus import Document
+    from twostage.v1 import common_pb2, gateway_pb2_grpc
+
+    products = [Document(f"shop-{i}", f"Camping kettle {i}", "A steel kettle that boils water over a camp stove.",
+                         {"shop_price": 10 * i, "shop_cat": ["garden", "outdoor", "kitchen"][i % 3],
+                          "shop_tags": ["travel"] if i % 2 else ["home"], "shop_in_stock": i != 4})
+                for i in range(6)]
+    stub = gateway_pb2_grpc.GatewayStub(channel_to(gateway_target))
+    await stub.Upsert(common_pb2.UpsertRequest(documents=[document_to_proto(d) for d in products]))
+
+    async def search(*flags: str) -> dict:
+        code = await asyncio.to_thread(main, ["search", "camping kettle", "--target", gateway_target, "--recall-k",
+                                              "50", "--top-k", "50", "--json", *flags])
+        out, err = capsys.readouterr()
+        assert code == 0, err
+        return json.loads(out)
+
+    def shop_ids(response: dict) -> set[str]:
+        return {h["id"] for h in response["hits"] if h["id"].startswith("shop-")}
+
+    assert shop_ids(await search("--filter", "shop_price<=30", "--filter", "shop_tags=travel")) == {"shop-1", "shop-3"}
+    assert shop_ids(await search("--filter", "shop_cat in garden,outdoor", "--filter", "shop_in_stock=true")) == {
+        "shop-0", "shop-1", "shop-3"}
+    assert shop_ids(await search("--filter", '{"shop_price": {"gt": 10, "lt": 50}}')) == {"shop-2", "shop-3", "shop-4"}
+    lexical = await search("--filter", "shop_price>=0", "--recall-mode", "lexical", "--skip-rerank")
+    assert lexical["reranked"] == 0 and not lexical["degraded"] and shop_ids(lexical) == {f"shop-{i}" for i in range(6)}
+    assert all(h["lexical_score"] > 0 for h in lexical["hits"])
+    fused = await search("--filter", "shop_price>=0", "--fusion", "none", "--score-threshold", "0")
+    assert all(h["score"] == h["rerank_score"] >= 0 for h in fused["hits"])
+
+    assert await asyncio.to_thread(main, ["search", "x", "--target", gateway_target, "--filter", "shop_price<=cheap"]) == 2
+    assert "<= compares with a number, got 'cheap'" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["search", "x", "--alpha", "2"])
+    assert "must be between 0 and 1" in capsys.readouterr().err
+
+
+async def test_a_plaintext_client_at_a_tls_port_is_told_to_pass_tls_dir(tmp_path, capsys):
+    from twostage.dev_certs import write_dev_certs
+    from twostage.tls import server_credentials
+
+    write_dev_certs(tmp_path)
+    server = grpc.aio.server()
+    port = server.add_secure_port("127.0.0.1:0", server_credentials(tmp_path, False))
+    await server.start()
+    try:
+        code = await asyncio.to_thread(main, ["search", "x", "--target", f"127.0.0.1:{port}", "--timeout-s", "5"])
+    finally:
+        await server.stop(None)
+    error = capsys.readouterr().err
+    assert code == 1 and "if the stack serves TLS, pass --tls-dir" in error and "nothing answers" not in error

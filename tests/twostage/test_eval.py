@@ -62,3 +62,41 @@ def test_advice_counts_documents_missing_from_the_index_apart():
     assert "looks too small" in advice and "recall_k=12 would cover 98%" in advice
     share, advice = recall_k_advice({"q": {"a": 3, "b": None}}, recall_k=10, depth=1000)
     assert share == 0.5 and "even recall_k=1000 covers less than 98%" in advice
+
+
+async def test_eval_prints_only_what_applies(tmp_path, demo_data, gateway_target, capsys):
+    import asyncio
+
+    dataset = beir_slice(tmp_path / "data", demo_data)
+    code = await asyncio.to_thread(main, [
+        "eval", "--dataset", str(dataset), "--target", gateway_target, "--recall-k", "5", "--stages", "recall",
+        "--sweep", "recall_mode=dense,lexical", "--limit", "3"])
+    out = capsys.readouterr().out
+    assert code in (0, None)
+    table = out[out.index("queries, recall_k=5"):]
+    assert "  recall " in table and "  rerank " not in table and "  final " not in table  # no rerank: one row
+    assert "recall@5" in table and "recall@10" not in table.split("\n")[1]  # 5 candidates cannot reach @10
+    assert "server default" not in table and "(the modes compared, dense, lexical, are below)" in table
+
+    code = await asyncio.to_thread(main, ["eval", "--dataset", str(dataset), "--target", gateway_target,
+                                          "--recall-k", "20", "--limit", "3"])
+    out = capsys.readouterr().out
+    assert "final top-10 by recall position:" in out and "{" not in out
+    lines = out.splitlines()
+    spans = lines[lines.index("  final top-10 by recall position:") + 1].split()
+    counts = lines[lines.index("  final top-10 by recall position:") + 2].split()
+    assert spans == ["1-10", "11-20"] and sum(map(int, counts)) == 30
+
+
+def test_eval_builds_its_index_where_told(tmp_path, models):
+    from recall_server.build import cached_index
+    from recall_server.index import IndexManifest
+
+    dataset = tmp_path / "tiny"
+    dataset.mkdir()
+    (dataset / "corpus.jsonl").write_text('{"_id": "a", "text": "Tents keep campers dry."}\n'
+                                          '{"_id": "b", "text": "Lamps light desks."}\n')
+    out = tmp_path / "eval-index"
+    assert cached_index(dataset, out) == out and IndexManifest.read(out).dims > 0
+    built = (out / "index.json").stat().st_mtime_ns
+    assert cached_index(dataset, out) == out and (out / "index.json").stat().st_mtime_ns == built  # reused

@@ -2,6 +2,7 @@
 random metadata, and malformed filters are refused naming the clause."""
 
 import random
+import re
 
 import numpy as np
 import pytest
@@ -10,7 +11,7 @@ from recall_server.docstore import DocStore
 from twostage import errors
 from twostage.convert import filter_from_proto, filter_to_proto
 from twostage.corpus import Document
-from twostage.filters import FilterClause, NumberRange, check_filter
+from twostage.filters import FilterClause, NumberRange, check_filter, parse_filter
 from twostage.v1 import common_pb2
 from twostage.versions import Version
 
@@ -102,3 +103,32 @@ def test_a_malformed_clause_is_invalid_argument_naming_it(clause, message):
     with pytest.raises(errors.InvalidArgument, match="filter clause 1") as raised:
         filter_from_proto(common_pb2.Filter(clauses=[ok, clause]))
     assert message.replace("clause 0", "clause 1") in str(raised.value)
+
+
+@pytest.mark.parametrize("texts, expected", [
+    (["price<=100"], [FilterClause("price", range=NumberRange(lte=100.0))]),
+    (["price >= 5.5", "price<9"], [FilterClause("price", range=NumberRange(gte=5.5)),
+                                   FilterClause("price", range=NumberRange(lt=9.0))]),
+    (["tags=travel"], [FilterClause("tags", equals="travel")]),
+    (["in_stock=true"], [FilterClause("in_stock", equals=True)]),
+    (['code="007"'], [FilterClause("code", equals="007")]),
+    (["category in garden,outdoor"], [FilterClause("category", any_of=("garden", "outdoor"))]),
+    (['{"price": {"gt": 1, "lte": 100}, "tags": "travel", "brand": ["a", "b"]}'],
+     [FilterClause("price", range=NumberRange(gt=1.0, lte=100.0)), FilterClause("tags", equals="travel"),
+      FilterClause("brand", any_of=("a", "b"))]),
+])
+def test_filters_as_a_user_types_them(texts, expected):
+    assert parse_filter(texts).clauses == tuple(expected)
+
+
+@pytest.mark.parametrize("text, message", [
+    ("price", "expected KEY=VALUE"),
+    ("price<=cheap", "<= compares with a number, got 'cheap'"),
+    ("price!=3", "no 'not equal'"),
+    ("{not json", "not valid JSON"),
+    ('{"price": {"lte": "x"}}', "range bounds must be numbers"),
+    ("a=", "the value is empty"),
+])
+def test_a_filter_that_does_not_parse_says_why(text, message):
+    with pytest.raises(errors.InvalidArgument, match=re.escape(message)):
+        parse_filter([text])

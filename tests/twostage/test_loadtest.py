@@ -86,3 +86,14 @@ def test_a_zipf_stream_repeats_the_head_as_s_grows():
     assert len(set(skewed)) < len(set(uniform))  # more repetition, fewer distinct queries
     assert max(uniform.count(q) for q in queries) < min(head.values())
     assert zipf_stream(queries, 50, 1.0, seed=3) == zipf_stream(queries, 50, 1.0, seed=3)  # reproducible
+
+
+async def test_score_cache_hits_are_reported_beside_latency(gateway_target):
+    """The same query again is answered from the rerank replica's pair-score cache; the report says so."""
+    query = "loadtest score cache: homocysteine and vitamin B12"  # not asked by any other test
+    result = await run_load(gateway_target, "gateway", [query], 4, 1.0, 3, recall_k=5, top_k=5, budget_ms=60_000,
+                            timeout_s=60, progress=False)
+    report = result.report()
+    assert report["ok"] == 3 and report["mean_reranked"] == 5
+    # Requests leave every 250 ms: at least the last one finds the first one's five pairs scored.
+    assert 5 <= report["score_cache_hits"] <= 10 and report["score_cache_hit_rate"] == round(report["score_cache_hits"] / 15, 4)

@@ -17,8 +17,16 @@ def add_target_flag(parser, default: str = DEFAULT_TARGET, what: str = "gateway"
 def explain(error: grpc.RpcError, target: str, service: str = "twostage.v1.Gateway") -> str:
     """One line for the user: the status, what the server said, and a hint where one helps."""
     code, details = error.code(), error.details() or ""
+    lowered = details.lower()
+    # A plaintext client at a TLS port gets a closed socket (the server drops the handshake it cannot read),
+    # not a refusal: something answers there.
     if code == grpc.StatusCode.UNAVAILABLE and any(
-        text in details.lower() for text in ("connection refused", "failed to connect", "dns resolution failed")
+        text in lowered for text in ("socket closed", "connection reset", "end of file", "eof")
+    ) and "connection refused" not in lowered:
+        return (f"{target} closed the connection ({details}); if the stack serves TLS, pass --tls-dir with its "
+                "ca.pem (and client.pem/client.key where it requires them)")
+    if code == grpc.StatusCode.UNAVAILABLE and any(
+        text in lowered for text in ("connection refused", "failed to connect", "dns resolution failed")
     ):
         return (f"nothing answers at {target} ({details}); start the stack with 'twostage serve all' "
                 "(or 'make demo'), or pass --target HOST:PORT")

@@ -12,6 +12,7 @@ from twostage.cli.args import positive_int
 from twostage.cli.client import add_target_flag, explain
 from twostage.connect import credentials_from_args
 from twostage.errors import InvalidArgument
+from twostage.wording import count_of
 
 
 def register(commands) -> None:
@@ -58,9 +59,8 @@ def _upsert(args) -> int:
                               "Fix them, or pass --skip-invalid to send the rest")
     if scan.invalid:
         print(f"skipping {len(scan.invalid)} invalid lines: {scan.problems()}", file=sys.stderr)
-    for field, count in scan.dropped_fields.most_common():
-        print(f"warning: field {field!r} dropped from {count} documents (metadata holds strings, numbers, "
-              "booleans and lists of strings)", file=sys.stderr)
+    for warning in scan.dropped_warnings():
+        print(f"warning: {warning}", file=sys.stderr)
     if scan.valid == 0:
         raise InvalidArgument(f"{name}: no documents to send")
     docs = list(valid_documents(lines, scan))
@@ -77,11 +77,12 @@ def _upsert(args) -> int:
             except grpc.RpcError as error:
                 bar.close()
                 print(f"twostage: upsert failed: {explain(error, args.target)}", file=sys.stderr)
-                print(f"{sent} documents before it were stored; resending the file is safe", file=sys.stderr)
+                print(f"{count_of(sent, 'document')} before it {'was' if sent == 1 else 'were'} stored; resending "
+                      "the file is safe", file=sys.stderr)
                 return 1
             sent += len(batch)
             bar.update(len(batch))
-    print(f"upserted {sent} documents")
+    print(f"upserted {count_of(sent, 'document')}")
     return 0
 
 
@@ -106,7 +107,9 @@ def _delete(args) -> int:
     reply = _ask_gateway(args, "Delete", common_pb2.DeleteRequest(ids=args.ids))
     if reply is None:
         return 1
-    print(f"deleted {reply.deleted} of {len(args.ids)} ids ({len(args.ids) - reply.deleted} were not stored)")
+    absent = len(args.ids) - reply.deleted
+    print(f"deleted {reply.deleted} of {count_of(len(args.ids), 'id')} ({absent} {'was' if absent == 1 else 'were'} "
+          "not stored)")
     return 0
 
 

@@ -29,6 +29,9 @@ def register(commands) -> None:
     parser.add_argument("--json", type=Path, default=None)
     parser.add_argument("--plot", type=Path, default=None, help="PNG of the sweeps")
     parser.add_argument("--port", type=int, default=50261, help="base port of the local stack")
+    parser.add_argument("--index-dir", type=Path, default=None,
+                        help="the local stack's index of the data set: built there when absent, reused when present "
+                        "(default: a cache, ~/.cache/twostage/eval-indexes/NAME-HASH)")
     add_credential_flags(parser)
     parser.set_defaults(run=run)
 
@@ -54,17 +57,32 @@ def parse_sweeps(items: list[str]) -> dict[str, list]:
     return sweeps
 
 
+def reachable_cutoffs(row: dict, recall_k: int) -> list[str]:
+    """The recall@c columns that recall_k candidates can reach (c <= recall_k)."""
+    return [key for key in row if key.startswith("recall@") and int(key.split("@")[1]) <= recall_k]
+
+
 def print_report(report: dict) -> None:
-    cutoffs = [key for key in report["final"] if key.startswith("recall@")]
-    print(f"\n{report['queries']} queries, recall_k={report['recall_k']}, recall mode {report['recall_mode']}"
-          + (", recall alone" if report.get("stages") == "recall" else ""))
+    recall_alone = report.get("stages") == "recall"
+    cutoffs = reachable_cutoffs(report["recall"], report["recall_k"])
+    mode = report["recall_mode"]
+    header = f"recall mode {mode}" if mode != "server default" else "recall mode: the recall servers' default"
+    if "sweep_recall_mode" in report:
+        header += f" (the modes compared, {', '.join(report['sweep_recall_mode'])}, are below)"
+    print(f"\n{report['queries']} queries, recall_k={report['recall_k']}, {header}"
+          + (", recall alone" if recall_alone else ""))
     print(f"  {'ranking':10} {'nDCG@10':>8} {'MRR@10':>8} " + " ".join(f"{c:>11}" for c in cutoffs))
-    for name in ("recall", "rerank", "final"):
+    for name in ("recall",) if recall_alone else ("recall", "rerank", "final"):  # without rerank all three agree
         row = report[name]
         print(f"  {name:10} {row['ndcg@10']:8.4f} {row['mrr@10']:8.4f} " + " ".join(f"{row[c]:11.4f}" for c in cutoffs))
     print(f"  latency: mean {report['latency_ms']['mean']:.1f} ms, p95 {report['latency_ms']['p95']:.1f} ms; "
-          f"degraded: {report['degraded'] or 'none'}; pairs reranked per query: {report['mean_reranked']}")
-    print(f"  final top-10 came from recall positions: {report['promotion_depth']}")
+          f"degraded: {report['degraded'] or 'none'}"
+          + ("" if recall_alone else f"; pairs reranked per query: {report['mean_reranked']}"))
+    if not recall_alone:
+        depth = {span: n for span, n in report["promotion_depth"].items() if int(span.split("-")[0]) <= report["recall_k"]}
+        print("  final top-10 by recall position:")
+        print("    " + " ".join(f"{span:>9}" for span in depth))
+        print("    " + " ".join(f"{n:>9}" for n in depth.values()))
     if "advice" in report:
         print(f"  {report['advice']}")
     for k, row in report.get("sweep_recall_k", {}).items():
@@ -104,7 +122,7 @@ def run(args) -> None:
     if args.target:
         report = measure(args.target, args.recall_target)
     else:
-        report = asyncio.run(serve_and_measure(args.dataset, args.port, measure))
+        report = asyncio.run(serve_and_measure(args.dataset, args.port, measure, args.index_dir))
     if "max_length" in sweeps:
         report["sweep_max_length"] = sweep_max_length(args.dataset, args.split, args.limit, args.recall_k,
                                                       args.budget_ms, args.recall_mode, args.port,

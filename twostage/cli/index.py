@@ -4,6 +4,7 @@ from pathlib import Path
 
 from twostage.cli.args import non_negative_int, positive_int
 from twostage.errors import InvalidArgument
+from twostage.wording import count_of
 
 
 def register(commands) -> None:
@@ -41,6 +42,9 @@ def register(commands) -> None:
                        "snapshots replace older ones in serving")
     build.add_argument("--skip-invalid", action="store_true",
                        help="index the valid documents and report the invalid lines (default: refuse the corpus)")
+    build.add_argument("--metadata-schema", type=_schema_arg, default=None, metavar="JSON",
+                       help='declare metadata types, e.g. \'{"price": "number", "tags": "string_list"}\' (string, '
+                       "number, bool, string_list); other keys take the type of their first value")
     build.add_argument("--max-length", type=positive_int, default=None, help="tokens read per document")
     build.add_argument("--max-batch-size", type=positive_int, default=None, help="documents per model call")
     build.add_argument("--max-batch-tokens", type=positive_int, default=None, help="padded tokens per model call")
@@ -50,6 +54,28 @@ def register(commands) -> None:
     )
     repair.add_argument("--index-dir", type=Path, required=True)
     repair.set_defaults(run=_repair)
+
+
+def _schema_arg(text: str) -> dict[str, str]:
+    import argparse
+    import json
+
+    from twostage.schema import check_declared
+
+    try:
+        declared = json.loads(text)
+    except ValueError as error:
+        raise argparse.ArgumentTypeError(f"not JSON: {error}") from None
+    if not isinstance(declared, dict):
+        raise argparse.ArgumentTypeError('expected a JSON object such as {"price": "number"}')
+    try:
+        return check_declared(declared)
+    except InvalidArgument as error:
+        raise argparse.ArgumentTypeError(str(error)) from None
+
+
+def describe_schema(schema: dict[str, str]) -> str:
+    return ", ".join(f"{key} ({kind})" for key, kind in sorted(schema.items())) or "none (no metadata)"
 
 
 def _build(args) -> None:
@@ -69,7 +95,7 @@ def _build(args) -> None:
     if args.parts > 1 and args.snapshot_dir is None:
         raise InvalidArgument("--parts builds parts that merge into a snapshot: give --snapshot-dir")
     options = dict(limit=args.limit, max_length=args.max_length, max_batch_size=args.max_batch_size,
-                   max_batch_tokens=args.max_batch_tokens, skip_invalid=args.skip_invalid,
+                   max_batch_tokens=args.max_batch_tokens, skip_invalid=args.skip_invalid, schema=args.metadata_schema,
                    **({"model": args.model} if args.model else {}))
     with local_corpus(args.corpus) as corpus:
         if args.snapshot_dir is not None:
@@ -82,8 +108,9 @@ def _build(args) -> None:
         else:
             report = build_from_corpus(corpus, args.out, shards=args.shards, shard_index=args.shard_index, **options)
             where = args.out
-    skipped = f"; skipped {report.skipped_lines} invalid lines" if report.skipped_lines else ""
-    print(f"indexed {report.documents} documents into {where}{skipped}")
+    skipped = f"; skipped {count_of(report.skipped_lines, 'invalid line')}" if report.skipped_lines else ""
+    print(f"indexed {count_of(report.documents, 'document')} into {where}{skipped}")
+    print(f"metadata schema: {describe_schema(report.schema)}")
 
 
 def _repair(args) -> None:

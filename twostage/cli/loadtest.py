@@ -77,7 +77,9 @@ def run(args) -> int:
         slo = args.slo_p99_ms or float(args.budget_ms or 1000)
         report = asyncio.run(find_max_rate(args.target, args.stage, queries, rates, args.duration_s, slo, **common))
         for step in report["steps"]:
-            print(f"  {step['offered_rps']:>8} rps: achieved {step['achieved_rps']}, p99 {step['p99_ms']} ms, "
+            hits = "" if step["score_cache_hit_rate"] is None else (
+                f", score-cache hits {step['score_cache_hits']} ({100 * step['score_cache_hit_rate']:.0f}% of pairs)")
+            print(f"  {step['offered_rps']:>8} rps: achieved {step['achieved_rps']}, p99 {step['p99_ms']} ms{hits}, "
                   f"errors {step['errors'] or 'none'}, degraded {step['degraded'] or 'none'}")
         print(f"highest rate with p99 <= {slo:g} ms, no errors and nothing degraded: "
               f"{report['max_sustainable_rps']} rps")

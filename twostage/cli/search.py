@@ -1,5 +1,6 @@
 """``twostage search "<query>"``: ask a gateway and print the hits."""
 
+import argparse
 import json
 import sys
 import textwrap
@@ -10,7 +11,9 @@ from google.protobuf.json_format import MessageToDict
 from twostage.cli.args import non_negative_int, positive_float
 from twostage.cli.client import add_target_flag, explain
 from twostage.connect import PLAINTEXT, Credentials, credentials_from_args
-from twostage.convert import metadata_from_proto
+from twostage.convert import RECALL_MODES, filter_to_proto, metadata_from_proto, recall_mode_to_proto
+from twostage.errors import InvalidArgument
+from twostage.filters import parse_filter
 from twostage.v1 import gateway_pb2, gateway_pb2_grpc
 
 
@@ -22,6 +25,16 @@ def register(commands) -> None:
     parser.add_argument("--recall-k", type=non_negative_int, default=0, help="candidates to recall (0: server default)")
     parser.add_argument("--budget-ms", type=non_negative_int, default=0, help="latency budget (0: server default)")
     parser.add_argument("--timeout-s", type=positive_float, default=60.0, help="client deadline")
+    parser.add_argument("--filter", action="append", default=[], metavar="FILTER",
+                        help="only documents whose metadata passes: price<=100, tags=travel, 'category in garden,"
+                             "outdoor', or JSON such as '{\"price\": {\"lte\": 100}}'; repeat to require several")
+    parser.add_argument("--recall-mode", choices=sorted(RECALL_MODES), help="dense, lexical or hybrid recall "
+                        "(default: the recall servers')")
+    parser.add_argument("--score-threshold", type=float, help="drop hits whose final score is below this")
+    parser.add_argument("--skip-rerank", action="store_true", help="answer from recall alone")
+    parser.add_argument("--fusion", choices=sorted(FUSIONS), help="how the final score combines recall and rerank "
+                        "(default: the gateway's)")
+    parser.add_argument("--alpha", type=unit_float, help="weight of rerank in the fusion, 0-1 (default: the gateway's)")
     parser.add_argument("--json", action="store_true", help="print the response as JSON")
     parser.set_defaults(run=run)
 
@@ -57,10 +70,39 @@ def format_response(response: gateway_pb2.SearchResponse) -> str:
     return "\n".join(lines)
 
 
-def run(args) -> int:
+FUSIONS = {"none": gateway_pb2.FUSION_NONE, "linear": gateway_pb2.FUSION_LINEAR, "rrf": gateway_pb2.FUSION_RRF,
+           "calibrated": gateway_pb2.FUSION_CALIBRATED}
+
+
+def unit_float(text: str) -> float:
+    value = float(text)
+    if not 0 <= value <= 1:
+        raise argparse.ArgumentTypeError(f"must be between 0 and 1, got {value:g}")
+    return value
+
+
+def build_request(args) -> gateway_pb2.SearchRequest:
+    """The request the flags describe; InvalidArgument names a filter that does not parse."""
     request = gateway_pb2.SearchRequest(
-        query=args.query, top_k=args.top_k, recall_k=args.recall_k, budget_ms=args.budget_ms
+        query=args.query, top_k=args.top_k, recall_k=args.recall_k, budget_ms=args.budget_ms,
+        skip_rerank=args.skip_rerank, recall_mode=recall_mode_to_proto(args.recall_mode),
+        filter=filter_to_proto(parse_filter(args.filter)),
     )
+    if args.score_threshold is not None:
+        request.score_threshold = args.score_threshold
+    if args.fusion:
+        request.fusion = FUSIONS[args.fusion]
+    if args.alpha is not None:
+        request.fusion_alpha = args.alpha
+    return request
+
+
+def run(args) -> int:
+    try:
+        request = build_request(args)
+    except InvalidArgument as error:
+        print(f"twostage: search: {error}", file=sys.stderr)
+        return 2
     try:
         response = search(args.target, request, args.timeout_s, credentials_from_args(args))
     except grpc.RpcError as error:

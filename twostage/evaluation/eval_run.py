@@ -234,15 +234,15 @@ def run(target: str, recall_target: str | None, dataset: Path, split: str, recal
     return report
 
 
-async def serve_and_measure(dataset: Path, port: int, measure) -> dict:
-    """Build (once, cached) an index of the data set, serve it as a local stack from ``port`` on, and return
-    ``measure(gateway_target, recall_target)``."""
+async def serve_and_measure(dataset: Path, port: int, measure, index_dir: Path | None = None) -> dict:
+    """Build (once, cached, or at ``index_dir``) an index of the data set, serve it as a local stack from
+    ``port`` on, and return ``measure(gateway_target, recall_target)``."""
     from recall_server.build import cached_index
     from twostage.model_store import fetch_defaults
     from twostage.stack import Stack
 
     fetch_defaults()
-    index_dir = await asyncio.to_thread(cached_index, dataset)
+    index_dir = await asyncio.to_thread(cached_index, dataset, index_dir)
     stack = Stack("127.0.0.1", port, str(index_dir))
     try:
         await stack.start(300)

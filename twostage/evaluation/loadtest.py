@@ -36,6 +36,10 @@ class LoadResult:
     error_examples: dict[str, str] = field(default_factory=dict)  # status -> the first message with it
     degraded: Counter = field(default_factory=Counter)
     reranked: list[int] = field(default_factory=list)  # gateway: candidates reranked per answer
+    # Pairs scored and, of them, answered from the rerank replicas' score cache: repeated queries are cheaper,
+    # so a run's latency reads differently with many hits.
+    scored_pairs: int = 0
+    cached_pairs: int = 0
     histogram: HdrHistogram = field(default_factory=lambda: HdrHistogram(1, MAX_LATENCY_US, 3))
 
     def report(self) -> dict:
@@ -59,6 +63,8 @@ class LoadResult:
             "error_examples": dict(self.error_examples),
             "degraded": dict(self.degraded),
             "mean_reranked": round(sum(self.reranked) / len(self.reranked), 3) if self.reranked else None,
+            "score_cache_hits": self.cached_pairs,
+            "score_cache_hit_rate": round(self.cached_pairs / self.scored_pairs, 4) if self.scored_pairs else None,
         }
 
 
@@ -88,26 +94,26 @@ def make_caller(channel: grpc.aio.Channel, stage: str, top_k: int, recall_k: int
     if stage == "gateway":
         stub = gateway_pb2_grpc.GatewayStub(channel)
 
-        async def call(query: str, timeout_s: float) -> tuple[list[str], int | None]:
+        async def call(query: str, timeout_s: float) -> tuple[list[str], int | None, int | None]:
             reply = await stub.Search(
                 gateway_pb2.SearchRequest(query=query, top_k=top_k, recall_k=recall_k, budget_ms=budget_ms),
                 timeout=timeout_s, metadata=metadata,
             )
-            return degradation_codes(reply), reply.reranked
+            return degradation_codes(reply), reply.reranked, reply.rerank_cached
     elif stage == "recall":
         stub = recall_pb2_grpc.RecallStub(channel)
 
-        async def call(query: str, timeout_s: float) -> tuple[list[str], int | None]:
+        async def call(query: str, timeout_s: float) -> tuple[list[str], int | None, int | None]:
             await stub.Search(recall_pb2.RecallSearchRequest(query=query, k=recall_k), timeout=timeout_s,
                               metadata=metadata)
-            return [], None
+            return [], None, None
     else:
         stub = rerank_pb2_grpc.RerankStub(channel)
 
-        async def call(query: str, timeout_s: float) -> tuple[list[str], int | None]:
-            await stub.Rerank(rerank_pb2.RerankRequest(query=query, documents=documents), timeout=timeout_s,
-                              metadata=metadata)
-            return [], None
+        async def call(query: str, timeout_s: float) -> tuple[list[str], int | None, int | None]:
+            reply = await stub.Rerank(rerank_pb2.RerankRequest(query=query, documents=documents), timeout=timeout_s,
+                                      metadata=metadata)
+            return [], len(reply.results), reply.cached
 
     return call
 
@@ -142,7 +148,7 @@ async def run_load(target: str, stage: str, queries: list[str], rate_rps: float,
         async def one(index: int, scheduled: float) -> None:
             result.send_offsets_s.append(time.perf_counter() - start - scheduled)
             try:
-                codes, reranked = await call(queries[index % len(queries)], timeout_s)
+                codes, reranked, cached = await call(queries[index % len(queries)], timeout_s)
             except grpc.aio.AioRpcError as error:
                 result.errors[error.code().name] += 1
                 result.error_examples.setdefault(error.code().name, error.details() or "")
@@ -154,6 +160,8 @@ async def run_load(target: str, stage: str, queries: list[str], rate_rps: float,
             result.degraded.update(codes)
             if reranked is not None:
                 result.reranked.append(reranked)
+                result.scored_pairs += reranked
+                result.cached_pairs += cached
 
         tasks = []
         for index, scheduled in enumerate(tqdm(times, desc=f"{rate_rps:g} rps", unit="req", disable=not progress)):

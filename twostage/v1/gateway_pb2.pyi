@@ -108,7 +108,7 @@ class Degradation(_message.Message):
     def __init__(self, code: _Optional[_Union[DegradationCode, str]] = ..., detail: _Optional[str] = ...) -> None: ...
 
 class SearchResponse(_message.Message):
-    __slots__ = ("hits", "degraded", "degraded_reason", "degradations", "timings_ms", "candidates", "reranked", "request_id")
+    __slots__ = ("hits", "degraded", "degraded_reason", "degradations", "timings_ms", "candidates", "reranked", "request_id", "rerank_cached")
     class TimingsMsEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -124,6 +124,7 @@ class SearchResponse(_message.Message):
     CANDIDATES_FIELD_NUMBER: _ClassVar[int]
     RERANKED_FIELD_NUMBER: _ClassVar[int]
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
+    RERANK_CACHED_FIELD_NUMBER: _ClassVar[int]
     hits: _containers.RepeatedCompositeFieldContainer[Hit]
     degraded: bool
     degraded_reason: str
@@ -132,7 +133,8 @@ class SearchResponse(_message.Message):
     candidates: int
     reranked: int
     request_id: str
-    def __init__(self, hits: _Optional[_Iterable[_Union[Hit, _Mapping]]] = ..., degraded: _Optional[bool] = ..., degraded_reason: _Optional[str] = ..., degradations: _Optional[_Iterable[_Union[Degradation, _Mapping]]] = ..., timings_ms: _Optional[_Mapping[str, float]] = ..., candidates: _Optional[int] = ..., reranked: _Optional[int] = ..., request_id: _Optional[str] = ...) -> None: ...
+    rerank_cached: int
+    def __init__(self, hits: _Optional[_Iterable[_Union[Hit, _Mapping]]] = ..., degraded: _Optional[bool] = ..., degraded_reason: _Optional[str] = ..., degradations: _Optional[_Iterable[_Union[Degradation, _Mapping]]] = ..., timings_ms: _Optional[_Mapping[str, float]] = ..., candidates: _Optional[int] = ..., reranked: _Optional[int] = ..., request_id: _Optional[str] = ..., rerank_cached: _Optional[int] = ...) -> None: ...
 
 class GatewayInfo(_message.Message):
     __slots__ = ("version", "recall_targets", "rerank_targets", "default_budget_ms", "limits", "default_fusion", "default_fusion_alpha", "default_top_k", "default_recall_k")

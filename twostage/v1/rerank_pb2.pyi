@@ -59,15 +59,17 @@ class RerankResponse(_message.Message):
     def __init__(self, results: _Optional[_Iterable[_Union[RerankResult, _Mapping]]] = ..., timings_ms: _Optional[_Mapping[str, float]] = ..., tokens: _Optional[int] = ..., queue_items: _Optional[int] = ..., query_truncated: _Optional[bool] = ..., cached: _Optional[int] = ..., unscored: _Optional[int] = ...) -> None: ...
 
 class RerankInfo(_message.Message):
-    __slots__ = ("version", "model", "max_length", "execution_provider", "limits")
+    __slots__ = ("version", "model", "max_length", "execution_provider", "limits", "ms_per_pair")
     VERSION_FIELD_NUMBER: _ClassVar[int]
     MODEL_FIELD_NUMBER: _ClassVar[int]
     MAX_LENGTH_FIELD_NUMBER: _ClassVar[int]
     EXECUTION_PROVIDER_FIELD_NUMBER: _ClassVar[int]
     LIMITS_FIELD_NUMBER: _ClassVar[int]
+    MS_PER_PAIR_FIELD_NUMBER: _ClassVar[int]
     version: str
     model: str
     max_length: int
     execution_provider: str
     limits: _containers.RepeatedCompositeFieldContainer[_common_pb2.Limit]
-    def __init__(self, version: _Optional[str] = ..., model: _Optional[str] = ..., max_length: _Optional[int] = ..., execution_provider: _Optional[str] = ..., limits: _Optional[_Iterable[_Union[_common_pb2.Limit, _Mapping]]] = ...) -> None: ...
+    ms_per_pair: float
+    def __init__(self, version: _Optional[str] = ..., model: _Optional[str] = ..., max_length: _Optional[int] = ..., execution_provider: _Optional[str] = ..., limits: _Optional[_Iterable[_Union[_common_pb2.Limit, _Mapping]]] = ..., ms_per_pair: _Optional[float] = ...) -> None: ...
