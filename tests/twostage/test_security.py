@@ -2,6 +2,7 @@
 that serves TLS to callers and calls its stages with mutual TLS and its own token."""
 
 import asyncio
+import os
 import socket
 import ssl
 import time
@@ -14,7 +15,15 @@ from grpc_reflection.v1alpha import reflection_pb2
 from twostage.auth import add_token
 from twostage.connect import Credentials
 from twostage.dev_certs import make_ca, write_dev_certs
-from twostage.v1 import common_pb2, gateway_pb2, gateway_pb2_grpc, rerank_pb2, rerank_pb2_grpc
+from twostage.v1 import (
+    common_pb2,
+    gateway_pb2,
+    gateway_pb2_grpc,
+    recall_pb2,
+    recall_pb2_grpc,
+    rerank_pb2,
+    rerank_pb2_grpc,
+)
 
 
 @pytest.fixture(scope="module")
@@ -24,10 +33,10 @@ def secrets_dir(tmp_path_factory):
     write_dev_certs(root / "tls", ca=ca)
     write_dev_certs(root / "other-ca")  # a different CA altogether
     tokens = root / "tokens"
-    search, admin, gateway = (add_token(tokens, role) for role in ("search", "admin", "admin"))
+    search, admin, gateway, replica = (add_token(tokens, role) for role in ("search", "admin", "admin", "replica"))
     (root / "gateway-token").write_text(gateway)
     return {"root": root, "ca": ca, "tls": root / "tls", "other": root / "other-ca", "tokens": tokens,
-            "search": search, "admin": admin, "gateway_token_file": root / "gateway-token"}
+            "search": search, "admin": admin, "replica": replica, "gateway_token_file": root / "gateway-token"}
 
 
 @pytest.fixture(scope="module")
@@ -229,3 +238,157 @@ async def test_probes_get_health_in_plaintext_on_their_own_port(secrets_dir, mod
             assert caught.value.code() is grpc.StatusCode.UNIMPLEMENTED
     finally:
         await server.stop(grace_s=0)
+
+
+async def test_a_replica_token_may_catch_up_and_do_nothing_else(secured, secrets_dir):
+    credentials = Credentials(secrets_dir["tls"], secrets_dir["replica"])
+    async with credentials.aio_channel(secured["recall"]) as channel:
+        stub, metadata = recall_pb2_grpc.RecallStub(channel), credentials.metadata
+        # This recall follows no snapshots, so its catch-up methods answer FAILED_PRECONDITION: from the
+        # servicer itself, past the token check.
+        for call in (stub.Changes(recall_pb2.ChangesRequest(limit=10), timeout=30, metadata=metadata),
+                     stub.Digest(recall_pb2.DigestRequest(), timeout=30, metadata=metadata),
+                     stub.Versions(recall_pb2.VersionsRequest(buckets=[0]), timeout=30, metadata=metadata)):
+            code, details = await status_of(call)
+            assert code is grpc.StatusCode.FAILED_PRECONDITION and "snapshot" in details
+        doc = common_pb2.Document(id="replica-1", title="t", text="x")
+        for call in (stub.Upsert(common_pb2.UpsertRequest(documents=[doc]), timeout=30, metadata=metadata),
+                     stub.Delete(common_pb2.DeleteRequest(ids=["replica-1"]), timeout=30, metadata=metadata),
+                     stub.Search(recall_pb2.RecallSearchRequest(query="q", k=1), timeout=30, metadata=metadata)):
+            code, details = await status_of(call)
+            assert code is grpc.StatusCode.PERMISSION_DENIED and "replica token may not" in details
+    # Nor through the gateway.
+    code, _ = await status_of(call_gateway(Credentials(secrets_dir["tls"], secrets_dir["replica"]), secured["gateway"]))
+    assert code is grpc.StatusCode.PERMISSION_DENIED
+    # And a search token may not read the store in bulk.
+    search = Credentials(secrets_dir["tls"], secrets_dir["search"])
+    async with search.aio_channel(secured["recall"]) as channel:
+        code, _ = await status_of(recall_pb2_grpc.RecallStub(channel).Changes(
+            recall_pb2.ChangesRequest(limit=1), timeout=30, metadata=search.metadata))
+        assert code is grpc.StatusCode.PERMISSION_DENIED
+
+
+async def test_search_callers_see_no_addresses_in_info_and_admins_do(secured, secrets_dir):
+    request = common_pb2.InfoRequest()
+    shown = await call_gateway(Credentials(secrets_dir["tls"], secrets_dir["search"]), secured["gateway"], "Info",
+                               request)
+    assert not shown.recall_targets and not shown.rerank_targets
+    assert "127.0.0.1" not in str(shown)
+    assert shown.default_top_k > 0  # the rest of Info is still there
+    admin = await call_gateway(Credentials(secrets_dir["tls"], secrets_dir["admin"]), secured["gateway"], "Info",
+                               request)
+    assert list(admin.recall_targets) == [secured["recall"]] and list(admin.rerank_targets) == [secured["rerank"]]
+
+
+async def test_a_tokens_file_rewritten_in_place_never_refuses_a_valid_token(secured, secrets_dir):
+    """Truncate-then-write, as an editor or a config tool does, in a loop while calls run."""
+    import threading
+
+    tokens = secrets_dir["tokens"]
+    content = tokens.read_bytes()
+    stop = threading.Event()
+    rewrites = 0
+
+    def rewrite_in_place():
+        nonlocal rewrites
+        while not stop.is_set():
+            with open(tokens, "r+b") as f:
+                f.truncate(0)
+                f.flush()
+                os.fsync(f.fileno())  # the empty file is visible before the tokens come back
+                f.write(content[: len(content) // 2])
+                f.flush()
+                f.write(content[len(content) // 2:])
+            rewrites += 1
+
+    writer = threading.Thread(target=rewrite_in_place)
+    writer.start()
+    refused = []
+    credentials = Credentials(secrets_dir["tls"], secrets_dir["search"])
+    try:
+        async with credentials.aio_channel(secured["rerank"]) as channel:
+            stub = rerank_pb2_grpc.RerankStub(channel)
+            request = rerank_pb2.RerankRequest(query="q", documents=["d"])
+            deadline = time.monotonic() + 6  # several re-reads of the file (one a second at most)
+            calls = 0
+            while time.monotonic() < deadline:
+                try:
+                    await stub.Rerank(request, timeout=30, metadata=credentials.metadata)
+                except grpc.aio.AioRpcError as error:
+                    refused.append(error.code())
+                calls += 1
+    finally:
+        stop.set()
+        await asyncio.to_thread(writer.join)
+        tokens.write_bytes(content)
+    assert rewrites > 100 and calls > 10
+    assert refused == []
+
+
+async def test_unauthenticated_callers_cannot_take_the_slots_searches_need(secured, secrets_dir):
+    """Health Watch streams and calls that never send their message, more than the server's cap, while
+    authenticated searches run: every search succeeds and the unauthenticated excess is refused."""
+    from gateway.config import GatewaySettings
+    from gateway.servicer import build_server as build_gateway
+
+    cap, open_cap, floods = 8, 4, 24
+    gateway = build_gateway(GatewaySettings(
+        port=0, recall_targets=secured["recall"], rerank_targets=secured["rerank"],
+        stage_token_file=secrets_dir["gateway_token_file"], tls_dir=secrets_dir["tls"],
+        auth_tokens=secrets_dir["tokens"], max_concurrent_rpcs=cap, max_open_rpcs=open_cap, message_timeout_s=2,
+    ))
+    target = f"127.0.0.1:{await gateway.start()}"
+    attacker = Credentials(secrets_dir["tls"])  # TLS, no token
+    channels = [attacker.aio_channel(target) for _ in range(3)]
+    try:
+        watch = channels[0].unary_stream("/grpc.health.v1.Health/Watch",
+                                         request_serializer=health_pb2.HealthCheckRequest.SerializeToString,
+                                         response_deserializer=health_pb2.HealthCheckResponse.FromString)
+        # Headers sent, message never: stream-unary calls that are never written to.
+        stalled_check = channels[1].stream_unary("/grpc.health.v1.Health/Check",
+                                                 request_serializer=health_pb2.HealthCheckRequest.SerializeToString,
+                                                 response_deserializer=health_pb2.HealthCheckResponse.FromString)
+        stalled_search = channels[2].stream_unary("/twostage.v1.Gateway/Search",
+                                                  request_serializer=gateway_pb2.SearchRequest.SerializeToString,
+                                                  response_deserializer=gateway_pb2.SearchResponse.FromString)
+        watches = [watch(health_pb2.HealthCheckRequest(), timeout=30) for _ in range(floods)]
+        stalled = [stalled_check(timeout=30) for _ in range(floods)] + [stalled_search(timeout=30)
+                                                                       for _ in range(floods)]
+        for call in [*watches, *stalled]:  # every call's headers are out (some are refused at once)
+            try:
+                await call.wait_for_connection()
+            except grpc.aio.AioRpcError:
+                pass
+        searcher = Credentials(secrets_dir["tls"], secrets_dir["search"])
+        async with searcher.aio_channel(target) as channel:
+            stub = gateway_pb2_grpc.GatewayStub(channel)
+            results = []
+            for _ in range(3):  # rounds of as many searches at once as the cap allows
+                results += await asyncio.gather(*(
+                    stub.Search(search_request(), timeout=60, metadata=searcher.metadata) for _ in range(cap)
+                ), return_exceptions=True)
+        failed = [r for r in results if isinstance(r, BaseException)]
+        assert not failed, failed[:3]
+
+        async def code_of(call):
+            try:
+                if hasattr(call, "read"):
+                    async for _ in call:
+                        pass
+                else:
+                    await call
+            except grpc.aio.AioRpcError as error:
+                return error.code()
+            return grpc.StatusCode.OK
+
+        codes = await asyncio.gather(*(code_of(c) for c in [*watches, *stalled]))
+    finally:
+        for channel in channels:
+            await channel.close()
+        await gateway.stop(grace_s=0)
+    watch_codes, check_codes, search_codes = codes[:floods], codes[floods:2 * floods], codes[2 * floods:]
+    assert set(watch_codes) == {grpc.StatusCode.UNIMPLEMENTED}  # Watch lives on the health port
+    assert set(search_codes) == {grpc.StatusCode.UNAUTHENTICATED}  # refused on its headers, no message needed
+    # Beyond the open cap: refused at once; within it: ended when no message came.
+    assert check_codes.count(grpc.StatusCode.RESOURCE_EXHAUSTED) >= floods - open_cap
+    assert set(check_codes) <= {grpc.StatusCode.RESOURCE_EXHAUSTED, grpc.StatusCode.DEADLINE_EXCEEDED}
