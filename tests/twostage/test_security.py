@@ -6,6 +6,7 @@ import os
 import socket
 import ssl
 import time
+from pathlib import Path
 
 import grpc
 import pytest
@@ -392,3 +393,188 @@ async def test_unauthenticated_callers_cannot_take_the_slots_searches_need(secur
     # Beyond the open cap: refused at once; within it: ended when no message came.
     assert check_codes.count(grpc.StatusCode.RESOURCE_EXHAUSTED) >= floods - open_cap
     assert set(check_codes) <= {grpc.StatusCode.RESOURCE_EXHAUSTED, grpc.StatusCode.DEADLINE_EXCEEDED}
+
+
+def first_certificate_der(pem: bytes) -> bytes:
+    from cryptography import x509
+    from cryptography.hazmat.primitives import serialization
+
+    return x509.load_pem_x509_certificate(pem).public_bytes(serialization.Encoding.DER)
+
+
+@pytest.mark.slow
+async def test_client_certificate_and_stage_token_rotate_under_load(secrets_dir, tmp_path, built_index):
+    """cert-manager renews the gateway's client certificate and an operator rotates its stage token (new token
+    added, gateway's file rewritten, old token revoked) while `twostage loadtest` runs: nothing fails, and the
+    stage sees new connections present the new certificate and the new token."""
+    import json
+    import shutil
+    import sys
+
+    from gateway.config import GatewaySettings
+    from gateway.servicer import build_server as build_gateway
+    from recall_server.config import RecallSettings
+    from recall_server.service import RecallService
+    from recall_server.servicer import build_server as build_recall
+    from rerank_server.config import RerankSettings
+    from rerank_server.service import RerankService
+    from rerank_server.servicer import RerankServicer
+    from twostage.auth import token_line
+    from twostage.server import GrpcService
+
+    tls, tokens, gateway_token_file = tmp_path / "tls", tmp_path / "tokens", tmp_path / "gateway-token"
+    write_dev_certs(tls, ca=secrets_dir["ca"])
+    search, old_token = add_token(tokens, "search"), add_token(tokens, "admin", "gateway")
+    gateway_token_file.write_text(old_token + "\n")
+    seen: list[tuple[float, bytes, str]] = []  # (when, the client certificate, the token) per Rerank call
+
+    class Recording(RerankServicer):
+        async def Rerank(self, request, context):
+            certificate = context.auth_context().get("x509_pem_cert", [b""])[0]
+            token = dict(context.invocation_metadata()).get("authorization", "").removeprefix("Bearer ")
+            seen.append((time.monotonic(), first_certificate_der(certificate), token))
+            return await super().Rerank(request, context)
+
+    security = {"tls_dir": tls, "auth_tokens": tokens}
+    index_dir = tmp_path / "index"
+    shutil.copytree(built_index, index_dir)
+    rerank_service = RerankService(RerankSettings(port=0, **security))
+    rerank = GrpcService("rerank", rerank_service.settings, ["twostage.v1.Rerank"],
+                         lambda server: rerank_pb2_grpc.add_RerankServicer_to_server(Recording(rerank_service), server),
+                         rerank_service)
+    recall = build_recall(RecallService(RecallSettings(port=0, index_dir=index_dir, **security)))
+    recall_port, rerank_port = await recall.start(), await rerank.start()
+    gateway = build_gateway(GatewaySettings(
+        port=0, recall_targets=f"127.0.0.1:{recall_port}", rerank_targets=f"127.0.0.1:{rerank_port}",
+        stage_token_file=gateway_token_file, **security))
+    target = f"127.0.0.1:{await gateway.start()}"
+    report_file = tmp_path / "load.json"
+    load = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "twostage", "loadtest", "--target", target, "--rate-rps", "3", "--duration-s", "14", "--recall-k", "4", "--top-k", "3", "--budget-ms", "10000",
+        "--tls-dir", str(tls), "--json", str(report_file), env={**os.environ, "TWOSTAGE_TOKEN": search},
+        stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.PIPE)
+    try:
+        deadline = time.monotonic() + 60
+        while not seen:  # the load has reached the stage
+            assert time.monotonic() < deadline and load.returncode is None, "the load never reached the stage"
+            await asyncio.sleep(0.1)
+        old_certificate = first_certificate_der((tls / "client.pem").read_bytes())
+        assert seen[-1][1:] == (old_certificate, old_token)
+
+        rotated_at = time.monotonic()
+        write_dev_certs(tls, ca=secrets_dir["ca"])  # new leaves and keys, in place
+        new_certificate = first_certificate_der((tls / "client.pem").read_bytes())
+        # The token, in the order that never refuses a call: the stages accept it, then the gateway sends it.
+        new_token = add_token(tokens, "admin", "gateway, rotated")
+        probe = Credentials(tls, new_token)
+        async with probe.aio_channel(f"127.0.0.1:{rerank_port}") as channel:
+            while True:
+                try:
+                    await rerank_pb2_grpc.RerankStub(channel).Rerank(
+                        rerank_pb2.RerankRequest(query="q", documents=["d"]), timeout=30, metadata=probe.metadata)
+                    break
+                except grpc.aio.AioRpcError as error:
+                    assert error.code() is grpc.StatusCode.UNAUTHENTICATED and time.monotonic() - rotated_at < 20
+                    await asyncio.sleep(0.1)
+        token_at = time.monotonic()
+        gateway_token_file.write_text(new_token + "\n")
+        while not any(when > token_at and (cert, token) == (new_certificate, new_token)
+                      for when, cert, token in seen):
+            assert time.monotonic() - token_at < 20, "the gateway kept its old certificate or token"
+            await asyncio.sleep(0.1)
+        rotation_s = time.monotonic() - token_at
+        # Revoke the old token: written beside and moved into place, as a Secret update is.
+        kept = [line for line in tokens.read_text().splitlines(keepends=True)
+                if line != token_line(old_token, "admin", "gateway")]
+        (tmp_path / "tokens.new").write_text("".join(kept))
+        os.replace(tmp_path / "tokens.new", tokens)
+        revoked_at = time.monotonic()
+        _, stderr = await asyncio.wait_for(load.communicate(), 120)
+        assert load.returncode == 0, stderr.decode()[-2000:]
+    finally:
+        if load.returncode is None:
+            load.kill()
+            await load.wait()
+        for server in (gateway, recall, rerank):
+            await server.stop(grace_s=0)
+    report = json.loads(report_file.read_text())
+    print(f"new certificate and token in use {rotation_s:.2f} s after the token file changed; load: {report['requests']} requests, {report['ok']} ok")
+    # Zero failed requests, and no answer without rerank for want of credentials (slow answers on a busy
+    # machine may still be partly reranked).
+    assert report["errors"] == {} and "rerank_unavailable" not in report["degraded"], report
+    assert report["ok"] == report["requests"] > 20
+    assert [when for when, _, _ in seen if when > revoked_at], "no load after the revocation"
+    assert {token for when, _, token in seen if when > revoked_at + 1} == {new_token}
+
+
+# Suites no TLS listener may accept, in any protocol version (IANA names).
+WEAK = ("NULL", "anon", "EXPORT", "RC4", "DES", "MD5", "PSK", "SRP")
+
+
+def sslyze_scan(port: int, ca_file: Path, client_tls: Path | None, full: bool = True):
+    """A TLS scan (sslyze) of one listener: what a security scanner would flag."""
+    from sslyze import (
+        ClientAuthenticationCredentials,
+        ScanCommand,
+        Scanner,
+        ServerNetworkConfiguration,
+        ServerNetworkLocation,
+        ServerScanRequest,
+    )
+    from sslyze.plugins.certificate_info.implementation import CertificateInfoExtraArgument
+    from sslyze.scanner.models import ScanCommandsExtraArguments
+
+    credentials = None if client_tls is None else ClientAuthenticationCredentials(
+        certificate_chain_path=client_tls / "client.pem", key_path=client_tls / "client.key")
+    request = ServerScanRequest(
+        server_location=ServerNetworkLocation("localhost", port, ip_address="127.0.0.1"),
+        network_configuration=ServerNetworkConfiguration("localhost", tls_client_auth_credentials=credentials),
+        scan_commands={ScanCommand.CERTIFICATE_INFO, ScanCommand.SSL_2_0_CIPHER_SUITES,
+                       ScanCommand.SSL_3_0_CIPHER_SUITES, ScanCommand.TLS_1_0_CIPHER_SUITES,
+                       ScanCommand.TLS_1_1_CIPHER_SUITES, ScanCommand.TLS_1_2_CIPHER_SUITES,
+                       ScanCommand.TLS_1_3_CIPHER_SUITES} if full else set(),
+        scan_commands_extra_arguments=ScanCommandsExtraArguments(
+            certificate_info=CertificateInfoExtraArgument(custom_ca_file=ca_file) if full else None),
+    )
+    scanner = Scanner()
+    scanner.queue_scans([request])
+    return next(iter(scanner.get_results()))
+
+
+@pytest.mark.parametrize("tier", ["gateway", "recall", "rerank"])
+async def test_every_tls_listener_passes_the_scan(secured, secrets_dir, tier):
+    import asyncio
+
+    pytest.importorskip("sslyze")
+    from sslyze import ClientAuthRequirementEnum, ServerScanStatusEnum
+
+    port = int(secured[tier].rsplit(":", 1)[1])
+    ca_file = secrets_dir["tls"] / "ca.pem"
+    stage = tier != "gateway"
+    # The stages are scanned as the gateway (with its client certificate): without one nothing gets through.
+    result = await asyncio.to_thread(sslyze_scan, port, ca_file, secrets_dir["tls"] if stage else None)
+    assert result.scan_status is ServerScanStatusEnum.COMPLETED, result.connectivity_error_trace
+    if stage:  # probed without a client certificate, the stage completes no handshake at all
+        bare = await asyncio.to_thread(sslyze_scan, port, ca_file, None, False)
+        assert bare.scan_status is ServerScanStatusEnum.ERROR_NO_CONNECTIVITY and bare.connectivity_result is None
+    else:
+        assert result.connectivity_result.client_auth_requirement is ClientAuthRequirementEnum.DISABLED
+    scans = result.scan_result
+    for old in ("ssl_2_0_cipher_suites", "ssl_3_0_cipher_suites", "tls_1_0_cipher_suites", "tls_1_1_cipher_suites"):
+        attempt = getattr(scans, old)
+        assert attempt.result is not None, (old, attempt.error_trace)
+        assert not attempt.result.accepted_cipher_suites, old  # TLS 1.2 and 1.3 only
+    accepted = []
+    for current in ("tls_1_2_cipher_suites", "tls_1_3_cipher_suites"):
+        attempt = getattr(scans, current)
+        assert attempt.result is not None, (current, attempt.error_trace)
+        assert attempt.result.accepted_cipher_suites, current  # both are served
+        accepted += [s.cipher_suite for s in attempt.result.accepted_cipher_suites]
+    for suite in accepted:
+        assert not suite.is_anonymous and suite.key_size >= 128, suite.name
+        assert not any(weak in suite.name for weak in WEAK), suite.name
+        # Forward secrecy: an ephemeral key exchange (TLS 1.3 suites always have one).
+        assert suite.name.startswith(("TLS_ECDHE_", "TLS_DHE_")) or suite.openssl_name.startswith("TLS_"), suite.name
+    deployments = scans.certificate_info.result.certificate_deployments
+    validations = [v for d in deployments for v in d.path_validation_results if v.trust_store.path == ca_file]
+    assert validations and all(v.was_validation_successful for v in validations), validations
