@@ -578,3 +578,19 @@ async def test_every_tls_listener_passes_the_scan(secured, secrets_dir, tier):
     deployments = scans.certificate_info.result.certificate_deployments
     validations = [v for d in deployments for v in d.path_validation_results if v.trust_store.path == ca_file]
     assert validations and all(v.was_validation_successful for v in validations), validations
+
+
+async def test_a_tokens_file_that_fails_to_parse_keeps_the_last_good_tokens(tmp_path, caplog):
+    from twostage.auth import TokenFile
+
+    path = tmp_path / "tokens"
+    token = add_token(path, "search")
+    tokens = TokenFile(path, recheck_s=0)
+    good = path.read_bytes()
+    for bad in (b"\xff\xfe not utf-8\n", b"sha256:short search\n"):
+        path.write_bytes(bad)
+        for _ in range(3):  # seen twice unchanged, then read (and refused)
+            assert await tokens.role_of(token) == "search"
+        path.write_bytes(good)
+        await tokens.role_of(token)
+    assert "keeping the previous tokens" in caplog.text
