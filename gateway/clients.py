@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 
 import grpc
 
-from twostage.connect import PLAINTEXT, Credentials
+from twostage.connect import PLAINTEXT, Credentials, ReloadingCredentials, RotatingChannel
 from twostage.convert import (
     document_from_proto,
     document_to_proto,
@@ -87,19 +87,35 @@ def _version_proto(version: Version | None) -> common_pb2.WriteVersion | None:
 
 
 class _Client:
-    def __init__(self, target: str, name: str, credentials: Credentials = PLAINTEXT, options: list | None = None):
+    STUB = None
+
+    def __init__(self, target: str, name: str, credentials: Credentials | ReloadingCredentials = PLAINTEXT,
+                 options: list | None = None):
         self.target = target
         self.name = name  # what callers are told, never the address
-        self.credentials = credentials
-        self.channel = credentials.aio_channel(target, options if options is not None else channel_options())
+        # Replaced when rotated credentials arrive: new connections present them, calls in flight finish.
+        self._rotating = RotatingChannel(target, credentials, options if options is not None else channel_options())
+        self._stub_for = None
+        self._stub = None
+
+    @property
+    def channel(self) -> grpc.aio.Channel:
+        return self._rotating.channel
+
+    @property
+    def stub(self):
+        channel = self.channel
+        if channel is not self._stub_for:
+            self._stub_for, self._stub = channel, self.STUB(channel)
+        return self._stub
 
     async def close(self) -> None:
-        await self.channel.close()
+        await self._rotating.close()
 
     async def _call(self, method, request, timeout_s: float | None):
         """One RPC with this client's credentials; its failure as a domain error."""
         try:
-            return await method(request, timeout=timeout_s, metadata=self.credentials.metadata)
+            return await method(request, timeout=timeout_s, metadata=self._rotating.metadata)
         except grpc.aio.AioRpcError as error:
             raise error_from_rpc(error, self.name, self.target) from None
 
@@ -112,9 +128,7 @@ class _Client:
 
 
 class RecallClient(_Client):
-    def __init__(self, target: str, name: str, credentials: Credentials = PLAINTEXT, options: list | None = None):
-        super().__init__(target, name, credentials, options)
-        self.stub = recall_pb2_grpc.RecallStub(self.channel)
+    STUB = recall_pb2_grpc.RecallStub
 
     async def search(
         self, query: str, k: int, timeout_s: float, request_id: str, mode: str | None = None,
@@ -150,9 +164,7 @@ class RecallClient(_Client):
 
 
 class RerankClient(_Client):
-    def __init__(self, target: str, name: str, credentials: Credentials = PLAINTEXT, options: list | None = None):
-        super().__init__(target, name, credentials, options)
-        self.stub = rerank_pb2_grpc.RerankStub(self.channel)
+    STUB = rerank_pb2_grpc.RerankStub
 
     async def rerank(self, query: str, documents: list[str], timeout_s: float, request_id: str) -> RerankReply:
         # Partial answers: pairs scored before the deadline are used rather than thrown away with the rest.

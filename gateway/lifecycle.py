@@ -19,7 +19,7 @@ from gateway.pipeline import SearchPipeline, StageLimits
 from gateway.recall_tier import RecallShard
 from gateway.rerank_pool import RerankPool
 from gateway.writes import DocumentRouter
-from twostage.connect import Credentials, read_token_file
+from twostage.connect import ReloadingCredentials
 from twostage.convert import hybrid_fusion_from_proto
 from twostage.errors import NotReady, TwostageError
 from twostage.membership import Target
@@ -40,6 +40,7 @@ class GatewayLifecycle:
         self._rerank_targets = [Target(t) for t in settings.rerank_target_list]
         self._stop = asyncio.Event()
         self._tasks: list[asyncio.Task] = []
+        self._credentials_watch: asyncio.Task | None = None
 
     def ready_pipeline(self) -> SearchPipeline:
         if self.pipeline is None:
@@ -53,8 +54,10 @@ class GatewayLifecycle:
 
     async def start(self) -> None:
         s = self.settings
-        credentials = Credentials(s.tls_dir, await asyncio.to_thread(read_token_file, s.stage_token_file),
-                                  s.stage_tls_server_name)
+        # Re-read when the files change (cert-manager renewals, a new stage token): no restart needed.
+        credentials = ReloadingCredentials(s.tls_dir, s.stage_token_file, s.stage_tls_server_name)
+        await asyncio.to_thread(credentials.load)
+        self._credentials_watch = asyncio.create_task(credentials.watch(self._stop))
         numbers = itertools.count()
         options = channel_options(s.max_message_mb, s.keepalive_time_s, s.keepalive_timeout_s)
 
@@ -176,7 +179,8 @@ class GatewayLifecycle:
 
     async def close(self) -> None:
         self._stop.set()
-        await asyncio.gather(*self._tasks, return_exceptions=True)
+        await asyncio.gather(*self._tasks, *([self._credentials_watch] if self._credentials_watch else []),
+                             return_exceptions=True)
         if self.pipeline is not None:
             await self.pipeline.close()
         elif self.pool is not None:

@@ -10,6 +10,7 @@ from gateway.lifecycle import GatewayLifecycle
 from gateway.pipeline import SearchQuery
 from gateway.writes import WriteResult
 from twostage import __version__
+from twostage.auth import caller_may_see_internals
 from twostage.convert import (
     document_from_proto,
     document_to_proto,
@@ -114,10 +115,11 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
     async def Info(self, request: common_pb2.InfoRequest, context: grpc.aio.ServicerContext):
         pipeline = self.lifecycle.ready_pipeline()
         s = pipeline.settings
+        internals = caller_may_see_internals()  # addresses are for operators (admin), not search clients
         return gateway_pb2.GatewayInfo(
             version=__version__,
-            recall_targets=[shard.target.spec for shard in pipeline.recall],
-            rerank_targets=[r.target for r in pipeline.rerank.replicas],
+            recall_targets=[shard.target.spec for shard in pipeline.recall] if internals else [],
+            rerank_targets=[r.target for r in pipeline.rerank.replicas] if internals else [],
             default_budget_ms=s.default_budget_ms,
             default_fusion=CODE_BY_FUSION[s.fusion],
             default_fusion_alpha=s.fusion_alpha,

@@ -42,7 +42,7 @@ import numpy as np
 import prometheus_client as prom
 
 from recall_server.docstore import Write
-from twostage.connect import Credentials, read_token_file
+from twostage.connect import ReloadingCredentials, RotatingChannel
 from twostage.convert import document_from_proto
 from twostage.corpus import Document
 from twostage.membership import Target
@@ -81,9 +81,12 @@ class PeerSync:
         self.settings = settings
         self.service = service
         self.target = Target(settings.peers)
-        self.credentials = Credentials(settings.tls_dir, read_token_file(settings.peer_token_file),
-                                       settings.peer_tls_server_name)
-        self._channels: dict[str, grpc.aio.Channel] = {}
+        # Certificates and the peer token are re-read when they change; channels follow (RotatingChannel).
+        self.credentials = ReloadingCredentials(settings.tls_dir, settings.peer_token_file,
+                                                settings.peer_tls_server_name).load()
+        self._stop = asyncio.Event()
+        self._watch: asyncio.Task | None = None
+        self._channels: dict[str, RotatingChannel] = {}
         # Per peer address: (the process that answered there, the snapshot both served, the (sequence, key) of the
         # last change applied).
         self._cursors: dict[str, tuple[str, str, tuple[int, int]]] = {}
@@ -100,11 +103,15 @@ class PeerSync:
 
     def start(self) -> None:
         self._task = asyncio.get_running_loop().create_task(self._loop())
+        self._watch = asyncio.get_running_loop().create_task(self.credentials.watch(self._stop))
 
     async def close(self) -> None:
+        self._stop.set()
         if self._task is not None:
             self._task.cancel()
             await asyncio.gather(self._task, return_exceptions=True)
+        if self._watch is not None:
+            await asyncio.gather(self._watch, return_exceptions=True)
         await asyncio.gather(*(c.close() for c in self._channels.values()), return_exceptions=True)
 
     async def _loop(self) -> None:
@@ -131,8 +138,12 @@ class PeerSync:
 
     def _stub(self, address: str) -> recall_pb2_grpc.RecallStub:
         if address not in self._channels:
-            self._channels[address] = self.credentials.aio_channel(address)
-        return recall_pb2_grpc.RecallStub(self._channels[address])
+            self._channels[address] = RotatingChannel(address, self.credentials)
+        return recall_pb2_grpc.RecallStub(self._channels[address].channel)
+
+    @property
+    def metadata(self) -> tuple[tuple[str, str], ...]:
+        return self.credentials.snapshot()[1].metadata
 
     def _served_version(self) -> str | None:
         snapshots = self.service.snapshots
@@ -177,7 +188,7 @@ class PeerSync:
         while True:
             reply = await stub.Changes(recall_pb2.ChangesRequest(snapshot_version=version, after_seq=after[0],
                                                                  after_key=after[1], limit=PAGE),
-                                       metadata=self.credentials.metadata, timeout=30)
+                                       metadata=self.metadata, timeout=30)
             if reply.replica_id == self.service.replica_id:
                 return 0  # this server, found among its peers
             if known and after != (0, 0) and reply.replica_id != known[0]:
@@ -211,7 +222,7 @@ class PeerSync:
         async def same(address: str, version: str) -> int:
             theirs = await self._stub(address).Digest(
                 recall_pb2.DigestRequest(snapshot_version=version, below_clock=horizon.clock),
-                metadata=self.credentials.metadata, timeout=30)
+                metadata=self.metadata, timeout=30)
             if theirs.replica_id == self.service.replica_id:
                 return 0
             ours, _, _ = await self.service.digests(version, horizon.clock)
@@ -221,7 +232,7 @@ class PeerSync:
         return everyone and not differing
 
     async def _reconcile_with(self, address: str, version: str) -> int:
-        stub, metadata = self._stub(address), self.credentials.metadata
+        stub, metadata = self._stub(address), self.metadata
         theirs = await stub.Digest(recall_pb2.DigestRequest(snapshot_version=version), metadata=metadata, timeout=30)
         if theirs.replica_id == self.service.replica_id:
             return 0

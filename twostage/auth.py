@@ -1,16 +1,23 @@
-"""Bearer-token auth with two roles, checked by one server interceptor.
+"""Bearer-token auth with three roles, checked by one server interceptor.
 
 Roles: ``search`` may read (search, rerank, embed, get, info); ``admin`` may
-also change state (upsert, delete). A request carries
+also change state (upsert, delete); ``replica`` may only read what a recall
+replica of the same shard needs to catch up (changes, digests, versions). A request carries
 ``authorization: Bearer <token>`` in its metadata. The tokens file holds one
 line per token, ``sha256:<hex digest> <role> [label]``, never the token
 itself; tokens are 256-bit random strings, so a plain hash is enough. The
 file is re-read when it changes, so adding or revoking a token needs no
 restart. Health checks stay open (probes carry no token); so does
 reflection, when the server enables it.
+
+Unauthenticated work is bounded: a call without a valid token is refused as
+soon as its headers arrive (not when its message does), and open calls
+(health, reflection) share a small cap of their own, so they can never take
+the slots that authenticated calls need.
 """
 
 import asyncio
+import contextvars
 import hashlib
 import hmac
 import logging
@@ -21,20 +28,21 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import grpc
+import prometheus_client as prom
 
 from twostage.errors import ConfigError
 
 log = logging.getLogger(__name__)
 
-ROLES = ("search", "admin")
+ROLES = ("search", "admin", "replica")
 TOKEN_PREFIX = "ts_"
-# Methods that change state (or read the store in bulk); every other twostage method needs the search role.
+# Methods that change state; every other twostage method needs the search role (or admin).
 ADMIN_METHODS = {
     "/twostage.v1.Gateway/Upsert", "/twostage.v1.Gateway/Delete",
     "/twostage.v1.Recall/Upsert", "/twostage.v1.Recall/Delete",
-    # Whole documents in bulk, for replicas of a shard catching up: not for search clients.
-    "/twostage.v1.Recall/Changes", "/twostage.v1.Recall/Digest", "/twostage.v1.Recall/Versions",
 }
+# Whole documents in bulk, for replicas of a shard catching up (peer_sync): replica or admin, never search.
+REPLICA_METHODS = {"/twostage.v1.Recall/Changes", "/twostage.v1.Recall/Digest", "/twostage.v1.Recall/Versions"}
 SEARCH_METHODS = {
     "/twostage.v1.Gateway/Search", "/twostage.v1.Gateway/Info", "/twostage.v1.Gateway/Get",
     "/twostage.v1.Recall/Search", "/twostage.v1.Recall/Embed", "/twostage.v1.Recall/Get",
@@ -42,6 +50,20 @@ SEARCH_METHODS = {
 }
 OPEN_PREFIXES = ("/grpc.health.v1.Health/",)
 REFLECTION_PREFIX = "/grpc.reflection."
+# A stream that lives as long as its caller wants: served on the plaintext health port, not the main one.
+HEALTH_WATCH = "/grpc.health.v1.Health/Watch"
+
+TOKEN_RELOAD_FAILURES = prom.Counter("twostage_token_reload_failures_total",
+                                     "Re-reads of a changed tokens file that failed (the last good tokens stay)")
+REFUSED = prom.Counter("twostage_auth_refused_total", "Calls refused before their handler ran", ["reason"])
+
+# The role of the caller whose handler is running; None when the server checks no tokens.
+CALLER_ROLE: contextvars.ContextVar[str | None] = contextvars.ContextVar("twostage_caller_role", default=None)
+
+
+def caller_may_see_internals() -> bool:
+    """Addresses and the like: for admin callers, or every caller when auth is off."""
+    return CALLER_ROLE.get() in (None, "admin")
 
 
 def token_digest(token: str) -> str:
@@ -63,7 +85,7 @@ def parse_tokens(text: str, source: str) -> list[TokenEntry]:
             continue
         parts = line.split(maxsplit=2)
         if len(parts) < 2 or not parts[0].startswith("sha256:") or len(parts[0]) != 71 or parts[1] not in ROLES:
-            raise ConfigError(f"{source}:{number}: expected 'sha256:<64 hex digits> search|admin [label]'")
+            raise ConfigError(f"{source}:{number}: expected 'sha256:<64 hex digits> {'|'.join(ROLES)} [label]'")
         entries.append(TokenEntry(parts[0].removeprefix("sha256:"), parts[1], parts[2] if len(parts) > 2 else ""))
     return entries
 
@@ -90,32 +112,68 @@ def add_token(path: Path, role: str, label: str = "") -> str:
 
 
 class TokenFile:
-    """The tokens file, re-read (at most once a second) when its modification time changes."""
+    """The tokens file, re-read when it changes, and only once it is whole.
+
+    Every ``recheck_s`` (on the next call) the file's (inode, size, modification time) is compared with the
+    loaded one. A changed file is read only once two checks in a row saw the same stamp: a file rewritten in
+    place is read between its truncation and its last write at most by accident, and then its stamp moves
+    again before the next check. The text read is kept only if the stamp did not move while reading and it
+    parses; its digest decides whether anything changed. A file that fails to parse (or is not UTF-8) keeps
+    the last good tokens and logs an error; a symlink swap (a Kubernetes Secret) is a new inode.
+    """
 
     def __init__(self, path: Path, recheck_s: float = 1.0):
         self.path = Path(path)
         self.recheck_s = recheck_s
-        self._stamp = None
+        self._stamp: tuple | None = None
+        self._pending: tuple | None = None  # a new stamp seen once, waiting to be seen again
+        self._digest = ""
         self._checked_at = 0.0
         self._entries: list[TokenEntry] = []
-        self._load()  # at start a missing or malformed file is an error
+        stamp = self._stat()  # at start a missing or malformed file is an error
+        self._read(stamp)
         if not self._entries:
             log.warning("the tokens file %s holds no tokens: every call that needs one will be refused", self.path)
 
-    def _load(self) -> None:
+    def _stat(self) -> tuple:
         try:
-            stamp = os.stat(self.path).st_mtime_ns
-            if stamp != self._stamp:
-                self._entries = parse_tokens(self.path.read_text(), str(self.path))
-                self._stamp = stamp
+            st = os.stat(self.path)
         except OSError as error:
             raise ConfigError(f"cannot read the tokens file {self.path}: {error.strerror}") from None
+        return st.st_ino, st.st_size, st.st_mtime_ns
+
+    def _read(self, stamp: tuple) -> None:
+        try:
+            data = self.path.read_bytes()
+        except OSError as error:
+            raise ConfigError(f"cannot read the tokens file {self.path}: {error.strerror}") from None
+        if self._stat() != stamp:
+            return  # written while we read: try again on a later check
+        digest = hashlib.sha256(data).hexdigest()
+        if digest != self._digest:
+            try:
+                text = data.decode("utf-8")
+            except UnicodeDecodeError as error:
+                raise ConfigError(f"{self.path}: not UTF-8 (byte {error.start})") from None
+            self._entries = parse_tokens(text, str(self.path))
+            self._digest = digest
+            log.info("tokens file %s loaded: %d tokens", self.path, len(self._entries))
+        self._stamp = stamp
 
     def _reload(self) -> None:
         try:
-            self._load()
+            stamp = self._stat()
+            if stamp == self._stamp:
+                self._pending = None
+                return
+            if stamp != self._pending:  # changed since the last check: wait until it holds still
+                self._pending = stamp
+                return
+            self._read(stamp)
         except ConfigError as error:  # a bad edit keeps the tokens already loaded
-            log.warning("%s; keeping the previous tokens", error)
+            TOKEN_RELOAD_FAILURES.inc()
+            log.error("%s; keeping the previous tokens", error)
+            self._stamp = stamp  # logged once per bad version, not on every check
 
     async def role_of(self, token: str) -> str | None:
         now = time.monotonic()
@@ -130,54 +188,149 @@ class TokenFile:
         return role
 
 
+class TokenFiles:
+    """Several tokens files read as one (``serve all`` adds the gateway's own token beside the caller's file)."""
+
+    def __init__(self, files: list[TokenFile]):
+        self.files = files
+
+    async def role_of(self, token: str) -> str | None:
+        for tokens in self.files:
+            if (role := await tokens.role_of(token)) is not None:
+                return role
+        return None
+
+
 def allowed(role: str, method: str) -> bool:
     if role == "admin":
         return True
+    if role == "replica":
+        return method in REPLICA_METHODS
     return method in SEARCH_METHODS
 
 
-def _refusal(handler: grpc.RpcMethodHandler, code: grpc.StatusCode, message: str) -> grpc.RpcMethodHandler:
-    """A handler of the same kind (unary or streaming) as ``handler`` that only refuses."""
+_MAKE = {
+    (False, False): grpc.unary_unary_rpc_method_handler,
+    (False, True): grpc.unary_stream_rpc_method_handler,
+    (True, False): grpc.stream_unary_rpc_method_handler,
+    (True, True): grpc.stream_stream_rpc_method_handler,
+}
 
-    async def refuse(request_or_iterator, context):
+
+def _behavior(handler: grpc.RpcMethodHandler):
+    return handler.unary_unary or handler.unary_stream or handler.stream_unary or handler.stream_stream
+
+
+def _refusal(handler: grpc.RpcMethodHandler, code: grpc.StatusCode, message: str, reason: str) -> grpc.RpcMethodHandler:
+    """A handler that refuses at once. It reads requests as a stream, so it runs as soon as the headers
+    arrive: a caller that never sends its message is refused all the same, and holds no slot."""
+
+    async def refuse(request_iterator, context):
+        REFUSED.labels(reason).inc()
         await context.abort(code, message)
 
-    make = {
-        (False, False): grpc.unary_unary_rpc_method_handler,
-        (False, True): grpc.unary_stream_rpc_method_handler,
-        (True, False): grpc.stream_unary_rpc_method_handler,
-        (True, True): grpc.stream_stream_rpc_method_handler,
-    }[(handler.request_streaming, handler.response_streaming)]
+    make = _MAKE[(True, handler.response_streaming)]
     return make(refuse, request_deserializer=handler.request_deserializer,
                 response_serializer=handler.response_serializer)
 
 
-class TokenAuthInterceptor(grpc.aio.ServerInterceptor):
-    """UNAUTHENTICATED without a known token, PERMISSION_DENIED for the wrong role."""
+def _wrapped(handler: grpc.RpcMethodHandler, enter, exit_) -> grpc.RpcMethodHandler:
+    """``handler`` with ``enter()`` run just before its behavior and ``exit_()`` when it ends, however it ends."""
+    behavior = _behavior(handler)
+    if handler.response_streaming:
+        async def run(request, context):
+            enter()
+            try:
+                async for reply in behavior(request, context):
+                    yield reply
+            finally:
+                exit_()
+    else:
+        async def run(request, context):
+            enter()
+            try:
+                return await behavior(request, context)
+            finally:
+                exit_()
+    make = _MAKE[(handler.request_streaming, handler.response_streaming)]
+    return make(run, request_deserializer=handler.request_deserializer,
+                response_serializer=handler.response_serializer)
 
-    def __init__(self, tokens: TokenFile, open_reflection: bool):
+
+def _with_message_timeout(handler: grpc.RpcMethodHandler, timeout_s: float) -> grpc.RpcMethodHandler:
+    """A unary-request handler that ends the call (DEADLINE_EXCEEDED) when the message takes over ``timeout_s``."""
+    if handler.request_streaming:
+        return handler
+    behavior = _behavior(handler)
+
+    async def first_message(request_iterator, context):
+        try:
+            return await asyncio.wait_for(anext(request_iterator), timeout_s)
+        except (TimeoutError, StopAsyncIteration):
+            REFUSED.labels("no_message").inc()
+            await context.abort(grpc.StatusCode.DEADLINE_EXCEEDED, f"no request message within {timeout_s:g} s")
+
+    if handler.response_streaming:
+        async def run(request_iterator, context):
+            async for reply in behavior(await first_message(request_iterator, context), context):
+                yield reply
+    else:
+        async def run(request_iterator, context):
+            return await behavior(await first_message(request_iterator, context), context)
+    return _MAKE[(True, handler.response_streaming)](
+        run, request_deserializer=handler.request_deserializer, response_serializer=handler.response_serializer)
+
+
+class TokenAuthInterceptor(grpc.aio.ServerInterceptor):
+    """UNAUTHENTICATED without a known token, PERMISSION_DENIED for the wrong role; decided from the headers.
+
+    Open calls (health, reflection) may hold at most ``max_open_rpcs`` slots at once, and each must send its
+    message within ``message_timeout_s``; health Watch, a stream without end, is refused here (the
+    plaintext health port serves it)."""
+
+    def __init__(self, tokens, open_reflection: bool, max_open_rpcs: int = 16, message_timeout_s: float = 5.0):
         self.tokens = tokens
         self.open_prefixes = OPEN_PREFIXES + ((REFLECTION_PREFIX,) if open_reflection else ())
+        self.max_open_rpcs = max_open_rpcs
+        self.message_timeout_s = message_timeout_s
+        self.open_rpcs = 0
+
+    def _enter_open(self) -> None:
+        self.open_rpcs += 1
+
+    def _exit_open(self) -> None:
+        self.open_rpcs -= 1
 
     async def intercept_service(self, continuation, handler_call_details):
         method = handler_call_details.method
-        if method.startswith(self.open_prefixes):
-            return await continuation(handler_call_details)
         handler = await continuation(handler_call_details)
         if handler is None:  # no such method: UNIMPLEMENTED, as without auth
             return None
+        if method.startswith(self.open_prefixes):
+            if method == HEALTH_WATCH:
+                return _refusal(handler, grpc.StatusCode.UNIMPLEMENTED,
+                                "Health.Watch is served on the health port only; use Check here", "watch")
+            if self.open_rpcs >= self.max_open_rpcs:
+                return _refusal(handler, grpc.StatusCode.RESOURCE_EXHAUSTED,
+                                "too many calls without a token at once; try again", "open_cap")
+            return _wrapped(_with_message_timeout(handler, self.message_timeout_s), self._enter_open, self._exit_open)
         metadata = dict(handler_call_details.invocation_metadata or ())
         scheme, _, token = (metadata.get("authorization") or "").partition(" ")
         if scheme.lower() != "bearer" or not token.strip():
             return _refusal(handler, grpc.StatusCode.UNAUTHENTICATED,
-                            "missing token: send 'authorization: Bearer <token>' (twostage: --token or TWOSTAGE_TOKEN)")
+                            "missing token: send 'authorization: Bearer <token>' (twostage: --token or TWOSTAGE_TOKEN)",
+                            "missing_token")
         role = await self.tokens.role_of(token.strip())
         if role is None:
-            return _refusal(handler, grpc.StatusCode.UNAUTHENTICATED, "unknown token")
+            return _refusal(handler, grpc.StatusCode.UNAUTHENTICATED, "unknown token", "unknown_token")
         if not allowed(role, method):
+            needs = "an admin or replica token" if method in REPLICA_METHODS else "an admin token"
+            if role == "replica" and method in SEARCH_METHODS:
+                needs = "a search or admin token"
             return _refusal(handler, grpc.StatusCode.PERMISSION_DENIED,
-                            f"a {role} token may not call {method.rsplit('/', 1)[-1]}: it needs an admin token")
-        return handler
+                            f"a {role} token may not call {method.rsplit('/', 1)[-1]}: it needs {needs}",
+                            "permission")
+        return _wrapped(handler, lambda: CALLER_ROLE.set(role), lambda: None)
 
 
 def bearer_metadata(token: str | None) -> tuple[tuple[str, str], ...]:

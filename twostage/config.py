@@ -65,6 +65,21 @@ class ServiceSettings(BaseSettings):
         description="Tokens file ('twostage auth add-token'): every call but health needs a bearer token, and "
         "writes need the admin role. Re-read when it changes. Unset: no auth.",
     )
+    auth_tokens_extra: Path | None = Field(
+        None,
+        description="A second tokens file, read like auth_tokens and beside it ('serve all' puts the gateway's own "
+        "token here, so the stages read the caller's file itself and a revocation reaches them).",
+    )
+    max_open_rpcs: int = Field(
+        16, ge=1,
+        description="With auth, calls that need no token (health Check, reflection) held at once; more are refused "
+        "with RESOURCE_EXHAUSTED. They have these slots of their own, beyond max_concurrent_rpcs.",
+    )
+    message_timeout_s: float = Field(
+        5.0, gt=0,
+        description="With auth, a call that needs no token and has not sent its request message this long after "
+        "its headers is ended (DEADLINE_EXCEEDED).",
+    )
     health_port: int = Field(
         0, ge=0, le=65535,
         description="A plaintext port serving only grpc.health.v1, for probes that cannot speak TLS (Kubernetes "

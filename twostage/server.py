@@ -24,7 +24,7 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from twostage.auth import TokenAuthInterceptor, TokenFile
+from twostage.auth import TokenAuthInterceptor, TokenFile, TokenFiles
 from twostage.config import ServiceSettings
 from twostage.errors import Unavailable
 from twostage.metrics import RpcMetricsInterceptor, start_metrics_server
@@ -40,6 +40,8 @@ class Lifecycle(Protocol):
 
 LIVENESS = "liveness"
 WATCHDOG_PERIOD_S = 1.0
+# The plaintext health port serves health alone (Watch streams included): a cap of its own, apart from the API's.
+PROBE_MAX_CONCURRENT_RPCS = 64
 
 
 class GrpcService:
@@ -60,11 +62,17 @@ class GrpcService:
         limit = settings.max_message_mb * 1024 * 1024
         interceptors: list[grpc.aio.ServerInterceptor] = [RpcMetricsInterceptor()]
         reflection_on = settings.reflection == "on" or (settings.reflection == "auto" and not settings.auth_tokens)
+        slots = settings.max_concurrent_rpcs
         if settings.auth_tokens:
-            interceptors.append(TokenAuthInterceptor(TokenFile(settings.auth_tokens), open_reflection=reflection_on))
+            files = [TokenFile(path) for path in (settings.auth_tokens, settings.auth_tokens_extra) if path]
+            interceptors.append(TokenAuthInterceptor(
+                files[0] if len(files) == 1 else TokenFiles(files), open_reflection=reflection_on,
+                max_open_rpcs=settings.max_open_rpcs, message_timeout_s=settings.message_timeout_s))
+            # Calls without a token get max_open_rpcs slots on top, so they can never take the others.
+            slots += settings.max_open_rpcs
         self.server = grpc.aio.server(
             interceptors=interceptors,
-            maximum_concurrent_rpcs=settings.max_concurrent_rpcs,
+            maximum_concurrent_rpcs=slots,
             options=[
                 ("grpc.max_receive_message_length", limit),
                 ("grpc.max_send_message_length", limit),
@@ -83,7 +91,8 @@ class GrpcService:
         # Probes (kubelet) cannot speak TLS: the same health state, alone, on a plaintext port.
         self.probe_server = None
         if settings.health_port:
-            self.probe_server = grpc.aio.server(options=[("grpc.so_reuseport", int(settings.reuse_port))])
+            self.probe_server = grpc.aio.server(options=[("grpc.so_reuseport", int(settings.reuse_port))],
+                                                maximum_concurrent_rpcs=PROBE_MAX_CONCURRENT_RPCS)
             health_pb2_grpc.add_HealthServicer_to_server(self.health, self.probe_server)
         register(self.server)
         if reflection_on:

@@ -106,12 +106,12 @@ class Stack:
 
         self._secrets = Path(tempfile.mkdtemp(prefix="twostage-stack-"))  # mode 0700
         token = new_token()
-        stage_tokens = self._secrets / "stage-tokens"
-        stage_tokens.write_text(Path(self.auth_tokens).read_text().rstrip("\n") + "\n"
-                                + token_line(token, "admin", "gateway (this serve all run)"))
+        # The stages read the caller's file itself (so a revocation reaches them) and the gateway's token beside it.
+        gateway_tokens = self._secrets / "gateway-tokens"
+        gateway_tokens.write_text(token_line(token, "admin", "gateway (this serve all run)"))
         token_file = self._secrets / "gateway-token"
         token_file.write_text(token + "\n")
-        return ([*common, "--auth-tokens", str(stage_tokens)],
+        return ([*common, "--auth-tokens", str(Path(self.auth_tokens).resolve()), "--auth-tokens-extra", str(gateway_tokens)],
                 [*common, "--auth-tokens", self.auth_tokens, "--stage-token-file", str(token_file)])
 
     @property

@@ -5,7 +5,8 @@ mounts): ``ca.pem`` (the CA that signs both sides), ``server.pem`` +
 ``server.key`` (a server's certificate chain and key), ``client.pem`` +
 ``client.key`` (the certificate a caller presents for mutual TLS).
 
-Servers re-read their files when they change: gRPC asks for the certificate
+Servers re-read their files when they change (clients too, see
+``twostage.connect.ReloadingCredentials``): gRPC asks for the certificate
 configuration on every new handshake, and we answer from a cache keyed by the
 files' modification times, so a rotated certificate is served to the next
 connection while open connections carry on undisturbed.
@@ -47,7 +48,7 @@ class _RotatingServerCertificates:
 
     def configuration(self) -> grpc.ServerCertificateConfiguration:
         key, chain = _read(self.directory, SERVER_KEY), _read(self.directory, SERVER_CERT)
-        _check_pair(key, chain)
+        check_pair(key, chain)
         return grpc.ssl_server_certificate_configuration(
             [(key, chain)], root_certificates=_read(self.directory, CA) if self.require_client_auth else None
         )
@@ -68,7 +69,7 @@ class _RotatingServerCertificates:
         return configuration
 
 
-def _check_pair(key_pem: bytes, chain_pem: bytes) -> None:
+def check_pair(key_pem: bytes, chain_pem: bytes, side: str = "server") -> None:
     """The key must belong to the first certificate: files caught mid-rotation fail here, not in handshakes."""
     from cryptography import x509
     from cryptography.hazmat.primitives import serialization
@@ -77,12 +78,12 @@ def _check_pair(key_pem: bytes, chain_pem: bytes) -> None:
         key = serialization.load_pem_private_key(key_pem, password=None)
         cert = x509.load_pem_x509_certificate(chain_pem)
     except ValueError as error:
-        raise ConfigError(f"TLS: unreadable server certificate or key: {error}") from None
+        raise ConfigError(f"TLS: unreadable {side} certificate or key: {error}") from None
     public = serialization.PublicFormat.SubjectPublicKeyInfo
     if key.public_key().public_bytes(serialization.Encoding.DER, public) != cert.public_key().public_bytes(
         serialization.Encoding.DER, public
     ):
-        raise ConfigError("TLS: server.key does not belong to server.pem")
+        raise ConfigError(f"TLS: {side}.key does not belong to {side}.pem")
 
 
 def server_credentials(directory: Path, require_client_auth: bool) -> grpc.ServerCredentials:

@@ -121,6 +121,22 @@ def test_every_tier_serves_tls_and_checks_tokens(objects):
             assert env["TWOSTAGE_GATEWAY_STAGE_TOKEN_FILE"].startswith("/etc/twostage/")
 
 
+def test_recall_replicas_call_each_other_with_their_own_token_not_the_gateways(objects):
+    """A compromised recall pod must not hold the gateway's admin token (which may write and delete)."""
+    gateway_secrets = set()
+    for workload in servers(objects).values():
+        if service_of(workload) == "gateway":
+            gateway_secrets |= {v["secret"]["secretName"] for v in pod_spec(workload)["volumes"] if "secret" in v}
+    recalls = [w for w in servers(objects).values() if service_of(w) == "recall"]
+    assert recalls
+    for workload in recalls:
+        path = env_of(workload)["TWOSTAGE_RECALL_PEER_TOKEN_FILE"]
+        mount = next(m for m in container(workload)["volumeMounts"] if path.startswith(m["mountPath"] + "/"))
+        volume = next(v for v in pod_spec(workload)["volumes"] if v["name"] == mount["name"])
+        assert volume["secret"]["secretName"] == "twostage-replica-token"
+        assert volume["secret"]["secretName"] not in gateway_secrets
+
+
 def test_rerank_and_gateway_autoscale_and_every_tier_has_a_disruption_budget(objects):
     scaled = {o["spec"]["scaleTargetRef"]["name"] for o in objects if o["kind"] == "HorizontalPodAutoscaler"}
     by_service = {}

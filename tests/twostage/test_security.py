@@ -2,9 +2,11 @@
 that serves TLS to callers and calls its stages with mutual TLS and its own token."""
 
 import asyncio
+import os
 import socket
 import ssl
 import time
+from pathlib import Path
 
 import grpc
 import pytest
@@ -14,7 +16,15 @@ from grpc_reflection.v1alpha import reflection_pb2
 from twostage.auth import add_token
 from twostage.connect import Credentials
 from twostage.dev_certs import make_ca, write_dev_certs
-from twostage.v1 import common_pb2, gateway_pb2, gateway_pb2_grpc, rerank_pb2, rerank_pb2_grpc
+from twostage.v1 import (
+    common_pb2,
+    gateway_pb2,
+    gateway_pb2_grpc,
+    recall_pb2,
+    recall_pb2_grpc,
+    rerank_pb2,
+    rerank_pb2_grpc,
+)
 
 
 @pytest.fixture(scope="module")
@@ -24,10 +34,10 @@ def secrets_dir(tmp_path_factory):
     write_dev_certs(root / "tls", ca=ca)
     write_dev_certs(root / "other-ca")  # a different CA altogether
     tokens = root / "tokens"
-    search, admin, gateway = (add_token(tokens, role) for role in ("search", "admin", "admin"))
+    search, admin, gateway, replica = (add_token(tokens, role) for role in ("search", "admin", "admin", "replica"))
     (root / "gateway-token").write_text(gateway)
     return {"root": root, "ca": ca, "tls": root / "tls", "other": root / "other-ca", "tokens": tokens,
-            "search": search, "admin": admin, "gateway_token_file": root / "gateway-token"}
+            "search": search, "admin": admin, "replica": replica, "gateway_token_file": root / "gateway-token"}
 
 
 @pytest.fixture(scope="module")
@@ -229,3 +239,358 @@ async def test_probes_get_health_in_plaintext_on_their_own_port(secrets_dir, mod
             assert caught.value.code() is grpc.StatusCode.UNIMPLEMENTED
     finally:
         await server.stop(grace_s=0)
+
+
+async def test_a_replica_token_may_catch_up_and_do_nothing_else(secured, secrets_dir):
+    credentials = Credentials(secrets_dir["tls"], secrets_dir["replica"])
+    async with credentials.aio_channel(secured["recall"]) as channel:
+        stub, metadata = recall_pb2_grpc.RecallStub(channel), credentials.metadata
+        # This recall follows no snapshots, so its catch-up methods answer FAILED_PRECONDITION: from the
+        # servicer itself, past the token check.
+        for call in (stub.Changes(recall_pb2.ChangesRequest(limit=10), timeout=30, metadata=metadata),
+                     stub.Digest(recall_pb2.DigestRequest(), timeout=30, metadata=metadata),
+                     stub.Versions(recall_pb2.VersionsRequest(buckets=[0]), timeout=30, metadata=metadata)):
+            code, details = await status_of(call)
+            assert code is grpc.StatusCode.FAILED_PRECONDITION and "snapshot" in details
+        doc = common_pb2.Document(id="replica-1", title="t", text="x")
+        for call in (stub.Upsert(common_pb2.UpsertRequest(documents=[doc]), timeout=30, metadata=metadata),
+                     stub.Delete(common_pb2.DeleteRequest(ids=["replica-1"]), timeout=30, metadata=metadata),
+                     stub.Search(recall_pb2.RecallSearchRequest(query="q", k=1), timeout=30, metadata=metadata)):
+            code, details = await status_of(call)
+            assert code is grpc.StatusCode.PERMISSION_DENIED and "replica token may not" in details
+    # Nor through the gateway.
+    code, _ = await status_of(call_gateway(Credentials(secrets_dir["tls"], secrets_dir["replica"]), secured["gateway"]))
+    assert code is grpc.StatusCode.PERMISSION_DENIED
+    # And a search token may not read the store in bulk.
+    search = Credentials(secrets_dir["tls"], secrets_dir["search"])
+    async with search.aio_channel(secured["recall"]) as channel:
+        code, _ = await status_of(recall_pb2_grpc.RecallStub(channel).Changes(
+            recall_pb2.ChangesRequest(limit=1), timeout=30, metadata=search.metadata))
+        assert code is grpc.StatusCode.PERMISSION_DENIED
+
+
+async def test_search_callers_see_no_addresses_in_info_and_admins_do(secured, secrets_dir):
+    request = common_pb2.InfoRequest()
+    shown = await call_gateway(Credentials(secrets_dir["tls"], secrets_dir["search"]), secured["gateway"], "Info",
+                               request)
+    assert not shown.recall_targets and not shown.rerank_targets
+    assert "127.0.0.1" not in str(shown)
+    assert shown.default_top_k > 0  # the rest of Info is still there
+    admin = await call_gateway(Credentials(secrets_dir["tls"], secrets_dir["admin"]), secured["gateway"], "Info",
+                               request)
+    assert list(admin.recall_targets) == [secured["recall"]] and list(admin.rerank_targets) == [secured["rerank"]]
+
+
+async def test_a_tokens_file_rewritten_in_place_never_refuses_a_valid_token(secured, secrets_dir):
+    """Truncate-then-write, as an editor or a config tool does, in a loop while calls run."""
+    import threading
+
+    tokens = secrets_dir["tokens"]
+    content = tokens.read_bytes()
+    stop = threading.Event()
+    rewrites = 0
+
+    def rewrite_in_place():
+        nonlocal rewrites
+        while not stop.is_set():
+            with open(tokens, "r+b") as f:
+                f.truncate(0)
+                f.flush()
+                os.fsync(f.fileno())  # the empty file is visible before the tokens come back
+                f.write(content[: len(content) // 2])
+                f.flush()
+                f.write(content[len(content) // 2:])
+            rewrites += 1
+
+    writer = threading.Thread(target=rewrite_in_place)
+    writer.start()
+    refused = []
+    credentials = Credentials(secrets_dir["tls"], secrets_dir["search"])
+    try:
+        async with credentials.aio_channel(secured["rerank"]) as channel:
+            stub = rerank_pb2_grpc.RerankStub(channel)
+            request = rerank_pb2.RerankRequest(query="q", documents=["d"])
+            deadline = time.monotonic() + 6  # several re-reads of the file (one a second at most)
+            calls = 0
+            while time.monotonic() < deadline:
+                try:
+                    await stub.Rerank(request, timeout=30, metadata=credentials.metadata)
+                except grpc.aio.AioRpcError as error:
+                    refused.append(error.code())
+                calls += 1
+    finally:
+        stop.set()
+        await asyncio.to_thread(writer.join)
+        tokens.write_bytes(content)
+    assert rewrites > 100 and calls > 10
+    assert refused == []
+
+
+async def test_unauthenticated_callers_cannot_take_the_slots_searches_need(secured, secrets_dir):
+    """Health Watch streams and calls that never send their message, more than the server's cap, while
+    authenticated searches run: every search succeeds and the unauthenticated excess is refused."""
+    from gateway.config import GatewaySettings
+    from gateway.servicer import build_server as build_gateway
+
+    cap, open_cap, floods = 8, 4, 24
+    gateway = build_gateway(GatewaySettings(
+        port=0, recall_targets=secured["recall"], rerank_targets=secured["rerank"],
+        stage_token_file=secrets_dir["gateway_token_file"], tls_dir=secrets_dir["tls"],
+        auth_tokens=secrets_dir["tokens"], max_concurrent_rpcs=cap, max_open_rpcs=open_cap, message_timeout_s=2,
+    ))
+    target = f"127.0.0.1:{await gateway.start()}"
+    attacker = Credentials(secrets_dir["tls"])  # TLS, no token
+    channels = [attacker.aio_channel(target) for _ in range(3)]
+    try:
+        watch = channels[0].unary_stream("/grpc.health.v1.Health/Watch",
+                                         request_serializer=health_pb2.HealthCheckRequest.SerializeToString,
+                                         response_deserializer=health_pb2.HealthCheckResponse.FromString)
+        # Headers sent, message never: stream-unary calls that are never written to.
+        stalled_check = channels[1].stream_unary("/grpc.health.v1.Health/Check",
+                                                 request_serializer=health_pb2.HealthCheckRequest.SerializeToString,
+                                                 response_deserializer=health_pb2.HealthCheckResponse.FromString)
+        stalled_search = channels[2].stream_unary("/twostage.v1.Gateway/Search",
+                                                  request_serializer=gateway_pb2.SearchRequest.SerializeToString,
+                                                  response_deserializer=gateway_pb2.SearchResponse.FromString)
+        watches = [watch(health_pb2.HealthCheckRequest(), timeout=30) for _ in range(floods)]
+        stalled = [stalled_check(timeout=30) for _ in range(floods)] + [stalled_search(timeout=30)
+                                                                       for _ in range(floods)]
+        for call in [*watches, *stalled]:  # every call's headers are out (some are refused at once)
+            try:
+                await call.wait_for_connection()
+            except grpc.aio.AioRpcError:
+                pass
+        searcher = Credentials(secrets_dir["tls"], secrets_dir["search"])
+        async with searcher.aio_channel(target) as channel:
+            stub = gateway_pb2_grpc.GatewayStub(channel)
+            results = []
+            for _ in range(3):  # rounds of as many searches at once as the cap allows
+                results += await asyncio.gather(*(
+                    stub.Search(search_request(), timeout=60, metadata=searcher.metadata) for _ in range(cap)
+                ), return_exceptions=True)
+        failed = [r for r in results if isinstance(r, BaseException)]
+        assert not failed, failed[:3]
+
+        async def code_of(call):
+            try:
+                if hasattr(call, "read"):
+                    async for _ in call:
+                        pass
+                else:
+                    await call
+            except grpc.aio.AioRpcError as error:
+                return error.code()
+            return grpc.StatusCode.OK
+
+        codes = await asyncio.gather(*(code_of(c) for c in [*watches, *stalled]))
+    finally:
+        for channel in channels:
+            await channel.close()
+        await gateway.stop(grace_s=0)
+    watch_codes, check_codes, search_codes = codes[:floods], codes[floods:2 * floods], codes[2 * floods:]
+    assert set(watch_codes) == {grpc.StatusCode.UNIMPLEMENTED}  # Watch lives on the health port
+    assert set(search_codes) == {grpc.StatusCode.UNAUTHENTICATED}  # refused on its headers, no message needed
+    # Beyond the open cap: refused at once; within it: ended when no message came.
+    assert check_codes.count(grpc.StatusCode.RESOURCE_EXHAUSTED) >= floods - open_cap
+    assert set(check_codes) <= {grpc.StatusCode.RESOURCE_EXHAUSTED, grpc.StatusCode.DEADLINE_EXCEEDED}
+
+
+def first_certificate_der(pem: bytes) -> bytes:
+    from cryptography import x509
+    from cryptography.hazmat.primitives import serialization
+
+    return x509.load_pem_x509_certificate(pem).public_bytes(serialization.Encoding.DER)
+
+
+@pytest.mark.slow
+async def test_client_certificate_and_stage_token_rotate_under_load(secrets_dir, tmp_path, built_index):
+    """cert-manager renews the gateway's client certificate and an operator rotates its stage token (new token
+    added, gateway's file rewritten, old token revoked) while `twostage loadtest` runs: nothing fails, and the
+    stage sees new connections present the new certificate and the new token."""
+    import json
+    import shutil
+    import sys
+
+    from gateway.config import GatewaySettings
+    from gateway.servicer import build_server as build_gateway
+    from recall_server.config import RecallSettings
+    from recall_server.service import RecallService
+    from recall_server.servicer import build_server as build_recall
+    from rerank_server.config import RerankSettings
+    from rerank_server.service import RerankService
+    from rerank_server.servicer import RerankServicer
+    from twostage.auth import token_line
+    from twostage.server import GrpcService
+
+    tls, tokens, gateway_token_file = tmp_path / "tls", tmp_path / "tokens", tmp_path / "gateway-token"
+    write_dev_certs(tls, ca=secrets_dir["ca"])
+    search, old_token = add_token(tokens, "search"), add_token(tokens, "admin", "gateway")
+    gateway_token_file.write_text(old_token + "\n")
+    seen: list[tuple[float, bytes, str]] = []  # (when, the client certificate, the token) per Rerank call
+
+    class Recording(RerankServicer):
+        async def Rerank(self, request, context):
+            certificate = context.auth_context().get("x509_pem_cert", [b""])[0]
+            token = dict(context.invocation_metadata()).get("authorization", "").removeprefix("Bearer ")
+            seen.append((time.monotonic(), first_certificate_der(certificate), token))
+            return await super().Rerank(request, context)
+
+    security = {"tls_dir": tls, "auth_tokens": tokens}
+    index_dir = tmp_path / "index"
+    shutil.copytree(built_index, index_dir)
+    rerank_service = RerankService(RerankSettings(port=0, **security))
+    rerank = GrpcService("rerank", rerank_service.settings, ["twostage.v1.Rerank"],
+                         lambda server: rerank_pb2_grpc.add_RerankServicer_to_server(Recording(rerank_service), server),
+                         rerank_service)
+    recall = build_recall(RecallService(RecallSettings(port=0, index_dir=index_dir, **security)))
+    recall_port, rerank_port = await recall.start(), await rerank.start()
+    gateway = build_gateway(GatewaySettings(
+        port=0, recall_targets=f"127.0.0.1:{recall_port}", rerank_targets=f"127.0.0.1:{rerank_port}",
+        stage_token_file=gateway_token_file, **security))
+    target = f"127.0.0.1:{await gateway.start()}"
+    report_file = tmp_path / "load.json"
+    load = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "twostage", "loadtest", "--target", target, "--rate-rps", "3", "--duration-s", "14", "--recall-k", "4", "--top-k", "3", "--budget-ms", "10000",
+        "--tls-dir", str(tls), "--json", str(report_file), env={**os.environ, "TWOSTAGE_TOKEN": search},
+        stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.PIPE)
+    try:
+        deadline = time.monotonic() + 60
+        while not seen:  # the load has reached the stage
+            assert time.monotonic() < deadline and load.returncode is None, "the load never reached the stage"
+            await asyncio.sleep(0.1)
+        old_certificate = first_certificate_der((tls / "client.pem").read_bytes())
+        assert seen[-1][1:] == (old_certificate, old_token)
+
+        rotated_at = time.monotonic()
+        write_dev_certs(tls, ca=secrets_dir["ca"])  # new leaves and keys, in place
+        new_certificate = first_certificate_der((tls / "client.pem").read_bytes())
+        # The token, in the order that never refuses a call: the stages accept it, then the gateway sends it.
+        new_token = add_token(tokens, "admin", "gateway, rotated")
+        probe = Credentials(tls, new_token)
+        async with probe.aio_channel(f"127.0.0.1:{rerank_port}") as channel:
+            while True:
+                try:
+                    await rerank_pb2_grpc.RerankStub(channel).Rerank(
+                        rerank_pb2.RerankRequest(query="q", documents=["d"]), timeout=30, metadata=probe.metadata)
+                    break
+                except grpc.aio.AioRpcError as error:
+                    assert error.code() is grpc.StatusCode.UNAUTHENTICATED and time.monotonic() - rotated_at < 20
+                    await asyncio.sleep(0.1)
+        token_at = time.monotonic()
+        gateway_token_file.write_text(new_token + "\n")
+        while not any(when > token_at and (cert, token) == (new_certificate, new_token)
+                      for when, cert, token in seen):
+            assert time.monotonic() - token_at < 20, "the gateway kept its old certificate or token"
+            await asyncio.sleep(0.1)
+        rotation_s = time.monotonic() - token_at
+        # Revoke the old token: written beside and moved into place, as a Secret update is.
+        kept = [line for line in tokens.read_text().splitlines(keepends=True)
+                if line != token_line(old_token, "admin", "gateway")]
+        (tmp_path / "tokens.new").write_text("".join(kept))
+        os.replace(tmp_path / "tokens.new", tokens)
+        revoked_at = time.monotonic()
+        _, stderr = await asyncio.wait_for(load.communicate(), 120)
+        assert load.returncode == 0, stderr.decode()[-2000:]
+    finally:
+        if load.returncode is None:
+            load.kill()
+            await load.wait()
+        for server in (gateway, recall, rerank):
+            await server.stop(grace_s=0)
+    report = json.loads(report_file.read_text())
+    print(f"new certificate and token in use {rotation_s:.2f} s after the token file changed; load: {report['requests']} requests, {report['ok']} ok")
+    # Zero failed requests, and no answer without rerank for want of credentials (slow answers on a busy
+    # machine may still be partly reranked).
+    assert report["errors"] == {} and "rerank_unavailable" not in report["degraded"], report
+    assert report["ok"] == report["requests"] > 20
+    assert [when for when, _, _ in seen if when > revoked_at], "no load after the revocation"
+    assert {token for when, _, token in seen if when > revoked_at + 1} == {new_token}
+
+
+# Suites no TLS listener may accept, in any protocol version (IANA names).
+WEAK = ("NULL", "anon", "EXPORT", "RC4", "DES", "MD5", "PSK", "SRP")
+
+
+def sslyze_scan(port: int, ca_file: Path, client_tls: Path | None, full: bool = True):
+    """A TLS scan (sslyze) of one listener: what a security scanner would flag."""
+    from sslyze import (
+        ClientAuthenticationCredentials,
+        ScanCommand,
+        Scanner,
+        ServerNetworkConfiguration,
+        ServerNetworkLocation,
+        ServerScanRequest,
+    )
+    from sslyze.plugins.certificate_info.implementation import CertificateInfoExtraArgument
+    from sslyze.scanner.models import ScanCommandsExtraArguments
+
+    credentials = None if client_tls is None else ClientAuthenticationCredentials(
+        certificate_chain_path=client_tls / "client.pem", key_path=client_tls / "client.key")
+    request = ServerScanRequest(
+        server_location=ServerNetworkLocation("localhost", port, ip_address="127.0.0.1"),
+        network_configuration=ServerNetworkConfiguration("localhost", tls_client_auth_credentials=credentials),
+        scan_commands={ScanCommand.CERTIFICATE_INFO, ScanCommand.SSL_2_0_CIPHER_SUITES,
+                       ScanCommand.SSL_3_0_CIPHER_SUITES, ScanCommand.TLS_1_0_CIPHER_SUITES,
+                       ScanCommand.TLS_1_1_CIPHER_SUITES, ScanCommand.TLS_1_2_CIPHER_SUITES,
+                       ScanCommand.TLS_1_3_CIPHER_SUITES} if full else set(),
+        scan_commands_extra_arguments=ScanCommandsExtraArguments(
+            certificate_info=CertificateInfoExtraArgument(custom_ca_file=ca_file) if full else None),
+    )
+    scanner = Scanner()
+    scanner.queue_scans([request])
+    return next(iter(scanner.get_results()))
+
+
+@pytest.mark.parametrize("tier", ["gateway", "recall", "rerank"])
+async def test_every_tls_listener_passes_the_scan(secured, secrets_dir, tier):
+    import asyncio
+
+    pytest.importorskip("sslyze")
+    from sslyze import ClientAuthRequirementEnum, ServerScanStatusEnum
+
+    port = int(secured[tier].rsplit(":", 1)[1])
+    ca_file = secrets_dir["tls"] / "ca.pem"
+    stage = tier != "gateway"
+    # The stages are scanned as the gateway (with its client certificate): without one nothing gets through.
+    result = await asyncio.to_thread(sslyze_scan, port, ca_file, secrets_dir["tls"] if stage else None)
+    assert result.scan_status is ServerScanStatusEnum.COMPLETED, result.connectivity_error_trace
+    if stage:  # probed without a client certificate, the stage completes no handshake at all
+        bare = await asyncio.to_thread(sslyze_scan, port, ca_file, None, False)
+        assert bare.scan_status is ServerScanStatusEnum.ERROR_NO_CONNECTIVITY and bare.connectivity_result is None
+    else:
+        assert result.connectivity_result.client_auth_requirement is ClientAuthRequirementEnum.DISABLED
+    scans = result.scan_result
+    for old in ("ssl_2_0_cipher_suites", "ssl_3_0_cipher_suites", "tls_1_0_cipher_suites", "tls_1_1_cipher_suites"):
+        attempt = getattr(scans, old)
+        assert attempt.result is not None, (old, attempt.error_trace)
+        assert not attempt.result.accepted_cipher_suites, old  # TLS 1.2 and 1.3 only
+    accepted = []
+    for current in ("tls_1_2_cipher_suites", "tls_1_3_cipher_suites"):
+        attempt = getattr(scans, current)
+        assert attempt.result is not None, (current, attempt.error_trace)
+        assert attempt.result.accepted_cipher_suites, current  # both are served
+        accepted += [s.cipher_suite for s in attempt.result.accepted_cipher_suites]
+    for suite in accepted:
+        assert not suite.is_anonymous and suite.key_size >= 128, suite.name
+        assert not any(weak in suite.name for weak in WEAK), suite.name
+        # Forward secrecy: an ephemeral key exchange (TLS 1.3 suites always have one).
+        assert suite.name.startswith(("TLS_ECDHE_", "TLS_DHE_")) or suite.openssl_name.startswith("TLS_"), suite.name
+    deployments = scans.certificate_info.result.certificate_deployments
+    validations = [v for d in deployments for v in d.path_validation_results if v.trust_store.path == ca_file]
+    assert validations and all(v.was_validation_successful for v in validations), validations
+
+
+async def test_a_tokens_file_that_fails_to_parse_keeps_the_last_good_tokens(tmp_path, caplog):
+    from twostage.auth import TokenFile
+
+    path = tmp_path / "tokens"
+    token = add_token(path, "search")
+    tokens = TokenFile(path, recheck_s=0)
+    good = path.read_bytes()
+    for bad in (b"\xff\xfe not utf-8\n", b"sha256:short search\n"):
+        path.write_bytes(bad)
+        for _ in range(3):  # seen twice unchanged, then read (and refused)
+            assert await tokens.role_of(token) == "search"
+        path.write_bytes(good)
+        await tokens.role_of(token)
+    assert "keeping the previous tokens" in caplog.text
