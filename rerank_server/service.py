@@ -197,8 +197,13 @@ class RerankService:
 
         task = asyncio.get_running_loop().create_task(compute())
         self._computing.add(task)
-        task.add_done_callback(self._computing.discard)
+        task.add_done_callback(self._computed)
         return await asyncio.shield(task)
+
+    def _computed(self, task: asyncio.Task) -> None:
+        self._computing.discard(task)
+        if not task.cancelled():
+            task.exception()  # retrieved: its caller may have gone; the others had the outcome through the cache
 
     @staticmethod
     async def _await_shared(awaited: dict, scores: dict) -> list[int]:
