@@ -123,6 +123,8 @@ class RecallService:
         if self.peers is None and not s.read_only:
             self._purging = asyncio.get_running_loop().create_task(self._purge_periodically())
         await self.search("warm up", 1, mode="dense")
+        # Its first run allocates: predicted from it, the next queries would be refused as late.
+        self.batcher.reset_costs()
 
     def _open_index(self, directory) -> DocumentIndex:
         s = self.settings

@@ -60,12 +60,17 @@ class RerankService:
         self.batcher.start()
         # Warm up: the first run allocates and optimizes; keep that off the first request.
         await self.rerank(RerankQuery("warm up", ["a short document", "another, slightly longer document"]))
+        # The warm-up's cost is no guide (it allocates): learned from it, the model time per pair callers budget
+        # with would start far off, and pairs that fit would be refused as predicted late.
+        self.batcher.reset_costs()
         # What a pair costs here, published in Info: gateways budget with it from their first request instead of
-        # a guess. Measured after the warm-up (its first run allocates), on pairs of typical length.
-        typical = " ".join(["measuring what one pair of typical length costs this replica's model"] * 16)
-        # One batch, within the queue bound: startup stays short, and a small queue does not shed it.
+        # a guess. Measured after the warm-up, on pairs the model reads in full (max_length tokens; documents are
+        # cut there): a budget planned with it is not overspent when the candidates are long documents, as most are.
         s = self.settings
-        pairs = [f"{i} {typical}" for i in range(max(1, min(4, s.max_batch_size, s.max_queue_items)))]
+        full = " ".join(["measuring what one pair of full length costs this replica's model"] * (s.max_length // 4))
+        # One batch, within the queue bound: startup stays short, and a small queue does not shed it.
+        pairs = [f"{i} {full}"[:s.max_document_chars] for i in range(max(1, min(4, s.max_batch_size,
+                                                                                  s.max_queue_items)))]
         started = time.perf_counter()
         await self.rerank(RerankQuery("how much does a pair cost", pairs, bypass_cache=True))
         self.measured_ms_per_pair = 1000 * (time.perf_counter() - started) / len(pairs)

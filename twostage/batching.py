@@ -168,10 +168,18 @@ class DynamicBatcher(Generic[T, R]):
         self._in_flight: set[asyncio.Task] = set()
         self._started_at: dict[asyncio.Task, float] = {}
         self._last_bulk_s = time.monotonic()  # when the bulk lane last got a batch
-        self.ms_per_item = 0.0  # model time per item, recent batches weighted most (callers model cost with it)
-        self.batch_cost = BatchCost()  # predicts one batch's model time from its padded tokens
+        # Each lane has its own cost model: a query's is never predicted from documents being written.
+        self.ms_per_item = 0.0  # interactive model time per item, recent batches weighted most (callers model cost)
+        self.batch_cost = BatchCost()  # predicts one interactive batch's model time from its padded tokens
+        self.bulk_ms_per_item = 0.0
+        self.bulk_batch_cost = BatchCost()
         self._closing = False
         self._runner: asyncio.Task | None = None
+
+    def reset_costs(self) -> None:
+        """Forget what batches cost so far: a warm-up's first run allocates and is no guide to the next ones."""
+        self.ms_per_item = self.bulk_ms_per_item = 0.0
+        self.batch_cost, self.bulk_batch_cost = BatchCost(), BatchCost()
 
     def add_observer(self, observer: BatchObserver) -> None:
         self._observers.append(observer)
@@ -356,12 +364,17 @@ class DynamicBatcher(Generic[T, R]):
     async def _execute(self, batch: list[_Item]) -> None:
         loop = asyncio.get_running_loop()
         try:
-            started, computed, results = await loop.run_in_executor(self._executor, self._timed_compute, batch)
-            if len(computed) < len(batch):
-                late = [item for item in batch if item not in computed]
+            started, computed, deferred, results = await loop.run_in_executor(
+                self._executor, self._timed_compute, batch)
+            if deferred:  # on time alone but not in this batch: back in the queue, keeping their place by urgency
+                self._queue.extend(deferred)
+                self._wakeup.set()
+            if len(computed) + len(deferred) < len(batch):
+                late = [item for item in batch if item not in computed and item not in deferred]
                 self.stats.expired_items += len(late)
-                self._fail(late, DeadlineExceeded(f"{self.name}: deadline would pass before this item's batch finished"))
-                batch = computed
+                self._fail(late, DeadlineExceeded(f"{self.name}: deadline would pass before this item was computed, "
+                                                  "even in a batch of its own"))
+            batch = computed
             if not batch:
                 return
             # Time spent behind the batch ahead (pipelining) is queueing, not model time.
@@ -386,21 +399,39 @@ class DynamicBatcher(Generic[T, R]):
                 item.future.set_result(result)
         self._record(batch, started, done)
 
-    def _timed_compute(self, batch: list[_Item]) -> tuple[float, list[_Item], list]:
-        """Runs on the model's thread, once the batch ahead is done: leaves out items whose caller has
-        gone or whose deadline falls before this batch would finish (computing them is wasted work the
-        callers behind would wait for), then returns when the model began, the items computed and results."""
+    def _timed_compute(self, batch: list[_Item]) -> tuple[float, list[_Item], list[_Item], list]:
+        """Runs on the model's thread, once the batch ahead is done: leaves out items whose caller has gone
+        or that would finish after their deadline even computed alone (wasted work the callers behind would
+        wait for). The rest, most urgent first, join the batch while everyone in it is still predicted on
+        time; those that would make it late are deferred to a later batch, never refused for others' cost.
+        Returns when the model began, the items computed, those deferred and the results."""
         started = time.monotonic()
+        computed: list[_Item] = []
+        deferred: list[_Item] = []
+        for item in sorted((i for i in batch if not i.future.done()), key=_urgency):
+            if not self._on_time(started, [item]):
+                continue
+            if self._on_time(started, [*computed, item]):
+                computed.append(item)
+            else:
+                deferred.append(item)
+        kept = set(map(id, computed))
+        computed = [i for i in batch if id(i) in kept]  # in the batch's own (length-sorted) order
+        return started, computed, deferred, self._compute([i.payload for i in computed]) if computed else []
+
+    def _on_time(self, started: float, batch: list[_Item]) -> bool:
         finish_s = started + self.predict_ms(batch) / 1000
-        live = [i for i in batch if not i.future.done() and (i.deadline_s is None or i.deadline_s > finish_s)]
-        return started, live, self._compute([i.payload for i in live]) if live else []
+        return all(item.deadline_s is None or item.deadline_s > finish_s for item in batch)
 
     def predict_ms(self, batch: list[_Item]) -> float:
-        """How long the model will take over this batch: by its padded tokens once batches of different
-        shapes have been seen (a batch of long items takes longer than the average batch, and an item
-        predicted on time must finish on time), else by the average per item."""
-        predicted = self.batch_cost.predict(len(batch) * max(item.length for item in batch))
-        return self.ms_per_item * len(batch) if predicted is None else predicted
+        """How long the model will take over this batch, from its own lane's batches: by its padded tokens
+        once batches of different shapes have been seen (a batch of long items takes longer than the average
+        batch, and an item predicted on time must finish on time), else by the average per item; 0 with no
+        batch of that lane seen yet (nothing to refuse on)."""
+        bulk = batch[0].bulk
+        cost, per_item = (self.bulk_batch_cost, self.bulk_ms_per_item) if bulk else (self.batch_cost, self.ms_per_item)
+        predicted = cost.predict(len(batch) * max(item.length for item in batch))
+        return per_item * len(batch) if predicted is None else predicted
 
     def _record(self, batch: list[_Item], started: float, done: float) -> None:
         real = sum(item.length for item in batch)
@@ -412,8 +443,13 @@ class DynamicBatcher(Generic[T, R]):
         stats.padded_tokens += padded
         stats.batch_sizes[len(batch)] += 1
         sample = 1000 * (done - started) / len(batch)
-        self.ms_per_item = sample if not self.ms_per_item else self.ms_per_item + 0.2 * (sample - self.ms_per_item)
-        self.batch_cost.add(padded, 1000 * (done - started))
+        if batch[0].bulk:
+            previous = self.bulk_ms_per_item
+            self.bulk_ms_per_item = sample if not previous else previous + 0.2 * (sample - previous)
+            self.bulk_batch_cost.add(padded, 1000 * (done - started))
+        else:
+            self.ms_per_item = sample if not self.ms_per_item else self.ms_per_item + 0.2 * (sample - self.ms_per_item)
+            self.batch_cost.add(padded, 1000 * (done - started))
         waits = [started - item.enqueued_s for item in batch]
         for observer in self._observers:
             observer(len(batch), real, padded, waits, done - started)

@@ -323,3 +323,30 @@ async def test_a_backlog_of_writes_never_sheds_a_query():
     assert (await query).values == [2, 4, 6]
     await writes
     await batcher.close()
+
+
+async def test_a_query_is_never_predicted_late_from_the_cost_of_bulk_work():
+    """Documents being written take long batches; a query item is predicted from queries' own batches."""
+    def model(batch):
+        if any(x >= 100 for x in batch):  # the documents: a slow model call
+            time.sleep(0.3)
+        return [2 * x for x in batch]
+
+    batcher = await make(model, max_batch_size=1)
+    await asyncio.gather(*(batcher.submit([100 + i], [200 + 50 * i], bulk=True) for i in range(3)))
+    # 0.3 s per bulk item; a query is far cheaper and its deadline leaves it ample time.
+    done = await batcher.submit([1], [8], deadline_s=time.monotonic() + 0.15)
+    assert done.values == [2] and batcher.stats.expired_items == 0
+    await batcher.close()
+
+
+async def test_an_item_that_is_on_time_alone_is_computed_though_its_batch_would_be_late():
+    """Admission weighs an item's own cost: the most urgent items that fit are computed now, the rest later."""
+    model = FakeModel()
+    batcher = await make(model, max_batch_size=4, max_wait_ms=50, pipeline_depth=1)
+    batcher.ms_per_item = 400.0  # as learned: 0.4 s an item, so a batch of 4 takes 1.6 s
+    urgent = batcher.submit([1], [5], deadline_s=time.monotonic() + 1.0)
+    results = await asyncio.gather(urgent, *(batcher.submit([k], [5]) for k in (2, 3, 4)))
+    assert [r.values for r in results] == [[2], [4], [6], [8]]
+    assert model.batches[0] == [1, 2] and batcher.stats.expired_items == 0
+    await batcher.close()
