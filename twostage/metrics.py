@@ -57,7 +57,7 @@ class BatcherStatsCollector:
 
         counters = {
             "shed_items": "Items refused because the queue was full",
-            "expired_items": "Items dropped uncomputed: their deadline passed, or would before their batch finished",
+            "expired_items": "Items dropped uncomputed: their deadline passed, or would even computed alone",
             "failed_batches": "Batches whose model call raised",
             "batches": "Batches computed",
             "items": "Items computed",
