@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 
 import grpc
 
+from gateway.fusion import Calibration
 from twostage.connect import PLAINTEXT, Credentials, ReloadingCredentials, RotatingChannel
 from twostage.convert import (
     document_from_proto,
@@ -133,8 +134,9 @@ class RecallClient(_Client):
     async def search(
         self, query: str, k: int, timeout_s: float, request_id: str, mode: str | None = None,
         filter_: Filter | None = None,
-    ) -> tuple[list[RecallCandidate], dict[str, float], str | None]:
-        """Candidates best first, the server's timings, and the mode that answered."""
+    ) -> tuple[list[RecallCandidate], dict[str, float], str | None, Calibration | None]:
+        """Candidates best first, the server's timings, the mode that answered, and the server's score
+        calibration (None: not fitted)."""
         request = recall_pb2.RecallSearchRequest(query=query, k=k, request_id=request_id,
                                                  mode=recall_mode_to_proto(mode), filter=filter_to_proto(filter_))
         reply = await self._call(self.stub.Search, request, timeout_s)
@@ -143,7 +145,10 @@ class RecallClient(_Client):
                             c.lexical_score)
             for c in reply.candidates
         ]
-        return candidates, dict(reply.timings_ms), recall_mode_from_proto(reply.mode)
+        fitted = reply.calibration if reply.HasField("calibration") else None
+        calibration = None if fitted is None else Calibration(fitted.scale, fitted.center, fitted.lexical_scale,
+                                                              fitted.lexical_center)
+        return candidates, dict(reply.timings_ms), recall_mode_from_proto(reply.mode), calibration
 
     async def upsert(self, docs: list[Document], timeout_s: float | None, request_id: str = "",
                      version: Version | None = None) -> "WriteReply":

@@ -6,7 +6,14 @@ from typing import Literal
 from pydantic import Field
 from pydantic_settings import SettingsConfigDict
 
-from gateway.fusion import LEXICAL_CENTER, LEXICAL_SCALE, RECALL_CENTER, RECALL_SCALE, Calibration
+from gateway.fusion import (
+    DEFAULT_CALIBRATION,
+    LEXICAL_CENTER,
+    LEXICAL_SCALE,
+    RECALL_CENTER,
+    RECALL_SCALE,
+    Calibration,
+)
 from twostage.config import ServiceSettings
 from twostage.membership import split_targets
 
@@ -64,7 +71,8 @@ class GatewaySettings(ServiceSettings):
     max_query_chars: int = Field(2048, ge=1, description="Longest query accepted.")
     fusion: Literal["none", "linear", "rrf", "calibrated"] = Field(
         "calibrated",
-        description="Final score: calibrated (both scores on the logit scale with fixed constants, in [0, 1], "
+        description="Final score: calibrated (both scores on the logit scale with constants fitted from the index, "
+        "in [0, 1], "
         "comparable across queries), linear (per-query z-scores), rrf or none (rerank only). On SciFact "
         "(recall_k 20) calibrated 0.5 measured nDCG@10 0.7207 against linear 0.7 0.7143, rerank alone 0.6977.",
     )
@@ -72,24 +80,24 @@ class GatewaySettings(ServiceSettings):
         0.5, ge=0, le=1,
         description="Weight of rerank in the fusion (0-1). 0.5 suits calibrated; linear measured best at 0.7.",
     )
-    calibrated_recall_scale: float = Field(
-        RECALL_SCALE, gt=0,
-        description="Calibrated fusion: logits per unit of recall cosine. Measured for bge-small-en on SciFact "
-        "(100-150 rank best); re-measure with 'twostage eval' for another embedding model.",
+    calibrated_recall_scale: float | None = Field(
+        None, gt=0,
+        description="Calibrated fusion: logits per unit of recall cosine. Unset: fitted by the recall servers from "
+        f"their own index (each reports it in Info), {RECALL_SCALE:g} until they have.",
     )
-    calibrated_recall_center: float = Field(
-        RECALL_CENTER, ge=-1, le=1,
-        description="Calibrated fusion: the recall cosine that counts as neutral (the candidates' average for "
-        "bge-small-en on SciFact).",
+    calibrated_recall_center: float | None = Field(
+        None, ge=-1, le=1,
+        description="Calibrated fusion: the recall cosine that counts as neutral. Unset: fitted from the index (the "
+        f"99th percentile of unrelated documents' cosines), {RECALL_CENTER:g} until then.",
     )
-    calibrated_lexical_scale: float = Field(
-        LEXICAL_SCALE, ge=0,
+    calibrated_lexical_scale: float | None = Field(
+        None, ge=0,
         description="Calibrated fusion: logits per BM25 point, when recall ran lexically (hybrid or lexical mode). "
-        "On SciFact (hybrid, recall_k 20) 0.5 measured final nDCG@10 0.748 against 0.727 without it.",
+        f"Unset: fitted from the index, {LEXICAL_SCALE:g} until then.",
     )
-    calibrated_lexical_center: float = Field(
-        LEXICAL_CENTER, description="Calibrated fusion: the BM25 that counts as neutral (the candidates' average "
-        "on SciFact).",
+    calibrated_lexical_center: float | None = Field(
+        None, description="Calibrated fusion: the BM25 that counts as neutral. Unset: fitted from the index (the "
+        f"99th percentile of unrelated documents' BM25), {LEXICAL_CENTER:g} until then.",
     )
     initial_rerank_ms_per_pair: float = Field(
         70.0, gt=0,
@@ -162,10 +170,14 @@ class GatewaySettings(ServiceSettings):
         "(answers are then rerank_unavailable until one is).",
     )
 
-    @property
-    def calibration(self) -> Calibration:
-        return Calibration(self.calibrated_recall_scale, self.calibrated_recall_center, self.calibrated_lexical_scale,
-                           self.calibrated_lexical_center)
+    def calibration(self, fitted: Calibration | None = None) -> Calibration:
+        """The constants the calibrated fusion uses: each setting given, else the recall servers' fit (``fitted``),
+        else the defaults."""
+        base = fitted or DEFAULT_CALIBRATION
+        given = (self.calibrated_recall_scale, self.calibrated_recall_center, self.calibrated_lexical_scale,
+                 self.calibrated_lexical_center)
+        return Calibration(*(ours if ours is not None else theirs for ours, theirs in zip(
+            given, (base.scale, base.center, base.lexical_scale, base.lexical_center))))
 
     @property
     def recall_target_list(self) -> list[str]:

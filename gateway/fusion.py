@@ -8,14 +8,16 @@
 - ``calibrated``: ``sigmoid(alpha * logit + (1 - alpha) * recall_logit)``, with
   ``recall_logit = scale * (cosine - center) + lexical_scale * (bm25 - lexical_center)``
   (the BM25 part only when recall ran lexically: hybrid or lexical mode):
-  every score on the logit scale with fixed constants instead of per-query
+  every score on the logit scale with constants instead of per-query
   statistics, then squashed to [0, 1]. Scores keep an absolute meaning: a query
   with no relevant document scores low, so a frontend can threshold and compare
   across queries. The per-query methods (``linear``, ``rrf``) cannot: they
-  rescale every query to the same spread. The constants map the embedding
-  model's cosines and BM25 onto logits (measured for bge-small-en on SciFact:
-  candidate cosines average 0.72 and a scale of 100-150 ranks best; candidate
-  BM25 averages 13, and 0.5 logits per point ranks best).
+  rescale every query to the same spread. The constants depend on the corpus
+  (short product texts have far lower cosines and BM25 than scientific
+  abstracts), so each recall server fits them from its own index
+  (``recall_server.calibration``) and sends them with every answer; the gateway
+  averages its shards' and lets its settings fix any of them. The defaults
+  below (fitted for bge-small-en on SciFact) apply only until a shard has fitted.
 
 Only reranked candidates are fused; the rest keep their recall order after them.
 """
@@ -47,7 +49,7 @@ LEXICAL_CENTER = 13.0
 
 @dataclass(frozen=True)
 class Calibration:
-    """Fixed constants that put recall's scores on the cross-encoder's logit scale."""
+    """Constants that put recall's scores on the cross-encoder's logit scale."""
 
     scale: float = RECALL_SCALE
     center: float = RECALL_CENTER
@@ -62,6 +64,14 @@ class Calibration:
 
 
 DEFAULT_CALIBRATION = Calibration()
+
+
+def mean_calibration(calibrations: list[Calibration]) -> Calibration | None:
+    """The shards' calibrations averaged (shards hold random parts of one corpus, so theirs agree closely)."""
+    if not calibrations:
+        return None
+    return Calibration(*(float(np.mean(values)) for values in zip(
+        *((c.scale, c.center, c.lexical_scale, c.lexical_center) for c in calibrations))))
 
 
 def recall_part(cosine: float, alpha: float, calibration: Calibration = DEFAULT_CALIBRATION,

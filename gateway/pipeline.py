@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 from gateway.clients import RecallCandidate
 from gateway.config import GatewaySettings
 from gateway.degradation import Degradation, DegradationCode
-from gateway.fusion import DEFAULT_CALIBRATION, FUSIONS, Calibration, fuse, recall_part, relevance
+from gateway.fusion import DEFAULT_CALIBRATION, FUSIONS, Calibration, fuse, mean_calibration, recall_part, relevance
 from gateway.metrics import observe_search
 from gateway.recall_tier import RecallShard
 from gateway.rerank_pool import RerankOutcome, RerankPool
@@ -75,6 +75,7 @@ class SearchResult:
     rerank_cached: int = 0
     timings_ms: dict[str, float] = field(default_factory=dict)
     recall_mode: str | None = None  # the mode the recall shards answered in
+    calibration: Calibration | None = None  # the answering shards' fitted score calibration (None: none fitted)
 
     def degrade(self, code: DegradationCode, detail: str = "") -> None:
         self.degradations.append(Degradation(code, detail))
@@ -178,8 +179,10 @@ class SearchPipeline:
         alpha = s.fusion_alpha if q.fusion_alpha is None else q.fusion_alpha
         lexical = result.recall_mode in ("lexical", "hybrid")
 
+        calibration = s.calibration(result.calibration)
+
         def rank(scores: dict[int, float]) -> list[Hit]:
-            return self._rank(candidates, scores, fusion, alpha, s.calibration, lexical)
+            return self._rank(candidates, scores, fusion, alpha, calibration, lexical)
 
         scores = {}
         if candidates and not q.skip_rerank:
@@ -213,14 +216,15 @@ class SearchPipeline:
         merged: dict[str, RecallCandidate] = {}
         answered = [reply for reply in replies if not isinstance(reply, BaseException)]
         result.recall_mode = answered[0][2]
-        for candidates, timings, _ in answered:
+        result.calibration = mean_calibration([fitted for *_, fitted in answered if fitted is not None])
+        for candidates, timings, *_ in answered:
             for name, ms in timings.items():
                 result.timings_ms[f"recall.{name}"] = max(ms, result.timings_ms.get(f"recall.{name}", 0.0))
             for candidate in candidates:
                 if candidate.id not in merged or merged[candidate.id].score < candidate.score:
                     merged[candidate.id] = candidate
         hybrid = self.limits.recall_hybrid_fusion
-        if len(answered) > 1 and hybrid and any(mode == "hybrid" for _, _, mode in answered):
+        if len(answered) > 1 and hybrid and any(mode == "hybrid" for _, _, mode, _ in answered):
             # Fused scores are relative to each shard's lists: fuse the union again, as one index would.
             pool = list(merged.values())
             fused = fuse_recall(range(len(pool)), [c.dense_score for c in pool], [c.lexical_score for c in pool],

@@ -50,6 +50,12 @@ class RecallSettings(ServiceSettings, RuntimeSettings, BatchingSettings):
         description="Weight of the dense list in hybrid fusion (0-1). On SciFact z-score fusion measured best at "
         "0.6-0.7 (recall nDCG@10 0.738-0.739, Recall@20 0.917-0.920); RRF at best 0.727 / 0.907.",
     )
+    calibration_refit_writes: int = Field(
+        1000, ge=0,
+        description="The score calibration (cosine and BM25 onto the cross-encoder's logit scale, fitted from this "
+        "index's own documents at open) is fitted again after this many writes, or after writes of a tenth of "
+        "the documents when that is fewer; 0: only at open.",
+    )
     filter_exact_max_docs: int = Field(
         10_000, ge=0,
         description="A filtered search scores every passing document exactly when at most this many pass; when "

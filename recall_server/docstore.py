@@ -615,6 +615,20 @@ class DocStore:
             self._require_lexical()
             return self._reader.execute(sql, [match, *params, _TITLE_WEIGHT, _TEXT_WEIGHT, k]).fetchall()
 
+    def lexical_scores(self, query: str, keys: list[int]) -> dict[int, float]:
+        """BM25 of the query for these documents (those matching no query term are left out)."""
+        match = lexical_query(query)
+        if not match or not keys:
+            return {}
+        found: dict[int, float] = {}
+        with self._read_lock:
+            self._require_lexical()
+            for chunk, marks in _in_chunks(sorted(set(keys))):
+                sql = (f"SELECT rowid, -bm25(docs_fts, {_TITLE_WEIGHT}, {_TEXT_WEIGHT}) FROM docs_fts "
+                       f"WHERE docs_fts MATCH ? AND rowid IN ({marks})")
+                found.update(self._reader.execute(sql, [match, *chunk]).fetchall())
+        return found
+
     def _require_lexical(self) -> None:
         """Called with the read lock held."""
         if not self._lexical:

@@ -30,6 +30,7 @@ from pathlib import Path
 import numpy as np
 from usearch.index import Index
 
+from recall_server import calibration
 from recall_server.docstore import Applied, DocStore, Write
 from recall_server.durable import fsync_directory, fsync_file, write_atomically
 from recall_server.index_lock import IndexLock
@@ -373,6 +374,45 @@ class DocumentIndex:
         similarity = vectors @ vector / np.maximum(norms, 1e-12)
         best = np.argsort(-similarity, kind="stable")[:k]
         return list(zip(keys[best].tolist(), similarity[best].tolist()))
+
+    def calibration_sample(self) -> tuple[np.ndarray, np.ndarray, list[Document]] | None:
+        """(sampled keys, random other keys per sampled one, the sampled documents) for fitting the score
+        calibration; None when the index holds too few documents."""
+        with self._graph_lock:
+            keys = np.asarray(self._graph.keys, dtype=np.uint64)
+        if len(keys) < calibration.MIN_DOCS:
+            return None
+        sampled = calibration.sample_keys(keys)
+        docs = self.store.fetch(sampled.tolist())
+        sampled = np.asarray([key for key in sampled.tolist() if key in docs], dtype=np.uint64)
+        return sampled, calibration.irrelevant_partners(sampled, keys), [docs[key] for key in sampled.tolist()]
+
+    def calibration_fit(self, sample, queries: list[str], vectors: np.ndarray) -> calibration.FittedCalibration | None:
+        """Fit from the sample's pseudo-queries (``queries``, embedded as ``vectors``): cosines and BM25 against
+        their own documents and against the random others. Blocks (graph reads, SQLite)."""
+        sampled, partners, _ = sample
+        dims = self.manifest.dims
+        with self._graph_lock:
+            # A document removed since the sample was drawn has no vector: its pairs are left out.
+            live = np.asarray([self._graph.contains(key) for key in sampled.tolist()], dtype=bool)
+            other_live = np.asarray([[self._graph.contains(key) for key in row] for row in partners.tolist()],
+                                    dtype=bool).reshape(partners.shape) & live[:, None]
+            own_vectors = np.asarray(self._graph.get(sampled[live]), dtype=np.float32).reshape(-1, dims)
+            other_vectors = np.asarray(self._graph.get(partners[other_live]), dtype=np.float32).reshape(-1, dims)
+        if not other_live.any():
+            return None
+        vectors = np.asarray(vectors, dtype=np.float32)
+        own_cosine = np.einsum("ij,ij->i", vectors[live], own_vectors)
+        other_cosine = np.einsum("ij,ij->i", np.repeat(vectors, other_live.sum(axis=1), axis=0), other_vectors)
+        own_bm25, other_bm25 = np.zeros(0), np.zeros(0)
+        if self.store.has_lexical:
+            own, other = [], []
+            for query, key, others, kept in zip(queries, sampled.tolist(), partners.tolist(), other_live.tolist()):
+                scores = self.store.lexical_scores(query, [key, *others])
+                own.append(scores.get(key, 0.0))
+                other.extend(scores.get(o, 0.0) for o, keep in zip(others, kept) if keep)
+            own_bm25, other_bm25 = np.asarray(own)[live], np.asarray(other)
+        return calibration.fit(own_cosine, other_cosine, own_bm25, other_bm25, self.store.count())
 
     def fetch(self, keys: list[int]) -> dict[int, Document]:
         return self.store.fetch(keys)

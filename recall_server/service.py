@@ -10,6 +10,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from recall_server import calibration
 from recall_server.config import RecallSettings
 from recall_server.docstore import BUCKETS, Write
 from recall_server.embedder import Embedder
@@ -99,6 +100,10 @@ class RecallService:
         self._write_gate = asyncio.Lock()
         self._leases = IndexLeases()
         self._purging: asyncio.Task | None = None
+        # The score calibration fitted from the served index (None: not yet, or too few documents).
+        self.calibration: calibration.FittedCalibration | None = None
+        self._writes_since_fit = 0
+        self._fitting: asyncio.Task | None = None
 
     async def start(self) -> None:
         s = self.settings
@@ -125,6 +130,7 @@ class RecallService:
         await self.search("warm up", 1, mode="dense")
         # Its first run allocates: predicted from it, the next queries would be refused as late.
         self.batcher.reset_costs()
+        await self._refit_logged()
 
     def _open_index(self, directory) -> DocumentIndex:
         s = self.settings
@@ -154,6 +160,7 @@ class RecallService:
             # One step, no await between: whoever reads the served snapshot reads the index that goes with it.
             self.index = fresh
             served()
+        self._refit_soon()
         if old is not None:
             await self._leases.wait_idle(old)
             try:
@@ -161,7 +168,51 @@ class RecallService:
             except Exception:  # the new index serves already; the old one's last save is replayed from its store
                 log.exception("closing the replaced index failed")
 
+    async def refit_calibration(self) -> calibration.FittedCalibration | None:
+        """Fit the score calibration from the served index: its pseudo-queries are embedded as bulk work (queries
+        go first), the rest runs in threads. Kept, and returned; the last fit stays when this one cannot fit."""
+        self._writes_since_fit = 0
+        with self._leases.hold(self.index) as index:
+            sample = await asyncio.to_thread(index.calibration_sample)
+            if sample is None:
+                return self.calibration
+            queries = [calibration.pseudo_query(doc) for doc in sample[2]]
+            encoded = await asyncio.to_thread(self.embedder.encode, queries, True)
+            done = await self.batcher.submit(encoded, [e.length for e in encoded], None, bulk=True)
+            fitted = await asyncio.to_thread(index.calibration_fit, sample, queries, np.stack(done.values))
+        if fitted is not None:
+            self.calibration = fitted
+            log.info("score calibration fitted on %d documents: cosine %.1f x (c - %.3f), BM25 %.2f x (b - %.2f)",
+                     fitted.doc_count, fitted.scale, fitted.center, fitted.lexical_scale, fitted.lexical_center)
+        return self.calibration
+
+    def _refit_soon(self) -> None:
+        """Refit in the background unless a fit runs already (it will see these writes or the next trigger will)."""
+        if self._fitting is not None and not self._fitting.done():
+            return
+        self._fitting = asyncio.get_running_loop().create_task(self._refit_logged())
+
+    async def _refit_logged(self) -> None:
+        try:
+            await self.refit_calibration()
+        except asyncio.CancelledError:
+            raise
+        except Exception:  # the last fit keeps serving; the next writes try again
+            log.exception("fitting the score calibration failed")
+
+    def _count_writes(self, count: int) -> None:
+        every = self.settings.calibration_refit_writes
+        if not every or not count:
+            return
+        self._writes_since_fit += count
+        fitted_on = self.calibration.doc_count if self.calibration else 0
+        if self._writes_since_fit >= min(every, max(calibration.MIN_DOCS, fitted_on // 10)):
+            self._refit_soon()
+
     async def close(self) -> None:
+        if self._fitting is not None:
+            self._fitting.cancel()
+            await asyncio.gather(self._fitting, return_exceptions=True)
         if self._purging is not None:
             self._purging.cancel()
             await asyncio.gather(self._purging, return_exceptions=True)
@@ -323,6 +374,7 @@ class RecallService:
         return self._reply(applied, version)
 
     def _reply(self, applied, version: Version) -> WriteReply:
+        self._count_writes(applied.count)
         if applied.newest is not None:
             self.clock.observe(applied.newest.clock)
         return WriteReply(applied.count, applied.version or version, self.doc_count(), applied.superseded,
@@ -429,6 +481,7 @@ class RecallService:
             return 0
         self.clock.observe(max(w.version.clock for w in writes))
         applied = await self._exclusive_write(lambda index: index.apply(writes), snapshot_version)
+        self._count_writes(len(applied.keys))
         return len(applied.keys)
 
     async def purge_tombstones(self, horizon: Version | None = None) -> int:
@@ -470,6 +523,7 @@ class RecallService:
             "hybrid_fusion": s.hybrid_fusion,
             "hybrid_dense_weight": s.hybrid_dense_weight,
             "lexical": self.index.store.has_lexical if self.index else False,
+            "calibration": self.calibration,
             "snapshot": self.snapshots.state() if self.snapshots else None,
             "limits": {
                 "max_k": s.max_k,

@@ -26,6 +26,10 @@ def _ms_since(start: float) -> dict[str, float]:
     return {"total_ms": 1000 * (time.perf_counter() - start)}
 
 
+def calibration_to_proto(fitted) -> recall_pb2.ScoreCalibration | None:
+    return None if fitted is None else recall_pb2.ScoreCalibration(**fitted.as_dict())
+
+
 def _given_version(request):
     """The version a gateway assigned, or None for a client writing directly (the server stamps one)."""
     return version_of(request.version) if request.HasField("version") else None
@@ -58,7 +62,8 @@ class RecallServicer(recall_pb2_grpc.RecallServicer):
         ]
         # total_ms covers the whole handler, so callers can tell transport from work.
         return recall_pb2.RecallSearchResponse(candidates=converted, timings_ms={**timings, **_ms_since(start)},
-                                               mode=recall_mode_to_proto(mode))
+                                               mode=recall_mode_to_proto(mode),
+                                               calibration=calibration_to_proto(self.service.calibration))
 
     @translate_errors
     async def Embed(self, request: recall_pb2.EmbedRequest, context: grpc.aio.ServicerContext):
@@ -143,6 +148,7 @@ class RecallServicer(recall_pb2_grpc.RecallServicer):
             hybrid_fusion=HYBRID_FUSIONS[info["hybrid_fusion"]],
             hybrid_dense_weight=info["hybrid_dense_weight"],
             lexical=info["lexical"],
+            calibration=calibration_to_proto(info["calibration"]),
         )
 
 

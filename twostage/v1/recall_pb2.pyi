@@ -57,7 +57,7 @@ class Candidate(_message.Message):
     def __init__(self, id: _Optional[str] = ..., title: _Optional[str] = ..., text: _Optional[str] = ..., score: _Optional[float] = ..., metadata: _Optional[_Mapping[str, _common_pb2.MetadataValue]] = ..., dense_score: _Optional[float] = ..., lexical_score: _Optional[float] = ...) -> None: ...
 
 class RecallSearchResponse(_message.Message):
-    __slots__ = ("candidates", "timings_ms", "mode")
+    __slots__ = ("candidates", "timings_ms", "mode", "calibration")
     class TimingsMsEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -68,10 +68,28 @@ class RecallSearchResponse(_message.Message):
     CANDIDATES_FIELD_NUMBER: _ClassVar[int]
     TIMINGS_MS_FIELD_NUMBER: _ClassVar[int]
     MODE_FIELD_NUMBER: _ClassVar[int]
+    CALIBRATION_FIELD_NUMBER: _ClassVar[int]
     candidates: _containers.RepeatedCompositeFieldContainer[Candidate]
     timings_ms: _containers.ScalarMap[str, float]
     mode: _common_pb2.RecallMode
-    def __init__(self, candidates: _Optional[_Iterable[_Union[Candidate, _Mapping]]] = ..., timings_ms: _Optional[_Mapping[str, float]] = ..., mode: _Optional[_Union[_common_pb2.RecallMode, str]] = ...) -> None: ...
+    calibration: ScoreCalibration
+    def __init__(self, candidates: _Optional[_Iterable[_Union[Candidate, _Mapping]]] = ..., timings_ms: _Optional[_Mapping[str, float]] = ..., mode: _Optional[_Union[_common_pb2.RecallMode, str]] = ..., calibration: _Optional[_Union[ScoreCalibration, _Mapping]] = ...) -> None: ...
+
+class ScoreCalibration(_message.Message):
+    __slots__ = ("scale", "center", "lexical_scale", "lexical_center", "pseudo_queries", "doc_count")
+    SCALE_FIELD_NUMBER: _ClassVar[int]
+    CENTER_FIELD_NUMBER: _ClassVar[int]
+    LEXICAL_SCALE_FIELD_NUMBER: _ClassVar[int]
+    LEXICAL_CENTER_FIELD_NUMBER: _ClassVar[int]
+    PSEUDO_QUERIES_FIELD_NUMBER: _ClassVar[int]
+    DOC_COUNT_FIELD_NUMBER: _ClassVar[int]
+    scale: float
+    center: float
+    lexical_scale: float
+    lexical_center: float
+    pseudo_queries: int
+    doc_count: int
+    def __init__(self, scale: _Optional[float] = ..., center: _Optional[float] = ..., lexical_scale: _Optional[float] = ..., lexical_center: _Optional[float] = ..., pseudo_queries: _Optional[int] = ..., doc_count: _Optional[int] = ...) -> None: ...
 
 class EmbedRequest(_message.Message):
     __slots__ = ("texts", "is_query", "model")
@@ -107,7 +125,7 @@ class EmbedResponse(_message.Message):
     def __init__(self, embeddings: _Optional[_Iterable[_Union[Embedding, _Mapping]]] = ..., dims: _Optional[int] = ..., timings_ms: _Optional[_Mapping[str, float]] = ...) -> None: ...
 
 class RecallInfo(_message.Message):
-    __slots__ = ("version", "model", "dims", "doc_count", "execution_provider", "limits", "shard", "shards", "read_only", "default_mode", "hybrid_fusion", "hybrid_dense_weight", "lexical")
+    __slots__ = ("version", "model", "dims", "doc_count", "execution_provider", "limits", "shard", "shards", "read_only", "default_mode", "hybrid_fusion", "hybrid_dense_weight", "lexical", "calibration")
     VERSION_FIELD_NUMBER: _ClassVar[int]
     MODEL_FIELD_NUMBER: _ClassVar[int]
     DIMS_FIELD_NUMBER: _ClassVar[int]
@@ -121,6 +139,7 @@ class RecallInfo(_message.Message):
     HYBRID_FUSION_FIELD_NUMBER: _ClassVar[int]
     HYBRID_DENSE_WEIGHT_FIELD_NUMBER: _ClassVar[int]
     LEXICAL_FIELD_NUMBER: _ClassVar[int]
+    CALIBRATION_FIELD_NUMBER: _ClassVar[int]
     version: str
     model: str
     dims: int
@@ -134,7 +153,8 @@ class RecallInfo(_message.Message):
     hybrid_fusion: HybridFusion
     hybrid_dense_weight: float
     lexical: bool
-    def __init__(self, version: _Optional[str] = ..., model: _Optional[str] = ..., dims: _Optional[int] = ..., doc_count: _Optional[int] = ..., execution_provider: _Optional[str] = ..., limits: _Optional[_Iterable[_Union[_common_pb2.Limit, _Mapping]]] = ..., shard: _Optional[int] = ..., shards: _Optional[int] = ..., read_only: _Optional[bool] = ..., default_mode: _Optional[_Union[_common_pb2.RecallMode, str]] = ..., hybrid_fusion: _Optional[_Union[HybridFusion, str]] = ..., hybrid_dense_weight: _Optional[float] = ..., lexical: _Optional[bool] = ...) -> None: ...
+    calibration: ScoreCalibration
+    def __init__(self, version: _Optional[str] = ..., model: _Optional[str] = ..., dims: _Optional[int] = ..., doc_count: _Optional[int] = ..., execution_provider: _Optional[str] = ..., limits: _Optional[_Iterable[_Union[_common_pb2.Limit, _Mapping]]] = ..., shard: _Optional[int] = ..., shards: _Optional[int] = ..., read_only: _Optional[bool] = ..., default_mode: _Optional[_Union[_common_pb2.RecallMode, str]] = ..., hybrid_fusion: _Optional[_Union[HybridFusion, str]] = ..., hybrid_dense_weight: _Optional[float] = ..., lexical: _Optional[bool] = ..., calibration: _Optional[_Union[ScoreCalibration, _Mapping]] = ...) -> None: ...
 
 class ChangesRequest(_message.Message):
     __slots__ = ("snapshot_version", "after_seq", "limit", "ids", "after_key")
