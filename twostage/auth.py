@@ -281,6 +281,26 @@ def _with_message_timeout(handler: grpc.RpcMethodHandler, timeout_s: float) -> g
         run, request_deserializer=handler.request_deserializer, response_serializer=handler.response_serializer)
 
 
+class ProbeInterceptor(grpc.aio.ServerInterceptor):
+    """The plaintext health port: health Check only, its message within ``message_timeout_s``.
+
+    Probes (kubelet) send Check alone; a Watch stream would hold a call for as long as its caller likes, so it
+    is refused (UNIMPLEMENTED) as soon as its headers arrive, and a Check that never sends its message ends
+    after ``message_timeout_s``. What a flood can hold there is bounded by time, not by a cap it could fill."""
+
+    def __init__(self, message_timeout_s: float = 5.0):
+        self.message_timeout_s = message_timeout_s
+
+    async def intercept_service(self, continuation, handler_call_details):
+        handler = await continuation(handler_call_details)
+        if handler is None:
+            return None
+        if handler_call_details.method == HEALTH_WATCH:
+            return _refusal(handler, grpc.StatusCode.UNIMPLEMENTED,
+                            "Health.Watch is not served on the health port; use Check", "watch")
+        return _with_message_timeout(handler, self.message_timeout_s)
+
+
 class TokenAuthInterceptor(grpc.aio.ServerInterceptor):
     """UNAUTHENTICATED without a known token, PERMISSION_DENIED for the wrong role; decided from the headers.
 

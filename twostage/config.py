@@ -78,7 +78,8 @@ class ServiceSettings(BaseSettings):
     message_timeout_s: float = Field(
         5.0, gt=0,
         description="With auth, a call that needs no token and has not sent its request message this long after "
-        "its headers is ended (DEADLINE_EXCEEDED).",
+        "its headers is ended (DEADLINE_EXCEEDED), and so is an open streaming call (reflection) this long after "
+        "it began; so is a health Check on health_port, with or without auth.",
     )
     health_port: int = Field(
         0, ge=0, le=65535,

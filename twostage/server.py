@@ -24,7 +24,7 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from twostage.auth import TokenAuthInterceptor, TokenFile, TokenFiles
+from twostage.auth import ProbeInterceptor, TokenAuthInterceptor, TokenFile, TokenFiles
 from twostage.config import ServiceSettings
 from twostage.errors import Unavailable
 from twostage.metrics import RpcMetricsInterceptor, start_metrics_server
@@ -40,8 +40,6 @@ class Lifecycle(Protocol):
 
 LIVENESS = "liveness"
 WATCHDOG_PERIOD_S = 1.0
-# The plaintext health port serves health alone (Watch streams included): a cap of its own, apart from the API's.
-PROBE_MAX_CONCURRENT_RPCS = 64
 
 
 class GrpcService:
@@ -88,11 +86,13 @@ class GrpcService:
         )
         self.health = health.aio.HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
-        # Probes (kubelet) cannot speak TLS: the same health state, alone, on a plaintext port.
+        # Probes (kubelet) cannot speak TLS: the same health state, alone, on a plaintext port. Check only,
+        # its message within message_timeout_s, and no cap on concurrent calls: a cap is what a flood of
+        # stalled calls would fill, making the next probe fail; here each stalled call ends on the timeout.
         self.probe_server = None
         if settings.health_port:
             self.probe_server = grpc.aio.server(options=[("grpc.so_reuseport", int(settings.reuse_port))],
-                                                maximum_concurrent_rpcs=PROBE_MAX_CONCURRENT_RPCS)
+                                                interceptors=[ProbeInterceptor(settings.message_timeout_s)])
             health_pb2_grpc.add_HealthServicer_to_server(self.health, self.probe_server)
         register(self.server)
         if reflection_on:

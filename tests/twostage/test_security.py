@@ -594,3 +594,66 @@ async def test_a_tokens_file_that_fails_to_parse_keeps_the_last_good_tokens(tmp_
         path.write_bytes(good)
         await tokens.role_of(token)
     assert "keeping the previous tokens" in caplog.text
+
+
+class _NoLifecycle:
+    async def start(self) -> None: ...
+
+    async def close(self) -> None: ...
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+async def test_a_flood_on_the_health_port_cannot_fail_a_probe():
+    """More Watch streams and header-only Checks than the old cap of 64 on the plaintext health port:
+    Watch is refused, stalled Checks end on the message timeout, and a probe's Check still answers."""
+    from twostage.config import ServiceSettings
+    from twostage.server import GrpcService
+
+    health_port = free_port()
+    service = GrpcService("probe-flood", ServiceSettings(port=0, health_port=health_port, message_timeout_s=3),
+                          [], lambda server: None, _NoLifecycle())
+    await service.start()
+    target, floods = f"127.0.0.1:{health_port}", 80
+    attacker = grpc.aio.insecure_channel(target)
+    try:
+        watch = attacker.unary_stream("/grpc.health.v1.Health/Watch",
+                                      request_serializer=health_pb2.HealthCheckRequest.SerializeToString,
+                                      response_deserializer=health_pb2.HealthCheckResponse.FromString)
+        stalled_check = attacker.stream_unary("/grpc.health.v1.Health/Check",
+                                              request_serializer=health_pb2.HealthCheckRequest.SerializeToString,
+                                              response_deserializer=health_pb2.HealthCheckResponse.FromString)
+        watches = [watch(health_pb2.HealthCheckRequest(), timeout=60) for _ in range(floods)]
+        stalled = [stalled_check(timeout=60) for _ in range(floods)]
+        for call in [*watches, *stalled]:
+            try:
+                await call.wait_for_connection()
+            except grpc.aio.AioRpcError:
+                pass
+        async with grpc.aio.insecure_channel(target) as probe:
+            reply = await health_pb2_grpc.HealthStub(probe).Check(health_pb2.HealthCheckRequest(), timeout=10)
+        assert reply.status == health_pb2.HealthCheckResponse.SERVING
+
+        async def code_of(call):
+            try:
+                if hasattr(call, "read"):
+                    async for _ in call:
+                        pass
+                else:
+                    await call
+            except grpc.aio.AioRpcError as error:
+                return error.code()
+            return grpc.StatusCode.OK
+
+        # Bounded well below the calls' own 60 s deadline: the server ends them, not the client.
+        watch_codes = await asyncio.wait_for(asyncio.gather(*(code_of(c) for c in watches)), 20)
+        check_codes = await asyncio.wait_for(asyncio.gather(*(code_of(c) for c in stalled)), 20)
+    finally:
+        await attacker.close()
+        await service.stop(grace_s=0)
+    assert set(watch_codes) == {grpc.StatusCode.UNIMPLEMENTED}
+    assert set(check_codes) == {grpc.StatusCode.DEADLINE_EXCEEDED}
