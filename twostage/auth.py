@@ -8,12 +8,13 @@ line per token, ``sha256:<hex digest> <role> [label]``, never the token
 itself; tokens are 256-bit random strings, so a plain hash is enough. The
 file is re-read when it changes, so adding or revoking a token needs no
 restart. Health checks stay open (probes carry no token); so does
-reflection, when the server enables it.
+reflection, when the server enables it. A health check that carries a valid
+token (the gateway's of its stages) counts as an authenticated call.
 
 Unauthenticated work is bounded: a call without a valid token is refused as
 soon as its headers arrive (not when its message does), and open calls
-(health, reflection) share a small cap of their own, so they can never take
-the slots that authenticated calls need.
+(health, reflection) without a valid token share a small cap of their own,
+so they cannot take the slots that authenticated calls need.
 """
 
 import asyncio
@@ -281,6 +282,13 @@ def _with_message_timeout(handler: grpc.RpcMethodHandler, timeout_s: float) -> g
         run, request_deserializer=handler.request_deserializer, response_serializer=handler.response_serializer)
 
 
+def _bearer(handler_call_details) -> str | None:
+    """The token of ``authorization: Bearer <token>``, or None."""
+    metadata = dict(handler_call_details.invocation_metadata or ())
+    scheme, _, token = (metadata.get("authorization") or "").partition(" ")
+    return token.strip() if scheme.lower() == "bearer" and token.strip() else None
+
+
 class ProbeInterceptor(grpc.aio.ServerInterceptor):
     """The plaintext health port: health Check only, its message within ``message_timeout_s``.
 
@@ -304,8 +312,9 @@ class ProbeInterceptor(grpc.aio.ServerInterceptor):
 class TokenAuthInterceptor(grpc.aio.ServerInterceptor):
     """UNAUTHENTICATED without a known token, PERMISSION_DENIED for the wrong role; decided from the headers.
 
-    Open calls (health, reflection) may hold at most ``max_open_rpcs`` slots at once, and each must send its
-    message within ``message_timeout_s``; health Watch, a stream without end, is refused here (the
+    Open calls (health, reflection) without a valid token may hold at most ``max_open_rpcs`` slots at once,
+    and each must send its message within ``message_timeout_s``; with a valid token they are authenticated
+    calls like any other; health Watch, a stream without end, is refused here (the
     plaintext health port serves it)."""
 
     def __init__(self, tokens, open_reflection: bool, max_open_rpcs: int = 16, message_timeout_s: float = 5.0):
@@ -321,6 +330,10 @@ class TokenAuthInterceptor(grpc.aio.ServerInterceptor):
     def _exit_open(self) -> None:
         self.open_rpcs -= 1
 
+    async def _role_of(self, handler_call_details) -> str | None:
+        token = _bearer(handler_call_details)
+        return None if token is None else await self.tokens.role_of(token)
+
     async def intercept_service(self, continuation, handler_call_details):
         method = handler_call_details.method
         handler = await continuation(handler_call_details)
@@ -330,17 +343,20 @@ class TokenAuthInterceptor(grpc.aio.ServerInterceptor):
             if method == HEALTH_WATCH:
                 return _refusal(handler, grpc.StatusCode.UNIMPLEMENTED,
                                 "Health.Watch is served on the health port only; use Check here", "watch")
+            # A caller with a valid token (the gateway checking its stages, a peer) is not held to the open
+            # cap, which callers without one can keep full.
+            if (role := await self._role_of(handler_call_details)) is not None:
+                return _wrapped(handler, lambda: CALLER_ROLE.set(role), lambda: None)
             if self.open_rpcs >= self.max_open_rpcs:
                 return _refusal(handler, grpc.StatusCode.RESOURCE_EXHAUSTED,
                                 "too many calls without a token at once; try again", "open_cap")
             return _wrapped(_with_message_timeout(handler, self.message_timeout_s), self._enter_open, self._exit_open)
-        metadata = dict(handler_call_details.invocation_metadata or ())
-        scheme, _, token = (metadata.get("authorization") or "").partition(" ")
-        if scheme.lower() != "bearer" or not token.strip():
+        token = _bearer(handler_call_details)
+        if token is None:
             return _refusal(handler, grpc.StatusCode.UNAUTHENTICATED,
                             "missing token: send 'authorization: Bearer <token>' (twostage: --token or TWOSTAGE_TOKEN)",
                             "missing_token")
-        role = await self.tokens.role_of(token.strip())
+        role = await self.tokens.role_of(token)
         if role is None:
             return _refusal(handler, grpc.StatusCode.UNAUTHENTICATED, "unknown token", "unknown_token")
         if not allowed(role, method):

@@ -657,3 +657,46 @@ async def test_a_flood_on_the_health_port_cannot_fail_a_probe():
         await service.stop(grace_s=0)
     assert set(watch_codes) == {grpc.StatusCode.UNIMPLEMENTED}
     assert set(check_codes) == {grpc.StatusCode.DEADLINE_EXCEEDED}
+
+
+async def test_stalled_checks_cannot_fail_the_health_checks_of_callers_with_a_token(secrets_dir):
+    """Header-only Checks fill the open slots of a stage with auth; a Check with a valid token still answers,
+    and so does the gateway's own health check of that stage (its rerank client, with its stage token)."""
+    from gateway.clients import RerankClient
+    from twostage.config import ServiceSettings
+    from twostage.connect import ReloadingCredentials
+    from twostage.server import GrpcService
+
+    open_cap = 2
+    stage = GrpcService("stage", ServiceSettings(port=0, tls_dir=secrets_dir["tls"], tls_client_auth=True,
+                                                 auth_tokens=secrets_dir["tokens"], max_open_rpcs=open_cap,
+                                                 message_timeout_s=30),
+                        [], lambda server: None, _NoLifecycle())
+    target = f"127.0.0.1:{await stage.start()}"
+    attacker = Credentials(secrets_dir["tls"]).aio_channel(target)  # a client certificate, no token
+    client = RerankClient(target, "rerank 0", ReloadingCredentials(secrets_dir["tls"],
+                                                                   secrets_dir["gateway_token_file"]).load())
+    try:
+        stalled_check = attacker.stream_unary("/grpc.health.v1.Health/Check",
+                                              request_serializer=health_pb2.HealthCheckRequest.SerializeToString,
+                                              response_deserializer=health_pb2.HealthCheckResponse.FromString)
+        stalled = [stalled_check(timeout=60) for _ in range(open_cap)]
+        for call in stalled:
+            await call.wait_for_connection()
+        check = health_pb2_grpc.HealthStub(attacker).Check
+        # The open slots are full: a Check without a token is refused...
+        code, _ = await status_of(check(health_pb2.HealthCheckRequest(), timeout=10))
+        assert code is grpc.StatusCode.RESOURCE_EXHAUSTED
+        # ...and one with a token is not.
+        searcher = Credentials(secrets_dir["tls"], secrets_dir["search"])
+        async with searcher.aio_channel(target) as channel:
+            reply = await health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=10,
+                                                                     metadata=searcher.metadata)
+        assert reply.status == health_pb2.HealthCheckResponse.SERVING
+        assert await client.health_status(10) is True
+        for call in stalled:
+            call.cancel()
+    finally:
+        await client.close()
+        await attacker.close()
+        await stage.stop(grace_s=0)
