@@ -258,10 +258,41 @@ def _wrapped(handler: grpc.RpcMethodHandler, enter, exit_) -> grpc.RpcMethodHand
                 response_serializer=handler.response_serializer)
 
 
+def _with_call_timeout(handler: grpc.RpcMethodHandler, timeout_s: float) -> grpc.RpcMethodHandler:
+    """A streaming-request handler (reflection) that the server ends ``timeout_s`` after it began: its requests
+    may come as slowly as the caller likes, so a per-message bound alone would not end it.
+
+    Ended while waiting for a request (the usual case): DEADLINE_EXCEEDED. Ended while the caller does not
+    read its replies (the handler is then paused in gRPC's write): the call is cancelled."""
+    behavior = _behavior(handler)
+    message = f"calls without a token may stream for {timeout_s:g} s at most"
+
+    if handler.response_streaming:
+        async def run(request_iterator, context):
+            try:
+                async with asyncio.timeout(timeout_s):
+                    async for reply in behavior(request_iterator, context):
+                        yield reply
+            except TimeoutError:
+                REFUSED.labels("stream_timeout").inc()
+                await context.abort(grpc.StatusCode.DEADLINE_EXCEEDED, message)
+    else:
+        async def run(request_iterator, context):
+            try:
+                async with asyncio.timeout(timeout_s):
+                    return await behavior(request_iterator, context)
+            except TimeoutError:
+                REFUSED.labels("stream_timeout").inc()
+                await context.abort(grpc.StatusCode.DEADLINE_EXCEEDED, message)
+    return _MAKE[(True, handler.response_streaming)](
+        run, request_deserializer=handler.request_deserializer, response_serializer=handler.response_serializer)
+
+
 def _with_message_timeout(handler: grpc.RpcMethodHandler, timeout_s: float) -> grpc.RpcMethodHandler:
-    """A unary-request handler that ends the call (DEADLINE_EXCEEDED) when the message takes over ``timeout_s``."""
+    """A unary-request handler that ends the call (DEADLINE_EXCEEDED) when the message takes over ``timeout_s``;
+    a streaming-request one, when the whole call takes over ``timeout_s``."""
     if handler.request_streaming:
-        return handler
+        return _with_call_timeout(handler, timeout_s)
     behavior = _behavior(handler)
 
     async def first_message(request_iterator, context):
@@ -313,7 +344,8 @@ class TokenAuthInterceptor(grpc.aio.ServerInterceptor):
     """UNAUTHENTICATED without a known token, PERMISSION_DENIED for the wrong role; decided from the headers.
 
     Open calls (health, reflection) without a valid token may hold at most ``max_open_rpcs`` slots at once,
-    and each must send its message within ``message_timeout_s``; with a valid token they are authenticated
+    and each must send its message within ``message_timeout_s`` (a streaming one, reflection, must end within
+    it); with a valid token they are authenticated
     calls like any other; health Watch, a stream without end, is refused here (the
     plaintext health port serves it)."""
 

@@ -700,3 +700,41 @@ async def test_stalled_checks_cannot_fail_the_health_checks_of_callers_with_a_to
         await client.close()
         await attacker.close()
         await stage.stop(grace_s=0)
+
+
+async def test_an_open_reflection_stream_ends_on_the_message_timeout(secrets_dir):
+    """Reflection served beside auth: a stream without a token that asks once and then stays open, or never
+    asks at all, is ended by the server after message_timeout_s, not held for as long as its caller likes."""
+    from twostage.config import ServiceSettings
+    from twostage.server import GrpcService
+
+    service = GrpcService("reflecting", ServiceSettings(port=0, tls_dir=secrets_dir["tls"],
+                                                        auth_tokens=secrets_dir["tokens"], reflection="on",
+                                                        message_timeout_s=2),
+                          [], lambda server: None, _NoLifecycle())
+    target = f"127.0.0.1:{await service.start()}"
+    try:
+        async with Credentials(secrets_dir["tls"]).aio_channel(target) as channel:
+            info = channel.stream_stream(
+                "/grpc.reflection.v1alpha.ServerReflection/ServerReflectionInfo",
+                request_serializer=reflection_pb2.ServerReflectionRequest.SerializeToString,
+                response_deserializer=reflection_pb2.ServerReflectionResponse.FromString,
+            )
+            silent, asking = info(timeout=60), info(timeout=60)
+            await asking.write(reflection_pb2.ServerReflectionRequest(list_services=""))
+            reply = await asyncio.wait_for(asking.read(), 10)
+            assert "grpc.health.v1.Health" in [s.name for s in reply.list_services_response.service]
+
+            async def code_of(call):
+                try:
+                    while await call.read() is not grpc.aio.EOF:
+                        pass
+                except grpc.aio.AioRpcError as error:
+                    return error.code()
+                return grpc.StatusCode.OK
+
+            # Bounded well below the calls' own 60 s deadline: the server ends them, not the client.
+            codes = await asyncio.wait_for(asyncio.gather(code_of(silent), code_of(asking)), 20)
+    finally:
+        await service.stop(grace_s=0)
+    assert codes == [grpc.StatusCode.DEADLINE_EXCEEDED] * 2
