@@ -112,6 +112,9 @@ def add_token(path: Path, role: str, label: str = "") -> str:
     return token
 
 
+_MISSING = ("missing",)  # the stamp of a tokens file that could not be found
+
+
 class TokenFile:
     """The tokens file, re-read when it changes, and only once it is whole.
 
@@ -120,7 +123,7 @@ class TokenFile:
     place is read between its truncation and its last write at most by accident, and then its stamp moves
     again before the next check. The text read is kept only if the stamp did not move while reading and it
     parses; its digest decides whether anything changed. A file that fails to parse (or is not UTF-8) keeps
-    the last good tokens and logs an error; a symlink swap (a Kubernetes Secret) is a new inode.
+    the last good tokens and logs an error, and so does a file that vanished; a symlink swap (a Kubernetes Secret) is a new inode.
     """
 
     def __init__(self, path: Path, recheck_s: float = 1.0):
@@ -164,6 +167,13 @@ class TokenFile:
     def _reload(self) -> None:
         try:
             stamp = self._stat()
+        except ConfigError as error:  # gone (or unreadable): the tokens already loaded stay
+            if self._stamp != _MISSING:  # logged once, until the file is back
+                TOKEN_RELOAD_FAILURES.inc()
+                log.error("%s; keeping the previous tokens", error)
+            self._stamp, self._pending = _MISSING, None
+            return
+        try:
             if stamp == self._stamp:
                 self._pending = None
                 return
@@ -180,7 +190,11 @@ class TokenFile:
         now = time.monotonic()
         if now - self._checked_at >= self.recheck_s:
             self._checked_at = now
-            await asyncio.to_thread(self._reload)  # file I/O off the event loop
+            try:
+                await asyncio.to_thread(self._reload)  # file I/O off the event loop
+            except Exception:  # whatever went wrong, the tokens already loaded still decide this call
+                TOKEN_RELOAD_FAILURES.inc()
+                log.exception("re-reading the tokens file %s failed; keeping the previous tokens", self.path)
         digest = token_digest(token)
         role = None
         for entry in self._entries:  # every entry compared, in constant time each

@@ -738,3 +738,50 @@ async def test_an_open_reflection_stream_ends_on_the_message_timeout(secrets_dir
     finally:
         await service.stop(grace_s=0)
     assert codes == [grpc.StatusCode.DEADLINE_EXCEEDED] * 2
+
+
+async def test_a_tokens_file_deleted_while_serving_keeps_the_last_good_tokens(tmp_path, caplog):
+    """The tokens file vanishes (a Secret unmounted, a botched edit) while calls run: the tokens already
+    loaded still work, no call comes back UNKNOWN, and the loss is logged once."""
+    from twostage.auth import TokenAuthInterceptor, TokenFile
+
+    path = tmp_path / "tokens"
+    token = add_token(path, "search")
+    interceptor = TokenAuthInterceptor(TokenFile(path, recheck_s=0), open_reflection=False)
+    server = grpc.aio.server(interceptors=[interceptor])
+    info = grpc.unary_unary_rpc_method_handler(
+        lambda request, context: asyncio.sleep(0, common_pb2.InfoRequest()),
+        request_deserializer=common_pb2.InfoRequest.FromString,
+        response_serializer=common_pb2.InfoRequest.SerializeToString)
+    server.add_generic_rpc_handlers([grpc.method_handlers_generic_handler("twostage.v1.Rerank", {"Info": info})])
+    target = f"127.0.0.1:{server.add_insecure_port('127.0.0.1:0')}"
+    await server.start()
+    codes = []
+    try:
+        async with grpc.aio.insecure_channel(target) as channel:
+            call = channel.unary_unary("/twostage.v1.Rerank/Info",
+                                       request_serializer=common_pb2.InfoRequest.SerializeToString,
+                                       response_deserializer=common_pb2.InfoRequest.FromString)
+            metadata = (("authorization", f"Bearer {token}"),)
+            await call(common_pb2.InfoRequest(), timeout=10, metadata=metadata)
+            path.unlink()
+            for _ in range(50):  # every call re-checks the missing file
+                try:
+                    await call(common_pb2.InfoRequest(), timeout=10, metadata=metadata)
+                    codes.append(grpc.StatusCode.OK)
+                except grpc.aio.AioRpcError as error:
+                    codes.append((error.code(), error.details()))
+            # The file comes back with another token: read once it held still over two checks.
+            later = add_token(path, "search")
+            replies = []
+            for _ in range(3):
+                try:
+                    await call(common_pb2.InfoRequest(), timeout=10, metadata=(("authorization", f"Bearer {later}"),))
+                    replies.append(grpc.StatusCode.OK)
+                except grpc.aio.AioRpcError as error:
+                    replies.append(error.code())
+    finally:
+        await server.stop(0)
+    assert codes == [grpc.StatusCode.OK] * 50
+    assert replies[-1] is grpc.StatusCode.OK and set(replies) <= {grpc.StatusCode.OK, grpc.StatusCode.UNAUTHENTICATED}
+    assert caplog.text.count("keeping the previous tokens") == 1
