@@ -282,48 +282,81 @@ async def test_search_callers_see_no_addresses_in_info_and_admins_do(secured, se
 
 
 async def test_a_tokens_file_rewritten_in_place_never_refuses_a_valid_token(secured, secrets_dir):
-    """Truncate-then-write, as an editor or a config tool does, in a loop while calls run."""
+    """Truncate-then-write, as an editor or a config tool does, in a loop while calls run. Midway the writer
+    adds a token and holds still: the server must take that token once the file settles (a server that
+    never re-read the file would pass the rest), then the rewrites go on with both tokens."""
     import threading
+
+    from twostage.auth import new_token, token_line
 
     tokens = secrets_dir["tokens"]
     content = tokens.read_bytes()
-    stop = threading.Event()
+    added = new_token()
+    current = [content]  # what the writer writes; replaced midway
+    stop, hold, held, resume = threading.Event(), threading.Event(), threading.Event(), threading.Event()
     rewrites = 0
 
     def rewrite_in_place():
         nonlocal rewrites
         while not stop.is_set():
+            data = current[0]
             with open(tokens, "r+b") as f:
                 f.truncate(0)
                 f.flush()
                 os.fsync(f.fileno())  # the empty file is visible before the tokens come back
-                f.write(content[: len(content) // 2])
+                f.write(data[: len(data) // 2])
                 f.flush()
-                f.write(content[len(content) // 2:])
+                f.write(data[len(data) // 2:])
             rewrites += 1
+            if hold.is_set() and data is current[0]:  # the file now holds the new token: pause
+                hold.clear()
+                held.set()
+                resume.wait()
 
     writer = threading.Thread(target=rewrite_in_place)
     writer.start()
     refused = []
     credentials = Credentials(secrets_dir["tls"], secrets_dir["search"])
+    later = Credentials(secrets_dir["tls"], added)
+    request = rerank_pb2.RerankRequest(query="q", documents=["d"])
     try:
         async with credentials.aio_channel(secured["rerank"]) as channel:
             stub = rerank_pb2_grpc.RerankStub(channel)
-            request = rerank_pb2.RerankRequest(query="q", documents=["d"])
-            deadline = time.monotonic() + 6  # several re-reads of the file (one a second at most)
-            calls = 0
-            while time.monotonic() < deadline:
+
+            async def calls_for(seconds: float, *callers: Credentials) -> int:
+                calls, deadline = 0, time.monotonic() + seconds
+                while time.monotonic() < deadline:
+                    for caller in callers:
+                        try:
+                            await stub.Rerank(request, timeout=30, metadata=caller.metadata)
+                        except grpc.aio.AioRpcError as error:
+                            refused.append(error.code())
+                        calls += 1
+                return calls
+
+            calls = await calls_for(3, credentials)  # several re-reads of the file (one a second at most)
+            current[0] = content + token_line(added, "search", "added mid-rewrite").encode()
+            hold.set()
+            assert await asyncio.to_thread(held.wait, 10), "the writer did not pause"
+            paused_at, deadline = time.monotonic(), time.monotonic() + 15
+            while True:  # the file holds still now: the new token is taken within a few re-checks
                 try:
-                    await stub.Rerank(request, timeout=30, metadata=credentials.metadata)
+                    await stub.Rerank(request, timeout=30, metadata=later.metadata)
+                    break
                 except grpc.aio.AioRpcError as error:
-                    refused.append(error.code())
-                calls += 1
+                    assert error.code() is grpc.StatusCode.UNAUTHENTICATED and time.monotonic() < deadline
+                    await asyncio.sleep(0.1)
+            accepted_after_s = time.monotonic() - paused_at
+            resume.set()
+            calls += await calls_for(3, credentials, later)
     finally:
         stop.set()
+        resume.set()
         await asyncio.to_thread(writer.join)
         tokens.write_bytes(content)
     assert rewrites > 100 and calls > 10
     assert refused == []
+    assert accepted_after_s < 15
 
 
 async def test_unauthenticated_callers_cannot_take_the_slots_searches_need(secured, secrets_dir):
