@@ -82,6 +82,11 @@ class GrpcService:
                 # Clients pinging at our own keepalive period (give or take jitter) are welcome.
                 ("grpc.http2.min_ping_interval_without_data_ms", int(settings.keepalive_time_s * 500)),
                 ("grpc.http2.max_ping_strikes", 2),
+                # What one client can hold: calls per connection, and connections kept idle or forever.
+                ("grpc.max_concurrent_streams", settings.max_streams_per_connection),
+                ("grpc.max_connection_idle_ms", int(settings.max_connection_idle_s * 1000)),
+                ("grpc.max_connection_age_ms", int(settings.max_connection_age_s * 1000)),
+                ("grpc.max_connection_age_grace_ms", int(settings.grace_period_s * 1000)),
             ],
         )
         self.health = health.aio.HealthServicer()
@@ -91,7 +96,9 @@ class GrpcService:
         # stalled calls would fill, making the next probe fail; here each stalled call ends on the timeout.
         self.probe_server = None
         if settings.health_port:
-            self.probe_server = grpc.aio.server(options=[("grpc.so_reuseport", int(settings.reuse_port))],
+            self.probe_server = grpc.aio.server(options=[("grpc.so_reuseport", int(settings.reuse_port)),
+                                                         ("grpc.max_connection_idle_ms",
+                                                          int(settings.max_connection_idle_s * 1000))],
                                                 interceptors=[ProbeInterceptor(settings.message_timeout_s)])
             health_pb2_grpc.add_HealthServicer_to_server(self.health, self.probe_server)
         register(self.server)

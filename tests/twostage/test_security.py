@@ -816,3 +816,34 @@ async def test_a_tokens_file_deleted_while_serving_keeps_the_last_good_tokens(tm
     assert codes == [grpc.StatusCode.OK] * 50
     assert replies[-1] is grpc.StatusCode.OK and set(replies) <= {grpc.StatusCode.OK, grpc.StatusCode.UNAUTHENTICATED}
     assert caplog.text.count("keeping the previous tokens") == 1
+
+
+async def test_one_connection_holds_at_most_max_streams_per_connection_calls(secrets_dir):
+    from twostage.config import ServiceSettings
+    from twostage.server import GrpcService
+
+    service = GrpcService("streams", ServiceSettings(port=0, tls_dir=secrets_dir["tls"],
+                                                     auth_tokens=secrets_dir["tokens"], max_streams_per_connection=2,
+                                                     message_timeout_s=30),
+                          [], lambda server: None, _NoLifecycle())
+    target = f"127.0.0.1:{await service.start()}"
+    credentials = Credentials(secrets_dir["tls"])
+    try:
+        async with credentials.aio_channel(target) as crowded, credentials.aio_channel(target) as other:
+            stalled_check = crowded.stream_unary("/grpc.health.v1.Health/Check",
+                                                 request_serializer=health_pb2.HealthCheckRequest.SerializeToString,
+                                                 response_deserializer=health_pb2.HealthCheckResponse.FromString)
+            stalled = [stalled_check(timeout=60) for _ in range(2)]
+            for call in stalled:
+                await call.wait_for_connection()
+            # A third call on that connection waits for a free stream (and here runs out of time)...
+            code, _ = await status_of(health_pb2_grpc.HealthStub(crowded).Check(health_pb2.HealthCheckRequest(),
+                                                                                timeout=2))
+            assert code is grpc.StatusCode.DEADLINE_EXCEEDED
+            # ...while another connection is served at once.
+            reply = await health_pb2_grpc.HealthStub(other).Check(health_pb2.HealthCheckRequest(), timeout=10)
+            assert reply.status == health_pb2.HealthCheckResponse.SERVING
+            for call in stalled:
+                call.cancel()
+    finally:
+        await service.stop(grace_s=0)
