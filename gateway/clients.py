@@ -124,8 +124,9 @@ class _Client:
         return await self._call(self.stub.Info, common_pb2.InfoRequest(), timeout_s)
 
     async def health_status(self, timeout_s: float) -> bool | None:
-        """True if SERVING, False if it says it is not, None if it did not answer."""
-        return await channel_health(self.channel, timeout_s)
+        """True if SERVING, False if it says it is not, None if it did not answer. Sent with this client's
+        token: callers without one cannot crowd it out."""
+        return await channel_health(self.channel, timeout_s, self._rotating.metadata)
 
 
 class RecallClient(_Client):

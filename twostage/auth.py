@@ -8,12 +8,13 @@ line per token, ``sha256:<hex digest> <role> [label]``, never the token
 itself; tokens are 256-bit random strings, so a plain hash is enough. The
 file is re-read when it changes, so adding or revoking a token needs no
 restart. Health checks stay open (probes carry no token); so does
-reflection, when the server enables it.
+reflection, when the server enables it. A health check that carries a valid
+token (the gateway's of its stages) counts as an authenticated call.
 
 Unauthenticated work is bounded: a call without a valid token is refused as
 soon as its headers arrive (not when its message does), and open calls
-(health, reflection) share a small cap of their own, so they can never take
-the slots that authenticated calls need.
+(health, reflection) without a valid token share a small cap of their own,
+so they cannot take the slots that authenticated calls need.
 """
 
 import asyncio
@@ -111,6 +112,9 @@ def add_token(path: Path, role: str, label: str = "") -> str:
     return token
 
 
+_MISSING = ("missing",)  # the stamp of a tokens file that could not be found
+
+
 class TokenFile:
     """The tokens file, re-read when it changes, and only once it is whole.
 
@@ -119,7 +123,7 @@ class TokenFile:
     place is read between its truncation and its last write at most by accident, and then its stamp moves
     again before the next check. The text read is kept only if the stamp did not move while reading and it
     parses; its digest decides whether anything changed. A file that fails to parse (or is not UTF-8) keeps
-    the last good tokens and logs an error; a symlink swap (a Kubernetes Secret) is a new inode.
+    the last good tokens and logs an error, and so does a file that vanished; a symlink swap (a Kubernetes Secret) is a new inode.
     """
 
     def __init__(self, path: Path, recheck_s: float = 1.0):
@@ -163,6 +167,13 @@ class TokenFile:
     def _reload(self) -> None:
         try:
             stamp = self._stat()
+        except ConfigError as error:  # gone (or unreadable): the tokens already loaded stay
+            if self._stamp != _MISSING:  # logged once, until the file is back
+                TOKEN_RELOAD_FAILURES.inc()
+                log.error("%s; keeping the previous tokens", error)
+            self._stamp, self._pending = _MISSING, None
+            return
+        try:
             if stamp == self._stamp:
                 self._pending = None
                 return
@@ -179,7 +190,11 @@ class TokenFile:
         now = time.monotonic()
         if now - self._checked_at >= self.recheck_s:
             self._checked_at = now
-            await asyncio.to_thread(self._reload)  # file I/O off the event loop
+            try:
+                await asyncio.to_thread(self._reload)  # file I/O off the event loop
+            except Exception:  # whatever went wrong, the tokens already loaded still decide this call
+                TOKEN_RELOAD_FAILURES.inc()
+                log.exception("re-reading the tokens file %s failed; keeping the previous tokens", self.path)
         digest = token_digest(token)
         role = None
         for entry in self._entries:  # every entry compared, in constant time each
@@ -257,10 +272,41 @@ def _wrapped(handler: grpc.RpcMethodHandler, enter, exit_) -> grpc.RpcMethodHand
                 response_serializer=handler.response_serializer)
 
 
+def _with_call_timeout(handler: grpc.RpcMethodHandler, timeout_s: float) -> grpc.RpcMethodHandler:
+    """A streaming-request handler (reflection) that the server ends ``timeout_s`` after it began: its requests
+    may come as slowly as the caller likes, so a per-message bound alone would not end it.
+
+    Ended while waiting for a request (the usual case): DEADLINE_EXCEEDED. Ended while the caller does not
+    read its replies (the handler is then paused in gRPC's write): the call is cancelled."""
+    behavior = _behavior(handler)
+    message = f"calls without a token may stream for {timeout_s:g} s at most"
+
+    if handler.response_streaming:
+        async def run(request_iterator, context):
+            try:
+                async with asyncio.timeout(timeout_s):
+                    async for reply in behavior(request_iterator, context):
+                        yield reply
+            except TimeoutError:
+                REFUSED.labels("stream_timeout").inc()
+                await context.abort(grpc.StatusCode.DEADLINE_EXCEEDED, message)
+    else:
+        async def run(request_iterator, context):
+            try:
+                async with asyncio.timeout(timeout_s):
+                    return await behavior(request_iterator, context)
+            except TimeoutError:
+                REFUSED.labels("stream_timeout").inc()
+                await context.abort(grpc.StatusCode.DEADLINE_EXCEEDED, message)
+    return _MAKE[(True, handler.response_streaming)](
+        run, request_deserializer=handler.request_deserializer, response_serializer=handler.response_serializer)
+
+
 def _with_message_timeout(handler: grpc.RpcMethodHandler, timeout_s: float) -> grpc.RpcMethodHandler:
-    """A unary-request handler that ends the call (DEADLINE_EXCEEDED) when the message takes over ``timeout_s``."""
+    """A unary-request handler that ends the call (DEADLINE_EXCEEDED) when the message takes over ``timeout_s``;
+    a streaming-request one, when the whole call takes over ``timeout_s``."""
     if handler.request_streaming:
-        return handler
+        return _with_call_timeout(handler, timeout_s)
     behavior = _behavior(handler)
 
     async def first_message(request_iterator, context):
@@ -281,11 +327,40 @@ def _with_message_timeout(handler: grpc.RpcMethodHandler, timeout_s: float) -> g
         run, request_deserializer=handler.request_deserializer, response_serializer=handler.response_serializer)
 
 
+def _bearer(handler_call_details) -> str | None:
+    """The token of ``authorization: Bearer <token>``, or None."""
+    metadata = dict(handler_call_details.invocation_metadata or ())
+    scheme, _, token = (metadata.get("authorization") or "").partition(" ")
+    return token.strip() if scheme.lower() == "bearer" and token.strip() else None
+
+
+class ProbeInterceptor(grpc.aio.ServerInterceptor):
+    """The plaintext health port: health Check only, its message within ``message_timeout_s``.
+
+    Probes (kubelet) send Check alone; a Watch stream would hold a call for as long as its caller likes, so it
+    is refused (UNIMPLEMENTED) as soon as its headers arrive, and a Check that never sends its message ends
+    after ``message_timeout_s``. What a flood can hold there is bounded by time, not by a cap it could fill."""
+
+    def __init__(self, message_timeout_s: float = 5.0):
+        self.message_timeout_s = message_timeout_s
+
+    async def intercept_service(self, continuation, handler_call_details):
+        handler = await continuation(handler_call_details)
+        if handler is None:
+            return None
+        if handler_call_details.method == HEALTH_WATCH:
+            return _refusal(handler, grpc.StatusCode.UNIMPLEMENTED,
+                            "Health.Watch is not served on the health port; use Check", "watch")
+        return _with_message_timeout(handler, self.message_timeout_s)
+
+
 class TokenAuthInterceptor(grpc.aio.ServerInterceptor):
     """UNAUTHENTICATED without a known token, PERMISSION_DENIED for the wrong role; decided from the headers.
 
-    Open calls (health, reflection) may hold at most ``max_open_rpcs`` slots at once, and each must send its
-    message within ``message_timeout_s``; health Watch, a stream without end, is refused here (the
+    Open calls (health, reflection) without a valid token may hold at most ``max_open_rpcs`` slots at once,
+    and each must send its message within ``message_timeout_s`` (a streaming one, reflection, must end within
+    it); with a valid token they are authenticated
+    calls like any other; health Watch, a stream without end, is refused here (the
     plaintext health port serves it)."""
 
     def __init__(self, tokens, open_reflection: bool, max_open_rpcs: int = 16, message_timeout_s: float = 5.0):
@@ -301,6 +376,10 @@ class TokenAuthInterceptor(grpc.aio.ServerInterceptor):
     def _exit_open(self) -> None:
         self.open_rpcs -= 1
 
+    async def _role_of(self, handler_call_details) -> str | None:
+        token = _bearer(handler_call_details)
+        return None if token is None else await self.tokens.role_of(token)
+
     async def intercept_service(self, continuation, handler_call_details):
         method = handler_call_details.method
         handler = await continuation(handler_call_details)
@@ -310,17 +389,20 @@ class TokenAuthInterceptor(grpc.aio.ServerInterceptor):
             if method == HEALTH_WATCH:
                 return _refusal(handler, grpc.StatusCode.UNIMPLEMENTED,
                                 "Health.Watch is served on the health port only; use Check here", "watch")
+            # A caller with a valid token (the gateway checking its stages, a peer) is not held to the open
+            # cap, which callers without one can keep full.
+            if (role := await self._role_of(handler_call_details)) is not None:
+                return _wrapped(handler, lambda: CALLER_ROLE.set(role), lambda: None)
             if self.open_rpcs >= self.max_open_rpcs:
                 return _refusal(handler, grpc.StatusCode.RESOURCE_EXHAUSTED,
                                 "too many calls without a token at once; try again", "open_cap")
             return _wrapped(_with_message_timeout(handler, self.message_timeout_s), self._enter_open, self._exit_open)
-        metadata = dict(handler_call_details.invocation_metadata or ())
-        scheme, _, token = (metadata.get("authorization") or "").partition(" ")
-        if scheme.lower() != "bearer" or not token.strip():
+        token = _bearer(handler_call_details)
+        if token is None:
             return _refusal(handler, grpc.StatusCode.UNAUTHENTICATED,
                             "missing token: send 'authorization: Bearer <token>' (twostage: --token or TWOSTAGE_TOKEN)",
                             "missing_token")
-        role = await self.tokens.role_of(token.strip())
+        role = await self.tokens.role_of(token)
         if role is None:
             return _refusal(handler, grpc.StatusCode.UNAUTHENTICATED, "unknown token", "unknown_token")
         if not allowed(role, method):

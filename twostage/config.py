@@ -42,6 +42,20 @@ class ServiceSettings(BaseSettings):
         30.0, ge=1, description="Idle connections are pinged this often, so dead peers are noticed."
     )
     keepalive_timeout_s: float = Field(10.0, ge=1, description="A ping unanswered this long closes the connection.")
+    max_streams_per_connection: int = Field(
+        256, ge=1,
+        description="Calls one connection may have open at once (HTTP/2 max_concurrent_streams); more wait in the "
+        "client. Bounds what one client holds; the gateway sends all its calls to a replica over one connection, "
+        "so keep this above its concurrency toward one replica.",
+    )
+    max_connection_idle_s: float = Field(
+        300.0, gt=0, description="A connection with no call open for this long is closed (the client reconnects)."
+    )
+    max_connection_age_s: float = Field(
+        1800.0, gt=0,
+        description="A connection is asked to go away (GOAWAY) after this long; calls in flight get "
+        "grace_period_s to finish, new calls go over a new connection.",
+    )
     watchdog_s: float = Field(
         60.0, ge=1,
         description="A model batch running longer than this means the model thread is stuck: the service turns "
@@ -78,7 +92,8 @@ class ServiceSettings(BaseSettings):
     message_timeout_s: float = Field(
         5.0, gt=0,
         description="With auth, a call that needs no token and has not sent its request message this long after "
-        "its headers is ended (DEADLINE_EXCEEDED).",
+        "its headers is ended (DEADLINE_EXCEEDED), and so is an open streaming call (reflection) this long after "
+        "it began; so is a health Check on health_port, with or without auth.",
     )
     health_port: int = Field(
         0, ge=0, le=65535,

@@ -7,11 +7,14 @@ import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 
-async def channel_health(channel: grpc.aio.Channel, timeout_s: float = 1.0) -> bool | None:
-    """True if SERVING, False if the service says it is not, None if it did not answer."""
+async def channel_health(channel: grpc.aio.Channel, timeout_s: float = 1.0, metadata=()) -> bool | None:
+    """True if SERVING, False if the service says it is not, None if it did not answer.
+
+    ``metadata``: the caller's token, where it has one: a server with auth then counts the check as an
+    authenticated call, beyond the cap that callers without a token can fill."""
     try:
         reply = await health_pb2_grpc.HealthStub(channel).Check(
-            health_pb2.HealthCheckRequest(service=""), timeout=timeout_s
+            health_pb2.HealthCheckRequest(service=""), timeout=timeout_s, metadata=metadata or None
         )
     except grpc.aio.AioRpcError:
         return None

@@ -24,7 +24,7 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from twostage.auth import TokenAuthInterceptor, TokenFile, TokenFiles
+from twostage.auth import ProbeInterceptor, TokenAuthInterceptor, TokenFile, TokenFiles
 from twostage.config import ServiceSettings
 from twostage.errors import Unavailable
 from twostage.metrics import RpcMetricsInterceptor, start_metrics_server
@@ -40,8 +40,6 @@ class Lifecycle(Protocol):
 
 LIVENESS = "liveness"
 WATCHDOG_PERIOD_S = 1.0
-# The plaintext health port serves health alone (Watch streams included): a cap of its own, apart from the API's.
-PROBE_MAX_CONCURRENT_RPCS = 64
 
 
 class GrpcService:
@@ -84,15 +82,24 @@ class GrpcService:
                 # Clients pinging at our own keepalive period (give or take jitter) are welcome.
                 ("grpc.http2.min_ping_interval_without_data_ms", int(settings.keepalive_time_s * 500)),
                 ("grpc.http2.max_ping_strikes", 2),
+                # What one client can hold: calls per connection, and connections kept idle or forever.
+                ("grpc.max_concurrent_streams", settings.max_streams_per_connection),
+                ("grpc.max_connection_idle_ms", int(settings.max_connection_idle_s * 1000)),
+                ("grpc.max_connection_age_ms", int(settings.max_connection_age_s * 1000)),
+                ("grpc.max_connection_age_grace_ms", int(settings.grace_period_s * 1000)),
             ],
         )
         self.health = health.aio.HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
-        # Probes (kubelet) cannot speak TLS: the same health state, alone, on a plaintext port.
+        # Probes (kubelet) cannot speak TLS: the same health state, alone, on a plaintext port. Check only,
+        # its message within message_timeout_s, and no cap on concurrent calls: a cap is what a flood of
+        # stalled calls would fill, making the next probe fail; here each stalled call ends on the timeout.
         self.probe_server = None
         if settings.health_port:
-            self.probe_server = grpc.aio.server(options=[("grpc.so_reuseport", int(settings.reuse_port))],
-                                                maximum_concurrent_rpcs=PROBE_MAX_CONCURRENT_RPCS)
+            self.probe_server = grpc.aio.server(options=[("grpc.so_reuseport", int(settings.reuse_port)),
+                                                         ("grpc.max_connection_idle_ms",
+                                                          int(settings.max_connection_idle_s * 1000))],
+                                                interceptors=[ProbeInterceptor(settings.message_timeout_s)])
             health_pb2_grpc.add_HealthServicer_to_server(self.health, self.probe_server)
         register(self.server)
         if reflection_on:

@@ -209,3 +209,17 @@ def test_the_gpu_overlay_puts_the_model_work_on_gpus():
     assert env_of(gpu["rerank"])["TWOSTAGE_RERANK_PROVIDER"] == "cuda"
     assert int(env_of(gpu["rerank"])["TWOSTAGE_RERANK_MAX_BATCH_SIZE"]) > 32  # the CPU default
     assert not container(gpu["gateway"])["image"].endswith("-gpu")
+
+
+def test_the_fresh_cluster_steps_create_every_secret_a_pod_mounts(objects):
+    """Each Secret a pod mounts is made by cert-manager (a Certificate) or by a step of deploy/README.md."""
+    readme = (K8S.parent / "README.md").read_text()
+    created = set(re.findall(r"kubectl -n twostage create secret generic (\S+)", readme))
+    created |= {o["spec"]["secretName"] for o in objects if o["kind"] == "Certificate"}
+    mounted = {v["secret"]["secretName"] for w in workloads(objects).values()
+               for v in pod_spec(w).get("volumes", []) if "secret" in v}
+    mounted |= {p["secret"]["name"] for w in workloads(objects).values() for v in pod_spec(w).get("volumes", [])
+                for p in v.get("projected", {}).get("sources", []) if "secret" in p}
+    assert mounted and mounted <= created, mounted - created
+    # Recall-to-recall catch-up uses a replica token, not an admin one.
+    assert "--role replica" in readme

@@ -282,48 +282,81 @@ async def test_search_callers_see_no_addresses_in_info_and_admins_do(secured, se
 
 
 async def test_a_tokens_file_rewritten_in_place_never_refuses_a_valid_token(secured, secrets_dir):
-    """Truncate-then-write, as an editor or a config tool does, in a loop while calls run."""
+    """Truncate-then-write, as an editor or a config tool does, in a loop while calls run. Midway the writer
+    adds a token and holds still: the server must take that token once the file settles (a server that
+    never re-read the file would pass the rest), then the rewrites go on with both tokens."""
     import threading
+
+    from twostage.auth import new_token, token_line
 
     tokens = secrets_dir["tokens"]
     content = tokens.read_bytes()
-    stop = threading.Event()
+    added = new_token()
+    current = [content]  # what the writer writes; replaced midway
+    stop, hold, held, resume = threading.Event(), threading.Event(), threading.Event(), threading.Event()
     rewrites = 0
 
     def rewrite_in_place():
         nonlocal rewrites
         while not stop.is_set():
+            data = current[0]
             with open(tokens, "r+b") as f:
                 f.truncate(0)
                 f.flush()
                 os.fsync(f.fileno())  # the empty file is visible before the tokens come back
-                f.write(content[: len(content) // 2])
+                f.write(data[: len(data) // 2])
                 f.flush()
-                f.write(content[len(content) // 2:])
+                f.write(data[len(data) // 2:])
             rewrites += 1
+            if hold.is_set() and data is current[0]:  # the file now holds the new token: pause
+                hold.clear()
+                held.set()
+                resume.wait()
 
     writer = threading.Thread(target=rewrite_in_place)
     writer.start()
     refused = []
     credentials = Credentials(secrets_dir["tls"], secrets_dir["search"])
+    later = Credentials(secrets_dir["tls"], added)
+    request = rerank_pb2.RerankRequest(query="q", documents=["d"])
     try:
         async with credentials.aio_channel(secured["rerank"]) as channel:
             stub = rerank_pb2_grpc.RerankStub(channel)
-            request = rerank_pb2.RerankRequest(query="q", documents=["d"])
-            deadline = time.monotonic() + 6  # several re-reads of the file (one a second at most)
-            calls = 0
-            while time.monotonic() < deadline:
+
+            async def calls_for(seconds: float, *callers: Credentials) -> int:
+                calls, deadline = 0, time.monotonic() + seconds
+                while time.monotonic() < deadline:
+                    for caller in callers:
+                        try:
+                            await stub.Rerank(request, timeout=30, metadata=caller.metadata)
+                        except grpc.aio.AioRpcError as error:
+                            refused.append(error.code())
+                        calls += 1
+                return calls
+
+            calls = await calls_for(3, credentials)  # several re-reads of the file (one a second at most)
+            current[0] = content + token_line(added, "search", "added mid-rewrite").encode()
+            hold.set()
+            assert await asyncio.to_thread(held.wait, 10), "the writer did not pause"
+            paused_at, deadline = time.monotonic(), time.monotonic() + 15
+            while True:  # the file holds still now: the new token is taken within a few re-checks
                 try:
-                    await stub.Rerank(request, timeout=30, metadata=credentials.metadata)
+                    await stub.Rerank(request, timeout=30, metadata=later.metadata)
+                    break
                 except grpc.aio.AioRpcError as error:
-                    refused.append(error.code())
-                calls += 1
+                    assert error.code() is grpc.StatusCode.UNAUTHENTICATED and time.monotonic() < deadline
+                    await asyncio.sleep(0.1)
+            accepted_after_s = time.monotonic() - paused_at
+            resume.set()
+            calls += await calls_for(3, credentials, later)
     finally:
         stop.set()
+        resume.set()
         await asyncio.to_thread(writer.join)
         tokens.write_bytes(content)
     assert rewrites > 100 and calls > 10
     assert refused == []
+    assert accepted_after_s < 15
 
 
 async def test_unauthenticated_callers_cannot_take_the_slots_searches_need(secured, secrets_dir):
@@ -543,9 +576,7 @@ def sslyze_scan(port: int, ca_file: Path, client_tls: Path | None, full: bool = 
 
 @pytest.mark.parametrize("tier", ["gateway", "recall", "rerank"])
 async def test_every_tls_listener_passes_the_scan(secured, secrets_dir, tier):
-    import asyncio
-
-    pytest.importorskip("sslyze")
+    # Imported, not skipped when missing: sslyze is a test dependency, and a broken install must fail here.
     from sslyze import ClientAuthRequirementEnum, ServerScanStatusEnum
 
     port = int(secured[tier].rsplit(":", 1)[1])
@@ -594,3 +625,225 @@ async def test_a_tokens_file_that_fails_to_parse_keeps_the_last_good_tokens(tmp_
         path.write_bytes(good)
         await tokens.role_of(token)
     assert "keeping the previous tokens" in caplog.text
+
+
+class _NoLifecycle:
+    async def start(self) -> None: ...
+
+    async def close(self) -> None: ...
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+async def test_a_flood_on_the_health_port_cannot_fail_a_probe():
+    """More Watch streams and header-only Checks than the old cap of 64 on the plaintext health port:
+    Watch is refused, stalled Checks end on the message timeout, and a probe's Check still answers."""
+    from twostage.config import ServiceSettings
+    from twostage.server import GrpcService
+
+    health_port = free_port()
+    service = GrpcService("probe-flood", ServiceSettings(port=0, health_port=health_port, message_timeout_s=3),
+                          [], lambda server: None, _NoLifecycle())
+    await service.start()
+    target, floods = f"127.0.0.1:{health_port}", 80
+    attacker = grpc.aio.insecure_channel(target)
+    try:
+        watch = attacker.unary_stream("/grpc.health.v1.Health/Watch",
+                                      request_serializer=health_pb2.HealthCheckRequest.SerializeToString,
+                                      response_deserializer=health_pb2.HealthCheckResponse.FromString)
+        stalled_check = attacker.stream_unary("/grpc.health.v1.Health/Check",
+                                              request_serializer=health_pb2.HealthCheckRequest.SerializeToString,
+                                              response_deserializer=health_pb2.HealthCheckResponse.FromString)
+        watches = [watch(health_pb2.HealthCheckRequest(), timeout=60) for _ in range(floods)]
+        stalled = [stalled_check(timeout=60) for _ in range(floods)]
+        for call in [*watches, *stalled]:
+            try:
+                await call.wait_for_connection()
+            except grpc.aio.AioRpcError:
+                pass
+        async with grpc.aio.insecure_channel(target) as probe:
+            reply = await health_pb2_grpc.HealthStub(probe).Check(health_pb2.HealthCheckRequest(), timeout=10)
+        assert reply.status == health_pb2.HealthCheckResponse.SERVING
+
+        async def code_of(call):
+            try:
+                if hasattr(call, "read"):
+                    async for _ in call:
+                        pass
+                else:
+                    await call
+            except grpc.aio.AioRpcError as error:
+                return error.code()
+            return grpc.StatusCode.OK
+
+        # Bounded well below the calls' own 60 s deadline: the server ends them, not the client.
+        watch_codes = await asyncio.wait_for(asyncio.gather(*(code_of(c) for c in watches)), 20)
+        check_codes = await asyncio.wait_for(asyncio.gather(*(code_of(c) for c in stalled)), 20)
+    finally:
+        await attacker.close()
+        await service.stop(grace_s=0)
+    assert set(watch_codes) == {grpc.StatusCode.UNIMPLEMENTED}
+    assert set(check_codes) == {grpc.StatusCode.DEADLINE_EXCEEDED}
+
+
+async def test_stalled_checks_cannot_fail_the_health_checks_of_callers_with_a_token(secrets_dir):
+    """Header-only Checks fill the open slots of a stage with auth; a Check with a valid token still answers,
+    and so does the gateway's own health check of that stage (its rerank client, with its stage token)."""
+    from gateway.clients import RerankClient
+    from twostage.config import ServiceSettings
+    from twostage.connect import ReloadingCredentials
+    from twostage.server import GrpcService
+
+    open_cap = 2
+    stage = GrpcService("stage", ServiceSettings(port=0, tls_dir=secrets_dir["tls"], tls_client_auth=True,
+                                                 auth_tokens=secrets_dir["tokens"], max_open_rpcs=open_cap,
+                                                 message_timeout_s=30),
+                        [], lambda server: None, _NoLifecycle())
+    target = f"127.0.0.1:{await stage.start()}"
+    attacker = Credentials(secrets_dir["tls"]).aio_channel(target)  # a client certificate, no token
+    client = RerankClient(target, "rerank 0", ReloadingCredentials(secrets_dir["tls"],
+                                                                   secrets_dir["gateway_token_file"]).load())
+    try:
+        stalled_check = attacker.stream_unary("/grpc.health.v1.Health/Check",
+                                              request_serializer=health_pb2.HealthCheckRequest.SerializeToString,
+                                              response_deserializer=health_pb2.HealthCheckResponse.FromString)
+        stalled = [stalled_check(timeout=60) for _ in range(open_cap)]
+        for call in stalled:
+            await call.wait_for_connection()
+        check = health_pb2_grpc.HealthStub(attacker).Check
+        # The open slots are full: a Check without a token is refused...
+        code, _ = await status_of(check(health_pb2.HealthCheckRequest(), timeout=10))
+        assert code is grpc.StatusCode.RESOURCE_EXHAUSTED
+        # ...and one with a token is not.
+        searcher = Credentials(secrets_dir["tls"], secrets_dir["search"])
+        async with searcher.aio_channel(target) as channel:
+            reply = await health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=10,
+                                                                     metadata=searcher.metadata)
+        assert reply.status == health_pb2.HealthCheckResponse.SERVING
+        assert await client.health_status(10) is True
+        for call in stalled:
+            call.cancel()
+    finally:
+        await client.close()
+        await attacker.close()
+        await stage.stop(grace_s=0)
+
+
+async def test_an_open_reflection_stream_ends_on_the_message_timeout(secrets_dir):
+    """Reflection served beside auth: a stream without a token that asks once and then stays open, or never
+    asks at all, is ended by the server after message_timeout_s, not held for as long as its caller likes."""
+    from twostage.config import ServiceSettings
+    from twostage.server import GrpcService
+
+    service = GrpcService("reflecting", ServiceSettings(port=0, tls_dir=secrets_dir["tls"],
+                                                        auth_tokens=secrets_dir["tokens"], reflection="on",
+                                                        message_timeout_s=2),
+                          [], lambda server: None, _NoLifecycle())
+    target = f"127.0.0.1:{await service.start()}"
+    try:
+        async with Credentials(secrets_dir["tls"]).aio_channel(target) as channel:
+            info = channel.stream_stream(
+                "/grpc.reflection.v1alpha.ServerReflection/ServerReflectionInfo",
+                request_serializer=reflection_pb2.ServerReflectionRequest.SerializeToString,
+                response_deserializer=reflection_pb2.ServerReflectionResponse.FromString,
+            )
+            silent, asking = info(timeout=60), info(timeout=60)
+            await asking.write(reflection_pb2.ServerReflectionRequest(list_services=""))
+            reply = await asyncio.wait_for(asking.read(), 10)
+            assert "grpc.health.v1.Health" in [s.name for s in reply.list_services_response.service]
+
+            async def code_of(call):
+                try:
+                    while await call.read() is not grpc.aio.EOF:
+                        pass
+                except grpc.aio.AioRpcError as error:
+                    return error.code()
+                return grpc.StatusCode.OK
+
+            # Bounded well below the calls' own 60 s deadline: the server ends them, not the client.
+            codes = await asyncio.wait_for(asyncio.gather(code_of(silent), code_of(asking)), 20)
+    finally:
+        await service.stop(grace_s=0)
+    assert codes == [grpc.StatusCode.DEADLINE_EXCEEDED] * 2
+
+
+async def test_a_tokens_file_deleted_while_serving_keeps_the_last_good_tokens(tmp_path, caplog):
+    """The tokens file vanishes (a Secret unmounted, a botched edit) while calls run: the tokens already
+    loaded still work, no call comes back UNKNOWN, and the loss is logged once."""
+    from twostage.auth import TokenAuthInterceptor, TokenFile
+
+    path = tmp_path / "tokens"
+    token = add_token(path, "search")
+    interceptor = TokenAuthInterceptor(TokenFile(path, recheck_s=0), open_reflection=False)
+    server = grpc.aio.server(interceptors=[interceptor])
+    info = grpc.unary_unary_rpc_method_handler(
+        lambda request, context: asyncio.sleep(0, common_pb2.InfoRequest()),
+        request_deserializer=common_pb2.InfoRequest.FromString,
+        response_serializer=common_pb2.InfoRequest.SerializeToString)
+    server.add_generic_rpc_handlers([grpc.method_handlers_generic_handler("twostage.v1.Rerank", {"Info": info})])
+    target = f"127.0.0.1:{server.add_insecure_port('127.0.0.1:0')}"
+    await server.start()
+    codes = []
+    try:
+        async with grpc.aio.insecure_channel(target) as channel:
+            call = channel.unary_unary("/twostage.v1.Rerank/Info",
+                                       request_serializer=common_pb2.InfoRequest.SerializeToString,
+                                       response_deserializer=common_pb2.InfoRequest.FromString)
+            metadata = (("authorization", f"Bearer {token}"),)
+            await call(common_pb2.InfoRequest(), timeout=10, metadata=metadata)
+            path.unlink()
+            for _ in range(50):  # every call re-checks the missing file
+                try:
+                    await call(common_pb2.InfoRequest(), timeout=10, metadata=metadata)
+                    codes.append(grpc.StatusCode.OK)
+                except grpc.aio.AioRpcError as error:
+                    codes.append((error.code(), error.details()))
+            # The file comes back with another token: read once it held still over two checks.
+            later = add_token(path, "search")
+            replies = []
+            for _ in range(3):
+                try:
+                    await call(common_pb2.InfoRequest(), timeout=10, metadata=(("authorization", f"Bearer {later}"),))
+                    replies.append(grpc.StatusCode.OK)
+                except grpc.aio.AioRpcError as error:
+                    replies.append(error.code())
+    finally:
+        await server.stop(0)
+    assert codes == [grpc.StatusCode.OK] * 50
+    assert replies[-1] is grpc.StatusCode.OK and set(replies) <= {grpc.StatusCode.OK, grpc.StatusCode.UNAUTHENTICATED}
+    assert caplog.text.count("keeping the previous tokens") == 1
+
+
+async def test_one_connection_holds_at_most_max_streams_per_connection_calls(secrets_dir):
+    from twostage.config import ServiceSettings
+    from twostage.server import GrpcService
+
+    service = GrpcService("streams", ServiceSettings(port=0, tls_dir=secrets_dir["tls"],
+                                                     auth_tokens=secrets_dir["tokens"], max_streams_per_connection=2,
+                                                     message_timeout_s=30),
+                          [], lambda server: None, _NoLifecycle())
+    target = f"127.0.0.1:{await service.start()}"
+    credentials = Credentials(secrets_dir["tls"])
+    try:
+        async with credentials.aio_channel(target) as crowded, credentials.aio_channel(target) as other:
+            stalled_check = crowded.stream_unary("/grpc.health.v1.Health/Check",
+                                                 request_serializer=health_pb2.HealthCheckRequest.SerializeToString,
+                                                 response_deserializer=health_pb2.HealthCheckResponse.FromString)
+            stalled = [stalled_check(timeout=60) for _ in range(2)]
+            for call in stalled:
+                await call.wait_for_connection()
+            # A third call on that connection waits for a free stream (and here runs out of time)...
+            code, _ = await status_of(health_pb2_grpc.HealthStub(crowded).Check(health_pb2.HealthCheckRequest(),
+                                                                                timeout=2))
+            assert code is grpc.StatusCode.DEADLINE_EXCEEDED
+            # ...while another connection is served at once.
+            reply = await health_pb2_grpc.HealthStub(other).Check(health_pb2.HealthCheckRequest(), timeout=10)
+            assert reply.status == health_pb2.HealthCheckResponse.SERVING
+            for call in stalled:
+                call.cancel()
+    finally:
+        await service.stop(grace_s=0)
