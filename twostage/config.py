@@ -43,7 +43,7 @@ class ServiceSettings(BaseSettings):
     )
     keepalive_timeout_s: float = Field(10.0, ge=1, description="A ping unanswered this long closes the connection.")
     max_streams_per_connection: int = Field(
-        256, ge=1,
+        1024, ge=1,
         description="Calls one connection may have open at once (HTTP/2 max_concurrent_streams); more wait in the "
         "client. Bounds what one client holds; the gateway sends all its calls to a replica over one connection, "
         "so keep this above its concurrency toward one replica.",
