@@ -87,6 +87,19 @@ async def status_of(coroutine) -> grpc.StatusCode:
     return caught.value.code(), caught.value.details()
 
 
+async def code_of(call) -> grpc.StatusCode:
+    """How a call left open (unary or streaming) ended."""
+    try:
+        if hasattr(call, "read"):
+            async for _ in call:
+                pass
+        else:
+            await call
+    except grpc.aio.AioRpcError as error:
+        return error.code()
+    return grpc.StatusCode.OK
+
+
 async def test_a_search_token_searches_end_to_end(secured, secrets_dir):
     reply = await call_gateway(Credentials(secrets_dir["tls"], secrets_dir["search"]), secured["gateway"])
     assert len(reply.hits) == 3 and reply.reranked == 4 and not reply.degraded
@@ -404,17 +417,6 @@ async def test_unauthenticated_callers_cannot_take_the_slots_searches_need(secur
         failed = [r for r in results if isinstance(r, BaseException)]
         assert not failed, failed[:3]
 
-        async def code_of(call):
-            try:
-                if hasattr(call, "read"):
-                    async for _ in call:
-                        pass
-                else:
-                    await call
-            except grpc.aio.AioRpcError as error:
-                return error.code()
-            return grpc.StatusCode.OK
-
         codes = await asyncio.gather(*(code_of(c) for c in [*watches, *stalled]))
     finally:
         for channel in channels:
@@ -668,17 +670,6 @@ async def test_a_flood_on_the_health_port_cannot_fail_a_probe():
         async with grpc.aio.insecure_channel(target) as probe:
             reply = await health_pb2_grpc.HealthStub(probe).Check(health_pb2.HealthCheckRequest(), timeout=10)
         assert reply.status == health_pb2.HealthCheckResponse.SERVING
-
-        async def code_of(call):
-            try:
-                if hasattr(call, "read"):
-                    async for _ in call:
-                        pass
-                else:
-                    await call
-            except grpc.aio.AioRpcError as error:
-                return error.code()
-            return grpc.StatusCode.OK
 
         # Bounded well below the calls' own 60 s deadline: the server ends them, not the client.
         watch_codes = await asyncio.wait_for(asyncio.gather(*(code_of(c) for c in watches)), 20)
