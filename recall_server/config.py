@@ -50,6 +50,11 @@ class RecallSettings(ServiceSettings, RuntimeSettings, BatchingSettings):
         description="Weight of the dense list in hybrid fusion (0-1). On SciFact z-score fusion measured best at "
         "0.6-0.7 (recall nDCG@10 0.738-0.739, Recall@20 0.917-0.920); RRF at best 0.727 / 0.907.",
     )
+    calibration_refit_min_interval_s: float = Field(
+        60.0, ge=0,
+        description="Least time between two fits of the score calibration: a fit embeds up to 256 pseudo-queries, "
+        "so on a small corpus under steady writes it would otherwise run every few dozen writes.",
+    )
     calibration_refit_writes: int = Field(
         1000, ge=0,
         description="The score calibration (cosine and BM25 onto the cross-encoder's logit scale, fitted from this "

@@ -104,6 +104,8 @@ class RecallService:
         self.calibration: calibration.FittedCalibration | None = None
         self._writes_since_fit = 0
         self._fitting: asyncio.Task | None = None
+        self._last_fit = float("-inf")
+        self._refit_later: asyncio.TimerHandle | None = None
 
     async def start(self) -> None:
         s = self.settings
@@ -172,6 +174,7 @@ class RecallService:
         """Fit the score calibration from the served index: its pseudo-queries are embedded as bulk work (queries
         go first), the rest runs in threads. Kept, and returned; the last fit stays when this one cannot fit."""
         self._writes_since_fit = 0
+        self._last_fit = time.monotonic()
         with self._leases.hold(self.index) as index:
             sample = await asyncio.to_thread(index.calibration_sample)
             if sample is None:
@@ -207,9 +210,19 @@ class RecallService:
         self._writes_since_fit += count
         fitted_on = self.calibration.doc_count if self.calibration else 0
         if self._writes_since_fit >= min(every, max(calibration.MIN_DOCS, fitted_on // 10)):
-            self._refit_soon()
+            wait_s = self._last_fit + self.settings.calibration_refit_min_interval_s - time.monotonic()
+            if wait_s <= 0:
+                self._refit_soon()
+            elif self._refit_later is None:  # due, but the last fit is recent: fit once the interval has passed
+                self._refit_later = asyncio.get_running_loop().call_later(wait_s, self._refit_when_due)
+
+    def _refit_when_due(self) -> None:
+        self._refit_later = None
+        self._refit_soon()
 
     async def close(self) -> None:
+        if self._refit_later is not None:
+            self._refit_later.cancel()
         if self._fitting is not None:
             self._fitting.cancel()
             await asyncio.gather(self._fitting, return_exceptions=True)
