@@ -3,6 +3,7 @@ scores high and an unrelated one low on a product catalogue as on SciFact, and o
 on both."""
 
 import asyncio
+import contextlib
 import shutil
 from pathlib import Path
 
@@ -116,43 +117,43 @@ async def test_scifact_scores_relevant_hits_high_and_nonsense_low(gateway_target
     assert nonsense and all(h.score <= 0.1 for h in nonsense)
 
 
-async def test_the_fit_follows_writes(catalogue_index, tmp_path, models):
+@contextlib.asynccontextmanager
+async def catalogue_service(catalogue_index, tmp_path, min_interval_s: float):
+    """A recall service on a copy of the catalogue that fits again after 20 writes, started and closed."""
     from recall_server.service import RecallService
 
     index_dir = tmp_path / "index"
     shutil.copytree(catalogue_index, index_dir)
     service = RecallService(RecallSettings(index_dir=index_dir, calibration_refit_writes=20,
-                                             calibration_refit_min_interval_s=0))
+                                           calibration_refit_min_interval_s=min_interval_s))
     await service.start()
     try:
+        yield service
+    finally:
+        await service.close()
+
+
+def abstracts(count: int) -> list[Document]:
+    return [Document(d.id, d.title, d.text) for d in list(read_corpus(DEMO_CORPUS))[:count]]
+
+
+async def test_the_fit_follows_writes(catalogue_index, tmp_path, models):
+    async with catalogue_service(catalogue_index, tmp_path, min_interval_s=0) as service:
         first = service.calibration
         assert first is not None and first.doc_count == 50
         # Scientific abstracts written into the catalogue: once enough arrive, the fit runs again on its own.
-        docs = list(read_corpus(DEMO_CORPUS))[:20]
-        await service.upsert([Document(d.id, d.title, d.text) for d in docs])
+        await service.upsert(abstracts(20))
         for _ in range(200):
             if service.calibration.doc_count == 70:
                 break
             await asyncio.sleep(0.05)
         assert service.calibration.doc_count == 70 and service.calibration != first
-    finally:
-        await service.close()
 
 
 async def test_fits_are_spaced_by_the_least_interval(catalogue_index, tmp_path, models):
-    from recall_server.service import RecallService
-
-    index_dir = tmp_path / "index"
-    shutil.copytree(catalogue_index, index_dir)
-    service = RecallService(RecallSettings(index_dir=index_dir, calibration_refit_writes=20,
-                                           calibration_refit_min_interval_s=3600))
-    await service.start()
-    try:
+    async with catalogue_service(catalogue_index, tmp_path, min_interval_s=3600) as service:
         first = service.calibration
-        docs = list(read_corpus(DEMO_CORPUS))[:20]
-        await service.upsert([Document(d.id, d.title, d.text) for d in docs])
+        await service.upsert(abstracts(20))
         # Due by writes, but the fit at start is recent: one fit is booked for later, none runs now.
         assert service._refit_later is not None and service._fitting is None
         assert service.calibration is first
-    finally:
-        await service.close()
