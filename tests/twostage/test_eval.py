@@ -41,6 +41,11 @@ async def test_eval_reports_every_ranking(tmp_path, demo_data, gateway_target, r
     assert report["sweep_recall_k"]["5"]["recall@k"] <= report["recall"]["recall@10"]
     assert 0 <= report["beyond_recall_k"] <= 1 and "recall_k=10" in report["advice"]
     assert plot.read_bytes()[:4] == b"\x89PNG"
+    # The same answers fused again with the fitted constants rank exactly as the gateway did, so the
+    # comparison with the built-in constants is on identical candidates and rerank scores.
+    fitted, built_in = report["calibration"]["fitted"], report["calibration"]["built_in"]
+    assert fitted["final_ndcg@10"] == report["final"]["ndcg@10"]
+    assert fitted["center"] != built_in["center"] and 0 < built_in["final_ndcg@10"] <= 1
 
 
 def test_recall_k_advice_in_plain_words():

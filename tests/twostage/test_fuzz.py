@@ -152,13 +152,13 @@ def fuzz(name: str, strategy, channel_name: str, stub_cls, method: str, examples
 # (service.method, strategy, channel, stub, method, batches of BATCH requests)
 CASES = [
     ("Gateway.Search", SEARCH, "gateway", gateway_pb2_grpc.GatewayStub, "Search", 55),
-    ("Gateway.Upsert", UPSERT, "gateway", gateway_pb2_grpc.GatewayStub, "Upsert", 12),
+    ("Gateway.Upsert", UPSERT, "gateway", gateway_pb2_grpc.GatewayStub, "Upsert", 6),
     ("Gateway.Delete", DELETE, "gateway", gateway_pb2_grpc.GatewayStub, "Delete", 10),
     ("Gateway.Get", GET, "gateway", gateway_pb2_grpc.GatewayStub, "Get", 10),
     ("Gateway.Info", INFO, "gateway", gateway_pb2_grpc.GatewayStub, "Info", 2),
     ("Recall.Search", RECALL_SEARCH, "recall", recall_pb2_grpc.RecallStub, "Search", 45),
     ("Recall.Embed", EMBED, "recall", recall_pb2_grpc.RecallStub, "Embed", 16),
-    ("Recall.Upsert", UPSERT, "recall", recall_pb2_grpc.RecallStub, "Upsert", 12),
+    ("Recall.Upsert", UPSERT, "recall", recall_pb2_grpc.RecallStub, "Upsert", 6),
     ("Recall.Delete", DELETE, "recall", recall_pb2_grpc.RecallStub, "Delete", 10),
     ("Recall.Get", GET, "recall", recall_pb2_grpc.RecallStub, "Get", 10),
     ("Recall.Info", INFO, "recall", recall_pb2_grpc.RecallStub, "Info", 2),

@@ -81,7 +81,7 @@ class ChaosSettings:
 
     @classmethod
     def quick(cls, **overrides) -> "ChaosSettings":
-        return cls(**({"rounds": 2, "hold_s": 2.0, "gap_s": 1.0, "corpus_docs": 200, "new_ids": 200,
+        return cls(**({"rounds": 1, "hold_s": 2.0, "gap_s": 1.0, "corpus_docs": 200, "new_ids": 200,
                        "write_deadline_s": 30.0, "converge_timeout_s": 60.0} | overrides))
 
 

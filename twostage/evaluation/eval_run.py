@@ -73,9 +73,13 @@ async def recall_positions(target: str, queries: dict[str, str], qrels, depth: i
     return positions
 
 
-def rankings(answers: list[Answer], fusion: str | None = None, alpha: float = 0.7) -> dict[str, dict[str, list[str]]]:
-    """The recall, rerank and final orderings of each answer (final recomputed when ``fusion`` is given)."""
-    from gateway.fusion import fuse
+def rankings(answers: list[Answer], fusion: str | None = None, alpha: float = 0.7,
+             calibration=None) -> dict[str, dict[str, list[str]]]:
+    """The recall, rerank and final orderings of each answer (final recomputed when ``fusion`` is given).
+
+    ``calibrated`` fuses the cosine and BM25 of each hit with ``calibration`` (a ``gateway.fusion.Calibration``;
+    None: the built-in constants), as the gateway does for hybrid recall."""
+    from gateway.fusion import DEFAULT_CALIBRATION, fuse
 
     out = {"recall": {}, "rerank": {}, "final": {}}
     for a in answers:
@@ -87,7 +91,12 @@ def rankings(answers: list[Answer], fusion: str | None = None, alpha: float = 0.
         if fusion is None:
             out["final"][a.query_id] = [h["id"] for h in a.hits]
         else:
-            fused = fuse([h["recall_score"] for h in reranked], [h["rerank_score"] for h in reranked], fusion, alpha)
+            if fusion == "calibrated":
+                fused = fuse([h["dense_score"] for h in reranked], [h["rerank_score"] for h in reranked], fusion,
+                             alpha, calibration or DEFAULT_CALIBRATION, [h["lexical_score"] for h in reranked])
+            else:
+                fused = fuse([h["recall_score"] for h in reranked], [h["rerank_score"] for h in reranked], fusion,
+                             alpha)
             order = [h["id"] for _, h in sorted(zip(fused, reranked), key=lambda pair: -pair[0])]
             out["final"][a.query_id] = order + rest
     return out
@@ -169,6 +178,38 @@ def _advice(target: str, recall_target: str, queries: dict[str, str], qrels, rec
     return {"relevant_not_indexed": len(absent), "beyond_recall_k": beyond, "advice": advice, "absent": absent}
 
 
+async def fitted_calibration(recall_target: str, credentials: Credentials = PLAINTEXT):
+    """The score calibration a recall server fitted from its index (None: not fitted)."""
+    from gateway.fusion import Calibration
+
+    async with credentials.aio_channel(recall_target) as channel:
+        info = await recall_pb2_grpc.RecallStub(channel).Info(common_pb2.InfoRequest(), metadata=credentials.metadata)
+    if not info.HasField("calibration"):
+        return None
+    c = info.calibration
+    return Calibration(c.scale, c.center, c.lexical_scale, c.lexical_center)
+
+
+async def gateway_fusion(target: str, credentials: Credentials = PLAINTEXT) -> tuple[str, float]:
+    """The gateway's default fusion method and alpha."""
+    async with credentials.aio_channel(target) as channel:
+        info = await gateway_pb2_grpc.GatewayStub(channel).Info(common_pb2.InfoRequest(),
+                                                                metadata=credentials.metadata)
+    return gateway_pb2.FusionMethod.Name(info.default_fusion).removeprefix("FUSION_").lower(), info.default_fusion_alpha
+
+
+def calibration_comparison(answers: list[Answer], qrels, alpha: float, fitted) -> dict:
+    """Final nDCG@10 of the same answers with the fitted constants and with the built-in ones (fitted by hand
+    on SciFact): fitting from the index is judged against them on identical candidates and rerank scores."""
+    from gateway.fusion import DEFAULT_CALIBRATION
+
+    def ndcg(calibration) -> float:
+        return evaluate(rankings(answers, "calibrated", alpha, calibration)["final"], qrels, [10])["ndcg@10"]
+
+    return {"fitted": {**fitted.__dict__, "final_ndcg@10": ndcg(fitted)},
+            "built_in": {**DEFAULT_CALIBRATION.__dict__, "final_ndcg@10": ndcg(DEFAULT_CALIBRATION)}}
+
+
 def load(dataset: Path, split: str, limit: int | None) -> tuple[dict[str, str], dict]:
     qrels = read_qrels(dataset, split)
     queries = {q: t for q, t in read_queries(dataset).items() if q in qrels}
@@ -202,6 +243,10 @@ def run(target: str, recall_target: str | None, dataset: Path, split: str, recal
         advice = _advice(target, recall_target, queries, qrels, recall_k, credentials, recall_mode)
         absent = advice.pop("absent")
         report.update(advice)
+    fitted = asyncio.run(fitted_calibration(recall_target, credentials)) if recall_target else None
+    default_fusion, default_alpha = asyncio.run(gateway_fusion(target, credentials))
+    if fitted is not None and not skip_rerank and default_fusion == "calibrated":
+        report["calibration"] = calibration_comparison(answers, qrels, default_alpha, fitted)
     if sweep_recall_mode:
         report["sweep_recall_mode"] = {}
         for mode in sweep_recall_mode:
@@ -217,7 +262,7 @@ def run(target: str, recall_target: str | None, dataset: Path, split: str, recal
             report["sweep_recall_mode"][mode] = row
     if sweep_alpha:
         report["sweep_alpha"] = {
-            str(alpha): evaluate(rankings(answers, fusion, alpha)["final"], qrels, [10])["ndcg@10"]
+            str(alpha): evaluate(rankings(answers, fusion, alpha, fitted)["final"], qrels, [10])["ndcg@10"]
             for alpha in sweep_alpha
         }
     if sweep_recall_k:
