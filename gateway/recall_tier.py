@@ -81,9 +81,10 @@ class RecallShard:
         await asyncio.gather(*(c.close() for c in self.replicas), return_exceptions=True)
 
     async def search(self, query: str, k: int, deadline_s: float, request_id: str, mode: str | None = None,
-                     filter_=None):
+                     filter_=None, **feedback):
+        """``feedback``: RecallClient.search's prf, query_vector and return_vectors."""
         return await self.on_one_replica(
-            lambda client, timeout: client.search(query, k, timeout, request_id, mode, filter_), deadline_s)
+            lambda client, timeout: client.search(query, k, timeout, request_id, mode, filter_, **feedback), deadline_s)
 
     async def on_one_replica(self, call, deadline_s: float):
         """A read: ``call(client, timeout_s)`` on one replica, taken in turn; an unreachable one hands over to

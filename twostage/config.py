@@ -2,10 +2,13 @@
 
 Each service has one frozen settings class. A value comes from, highest first:
 a CLI flag (``--max-wait-ms 5``), an env var with the service's prefix
-(``TWOSTAGE_RERANK_MAX_WAIT_MS=5``), then the default below.
+(``TWOSTAGE_RERANK_MAX_WAIT_MS=5``), a settings file (``--settings-file``:
+the same variables, one ``NAME=VALUE`` a line, as ``twostage eval --tune``
+writes them), then the default below.
 """
 
 import argparse
+import os
 from pathlib import Path
 from typing import Literal
 
@@ -173,14 +176,52 @@ def add_settings_flags(parser: argparse.ArgumentParser, settings_cls: type[BaseS
 
 
 def settings_from_args(settings_cls, args: argparse.Namespace, **overrides):
-    """Build settings: flags given on the command line override env and defaults."""
+    """Build settings: flags given on the command line override env, then the settings file, then defaults."""
     given = {
         name: getattr(args, name)
         for name in settings_cls.model_fields
         if getattr(args, name, None) is not None
     }
     given.update(overrides)
+    if settings_file := getattr(args, "settings_file", None):
+        environment = {name.upper() for name in os.environ}
+        given = {**{name: value for name, value in read_settings_file(Path(settings_file), settings_cls).items()
+                    if env_var(settings_cls, name) not in environment}, **given}
     return load_settings(settings_cls, **given)
+
+
+SETTINGS_FILE_PREFIX = "TWOSTAGE_"
+
+
+def read_settings_file(path: Path, settings_cls: type[BaseSettings]) -> dict[str, str]:
+    """One service's values from a settings file: environment variable names and values, ``NAME=VALUE`` a line,
+    ``#`` comments. One file serves every service: a line under another service's prefix is left to it, a
+    name under this service's prefix that is no setting of it is an error (a typo must not pass unnoticed)."""
+    prefix = settings_cls.model_config.get("env_prefix", "").upper()
+    try:
+        lines = Path(path).read_text().splitlines()
+    except OSError as error:
+        raise ConfigError(f"settings file {path}: {error.strerror or error}") from None
+    values = {}
+    for number, line in enumerate(lines, 1):
+        line = line.strip()
+        if not line or line.startswith("#"):
+            continue
+        name, sep, value = line.removeprefix("export ").partition("=")
+        name, value = name.strip().upper(), value.strip()
+        if not sep or not name.startswith(SETTINGS_FILE_PREFIX):
+            raise ConfigError(f"settings file {path}, line {number}: expected {SETTINGS_FILE_PREFIX}..._NAME=VALUE, "
+                              f"got {line!r}")
+        if len(value) >= 2 and value[0] == value[-1] and value[0] in "'\"":
+            value = value[1:-1]
+        if not name.startswith(prefix):
+            continue
+        field = name.removeprefix(prefix).lower()
+        if field not in settings_cls.model_fields:
+            raise ConfigError(f"settings file {path}, line {number}: {name} is no setting of {settings_cls.__name__} "
+                              "('twostage config' lists them)")
+        values[field] = value
+    return values
 
 
 def env_var(settings_cls: type[BaseSettings], field: str) -> str:

@@ -23,6 +23,7 @@ def register(commands) -> None:
         ("gateway", GatewaySettings, _serve_gateway),
     ):
         sub = services.add_parser(name, help=f"the {name} server")
+        add_settings_file_flag(sub)
         add_settings_flags(sub, settings_cls)
         sub.set_defaults(run=run, settings_cls=settings_cls)
     stack = services.add_parser("all", help="recall, rerank and gateway as separate processes")
@@ -30,7 +31,14 @@ def register(commands) -> None:
     stack.set_defaults(run=lambda args: asyncio.run(run_stack(args)))
 
 
+def add_settings_file_flag(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--settings-file", default=None,
+                        help="settings as environment variables, NAME=VALUE a line (what 'twostage eval --tune' "
+                        "writes); environment variables and flags override it")
+
+
 def add_stack_flags(parser: argparse.ArgumentParser) -> None:
+    add_settings_file_flag(parser)
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=port_number, default=50051, help="gateway port; recall and rerank take the next ones")
     parser.add_argument("--index-dir", default=None, help="recall index (default: the demo index)")
@@ -82,7 +90,7 @@ async def run_stack(args, then=None) -> int:
     (with ``args.once`` the stack stops after it). A child that dies takes the stack down, named."""
     stack = Stack(args.host, args.port, args.index_dir, args.rerank_replicas, args.recall_shards,
                   args.metrics_port, args.embed_model, args.rerank_model, args.tls_dir, args.auth_tokens,
-                  args.shard_replicas)
+                  args.shard_replicas, args.settings_file)
     stop = asyncio.Event()
     install_stop_signals(stop)
     died = None

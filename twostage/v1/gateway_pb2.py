@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 from twostage.v1 import common_pb2 as twostage_dot_v1_dot_common__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x19twostage/v1/gateway.proto\x12\x0btwostage.v1\x1a\x18twostage/v1/common.proto\"\xd7\x02\n\rSearchRequest\x12\r\n\x05query\x18\x01 \x01(\t\x12\r\n\x05top_k\x18\x02 \x01(\r\x12\x10\n\x08recall_k\x18\x03 \x01(\r\x12\x11\n\tbudget_ms\x18\x04 \x01(\r\x12\x12\n\nrequest_id\x18\x05 \x01(\t\x12)\n\x06\x66usion\x18\x06 \x01(\x0e\x32\x19.twostage.v1.FusionMethod\x12\x19\n\x0c\x66usion_alpha\x18\x07 \x01(\x02H\x00\x88\x01\x01\x12\x13\n\x0bskip_rerank\x18\x08 \x01(\x08\x12\x1c\n\x0fscore_threshold\x18\t \x01(\x02H\x01\x88\x01\x01\x12,\n\x0brecall_mode\x18\n \x01(\x0e\x32\x17.twostage.v1.RecallMode\x12#\n\x06\x66ilter\x18\x0b \x01(\x0b\x32\x13.twostage.v1.FilterB\x0f\n\r_fusion_alphaB\x12\n\x10_score_threshold\"\xe5\x02\n\x03Hit\x12\n\n\x02id\x18\x01 \x01(\t\x12\r\n\x05title\x18\x02 \x01(\t\x12\x0c\n\x04text\x18\x03 \x01(\t\x12\r\n\x05score\x18\x04 \x01(\x02\x12\x19\n\x0crerank_score\x18\x05 \x01(\x02H\x00\x88\x01\x01\x12\x13\n\x0brecall_rank\x18\x06 \x01(\r\x12\x14\n\x0crecall_score\x18\x07 \x01(\x02\x12\x30\n\x08metadata\x18\x08 \x03(\x0b\x32\x1e.twostage.v1.Hit.MetadataEntry\x12\x16\n\trelevance\x18\t \x01(\x02H\x01\x88\x01\x01\x12\x13\n\x0b\x64\x65nse_score\x18\n \x01(\x02\x12\x15\n\rlexical_score\x18\x0b \x01(\x02\x1aK\n\rMetadataEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12)\n\x05value\x18\x02 \x01(\x0b\x32\x1a.twostage.v1.MetadataValue:\x02\x38\x01\x42\x0f\n\r_rerank_scoreB\x0c\n\n_relevance\"I\n\x0b\x44\x65gradation\x12*\n\x04\x63ode\x18\x01 \x01(\x0e\x32\x1c.twostage.v1.DegradationCode\x12\x0e\n\x06\x64\x65tail\x18\x02 \x01(\t\"\xce\x02\n\x0eSearchResponse\x12\x1e\n\x04hits\x18\x01 \x03(\x0b\x32\x10.twostage.v1.Hit\x12\x10\n\x08\x64\x65graded\x18\x02 \x01(\x08\x12\x17\n\x0f\x64\x65graded_reason\x18\x03 \x01(\t\x12.\n\x0c\x64\x65gradations\x18\x08 \x03(\x0b\x32\x18.twostage.v1.Degradation\x12>\n\ntimings_ms\x18\x04 \x03(\x0b\x32*.twostage.v1.SearchResponse.TimingsMsEntry\x12\x12\n\ncandidates\x18\x05 \x01(\r\x12\x10\n\x08reranked\x18\x06 \x01(\r\x12\x12\n\nrequest_id\x18\x07 \x01(\t\x12\x15\n\rrerank_cached\x18\t \x01(\r\x1a\x30\n\x0eTimingsMsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01\"\x8f\x02\n\x0bGatewayInfo\x12\x0f\n\x07version\x18\x01 \x01(\t\x12\x16\n\x0erecall_targets\x18\x02 \x03(\t\x12\x16\n\x0ererank_targets\x18\x03 \x03(\t\x12\x19\n\x11\x64\x65\x66\x61ult_budget_ms\x18\x04 \x01(\r\x12\"\n\x06limits\x18\x05 \x03(\x0b\x32\x12.twostage.v1.Limit\x12\x31\n\x0e\x64\x65\x66\x61ult_fusion\x18\x06 \x01(\x0e\x32\x19.twostage.v1.FusionMethod\x12\x1c\n\x14\x64\x65\x66\x61ult_fusion_alpha\x18\x07 \x01(\x02\x12\x15\n\rdefault_top_k\x18\x08 \x01(\r\x12\x18\n\x10\x64\x65\x66\x61ult_recall_k\x18\t \x01(\r*x\n\x0c\x46usionMethod\x12\x1d\n\x19\x46USION_METHOD_UNSPECIFIED\x10\x00\x12\x0f\n\x0b\x46USION_NONE\x10\x01\x12\x11\n\rFUSION_LINEAR\x10\x02\x12\x0e\n\nFUSION_RRF\x10\x03\x12\x15\n\x11\x46USION_CALIBRATED\x10\x04*\xc7\x01\n\x0f\x44\x65gradationCode\x12 \n\x1c\x44\x45GRADATION_CODE_UNSPECIFIED\x10\x00\x12\x12\n\x0eRERANK_PARTIAL\x10\x01\x12\x12\n\x0eRERANK_SKIPPED\x10\x02\x12\x12\n\x0eRERANK_TIMEOUT\x10\x03\x12\x15\n\x11RERANK_OVERLOADED\x10\x04\x12\x16\n\x12RERANK_UNAVAILABLE\x10\x05\x12\x12\n\x0eRECALL_PARTIAL\x10\x06\x12\x13\n\x0fQUERY_TRUNCATED\x10\x07\x32\xc8\x02\n\x07Gateway\x12\x41\n\x06Search\x12\x1a.twostage.v1.SearchRequest\x1a\x1b.twostage.v1.SearchResponse\x12:\n\x04Info\x12\x18.twostage.v1.InfoRequest\x1a\x18.twostage.v1.GatewayInfo\x12\x41\n\x06Upsert\x12\x1a.twostage.v1.UpsertRequest\x1a\x1b.twostage.v1.UpsertResponse\x12\x41\n\x06\x44\x65lete\x12\x1a.twostage.v1.DeleteRequest\x1a\x1b.twostage.v1.DeleteResponse\x12\x38\n\x03Get\x12\x17.twostage.v1.GetRequest\x1a\x18.twostage.v1.GetResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x19twostage/v1/gateway.proto\x12\x0btwostage.v1\x1a\x18twostage/v1/common.proto\"\xa5\x03\n\rSearchRequest\x12\r\n\x05query\x18\x01 \x01(\t\x12\r\n\x05top_k\x18\x02 \x01(\r\x12\x10\n\x08recall_k\x18\x03 \x01(\r\x12\x11\n\tbudget_ms\x18\x04 \x01(\r\x12\x12\n\nrequest_id\x18\x05 \x01(\t\x12)\n\x06\x66usion\x18\x06 \x01(\x0e\x32\x19.twostage.v1.FusionMethod\x12\x19\n\x0c\x66usion_alpha\x18\x07 \x01(\x02H\x00\x88\x01\x01\x12\x13\n\x0bskip_rerank\x18\x08 \x01(\x08\x12\x1c\n\x0fscore_threshold\x18\t \x01(\x02H\x01\x88\x01\x01\x12,\n\x0brecall_mode\x18\n \x01(\x0e\x32\x17.twostage.v1.RecallMode\x12#\n\x06\x66ilter\x18\x0b \x01(\x0b\x32\x13.twostage.v1.Filter\x12\x16\n\tprf_depth\x18\x0c \x01(\rH\x02\x88\x01\x01\x12\x17\n\nprf_weight\x18\r \x01(\x02H\x03\x88\x01\x01\x42\x0f\n\r_fusion_alphaB\x12\n\x10_score_thresholdB\x0c\n\n_prf_depthB\r\n\x0b_prf_weight\"\xe5\x02\n\x03Hit\x12\n\n\x02id\x18\x01 \x01(\t\x12\r\n\x05title\x18\x02 \x01(\t\x12\x0c\n\x04text\x18\x03 \x01(\t\x12\r\n\x05score\x18\x04 \x01(\x02\x12\x19\n\x0crerank_score\x18\x05 \x01(\x02H\x00\x88\x01\x01\x12\x13\n\x0brecall_rank\x18\x06 \x01(\r\x12\x14\n\x0crecall_score\x18\x07 \x01(\x02\x12\x30\n\x08metadata\x18\x08 \x03(\x0b\x32\x1e.twostage.v1.Hit.MetadataEntry\x12\x16\n\trelevance\x18\t \x01(\x02H\x01\x88\x01\x01\x12\x13\n\x0b\x64\x65nse_score\x18\n \x01(\x02\x12\x15\n\rlexical_score\x18\x0b \x01(\x02\x1aK\n\rMetadataEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12)\n\x05value\x18\x02 \x01(\x0b\x32\x1a.twostage.v1.MetadataValue:\x02\x38\x01\x42\x0f\n\r_rerank_scoreB\x0c\n\n_relevance\"I\n\x0b\x44\x65gradation\x12*\n\x04\x63ode\x18\x01 \x01(\x0e\x32\x1c.twostage.v1.DegradationCode\x12\x0e\n\x06\x64\x65tail\x18\x02 \x01(\t\"\xce\x02\n\x0eSearchResponse\x12\x1e\n\x04hits\x18\x01 \x03(\x0b\x32\x10.twostage.v1.Hit\x12\x10\n\x08\x64\x65graded\x18\x02 \x01(\x08\x12\x17\n\x0f\x64\x65graded_reason\x18\x03 \x01(\t\x12.\n\x0c\x64\x65gradations\x18\x08 \x03(\x0b\x32\x18.twostage.v1.Degradation\x12>\n\ntimings_ms\x18\x04 \x03(\x0b\x32*.twostage.v1.SearchResponse.TimingsMsEntry\x12\x12\n\ncandidates\x18\x05 \x01(\r\x12\x10\n\x08reranked\x18\x06 \x01(\r\x12\x12\n\nrequest_id\x18\x07 \x01(\t\x12\x15\n\rrerank_cached\x18\t \x01(\r\x1a\x30\n\x0eTimingsMsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01\"\x8f\x02\n\x0bGatewayInfo\x12\x0f\n\x07version\x18\x01 \x01(\t\x12\x16\n\x0erecall_targets\x18\x02 \x03(\t\x12\x16\n\x0ererank_targets\x18\x03 \x03(\t\x12\x19\n\x11\x64\x65\x66\x61ult_budget_ms\x18\x04 \x01(\r\x12\"\n\x06limits\x18\x05 \x03(\x0b\x32\x12.twostage.v1.Limit\x12\x31\n\x0e\x64\x65\x66\x61ult_fusion\x18\x06 \x01(\x0e\x32\x19.twostage.v1.FusionMethod\x12\x1c\n\x14\x64\x65\x66\x61ult_fusion_alpha\x18\x07 \x01(\x02\x12\x15\n\rdefault_top_k\x18\x08 \x01(\r\x12\x18\n\x10\x64\x65\x66\x61ult_recall_k\x18\t \x01(\r*x\n\x0c\x46usionMethod\x12\x1d\n\x19\x46USION_METHOD_UNSPECIFIED\x10\x00\x12\x0f\n\x0b\x46USION_NONE\x10\x01\x12\x11\n\rFUSION_LINEAR\x10\x02\x12\x0e\n\nFUSION_RRF\x10\x03\x12\x15\n\x11\x46USION_CALIBRATED\x10\x04*\xd8\x01\n\x0f\x44\x65gradationCode\x12 \n\x1c\x44\x45GRADATION_CODE_UNSPECIFIED\x10\x00\x12\x12\n\x0eRERANK_PARTIAL\x10\x01\x12\x12\n\x0eRERANK_SKIPPED\x10\x02\x12\x12\n\x0eRERANK_TIMEOUT\x10\x03\x12\x15\n\x11RERANK_OVERLOADED\x10\x04\x12\x16\n\x12RERANK_UNAVAILABLE\x10\x05\x12\x12\n\x0eRECALL_PARTIAL\x10\x06\x12\x13\n\x0fQUERY_TRUNCATED\x10\x07\x12\x0f\n\x0bPRF_SKIPPED\x10\x08\x32\xc8\x02\n\x07Gateway\x12\x41\n\x06Search\x12\x1a.twostage.v1.SearchRequest\x1a\x1b.twostage.v1.SearchResponse\x12:\n\x04Info\x12\x18.twostage.v1.InfoRequest\x1a\x18.twostage.v1.GatewayInfo\x12\x41\n\x06Upsert\x12\x1a.twostage.v1.UpsertRequest\x1a\x1b.twostage.v1.UpsertResponse\x12\x41\n\x06\x44\x65lete\x12\x1a.twostage.v1.DeleteRequest\x1a\x1b.twostage.v1.DeleteResponse\x12\x38\n\x03Get\x12\x17.twostage.v1.GetRequest\x1a\x18.twostage.v1.GetResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -36,24 +36,24 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_HIT_METADATAENTRY']._serialized_options = b'8\001'
   _globals['_SEARCHRESPONSE_TIMINGSMSENTRY']._loaded_options = None
   _globals['_SEARCHRESPONSE_TIMINGSMSENTRY']._serialized_options = b'8\001'
-  _globals['_FUSIONMETHOD']._serialized_start=1460
-  _globals['_FUSIONMETHOD']._serialized_end=1580
-  _globals['_DEGRADATIONCODE']._serialized_start=1583
-  _globals['_DEGRADATIONCODE']._serialized_end=1782
+  _globals['_FUSIONMETHOD']._serialized_start=1538
+  _globals['_FUSIONMETHOD']._serialized_end=1658
+  _globals['_DEGRADATIONCODE']._serialized_start=1661
+  _globals['_DEGRADATIONCODE']._serialized_end=1877
   _globals['_SEARCHREQUEST']._serialized_start=69
-  _globals['_SEARCHREQUEST']._serialized_end=412
-  _globals['_HIT']._serialized_start=415
-  _globals['_HIT']._serialized_end=772
-  _globals['_HIT_METADATAENTRY']._serialized_start=666
-  _globals['_HIT_METADATAENTRY']._serialized_end=741
-  _globals['_DEGRADATION']._serialized_start=774
-  _globals['_DEGRADATION']._serialized_end=847
-  _globals['_SEARCHRESPONSE']._serialized_start=850
-  _globals['_SEARCHRESPONSE']._serialized_end=1184
-  _globals['_SEARCHRESPONSE_TIMINGSMSENTRY']._serialized_start=1136
-  _globals['_SEARCHRESPONSE_TIMINGSMSENTRY']._serialized_end=1184
-  _globals['_GATEWAYINFO']._serialized_start=1187
-  _globals['_GATEWAYINFO']._serialized_end=1458
-  _globals['_GATEWAY']._serialized_start=1785
-  _globals['_GATEWAY']._serialized_end=2113
+  _globals['_SEARCHREQUEST']._serialized_end=490
+  _globals['_HIT']._serialized_start=493
+  _globals['_HIT']._serialized_end=850
+  _globals['_HIT_METADATAENTRY']._serialized_start=744
+  _globals['_HIT_METADATAENTRY']._serialized_end=819
+  _globals['_DEGRADATION']._serialized_start=852
+  _globals['_DEGRADATION']._serialized_end=925
+  _globals['_SEARCHRESPONSE']._serialized_start=928
+  _globals['_SEARCHRESPONSE']._serialized_end=1262
+  _globals['_SEARCHRESPONSE_TIMINGSMSENTRY']._serialized_start=1214
+  _globals['_SEARCHRESPONSE_TIMINGSMSENTRY']._serialized_end=1262
+  _globals['_GATEWAYINFO']._serialized_start=1265
+  _globals['_GATEWAYINFO']._serialized_end=1536
+  _globals['_GATEWAY']._serialized_start=1880
+  _globals['_GATEWAY']._serialized_end=2208
 # @@protoc_insertion_point(module_scope)
