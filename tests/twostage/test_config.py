@@ -11,6 +11,7 @@ from twostage.errors import ConfigError
 def parse(argv):
     parser = argparse.ArgumentParser()
     add_settings_flags(parser, RerankSettings)
+    parser.add_argument("--settings-file")
     return parser.parse_args(argv)
 
 
@@ -79,3 +80,39 @@ def test_every_field_has_a_description():
     for cls in (RerankSettings, RecallSettings, GatewaySettings):
         for name, field in cls.model_fields.items():
             assert field.description, f"{cls.__name__}.{name} is undocumented"
+
+
+def test_a_settings_file_sits_below_env_and_flags(tmp_path, monkeypatch):
+    """What 'twostage eval --tune' writes: one file for every service, each reading its own lines."""
+    from gateway.config import GatewaySettings
+
+    path = tmp_path / "tuned.env"
+    path.write_text("# tuned\nTWOSTAGE_RERANK_MAX_WAIT_MS=4\nexport TWOSTAGE_RERANK_MAX_BATCH_SIZE='16'\n\n"
+                    "TWOSTAGE_GATEWAY_FUSION_ALPHA=0.4\n")
+    settings = settings_from_args(RerankSettings, parse(["--settings-file", str(path)]))
+    assert (settings.max_wait_ms, settings.max_batch_size) == (4.0, 16)
+    monkeypatch.setenv("TWOSTAGE_RERANK_MAX_WAIT_MS", "6")
+    assert settings_from_args(RerankSettings, parse(["--settings-file", str(path)])).max_wait_ms == 6.0
+    assert settings_from_args(RerankSettings, parse(["--settings-file", str(path), "--max-wait-ms", "1"])
+                              ).max_wait_ms == 1.0
+    gateway = argparse.ArgumentParser()
+    add_settings_flags(gateway, GatewaySettings)
+    gateway.add_argument("--settings-file")
+    assert settings_from_args(GatewaySettings, gateway.parse_args(["--settings-file", str(path)])).fusion_alpha == 0.4
+
+
+def test_a_settings_file_with_a_typo_or_a_stray_line_is_refused(tmp_path):
+    typo = tmp_path / "typo.env"
+    typo.write_text("TWOSTAGE_RERANK_MAX_WAIT=4\n")
+    with pytest.raises(ConfigError, match=r"typo.env, line 1: TWOSTAGE_RERANK_MAX_WAIT is no setting of RerankSettings"):
+        settings_from_args(RerankSettings, parse(["--settings-file", str(typo)]))
+    stray = tmp_path / "stray.env"
+    stray.write_text("TWOSTAGE_RERANK_MAX_WAIT_MS=4\nfusion_alpha 0.4\n")
+    with pytest.raises(ConfigError, match=r"line 2: expected TWOSTAGE_..._NAME=VALUE"):
+        settings_from_args(RerankSettings, parse(["--settings-file", str(stray)]))
+    bad = tmp_path / "bad.env"
+    bad.write_text("TWOSTAGE_RERANK_MAX_WAIT_MS=-1\n")
+    with pytest.raises(ConfigError, match="--max-wait-ms / TWOSTAGE_RERANK_MAX_WAIT_MS = '-1'"):
+        settings_from_args(RerankSettings, parse(["--settings-file", str(bad)]))
+    with pytest.raises(ConfigError, match="settings file .*missing.env"):
+        settings_from_args(RerankSettings, parse(["--settings-file", str(tmp_path / "missing.env")]))
