@@ -112,3 +112,12 @@ async def test_too_little_time_for_a_second_pass_skips_it_and_says_so(recall_ser
     assert passed.prf_hits == 0 and "ms left, a second pass needs about" in passed.prf_skipped
     expected = first_pass(service.index, service.settings, query, vector, 10, "hybrid")
     assert [(c.document.id, c.score, c.dense_score, c.lexical_score) for c in passed.candidates] == expected
+
+
+async def test_the_recall_benchmark_reports_what_feedback_adds(built_index, demo_data):
+    from twostage.bench.recall import mode_latency
+
+    report = await mode_latency(built_index, list(demo_data["queries"].values())[:3], 10)
+    assert set(report["p50_ms"]) == {"dense", "lexical", "hybrid", "hybrid+prf"}
+    assert report["prf"] == {"depth": feedback.DEFAULT.depth, "weight": feedback.DEFAULT.weight}
+    assert report["prf_step_p50_ms"] > 0 and "prf_added_p50_ms" in report
