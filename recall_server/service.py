@@ -5,8 +5,10 @@ import contextlib
 import dataclasses
 import json
 import logging
+import threading
 import time
 import uuid
+from collections import OrderedDict
 from dataclasses import dataclass
 
 import numpy as np
@@ -95,6 +97,36 @@ class RecallAnswer:
     prf_skipped: str = ""  # why feedback that was asked for did not run (too little time left)
 
 
+class KeptMatches:
+    """The BM25 matches a first round of feedback across shards read (it asks for vectors), kept for the gateway's
+    second round of the same query, which then reads BM25 no more than one server's own feedback does. Bounded;
+    a write or an index switch makes what is kept unusable."""
+
+    def __init__(self, size: int = 64):
+        self.size = size
+        self._kept: OrderedDict = OrderedDict()
+        self._lock = threading.Lock()  # searches run in threads
+        self._generation = 0
+
+    def key(self, index: DocumentIndex, query: str, filter_: Filter | None, k: int, mode: str) -> tuple:
+        return id(index), self._generation, query, repr(filter_), k, mode
+
+    def keep(self, key: tuple, matches: list) -> None:
+        with self._lock:
+            self._kept[key] = matches
+            while len(self._kept) > self.size:
+                self._kept.popitem(last=False)
+
+    def take(self, key: tuple) -> list | None:
+        with self._lock:
+            return self._kept.pop(key, None)
+
+    def invalidate(self) -> None:
+        with self._lock:
+            self._generation += 1
+            self._kept.clear()
+
+
 @dataclass(frozen=True)
 class _Pass:
     ranked: list[tuple[int, float]]
@@ -129,6 +161,7 @@ class RecallService:
         self._fitting: asyncio.Task | None = None
         self._last_fit = float("-inf")
         self._refit_later: asyncio.TimerHandle | None = None
+        self._kept_matches = KeptMatches()
 
     async def start(self) -> None:
         s = self.settings
@@ -185,6 +218,7 @@ class RecallService:
             # One step, no await between: whoever reads the served snapshot reads the index that goes with it.
             self.index = fresh
             served()
+            self._kept_matches.invalidate()
         self._refit_soon()
         if old is not None:
             await self._leases.wait_idle(old)
@@ -328,11 +362,16 @@ class RecallService:
               feedback_vector: np.ndarray | None = None) -> "RecallAnswer":
         """Runs off the event loop: the index and SQLite block. A filtered dense search stops at ``deadline_s``
         (time.monotonic()): cancelling the call cannot stop this thread."""
+        # Before BM25 is read: a write that lands meanwhile makes what is kept under this key unusable.
+        kept = self._kept_matches.key(index, query, filter_, k, mode)
         if feedback_vector is not None:
-            return self._answer(index, vector, self._pass(index, query, feedback_vector, k, mode, filter_, deadline_s),
-                                return_vectors, refined=True)
+            second = self._pass(index, query, feedback_vector, k, mode, filter_, deadline_s,
+                                self._kept_matches.take(kept))
+            return self._answer(index, vector, second, return_vectors, refined=True)
         first = self._pass(index, query, vector, k, mode, filter_, deadline_s)
         if not prf.active or not first.ranked:
+            if return_vectors and first.matches is not None:  # a gateway's first round: its second reads the same
+                self._kept_matches.keep(kept, first.matches)
             return self._answer(index, vector, first, return_vectors)
         started = time.perf_counter()
         # The second pass costs about what the first did (less: BM25 is read once), so it needs that much time.
@@ -435,7 +474,10 @@ class RecallService:
             if snapshot_version:
                 self._served_snapshot(snapshot_version)
             with self._leases.hold(self.index) as index:
-                return await finish_even_if_cancelled(asyncio.to_thread(write, index))
+                try:
+                    return await finish_even_if_cancelled(asyncio.to_thread(write, index))
+                finally:
+                    self._kept_matches.invalidate()
 
     async def _replayed(self, request_id: str) -> WriteReply | None:
         check_request_id(request_id)

@@ -121,3 +121,19 @@ async def test_the_recall_benchmark_reports_what_feedback_adds(built_index, demo
     assert set(report["p50_ms"]) == {"dense", "lexical", "hybrid", "hybrid+prf"}
     assert report["prf"] == {"depth": feedback.DEFAULT.depth, "weight": feedback.DEFAULT.weight}
     assert report["prf_step_p50_ms"] > 0 and "prf_added_p50_ms" in report
+
+
+def test_a_first_rounds_bm25_serves_one_second_round_until_a_write():
+    from recall_server.service import KeptMatches
+
+    kept, index = KeptMatches(size=2), object()
+    key = kept.key(index, "q", None, 10, "hybrid")
+    kept.keep(key, [(1, 2.5)])
+    assert kept.take(key) == [(1, 2.5)] and kept.take(key) is None
+    kept.keep(key, [(1, 2.5)])
+    kept.invalidate()  # a write, or an index switch
+    assert kept.take(key) is None and kept.key(index, "q", None, 10, "hybrid") != key
+    for query in ("a", "b", "c"):
+        kept.keep(kept.key(index, query, None, 10, "hybrid"), [])
+    assert kept.take(kept.key(index, "a", None, 10, "hybrid")) is None  # the oldest went first
+    assert kept.take(kept.key(index, "c", None, 10, "hybrid")) == []

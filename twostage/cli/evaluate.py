@@ -32,7 +32,7 @@ def register(commands) -> None:
                         "gain held out by cross-validation over queries beside the in-sample gain, and write the "
                         "best to --tune-out if it beats the defaults held out")
     parser.add_argument("--tune-grid", action="append", default=[], metavar="NAME=V1,V2",
-                        help="the values --tune searches for a name (default: alpha=0.3,...,0.7, prf_depth=0,1,2,3,5,8, "
+                        help="the values --tune searches for a name (default: alpha=0.3,...,0.7, prf_depth=0,3,5,8, "
                         "prf_weight=0.3,0.5,0.7) (repeatable)")
     parser.add_argument("--tune-out", type=Path, default=Path("tuned.env"),
                         help="the settings file --tune writes (serve it with --settings-file)")
@@ -117,9 +117,9 @@ def print_report(report: dict) -> None:
         for value, row in report.get(f"sweep_{name}", {}).items():
             recall_at = next(key for key in row if key.startswith("recall@"))
             cost = f", feedback p50 {row['prf_p50_ms']:.1f} ms" if row["prf_p50_ms"] is not None else ""
+            final = "" if recall_alone else f"; final nDCG@10 {row['final_ndcg@10']:.4f}"
             print(f"  {name}={value}: recall nDCG@10 {row['ndcg@10']:.4f}, {recall_at.capitalize()} "
-                  f"{row[recall_at]:.4f}; final nDCG@10 {row['final_ndcg@10']:.4f}, mean latency "
-                  f"{row['mean_latency_ms']:.1f} ms{cost}")
+                  f"{row[recall_at]:.4f}{final}, mean latency {row['mean_latency_ms']:.1f} ms{cost}")
     if report.get("prf", {}).get("answers"):
         print(f"  pseudo-relevance feedback ran for {report['prf']['answers']} of {report['queries']} answers, "
               f"p50 {report['prf']['p50_ms']:.1f} ms")

@@ -23,7 +23,7 @@ from twostage.evaluation.metrics import ndcg_at
 # Values searched when --tune-grid does not say. alpha: the weight of rerank in the gateway's fusion.
 GRIDS: dict[str, list] = {
     "alpha": [0.3, 0.4, 0.5, 0.6, 0.7],
-    "prf_depth": [0, 1, 2, 3, 5, 8],
+    "prf_depth": [0, 3, 5, 8],
     "prf_weight": [0.3, 0.5, 0.7],
 }
 CASTS = {"alpha": float, "prf_depth": int, "prf_weight": float}
