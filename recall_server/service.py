@@ -92,7 +92,7 @@ class RecallAnswer:
     candidates: list[Candidate]
     timings: dict[str, float]
     mode: str  # the mode that answered
-    vector: np.ndarray  # what the first pass searched: the query's embedding, or the vector given
+    vector: np.ndarray  # the query's embedding (computed, or given)
     prf_hits: int = 0  # the hits pseudo-relevance feedback was formed from (0: it did not run)
     prf_skipped: str = ""  # why feedback that was asked for did not run (too little time left)
 
@@ -320,9 +320,9 @@ class RecallService:
                      vector: np.ndarray | None = None, feedback_vector: np.ndarray | None = None,
                      return_vectors: int = 0) -> "RecallAnswer":
         """A search. ``vector``: the query's embedding, given (BM25 still reads the query). Pseudo-relevance feedback
-        per ``prf_depth`` and ``prf_weight`` (None: the settings, for hybrid searches), or, with ``feedback_vector`` (formed elsewhere
-        from a first pass over several shards), only its second pass. The stored vectors of the first
-        ``return_vectors`` candidates come back with them."""
+        per ``prf_depth`` and ``prf_weight`` (None: the settings, for hybrid searches), or, with ``feedback_vector``
+        (formed elsewhere from a first pass over several shards), only its second pass. The stored vectors of the
+        first ``return_vectors`` candidates come back with them."""
         self._require_ready()
         s = self.settings
         errors.check_text("query", query, s.max_query_chars)
@@ -363,15 +363,15 @@ class RecallService:
         """Runs off the event loop: the index and SQLite block. A filtered dense search stops at ``deadline_s``
         (time.monotonic()): cancelling the call cannot stop this thread."""
         # Before BM25 is read: a write that lands meanwhile makes what is kept under this key unusable.
-        kept = self._kept_matches.key(index, query, filter_, k, mode)
+        matches_key = self._kept_matches.key(index, query, filter_, k, mode)
         if feedback_vector is not None:
             second = self._pass(index, query, feedback_vector, k, mode, filter_, deadline_s,
-                                self._kept_matches.take(kept))
+                                self._kept_matches.take(matches_key))
             return self._answer(index, vector, second, return_vectors, refined=True)
         first = self._pass(index, query, vector, k, mode, filter_, deadline_s)
         if not prf.active or not first.ranked:
-            if return_vectors and first.matches is not None:  # a gateway's first round: its second reads the same
-                self._kept_matches.keep(kept, first.matches)
+            if return_vectors and mode == "hybrid":  # a gateway's first round: its second reads the same BM25
+                self._kept_matches.keep(matches_key, first.matches)
             return self._answer(index, vector, first, return_vectors)
         started = time.perf_counter()
         # The second pass costs about what the first did (less: BM25 is read once), so it needs that much time.
@@ -387,7 +387,8 @@ class RecallService:
             return self._answer(index, vector, first, return_vectors, prf_ms=_ms_since(started),
                                 skipped="the deadline passed during the second pass")
         # search_ms and lexical_ms are the first pass's; prf_ms is the feedback and the second pass.
-        return self._answer(index, vector, dataclasses.replace(second, timings=first.timings), return_vectors, refined=True, prf_ms=_ms_since(started),
+        second = dataclasses.replace(second, timings=first.timings)
+        return self._answer(index, vector, second, return_vectors, refined=True, prf_ms=_ms_since(started),
                             prf_hits=len(hits))
 
     def _answer(self, index: DocumentIndex, vector: np.ndarray, final: "_Pass", return_vectors: int,

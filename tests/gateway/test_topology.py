@@ -58,8 +58,8 @@ async def test_merged_shards_equal_the_single_index(stack, recall_target, gatewa
     single = await gateway(recall_targets=recall_target, **no_rerank)
     for query in QUERIES:
         # One round (feedback, a second round, is the next test's).
-        request = gateway_pb2.SearchRequest(query=query, top_k=20, recall_k=20, recall_mode=common_pb2.RECALL_MODE_DENSE,
-                                            prf_depth=0)
+        request = gateway_pb2.SearchRequest(query=query, top_k=20, recall_k=20, prf_depth=0,
+                                            recall_mode=common_pb2.RECALL_MODE_DENSE)
         a, b = await sharded.Search(request), await single.Search(request)
         assert recall_order(a) == recall_order(b)
         assert a.candidates == b.candidates == 20

@@ -93,7 +93,8 @@ async def test_hybrid_gets_feedback_by_default_dense_when_asked_lexical_never(st
     query = next(iter(demo_data["queries"].values()))
 
     async def hits(mode: str, **fields) -> int:
-        return (await stub.Search(recall_pb2.RecallSearchRequest(query=query, k=10, mode=MODES[mode], **fields))).prf_hits
+        request = recall_pb2.RecallSearchRequest(query=query, k=10, mode=MODES[mode], **fields)
+        return (await stub.Search(request)).prf_hits
 
     info = await stub.Info(common_pb2.InfoRequest())
     assert (info.prf_depth, info.prf_weight) == (feedback.DEFAULT.depth, feedback.DEFAULT.weight)

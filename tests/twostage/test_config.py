@@ -104,7 +104,7 @@ def test_a_settings_file_sits_below_env_and_flags(tmp_path, monkeypatch):
 def test_a_settings_file_with_a_typo_or_a_stray_line_is_refused(tmp_path):
     typo = tmp_path / "typo.env"
     typo.write_text("TWOSTAGE_RERANK_MAX_WAIT=4\n")
-    with pytest.raises(ConfigError, match=r"typo.env, line 1: TWOSTAGE_RERANK_MAX_WAIT is no setting of RerankSettings"):
+    with pytest.raises(ConfigError, match=r"line 1: TWOSTAGE_RERANK_MAX_WAIT is no setting of RerankSettings"):
         settings_from_args(RerankSettings, parse(["--settings-file", str(typo)]))
     stray = tmp_path / "stray.env"
     stray.write_text("TWOSTAGE_RERANK_MAX_WAIT_MS=4\nfusion_alpha 0.4\n")

@@ -134,7 +134,8 @@ def test_a_tuned_setting_is_judged_held_out_and_refused_when_it_loses_there(tmp_
     assert judged["best"] == better and judged["chosen_per_fold"] == [better] * 5
     assert judged["held_out"] == pytest.approx(0.6)
     report.update({"names": ["alpha", "prf_depth"], "best": {"alpha": 0.6, "prf_depth": 3}, "held_out_gain": 0.1})
-    assert write_if_better(report, out, "scifact", "test", 20) == f"written to {out} (serve it with --settings-file {out})"
+    outcome = write_if_better(report, out, "scifact", "test", 20)
+    assert outcome == f"written to {out} (serve it with --settings-file {out})"
     assert read_settings_file(out, GatewaySettings) == {"fusion_alpha": "0.6"}
     assert read_settings_file(out, RecallSettings) == {"prf_depth": "3"}
 
