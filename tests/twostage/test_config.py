@@ -1,4 +1,5 @@
 import argparse
+from pathlib import Path
 
 import pydantic
 import pytest
@@ -116,3 +117,14 @@ def test_a_settings_file_with_a_typo_or_a_stray_line_is_refused(tmp_path):
         settings_from_args(RerankSettings, parse(["--settings-file", str(bad)]))
     with pytest.raises(ConfigError, match="settings file .*missing.env"):
         settings_from_args(RerankSettings, parse(["--settings-file", str(tmp_path / "missing.env")]))
+
+
+def test_serve_all_hands_its_settings_file_to_every_process(tmp_path):
+    from twostage.stack import Stack
+
+    (tmp_path / "index").mkdir()
+    (tmp_path / "index" / "index.json").write_text("{}")
+    stack = Stack("127.0.0.1", 1, str(tmp_path / "index"), settings_file="tuned.env")
+    stages, gateway = stack._security_flags()
+    expected = ["--settings-file", str((Path.cwd() / "tuned.env").resolve())]
+    assert stages == gateway == expected
