@@ -161,3 +161,7 @@ async def test_cli_search_prints_json(gateway_target, capsys):
     assert len(printed["hits"]) == 3 and printed["degraded"] is False
     assert {"id", "score", "rerank_score", "recall_rank", "recall_score", "title", "text"} <= set(printed["hits"][0])
     assert "total_ms" in printed["timings"]
+    assert "prf_ms" in printed["timings"]  # hybrid recall ran feedback
+    code = await asyncio.to_thread(main, ["search", "vitamin B12 and homocysteine", "--target", gateway_target,
+                                          "--recall-k", "8", "--top-k", "3", "--prf-depth", "0", "--json"])
+    assert code == 0 and "prf_ms" not in json.loads(capsys.readouterr().out)["timings"]
