@@ -55,7 +55,7 @@ from dataclasses import dataclass
 from gateway.recall_tier import RecallShard, ShardWrite
 from twostage import errors
 from twostage.corpus import Document
-from twostage.documents import DocumentLimits, check_documents, check_ids, check_request_id
+from twostage.documents import DEFAULT_LIMITS, DocumentLimits, check_documents, check_ids, check_request_id
 from twostage.sharding import shard_of
 from twostage.versions import HybridClock, Version
 
@@ -130,9 +130,9 @@ class DocumentRouter:
     def _document_limits(self) -> DocumentLimits:
         limits = self.limits
         return DocumentLimits(
-            getattr(limits, "recall_max_upsert_docs", None) or 1000,
-            getattr(limits, "recall_max_doc_chars", None) or 100_000,
-            getattr(limits, "recall_max_id_chars", None) or 256,
+            getattr(limits, "recall_max_upsert_docs", None) or DEFAULT_LIMITS.max_docs,
+            getattr(limits, "recall_max_doc_chars", None) or DEFAULT_LIMITS.max_doc_chars,
+            getattr(limits, "recall_max_id_chars", None) or DEFAULT_LIMITS.max_id_chars,
         )
 
     def _split(self, ids: list[str]) -> dict[int, list[int]]:
