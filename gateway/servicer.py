@@ -5,9 +5,10 @@ import logging
 import grpc
 
 from gateway.config import GatewaySettings
+from gateway.embedding import EmbedTextsQuery
 from gateway.fusion import FUSIONS
 from gateway.lifecycle import GatewayLifecycle
-from gateway.pipeline import SearchQuery
+from gateway.pipeline import RerankTextsQuery, SearchQuery
 from gateway.writes import WriteResult
 from twostage import __version__
 from twostage.auth import caller_may_see_internals
@@ -45,6 +46,11 @@ def _write_fields(result: WriteResult) -> dict:
     }
 
 
+def _degradations(result) -> list[gateway_pb2.Degradation]:
+    return [gateway_pb2.Degradation(code=gateway_pb2.DegradationCode.Value(d.code.name), detail=d.detail)
+            for d in result.degradations]
+
+
 class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
     def __init__(self, lifecycle: "GatewayLifecycle"):
         self.lifecycle = lifecycle
@@ -78,16 +84,42 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
             ],
             degraded=result.degraded,
             degraded_reason=result.degraded_reason,
-            degradations=[
-                gateway_pb2.Degradation(code=gateway_pb2.DegradationCode.Value(d.code.name), detail=d.detail)
-                for d in result.degradations
-            ],
+            degradations=_degradations(result),
             timings_ms=result.timings_ms,
             candidates=result.candidates,
             reranked=result.reranked,
             rerank_cached=result.rerank_cached if result.reranked else 0,
             request_id=result.request_id,
         )
+
+    @translate_errors
+    async def Rerank(self, request: gateway_pb2.RerankTextsRequest, context: grpc.aio.ServicerContext):
+        result = await self.lifecycle.ready_pipeline().rerank_texts(RerankTextsQuery(
+            query=request.query, documents=list(request.documents), top_n=request.top_n, budget_ms=request.budget_ms,
+            request_id=request.request_id, deadline_s=deadline_of(context), model=request.model))
+        return gateway_pb2.RerankTextsResponse(
+            results=[gateway_pb2.RankedText(index=r.index, score=r.score, relevance=r.relevance)
+                     for r in result.results],
+            degraded=result.degraded,
+            degraded_reason=result.degraded_reason,
+            degradations=_degradations(result),
+            timings_ms=result.timings_ms,
+            scored=result.scored,
+            cached=result.cached,
+            request_id=result.request_id,
+            model=result.model,
+        )
+
+    @translate_errors
+    async def Embed(self, request: gateway_pb2.EmbedTextsRequest, context: grpc.aio.ServicerContext):
+        result = await self.lifecycle.ready_embedder().embed(EmbedTextsQuery(
+            texts=list(request.texts), is_query=request.is_query, model=request.model, dimensions=request.dimensions,
+            normalize=request.normalize, budget_ms=request.budget_ms, request_id=request.request_id,
+            deadline_s=deadline_of(context)))
+        return gateway_pb2.EmbedTextsResponse(
+            embeddings=[gateway_pb2.Vector(values=v) for v in result.vectors.tolist()],
+            dims=result.vectors.shape[1], model=result.model, tokens=result.tokens, timings_ms=result.timings_ms,
+            request_id=result.request_id)
 
     def _write_timeout_s(self, context: grpc.aio.ServicerContext) -> float:
         remaining = context.time_remaining()

@@ -46,6 +46,7 @@ ADMIN_METHODS = {
 REPLICA_METHODS = {"/twostage.v1.Recall/Changes", "/twostage.v1.Recall/Digest", "/twostage.v1.Recall/Versions"}
 SEARCH_METHODS = {
     "/twostage.v1.Gateway/Search", "/twostage.v1.Gateway/Info", "/twostage.v1.Gateway/Get",
+    "/twostage.v1.Gateway/Rerank", "/twostage.v1.Gateway/Embed",
     "/twostage.v1.Recall/Search", "/twostage.v1.Recall/Embed", "/twostage.v1.Recall/Get",
     "/twostage.v1.Recall/Info", "/twostage.v1.Rerank/Rerank", "/twostage.v1.Rerank/Info",
 }
