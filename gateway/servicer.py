@@ -145,35 +145,43 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
 
     @translate_errors
     async def Info(self, request: common_pb2.InfoRequest, context: grpc.aio.ServicerContext):
-        pipeline = self.lifecycle.ready_pipeline()
-        s = pipeline.settings
-        internals = caller_may_see_internals()  # addresses are for operators (admin), not search clients
+        info = info_fields(self.lifecycle)
         return gateway_pb2.GatewayInfo(
-            version=__version__,
-            recall_targets=[shard.target.spec for shard in pipeline.recall] if internals else [],
-            rerank_targets=[r.target for r in pipeline.rerank.replicas] if internals else [],
-            default_budget_ms=s.default_budget_ms,
-            default_fusion=CODE_BY_FUSION[s.fusion],
-            default_fusion_alpha=s.fusion_alpha,
-            default_top_k=s.default_top_k,
-            default_recall_k=s.default_recall_k,
-            limits=[
-                common_pb2.Limit(name=name, value=getattr(s, name))
-                for name in ("max_top_k", "max_budget_ms")
-            ] + [
-                common_pb2.Limit(name="max_recall_k", value=pipeline.max_recall_k()),
-                common_pb2.Limit(name="max_query_chars", value=pipeline.max_query_chars()),
-            ],
-        )
+            **{**info, "default_fusion": CODE_BY_FUSION[info["default_fusion"]],
+               "limits": [common_pb2.Limit(name=name, value=value) for name, value in info["limits"].items()]})
+
+
+def info_fields(lifecycle: GatewayLifecycle) -> dict:
+    """GatewayInfo's fields (fusion by name, limits as a dict), for gRPC's Info and HTTP's /v1/info."""
+    pipeline = lifecycle.ready_pipeline()
+    s = pipeline.settings
+    internals = caller_may_see_internals()  # addresses are for operators (admin), not search clients
+    return {
+        "version": __version__,
+        "recall_targets": [shard.target.spec for shard in pipeline.recall] if internals else [],
+        "rerank_targets": [r.target for r in pipeline.rerank.replicas] if internals else [],
+        "default_budget_ms": s.default_budget_ms,
+        "default_fusion": s.fusion,
+        "default_fusion_alpha": s.fusion_alpha,
+        "default_top_k": s.default_top_k,
+        "default_recall_k": s.default_recall_k,
+        "limits": {"max_top_k": s.max_top_k, "max_budget_ms": s.max_budget_ms, "max_recall_k": pipeline.max_recall_k(),
+                   "max_query_chars": pipeline.max_query_chars()},
+    }
 
 
 def build_server(settings: GatewaySettings) -> GrpcService:
     """The GrpcService for a gateway (not yet started)."""
     lifecycle = GatewayLifecycle(settings)
-    return GrpcService(
+    service = GrpcService(
         "gateway",
         settings,
         [gateway_pb2.DESCRIPTOR.services_by_name["Gateway"].full_name],
         lambda server: gateway_pb2_grpc.add_GatewayServicer_to_server(GatewayServicer(lifecycle), server),
         lifecycle,
     )
+    if settings.http_port is not None:
+        from gateway.http import HttpFace
+
+        service.add_listener(HttpFace(service, lifecycle))
+    return service
