@@ -104,7 +104,7 @@ async def read_body(request: Request, limit: int) -> None:
     request._body = b"".join(chunks)  # Starlette's cache of the body, which FastAPI reads
 
 
-class _Server(uvicorn.Server):
+class EmbeddedServer(uvicorn.Server):
     """uvicorn inside a loop it does not own: the gateway's signals stay the gateway's."""
 
     def capture_signals(self):
@@ -123,7 +123,7 @@ class HttpFace:
         self.app = build_app(self)
         self.in_flight = 0
         self.port = 0
-        self._server: _Server | None = None
+        self._server: EmbeddedServer | None = None
         self._socket: socket.socket | None = None
         self._main = None
 
@@ -182,7 +182,7 @@ class HttpFace:
             ssl_context_factory=(lambda config, default: tls) if tls else None,
         )
         config.load()
-        self._server = _Server(config)
+        self._server = EmbeddedServer(config)
         self._server.lifespan = config.lifespan_class(config)
         await self._server.startup(sockets=[self._socket])
         self._main = asyncio.get_running_loop().create_task(self._server.main_loop())
