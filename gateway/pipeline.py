@@ -106,6 +106,7 @@ class RerankTextsResult(Degradable):
     degradations: list[Degradation] = field(default_factory=list)
     scored: int = 0
     cached: int = 0
+    tokens: int = 0
     timings_ms: dict[str, float] = field(default_factory=dict)
 
 
@@ -240,6 +241,7 @@ class SearchPipeline:
         if q.top_n:
             result.results = result.results[:q.top_n]
         result.scored, result.cached = len(outcome.scores), min(outcome.cached, len(outcome.scores))
+        result.tokens = outcome.tokens
         result.timings_ms = {**{f"rerank.{name}": ms for name, ms in outcome.timings_ms.items()},
                              "rerank_ms": 1000 * (time.monotonic() - start)}
         result.timings_ms["total_ms"] = result.timings_ms["rerank_ms"]
@@ -453,6 +455,7 @@ def _merge(merged: RerankOutcome, outcome: RerankOutcome, offset: int) -> None:
         merged.timings_ms[name] = ms if name.endswith("_per_pair") else merged.timings_ms.get(name, 0.0) + ms
     merged.query_truncated |= outcome.query_truncated
     merged.cached += outcome.cached
+    merged.tokens += outcome.tokens
     merged.failed_slices += outcome.failed_slices
     merged.error = outcome.error or merged.error
 

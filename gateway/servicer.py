@@ -108,6 +108,7 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
             cached=result.cached,
             request_id=result.request_id,
             model=result.model,
+            tokens=result.tokens,
         )
 
     @translate_errors

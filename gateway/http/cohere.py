@@ -7,6 +7,8 @@ objects; ``document`` comes back as ``{"text": ...}`` when ``return_documents`` 
 (the budget scored only some documents) lists those and names the rest in ``X-Twostage-Degraded``.
 """
 
+import time
+
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse
 from pydantic import ConfigDict, Field
@@ -69,6 +71,9 @@ def router(face) -> APIRouter:
             "id": result.request_id, "results": results,
             "meta": {"api_version": {"version": version}, "billed_units": {"search_units": 1},
                      "model": result.model},
+            # What Infinity's clients read besides Cohere's fields.
+            "object": "rerank", "model": result.model, "created": int(time.time()),
+            "usage": {"prompt_tokens": result.tokens, "total_tokens": result.tokens},
         }, headers=degraded_headers(result))
 
     @routes.post("/v1/rerank", openapi_extra=calls("Gateway/Rerank"), summary="Rank documents (Cohere v1)")

@@ -185,7 +185,7 @@ class RankedText(_message.Message):
     def __init__(self, index: _Optional[int] = ..., score: _Optional[float] = ..., relevance: _Optional[float] = ...) -> None: ...
 
 class RerankTextsResponse(_message.Message):
-    __slots__ = ("results", "degraded", "degraded_reason", "degradations", "timings_ms", "scored", "cached", "request_id", "model")
+    __slots__ = ("results", "degraded", "degraded_reason", "degradations", "timings_ms", "scored", "cached", "request_id", "model", "tokens")
     class TimingsMsEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -202,6 +202,7 @@ class RerankTextsResponse(_message.Message):
     CACHED_FIELD_NUMBER: _ClassVar[int]
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     MODEL_FIELD_NUMBER: _ClassVar[int]
+    TOKENS_FIELD_NUMBER: _ClassVar[int]
     results: _containers.RepeatedCompositeFieldContainer[RankedText]
     degraded: bool
     degraded_reason: str
@@ -211,7 +212,8 @@ class RerankTextsResponse(_message.Message):
     cached: int
     request_id: str
     model: str
-    def __init__(self, results: _Optional[_Iterable[_Union[RankedText, _Mapping]]] = ..., degraded: _Optional[bool] = ..., degraded_reason: _Optional[str] = ..., degradations: _Optional[_Iterable[_Union[Degradation, _Mapping]]] = ..., timings_ms: _Optional[_Mapping[str, float]] = ..., scored: _Optional[int] = ..., cached: _Optional[int] = ..., request_id: _Optional[str] = ..., model: _Optional[str] = ...) -> None: ...
+    tokens: int
+    def __init__(self, results: _Optional[_Iterable[_Union[RankedText, _Mapping]]] = ..., degraded: _Optional[bool] = ..., degraded_reason: _Optional[str] = ..., degradations: _Optional[_Iterable[_Union[Degradation, _Mapping]]] = ..., timings_ms: _Optional[_Mapping[str, float]] = ..., scored: _Optional[int] = ..., cached: _Optional[int] = ..., request_id: _Optional[str] = ..., model: _Optional[str] = ..., tokens: _Optional[int] = ...) -> None: ...
 
 class EmbedTextsRequest(_message.Message):
     __slots__ = ("texts", "is_query", "model", "dimensions", "normalize", "budget_ms", "request_id")
