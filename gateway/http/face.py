@@ -24,6 +24,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from fastapi.routing import APIRoute
 from starlette.exceptions import HTTPException
+from starlette.requests import ClientDisconnect
 
 from twostage import errors
 from twostage.auth import CALLER_ROLE, role_for_bearer
@@ -96,12 +97,58 @@ async def read_body(request: Request, limit: int) -> None:
     if declared.isdigit() and int(declared) > limit:
         raise errors.TooLarge(f"the body is {int(declared)} bytes; the limit is {limit} (max_message_mb)")
     chunks, size = [], 0
-    async for chunk in request.stream():
-        size += len(chunk)
-        if size > limit:
-            raise errors.TooLarge(f"the body is over {limit} bytes, the limit (max_message_mb)")
-        chunks.append(chunk)
+    try:
+        async for chunk in request.stream():
+            size += len(chunk)
+            if size > limit:
+                raise errors.TooLarge(f"the body is over {limit} bytes, the limit (max_message_mb)")
+            chunks.append(chunk)
+    except ClientDisconnect:
+        raise errors.Cancelled("the client went away while sending its body") from None
     request._body = b"".join(chunks)  # Starlette's cache of the body, which FastAPI reads
+
+
+async def until_disconnected(request: Request, work: Awaitable[Response]) -> Response:
+    """``work``, cancelled if the client goes away first (as gRPC cancels a call whose caller left): its
+    budget of the tiers goes to callers still waiting."""
+    task = asyncio.ensure_future(work)
+
+    async def disconnected() -> None:
+        while (await request.receive())["type"] != "http.disconnect":
+            pass
+
+    watch = asyncio.ensure_future(disconnected())
+    try:
+        await asyncio.wait([task, watch], return_when=asyncio.FIRST_COMPLETED)
+    except asyncio.CancelledError:  # the server is stopping past its grace period
+        task.cancel()
+        raise
+    finally:
+        watch.cancel()
+    if not task.done():
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+        raise errors.Cancelled("the client went away")
+    return task.result()
+
+
+def listen(host: str, port: int, reuse_port: bool = False) -> socket.socket:
+    """A listening TCP socket, bound here so that a port in use is an error at start and 0 picks a free one.
+    Made with IPPROTO_TCP as its protocol: asyncio turns Nagle's algorithm off only on such sockets, and with it
+    on, a response written in two pieces waits for the client's delayed ACK (40 ms)."""
+    family, kind, proto, _, address = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM,
+                                                         proto=socket.IPPROTO_TCP, flags=socket.AI_PASSIVE)[0]
+    sock = socket.socket(family, kind, proto)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        if reuse_port:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        sock.bind(address)
+        sock.listen(2048)
+    except OSError:
+        sock.close()
+        raise
+    return sock
 
 
 class EmbeddedServer(uvicorn.Server):
@@ -146,7 +193,7 @@ class HttpFace:
                 await read_body(request, self.settings.max_message_mb * 2**20)
                 reset = CALLER_ROLE.set(role)
                 try:
-                    response = await handler(request)
+                    response = await until_disconnected(request, handler(request))
                 finally:
                     CALLER_ROLE.reset(reset)
             finally:
@@ -168,7 +215,7 @@ class HttpFace:
     async def start(self) -> int:
         s = self.settings
         try:
-            self._socket = socket.create_server((s.host, s.http_port), reuse_port=s.reuse_port)
+            self._socket = listen(s.host, s.http_port, s.reuse_port)
         except OSError as error:
             raise OSError(f"gateway: cannot serve HTTP on {s.host}:{s.http_port}: {error.strerror}; stop what "
                           "holds it or choose another --http-port") from None

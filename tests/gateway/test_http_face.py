@@ -32,7 +32,7 @@ async def face(recall_target, rerank_target):
                                           rerank_targets=rerank_target, max_embed_texts=MAX_EMBED_TEXTS,
                                           max_message_mb=MAX_MESSAGE_MB))
     port = await server.start()
-    yield f"http://127.0.0.1:{server.listeners[0].port}", f"127.0.0.1:{port}"
+    yield f"http://127.0.0.1:{server.listeners[0].port}", f"127.0.0.1:{port}", server.listeners[0]
     await server.stop(grace_s=1)
 
 
@@ -277,6 +277,28 @@ async def test_a_body_over_the_limit_is_refused_before_it_is_read(face):
     status_line = await asyncio.wait_for(reader.readline(), 30)
     writer.close()
     assert status_line.split()[1] == b"413"
+
+
+async def wait_for(condition, timeout_s: float = 30) -> None:
+    """Until ``condition()`` holds (checked every 10 ms), or fail."""
+    async with asyncio.timeout(timeout_s):
+        while not condition():
+            await asyncio.sleep(0.01)
+
+
+async def test_a_client_that_goes_away_cancels_its_work(face, http):
+    """As gRPC cancels a call whose caller left: the rerank stops, and is counted as CANCELLED."""
+    host, port = face[0].removeprefix("http://").split(":")
+    body = json.dumps({"query": QUERY, "texts": [f"{i} {TEXTS[i % 4]} (left behind)" for i in range(60)]}).encode()
+    _, writer = await asyncio.open_connection(host, int(port))
+    writer.write(b"POST /rerank HTTP/1.1\r\nhost: x\r\ncontent-type: application/json\r\n"
+                 + f"content-length: {len(body)}\r\n\r\n".encode() + body)
+    await writer.drain()
+    await wait_for(lambda: face[2].in_flight == 1)
+    writer.close()
+    await wait_for(lambda: face[2].in_flight == 0)
+    metrics = (await http.get("/metrics")).text
+    assert 'twostage_rpc_requests_total{code="CANCELLED",method="Gateway/Rerank",protocol="http"}' in metrics
 
 
 # --- Tokens (401, 403) and TLS as gRPC has them; 503 when a tier is down ------------------------------------

@@ -16,7 +16,7 @@ import time
 
 import grpc
 
-from gateway.http.face import EmbeddedServer
+from gateway.http.face import EmbeddedServer, listen
 from twostage.bench.gateway import bench_index
 from twostage.bench.report import machine, write_json
 from twostage.corpus import DEMO_CORPUS, read_corpus, read_queries
@@ -24,24 +24,31 @@ from twostage.model_store import fetch_defaults
 from twostage.stack import Stack
 from twostage.v1 import gateway_pb2, gateway_pb2_grpc
 
+# The gateway plans each rerank against the tier's backlog counted at the model's cost per pair; at saturation
+# that backlog (cached pairs too) would refuse calls a short budget cannot cover. The faces are measured here,
+# not admission: the largest budget.
+BUDGET_MS = 60_000
+
 
 def _calls(stub, session, base: str, queries: list[str], texts: list[str]) -> dict:
     """name -> (gRPC call, HTTP call), each taking the i-th request."""
 
     async def search_grpc(i):
-        await stub.Search(gateway_pb2.SearchRequest(query=queries[i % len(queries)], recall_k=4, top_k=4))
+        await stub.Search(gateway_pb2.SearchRequest(query=queries[i % len(queries)], recall_k=4, top_k=4,
+                                                    budget_ms=BUDGET_MS))
 
     async def search_http(i):
         async with session.post(f"{base}/v1/search", json={"query": queries[i % len(queries)], "recall_k": 4,
-                                                             "top_k": 4}) as answer:
+                                                             "top_k": 4, "budget_ms": BUDGET_MS}) as answer:
             assert answer.status == 200, await answer.text()
             await answer.read()
 
     async def rerank_grpc(i):
-        await stub.Rerank(gateway_pb2.RerankTextsRequest(query=queries[i % 5], documents=texts))
+        await stub.Rerank(gateway_pb2.RerankTextsRequest(query=queries[i % 5], documents=texts, budget_ms=BUDGET_MS))
 
     async def rerank_http(i):
-        async with session.post(f"{base}/rerank", json={"query": queries[i % 5], "texts": texts}) as answer:
+        async with session.post(f"{base}/rerank", json={"query": queries[i % 5], "texts": texts},
+                                headers={"X-Twostage-Budget-Ms": str(BUDGET_MS)}) as answer:
             assert answer.status == 200, await answer.text()
             await answer.read()
 
@@ -109,8 +116,6 @@ async def compare_faces(stack: Stack, queries: list[str], texts: list[str], requ
 
 async def compare_frameworks(requests: int, clients: int) -> dict:
     """The same JSON route on FastAPI/uvicorn (httptools) and on aiohttp.web, in this process."""
-    import socket
-
     import aiohttp
     import uvicorn
     from aiohttp import web
@@ -135,7 +140,7 @@ async def compare_frameworks(requests: int, clients: int) -> dict:
     aio = web.Application()
     aio.router.add_post("/rerank", aio_rerank)
 
-    sock = socket.create_server(("127.0.0.1", 0))
+    sock = listen("127.0.0.1", 0)
     config = uvicorn.Config(fast, http="httptools", lifespan="off", log_config=None, access_log=False)
     config.load()
     server = EmbeddedServer(config)
