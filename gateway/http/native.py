@@ -12,6 +12,7 @@ from gateway.fusion import FUSIONS
 from gateway.http.app import Body, UInt32
 from gateway.http.face import Dialect, calls, dialect_route
 from gateway.pipeline import SearchQuery
+from gateway.servicer import info_fields
 from gateway.writes import WriteResult
 from twostage import errors
 from twostage.corpus import Document
@@ -151,8 +152,6 @@ def router(face) -> APIRouter:
 
     @routes.get("/v1/info", openapi_extra=calls("Gateway/Info"), summary="Defaults and limits (Gateway.Info)")
     async def info():
-        from gateway.servicer import info_fields
-
         return JSONResponse(info_fields(lifecycle))
 
     return routes
