@@ -164,6 +164,13 @@ class RecallClient(_Client):
         reply = await self._call(self.stub.Delete, request, timeout_s)
         return WriteReply.of(reply, reply.deleted)
 
+    async def embed(self, texts: list[str], is_query: bool, timeout_s: float | None,
+                    model: str = "") -> tuple[list[list[float]], int]:
+        """(one embedding per text, tokens the model read)."""
+        request = recall_pb2.EmbedRequest(texts=texts, is_query=is_query, model=model)
+        reply = await self._call(self.stub.Embed, request, timeout_s)
+        return [list(e.values) for e in reply.embeddings], reply.tokens
+
     async def get(self, ids: list[str], timeout_s: float | None) -> list[Document]:
         reply = await self._call(self.stub.Get, common_pb2.GetRequest(ids=ids), timeout_s)
         return [document_from_proto(d) for d in reply.documents]

@@ -22,6 +22,13 @@ class GatewaySettings(ServiceSettings):
     model_config = SettingsConfigDict(env_prefix="TWOSTAGE_GATEWAY_", frozen=True, extra="forbid")
 
     port: int = Field(50051, ge=0, le=65535, description="Port to bind; 0 picks a free one.")
+    http_port: int | None = Field(
+        None, ge=0, le=65535,
+        description="Also serve HTTP/JSON on this port, in the same process: twostage's own routes (/v1/search, "
+        "/v1/documents) and TEI's, Cohere's and OpenAI's (/rerank, /embed, /v1/rerank, /v2/rerank, /v1/embeddings), "
+        "with the same tokens, TLS and limits as gRPC. Unset: off (a listener nobody asked for is not opened); "
+        "0 picks a free one.",
+    )
     recall_targets: str = Field(
         "127.0.0.1:50052",
         description="Comma-separated recall shards in shard order; each is host:port, a|b (replicas of the shard), "
@@ -69,6 +76,11 @@ class GatewaySettings(ServiceSettings):
         20.0, ge=0, description="If less than this is left after recall, rerank is skipped (degraded: rerank_skipped)."
     )
     max_query_chars: int = Field(2048, ge=1, description="Longest query accepted.")
+    max_embed_texts: int = Field(
+        2048, ge=1,
+        description="Most texts in one Embed request; the gateway cuts it into pieces of the size a recall replica "
+        "accepts and spreads them over the tier.",
+    )
     fusion: Literal["none", "linear", "rrf", "calibrated"] = Field(
         "calibrated",
         description="Final score: calibrated (both scores on the logit scale with constants fitted from the index, "

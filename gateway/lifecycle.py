@@ -15,6 +15,7 @@ import time
 
 from gateway.clients import RecallClient, RerankClient, channel_options
 from gateway.config import GatewaySettings
+from gateway.embedding import TextEmbedder
 from gateway.pipeline import SearchPipeline, StageLimits
 from gateway.recall_tier import RecallShard
 from gateway.rerank_pool import RerankPool
@@ -33,6 +34,7 @@ class GatewayLifecycle:
         self.settings = settings
         self.pipeline: SearchPipeline | None = None
         self.router: DocumentRouter | None = None
+        self.embedder: TextEmbedder | None = None
         self.shards: list[RecallShard] = []
         self.pool: RerankPool | None = None
         self.limits = StageLimits()
@@ -51,6 +53,11 @@ class GatewayLifecycle:
         if self.router is None:
             raise NotReady("gateway is starting")
         return self.router
+
+    def ready_embedder(self) -> TextEmbedder:
+        if self.embedder is None:
+            raise NotReady("gateway is starting")
+        return self.embedder
 
     async def start(self) -> None:
         s = self.settings
@@ -81,6 +88,7 @@ class GatewayLifecycle:
         self.pipeline = SearchPipeline(s, self.shards, self.pool, self.limits)
         self.router = DocumentRouter(self.shards, self.limits, s.write_quorum, s.request_id_ttl_s,
                                      shard_replicas=s.shard_replicas)
+        self.embedder = TextEmbedder(s, self.shards, self.limits)
         self._tasks = [
             asyncio.create_task(self.pool.watch_health(self._stop, s.health_check_period_s)),
             asyncio.create_task(self._follow_membership()),
@@ -128,7 +136,7 @@ class GatewayLifecycle:
         for client, names in (
             (recall, {"max_query_chars": "recall_max_query_chars", "max_k": "recall_max_k",
                       "max_upsert_docs": "recall_max_upsert_docs", "max_doc_chars": "recall_max_doc_chars",
-                      "max_id_chars": "recall_max_id_chars"}),
+                      "max_id_chars": "recall_max_id_chars", "max_embed_texts": "recall_max_embed_texts"}),
             (rerank, {"max_query_chars": "rerank_max_query_chars", "max_documents": "rerank_max_documents",
                       "max_document_chars": "rerank_max_document_chars"}),
         ):
@@ -141,6 +149,10 @@ class GatewayLifecycle:
                 continue
             published = {limit.name: limit.value for limit in info.limits}
             self.limits.update(**{ours: published.get(theirs, 0) for theirs, ours in names.items()})
+            if client is recall:
+                self.limits.update(embed_model=info.model, embed_dims=info.dims)
+            else:
+                self.limits.update(rerank_model=info.model, rerank_max_length=info.max_length)
             if client is recall and (fusion := hybrid_fusion_from_proto(info.hybrid_fusion)):
                 self.limits.recall_hybrid_fusion = fusion
                 self.limits.recall_hybrid_dense_weight = info.hybrid_dense_weight

@@ -28,10 +28,14 @@ def observe_search(result) -> None:
     for stage in ("recall", "rerank", "total"):
         if f"{stage}_ms" in result.timings_ms:
             STAGE_LATENCY.labels(stage).observe(result.timings_ms[f"{stage}_ms"] / 1000)
-    for degradation in result.degradations:
-        DEGRADED.labels(degradation.code.value).inc()
+    observe_degradations(result.degradations)
     RERANK_DEPTH.observe(result.reranked)
     if result.candidates:
         RERANK_SHARE.observe(result.reranked / result.candidates)
     for hit in result.hits:
         PROMOTION_DEPTH.observe(hit.recall_rank)
+
+
+def observe_degradations(degradations) -> None:
+    for degradation in degradations:
+        DEGRADED.labels(degradation.code.value).inc()

@@ -20,11 +20,11 @@ from dataclasses import dataclass, field
 
 from gateway.clients import RecallCandidate
 from gateway.config import GatewaySettings
-from gateway.degradation import Degradation, DegradationCode
+from gateway.degradation import Degradable, Degradation, DegradationCode
 from gateway.fusion import DEFAULT_CALIBRATION, FUSIONS, Calibration, fuse, mean_calibration, recall_part, relevance
-from gateway.metrics import observe_search
+from gateway.metrics import observe_degradations, observe_search
 from gateway.recall_tier import RecallShard
-from gateway.rerank_pool import RerankOutcome, RerankPool
+from gateway.rerank_pool import RerankOutcome, RerankPool, is_callers_mistake
 from twostage import errors
 from twostage.corpus import Document, MetadataValue, document_text
 from twostage.filters import Filter
@@ -66,7 +66,7 @@ class Hit:
 
 
 @dataclass
-class SearchResult:
+class SearchResult(Degradable):
     hits: list[Hit]
     request_id: str
     degradations: list[Degradation] = field(default_factory=list)
@@ -77,16 +77,37 @@ class SearchResult:
     recall_mode: str | None = None  # the mode the recall shards answered in
     calibration: Calibration | None = None  # the answering shards' fitted score calibration (None: none fitted)
 
-    def degrade(self, code: DegradationCode, detail: str = "") -> None:
-        self.degradations.append(Degradation(code, detail))
 
-    @property
-    def degraded(self) -> bool:
-        return bool(self.degradations)
+@dataclass(frozen=True)
+class RerankTextsQuery:
+    """The caller's own documents to score against a query (Gateway.Rerank)."""
 
-    @property
-    def degraded_reason(self) -> str:
-        return "; ".join(map(str, self.degradations))
+    query: str
+    documents: list[str]
+    top_n: int = 0
+    budget_ms: int = 0
+    request_id: str = ""
+    deadline_s: float | None = None  # client deadline, time.monotonic() clock
+    model: str = ""
+
+
+@dataclass(frozen=True)
+class RankedText:
+    index: int  # position in the request
+    score: float | None  # the cross-encoder's logit; None: the budget left it unscored
+    relevance: float | None
+
+
+@dataclass
+class RerankTextsResult(Degradable):
+    results: list[RankedText]
+    request_id: str
+    model: str
+    degradations: list[Degradation] = field(default_factory=list)
+    scored: int = 0
+    cached: int = 0
+    tokens: int = 0
+    timings_ms: dict[str, float] = field(default_factory=dict)
 
 
 @dataclass
@@ -102,13 +123,27 @@ class StageLimits:
     rerank_max_query_chars: int | None = None
     rerank_max_documents: int | None = None
     rerank_max_document_chars: int | None = None
+    recall_max_embed_texts: int | None = None
     recall_hybrid_fusion: str | None = None  # how the shards fuse hybrid lists; the gateway fuses their union alike
     recall_hybrid_dense_weight: float | None = None
+    # What the stages serve, for Rerank and Embed replies and the HTTP face's /info.
+    rerank_model: str | None = None
+    rerank_max_length: int | None = None
+    embed_model: str | None = None
+    embed_dims: int | None = None
 
-    def update(self, **limits: int) -> None:
+    def update(self, **limits: int | str) -> None:
         for name, value in limits.items():
             if value:
                 setattr(self, name, value)
+
+
+def resolve_budget(settings: GatewaySettings, budget_ms: int, request_id: str) -> tuple[float, str]:
+    """What every read request has, checked and defaults filled: (budget_s, request_id)."""
+    errors.check_limit("budget_ms", budget_ms, 0, 2**31 - 1)
+    if request_id and not _REQUEST_ID.match(request_id):
+        raise errors.InvalidArgument("request_id must be 1-128 characters of letters, digits and ._:/-")
+    return min(budget_ms or settings.default_budget_ms, settings.max_budget_ms) / 1000, request_id or uuid.uuid4().hex
 
 
 class SearchPipeline:
@@ -140,17 +175,78 @@ class SearchPipeline:
         errors.check_limit("recall_k", recall_k, 1, self.max_recall_k())
         if top_k > recall_k:
             raise errors.InvalidArgument(f"top_k ({top_k}) must not exceed recall_k ({recall_k})")
-        errors.check_limit("budget_ms", q.budget_ms, 0, 2**31 - 1)
-        if q.request_id and not _REQUEST_ID.match(q.request_id):
-            raise errors.InvalidArgument("request_id must be 1-128 characters of letters, digits and ._:/-")
+        budget_s, request_id = resolve_budget(self.settings, q.budget_ms, q.request_id)
         if q.fusion is not None and q.fusion not in FUSIONS:
             raise errors.InvalidArgument(f"fusion must be one of {', '.join(FUSIONS)}, got {q.fusion!r}")
         if q.fusion_alpha is not None and not 0 <= q.fusion_alpha <= 1:
             raise errors.InvalidArgument(f"fusion_alpha must be between 0 and 1, got {q.fusion_alpha}")
         if q.score_threshold is not None and not math.isfinite(q.score_threshold):
             raise errors.InvalidArgument("score_threshold must be a finite number")
-        budget_ms = min(q.budget_ms or s.default_budget_ms, s.max_budget_ms)
-        return top_k, recall_k, budget_ms / 1000, q.request_id or uuid.uuid4().hex
+        return top_k, recall_k, budget_s, request_id
+
+    def max_rerank_documents(self) -> int:
+        return min(v for v in (self.settings.max_recall_k, self.limits.rerank_max_documents) if v)
+
+    def resolve_rerank(self, q: RerankTextsQuery) -> tuple[float, str]:
+        """Validate a Rerank request as the rerank tier would, before any replica sees it: (budget_s, request_id)."""
+        errors.check_text("query", q.query, min(v for v in (self.settings.max_query_chars,
+                                                            self.limits.rerank_max_query_chars) if v))
+        most = self.max_rerank_documents()
+        errors.check_limit("documents (count)", len(q.documents), 1, most)
+        max_chars = self.limits.rerank_max_document_chars or 100_000
+        for i, document in enumerate(q.documents):
+            if len(document) > max_chars:
+                raise errors.InvalidArgument(f"documents[{i}] is {len(document)} characters; the limit is {max_chars}")
+        errors.check_limit("top_n", q.top_n, 0, most)
+        served = self.limits.rerank_model
+        if q.model and served and q.model != served:
+            raise errors.InvalidArgument(f"unknown model {q.model!r}; the rerank tier serves {served!r}")
+        return resolve_budget(self.settings, q.budget_ms, q.request_id)
+
+    async def rerank_texts(self, q: RerankTextsQuery) -> RerankTextsResult:
+        """Score the caller's documents within the budget: as many as it affords (more as time frees up), the
+        rest left unscored after them (a partial answer, degraded). With none scored it is the tier's error."""
+        budget_s, request_id = self.resolve_rerank(q)
+        s = self.settings
+        start = time.monotonic()
+        deadline = start + budget_s if q.deadline_s is None else min(start + budget_s, q.deadline_s)
+        rerank_deadline = deadline - s.return_margin_ms / 1000
+        left_ms = 1000 * (rerank_deadline - start)
+        if not self.rerank.available():
+            raise errors.Unavailable("no rerank replica is available; retry later")
+        depth = self._affordable_depth(left_ms, len(q.documents))
+        if depth == 0:
+            raise errors.DeadlineExceeded(f"{1000 * (deadline - start):.0f} ms affords no pair on the rerank tier "
+                                          "now; allow more budget_ms (or a longer deadline)")
+        outcome = await self._rerank_with_top_ups(q.query, q.documents, depth, rerank_deadline, request_id)
+        result = RerankTextsResult([], request_id, self.limits.rerank_model or "")
+        if outcome.error is not None and not outcome.scores:
+            if is_callers_mistake(outcome.error):
+                raise outcome.error
+            log.warning("request %s: rerank failed: %s", request_id, outcome.error)
+            # Worded here: the pool's own messages may name replicas' addresses, which are for the log.
+            raise {
+                errors.DeadlineExceeded: errors.DeadlineExceeded(
+                    f"no document was scored within {1000 * (deadline - start):.0f} ms; allow more budget_ms "
+                    "(or a longer deadline)"),
+                errors.Overloaded: errors.Overloaded("every rerank replica shed the load; retry later"),
+            }.get(type(outcome.error), errors.Unavailable("no rerank replica could score the documents"))
+        if outcome.query_truncated:
+            result.degrade(DegradationCode.QUERY_TRUNCATED, "rerank read the start of the query")
+        if len(outcome.scores) < len(q.documents):
+            result.degrade(DegradationCode.RERANK_PARTIAL, f"{len(outcome.scores)} of {len(q.documents)} scored")
+        ranked = sorted(outcome.scores.items(), key=lambda pair: -pair[1])
+        result.results = [RankedText(i, score, relevance(score)) for i, score in ranked] + [
+            RankedText(i, None, None) for i in range(len(q.documents)) if i not in outcome.scores]
+        if q.top_n:
+            result.results = result.results[:q.top_n]
+        result.scored, result.cached = len(outcome.scores), min(outcome.cached, len(outcome.scores))
+        result.tokens = outcome.tokens
+        result.timings_ms = {**{f"rerank.{name}": ms for name, ms in outcome.timings_ms.items()},
+                             "rerank_ms": 1000 * (time.monotonic() - start)}
+        result.timings_ms["total_ms"] = result.timings_ms["rerank_ms"]
+        observe_degradations(result.degradations)
+        return result
 
     async def search(self, q: SearchQuery) -> SearchResult:
         top_k, recall_k, budget_s, request_id = self.resolve(q)
@@ -359,6 +455,7 @@ def _merge(merged: RerankOutcome, outcome: RerankOutcome, offset: int) -> None:
         merged.timings_ms[name] = ms if name.endswith("_per_pair") else merged.timings_ms.get(name, 0.0) + ms
     merged.query_truncated |= outcome.query_truncated
     merged.cached += outcome.cached
+    merged.tokens += outcome.tokens
     merged.failed_slices += outcome.failed_slices
     merged.error = outcome.error or merged.error
 

@@ -88,6 +88,7 @@ class RerankOutcome:
     error: errors.TwostageError | None = None
     query_truncated: bool = False
     cached: int = 0  # pairs a replica answered from its score cache
+    tokens: int = 0  # tokens the replicas read for the pairs scored
 
 
 def is_callers_mistake(error: Exception) -> bool:
@@ -237,6 +238,7 @@ class RerankPool:
         self._observe(replica, len(positions) - reply.unscored, reply, 1000 * (time.monotonic() - start))
         outcome.query_truncated |= reply.query_truncated
         outcome.cached += reply.cached
+        outcome.tokens += reply.tokens
         for local, score in reply.scores.items():
             outcome.scores[positions[local]] = score
         if reply.unscored:

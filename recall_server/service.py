@@ -247,10 +247,16 @@ class RecallService:
             raise errors.NotReady("recall server is still loading its model and index")
 
     async def _embed(self, texts: list[str], is_query: bool, deadline_s: float | None) -> np.ndarray:
+        return (await self._embed_counted(texts, is_query, deadline_s))[0]
+
+    async def _embed_counted(self, texts: list[str], is_query: bool,
+                             deadline_s: float | None) -> tuple[np.ndarray, int]:
+        """The embeddings, and the tokens the model read."""
         encoded = await asyncio.to_thread(self.embedder.encode, texts, is_query)
         # Documents (writes) yield to queries in the batcher: a bulk upsert never holds searches back.
         done = await self.batcher.submit(encoded, [e.length for e in encoded], deadline_s, bulk=not is_query)
-        return np.stack(done.values) if done.values else np.empty((0, self.embedder.dims), np.float32)
+        vectors = np.stack(done.values) if done.values else np.empty((0, self.embedder.dims), np.float32)
+        return vectors, sum(e.length for e in encoded)
 
     async def search(self, query: str, k: int, deadline_s: float | None = None, mode: str | None = None,
                      filter_: Filter | None = None) -> tuple[list[Candidate], dict, str]:
@@ -308,14 +314,16 @@ class RecallService:
                       for key, score in ranked if key in docs]
         return candidates, timings
 
-    async def embed(self, texts: list[str], is_query: bool, model: str, deadline_s: float | None) -> np.ndarray:
+    async def embed(self, texts: list[str], is_query: bool, model: str,
+                    deadline_s: float | None) -> tuple[np.ndarray, int]:
+        """The embeddings of ``texts``, and the tokens the model read."""
         self._require_ready()
         errors.check_limit("texts (count)", len(texts), 1, self.settings.max_embed_texts)
         for i, text in enumerate(texts):
             errors.check_text(f"texts[{i}]", text, self.settings.max_doc_chars)
         if model and model != self.embedder.name:
             raise errors.InvalidArgument(f"unknown model {model!r}; this server serves {self.embedder.name!r}")
-        return await self._embed(texts, is_query, deadline_s)
+        return await self._embed_counted(texts, is_query, deadline_s)
 
     def _check_owned(self, ids: list[str]) -> None:
         """A sharded index holds only its ids: a write for another shard would leave a second copy."""

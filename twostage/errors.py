@@ -57,6 +57,18 @@ class ModelMismatch(TwostageError):
     """An index or request refers to a model other than the one loaded."""
 
 
+class TooLarge(InvalidArgument):
+    """The request's body is over the size limit (gRPC refuses such a message itself)."""
+
+
+class Unauthenticated(TwostageError):
+    """No token, or one the tokens file does not hold."""
+
+
+class PermissionDenied(TwostageError):
+    """The token's role may not call this."""
+
+
 def check_limit(field: str, value: int, low: int, high: int) -> None:
     """Raise InvalidArgument naming the field and its allowed range."""
     if not low <= value <= high:

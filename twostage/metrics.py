@@ -131,11 +131,24 @@ RECALL_SNAPSHOT_CHECK_FAILURES = prom.Counter(
     "twostage_recall_snapshot_check_failures_total",
     "Looks for a newer snapshot that failed (unreadable, damaged or half-synced); each is retried at the next poll",
 )
-RPC_REQUESTS = prom.Counter("twostage_rpc_requests_total", "RPCs handled", ["method", "code"])
+# protocol: grpc, or http for the gateway's HTTP/JSON face (its routes counted under the RPC each one calls, with
+# the gRPC code its answer's status stands for).
+RPC_REQUESTS = prom.Counter("twostage_rpc_requests_total", "RPCs handled", ["method", "code", "protocol"])
 RPC_LATENCY = prom.Histogram(
-    "twostage_rpc_latency_seconds", "Server-side RPC latency", ["method"],
+    "twostage_rpc_latency_seconds", "Server-side RPC latency", ["method", "protocol"],
     buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30),
 )
+
+
+def observe_rpc(method: str, code: str, protocol: str, elapsed_s: float, request_id: str = "") -> None:
+    """Count, time and log one call, whichever face it came through."""
+    RPC_REQUESTS.labels(method, code, protocol).inc()
+    RPC_LATENCY.labels(method, protocol).observe(elapsed_s)
+    access_log.info(
+        "%s %s %.1f ms", method, code, 1000 * elapsed_s,
+        extra={"request_id": request_id, "method": method, "code": code, "protocol": protocol,
+               "latency_ms": round(1000 * elapsed_s, 2)},
+    )
 
 
 class RpcMetricsInterceptor(grpc.aio.ServerInterceptor):
@@ -164,14 +177,7 @@ class RpcMetricsInterceptor(grpc.aio.ServerInterceptor):
                 code = context.code().name if context.code() is not None else "UNKNOWN"
                 raise
             finally:
-                elapsed = time.perf_counter() - start
-                RPC_REQUESTS.labels(method, code).inc()
-                RPC_LATENCY.labels(method).observe(elapsed)
-                access_log.info(
-                    "%s %s %.1f ms", method, code, 1000 * elapsed,
-                    extra={"request_id": getattr(request, "request_id", ""), "method": method, "code": code,
-                           "latency_ms": round(1000 * elapsed, 2)},
-                )
+                observe_rpc(method, code, "grpc", time.perf_counter() - start, getattr(request, "request_id", ""))
 
         return grpc.unary_unary_rpc_method_handler(
             observed,

@@ -38,6 +38,15 @@ class Lifecycle(Protocol):
     async def close(self) -> None: ...  # drain and release
 
 
+class Listener(Protocol):
+    """Another face of the same service in the same process (the gateway's HTTP/JSON): bound when the gRPC
+    port is, answering from the same lifecycle, stopped with it."""
+
+    async def start(self) -> int: ...  # bind and serve (ready or not, as service.ready says); the port
+    async def stop(self, grace_s: float) -> None: ...  # stop accepting, give requests in flight grace_s
+    def describe(self) -> str: ...
+
+
 LIVENESS = "liveness"
 WATCHDOG_PERIOD_S = 1.0
 
@@ -61,10 +70,13 @@ class GrpcService:
         interceptors: list[grpc.aio.ServerInterceptor] = [RpcMetricsInterceptor()]
         reflection_on = settings.reflection == "on" or (settings.reflection == "auto" and not settings.auth_tokens)
         slots = settings.max_concurrent_rpcs
+        # The tokens, shared with any other listener of this service: one file, one reload, one answer.
+        self.tokens: TokenFile | TokenFiles | None = None
         if settings.auth_tokens:
             files = [TokenFile(path) for path in (settings.auth_tokens, settings.auth_tokens_extra) if path]
+            self.tokens = files[0] if len(files) == 1 else TokenFiles(files)
             interceptors.append(TokenAuthInterceptor(
-                files[0] if len(files) == 1 else TokenFiles(files), open_reflection=reflection_on,
+                self.tokens, open_reflection=reflection_on,
                 max_open_rpcs=settings.max_open_rpcs, message_timeout_s=settings.message_timeout_s))
             # Calls without a token get max_open_rpcs slots on top, so they can never take the others.
             slots += settings.max_open_rpcs
@@ -106,12 +118,21 @@ class GrpcService:
             reflection.enable_server_reflection(
                 [*service_names, health.SERVICE_NAME, reflection.SERVICE_NAME], self.server
             )
+        self.listeners: list[Listener] = []
         self.port = 0
         self.metrics_port = 0
         self._started = False
         self._ready = False  # loaded and not draining
         self._stalled = False
         self._watchdog: asyncio.Task | None = None
+
+    def add_listener(self, listener: Listener) -> None:
+        self.listeners.append(listener)
+
+    @property
+    def ready(self) -> bool:
+        """Readiness as health reports it: loaded, not draining, the model thread moving."""
+        return self._ready and not self._stalled
 
     async def _set_health(self, status) -> None:
         """Readiness: the server as a whole and each service."""
@@ -177,6 +198,8 @@ class GrpcService:
             log.info("%s metrics on http://%s:%d/metrics", self.name, s.metrics_host, s.metrics_port)
         await self.server.start()
         self._started = True
+        for listener in self.listeners:
+            await listener.start()
         security = ("mutual TLS" if s.tls_client_auth else "TLS") if s.tls_dir else "plaintext"
         log.info("%s listening on %s:%d (%s%s; NOT_SERVING until loaded)", self.name, s.host, self.port, security,
                  ", bearer tokens" if s.auth_tokens else "")
@@ -190,11 +213,12 @@ class GrpcService:
     def describe(self) -> str:
         """Where it listens, for the line a supervisor waits for."""
         metrics = f", metrics on {self.settings.metrics_host}:{self.metrics_port}" if self.metrics_port else ""
-        return f"{self.name} serving on port {self.port}{metrics}"
+        others = "".join(f", {listener.describe()}" for listener in self.listeners)
+        return f"{self.name} serving on port {self.port}{others}{metrics}"
 
     async def stop(self, grace_s: float | None = None) -> None:
         if not self._started:
-            await self.server.stop(0)
+            await asyncio.gather(self.server.stop(0), *(listener.stop(0) for listener in self.listeners))
             if self.probe_server is not None:
                 await self.probe_server.stop(0)
             return
@@ -207,7 +231,8 @@ class GrpcService:
         await self.health.enter_graceful_shutdown()
         if self._watchdog is not None:
             self._watchdog.cancel()
-        await self.server.stop(self.settings.grace_period_s if grace_s is None else grace_s)
+        grace_s = self.settings.grace_period_s if grace_s is None else grace_s
+        await asyncio.gather(self.server.stop(grace_s), *(listener.stop(grace_s) for listener in self.listeners))
         if self.probe_server is not None:  # probes saw NOT_SERVING throughout the drain
             await self.probe_server.stop(0)
         await self.lifecycle.close()

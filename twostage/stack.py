@@ -75,7 +75,8 @@ class Stack:
 
     def __init__(self, host: str, port: int, index_dir: str | None, rerank_replicas: int = 1, recall_shards: int = 1,
                  metrics_port: int = 0, embed_model: str | None = None, rerank_model: str | None = None,
-                 tls_dir: str | None = None, auth_tokens: str | None = None, shard_replicas: int = 1):
+                 tls_dir: str | None = None, auth_tokens: str | None = None, shard_replicas: int = 1,
+                 http_port: int | None = None):
         if not all(1 <= n <= 64 for n in (recall_shards, rerank_replicas, shard_replicas)):
             raise StackError("--recall-shards, --shard-replicas and --rerank-replicas must be between 1 and 64")
         self.host = host
@@ -86,6 +87,7 @@ class Stack:
                               for i in range(recall_shards)]
         self.recall_targets = [target for replicas in self.shard_targets for target in replicas]
         self.rerank_targets = [f"{host}:{port + 1 + recall_processes + i}" for i in range(rerank_replicas)]
+        self.http_port = http_port  # the gateway's HTTP/JSON face; None: off
         self.index_dirs = check_index_dir(index_dir, recall_shards)
         self._replica_copies: Path | None = None
         self.metrics_port = metrics_port
@@ -151,7 +153,8 @@ class Stack:
         return [c for c in self.children if c.process.returncode is not None]
 
     async def start(self, ready_timeout_s: float) -> None:
-        check_ports_free(self.host, [int(t.rsplit(":", 1)[1]) for t in self.targets] + list(self.metrics_ports().values()))
+        check_ports_free(self.host, [int(t.rsplit(":", 1)[1]) for t in self.targets] + list(self.metrics_ports().values())
+                         + ([self.http_port] if self.http_port else []))
         stage_flags, gateway_flags = self._security_flags()
         embed = ["--model", self.embed_model] if self.embed_model else []
         for i, (replicas, index_dir) in enumerate(zip(self.shard_targets, self.index_dirs)):
@@ -165,7 +168,8 @@ class Stack:
                               *(["--model", self.rerank_model] if self.rerank_model else []), *stage_flags)
         await self._spawn(Child("gateway", "gateway", self.gateway_target), "gateway",
                           "--recall-targets", ",".join("|".join(replicas) for replicas in self.shard_targets),
-                          "--rerank-targets", ",".join(self.rerank_targets), *gateway_flags)
+                          "--rerank-targets", ",".join(self.rerank_targets), *gateway_flags,
+                          *(["--http-port", str(self.http_port)] if self.http_port is not None else []))
         await self._wait_ready(self.children, ready_timeout_s)
 
     def _replica_copy(self, index_dir: str | None, shard: int, replica: int) -> str:

@@ -92,12 +92,16 @@ def test_every_server_has_probes_a_drain_and_spreads_over_nodes(objects):
         main, pod = container(workload), pod_spec(workload)
         prefix = f"TWOSTAGE_{service_of(workload).upper()}_"
         env = env_of(workload)
-        for probe in ("startupProbe", "readinessProbe", "livenessProbe"):
+        # The gateway is ready by its HTTP face's /health (test_gateway_serves_http_in_the_cluster).
+        probes = ("startupProbe", "livenessProbe") if service_of(workload) == "gateway" else (
+            "startupProbe", "readinessProbe", "livenessProbe")
+        for probe in probes:
             assert str(main[probe]["grpc"]["port"]) == env[prefix + "HEALTH_PORT"], (name, probe)
         # Alive while loading or waiting for a snapshot; SERVING only when it can answer.
         assert main["startupProbe"]["grpc"]["service"] == "liveness", name
         assert main["livenessProbe"]["grpc"]["service"] == "liveness", name
-        assert "service" not in main["readinessProbe"]["grpc"], name
+        if "grpc" in main["readinessProbe"]:
+            assert "service" not in main["readinessProbe"]["grpc"], name
         pre_stop = main["lifecycle"]["preStop"]["sleep"]["seconds"]
         needed = pre_stop + float(env[prefix + "DRAIN_DELAY_S"]) + float(env[prefix + "GRACE_PERIOD_S"])
         assert pod["terminationGracePeriodSeconds"] > needed, name
@@ -223,3 +227,20 @@ def test_the_fresh_cluster_steps_create_every_secret_a_pod_mounts(objects):
     assert mounted and mounted <= created, mounted - created
     # Recall-to-recall catch-up uses a replica token, not an admin one.
     assert "--role replica" in readme
+
+
+def test_gateway_serves_http_in_the_cluster(objects):
+    """The HTTP face: on the port the setting names, in the Service, ready by /health, let in by the policy."""
+    gateway = servers(objects)["gateway"]
+    main = container(gateway)
+    port = int(env_of(gateway)["TWOSTAGE_GATEWAY_HTTP_PORT"])
+    assert {"name": "http", "containerPort": port} in main["ports"]
+    probe = main["readinessProbe"]["httpGet"]
+    # TLS is on for the gateway (TLS_DIR): the probe speaks it.
+    assert (probe["path"], probe["port"], probe["scheme"]) == ("/health", "http", "HTTPS")
+    service = next(o for o in objects if o["kind"] == "Service" and o["metadata"]["name"] == "gateway")
+    assert {"name": "http", "port": port, "targetPort": "http"} in service["spec"]["ports"]
+    policy = next(o for o in objects if o["kind"] == "NetworkPolicy"
+                  and selects(o["spec"]["podSelector"], gateway["spec"]["template"]["metadata"]["labels"]))
+    open_ports = {p["port"] for rule in policy["spec"]["ingress"] if "from" not in rule for p in rule["ports"]}
+    assert {"grpc", "http"} <= open_ports

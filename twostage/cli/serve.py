@@ -49,6 +49,9 @@ def add_stack_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--tls-dir", default=None,
                         help="TLS on every hop from this directory ('twostage certs dev'); the stages require the "
                         "gateway's client certificate")
+    parser.add_argument("--http-port", type=port_number, default=None,
+                        help="also serve HTTP/JSON from the gateway on this port: /v1/search, /v1/documents, and "
+                        "TEI's, Cohere's and OpenAI's rerank and embedding routes (default: off)")
     parser.add_argument("--auth-tokens", default=None,
                         help="tokens file ('twostage auth add-token'): callers need a token; the gateway uses one "
                         "of its own, made for this run, toward the stages")
@@ -82,14 +85,15 @@ async def run_stack(args, then=None) -> int:
     (with ``args.once`` the stack stops after it). A child that dies takes the stack down, named."""
     stack = Stack(args.host, args.port, args.index_dir, args.rerank_replicas, args.recall_shards,
                   args.metrics_port, args.embed_model, args.rerank_model, args.tls_dir, args.auth_tokens,
-                  args.shard_replicas)
+                  args.shard_replicas, getattr(args, "http_port", None))
     stop = asyncio.Event()
     install_stop_signals(stop)
     died = None
     try:
         await stack.start(args.ready_timeout_s)
         metrics = stack.metrics_ports()
-        print(f"twostage is serving: gateway {stack.gateway_target}, recall {', '.join(stack.recall_targets)}, "
+        http = f" (HTTP/JSON on http://{stack.host}:{stack.http_port})" if stack.http_port else ""
+        print(f"twostage is serving: gateway {stack.gateway_target}{http}, recall {', '.join(stack.recall_targets)}, "
               f"rerank {', '.join(stack.rerank_targets)}"
               + (f"; metrics on ports {', '.join(str(p) for p in metrics.values())}" if metrics else ""), flush=True)
         if then is not None:

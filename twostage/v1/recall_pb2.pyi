@@ -108,7 +108,7 @@ class Embedding(_message.Message):
     def __init__(self, values: _Optional[_Iterable[float]] = ...) -> None: ...
 
 class EmbedResponse(_message.Message):
-    __slots__ = ("embeddings", "dims", "timings_ms")
+    __slots__ = ("embeddings", "dims", "timings_ms", "tokens")
     class TimingsMsEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -119,10 +119,12 @@ class EmbedResponse(_message.Message):
     EMBEDDINGS_FIELD_NUMBER: _ClassVar[int]
     DIMS_FIELD_NUMBER: _ClassVar[int]
     TIMINGS_MS_FIELD_NUMBER: _ClassVar[int]
+    TOKENS_FIELD_NUMBER: _ClassVar[int]
     embeddings: _containers.RepeatedCompositeFieldContainer[Embedding]
     dims: int
     timings_ms: _containers.ScalarMap[str, float]
-    def __init__(self, embeddings: _Optional[_Iterable[_Union[Embedding, _Mapping]]] = ..., dims: _Optional[int] = ..., timings_ms: _Optional[_Mapping[str, float]] = ...) -> None: ...
+    tokens: int
+    def __init__(self, embeddings: _Optional[_Iterable[_Union[Embedding, _Mapping]]] = ..., dims: _Optional[int] = ..., timings_ms: _Optional[_Mapping[str, float]] = ..., tokens: _Optional[int] = ...) -> None: ...
 
 class RecallInfo(_message.Message):
     __slots__ = ("version", "model", "dims", "doc_count", "execution_provider", "limits", "shard", "shards", "read_only", "default_mode", "hybrid_fusion", "hybrid_dense_weight", "lexical", "calibration")
