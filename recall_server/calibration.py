@@ -27,10 +27,11 @@ IRRELEVANT_PER_QUERY = 16
 IRRELEVANT_QUANTILE = 0.99
 COSINE_SPAN = 19.0  # logits from the irrelevant quantile to the median relevant cosine
 LEXICAL_SPAN = 18.0  # the same for BM25
-MIN_DOCS = 16  # fewer leave too few irrelevant pairs to place a quantile
+MIN_DOCS = 5  # fewer leave too few distinct irrelevant pairs to place a quantile (SciFact's constants stand in)
 MIN_COSINE_GAP = 0.02  # a degenerate corpus (every document alike) must not give an enormous scale
 MIN_LEXICAL_GAP = 1.0
 PSEUDO_QUERY_CHARS = 200
+PSEUDO_QUERY_WORDS = 10  # without a title: a query is a few words, never the whole document
 
 
 @dataclass(frozen=True)
@@ -47,11 +48,13 @@ class FittedCalibration:
 
 
 def pseudo_query(doc: Document) -> str:
-    """What a searcher for this document might type: its title, else its first sentence."""
+    """What a searcher for this document might type: its title, else the start of its first sentence, at most
+    ``PSEUDO_QUERY_WORDS`` words and half the document's (a pair of a text with itself is no query)."""
     if doc.title.strip():
         return doc.title.strip()[:PSEUDO_QUERY_CHARS]
-    first = doc.text.strip().split(". ")[0]
-    return first[:PSEUDO_QUERY_CHARS]
+    words = doc.text.split()
+    first = doc.text.strip().split(". ")[0].split()
+    return " ".join(first[:max(1, min(PSEUDO_QUERY_WORDS, len(words) // 2))])[:PSEUDO_QUERY_CHARS]
 
 
 def sample_keys(keys: np.ndarray, seed: int = 0) -> np.ndarray:

@@ -106,6 +106,7 @@ class RecallService:
         self._fitting: asyncio.Task | None = None
         self._last_fit = float("-inf")
         self._refit_later: asyncio.TimerHandle | None = None
+        self._refit_after = False  # a new index came while a fit ran: fit again once it ends
 
     async def start(self) -> None:
         s = self.settings
@@ -132,7 +133,8 @@ class RecallService:
         await self.search("warm up", 1, mode="dense")
         # Its first run allocates: predicted from it, the next queries would be refused as late.
         self.batcher.reset_costs()
-        await self._refit_logged()
+        self._refit_soon()  # in snapshot mode the first switch has started one already: wait for that one
+        await self._fitting
 
     def _open_index(self, directory) -> DocumentIndex:
         s = self.settings
@@ -162,7 +164,7 @@ class RecallService:
             # One step, no await between: whoever reads the served snapshot reads the index that goes with it.
             self.index = fresh
             served()
-        self._refit_soon()
+        self._refit_soon(after_running=True)
         if old is not None:
             await self._leases.wait_idle(old)
             try:
@@ -183,25 +185,33 @@ class RecallService:
             encoded = await asyncio.to_thread(self.embedder.encode, queries, True)
             done = await self.batcher.submit(encoded, [e.length for e in encoded], None, bulk=True)
             fitted = await asyncio.to_thread(index.calibration_fit, sample, queries, np.stack(done.values))
+        if index is not self.index:  # a snapshot switch came during the fit: these are the old index's constants
+            return self.calibration
         if fitted is not None:
             self.calibration = fitted
             log.info("score calibration fitted on %d documents: cosine %.1f x (c - %.3f), BM25 %.2f x (b - %.2f)",
                      fitted.doc_count, fitted.scale, fitted.center, fitted.lexical_scale, fitted.lexical_center)
         return self.calibration
 
-    def _refit_soon(self) -> None:
-        """Refit in the background unless a fit runs already (it will see these writes or the next trigger will)."""
+    def _refit_soon(self, after_running: bool = False) -> None:
+        """Refit in the background. A fit running already sees these writes (or the next trigger will); with
+        ``after_running`` (a new index is served) another fit follows it, since it measures the old index."""
         if self._fitting is not None and not self._fitting.done():
+            self._refit_after |= after_running
             return
         self._fitting = asyncio.get_running_loop().create_task(self._refit_logged())
 
     async def _refit_logged(self) -> None:
-        try:
-            await self.refit_calibration()
-        except asyncio.CancelledError:
-            raise
-        except Exception:  # the last fit keeps serving; the next writes try again
-            log.exception("fitting the score calibration failed")
+        while True:
+            self._refit_after = False
+            try:
+                await self.refit_calibration()
+            except asyncio.CancelledError:
+                raise
+            except Exception:  # the last fit keeps serving; the next writes try again
+                log.exception("fitting the score calibration failed")
+            if not self._refit_after:
+                return
 
     def _count_writes(self, count: int) -> None:
         every = self.settings.calibration_refit_writes
