@@ -70,6 +70,12 @@ def test_coercion_only_when_allowed_and_only_when_nothing_is_lost():
     assert converted.metadata == {"price": 12.99, "in_stock": True, "tags": ["travel"], "sku": "7"} and added == {}
     with pytest.raises(errors.InvalidArgument, match="'price' is a string"):
         conform([Document("a", "", "x", {"price": "cheap"})], schema, coerce=True)
+    # Only JSON's number syntax, and only what a double holds exactly.
+    for lossy in ("9007199254740993", "12.999999999999999999", "0012", "1_000", "\u0661\u0662", "nan", " 12"):
+        with pytest.raises(errors.InvalidArgument, match="'price' is a string"):
+            conform([Document("a", "", "x", {"price": lossy})], schema, coerce=True)
+    (exact,), _ = conform([Document("a", "", "x", {"price": "1e3"})], schema, coerce=True)
+    assert exact.metadata["price"] == 1000.0
     # Within one request the first value of a new key types it.
     with pytest.raises(errors.InvalidArgument, match=r"documents\[1\]: document 'c' metadata 'size' is a number"):
         conform([Document("b", "", "x", {"size": "L"}), Document("c", "", "x", {"size": 3})], {})
