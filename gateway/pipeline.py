@@ -153,6 +153,8 @@ class SearchPipeline:
         self.recall = recall
         self.rerank = rerank
         self.limits = limits or StageLimits()
+        # What calibrated fusion used last: the shards' fit with the settings' overrides (Info reports it).
+        self.calibration_in_use: Calibration = settings.calibration(None)
 
     async def close(self) -> None:
         await asyncio.gather(*(shard.close() for shard in self.recall), self.rerank.close())
@@ -276,6 +278,8 @@ class SearchPipeline:
         lexical = result.recall_mode in ("lexical", "hybrid")
 
         calibration = s.calibration(result.calibration)
+        if result.calibration is not None:
+            self.calibration_in_use = calibration
 
         def rank(scores: dict[int, float]) -> list[Hit]:
             return self._rank(candidates, scores, fusion, alpha, calibration, lexical)

@@ -149,6 +149,7 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
         info = info_fields(self.lifecycle)
         return gateway_pb2.GatewayInfo(
             **{**info, "default_fusion": CODE_BY_FUSION[info["default_fusion"]],
+               "calibration": gateway_pb2.FusionCalibration(**info["calibration"]),
                "limits": [common_pb2.Limit(name=name, value=value) for name, value in info["limits"].items()]})
 
 
@@ -166,6 +167,7 @@ def info_fields(lifecycle: GatewayLifecycle) -> dict:
         "default_fusion_alpha": s.fusion_alpha,
         "default_top_k": s.default_top_k,
         "default_recall_k": s.default_recall_k,
+        "calibration": pipeline.calibration_in_use.__dict__,
         "limits": {"max_top_k": s.max_top_k, "max_budget_ms": s.max_budget_ms, "max_recall_k": pipeline.max_recall_k(),
                    "max_query_chars": pipeline.max_query_chars()},
     }

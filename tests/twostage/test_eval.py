@@ -43,9 +43,9 @@ async def test_eval_reports_every_ranking(tmp_path, demo_data, gateway_target, r
     assert plot.read_bytes()[:4] == b"\x89PNG"
     # The same answers fused again with the fitted constants rank exactly as the gateway did, so the
     # comparison with the built-in constants is on identical candidates and rerank scores.
-    fitted, built_in = report["calibration"]["fitted"], report["calibration"]["built_in"]
-    assert fitted["final_ndcg@10"] == report["final"]["ndcg@10"]
-    assert fitted["center"] != built_in["center"] and 0 < built_in["final_ndcg@10"] <= 1
+    in_use, built_in = report["calibration"]["in_use"], report["calibration"]["built_in"]
+    assert in_use["final_ndcg@10"] == report["final"]["ndcg@10"]
+    assert in_use["center"] != built_in["center"] and 0 < built_in["final_ndcg@10"] <= 1
 
 
 def test_recall_k_advice_in_plain_words():

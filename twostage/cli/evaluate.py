@@ -88,8 +88,8 @@ def print_report(report: dict) -> None:
     if "calibration" in report:
         print("  calibrated fusion, the same answers with each set of constants (cosine, BM25 logits per unit):")
         for name, row in report["calibration"].items():
-            label = "fitted from the index" if name == "fitted" else "built in (fitted on SciFact)"
-            print(f"    {label:29} {row['scale']:6.1f} x (c - {row['center']:.3f}), {row['lexical_scale']:.2f} x "
+            label = "in use (fitted from the index)" if name == "in_use" else "built in (fitted on SciFact)"
+            print(f"    {label:30} {row['scale']:6.1f} x (c - {row['center']:.3f}), {row['lexical_scale']:.2f} x "
                   f"(b - {row['lexical_center']:.2f}): final nDCG@10 {row['final_ndcg@10']:.4f}")
     for k, row in report.get("sweep_recall_k", {}).items():
         print(f"  recall_k={k:>5}: final nDCG@10 {row['final_ndcg@10']:.4f}, Recall@k {row['recall@k']:.4f}, "

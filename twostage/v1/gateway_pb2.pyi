@@ -137,7 +137,7 @@ class SearchResponse(_message.Message):
     def __init__(self, hits: _Optional[_Iterable[_Union[Hit, _Mapping]]] = ..., degraded: _Optional[bool] = ..., degraded_reason: _Optional[str] = ..., degradations: _Optional[_Iterable[_Union[Degradation, _Mapping]]] = ..., timings_ms: _Optional[_Mapping[str, float]] = ..., candidates: _Optional[int] = ..., reranked: _Optional[int] = ..., request_id: _Optional[str] = ..., rerank_cached: _Optional[int] = ...) -> None: ...
 
 class GatewayInfo(_message.Message):
-    __slots__ = ("version", "recall_targets", "rerank_targets", "default_budget_ms", "limits", "default_fusion", "default_fusion_alpha", "default_top_k", "default_recall_k")
+    __slots__ = ("version", "recall_targets", "rerank_targets", "default_budget_ms", "limits", "default_fusion", "default_fusion_alpha", "default_top_k", "default_recall_k", "calibration")
     VERSION_FIELD_NUMBER: _ClassVar[int]
     RECALL_TARGETS_FIELD_NUMBER: _ClassVar[int]
     RERANK_TARGETS_FIELD_NUMBER: _ClassVar[int]
@@ -147,6 +147,7 @@ class GatewayInfo(_message.Message):
     DEFAULT_FUSION_ALPHA_FIELD_NUMBER: _ClassVar[int]
     DEFAULT_TOP_K_FIELD_NUMBER: _ClassVar[int]
     DEFAULT_RECALL_K_FIELD_NUMBER: _ClassVar[int]
+    CALIBRATION_FIELD_NUMBER: _ClassVar[int]
     version: str
     recall_targets: _containers.RepeatedScalarFieldContainer[str]
     rerank_targets: _containers.RepeatedScalarFieldContainer[str]
@@ -156,7 +157,20 @@ class GatewayInfo(_message.Message):
     default_fusion_alpha: float
     default_top_k: int
     default_recall_k: int
-    def __init__(self, version: _Optional[str] = ..., recall_targets: _Optional[_Iterable[str]] = ..., rerank_targets: _Optional[_Iterable[str]] = ..., default_budget_ms: _Optional[int] = ..., limits: _Optional[_Iterable[_Union[_common_pb2.Limit, _Mapping]]] = ..., default_fusion: _Optional[_Union[FusionMethod, str]] = ..., default_fusion_alpha: _Optional[float] = ..., default_top_k: _Optional[int] = ..., default_recall_k: _Optional[int] = ...) -> None: ...
+    calibration: FusionCalibration
+    def __init__(self, version: _Optional[str] = ..., recall_targets: _Optional[_Iterable[str]] = ..., rerank_targets: _Optional[_Iterable[str]] = ..., default_budget_ms: _Optional[int] = ..., limits: _Optional[_Iterable[_Union[_common_pb2.Limit, _Mapping]]] = ..., default_fusion: _Optional[_Union[FusionMethod, str]] = ..., default_fusion_alpha: _Optional[float] = ..., default_top_k: _Optional[int] = ..., default_recall_k: _Optional[int] = ..., calibration: _Optional[_Union[FusionCalibration, _Mapping]] = ...) -> None: ...
+
+class FusionCalibration(_message.Message):
+    __slots__ = ("scale", "center", "lexical_scale", "lexical_center")
+    SCALE_FIELD_NUMBER: _ClassVar[int]
+    CENTER_FIELD_NUMBER: _ClassVar[int]
+    LEXICAL_SCALE_FIELD_NUMBER: _ClassVar[int]
+    LEXICAL_CENTER_FIELD_NUMBER: _ClassVar[int]
+    scale: float
+    center: float
+    lexical_scale: float
+    lexical_center: float
+    def __init__(self, scale: _Optional[float] = ..., center: _Optional[float] = ..., lexical_scale: _Optional[float] = ..., lexical_center: _Optional[float] = ...) -> None: ...
 
 class RerankTextsRequest(_message.Message):
     __slots__ = ("query", "documents", "top_n", "budget_ms", "request_id", "model")
