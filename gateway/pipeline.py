@@ -308,6 +308,9 @@ class SearchPipeline:
         failures = [r for r in replies if isinstance(r, BaseException)]
         if len(failures) == len(replies):
             raise _worst(failures)
+        for failure in failures:  # e.g. a filter of the wrong type for a key one shard has typed: not an outage
+            if isinstance(failure, errors.InvalidArgument):
+                raise failure
         if failures:
             result.degrade(DegradationCode.RECALL_PARTIAL,
                            f"{len(replies) - len(failures)} of {len(replies)} shards answered")

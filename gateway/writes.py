@@ -56,6 +56,7 @@ from gateway.recall_tier import RecallShard, ShardWrite
 from twostage import errors
 from twostage.corpus import Document
 from twostage.documents import DEFAULT_LIMITS, DocumentLimits, check_documents, check_ids, check_request_id
+from twostage.schema import conform
 from twostage.sharding import shard_of
 from twostage.versions import HybridClock, Version
 
@@ -218,6 +219,9 @@ class DocumentRouter:
 
     async def upsert(self, docs: list[Document], timeout_s: float, request_id: str = "") -> WriteResult:
         check_documents(docs, self._document_limits())
+        # Shards type a new key by its first value each on their own: one request that gives a key two types
+        # would store both (one per shard), so it is refused here, before any shard stores any of it.
+        conform(docs, {}, coerce=True, hint=False, holder="earlier documents of this request hold")
         items = [[d.id, d.title, d.text, d.metadata] for d in docs]
         docs_by_id = {d.id: d for d in docs}
         return await self._write("upsert", items, [d.id for d in docs], request_id, timeout_s,

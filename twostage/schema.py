@@ -75,7 +75,7 @@ def _show(value: MetadataValue) -> str:
 
 
 def conform(docs: list[Document], schema: Mapping[str, str], coerce: bool = False,
-            hint: bool = True) -> tuple[list[Document], Schema]:
+            hint: bool = True, holder: str = "this index holds") -> tuple[list[Document], Schema]:
     """The documents of one write checked against the schema, keys new to it typed by their first value in the
     request; returns them (converted where ``coerce`` allows) and the keys they add."""
     known, added = dict(schema), {}
@@ -96,7 +96,7 @@ def conform(docs: list[Document], schema: Mapping[str, str], coerce: bool = Fals
                     hint and not coerce) else ""
                 raise errors.InvalidArgument(
                     f"documents[{i}]: document {doc.id!r} metadata {key!r} is {_ARTICLE[kind]} ({_show(value)}), "
-                    f"but this index holds {_PLURAL[wanted]} under {key!r}{how}")
+                    f"but {holder} {_PLURAL[wanted]} under {key!r}{how}")
             metadata = {**metadata, key: converted}
         conformed.append(doc if metadata is doc.metadata else replace(doc, metadata=metadata))
     return conformed, added

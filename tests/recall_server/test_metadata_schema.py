@@ -163,12 +163,17 @@ async def test_writes_and_filters_are_checked_against_the_schema(product_index, 
         assert coercing.index.get(["new-2"])["new-2"].metadata == {"price": 12.99}
         candidates, _, _ = await coercing.search("kettle", 20, filter_=parse_filter(["price<=20"]), mode="lexical")
         assert "new-2" in {c.document.id for c in candidates}
-        # A row a peer accepted is copied as it is, whatever its types: replicas never diverge over a schema.
+        # A row a peer accepted is copied as it is (refusing it would leave the replicas apart for good), and
+        # the contradiction is counted: a price filter misses that row, and the operator must be able to see it.
+        from recall_server.docstore import SCHEMA_CONFLICTS
+
+        conflicts = SCHEMA_CONFLICTS._value.get()
         copied = Write(Document("peer-1", "", "From a peer.", {"price": "n/a"}), np.ones(384, np.float32),
                        Version(1 << 60, "peer"))
         coercing.index.apply([copied])
         assert coercing.index.get(["peer-1"])["peer-1"].metadata == {"price": "n/a"}
         assert coercing.index.store.schema()["price"] == "number"
+        assert SCHEMA_CONFLICTS._value.get() == conflicts + 1
     finally:
         await server.stop(grace_s=1)
 
