@@ -59,7 +59,7 @@ def _serve_recall(args) -> None:
     from recall_server.servicer import build_server
 
     settings = settings_from_args(args.settings_cls, args)
-    asyncio.run(serve_until_signal(lambda: build_server(RecallService(settings))))
+    asyncio.run(serve_until_signal(lambda: build_server(RecallService(settings)), "recall"))
 
 
 def _serve_rerank(args) -> None:
@@ -67,14 +67,14 @@ def _serve_rerank(args) -> None:
     from rerank_server.servicer import build_server
 
     settings = settings_from_args(args.settings_cls, args)
-    asyncio.run(serve_until_signal(lambda: build_server(RerankService(settings))))
+    asyncio.run(serve_until_signal(lambda: build_server(RerankService(settings)), "rerank"))
 
 
 def _serve_gateway(args) -> None:
     from gateway.servicer import build_server
 
     settings = settings_from_args(args.settings_cls, args)
-    asyncio.run(serve_until_signal(lambda: build_server(settings)))
+    asyncio.run(serve_until_signal(lambda: build_server(settings), "gateway"))
 
 
 async def run_stack(args, then=None) -> int:
