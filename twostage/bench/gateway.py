@@ -72,11 +72,8 @@ async def secured_overhead(index_dir: Path, port: int, queries: list[str], reque
         write_dev_certs(tls)
         token = add_token(tokens, "search", "bench")
         stack = Stack("127.0.0.1", port, str(index_dir), tls_dir=str(tls), auth_tokens=str(tokens))
-        await stack.start(300)
-        try:
+        async with stack.running(300):
             return await overhead(stack.gateway_target, queries, requests, Credentials(tls, token))
-        finally:
-            await stack.stop()
 
 
 def scrape(metrics_port: int, names: list[str]) -> dict[str, float]:
@@ -120,16 +117,13 @@ async def cache_affinity(index_dir: Path, port: int, queries: list[str], searche
                                      ("two_replicas_no_affinity", 2, False)):
         os.environ["TWOSTAGE_GATEWAY_RERANK_AFFINITY"] = "true" if affinity else "false"
         stack = Stack("127.0.0.1", port, str(index_dir), rerank_replicas=replicas, metrics_port=port + 20)
-        await stack.start(300)
-        try:
+        async with stack.running(300):
             async with grpc.aio.insecure_channel(stack.gateway_target) as channel:
                 stub = gateway_pb2_grpc.GatewayStub(channel)
                 for query in stream:
                     await stub.Search(gateway_pb2.SearchRequest(query=query, recall_k=recall_k, budget_ms=600_000))
             ports = stack.metrics_ports()
             counts = [await asyncio.to_thread(cache_counts, ports[t]) for t in stack.rerank_targets]
-        finally:
-            await stack.stop()
         hits, misses = sum(c[0] for c in counts), sum(c[1] for c in counts)
         rows[name] = {"hit_rate": round(hits / (hits + misses), 4), "pairs_computed": misses}
     os.environ.pop("TWOSTAGE_GATEWAY_RERANK_AFFINITY", None)
@@ -147,9 +141,8 @@ async def run(args) -> dict:
     index_dir = await asyncio.to_thread(bench_index, 200 if args.quick else 1000)
     metrics_base = args.port + 20
     stack = Stack("127.0.0.1", args.port, str(index_dir), metrics_port=metrics_base)
-    await stack.start(300)
-    rerank_metrics = stack.metrics_ports()[stack.rerank_targets[0]]
-    try:
+    async with stack.running(300):
+        rerank_metrics = stack.metrics_ports()[stack.rerank_targets[0]]
         capacity = await sustainable_rps(stack.gateway_target, queries, args.recall_k)
         print("gateway overhead ...", flush=True)
         cost = await overhead(stack.gateway_target, queries, 20 if args.quick else 100)
@@ -165,8 +158,6 @@ async def run(args) -> dict:
         busy_after, scored_after = await asyncio.to_thread(rerank_totals, rerank_metrics)
         utilization = (busy_after - busy_before) / (time.perf_counter() - wall_before)
         scored = scored_after - scored_before
-    finally:
-        await stack.stop()
     print("gateway overhead with TLS and tokens ...", flush=True)
     secured = await secured_overhead(index_dir, args.port + 10, queries, 20 if args.quick else 100)
     os.environ.pop("TWOSTAGE_RERANK_SCORE_CACHE_MB")  # the cache is what this part measures

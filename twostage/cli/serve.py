@@ -6,8 +6,8 @@ import sys
 
 from twostage.cli.args import port_number, positive_int
 from twostage.config import add_settings_flags, settings_from_args
-from twostage.server import install_stop_signals, serve_until_signal
-from twostage.stack import Stack
+from twostage.server import serve_until_signal
+from twostage.stack import Interrupted, Stack
 
 
 def register(commands) -> None:
@@ -79,31 +79,25 @@ def _serve_gateway(args) -> None:
 
 async def run_stack(args, then=None) -> int:
     """Run the stack until a signal or a child's exit; ``then(stack)`` runs once it is ready
-    (with ``args.once`` the stack stops after it). A child that dies takes the stack down, named."""
+    (with ``args.once`` the stack stops after it). A child that dies takes the stack down, named.
+    SIGTERM, SIGINT and SIGHUP stop it (a clean stop is success)."""
     stack = Stack(args.host, args.port, args.index_dir, args.rerank_replicas, args.recall_shards,
                   args.metrics_port, args.embed_model, args.rerank_model, args.tls_dir, args.auth_tokens,
                   args.shard_replicas)
-    stop = asyncio.Event()
-    install_stop_signals(stop)
     died = None
     try:
-        await stack.start(args.ready_timeout_s)
-        metrics = stack.metrics_ports()
-        print(f"twostage is serving: gateway {stack.gateway_target}, recall {', '.join(stack.recall_targets)}, "
-              f"rerank {', '.join(stack.rerank_targets)}"
-              + (f"; metrics on ports {', '.join(str(p) for p in metrics.values())}" if metrics else ""), flush=True)
-        if then is not None:
-            await then(stack)
-        if not getattr(args, "once", False):
-            print("press Ctrl-C to stop", flush=True)
-            stopped = asyncio.create_task(stop.wait())
-            exited = asyncio.create_task(stack.wait_any_exit())
-            await asyncio.wait([stopped, exited], return_when=asyncio.FIRST_COMPLETED)
-            if exited.done():
-                died = exited.result()
+        async with stack.running(args.ready_timeout_s):
+            metrics = stack.metrics_ports()
+            print(f"twostage is serving: gateway {stack.gateway_target}, recall {', '.join(stack.recall_targets)}, "
+                  f"rerank {', '.join(stack.rerank_targets)}"
+                  + (f"; metrics on ports {', '.join(str(p) for p in metrics.values())}" if metrics else ""),
+                  flush=True)
+            if then is not None:
+                await then(stack)
+            if not getattr(args, "once", False):
+                print("press Ctrl-C to stop", flush=True)
+                died = await stack.wait_any_exit()
                 print(f"twostage: error: {died.exit_description()}; stopping the stack", file=sys.stderr, flush=True)
-            stopped.cancel()
-            exited.cancel()
-    finally:
-        code = await stack.stop()
-    return 1 if died is not None else code
+    except Interrupted:
+        pass
+    return 1 if died is not None else stack.exit_code
