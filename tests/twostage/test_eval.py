@@ -135,6 +135,7 @@ def children_of(pid: int) -> list[int]:
 def test_sigterm_to_eval_stops_its_stack_and_frees_its_ports(tmp_path, demo_data, models):
     """eval builds its index around the empty documents (--skip-invalid), starts its three servers, and is
     stopped mid-run: it exits only after they have, leaving no process and no port behind."""
+    import contextlib
     import os
     import signal
     import socket
@@ -149,19 +150,21 @@ def test_sigterm_to_eval_stops_its_stack_and_frees_its_ports(tmp_path, demo_data
         [sys.executable, "-m", "twostage", "eval", "--dataset", str(dataset), "--skip-invalid", "--port", str(port),
          "--index-dir", str(tmp_path / "index"), "--recall-k", "40"],
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    servers = []
     try:
         wait_for_line(run, "gateway serving on port")  # the last tier up: queries begin
         servers = children_of(run.pid)
         assert len(servers) == 3
         run.send_signal(signal.SIGTERM)
-        _, err = run.communicate(timeout=60)
+        # 143: eval stopped its servers and exited on its own; -15 would be eval killed alone.
+        assert run.wait(timeout=60) == 128 + signal.SIGTERM
+        for pid in servers:
+            assert not os.path.exists(f"/proc/{pid}"), pid
+        for taken in range(port, port + 3):
+            socket.create_server(("127.0.0.1", taken)).close()  # free again
+        _, err = run.communicate(timeout=10)
+        assert "SIGTERM: stopping the local stack" in err and "2 invalid lines" in err
     finally:
-        if run.poll() is None:
-            run.kill()
-            run.communicate()
-    assert run.returncode == 128 + signal.SIGTERM, err
-    assert "SIGTERM: stopping the local stack" in err and "2 invalid lines" in err
-    for pid in servers:
-        assert not os.path.exists(f"/proc/{pid}"), pid
-    for taken in range(port, port + 3):
-        socket.create_server(("127.0.0.1", taken)).close()  # free again
+        for pid in [*servers, run.pid]:  # nothing left behind, even when this fails
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
