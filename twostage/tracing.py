@@ -29,6 +29,7 @@ import time
 from collections.abc import Iterable, Mapping
 
 import grpc
+from opentelemetry import context as otel_context
 from opentelemetry import propagate, trace
 from opentelemetry.context import Context
 from opentelemetry.trace import Link, NonRecordingSpan, Span, SpanContext, SpanKind, Status, StatusCode
@@ -111,16 +112,18 @@ def shutdown(timeout_s: float = 5.0) -> None:
     worker.join(timeout_s)
 
 
-def _in_request() -> bool:
-    """Whether a request's span is current: work outside any (warm-up, background refits) is not traced."""
-    return trace.get_current_span().get_span_context().is_valid
+def _in_sampled_request() -> bool:
+    """Whether a sampled request's span is current. Children follow their request's sampling decision, so
+    under an unsampled one (99 requests in 100 at a 1% ratio) no span object is made at all; work outside
+    any request (warm-up, background refits) is not traced."""
+    return trace.get_current_span().is_recording()
 
 
 def span(name: str, kind: SpanKind = SpanKind.INTERNAL):
     """A context manager for a span, child of the current one and current within it: the no-op one while
-    tracing is off or outside a request. Set attributes inside, after checking ``is_recording()``: an
-    unsampled span records nothing."""
-    if not enabled or not _in_request():
+    tracing is off, outside a request or in an unsampled one. Set attributes inside, after checking
+    ``is_recording()``."""
+    if not enabled or not _in_sampled_request():
         return _NOOP
     return _tracer.start_as_current_span(name, kind=kind)
 
@@ -130,11 +133,12 @@ def current_span() -> Span:
 
 
 def current_context() -> SpanContext | None:
-    """The current span's context, to link to later (None while tracing is off or outside a span)."""
+    """The current span's context, to link to later (None while tracing is off, outside a span, or in an
+    unsampled request: nothing would keep the link)."""
     if not enabled:
         return None
     context = trace.get_current_span().get_span_context()
-    return context if context.is_valid else None
+    return context if context.trace_flags.sampled else None
 
 
 def extract(headers: Mapping[str, str] | Iterable[tuple[str, str | bytes]] | None) -> Context:
@@ -153,11 +157,32 @@ def outgoing(metadata: tuple[tuple[str, str], ...]) -> tuple[tuple[str, str], ..
     return (*metadata, *carrier.items()) if carrier else metadata
 
 
+class _Carry:
+    """Makes a caller's unsampled context current without a span of ours: calls onward carry its decision."""
+
+    __slots__ = ("context", "token")
+
+    def __init__(self, context: Context):
+        self.context = context
+
+    def __enter__(self) -> Span:
+        self.token = otel_context.attach(self.context)
+        return trace.INVALID_SPAN
+
+    def __exit__(self, *exc) -> None:
+        otel_context.detach(self.token)
+
+
 def server_span(name: str, headers, kind: SpanKind = SpanKind.SERVER):
-    """A span for a request received with these headers (gRPC metadata or HTTP), child of the caller's."""
+    """A span for a request received with these headers (gRPC metadata or HTTP), child of the caller's; when
+    the caller's trace is not sampled, only its context, carried on (no span would be kept)."""
     if not enabled:
         return _NOOP
-    return _tracer.start_as_current_span(name, context=extract(headers), kind=kind, record_exception=False)
+    parent = extract(headers)
+    caller = trace.get_current_span(parent).get_span_context()
+    if caller.is_valid and not caller.trace_flags.sampled:
+        return _Carry(parent)
+    return _tracer.start_as_current_span(name, context=parent, kind=kind, record_exception=False)
 
 
 def exemplar() -> dict[str, str] | None:
@@ -186,13 +211,13 @@ def record(name: str, start_s: float, end_s: float, attributes: dict | None = No
 def batch_span(name: str, served: Iterable[SpanContext | None], start_s: float) -> Span | None:
     """A span for work done once for many requests (a model batch), begun at ``start_s`` (monotonic): it links
     to every request span it served and belongs to the trace of the first sampled one, so it is kept whenever
-    one of its requests is. None when no request it served was traced. End it with ``end``."""
+    one of its requests is. None when no request it served was sampled. End it with ``end``."""
     if not enabled:
         return None
     contexts = list({(c.trace_id, c.span_id): c for c in served if c is not None}.values())
-    if not contexts:
+    parent = next((c for c in contexts if c.trace_flags.sampled), None)
+    if parent is None:
         return None
-    parent = next((c for c in contexts if c.trace_flags.sampled), contexts[0])
     return _tracer.start_span(name, context=trace.set_span_in_context(NonRecordingSpan(parent)),
                               links=[Link(c) for c in contexts], start_time=_wall_ns(start_s))
 
@@ -210,8 +235,8 @@ def use(span_: Span | None):
 def client_span(method: str, peer: str, target: str):
     """A span for one call to another tier made for a request; ``outgoing`` inside it carries it to the
     callee."""
-    if not enabled or not _in_request():
-        return _NOOP
+    if not enabled or not _in_sampled_request():
+        return _NOOP  # ``outgoing`` still carries the request's (unsampled) context to the callee
     return _tracer.start_as_current_span(method, kind=SpanKind.CLIENT, attributes={
         "rpc.system": "grpc", "rpc.method": method.rsplit("/", 1)[-1], "server.address": target,
         "twostage.peer": peer})

@@ -1,7 +1,10 @@
-"""``twostage bench gateway``: the gateway's own overhead, and its answers
-under twice the load the rerank tier can sustain."""
+"""``twostage bench gateway``: the gateway's own overhead, its answers under
+twice the load the rerank tier can sustain, and what tracing costs."""
 
 import asyncio
+import contextlib
+import itertools
+import os
 import statistics
 import time
 from pathlib import Path
@@ -107,8 +110,6 @@ def cache_counts(metrics_port: int) -> tuple[float, float]:
 async def cache_affinity(index_dir: Path, port: int, queries: list[str], searches: int, recall_k: int) -> dict:
     """The score cache's hit rate over a Zipf(1.0) query stream through the gateway: one rerank replica,
     two with affinity (each document sent where a hash of its text says), two without (contiguous slices)."""
-    import os
-
     from twostage.evaluation.loadtest import zipf_stream
 
     stream = zipf_stream(queries, searches, 1.0, seed=3)
@@ -130,10 +131,127 @@ async def cache_affinity(index_dir: Path, port: int, queries: list[str], searche
     return {"searches": searches, "distinct_queries": len(set(stream)), "recall_k": recall_k, **rows}
 
 
-async def run(args) -> dict:
-    import os
+TRACING = {  # what each stack of the tracing comparison runs with
+    "off": {},
+    "sampled_1.0": {"OTEL_TRACES_SAMPLER": "parentbased_traceidratio", "OTEL_TRACES_SAMPLER_ARG": "1.0"},
+    "sampled_0.01": {"OTEL_TRACES_SAMPLER": "parentbased_traceidratio", "OTEL_TRACES_SAMPLER_ARG": "0.01"},
+}
 
+
+@contextlib.contextmanager
+def environment(values: dict[str, str]):
+    """These variables (and no other OTEL_* one) for what starts inside; the process's own restored after."""
+    saved = dict(os.environ)
+    for name in [n for n in os.environ if n.startswith("OTEL_")]:
+        del os.environ[name]
+    os.environ.update(values)
+    try:
+        yield
+    finally:
+        os.environ.clear()
+        os.environ.update(saved)
+
+
+async def tracing_cost(index_dir: Path, port: int, queries: list[str], requests: int, rounds: int,
+                       round_s: float, clients: int = 4) -> dict:
+    """Searches with tracing off, sampling every trace and sampling 1%, on three stacks side by side, spans
+    exported to a local OTLP receiver. Requests alternate between the stacks (p50, one at a time) and so do
+    closed-loop rounds of ``clients`` concurrent searches (throughput), so a shared machine's drift hits all
+    three alike. Queries repeat: after the warm-up the score cache answers rerank, leaving the hops and the
+    embedding, where tracing's cost would show."""
+    import shutil
+    import tempfile
+
+    from twostage.bench.otlp import OtlpReceiver
+
+    receiver = OtlpReceiver().start()
+    exporting = {"OTEL_EXPORTER_OTLP_ENDPOINT": receiver.endpoint}
+    copies = Path(tempfile.mkdtemp(prefix="twostage-bench-"))  # a recall server holds its index alone
+    try:
+        async with contextlib.AsyncExitStack() as running:
+            stubs = {}
+            for i, (name, sampler) in enumerate(TRACING.items()):
+                copy = copies / name
+                await asyncio.to_thread(shutil.copytree, index_dir, copy, ignore=shutil.ignore_patterns(".lock"))
+                with environment({**exporting, **sampler} if sampler else {}):
+                    stack = await running.enter_async_context(Stack("127.0.0.1", port + 3 * i, str(copy))
+                                                              .running(300))
+                channel = await running.enter_async_context(grpc.aio.insecure_channel(stack.gateway_target))
+                stubs[name] = gateway_pb2_grpc.GatewayStub(channel)
+            asked = itertools.cycle(queries[:20])
+
+            async def ask(stub) -> float:
+                start = time.perf_counter()
+                await stub.Search(gateway_pb2.SearchRequest(query=next(asked), recall_k=4, top_k=4, budget_ms=60_000))
+                return 1000 * (time.perf_counter() - start)
+
+            for _ in range(2 * min(len(queries), 20)):  # warm: models, connections, the score cache
+                for stub in stubs.values():
+                    await ask(stub)
+            names = list(stubs)
+
+            def turns(i: int) -> list[str]:  # each stack goes first, second and third in turn
+                return names[i % len(names):] + names[:i % len(names)]
+
+            latencies = {name: [] for name in stubs}
+            for i in range(requests):
+                for name in turns(i):
+                    latencies[name].append(await ask(stubs[name]))
+            answered = dict.fromkeys(stubs, 0)
+            elapsed = dict.fromkeys(stubs, 0.0)
+            for i in range(rounds):
+                for name in turns(i):
+                    stub = stubs[name]
+                    end = time.perf_counter() + round_s
+
+                    async def client(stub=stub, end=end) -> int:
+                        count = 0
+                        while time.perf_counter() < end:
+                            await ask(stub)
+                            count += 1
+                        return count
+
+                    start = time.perf_counter()
+                    answered[name] += sum(await asyncio.gather(*(client() for _ in range(clients))))
+                    elapsed[name] += time.perf_counter() - start
+    finally:
+        receiver.stop()
+        shutil.rmtree(copies, ignore_errors=True)
+    rows = {name: {"p50_ms": round(statistics.median(latencies[name]), 3),
+                   "throughput_rps": round(answered[name] / elapsed[name], 2)} for name in stubs}
+    off = rows["off"]
+    for name in ("sampled_1.0", "sampled_0.01"):
+        rows[name]["p50_added_ms"] = round(rows[name]["p50_ms"] - off["p50_ms"], 3)
+        rows[name]["throughput_ratio"] = round(rows[name]["throughput_rps"] / off["throughput_rps"], 4)
+    return {"requests_each": requests, "rounds": rounds, "round_s": round_s, "clients": clients,
+            "spans_received": len(receiver.spans), **rows,
+            # Targets: sampling 1%, p50 rises by 0.1 ms at most and throughput stays at 0.99 of untraced or more.
+            "meets_targets_at_0.01": rows["sampled_0.01"]["p50_added_ms"] <= 0.1
+            and rows["sampled_0.01"]["throughput_ratio"] >= 0.99}
+
+
+def print_tracing(cost: dict) -> None:
+    off = cost["off"]
+    print(f"tracing (medians of {cost['repeats']} repeats): off p50 {off['p50_ms']} ms, {off['throughput_rps']} "
+          "searches/s; " + "; ".join(
+              f"{name.replace('_', ' ')}: p50 {row['p50_added_ms']:+} ms (each repeat {row['p50_added_ms_each']}), "
+              f"throughput x{row['throughput_ratio']} (each {row['throughput_ratio_each']})"
+              for name, row in cost.items() if isinstance(row, dict) and name != "off")
+          + f"; {cost['spans_received']} spans exported", flush=True)
+
+
+async def run(args) -> dict:
     fetch_defaults(log=lambda message: None)
+    if getattr(args, "only", None) == "tracing":
+        queries = list(read_queries(DEMO_CORPUS).values())
+        index_dir = await asyncio.to_thread(bench_index, 200 if args.quick else 1000)
+        print("tracing off, sampling 1.0 and 0.01, side by side ...", flush=True)
+        cost = await tracing_cost(index_dir, args.port + 40, queries, 100 if args.quick else 400,
+                                  2 if args.quick else 6, 3.0 if args.quick else 5.0)
+        print_tracing(cost)
+        report = {"machine": machine(), "tracing": cost}
+        write_json(args.json, report)
+        return report
     # The overload measures the model's capacity: its queries repeat, and the pair-score cache would answer
     # them for free (the cache has its own benchmark, 'twostage bench rerank').
     os.environ["TWOSTAGE_RERANK_SCORE_CACHE_MB"] = "0"
@@ -163,6 +281,9 @@ async def run(args) -> dict:
     os.environ.pop("TWOSTAGE_RERANK_SCORE_CACHE_MB")  # the cache is what this part measures
     print("score cache through the gateway: one replica, two with and without affinity ...", flush=True)
     affinity = await cache_affinity(index_dir, args.port + 30, queries, 12 if args.quick else 40, args.recall_k)
+    print("tracing off, sampling 1.0 and 0.01, side by side ...", flush=True)
+    tracing = await tracing_cost(index_dir, args.port + 40, queries, 100 if args.quick else 400,
+                                 2 if args.quick else 6, 3.0 if args.quick else 5.0)
     overload = load.report()
 
     def fair_share(rate_rps: float) -> float:
@@ -181,6 +302,7 @@ async def run(args) -> dict:
             "added_gateway_p50_ms": round(secured["gateway_p50_ms"] - cost["gateway_p50_ms"], 3),
         },
         "cache_affinity": affinity,
+        "tracing": tracing,
         "overload": {**overload, "budget_ms": args.budget_ms, "recall_k": args.recall_k,
                      "sustainable_full_depth_rps": round(capacity, 3),
                      # The rerank tier's model time over wall time (target >= 0.85).
@@ -213,5 +335,6 @@ async def run(args) -> dict:
           f"errors {overload['errors'] or 'none'}, degraded {overload['degraded']}")
     print("score cache hit rate over a Zipf(1.0) stream: " + ", ".join(
         f"{name} {row['hit_rate']:.1%}" for name, row in affinity.items() if isinstance(row, dict)))
+    print_tracing(tracing)
     write_json(args.json, report)
     return report
