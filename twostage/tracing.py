@@ -8,8 +8,11 @@ Off, nothing of the SDK is loaded, no interceptor is installed, ``span`` hands
 out one shared no-op context manager and callers skip their attributes
 (``span.is_recording()`` is False), so an untraced server pays a branch per
 span site. On, the sampler is the SDK's from ``OTEL_TRACES_SAMPLER`` /
-``OTEL_TRACES_SAMPLER_ARG`` (default: parent-based, always on); spans are
-exported in batches from a thread of their own, never from the event loop.
+``OTEL_TRACES_SAMPLER_ARG`` (default: parent-based, always on) and decides
+once per request, where it enters: the spans under an unsampled request are not
+made at all (the same no-op), and a callee only carries the caller's unsampled
+context on. Spans are exported in batches from a thread of their own, never
+from the event loop.
 
 Propagation is by hand rather than through the gRPC instrumentation package:
 measured on a unary call over loopback (1,300 calls, each under a sampled
