@@ -153,7 +153,7 @@ def environment(values: dict[str, str]):
 
 
 async def _tracing_round(index_dir: Path, port: int, order: list[str], queries: list[str], requests: int,
-                         throughput_s: float, clients: int, exporting: dict[str, str]) -> dict:
+                         throughput_s: float, clients: int, exporting: dict[str, str], receiver) -> dict:
     """One repeat of the comparison: a stack per setting, side by side (ports in ``order``), measured alike;
     per setting (p50 ms, searches per second)."""
     import shutil
@@ -186,17 +186,22 @@ async def _tracing_round(index_dir: Path, port: int, order: list[str], queries: 
                 for stub in stubs.values():
                     await ask(stub)
 
-            def turns(i: int) -> list[str]:  # each stack goes first, second and third in turn
-                return order[i % len(order):] + order[:i % len(order)]
+            # Every order in turn: each stack follows each other one as often (the one exporting every span
+            # leaves work behind for whichever comes next).
+            orders = list(itertools.permutations(order))
+
+            def turns(i: int) -> tuple[str, ...]:
+                return orders[i % len(orders)]
 
             latencies = {name: [] for name in stubs}
             for i in range(requests):
                 for name in turns(i):
                     latencies[name].append(await ask(stubs[name]))
             answered, elapsed = dict.fromkeys(stubs, 0), dict.fromkeys(stubs, 0.0)
-            for i in range(3):  # throughput: closed-loop slices, taking turns
+            for i in range(len(orders)):  # throughput: closed-loop slices, taking turns
                 for name in turns(i):
-                    end = time.perf_counter() + throughput_s / 3
+                    await asyncio.to_thread(receiver.wait_quiet)  # the last slice's spans exported first
+                    end = time.perf_counter() + throughput_s / len(orders)
 
                     async def client(stub=stubs[name], end=end) -> int:
                         count = 0
@@ -231,7 +236,8 @@ async def tracing_cost(index_dir: Path, port: int, queries: list[str], requests:
             order = names[repeat % len(names):] + names[:repeat % len(names)]
             print(f"  repeat {repeat + 1} of {repeats} ...", flush=True)
             rounds.append(await _tracing_round(index_dir, port, order, queries, requests, throughput_s, clients,
-                                               {"OTEL_EXPORTER_OTLP_ENDPOINT": receiver.endpoint}))
+                                               {"OTEL_EXPORTER_OTLP_ENDPOINT": receiver.endpoint,
+                                                "OTEL_BSP_SCHEDULE_DELAY": "200"}, receiver))
     finally:
         receiver.stop()
     rows = {}

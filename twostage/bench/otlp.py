@@ -93,6 +93,16 @@ class OtlpReceiver:
         with self._arrived:
             self._spans.clear()
 
+    def wait_quiet(self, quiet_s: float = 0.5, timeout_s: float = 15.0) -> None:
+        """Until no span has arrived for ``quiet_s`` (or ``timeout_s`` has passed); blocking."""
+        deadline = time.monotonic() + timeout_s
+        with self._arrived:
+            while time.monotonic() < deadline:
+                count = len(self._spans)
+                self._arrived.wait(min(quiet_s, max(0.0, deadline - time.monotonic())))
+                if len(self._spans) == count:
+                    return
+
     def wait_for(self, done, timeout_s: float = 30.0) -> list[ReceivedSpan]:
         """The spans received once ``done(spans)`` holds; TimeoutError if it does not within ``timeout_s``
         (blocking: call it from a thread)."""
