@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 import grpc
 
 from gateway.fusion import Calibration
+from twostage import tracing
 from twostage.connect import PLAINTEXT, Credentials, ReloadingCredentials, RotatingChannel
 from twostage.convert import (
     document_from_proto,
@@ -89,6 +90,7 @@ def _version_proto(version: Version | None) -> common_pb2.WriteVersion | None:
 
 class _Client:
     STUB = None
+    SERVICE = ""  # the proto service's full name, for span names
 
     def __init__(self, target: str, name: str, credentials: Credentials | ReloadingCredentials = PLAINTEXT,
                  options: list | None = None):
@@ -113,15 +115,22 @@ class _Client:
     async def close(self) -> None:
         await self._rotating.close()
 
-    async def _call(self, method, request, timeout_s: float | None):
-        """One RPC with this client's credentials; its failure as a domain error."""
+    async def _call(self, method: str, request, timeout_s: float | None):
+        """One RPC with this client's credentials (and the trace context, when traced); its failure as a
+        domain error."""
+        if not tracing.enabled:
+            return await self._send(method, request, timeout_s, self._rotating.metadata)
+        with tracing.client_span(f"{self.SERVICE}/{method}", self.name, self.target):
+            return await self._send(method, request, timeout_s, tracing.outgoing(self._rotating.metadata))
+
+    async def _send(self, method: str, request, timeout_s: float | None, metadata):
         try:
-            return await method(request, timeout=timeout_s, metadata=self._rotating.metadata)
+            return await getattr(self.stub, method)(request, timeout=timeout_s, metadata=metadata)
         except grpc.aio.AioRpcError as error:
             raise error_from_rpc(error, self.name, self.target) from None
 
     async def info(self, timeout_s: float):
-        return await self._call(self.stub.Info, common_pb2.InfoRequest(), timeout_s)
+        return await self._call("Info", common_pb2.InfoRequest(), timeout_s)
 
     async def health_status(self, timeout_s: float) -> bool | None:
         """True if SERVING, False if it says it is not, None if it did not answer. Sent with this client's
@@ -131,6 +140,7 @@ class _Client:
 
 class RecallClient(_Client):
     STUB = recall_pb2_grpc.RecallStub
+    SERVICE = "twostage.v1.Recall"
 
     async def search(
         self, query: str, k: int, timeout_s: float, request_id: str, mode: str | None = None,
@@ -140,7 +150,7 @@ class RecallClient(_Client):
         calibration (None: not fitted)."""
         request = recall_pb2.RecallSearchRequest(query=query, k=k, request_id=request_id,
                                                  mode=recall_mode_to_proto(mode), filter=filter_to_proto(filter_))
-        reply = await self._call(self.stub.Search, request, timeout_s)
+        reply = await self._call("Search", request, timeout_s)
         candidates = [
             RecallCandidate(c.id, c.title, c.text, c.score, metadata_from_proto(c.metadata), c.dense_score,
                             c.lexical_score)
@@ -155,13 +165,13 @@ class RecallClient(_Client):
                      version: Version | None = None) -> "WriteReply":
         request = common_pb2.UpsertRequest(documents=[document_to_proto(d) for d in docs], request_id=request_id,
                                            version=_version_proto(version))
-        reply = await self._call(self.stub.Upsert, request, timeout_s)
+        reply = await self._call("Upsert", request, timeout_s)
         return WriteReply.of(reply, reply.upserted)
 
     async def delete(self, ids: list[str], timeout_s: float | None, request_id: str = "",
                      version: Version | None = None) -> "WriteReply":
         request = common_pb2.DeleteRequest(ids=ids, request_id=request_id, version=_version_proto(version))
-        reply = await self._call(self.stub.Delete, request, timeout_s)
+        reply = await self._call("Delete", request, timeout_s)
         return WriteReply.of(reply, reply.deleted)
 
     async def embed(self, texts: list[str], is_query: bool, timeout_s: float | None,
@@ -172,17 +182,18 @@ class RecallClient(_Client):
         return [list(e.values) for e in reply.embeddings], reply.tokens
 
     async def get(self, ids: list[str], timeout_s: float | None) -> list[Document]:
-        reply = await self._call(self.stub.Get, common_pb2.GetRequest(ids=ids), timeout_s)
+        reply = await self._call("Get", common_pb2.GetRequest(ids=ids), timeout_s)
         return [document_from_proto(d) for d in reply.documents]
 
 
 class RerankClient(_Client):
     STUB = rerank_pb2_grpc.RerankStub
+    SERVICE = "twostage.v1.Rerank"
 
     async def rerank(self, query: str, documents: list[str], timeout_s: float, request_id: str) -> RerankReply:
         # Partial answers: pairs scored before the deadline are used rather than thrown away with the rest.
         request = rerank_pb2.RerankRequest(query=query, documents=documents, request_id=request_id, allow_partial=True)
-        reply = await self._call(self.stub.Rerank, request, timeout_s)
+        reply = await self._call("Rerank", request, timeout_s)
         return RerankReply(
             scores={r.index: r.score for r in reply.results},
             timings_ms=dict(reply.timings_ms),

@@ -16,6 +16,7 @@ import time
 from gateway.clients import RecallClient, RerankClient, channel_options
 from gateway.config import GatewaySettings
 from gateway.embedding import TextEmbedder
+from gateway.metrics import membership_changed
 from gateway.pipeline import SearchPipeline, StageLimits
 from gateway.recall_tier import RecallShard
 from gateway.rerank_pool import RerankPool
@@ -102,9 +103,11 @@ class GatewayLifecycle:
         changed = False
         for shard, target in zip(self.shards, self._recall_targets):
             added, removed = shard.update_members(target.addresses)
+            membership_changed("recall", len(added), len(removed))
             changed |= bool(added or removed)
         rerank_addresses = sorted({a for t in self._rerank_targets for a in t.addresses})
         added, removed = self.pool.update_members(rerank_addresses, self._make_rerank)
+        membership_changed("rerank", len(added), len(removed))
         if added or removed:
             log.info("rerank replicas: +%s -%s", added or "none", removed or "none")
         return changed or bool(added or removed)

@@ -7,10 +7,16 @@ return margin. The rerank pool's live cost model decides how many of the top
 candidates fit in that time; the rest keep their recall order after the
 reranked ones. Whatever is cut is said in ``degraded_reason``; the answer
 never turns into an error or a hang while recall has answered.
+
+Traced, a search is a span with recall and rerank as children and each rerank
+round (the first, then each top-up) as a child of rerank; it carries recall_k,
+the budget and the share of it used, the candidates reranked and the
+degradation codes.
 """
 
 import asyncio
 import dataclasses
+import itertools
 import logging
 import math
 import re
@@ -25,7 +31,7 @@ from gateway.fusion import DEFAULT_CALIBRATION, FUSIONS, Calibration, fuse, mean
 from gateway.metrics import observe_degradations, observe_search
 from gateway.recall_tier import RecallShard
 from gateway.rerank_pool import RerankOutcome, RerankPool, is_callers_mistake
-from twostage import errors
+from twostage import errors, tracing
 from twostage.corpus import Document, MetadataValue, document_text
 from twostage.filters import Filter
 from twostage.hybrid import fuse as fuse_recall
@@ -74,6 +80,7 @@ class SearchResult(Degradable):
     reranked: int = 0
     rerank_cached: int = 0
     timings_ms: dict[str, float] = field(default_factory=dict)
+    budget_ms: float = 0.0  # the time it was given: the budget or the client's deadline, whichever is shorter
     recall_mode: str | None = None  # the mode the recall shards answered in
     calibration: Calibration | None = None  # the answering shards' fitted score calibration (None: none fitted)
 
@@ -251,12 +258,22 @@ class SearchPipeline:
         return result
 
     async def search(self, q: SearchQuery) -> SearchResult:
+        with tracing.span("search") as span:
+            result = await self._search(q)
+            if span.is_recording():
+                _annotate(span, result)
+            return result
+
+    async def _search(self, q: SearchQuery) -> SearchResult:
         top_k, recall_k, budget_s, request_id = self.resolve(q)
+        if (span := tracing.current_span()).is_recording():
+            span.set_attributes({"twostage.top_k": top_k, "twostage.recall_k": recall_k,
+                                 "twostage.request_id": request_id})
         start = time.monotonic()
         deadline = start + budget_s if q.deadline_s is None else min(start + budget_s, q.deadline_s)
         result = SearchResult(hits=[], request_id=request_id)
         s = self.settings
-        left_ms = 1000 * (deadline - start)
+        left_ms = result.budget_ms = 1000 * (deadline - start)
         if q.skip_rerank or left_ms < 2 * (s.min_rerank_ms + s.return_margin_ms):
             # Rerank will not run: recall may use all the time there is, so a tiny budget still gets an answer.
             recall_deadline = deadline
@@ -264,7 +281,12 @@ class SearchPipeline:
             # Recall's share of the time actually left (a short client deadline included), not of the nominal budget.
             recall_deadline = start + (deadline - start) * s.recall_budget_share
         try:
-            candidates = await self._recall(q, recall_k, recall_deadline, request_id, result)
+            with tracing.span("recall") as span:
+                candidates = await self._recall(q, recall_k, recall_deadline, request_id, result)
+                if span.is_recording():
+                    span.set_attributes({"twostage.recall_k": recall_k, "twostage.shards": len(self.recall),
+                                         "twostage.candidates": len(candidates),
+                                         "twostage.recall_mode": result.recall_mode or ""})
         except errors.DeadlineExceeded:
             raise errors.DeadlineExceeded(
                 f"no answer within {left_ms:.0f} ms: recall did not answer in time; allow more budget_ms "
@@ -286,7 +308,11 @@ class SearchPipeline:
 
         scores = {}
         if candidates and not q.skip_rerank:
-            scores = await self._rerank(q.query, candidates, deadline, request_id, result, top_k, rank)
+            with tracing.span("rerank") as span:
+                scores = await self._rerank(q.query, candidates, deadline, request_id, result, top_k, rank)
+                if span.is_recording():
+                    span.set_attributes({"twostage.candidates": len(candidates), "twostage.reranked": len(scores),
+                                         "twostage.rerank_cached": result.rerank_cached if scores else 0})
         result.timings_ms["rerank_ms"] = 1000 * (time.monotonic() - recall_done)
         result.reranked = len(scores)
         hits = rank(scores)[:top_k]
@@ -347,6 +373,9 @@ class SearchPipeline:
         rerank_deadline = deadline - s.return_margin_ms / 1000
         remaining_ms = 1000 * (rerank_deadline - time.monotonic())
         depth = self._affordable_depth(remaining_ms, len(candidates))
+        if (span := tracing.current_span()).is_recording():
+            span.set_attributes({"twostage.rerank.affordable": depth,
+                                 "twostage.rerank.time_left_ms": round(remaining_ms, 1)})
         if not self.rerank.available():
             result.degrade(DegradationCode.RERANK_UNAVAILABLE, "no healthy replica")
             return {}
@@ -392,8 +421,12 @@ class SearchPipeline:
         answers in flight still had budget for more candidates."""
         merged = RerankOutcome()
         start, end = 0, depth
-        while True:
-            outcome = await self.rerank.rerank(query, documents[start:end], deadline, request_id)
+        for round_ in itertools.count():
+            with tracing.span("rerank round") as span:
+                if span.is_recording():
+                    span.set_attributes({"twostage.round": round_, "twostage.top_up": round_ > 0,
+                                         "twostage.pairs": end - start})
+                outcome = await self.rerank.rerank(query, documents[start:end], deadline, request_id)
             _merge(merged, outcome, start)
             if outcome.error is not None or not self.settings.rerank_top_up or end >= len(documents):
                 return merged
@@ -409,8 +442,12 @@ class SearchPipeline:
         merged = RerankOutcome()
         end = min(top_k, len(documents))
         start = 0
-        while True:
-            outcome = await self.rerank.rerank(query, documents[start:end], deadline, request_id)
+        for round_ in itertools.count():
+            with tracing.span("rerank round") as span:
+                if span.is_recording():
+                    span.set_attributes({"twostage.round": round_, "twostage.top_up": round_ > 0,
+                                         "twostage.pairs": end - start})
+                outcome = await self.rerank.rerank(query, documents[start:end], deadline, request_id)
             _merge(merged, outcome, start)
             if outcome.error is not None or end >= len(documents):
                 return merged, False
@@ -453,6 +490,21 @@ class SearchPipeline:
             rest.append(Hit(c.id, c.title, c.text, score, None, i + 1, c.score, c.metadata,
                             dense_score=c.dense_score, lexical_score=c.lexical_score))
         return reranked + rest
+
+
+def _annotate(span, result: SearchResult) -> None:
+    """What a search's span says of its answer: the share of the budget used, what was reranked, what was cut."""
+    total_ms = result.timings_ms.get("total_ms", 0.0)
+    span.set_attributes({
+        "twostage.budget_ms": round(result.budget_ms, 1), "twostage.total_ms": round(total_ms, 2),
+        "twostage.budget_used": round(total_ms / result.budget_ms, 4) if result.budget_ms > 0 else 1.0,
+        "twostage.candidates": result.candidates, "twostage.reranked": result.reranked,
+        "twostage.rerank_cached": result.rerank_cached, "twostage.hits": len(result.hits),
+        "twostage.degradations": [d.code.value for d in result.degradations],
+    })
+    for degradation in result.degradations:
+        span.add_event("degraded", {"twostage.degradation": degradation.code.value,
+                                    "twostage.detail": degradation.detail})
 
 
 def _merge(merged: RerankOutcome, outcome: RerankOutcome, offset: int) -> None:

@@ -28,6 +28,7 @@ import time
 from dataclasses import dataclass, field
 
 from gateway.clients import RerankClient
+from gateway.metrics import EJECTIONS, REPLICAS
 from twostage import errors
 
 log = logging.getLogger(__name__)
@@ -48,6 +49,13 @@ class Replica:
     missed_health_checks: int = 0
     answered_serving: bool = False  # its last health check said SERVING (not merely stayed silent)
     pairs_scored: int = 0
+    unavailable_since_s: float | None = None  # out of rotation since (time.monotonic()); None while available
+
+    def note_availability(self, now: float) -> None:
+        if self.available(now):
+            self.unavailable_since_s = None
+        elif self.unavailable_since_s is None:
+            self.unavailable_since_s = now
 
     @property
     def target(self) -> str:
@@ -122,6 +130,7 @@ class RerankPool:
         # Set when a replica fails as an unreachable one would: membership is re-resolved early.
         self.unreachable = asyncio.Event()
         self._retiring: set[asyncio.Task] = set()
+        REPLICAS.register(self)
 
     def update_members(self, addresses: list[str], make_client) -> tuple[list[str], list[str]]:
         """Follow the resolved addresses: new ones join (with the initial cost), gone ones leave once
@@ -219,7 +228,10 @@ class RerankPool:
             self.unreachable.set()
         replica.consecutive_failures += 1
         if replica.consecutive_failures >= self.eject_after_failures:
+            if not replica.ejected_until_s:
+                EJECTIONS.labels("rerank").inc()
             replica.ejected_until_s = time.monotonic() + self.eject_s
+            replica.note_availability(time.monotonic())
             log.warning("ejecting rerank replica %s for %.0f s: %s", replica.target, self.eject_s, error)
 
     async def _score_slice(self, replica, query, documents, positions, deadline_s, request_id, outcome) -> bool:
@@ -295,6 +307,7 @@ class RerankPool:
                 replica.ejected_until_s = 0.0
                 replica.consecutive_failures = 0
             replica.serving = serving
+            replica.note_availability(time.monotonic())
 
     async def wait_for_a_replica(self, timeout_s: float, period_s: float = 0.2) -> bool:
         """At start: until one replica answers SERVING (replicas may still be loading), or timeout.

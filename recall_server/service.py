@@ -18,17 +18,18 @@ from recall_server.index import DocumentIndex
 from recall_server.peer_sync import PAGE as PEER_PAGE
 from recall_server.peer_sync import PeerSync
 from recall_server.snapshot_follower import IndexLeases, SnapshotFollower
-from twostage import errors
+from twostage import errors, tracing
 from twostage.batching import BatchPolicy, DynamicBatcher
 from twostage.corpus import Document, document_text
 from twostage.documents import check_documents, check_ids, check_request_id
 from twostage.filters import Filter
 from twostage.hybrid import fuse
 from twostage.metrics import RECALL_SEARCH_SECONDS as SEARCH_SECONDS
-from twostage.metrics import watch_batcher
+from twostage.metrics import watch_batcher, watch_recall
 from twostage.model_store import resolve_model
 from twostage.schema import check_filter_types, conform
 from twostage.sharding import shard_of
+from twostage.tracing import exemplar
 from twostage.versions import HybridClock, Version, clock_at
 
 log = logging.getLogger(__name__)
@@ -119,6 +120,7 @@ class RecallService:
         self.embedder = await asyncio.to_thread(Embedder, resolve_model(s.model), s, s.max_length)
         self.batcher = DynamicBatcher("embed", self.embedder.embed, BatchPolicy.from_settings(s))
         watch_batcher(self.batcher)
+        watch_recall(self)
         self.batcher.start()
         if s.snapshot_dir is not None:
             self.snapshots = SnapshotFollower(s, self.embedder.name, self._switch_index, self._open_index)
@@ -278,12 +280,17 @@ class RecallService:
         check_filter_types(filter_, self.index.store.schema())
         start = time.perf_counter()
         # Every mode reports the cosine (the gateway's calibrated fusion reads it), so the query is embedded.
-        (vector,) = await self._embed([query], True, deadline_s)
+        with tracing.span("embed"):
+            (vector,) = await self._embed([query], True, deadline_s)
         embedded = time.perf_counter()
         with self._leases.hold(self.index) as index:
             candidates, timings = await asyncio.to_thread(self._find, index, query, vector, k, mode, filter_,
                                                           deadline_s)
-        SEARCH_SECONDS.labels(mode).observe(time.perf_counter() - start)
+            if (span := tracing.current_span()).is_recording():
+                span.set_attributes({"twostage.shard": index.manifest.shard, "twostage.shards": index.manifest.shards,
+                                     "twostage.recall_mode": mode, "twostage.k": k,
+                                     "twostage.candidates": len(candidates)})
+        SEARCH_SECONDS.labels(mode).observe(time.perf_counter() - start, exemplar())
         timings = {"embed_ms": 1000 * (embedded - start), **timings, "total_ms": _ms_since(start)}
         return candidates, timings, mode
 
@@ -293,25 +300,38 @@ class RecallService:
         (time.monotonic()): cancelling the call cannot stop this thread."""
         s = self.settings
         start = time.perf_counter()
-        dense = dict(index.nearest(vector, k, filter_, deadline_s)) if mode != "lexical" else {}
+        dense: dict[int, float] = {}
+        if mode != "lexical":
+            with tracing.span("dense search") as span:
+                dense = dict(index.nearest(vector, k, filter_, deadline_s))
+                if span.is_recording():
+                    span.set_attributes({"twostage.k": k, "twostage.found": len(dense),
+                                         "twostage.filtered": filter_ is not None})
         searched = time.perf_counter()
         lexical: dict[int, float] = {}
         keys = list(dense)
         if mode != "dense":
-            # Hybrid reads deeper than k, to give the dense candidates their BM25 from the same query; one beyond
-            # that depth gets the last score read (an upper bound), and 0 when every match was read.
-            depth = max(k, s.lexical_depth) if mode == "hybrid" else k
-            matches = index.store.lexical_search(query, depth, filter_)
-            lexical = dict(matches[:k])
-            keys = list(lexical) if mode == "lexical" else list(dense | lexical)
-            if mode == "hybrid":
-                every, floor = dict(matches), (matches[-1][1] if len(matches) == depth else 0.0)
-                lexical.update({key: every.get(key, floor) for key in dense if key not in lexical})
-            if missing := [key for key in lexical if key not in dense]:
-                dense.update(index.dense_scores(vector, missing))
+            with tracing.span("lexical search") as span:
+                # Hybrid reads deeper than k, to give the dense candidates their BM25 from the same query; one
+                # beyond that depth gets the last score read (an upper bound), and 0 when every match was read.
+                depth = max(k, s.lexical_depth) if mode == "hybrid" else k
+                matches = index.store.lexical_search(query, depth, filter_)
+                lexical = dict(matches[:k])
+                keys = list(lexical) if mode == "lexical" else list(dense | lexical)
+                if mode == "hybrid":
+                    every, floor = dict(matches), (matches[-1][1] if len(matches) == depth else 0.0)
+                    lexical.update({key: every.get(key, floor) for key in dense if key not in lexical})
+                if missing := [key for key in lexical if key not in dense]:
+                    dense.update(index.dense_scores(vector, missing))
+                if span.is_recording():
+                    span.set_attributes({"twostage.depth": depth, "twostage.matches": len(matches),
+                                         "twostage.filtered": filter_ is not None})
         if mode == "hybrid":
-            ranked = fuse(keys, [dense.get(key, 0.0) for key in keys], [lexical.get(key, 0.0) for key in keys],
-                          s.hybrid_fusion, s.hybrid_dense_weight)[:k]
+            with tracing.span("fusion") as span:
+                ranked = fuse(keys, [dense.get(key, 0.0) for key in keys], [lexical.get(key, 0.0) for key in keys],
+                              s.hybrid_fusion, s.hybrid_dense_weight)[:k]
+                if span.is_recording():
+                    span.set_attributes({"twostage.fusion": s.hybrid_fusion, "twostage.fused": len(keys)})
         else:
             source = dense if mode == "dense" else lexical
             ranked = sorted(((key, source[key]) for key in keys), key=lambda pair: -pair[1])[:k]

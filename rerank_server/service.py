@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 from rerank_server.config import RerankSettings
 from rerank_server.cross_encoder import CrossEncoder
 from rerank_server.score_cache import PairScoreCache
-from twostage import errors
+from twostage import errors, tracing
 from twostage.batching import BatchPolicy, DynamicBatcher
 from twostage.metrics import watch_batcher, watch_score_cache
 from twostage.model_store import resolve_model, sha256_of
@@ -106,7 +106,10 @@ class RerankService:
         unscored (at least one is scored, or it is DeadlineExceeded, unless ``answered_elsewhere``: other
         scores already make the partial answer, and these may all be None)."""
         started = time.perf_counter()
-        pairs = await asyncio.to_thread(self.model.encode_pairs, query, documents)  # the query is already fitted
+        with tracing.span("tokenize") as span:
+            pairs = await asyncio.to_thread(self.model.encode_pairs, query, documents)  # the query is already fitted
+            if span.is_recording():
+                span.set_attributes({"twostage.pairs": len(pairs), "twostage.tokens": sum(p.length for p in pairs)})
         timings["tokenize_ms"] = timings.get("tokenize_ms", 0.0) + 1000 * (time.perf_counter() - started)
         try:
             done = await self.batcher.submit(pairs, [p.length for p in pairs], deadline_s, partial=partial)
@@ -124,7 +127,8 @@ class RerankService:
         started = time.perf_counter()
         self.validate(request)
         timings = {"tokenize_ms": 0.0, "queue_ms": 0.0, "compute_ms": 0.0}
-        query, query_truncated = await asyncio.to_thread(self.model.fit_query, request.query)
+        with tracing.span("tokenize query"):
+            query, query_truncated = await asyncio.to_thread(self.model.fit_query, request.query)
         timings["tokenize_ms"] = 1000 * (time.perf_counter() - started)
         documents = request.documents
         if self.cache is None or request.bypass_cache:
@@ -135,6 +139,10 @@ class RerankService:
             scores, tokens, computed = await self._cached_scores(query, documents, request.deadline_s, timings,
                                                                  request.allow_partial)
             cached = len(documents) - computed
+        if (span := tracing.current_span()).is_recording():
+            span.set_attributes({"twostage.documents": len(documents), "twostage.cached": cached,
+                                 "twostage.unscored": len(documents) - len(scores), "twostage.tokens": tokens,
+                                 "twostage.query_truncated": query_truncated})
         ranked = sorted(scores.items(), key=lambda pair: -pair[1])
         if request.top_n:
             ranked = ranked[: request.top_n]

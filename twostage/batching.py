@@ -17,6 +17,9 @@ small (``bulk_max_batch_tokens``) so a query arriving mid-batch waits little,
 and the oldest bulk item is served anyway once it has waited
 ``bulk_max_wait_ms`` (no starvation).
 
+Traced (twostage.tracing), each submission records its queue wait, and each
+batch is a span that links to the span of every request it served.
+
 Every future handed out here is resolved: with a result, with the batch's
 error, with DeadlineExceeded when its deadline passed before it was computed,
 or with NotReady when the batcher is shut down without draining.
@@ -31,6 +34,7 @@ from concurrent.futures import Executor, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any, Generic, TypeVar
 
+from twostage import tracing
 from twostage.errors import DeadlineExceeded, ModelFailure, NotReady, Overloaded, TwostageError
 
 log = logging.getLogger(__name__)
@@ -99,6 +103,7 @@ class _Item:
     bulk: bool = False
     dispatched_s: float = 0.0
     done_s: float = 0.0
+    trace: Any = None  # the submitting request's span context, when traced
 
 
 def _due(item: _Item) -> float:
@@ -229,7 +234,9 @@ class DynamicBatcher(Generic[T, R]):
             )
         loop = asyncio.get_running_loop()
         now = time.monotonic()
-        items = [_Item(p, n, loop.create_future(), now, deadline_s, bulk) for p, n in zip(payloads, lengths)]
+        traced = tracing.current_context()
+        items = [_Item(p, n, loop.create_future(), now, deadline_s, bulk, trace=traced)
+                 for p, n in zip(payloads, lengths)]
         self._queue.extend(items)
         self._wakeup.set()
         futures = [item.future for item in items]
@@ -248,6 +255,9 @@ class DynamicBatcher(Generic[T, R]):
         if len(computed) < len(items) and not (partial and computed):
             raise failures[0] if failures else DeadlineExceeded(
                 f"{self.name}: deadline passed with {len(items) - len(computed)} items not yet computed")
+        if traced is not None:
+            tracing.record("queue wait", now, max(i.dispatched_s for i in computed),
+                           {"twostage.batcher": self.name, "twostage.items": len(items)})
         return Submission(
             values=[None if i.future.cancelled() or i.future.exception() else i.future.result() for i in items],
             queue_ms=1000 * max(i.dispatched_s - i.enqueued_s for i in computed),
@@ -397,7 +407,15 @@ class DynamicBatcher(Generic[T, R]):
             item.done_s = done
             if not item.future.done():
                 item.future.set_result(result)
-        self._record(batch, started, done)
+        span = tracing.batch_span("model batch", [item.trace for item in batch], started) if tracing.enabled else None
+        if span is not None and span.is_recording():
+            span.set_attributes({"twostage.batcher": self.name, "twostage.batch.size": len(batch),
+                                 "twostage.batch.real_tokens": sum(item.length for item in batch),
+                                 "twostage.batch.padded_tokens": len(batch) * max(item.length for item in batch),
+                                 "twostage.batch.bulk": batch[0].bulk})
+        with tracing.use(span):  # the observers' exemplars point at this batch
+            self._record(batch, started, done)
+        tracing.end(span, done)
 
     def _timed_compute(self, batch: list[_Item]) -> tuple[float, list[_Item], list[_Item], list]:
         """Runs on the model's thread, once the batch ahead is done: leaves out items whose caller has gone

@@ -1,4 +1,9 @@
-"""Prometheus metrics shared by the services."""
+"""Prometheus metrics shared by the services.
+
+The latency histograms carry the trace id of a sampled request as an exemplar
+(served in the OpenMetrics format, which Prometheus asks for), so a point on a
+latency graph opens its trace.
+"""
 
 import asyncio
 import logging
@@ -7,6 +12,8 @@ import weakref
 
 import grpc
 import prometheus_client as prom
+
+from twostage.tracing import exemplar
 
 access_log = logging.getLogger("twostage.access")
 
@@ -32,9 +39,10 @@ def batch_observer(batcher: str):
         BATCH_SIZE.labels(batcher).observe(size)
         BATCH_REAL_TOKENS.labels(batcher).inc(real_tokens)
         BATCH_PADDED_TOKENS.labels(batcher).inc(padded_tokens)
+        traced = exemplar()  # the batch's span, current while observers run
         for wait in waits_s:
-            QUEUE_WAIT.labels(batcher).observe(wait)
-        COMPUTE_TIME.labels(batcher).observe(compute_s)
+            QUEUE_WAIT.labels(batcher).observe(wait, traced)
+        COMPUTE_TIME.labels(batcher).observe(compute_s, traced)
 
     return observe
 
@@ -123,6 +131,52 @@ def watch_score_cache(cache) -> None:
     SCORE_CACHES.register(cache)
 
 
+class RecallCollector:
+    """At scrape time, per recall server in this process: the documents its shard holds, and the space on the
+    volume of the index it serves (an index that cannot grow refuses writes)."""
+
+    def __init__(self):
+        self._services = weakref.WeakSet()
+
+    def register(self, service) -> None:
+        self._services.add(service)
+
+    def collect(self):
+        import os
+
+        from prometheus_client.core import GaugeMetricFamily
+
+        documents = GaugeMetricFamily("twostage_recall_documents", "Live documents in this server's shard",
+                                      labels=["shard"])
+        free = GaugeMetricFamily("twostage_recall_volume_free_bytes",
+                                 "Bytes free (to this user) on the volume of the served index", labels=["shard"])
+        size = GaugeMetricFamily("twostage_recall_volume_size_bytes", "Size of the volume of the served index",
+                                 labels=["shard"])
+        for service in list(self._services):
+            index = service.index
+            if index is None:
+                continue
+            shard = str(index.manifest.shard)
+            documents.add_metric([shard], service.doc_count())
+            try:
+                stat = os.statvfs(index.directory)
+            except OSError:  # replaced meanwhile (a snapshot switch): the next scrape reads the new one
+                continue
+            free.add_metric([shard], stat.f_bavail * stat.f_frsize)
+            size.add_metric([shard], stat.f_blocks * stat.f_frsize)
+        yield documents
+        yield free
+        yield size
+
+
+RECALL = RecallCollector()
+prom.REGISTRY.register(RECALL)
+
+
+def watch_recall(service) -> None:
+    RECALL.register(service)
+
+
 RECALL_SEARCH_SECONDS = prom.Histogram(
     "twostage_recall_search_seconds", "Recall search time by mode (dense, lexical, hybrid), embedding included",
     ["mode"], buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5),
@@ -131,6 +185,8 @@ RECALL_SNAPSHOT_CHECK_FAILURES = prom.Counter(
     "twostage_recall_snapshot_check_failures_total",
     "Looks for a newer snapshot that failed (unreadable, damaged or half-synced); each is retried at the next poll",
 )
+SERVING = prom.Gauge("twostage_serving", "1 while this server reports SERVING (loaded, not draining, model moving)",
+                     ["tier"])
 # protocol: grpc, or http for the gateway's HTTP/JSON face (its routes counted under the RPC each one calls, with
 # the gRPC code its answer's status stands for).
 RPC_REQUESTS = prom.Counter("twostage_rpc_requests_total", "RPCs handled", ["method", "code", "protocol"])
@@ -143,7 +199,7 @@ RPC_LATENCY = prom.Histogram(
 def observe_rpc(method: str, code: str, protocol: str, elapsed_s: float, request_id: str = "") -> None:
     """Count, time and log one call, whichever face it came through."""
     RPC_REQUESTS.labels(method, code, protocol).inc()
-    RPC_LATENCY.labels(method, protocol).observe(elapsed_s)
+    RPC_LATENCY.labels(method, protocol).observe(elapsed_s, exemplar())
     access_log.info(
         "%s %s %.1f ms", method, code, 1000 * elapsed_s,
         extra={"request_id": request_id, "method": method, "code": code, "protocol": protocol,

@@ -24,10 +24,11 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
+from twostage import tracing
 from twostage.auth import ProbeInterceptor, TokenAuthInterceptor, TokenFile, TokenFiles
 from twostage.config import ServiceSettings
 from twostage.errors import Unavailable
-from twostage.metrics import RpcMetricsInterceptor, start_metrics_server
+from twostage.metrics import SERVING, RpcMetricsInterceptor, start_metrics_server
 from twostage.tls import server_credentials
 
 log = logging.getLogger(__name__)
@@ -68,6 +69,10 @@ class GrpcService:
         self.lifecycle = lifecycle
         limit = settings.max_message_mb * 1024 * 1024
         interceptors: list[grpc.aio.ServerInterceptor] = [RpcMetricsInterceptor()]
+        # Outermost: the RPC metrics and every span below see the server span as current.
+        self.tracing = tracing.TracingInterceptor() if tracing.enabled else None
+        if self.tracing is not None:
+            interceptors.insert(0, self.tracing)
         reflection_on = settings.reflection == "on" or (settings.reflection == "auto" and not settings.auth_tokens)
         slots = settings.max_concurrent_rpcs
         # The tokens, shared with any other listener of this service: one file, one reload, one answer.
@@ -138,6 +143,7 @@ class GrpcService:
         """Readiness: the server as a whole and each service."""
         for service in ["", *self.service_names]:
             await self.health.set(service, status)
+        SERVING.labels(self.name).set(int(status == health_pb2.HealthCheckResponse.SERVING))
 
     async def _watch_model(self) -> None:
         """Readiness and liveness follow the model thread: a batch running past watchdog_s means it is stuck."""
@@ -178,6 +184,8 @@ class GrpcService:
         if self.port == 0:
             raise OSError(f"{self.name}: cannot listen on {address}: the port is in use (or the address is not "
                           "this machine's); stop what holds it or choose another --port")
+        if self.tracing is not None:
+            self.tracing.bound(self.port)
         if self.probe_server is not None:
             try:
                 bound = self.probe_server.add_insecure_port(f"{s.host}:{s.health_port}")
@@ -245,13 +253,15 @@ def install_stop_signals(stop: asyncio.Event) -> None:
         loop.add_signal_handler(sig, stop.set)
 
 
-async def serve_until_signal(make_service: Callable[[], GrpcService]) -> None:
+async def serve_until_signal(make_service: Callable[[], GrpcService], name: str) -> None:
     """Build (inside the running loop, as grpc.aio requires), start, serve until a signal, stop.
 
     Prints one line once serving (``describe``): supervisors such as ``serve all`` wait for it. A
-    signal during start (a model still loading, a gateway still waiting for its stages) stops too."""
+    signal during start (a model still loading, a gateway still waiting for its stages) stops too.
+    Traces (``name`` names the service) are on when the OTEL_* variables ask for them."""
     stop = asyncio.Event()
     install_stop_signals(stop)
+    tracing.setup(name)
     service = make_service()
     starting = asyncio.ensure_future(service.start())
     stopping = asyncio.ensure_future(stop.wait())
@@ -266,7 +276,10 @@ async def serve_until_signal(make_service: Callable[[], GrpcService]) -> None:
             await asyncio.gather(starting, return_exceptions=True)
     finally:
         stopping.cancel()
-        await service.stop()
+        try:
+            await service.stop()
+        finally:
+            await asyncio.to_thread(tracing.shutdown)  # the spans of the last requests
 
 
 def deadline_of(context: grpc.aio.ServicerContext) -> float | None:

@@ -5,9 +5,14 @@ Each child prints one line once it serves (``GrpcService.describe``); the
 stack forwards its output and counts a child ready only on that line, so a
 stack never reports ready on the strength of someone else's server holding
 its ports.
+
+A command that runs a stack does so in ``async with stack.running(...)``:
+SIGTERM, SIGINT or SIGHUP then stops the three tiers before the command
+exits (with ``Interrupted``), so none is left holding its ports and CPU.
 """
 
 import asyncio
+import contextlib
 import shutil
 import signal
 import socket
@@ -21,6 +26,17 @@ from twostage.errors import TwostageError
 
 class StackError(TwostageError):
     """A child failed to start or exited; the message says which and how."""
+
+
+class Interrupted(Exception):
+    """A stop signal ended the command; its stack was stopped first."""
+
+    def __init__(self, signum: int):
+        super().__init__(f"stopped by {signal.Signals(signum).name}")
+        self.signum = signum
+
+
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
 
 
 @dataclass
@@ -97,6 +113,7 @@ class Stack:
         self.auth_tokens = auth_tokens
         self._secrets: Path | None = None
         self.children: list[Child] = []
+        self.exit_code = 0  # from stop(): 0 when every child stopped cleanly
 
     def _security_flags(self) -> tuple[list[str], list[str]]:
         """(flags for the stages, flags for the gateway). With auth, the gateway gets its own admin token for
@@ -209,6 +226,37 @@ class Stack:
             task.cancel()
         return tasks[next(iter(done))]
 
+    @contextlib.asynccontextmanager
+    async def running(self, ready_timeout_s: float):
+        """Start the stack and stop it on leaving, however that happens. Meanwhile SIGTERM, SIGINT and SIGHUP
+        cancel what the block awaits (the start included); the block is left with ``Interrupted`` once the
+        stack has stopped."""
+        loop, task = asyncio.get_running_loop(), asyncio.current_task()
+        received: list[int] = []
+
+        def on_signal(signum: int) -> None:
+            if not received:  # a second signal while stopping changes nothing
+                received.append(signum)
+                print(f"{signal.Signals(signum).name}: stopping the local stack", file=sys.stderr, flush=True)
+                task.cancel()
+
+        for signum in STOP_SIGNALS:
+            loop.add_signal_handler(signum, on_signal, signum)
+        try:
+            await self.start(ready_timeout_s)
+            yield self
+        except asyncio.CancelledError:
+            if not received:
+                raise
+            task.uncancel()
+            raise Interrupted(received[0]) from None
+        finally:
+            try:
+                await self.stop()
+            finally:
+                for signum in STOP_SIGNALS:
+                    loop.remove_signal_handler(signum)
+
     async def stop(self, timeout_s: float = 30.0) -> int:
         """SIGTERM the gateway first (no new searches), then the stages; kill stragglers.
         Returns 0 if every child stopped cleanly."""
@@ -225,4 +273,5 @@ class Stack:
         for private in (self._secrets, self._replica_copies):
             if private is not None:
                 shutil.rmtree(private, ignore_errors=True)
-        return max((abs(c) for c in codes if c not in (0, -signal.SIGTERM)), default=0)
+        self.exit_code = max((abs(c) for c in codes if c not in (0, -signal.SIGTERM)), default=0)
+        return self.exit_code

@@ -244,3 +244,63 @@ def test_gateway_serves_http_in_the_cluster(objects):
                   and selects(o["spec"]["podSelector"], gateway["spec"]["template"]["metadata"]["labels"]))
     open_ports = {p["port"] for rule in policy["spec"]["ingress"] if "from" not in rule for p in rule["ports"]}
     assert {"grpc", "http"} <= open_ports
+
+
+MONITORING = K8S.parent / "monitoring"
+MONITORING_KINDS = {("monitoring.coreos.com/v1", "PodMonitor"), ("monitoring.coreos.com/v1", "PrometheusRule")}
+
+
+@pytest.fixture(scope="module")
+def monitored(tmp_path_factory) -> list[dict]:
+    """The CPU overlay with the monitoring and tracing components, as an operator's overlay adds them."""
+    import os
+
+    overlay = tmp_path_factory.mktemp("monitored")
+    relative = [os.path.relpath(path, overlay) for path in (K8S / "overlays" / "cpu", MONITORING, MONITORING / "tracing")]
+    (overlay / "kustomization.yaml").write_text(yaml.safe_dump({
+        "apiVersion": "kustomize.config.k8s.io/v1beta1", "kind": "Kustomization",
+        "resources": relative[:1], "components": relative[1:]}))
+    rendered = subprocess.run(["kubectl", "kustomize", str(overlay)], capture_output=True, text=True, check=True)
+    return [o for o in yaml.safe_load_all(rendered.stdout) if o]
+
+
+def test_the_monitoring_component_scrapes_every_tier_and_ships_its_rules_and_dashboard(monitored):
+    import json
+
+    plain = render("cpu")
+    added = [o for o in monitored if (o["kind"], o["metadata"]["name"]) not in {(p["kind"], p["metadata"]["name"])
+                                                                              for p in plain}]
+    assert sorted(o["kind"] for o in added) == ["ConfigMap", "PodMonitor", "PrometheusRule"]
+    for obj in added:
+        assert obj["metadata"]["namespace"] == "twostage", obj["kind"]
+        if (obj["apiVersion"], obj["kind"]) not in MONITORING_KINDS:
+            kubernetes_validate.validate(obj, KUBERNETES_VERSION, strict=True)
+    (monitor,) = [o for o in added if o["kind"] == "PodMonitor"]
+    (expression,) = monitor["spec"]["selector"]["matchExpressions"]
+    endpoints = {e["port"] for e in monitor["spec"]["podMetricsEndpoints"]}
+    for name, workload in servers(monitored).items():
+        labels = workload["spec"]["template"]["metadata"]["labels"]
+        assert expression["operator"] == "In" and labels[expression["key"]] in expression["values"], name
+        assert endpoints <= {p["name"] for p in container(workload)["ports"]}, name
+        assert env_of(workload)[f"TWOSTAGE_{service_of(workload).upper()}_METRICS_HOST"] == "0.0.0.0", name
+    (rules,) = [o for o in added if o["kind"] == "PrometheusRule"]
+    alerts = [r for group in rules["spec"]["groups"] for r in group["rules"]]
+    assert all(r["alert"] and r["expr"] and r["labels"]["severity"] in ("page", "ticket") for r in alerts)
+    (dashboard,) = [o for o in added if o["kind"] == "ConfigMap"]
+    assert dashboard["metadata"]["labels"] == {"grafana_dashboard": "1"}
+    panels = json.loads(dashboard["data"]["twostage.json"])["panels"]
+    assert {p["title"].split(":")[0] for p in panels if p["type"] == "timeseries"} >= {"Gateway", "Recall", "Rerank"}
+
+
+def test_the_tracing_component_names_each_tier_and_samples_at_the_gateway(monitored):
+    names = set()
+    for name, workload in servers(monitored).items():
+        env = env_of(workload)
+        assert env["OTEL_EXPORTER_OTLP_ENDPOINT"].startswith("http://") and env["OTEL_EXPORTER_OTLP_ENDPOINT"].endswith(
+            ":4317"), name
+        assert env["OTEL_TRACES_SAMPLER"] == "parentbased_traceidratio", name  # the stages follow the gateway
+        assert env["OTEL_SERVICE_NAME"] == f"twostage-{service_of(workload)}", name
+        names.add(env["OTEL_SERVICE_NAME"])
+    assert names == {"twostage-gateway", "twostage-recall", "twostage-rerank"}
+    for name, workload in servers(render("cpu")).items():
+        assert not any(k.startswith("OTEL_") for k in env_of(workload)), name  # off unless the component is added

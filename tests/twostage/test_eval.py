@@ -105,3 +105,71 @@ def test_eval_builds_its_index_where_told(tmp_path, models):
     assert cached_index(dataset, out) == out and IndexManifest.read(out).dims > 0
     built = (out / "index.json").stat().st_mtime_ns
     assert cached_index(dataset, out) == out and (out / "index.json").stat().st_mtime_ns == built  # reused
+
+
+def with_corpus(dataset, demo_data, docs: int, empty: int):
+    """The slice's queries over a corpus of its first ``docs`` documents plus ``empty`` empty ones."""
+    rows = [{"_id": d.id, "title": d.title, "text": d.text} for d in list(demo_data["docs"].values())[:docs]]
+    rows += [{"_id": f"empty-{i}", "title": "", "text": ""} for i in range(empty)]
+    (dataset / "corpus.jsonl").write_text("".join(json.dumps(row) + "\n" for row in rows))
+    return dataset
+
+
+def test_eval_on_a_corpus_with_empty_documents_names_the_flag_that_skips_them(tmp_path, demo_data, capsys):
+    dataset = with_corpus(beir_slice(tmp_path / "data", demo_data), demo_data, 3, 2)
+    code = main(["eval", "--dataset", str(dataset), "--index-dir", str(tmp_path / "index"), "--port", "1"])
+    error = capsys.readouterr().err
+    assert code == 2 and "2 invalid lines" in error and "pass --skip-invalid" in error
+    assert not (tmp_path / "index").exists()
+
+
+def children_of(pid: int) -> list[int]:
+    from pathlib import Path
+
+    found = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:  # ended meanwhile
+            continue
+        if int(fields[1]) == pid:
+            found.append(int(stat.parent.name))
+    return found
+
+
+def test_sigterm_to_eval_stops_its_stack_and_frees_its_ports(tmp_path, demo_data, models):
+    """eval builds its index around the empty documents (--skip-invalid), starts its three servers, and is
+    stopped mid-run: it exits only after they have, leaving no process and no port behind."""
+    import contextlib
+    import os
+    import signal
+    import socket
+    import subprocess
+    import sys
+
+    from tests.twostage.test_cli import free_port_run, wait_for_line
+
+    dataset = with_corpus(beir_slice(tmp_path / "data", demo_data), demo_data, 40, 2)
+    port = free_port_run(3)
+    run = subprocess.Popen(
+        [sys.executable, "-m", "twostage", "eval", "--dataset", str(dataset), "--skip-invalid", "--port", str(port),
+         "--index-dir", str(tmp_path / "index"), "--recall-k", "40"],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    servers = []
+    try:
+        wait_for_line(run, "gateway serving on port")  # the last tier up: queries begin
+        servers = children_of(run.pid)
+        assert len(servers) == 3
+        run.send_signal(signal.SIGTERM)
+        # 143: eval stopped its servers and exited on its own; -15 would be eval killed alone.
+        assert run.wait(timeout=60) == 128 + signal.SIGTERM
+        for pid in servers:
+            assert not os.path.exists(f"/proc/{pid}"), pid
+        for taken in range(port, port + 3):
+            socket.create_server(("127.0.0.1", taken)).close()  # free again
+        _, err = run.communicate(timeout=10)
+        assert "SIGTERM: stopping the local stack" in err and "2 invalid lines" in err
+    finally:
+        for pid in [*servers, run.pid]:  # nothing left behind, even when this fails
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)

@@ -46,6 +46,8 @@ def register(commands) -> None:
             sub.add_argument("--recall-k", type=int, default=20, help="candidates per search")
             sub.add_argument("--budget-ms", type=int, default=1000)
             sub.add_argument("--port", type=int, default=50171, help="base port of the stack it starts")
+            sub.add_argument("--only", choices=["tracing"], default=None,
+                             help="tracing: only what tracing costs (off, sampling 1.0 and 0.01, side by side)")
 
 
 def _apply_overrides(args) -> None:

@@ -32,6 +32,9 @@ def register(commands) -> None:
     parser.add_argument("--index-dir", type=Path, default=None,
                         help="the local stack's index of the data set: built there when absent, reused when present "
                         "(default: a cache, ~/.cache/twostage/eval-indexes/NAME-HASH)")
+    parser.add_argument("--skip-invalid", action="store_true",
+                        help="index the data set's valid documents and report the invalid ones, such as empty "
+                        "documents (default: refuse the corpus)")
     add_credential_flags(parser)
     parser.set_defaults(run=run)
 
@@ -128,11 +131,11 @@ def run(args) -> None:
     if args.target:
         report = measure(args.target, args.recall_target)
     else:
-        report = asyncio.run(serve_and_measure(args.dataset, args.port, measure, args.index_dir))
+        report = asyncio.run(serve_and_measure(args.dataset, args.port, measure, args.index_dir, args.skip_invalid))
     if "max_length" in sweeps:
         report["sweep_max_length"] = sweep_max_length(args.dataset, args.split, args.limit, args.recall_k,
                                                       args.budget_ms, args.recall_mode, args.port,
-                                                      sweeps["max_length"])
+                                                      sweeps["max_length"], args.skip_invalid)
     print_report(report)
     write_report(args.json, report)
     if args.plot:

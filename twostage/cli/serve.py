@@ -6,8 +6,8 @@ import sys
 
 from twostage.cli.args import port_number, positive_int
 from twostage.config import add_settings_flags, settings_from_args
-from twostage.server import install_stop_signals, serve_until_signal
-from twostage.stack import Stack
+from twostage.server import serve_until_signal
+from twostage.stack import Interrupted, Stack
 
 
 def register(commands) -> None:
@@ -62,7 +62,7 @@ def _serve_recall(args) -> None:
     from recall_server.servicer import build_server
 
     settings = settings_from_args(args.settings_cls, args)
-    asyncio.run(serve_until_signal(lambda: build_server(RecallService(settings))))
+    asyncio.run(serve_until_signal(lambda: build_server(RecallService(settings)), "recall"))
 
 
 def _serve_rerank(args) -> None:
@@ -70,44 +70,38 @@ def _serve_rerank(args) -> None:
     from rerank_server.servicer import build_server
 
     settings = settings_from_args(args.settings_cls, args)
-    asyncio.run(serve_until_signal(lambda: build_server(RerankService(settings))))
+    asyncio.run(serve_until_signal(lambda: build_server(RerankService(settings)), "rerank"))
 
 
 def _serve_gateway(args) -> None:
     from gateway.servicer import build_server
 
     settings = settings_from_args(args.settings_cls, args)
-    asyncio.run(serve_until_signal(lambda: build_server(settings)))
+    asyncio.run(serve_until_signal(lambda: build_server(settings), "gateway"))
 
 
 async def run_stack(args, then=None) -> int:
     """Run the stack until a signal or a child's exit; ``then(stack)`` runs once it is ready
-    (with ``args.once`` the stack stops after it). A child that dies takes the stack down, named."""
+    (with ``args.once`` the stack stops after it). A child that dies takes the stack down, named.
+    SIGTERM, SIGINT and SIGHUP stop it (a clean stop is success)."""
     stack = Stack(args.host, args.port, args.index_dir, args.rerank_replicas, args.recall_shards,
                   args.metrics_port, args.embed_model, args.rerank_model, args.tls_dir, args.auth_tokens,
                   args.shard_replicas, getattr(args, "http_port", None))
-    stop = asyncio.Event()
-    install_stop_signals(stop)
     died = None
     try:
-        await stack.start(args.ready_timeout_s)
-        metrics = stack.metrics_ports()
-        http = f" (HTTP/JSON on http://{stack.host}:{stack.http_port})" if stack.http_port else ""
-        print(f"twostage is serving: gateway {stack.gateway_target}{http}, recall {', '.join(stack.recall_targets)}, "
-              f"rerank {', '.join(stack.rerank_targets)}"
-              + (f"; metrics on ports {', '.join(str(p) for p in metrics.values())}" if metrics else ""), flush=True)
-        if then is not None:
-            await then(stack)
-        if not getattr(args, "once", False):
-            print("press Ctrl-C to stop", flush=True)
-            stopped = asyncio.create_task(stop.wait())
-            exited = asyncio.create_task(stack.wait_any_exit())
-            await asyncio.wait([stopped, exited], return_when=asyncio.FIRST_COMPLETED)
-            if exited.done():
-                died = exited.result()
+        async with stack.running(args.ready_timeout_s):
+            metrics = stack.metrics_ports()
+            http = f" (HTTP/JSON on http://{stack.host}:{stack.http_port})" if stack.http_port else ""
+            print(f"twostage is serving: gateway {stack.gateway_target}{http}, recall "
+                  f"{', '.join(stack.recall_targets)}, rerank {', '.join(stack.rerank_targets)}"
+                  + (f"; metrics on ports {', '.join(str(p) for p in metrics.values())}" if metrics else ""),
+                  flush=True)
+            if then is not None:
+                await then(stack)
+            if not getattr(args, "once", False):
+                print("press Ctrl-C to stop", flush=True)
+                died = await stack.wait_any_exit()
                 print(f"twostage: error: {died.exit_description()}; stopping the stack", file=sys.stderr, flush=True)
-            stopped.cancel()
-            exited.cancel()
-    finally:
-        code = await stack.stop()
-    return 1 if died is not None else code
+    except Interrupted:
+        pass
+    return 1 if died is not None else stack.exit_code

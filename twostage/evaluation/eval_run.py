@@ -271,25 +271,23 @@ def run(target: str, recall_target: str | None, dataset: Path, split: str, recal
     return report
 
 
-async def serve_and_measure(dataset: Path, port: int, measure, index_dir: Path | None = None) -> dict:
-    """Build (once, cached, or at ``index_dir``) an index of the data set, serve it as a local stack from
-    ``port`` on, and return ``measure(gateway_target, recall_target)``."""
+async def serve_and_measure(dataset: Path, port: int, measure, index_dir: Path | None = None,
+                            skip_invalid: bool = False) -> dict:
+    """Build (once, cached, or at ``index_dir``; ``skip_invalid``: around the corpus's invalid documents) an
+    index of the data set, serve it as a local stack from ``port`` on, and return
+    ``measure(gateway_target, recall_target)``."""
     from recall_server.build import cached_index
     from twostage.model_store import fetch_defaults
     from twostage.stack import Stack
 
     fetch_defaults()
-    index_dir = await asyncio.to_thread(cached_index, dataset, index_dir)
-    stack = Stack("127.0.0.1", port, str(index_dir))
-    try:
-        await stack.start(300)
+    index_dir = await asyncio.to_thread(cached_index, dataset, index_dir, skip_invalid)
+    async with Stack("127.0.0.1", port, str(index_dir)).running(300) as stack:
         return await asyncio.to_thread(measure, stack.gateway_target, stack.recall_targets[0])
-    finally:
-        await stack.stop()
 
 
 def sweep_max_length(dataset: Path, split: str, limit: int | None, recall_k: int, budget_ms: int,
-                     recall_mode: str | None, port: int, lengths: list[int]) -> dict:
+                     recall_mode: str | None, port: int, lengths: list[int], skip_invalid: bool = False) -> dict:
     """Quality and rerank throughput per truncation length, each on a fresh local stack."""
     import os
 
@@ -308,7 +306,7 @@ def sweep_max_length(dataset: Path, split: str, limit: int | None, recall_k: int
                         "pairs_per_s": round(summary["mean_reranked"] * len(answers) / seconds, 2),
                         "mean_latency_ms": summary["latency_ms"]["mean"]}
 
-            rows[str(length)] = asyncio.run(serve_and_measure(dataset, port, measure))
+            rows[str(length)] = asyncio.run(serve_and_measure(dataset, port, measure, skip_invalid=skip_invalid))
     finally:
         if before is None:
             os.environ.pop("TWOSTAGE_RERANK_MAX_LENGTH", None)
