@@ -178,7 +178,7 @@ class RecallClient(_Client):
                     model: str = "") -> tuple[list[list[float]], int]:
         """(one embedding per text, tokens the model read)."""
         request = recall_pb2.EmbedRequest(texts=texts, is_query=is_query, model=model)
-        reply = await self._call(self.stub.Embed, request, timeout_s)
+        reply = await self._call("Embed", request, timeout_s)
         return [list(e.values) for e in reply.embeddings], reply.tokens
 
     async def get(self, ids: list[str], timeout_s: float | None) -> list[Document]:
