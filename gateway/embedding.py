@@ -25,7 +25,9 @@ class EmbedTextsQuery:
     is_query: bool = False
     model: str = ""
     dimensions: int = 0  # 0: all of them
-    normalize: bool = False
+    # True: scaled to unit length; False: as the model gives them (cut to ``dimensions`` if set); None: unit length
+    # only after a cut (what a Matryoshka-style shortening means).
+    normalize: bool | None = None
     budget_ms: int = 0
     request_id: str = ""
     deadline_s: float | None = None  # client deadline, time.monotonic() clock
@@ -81,10 +83,10 @@ class TextEmbedder:
         vectors = np.asarray([v for vectors, _ in replies for v in vectors], dtype=np.float32)
         if q.dimensions and q.dimensions > vectors.shape[1]:
             raise errors.InvalidArgument(f"dimensions must be at most {vectors.shape[1]}, got {q.dimensions}")
-        if q.dimensions and q.dimensions < vectors.shape[1]:
-            # The first dimensions, back to unit length: what a Matryoshka-style shortening means.
-            vectors = _unit(vectors[:, :q.dimensions])
-        elif q.normalize:
+        cut = bool(q.dimensions) and q.dimensions < vectors.shape[1]
+        if cut:
+            vectors = vectors[:, :q.dimensions]
+        if q.normalize or (q.normalize is None and cut):
             vectors = _unit(vectors)
         return EmbedTextsResult(vectors, self.limits.embed_model or "", sum(tokens for _, tokens in replies),
                                 request_id, {"total_ms": 1000 * (time.monotonic() - start)})

@@ -153,14 +153,20 @@ class RerankPool:
         now = time.monotonic()
         return [r for r in self.replicas if r.available(now)]
 
-    def affordable_pairs(self, budget_ms: float, headroom: float) -> int:
-        """Pairs the available replicas can score together within ``budget_ms`` (the inverse of predict_ms)."""
+    def affordable_pairs(self, budget_ms: float, headroom: float, idle: bool = False) -> int:
+        """Pairs the available replicas can score together within ``budget_ms`` (the inverse of predict_ms);
+        ``idle``: as if nothing were queued ahead (what the request itself costs, whatever the load)."""
         now = time.monotonic()
         total = 0.0
         for replica in self.available():
-            usable_ms = budget_ms / headroom - replica.predict_ms(0, now)
-            total += max(0.0, usable_ms / replica.ms_per_pair)
+            ahead_ms = replica.overhead_ms if idle else replica.predict_ms(0, now)
+            total += max(0.0, (budget_ms / headroom - ahead_ms) / replica.ms_per_pair)
         return int(total)
+
+    def backlog_s(self) -> float:
+        """How long the work queued ahead on the available replicas takes to drain (the least loaded one's)."""
+        now = time.monotonic()
+        return min((r.backlog_ms(now) for r in self.available()), default=0.0) / 1000
 
     def _shares(self, count: int, replicas: list[Replica]) -> list[float]:
         """Pairs each replica should take so that all are predicted to finish together."""
