@@ -31,6 +31,7 @@ class EmbedTextsQuery:
     budget_ms: int = 0
     request_id: str = ""
     deadline_s: float | None = None  # client deadline, time.monotonic() clock
+    refuse_truncation: bool = False  # TooLong rather than cut a text to the model's window
 
 
 @dataclass
@@ -70,9 +71,11 @@ class TextEmbedder:
         pieces = [q.texts[i:i + size] for i in range(0, len(q.texts), size)]
         first = next(self._turn)
 
+        refuse = {"refuse_truncation": True} if q.refuse_truncation else {}
+
         def on(shard: RecallShard, piece: list[str]):
             return shard.on_one_replica(
-                lambda client, timeout: client.embed(piece, q.is_query, timeout, q.model), deadline)
+                lambda client, timeout: client.embed(piece, q.is_query, timeout, q.model, **refuse), deadline)
 
         try:
             replies = await asyncio.gather(*(on(self.shards[(first + i) % len(self.shards)], piece)

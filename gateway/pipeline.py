@@ -97,6 +97,7 @@ class RerankTextsQuery:
     # Every document scored, or an error: never a partial answer. For clients that cannot tell one (the HTTP
     # face's TEI and Cohere routes): a request the budget cannot cover is refused before any work.
     whole: bool = False
+    refuse_truncation: bool = False  # TooLong rather than cut the query or a document to the model's window
 
 
 @dataclass(frozen=True)
@@ -230,7 +231,8 @@ class SearchPipeline:
         if depth == 0:
             raise errors.DeadlineExceeded(f"{1000 * (deadline - start):.0f} ms affords no pair on the rerank tier "
                                           "now; allow more budget_ms (or a longer deadline)")
-        outcome = await self._rerank_with_top_ups(q.query, q.documents, depth, rerank_deadline, request_id)
+        outcome = await self._rerank_with_top_ups(q.query, q.documents, depth, rerank_deadline, request_id,
+                                                  q.refuse_truncation)
         result = RerankTextsResult([], request_id, self.limits.rerank_model or "")
         if q.whole and len(outcome.scores) < len(q.documents):
             self._refuse_part(outcome, len(q.documents), 1000 * (deadline - start), request_id)
@@ -434,7 +436,7 @@ class SearchPipeline:
                    self.limits.rerank_max_documents or candidates)
 
     async def _rerank_with_top_ups(self, query: str, documents: list[str], depth: int, deadline: float,
-                                   request_id: str) -> RerankOutcome:
+                                   request_id: str, refuse_truncation: bool = False) -> RerankOutcome:
         """Score the first ``depth`` documents; then, while time is left and the tier has room again
         (the queue ahead drained faster than predicted, or arrivals paused), score the next ones the cost
         model affords. Depth chosen once at arrival would leave the tier idle in the gaps of the load while
@@ -442,7 +444,8 @@ class SearchPipeline:
         merged = RerankOutcome()
         start, end = 0, depth
         while True:
-            outcome = await self.rerank.rerank(query, documents[start:end], deadline, request_id)
+            outcome = await self.rerank.rerank(query, documents[start:end], deadline, request_id,
+                                               **({"refuse_truncation": True} if refuse_truncation else {}))
             _merge(merged, outcome, start)
             if outcome.error is not None or not self.settings.rerank_top_up or end >= len(documents):
                 return merged

@@ -228,12 +228,14 @@ class RerankPool:
             replica.ejected_until_s = time.monotonic() + self.eject_s
             log.warning("ejecting rerank replica %s for %.0f s: %s", replica.target, self.eject_s, error)
 
-    async def _score_slice(self, replica, query, documents, positions, deadline_s, request_id, outcome) -> bool:
+    async def _score_slice(self, replica, query, documents, positions, deadline_s, request_id, outcome,
+                           refuse_truncation: bool = False) -> bool:
         start = time.monotonic()
         replica.sent(len(positions), start)
         try:
             reply = await replica.client.rerank(
-                query, [documents[i] for i in positions], deadline_s - start, request_id
+                query, [documents[i] for i in positions], deadline_s - start, request_id,
+                **({"refuse_truncation": True} if refuse_truncation else {}),
             )
         except errors.TwostageError as error:
             self._fail(replica, error)
@@ -255,8 +257,10 @@ class RerankPool:
             outcome.timings_ms[name] = max(ms, outcome.timings_ms.get(name, 0.0))
         return True
 
-    async def rerank(self, query: str, documents: list[str], deadline_s: float, request_id: str) -> RerankOutcome:
-        """Score ``documents`` across the available replicas; retry failed slices elsewhere."""
+    async def rerank(self, query: str, documents: list[str], deadline_s: float, request_id: str,
+                     refuse_truncation: bool = False) -> RerankOutcome:
+        """Score ``documents`` across the available replicas; retry failed slices elsewhere. With
+        ``refuse_truncation`` a query or document the model would cut is TooLong."""
         outcome = RerankOutcome()
         pending = list(range(len(documents)))
         tried: set[str] = set()
@@ -267,7 +271,8 @@ class RerankPool:
             slices = self._split([documents[i] for i in pending], replicas)
             results = await asyncio.gather(
                 *(
-                    self._score_slice(r, query, documents, [pending[i] for i in span], deadline_s, request_id, outcome)
+                    self._score_slice(r, query, documents, [pending[i] for i in span], deadline_s, request_id, outcome,
+                                      refuse_truncation)
                     for r, span in slices
                 )
             )

@@ -69,6 +69,10 @@ class TooLarge(InvalidArgument):
     """The request's body is over the size limit (gRPC refuses such a message itself)."""
 
 
+class TooLong(InvalidArgument):
+    """A text is longer than the model reads, and the caller asked for it not to be cut."""
+
+
 class Unauthenticated(TwostageError):
     """No token, or one the tokens file does not hold."""
 

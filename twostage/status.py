@@ -15,6 +15,7 @@ log = logging.getLogger(__name__)
 STATUSES: dict[type[errors.TwostageError], tuple[grpc.StatusCode, int]] = {
     errors.InvalidArgument: (grpc.StatusCode.INVALID_ARGUMENT, 422),
     errors.TooLarge: (grpc.StatusCode.RESOURCE_EXHAUSTED, 413),
+    errors.TooLong: (grpc.StatusCode.OUT_OF_RANGE, 413),
     errors.ModelMismatch: (grpc.StatusCode.INVALID_ARGUMENT, 422),
     errors.Overloaded: (grpc.StatusCode.RESOURCE_EXHAUSTED, 429),
     errors.NotReady: (grpc.StatusCode.UNAVAILABLE, 503),

@@ -22,7 +22,7 @@ from gateway.pipeline import RerankTextsQuery
 from twostage import errors
 
 
-def _error(status: int, message: str) -> dict:
+def _error(status: int, message: str, code: str | None = None) -> dict:
     return {"message": message}
 
 

@@ -57,16 +57,17 @@ def calls(rpc: str, light: bool = False) -> dict:
 
 @dataclass(frozen=True)
 class Dialect:
-    """How one family of clients expects its errors: ``body(status, message)``; ``status(error, status)`` may
-    give an error another status than the table's (TEI's empty batch is a 400)."""
+    """How one family of clients expects its errors: ``body(status, message, code)`` (code: the gRPC code's name,
+    None for answers no error stands for, 404 and 405); ``status(error, status)`` may give an error another
+    status than the table's (TEI's empty batch is a 400)."""
 
     name: str
-    body: Callable[[int, str], object]
+    body: Callable[[int, str, str | None], object]
     status: Callable[[BaseException, int], int] | None = None
 
 
 def error_answer(dialect: Dialect, status: int, message: str, headers=None, retry_after_s: float | None = None,
-                 close: bool = False) -> JSONResponse:
+                 close: bool = False, code: str | None = None) -> JSONResponse:
     headers = dict(headers or {})
     if status in RETRY_AFTER_S:
         headers["Retry-After"] = str(int(retry_after_s or RETRY_AFTER_S[status]))
@@ -74,7 +75,7 @@ def error_answer(dialect: Dialect, status: int, message: str, headers=None, retr
         headers["WWW-Authenticate"] = "Bearer"
     if close:  # the rest of the request (a body not read) must not be taken for the next one
         headers["Connection"] = "close"
-    return JSONResponse(dialect.body(status, message), status, headers)
+    return JSONResponse(dialect.body(status, message, code), status, headers)
 
 
 def error_response(dialect: Dialect, error: BaseException, close: bool = False) -> JSONResponse:
@@ -82,7 +83,8 @@ def error_response(dialect: Dialect, error: BaseException, close: bool = False) 
     if dialect.status is not None:
         status = dialect.status(error, status)
     message = str(error) if isinstance(error, errors.TwostageError) else "internal error; see the server log"
-    return error_answer(dialect, status, message, retry_after_s=getattr(error, "retry_after_s", None), close=close)
+    return error_answer(dialect, status, message, retry_after_s=getattr(error, "retry_after_s", None), close=close,
+                        code=status_for(error).name)
 
 
 def dialect_for(path: str) -> Dialect:

@@ -17,14 +17,14 @@ from gateway.writes import WriteResult
 from twostage import errors
 from twostage.corpus import Document
 from twostage.filters import FilterClause, NumberRange, check_filter
-from twostage.status import STATUSES
 
-# An HTTP status's gRPC code, for the body; a method a route does not take is gRPC's unknown method.
-_CODE_BY_HTTP = {http: code.name for code, http in STATUSES.values()} | {405: "UNIMPLEMENTED"}
+# For answers no error stands for: no such route is gRPC's unknown method; no such path, not found.
+_CODE_BY_HTTP = {404: "NOT_FOUND", 405: "UNIMPLEMENTED"}
 
 
-def _error(status: int, message: str) -> dict:
-    return {"error": {"status": _CODE_BY_HTTP.get(status, "INTERNAL"), "message": message}}
+def _error(status: int, message: str, code: str | None = None) -> dict:
+    """``code``: the gRPC code of the error answered, as gRPC would say it."""
+    return {"error": {"status": code or _CODE_BY_HTTP.get(status, "INTERNAL"), "message": message}}
 
 
 NATIVE = Dialect("twostage", _error)

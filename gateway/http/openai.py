@@ -21,7 +21,7 @@ from gateway.http.tei import MAX_TEXTS, no_token_ids
 _ERROR_TYPES = {401: "authentication_error", 403: "permission_error", 404: "not_found_error", 429: "rate_limit_error"}
 
 
-def _error(status: int, message: str) -> dict:
+def _error(status: int, message: str, code: str | None = None) -> dict:
     kind = _ERROR_TYPES.get(status, "invalid_request_error" if status < 500 else "server_error")
     return {"error": {"message": message, "type": kind, "param": None, "code": None}}
 

@@ -40,7 +40,7 @@ def _error_type(status: int) -> str:
                                                                    "validation" if status < 500 else "backend")
 
 
-def _error(status: int, message: str) -> dict:
+def _error(status: int, message: str, code: str | None = None) -> dict:
     return {"error": message, "error_type": _error_type(status)}
 
 
@@ -118,7 +118,7 @@ def router(face) -> APIRouter:
         at_most(len(body.texts), pipeline.max_rerank_documents())
         result = await pipeline.rerank_texts(RerankTextsQuery(
             query=body.query, documents=body.texts, budget_ms=compat_budget_ms(request, s),
-            request_id=request_id(request), whole=not allow_partial(request)))
+            request_id=request_id(request), whole=not allow_partial(request), refuse_truncation=body.truncate is False))
         ranks = []
         for r in result.results:
             if r.score is None:
@@ -143,7 +143,8 @@ def router(face) -> APIRouter:
         at_most(len(texts), s.max_embed_texts)
         result = await lifecycle.ready_embedder().embed(EmbedTextsQuery(
             texts=texts, is_query=body.prompt_name == "query", dimensions=body.dimensions or 0,
-            normalize=body.normalize, budget_ms=compat_budget_ms(request, s), request_id=request_id(request)))
+            normalize=body.normalize, budget_ms=compat_budget_ms(request, s), request_id=request_id(request),
+            refuse_truncation=body.truncate is False))
         rows = await vector_rows(result.vectors, face.body_limit)
         return raw_json(b"[" + b",".join(rows) + b"]")
 

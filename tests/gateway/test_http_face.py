@@ -210,6 +210,18 @@ async def test_tei_rerank_embed_info_health_metrics(http):
     assert_tei_error(await http.post("/rerank", json={"query": QUERY, "texts": ["t"] * 1001}), 413)
 
 
+async def test_tei_truncate_false_refuses_a_text_over_the_window(http):
+    """TEI's truncate: false: a text the model would cut is a 413 ("validation"), as TEI answers; the tiers,
+    which tokenize, tell. Left to the default, it is cut and scored."""
+    long = "bone density " * 600
+    for path, body, count in (("/rerank", {"query": QUERY, "texts": [TEXTS[0], long]}, 2),
+                              ("/embed", {"inputs": ["short", long]}, 2),
+                              ("/rerank", {"query": "vitamin d " * 200, "texts": [TEXTS[0]]}, 1)):
+        refused = await http.post(path, json={**body, "truncate": False})
+        assert "window" in assert_error(refused, path, 413)
+        assert len((await http.post(path, json=body)).json()) == count
+
+
 async def test_tei_embed_respects_normalize_with_dimensions(http):
     full = (await http.post("/embed", json={"inputs": "a text", "normalize": False})).json()[0]
     cut = (await http.post("/embed", json={"inputs": "a text", "normalize": False, "dimensions": 64})).json()[0]
