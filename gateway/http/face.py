@@ -67,23 +67,21 @@ class Dialect:
 
 
 def error_answer(dialect: Dialect, status: int, message: str, headers=None, retry_after_s: float | None = None,
-                 close: bool = False, code: str | None = None) -> JSONResponse:
+                 code: str | None = None) -> JSONResponse:
     headers = dict(headers or {})
     if status in RETRY_AFTER_S:
         headers["Retry-After"] = str(int(retry_after_s or RETRY_AFTER_S[status]))
     if status == 401:
         headers["WWW-Authenticate"] = "Bearer"
-    if close:  # the rest of the request (a body not read) must not be taken for the next one
-        headers["Connection"] = "close"
     return JSONResponse(dialect.body(status, message, code), status, headers)
 
 
-def error_response(dialect: Dialect, error: BaseException, close: bool = False) -> JSONResponse:
+def error_response(dialect: Dialect, error: BaseException) -> JSONResponse:
     status = http_status_for(error)
     if dialect.status is not None:
         status = dialect.status(error, status)
     message = str(error) if isinstance(error, errors.TwostageError) else "internal error; see the server log"
-    return error_answer(dialect, status, message, retry_after_s=getattr(error, "retry_after_s", None), close=close,
+    return error_answer(dialect, status, message, retry_after_s=getattr(error, "retry_after_s", None),
                         code=status_for(error).name)
 
 
@@ -233,10 +231,16 @@ class GuardedProtocol(HttpToolsProtocol):
     line and headers) must arrive within ``head_timeout_s`` (408, or the connection closed when nothing came) and
     stay within ``max_head_bytes`` (431). Without them a connection that never finishes its headers is held
     forever (uvicorn's keep-alive timer starts after a response), and headers grow without bound in memory.
-    The body is the application's: read within the same time (``HttpFace.serve``)."""
+    The body is the application's: read within the same time (``HttpFace.serve``).
+
+    An answer sent before the body was read (a refusal: 401, 408, 413, 429) ends the connection: the rest of the
+    body is read and dropped for at most ``head_timeout_s`` and ``max_drain_bytes``, so that the client, still
+    sending, gets to read the answer, and then the connection closes (it is half-closed at once where the
+    transport allows)."""
 
     max_head_bytes = MAX_HEAD_BYTES
     head_timeout_s = 5.0
+    max_drain_bytes = 64 * 2**20
 
     def connection_made(self, transport) -> None:
         super().connection_made(transport)
@@ -244,10 +248,27 @@ class GuardedProtocol(HttpToolsProtocol):
         self._head_bytes = 0
         self._reading_head = True
         self._head_timer = self.loop.call_later(self.head_timeout_s, self._head_timed_out)
+        self._drained: int | None = None  # bytes of an answered request's body dropped; None: not draining
+        self._drain_timer = None
 
     def connection_lost(self, exc) -> None:
         self._stop_head_timer()
+        if self._drain_timer is not None:
+            self._drain_timer.cancel()
         super().connection_lost(exc)
+
+    def on_response_complete(self) -> None:
+        super().on_response_complete()
+        if self.cycle is not None and self.cycle.more_body and not self.transport.is_closing():
+            self._drained = 0
+            self._drain_timer = self.loop.call_later(self.head_timeout_s, self.transport.close)
+            if self.transport.can_write_eof():
+                self.transport.write_eof()  # after the answer: no more will come on this connection
+
+    def on_message_complete(self) -> None:
+        super().on_message_complete()
+        if self._drained is not None:  # the refused request's body is over: so is the connection
+            self.transport.close()
 
     def _stop_head_timer(self) -> None:
         if self._head_timer is not None:
@@ -257,6 +278,12 @@ class GuardedProtocol(HttpToolsProtocol):
     def data_received(self, data: bytes) -> None:
         if self._refused:
             return
+        if self._drained is not None:
+            self._drained += len(data)
+            if self._drained > self.max_drain_bytes:
+                self._refused = True
+                self.transport.close()
+                return
         super().data_received(data)
         # Still in a head after this chunk: all of it was head (httptools keeps a header's bytes until it ends).
         if self._reading_head and not self._refused:
@@ -307,9 +334,10 @@ class GuardedProtocol(HttpToolsProtocol):
         self.transport.close()
 
 
-def guarded_protocol(max_head_bytes: int, head_timeout_s: float) -> type[GuardedProtocol]:
-    return type("GatewayHttpProtocol", (GuardedProtocol,),
-                {"max_head_bytes": max_head_bytes, "head_timeout_s": head_timeout_s})
+def guarded_protocol(max_head_bytes: int, head_timeout_s: float, max_drain_bytes: int) -> type[GuardedProtocol]:
+    return type("GatewayHttpProtocol", (GuardedProtocol,), {"max_head_bytes": max_head_bytes,
+                                                            "head_timeout_s": head_timeout_s,
+                                                            "max_drain_bytes": max_drain_bytes})
 
 
 def listen(host: str, port: int, reuse_port: bool = False) -> socket.socket:
@@ -391,7 +419,6 @@ class HttpFace:
 
     async def serve(self, request: Request, handler, spec: RouteSpec, dialect: Dialect) -> Response:
         start = time.perf_counter()
-        complete = not has_body(request)  # whether the whole request was read (else the connection must close)
         try:
             role = None
             if spec.rpc is not None and self.service.tokens is not None:
@@ -404,7 +431,6 @@ class HttpFace:
                 finally:
                     CALLER_ROLE.reset(reset)
             body = await self.receive(request) if has_body(request) else b""
-            complete = True
             if spec.model is not None:
                 request._json = await self.decode(request, body, spec)  # FastAPI takes the instance as it is
             with self.slots.held():
@@ -423,7 +449,7 @@ class HttpFace:
                 error = errors.InvalidArgument(str(error.detail))  # Starlette's own refusals (a body it cannot read)
             elif not isinstance(error, errors.TwostageError):
                 log.exception("unhandled error in %s %s", request.method, request.url.path[:200])
-            response = error_response(dialect, error, close=not complete)
+            response = error_response(dialect, error)
             code = status_for(error).name
         if spec.rpc is not None:
             observe_rpc(spec.rpc, code, "http", time.perf_counter() - start, logged_request_id(request))
@@ -439,7 +465,9 @@ class HttpFace:
         self.port = self._socket.getsockname()[1]
         tls = server_ssl_context(s.tls_dir, s.tls_client_auth) if s.tls_dir else None
         config = uvicorn.Config(
-            self.app, http=guarded_protocol(MAX_HEAD_BYTES, s.message_timeout_s), lifespan="off", log_config=None,
+            # A refused body's rest is dropped up to a few times the largest body, within message_timeout_s.
+            self.app, http=guarded_protocol(MAX_HEAD_BYTES, s.message_timeout_s, 4 * self.body_limit),
+            lifespan="off", log_config=None,
             access_log=False, server_header=False,
             # Idle keep-alive connections are closed after this (clients reconnect), as gRPC's idle limit does.
             timeout_keep_alive=int(min(s.max_connection_idle_s, 75)),

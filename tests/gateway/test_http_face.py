@@ -539,9 +539,23 @@ async def test_slow_bodies_get_408_hold_no_slot_and_leave_health_ready(guarded):
         assert (await client.get("/health")).status_code == 200
         assert (await client.get("/metrics")).status_code == 200
         assert_error(await client.post("/v1/search", json={"query": "q"}), "/v1/search", 429)
-    replies = await asyncio.gather(*slow)
+    replies = await asyncio.gather(*slow)  # each answered, then closed (the unread rest is no next request)
     assert [status_of(r) for r in replies] == [408, 408]
-    assert all(b"connection: close" in r.lower() for r in replies)  # the unread rest is not a next request
+
+
+async def test_a_body_streamed_past_the_limit_gets_its_413(guarded):
+    """Refused as soon as it passes max_message_mb (1 here), while the client still sends: the rest is read and
+    dropped (within bounds) so that the client reads the 413, and the connection then closes."""
+
+    async def chunks():
+        yield b'{"query": "q", "texts": ["'
+        for _ in range(40):
+            yield b"x" * 65536
+        yield b'"]}'
+
+    async with httpx.AsyncClient(base_url=guarded[0], timeout=30) as client:
+        answer = await client.post("/rerank", content=chunks(), headers={"content-type": "application/json"})
+    assert "max_message_mb" in assert_error(answer, "/rerank", 413)
 
 
 async def test_http_and_grpc_share_one_limit(guarded, channel_to):
