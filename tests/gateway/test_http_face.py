@@ -616,6 +616,17 @@ async def test_odd_header_values_are_refused_never_a_500(guarded, caplog):
     assert [r.request_id for r in caplog.records if r.name == "twostage.access"] == ["req-7:ok/x"]
 
 
+def test_the_access_log_takes_only_printable_bounded_request_ids(caplog):
+    """Whatever face a call came through (gRPC logs the request's own field, before any check)."""
+    from twostage.metrics import observe_rpc
+
+    caplog.set_level(logging.INFO, logger="twostage.access")
+    for given, logged in (("req-1", "req-1"), ("a\nforged line", ""), ("\x1b[31m", ""), ("x" * 129, "")):
+        caplog.clear()
+        observe_rpc("Gateway/Search", "OK", "grpc", 0.001, given)
+        assert [r.request_id for r in caplog.records] == [logged]
+
+
 async def test_large_answers_are_written_off_the_loop_and_within_the_limit(monkeypatch):
     from gateway.http import face as face_module
     from twostage import errors
