@@ -451,7 +451,7 @@ class HttpFace:
                 log.exception("unhandled error in %s %s", request.method, request.url.path[:200])
             response = error_response(dialect, error)
             code = status_for(error).name
-        if spec.rpc is not None:
+        if spec.rpc is not None and not spec.light:  # a scrape refused is no more a call than one answered
             observe_rpc(spec.rpc, code, "http", time.perf_counter() - start, logged_request_id(request))
         return response
 

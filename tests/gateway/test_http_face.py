@@ -721,8 +721,10 @@ async def test_tokens_and_roles_over_https(secured):
         assert down.headers["retry-after"] == "1"
         down = await client.post("/v1/search", json={"query": "q"}, headers={"authorization": f"Bearer {admin}"})
         assert down.status_code == 503 and down.json()["error"]["status"] == "UNAVAILABLE"
+        refused_info = counted("Gateway/Info", "UNAUTHENTICATED")
         for path in ("/metrics", "/v1/info", "/info"):
             assert_error(await client.get(path), path, 401)
+        assert counted("Gateway/Info", "UNAUTHENTICATED") == refused_info + 2  # /v1/info and /info, not /metrics
         assert (await client.get("/metrics", headers={"authorization": f"Bearer {search}"})).status_code == 200
         deleting = await client.delete("/v1/documents/d", headers={"authorization": f"Bearer {search}"})
         assert "admin token" in assert_error(deleting, "/v1/documents", 403)
