@@ -175,9 +175,10 @@ class RecallClient(_Client):
         return WriteReply.of(reply, reply.deleted)
 
     async def embed(self, texts: list[str], is_query: bool, timeout_s: float | None,
-                    model: str = "") -> tuple[list[list[float]], int]:
+                    model: str = "", refuse_truncation: bool = False) -> tuple[list[list[float]], int]:
         """(one embedding per text, tokens the model read)."""
-        request = recall_pb2.EmbedRequest(texts=texts, is_query=is_query, model=model)
+        request = recall_pb2.EmbedRequest(texts=texts, is_query=is_query, model=model,
+                                          refuse_truncation=refuse_truncation)
         reply = await self._call("Embed", request, timeout_s)
         return [list(e.values) for e in reply.embeddings], reply.tokens
 
@@ -190,9 +191,11 @@ class RerankClient(_Client):
     STUB = rerank_pb2_grpc.RerankStub
     SERVICE = "twostage.v1.Rerank"
 
-    async def rerank(self, query: str, documents: list[str], timeout_s: float, request_id: str) -> RerankReply:
+    async def rerank(self, query: str, documents: list[str], timeout_s: float, request_id: str,
+                     refuse_truncation: bool = False) -> RerankReply:
         # Partial answers: pairs scored before the deadline are used rather than thrown away with the rest.
-        request = rerank_pb2.RerankRequest(query=query, documents=documents, request_id=request_id, allow_partial=True)
+        request = rerank_pb2.RerankRequest(query=query, documents=documents, request_id=request_id, allow_partial=True,
+                                           refuse_truncation=refuse_truncation)
         reply = await self._call("Rerank", request, timeout_s)
         return RerankReply(
             scores={r.index: r.score for r in reply.results},

@@ -64,6 +64,14 @@ class GatewaySettings(ServiceSettings):
         "13 pairs/s, so reranking 100 candidates takes about 8 s; on a GPU 200 ms is ample.",
     )
     max_budget_ms: int = Field(60_000, ge=1, description="Budgets above this are lowered to it.")
+    compat_budget_ms: int = Field(
+        60_000, ge=1,
+        description="Budget of the HTTP face's TEI, Cohere and OpenAI routes, whose clients send none (the "
+        "X-Twostage-Budget-Ms header overrides it; max_budget_ms bounds both). Their rerank answers hold every "
+        "text or are an error: texts the rerank tier cannot score within the budget are refused before any work, "
+        "413 when the request alone is too large (the message says how many fit), 429 with Retry-After when it is "
+        "the load. /info's max_client_batch_size is what it affords on an idle tier.",
+    )
     recall_budget_share: float = Field(
         0.5, gt=0, le=1,
         description="Most of the budget recall may use; the rest is kept for rerank. Recall usually needs "

@@ -25,10 +25,13 @@ class EmbedTextsQuery:
     is_query: bool = False
     model: str = ""
     dimensions: int = 0  # 0: all of them
-    normalize: bool = False
+    # True: scaled to unit length; False: as the model gives them (cut to ``dimensions`` if set); None: unit length
+    # only after a cut (what a Matryoshka-style shortening means).
+    normalize: bool | None = None
     budget_ms: int = 0
     request_id: str = ""
     deadline_s: float | None = None  # client deadline, time.monotonic() clock
+    refuse_truncation: bool = False  # TooLong rather than cut a text to the model's window
 
 
 @dataclass
@@ -68,9 +71,11 @@ class TextEmbedder:
         pieces = [q.texts[i:i + size] for i in range(0, len(q.texts), size)]
         first = next(self._turn)
 
+        refuse = {"refuse_truncation": True} if q.refuse_truncation else {}
+
         def on(shard: RecallShard, piece: list[str]):
             return shard.on_one_replica(
-                lambda client, timeout: client.embed(piece, q.is_query, timeout, q.model), deadline)
+                lambda client, timeout: client.embed(piece, q.is_query, timeout, q.model, **refuse), deadline)
 
         try:
             replies = await asyncio.gather(*(on(self.shards[(first + i) % len(self.shards)], piece)
@@ -81,10 +86,10 @@ class TextEmbedder:
         vectors = np.asarray([v for vectors, _ in replies for v in vectors], dtype=np.float32)
         if q.dimensions and q.dimensions > vectors.shape[1]:
             raise errors.InvalidArgument(f"dimensions must be at most {vectors.shape[1]}, got {q.dimensions}")
-        if q.dimensions and q.dimensions < vectors.shape[1]:
-            # The first dimensions, back to unit length: what a Matryoshka-style shortening means.
-            vectors = _unit(vectors[:, :q.dimensions])
-        elif q.normalize:
+        cut = bool(q.dimensions) and q.dimensions < vectors.shape[1]
+        if cut:
+            vectors = vectors[:, :q.dimensions]
+        if q.normalize or (q.normalize is None and cut):
             vectors = _unit(vectors)
         return EmbedTextsResult(vectors, self.limits.embed_model or "", sum(tokens for _, tokens in replies),
                                 request_id, {"total_ms": 1000 * (time.monotonic() - start)})

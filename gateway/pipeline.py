@@ -37,7 +37,12 @@ from twostage.filters import Filter
 from twostage.hybrid import fuse as fuse_recall
 
 log = logging.getLogger(__name__)
-_REQUEST_ID = re.compile(r"^[A-Za-z0-9._:/-]{1,128}$")
+_REQUEST_ID = re.compile(r"[A-Za-z0-9._:/-]{1,128}")
+
+
+def is_request_id(text: str) -> bool:
+    """Whether ``text`` is a request id as requests may carry one (1-128 of letters, digits and ._:/-)."""
+    return _REQUEST_ID.fullmatch(text) is not None
 
 
 @dataclass(frozen=True)
@@ -96,6 +101,10 @@ class RerankTextsQuery:
     request_id: str = ""
     deadline_s: float | None = None  # client deadline, time.monotonic() clock
     model: str = ""
+    # Every document scored, or an error: never a partial answer. For clients that cannot tell one (the HTTP
+    # face's TEI and Cohere routes): a request the budget cannot cover is refused before any work.
+    whole: bool = False
+    refuse_truncation: bool = False  # TooLong rather than cut the query or a document to the model's window
 
 
 @dataclass(frozen=True)
@@ -148,7 +157,7 @@ class StageLimits:
 def resolve_budget(settings: GatewaySettings, budget_ms: int, request_id: str) -> tuple[float, str]:
     """What every read request has, checked and defaults filled: (budget_s, request_id)."""
     errors.check_limit("budget_ms", budget_ms, 0, 2**31 - 1)
-    if request_id and not _REQUEST_ID.match(request_id):
+    if request_id and not is_request_id(request_id):
         raise errors.InvalidArgument("request_id must be 1-128 characters of letters, digits and ._:/-")
     return min(budget_ms or settings.default_budget_ms, settings.max_budget_ms) / 1000, request_id or uuid.uuid4().hex
 
@@ -223,12 +232,19 @@ class SearchPipeline:
         left_ms = 1000 * (rerank_deadline - start)
         if not self.rerank.available():
             raise errors.Unavailable("no rerank replica is available; retry later")
-        depth = self._affordable_depth(left_ms, len(q.documents))
+        if q.whole:
+            self._admit_whole(len(q.documents), left_ms, 1000 * (deadline - start))
+            depth = len(q.documents)
+        else:
+            depth = self._affordable_depth(left_ms, len(q.documents))
         if depth == 0:
             raise errors.DeadlineExceeded(f"{1000 * (deadline - start):.0f} ms affords no pair on the rerank tier "
                                           "now; allow more budget_ms (or a longer deadline)")
-        outcome = await self._rerank_with_top_ups(q.query, q.documents, depth, rerank_deadline, request_id)
+        outcome = await self._rerank_with_top_ups(q.query, q.documents, depth, rerank_deadline, request_id,
+                                                  q.refuse_truncation)
         result = RerankTextsResult([], request_id, self.limits.rerank_model or "")
+        if q.whole and len(outcome.scores) < len(q.documents):
+            self._refuse_part(outcome, len(q.documents), 1000 * (deadline - start), request_id)
         if outcome.error is not None and not outcome.scores:
             if is_callers_mistake(outcome.error):
                 raise outcome.error
@@ -409,12 +425,54 @@ class SearchPipeline:
             result.degrade(DegradationCode.RERANK_PARTIAL, f"{len(outcome.scores)} of {len(candidates)} reranked")
         return outcome.scores
 
+    def max_whole_documents(self, budget_ms: int) -> int:
+        """The most documents a request that takes all or nothing can bring with ``budget_ms`` (0: the default
+        budget): what the rerank tier, idle, scores within it at its measured cost, within the documents limit."""
+        budget_s, _ = resolve_budget(self.settings, budget_ms, "")
+        left_ms = 1000 * budget_s - self.settings.return_margin_ms
+        idle = self.rerank.affordable_pairs(left_ms, self.settings.rerank_cost_headroom, idle=True)
+        return min(idle, self.max_rerank_documents())
+
+    def _admit_whole(self, count: int, left_ms: float, budget_ms: float) -> None:
+        """Refuse at once a request for all of ``count`` documents that the budget cannot cover: TooLarge when
+        the request alone is too much (the message says how many fit), Overloaded when it is the load."""
+        headroom = self.settings.rerank_cost_headroom
+        if count <= self.rerank.affordable_pairs(left_ms, headroom):
+            return
+        idle = self.rerank.affordable_pairs(left_ms, headroom, idle=True)
+        if idle == 0:
+            raise errors.DeadlineExceeded(f"{budget_ms:.0f} ms affords no document on the rerank tier, even idle; "
+                                          "allow more budget_ms")
+        if count > idle:
+            raise errors.TooLarge(
+                f"{count} documents take longer than the budget ({budget_ms:.0f} ms) even on an idle rerank tier, "
+                f"which scores about {idle} in it; send at most {idle} at once, or allow more budget_ms")
+        wait_s = self.rerank.backlog_s()
+        raise errors.Overloaded(
+            f"the rerank tier is busy: {count} documents would not all be scored within {budget_ms:.0f} ms now; "
+            f"retry in about {max(1, math.ceil(wait_s))} s", retry_after_s=max(1, math.ceil(wait_s)))
+
+    @staticmethod
+    def _refuse_part(outcome: RerankOutcome, count: int, budget_ms: float, request_id: str) -> None:
+        """The error for a request that takes all or nothing when only part of it was scored."""
+        error = outcome.error
+        if error is not None and is_callers_mistake(error):
+            raise error
+        if isinstance(error, errors.Overloaded):
+            raise errors.Overloaded("every rerank replica shed the load; retry later")
+        if error is None or isinstance(error, errors.DeadlineExceeded):
+            raise errors.DeadlineExceeded(
+                f"{len(outcome.scores)} of {count} documents were scored within {budget_ms:.0f} ms, and this "
+                "request takes all or nothing; send fewer, or allow more budget_ms")
+        log.warning("request %s: rerank failed: %s", request_id, error)
+        raise errors.Unavailable("no rerank replica could score the documents")
+
     def _affordable_depth(self, remaining_ms: float, candidates: int) -> int:
         return min(candidates, self.rerank.affordable_pairs(remaining_ms, self.settings.rerank_cost_headroom),
                    self.limits.rerank_max_documents or candidates)
 
     async def _rerank_with_top_ups(self, query: str, documents: list[str], depth: int, deadline: float,
-                                   request_id: str) -> RerankOutcome:
+                                   request_id: str, refuse_truncation: bool = False) -> RerankOutcome:
         """Score the first ``depth`` documents; then, while time is left and the tier has room again
         (the queue ahead drained faster than predicted, or arrivals paused), score the next ones the cost
         model affords. Depth chosen once at arrival would leave the tier idle in the gaps of the load while
@@ -426,7 +484,8 @@ class SearchPipeline:
                 if span.is_recording():
                     span.set_attributes({"twostage.round": round_, "twostage.top_up": round_ > 0,
                                          "twostage.pairs": end - start})
-                outcome = await self.rerank.rerank(query, documents[start:end], deadline, request_id)
+                outcome = await self.rerank.rerank(query, documents[start:end], deadline, request_id,
+                                                   **({"refuse_truncation": True} if refuse_truncation else {}))
             _merge(merged, outcome, start)
             if outcome.error is not None or not self.settings.rerank_top_up or end >= len(documents):
                 return merged

@@ -162,14 +162,20 @@ class RerankPool:
         now = time.monotonic()
         return [r for r in self.replicas if r.available(now)]
 
-    def affordable_pairs(self, budget_ms: float, headroom: float) -> int:
-        """Pairs the available replicas can score together within ``budget_ms`` (the inverse of predict_ms)."""
+    def affordable_pairs(self, budget_ms: float, headroom: float, idle: bool = False) -> int:
+        """Pairs the available replicas can score together within ``budget_ms`` (the inverse of predict_ms);
+        ``idle``: as if nothing were queued ahead (what the request itself costs, whatever the load)."""
         now = time.monotonic()
         total = 0.0
         for replica in self.available():
-            usable_ms = budget_ms / headroom - replica.predict_ms(0, now)
-            total += max(0.0, usable_ms / replica.ms_per_pair)
+            ahead_ms = replica.overhead_ms if idle else replica.predict_ms(0, now)
+            total += max(0.0, (budget_ms / headroom - ahead_ms) / replica.ms_per_pair)
         return int(total)
+
+    def backlog_s(self) -> float:
+        """How long the work queued ahead on the available replicas takes to drain (the least loaded one's)."""
+        now = time.monotonic()
+        return min((r.backlog_ms(now) for r in self.available()), default=0.0) / 1000
 
     def _shares(self, count: int, replicas: list[Replica]) -> list[float]:
         """Pairs each replica should take so that all are predicted to finish together."""
@@ -234,12 +240,14 @@ class RerankPool:
             replica.note_availability(time.monotonic())
             log.warning("ejecting rerank replica %s for %.0f s: %s", replica.target, self.eject_s, error)
 
-    async def _score_slice(self, replica, query, documents, positions, deadline_s, request_id, outcome) -> bool:
+    async def _score_slice(self, replica, query, documents, positions, deadline_s, request_id, outcome,
+                           refuse_truncation: bool = False) -> bool:
         start = time.monotonic()
         replica.sent(len(positions), start)
         try:
             reply = await replica.client.rerank(
-                query, [documents[i] for i in positions], deadline_s - start, request_id
+                query, [documents[i] for i in positions], deadline_s - start, request_id,
+                **({"refuse_truncation": True} if refuse_truncation else {}),
             )
         except errors.TwostageError as error:
             self._fail(replica, error)
@@ -261,8 +269,10 @@ class RerankPool:
             outcome.timings_ms[name] = max(ms, outcome.timings_ms.get(name, 0.0))
         return True
 
-    async def rerank(self, query: str, documents: list[str], deadline_s: float, request_id: str) -> RerankOutcome:
-        """Score ``documents`` across the available replicas; retry failed slices elsewhere."""
+    async def rerank(self, query: str, documents: list[str], deadline_s: float, request_id: str,
+                     refuse_truncation: bool = False) -> RerankOutcome:
+        """Score ``documents`` across the available replicas; retry failed slices elsewhere. With
+        ``refuse_truncation`` a query or document the model would cut is TooLong."""
         outcome = RerankOutcome()
         pending = list(range(len(documents)))
         tried: set[str] = set()
@@ -273,7 +283,8 @@ class RerankPool:
             slices = self._split([documents[i] for i in pending], replicas)
             results = await asyncio.gather(
                 *(
-                    self._score_slice(r, query, documents, [pending[i] for i in span], deadline_s, request_id, outcome)
+                    self._score_slice(r, query, documents, [pending[i] for i in span], deadline_s, request_id, outcome,
+                                      refuse_truncation)
                     for r, span in slices
                 )
             )

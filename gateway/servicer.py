@@ -115,7 +115,7 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
     async def Embed(self, request: gateway_pb2.EmbedTextsRequest, context: grpc.aio.ServicerContext):
         result = await self.lifecycle.ready_embedder().embed(EmbedTextsQuery(
             texts=list(request.texts), is_query=request.is_query, model=request.model, dimensions=request.dimensions,
-            normalize=request.normalize, budget_ms=request.budget_ms, request_id=request.request_id,
+            normalize=request.normalize or None, budget_ms=request.budget_ms, request_id=request.request_id,
             deadline_s=deadline_of(context)))
         return gateway_pb2.EmbedTextsResponse(
             embeddings=[gateway_pb2.Vector(values=v) for v in result.vectors.tolist()],

@@ -235,8 +235,7 @@ class DocumentRouter:
 
     async def get(self, ids: list[str], timeout_s: float) -> tuple[list[Document], list[str]]:
         """(stored documents in request order, ids not stored)."""
-        if not ids:
-            raise errors.InvalidArgument("ids must not be empty")
+        check_ids(ids, self._document_limits())
         deadline = time.monotonic() + timeout_s
         parts = {s: [ids[i] for i in where] for s, where in self._split(ids).items()}
         replies = await asyncio.gather(*(

@@ -345,14 +345,17 @@ class RecallService:
         return candidates, timings
 
     async def embed(self, texts: list[str], is_query: bool, model: str,
-                    deadline_s: float | None) -> tuple[np.ndarray, int]:
-        """The embeddings of ``texts``, and the tokens the model read."""
+                    deadline_s: float | None, refuse_truncation: bool = False) -> tuple[np.ndarray, int]:
+        """The embeddings of ``texts``, and the tokens the model read; with ``refuse_truncation``, TooLong for a
+        text the model would cut."""
         self._require_ready()
         errors.check_limit("texts (count)", len(texts), 1, self.settings.max_embed_texts)
         for i, text in enumerate(texts):
             errors.check_text(f"texts[{i}]", text, self.settings.max_doc_chars)
         if model and model != self.embedder.name:
             raise errors.InvalidArgument(f"unknown model {model!r}; this server serves {self.embedder.name!r}")
+        if refuse_truncation:
+            await asyncio.to_thread(self.embedder.check_fits, texts, is_query)
         return await self._embed_counted(texts, is_query, deadline_s)
 
     def _check_owned(self, ids: list[str]) -> None:

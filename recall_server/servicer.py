@@ -69,7 +69,7 @@ class RecallServicer(recall_pb2_grpc.RecallServicer):
     async def Embed(self, request: recall_pb2.EmbedRequest, context: grpc.aio.ServicerContext):
         start = time.perf_counter()
         vectors, tokens = await self.service.embed(list(request.texts), request.is_query, request.model,
-                                                   deadline_of(context))
+                                                   deadline_of(context), request.refuse_truncation)
         return recall_pb2.EmbedResponse(
             embeddings=[recall_pb2.Embedding(values=v.tolist()) for v in vectors],
             dims=vectors.shape[1],

@@ -23,6 +23,7 @@ class RerankQuery:
     deadline_s: float | None = None
     bypass_cache: bool = False
     allow_partial: bool = False  # answer with what was scored in time rather than DeadlineExceeded
+    refuse_truncation: bool = False  # TooLong rather than cut a query or document to the window
 
 
 @dataclass(frozen=True)
@@ -126,6 +127,8 @@ class RerankService:
             raise errors.NotReady("rerank server is still loading its model")
         started = time.perf_counter()
         self.validate(request)
+        if request.refuse_truncation:
+            await asyncio.to_thread(self.model.check_fits, request.query, request.documents)
         timings = {"tokenize_ms": 0.0, "queue_ms": 0.0, "compute_ms": 0.0}
         with tracing.span("tokenize query"):
             query, query_truncated = await asyncio.to_thread(self.model.fit_query, request.query)

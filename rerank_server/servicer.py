@@ -27,6 +27,7 @@ class RerankServicer(rerank_pb2_grpc.RerankServicer):
                 deadline_s=deadline_of(context),
                 bypass_cache=request.bypass_cache,
                 allow_partial=request.allow_partial,
+                refuse_truncation=request.refuse_truncation,
             )
         )
         results = [rerank_pb2.RerankResult(index=i, score=s) for i, s in outcome.ranked]

@@ -197,7 +197,10 @@ RPC_LATENCY = prom.Histogram(
 
 
 def observe_rpc(method: str, code: str, protocol: str, elapsed_s: float, request_id: str = "") -> None:
-    """Count, time and log one call, whichever face it came through."""
+    """Count, time and log one call, whichever face it came through. The request id is logged only when it is
+    printable and at most 128 characters (ids of any caller, checked or not yet, must not forge log lines)."""
+    if len(request_id) > 128 or not request_id.isprintable():
+        request_id = ""
     RPC_REQUESTS.labels(method, code, protocol).inc()
     RPC_LATENCY.labels(method, protocol).observe(elapsed_s, exemplar())
     access_log.info(

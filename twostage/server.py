@@ -14,6 +14,7 @@ restarts on liveness and routes on readiness.
 """
 
 import asyncio
+import contextlib
 import logging
 import signal
 import time
@@ -25,9 +26,16 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from twostage import tracing
-from twostage.auth import ProbeInterceptor, TokenAuthInterceptor, TokenFile, TokenFiles
+from twostage.auth import (
+    OPEN_PREFIXES,
+    REFLECTION_PREFIX,
+    ProbeInterceptor,
+    TokenAuthInterceptor,
+    TokenFile,
+    TokenFiles,
+)
 from twostage.config import ServiceSettings
-from twostage.errors import Unavailable
+from twostage.errors import Overloaded, Unavailable
 from twostage.metrics import SERVING, RpcMetricsInterceptor, start_metrics_server
 from twostage.tls import server_credentials
 
@@ -50,6 +58,62 @@ class Listener(Protocol):
 
 LIVENESS = "liveness"
 WATCHDOG_PERIOD_S = 1.0
+
+
+class Slots:
+    """The calls a service works on at once (``max_concurrent_rpcs``), one count for every face: gRPC's calls and
+    the HTTP face's requests take from it alike, so the work behind them never sees more than the limit together.
+    Health, reflection and the HTTP face's /health and /metrics take none (they are answered from memory, and a
+    full count must not fail readiness)."""
+
+    def __init__(self, limit: int):
+        self.limit = limit
+        self.in_use = 0
+
+    def take(self) -> None:
+        if self.in_use >= self.limit:
+            raise Overloaded(f"{self.in_use} calls are in flight, the most this server takes at once "
+                             "(max_concurrent_rpcs); retry later")
+        self.in_use += 1
+
+    def give_back(self) -> None:
+        self.in_use -= 1
+
+    @contextlib.contextmanager
+    def held(self):
+        self.take()
+        try:
+            yield
+        finally:
+            self.give_back()
+
+
+class SlotInterceptor(grpc.aio.ServerInterceptor):
+    """Each unary call holds one of the service's ``Slots`` while its handler runs; with none free it is refused
+    (RESOURCE_EXHAUSTED) as gRPC's own cap refuses. Health and reflection are not counted."""
+
+    def __init__(self, slots: Slots):
+        self.slots = slots
+
+    async def intercept_service(self, continuation, handler_call_details):
+        handler = await continuation(handler_call_details)
+        if (handler is None or handler.unary_unary is None
+                or handler_call_details.method.startswith((*OPEN_PREFIXES, REFLECTION_PREFIX))):
+            return handler
+        behavior, slots = handler.unary_unary, self.slots
+
+        async def limited(request, context):
+            try:
+                slots.take()
+            except Overloaded as error:
+                await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, str(error))
+            try:
+                return await behavior(request, context)
+            finally:
+                slots.give_back()
+
+        return grpc.unary_unary_rpc_method_handler(limited, request_deserializer=handler.request_deserializer,
+                                                   response_serializer=handler.response_serializer)
 
 
 class GrpcService:
@@ -85,6 +149,10 @@ class GrpcService:
                 max_open_rpcs=settings.max_open_rpcs, message_timeout_s=settings.message_timeout_s))
             # Calls without a token get max_open_rpcs slots on top, so they can never take the others.
             slots += settings.max_open_rpcs
+        # The count every face of this service shares (the gateway's HTTP face takes from it too); gRPC's own cap
+        # above stays as the bound on calls whose message is still arriving.
+        self.slots = Slots(settings.max_concurrent_rpcs)
+        interceptors.append(SlotInterceptor(self.slots))
         self.server = grpc.aio.server(
             interceptors=interceptors,
             maximum_concurrent_rpcs=slots,

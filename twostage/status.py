@@ -15,11 +15,13 @@ log = logging.getLogger(__name__)
 STATUSES: dict[type[errors.TwostageError], tuple[grpc.StatusCode, int]] = {
     errors.InvalidArgument: (grpc.StatusCode.INVALID_ARGUMENT, 422),
     errors.TooLarge: (grpc.StatusCode.RESOURCE_EXHAUSTED, 413),
+    errors.TooLong: (grpc.StatusCode.OUT_OF_RANGE, 413),
     errors.ModelMismatch: (grpc.StatusCode.INVALID_ARGUMENT, 422),
     errors.Overloaded: (grpc.StatusCode.RESOURCE_EXHAUSTED, 429),
     errors.NotReady: (grpc.StatusCode.UNAVAILABLE, 503),
     errors.Unavailable: (grpc.StatusCode.UNAVAILABLE, 503),
     errors.DeadlineExceeded: (grpc.StatusCode.DEADLINE_EXCEEDED, 504),
+    errors.RequestTimeout: (grpc.StatusCode.DEADLINE_EXCEEDED, 408),
     errors.Cancelled: (grpc.StatusCode.CANCELLED, 499),  # the caller went away; nobody reads it
     errors.FailedPrecondition: (grpc.StatusCode.FAILED_PRECONDITION, 409),
     errors.NotFound: (grpc.StatusCode.NOT_FOUND, 404),
@@ -31,7 +33,8 @@ STATUSES: dict[type[errors.TwostageError], tuple[grpc.StatusCode, int]] = {
     errors.IndexLocked: (grpc.StatusCode.FAILED_PRECONDITION, 409),
 }
 STATUS_BY_ERROR: dict[type[errors.TwostageError], grpc.StatusCode] = {e: codes[0] for e, codes in STATUSES.items()}
-# Statuses after which a retry may succeed: HTTP answers carry Retry-After (seconds).
+# Statuses after which a retry may succeed: HTTP answers carry Retry-After (seconds; an Overloaded error that knows
+# when the load will have drained says so itself).
 RETRY_AFTER_S = {429: 1, 503: 1}
 
 
@@ -77,7 +80,7 @@ def translate_errors(method):
 ERROR_BY_STATUS: dict[grpc.StatusCode, type[errors.TwostageError]] = {
     code: error for error, code in STATUS_BY_ERROR.items()
     if error not in (errors.ModelMismatch, errors.ConfigError, errors.IndexLocked, errors.StorageFull, errors.TooLarge,
-                     errors.Unauthenticated, errors.PermissionDenied)
+                     errors.Unauthenticated, errors.PermissionDenied, errors.RequestTimeout)
 }
 
 

@@ -24,6 +24,9 @@ from twostage.errors import ConfigError
 log = logging.getLogger(__name__)
 
 CA = "ca.pem"
+# TLS 1.2 suites for servers on Python's ssl (the HTTP face), as gRPC's servers allow: ECDHE key exchange, AES-GCM
+# or ChaCha20-Poly1305.
+HTTP_TLS12_CIPHERS = "ECDHE+AESGCM:ECDHE+CHACHA20"
 SERVER_CERT, SERVER_KEY = "server.pem", "server.key"
 CLIENT_CERT, CLIENT_KEY = "client.pem", "client.key"
 
@@ -115,7 +118,9 @@ class _RotatingSslContext:
     def _load(self) -> ssl.SSLContext:
         check_pair(_read(self.directory, SERVER_KEY), _read(self.directory, SERVER_CERT))
         context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        # gRPC's policy: TLS 1.2 and 1.3 only; on 1.2, forward-secret AEAD suites only (1.3's are all such).
         context.minimum_version = ssl.TLSVersion.TLSv1_2
+        context.set_ciphers(HTTP_TLS12_CIPHERS)
         context.set_alpn_protocols(["http/1.1"])
         context.load_cert_chain(self.directory / SERVER_CERT, self.directory / SERVER_KEY)
         if self.require_client_auth:

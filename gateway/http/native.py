@@ -2,34 +2,36 @@
 Bodies and answers are the protos' fields under the same names; errors are
 ``{"error": {"status": <gRPC code name>, "message": ...}}``."""
 
-from typing import Literal
+from typing import Annotated, Literal
 
 from fastapi import APIRouter
 from fastapi.responses import JSONResponse
 from pydantic import Field
 
 from gateway.fusion import FUSIONS
-from gateway.http.app import Body, UInt32
-from gateway.http.face import Dialect, calls, dialect_route
+from gateway.http.app import Body, UInt32, bounded_list
+from gateway.http.face import Dialect, calls, dialect_route, json_answer
 from gateway.pipeline import SearchQuery
 from gateway.servicer import info_fields
 from gateway.writes import WriteResult
 from twostage import errors
 from twostage.corpus import Document
 from twostage.filters import FilterClause, NumberRange, check_filter
-from twostage.status import STATUSES
 
-_CODE_BY_HTTP = {http: code.name for code, http in STATUSES.values()}
+# For answers no error stands for: no such route is gRPC's unknown method; no such path, not found.
+_CODE_BY_HTTP = {404: "NOT_FOUND", 405: "UNIMPLEMENTED"}
 
 
-def _error(status: int, message: str) -> dict:
-    return {"error": {"status": _CODE_BY_HTTP.get(status, "INTERNAL"), "message": message}}
+def _error(status: int, message: str, code: str | None = None) -> dict:
+    """``code``: the gRPC code of the error answered, as gRPC would say it."""
+    return {"error": {"status": code or _CODE_BY_HTTP.get(status, "INTERNAL"), "message": message}}
 
 
 NATIVE = Dialect("twostage", _error)
 
+MAX_ITEMS = 100_000  # what a body may list at all; the limits that apply (smaller) are checked after
 Scalar = str | bool | int | float
-MetadataValue = Scalar | list[str]
+MetadataValue = Scalar | bounded_list(str, MAX_ITEMS)
 
 
 class Range(Body):
@@ -44,14 +46,14 @@ class Clause(Body):
 
     key: str
     equals: Scalar | None = None
-    any_of: list[Scalar] | None = None
+    any_of: bounded_list(Scalar, MAX_ITEMS) | None = None
     range: Range | None = None
 
 
 class SearchFilter(Body):
     """A document passes when every clause holds (as the proto's Filter)."""
 
-    clauses: list[Clause] = Field(default_factory=list)
+    clauses: bounded_list(Clause, MAX_ITEMS) = Field(default_factory=list)
 
 
 class SearchBody(Body):
@@ -72,11 +74,12 @@ class DocumentBody(Body):
     id: str
     title: str = ""
     text: str = ""
-    metadata: dict[str, MetadataValue] = Field(default_factory=dict)
+    metadata: Annotated[dict[str, MetadataValue], Field(max_length=MAX_ITEMS, fail_fast=True)] = Field(
+        default_factory=dict)
 
 
 class UpsertBody(Body):
-    documents: list[DocumentBody]
+    documents: bounded_list(DocumentBody, MAX_ITEMS)
     request_id: str = ""
 
 
@@ -114,7 +117,7 @@ def router(face) -> APIRouter:
             request_id=body.request_id, fusion=body.fusion, fusion_alpha=body.fusion_alpha,
             skip_rerank=body.skip_rerank, score_threshold=body.score_threshold, recall_mode=body.recall_mode,
             filter=filter_of(body.filter)))
-        return JSONResponse({
+        return await json_answer({
             "hits": [{"id": h.id, "title": h.title, "text": h.text, "score": h.score, "rerank_score": h.rerank_score,
                       "recall_rank": h.recall_rank, "recall_score": h.recall_score, "metadata": h.metadata,
                       "relevance": h.relevance, "dense_score": h.dense_score, "lexical_score": h.lexical_score}
@@ -123,7 +126,7 @@ def router(face) -> APIRouter:
             "degradations": [{"code": d.code.value, "detail": d.detail} for d in result.degradations],
             "timings_ms": result.timings_ms, "candidates": result.candidates, "reranked": result.reranked,
             "rerank_cached": result.rerank_cached if result.reranked else 0, "request_id": result.request_id,
-        })
+        }, limit=face.body_limit, large=len(result.hits) > 100)
 
     def write_timeout_s() -> float:
         return face.settings.write_timeout_s

@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 from twostage.v1 import common_pb2 as twostage_dot_v1_dot_common__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x18twostage/v1/recall.proto\x12\x0btwostage.v1\x1a\x18twostage/v1/common.proto\"\x8f\x01\n\x13RecallSearchRequest\x12\r\n\x05query\x18\x01 \x01(\t\x12\t\n\x01k\x18\x02 \x01(\r\x12\x12\n\nrequest_id\x18\x03 \x01(\t\x12%\n\x04mode\x18\x04 \x01(\x0e\x32\x17.twostage.v1.RecallMode\x12#\n\x06\x66ilter\x18\x05 \x01(\x0b\x32\x13.twostage.v1.Filter\"\xf4\x01\n\tCandidate\x12\n\n\x02id\x18\x01 \x01(\t\x12\r\n\x05title\x18\x02 \x01(\t\x12\x0c\n\x04text\x18\x03 \x01(\t\x12\r\n\x05score\x18\x04 \x01(\x02\x12\x36\n\x08metadata\x18\x05 \x03(\x0b\x32$.twostage.v1.Candidate.MetadataEntry\x12\x13\n\x0b\x64\x65nse_score\x18\x06 \x01(\x02\x12\x15\n\rlexical_score\x18\x07 \x01(\x02\x1aK\n\rMetadataEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12)\n\x05value\x18\x02 \x01(\x0b\x32\x1a.twostage.v1.MetadataValue:\x02\x38\x01\"\x95\x02\n\x14RecallSearchResponse\x12*\n\ncandidates\x18\x01 \x03(\x0b\x32\x16.twostage.v1.Candidate\x12\x44\n\ntimings_ms\x18\x02 \x03(\x0b\x32\x30.twostage.v1.RecallSearchResponse.TimingsMsEntry\x12%\n\x04mode\x18\x03 \x01(\x0e\x32\x17.twostage.v1.RecallMode\x12\x32\n\x0b\x63\x61libration\x18\x04 \x01(\x0b\x32\x1d.twostage.v1.ScoreCalibration\x1a\x30\n\x0eTimingsMsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01\"\x8b\x01\n\x10ScoreCalibration\x12\r\n\x05scale\x18\x01 \x01(\x02\x12\x0e\n\x06\x63\x65nter\x18\x02 \x01(\x02\x12\x15\n\rlexical_scale\x18\x03 \x01(\x02\x12\x16\n\x0elexical_center\x18\x04 \x01(\x02\x12\x16\n\x0epseudo_queries\x18\x05 \x01(\r\x12\x11\n\tdoc_count\x18\x06 \x01(\x04\">\n\x0c\x45mbedRequest\x12\r\n\x05texts\x18\x01 \x03(\t\x12\x10\n\x08is_query\x18\x02 \x01(\x08\x12\r\n\x05model\x18\x03 \x01(\t\"\x1b\n\tEmbedding\x12\x0e\n\x06values\x18\x01 \x03(\x02\"\xca\x01\n\rEmbedResponse\x12*\n\nembeddings\x18\x01 \x03(\x0b\x32\x16.twostage.v1.Embedding\x12\x0c\n\x04\x64ims\x18\x02 \x01(\r\x12=\n\ntimings_ms\x18\x03 \x03(\x0b\x32).twostage.v1.EmbedResponse.TimingsMsEntry\x12\x0e\n\x06tokens\x18\x04 \x01(\x04\x1a\x30\n\x0eTimingsMsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01\"\x82\x03\n\nRecallInfo\x12\x0f\n\x07version\x18\x01 \x01(\t\x12\r\n\x05model\x18\x02 \x01(\t\x12\x0c\n\x04\x64ims\x18\x03 \x01(\r\x12\x11\n\tdoc_count\x18\x04 \x01(\x04\x12\x1a\n\x12\x65xecution_provider\x18\x05 \x01(\t\x12\"\n\x06limits\x18\x06 \x03(\x0b\x32\x12.twostage.v1.Limit\x12\r\n\x05shard\x18\x07 \x01(\r\x12\x0e\n\x06shards\x18\x08 \x01(\r\x12\x11\n\tread_only\x18\t \x01(\x08\x12-\n\x0c\x64\x65\x66\x61ult_mode\x18\n \x01(\x0e\x32\x17.twostage.v1.RecallMode\x12\x30\n\rhybrid_fusion\x18\x0b \x01(\x0e\x32\x19.twostage.v1.HybridFusion\x12\x1b\n\x13hybrid_dense_weight\x18\x0c \x01(\x02\x12\x0f\n\x07lexical\x18\r \x01(\x08\x12\x32\n\x0b\x63\x61libration\x18\x0e \x01(\x0b\x32\x1d.twostage.v1.ScoreCalibration\"l\n\x0e\x43hangesRequest\x12\x18\n\x10snapshot_version\x18\x01 \x01(\t\x12\x11\n\tafter_seq\x18\x02 \x01(\x04\x12\r\n\x05limit\x18\x03 \x01(\r\x12\x0b\n\x03ids\x18\x04 \x03(\t\x12\x11\n\tafter_key\x18\x05 \x01(\x04\"\xa0\x01\n\x0e\x44ocumentChange\x12\'\n\x08\x64ocument\x18\x01 \x01(\x0b\x32\x15.twostage.v1.Document\x12\x0f\n\x07\x64\x65leted\x18\x02 \x01(\x08\x12\x0e\n\x06vector\x18\x03 \x01(\x0c\x12\x0b\n\x03seq\x18\x04 \x01(\x04\x12*\n\x07version\x18\x05 \x01(\x0b\x32\x19.twostage.v1.WriteVersion\x12\x0b\n\x03key\x18\x06 \x01(\x04\"{\n\x0f\x43hangesResponse\x12,\n\x07\x63hanges\x18\x01 \x03(\x0b\x32\x1b.twostage.v1.DocumentChange\x12\x12\n\nreplica_id\x18\x02 \x01(\t\x12\x18\n\x10snapshot_version\x18\x03 \x01(\t\x12\x0c\n\x04more\x18\x04 \x01(\x08\">\n\rDigestRequest\x12\x18\n\x10snapshot_version\x18\x01 \x01(\t\x12\x13\n\x0b\x62\x65low_clock\x18\x02 \x01(\x04\";\n\x0c\x42ucketDigest\x12\x0e\n\x06\x62ucket\x18\x01 \x01(\r\x12\r\n\x05\x63ount\x18\x02 \x01(\x04\x12\x0c\n\x04hash\x18\x03 \x01(\x06\"\x92\x01\n\x0e\x44igestResponse\x12\x12\n\nreplica_id\x18\x01 \x01(\t\x12\x18\n\x10snapshot_version\x18\x02 \x01(\t\x12\x0f\n\x07\x62uckets\x18\x03 \x01(\r\x12*\n\x07\x64igests\x18\x04 \x03(\x0b\x32\x19.twostage.v1.BucketDigest\x12\x15\n\rpurge_horizon\x18\x05 \x01(\x04\"<\n\x0fVersionsRequest\x12\x18\n\x10snapshot_version\x18\x01 \x01(\t\x12\x0f\n\x07\x62uckets\x18\x02 \x03(\r\"Z\n\x0f\x44ocumentVersion\x12\n\n\x02id\x18\x01 \x01(\t\x12*\n\x07version\x18\x02 \x01(\x0b\x32\x19.twostage.v1.WriteVersion\x12\x0f\n\x07\x64\x65leted\x18\x03 \x01(\x08\"p\n\x10VersionsResponse\x12\x12\n\nreplica_id\x18\x01 \x01(\t\x12.\n\x08versions\x18\x02 \x03(\x0b\x32\x1c.twostage.v1.DocumentVersion\x12\x18\n\x10snapshot_version\x18\x03 \x01(\t*^\n\x0cHybridFusion\x12\x1d\n\x19HYBRID_FUSION_UNSPECIFIED\x10\x00\x12\x18\n\x14HYBRID_FUSION_ZSCORE\x10\x01\x12\x15\n\x11HYBRID_FUSION_RRF\x10\x02\x32\xe4\x04\n\x06Recall\x12M\n\x06Search\x12 .twostage.v1.RecallSearchRequest\x1a!.twostage.v1.RecallSearchResponse\x12>\n\x05\x45mbed\x12\x19.twostage.v1.EmbedRequest\x1a\x1a.twostage.v1.EmbedResponse\x12\x41\n\x06Upsert\x12\x1a.twostage.v1.UpsertRequest\x1a\x1b.twostage.v1.UpsertResponse\x12\x41\n\x06\x44\x65lete\x12\x1a.twostage.v1.DeleteRequest\x1a\x1b.twostage.v1.DeleteResponse\x12\x38\n\x03Get\x12\x17.twostage.v1.GetRequest\x1a\x18.twostage.v1.GetResponse\x12\x39\n\x04Info\x12\x18.twostage.v1.InfoRequest\x1a\x17.twostage.v1.RecallInfo\x12\x44\n\x07\x43hanges\x12\x1b.twostage.v1.ChangesRequest\x1a\x1c.twostage.v1.ChangesResponse\x12\x41\n\x06\x44igest\x12\x1a.twostage.v1.DigestRequest\x1a\x1b.twostage.v1.DigestResponse\x12G\n\x08Versions\x12\x1c.twostage.v1.VersionsRequest\x1a\x1d.twostage.v1.VersionsResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x18twostage/v1/recall.proto\x12\x0btwostage.v1\x1a\x18twostage/v1/common.proto\"\x8f\x01\n\x13RecallSearchRequest\x12\r\n\x05query\x18\x01 \x01(\t\x12\t\n\x01k\x18\x02 \x01(\r\x12\x12\n\nrequest_id\x18\x03 \x01(\t\x12%\n\x04mode\x18\x04 \x01(\x0e\x32\x17.twostage.v1.RecallMode\x12#\n\x06\x66ilter\x18\x05 \x01(\x0b\x32\x13.twostage.v1.Filter\"\xf4\x01\n\tCandidate\x12\n\n\x02id\x18\x01 \x01(\t\x12\r\n\x05title\x18\x02 \x01(\t\x12\x0c\n\x04text\x18\x03 \x01(\t\x12\r\n\x05score\x18\x04 \x01(\x02\x12\x36\n\x08metadata\x18\x05 \x03(\x0b\x32$.twostage.v1.Candidate.MetadataEntry\x12\x13\n\x0b\x64\x65nse_score\x18\x06 \x01(\x02\x12\x15\n\rlexical_score\x18\x07 \x01(\x02\x1aK\n\rMetadataEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12)\n\x05value\x18\x02 \x01(\x0b\x32\x1a.twostage.v1.MetadataValue:\x02\x38\x01\"\x95\x02\n\x14RecallSearchResponse\x12*\n\ncandidates\x18\x01 \x03(\x0b\x32\x16.twostage.v1.Candidate\x12\x44\n\ntimings_ms\x18\x02 \x03(\x0b\x32\x30.twostage.v1.RecallSearchResponse.TimingsMsEntry\x12%\n\x04mode\x18\x03 \x01(\x0e\x32\x17.twostage.v1.RecallMode\x12\x32\n\x0b\x63\x61libration\x18\x04 \x01(\x0b\x32\x1d.twostage.v1.ScoreCalibration\x1a\x30\n\x0eTimingsMsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01\"\x8b\x01\n\x10ScoreCalibration\x12\r\n\x05scale\x18\x01 \x01(\x02\x12\x0e\n\x06\x63\x65nter\x18\x02 \x01(\x02\x12\x15\n\rlexical_scale\x18\x03 \x01(\x02\x12\x16\n\x0elexical_center\x18\x04 \x01(\x02\x12\x16\n\x0epseudo_queries\x18\x05 \x01(\r\x12\x11\n\tdoc_count\x18\x06 \x01(\x04\"Y\n\x0c\x45mbedRequest\x12\r\n\x05texts\x18\x01 \x03(\t\x12\x10\n\x08is_query\x18\x02 \x01(\x08\x12\r\n\x05model\x18\x03 \x01(\t\x12\x19\n\x11refuse_truncation\x18\x04 \x01(\x08\"\x1b\n\tEmbedding\x12\x0e\n\x06values\x18\x01 \x03(\x02\"\xca\x01\n\rEmbedResponse\x12*\n\nembeddings\x18\x01 \x03(\x0b\x32\x16.twostage.v1.Embedding\x12\x0c\n\x04\x64ims\x18\x02 \x01(\r\x12=\n\ntimings_ms\x18\x03 \x03(\x0b\x32).twostage.v1.EmbedResponse.TimingsMsEntry\x12\x0e\n\x06tokens\x18\x04 \x01(\x04\x1a\x30\n\x0eTimingsMsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01\"\x82\x03\n\nRecallInfo\x12\x0f\n\x07version\x18\x01 \x01(\t\x12\r\n\x05model\x18\x02 \x01(\t\x12\x0c\n\x04\x64ims\x18\x03 \x01(\r\x12\x11\n\tdoc_count\x18\x04 \x01(\x04\x12\x1a\n\x12\x65xecution_provider\x18\x05 \x01(\t\x12\"\n\x06limits\x18\x06 \x03(\x0b\x32\x12.twostage.v1.Limit\x12\r\n\x05shard\x18\x07 \x01(\r\x12\x0e\n\x06shards\x18\x08 \x01(\r\x12\x11\n\tread_only\x18\t \x01(\x08\x12-\n\x0c\x64\x65\x66\x61ult_mode\x18\n \x01(\x0e\x32\x17.twostage.v1.RecallMode\x12\x30\n\rhybrid_fusion\x18\x0b \x01(\x0e\x32\x19.twostage.v1.HybridFusion\x12\x1b\n\x13hybrid_dense_weight\x18\x0c \x01(\x02\x12\x0f\n\x07lexical\x18\r \x01(\x08\x12\x32\n\x0b\x63\x61libration\x18\x0e \x01(\x0b\x32\x1d.twostage.v1.ScoreCalibration\"l\n\x0e\x43hangesRequest\x12\x18\n\x10snapshot_version\x18\x01 \x01(\t\x12\x11\n\tafter_seq\x18\x02 \x01(\x04\x12\r\n\x05limit\x18\x03 \x01(\r\x12\x0b\n\x03ids\x18\x04 \x03(\t\x12\x11\n\tafter_key\x18\x05 \x01(\x04\"\xa0\x01\n\x0e\x44ocumentChange\x12\'\n\x08\x64ocument\x18\x01 \x01(\x0b\x32\x15.twostage.v1.Document\x12\x0f\n\x07\x64\x65leted\x18\x02 \x01(\x08\x12\x0e\n\x06vector\x18\x03 \x01(\x0c\x12\x0b\n\x03seq\x18\x04 \x01(\x04\x12*\n\x07version\x18\x05 \x01(\x0b\x32\x19.twostage.v1.WriteVersion\x12\x0b\n\x03key\x18\x06 \x01(\x04\"{\n\x0f\x43hangesResponse\x12,\n\x07\x63hanges\x18\x01 \x03(\x0b\x32\x1b.twostage.v1.DocumentChange\x12\x12\n\nreplica_id\x18\x02 \x01(\t\x12\x18\n\x10snapshot_version\x18\x03 \x01(\t\x12\x0c\n\x04more\x18\x04 \x01(\x08\">\n\rDigestRequest\x12\x18\n\x10snapshot_version\x18\x01 \x01(\t\x12\x13\n\x0b\x62\x65low_clock\x18\x02 \x01(\x04\";\n\x0c\x42ucketDigest\x12\x0e\n\x06\x62ucket\x18\x01 \x01(\r\x12\r\n\x05\x63ount\x18\x02 \x01(\x04\x12\x0c\n\x04hash\x18\x03 \x01(\x06\"\x92\x01\n\x0e\x44igestResponse\x12\x12\n\nreplica_id\x18\x01 \x01(\t\x12\x18\n\x10snapshot_version\x18\x02 \x01(\t\x12\x0f\n\x07\x62uckets\x18\x03 \x01(\r\x12*\n\x07\x64igests\x18\x04 \x03(\x0b\x32\x19.twostage.v1.BucketDigest\x12\x15\n\rpurge_horizon\x18\x05 \x01(\x04\"<\n\x0fVersionsRequest\x12\x18\n\x10snapshot_version\x18\x01 \x01(\t\x12\x0f\n\x07\x62uckets\x18\x02 \x03(\r\"Z\n\x0f\x44ocumentVersion\x12\n\n\x02id\x18\x01 \x01(\t\x12*\n\x07version\x18\x02 \x01(\x0b\x32\x19.twostage.v1.WriteVersion\x12\x0f\n\x07\x64\x65leted\x18\x03 \x01(\x08\"p\n\x10VersionsResponse\x12\x12\n\nreplica_id\x18\x01 \x01(\t\x12.\n\x08versions\x18\x02 \x03(\x0b\x32\x1c.twostage.v1.DocumentVersion\x12\x18\n\x10snapshot_version\x18\x03 \x01(\t*^\n\x0cHybridFusion\x12\x1d\n\x19HYBRID_FUSION_UNSPECIFIED\x10\x00\x12\x18\n\x14HYBRID_FUSION_ZSCORE\x10\x01\x12\x15\n\x11HYBRID_FUSION_RRF\x10\x02\x32\xe4\x04\n\x06Recall\x12M\n\x06Search\x12 .twostage.v1.RecallSearchRequest\x1a!.twostage.v1.RecallSearchResponse\x12>\n\x05\x45mbed\x12\x19.twostage.v1.EmbedRequest\x1a\x1a.twostage.v1.EmbedResponse\x12\x41\n\x06Upsert\x12\x1a.twostage.v1.UpsertRequest\x1a\x1b.twostage.v1.UpsertResponse\x12\x41\n\x06\x44\x65lete\x12\x1a.twostage.v1.DeleteRequest\x1a\x1b.twostage.v1.DeleteResponse\x12\x38\n\x03Get\x12\x17.twostage.v1.GetRequest\x1a\x18.twostage.v1.GetResponse\x12\x39\n\x04Info\x12\x18.twostage.v1.InfoRequest\x1a\x17.twostage.v1.RecallInfo\x12\x44\n\x07\x43hanges\x12\x1b.twostage.v1.ChangesRequest\x1a\x1c.twostage.v1.ChangesResponse\x12\x41\n\x06\x44igest\x12\x1a.twostage.v1.DigestRequest\x1a\x1b.twostage.v1.DigestResponse\x12G\n\x08Versions\x12\x1c.twostage.v1.VersionsRequest\x1a\x1d.twostage.v1.VersionsResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -38,8 +38,8 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_RECALLSEARCHRESPONSE_TIMINGSMSENTRY']._serialized_options = b'8\001'
   _globals['_EMBEDRESPONSE_TIMINGSMSENTRY']._loaded_options = None
   _globals['_EMBEDRESPONSE_TIMINGSMSENTRY']._serialized_options = b'8\001'
-  _globals['_HYBRIDFUSION']._serialized_start=2509
-  _globals['_HYBRIDFUSION']._serialized_end=2603
+  _globals['_HYBRIDFUSION']._serialized_start=2536
+  _globals['_HYBRIDFUSION']._serialized_end=2630
   _globals['_RECALLSEARCHREQUEST']._serialized_start=68
   _globals['_RECALLSEARCHREQUEST']._serialized_end=211
   _globals['_CANDIDATE']._serialized_start=214
@@ -53,33 +53,33 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_SCORECALIBRATION']._serialized_start=741
   _globals['_SCORECALIBRATION']._serialized_end=880
   _globals['_EMBEDREQUEST']._serialized_start=882
-  _globals['_EMBEDREQUEST']._serialized_end=944
-  _globals['_EMBEDDING']._serialized_start=946
-  _globals['_EMBEDDING']._serialized_end=973
-  _globals['_EMBEDRESPONSE']._serialized_start=976
-  _globals['_EMBEDRESPONSE']._serialized_end=1178
+  _globals['_EMBEDREQUEST']._serialized_end=971
+  _globals['_EMBEDDING']._serialized_start=973
+  _globals['_EMBEDDING']._serialized_end=1000
+  _globals['_EMBEDRESPONSE']._serialized_start=1003
+  _globals['_EMBEDRESPONSE']._serialized_end=1205
   _globals['_EMBEDRESPONSE_TIMINGSMSENTRY']._serialized_start=690
   _globals['_EMBEDRESPONSE_TIMINGSMSENTRY']._serialized_end=738
-  _globals['_RECALLINFO']._serialized_start=1181
-  _globals['_RECALLINFO']._serialized_end=1567
-  _globals['_CHANGESREQUEST']._serialized_start=1569
-  _globals['_CHANGESREQUEST']._serialized_end=1677
-  _globals['_DOCUMENTCHANGE']._serialized_start=1680
-  _globals['_DOCUMENTCHANGE']._serialized_end=1840
-  _globals['_CHANGESRESPONSE']._serialized_start=1842
-  _globals['_CHANGESRESPONSE']._serialized_end=1965
-  _globals['_DIGESTREQUEST']._serialized_start=1967
-  _globals['_DIGESTREQUEST']._serialized_end=2029
-  _globals['_BUCKETDIGEST']._serialized_start=2031
-  _globals['_BUCKETDIGEST']._serialized_end=2090
-  _globals['_DIGESTRESPONSE']._serialized_start=2093
-  _globals['_DIGESTRESPONSE']._serialized_end=2239
-  _globals['_VERSIONSREQUEST']._serialized_start=2241
-  _globals['_VERSIONSREQUEST']._serialized_end=2301
-  _globals['_DOCUMENTVERSION']._serialized_start=2303
-  _globals['_DOCUMENTVERSION']._serialized_end=2393
-  _globals['_VERSIONSRESPONSE']._serialized_start=2395
-  _globals['_VERSIONSRESPONSE']._serialized_end=2507
-  _globals['_RECALL']._serialized_start=2606
-  _globals['_RECALL']._serialized_end=3218
+  _globals['_RECALLINFO']._serialized_start=1208
+  _globals['_RECALLINFO']._serialized_end=1594
+  _globals['_CHANGESREQUEST']._serialized_start=1596
+  _globals['_CHANGESREQUEST']._serialized_end=1704
+  _globals['_DOCUMENTCHANGE']._serialized_start=1707
+  _globals['_DOCUMENTCHANGE']._serialized_end=1867
+  _globals['_CHANGESRESPONSE']._serialized_start=1869
+  _globals['_CHANGESRESPONSE']._serialized_end=1992
+  _globals['_DIGESTREQUEST']._serialized_start=1994
+  _globals['_DIGESTREQUEST']._serialized_end=2056
+  _globals['_BUCKETDIGEST']._serialized_start=2058
+  _globals['_BUCKETDIGEST']._serialized_end=2117
+  _globals['_DIGESTRESPONSE']._serialized_start=2120
+  _globals['_DIGESTRESPONSE']._serialized_end=2266
+  _globals['_VERSIONSREQUEST']._serialized_start=2268
+  _globals['_VERSIONSREQUEST']._serialized_end=2328
+  _globals['_DOCUMENTVERSION']._serialized_start=2330
+  _globals['_DOCUMENTVERSION']._serialized_end=2420
+  _globals['_VERSIONSRESPONSE']._serialized_start=2422
+  _globals['_VERSIONSRESPONSE']._serialized_end=2534
+  _globals['_RECALL']._serialized_start=2633
+  _globals['_RECALL']._serialized_end=3245
 # @@protoc_insertion_point(module_scope)

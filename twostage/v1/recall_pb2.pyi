@@ -92,14 +92,16 @@ class ScoreCalibration(_message.Message):
     def __init__(self, scale: _Optional[float] = ..., center: _Optional[float] = ..., lexical_scale: _Optional[float] = ..., lexical_center: _Optional[float] = ..., pseudo_queries: _Optional[int] = ..., doc_count: _Optional[int] = ...) -> None: ...
 
 class EmbedRequest(_message.Message):
-    __slots__ = ("texts", "is_query", "model")
+    __slots__ = ("texts", "is_query", "model", "refuse_truncation")
     TEXTS_FIELD_NUMBER: _ClassVar[int]
     IS_QUERY_FIELD_NUMBER: _ClassVar[int]
     MODEL_FIELD_NUMBER: _ClassVar[int]
+    REFUSE_TRUNCATION_FIELD_NUMBER: _ClassVar[int]
     texts: _containers.RepeatedScalarFieldContainer[str]
     is_query: bool
     model: str
-    def __init__(self, texts: _Optional[_Iterable[str]] = ..., is_query: _Optional[bool] = ..., model: _Optional[str] = ...) -> None: ...
+    refuse_truncation: bool
+    def __init__(self, texts: _Optional[_Iterable[str]] = ..., is_query: _Optional[bool] = ..., model: _Optional[str] = ..., refuse_truncation: _Optional[bool] = ...) -> None: ...
 
 class Embedding(_message.Message):
     __slots__ = ("values",)
