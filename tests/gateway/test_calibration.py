@@ -13,12 +13,10 @@ import pytest
 from gateway.config import GatewaySettings
 from gateway.fusion import DEFAULT_CALIBRATION, Calibration, fuse
 from recall_server import calibration
-from recall_server.build import build_from_corpus
 from recall_server.config import RecallSettings
 from twostage.corpus import DEMO_CORPUS, Document, read_corpus
 from twostage.v1 import common_pb2, gateway_pb2, gateway_pb2_grpc, recall_pb2_grpc
 
-CATALOGUE = Path(__file__).parent.parent / "data" / "catalogue.jsonl"
 NONSENSE_QUERY = "zxqv blorp wibble"
 # Queries in other words than the product's, with the product that answers each.
 CATALOGUE_QUERIES = {
@@ -51,13 +49,6 @@ def test_settings_override_each_fitted_constant_and_defaults_stand_in_for_no_fit
 def test_pseudo_queries_are_titles_or_first_sentences():
     assert calibration.pseudo_query(Document("a", "Drip coffee maker", "Brews coffee.")) == "Drip coffee maker"
     assert calibration.pseudo_query(Document("a", "", "Brews coffee. Has a timer.")) == "Brews coffee"
-
-
-@pytest.fixture(scope="module")
-def catalogue_index(tmp_path_factory, models) -> Path:
-    out = tmp_path_factory.mktemp("catalogue") / "index"
-    build_from_corpus(CATALOGUE, out, progress=False)
-    return out
 
 
 async def _serve(index_dir: Path, rerank_target: str, **recall_settings):
