@@ -119,8 +119,8 @@ class GatewaySettings(ServiceSettings):
     rerank_cost_refresh_s: float = Field(
         30.0, gt=0,
         description="How often each rerank replica's published cost model (Info: cost per pair by length, its "
-        "live correction, characters per token) is read again; also soon after an answer whose model time is 3x "
-        "off the prediction. Read at start and on membership changes too.",
+        "live correction, characters per token) is read again; also within about a second of an answer whose "
+        "model time is 3x off the prediction or that came back late. Read at start and on membership changes too.",
     )
     rerank_cost_headroom: float = Field(
         1.1, ge=1, description="Predicted rerank time is multiplied by this when choosing how many pairs fit "
