@@ -179,9 +179,9 @@ class GatewayLifecycle:
 
     async def _refresh_costs(self) -> None:
         """Re-read the published cost models every rerank_cost_refresh_s, soon after an answer far off its
-        prediction, and every second while a probe's outcome is awaited (at most once a second): a gateway
-        that planned with a figure too high to send any pair would otherwise never see it corrected, and a
-        replica restarted at the same address brings a new one."""
+        prediction or late (RerankPool.refresh_wanted), and every second while a probe's outcome is awaited;
+        at most once a second. A gateway that planned with a figure too high to send any pair would otherwise
+        never see it corrected, and a replica restarted at the same address brings a new one."""
         wanted = self.pool.refresh_wanted
         while not self._stop.is_set():
             waits = [asyncio.ensure_future(e.wait()) for e in (self._stop, wanted)]

@@ -5,8 +5,9 @@ client's deadline and the configured maximum. Recall must answer (without
 candidates there is nothing to return); rerank gets what is left minus a
 return margin. The rerank pool's live cost model, which prices each pair by
 its length, decides how many of the top candidates fit in that time; the rest
-keep their recall order after the reranked ones. Whatever is cut is said in ``degraded_reason``; the answer
-never turns into an error or a hang while recall has answered.
+keep their recall order after the reranked ones. Whatever is cut is said in
+``degraded_reason``; the answer never turns into an error or a hang while
+recall has answered.
 """
 
 import asyncio

@@ -3,11 +3,11 @@
 A replica is modelled as a queue: service time per pair (model time, apart
 from the replica's queueing) plus the work ahead of a new request, counted
 once: what this gateway has sent and is predicted not yet done (it drains as
-the replica works on it, so a long request half done counts half), plus what
-other callers had queued there at its last answer. The pool answers "how many
-of these candidates fit in this budget" and spreads one query's pairs over
-the healthy replicas in parallel, so that all are predicted to finish
-together.
+the replica works on it, so a long request half done counts half), what it
+gave up at a deadline and the replica may still be computing, plus what other
+callers had queued there at its last answer. The pool answers "how many of
+these candidates fit in this budget" and spreads one query's pairs over the
+healthy replicas in parallel, so that all are predicted to finish together.
 
 Service time depends on a pair's length. A replica publishes its cost model
 in Info (``PairCost``: a fixed part and a part per token, fitted when its
@@ -16,16 +16,18 @@ over the replica's published characters per token, the query cut at half the
 window, all cut at ``max_length``): a short document is planned at its own
 price, not a long one's. Live answers correct the model by one factor,
 ``cost_ratio``, which the replica measures batch by batch against the same
-model (its own model time over the model's prediction for each batch's pairs
-and padded tokens): one factor scales every length alike, so answers on long
-documents do not make short ones look dear, and pairs of other callers
+model (its own model time over the model's prediction for each batch's pairs,
+by their own lengths): one factor scales every length alike, so answers on
+long documents do not make short ones look dear, and pairs of other callers
 batched with ours do not blur it. A replica that publishes no model (or
 before its Info is read) is planned at one cost per pair, ``ms_per_pair``,
 its recent average as its answers report it (``model_ms_per_pair``);
 ``ms_per_pair`` also prices other callers' queued pairs, whose lengths are
 unknown. The published model is re-read on a slow period, and soon after an
 answer whose model time is more than ``DISAGREEMENT`` times off the
-prediction (see ``refresh_wanted``).
+prediction, or one that came back late (see ``refresh_wanted``); while no
+replica's cost has been confirmed by live traffic, a pair goes now and then
+whatever the model says (``probe``).
 
 Only a replica's own faults count against it (outlier ejection as in
 Envoy): UNAVAILABLE, INTERNAL, NOT_SERVING. A caller's mistake
@@ -192,9 +194,10 @@ class RerankPool:
         self.affinity = affinity
         # Set when a replica fails as an unreachable one would: membership is re-resolved early.
         self.unreachable = asyncio.Event()
-        # Set when an answer's model time is DISAGREEMENT times off the prediction: costs are re-read early.
+        # Set when an answer's model time is DISAGREEMENT times off the prediction, when pairs come back late,
+        # and when a probe goes: the published costs are read again soon (gateway/lifecycle.py).
         self.refresh_wanted = asyncio.Event()
-        self.last_probe_s = 0.0
+        self.last_probe_s = 0.0  # when the last probe went (see probe)
         self._retiring: set[asyncio.Task] = set()
 
     def update_members(self, addresses: list[str], make_client) -> tuple[list[str], list[str]]:
@@ -252,8 +255,8 @@ class RerankPool:
         return bool(replicas) and not any(r.cost_confirmed for r in replicas)
 
     def probe(self, now: float | None = None) -> bool:
-        """Whether to send one pair that the cost model says does not fit (and, if so, it is counted as
-        sent): while no replica's cost has been confirmed by live traffic, at most once every
+        """Whether to send one pair that the cost model says does not fit (a yes is counted as a probe sent
+        now): while no replica's cost has been confirmed by live traffic, at most once every
         ``PROBE_INTERVAL_S`` and never while pairs of ours are in flight. The figures a replica published at
         load are then all there is to plan with, and if they are too high (measured while other work held the
         CPU) no budget would ever send the pair that corrects them. A probe's answer carries the live ratio;
