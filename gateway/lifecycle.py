@@ -178,15 +178,16 @@ class GatewayLifecycle:
         await asyncio.gather(*(adopt(r) for r in self.pool.replicas))
 
     async def _refresh_costs(self) -> None:
-        """Re-read the published cost models every rerank_cost_refresh_s, soon after an answer far off its
-        prediction or late (RerankPool.refresh_wanted), and every second while a probe's outcome is awaited;
-        at most once a second. A gateway that planned with a figure too high to send any pair would otherwise
+        """Re-read the published cost models every rerank_cost_refresh_s and soon after an answer far off its
+        prediction or late (RerankPool.refresh_wanted), at most once a second; four times a second while a
+        probe's outcome is awaited (the replica reports it once the probe's batch is done, a pair's time after
+        it went; Info is cheap). A gateway that planned with a figure too high to send any pair would otherwise
         never see it corrected, and a replica restarted at the same address brings a new one."""
         wanted = self.pool.refresh_wanted
         while not self._stop.is_set():
             waits = [asyncio.ensure_future(e.wait()) for e in (self._stop, wanted)]
-            # Every second while a probe's outcome is awaited: the replica reports it once its batch is done.
-            period_s = 1.0 if self.pool.awaiting_confirmation() else self.settings.rerank_cost_refresh_s
+            awaiting = self.pool.awaiting_confirmation()
+            period_s = 0.25 if awaiting else self.settings.rerank_cost_refresh_s
             await asyncio.wait(waits, timeout=period_s, return_when=asyncio.FIRST_COMPLETED)
             for w in waits:
                 w.cancel()
@@ -195,7 +196,7 @@ class GatewayLifecycle:
             wanted.clear()
             await self.adopt_published_costs()
             try:
-                await asyncio.wait_for(self._stop.wait(), 1.0)
+                await asyncio.wait_for(self._stop.wait(), 0.25 if self.pool.awaiting_confirmation() else 1.0)
             except TimeoutError:
                 pass
 
