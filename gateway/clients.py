@@ -47,6 +47,7 @@ class RerankReply:
     query_truncated: bool = False
     unscored: int = 0  # documents the replica's deadline left unscored (absent from scores)
     cached: int = 0  # pairs answered from the replica's score cache
+    cost_ratio: float = 0.0  # the replica's live model time over its published cost model's (0: not measured)
 
 
 def channel_options(max_message_mb: int = 16, keepalive_time_s: float = 30.0,
@@ -205,4 +206,5 @@ class RerankClient(_Client):
             query_truncated=reply.query_truncated,
             unscored=reply.unscored,
             cached=reply.cached,
+            cost_ratio=reply.cost_ratio,
         )

@@ -121,9 +121,14 @@ class GatewaySettings(ServiceSettings):
     )
     initial_rerank_ms_per_pair: float = Field(
         70.0, gt=0,
-        description="Cost assumed per pair for a replica that has neither published the cost it measured at load "
-        "(Info) nor answered; then measured live (EWMA). "
-        "70 suits the default model on 2 CPU cores; about 1 on a GPU.",
+        description="Cost assumed per pair for a replica that has neither published the cost model it fitted at "
+        "load (Info) nor answered. 70 suits the default model on 2 CPU cores; about 1 on a GPU.",
+    )
+    rerank_cost_refresh_s: float = Field(
+        30.0, gt=0,
+        description="How often each rerank replica's published cost model (Info: cost per pair by length, its "
+        "live correction, characters per token) is read again; also within about a second of an answer whose "
+        "model time is 3x off the prediction or that came back late. Read at start and on membership changes too.",
     )
     rerank_cost_headroom: float = Field(
         1.1, ge=1, description="Predicted rerank time is multiplied by this when choosing how many pairs fit "

@@ -3,10 +3,11 @@
 The effective budget is the smallest of the request's ``budget_ms``, the
 client's deadline and the configured maximum. Recall must answer (without
 candidates there is nothing to return); rerank gets what is left minus a
-return margin. The rerank pool's live cost model decides how many of the top
-candidates fit in that time; the rest keep their recall order after the
-reranked ones. Whatever is cut is said in ``degraded_reason``; the answer
-never turns into an error or a hang while recall has answered.
+return margin. The rerank pool's live cost model, which prices each pair by
+its length, decides how many of the top candidates fit in that time; the rest
+keep their recall order after the reranked ones. Whatever is cut is said in
+``degraded_reason``; the answer never turns into an error or a hang while
+recall has answered.
 
 Traced, a search is a span with recall and rerank as children and each rerank
 round (the first, then each top-up) as a child of rerank; it carries recall_k,
@@ -233,10 +234,10 @@ class SearchPipeline:
         if not self.rerank.available():
             raise errors.Unavailable("no rerank replica is available; retry later")
         if q.whole:
-            self._admit_whole(len(q.documents), left_ms, 1000 * (deadline - start))
+            self._admit_whole(q.query, q.documents, left_ms, 1000 * (deadline - start))
             depth = len(q.documents)
         else:
-            depth = self._affordable_depth(left_ms, len(q.documents))
+            depth = self._affordable_depth(left_ms, q.query, q.documents)
         if depth == 0:
             raise errors.DeadlineExceeded(f"{1000 * (deadline - start):.0f} ms affords no pair on the rerank tier "
                                           "now; allow more budget_ms (or a longer deadline)")
@@ -387,20 +388,20 @@ class SearchPipeline:
         candidates by the scores so far)."""
         s = self.settings
         rerank_deadline = deadline - s.return_margin_ms / 1000
-        remaining_ms = 1000 * (rerank_deadline - time.monotonic())
-        depth = self._affordable_depth(remaining_ms, len(candidates))
-        if (span := tracing.current_span()).is_recording():
-            span.set_attributes({"twostage.rerank.affordable": depth,
-                                 "twostage.rerank.time_left_ms": round(remaining_ms, 1)})
-        if not self.rerank.available():
-            result.degrade(DegradationCode.RERANK_UNAVAILABLE, "no healthy replica")
-            return {}
-        if remaining_ms < s.min_rerank_ms or depth == 0:
-            result.degrade(DegradationCode.RERANK_SKIPPED, f"{remaining_ms:.0f} ms left affords no pair")
-            return {}
         # Index limits and rerank limits are set apart: cut a document rather than have it refused.
         max_chars = self.limits.rerank_max_document_chars
         documents = [document_text(Document(c.id, c.title, c.text))[:max_chars] for c in candidates]
+        remaining_ms = 1000 * (rerank_deadline - time.monotonic())
+        if not self.rerank.available():
+            result.degrade(DegradationCode.RERANK_UNAVAILABLE, "no healthy replica")
+            return {}
+        depth = 0 if remaining_ms < s.min_rerank_ms else self._affordable_depth(remaining_ms, query, documents)
+        if (span := tracing.current_span()).is_recording():
+            span.set_attributes({"twostage.rerank.affordable": depth,
+                                 "twostage.rerank.time_left_ms": round(remaining_ms, 1)})
+        if depth == 0:
+            result.degrade(DegradationCode.RERANK_SKIPPED, f"{remaining_ms:.0f} ms left affords no pair")
+            return {}
         watched = min(top_k or depth, s.rerank_round_top_k)
         if s.rerank_round_pairs and rank is not None and watched < depth:
             outcome, by_evidence = await self._rerank_in_rounds(query, documents[:depth], rerank_deadline,
@@ -433,13 +434,14 @@ class SearchPipeline:
         idle = self.rerank.affordable_pairs(left_ms, self.settings.rerank_cost_headroom, idle=True)
         return min(idle, self.max_rerank_documents())
 
-    def _admit_whole(self, count: int, left_ms: float, budget_ms: float) -> None:
-        """Refuse at once a request for all of ``count`` documents that the budget cannot cover: TooLarge when
+    def _admit_whole(self, query: str, documents: list[str], left_ms: float, budget_ms: float) -> None:
+        """Refuse at once a request for all of ``documents`` that the budget cannot cover: TooLarge when
         the request alone is too much (the message says how many fit), Overloaded when it is the load."""
         headroom = self.settings.rerank_cost_headroom
-        if count <= self.rerank.affordable_pairs(left_ms, headroom):
+        count = len(documents)
+        if count <= self.rerank.affordable_pairs(left_ms, headroom, query, documents):
             return
-        idle = self.rerank.affordable_pairs(left_ms, headroom, idle=True)
+        idle = self.rerank.affordable_pairs(left_ms, headroom, query, documents, idle=True)
         if idle == 0:
             raise errors.DeadlineExceeded(f"{budget_ms:.0f} ms affords no document on the rerank tier, even idle; "
                                           "allow more budget_ms")
@@ -467,18 +469,40 @@ class SearchPipeline:
         log.warning("request %s: rerank failed: %s", request_id, error)
         raise errors.Unavailable("no rerank replica could score the documents")
 
-    def _affordable_depth(self, remaining_ms: float, candidates: int) -> int:
-        return min(candidates, self.rerank.affordable_pairs(remaining_ms, self.settings.rerank_cost_headroom),
-                   self.limits.rerank_max_documents or candidates)
+    def _affordable_depth(self, remaining_ms: float, query: str, documents: list[str], top_up: bool = False) -> int:
+        """How many of the first ``documents`` the time left affords, each pair priced by its length.
+
+        Never stuck: when that is none (and this is not a ``top_up``, after pairs already scored), one pair
+        still goes while it fits by the model's bare prediction (no headroom, no per-request overhead), or
+        now and then while no replica's cost has been confirmed by live traffic yet (see RerankPool.probe).
+        The answer is partial at worst (a late pair costs the replica some model time and the gateway
+        nothing: the deadline stands), and its outcome corrects the cost model, which would never learn from
+        pairs it never sends. The first pair, not the cheapest: a reranked candidate ranks above every one
+        that is not, so a lower one reranked alone would be put above the recall's best."""
+        if not documents:
+            return 0
+        depth = min(self.rerank.affordable_pairs(remaining_ms, self.settings.rerank_cost_headroom, query, documents),
+                    self.limits.rerank_max_documents or len(documents))
+        if depth == 0 and not top_up and (remaining_ms >= self.rerank.single_pair_ms(query, documents[0])
+                                          or self.rerank.probe()):
+            return 1
+        return depth
 
     async def _rerank_with_top_ups(self, query: str, documents: list[str], depth: int, deadline: float,
                                    request_id: str, refuse_truncation: bool = False) -> RerankOutcome:
         """Score the first ``depth`` documents; then, while time is left and the tier has room again
         (the queue ahead drained faster than predicted, or arrivals paused), score the next ones the cost
         model affords. Depth chosen once at arrival would leave the tier idle in the gaps of the load while
-        answers in flight still had budget for more candidates."""
+        answers in flight still had budget for more candidates.
+
+        When the budget binds (it affords fewer than all the documents), the first call takes half the pairs it
+        affords and the top-ups the rest: a replica scores one call's short pairs in one batch, all or nothing
+        by the deadline, so a plan that fills the time exactly would lose every pair to a small overrun; so
+        split, an overrun costs the second call's pairs at most."""
         merged = RerankOutcome()
         start, end = 0, depth
+        if self.settings.rerank_top_up and 1 < depth < len(documents):
+            end = (depth + 1) // 2
         for round_ in itertools.count():
             with tracing.span("rerank round") as span:
                 if span.is_recording():
@@ -489,7 +513,7 @@ class SearchPipeline:
             _merge(merged, outcome, start)
             if outcome.error is not None or not self.settings.rerank_top_up or end >= len(documents):
                 return merged
-            more = self._affordable_depth(1000 * (deadline - time.monotonic()), len(documents) - end)
+            more = self._affordable_depth(1000 * (deadline - time.monotonic()), query, documents[end:], top_up=True)
             if more == 0:
                 return merged
             start, end = end, end + more

@@ -13,12 +13,10 @@ import pytest
 from gateway.config import GatewaySettings
 from gateway.fusion import DEFAULT_CALIBRATION, Calibration, fuse
 from recall_server import calibration
-from recall_server.build import build_from_corpus
 from recall_server.config import RecallSettings
 from twostage.corpus import DEMO_CORPUS, Document, read_corpus
 from twostage.v1 import common_pb2, gateway_pb2, gateway_pb2_grpc, recall_pb2_grpc
 
-CATALOGUE = Path(__file__).parent.parent / "data" / "catalogue.jsonl"
 NONSENSE_QUERY = "zxqv blorp wibble"
 # Queries in other words than the product's, with the product that answers each.
 CATALOGUE_QUERIES = {
@@ -55,13 +53,6 @@ def test_pseudo_queries_are_titles_or_the_start_of_the_first_sentence():
     one = "Drip coffee maker: brews ten cups of coffee with a timer and a warming plate"
     assert calibration.pseudo_query(Document("a", "", one)) == "Drip coffee maker: brews ten cups of"
     assert calibration.pseudo_query(Document("a", "", "Kettle")) == "Kettle"
-
-
-@pytest.fixture(scope="module")
-def catalogue_index(tmp_path_factory, models) -> Path:
-    out = tmp_path_factory.mktemp("catalogue") / "index"
-    build_from_corpus(CATALOGUE, out, progress=False)
-    return out
 
 
 async def _serve(index_dir: Path, rerank_target: str, **recall_settings):
@@ -111,7 +102,10 @@ async def test_a_catalogue_scores_relevant_hits_high_and_nonsense_low(catalogue_
 def _catalogue_variant(directory: Path, name: str) -> Path:
     import json
 
-    rows = [json.loads(line) for line in CATALOGUE.read_text().splitlines() if line.strip()]
+    from recall_server.build import build_from_corpus
+    catalogue = Path(__file__).parent.parent / "data" / "catalogue.jsonl"
+
+    rows = [json.loads(line) for line in catalogue.read_text().splitlines() if line.strip()]
     if name == "no titles":  # the title folded into the text, as many exports have it
         rows = [{"_id": r["_id"], "text": f"{r['title']}: {r['text']}", "metadata": r.get("metadata", {})}
                 for r in rows]
