@@ -657,7 +657,8 @@ async def test_compat_rerank_answers_every_text_or_an_error(http):
     info = (await http.get("/info")).json()
     most = info["max_client_batch_size"]
     assert 0 < most <= info["twostage"]["max_rerank_texts"]
-    too_many = [f"{i} (too many)" for i in range(most + 1)]
+    # max_client_batch_size counts texts as long as the model reads (each pair is priced by its length).
+    too_many = [f"{i} " + "coral reefs bleach when the sea warms " * 80 for i in range(most + 1)]
     refused = await http.post("/rerank", json={"query": QUERY, "texts": too_many})
     message = assert_error(refused, "/rerank", 413)
     assert str(most) in message
