@@ -57,7 +57,7 @@ class _Context:
 
 
 class _Details:
-    __slots__ = ("method", "invocation_metadata")
+    __slots__ = ("invocation_metadata", "method")
 
     def __init__(self, method: str, metadata):
         self.method = method
@@ -81,17 +81,16 @@ async def _intercepted(interceptors, method: str, metadata, behavior, request):
 
 
 def _interceptors():
+    """The interceptors a GrpcService puts before its token check (none here)."""
     from twostage import tracing
     from twostage.metrics import RpcMetricsInterceptor
 
-    chain = [RpcMetricsInterceptor()]
-    if tracing.enabled:
-        chain.insert(0, tracing.TracingInterceptor())
-    return chain
+    return [RpcMetricsInterceptor(traced=tracing.enabled)]
 
 
-async def _stack():
-    """(the gateway's search for one query, what to close)."""
+async def _stack(received: list | None = None):
+    """(the gateway's search for one query (and the metadata to call it with), what to close); ``received``
+    collects (method, metadata) of each call a recall or rerank tier receives."""
     from gateway.clients import RecallClient, RerankClient
     from gateway.config import GatewaySettings
     from gateway.pipeline import SearchPipeline, SearchQuery
@@ -156,6 +155,8 @@ async def _stack():
             self.method, self.behavior, self.interceptors = method, behavior, _interceptors()
 
         async def __call__(self, request, timeout=None, metadata=None):
+            if received is not None:
+                received.append((self.method, tuple(metadata or ())))
             return await _intercepted(self.interceptors, self.method, metadata, self.behavior, request)
 
     class Recall(RecallClient):
@@ -182,8 +183,8 @@ async def _stack():
         return await pipeline.search(SearchQuery(query=request["query"], top_k=5, recall_k=CANDIDATES,
                                                  budget_ms=10_000))
 
-    async def one(query: str):
-        return await _intercepted(gateway, "/twostage.v1.Gateway/Search", (), search, {"query": query})
+    async def one(query: str, metadata: tuple = ()):
+        return await _intercepted(gateway, "/twostage.v1.Gateway/Search", metadata, search, {"query": query})
 
     async def close():
         await embedder.close()
