@@ -26,7 +26,7 @@ from fastapi.routing import APIRoute
 from starlette.exceptions import HTTPException
 from starlette.requests import ClientDisconnect
 
-from twostage import errors
+from twostage import errors, tracing
 from twostage.auth import CALLER_ROLE, role_for_bearer
 from twostage.metrics import observe_rpc
 from twostage.status import RETRY_AFTER_S, http_status_for, status_for
@@ -82,8 +82,10 @@ def dialect_route(dialect: Dialect) -> type[APIRoute]:
             handler = super().get_route_handler()
             rpc = (self.openapi_extra or {}).get(RPC)
 
+            name = f"{','.join(sorted(self.methods or ()))} {self.path}"  # a span's name: "POST /v1/search"
+
             async def handle(request: Request) -> Response:
-                return await request.app.state.face.serve(request, handler, rpc, dialect)
+                return await request.app.state.face.serve(request, handler, rpc, dialect, name)
 
             return handle
 
@@ -178,7 +180,21 @@ class HttpFace:
     def ready(self) -> bool:
         return self.service.ready
 
-    async def serve(self, request: Request, handler, rpc: str | None, dialect: Dialect) -> Response:
+    async def serve(self, request: Request, handler, rpc: str | None, dialect: Dialect, name: str = "") -> Response:
+        if rpc is None or not tracing.enabled:  # open routes (health, docs) are not traced, as gRPC's health is not
+            return await self._serve(request, handler, rpc, dialect)
+        # The caller's traceparent, as gRPC metadata carries it; the spans below and the RPC's exemplar are its.
+        with tracing.server_span(name, request.headers) as span:
+            response = await self._serve(request, handler, rpc, dialect)
+            if span.is_recording():
+                span.set_attributes({"http.request.method": request.method, "http.route": name.split(" ", 1)[1],
+                                     "http.response.status_code": response.status_code, "twostage.rpc": rpc,
+                                     "twostage.replica": f"{socket.gethostname()}:{self.port}"})
+                if response.status_code >= 500:
+                    span.set_status(tracing.Status(tracing.StatusCode.ERROR, str(response.status_code)))
+            return response
+
+    async def _serve(self, request: Request, handler, rpc: str | None, dialect: Dialect) -> Response:
         start = time.perf_counter()
         try:
             role = None
