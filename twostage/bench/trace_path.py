@@ -7,10 +7,11 @@ dense and lexical search, fusion, tokenize, a real ``DynamicBatcher`` per tier c
 metrics observer, the search-time histogram). Each setting runs in a fresh process (tracing is set up once
 per process): off; on with every request dropped by the sampler at the gateway (the unsampled path, 99 in 100
 requests at a 1% ratio); sampling 1% and sampling every request, exported to an OTLP receiver in this
-process. Reported: microseconds per search, wall and CPU, the least of ``repeats`` means (a loaded machine only
-ever adds time), and each setting's cost over off.
+process. The four processes run side by side and take turns at slices of searches. Reported: microseconds per
+search, CPU (the process's, export thread included) and wall, the least of the slices' means (a loaded machine
+only ever adds time), and each setting's cost over off.
 
-    python -m twostage.bench.trace_path [--requests 2000] [--repeats 7] [--profile drop]
+    python -m twostage.bench.trace_path [--requests 500] [--repeats 20] [--profile drop]
 """
 
 import argparse
@@ -194,95 +195,107 @@ async def _stack(received: list | None = None):
     return one, close
 
 
-async def _measure(requests: int, repeats: int, profile: bool) -> dict:
+async def _serve(profile: bool) -> None:
+    """The child: set up as the environment says, warm up, then run slices of searches as told on stdin
+    ("N": N searches, answered with a JSON line of microseconds per search; "" or EOF: stop)."""
     from twostage import tracing
 
     tracing.setup("bench")
     one, close = await _stack()
     result = await one("warm up")
     assert result.reranked == CANDIDATES and not result.degraded, result.degradations
-    for i in range(min(requests, 500)):
+    for i in range(500):
         await one(f"query {i % 50}")
-    if profile:
-        import cProfile
-        import pstats
+    print("ready", flush=True)
+    count = 0
+    while line := (await asyncio.to_thread(sys.stdin.readline)).strip():
+        requests = int(line)
+        profiler = None
+        if profile:
+            import cProfile
 
-        profiler = cProfile.Profile()
-        profiler.enable()
-        for i in range(requests):
-            await one(f"query {i % 50}")
-        profiler.disable()
-        pstats.Stats(profiler, stream=sys.stderr).sort_stats("tottime").print_stats(40)
-    walls, cpus = [], []
-    for _ in range(repeats):
+            profiler = cProfile.Profile()
+            profiler.enable()
         wall, cpu = time.perf_counter_ns(), time.process_time_ns()
-        for i in range(requests):
-            await one(f"query {i % 50}")
-        walls.append((time.perf_counter_ns() - wall) / requests / 1000)
-        cpus.append((time.process_time_ns() - cpu) / requests / 1000)
+        for _ in range(requests):
+            count += 1
+            await one(f"query {count % 50}")
+        wall, cpu = time.perf_counter_ns() - wall, time.process_time_ns() - cpu
+        if profiler is not None:
+            import pstats
+
+            profiler.disable()
+            pstats.Stats(profiler, stream=sys.stderr).sort_stats("tottime").print_stats(40)
+            profile = False
+        print(json.dumps({"wall_us": wall / requests / 1000, "cpu_us": cpu / requests / 1000}), flush=True)
     await close()
     tracing.shutdown(2)
-    return {"wall_us": round(min(walls), 1), "cpu_us": round(min(cpus), 1),
-            "wall_us_each": [round(w, 1) for w in walls]}
 
 
-def _child(args) -> None:
-    report = asyncio.run(_measure(args.requests, args.repeats, args.profile == os.environ.get("TRACE_PATH_SETTING")))
-    print(json.dumps(report))
-
-
-def run(requests: int = 2000, repeats: int = 7, profile: str | None = None, rounds: int = 2) -> dict:
-    """Each setting in its own process, ``rounds`` times in turn (the least of each kept)."""
+def run(requests: int = 500, repeats: int = 20, profile: str | None = None) -> dict:
+    """The settings' processes side by side, taking turns at slices of ``requests`` searches, ``repeats`` times
+    (each setting's least kept): a drift in the machine's load reaches every setting alike."""
     from twostage.bench.otlp import OtlpReceiver
 
     receiver = OtlpReceiver().start()
-    rows: dict[str, dict] = {}
+    children: dict[str, subprocess.Popen] = {}
+    measured: dict[str, list[dict]] = {name: [] for name in SETTINGS}
     try:
-        for round_ in range(rounds):
-            for name, variables in SETTINGS.items():
-                env = {k: v for k, v in os.environ.items() if not k.startswith("OTEL_")}
-                env.update(variables, TRACE_PATH_SETTING=name, OTEL_BSP_SCHEDULE_DELAY="200")
-                if variables:
-                    env["OTEL_EXPORTER_OTLP_ENDPOINT"] = receiver.endpoint
-                command = [sys.executable, "-m", "twostage.bench.trace_path", "--child", "--requests", str(requests),
-                           "--repeats", str(repeats)] + (["--profile", profile] if profile and round_ == 0 else [])
-                done = subprocess.run(command, env=env, capture_output=True, text=True, check=False)
-                if done.returncode != 0:
-                    raise RuntimeError(f"{name}: {done.stderr[-3000:]}")
-                if profile == name and round_ == 0:
-                    print(done.stderr, file=sys.stderr)
-                measured = json.loads(done.stdout.strip().splitlines()[-1])
-                best = rows.setdefault(name, measured)
-                for key in ("wall_us", "cpu_us"):
-                    best[key] = min(best[key], measured[key])
+        for name, variables in SETTINGS.items():
+            env = {k: v for k, v in os.environ.items() if not k.startswith("OTEL_")}
+            env.update(variables, OTEL_BSP_SCHEDULE_DELAY="200")
+            if variables:
+                env["OTEL_EXPORTER_OTLP_ENDPOINT"] = receiver.endpoint
+            command = [sys.executable, "-m", "twostage.bench.trace_path", "--child"]
+            children[name] = subprocess.Popen(command + (["--profile", name] if profile == name else []), env=env,
+                                              stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+        for name, child in children.items():
+            if child.stdout.readline().strip() != "ready":
+                raise RuntimeError(f"{name}: the child did not start (exit {child.wait()})")
+        names = list(SETTINGS)
+        for repeat in range(repeats):
+            for name in names[repeat % len(names):] + names[:repeat % len(names)]:
+                children[name].stdin.write(f"{requests}\n")
+                children[name].stdin.flush()
+                measured[name].append(json.loads(children[name].stdout.readline()))
+                if SETTINGS[name]:
+                    receiver.wait_quiet(0.3)  # its spans exported before the next setting's turn
     finally:
+        for child in children.values():
+            if child.poll() is None:
+                child.stdin.close()
+        for child in children.values():
+            child.wait(60)
         receiver.stop()
-    for name, row in rows.items():
+    rows = {name: {"wall_us": round(min(m["wall_us"] for m in runs), 1),
+                   "cpu_us": round(min(m["cpu_us"] for m in runs), 1),
+                   "cpu_us_median": round(sorted(m["cpu_us"] for m in runs)[len(runs) // 2], 1)}
+            for name, runs in measured.items()}
+    for row in rows.values():
         row["wall_added_us"] = round(row["wall_us"] - rows["off"]["wall_us"], 1)
         row["cpu_added_us"] = round(row["cpu_us"] - rows["off"]["cpu_us"], 1)
-    return {"requests": requests, "repeats": repeats, "rounds": rounds, "spans_received": len(receiver.spans),
-            **rows}
+    return {"requests": requests, "repeats": repeats, "spans_received": len(receiver.spans), **rows}
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--requests", type=int, default=2000)
-    parser.add_argument("--repeats", type=int, default=7)
-    parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("--requests", type=int, default=500, help="searches per slice")
+    parser.add_argument("--repeats", type=int, default=20, help="slices per setting")
     parser.add_argument("--profile", choices=list(SETTINGS), default=None,
-                        help="print where this setting's time goes (cProfile, to stderr)")
+                        help="print where this setting's first slice spends its time (cProfile, to stderr)")
     parser.add_argument("--json", default=None)
     parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
-        _child(args)
+        asyncio.run(_serve(args.profile is not None))
         return
-    report = run(args.requests, args.repeats, args.profile, args.rounds)
+    report = run(args.requests, args.repeats, args.profile)
     for name in SETTINGS:
         row = report[name]
-        print(f"{name:>13}: {row['wall_us']:8.1f} us wall ({row['wall_added_us']:+7.1f}), "
-              f"{row['cpu_us']:8.1f} us CPU ({row['cpu_added_us']:+7.1f}) per search")
-    print(f"{report['spans_received']} spans exported")
+        print(f"{name:>13}: {row['cpu_us']:8.1f} us CPU ({row['cpu_added_us']:+7.1f}), "
+              f"{row['wall_us']:8.1f} us wall ({row['wall_added_us']:+7.1f}) per search")
+    print(f"least of {report['repeats']} slices of {report['requests']} searches each; "
+          f"{report['spans_received']} spans exported")
     if args.json:
         with open(args.json, "w") as out:
             json.dump(report, out, indent=2)
