@@ -16,7 +16,7 @@ import numpy as np
 from gateway.config import GatewaySettings
 from gateway.pipeline import StageLimits, resolve_budget
 from gateway.recall_tier import RecallShard
-from twostage import errors
+from twostage import errors, tracing
 
 
 @dataclass(frozen=True)
@@ -64,6 +64,16 @@ class TextEmbedder:
         return resolve_budget(s, q.budget_ms, q.request_id)
 
     async def embed(self, q: EmbedTextsQuery) -> EmbedTextsResult:
+        with tracing.span("embed texts") as span:
+            result = await self._embed(q)
+            if span.is_recording():
+                span.set_attributes({"twostage.request_id": result.request_id, "twostage.texts": len(q.texts),
+                                     "twostage.is_query": q.is_query, "twostage.dims": int(result.vectors.shape[1]),
+                                     "twostage.tokens": result.tokens,
+                                     "twostage.total_ms": round(result.timings_ms["total_ms"], 2)})
+            return result
+
+    async def _embed(self, q: EmbedTextsQuery) -> EmbedTextsResult:
         budget_s, request_id = self.resolve(q)
         start = time.monotonic()
         deadline = start + budget_s if q.deadline_s is None else min(start + budget_s, q.deadline_s)

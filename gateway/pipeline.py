@@ -125,6 +125,7 @@ class RerankTextsResult(Degradable):
     cached: int = 0
     tokens: int = 0
     timings_ms: dict[str, float] = field(default_factory=dict)
+    budget_ms: float = 0.0  # the time it was given: the budget or the client's deadline, whichever is shorter
 
 
 @dataclass
@@ -225,6 +226,20 @@ class SearchPipeline:
     async def rerank_texts(self, q: RerankTextsQuery) -> RerankTextsResult:
         """Score the caller's documents within the budget: as many as it affords (more as time frees up), the
         rest left unscored after them (a partial answer, degraded). With none scored it is the tier's error."""
+        with tracing.span("rerank texts") as span:
+            result = await self._rerank_texts(q)
+            if span.is_recording():
+                total_ms = result.timings_ms.get("total_ms", 0.0)
+                span.set_attributes({
+                    "twostage.request_id": result.request_id, "twostage.documents": len(q.documents),
+                    "twostage.top_n": q.top_n, "twostage.scored": result.scored, "twostage.cached": result.cached,
+                    "twostage.tokens": result.tokens, "twostage.budget_ms": round(result.budget_ms, 1),
+                    "twostage.total_ms": round(total_ms, 2),
+                    "twostage.budget_used": round(total_ms / result.budget_ms, 4) if result.budget_ms > 0 else 1.0})
+                _annotate_degradations(span, result)
+            return result
+
+    async def _rerank_texts(self, q: RerankTextsQuery) -> RerankTextsResult:
         budget_s, request_id = self.resolve_rerank(q)
         s = self.settings
         start = time.monotonic()
@@ -243,7 +258,7 @@ class SearchPipeline:
                                           "now; allow more budget_ms (or a longer deadline)")
         outcome = await self._rerank_with_top_ups(q.query, q.documents, depth, rerank_deadline, request_id,
                                                   q.refuse_truncation)
-        result = RerankTextsResult([], request_id, self.limits.rerank_model or "")
+        result = RerankTextsResult([], request_id, self.limits.rerank_model or "", budget_ms=1000 * (deadline - start))
         if q.whole and len(outcome.scores) < len(q.documents):
             self._refuse_part(outcome, len(q.documents), 1000 * (deadline - start), request_id)
         if outcome.error is not None and not outcome.scores:
@@ -583,8 +598,14 @@ def _annotate(span, result: SearchResult) -> None:
         "twostage.budget_used": round(total_ms / result.budget_ms, 4) if result.budget_ms > 0 else 1.0,
         "twostage.candidates": result.candidates, "twostage.reranked": result.reranked,
         "twostage.rerank_cached": result.rerank_cached, "twostage.hits": len(result.hits),
-        "twostage.degradations": [d.code.value for d in result.degradations],
     })
+    _annotate_degradations(span, result)
+
+
+def _annotate_degradations(span, result) -> None:
+    """The codes a span's answer was degraded by, and an event for each with its detail (counts and causes
+    worded here, never the caller's text)."""
+    span.set_attribute("twostage.degradations", [d.code.value for d in result.degradations])
     for degradation in result.degradations:
         span.add_event("degraded", {"twostage.degradation": degradation.code.value,
                                     "twostage.detail": degradation.detail})

@@ -201,7 +201,8 @@ class RecallService:
         if self._fitting is not None and not self._fitting.done():
             self._refit_after |= after_running
             return
-        self._fitting = asyncio.get_running_loop().create_task(self._refit_logged())
+        with tracing.detached():  # started by a write, it is not that write's work (nor in its trace)
+            self._fitting = asyncio.get_running_loop().create_task(self._refit_logged())
 
     async def _refit_logged(self) -> None:
         while True:
@@ -226,7 +227,8 @@ class RecallService:
             if wait_s <= 0:
                 self._refit_soon()
             elif self._refit_later is None:  # due, but the last fit is recent: fit once the interval has passed
-                self._refit_later = asyncio.get_running_loop().call_later(wait_s, self._refit_when_due)
+                with tracing.detached():
+                    self._refit_later = asyncio.get_running_loop().call_later(wait_s, self._refit_when_due)
 
     def _refit_when_due(self) -> None:
         self._refit_later = None

@@ -461,7 +461,8 @@ class DynamicBatcher(Generic[T, R]):
             item.done_s = done
             if not item.future.done():
                 item.future.set_result(result)
-        span = tracing.batch_span("model batch", [item.trace for item in batch], started) if tracing.enabled else None
+        traced = [item.trace for item in batch if item.trace is not None] if tracing.enabled else None
+        span = tracing.batch_span("model batch", traced, started) if traced else None
         if span is not None and span.is_recording():
             span.set_attributes({"twostage.batcher": self.name, "twostage.batch.size": len(batch),
                                  "twostage.batch.real_tokens": sum(item.length for item in batch),

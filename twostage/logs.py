@@ -4,8 +4,9 @@ TWOSTAGE_LOG_FORMAT=json emits one JSON object per line with the request id
 (the gateway passes its request id to both stages, so one search can be
 followed across services). Per-RPC access lines are at DEBUG unless
 TWOSTAGE_ACCESS_LOG=1. While tracing is on (twostage.tracing), a line written
-inside a span carries its trace_id and span_id: fields in JSON, a suffix in
-text.
+for a sampled request carries the trace_id and span_id it was written under
+(ids that open a kept trace): fields in JSON, a suffix in text. Lines of
+unsampled requests have none; their request id ties them together.
 """
 
 import logging
@@ -39,15 +40,16 @@ class _TextFormatter(logging.Formatter):
 
 
 class TraceIds(logging.Filter):
-    """Adds the current span's trace_id and span_id to each record written inside one."""
+    """Adds the current span's trace_id and span_id to each record written inside a sampled request's span
+    (elsewhere one context-variable read)."""
 
     def filter(self, record: logging.LogRecord) -> bool:
-        from opentelemetry import trace
+        from twostage.tracing import current_context
 
-        context = trace.get_current_span().get_span_context()
-        if context.is_valid:
-            record.trace_id = trace.format_trace_id(context.trace_id)
-            record.span_id = trace.format_span_id(context.span_id)
+        context = current_context()
+        if context is not None:
+            record.trace_id = f"{context.trace_id:032x}"
+            record.span_id = f"{context.span_id:016x}"
         return True
 
 

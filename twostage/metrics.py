@@ -6,14 +6,19 @@ latency graph opens its trace.
 """
 
 import asyncio
+import contextlib
 import logging
+import socket
 import time
 import weakref
 
 import grpc
 import prometheus_client as prom
 
+from twostage import tracing
 from twostage.tracing import exemplar
+
+NOT_TRACED = contextlib.nullcontext(tracing.INVALID_SPAN)
 
 access_log = logging.getLogger("twostage.access")
 
@@ -211,32 +216,51 @@ def observe_rpc(method: str, code: str, protocol: str, elapsed_s: float, request
 
 
 class RpcMetricsInterceptor(grpc.aio.ServerInterceptor):
-    """Counts every unary RPC by method and status code, times it, and logs it with its request id."""
+    """Counts every unary RPC by method and status code, times it, and logs it with its request id; while
+    tracing is on, runs it in its server span (``twostage.tracing.server_span``: child of the caller's when
+    the metadata carries a traceparent), health checks and reflection aside. One interceptor for both: each
+    layer of interceptor costs an RPC a handler and a coroutine more. Outermost, so that the metrics and the
+    access log see the span (its exemplar, its trace id)."""
+
+    def __init__(self, traced: bool | None = None):
+        self.traced = tracing.enabled if traced is None else traced
+        self.replica = socket.gethostname()  # and the port, once bound (``bound``)
+
+    def bound(self, port: int) -> None:
+        self.replica = f"{socket.gethostname()}:{port}"
 
     async def intercept_service(self, continuation, handler_call_details):
         handler = await continuation(handler_call_details)
         if handler is None or handler.unary_unary is None:
             return handler
+        full = handler_call_details.method  # "/twostage.v1.Rerank/Rerank"
         # "/twostage.v1.Rerank/Rerank" -> "Rerank/Rerank"
-        service, name = handler_call_details.method.rsplit("/", 2)[-2:]
+        service, name = full.rsplit("/", 2)[-2:]
         method = f"{service.rsplit('.', 1)[-1]}/{name}"
         behavior = handler.unary_unary
+        traced = self.traced and not full.startswith("/grpc.")
+        metadata = handler_call_details.invocation_metadata
 
         async def observed(request, context):
             start = time.perf_counter()
             code = "OK"
-            try:
-                return await behavior(request, context)
-            except asyncio.CancelledError:
-                # gRPC cancels the handler when its caller's deadline passes or the caller goes away.
-                remaining = context.time_remaining()
-                code = "DEADLINE_EXCEEDED" if remaining is not None and remaining <= 0 else "CANCELLED"
-                raise
-            except BaseException:
-                code = context.code().name if context.code() is not None else "UNKNOWN"
-                raise
-            finally:
-                observe_rpc(method, code, "grpc", time.perf_counter() - start, getattr(request, "request_id", ""))
+            with tracing.server_span(full[1:], metadata) if traced else NOT_TRACED as span:
+                if span.is_recording():
+                    tracing.rpc_started(span, full[1:], self.replica)
+                try:
+                    return await behavior(request, context)
+                except asyncio.CancelledError:
+                    # gRPC cancels the handler when its caller's deadline passes or the caller goes away.
+                    remaining = context.time_remaining()
+                    code = "DEADLINE_EXCEEDED" if remaining is not None and remaining <= 0 else "CANCELLED"
+                    raise
+                except BaseException:
+                    code = context.code().name if context.code() is not None else "UNKNOWN"
+                    raise
+                finally:
+                    if span.is_recording():
+                        tracing.rpc_ended(span, context.code() or getattr(grpc.StatusCode, code))
+                    observe_rpc(method, code, "grpc", time.perf_counter() - start, getattr(request, "request_id", ""))
 
         return grpc.unary_unary_rpc_method_handler(
             observed,

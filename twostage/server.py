@@ -132,11 +132,9 @@ class GrpcService:
         self.service_names = service_names
         self.lifecycle = lifecycle
         limit = settings.max_message_mb * 1024 * 1024
-        interceptors: list[grpc.aio.ServerInterceptor] = [RpcMetricsInterceptor()]
-        # Outermost: the RPC metrics and every span below see the server span as current.
-        self.tracing = tracing.TracingInterceptor() if tracing.enabled else None
-        if self.tracing is not None:
-            interceptors.insert(0, self.tracing)
+        # Outermost: each RPC's server span (while tracing is on) is current for the metrics and all below.
+        self.rpcs = RpcMetricsInterceptor(traced=tracing.enabled)
+        interceptors: list[grpc.aio.ServerInterceptor] = [self.rpcs]
         reflection_on = settings.reflection == "on" or (settings.reflection == "auto" and not settings.auth_tokens)
         slots = settings.max_concurrent_rpcs
         # The tokens, shared with any other listener of this service: one file, one reload, one answer.
@@ -252,8 +250,7 @@ class GrpcService:
         if self.port == 0:
             raise OSError(f"{self.name}: cannot listen on {address}: the port is in use (or the address is not "
                           "this machine's); stop what holds it or choose another --port")
-        if self.tracing is not None:
-            self.tracing.bound(self.port)
+        self.rpcs.bound(self.port)
         if self.probe_server is not None:
             try:
                 bound = self.probe_server.add_insecure_port(f"{s.host}:{s.health_port}")

@@ -35,7 +35,7 @@ from starlette.requests import ClientDisconnect
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
 from gateway.http.app import decode_body, describe, logged_request_id
-from twostage import errors
+from twostage import errors, tracing
 from twostage.auth import CALLER_ROLE, role_for_bearer
 from twostage.metrics import observe_rpc
 from twostage.status import RETRY_AFTER_S, http_status_for, status_for
@@ -113,8 +113,10 @@ def dialect_route(dialect: Dialect) -> type[APIRoute]:
             spec = RouteSpec(extra.get(RPC), bool(extra.get(LIGHT)) or extra.get(RPC) is None, model,
                              getattr(model, "token_ids", None))
 
+            name = f"{','.join(sorted(self.methods or ()))} {self.path}"  # a span's name: "POST /v1/search"
+
             async def handle(request: Request) -> Response:
-                return await request.app.state.face.serve(request, handler, spec, dialect)
+                return await request.app.state.face.serve(request, handler, spec, dialect, name)
 
             return handle
 
@@ -417,7 +419,22 @@ class HttpFace:
             return await asyncio.to_thread(decode_body, body, spec.model, spec.token_ids)
         return decode_body(body, spec.model, spec.token_ids)
 
-    async def serve(self, request: Request, handler, spec: RouteSpec, dialect: Dialect) -> Response:
+    async def serve(self, request: Request, handler, spec: RouteSpec, dialect: Dialect, name: str = "") -> Response:
+        rpc = spec.rpc
+        if rpc is None or not tracing.enabled:  # open routes (health, docs) are not traced, as gRPC's health is not
+            return await self._serve(request, handler, spec, dialect)
+        # The caller's traceparent, as gRPC metadata carries it; the spans below and the RPC's exemplar are its.
+        with tracing.server_span(name, request.headers) as span:
+            response = await self._serve(request, handler, spec, dialect)
+            if span.is_recording():
+                span.set_attributes({"http.request.method": request.method, "http.route": name.split(" ", 1)[1],
+                                     "http.response.status_code": response.status_code, "twostage.rpc": rpc,
+                                     "twostage.replica": f"{socket.gethostname()}:{self.port}"})
+                if response.status_code >= 500:
+                    span.set_status(tracing.Status(tracing.StatusCode.ERROR, str(response.status_code)))
+            return response
+
+    async def _serve(self, request: Request, handler, spec: RouteSpec, dialect: Dialect) -> Response:
         start = time.perf_counter()
         try:
             role = None

@@ -49,3 +49,13 @@ def test_rerank_runs_on_cuda(models):
     assert model.session.get_providers()[0] == "CUDAExecutionProvider"
     scores = model.score(model.encode("smoking and cancer", ["smoking causes lung cancer", "the sky is blue"])[0])
     assert scores[0] > scores[1]
+
+
+@pytest.mark.perf
+def test_trace_path_reports_each_sampling_setting_against_off():
+    from twostage.bench import trace_path
+
+    report = trace_path.run(requests=20, repeats=2)
+    assert set(trace_path.SETTINGS) <= set(report)
+    assert all(report[name]["cpu_us"] > 0 for name in trace_path.SETTINGS)
+    assert report["off"]["cpu_added_us"] == 0 and report["spans_received"] > 0
