@@ -88,10 +88,15 @@ class ReplicaCollector:
                                    "Seconds this replica has been out of rotation (ejected, NOT_SERVING or silent); "
                                    "0 while it takes work", labels=["tier", "replica"])
         now = time.monotonic()
+        # One series per replica, even when several pools in this process share one (a duplicate series breaks
+        # OpenMetrics parsers): the longest time out of rotation.
+        out: dict[str, float] = {}
         for pool in list(self._pools):
             for replica in list(pool.replicas):
                 since = replica.unavailable_since_s
-                family.add_metric(["rerank", replica.target], 0.0 if since is None else now - since)
+                out[replica.target] = max(out.get(replica.target, 0.0), 0.0 if since is None else now - since)
+        for target, seconds in sorted(out.items()):
+            family.add_metric(["rerank", target], seconds)
         yield family
 
 
