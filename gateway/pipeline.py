@@ -510,14 +510,16 @@ class SearchPipeline:
         model affords. Depth chosen once at arrival would leave the tier idle in the gaps of the load while
         answers in flight still had budget for more candidates.
 
-        When the budget binds (it affords fewer than all the documents), the first call takes half the pairs it
-        affords and the top-ups the rest: a replica scores one call's short pairs in one batch, all or nothing
-        by the deadline, so a plan that fills the time exactly would lose every pair to a small overrun; so
+        When those pairs would take more than half the time left (the budget binds, or nearly), the first call
+        takes half of them and the top-ups the rest: a replica scores one call's short pairs in one batch, all
+        or nothing by the deadline, so a plan that fills the time would lose every pair to a modest overrun;
         split, an overrun costs the second call's pairs at most."""
         merged = RerankOutcome()
         start, end = 0, depth
-        if self.settings.rerank_top_up and 1 < depth < len(documents):
-            end = (depth + 1) // 2
+        if self.settings.rerank_top_up and depth > 1:
+            half_ms = 500 * (deadline - time.monotonic())
+            if self._affordable_depth(half_ms, query, documents[:depth], top_up=True) < depth:
+                end = (depth + 1) // 2
         for round_ in itertools.count():
             with tracing.span("rerank round") as span:
                 if span.is_recording():

@@ -14,6 +14,8 @@ from twostage.metrics import watch_batcher, watch_score_cache
 from twostage.model_store import resolve_model, sha256_of
 from twostage.runtime import choose_providers
 
+RATIO_MEMORY = 0.8  # in cost_ratio, each batch weighs this much less than the one after it
+
 
 @dataclass(frozen=True)
 class RerankQuery:
@@ -49,6 +51,7 @@ class RerankService:
         self._computing: set[asyncio.Task] = set()
         self.cost: PairCost | None = None  # fitted at load (measure_cost)
         self.cost_ratio = 0.0  # live batches' model time over what ``cost`` predicted (0: none yet)
+        self._ratio_sums = (0.0, 0.0)  # their model time and its prediction, recent batches weighted most
         self._characters = (0.0, 0.0)  # characters and tokens of pairs read whole, recent ones weighted most
         self._specials = 0  # tokens a pair takes besides its texts' own
 
@@ -106,14 +109,16 @@ class RerankService:
         return PairCost.fit([(tokens, statistics.median(ms)) for tokens, ms in timed.items()], longest)
 
     def _observe_batch(self, size: int, real_tokens: int, padded_tokens: int, waits: list, compute_s: float) -> None:
-        """Live batches against the load-time model: cost_ratio follows how far they run from it. Predicted
-        from the pairs' own lengths, as callers price them (they cannot know the padding), so the padding of
-        batches as they come is part of the ratio."""
+        """Live batches against the load-time model: cost_ratio is their model time over the model's prediction
+        for them, summed over recent batches (each older one weighs RATIO_MEMORY times less), so a batch weighs
+        by its work and a batch of one tiny pair barely moves it. Predicted from the pairs' own lengths, as
+        callers price them (they cannot know the padding): the padding of batches as they come is in the ratio."""
         predicted = self.cost.batch_ms(size, real_tokens) if self.cost else 0.0
         if predicted <= 0:
             return
-        sample = 1000 * compute_s / predicted
-        self.cost_ratio = sample if not self.cost_ratio else self.cost_ratio + 0.2 * (sample - self.cost_ratio)
+        taken, expected = self._ratio_sums
+        self._ratio_sums = (RATIO_MEMORY * taken + 1000 * compute_s, RATIO_MEMORY * expected + predicted)
+        self.cost_ratio = self._ratio_sums[0] / self._ratio_sums[1]
 
     def _count_characters(self, query: str, documents: list[str], pairs: list) -> None:
         """Characters per token of the pairs read whole (a pair cut at max_length says nothing), recent

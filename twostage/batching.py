@@ -20,6 +20,11 @@ and the oldest bulk item is served anyway once it has waited
 Traced (twostage.tracing), each submission records its queue wait, and each
 batch is a span that links to the span of every request it served.
 
+An item is left out uncomputed when even alone it would finish after its
+deadline, by the lane's own estimate; a lane that has refused everything for
+a while runs one such item anyway, to correct an estimate that one slow batch
+may have inflated (nothing else would: a refused item teaches nothing).
+
 Every future handed out here is resolved: with a result, with the batch's
 error, with DeadlineExceeded when its deadline passed before it was computed,
 or with NotReady when the batcher is shut down without draining.
@@ -201,6 +206,9 @@ class PairCost:
         return min(self.max_length, query + math.ceil(document_chars / per) + PAIR_SPECIAL_TOKENS)
 
 
+# A lane that has run nothing for this long may be refusing items on a stale estimate (see _timed_compute).
+STALE_S = 1.0
+
 # Called after each batch: (size, real_tokens, padded_tokens, queue_waits_s, compute_s).
 BatchObserver = Callable[[int, int, int, list[float], float], None]
 
@@ -232,6 +240,7 @@ class DynamicBatcher(Generic[T, R]):
         self.batch_cost = BatchCost()  # predicts one interactive batch's model time from its padded tokens
         self.bulk_ms_per_item = 0.0
         self.bulk_batch_cost = BatchCost()
+        self._lane_done_s = {False: time.monotonic(), True: time.monotonic()}  # when each lane's last batch ended
         self._closing = False
         self._runner: asyncio.Task | None = None
 
@@ -427,8 +436,9 @@ class DynamicBatcher(Generic[T, R]):
 
     async def _execute(self, batch: list[_Item]) -> None:
         loop = asyncio.get_running_loop()
+        probe = False
         try:
-            started, computed, deferred, results = await loop.run_in_executor(
+            started, computed, deferred, results, probe = await loop.run_in_executor(
                 self._executor, self._timed_compute, batch)
             if deferred:  # on time alone but not in this batch: back in the queue, keeping their place by urgency
                 self._queue.extend(deferred)
@@ -469,28 +479,42 @@ class DynamicBatcher(Generic[T, R]):
                                  "twostage.batch.padded_tokens": len(batch) * max(item.length for item in batch),
                                  "twostage.batch.bulk": batch[0].bulk})
         with tracing.use(span):  # the observers' exemplars point at this batch
-            self._record(batch, started, done)
+            self._record(batch, started, done, probe)
         tracing.end(span, done)
 
-    def _timed_compute(self, batch: list[_Item]) -> tuple[float, list[_Item], list[_Item], list]:
+    def _timed_compute(self, batch: list[_Item]) -> tuple[float, list[_Item], list[_Item], list, bool]:
         """Runs on the model's thread, once the batch ahead is done: leaves out items whose caller has gone
         or that would finish after their deadline even computed alone (wasted work the callers behind would
         wait for). The rest, most urgent first, join the batch while everyone in it is still predicted on
         time; those that would make it late are deferred to a later batch, never refused for others' cost.
-        Returns when the model began, the items computed, those deferred and the results."""
+
+        Never stuck: when every item would be left out as late alone and the lane has run nothing for
+        STALE_S, the one with the latest deadline is computed anyway (a probe), and its time replaces the
+        lane's estimate (``_record``). One slow batch, such as a new shape's first run on a busy host, would
+        otherwise have every later item refused, and a refused item teaches nothing.
+        Returns when the model began, the items computed, those deferred, the results and whether it probed."""
         started = time.monotonic()
+        lane = batch[0].bulk
         computed: list[_Item] = []
         deferred: list[_Item] = []
+        late_alone: list[_Item] = []
         for item in sorted((i for i in batch if not i.future.done()), key=_urgency):
             if not self._on_time(started, [item]):
-                continue
-            if self._on_time(started, [*computed, item]):
+                late_alone.append(item)
+            elif self._on_time(started, [*computed, item]):
                 computed.append(item)
             else:
                 deferred.append(item)
+        probe = False
+        hopeful = [i for i in late_alone if i.deadline_s is None or i.deadline_s > started]
+        if not computed and hopeful and started - self._lane_done_s[lane] >= STALE_S:
+            computed, probe = [max(hopeful, key=_due)], True
         kept = set(map(id, computed))
         computed = [i for i in batch if id(i) in kept]  # in the batch's own (length-sorted) order
-        return started, computed, deferred, self._compute([i.payload for i in computed]) if computed else []
+        results = self._compute([i.payload for i in computed]) if computed else []
+        if computed:
+            self._lane_done_s[lane] = time.monotonic()  # here, on the model's thread: the next batch reads it
+        return started, computed, deferred, results, probe
 
     def _on_time(self, started: float, batch: list[_Item]) -> bool:
         finish_s = started + self.predict_ms(batch) / 1000
@@ -506,7 +530,12 @@ class DynamicBatcher(Generic[T, R]):
         predicted = cost.predict(len(batch) * max(item.length for item in batch))
         return per_item * len(batch) if predicted is None else predicted
 
-    def _record(self, batch: list[_Item], started: float, done: float) -> None:
+    def _record(self, batch: list[_Item], started: float, done: float, probe: bool = False) -> None:
+        if probe:  # the estimate it ran against had refused everything: forget it, this batch is the news
+            if batch[0].bulk:
+                self.bulk_ms_per_item, self.bulk_batch_cost = 0.0, BatchCost()
+            else:
+                self.ms_per_item, self.batch_cost = 0.0, BatchCost()
         real = sum(item.length for item in batch)
         padded = len(batch) * max(item.length for item in batch)
         stats = self.stats

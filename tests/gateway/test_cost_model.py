@@ -133,7 +133,7 @@ async def test_a_search_never_stuck_sends_the_first_candidate():
     assert result.degraded_reason.startswith("rerank_partial")
 
 
-async def test_when_the_budget_binds_the_first_call_takes_half_of_what_it_affords():
+async def test_pairs_that_would_take_over_half_the_time_left_go_in_two_calls():
     from tests.gateway.test_rerank_rounds import by_length
 
     replica = FakeReplica("a")
@@ -142,9 +142,13 @@ async def test_when_the_budget_binds_the_first_call_takes_half_of_what_it_afford
     # 7 ms a pair ("q" and "x" * 24: 1 + 6 + 3 tokens), 60 ms left after the margin: 8 of 20 fit.
     await p._rerank("q", by_length([24] * 20), time.monotonic() + 0.08, "r", result)
     assert len(replica.received[0]) == 4 and len(replica.received) >= 2  # then the top-ups
-    # Everything fits: one call.
+    # All 5 fit, but in 35 of the 60 ms: two calls still.
     replica.received.clear()
     await p._rerank("q", by_length([24] * 5), time.monotonic() + 0.08, "r", result)
+    assert [len(r) for r in replica.received] == [3, 2]
+    # In less than half the time: one call.
+    replica.received.clear()
+    await p._rerank("q", by_length([24] * 5), time.monotonic() + 0.2, "r", result)
     assert [len(r) for r in replica.received] == [5]
 
 

@@ -140,6 +140,27 @@ async def test_an_item_whose_deadline_would_pass_during_its_batch_is_not_compute
     assert [2] not in model.batches and batcher.stats.expired_items == 1
 
 
+async def test_a_lane_refusing_everything_on_a_stale_estimate_runs_one_item_to_correct_it(monkeypatch):
+    """One slow batch (a new shape's first run on a busy host) must not have every later item refused as
+    late, for a refused item teaches nothing: once the lane has run nothing for STALE_S, one runs anyway
+    and its time replaces the estimate."""
+    from twostage import batching
+
+    monkeypatch.setattr(batching, "STALE_S", 0.2)
+    model = FakeModel()
+    batcher = await make(model, max_batch_size=1)
+    batcher.ms_per_item = 60_000.0  # as learned from one slow batch that has just ended
+    batcher._lane_done_s[False] = time.monotonic()
+    with pytest.raises(DeadlineExceeded, match="would pass"):
+        await batcher.submit([1], [5], deadline_s=time.monotonic() + 5)
+    await asyncio.sleep(0.25)  # nothing has run since
+    assert (await batcher.submit([2], [5], deadline_s=time.monotonic() + 5)).values == [4]
+    assert batcher.ms_per_item < 1_000  # the probe's own time, not a fifth of the way from a minute
+    assert (await batcher.submit([3], [5], deadline_s=time.monotonic() + 5)).values == [6]
+    await batcher.close()
+    assert model.batches == [[2], [3]]
+
+
 @pytest.mark.parametrize("partial", [False, True])
 async def test_a_partial_submission_keeps_what_was_computed_before_its_deadline(partial):
     """The first batch is computed; the model then holds until the deadline has passed. A partial

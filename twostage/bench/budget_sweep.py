@@ -118,9 +118,11 @@ class Stack:
         from twostage.corpus import Document, document_text
         from twostage.v1 import gateway_pb2, rerank_pb2
 
-        reply = await self.stub.Search(gateway_pb2.SearchRequest(
-            query=self.query, recall_k=self.recall_k, top_k=self.recall_k, budget_ms=30_000, skip_rerank=True))
-        documents = [document_text(Document(h.id, h.title, h.text)) for h in reply.hits[:pairs]]
+        if not getattr(self, "candidates", None):
+            reply = await self.stub.Search(gateway_pb2.SearchRequest(
+                query=self.query, recall_k=self.recall_k, top_k=self.recall_k, budget_ms=30_000, skip_rerank=True))
+            self.candidates = [document_text(Document(h.id, h.title, h.text)) for h in reply.hits]
+        documents = self.candidates[:pairs]
         times = []
         for _ in range(repeats):
             started = time.perf_counter()
