@@ -98,17 +98,18 @@ async def checked_sweep(stack: Stack, phase: str) -> tuple[list[Row], list[str]]
     return rows, [f"{m}\n{table}\n(real speed {sweep_ms:.1f} ms a pair for the sweep)" for m in missed]
 
 
-@pytest.fixture
-def catalogue_copy(tmp_path, catalogue_index):
+@pytest.fixture(params=["scifact", "catalogue"])
+def corpus(request, tmp_path) -> tuple:
+    """(a copy of the index, the query searched): SciFact's abstracts, or the catalogue's short texts."""
+    if request.param == "scifact":
+        return request.getfixturevalue("index_copy"), QUERY
     target = tmp_path / "catalogue"
-    shutil.copytree(catalogue_index, target)
-    return target
+    shutil.copytree(request.getfixturevalue("catalogue_index"), target)
+    return target, CATALOGUE_QUERY
 
 
-@pytest.mark.parametrize("corpus", ["scifact", "catalogue"])
-async def test_a_budget_buys_what_it_affords_cold_and_warm(corpus, request):
-    index_dir, query = {"scifact": ("index_copy", QUERY), "catalogue": ("catalogue_copy", CATALOGUE_QUERY)}[corpus]
-    stack = await Stack(request.getfixturevalue(index_dir), query=query).start()
+async def test_a_budget_buys_what_it_affords_cold_and_warm(corpus):
+    stack = await Stack(corpus[0], query=corpus[1]).start()
     try:
         assert stack.published.pair_ms_per_token > 0 and stack.published.ms_per_pair > 0
         cold, missed_cold = await checked_sweep(stack, "cold")
