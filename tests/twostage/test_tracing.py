@@ -274,7 +274,10 @@ def test_exemplars_and_log_lines_name_sampled_traces_only(traced, capsys):
 
     traced("parentbased_always_off")  # untraced arrivals are not sampled; a caller's sampled trace is
     logger = logging.getLogger("tests.traced")
-    handler = logging.StreamHandler()
+    import io
+
+    written = io.StringIO()  # this handler's lines only (other tests may have set up logging to stderr)
+    handler = logging.StreamHandler(written)
     handler.setFormatter(_TextFormatter("%(levelname)s %(message)s"))
     handler.addFilter(TraceIds())
     logger.addHandler(handler)
@@ -291,7 +294,7 @@ def test_exemplars_and_log_lines_name_sampled_traces_only(traced, capsys):
     assert span_.get_span_context().trace_flags.sampled
     assert inner.get_span_context().trace_id == span_.get_span_context().trace_id
     ids = f"trace_id={CALLER_TRACE} span_id={hex_id(inner.get_span_context().span_id, 16)}"
-    assert capsys.readouterr().err.splitlines() == ["WARNING outside", "WARNING unsampled", f"WARNING inside [{ids}]"]
+    assert written.getvalue().splitlines() == ["WARNING outside", "WARNING unsampled", f"WARNING inside [{ids}]"]
     assert exemplar_of("Test/Unsampled") is None
     assert exemplar_of("Test/Sampled") == {"trace_id": CALLER_TRACE,
                                            "span_id": hex_id(inner.get_span_context().span_id, 16)}
