@@ -157,18 +157,27 @@ class RecallCollector:
                                  "Bytes free (to this user) on the volume of the served index", labels=["shard"])
         size = GaugeMetricFamily("twostage_recall_volume_size_bytes", "Size of the volume of the served index",
                                  labels=["shard"])
+        # One series per shard even when several servers of a shard share this process (a duplicate series
+        # breaks OpenMetrics parsers): the most documents, and the fullest volume.
+        counts: dict[str, int] = {}
+        volumes: dict[str, tuple[int, int]] = {}
         for service in list(self._services):
             index = service.index
             if index is None:
                 continue
             shard = str(index.manifest.shard)
-            documents.add_metric([shard], service.doc_count())
+            counts[shard] = max(counts.get(shard, 0), service.doc_count())
             try:
                 stat = os.statvfs(index.directory)
             except OSError:  # replaced meanwhile (a snapshot switch): the next scrape reads the new one
                 continue
-            free.add_metric([shard], stat.f_bavail * stat.f_frsize)
-            size.add_metric([shard], stat.f_blocks * stat.f_frsize)
+            volume = (stat.f_bavail * stat.f_frsize, stat.f_blocks * stat.f_frsize)
+            volumes[shard] = min(volumes.get(shard, volume), volume)
+        for shard, count in sorted(counts.items()):
+            documents.add_metric([shard], count)
+        for shard, (available, total) in sorted(volumes.items()):
+            free.add_metric([shard], available)
+            size.add_metric([shard], total)
         yield documents
         yield free
         yield size
