@@ -10,6 +10,7 @@ import grpc
 import numpy as np
 
 from gateway.fusion import Calibration
+from twostage import tracing
 from twostage.connect import PLAINTEXT, Credentials, ReloadingCredentials, RotatingChannel
 from twostage.convert import (
     document_from_proto,
@@ -65,6 +66,7 @@ class RerankReply:
     query_truncated: bool = False
     unscored: int = 0  # documents the replica's deadline left unscored (absent from scores)
     cached: int = 0  # pairs answered from the replica's score cache
+    cost_ratio: float = 0.0  # the replica's live model time over its published cost model's (0: not measured)
 
 
 def channel_options(max_message_mb: int = 16, keepalive_time_s: float = 30.0,
@@ -108,6 +110,7 @@ def _version_proto(version: Version | None) -> common_pb2.WriteVersion | None:
 
 class _Client:
     STUB = None
+    SERVICE = ""  # the proto service's full name, for span names
 
     def __init__(self, target: str, name: str, credentials: Credentials | ReloadingCredentials = PLAINTEXT,
                  options: list | None = None):
@@ -132,15 +135,22 @@ class _Client:
     async def close(self) -> None:
         await self._rotating.close()
 
-    async def _call(self, method, request, timeout_s: float | None):
-        """One RPC with this client's credentials; its failure as a domain error."""
+    async def _call(self, method: str, request, timeout_s: float | None):
+        """One RPC with this client's credentials (and the trace context, when traced); its failure as a
+        domain error."""
+        if not tracing.enabled:
+            return await self._send(method, request, timeout_s, self._rotating.metadata)
+        with tracing.client_span(f"{self.SERVICE}/{method}", self.name, self.target):
+            return await self._send(method, request, timeout_s, tracing.outgoing(self._rotating.metadata))
+
+    async def _send(self, method: str, request, timeout_s: float | None, metadata):
         try:
-            return await method(request, timeout=timeout_s, metadata=self._rotating.metadata)
+            return await getattr(self.stub, method)(request, timeout=timeout_s, metadata=metadata)
         except grpc.aio.AioRpcError as error:
             raise error_from_rpc(error, self.name, self.target) from None
 
     async def info(self, timeout_s: float):
-        return await self._call(self.stub.Info, common_pb2.InfoRequest(), timeout_s)
+        return await self._call("Info", common_pb2.InfoRequest(), timeout_s)
 
     async def health_status(self, timeout_s: float) -> bool | None:
         """True if SERVING, False if it says it is not, None if it did not answer. Sent with this client's
@@ -150,6 +160,7 @@ class _Client:
 
 class RecallClient(_Client):
     STUB = recall_pb2_grpc.RecallStub
+    SERVICE = "twostage.v1.Recall"
 
     async def search(
         self, query: str, k: int, timeout_s: float, request_id: str, mode: str | None = None,
@@ -165,7 +176,7 @@ class RecallClient(_Client):
             feedback_vector=b"" if feedback_vector is None else vector_to_bytes(feedback_vector))
         if prf is not None:
             request.prf_depth, request.prf_weight = prf.depth, prf.weight
-        reply = await self._call(self.stub.Search, request, timeout_s)
+        reply = await self._call("Search", request, timeout_s)
         candidates = [
             RecallCandidate(c.id, c.title, c.text, c.score, metadata_from_proto(c.metadata), c.dense_score,
                             c.lexical_score, vector_from_bytes(c.vector), c.prf_dense_score)
@@ -181,27 +192,38 @@ class RecallClient(_Client):
                      version: Version | None = None) -> "WriteReply":
         request = common_pb2.UpsertRequest(documents=[document_to_proto(d) for d in docs], request_id=request_id,
                                            version=_version_proto(version))
-        reply = await self._call(self.stub.Upsert, request, timeout_s)
+        reply = await self._call("Upsert", request, timeout_s)
         return WriteReply.of(reply, reply.upserted)
 
     async def delete(self, ids: list[str], timeout_s: float | None, request_id: str = "",
                      version: Version | None = None) -> "WriteReply":
         request = common_pb2.DeleteRequest(ids=ids, request_id=request_id, version=_version_proto(version))
-        reply = await self._call(self.stub.Delete, request, timeout_s)
+        reply = await self._call("Delete", request, timeout_s)
         return WriteReply.of(reply, reply.deleted)
 
+    async def embed(self, texts: list[str], is_query: bool, timeout_s: float | None,
+                    model: str = "", refuse_truncation: bool = False) -> tuple[list[list[float]], int]:
+        """(one embedding per text, tokens the model read)."""
+        request = recall_pb2.EmbedRequest(texts=texts, is_query=is_query, model=model,
+                                          refuse_truncation=refuse_truncation)
+        reply = await self._call("Embed", request, timeout_s)
+        return [list(e.values) for e in reply.embeddings], reply.tokens
+
     async def get(self, ids: list[str], timeout_s: float | None) -> list[Document]:
-        reply = await self._call(self.stub.Get, common_pb2.GetRequest(ids=ids), timeout_s)
+        reply = await self._call("Get", common_pb2.GetRequest(ids=ids), timeout_s)
         return [document_from_proto(d) for d in reply.documents]
 
 
 class RerankClient(_Client):
     STUB = rerank_pb2_grpc.RerankStub
+    SERVICE = "twostage.v1.Rerank"
 
-    async def rerank(self, query: str, documents: list[str], timeout_s: float, request_id: str) -> RerankReply:
+    async def rerank(self, query: str, documents: list[str], timeout_s: float, request_id: str,
+                     refuse_truncation: bool = False) -> RerankReply:
         # Partial answers: pairs scored before the deadline are used rather than thrown away with the rest.
-        request = rerank_pb2.RerankRequest(query=query, documents=documents, request_id=request_id, allow_partial=True)
-        reply = await self._call(self.stub.Rerank, request, timeout_s)
+        request = rerank_pb2.RerankRequest(query=query, documents=documents, request_id=request_id, allow_partial=True,
+                                           refuse_truncation=refuse_truncation)
+        reply = await self._call("Rerank", request, timeout_s)
         return RerankReply(
             scores={r.index: r.score for r in reply.results},
             timings_ms=dict(reply.timings_ms),
@@ -210,4 +232,5 @@ class RerankClient(_Client):
             query_truncated=reply.query_truncated,
             unscored=reply.unscored,
             cached=reply.cached,
+            cost_ratio=reply.cost_ratio,
         )

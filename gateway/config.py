@@ -22,6 +22,13 @@ class GatewaySettings(ServiceSettings):
     model_config = SettingsConfigDict(env_prefix="TWOSTAGE_GATEWAY_", frozen=True, extra="forbid")
 
     port: int = Field(50051, ge=0, le=65535, description="Port to bind; 0 picks a free one.")
+    http_port: int | None = Field(
+        None, ge=0, le=65535,
+        description="Also serve HTTP/JSON on this port, in the same process: twostage's own routes (/v1/search, "
+        "/v1/documents) and TEI's, Cohere's and OpenAI's (/rerank, /embed, /v1/rerank, /v2/rerank, /v1/embeddings), "
+        "with the same tokens, TLS and limits as gRPC. Unset: off (a listener nobody asked for is not opened); "
+        "0 picks a free one.",
+    )
     recall_targets: str = Field(
         "127.0.0.1:50052",
         description="Comma-separated recall shards in shard order; each is host:port, a|b (replicas of the shard), "
@@ -57,6 +64,14 @@ class GatewaySettings(ServiceSettings):
         "13 pairs/s, so reranking 100 candidates takes about 8 s; on a GPU 200 ms is ample.",
     )
     max_budget_ms: int = Field(60_000, ge=1, description="Budgets above this are lowered to it.")
+    compat_budget_ms: int = Field(
+        60_000, ge=1,
+        description="Budget of the HTTP face's TEI, Cohere and OpenAI routes, whose clients send none (the "
+        "X-Twostage-Budget-Ms header overrides it; max_budget_ms bounds both). Their rerank answers hold every "
+        "text or are an error: texts the rerank tier cannot score within the budget are refused before any work, "
+        "413 when the request alone is too large (the message says how many fit), 429 with Retry-After when it is "
+        "the load. /info's max_client_batch_size is what it affords on an idle tier.",
+    )
     recall_budget_share: float = Field(
         0.5, gt=0, le=1,
         description="Most of the budget recall may use; the rest is kept for rerank. Recall usually needs "
@@ -69,6 +84,11 @@ class GatewaySettings(ServiceSettings):
         20.0, ge=0, description="If less than this is left after recall, rerank is skipped (degraded: rerank_skipped)."
     )
     max_query_chars: int = Field(2048, ge=1, description="Longest query accepted.")
+    max_embed_texts: int = Field(
+        2048, ge=1,
+        description="Most texts in one Embed request; the gateway cuts it into pieces of the size a recall replica "
+        "accepts and spreads them over the tier.",
+    )
     fusion: Literal["none", "linear", "rrf", "calibrated"] = Field(
         "calibrated",
         description="Final score: calibrated (both scores on the logit scale with constants fitted from the index, "
@@ -101,9 +121,14 @@ class GatewaySettings(ServiceSettings):
     )
     initial_rerank_ms_per_pair: float = Field(
         70.0, gt=0,
-        description="Cost assumed per pair for a replica that has neither published the cost it measured at load "
-        "(Info) nor answered; then measured live (EWMA). "
-        "70 suits the default model on 2 CPU cores; about 1 on a GPU.",
+        description="Cost assumed per pair for a replica that has neither published the cost model it fitted at "
+        "load (Info) nor answered. 70 suits the default model on 2 CPU cores; about 1 on a GPU.",
+    )
+    rerank_cost_refresh_s: float = Field(
+        30.0, gt=0,
+        description="How often each rerank replica's published cost model (Info: cost per pair by length, its "
+        "live correction, characters per token) is read again; also within about a second of an answer whose "
+        "model time is 3x off the prediction or that came back late. Read at start and on membership changes too.",
     )
     rerank_cost_headroom: float = Field(
         1.1, ge=1, description="Predicted rerank time is multiplied by this when choosing how many pairs fit "

@@ -24,3 +24,20 @@ class Degradation:
 
     def __str__(self) -> str:
         return f"{self.code.value} ({self.detail})" if self.detail else self.code.value
+
+
+class Degradable:
+    """An answer that may be cut short: its dataclass holds ``degradations``."""
+
+    degradations: list[Degradation]
+
+    def degrade(self, code: DegradationCode, detail: str = "") -> None:
+        self.degradations.append(Degradation(code, detail))
+
+    @property
+    def degraded(self) -> bool:
+        return bool(self.degradations)
+
+    @property
+    def degraded_reason(self) -> str:
+        return "; ".join(map(str, self.degradations))

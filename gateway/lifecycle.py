@@ -15,10 +15,13 @@ import time
 
 from gateway.clients import RecallClient, RerankClient, channel_options
 from gateway.config import GatewaySettings
+from gateway.embedding import TextEmbedder
+from gateway.metrics import membership_changed
 from gateway.pipeline import SearchPipeline, StageLimits
 from gateway.recall_tier import RecallShard
 from gateway.rerank_pool import RerankPool
 from gateway.writes import DocumentRouter
+from twostage.batching import DEFAULT_CHARS_PER_TOKEN, PairCost
 from twostage.connect import ReloadingCredentials
 from twostage.convert import hybrid_fusion_from_proto
 from twostage.errors import NotReady, TwostageError
@@ -33,6 +36,7 @@ class GatewayLifecycle:
         self.settings = settings
         self.pipeline: SearchPipeline | None = None
         self.router: DocumentRouter | None = None
+        self.embedder: TextEmbedder | None = None
         self.shards: list[RecallShard] = []
         self.pool: RerankPool | None = None
         self.limits = StageLimits()
@@ -51,6 +55,11 @@ class GatewayLifecycle:
         if self.router is None:
             raise NotReady("gateway is starting")
         return self.router
+
+    def ready_embedder(self) -> TextEmbedder:
+        if self.embedder is None:
+            raise NotReady("gateway is starting")
+        return self.embedder
 
     async def start(self) -> None:
         s = self.settings
@@ -81,9 +90,11 @@ class GatewayLifecycle:
         self.pipeline = SearchPipeline(s, self.shards, self.pool, self.limits)
         self.router = DocumentRouter(self.shards, self.limits, s.write_quorum, s.request_id_ttl_s,
                                      shard_replicas=s.shard_replicas)
+        self.embedder = TextEmbedder(s, self.shards, self.limits)
         self._tasks = [
             asyncio.create_task(self.pool.watch_health(self._stop, s.health_check_period_s)),
             asyncio.create_task(self._follow_membership()),
+            asyncio.create_task(self._refresh_costs()),
         ]
 
     async def _resolve_all(self) -> None:
@@ -94,9 +105,11 @@ class GatewayLifecycle:
         changed = False
         for shard, target in zip(self.shards, self._recall_targets):
             added, removed = shard.update_members(target.addresses)
+            membership_changed("recall", len(added), len(removed))
             changed |= bool(added or removed)
         rerank_addresses = sorted({a for t in self._rerank_targets for a in t.addresses})
         added, removed = self.pool.update_members(rerank_addresses, self._make_rerank)
+        membership_changed("rerank", len(added), len(removed))
         if added or removed:
             log.info("rerank replicas: +%s -%s", added or "none", removed or "none")
         return changed or bool(added or removed)
@@ -128,7 +141,7 @@ class GatewayLifecycle:
         for client, names in (
             (recall, {"max_query_chars": "recall_max_query_chars", "max_k": "recall_max_k",
                       "max_upsert_docs": "recall_max_upsert_docs", "max_doc_chars": "recall_max_doc_chars",
-                      "max_id_chars": "recall_max_id_chars"}),
+                      "max_id_chars": "recall_max_id_chars", "max_embed_texts": "recall_max_embed_texts"}),
             (rerank, {"max_query_chars": "rerank_max_query_chars", "max_documents": "rerank_max_documents",
                       "max_document_chars": "rerank_max_document_chars"}),
         ):
@@ -141,24 +154,55 @@ class GatewayLifecycle:
                 continue
             published = {limit.name: limit.value for limit in info.limits}
             self.limits.update(**{ours: published.get(theirs, 0) for theirs, ours in names.items()})
+            if client is recall:
+                self.limits.update(embed_model=info.model, embed_dims=info.dims)
+            else:
+                self.limits.update(rerank_model=info.model, rerank_max_length=info.max_length)
             if client is recall and (fusion := hybrid_fusion_from_proto(info.hybrid_fusion)):
                 self.limits.recall_hybrid_fusion = fusion
                 self.limits.recall_hybrid_dense_weight = info.hybrid_dense_weight
                 self.limits.recall_prf_depth, self.limits.recall_prf_weight = info.prf_depth, info.prf_weight
 
     async def adopt_published_costs(self) -> None:
-        """Start each replica's cost model from the speed it measured at load (Info), not the pessimistic
-        default, until it has answered; best effort (a replica that does not say keeps the default)."""
+        """Take each replica's published cost model (Info: a pair's cost by its length, fitted when its model
+        loaded, and the live correction), not the pessimistic default; best effort (a replica that does not
+        answer keeps what it had, one that publishes no model is planned at its cost per pair)."""
         async def adopt(replica) -> None:
             try:
                 info = await replica.client.info(timeout_s=2.0)
             except TwostageError as error:
                 log.info("cost of %s not known yet: %s", replica.target, error)
                 return
-            if info.ms_per_pair > 0 and not replica.pairs_scored:
-                replica.ms_per_pair = info.ms_per_pair
+            cost = None
+            if info.pair_fixed_ms > 0 or info.pair_ms_per_token > 0:
+                cost = PairCost(info.pair_fixed_ms, info.pair_ms_per_token, info.max_length or 512,
+                                info.chars_per_token or DEFAULT_CHARS_PER_TOKEN)
+            replica.adopt_published(cost, info.cost_ratio, info.ms_per_pair)
 
-        await asyncio.gather(*(adopt(r) for r in self.pool.replicas if not r.pairs_scored))
+        await asyncio.gather(*(adopt(r) for r in self.pool.replicas))
+
+    async def _refresh_costs(self) -> None:
+        """Re-read the published cost models every rerank_cost_refresh_s and soon after an answer far off its
+        prediction or late (RerankPool.refresh_wanted), at most once a second; four times a second while a
+        probe's outcome is awaited (the replica reports it once the probe's batch is done, a pair's time after
+        it went; Info is cheap). A gateway that planned with a figure too high to send any pair would otherwise
+        never see it corrected, and a replica restarted at the same address brings a new one."""
+        wanted = self.pool.refresh_wanted
+        while not self._stop.is_set():
+            waits = [asyncio.ensure_future(e.wait()) for e in (self._stop, wanted)]
+            awaiting = self.pool.awaiting_confirmation()
+            period_s = 0.25 if awaiting else self.settings.rerank_cost_refresh_s
+            await asyncio.wait(waits, timeout=period_s, return_when=asyncio.FIRST_COMPLETED)
+            for w in waits:
+                w.cancel()
+            if self._stop.is_set():
+                return
+            wanted.clear()
+            await self.adopt_published_costs()
+            try:
+                await asyncio.wait_for(self._stop.wait(), 0.25 if self.pool.awaiting_confirmation() else 1.0)
+            except TimeoutError:
+                pass
 
     async def _follow_membership(self) -> None:
         """Re-resolve every resolve_period_s, and early when a member turns out unreachable."""

@@ -3,14 +3,21 @@
 The effective budget is the smallest of the request's ``budget_ms``, the
 client's deadline and the configured maximum. Recall must answer (without
 candidates there is nothing to return); rerank gets what is left minus a
-return margin. The rerank pool's live cost model decides how many of the top
-candidates fit in that time; the rest keep their recall order after the
-reranked ones. Whatever is cut is said in ``degraded_reason``; the answer
-never turns into an error or a hang while recall has answered.
+return margin. The rerank pool's live cost model, which prices each pair by
+its length, decides how many of the top candidates fit in that time; the rest
+keep their recall order after the reranked ones. Whatever is cut is said in
+``degraded_reason``; the answer never turns into an error or a hang while
+recall has answered.
+
+Traced, a search is a span with recall and rerank as children and each rerank
+round (the first, then each top-up) as a child of rerank; it carries recall_k,
+the budget and the share of it used, the candidates reranked and the
+degradation codes.
 """
 
 import asyncio
 import dataclasses
+import itertools
 import logging
 import math
 import re
@@ -22,19 +29,24 @@ import numpy as np
 
 from gateway.clients import RecallCandidate, RecallReply
 from gateway.config import GatewaySettings
-from gateway.degradation import Degradation, DegradationCode
+from gateway.degradation import Degradable, Degradation, DegradationCode
 from gateway.fusion import DEFAULT_CALIBRATION, FUSIONS, Calibration, fuse, mean_calibration, recall_part, relevance
-from gateway.metrics import observe_search
+from gateway.metrics import observe_degradations, observe_search
 from gateway.recall_tier import RecallShard
-from gateway.rerank_pool import RerankOutcome, RerankPool
-from twostage import errors, feedback
+from gateway.rerank_pool import RerankOutcome, RerankPool, is_callers_mistake
+from twostage import errors, feedback, tracing
 from twostage.corpus import Document, MetadataValue, document_text
 from twostage.feedback import Feedback
 from twostage.filters import Filter
 from twostage.hybrid import fuse as fuse_recall
 
 log = logging.getLogger(__name__)
-_REQUEST_ID = re.compile(r"^[A-Za-z0-9._:/-]{1,128}$")
+_REQUEST_ID = re.compile(r"[A-Za-z0-9._:/-]{1,128}")
+
+
+def is_request_id(text: str) -> bool:
+    """Whether ``text`` is a request id as requests may carry one (1-128 of letters, digits and ._:/-)."""
+    return _REQUEST_ID.fullmatch(text) is not None
 
 
 @dataclass(frozen=True)
@@ -71,7 +83,7 @@ class Hit:
 
 
 @dataclass
-class SearchResult:
+class SearchResult(Degradable):
     hits: list[Hit]
     request_id: str
     degradations: list[Degradation] = field(default_factory=list)
@@ -79,19 +91,46 @@ class SearchResult:
     reranked: int = 0
     rerank_cached: int = 0
     timings_ms: dict[str, float] = field(default_factory=dict)
+    budget_ms: float = 0.0  # the time it was given: the budget or the client's deadline, whichever is shorter
     recall_mode: str | None = None  # the mode the recall shards answered in
     calibration: Calibration | None = None  # the answering shards' fitted score calibration (None: none fitted)
 
-    def degrade(self, code: DegradationCode, detail: str = "") -> None:
-        self.degradations.append(Degradation(code, detail))
 
-    @property
-    def degraded(self) -> bool:
-        return bool(self.degradations)
+@dataclass(frozen=True)
+class RerankTextsQuery:
+    """The caller's own documents to score against a query (Gateway.Rerank)."""
 
-    @property
-    def degraded_reason(self) -> str:
-        return "; ".join(map(str, self.degradations))
+    query: str
+    documents: list[str]
+    top_n: int = 0
+    budget_ms: int = 0
+    request_id: str = ""
+    deadline_s: float | None = None  # client deadline, time.monotonic() clock
+    model: str = ""
+    # Every document scored, or an error: never a partial answer. For clients that cannot tell one (the HTTP
+    # face's TEI and Cohere routes): a request the budget cannot cover is refused before any work.
+    whole: bool = False
+    refuse_truncation: bool = False  # TooLong rather than cut the query or a document to the model's window
+
+
+@dataclass(frozen=True)
+class RankedText:
+    index: int  # position in the request
+    score: float | None  # the cross-encoder's logit; None: the budget left it unscored
+    relevance: float | None
+
+
+@dataclass
+class RerankTextsResult(Degradable):
+    results: list[RankedText]
+    request_id: str
+    model: str
+    degradations: list[Degradation] = field(default_factory=list)
+    scored: int = 0
+    cached: int = 0
+    tokens: int = 0
+    timings_ms: dict[str, float] = field(default_factory=dict)
+    budget_ms: float = 0.0  # the time it was given: the budget or the client's deadline, whichever is shorter
 
 
 @dataclass
@@ -107,6 +146,7 @@ class StageLimits:
     rerank_max_query_chars: int | None = None
     rerank_max_documents: int | None = None
     rerank_max_document_chars: int | None = None
+    recall_max_embed_texts: int | None = None
     recall_hybrid_fusion: str | None = None  # how the shards fuse hybrid lists; the gateway fuses their union alike
     recall_hybrid_dense_weight: float | None = None
     recall_prf_depth: int | None = None  # the recall servers' pseudo-relevance feedback settings
@@ -116,11 +156,24 @@ class StageLimits:
         """Feedback for a search that does not say: the recall servers' settings, their defaults until known."""
         return Feedback(feedback.DEFAULT.depth if self.recall_prf_depth is None else self.recall_prf_depth,
                         feedback.DEFAULT.weight if self.recall_prf_weight is None else self.recall_prf_weight)
+    # What the stages serve, for Rerank and Embed replies and the HTTP face's /info.
+    rerank_model: str | None = None
+    rerank_max_length: int | None = None
+    embed_model: str | None = None
+    embed_dims: int | None = None
 
-    def update(self, **limits: int) -> None:
+    def update(self, **limits: int | str) -> None:
         for name, value in limits.items():
             if value:
                 setattr(self, name, value)
+
+
+def resolve_budget(settings: GatewaySettings, budget_ms: int, request_id: str) -> tuple[float, str]:
+    """What every read request has, checked and defaults filled: (budget_s, request_id)."""
+    errors.check_limit("budget_ms", budget_ms, 0, 2**31 - 1)
+    if request_id and not is_request_id(request_id):
+        raise errors.InvalidArgument("request_id must be 1-128 characters of letters, digits and ._:/-")
+    return min(budget_ms or settings.default_budget_ms, settings.max_budget_ms) / 1000, request_id or uuid.uuid4().hex
 
 
 class SearchPipeline:
@@ -130,6 +183,8 @@ class SearchPipeline:
         self.recall = recall
         self.rerank = rerank
         self.limits = limits or StageLimits()
+        # What calibrated fusion used last: the shards' fit with the settings' overrides (Info reports it).
+        self.calibration_in_use: Calibration = settings.calibration(None)
 
     async def close(self) -> None:
         await asyncio.gather(*(shard.close() for shard in self.recall), self.rerank.close())
@@ -152,26 +207,118 @@ class SearchPipeline:
         errors.check_limit("recall_k", recall_k, 1, self.max_recall_k())
         if top_k > recall_k:
             raise errors.InvalidArgument(f"top_k ({top_k}) must not exceed recall_k ({recall_k})")
-        errors.check_limit("budget_ms", q.budget_ms, 0, 2**31 - 1)
-        if q.request_id and not _REQUEST_ID.match(q.request_id):
-            raise errors.InvalidArgument("request_id must be 1-128 characters of letters, digits and ._:/-")
+        budget_s, request_id = resolve_budget(self.settings, q.budget_ms, q.request_id)
         if q.fusion is not None and q.fusion not in FUSIONS:
             raise errors.InvalidArgument(f"fusion must be one of {', '.join(FUSIONS)}, got {q.fusion!r}")
         if q.fusion_alpha is not None and not 0 <= q.fusion_alpha <= 1:
             raise errors.InvalidArgument(f"fusion_alpha must be between 0 and 1, got {q.fusion_alpha}")
         if q.score_threshold is not None and not math.isfinite(q.score_threshold):
             raise errors.InvalidArgument("score_threshold must be a finite number")
-        budget_ms = min(q.budget_ms or s.default_budget_ms, s.max_budget_ms)
-        return top_k, recall_k, budget_ms / 1000, q.request_id or uuid.uuid4().hex
+        return top_k, recall_k, budget_s, request_id
+
+    def max_rerank_documents(self) -> int:
+        return min(v for v in (self.settings.max_recall_k, self.limits.rerank_max_documents) if v)
+
+    def resolve_rerank(self, q: RerankTextsQuery) -> tuple[float, str]:
+        """Validate a Rerank request as the rerank tier would, before any replica sees it: (budget_s, request_id)."""
+        errors.check_text("query", q.query, min(v for v in (self.settings.max_query_chars,
+                                                            self.limits.rerank_max_query_chars) if v))
+        most = self.max_rerank_documents()
+        errors.check_limit("documents (count)", len(q.documents), 1, most)
+        max_chars = self.limits.rerank_max_document_chars or 100_000
+        for i, document in enumerate(q.documents):
+            if len(document) > max_chars:
+                raise errors.InvalidArgument(f"documents[{i}] is {len(document)} characters; the limit is {max_chars}")
+        errors.check_limit("top_n", q.top_n, 0, most)
+        served = self.limits.rerank_model
+        if q.model and served and q.model != served:
+            raise errors.InvalidArgument(f"unknown model {q.model!r}; the rerank tier serves {served!r}")
+        return resolve_budget(self.settings, q.budget_ms, q.request_id)
+
+    async def rerank_texts(self, q: RerankTextsQuery) -> RerankTextsResult:
+        """Score the caller's documents within the budget: as many as it affords (more as time frees up), the
+        rest left unscored after them (a partial answer, degraded). With none scored it is the tier's error."""
+        with tracing.span("rerank texts") as span:
+            result = await self._rerank_texts(q)
+            if span.is_recording():
+                total_ms = result.timings_ms.get("total_ms", 0.0)
+                span.set_attributes({
+                    "twostage.request_id": result.request_id, "twostage.documents": len(q.documents),
+                    "twostage.top_n": q.top_n, "twostage.scored": result.scored, "twostage.cached": result.cached,
+                    "twostage.tokens": result.tokens, "twostage.budget_ms": round(result.budget_ms, 1),
+                    "twostage.total_ms": round(total_ms, 2),
+                    "twostage.budget_used": round(total_ms / result.budget_ms, 4) if result.budget_ms > 0 else 1.0})
+                _annotate_degradations(span, result)
+            return result
+
+    async def _rerank_texts(self, q: RerankTextsQuery) -> RerankTextsResult:
+        budget_s, request_id = self.resolve_rerank(q)
+        s = self.settings
+        start = time.monotonic()
+        deadline = start + budget_s if q.deadline_s is None else min(start + budget_s, q.deadline_s)
+        rerank_deadline = deadline - s.return_margin_ms / 1000
+        left_ms = 1000 * (rerank_deadline - start)
+        if not self.rerank.available():
+            raise errors.Unavailable("no rerank replica is available; retry later")
+        if q.whole:
+            self._admit_whole(q.query, q.documents, left_ms, 1000 * (deadline - start))
+            depth = len(q.documents)
+        else:
+            depth = self._affordable_depth(left_ms, q.query, q.documents)
+        if depth == 0:
+            raise errors.DeadlineExceeded(f"{1000 * (deadline - start):.0f} ms affords no pair on the rerank tier "
+                                          "now; allow more budget_ms (or a longer deadline)")
+        outcome = await self._rerank_with_top_ups(q.query, q.documents, depth, rerank_deadline, request_id,
+                                                  q.refuse_truncation)
+        result = RerankTextsResult([], request_id, self.limits.rerank_model or "", budget_ms=1000 * (deadline - start))
+        if q.whole and len(outcome.scores) < len(q.documents):
+            self._refuse_part(outcome, len(q.documents), 1000 * (deadline - start), request_id)
+        if outcome.error is not None and not outcome.scores:
+            if is_callers_mistake(outcome.error):
+                raise outcome.error
+            log.warning("request %s: rerank failed: %s", request_id, outcome.error)
+            # Worded here: the pool's own messages may name replicas' addresses, which are for the log.
+            raise {
+                errors.DeadlineExceeded: errors.DeadlineExceeded(
+                    f"no document was scored within {1000 * (deadline - start):.0f} ms; allow more budget_ms "
+                    "(or a longer deadline)"),
+                errors.Overloaded: errors.Overloaded("every rerank replica shed the load; retry later"),
+            }.get(type(outcome.error), errors.Unavailable("no rerank replica could score the documents"))
+        if outcome.query_truncated:
+            result.degrade(DegradationCode.QUERY_TRUNCATED, "rerank read the start of the query")
+        if len(outcome.scores) < len(q.documents):
+            result.degrade(DegradationCode.RERANK_PARTIAL, f"{len(outcome.scores)} of {len(q.documents)} scored")
+        ranked = sorted(outcome.scores.items(), key=lambda pair: -pair[1])
+        result.results = [RankedText(i, score, relevance(score)) for i, score in ranked] + [
+            RankedText(i, None, None) for i in range(len(q.documents)) if i not in outcome.scores]
+        if q.top_n:
+            result.results = result.results[:q.top_n]
+        result.scored, result.cached = len(outcome.scores), min(outcome.cached, len(outcome.scores))
+        result.tokens = outcome.tokens
+        result.timings_ms = {**{f"rerank.{name}": ms for name, ms in outcome.timings_ms.items()},
+                             "rerank_ms": 1000 * (time.monotonic() - start)}
+        result.timings_ms["total_ms"] = result.timings_ms["rerank_ms"]
+        observe_degradations(result.degradations)
+        return result
 
     async def search(self, q: SearchQuery) -> SearchResult:
+        with tracing.span("search") as span:
+            result = await self._search(q)
+            if span.is_recording():
+                _annotate(span, result)
+            return result
+
+    async def _search(self, q: SearchQuery) -> SearchResult:
         top_k, recall_k, budget_s, request_id = self.resolve(q)
         prf = feedback.check(q.prf_depth, q.prf_weight, self.limits.recall_feedback())
+        if (span := tracing.current_span()).is_recording():
+            span.set_attributes({"twostage.top_k": top_k, "twostage.recall_k": recall_k,
+                                 "twostage.request_id": request_id})
         start = time.monotonic()
         deadline = start + budget_s if q.deadline_s is None else min(start + budget_s, q.deadline_s)
         result = SearchResult(hits=[], request_id=request_id)
         s = self.settings
-        left_ms = 1000 * (deadline - start)
+        left_ms = result.budget_ms = 1000 * (deadline - start)
         if q.skip_rerank or left_ms < 2 * (s.min_rerank_ms + s.return_margin_ms):
             # Rerank will not run: recall may use all the time there is, so a tiny budget still gets an answer.
             recall_deadline = deadline
@@ -179,7 +326,12 @@ class SearchPipeline:
             # Recall's share of the time actually left (a short client deadline included), not of the nominal budget.
             recall_deadline = start + (deadline - start) * s.recall_budget_share
         try:
-            candidates = await self._recall(q, recall_k, recall_deadline, request_id, result, prf)
+            with tracing.span("recall") as span:
+                candidates = await self._recall(q, recall_k, recall_deadline, request_id, result, prf)
+                if span.is_recording():
+                    span.set_attributes({"twostage.recall_k": recall_k, "twostage.shards": len(self.recall),
+                                         "twostage.candidates": len(candidates),
+                                         "twostage.recall_mode": result.recall_mode or ""})
         except errors.DeadlineExceeded:
             raise errors.DeadlineExceeded(
                 f"no answer within {left_ms:.0f} ms: recall did not answer in time; allow more budget_ms "
@@ -193,13 +345,19 @@ class SearchPipeline:
         lexical = result.recall_mode in ("lexical", "hybrid")
 
         calibration = s.calibration(result.calibration)
+        if result.calibration is not None:
+            self.calibration_in_use = calibration
 
         def rank(scores: dict[int, float]) -> list[Hit]:
             return self._rank(candidates, scores, fusion, alpha, calibration, lexical)
 
         scores = {}
         if candidates and not q.skip_rerank:
-            scores = await self._rerank(q.query, candidates, deadline, request_id, result, top_k, rank)
+            with tracing.span("rerank") as span:
+                scores = await self._rerank(q.query, candidates, deadline, request_id, result, top_k, rank)
+                if span.is_recording():
+                    span.set_attributes({"twostage.candidates": len(candidates), "twostage.reranked": len(scores),
+                                         "twostage.rerank_cached": result.rerank_cached if scores else 0})
         result.timings_ms["rerank_ms"] = 1000 * (time.monotonic() - recall_done)
         result.reranked = len(scores)
         hits = rank(scores)[:top_k]
@@ -250,6 +408,9 @@ class SearchPipeline:
         failures = [r for r in replies if isinstance(r, BaseException)]
         if len(failures) == len(replies):
             raise _worst(failures)
+        for failure in failures:  # e.g. a filter of the wrong type for a key one shard has typed: not an outage
+            if isinstance(failure, errors.InvalidArgument):
+                raise failure
         for failure in failures:
             log.warning("request %s: recall shard failed: %s", request_id, failure)
         return [reply for reply in replies if not isinstance(reply, BaseException)], failures
@@ -312,17 +473,20 @@ class SearchPipeline:
         candidates by the scores so far)."""
         s = self.settings
         rerank_deadline = deadline - s.return_margin_ms / 1000
-        remaining_ms = 1000 * (rerank_deadline - time.monotonic())
-        depth = self._affordable_depth(remaining_ms, len(candidates))
-        if not self.rerank.available():
-            result.degrade(DegradationCode.RERANK_UNAVAILABLE, "no healthy replica")
-            return {}
-        if remaining_ms < s.min_rerank_ms or depth == 0:
-            result.degrade(DegradationCode.RERANK_SKIPPED, f"{remaining_ms:.0f} ms left affords no pair")
-            return {}
         # Index limits and rerank limits are set apart: cut a document rather than have it refused.
         max_chars = self.limits.rerank_max_document_chars
         documents = [document_text(Document(c.id, c.title, c.text))[:max_chars] for c in candidates]
+        remaining_ms = 1000 * (rerank_deadline - time.monotonic())
+        if not self.rerank.available():
+            result.degrade(DegradationCode.RERANK_UNAVAILABLE, "no healthy replica")
+            return {}
+        depth = 0 if remaining_ms < s.min_rerank_ms else self._affordable_depth(remaining_ms, query, documents)
+        if (span := tracing.current_span()).is_recording():
+            span.set_attributes({"twostage.rerank.affordable": depth,
+                                 "twostage.rerank.time_left_ms": round(remaining_ms, 1)})
+        if depth == 0:
+            result.degrade(DegradationCode.RERANK_SKIPPED, f"{remaining_ms:.0f} ms left affords no pair")
+            return {}
         watched = min(top_k or depth, s.rerank_round_top_k)
         if s.rerank_round_pairs and rank is not None and watched < depth:
             outcome, by_evidence = await self._rerank_in_rounds(query, documents[:depth], rerank_deadline,
@@ -347,24 +511,96 @@ class SearchPipeline:
             result.degrade(DegradationCode.RERANK_PARTIAL, f"{len(outcome.scores)} of {len(candidates)} reranked")
         return outcome.scores
 
-    def _affordable_depth(self, remaining_ms: float, candidates: int) -> int:
-        return min(candidates, self.rerank.affordable_pairs(remaining_ms, self.settings.rerank_cost_headroom),
-                   self.limits.rerank_max_documents or candidates)
+    def max_whole_documents(self, budget_ms: int) -> int:
+        """The most documents a request that takes all or nothing can bring with ``budget_ms`` (0: the default
+        budget): what the rerank tier, idle, scores within it at its measured cost, within the documents limit."""
+        budget_s, _ = resolve_budget(self.settings, budget_ms, "")
+        left_ms = 1000 * budget_s - self.settings.return_margin_ms
+        idle = self.rerank.affordable_pairs(left_ms, self.settings.rerank_cost_headroom, idle=True)
+        return min(idle, self.max_rerank_documents())
+
+    def _admit_whole(self, query: str, documents: list[str], left_ms: float, budget_ms: float) -> None:
+        """Refuse at once a request for all of ``documents`` that the budget cannot cover: TooLarge when
+        the request alone is too much (the message says how many fit), Overloaded when it is the load."""
+        headroom = self.settings.rerank_cost_headroom
+        count = len(documents)
+        if count <= self.rerank.affordable_pairs(left_ms, headroom, query, documents):
+            return
+        idle = self.rerank.affordable_pairs(left_ms, headroom, query, documents, idle=True)
+        if idle == 0:
+            raise errors.DeadlineExceeded(f"{budget_ms:.0f} ms affords no document on the rerank tier, even idle; "
+                                          "allow more budget_ms")
+        if count > idle:
+            raise errors.TooLarge(
+                f"{count} documents take longer than the budget ({budget_ms:.0f} ms) even on an idle rerank tier, "
+                f"which scores about {idle} in it; send at most {idle} at once, or allow more budget_ms")
+        wait_s = self.rerank.backlog_s()
+        raise errors.Overloaded(
+            f"the rerank tier is busy: {count} documents would not all be scored within {budget_ms:.0f} ms now; "
+            f"retry in about {max(1, math.ceil(wait_s))} s", retry_after_s=max(1, math.ceil(wait_s)))
+
+    @staticmethod
+    def _refuse_part(outcome: RerankOutcome, count: int, budget_ms: float, request_id: str) -> None:
+        """The error for a request that takes all or nothing when only part of it was scored."""
+        error = outcome.error
+        if error is not None and is_callers_mistake(error):
+            raise error
+        if isinstance(error, errors.Overloaded):
+            raise errors.Overloaded("every rerank replica shed the load; retry later")
+        if error is None or isinstance(error, errors.DeadlineExceeded):
+            raise errors.DeadlineExceeded(
+                f"{len(outcome.scores)} of {count} documents were scored within {budget_ms:.0f} ms, and this "
+                "request takes all or nothing; send fewer, or allow more budget_ms")
+        log.warning("request %s: rerank failed: %s", request_id, error)
+        raise errors.Unavailable("no rerank replica could score the documents")
+
+    def _affordable_depth(self, remaining_ms: float, query: str, documents: list[str], top_up: bool = False) -> int:
+        """How many of the first ``documents`` the time left affords, each pair priced by its length.
+
+        Never stuck: when that is none (and this is not a ``top_up``, after pairs already scored), one pair
+        still goes while it fits by the model's bare prediction (no headroom, no per-request overhead), or
+        now and then while no replica's cost has been confirmed by live traffic yet (see RerankPool.probe).
+        The answer is partial at worst (a late pair costs the replica some model time and the gateway
+        nothing: the deadline stands), and its outcome corrects the cost model, which would never learn from
+        pairs it never sends. The first pair, not the cheapest: a reranked candidate ranks above every one
+        that is not, so a lower one reranked alone would be put above the recall's best."""
+        if not documents:
+            return 0
+        depth = min(self.rerank.affordable_pairs(remaining_ms, self.settings.rerank_cost_headroom, query, documents),
+                    self.limits.rerank_max_documents or len(documents))
+        if depth == 0 and not top_up and (remaining_ms >= self.rerank.single_pair_ms(query, documents[0])
+                                          or self.rerank.probe()):
+            return 1
+        return depth
 
     async def _rerank_with_top_ups(self, query: str, documents: list[str], depth: int, deadline: float,
-                                   request_id: str) -> RerankOutcome:
+                                   request_id: str, refuse_truncation: bool = False) -> RerankOutcome:
         """Score the first ``depth`` documents; then, while time is left and the tier has room again
         (the queue ahead drained faster than predicted, or arrivals paused), score the next ones the cost
         model affords. Depth chosen once at arrival would leave the tier idle in the gaps of the load while
-        answers in flight still had budget for more candidates."""
+        answers in flight still had budget for more candidates.
+
+        When those pairs would take more than half the time left (the budget binds, or nearly), the first call
+        takes half of them and the top-ups the rest: a replica scores one call's short pairs in one batch, all
+        or nothing by the deadline, so a plan that fills the time would lose every pair to a modest overrun;
+        split, an overrun costs the second call's pairs at most."""
         merged = RerankOutcome()
         start, end = 0, depth
-        while True:
-            outcome = await self.rerank.rerank(query, documents[start:end], deadline, request_id)
+        if self.settings.rerank_top_up and depth > 1:
+            half_ms = 500 * (deadline - time.monotonic())
+            if self._affordable_depth(half_ms, query, documents[:depth], top_up=True) < depth:
+                end = (depth + 1) // 2
+        for round_ in itertools.count():
+            with tracing.span("rerank round") as span:
+                if span.is_recording():
+                    span.set_attributes({"twostage.round": round_, "twostage.top_up": round_ > 0,
+                                         "twostage.pairs": end - start})
+                outcome = await self.rerank.rerank(query, documents[start:end], deadline, request_id,
+                                                   **({"refuse_truncation": True} if refuse_truncation else {}))
             _merge(merged, outcome, start)
             if outcome.error is not None or not self.settings.rerank_top_up or end >= len(documents):
                 return merged
-            more = self._affordable_depth(1000 * (deadline - time.monotonic()), len(documents) - end)
+            more = self._affordable_depth(1000 * (deadline - time.monotonic()), query, documents[end:], top_up=True)
             if more == 0:
                 return merged
             start, end = end, end + more
@@ -376,8 +612,12 @@ class SearchPipeline:
         merged = RerankOutcome()
         end = min(top_k, len(documents))
         start = 0
-        while True:
-            outcome = await self.rerank.rerank(query, documents[start:end], deadline, request_id)
+        for round_ in itertools.count():
+            with tracing.span("rerank round") as span:
+                if span.is_recording():
+                    span.set_attributes({"twostage.round": round_, "twostage.top_up": round_ > 0,
+                                         "twostage.pairs": end - start})
+                outcome = await self.rerank.rerank(query, documents[start:end], deadline, request_id)
             _merge(merged, outcome, start)
             if outcome.error is not None or end >= len(documents):
                 return merged, False
@@ -427,6 +667,25 @@ def _add_timings(result: SearchResult, prefix: str, replies: list[RecallReply]) 
     for reply in replies:
         for name, ms in reply.timings_ms.items():
             result.timings_ms[f"{prefix}.{name}"] = max(ms, result.timings_ms.get(f"{prefix}.{name}", 0.0))
+def _annotate(span, result: SearchResult) -> None:
+    """What a search's span says of its answer: the share of the budget used, what was reranked, what was cut."""
+    total_ms = result.timings_ms.get("total_ms", 0.0)
+    span.set_attributes({
+        "twostage.budget_ms": round(result.budget_ms, 1), "twostage.total_ms": round(total_ms, 2),
+        "twostage.budget_used": round(total_ms / result.budget_ms, 4) if result.budget_ms > 0 else 1.0,
+        "twostage.candidates": result.candidates, "twostage.reranked": result.reranked,
+        "twostage.rerank_cached": result.rerank_cached, "twostage.hits": len(result.hits),
+    })
+    _annotate_degradations(span, result)
+
+
+def _annotate_degradations(span, result) -> None:
+    """The codes a span's answer was degraded by, and an event for each with its detail (counts and causes
+    worded here, never the caller's text)."""
+    span.set_attribute("twostage.degradations", [d.code.value for d in result.degradations])
+    for degradation in result.degradations:
+        span.add_event("degraded", {"twostage.degradation": degradation.code.value,
+                                    "twostage.detail": degradation.detail})
 
 
 def _merge(merged: RerankOutcome, outcome: RerankOutcome, offset: int) -> None:
@@ -436,6 +695,7 @@ def _merge(merged: RerankOutcome, outcome: RerankOutcome, offset: int) -> None:
         merged.timings_ms[name] = ms if name.endswith("_per_pair") else merged.timings_ms.get(name, 0.0) + ms
     merged.query_truncated |= outcome.query_truncated
     merged.cached += outcome.cached
+    merged.tokens += outcome.tokens
     merged.failed_slices += outcome.failed_slices
     merged.error = outcome.error or merged.error
 

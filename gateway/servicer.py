@@ -5,9 +5,10 @@ import logging
 import grpc
 
 from gateway.config import GatewaySettings
+from gateway.embedding import EmbedTextsQuery
 from gateway.fusion import FUSIONS
 from gateway.lifecycle import GatewayLifecycle
-from gateway.pipeline import SearchQuery
+from gateway.pipeline import RerankTextsQuery, SearchQuery
 from gateway.writes import WriteResult
 from twostage import __version__
 from twostage.auth import caller_may_see_internals
@@ -45,6 +46,11 @@ def _write_fields(result: WriteResult) -> dict:
     }
 
 
+def _degradations(result) -> list[gateway_pb2.Degradation]:
+    return [gateway_pb2.Degradation(code=gateway_pb2.DegradationCode.Value(d.code.name), detail=d.detail)
+            for d in result.degradations]
+
+
 class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
     def __init__(self, lifecycle: "GatewayLifecycle"):
         self.lifecycle = lifecycle
@@ -80,16 +86,43 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
             ],
             degraded=result.degraded,
             degraded_reason=result.degraded_reason,
-            degradations=[
-                gateway_pb2.Degradation(code=gateway_pb2.DegradationCode.Value(d.code.name), detail=d.detail)
-                for d in result.degradations
-            ],
+            degradations=_degradations(result),
             timings_ms=result.timings_ms,
             candidates=result.candidates,
             reranked=result.reranked,
             rerank_cached=result.rerank_cached if result.reranked else 0,
             request_id=result.request_id,
         )
+
+    @translate_errors
+    async def Rerank(self, request: gateway_pb2.RerankTextsRequest, context: grpc.aio.ServicerContext):
+        result = await self.lifecycle.ready_pipeline().rerank_texts(RerankTextsQuery(
+            query=request.query, documents=list(request.documents), top_n=request.top_n, budget_ms=request.budget_ms,
+            request_id=request.request_id, deadline_s=deadline_of(context), model=request.model))
+        return gateway_pb2.RerankTextsResponse(
+            results=[gateway_pb2.RankedText(index=r.index, score=r.score, relevance=r.relevance)
+                     for r in result.results],
+            degraded=result.degraded,
+            degraded_reason=result.degraded_reason,
+            degradations=_degradations(result),
+            timings_ms=result.timings_ms,
+            scored=result.scored,
+            cached=result.cached,
+            request_id=result.request_id,
+            model=result.model,
+            tokens=result.tokens,
+        )
+
+    @translate_errors
+    async def Embed(self, request: gateway_pb2.EmbedTextsRequest, context: grpc.aio.ServicerContext):
+        result = await self.lifecycle.ready_embedder().embed(EmbedTextsQuery(
+            texts=list(request.texts), is_query=request.is_query, model=request.model, dimensions=request.dimensions,
+            normalize=request.normalize or None, budget_ms=request.budget_ms, request_id=request.request_id,
+            deadline_s=deadline_of(context)))
+        return gateway_pb2.EmbedTextsResponse(
+            embeddings=[gateway_pb2.Vector(values=v) for v in result.vectors.tolist()],
+            dims=result.vectors.shape[1], model=result.model, tokens=result.tokens, timings_ms=result.timings_ms,
+            request_id=result.request_id)
 
     def _write_timeout_s(self, context: grpc.aio.ServicerContext) -> float:
         remaining = context.time_remaining()
@@ -115,35 +148,45 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
 
     @translate_errors
     async def Info(self, request: common_pb2.InfoRequest, context: grpc.aio.ServicerContext):
-        pipeline = self.lifecycle.ready_pipeline()
-        s = pipeline.settings
-        internals = caller_may_see_internals()  # addresses are for operators (admin), not search clients
+        info = info_fields(self.lifecycle)
         return gateway_pb2.GatewayInfo(
-            version=__version__,
-            recall_targets=[shard.target.spec for shard in pipeline.recall] if internals else [],
-            rerank_targets=[r.target for r in pipeline.rerank.replicas] if internals else [],
-            default_budget_ms=s.default_budget_ms,
-            default_fusion=CODE_BY_FUSION[s.fusion],
-            default_fusion_alpha=s.fusion_alpha,
-            default_top_k=s.default_top_k,
-            default_recall_k=s.default_recall_k,
-            limits=[
-                common_pb2.Limit(name=name, value=getattr(s, name))
-                for name in ("max_top_k", "max_budget_ms")
-            ] + [
-                common_pb2.Limit(name="max_recall_k", value=pipeline.max_recall_k()),
-                common_pb2.Limit(name="max_query_chars", value=pipeline.max_query_chars()),
-            ],
-        )
+            **{**info, "default_fusion": CODE_BY_FUSION[info["default_fusion"]],
+               "calibration": gateway_pb2.FusionCalibration(**info["calibration"]),
+               "limits": [common_pb2.Limit(name=name, value=value) for name, value in info["limits"].items()]})
+
+
+def info_fields(lifecycle: GatewayLifecycle) -> dict:
+    """GatewayInfo's fields (fusion by name, limits as a dict), for gRPC's Info and HTTP's /v1/info."""
+    pipeline = lifecycle.ready_pipeline()
+    s = pipeline.settings
+    internals = caller_may_see_internals()  # addresses are for operators (admin), not search clients
+    return {
+        "version": __version__,
+        "recall_targets": [shard.target.spec for shard in pipeline.recall] if internals else [],
+        "rerank_targets": [r.target for r in pipeline.rerank.replicas] if internals else [],
+        "default_budget_ms": s.default_budget_ms,
+        "default_fusion": s.fusion,
+        "default_fusion_alpha": s.fusion_alpha,
+        "default_top_k": s.default_top_k,
+        "default_recall_k": s.default_recall_k,
+        "calibration": pipeline.calibration_in_use.__dict__,
+        "limits": {"max_top_k": s.max_top_k, "max_budget_ms": s.max_budget_ms, "max_recall_k": pipeline.max_recall_k(),
+                   "max_query_chars": pipeline.max_query_chars()},
+    }
 
 
 def build_server(settings: GatewaySettings) -> GrpcService:
     """The GrpcService for a gateway (not yet started)."""
     lifecycle = GatewayLifecycle(settings)
-    return GrpcService(
+    service = GrpcService(
         "gateway",
         settings,
         [gateway_pb2.DESCRIPTOR.services_by_name["Gateway"].full_name],
         lambda server: gateway_pb2_grpc.add_GatewayServicer_to_server(GatewayServicer(lifecycle), server),
         lifecycle,
     )
+    if settings.http_port is not None:
+        from gateway.http import HttpFace
+
+        service.add_listener(HttpFace(service, lifecycle))
+    return service

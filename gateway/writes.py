@@ -55,7 +55,8 @@ from dataclasses import dataclass
 from gateway.recall_tier import RecallShard, ShardWrite
 from twostage import errors
 from twostage.corpus import Document
-from twostage.documents import DocumentLimits, check_documents, check_ids, check_request_id
+from twostage.documents import DEFAULT_LIMITS, DocumentLimits, check_documents, check_ids, check_request_id
+from twostage.schema import conform
 from twostage.sharding import shard_of
 from twostage.versions import HybridClock, Version
 
@@ -130,9 +131,9 @@ class DocumentRouter:
     def _document_limits(self) -> DocumentLimits:
         limits = self.limits
         return DocumentLimits(
-            getattr(limits, "recall_max_upsert_docs", None) or 1000,
-            getattr(limits, "recall_max_doc_chars", None) or 100_000,
-            getattr(limits, "recall_max_id_chars", None) or 256,
+            getattr(limits, "recall_max_upsert_docs", None) or DEFAULT_LIMITS.max_docs,
+            getattr(limits, "recall_max_doc_chars", None) or DEFAULT_LIMITS.max_doc_chars,
+            getattr(limits, "recall_max_id_chars", None) or DEFAULT_LIMITS.max_id_chars,
         )
 
     def _split(self, ids: list[str]) -> dict[int, list[int]]:
@@ -218,6 +219,9 @@ class DocumentRouter:
 
     async def upsert(self, docs: list[Document], timeout_s: float, request_id: str = "") -> WriteResult:
         check_documents(docs, self._document_limits())
+        # Shards type a new key by its first value each on their own: one request that gives a key two types
+        # would store both (one per shard), so it is refused here, before any shard stores any of it.
+        conform(docs, {}, coerce=True, hint=False, holder="earlier documents of this request hold")
         items = [[d.id, d.title, d.text, d.metadata] for d in docs]
         docs_by_id = {d.id: d for d in docs}
         return await self._write("upsert", items, [d.id for d in docs], request_id, timeout_s,
@@ -231,8 +235,7 @@ class DocumentRouter:
 
     async def get(self, ids: list[str], timeout_s: float) -> tuple[list[Document], list[str]]:
         """(stored documents in request order, ids not stored)."""
-        if not ids:
-            raise errors.InvalidArgument("ids must not be empty")
+        check_ids(ids, self._document_limits())
         deadline = time.monotonic() + timeout_s
         parts = {s: [ids[i] for i in where] for s, where in self._split(ids).items()}
         replies = await asyncio.gather(*(

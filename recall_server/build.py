@@ -49,13 +49,23 @@ class BuildReport:
 
 
 def embed_documents(embedder: Embedder, docs: list[Document], policy: BatchPolicy, bar: tqdm | None = None) -> np.ndarray:
-    """Embed in length-sorted batches within the policy's size and token limits."""
+    """Embed in length-sorted batches within the policy's size and token limits.
+
+    The bar counts documents, advanced by each batch's share of the padded tokens (the model's work) rather
+    than by its documents: batches go short documents first, so counting documents would show a rate that
+    only falls and an ETA that is too early until the end."""
     encoded = embedder.encode([document_text(d) for d in docs], is_query=False)
     vectors = np.empty((len(docs), embedder.dims), dtype=np.float32)
-    for plan in plan_batches([e.length for e in encoded], policy.max_batch_size, policy.max_batch_tokens):
+    plans = plan_batches([e.length for e in encoded], policy.max_batch_size, policy.max_batch_tokens)
+    work = [len(plan) * max(encoded[i].length for i in plan) for plan in plans]
+    total, done, shown = sum(work), 0, 0
+    for plan, tokens in zip(plans, work):
         vectors[plan] = embedder.embed([encoded[i] for i in plan])
+        done += tokens
         if bar is not None:
-            bar.update(len(plan))
+            due = round(len(docs) * done / total)
+            bar.update(due - shown)
+            shown = due
     return vectors
 
 
@@ -302,9 +312,9 @@ def local_corpus(source: str) -> Iterator[Path]:
         yield target
 
 
-def cached_index(dataset: Path, index_dir: Path | None = None) -> Path:
+def cached_index(dataset: Path, index_dir: Path | None = None, skip_invalid: bool = False) -> Path:
     """An index of a BEIR data set, built once and kept (in the cache unless ``index_dir`` is given;
-    evaluation and benchmarks share it)."""
+    evaluation and benchmarks share it); ``skip_invalid`` builds it around invalid documents, reported."""
     import hashlib
 
     from twostage.model_store import cache_dir
@@ -314,5 +324,5 @@ def cached_index(dataset: Path, index_dir: Path | None = None) -> Path:
         index_dir = cache_dir().parent / "eval-indexes" / f"{dataset.name}-{key}"
     if not (index_dir / "index.json").exists():
         print(f"building an index of {dataset} into {index_dir}", flush=True)
-        build_from_corpus(dataset, index_dir)
+        build_from_corpus(dataset, index_dir, skip_invalid=skip_invalid)
     return index_dir

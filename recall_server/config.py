@@ -9,7 +9,7 @@ from pydantic_settings import SettingsConfigDict
 
 from twostage import feedback
 from twostage.config import BatchingSettings, RuntimeSettings, ServiceSettings
-from twostage.documents import DocumentLimits
+from twostage.documents import DEFAULT_LIMITS, DocumentLimits
 from twostage.model_store import DEFAULT_EMBED_MODEL
 
 DEFAULT_INDEX_DIR = Path(platformdirs.user_data_dir("twostage")) / "indexes" / "demo"
@@ -29,9 +29,9 @@ class RecallSettings(ServiceSettings, RuntimeSettings, BatchingSettings):
     max_query_chars: int = Field(2048, ge=1, description="Longest query accepted.")
     max_k: int = Field(1000, ge=1, le=100_000, description="Most candidates one search may ask for.")
     max_embed_texts: int = Field(256, ge=1, description="Most texts in one Embed request.")
-    max_upsert_docs: int = Field(1000, ge=1, description="Most documents in one Upsert or Delete request.")
-    max_doc_chars: int = Field(100_000, ge=1, description="Longest document title + text accepted.")
-    max_id_chars: int = Field(256, ge=1, le=4096, description="Longest document id accepted.")
+    max_upsert_docs: int = Field(DEFAULT_LIMITS.max_docs, ge=1, description="Most documents in one Upsert or Delete request.")
+    max_doc_chars: int = Field(DEFAULT_LIMITS.max_doc_chars, ge=1, description="Longest document title + text accepted.")
+    max_id_chars: int = Field(DEFAULT_LIMITS.max_id_chars, ge=1, le=4096, description="Longest document id accepted.")
     recall_mode: Literal["dense", "lexical", "hybrid"] = Field(
         "hybrid",
         description="How a search without a mode finds candidates: dense (embedding nearest neighbours), lexical "

@@ -15,6 +15,7 @@ it when first opened for writing (built from the stored text, no re-embedding)."
 
 import hashlib
 import json
+import logging
 import re
 import sqlite3
 import threading
@@ -24,12 +25,18 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
+import prometheus_client as prom
 
 from twostage.corpus import Document
 from twostage.errors import FailedPrecondition, InvalidArgument, StorageFull
 from twostage.filters import BOUNDS, Filter
 from twostage.schema import type_of
 from twostage.versions import Version
+
+log = logging.getLogger(__name__)
+SCHEMA_CONFLICTS = prom.Counter(
+    "twostage_metadata_type_conflicts_total",
+    "Values copied from other replicas or snapshots whose type contradicts this index's metadata schema")
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS docs (
@@ -476,11 +483,20 @@ class DocStore:
                                             for row in _metadata_rows(key, w.doc.metadata)])
         # New keys take the type of their first value. Never a refusal here: a row a peer accepted is copied
         # as it is (clients' writes were checked against the schema before they came here).
-        new_types = {}
+        new_types, contradicting = {}, []
         for write in chosen:
             for name, value in write.doc.metadata.items():
-                if not write.deleted and name not in self._schema and name not in new_types:
+                if write.deleted:
+                    continue
+                held = self._schema.get(name) or new_types.get(name)
+                if held is None:
                     new_types[name] = type_of(value)
+                elif type_of(value) != held and not (held == "string_list" and type_of(value) == "string"):
+                    contradicting.append((write.doc.id, name))
+        if contradicting:  # replicas or shards that typed a key apart: filters on it miss these rows
+            SCHEMA_CONFLICTS.inc(len(contradicting))
+            log.warning("%d stored values contradict this index's metadata types, e.g. document %r key %r",
+                        len(contradicting), *contradicting[0])
         self._db.executemany("INSERT OR IGNORE INTO metadata_schema (name, type) VALUES (?, ?)",
                              list(new_types.items()))
         return _Outcome(keys, added, deleted, seq, live_before=len(replaced_live), superseded=superseded,

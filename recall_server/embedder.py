@@ -5,9 +5,10 @@ from pathlib import Path
 
 import numpy as np
 
+from twostage import errors
 from twostage.config import RuntimeSettings
 from twostage.manifest import ModelManifest
-from twostage.runtime import Encoded, create_session, encode_all, load_tokenizer, pad_batch
+from twostage.runtime import Encoded, create_session, cut_by, encode_all, load_tokenizer, pad_batch
 
 
 class Embedder:
@@ -31,6 +32,13 @@ class Embedder:
     def encode(self, texts: list[str], is_query: bool) -> list[Encoded]:
         prefix = self.manifest.query_prefix if is_query else ""
         return encode_all(self.tokenizer, [prefix + text for text in texts])
+
+    def check_fits(self, texts: list[str], is_query: bool) -> None:
+        """TooLong unless every text fits in the model's window uncut."""
+        prefix = self.manifest.query_prefix if is_query else ""
+        if cut_by(self.tokenizer, [prefix + text for text in texts]):
+            raise errors.TooLong(f"a text is longer than the model's window ({self.max_length} tokens); shorten it, "
+                                 "or allow truncation")
 
     def embed(self, batch: list[Encoded]) -> np.ndarray:
         """(len(batch), dims) float32, unit length when the manifest says normalize."""

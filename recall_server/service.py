@@ -21,17 +21,18 @@ from recall_server.index import DocumentIndex
 from recall_server.peer_sync import PAGE as PEER_PAGE
 from recall_server.peer_sync import PeerSync
 from recall_server.snapshot_follower import IndexLeases, SnapshotFollower
-from twostage import errors, feedback
+from twostage import errors, feedback, tracing
 from twostage.batching import BatchPolicy, DynamicBatcher
 from twostage.corpus import Document, document_text
 from twostage.documents import check_documents, check_ids, check_request_id
 from twostage.filters import Filter
 from twostage.hybrid import fuse
 from twostage.metrics import RECALL_SEARCH_SECONDS as SEARCH_SECONDS
-from twostage.metrics import watch_batcher
+from twostage.metrics import watch_batcher, watch_recall
 from twostage.model_store import resolve_model
 from twostage.schema import check_filter_types, conform
 from twostage.sharding import shard_of
+from twostage.tracing import exemplar
 from twostage.versions import HybridClock, Version, clock_at
 
 log = logging.getLogger(__name__)
@@ -162,6 +163,7 @@ class RecallService:
         self._last_fit = float("-inf")
         self._refit_later: asyncio.TimerHandle | None = None
         self._kept_matches = KeptMatches()
+        self._refit_after = False  # a new index came while a fit ran: fit again once it ends
 
     async def start(self) -> None:
         s = self.settings
@@ -174,6 +176,7 @@ class RecallService:
         self.embedder = await asyncio.to_thread(Embedder, resolve_model(s.model), s, s.max_length)
         self.batcher = DynamicBatcher("embed", self.embedder.embed, BatchPolicy.from_settings(s))
         watch_batcher(self.batcher)
+        watch_recall(self)
         self.batcher.start()
         if s.snapshot_dir is not None:
             self.snapshots = SnapshotFollower(s, self.embedder.name, self._switch_index, self._open_index)
@@ -188,7 +191,8 @@ class RecallService:
         await self.search("warm up", 1, mode="dense")
         # Its first run allocates: predicted from it, the next queries would be refused as late.
         self.batcher.reset_costs()
-        await self._refit_logged()
+        self._refit_soon()  # in snapshot mode the first switch has started one already: wait for that one
+        await self._fitting
 
     def _open_index(self, directory) -> DocumentIndex:
         s = self.settings
@@ -219,7 +223,7 @@ class RecallService:
             self.index = fresh
             served()
             self._kept_matches.invalidate()
-        self._refit_soon()
+        self._refit_soon(after_running=True)
         if old is not None:
             await self._leases.wait_idle(old)
             try:
@@ -240,25 +244,34 @@ class RecallService:
             encoded = await asyncio.to_thread(self.embedder.encode, queries, True)
             done = await self.batcher.submit(encoded, [e.length for e in encoded], None, bulk=True)
             fitted = await asyncio.to_thread(index.calibration_fit, sample, queries, np.stack(done.values))
+        if index is not self.index:  # a snapshot switch came during the fit: these are the old index's constants
+            return self.calibration
         if fitted is not None:
             self.calibration = fitted
             log.info("score calibration fitted on %d documents: cosine %.1f x (c - %.3f), BM25 %.2f x (b - %.2f)",
                      fitted.doc_count, fitted.scale, fitted.center, fitted.lexical_scale, fitted.lexical_center)
         return self.calibration
 
-    def _refit_soon(self) -> None:
-        """Refit in the background unless a fit runs already (it will see these writes or the next trigger will)."""
+    def _refit_soon(self, after_running: bool = False) -> None:
+        """Refit in the background. A fit running already sees these writes (or the next trigger will); with
+        ``after_running`` (a new index is served) another fit follows it, since it measures the old index."""
         if self._fitting is not None and not self._fitting.done():
+            self._refit_after |= after_running
             return
-        self._fitting = asyncio.get_running_loop().create_task(self._refit_logged())
+        with tracing.detached():  # started by a write, it is not that write's work (nor in its trace)
+            self._fitting = asyncio.get_running_loop().create_task(self._refit_logged())
 
     async def _refit_logged(self) -> None:
-        try:
-            await self.refit_calibration()
-        except asyncio.CancelledError:
-            raise
-        except Exception:  # the last fit keeps serving; the next writes try again
-            log.exception("fitting the score calibration failed")
+        while True:
+            self._refit_after = False
+            try:
+                await self.refit_calibration()
+            except asyncio.CancelledError:
+                raise
+            except Exception:  # the last fit keeps serving; the next writes try again
+                log.exception("fitting the score calibration failed")
+            if not self._refit_after:
+                return
 
     def _count_writes(self, count: int) -> None:
         every = self.settings.calibration_refit_writes
@@ -271,7 +284,8 @@ class RecallService:
             if wait_s <= 0:
                 self._refit_soon()
             elif self._refit_later is None:  # due, but the last fit is recent: fit once the interval has passed
-                self._refit_later = asyncio.get_running_loop().call_later(wait_s, self._refit_when_due)
+                with tracing.detached():
+                    self._refit_later = asyncio.get_running_loop().call_later(wait_s, self._refit_when_due)
 
     def _refit_when_due(self) -> None:
         self._refit_later = None
@@ -304,10 +318,16 @@ class RecallService:
             raise errors.NotReady("recall server is still loading its model and index")
 
     async def _embed(self, texts: list[str], is_query: bool, deadline_s: float | None) -> np.ndarray:
+        return (await self._embed_counted(texts, is_query, deadline_s))[0]
+
+    async def _embed_counted(self, texts: list[str], is_query: bool,
+                             deadline_s: float | None) -> tuple[np.ndarray, int]:
+        """The embeddings, and the tokens the model read."""
         encoded = await asyncio.to_thread(self.embedder.encode, texts, is_query)
         # Documents (writes) yield to queries in the batcher: a bulk upsert never holds searches back.
         done = await self.batcher.submit(encoded, [e.length for e in encoded], deadline_s, bulk=not is_query)
-        return np.stack(done.values) if done.values else np.empty((0, self.embedder.dims), np.float32)
+        vectors = np.stack(done.values) if done.values else np.empty((0, self.embedder.dims), np.float32)
+        return vectors, sum(e.length for e in encoded)
 
     async def search(self, query: str, k: int, deadline_s: float | None = None, mode: str | None = None,
                      filter_: Filter | None = None) -> tuple[list[Candidate], dict, str]:
@@ -337,12 +357,18 @@ class RecallService:
         start = time.perf_counter()
         if vector is None:
             # Every mode reports the cosine (the gateway's calibrated fusion reads it), so the query is embedded.
-            (vector,) = await self._embed([query], True, deadline_s)
+            with tracing.span("embed"):
+                (vector,) = await self._embed([query], True, deadline_s)
         embedded = time.perf_counter()
         with self._leases.hold(self.index) as index:
             answer = await asyncio.to_thread(self._find, index, query, vector, k, mode, filter_, deadline_s, prf,
                                              return_vectors, feedback_vector)
-        SEARCH_SECONDS.labels(mode).observe(time.perf_counter() - start)
+            if (span := tracing.current_span()).is_recording():
+                span.set_attributes({"twostage.shard": index.manifest.shard, "twostage.shards": index.manifest.shards,
+                                     "twostage.recall_mode": mode, "twostage.k": k,
+                                     "twostage.candidates": len(answer.candidates),
+                                     "twostage.prf_hits": answer.prf_hits})
+        SEARCH_SECONDS.labels(mode).observe(time.perf_counter() - start, exemplar())
         answer.mode = mode
         answer.timings = {"embed_ms": 1000 * (embedded - start), **answer.timings, "total_ms": _ms_since(start)}
         return answer
@@ -419,26 +445,39 @@ class RecallService:
         """One search: the ranked keys with their parts. ``matches``: the BM25 matches a first pass read, reused."""
         s = self.settings
         start = time.perf_counter()
-        dense = dict(index.nearest(vector, k, filter_, deadline_s)) if mode != "lexical" else {}
+        dense: dict[int, float] = {}
+        if mode != "lexical":
+            with tracing.span("dense search") as span:
+                dense = dict(index.nearest(vector, k, filter_, deadline_s))
+                if span.is_recording():
+                    span.set_attributes({"twostage.k": k, "twostage.found": len(dense),
+                                         "twostage.filtered": filter_ is not None})
         searched = time.perf_counter()
         lexical: dict[int, float] = {}
         keys = list(dense)
         if mode != "dense":
-            # Hybrid reads deeper than k, to give the dense candidates their BM25 from the same query; one beyond
-            # that depth gets the last score read (an upper bound), and 0 when every match was read.
-            depth = max(k, s.lexical_depth) if mode == "hybrid" else k
-            if matches is None:
-                matches = index.store.lexical_search(query, depth, filter_)
-            lexical = dict(matches[:k])
-            keys = list(lexical) if mode == "lexical" else list(dense | lexical)
-            if mode == "hybrid":
-                every, floor = dict(matches), (matches[-1][1] if len(matches) == depth else 0.0)
-                lexical.update({key: every.get(key, floor) for key in dense if key not in lexical})
-            if missing := [key for key in lexical if key not in dense]:
-                dense.update(index.dense_scores(vector, missing))
+            with tracing.span("lexical search") as span:
+                # Hybrid reads deeper than k, to give the dense candidates their BM25 from the same query; one
+                # beyond that depth gets the last score read (an upper bound), and 0 when every match was read.
+                depth = max(k, s.lexical_depth) if mode == "hybrid" else k
+                if matches is None:
+                    matches = index.store.lexical_search(query, depth, filter_)
+                lexical = dict(matches[:k])
+                keys = list(lexical) if mode == "lexical" else list(dense | lexical)
+                if mode == "hybrid":
+                    every, floor = dict(matches), (matches[-1][1] if len(matches) == depth else 0.0)
+                    lexical.update({key: every.get(key, floor) for key in dense if key not in lexical})
+                if missing := [key for key in lexical if key not in dense]:
+                    dense.update(index.dense_scores(vector, missing))
+                if span.is_recording():
+                    span.set_attributes({"twostage.depth": depth, "twostage.matches": len(matches),
+                                         "twostage.filtered": filter_ is not None})
         if mode == "hybrid":
-            ranked = fuse(keys, [dense.get(key, 0.0) for key in keys], [lexical.get(key, 0.0) for key in keys],
-                          s.hybrid_fusion, s.hybrid_dense_weight)[:k]
+            with tracing.span("fusion") as span:
+                ranked = fuse(keys, [dense.get(key, 0.0) for key in keys], [lexical.get(key, 0.0) for key in keys],
+                              s.hybrid_fusion, s.hybrid_dense_weight)[:k]
+                if span.is_recording():
+                    span.set_attributes({"twostage.fusion": s.hybrid_fusion, "twostage.fused": len(keys)})
         else:
             source = dense if mode == "dense" else lexical
             ranked = sorted(((key, source[key]) for key in keys), key=lambda pair: -pair[1])[:k]
@@ -447,14 +486,19 @@ class RecallService:
         timings = {"search_ms": 1000 * (searched - start), "lexical_ms": 1000 * (ranked_at - searched)}
         return _Pass(ranked, dense, lexical, matches, ranked_at - start, timings)
 
-    async def embed(self, texts: list[str], is_query: bool, model: str, deadline_s: float | None) -> np.ndarray:
+    async def embed(self, texts: list[str], is_query: bool, model: str,
+                    deadline_s: float | None, refuse_truncation: bool = False) -> tuple[np.ndarray, int]:
+        """The embeddings of ``texts``, and the tokens the model read; with ``refuse_truncation``, TooLong for a
+        text the model would cut."""
         self._require_ready()
         errors.check_limit("texts (count)", len(texts), 1, self.settings.max_embed_texts)
         for i, text in enumerate(texts):
             errors.check_text(f"texts[{i}]", text, self.settings.max_doc_chars)
         if model and model != self.embedder.name:
             raise errors.InvalidArgument(f"unknown model {model!r}; this server serves {self.embedder.name!r}")
-        return await self._embed(texts, is_query, deadline_s)
+        if refuse_truncation:
+            await asyncio.to_thread(self.embedder.check_fits, texts, is_query)
+        return await self._embed_counted(texts, is_query, deadline_s)
 
     def _check_owned(self, ids: list[str]) -> None:
         """A sharded index holds only its ids: a write for another shard would leave a second copy."""

@@ -78,11 +78,13 @@ class RecallServicer(recall_pb2_grpc.RecallServicer):
     @translate_errors
     async def Embed(self, request: recall_pb2.EmbedRequest, context: grpc.aio.ServicerContext):
         start = time.perf_counter()
-        vectors = await self.service.embed(list(request.texts), request.is_query, request.model, deadline_of(context))
+        vectors, tokens = await self.service.embed(list(request.texts), request.is_query, request.model,
+                                                   deadline_of(context), request.refuse_truncation)
         return recall_pb2.EmbedResponse(
             embeddings=[recall_pb2.Embedding(values=v.tolist()) for v in vectors],
             dims=vectors.shape[1],
             timings_ms=_ms_since(start),
+            tokens=tokens,
         )
 
     @translate_errors

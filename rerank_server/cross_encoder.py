@@ -5,9 +5,10 @@ from pathlib import Path
 
 import numpy as np
 
+from twostage import errors
 from twostage.config import RuntimeSettings
 from twostage.manifest import ModelManifest
-from twostage.runtime import Encoded, create_session, encode_all, load_tokenizer, pad_batch
+from twostage.runtime import Encoded, create_session, cut_by, encode_all, load_tokenizer, pad_batch
 
 
 class CrossEncoder:
@@ -43,6 +44,15 @@ class CrossEncoder:
         Returns (pairs, whether the query was cut)."""
         query, truncated = self.fit_query(query)
         return self.encode_pairs(query, documents), truncated
+
+    def check_fits(self, query: str, documents: list[str]) -> None:
+        """TooLong unless the query and each document, with it, fit in the window uncut."""
+        if self.fit_query(query)[1]:
+            raise errors.TooLong(f"the query is longer than {self.max_query_tokens} tokens, half the model's window; "
+                                 "shorten it, or allow truncation")
+        if cut_by(self.tokenizer, [(query, doc) for doc in documents]):
+            raise errors.TooLong(f"a document does not fit in the model's window ({self.max_length} tokens) with the "
+                                 "query; shorten it, or allow truncation")
 
     def encode_pairs(self, fitted_query: str, documents: list[str]) -> list[Encoded]:
         """Tokenize pairs for a query already cut by ``fit_query``."""

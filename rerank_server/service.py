@@ -1,17 +1,20 @@
 """The rerank service logic: validate, tokenize off the event loop, batch, sort."""
 
 import asyncio
+import statistics
 import time
 from dataclasses import dataclass, field
 
 from rerank_server.config import RerankSettings
 from rerank_server.cross_encoder import CrossEncoder
 from rerank_server.score_cache import PairScoreCache
-from twostage import errors
-from twostage.batching import BatchPolicy, DynamicBatcher
+from twostage import errors, tracing
+from twostage.batching import BatchPolicy, DynamicBatcher, PairCost
 from twostage.metrics import watch_batcher, watch_score_cache
 from twostage.model_store import resolve_model, sha256_of
 from twostage.runtime import choose_providers
+
+RATIO_MEMORY = 0.8  # in cost_ratio, each batch weighs this much less than the one after it
 
 
 @dataclass(frozen=True)
@@ -23,6 +26,7 @@ class RerankQuery:
     deadline_s: float | None = None
     bypass_cache: bool = False
     allow_partial: bool = False  # answer with what was scored in time rather than DeadlineExceeded
+    refuse_truncation: bool = False  # TooLong rather than cut a query or document to the window
 
 
 @dataclass(frozen=True)
@@ -34,6 +38,7 @@ class RerankOutcome:
     query_truncated: bool = False
     cached: int = 0  # pairs answered from the cache or from an identical pair in flight
     unscored: int = 0  # with allow_partial: documents the deadline left unscored (absent from ranked)
+    cost_ratio: float = 0.0  # live batches' model time over the published cost model's prediction (0: none yet)
 
 
 class RerankService:
@@ -44,7 +49,11 @@ class RerankService:
         self.cache: PairScoreCache | None = None
         # Computations of shared pairs, held here: their caller may go away, and the loop keeps tasks weakly.
         self._computing: set[asyncio.Task] = set()
-        self.measured_ms_per_pair = 0.0
+        self.cost: PairCost | None = None  # fitted at load (measure_cost)
+        self.cost_ratio = 0.0  # live batches' model time over what ``cost`` predicted (0: none yet)
+        self._ratio_sums = (0.0, 0.0)  # their model time and its prediction, recent batches weighted most
+        self._characters = (0.0, 0.0)  # characters and tokens of pairs read whole, recent ones weighted most
+        self._specials = 0  # tokens a pair takes besides its texts' own
 
     async def start(self) -> None:
         if self.model is None:
@@ -55,6 +64,7 @@ class RerankService:
             identity = await asyncio.to_thread(self._model_identity)
             self.cache = PairScoreCache(int(self.settings.score_cache_mb * 2**20), identity)
             watch_score_cache(self.cache)
+        self._specials = (await asyncio.to_thread(self.model.encode_pairs, "", [""]))[0].length
         self.batcher = DynamicBatcher("rerank", self.model.score, BatchPolicy.from_settings(self.settings))
         watch_batcher(self.batcher)
         self.batcher.start()
@@ -63,17 +73,72 @@ class RerankService:
         # The warm-up's cost is no guide (it allocates): learned from it, the model time per pair callers budget
         # with would start far off, and pairs that fit would be refused as predicted late.
         self.batcher.reset_costs()
-        # What a pair costs here, published in Info: gateways budget with it from their first request instead of
-        # a guess. Measured after the warm-up, on pairs the model reads in full (max_length tokens; documents are
-        # cut there): a budget planned with it is not overspent when the candidates are long documents, as most are.
-        s = self.settings
-        full = " ".join(["measuring what one pair of full length costs this replica's model"] * (s.max_length // 4))
-        # One batch, within the queue bound: startup stays short, and a small queue does not shed it.
-        pairs = [f"{i} {full}"[:s.max_document_chars] for i in range(max(1, min(4, s.max_batch_size,
-                                                                                  s.max_queue_items)))]
+        # What a pair costs here by its length, published in Info: gateways budget with it from their first
+        # request instead of a guess. Timed on the model directly, never through the batcher, whose running
+        # estimate (model_ms_per_pair in every answer) is of live traffic only.
+        self.cost = await asyncio.to_thread(self.measure_cost)
+        self._characters = (0.0, 0.0)  # nor are the warm-up's texts anyone's corpus
+        self.batcher.add_observer(self._observe_batch)
+
+    def measure_cost(self, most_repeats: int = 3, allowance_s: float = 1.0) -> PairCost:
+        """Fit the cost per pair (``PairCost``) from batches of short pairs (about 32 tokens, as product
+        descriptions or passages make) and of pairs the model reads in full (``max_length``; documents are cut
+        there), timed alternately: the median of up to ``most_repeats`` repeats at each length, as many as
+        fit in about ``allowance_s`` (at least one), so that a moment's contention at startup moves the
+        estimate little while a slow model does not hold startup up."""
+        s, model = self.settings, self.model
+        query = "how much does a pair cost"
+        longest = model.max_length
+        lengths = sorted({min(32, longest), longest})
+        timed: dict[int, list[float]] = {}
+        batches = []
+        for target in lengths:
+            # Pairs of about ``target`` tokens (one word a token, the query's and the specials aside), or cut there.
+            words = target if target == longest else max(1, target - 12)
+            count = max(1, min(4 if target < longest else 2, s.max_batch_size, s.max_batch_tokens // target))
+            pairs = model.encode_pairs(query, [f"{i} " + " ".join(["cost"] * words) for i in range(count)])
+            batches.append((max(p.length for p in pairs), pairs))
         started = time.perf_counter()
-        await self.rerank(RerankQuery("how much does a pair cost", pairs, bypass_cache=True))
-        self.measured_ms_per_pair = 1000 * (time.perf_counter() - started) / len(pairs)
+        for repeat in range(most_repeats):
+            if repeat and time.perf_counter() - started > allowance_s:
+                break
+            for tokens, pairs in batches:
+                began = time.perf_counter()
+                model.score(pairs)
+                timed.setdefault(tokens, []).append(1000 * (time.perf_counter() - began) / len(pairs))
+        return PairCost.fit([(tokens, statistics.median(ms)) for tokens, ms in timed.items()], longest)
+
+    def _observe_batch(self, size: int, real_tokens: int, padded_tokens: int, waits: list, compute_s: float) -> None:
+        """Live batches against the load-time model: cost_ratio is their model time over the model's prediction
+        for them, summed over recent batches (each older one weighs RATIO_MEMORY times less), so a batch weighs
+        by its work and a batch of one tiny pair barely moves it. Predicted from the pairs' own lengths, as
+        callers price them (they cannot know the padding): the padding of batches as they come is in the ratio."""
+        predicted = self.cost.batch_ms(size, real_tokens) if self.cost else 0.0
+        if predicted <= 0:
+            return
+        taken, expected = self._ratio_sums
+        self._ratio_sums = (RATIO_MEMORY * taken + 1000 * compute_s, RATIO_MEMORY * expected + predicted)
+        self.cost_ratio = self._ratio_sums[0] / self._ratio_sums[1]
+
+    def _count_characters(self, query: str, documents: list[str], pairs: list) -> None:
+        """Characters per token of the pairs read whole (a pair cut at max_length says nothing), recent
+        requests weighted most: callers estimate a pair's tokens from its text with it."""
+        read_whole = [(len(query) + len(d), p.length - self._specials)
+                      for d, p in zip(documents, pairs) if p.length < self.model.max_length]
+        if read_whole:
+            chars, tokens = self._characters
+            self._characters = (0.99 * chars + sum(c for c, _ in read_whole),
+                                0.99 * tokens + sum(t for _, t in read_whole))
+
+    @property
+    def chars_per_token(self) -> float:
+        chars, tokens = self._characters
+        return chars / tokens if tokens > 0 else 0.0
+
+    @property
+    def ms_per_pair(self) -> float:
+        """One pair of max_length tokens by the cost model, corrected by live batches once there are some."""
+        return self.cost.pair_ms(self.cost.max_length) * (self.cost_ratio or 1.0) if self.cost else 0.0
 
     async def close(self) -> None:
         if self.batcher is not None:
@@ -106,7 +171,11 @@ class RerankService:
         unscored (at least one is scored, or it is DeadlineExceeded, unless ``answered_elsewhere``: other
         scores already make the partial answer, and these may all be None)."""
         started = time.perf_counter()
-        pairs = await asyncio.to_thread(self.model.encode_pairs, query, documents)  # the query is already fitted
+        with tracing.span("tokenize") as span:
+            pairs = await asyncio.to_thread(self.model.encode_pairs, query, documents)  # the query is already fitted
+            if span.is_recording():
+                span.set_attributes({"twostage.pairs": len(pairs), "twostage.tokens": sum(p.length for p in pairs)})
+        self._count_characters(query, documents, pairs)
         timings["tokenize_ms"] = timings.get("tokenize_ms", 0.0) + 1000 * (time.perf_counter() - started)
         try:
             done = await self.batcher.submit(pairs, [p.length for p in pairs], deadline_s, partial=partial)
@@ -123,8 +192,11 @@ class RerankService:
             raise errors.NotReady("rerank server is still loading its model")
         started = time.perf_counter()
         self.validate(request)
+        if request.refuse_truncation:
+            await asyncio.to_thread(self.model.check_fits, request.query, request.documents)
         timings = {"tokenize_ms": 0.0, "queue_ms": 0.0, "compute_ms": 0.0}
-        query, query_truncated = await asyncio.to_thread(self.model.fit_query, request.query)
+        with tracing.span("tokenize query"):
+            query, query_truncated = await asyncio.to_thread(self.model.fit_query, request.query)
         timings["tokenize_ms"] = 1000 * (time.perf_counter() - started)
         documents = request.documents
         if self.cache is None or request.bypass_cache:
@@ -135,6 +207,10 @@ class RerankService:
             scores, tokens, computed = await self._cached_scores(query, documents, request.deadline_s, timings,
                                                                  request.allow_partial)
             cached = len(documents) - computed
+        if (span := tracing.current_span()).is_recording():
+            span.set_attributes({"twostage.documents": len(documents), "twostage.cached": cached,
+                                 "twostage.unscored": len(documents) - len(scores), "twostage.tokens": tokens,
+                                 "twostage.query_truncated": query_truncated})
         ranked = sorted(scores.items(), key=lambda pair: -pair[1])
         if request.top_n:
             ranked = ranked[: request.top_n]
@@ -144,13 +220,14 @@ class RerankService:
             queue_items=self.batcher.queued_items,
             timings_ms={
                 **timings,
-                # What one pair costs the model now: callers model this replica's service time with it.
+                # What one pair of live traffic costs the model now, on average over its lengths.
                 "model_ms_per_pair": self.batcher.ms_per_item,
                 "total_ms": 1000 * (time.perf_counter() - started),
             },
             query_truncated=query_truncated,
             cached=cached,
             unscored=len(documents) - len(scores),
+            cost_ratio=self.cost_ratio,
         )
 
     async def _cached_scores(self, query: str, documents: list[str], deadline_s: float | None, timings: dict,
@@ -232,7 +309,11 @@ class RerankService:
     def info(self) -> dict:
         s = self.settings
         return {
-            "ms_per_pair": self.measured_ms_per_pair,
+            "ms_per_pair": self.ms_per_pair,
+            "pair_fixed_ms": self.cost.fixed_ms if self.cost else 0.0,
+            "pair_ms_per_token": self.cost.ms_per_token if self.cost else 0.0,
+            "cost_ratio": self.cost_ratio,
+            "chars_per_token": self.chars_per_token,
             "model": self.model.name if self.model else s.model,
             "max_length": s.max_length,
             "execution_provider": self.model.session.get_providers()[0] if self.model else choose_providers(s.provider)[0],

@@ -27,6 +27,7 @@ class RerankServicer(rerank_pb2_grpc.RerankServicer):
                 deadline_s=deadline_of(context),
                 bypass_cache=request.bypass_cache,
                 allow_partial=request.allow_partial,
+                refuse_truncation=request.refuse_truncation,
             )
         )
         results = [rerank_pb2.RerankResult(index=i, score=s) for i, s in outcome.ranked]
@@ -39,6 +40,7 @@ class RerankServicer(rerank_pb2_grpc.RerankServicer):
             query_truncated=outcome.query_truncated,
             cached=outcome.cached,
             unscored=outcome.unscored,
+            cost_ratio=outcome.cost_ratio,
         )
 
     @translate_errors
@@ -51,6 +53,10 @@ class RerankServicer(rerank_pb2_grpc.RerankServicer):
             execution_provider=info["execution_provider"],
             limits=[common_pb2.Limit(name=k, value=v) for k, v in info["limits"].items()],
             ms_per_pair=info["ms_per_pair"],
+            pair_fixed_ms=info["pair_fixed_ms"],
+            pair_ms_per_token=info["pair_ms_per_token"],
+            cost_ratio=info["cost_ratio"],
+            chars_per_token=info["chars_per_token"],
         )
 
 

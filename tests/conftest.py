@@ -18,6 +18,7 @@ from twostage.model_store import fetch_defaults
 # Queries whose relevant documents go into the test index, with filler documents.
 TEST_QUERIES = 8
 FILLER_DOCS = 120
+CATALOGUE = Path(__file__).parent / "data" / "catalogue.jsonl"
 
 
 def pytest_collection_modifyitems(config, items):
@@ -68,6 +69,15 @@ def built_index(tmp_path_factory, models, small_corpus) -> Path:
     """Built once; tests that write copy it first (see ``index_copy``)."""
     out = tmp_path_factory.mktemp("index") / "small"
     build_from_corpus(small_corpus, out)
+    return out
+
+
+@pytest.fixture(scope="session")
+def catalogue_index(tmp_path_factory, models) -> Path:
+    """A product catalogue (50 short texts): a corpus of another kind than SciFact's abstracts. Copy it
+    before serving it."""
+    out = tmp_path_factory.mktemp("catalogue") / "index"
+    build_from_corpus(CATALOGUE, out, progress=False)
     return out
 
 

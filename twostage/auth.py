@@ -31,7 +31,7 @@ from pathlib import Path
 import grpc
 import prometheus_client as prom
 
-from twostage.errors import ConfigError
+from twostage.errors import ConfigError, PermissionDenied, Unauthenticated
 
 log = logging.getLogger(__name__)
 
@@ -46,6 +46,7 @@ ADMIN_METHODS = {
 REPLICA_METHODS = {"/twostage.v1.Recall/Changes", "/twostage.v1.Recall/Digest", "/twostage.v1.Recall/Versions"}
 SEARCH_METHODS = {
     "/twostage.v1.Gateway/Search", "/twostage.v1.Gateway/Info", "/twostage.v1.Gateway/Get",
+    "/twostage.v1.Gateway/Rerank", "/twostage.v1.Gateway/Embed",
     "/twostage.v1.Recall/Search", "/twostage.v1.Recall/Embed", "/twostage.v1.Recall/Get",
     "/twostage.v1.Recall/Info", "/twostage.v1.Rerank/Rerank", "/twostage.v1.Rerank/Info",
 }
@@ -406,13 +407,32 @@ class TokenAuthInterceptor(grpc.aio.ServerInterceptor):
         if role is None:
             return _refusal(handler, grpc.StatusCode.UNAUTHENTICATED, "unknown token", "unknown_token")
         if not allowed(role, method):
-            needs = "an admin or replica token" if method in REPLICA_METHODS else "an admin token"
-            if role == "replica" and method in SEARCH_METHODS:
-                needs = "a search or admin token"
-            return _refusal(handler, grpc.StatusCode.PERMISSION_DENIED,
-                            f"a {role} token may not call {method.rsplit('/', 1)[-1]}: it needs {needs}",
-                            "permission")
+            return _refusal(handler, grpc.StatusCode.PERMISSION_DENIED, _denial(role, method), "permission")
         return _wrapped(handler, lambda: CALLER_ROLE.set(role), lambda: None)
+
+
+def _denial(role: str, method: str) -> str:
+    needs = "an admin or replica token" if method in REPLICA_METHODS else "an admin token"
+    if role == "replica" and method in SEARCH_METHODS:
+        needs = "a search or admin token"
+    return f"a {role} token may not call {method.rsplit('/', 1)[-1]}: it needs {needs}"
+
+
+async def role_for_bearer(tokens: "TokenFile | TokenFiles", authorization: str | None, method: str) -> str:
+    """The check the interceptor makes, for a listener that is not gRPC (the gateway's HTTP face): the role of the
+    ``Authorization: Bearer`` token, which must allow ``method``; else Unauthenticated or PermissionDenied."""
+    scheme, _, token = (authorization or "").partition(" ")
+    if scheme.lower() != "bearer" or not token.strip():
+        REFUSED.labels("missing_token").inc()
+        raise Unauthenticated("missing token: send 'Authorization: Bearer <token>'")
+    role = await tokens.role_of(token.strip())
+    if role is None:
+        REFUSED.labels("unknown_token").inc()
+        raise Unauthenticated("unknown token")
+    if not allowed(role, method):
+        REFUSED.labels("permission").inc()
+        raise PermissionDenied(_denial(role, method))
+    return role
 
 
 def bearer_metadata(token: str | None) -> tuple[tuple[str, str], ...]:

@@ -17,6 +17,14 @@ small (``bulk_max_batch_tokens``) so a query arriving mid-batch waits little,
 and the oldest bulk item is served anyway once it has waited
 ``bulk_max_wait_ms`` (no starvation).
 
+Traced (twostage.tracing), each submission records its queue wait, and each
+batch is a span that links to the span of every request it served.
+
+An item is left out uncomputed when even alone it would finish after its
+deadline, by the lane's own estimate; a lane that has refused everything for
+a while runs one such item anyway, to correct an estimate that one slow batch
+may have inflated (nothing else would: a refused item teaches nothing).
+
 Every future handed out here is resolved: with a result, with the batch's
 error, with DeadlineExceeded when its deadline passed before it was computed,
 or with NotReady when the batcher is shut down without draining.
@@ -24,6 +32,7 @@ or with NotReady when the batcher is shut down without draining.
 
 import asyncio
 import logging
+import math
 import time
 from collections import Counter
 from collections.abc import Callable, Sequence
@@ -31,6 +40,7 @@ from concurrent.futures import Executor, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any, Generic, TypeVar
 
+from twostage import tracing
 from twostage.errors import DeadlineExceeded, ModelFailure, NotReady, Overloaded, TwostageError
 
 log = logging.getLogger(__name__)
@@ -99,6 +109,7 @@ class _Item:
     bulk: bool = False
     dispatched_s: float = 0.0
     done_s: float = 0.0
+    trace: Any = None  # the submitting request's span context, when traced
 
 
 def _due(item: _Item) -> float:
@@ -128,8 +139,9 @@ class BatchCost:
         x, y = float(padded_tokens), ms
         self._sums = [self.memory * total + term for total, term in zip(self._sums, (1.0, x, y, x * x, x * y))]
 
-    def predict(self, padded_tokens: int) -> float | None:
-        """None until batches of clearly different sizes have been seen (one shape cannot separate the parts)."""
+    def parts(self) -> tuple[float, float] | None:
+        """(fixed ms, ms per token), neither negative; None until samples of clearly different sizes have been
+        seen (one shape cannot separate the parts)."""
         weight, sx, sy, sxx, sxy = self._sums
         if not weight:
             return None
@@ -138,9 +150,64 @@ class BatchCost:
         if variance <= (0.1 * mean_x) ** 2:
             return None
         per_token = max(0.0, (sxy / weight - mean_x * mean_y) / variance)
-        fixed = max(0.0, mean_y - per_token * mean_x)
-        return fixed + per_token * padded_tokens
+        return max(0.0, mean_y - per_token * mean_x), per_token
 
+    def predict(self, padded_tokens: int) -> float | None:
+        """None until batches of clearly different sizes have been seen (see ``parts``)."""
+        parts = self.parts()
+        return None if parts is None else parts[0] + parts[1] * padded_tokens
+
+
+# Tokens a pair's text is estimated to take when the replica has not said (English WordPiece runs 4.5-4.7
+# characters a token on SciFact and on a product catalogue: 4 errs toward predicting a pair dearer).
+DEFAULT_CHARS_PER_TOKEN = 4.0
+PAIR_SPECIAL_TOKENS = 3  # [CLS] query [SEP] document [SEP]
+
+
+@dataclass(frozen=True)
+class PairCost:
+    """What one (query, document) pair costs a cross-encoder: ``fixed_ms + ms_per_token x tokens`` of model
+    time, tokens being the pair's length as the model reads it (query and document, cut at ``max_length``).
+    A replica fits it when its model loads (``fit``) and publishes it; callers predict a pair's cost from its
+    text (``estimate_tokens``), so a short document is not planned at the price of a long one."""
+
+    fixed_ms: float
+    ms_per_token: float
+    max_length: int
+    chars_per_token: float = DEFAULT_CHARS_PER_TOKEN
+
+    @classmethod
+    def fit(cls, samples: Sequence[tuple[int, float]], max_length: int,
+            chars_per_token: float = DEFAULT_CHARS_PER_TOKEN) -> "PairCost":
+        """Least squares over (tokens, ms per pair) samples, neither part negative."""
+        line = BatchCost(memory=1.0)
+        for tokens, ms in samples:
+            line.add(tokens, ms)
+        parts = line.parts()
+        if parts is None or parts[0] == 0:
+            # One length only, or a line that would cost less than nothing at no tokens (noise: the per-token
+            # cost grows a little with length): a line through 0 instead, which prices short pairs higher.
+            squares = sum(t * t for t, _ in samples)
+            parts = (0.0, sum(t * ms for t, ms in samples) / squares if squares else 0.0)
+        return cls(parts[0], parts[1], max_length, chars_per_token)
+
+    def pair_ms(self, tokens: int) -> float:
+        return self.fixed_ms + self.ms_per_token * min(tokens, self.max_length)
+
+    def batch_ms(self, pairs: int, tokens: int) -> float:
+        """Predicted model time of ``pairs`` pairs of ``tokens`` tokens in all."""
+        return pairs * self.fixed_ms + self.ms_per_token * tokens
+
+    def estimate_tokens(self, query_chars: int, document_chars: int) -> int:
+        """A pair's length as the model will read it, from its characters: the query cut at half the window
+        (as the replica cuts it), the document filling the rest, at most ``max_length``."""
+        per = self.chars_per_token if self.chars_per_token > 0 else DEFAULT_CHARS_PER_TOKEN
+        query = min(math.ceil(query_chars / per), self.max_length // 2)
+        return min(self.max_length, query + math.ceil(document_chars / per) + PAIR_SPECIAL_TOKENS)
+
+
+# A lane that has run nothing for this long may be refusing items on a stale estimate (see _timed_compute).
+STALE_S = 1.0
 
 # Called after each batch: (size, real_tokens, padded_tokens, queue_waits_s, compute_s).
 BatchObserver = Callable[[int, int, int, list[float], float], None]
@@ -173,6 +240,7 @@ class DynamicBatcher(Generic[T, R]):
         self.batch_cost = BatchCost()  # predicts one interactive batch's model time from its padded tokens
         self.bulk_ms_per_item = 0.0
         self.bulk_batch_cost = BatchCost()
+        self._lane_done_s = {False: time.monotonic(), True: time.monotonic()}  # when each lane's last batch ended
         self._closing = False
         self._runner: asyncio.Task | None = None
 
@@ -229,7 +297,9 @@ class DynamicBatcher(Generic[T, R]):
             )
         loop = asyncio.get_running_loop()
         now = time.monotonic()
-        items = [_Item(p, n, loop.create_future(), now, deadline_s, bulk) for p, n in zip(payloads, lengths)]
+        traced = tracing.current_context()
+        items = [_Item(p, n, loop.create_future(), now, deadline_s, bulk, trace=traced)
+                 for p, n in zip(payloads, lengths)]
         self._queue.extend(items)
         self._wakeup.set()
         futures = [item.future for item in items]
@@ -248,6 +318,9 @@ class DynamicBatcher(Generic[T, R]):
         if len(computed) < len(items) and not (partial and computed):
             raise failures[0] if failures else DeadlineExceeded(
                 f"{self.name}: deadline passed with {len(items) - len(computed)} items not yet computed")
+        if traced is not None:
+            tracing.record("queue wait", now, max(i.dispatched_s for i in computed),
+                           {"twostage.batcher": self.name, "twostage.items": len(items)})
         return Submission(
             values=[None if i.future.cancelled() or i.future.exception() else i.future.result() for i in items],
             queue_ms=1000 * max(i.dispatched_s - i.enqueued_s for i in computed),
@@ -363,8 +436,9 @@ class DynamicBatcher(Generic[T, R]):
 
     async def _execute(self, batch: list[_Item]) -> None:
         loop = asyncio.get_running_loop()
+        probe = False
         try:
-            started, computed, deferred, results = await loop.run_in_executor(
+            started, computed, deferred, results, probe = await loop.run_in_executor(
                 self._executor, self._timed_compute, batch)
             if deferred:  # on time alone but not in this batch: back in the queue, keeping their place by urgency
                 self._queue.extend(deferred)
@@ -397,27 +471,50 @@ class DynamicBatcher(Generic[T, R]):
             item.done_s = done
             if not item.future.done():
                 item.future.set_result(result)
-        self._record(batch, started, done)
+        traced = [item.trace for item in batch if item.trace is not None] if tracing.enabled else None
+        span = tracing.batch_span("model batch", traced, started) if traced else None
+        if span is not None and span.is_recording():
+            span.set_attributes({"twostage.batcher": self.name, "twostage.batch.size": len(batch),
+                                 "twostage.batch.real_tokens": sum(item.length for item in batch),
+                                 "twostage.batch.padded_tokens": len(batch) * max(item.length for item in batch),
+                                 "twostage.batch.bulk": batch[0].bulk})
+        with tracing.use(span):  # the observers' exemplars point at this batch
+            self._record(batch, started, done, probe)
+        tracing.end(span, done)
 
-    def _timed_compute(self, batch: list[_Item]) -> tuple[float, list[_Item], list[_Item], list]:
+    def _timed_compute(self, batch: list[_Item]) -> tuple[float, list[_Item], list[_Item], list, bool]:
         """Runs on the model's thread, once the batch ahead is done: leaves out items whose caller has gone
         or that would finish after their deadline even computed alone (wasted work the callers behind would
         wait for). The rest, most urgent first, join the batch while everyone in it is still predicted on
         time; those that would make it late are deferred to a later batch, never refused for others' cost.
-        Returns when the model began, the items computed, those deferred and the results."""
+
+        Never stuck: when every item would be left out as late alone and the lane has run nothing for
+        STALE_S, the one with the latest deadline is computed anyway (a probe), and its time replaces the
+        lane's estimate (``_record``). One slow batch, such as a new shape's first run on a busy host, would
+        otherwise have every later item refused, and a refused item teaches nothing.
+        Returns when the model began, the items computed, those deferred, the results and whether it probed."""
         started = time.monotonic()
+        lane = batch[0].bulk
         computed: list[_Item] = []
         deferred: list[_Item] = []
+        late_alone: list[_Item] = []
         for item in sorted((i for i in batch if not i.future.done()), key=_urgency):
             if not self._on_time(started, [item]):
-                continue
-            if self._on_time(started, [*computed, item]):
+                late_alone.append(item)
+            elif self._on_time(started, [*computed, item]):
                 computed.append(item)
             else:
                 deferred.append(item)
+        probe = False
+        hopeful = [i for i in late_alone if i.deadline_s is None or i.deadline_s > started]
+        if not computed and hopeful and started - self._lane_done_s[lane] >= STALE_S:
+            computed, probe = [max(hopeful, key=_due)], True
         kept = set(map(id, computed))
         computed = [i for i in batch if id(i) in kept]  # in the batch's own (length-sorted) order
-        return started, computed, deferred, self._compute([i.payload for i in computed]) if computed else []
+        results = self._compute([i.payload for i in computed]) if computed else []
+        if computed:
+            self._lane_done_s[lane] = time.monotonic()  # here, on the model's thread: the next batch reads it
+        return started, computed, deferred, results, probe
 
     def _on_time(self, started: float, batch: list[_Item]) -> bool:
         finish_s = started + self.predict_ms(batch) / 1000
@@ -433,7 +530,12 @@ class DynamicBatcher(Generic[T, R]):
         predicted = cost.predict(len(batch) * max(item.length for item in batch))
         return per_item * len(batch) if predicted is None else predicted
 
-    def _record(self, batch: list[_Item], started: float, done: float) -> None:
+    def _record(self, batch: list[_Item], started: float, done: float, probe: bool = False) -> None:
+        if probe:  # the estimate it ran against had refused everything: forget it, this batch is the news
+            if batch[0].bulk:
+                self.bulk_ms_per_item, self.bulk_batch_cost = 0.0, BatchCost()
+            else:
+                self.ms_per_item, self.batch_cost = 0.0, BatchCost()
         real = sum(item.length for item in batch)
         padded = len(batch) * max(item.length for item in batch)
         stats = self.stats

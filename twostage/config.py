@@ -96,7 +96,9 @@ class ServiceSettings(BaseSettings):
         5.0, gt=0,
         description="With auth, a call that needs no token and has not sent its request message this long after "
         "its headers is ended (DEADLINE_EXCEEDED), and so is an open streaming call (reflection) this long after "
-        "it began; so is a health Check on health_port, with or without auth.",
+        "it began; so is a health Check on health_port, with or without auth. The gateway's HTTP face holds every "
+        "request to it: its headers within this long of the connection (or of its first byte), 408 or closed "
+        "after; its body within this long of the headers, 408 after.",
     )
     health_port: int = Field(
         0, ge=0, le=65535,

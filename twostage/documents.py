@@ -29,6 +29,10 @@ class DocumentLimits:
     max_metadata_list_items: int = 256
 
 
+# The recall server's defaults; the gateway checks writes against them until the recall tier publishes its own.
+DEFAULT_LIMITS = DocumentLimits(max_docs=1000, max_doc_chars=100_000, max_id_chars=256)
+
+
 def check_id(doc_id: str, where: str, limits: DocumentLimits) -> None:
     if not doc_id:
         raise errors.InvalidArgument(f"{where}: the document has no id; give each one an _id (or id)")

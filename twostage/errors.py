@@ -14,7 +14,11 @@ class InvalidArgument(TwostageError):
 
 
 class Overloaded(TwostageError):
-    """Load is shed: a queue is full. Safe to retry later or elsewhere."""
+    """Load is shed: a queue is full. Safe to retry later or elsewhere (``retry_after_s``: when, if known)."""
+
+    def __init__(self, message: str, retry_after_s: float | None = None):
+        super().__init__(message)
+        self.retry_after_s = retry_after_s
 
 
 class NotReady(TwostageError):
@@ -27,6 +31,10 @@ class Unavailable(TwostageError):
 
 class DeadlineExceeded(TwostageError):
     """The caller's deadline passed before the work could be done."""
+
+
+class RequestTimeout(TwostageError):
+    """The caller did not finish sending its request in time (message_timeout_s): the server stopped waiting."""
 
 
 class Cancelled(TwostageError):
@@ -55,6 +63,22 @@ class IndexLocked(TwostageError):
 
 class ModelMismatch(TwostageError):
     """An index or request refers to a model other than the one loaded."""
+
+
+class TooLarge(InvalidArgument):
+    """The request's body is over the size limit (gRPC refuses such a message itself)."""
+
+
+class TooLong(InvalidArgument):
+    """A text is longer than the model reads, and the caller asked for it not to be cut."""
+
+
+class Unauthenticated(TwostageError):
+    """No token, or one the tokens file does not hold."""
+
+
+class PermissionDenied(TwostageError):
+    """The token's role may not call this."""
 
 
 def check_limit(field: str, value: int, low: int, high: int) -> None:

@@ -152,6 +152,27 @@ def _literal(text: str, where: str) -> Scalar:
     return text
 
 
+_LISTED_VALUE = re.compile(r'\s*("(?:[^"\\]|\\.)*"|[^,"]*?)\s*(,|$)')
+
+
+def _listed(text: str, where: str) -> list[str]:
+    """The values of ``KEY in A,B``, comma-separated; a value with a comma goes in double quotes
+    (``"Acme, Inc",Other``) and stays quoted for ``_literal``, so ``"007"`` is a string as in ``KEY="007"``."""
+    values, at = [], 0
+    while True:
+        match = _LISTED_VALUE.match(text, at)
+        if match is None:
+            raise errors.InvalidArgument(f"{where}: expected comma-separated values, a value with a comma in "
+                                         "double quotes")
+        values.append(match.group(1))
+        at = match.end()
+        if match.group(2) != "," or at > len(text):
+            break
+    if at < len(text):
+        raise errors.InvalidArgument(f"{where}: unexpected {text[at:at + 20]!r} after the values")
+    return values
+
+
 def _clause_from_json(key: str, test, where: str) -> FilterClause:
     if isinstance(test, dict):
         if set(test) <= set(BOUNDS) and test:
@@ -198,8 +219,11 @@ def parse_filter(texts: list[str]) -> Filter | None:
         key, op, value = match.group(1), match.group(2).strip().lower(), match.group(3)
         if op == "!=":
             raise errors.InvalidArgument(f"{where}: filters have no 'not equal'; use 'in' with the values wanted")
+        if value.lstrip()[:1] in ("=", "<", ">", "!"):  # price==5, price=>5: a typo, not a string to match
+            raise errors.InvalidArgument(f"{where}: the value starts with {value.lstrip()[0]!r}; did you mean "
+                                         "one of =, <=, >=, <, >?")
         if op == "in":
-            clauses.append(FilterClause(key, any_of=tuple(_literal(v, where) for v in value.split(","))))
+            clauses.append(FilterClause(key, any_of=tuple(_literal(v, where) for v in _listed(value, where))))
         elif op == "=":
             clauses.append(FilterClause(key, equals=_literal(value, where)))
         else:

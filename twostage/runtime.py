@@ -91,6 +91,12 @@ def encode_all(tokenizer: Tokenizer, inputs: list) -> list[Encoded]:
     ]
 
 
+def cut_by(tokenizer: Tokenizer, inputs: list) -> bool:
+    """Whether ``tokenizer`` (which truncates) cuts any of ``inputs``: what a caller that asked for no truncation
+    must be refused for."""
+    return any(e.overflowing for e in tokenizer.encode_batch(inputs))
+
+
 def pad_batch(batch: list[Encoded], input_names: set[str]) -> dict[str, np.ndarray]:
     """Right-pad a batch to its longest item (pad id 0) as the model's feeds."""
     longest = max(item.length for item in batch)

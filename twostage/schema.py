@@ -5,8 +5,10 @@ document (or clause) and the key. Values are converted only when the recall serv
 ``metadata_coerce`` setting allows it, and then only where the conversion loses nothing."""
 
 import math
+import re
 from collections.abc import Mapping
 from dataclasses import replace
+from decimal import Decimal
 
 from twostage import errors
 from twostage.corpus import Document, MetadataValue
@@ -41,16 +43,23 @@ def check_declared(schema: Mapping[str, str]) -> Schema:
     return dict(schema)
 
 
+_JSON_NUMBER = re.compile(r"-?(?:0|[1-9][0-9]*)(?:\.[0-9]+)?(?:[eE][+-]?[0-9]+)?")
+_JSON_INTEGER = re.compile(r"-?(?:0|[1-9][0-9]*)")
+MAX_EXACT_INTEGER = 2**53  # filters compare numbers as doubles: larger integers would compare inexactly
+
+
 def _coerced(value: MetadataValue, wanted: str) -> MetadataValue | None:
     """The value as the wanted type when that loses nothing; None when it cannot be."""
     if wanted == "number" and isinstance(value, str):
-        try:
-            number = float(value)
-        except ValueError:
+        # JSON's own number syntax only: no "0012", "1_000", "١٢" (int() and float() take all three).
+        if _JSON_NUMBER.fullmatch(value) is None:
             return None
-        if not math.isfinite(number):
-            return None
-        return int(number) if number.is_integer() and "." not in value and "e" not in value.lower() else number
+        if _JSON_INTEGER.fullmatch(value):
+            whole = int(value)
+            return whole if abs(whole) <= MAX_EXACT_INTEGER else None
+        number = float(value)
+        # The stored double must read back as the same decimal: "12.999999999999999999" would become 13.0.
+        return number if math.isfinite(number) and Decimal(repr(number)) == Decimal(value) else None
     if wanted == "bool" and isinstance(value, str) and value.lower() in ("true", "false"):
         return value.lower() == "true"
     if wanted == "string" and type_of(value) == "number":
@@ -66,7 +75,7 @@ def _show(value: MetadataValue) -> str:
 
 
 def conform(docs: list[Document], schema: Mapping[str, str], coerce: bool = False,
-            hint: bool = True) -> tuple[list[Document], Schema]:
+            hint: bool = True, holder: str = "this index holds") -> tuple[list[Document], Schema]:
     """The documents of one write checked against the schema, keys new to it typed by their first value in the
     request; returns them (converted where ``coerce`` allows) and the keys they add."""
     known, added = dict(schema), {}
@@ -87,7 +96,7 @@ def conform(docs: list[Document], schema: Mapping[str, str], coerce: bool = Fals
                     hint and not coerce) else ""
                 raise errors.InvalidArgument(
                     f"documents[{i}]: document {doc.id!r} metadata {key!r} is {_ARTICLE[kind]} ({_show(value)}), "
-                    f"but this index holds {_PLURAL[wanted]} under {key!r}{how}")
+                    f"but {holder} {_PLURAL[wanted]} under {key!r}{how}")
             metadata = {**metadata, key: converted}
         conformed.append(doc if metadata is doc.metadata else replace(doc, metadata=metadata))
     return conformed, added

@@ -14,6 +14,7 @@ restarts on liveness and routes on readiness.
 """
 
 import asyncio
+import contextlib
 import logging
 import signal
 import time
@@ -24,10 +25,18 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from twostage.auth import ProbeInterceptor, TokenAuthInterceptor, TokenFile, TokenFiles
+from twostage import tracing
+from twostage.auth import (
+    OPEN_PREFIXES,
+    REFLECTION_PREFIX,
+    ProbeInterceptor,
+    TokenAuthInterceptor,
+    TokenFile,
+    TokenFiles,
+)
 from twostage.config import ServiceSettings
-from twostage.errors import Unavailable
-from twostage.metrics import RpcMetricsInterceptor, start_metrics_server
+from twostage.errors import Overloaded, Unavailable
+from twostage.metrics import SERVING, RpcMetricsInterceptor, start_metrics_server
 from twostage.tls import server_credentials
 
 log = logging.getLogger(__name__)
@@ -38,8 +47,73 @@ class Lifecycle(Protocol):
     async def close(self) -> None: ...  # drain and release
 
 
+class Listener(Protocol):
+    """Another face of the same service in the same process (the gateway's HTTP/JSON): bound when the gRPC
+    port is, answering from the same lifecycle, stopped with it."""
+
+    async def start(self) -> int: ...  # bind and serve (ready or not, as service.ready says); the port
+    async def stop(self, grace_s: float) -> None: ...  # stop accepting, give requests in flight grace_s
+    def describe(self) -> str: ...
+
+
 LIVENESS = "liveness"
 WATCHDOG_PERIOD_S = 1.0
+
+
+class Slots:
+    """The calls a service works on at once (``max_concurrent_rpcs``), one count for every face: gRPC's calls and
+    the HTTP face's requests take from it alike, so the work behind them never sees more than the limit together.
+    Health, reflection and the HTTP face's /health and /metrics take none (they are answered from memory, and a
+    full count must not fail readiness)."""
+
+    def __init__(self, limit: int):
+        self.limit = limit
+        self.in_use = 0
+
+    def take(self) -> None:
+        if self.in_use >= self.limit:
+            raise Overloaded(f"{self.in_use} calls are in flight, the most this server takes at once "
+                             "(max_concurrent_rpcs); retry later")
+        self.in_use += 1
+
+    def give_back(self) -> None:
+        self.in_use -= 1
+
+    @contextlib.contextmanager
+    def held(self):
+        self.take()
+        try:
+            yield
+        finally:
+            self.give_back()
+
+
+class SlotInterceptor(grpc.aio.ServerInterceptor):
+    """Each unary call holds one of the service's ``Slots`` while its handler runs; with none free it is refused
+    (RESOURCE_EXHAUSTED) as gRPC's own cap refuses. Health and reflection are not counted."""
+
+    def __init__(self, slots: Slots):
+        self.slots = slots
+
+    async def intercept_service(self, continuation, handler_call_details):
+        handler = await continuation(handler_call_details)
+        if (handler is None or handler.unary_unary is None
+                or handler_call_details.method.startswith((*OPEN_PREFIXES, REFLECTION_PREFIX))):
+            return handler
+        behavior, slots = handler.unary_unary, self.slots
+
+        async def limited(request, context):
+            try:
+                slots.take()
+            except Overloaded as error:
+                await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, str(error))
+            try:
+                return await behavior(request, context)
+            finally:
+                slots.give_back()
+
+        return grpc.unary_unary_rpc_method_handler(limited, request_deserializer=handler.request_deserializer,
+                                                   response_serializer=handler.response_serializer)
 
 
 class GrpcService:
@@ -58,16 +132,25 @@ class GrpcService:
         self.service_names = service_names
         self.lifecycle = lifecycle
         limit = settings.max_message_mb * 1024 * 1024
-        interceptors: list[grpc.aio.ServerInterceptor] = [RpcMetricsInterceptor()]
+        # Outermost: each RPC's server span (while tracing is on) is current for the metrics and all below.
+        self.rpcs = RpcMetricsInterceptor(traced=tracing.enabled)
+        interceptors: list[grpc.aio.ServerInterceptor] = [self.rpcs]
         reflection_on = settings.reflection == "on" or (settings.reflection == "auto" and not settings.auth_tokens)
         slots = settings.max_concurrent_rpcs
+        # The tokens, shared with any other listener of this service: one file, one reload, one answer.
+        self.tokens: TokenFile | TokenFiles | None = None
         if settings.auth_tokens:
             files = [TokenFile(path) for path in (settings.auth_tokens, settings.auth_tokens_extra) if path]
+            self.tokens = files[0] if len(files) == 1 else TokenFiles(files)
             interceptors.append(TokenAuthInterceptor(
-                files[0] if len(files) == 1 else TokenFiles(files), open_reflection=reflection_on,
+                self.tokens, open_reflection=reflection_on,
                 max_open_rpcs=settings.max_open_rpcs, message_timeout_s=settings.message_timeout_s))
             # Calls without a token get max_open_rpcs slots on top, so they can never take the others.
             slots += settings.max_open_rpcs
+        # The count every face of this service shares (the gateway's HTTP face takes from it too); gRPC's own cap
+        # above stays as the bound on calls whose message is still arriving.
+        self.slots = Slots(settings.max_concurrent_rpcs)
+        interceptors.append(SlotInterceptor(self.slots))
         self.server = grpc.aio.server(
             interceptors=interceptors,
             maximum_concurrent_rpcs=slots,
@@ -106,6 +189,7 @@ class GrpcService:
             reflection.enable_server_reflection(
                 [*service_names, health.SERVICE_NAME, reflection.SERVICE_NAME], self.server
             )
+        self.listeners: list[Listener] = []
         self.port = 0
         self.metrics_port = 0
         self._started = False
@@ -113,10 +197,19 @@ class GrpcService:
         self._stalled = False
         self._watchdog: asyncio.Task | None = None
 
+    def add_listener(self, listener: Listener) -> None:
+        self.listeners.append(listener)
+
+    @property
+    def ready(self) -> bool:
+        """Readiness as health reports it: loaded, not draining, the model thread moving."""
+        return self._ready and not self._stalled
+
     async def _set_health(self, status) -> None:
         """Readiness: the server as a whole and each service."""
         for service in ["", *self.service_names]:
             await self.health.set(service, status)
+        SERVING.labels(self.name).set(int(status == health_pb2.HealthCheckResponse.SERVING))
 
     async def _watch_model(self) -> None:
         """Readiness and liveness follow the model thread: a batch running past watchdog_s means it is stuck."""
@@ -157,6 +250,7 @@ class GrpcService:
         if self.port == 0:
             raise OSError(f"{self.name}: cannot listen on {address}: the port is in use (or the address is not "
                           "this machine's); stop what holds it or choose another --port")
+        self.rpcs.bound(self.port)
         if self.probe_server is not None:
             try:
                 bound = self.probe_server.add_insecure_port(f"{s.host}:{s.health_port}")
@@ -177,6 +271,8 @@ class GrpcService:
             log.info("%s metrics on http://%s:%d/metrics", self.name, s.metrics_host, s.metrics_port)
         await self.server.start()
         self._started = True
+        for listener in self.listeners:
+            await listener.start()
         security = ("mutual TLS" if s.tls_client_auth else "TLS") if s.tls_dir else "plaintext"
         log.info("%s listening on %s:%d (%s%s; NOT_SERVING until loaded)", self.name, s.host, self.port, security,
                  ", bearer tokens" if s.auth_tokens else "")
@@ -190,11 +286,12 @@ class GrpcService:
     def describe(self) -> str:
         """Where it listens, for the line a supervisor waits for."""
         metrics = f", metrics on {self.settings.metrics_host}:{self.metrics_port}" if self.metrics_port else ""
-        return f"{self.name} serving on port {self.port}{metrics}"
+        others = "".join(f", {listener.describe()}" for listener in self.listeners)
+        return f"{self.name} serving on port {self.port}{others}{metrics}"
 
     async def stop(self, grace_s: float | None = None) -> None:
         if not self._started:
-            await self.server.stop(0)
+            await asyncio.gather(self.server.stop(0), *(listener.stop(0) for listener in self.listeners))
             if self.probe_server is not None:
                 await self.probe_server.stop(0)
             return
@@ -207,7 +304,8 @@ class GrpcService:
         await self.health.enter_graceful_shutdown()
         if self._watchdog is not None:
             self._watchdog.cancel()
-        await self.server.stop(self.settings.grace_period_s if grace_s is None else grace_s)
+        grace_s = self.settings.grace_period_s if grace_s is None else grace_s
+        await asyncio.gather(self.server.stop(grace_s), *(listener.stop(grace_s) for listener in self.listeners))
         if self.probe_server is not None:  # probes saw NOT_SERVING throughout the drain
             await self.probe_server.stop(0)
         await self.lifecycle.close()
@@ -220,13 +318,15 @@ def install_stop_signals(stop: asyncio.Event) -> None:
         loop.add_signal_handler(sig, stop.set)
 
 
-async def serve_until_signal(make_service: Callable[[], GrpcService]) -> None:
+async def serve_until_signal(make_service: Callable[[], GrpcService], name: str) -> None:
     """Build (inside the running loop, as grpc.aio requires), start, serve until a signal, stop.
 
     Prints one line once serving (``describe``): supervisors such as ``serve all`` wait for it. A
-    signal during start (a model still loading, a gateway still waiting for its stages) stops too."""
+    signal during start (a model still loading, a gateway still waiting for its stages) stops too.
+    Traces (``name`` names the service) are on when the OTEL_* variables ask for them."""
     stop = asyncio.Event()
     install_stop_signals(stop)
+    tracing.setup(name)
     service = make_service()
     starting = asyncio.ensure_future(service.start())
     stopping = asyncio.ensure_future(stop.wait())
@@ -241,7 +341,10 @@ async def serve_until_signal(make_service: Callable[[], GrpcService]) -> None:
             await asyncio.gather(starting, return_exceptions=True)
     finally:
         stopping.cancel()
-        await service.stop()
+        try:
+            await service.stop()
+        finally:
+            await asyncio.to_thread(tracing.shutdown)  # the spans of the last requests
 
 
 def deadline_of(context: grpc.aio.ServicerContext) -> float | None:

@@ -5,9 +5,14 @@ Each child prints one line once it serves (``GrpcService.describe``); the
 stack forwards its output and counts a child ready only on that line, so a
 stack never reports ready on the strength of someone else's server holding
 its ports.
+
+A command that runs a stack does so in ``async with stack.running(...)``:
+SIGTERM, SIGINT or SIGHUP then stops the three tiers before the command
+exits (with ``Interrupted``), so none is left holding its ports and CPU.
 """
 
 import asyncio
+import contextlib
 import shutil
 import signal
 import socket
@@ -21,6 +26,17 @@ from twostage.errors import TwostageError
 
 class StackError(TwostageError):
     """A child failed to start or exited; the message says which and how."""
+
+
+class Interrupted(Exception):
+    """A stop signal ended the command; its stack was stopped first."""
+
+    def __init__(self, signum: int):
+        super().__init__(f"stopped by {signal.Signals(signum).name}")
+        self.signum = signum
+
+
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
 
 
 @dataclass
@@ -76,7 +92,7 @@ class Stack:
     def __init__(self, host: str, port: int, index_dir: str | None, rerank_replicas: int = 1, recall_shards: int = 1,
                  metrics_port: int = 0, embed_model: str | None = None, rerank_model: str | None = None,
                  tls_dir: str | None = None, auth_tokens: str | None = None, shard_replicas: int = 1,
-                 settings_file: str | None = None):
+                 http_port: int | None = None, settings_file: str | None = None):
         if not all(1 <= n <= 64 for n in (recall_shards, rerank_replicas, shard_replicas)):
             raise StackError("--recall-shards, --shard-replicas and --rerank-replicas must be between 1 and 64")
         self.host = host
@@ -87,6 +103,7 @@ class Stack:
                               for i in range(recall_shards)]
         self.recall_targets = [target for replicas in self.shard_targets for target in replicas]
         self.rerank_targets = [f"{host}:{port + 1 + recall_processes + i}" for i in range(rerank_replicas)]
+        self.http_port = http_port  # the gateway's HTTP/JSON face; None: off
         self.index_dirs = check_index_dir(index_dir, recall_shards)
         self._replica_copies: Path | None = None
         self.metrics_port = metrics_port
@@ -97,6 +114,7 @@ class Stack:
         self.settings_file = settings_file
         self._secrets: Path | None = None
         self.children: list[Child] = []
+        self.exit_code = 0  # from stop(): 0 when every child stopped cleanly
 
     def _security_flags(self) -> tuple[list[str], list[str]]:
         """(flags for the stages, flags for the gateway). With auth, the gateway gets its own admin token for
@@ -155,7 +173,8 @@ class Stack:
         return [c for c in self.children if c.process.returncode is not None]
 
     async def start(self, ready_timeout_s: float) -> None:
-        check_ports_free(self.host, [int(t.rsplit(":", 1)[1]) for t in self.targets] + list(self.metrics_ports().values()))
+        check_ports_free(self.host, [int(t.rsplit(":", 1)[1]) for t in self.targets] + list(self.metrics_ports().values())
+                         + ([self.http_port] if self.http_port else []))
         stage_flags, gateway_flags = self._security_flags()
         embed = ["--model", self.embed_model] if self.embed_model else []
         for i, (replicas, index_dir) in enumerate(zip(self.shard_targets, self.index_dirs)):
@@ -169,7 +188,8 @@ class Stack:
                               *(["--model", self.rerank_model] if self.rerank_model else []), *stage_flags)
         await self._spawn(Child("gateway", "gateway", self.gateway_target), "gateway",
                           "--recall-targets", ",".join("|".join(replicas) for replicas in self.shard_targets),
-                          "--rerank-targets", ",".join(self.rerank_targets), *gateway_flags)
+                          "--rerank-targets", ",".join(self.rerank_targets), *gateway_flags,
+                          *(["--http-port", str(self.http_port)] if self.http_port is not None else []))
         await self._wait_ready(self.children, ready_timeout_s)
 
     def _replica_copy(self, index_dir: str | None, shard: int, replica: int) -> str:
@@ -209,6 +229,37 @@ class Stack:
             task.cancel()
         return tasks[next(iter(done))]
 
+    @contextlib.asynccontextmanager
+    async def running(self, ready_timeout_s: float):
+        """Start the stack and stop it on leaving, however that happens. Meanwhile SIGTERM, SIGINT and SIGHUP
+        cancel what the block awaits (the start included); the block is left with ``Interrupted`` once the
+        stack has stopped."""
+        loop, task = asyncio.get_running_loop(), asyncio.current_task()
+        received: list[int] = []
+
+        def on_signal(signum: int) -> None:
+            if not received:  # a second signal while stopping changes nothing
+                received.append(signum)
+                print(f"{signal.Signals(signum).name}: stopping the local stack", file=sys.stderr, flush=True)
+                task.cancel()
+
+        for signum in STOP_SIGNALS:
+            loop.add_signal_handler(signum, on_signal, signum)
+        try:
+            await self.start(ready_timeout_s)
+            yield self
+        except asyncio.CancelledError:
+            if not received:
+                raise
+            task.uncancel()
+            raise Interrupted(received[0]) from None
+        finally:
+            try:
+                await self.stop()
+            finally:
+                for signum in STOP_SIGNALS:
+                    loop.remove_signal_handler(signum)
+
     async def stop(self, timeout_s: float = 30.0) -> int:
         """SIGTERM the gateway first (no new searches), then the stages; kill stragglers.
         Returns 0 if every child stopped cleanly."""
@@ -225,4 +276,5 @@ class Stack:
         for private in (self._secrets, self._replica_copies):
             if private is not None:
                 shutil.rmtree(private, ignore_errors=True)
-        return max((abs(c) for c in codes if c not in (0, -signal.SIGTERM)), default=0)
+        self.exit_code = max((abs(c) for c in codes if c not in (0, -signal.SIGTERM)), default=0)
+        return self.exit_code

@@ -1,4 +1,5 @@
-"""The one place where domain errors become gRPC status codes."""
+"""The one place where domain errors become statuses: a gRPC code and, for the gateway's HTTP face, an HTTP
+status, side by side in one table."""
 
 import functools
 import logging
@@ -9,28 +10,48 @@ from twostage import errors
 
 log = logging.getLogger(__name__)
 
-STATUS_BY_ERROR: dict[type[errors.TwostageError], grpc.StatusCode] = {
-    errors.InvalidArgument: grpc.StatusCode.INVALID_ARGUMENT,
-    errors.ModelMismatch: grpc.StatusCode.INVALID_ARGUMENT,
-    errors.Overloaded: grpc.StatusCode.RESOURCE_EXHAUSTED,
-    errors.NotReady: grpc.StatusCode.UNAVAILABLE,
-    errors.Unavailable: grpc.StatusCode.UNAVAILABLE,
-    errors.DeadlineExceeded: grpc.StatusCode.DEADLINE_EXCEEDED,
-    errors.Cancelled: grpc.StatusCode.CANCELLED,
-    errors.FailedPrecondition: grpc.StatusCode.FAILED_PRECONDITION,
-    errors.NotFound: grpc.StatusCode.NOT_FOUND,
-    errors.StorageFull: grpc.StatusCode.RESOURCE_EXHAUSTED,
+# Error -> (gRPC code, HTTP status). Looked up along the error's class hierarchy, so a subclass without a row
+# takes its parent's.
+STATUSES: dict[type[errors.TwostageError], tuple[grpc.StatusCode, int]] = {
+    errors.InvalidArgument: (grpc.StatusCode.INVALID_ARGUMENT, 422),
+    errors.TooLarge: (grpc.StatusCode.RESOURCE_EXHAUSTED, 413),
+    errors.TooLong: (grpc.StatusCode.OUT_OF_RANGE, 413),
+    errors.ModelMismatch: (grpc.StatusCode.INVALID_ARGUMENT, 422),
+    errors.Overloaded: (grpc.StatusCode.RESOURCE_EXHAUSTED, 429),
+    errors.NotReady: (grpc.StatusCode.UNAVAILABLE, 503),
+    errors.Unavailable: (grpc.StatusCode.UNAVAILABLE, 503),
+    errors.DeadlineExceeded: (grpc.StatusCode.DEADLINE_EXCEEDED, 504),
+    errors.RequestTimeout: (grpc.StatusCode.DEADLINE_EXCEEDED, 408),
+    errors.Cancelled: (grpc.StatusCode.CANCELLED, 499),  # the caller went away; nobody reads it
+    errors.FailedPrecondition: (grpc.StatusCode.FAILED_PRECONDITION, 409),
+    errors.NotFound: (grpc.StatusCode.NOT_FOUND, 404),
+    errors.StorageFull: (grpc.StatusCode.RESOURCE_EXHAUSTED, 507),
+    errors.Unauthenticated: (grpc.StatusCode.UNAUTHENTICATED, 401),
+    errors.PermissionDenied: (grpc.StatusCode.PERMISSION_DENIED, 403),
     # Raised at start, not per request; mapped so nothing can ever surface as INTERNAL.
-    errors.ConfigError: grpc.StatusCode.FAILED_PRECONDITION,
-    errors.IndexLocked: grpc.StatusCode.FAILED_PRECONDITION,
+    errors.ConfigError: (grpc.StatusCode.FAILED_PRECONDITION, 409),
+    errors.IndexLocked: (grpc.StatusCode.FAILED_PRECONDITION, 409),
 }
+STATUS_BY_ERROR: dict[type[errors.TwostageError], grpc.StatusCode] = {e: codes[0] for e, codes in STATUSES.items()}
+# Statuses after which a retry may succeed: HTTP answers carry Retry-After (seconds; an Overloaded error that knows
+# when the load will have drained says so itself).
+RETRY_AFTER_S = {429: 1, 503: 1}
+
+
+def _statuses(error: BaseException) -> tuple[grpc.StatusCode, int]:
+    for error_type in type(error).__mro__:
+        if error_type in STATUSES:
+            return STATUSES[error_type]
+    return grpc.StatusCode.INTERNAL, 500
 
 
 def status_for(error: BaseException) -> grpc.StatusCode:
-    for error_type in type(error).__mro__:
-        if error_type in STATUS_BY_ERROR:
-            return STATUS_BY_ERROR[error_type]
-    return grpc.StatusCode.INTERNAL
+    return _statuses(error)[0]
+
+
+def http_status_for(error: BaseException) -> int:
+    """The HTTP status of a domain error (500 only for what is not one: a bug, never bad input)."""
+    return _statuses(error)[1]
 
 
 def translate_errors(method):
@@ -55,9 +76,11 @@ def translate_errors(method):
     return wrapper
 
 
+# A stage refusing the gateway's own token is the deployment's fault, not the caller's: it stays UNAVAILABLE.
 ERROR_BY_STATUS: dict[grpc.StatusCode, type[errors.TwostageError]] = {
     code: error for error, code in STATUS_BY_ERROR.items()
-    if error not in (errors.ModelMismatch, errors.ConfigError, errors.IndexLocked, errors.StorageFull)
+    if error not in (errors.ModelMismatch, errors.ConfigError, errors.IndexLocked, errors.StorageFull, errors.TooLarge,
+                     errors.Unauthenticated, errors.PermissionDenied, errors.RequestTimeout)
 }
 
 

@@ -14,6 +14,7 @@ connection while open connections carry on undisturbed.
 
 import logging
 import os
+import ssl
 from pathlib import Path
 
 import grpc
@@ -23,6 +24,9 @@ from twostage.errors import ConfigError
 log = logging.getLogger(__name__)
 
 CA = "ca.pem"
+# TLS 1.2 suites for servers on Python's ssl (the HTTP face), as gRPC's servers allow: ECDHE key exchange, AES-GCM
+# or ChaCha20-Poly1305.
+HTTP_TLS12_CIPHERS = "ECDHE+AESGCM:ECDHE+CHACHA20"
 SERVER_CERT, SERVER_KEY = "server.pem", "server.key"
 CLIENT_CERT, CLIENT_KEY = "client.pem", "client.key"
 
@@ -93,6 +97,55 @@ def server_credentials(directory: Path, require_client_auth: bool) -> grpc.Serve
     return grpc.dynamic_ssl_server_credentials(
         certificates.configuration(), certificates, require_client_authentication=require_client_auth
     )
+
+
+class _RotatingSslContext:
+    """The same files and rotation for a server on asyncio's own TLS (the gateway's HTTP face): every handshake
+    compares the files' stamps, and a changed pair is loaded into a fresh context that the connection, and every
+    later one, uses; open connections carry on with the old one."""
+
+    def __init__(self, directory: Path, require_client_auth: bool):
+        self.directory = directory
+        self.require_client_auth = require_client_auth
+        self._stamp = self._files_stamp()
+        self.current = self._load()
+        self.current.sni_callback = self._on_hello
+
+    def _files_stamp(self) -> tuple:
+        names = [SERVER_CERT, SERVER_KEY] + ([CA] if self.require_client_auth else [])
+        return tuple(os.stat(self.directory / name).st_mtime_ns for name in names)
+
+    def _load(self) -> ssl.SSLContext:
+        check_pair(_read(self.directory, SERVER_KEY), _read(self.directory, SERVER_CERT))
+        context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        # gRPC's policy: TLS 1.2 and 1.3 only; on 1.2, forward-secret AEAD suites only (1.3's are all such).
+        context.minimum_version = ssl.TLSVersion.TLSv1_2
+        context.set_ciphers(HTTP_TLS12_CIPHERS)
+        context.set_alpn_protocols(["http/1.1"])
+        context.load_cert_chain(self.directory / SERVER_CERT, self.directory / SERVER_KEY)
+        if self.require_client_auth:
+            context.verify_mode = ssl.CERT_REQUIRED
+            context.load_verify_locations(self.directory / CA)
+        return context
+
+    def _on_hello(self, connection, server_name, context) -> None:
+        # Called in every handshake (with or without SNI); stat-ing three files is cheap next to the handshake.
+        try:
+            stamp = self._files_stamp()
+            if stamp != self._stamp:
+                fresh = self._load()
+                fresh.sni_callback = self._on_hello
+                self._stamp, self.current = stamp, fresh
+                log.info("TLS: serving the rotated certificate from %s (HTTP)", self.directory)
+        except (OSError, ConfigError, ssl.SSLError) as error:
+            log.warning("TLS: keeping the current certificate: %s", error)
+        if connection.context is not self.current:
+            connection.context = self.current
+
+
+def server_ssl_context(directory: Path, require_client_auth: bool) -> ssl.SSLContext:
+    """An ``ssl.SSLContext`` for an asyncio server from the TLS directory, re-read when the files change."""
+    return _RotatingSslContext(Path(directory), require_client_auth).current
 
 
 def channel_credentials(directory: Path, present_client_certificate: bool = True) -> grpc.ChannelCredentials:

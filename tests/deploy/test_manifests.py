@@ -92,12 +92,16 @@ def test_every_server_has_probes_a_drain_and_spreads_over_nodes(objects):
         main, pod = container(workload), pod_spec(workload)
         prefix = f"TWOSTAGE_{service_of(workload).upper()}_"
         env = env_of(workload)
-        for probe in ("startupProbe", "readinessProbe", "livenessProbe"):
+        # The gateway is ready by its HTTP face's /health (test_gateway_serves_http_in_the_cluster).
+        probes = ("startupProbe", "livenessProbe") if service_of(workload) == "gateway" else (
+            "startupProbe", "readinessProbe", "livenessProbe")
+        for probe in probes:
             assert str(main[probe]["grpc"]["port"]) == env[prefix + "HEALTH_PORT"], (name, probe)
         # Alive while loading or waiting for a snapshot; SERVING only when it can answer.
         assert main["startupProbe"]["grpc"]["service"] == "liveness", name
         assert main["livenessProbe"]["grpc"]["service"] == "liveness", name
-        assert "service" not in main["readinessProbe"]["grpc"], name
+        if "grpc" in main["readinessProbe"]:
+            assert "service" not in main["readinessProbe"]["grpc"], name
         pre_stop = main["lifecycle"]["preStop"]["sleep"]["seconds"]
         needed = pre_stop + float(env[prefix + "DRAIN_DELAY_S"]) + float(env[prefix + "GRACE_PERIOD_S"])
         assert pod["terminationGracePeriodSeconds"] > needed, name
@@ -223,3 +227,80 @@ def test_the_fresh_cluster_steps_create_every_secret_a_pod_mounts(objects):
     assert mounted and mounted <= created, mounted - created
     # Recall-to-recall catch-up uses a replica token, not an admin one.
     assert "--role replica" in readme
+
+
+def test_gateway_serves_http_in_the_cluster(objects):
+    """The HTTP face: on the port the setting names, in the Service, ready by /health, let in by the policy."""
+    gateway = servers(objects)["gateway"]
+    main = container(gateway)
+    port = int(env_of(gateway)["TWOSTAGE_GATEWAY_HTTP_PORT"])
+    assert {"name": "http", "containerPort": port} in main["ports"]
+    probe = main["readinessProbe"]["httpGet"]
+    # TLS is on for the gateway (TLS_DIR): the probe speaks it.
+    assert (probe["path"], probe["port"], probe["scheme"]) == ("/health", "http", "HTTPS")
+    service = next(o for o in objects if o["kind"] == "Service" and o["metadata"]["name"] == "gateway")
+    assert {"name": "http", "port": port, "targetPort": "http"} in service["spec"]["ports"]
+    policy = next(o for o in objects if o["kind"] == "NetworkPolicy"
+                  and selects(o["spec"]["podSelector"], gateway["spec"]["template"]["metadata"]["labels"]))
+    open_ports = {p["port"] for rule in policy["spec"]["ingress"] if "from" not in rule for p in rule["ports"]}
+    assert {"grpc", "http"} <= open_ports
+
+
+MONITORING = K8S.parent / "monitoring"
+MONITORING_KINDS = {("monitoring.coreos.com/v1", "PodMonitor"), ("monitoring.coreos.com/v1", "PrometheusRule")}
+
+
+@pytest.fixture(scope="module")
+def monitored(tmp_path_factory) -> list[dict]:
+    """The CPU overlay with the monitoring and tracing components, as an operator's overlay adds them."""
+    import os
+
+    overlay = tmp_path_factory.mktemp("monitored")
+    relative = [os.path.relpath(path, overlay) for path in (K8S / "overlays" / "cpu", MONITORING, MONITORING / "tracing")]
+    (overlay / "kustomization.yaml").write_text(yaml.safe_dump({
+        "apiVersion": "kustomize.config.k8s.io/v1beta1", "kind": "Kustomization",
+        "resources": relative[:1], "components": relative[1:]}))
+    rendered = subprocess.run(["kubectl", "kustomize", str(overlay)], capture_output=True, text=True, check=True)
+    return [o for o in yaml.safe_load_all(rendered.stdout) if o]
+
+
+def test_the_monitoring_component_scrapes_every_tier_and_ships_its_rules_and_dashboard(monitored):
+    import json
+
+    plain = render("cpu")
+    added = [o for o in monitored if (o["kind"], o["metadata"]["name"]) not in {(p["kind"], p["metadata"]["name"])
+                                                                              for p in plain}]
+    assert sorted(o["kind"] for o in added) == ["ConfigMap", "PodMonitor", "PrometheusRule"]
+    for obj in added:
+        assert obj["metadata"]["namespace"] == "twostage", obj["kind"]
+        if (obj["apiVersion"], obj["kind"]) not in MONITORING_KINDS:
+            kubernetes_validate.validate(obj, KUBERNETES_VERSION, strict=True)
+    (monitor,) = [o for o in added if o["kind"] == "PodMonitor"]
+    (expression,) = monitor["spec"]["selector"]["matchExpressions"]
+    endpoints = {e["port"] for e in monitor["spec"]["podMetricsEndpoints"]}
+    for name, workload in servers(monitored).items():
+        labels = workload["spec"]["template"]["metadata"]["labels"]
+        assert expression["operator"] == "In" and labels[expression["key"]] in expression["values"], name
+        assert endpoints <= {p["name"] for p in container(workload)["ports"]}, name
+        assert env_of(workload)[f"TWOSTAGE_{service_of(workload).upper()}_METRICS_HOST"] == "0.0.0.0", name
+    (rules,) = [o for o in added if o["kind"] == "PrometheusRule"]
+    alerts = [r for group in rules["spec"]["groups"] for r in group["rules"]]
+    assert all(r["alert"] and r["expr"] and r["labels"]["severity"] in ("page", "ticket") for r in alerts)
+    (dashboard,) = [o for o in added if o["kind"] == "ConfigMap"]
+    assert dashboard["metadata"]["labels"] == {"grafana_dashboard": "1"}
+    panels = json.loads(dashboard["data"]["twostage.json"])["panels"]
+    assert {p["title"].split(":")[0] for p in panels if p["type"] == "timeseries"} >= {"Gateway", "Recall", "Rerank"}
+
+
+def test_the_tracing_component_names_each_tier_and_samples_at_the_gateway(monitored):
+    names = set()
+    for name, workload in servers(monitored).items():
+        env = env_of(workload)
+        assert env["OTEL_EXPORTER_OTLP_ENDPOINT"].startswith("http://") and env["OTEL_EXPORTER_OTLP_ENDPOINT"].endswith(
+            ":4317"), name
+        assert env["OTEL_TRACES_SAMPLER"] == "parentbased_traceidratio", name  # the stages follow the gateway
+        assert env["OTEL_SERVICE_NAME"] == f"twostage-{service_of(workload)}", name
+        names.add(env["OTEL_SERVICE_NAME"])
+    assert names == {"twostage-gateway", "twostage-recall", "twostage-rerank"}
+    for name, workload in servers(render("cpu")).items():
+        assert not any(k.startswith("OTEL_") for k in env_of(workload)), name  # off unless the component is added

@@ -13,12 +13,10 @@ import pytest
 from gateway.config import GatewaySettings
 from gateway.fusion import DEFAULT_CALIBRATION, Calibration, fuse
 from recall_server import calibration
-from recall_server.build import build_from_corpus
 from recall_server.config import RecallSettings
 from twostage.corpus import DEMO_CORPUS, Document, read_corpus
 from twostage.v1 import common_pb2, gateway_pb2, gateway_pb2_grpc, recall_pb2_grpc
 
-CATALOGUE = Path(__file__).parent.parent / "data" / "catalogue.jsonl"
 NONSENSE_QUERY = "zxqv blorp wibble"
 # Queries in other words than the product's, with the product that answers each.
 CATALOGUE_QUERIES = {
@@ -48,16 +46,13 @@ def test_settings_override_each_fitted_constant_and_defaults_stand_in_for_no_fit
     assert GatewaySettings(calibrated_recall_center=0.7).calibration(fitted) == Calibration(80.0, 0.7, 2.0, 1.5)
 
 
-def test_pseudo_queries_are_titles_or_first_sentences():
+def test_pseudo_queries_are_titles_or_the_start_of_the_first_sentence():
     assert calibration.pseudo_query(Document("a", "Drip coffee maker", "Brews coffee.")) == "Drip coffee maker"
-    assert calibration.pseudo_query(Document("a", "", "Brews coffee. Has a timer.")) == "Brews coffee"
-
-
-@pytest.fixture(scope="module")
-def catalogue_index(tmp_path_factory, models) -> Path:
-    out = tmp_path_factory.mktemp("catalogue") / "index"
-    build_from_corpus(CATALOGUE, out, progress=False)
-    return out
+    assert calibration.pseudo_query(Document("a", "", "Brews strong coffee. Has a timer.")) == "Brews strong coffee"
+    # One sentence and no title: never the whole text (a document paired with itself is no query).
+    one = "Drip coffee maker: brews ten cups of coffee with a timer and a warming plate"
+    assert calibration.pseudo_query(Document("a", "", one)) == "Drip coffee maker: brews ten cups of"
+    assert calibration.pseudo_query(Document("a", "", "Kettle")) == "Kettle"
 
 
 async def _serve(index_dir: Path, rerank_target: str, **recall_settings):
@@ -99,6 +94,42 @@ async def test_a_catalogue_scores_relevant_hits_high_and_nonsense_low(catalogue_
         assert sum(score < 0.1 for score in with_scifact_constants) >= 2, with_scifact_constants
         nonsense = (await _search(stub, NONSENSE_QUERY)).hits
         assert nonsense and all(h.score <= 0.1 for h in nonsense)
+    finally:
+        await gateway.stop(grace_s=1)
+        await recall.stop(grace_s=1)
+
+
+def _catalogue_variant(directory: Path, name: str) -> Path:
+    import json
+
+    from recall_server.build import build_from_corpus
+    catalogue = Path(__file__).parent.parent / "data" / "catalogue.jsonl"
+
+    rows = [json.loads(line) for line in catalogue.read_text().splitlines() if line.strip()]
+    if name == "no titles":  # the title folded into the text, as many exports have it
+        rows = [{"_id": r["_id"], "text": f"{r['title']}: {r['text']}", "metadata": r.get("metadata", {})}
+                for r in rows]
+    else:  # a first try with a handful of products
+        rows = rows[:15]
+    corpus = directory / "corpus.jsonl"
+    corpus.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    build_from_corpus(corpus, directory / "index", progress=False)
+    return directory / "index"
+
+
+@pytest.mark.parametrize("variant", ["no titles", "15 products"])
+async def test_catalogues_without_titles_or_with_few_products_still_score_relevant_hits_high(
+        variant, tmp_path, rerank_target, channel_to, models):
+    index_dir = await asyncio.to_thread(_catalogue_variant, tmp_path, variant)
+    recall, gateway, recall_target, gateway_target = await _serve(index_dir, rerank_target)
+    try:
+        info = await recall_pb2_grpc.RecallStub(channel_to(recall_target)).Info(common_pb2.InfoRequest())
+        assert info.HasField("calibration"), "fitted from the index, not SciFact's constants"
+        stub = gateway_pb2_grpc.GatewayStub(channel_to(gateway_target))
+        for query, product in CATALOGUE_QUERIES.items():
+            hits = (await _search(stub, query)).hits
+            assert hits[0].id == product and hits[0].score >= 0.5, (variant, query, hits[0])
+        assert all(h.score <= 0.1 for h in (await _search(stub, NONSENSE_QUERY)).hits)
     finally:
         await gateway.stop(grace_s=1)
         await recall.stop(grace_s=1)
@@ -155,5 +186,5 @@ async def test_fits_are_spaced_by_the_least_interval(catalogue_index, tmp_path, 
         first = service.calibration
         await service.upsert(abstracts(20))
         # Due by writes, but the fit at start is recent: one fit is booked for later, none runs now.
-        assert service._refit_later is not None and service._fitting is None
+        assert service._refit_later is not None and service._fitting.done()
         assert service.calibration is first

@@ -1,5 +1,6 @@
-"""The gateway's rerank cost model starts from what each replica measured when its model loaded (Info), not
-from a pessimistic default: a fresh gateway's budget buys the pairs the replica's own speed affords."""
+"""The gateway's rerank cost model starts from what each replica measured when its model loaded (Info: a
+pair's cost by its length), not from a pessimistic default: a fresh gateway's budget buys the pairs the
+replica's own speed affords."""
 
 import pytest
 
@@ -20,6 +21,8 @@ async def test_a_fresh_gateway_budgets_with_the_replicas_published_speed(recall_
     try:
         (replica,) = server.lifecycle.pool.replicas
         assert replica.ms_per_pair == pytest.approx(info.ms_per_pair)
+        assert (replica.cost.fixed_ms, replica.cost.ms_per_token, replica.cost.max_length) == (
+            pytest.approx(info.pair_fixed_ms), pytest.approx(info.pair_ms_per_token), info.max_length)
         # Budget for the recall stage and about ten pairs at the replica's own speed.
         reply = await stub.Search(gateway_pb2.SearchRequest(
             query="homocysteine and vitamin B12", recall_k=20, top_k=5, budget_ms=int(500 + 10 * info.ms_per_pair)),

@@ -80,6 +80,40 @@ async def test_an_invalid_document_anywhere_leaves_every_shard_untouched(replica
     assert await stored_on(replicas, 0, [valid]) == [0, 0, 0]
 
 
+async def test_a_key_given_two_types_in_one_request_is_refused_before_any_shard_types_it(replicas, gateway):
+    """Each shard types a new key by the first value it sees: split over two shards, one request would type
+    it twice, and filters on it would then miss one half of the request."""
+    stub = await gateway()
+    (first,), (second,) = ids_of(0, "typed", 1), ids_of(1, "typed", 1)
+    docs = [document(first), document(second)]
+    docs[0].metadata["discount"].number_value = 10
+    docs[1].metadata["discount"].string_value = "10%"
+    with pytest.raises(grpc.aio.AioRpcError) as refused:
+        await stub.Upsert(common_pb2.UpsertRequest(documents=docs))
+    assert refused.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "documents[1]: document" in refused.value.details() and "'discount'" in refused.value.details()
+    assert await stored_on(replicas, 0, [first]) == [0, 0, 0] and await stored_on(replicas, 1, [second]) == [0]
+
+
+async def test_a_filter_one_shard_refuses_fails_the_search_instead_of_answering_from_the_other(replicas, gateway):
+    """Keys typed apart by two shards (written to each directly): the filter is the caller's mistake on one of
+    them, so the search is INVALID_ARGUMENT naming it, never a partial answer that looks like an outage."""
+    from twostage.convert import filter_to_proto
+    from twostage.corpus import Document
+    from twostage.filters import parse_filter
+    from twostage.v1 import gateway_pb2
+
+    (first,), (second,) = ids_of(0, "sized", 1), ids_of(1, "sized", 1)
+    await replicas[0][0][0].upsert([Document(first, "", "A small coral reef survey.", {"size": 3})])
+    await replicas[1][0][0].upsert([Document(second, "", "A large coral reef survey.", {"size": "L"})])
+    stub = await gateway()
+    request = gateway_pb2.SearchRequest(query="coral reef survey", recall_k=10, skip_rerank=True,
+                                        filter=filter_to_proto(parse_filter(["size<=5"])))
+    with pytest.raises(grpc.aio.AioRpcError) as refused:
+        await stub.Search(request)
+    assert refused.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "'size'" in refused.value.details()
+
+
 async def test_one_replica_down_does_not_block_its_shards_writes_under_a_majority(replicas, gateway):
     stub = await gateway()
     down_service, down_server, _ = replicas[0][2]

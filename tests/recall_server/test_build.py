@@ -70,3 +70,38 @@ def test_sharded_build_records_each_shards_part(tmp_path, models):
             assert sorted(index.get(ids)) == sorted(ids) and index.store.count() == len(ids)
         finally:
             index.close()
+
+
+def test_the_progress_bar_advances_with_the_work_not_the_document_count():
+    """Batches go short documents first: the bar moves by each batch's padded tokens, so its rate and ETA hold
+    from the first batch (counting documents, the short ones would make the start look many times faster)."""
+    from types import SimpleNamespace
+
+    import numpy as np
+
+    from recall_server.build import embed_documents
+    from twostage.batching import BatchPolicy
+    from twostage.corpus import Document
+
+    lengths = [4] * 8 + [64] * 8  # half the documents, a 17th of the tokens
+
+    class Embedder:
+        dims = 2
+
+        def encode(self, texts, is_query):
+            return [SimpleNamespace(length=int(text.split()[0])) for text in texts]
+
+        def embed(self, encoded):
+            return np.zeros((len(encoded), 2), np.float32)
+
+    class Bar:
+        def __init__(self):
+            self.shown = []
+
+        def update(self, n):
+            self.shown.append((self.shown[-1] if self.shown else 0) + n)
+
+    docs = [Document(str(i), "", f"{n} tokens") for i, n in enumerate(lengths)]
+    bar = Bar()
+    embed_documents(Embedder(), docs, BatchPolicy(max_batch_size=8, max_batch_tokens=1 << 20), bar)
+    assert bar.shown == [round(16 * 32 / (32 + 512)), 16]  # the short half is 1/17 of the work, not half of it

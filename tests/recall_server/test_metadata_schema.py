@@ -70,6 +70,12 @@ def test_coercion_only_when_allowed_and_only_when_nothing_is_lost():
     assert converted.metadata == {"price": 12.99, "in_stock": True, "tags": ["travel"], "sku": "7"} and added == {}
     with pytest.raises(errors.InvalidArgument, match="'price' is a string"):
         conform([Document("a", "", "x", {"price": "cheap"})], schema, coerce=True)
+    # Only JSON's number syntax, and only what a double holds exactly.
+    for lossy in ("9007199254740993", "12.999999999999999999", "0012", "1_000", "\u0661\u0662", "nan", " 12"):
+        with pytest.raises(errors.InvalidArgument, match="'price' is a string"):
+            conform([Document("a", "", "x", {"price": lossy})], schema, coerce=True)
+    (exact,), _ = conform([Document("a", "", "x", {"price": "1e3"})], schema, coerce=True)
+    assert exact.metadata["price"] == 1000.0
     # Within one request the first value of a new key types it.
     with pytest.raises(errors.InvalidArgument, match=r"documents\[1\]: document 'c' metadata 'size' is a number"):
         conform([Document("b", "", "x", {"size": "L"}), Document("c", "", "x", {"size": 3})], {})
@@ -157,12 +163,17 @@ async def test_writes_and_filters_are_checked_against_the_schema(product_index, 
         assert coercing.index.get(["new-2"])["new-2"].metadata == {"price": 12.99}
         candidates, _, _ = await coercing.search("kettle", 20, filter_=parse_filter(["price<=20"]), mode="lexical")
         assert "new-2" in {c.document.id for c in candidates}
-        # A row a peer accepted is copied as it is, whatever its types: replicas never diverge over a schema.
+        # A row a peer accepted is copied as it is (refusing it would leave the replicas apart for good), and
+        # the contradiction is counted: a price filter misses that row, and the operator must be able to see it.
+        from recall_server.docstore import SCHEMA_CONFLICTS
+
+        conflicts = SCHEMA_CONFLICTS._value.get()
         copied = Write(Document("peer-1", "", "From a peer.", {"price": "n/a"}), np.ones(384, np.float32),
                        Version(1 << 60, "peer"))
         coercing.index.apply([copied])
         assert coercing.index.get(["peer-1"])["peer-1"].metadata == {"price": "n/a"}
         assert coercing.index.store.schema()["price"] == "number"
+        assert SCHEMA_CONFLICTS._value.get() == conflicts + 1
     finally:
         await server.stop(grace_s=1)
 

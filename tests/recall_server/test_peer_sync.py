@@ -205,10 +205,20 @@ async def test_a_purge_waits_until_every_peer_holds_the_rows_below_its_horizon(s
     await first.apply_peer_writes([old])
     shard.peers(first_address, "127.0.0.1:1")
     assert not await first.peers.agree_below(horizon)  # a peer that cannot answer may hold rows this one lacks
+    # The second's catch-up is held (it runs every 50 ms) while it is asked, so that it still lacks the old row.
+    catch_up, held = second.peers.sync_once, asyncio.Event()
+
+    async def held_catch_up():
+        await held.wait()
+        return await catch_up()
+
+    second.peers.sync_once = held_catch_up
     shard.peers(first_address, second_address)
     # Writes going on now are newer than the horizon: they never hold the purge back; the missing old row does.
     writing = asyncio.ensure_future(first.upsert([Document(i, "", "new") for i in ids_of_shard("now", 20)]))
-    assert not await second.peers.agree_below(horizon)
+    assert not second.index.get([old.doc.id]) and not await second.peers.agree_below(horizon)
+    second.peers.sync_once = catch_up
+    held.set()
     await until(lambda: second.index.get([old.doc.id]), timeout_s=60)  # caught up
     await writing
     await second.upsert([Document(id_of_shard("later"), "", "newer than the horizon")])

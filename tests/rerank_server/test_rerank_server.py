@@ -91,6 +91,36 @@ async def test_info(stub):
     assert {limit.name: limit.value for limit in info.limits}["max_documents"] == 1000
 
 
+async def test_info_publishes_a_cost_model_by_length_corrected_by_live_batches(stub):
+    reply = await stub.Rerank(rerank_pb2.RerankRequest(query=QUERY, documents=[RELEVANT, *IRRELEVANT],
+                                                       bypass_cache=True))
+    assert reply.cost_ratio > 0  # this batch, measured against the model fitted at load
+    info = await stub.Info(common_pb2.InfoRequest())
+    assert info.pair_ms_per_token > 0 and info.pair_fixed_ms >= 0 and info.cost_ratio > 0
+    full = info.pair_fixed_ms + info.pair_ms_per_token * info.max_length
+    assert info.ms_per_pair == pytest.approx(full * info.cost_ratio)
+    assert 3 < info.chars_per_token < 7  # English through WordPiece, from the pairs read whole
+
+
+async def test_the_load_time_measurement_is_not_taken_for_live_traffic(models):
+    """The cost fitted at load is timed on the model directly: the batcher's estimate, which every answer
+    reports as model_ms_per_pair (and admission predicts with), starts from the first live batch."""
+    from rerank_server.service import RerankQuery, RerankService
+
+    service = RerankService(RerankSettings(port=0, score_cache_mb=0))
+    await service.start()
+    try:
+        assert service.cost.ms_per_token > 0 and service.cost.max_length == 256
+        assert service.batcher.ms_per_item == 0 and service.batcher.batch_cost.predict(1024) is None
+        assert service.cost_ratio == 0 and service.chars_per_token == 0  # nor the warm-up's texts
+        outcome = await service.rerank(RerankQuery(QUERY, [RELEVANT, *IRRELEVANT]))
+        timings = outcome.timings_ms
+        assert timings["model_ms_per_pair"] == pytest.approx(timings["compute_ms"] / 3, rel=0.05)
+        assert outcome.cost_ratio > 0 and service.chars_per_token > 0
+    finally:
+        await service.close()
+
+
 async def wait_until(condition, timeout_s: float = 30.0) -> None:
     import time
 

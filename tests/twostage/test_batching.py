@@ -7,7 +7,7 @@ import time
 
 import pytest
 
-from twostage.batching import BatchCost, BatchPolicy, DynamicBatcher, plan_batches
+from twostage.batching import BatchCost, BatchPolicy, DynamicBatcher, PairCost, plan_batches
 from twostage.errors import DeadlineExceeded, ModelFailure, NotReady, Overloaded
 
 
@@ -140,6 +140,27 @@ async def test_an_item_whose_deadline_would_pass_during_its_batch_is_not_compute
     assert [2] not in model.batches and batcher.stats.expired_items == 1
 
 
+async def test_a_lane_refusing_everything_on_a_stale_estimate_runs_one_item_to_correct_it(monkeypatch):
+    """One slow batch (a new shape's first run on a busy host) must not have every later item refused as
+    late, for a refused item teaches nothing: once the lane has run nothing for STALE_S, one runs anyway
+    and its time replaces the estimate."""
+    from twostage import batching
+
+    monkeypatch.setattr(batching, "STALE_S", 0.2)
+    model = FakeModel()
+    batcher = await make(model, max_batch_size=1)
+    batcher.ms_per_item = 60_000.0  # as learned from one slow batch that has just ended
+    batcher._lane_done_s[False] = time.monotonic()
+    with pytest.raises(DeadlineExceeded, match="would pass"):
+        await batcher.submit([1], [5], deadline_s=time.monotonic() + 5)
+    await asyncio.sleep(0.25)  # nothing has run since
+    assert (await batcher.submit([2], [5], deadline_s=time.monotonic() + 5)).values == [4]
+    assert batcher.ms_per_item < 1_000  # the probe's own time, not a fifth of the way from a minute
+    assert (await batcher.submit([3], [5], deadline_s=time.monotonic() + 5)).values == [6]
+    await batcher.close()
+    assert model.batches == [[2], [3]]
+
+
 @pytest.mark.parametrize("partial", [False, True])
 async def test_a_partial_submission_keeps_what_was_computed_before_its_deadline(partial):
     """The first batch is computed; the model then holds until the deadline has passed. A partial
@@ -174,6 +195,29 @@ def test_batch_cost_separates_the_fixed_part_from_the_part_per_token():
     for tokens in (100, 400, 200, 800):
         cost.add(tokens, 10.0 + 0.2 * tokens)
     assert cost.predict(1000) == pytest.approx(210.0) and cost.predict(50) == pytest.approx(20.0)
+
+
+def test_a_pairs_cost_is_fitted_from_pairs_of_a_few_lengths():
+    cost = PairCost.fit([(32, 5 + 0.5 * 32), (128, 5 + 0.5 * 128), (256, 5 + 0.5 * 256)], max_length=256)
+    assert (cost.fixed_ms, cost.ms_per_token) == (pytest.approx(5.0), pytest.approx(0.5))
+    assert cost.pair_ms(1000) == pytest.approx(5 + 0.5 * 256)  # the model reads no more than max_length
+    # Timings that would put the cost of no tokens below nothing (noise): a line through 0, never below it.
+    noisy = PairCost.fit([(32, 10.0), (256, 300.0)], max_length=256)
+    assert noisy.fixed_ms == 0 and noisy.pair_ms(256) == pytest.approx(300.0, rel=0.02)
+    assert noisy.pair_ms(32) > 10.0
+    # One length: all of it per token.
+    assert PairCost.fit([(64, 32.0)], max_length=64) == PairCost(0.0, 0.5, 64)
+
+
+def test_a_pairs_tokens_are_estimated_from_its_characters():
+    cost = PairCost(1.0, 0.1, max_length=256, chars_per_token=4.0)
+    assert cost.estimate_tokens(20, 100) == 5 + 25 + 3  # query, document, [CLS] and two [SEP]
+    assert cost.estimate_tokens(20, 100_000) == 256  # documents are cut at max_length
+    assert cost.estimate_tokens(4_000, 40) == 128 + 10 + 3  # the query keeps at most half the window
+    assert PairCost(1.0, 0.1, 256, chars_per_token=0).estimate_tokens(20, 100) == 33  # not published: 4
+    # A product description costs a fraction of an abstract cut at max_length.
+    short, long = cost.estimate_tokens(25, 90), cost.estimate_tokens(25, 1_500)
+    assert cost.pair_ms(short) < cost.pair_ms(long) / 4
 
 
 async def test_items_due_sooner_go_first_and_fill_the_batch_in_order_of_urgency():

@@ -45,9 +45,9 @@ async def test_eval_reports_every_ranking(tmp_path, demo_data, gateway_target, r
     assert plot.read_bytes()[:4] == b"\x89PNG"
     # The same answers fused again with the fitted constants rank exactly as the gateway did, so the
     # comparison with the built-in constants is on identical candidates and rerank scores.
-    fitted, built_in = report["calibration"]["fitted"], report["calibration"]["built_in"]
-    assert fitted["final_ndcg@10"] == report["final"]["ndcg@10"]
-    assert fitted["center"] != built_in["center"] and 0 < built_in["final_ndcg@10"] <= 1
+    in_use, built_in = report["calibration"]["in_use"], report["calibration"]["built_in"]
+    assert in_use["final_ndcg@10"] == report["final"]["ndcg@10"]
+    assert in_use["center"] != built_in["center"] and 0 < built_in["final_ndcg@10"] <= 1
 
 
 def test_recall_k_advice_in_plain_words():
@@ -161,3 +161,69 @@ async def test_eval_sweeps_and_tunes_feedback_through_the_gateway(tmp_path, demo
     assert tune["in_sample_gain"] >= 0 and tune["in_sample_ndcg@10"] >= tune["held_out_ndcg@10"] - 1e-9
     assert tune["outcome"].startswith("written" if tune["held_out_gain"] > 0 and tune["best"] else "not written")
     assert tuned.exists() == tune["outcome"].startswith("written")
+def with_corpus(dataset, demo_data, docs: int, empty: int):
+    """The slice's queries over a corpus of its first ``docs`` documents plus ``empty`` empty ones."""
+    rows = [{"_id": d.id, "title": d.title, "text": d.text} for d in list(demo_data["docs"].values())[:docs]]
+    rows += [{"_id": f"empty-{i}", "title": "", "text": ""} for i in range(empty)]
+    (dataset / "corpus.jsonl").write_text("".join(json.dumps(row) + "\n" for row in rows))
+    return dataset
+
+
+def test_eval_on_a_corpus_with_empty_documents_names_the_flag_that_skips_them(tmp_path, demo_data, capsys):
+    dataset = with_corpus(beir_slice(tmp_path / "data", demo_data), demo_data, 3, 2)
+    code = main(["eval", "--dataset", str(dataset), "--index-dir", str(tmp_path / "index"), "--port", "1"])
+    error = capsys.readouterr().err
+    assert code == 2 and "2 invalid lines" in error and "pass --skip-invalid" in error
+    assert not (tmp_path / "index").exists()
+
+
+def children_of(pid: int) -> list[int]:
+    from pathlib import Path
+
+    found = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:  # ended meanwhile
+            continue
+        if int(fields[1]) == pid:
+            found.append(int(stat.parent.name))
+    return found
+
+
+def test_sigterm_to_eval_stops_its_stack_and_frees_its_ports(tmp_path, demo_data, models):
+    """eval builds its index around the empty documents (--skip-invalid), starts its three servers, and is
+    stopped mid-run: it exits only after they have, leaving no process and no port behind."""
+    import contextlib
+    import os
+    import signal
+    import socket
+    import subprocess
+    import sys
+
+    from tests.twostage.test_cli import free_port_run, wait_for_line
+
+    dataset = with_corpus(beir_slice(tmp_path / "data", demo_data), demo_data, 40, 2)
+    port = free_port_run(3)
+    run = subprocess.Popen(
+        [sys.executable, "-m", "twostage", "eval", "--dataset", str(dataset), "--skip-invalid", "--port", str(port),
+         "--index-dir", str(tmp_path / "index"), "--recall-k", "40"],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    servers = []
+    try:
+        wait_for_line(run, "gateway serving on port")  # the last tier up: queries begin
+        servers = children_of(run.pid)
+        assert len(servers) == 3
+        run.send_signal(signal.SIGTERM)
+        # 143: eval stopped its servers and exited on its own; -15 would be eval killed alone.
+        assert run.wait(timeout=60) == 128 + signal.SIGTERM
+        for pid in servers:
+            assert not os.path.exists(f"/proc/{pid}"), pid
+        for taken in range(port, port + 3):
+            socket.create_server(("127.0.0.1", taken)).close()  # free again
+        _, err = run.communicate(timeout=10)
+        assert "SIGTERM: stopping the local stack" in err and "2 invalid lines" in err
+    finally:
+        for pid in [*servers, run.pid]:  # nothing left behind, even when this fails
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)

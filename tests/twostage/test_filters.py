@@ -113,6 +113,8 @@ def test_a_malformed_clause_is_invalid_argument_naming_it(clause, message):
     (["in_stock=true"], [FilterClause("in_stock", equals=True)]),
     (['code="007"'], [FilterClause("code", equals="007")]),
     (["category in garden,outdoor"], [FilterClause("category", any_of=("garden", "outdoor"))]),
+    (['brand in "Acme, Inc", Other'], [FilterClause("brand", any_of=("Acme, Inc", "Other"))]),
+    (['code in "007",8'], [FilterClause("code", any_of=("007", 8))]),
     (['{"price": {"gt": 1, "lte": 100}, "tags": "travel", "brand": ["a", "b"]}'],
      [FilterClause("price", range=NumberRange(gt=1.0, lte=100.0)), FilterClause("tags", equals="travel"),
       FilterClause("brand", any_of=("a", "b"))]),
@@ -128,6 +130,10 @@ def test_filters_as_a_user_types_them(texts, expected):
     ("{not json", "not valid JSON"),
     ('{"price": {"lte": "x"}}', "range bounds must be numbers"),
     ("a=", "the value is empty"),
+    ("a in x,", "the value is empty"),
+    ("price==5", "the value starts with '='"),
+    ("price=>5", "the value starts with '>'"),
+    ('brand in "Acme, Inc', "a value with a comma in double quotes"),
 ])
 def test_a_filter_that_does_not_parse_says_why(text, message):
     with pytest.raises(errors.InvalidArgument, match=re.escape(message)):

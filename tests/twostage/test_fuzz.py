@@ -36,7 +36,7 @@ BATCH = 50
 OUTCOMES: Counter = Counter()  # (service.method, status) -> count
 # Words a rejection may name; every INVALID_ARGUMENT must name one of them.
 FIELDS = ("query", "k", "top_k", "recall_k", "budget_ms", "request_id", "texts", "documents", "document", "ids",
-          "id", "metadata", "model", "top_n")
+          "id", "metadata", "model", "top_n", "dimensions")
 
 
 def limit_and_neighbours(limit: int) -> st.SearchStrategy[int]:
@@ -84,6 +84,13 @@ DELETE = st.builds(common_pb2.DeleteRequest, ids=id_lists)
 GET = st.builds(common_pb2.GetRequest, ids=id_lists)
 RERANK = st.builds(rerank_pb2.RerankRequest, query=odd_text, documents=rerank_docs, top_n=limit_and_neighbours(1000),
                    model=st.sampled_from(["", "ms-marco-minilm-l12", "bge"]))
+GATEWAY_RERANK = st.builds(gateway_pb2.RerankTextsRequest, query=odd_text, documents=rerank_docs,
+                           top_n=limit_and_neighbours(1000), budget_ms=st.sampled_from([0, 1, 25, 300, 2**32 - 1]),
+                           model=st.sampled_from(["", "ms-marco-minilm-l12", "bge"]))
+GATEWAY_EMBED = st.builds(gateway_pb2.EmbedTextsRequest, texts=st.one_of(st.lists(odd_text, max_size=3),
+                                                                         st.sampled_from([["a"] * 300, ["a"] * 2049])),
+                          is_query=st.booleans(), dimensions=st.sampled_from([0, 1, 383, 384, 385]),
+                          normalize=st.booleans(), model=st.sampled_from(["", "bge-small-en", "other"]))
 INFO = st.just(common_pb2.InfoRequest())
 
 
@@ -134,7 +141,7 @@ def send_all(name: str, method, requests: list) -> None:
         elif code is grpc.StatusCode.DEADLINE_EXCEEDED:
             # Only the gateway's own budget (at most 500 ms here) may end a call like this: the client's
             # deadline is 120 s, and the stages have no budget of their own.
-            assert name == "Gateway.Search", details
+            assert name in ("Gateway.Search", "Gateway.Rerank", "Gateway.Embed"), details
         else:
             assert code in (grpc.StatusCode.OK, grpc.StatusCode.RESOURCE_EXHAUSTED), f"{name}: {code.name}: {details}"
 
@@ -154,13 +161,15 @@ CASES = [
     ("Gateway.Search", SEARCH, "gateway", gateway_pb2_grpc.GatewayStub, "Search", 55),
     ("Gateway.Upsert", UPSERT, "gateway", gateway_pb2_grpc.GatewayStub, "Upsert", 6),
     ("Gateway.Delete", DELETE, "gateway", gateway_pb2_grpc.GatewayStub, "Delete", 10),
-    ("Gateway.Get", GET, "gateway", gateway_pb2_grpc.GatewayStub, "Get", 10),
+    ("Gateway.Get", GET, "gateway", gateway_pb2_grpc.GatewayStub, "Get", 14),
     ("Gateway.Info", INFO, "gateway", gateway_pb2_grpc.GatewayStub, "Info", 2),
+    ("Gateway.Rerank", GATEWAY_RERANK, "gateway", gateway_pb2_grpc.GatewayStub, "Rerank", 8),
+    ("Gateway.Embed", GATEWAY_EMBED, "gateway", gateway_pb2_grpc.GatewayStub, "Embed", 6),
     ("Recall.Search", RECALL_SEARCH, "recall", recall_pb2_grpc.RecallStub, "Search", 45),
-    ("Recall.Embed", EMBED, "recall", recall_pb2_grpc.RecallStub, "Embed", 16),
+    ("Recall.Embed", EMBED, "recall", recall_pb2_grpc.RecallStub, "Embed", 8),
     ("Recall.Upsert", UPSERT, "recall", recall_pb2_grpc.RecallStub, "Upsert", 6),
     ("Recall.Delete", DELETE, "recall", recall_pb2_grpc.RecallStub, "Delete", 10),
-    ("Recall.Get", GET, "recall", recall_pb2_grpc.RecallStub, "Get", 10),
+    ("Recall.Get", GET, "recall", recall_pb2_grpc.RecallStub, "Get", 14),
     ("Recall.Info", INFO, "recall", recall_pb2_grpc.RecallStub, "Info", 2),
     ("Rerank.Rerank", RERANK, "rerank", rerank_pb2_grpc.RerankStub, "Rerank", 32),
     ("Rerank.Info", INFO, "rerank2", rerank_pb2_grpc.RerankStub, "Info", 2),

@@ -36,9 +36,9 @@ async def test_metrics_endpoint_after_traffic(recall_target, rerank_target):
     finally:
         await gateway.stop(grace_s=1)
     for series in (
-        'twostage_rpc_requests_total{code="OK",method="Gateway/Search"}',
-        'twostage_rpc_requests_total{code="OK",method="Rerank/Rerank"}',
-        'twostage_rpc_latency_seconds_bucket{le="0.001",method="Recall/Search"}',
+        'twostage_rpc_requests_total{code="OK",method="Gateway/Search",protocol="grpc"}',
+        'twostage_rpc_requests_total{code="OK",method="Rerank/Rerank",protocol="grpc"}',
+        'twostage_rpc_latency_seconds_bucket{le="0.001",method="Recall/Search",protocol="grpc"}',
         "twostage_batch_size_items_bucket",
         'twostage_batcher_padding_waste_ratio{batcher="rerank"}',
         'twostage_batcher_shed_items_total{batcher="rerank"}',

@@ -61,12 +61,12 @@ async def secured(secrets_dir, tmp_path_factory, built_index):
     rerank = build_rerank(RerankService(RerankSettings(port=0, **security)))
     recall_port, rerank_port = await recall.start(), await rerank.start()
     gateway = build_gateway(GatewaySettings(
-        port=0, recall_targets=f"127.0.0.1:{recall_port}", rerank_targets=f"127.0.0.1:{rerank_port}",
+        port=0, http_port=0, recall_targets=f"127.0.0.1:{recall_port}", rerank_targets=f"127.0.0.1:{rerank_port}",
         stage_token_file=secrets_dir["gateway_token_file"], **security,
     ))
     gateway_port = await gateway.start()
     yield {"gateway": f"127.0.0.1:{gateway_port}", "recall": f"127.0.0.1:{recall_port}",
-           "rerank": f"127.0.0.1:{rerank_port}"}
+           "rerank": f"127.0.0.1:{rerank_port}", "gateway-http": f"127.0.0.1:{gateway.listeners[0].port}"}
     for server in (gateway, recall, rerank):
         await server.stop(grace_s=0)
 
@@ -576,14 +576,14 @@ def sslyze_scan(port: int, ca_file: Path, client_tls: Path | None, full: bool = 
     return next(iter(scanner.get_results()))
 
 
-@pytest.mark.parametrize("tier", ["gateway", "recall", "rerank"])
+@pytest.mark.parametrize("tier", ["gateway", "gateway-http", "recall", "rerank"])
 async def test_every_tls_listener_passes_the_scan(secured, secrets_dir, tier):
     # Imported, not skipped when missing: sslyze is a test dependency, and a broken install must fail here.
     from sslyze import ClientAuthRequirementEnum, ServerScanStatusEnum
 
     port = int(secured[tier].rsplit(":", 1)[1])
     ca_file = secrets_dir["tls"] / "ca.pem"
-    stage = tier != "gateway"
+    stage = tier not in ("gateway", "gateway-http")
     # The stages are scanned as the gateway (with its client certificate): without one nothing gets through.
     result = await asyncio.to_thread(sslyze_scan, port, ca_file, secrets_dir["tls"] if stage else None)
     assert result.scan_status is ServerScanStatusEnum.COMPLETED, result.connectivity_error_trace
@@ -608,6 +608,10 @@ async def test_every_tls_listener_passes_the_scan(secured, secrets_dir, tier):
         assert not any(weak in suite.name for weak in WEAK), suite.name
         # Forward secrecy: an ephemeral key exchange (TLS 1.3 suites always have one).
         assert suite.name.startswith(("TLS_ECDHE_", "TLS_DHE_")) or suite.openssl_name.startswith("TLS_"), suite.name
+    # gRPC's policy on every listener: on TLS 1.2, ECDHE with an AEAD cipher and nothing else (no CBC, no DHE).
+    for accepted in scans.tls_1_2_cipher_suites.result.accepted_cipher_suites:
+        name = accepted.cipher_suite.name
+        assert name.startswith("TLS_ECDHE_") and ("_GCM_" in name or "_CHACHA20_POLY1305_" in name), (tier, name)
     deployments = scans.certificate_info.result.certificate_deployments
     validations = [v for d in deployments for v in d.path_validation_results if v.trust_store.path == ca_file]
     assert validations and all(v.was_validation_successful for v in validations), validations

@@ -1,15 +1,18 @@
 """``twostage serve all`` rehearses the cluster topology as processes: shards with replicas."""
 
+import asyncio
+import os
+import signal
+
 import grpc
 import pytest
 
 from twostage.sharding import shard_of
-from twostage.stack import Stack
+from twostage.stack import Interrupted, Stack
 from twostage.v1 import common_pb2, gateway_pb2, gateway_pb2_grpc, recall_pb2_grpc
 
-pytestmark = pytest.mark.slow
 
-
+@pytest.mark.slow
 async def test_a_write_through_the_gateway_reaches_every_replica_of_its_shard_only(sharded_index, tmp_path):
     import shutil
 
@@ -48,3 +51,30 @@ async def test_a_write_through_the_gateway_reaches_every_replica_of_its_shard_on
         for open_channel in channels:
             await open_channel.close()
         await stack.stop(timeout_s=10)
+
+
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT, signal.SIGHUP])
+async def test_a_stop_signal_stops_the_stack_before_the_command_ends(signum, monkeypatch):
+    """Whatever the block awaits is cancelled, the stack is stopped, and the block ends with Interrupted."""
+    calls = []
+
+    async def start(self, ready_timeout_s):
+        calls.append("start")
+
+    async def stop(self, timeout_s=30.0):
+        calls.append("stop")
+        return 0
+
+    monkeypatch.setattr(Stack, "start", start)
+    monkeypatch.setattr(Stack, "stop", stop)
+    monkeypatch.setattr("twostage.stack.check_index_dir", lambda index_dir, shards: [index_dir])
+    previous = signal.getsignal(signum)
+    try:
+        with pytest.raises(Interrupted) as raised:
+            async with Stack("127.0.0.1", 1, "index").running(10):
+                os.kill(os.getpid(), signum)
+                await asyncio.Event().wait()  # only the signal ends this
+        assert raised.value.signum == signum and calls == ["start", "stop"]
+        assert signal.getsignal(signum) in (signal.SIG_DFL, signal.default_int_handler)  # handed back
+    finally:
+        signal.signal(signum, previous)

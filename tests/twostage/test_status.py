@@ -25,3 +25,27 @@ def test_limits_name_the_field():
         errors.check_text("query", "  ", 10)
     with pytest.raises(errors.InvalidArgument, match="query is 11 characters; the limit is 10"):
         errors.check_text("query", "x" * 11, 10)
+
+
+def test_the_status_table_gives_each_error_its_codes():
+    """What callers rely on, written out here rather than read back from the table."""
+    from twostage.status import http_status_for
+
+    expected = {
+        errors.InvalidArgument("x"): (grpc.StatusCode.INVALID_ARGUMENT, 422),
+        errors.TooLarge("x"): (grpc.StatusCode.RESOURCE_EXHAUSTED, 413),
+        errors.Overloaded("x"): (grpc.StatusCode.RESOURCE_EXHAUSTED, 429),
+        errors.Unauthenticated("x"): (grpc.StatusCode.UNAUTHENTICATED, 401),
+        errors.PermissionDenied("x"): (grpc.StatusCode.PERMISSION_DENIED, 403),
+        errors.NotFound("x"): (grpc.StatusCode.NOT_FOUND, 404),
+        errors.RequestTimeout("x"): (grpc.StatusCode.DEADLINE_EXCEEDED, 408),
+        errors.FailedPrecondition("x"): (grpc.StatusCode.FAILED_PRECONDITION, 409),
+        errors.NotReady("x"): (grpc.StatusCode.UNAVAILABLE, 503),
+        errors.Unavailable("x"): (grpc.StatusCode.UNAVAILABLE, 503),
+        errors.DeadlineExceeded("x"): (grpc.StatusCode.DEADLINE_EXCEEDED, 504),
+        errors.StorageFull("x"): (grpc.StatusCode.RESOURCE_EXHAUSTED, 507),
+        errors.ModelFailure("x"): (grpc.StatusCode.INTERNAL, 500),
+        ValueError("a bug"): (grpc.StatusCode.INTERNAL, 500),
+    }
+    for error, (code, http) in expected.items():
+        assert (status_for(error), http_status_for(error)) == (code, http), type(error).__name__

@@ -1,7 +1,10 @@
-"""``twostage bench gateway``: the gateway's own overhead, and its answers
-under twice the load the rerank tier can sustain."""
+"""``twostage bench gateway``: the gateway's own overhead, its answers under
+twice the load the rerank tier can sustain, and what tracing costs."""
 
 import asyncio
+import contextlib
+import itertools
+import os
 import statistics
 import time
 from pathlib import Path
@@ -72,11 +75,8 @@ async def secured_overhead(index_dir: Path, port: int, queries: list[str], reque
         write_dev_certs(tls)
         token = add_token(tokens, "search", "bench")
         stack = Stack("127.0.0.1", port, str(index_dir), tls_dir=str(tls), auth_tokens=str(tokens))
-        await stack.start(300)
-        try:
+        async with stack.running(300):
             return await overhead(stack.gateway_target, queries, requests, Credentials(tls, token))
-        finally:
-            await stack.stop()
 
 
 def scrape(metrics_port: int, names: list[str]) -> dict[str, float]:
@@ -110,8 +110,6 @@ def cache_counts(metrics_port: int) -> tuple[float, float]:
 async def cache_affinity(index_dir: Path, port: int, queries: list[str], searches: int, recall_k: int) -> dict:
     """The score cache's hit rate over a Zipf(1.0) query stream through the gateway: one rerank replica,
     two with affinity (each document sent where a hash of its text says), two without (contiguous slices)."""
-    import os
-
     from twostage.evaluation.loadtest import zipf_stream
 
     stream = zipf_stream(queries, searches, 1.0, seed=3)
@@ -120,26 +118,170 @@ async def cache_affinity(index_dir: Path, port: int, queries: list[str], searche
                                      ("two_replicas_no_affinity", 2, False)):
         os.environ["TWOSTAGE_GATEWAY_RERANK_AFFINITY"] = "true" if affinity else "false"
         stack = Stack("127.0.0.1", port, str(index_dir), rerank_replicas=replicas, metrics_port=port + 20)
-        await stack.start(300)
-        try:
+        async with stack.running(300):
             async with grpc.aio.insecure_channel(stack.gateway_target) as channel:
                 stub = gateway_pb2_grpc.GatewayStub(channel)
                 for query in stream:
                     await stub.Search(gateway_pb2.SearchRequest(query=query, recall_k=recall_k, budget_ms=600_000))
             ports = stack.metrics_ports()
             counts = [await asyncio.to_thread(cache_counts, ports[t]) for t in stack.rerank_targets]
-        finally:
-            await stack.stop()
         hits, misses = sum(c[0] for c in counts), sum(c[1] for c in counts)
         rows[name] = {"hit_rate": round(hits / (hits + misses), 4), "pairs_computed": misses}
     os.environ.pop("TWOSTAGE_GATEWAY_RERANK_AFFINITY", None)
     return {"searches": searches, "distinct_queries": len(set(stream)), "recall_k": recall_k, **rows}
 
 
-async def run(args) -> dict:
-    import os
+TRACING = {  # what each stack of the tracing comparison runs with
+    "off": {},
+    "sampled_1.0": {"OTEL_TRACES_SAMPLER": "parentbased_traceidratio", "OTEL_TRACES_SAMPLER_ARG": "1.0"},
+    "sampled_0.01": {"OTEL_TRACES_SAMPLER": "parentbased_traceidratio", "OTEL_TRACES_SAMPLER_ARG": "0.01"},
+}
 
+
+@contextlib.contextmanager
+def environment(values: dict[str, str]):
+    """These variables (and no other OTEL_* one) for what starts inside; the process's own restored after."""
+    saved = dict(os.environ)
+    for name in [n for n in os.environ if n.startswith("OTEL_")]:
+        del os.environ[name]
+    os.environ.update(values)
+    try:
+        yield
+    finally:
+        os.environ.clear()
+        os.environ.update(saved)
+
+
+async def _tracing_round(index_dir: Path, port: int, order: list[str], queries: list[str], requests: int,
+                         throughput_s: float, clients: int, exporting: dict[str, str], receiver) -> dict:
+    """One repeat of the comparison: a stack per setting, side by side (ports in ``order``), measured alike;
+    per setting (p50 ms, searches per second)."""
+    import shutil
+    import tempfile
+
+    copies = Path(tempfile.mkdtemp(prefix="twostage-bench-"))  # a recall server holds its index alone
+    # One model thread per server: nine processes on a few cores, each with a thread per core spinning, would
+    # make the stacks differ by more than what is measured.
+    one_thread = {"TWOSTAGE_RECALL_INTRA_OP_THREADS": "1", "TWOSTAGE_RERANK_INTRA_OP_THREADS": "1"}
+    try:
+        async with contextlib.AsyncExitStack() as running:
+            stubs = {}
+            for i, name in enumerate(order):
+                copy = copies / name
+                await asyncio.to_thread(shutil.copytree, index_dir, copy, ignore=shutil.ignore_patterns(".lock"))
+                sampler = TRACING[name]
+                with environment({**one_thread, **({**exporting, **sampler} if sampler else {})}):
+                    stack = await running.enter_async_context(Stack("127.0.0.1", port + 3 * i, str(copy))
+                                                              .running(300))
+                channel = await running.enter_async_context(grpc.aio.insecure_channel(stack.gateway_target))
+                stubs[name] = gateway_pb2_grpc.GatewayStub(channel)
+            asked = itertools.cycle(queries[:20])
+
+            async def ask(stub) -> float:
+                start = time.perf_counter()
+                await stub.Search(gateway_pb2.SearchRequest(query=next(asked), recall_k=4, top_k=4, budget_ms=60_000))
+                return 1000 * (time.perf_counter() - start)
+
+            for _ in range(2 * min(len(queries), 20)):  # warm: models, connections, the score cache
+                for stub in stubs.values():
+                    await ask(stub)
+
+            # Every order in turn: each stack follows each other one as often (the one exporting every span
+            # leaves work behind for whichever comes next).
+            orders = list(itertools.permutations(order))
+
+            def turns(i: int) -> tuple[str, ...]:
+                return orders[i % len(orders)]
+
+            latencies = {name: [] for name in stubs}
+            for i in range(requests):
+                for name in turns(i):
+                    latencies[name].append(await ask(stubs[name]))
+            answered, elapsed = dict.fromkeys(stubs, 0), dict.fromkeys(stubs, 0.0)
+            for i in range(len(orders)):  # throughput: closed-loop slices, taking turns
+                for name in turns(i):
+                    await asyncio.to_thread(receiver.wait_quiet)  # the last slice's spans exported first
+                    end = time.perf_counter() + throughput_s / len(orders)
+
+                    async def client(stub=stubs[name], end=end) -> int:
+                        count = 0
+                        while time.perf_counter() < end:
+                            await ask(stub)
+                            count += 1
+                        return count
+
+                    start = time.perf_counter()
+                    answered[name] += sum(await asyncio.gather(*(client() for _ in range(clients))))
+                    elapsed[name] += time.perf_counter() - start
+    finally:
+        shutil.rmtree(copies, ignore_errors=True)
+    return {name: (statistics.median(latencies[name]), answered[name] / elapsed[name]) for name in stubs}
+
+
+async def tracing_cost(index_dir: Path, port: int, queries: list[str], requests: int, repeats: int,
+                       throughput_s: float, clients: int = 4) -> dict:
+    """Searches with tracing off, sampling every trace and sampling 1%, spans exported to a local OTLP receiver.
+    Each repeat starts a stack per setting, side by side, and alternates requests between them (p50, one at a
+    time) and closed-loop slices of ``clients`` concurrent searches (throughput), so a shared machine's drift
+    hits all three alike; fresh processes each repeat, and the settings' places rotated, so that what differs
+    between processes (where the OS put their threads) averages out. Queries repeat: after the warm-up the
+    score cache answers rerank, leaving the hops and the query embedding, where tracing's cost would show."""
+    from twostage.bench.otlp import OtlpReceiver
+
+    receiver = OtlpReceiver().start()
+    names = list(TRACING)
+    rounds = []
+    try:
+        for repeat in range(repeats):
+            order = names[repeat % len(names):] + names[:repeat % len(names)]
+            print(f"  repeat {repeat + 1} of {repeats} ...", flush=True)
+            rounds.append(await _tracing_round(index_dir, port, order, queries, requests, throughput_s, clients,
+                                               {"OTEL_EXPORTER_OTLP_ENDPOINT": receiver.endpoint,
+                                                "OTEL_BSP_SCHEDULE_DELAY": "200"}, receiver))
+    finally:
+        receiver.stop()
+    rows = {}
+    for name in names:
+        p50s = [r[name][0] for r in rounds]
+        rates = [r[name][1] for r in rounds]
+        rows[name] = {"p50_ms": round(statistics.median(p50s), 3), "throughput_rps": round(statistics.median(rates), 2),
+                      "p50_ms_each": [round(v, 3) for v in p50s], "throughput_rps_each": [round(v, 2) for v in rates]}
+    for name in names[1:]:
+        added = [r[name][0] - r["off"][0] for r in rounds]
+        ratios = [r[name][1] / r["off"][1] for r in rounds]
+        rows[name].update({"p50_added_ms": round(statistics.median(added), 3),
+                           "p50_added_ms_each": [round(v, 3) for v in added],
+                           "throughput_ratio": round(statistics.median(ratios), 4),
+                           "throughput_ratio_each": [round(v, 4) for v in ratios]})
+    at_1pct = rows["sampled_0.01"]
+    return {"requests_each": requests, "repeats": repeats, "throughput_s": throughput_s, "clients": clients,
+            "spans_received": len(receiver.spans), **rows,
+            # Targets: sampling 1%, p50 rises by 0.1 ms at most and throughput stays at 0.99 of untraced or more.
+            "meets_targets_at_0.01": at_1pct["p50_added_ms"] <= 0.1 and at_1pct["throughput_ratio"] >= 0.99}
+
+
+def print_tracing(cost: dict) -> None:
+    off = cost["off"]
+    print(f"tracing (medians of {cost['repeats']} repeats): off p50 {off['p50_ms']} ms, {off['throughput_rps']} "
+          "searches/s; " + "; ".join(
+              f"{name.replace('_', ' ')}: p50 {row['p50_added_ms']:+} ms (each repeat {row['p50_added_ms_each']}), "
+              f"throughput x{row['throughput_ratio']} (each {row['throughput_ratio_each']})"
+              for name, row in cost.items() if isinstance(row, dict) and name != "off")
+          + f"; {cost['spans_received']} spans exported", flush=True)
+
+
+async def run(args) -> dict:
     fetch_defaults(log=lambda message: None)
+    if getattr(args, "only", None) == "tracing":
+        queries = list(read_queries(DEMO_CORPUS).values())
+        index_dir = await asyncio.to_thread(bench_index, 200 if args.quick else 1000)
+        print("tracing off, sampling 1.0 and 0.01, side by side ...", flush=True)
+        cost = await tracing_cost(index_dir, args.port + 40, queries, 100 if args.quick else 300,
+                                  2 if args.quick else 3, 6.0 if args.quick else 12.0)
+        print_tracing(cost)
+        report = {"machine": machine(), "tracing": cost}
+        write_json(args.json, report)
+        return report
     # The overload measures the model's capacity: its queries repeat, and the pair-score cache would answer
     # them for free (the cache has its own benchmark, 'twostage bench rerank').
     os.environ["TWOSTAGE_RERANK_SCORE_CACHE_MB"] = "0"
@@ -147,9 +289,8 @@ async def run(args) -> dict:
     index_dir = await asyncio.to_thread(bench_index, 200 if args.quick else 1000)
     metrics_base = args.port + 20
     stack = Stack("127.0.0.1", args.port, str(index_dir), metrics_port=metrics_base)
-    await stack.start(300)
-    rerank_metrics = stack.metrics_ports()[stack.rerank_targets[0]]
-    try:
+    async with stack.running(300):
+        rerank_metrics = stack.metrics_ports()[stack.rerank_targets[0]]
         capacity = await sustainable_rps(stack.gateway_target, queries, args.recall_k)
         print("gateway overhead ...", flush=True)
         cost = await overhead(stack.gateway_target, queries, 20 if args.quick else 100)
@@ -165,13 +306,14 @@ async def run(args) -> dict:
         busy_after, scored_after = await asyncio.to_thread(rerank_totals, rerank_metrics)
         utilization = (busy_after - busy_before) / (time.perf_counter() - wall_before)
         scored = scored_after - scored_before
-    finally:
-        await stack.stop()
     print("gateway overhead with TLS and tokens ...", flush=True)
     secured = await secured_overhead(index_dir, args.port + 10, queries, 20 if args.quick else 100)
     os.environ.pop("TWOSTAGE_RERANK_SCORE_CACHE_MB")  # the cache is what this part measures
     print("score cache through the gateway: one replica, two with and without affinity ...", flush=True)
     affinity = await cache_affinity(index_dir, args.port + 30, queries, 12 if args.quick else 40, args.recall_k)
+    print("tracing off, sampling 1.0 and 0.01, side by side ...", flush=True)
+    tracing = await tracing_cost(index_dir, args.port + 40, queries, 100 if args.quick else 300,
+                                 2 if args.quick else 3, 6.0 if args.quick else 12.0)
     overload = load.report()
 
     def fair_share(rate_rps: float) -> float:
@@ -190,6 +332,7 @@ async def run(args) -> dict:
             "added_gateway_p50_ms": round(secured["gateway_p50_ms"] - cost["gateway_p50_ms"], 3),
         },
         "cache_affinity": affinity,
+        "tracing": tracing,
         "overload": {**overload, "budget_ms": args.budget_ms, "recall_k": args.recall_k,
                      "sustainable_full_depth_rps": round(capacity, 3),
                      # The rerank tier's model time over wall time (target >= 0.85).
@@ -222,5 +365,6 @@ async def run(args) -> dict:
           f"errors {overload['errors'] or 'none'}, degraded {overload['degraded']}")
     print("score cache hit rate over a Zipf(1.0) stream: " + ", ".join(
         f"{name} {row['hit_rate']:.1%}" for name, row in affinity.items() if isinstance(row, dict)))
+    print_tracing(tracing)
     write_json(args.json, report)
     return report

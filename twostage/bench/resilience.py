@@ -109,16 +109,14 @@ async def run(args) -> dict:
     index_dir = await asyncio.to_thread(bench_index, 200 if args.quick else 1000)
     work = Path(tempfile.mkdtemp(prefix="twostage-bench-"))
     shutil.copytree(index_dir, work / "index")
-    stack = Stack("127.0.0.1", args.port, str(work / "index"))
-    await stack.start(300)
     try:
-        print("bulk upsert against steady searches ...", flush=True)
-        bulk = await bulk_upsert(stack.gateway_target, stack.recall_targets[0], queries,
-                                 100 if args.quick else 400, args.rate_rps, 5 if args.quick else 15)
-        print("a rerank replica joins under load ...", flush=True)
-        joined = await replica_added(stack, queries, args.port + 10, args.resolve_period_s)
+        async with Stack("127.0.0.1", args.port, str(work / "index")).running(300) as stack:
+            print("bulk upsert against steady searches ...", flush=True)
+            bulk = await bulk_upsert(stack.gateway_target, stack.recall_targets[0], queries,
+                                     100 if args.quick else 400, args.rate_rps, 5 if args.quick else 15)
+            print("a rerank replica joins under load ...", flush=True)
+            joined = await replica_added(stack, queries, args.port + 10, args.resolve_period_s)
     finally:
-        await stack.stop()
         shutil.rmtree(work, ignore_errors=True)
     report = {"machine": machine(), "bulk_upsert": bulk, "replica_added": joined}
     print(json.dumps(report, indent=2))

@@ -8,6 +8,7 @@ from twostage import __version__
 from twostage.cli import bench, config, demo, docs, evaluate, health, index, loadtest, models, search, security, serve
 from twostage.errors import TwostageError
 from twostage.logs import configure as configure_logging
+from twostage.stack import Interrupted
 
 COMMANDS = (serve, search, docs, health, models, index, demo, evaluate, loadtest, config, bench, security)
 
@@ -36,3 +37,5 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     except KeyboardInterrupt:
         return 130
+    except Interrupted as stopped:  # its local stack is stopped already
+        return 128 + stopped.signum

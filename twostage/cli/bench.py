@@ -7,7 +7,7 @@ from pathlib import Path
 def register(commands) -> None:
     parser = commands.add_parser("bench", help="throughput and latency against the raw onnxruntime ceiling")
     kinds = parser.add_subparsers(dest="kind", required=True)
-    for kind in ("rerank", "embed", "gateway", "resilience", "recall", "chaos"):
+    for kind in ("rerank", "embed", "gateway", "resilience", "recall", "chaos", "http"):
         sub = kinds.add_parser(kind)
         sub.add_argument("--json", type=Path, default=None, help="write the report here")
         sub.add_argument("--quick", action="store_true", help="a reduced run, under a minute")
@@ -17,7 +17,7 @@ def register(commands) -> None:
             help="override the runtime setting for the ceiling and the server alike",
         )
         sub.set_defaults(run={"rerank": _rerank, "embed": _embed, "gateway": _gateway, "resilience": _resilience,
-                              "recall": _recall, "chaos": _chaos}[kind])
+                              "recall": _recall, "chaos": _chaos, "http": _http}[kind])
         if kind == "rerank":
             sub.add_argument("--queries", type=int, default=10, help="queries, each with --candidates documents")
             sub.add_argument("--candidates", type=int, default=50)
@@ -36,6 +36,9 @@ def register(commands) -> None:
             sub.add_argument("--rounds", type=int, default=None, help="rounds of each fault type (quick: 1, else 3)")
             sub.add_argument("--hold-s", type=float, default=None, help="how long each fault lasts (quick: 2, else 5)")
             sub.add_argument("--seed", type=int, default=None, help="seeds the writes, searches and fault targets")
+        elif kind == "http":
+            sub.add_argument("--clients", type=int, default=16, help="concurrent callers at saturation")
+            sub.add_argument("--port", type=int, default=50201, help="base port of the stack it starts")
         elif kind == "recall":
             sub.add_argument("--recall-k", type=int, default=100, help="candidates per search")
             sub.add_argument("--dims", type=int, default=384, help="dimensions of the synthetic filtered index")
@@ -43,6 +46,8 @@ def register(commands) -> None:
             sub.add_argument("--recall-k", type=int, default=20, help="candidates per search")
             sub.add_argument("--budget-ms", type=int, default=1000)
             sub.add_argument("--port", type=int, default=50171, help="base port of the stack it starts")
+            sub.add_argument("--only", choices=["tracing"], default=None,
+                             help="tracing: only what tracing costs (off, sampling 1.0 and 0.01, side by side)")
 
 
 def _apply_overrides(args) -> None:
@@ -91,6 +96,13 @@ def _recall(args) -> None:
 
 def _chaos(args) -> None:
     from twostage.bench.chaos import run
+
+    _apply_overrides(args)
+    asyncio.run(run(args))
+
+
+def _http(args) -> None:
+    from twostage.bench.http import run
 
     _apply_overrides(args)
     asyncio.run(run(args))

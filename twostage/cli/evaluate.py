@@ -45,6 +45,9 @@ def register(commands) -> None:
     parser.add_argument("--index-dir", type=Path, default=None,
                         help="the local stack's index of the data set: built there when absent, reused when present "
                         "(default: a cache, ~/.cache/twostage/eval-indexes/NAME-HASH)")
+    parser.add_argument("--skip-invalid", action="store_true",
+                        help="index the data set's valid documents and report the invalid ones, such as empty "
+                        "documents (default: refuse the corpus)")
     add_credential_flags(parser)
     parser.set_defaults(run=run)
 
@@ -102,8 +105,8 @@ def print_report(report: dict) -> None:
     if "calibration" in report:
         print("  calibrated fusion, the same answers with each set of constants (cosine, BM25 logits per unit):")
         for name, row in report["calibration"].items():
-            label = "fitted from the index" if name == "fitted" else "built in (fitted on SciFact)"
-            print(f"    {label:29} {row['scale']:6.1f} x (c - {row['center']:.3f}), {row['lexical_scale']:.2f} x "
+            label = "in use (fitted from the index)" if name == "in_use" else "built in (fitted on SciFact)"
+            print(f"    {label:30} {row['scale']:6.1f} x (c - {row['center']:.3f}), {row['lexical_scale']:.2f} x "
                   f"(b - {row['lexical_center']:.2f}): final nDCG@10 {row['final_ndcg@10']:.4f}")
     for k, row in report.get("sweep_recall_k", {}).items():
         print(f"  recall_k={k:>5}: final nDCG@10 {row['final_ndcg@10']:.4f}, Recall@k {row['recall@k']:.4f}, "
@@ -165,7 +168,7 @@ def run(args) -> None:
             from twostage.evaluation.eval_run import load
 
             queries, qrels = load(args.dataset, args.split, args.limit)
-            report["tune"] = tune(target, recall_target, queries, qrels, args.recall_k, args.budget_ms, grids,
+            report["tune"] = tune(target, queries, qrels, args.recall_k, args.budget_ms, grids,
                                   args.folds, credentials)
             report["tune"]["outcome"] = write_if_better(report["tune"], args.tune_out, args.dataset.name, args.split,
                                                         args.recall_k)
@@ -177,11 +180,12 @@ def run(args) -> None:
     if args.target:
         report = measure(args.target, args.recall_target)
     else:
-        report = asyncio.run(serve_and_measure(args.dataset, args.port, measure, args.index_dir, args.settings_file))
+        report = asyncio.run(serve_and_measure(args.dataset, args.port, measure, args.index_dir, args.settings_file,
+                                               args.skip_invalid))
     if "max_length" in sweeps:
         report["sweep_max_length"] = sweep_max_length(args.dataset, args.split, args.limit, args.recall_k,
                                                       args.budget_ms, args.recall_mode, args.port,
-                                                      sweeps["max_length"])
+                                                      sweeps["max_length"], args.skip_invalid)
     print_report(report)
     write_report(args.json, report)
     if args.plot:

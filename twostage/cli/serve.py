@@ -6,8 +6,8 @@ import sys
 
 from twostage.cli.args import port_number, positive_int
 from twostage.config import add_settings_flags, settings_from_args
-from twostage.server import install_stop_signals, serve_until_signal
-from twostage.stack import Stack
+from twostage.server import serve_until_signal
+from twostage.stack import Interrupted, Stack
 
 
 def register(commands) -> None:
@@ -57,6 +57,9 @@ def add_stack_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--tls-dir", default=None,
                         help="TLS on every hop from this directory ('twostage certs dev'); the stages require the "
                         "gateway's client certificate")
+    parser.add_argument("--http-port", type=port_number, default=None,
+                        help="also serve HTTP/JSON from the gateway on this port: /v1/search, /v1/documents, and "
+                        "TEI's, Cohere's and OpenAI's rerank and embedding routes (default: off)")
     parser.add_argument("--auth-tokens", default=None,
                         help="tokens file ('twostage auth add-token'): callers need a token; the gateway uses one "
                         "of its own, made for this run, toward the stages")
@@ -67,7 +70,7 @@ def _serve_recall(args) -> None:
     from recall_server.servicer import build_server
 
     settings = settings_from_args(args.settings_cls, args)
-    asyncio.run(serve_until_signal(lambda: build_server(RecallService(settings))))
+    asyncio.run(serve_until_signal(lambda: build_server(RecallService(settings)), "recall"))
 
 
 def _serve_rerank(args) -> None:
@@ -75,43 +78,38 @@ def _serve_rerank(args) -> None:
     from rerank_server.servicer import build_server
 
     settings = settings_from_args(args.settings_cls, args)
-    asyncio.run(serve_until_signal(lambda: build_server(RerankService(settings))))
+    asyncio.run(serve_until_signal(lambda: build_server(RerankService(settings)), "rerank"))
 
 
 def _serve_gateway(args) -> None:
     from gateway.servicer import build_server
 
     settings = settings_from_args(args.settings_cls, args)
-    asyncio.run(serve_until_signal(lambda: build_server(settings)))
+    asyncio.run(serve_until_signal(lambda: build_server(settings), "gateway"))
 
 
 async def run_stack(args, then=None) -> int:
     """Run the stack until a signal or a child's exit; ``then(stack)`` runs once it is ready
-    (with ``args.once`` the stack stops after it). A child that dies takes the stack down, named."""
+    (with ``args.once`` the stack stops after it). A child that dies takes the stack down, named.
+    SIGTERM, SIGINT and SIGHUP stop it (a clean stop is success)."""
     stack = Stack(args.host, args.port, args.index_dir, args.rerank_replicas, args.recall_shards,
                   args.metrics_port, args.embed_model, args.rerank_model, args.tls_dir, args.auth_tokens,
-                  args.shard_replicas, args.settings_file)
-    stop = asyncio.Event()
-    install_stop_signals(stop)
+                  args.shard_replicas, getattr(args, "http_port", None), args.settings_file)
     died = None
     try:
-        await stack.start(args.ready_timeout_s)
-        metrics = stack.metrics_ports()
-        print(f"twostage is serving: gateway {stack.gateway_target}, recall {', '.join(stack.recall_targets)}, "
-              f"rerank {', '.join(stack.rerank_targets)}"
-              + (f"; metrics on ports {', '.join(str(p) for p in metrics.values())}" if metrics else ""), flush=True)
-        if then is not None:
-            await then(stack)
-        if not getattr(args, "once", False):
-            print("press Ctrl-C to stop", flush=True)
-            stopped = asyncio.create_task(stop.wait())
-            exited = asyncio.create_task(stack.wait_any_exit())
-            await asyncio.wait([stopped, exited], return_when=asyncio.FIRST_COMPLETED)
-            if exited.done():
-                died = exited.result()
+        async with stack.running(args.ready_timeout_s):
+            metrics = stack.metrics_ports()
+            http = f" (HTTP/JSON on http://{stack.host}:{stack.http_port})" if stack.http_port else ""
+            print(f"twostage is serving: gateway {stack.gateway_target}{http}, recall "
+                  f"{', '.join(stack.recall_targets)}, rerank {', '.join(stack.rerank_targets)}"
+                  + (f"; metrics on ports {', '.join(str(p) for p in metrics.values())}" if metrics else ""),
+                  flush=True)
+            if then is not None:
+                await then(stack)
+            if not getattr(args, "once", False):
+                print("press Ctrl-C to stop", flush=True)
+                died = await stack.wait_any_exit()
                 print(f"twostage: error: {died.exit_description()}; stopping the stack", file=sys.stderr, flush=True)
-            stopped.cancel()
-            exited.cancel()
-    finally:
-        code = await stack.stop()
-    return 1 if died is not None else code
+    except Interrupted:
+        pass
+    return 1 if died is not None else stack.exit_code

@@ -189,35 +189,28 @@ def _advice(target: str, recall_target: str, queries: dict[str, str], qrels, rec
     return {"relevant_not_indexed": len(absent), "beyond_recall_k": beyond, "advice": advice, "absent": absent}
 
 
-async def fitted_calibration(recall_target: str, credentials: Credentials = PLAINTEXT):
-    """The score calibration a recall server fitted from its index (None: not fitted)."""
+async def gateway_fusion(target: str, credentials: Credentials = PLAINTEXT):
+    """The gateway's default fusion method and alpha, and the calibration its calibrated fusion uses."""
     from gateway.fusion import Calibration
 
-    async with credentials.aio_channel(recall_target) as channel:
-        info = await recall_pb2_grpc.RecallStub(channel).Info(common_pb2.InfoRequest(), metadata=credentials.metadata)
-    if not info.HasField("calibration"):
-        return None
-    c = info.calibration
-    return Calibration(c.scale, c.center, c.lexical_scale, c.lexical_center)
-
-
-async def gateway_fusion(target: str, credentials: Credentials = PLAINTEXT) -> tuple[str, float]:
-    """The gateway's default fusion method and alpha."""
     async with credentials.aio_channel(target) as channel:
         info = await gateway_pb2_grpc.GatewayStub(channel).Info(common_pb2.InfoRequest(),
                                                                 metadata=credentials.metadata)
-    return gateway_pb2.FusionMethod.Name(info.default_fusion).removeprefix("FUSION_").lower(), info.default_fusion_alpha
+    c = info.calibration
+    return (gateway_pb2.FusionMethod.Name(info.default_fusion).removeprefix("FUSION_").lower(),
+            info.default_fusion_alpha, Calibration(c.scale, c.center, c.lexical_scale, c.lexical_center))
 
 
-def calibration_comparison(answers: list[Answer], qrels, alpha: float, fitted) -> dict:
-    """Final nDCG@10 of the same answers with the fitted constants and with the built-in ones (fitted by hand
-    on SciFact): fitting from the index is judged against them on identical candidates and rerank scores."""
+def calibration_comparison(answers: list[Answer], qrels, alpha: float, in_use) -> dict:
+    """Final nDCG@10 of the same answers with the constants the gateway used (the recall servers' fit, with
+    any overrides) and with the built-in ones (fitted by hand on SciFact): fitting from the index is judged
+    against them on identical candidates and rerank scores."""
     from gateway.fusion import DEFAULT_CALIBRATION
 
     def ndcg(calibration) -> float:
         return evaluate(rankings(answers, "calibrated", alpha, calibration)["final"], qrels, [10])["ndcg@10"]
 
-    return {"fitted": {**fitted.__dict__, "final_ndcg@10": ndcg(fitted)},
+    return {"in_use": {**in_use.__dict__, "final_ndcg@10": ndcg(in_use)},
             "built_in": {**DEFAULT_CALIBRATION.__dict__, "final_ndcg@10": ndcg(DEFAULT_CALIBRATION)}}
 
 
@@ -254,10 +247,9 @@ def run(target: str, recall_target: str | None, dataset: Path, split: str, recal
         advice = _advice(target, recall_target, queries, qrels, recall_k, credentials, recall_mode)
         absent = advice.pop("absent")
         report.update(advice)
-    fitted = asyncio.run(fitted_calibration(recall_target, credentials)) if recall_target else None
-    default_fusion, default_alpha = asyncio.run(gateway_fusion(target, credentials))
-    if fitted is not None and not skip_rerank and default_fusion == "calibrated":
-        report["calibration"] = calibration_comparison(answers, qrels, default_alpha, fitted)
+    default_fusion, default_alpha, in_use = asyncio.run(gateway_fusion(target, credentials))
+    if not skip_rerank and default_fusion == "calibrated":
+        report["calibration"] = calibration_comparison(answers, qrels, default_alpha, in_use)
     if sweep_recall_mode:
         report["sweep_recall_mode"] = {}
         for mode in sweep_recall_mode:
@@ -283,7 +275,7 @@ def run(target: str, recall_target: str | None, dataset: Path, split: str, recal
                 "prf_p50_ms": summary["prf"]["p50_ms"]}
     if sweep_alpha:
         report["sweep_alpha"] = {
-            str(alpha): evaluate(rankings(answers, fusion, alpha, fitted)["final"], qrels, [10])["ndcg@10"]
+            str(alpha): evaluate(rankings(answers, fusion, alpha, in_use)["final"], qrels, [10])["ndcg@10"]
             for alpha in sweep_alpha
         }
     if sweep_recall_k:
@@ -301,25 +293,23 @@ def run(target: str, recall_target: str | None, dataset: Path, split: str, recal
 
 
 async def serve_and_measure(dataset: Path, port: int, measure, index_dir: Path | None = None,
-                            settings_file: Path | None = None) -> dict:
-    """Build (once, cached, or at ``index_dir``) an index of the data set, serve it as a local stack from
-    ``port`` on (with ``settings_file``'s settings), and return ``measure(gateway_target, recall_target)``."""
+                            settings_file: Path | None = None, skip_invalid: bool = False) -> dict:
+    """Build (once, cached, or at ``index_dir``; ``skip_invalid``: around the corpus's invalid documents) an
+    index of the data set, serve it as a local stack from ``port`` on (with ``settings_file``'s settings), and
+    return ``measure(gateway_target, recall_target)``."""
     from recall_server.build import cached_index
     from twostage.model_store import fetch_defaults
     from twostage.stack import Stack
 
     fetch_defaults()
-    index_dir = await asyncio.to_thread(cached_index, dataset, index_dir)
+    index_dir = await asyncio.to_thread(cached_index, dataset, index_dir, skip_invalid)
     stack = Stack("127.0.0.1", port, str(index_dir), settings_file=str(settings_file) if settings_file else None)
-    try:
-        await stack.start(300)
+    async with stack.running(300):
         return await asyncio.to_thread(measure, stack.gateway_target, stack.recall_targets[0])
-    finally:
-        await stack.stop()
 
 
 def sweep_max_length(dataset: Path, split: str, limit: int | None, recall_k: int, budget_ms: int,
-                     recall_mode: str | None, port: int, lengths: list[int]) -> dict:
+                     recall_mode: str | None, port: int, lengths: list[int], skip_invalid: bool = False) -> dict:
     """Quality and rerank throughput per truncation length, each on a fresh local stack."""
     import os
 
@@ -338,7 +328,7 @@ def sweep_max_length(dataset: Path, split: str, limit: int | None, recall_k: int
                         "pairs_per_s": round(summary["mean_reranked"] * len(answers) / seconds, 2),
                         "mean_latency_ms": summary["latency_ms"]["mean"]}
 
-            rows[str(length)] = asyncio.run(serve_and_measure(dataset, port, measure))
+            rows[str(length)] = asyncio.run(serve_and_measure(dataset, port, measure, skip_invalid=skip_invalid))
     finally:
         if before is None:
             os.environ.pop("TWOSTAGE_RERANK_MAX_LENGTH", None)

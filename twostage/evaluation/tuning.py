@@ -110,16 +110,13 @@ def per_query_ndcg(ranking: dict[str, list[str]], qrels: dict) -> dict[str, floa
             if any(g > 0 for g in qrels.get(q, {}).values())}
 
 
-def tune(target: str, recall_target: str | None, queries: dict[str, str], qrels: dict, recall_k: int, budget_ms: int,
+def tune(target: str, queries: dict[str, str], qrels: dict, recall_k: int, budget_ms: int,
          grids: dict[str, list], folds: int, credentials, progress: bool = True) -> dict:
     """Evaluate every combination; cross-validate; the report (what to write is decided by the caller)."""
-    from twostage.evaluation.eval_run import ask_gateway, fitted_calibration, gateway_fusion, rankings
+    from twostage.evaluation.eval_run import ask_gateway, gateway_fusion, rankings
 
-    fusion, default_alpha = asyncio.run(gateway_fusion(target, credentials))
-    calibration = asyncio.run(fitted_calibration(recall_target, credentials)) if recall_target else None
-    if "alpha" in grids and fusion == "calibrated" and calibration is None:
-        raise ValueError("--tune alpha recomputes the calibrated fusion with the recall servers' fitted constants: "
-                         "give --recall-target (a local stack has it)")
+    # The constants the gateway's calibrated fusion uses: recomputing alpha with them is what a search would give.
+    fusion, default_alpha, calibration = asyncio.run(gateway_fusion(target, credentials))
     answers = {}
     for depth, weight in [(None, None), *recall_combinations(grids)]:
         if (depth, weight) not in answers:

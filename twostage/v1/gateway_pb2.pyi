@@ -143,7 +143,7 @@ class SearchResponse(_message.Message):
     def __init__(self, hits: _Optional[_Iterable[_Union[Hit, _Mapping]]] = ..., degraded: _Optional[bool] = ..., degraded_reason: _Optional[str] = ..., degradations: _Optional[_Iterable[_Union[Degradation, _Mapping]]] = ..., timings_ms: _Optional[_Mapping[str, float]] = ..., candidates: _Optional[int] = ..., reranked: _Optional[int] = ..., request_id: _Optional[str] = ..., rerank_cached: _Optional[int] = ...) -> None: ...
 
 class GatewayInfo(_message.Message):
-    __slots__ = ("version", "recall_targets", "rerank_targets", "default_budget_ms", "limits", "default_fusion", "default_fusion_alpha", "default_top_k", "default_recall_k")
+    __slots__ = ("version", "recall_targets", "rerank_targets", "default_budget_ms", "limits", "default_fusion", "default_fusion_alpha", "default_top_k", "default_recall_k", "calibration")
     VERSION_FIELD_NUMBER: _ClassVar[int]
     RECALL_TARGETS_FIELD_NUMBER: _ClassVar[int]
     RERANK_TARGETS_FIELD_NUMBER: _ClassVar[int]
@@ -153,6 +153,7 @@ class GatewayInfo(_message.Message):
     DEFAULT_FUSION_ALPHA_FIELD_NUMBER: _ClassVar[int]
     DEFAULT_TOP_K_FIELD_NUMBER: _ClassVar[int]
     DEFAULT_RECALL_K_FIELD_NUMBER: _ClassVar[int]
+    CALIBRATION_FIELD_NUMBER: _ClassVar[int]
     version: str
     recall_targets: _containers.RepeatedScalarFieldContainer[str]
     rerank_targets: _containers.RepeatedScalarFieldContainer[str]
@@ -162,4 +163,121 @@ class GatewayInfo(_message.Message):
     default_fusion_alpha: float
     default_top_k: int
     default_recall_k: int
-    def __init__(self, version: _Optional[str] = ..., recall_targets: _Optional[_Iterable[str]] = ..., rerank_targets: _Optional[_Iterable[str]] = ..., default_budget_ms: _Optional[int] = ..., limits: _Optional[_Iterable[_Union[_common_pb2.Limit, _Mapping]]] = ..., default_fusion: _Optional[_Union[FusionMethod, str]] = ..., default_fusion_alpha: _Optional[float] = ..., default_top_k: _Optional[int] = ..., default_recall_k: _Optional[int] = ...) -> None: ...
+    calibration: FusionCalibration
+    def __init__(self, version: _Optional[str] = ..., recall_targets: _Optional[_Iterable[str]] = ..., rerank_targets: _Optional[_Iterable[str]] = ..., default_budget_ms: _Optional[int] = ..., limits: _Optional[_Iterable[_Union[_common_pb2.Limit, _Mapping]]] = ..., default_fusion: _Optional[_Union[FusionMethod, str]] = ..., default_fusion_alpha: _Optional[float] = ..., default_top_k: _Optional[int] = ..., default_recall_k: _Optional[int] = ..., calibration: _Optional[_Union[FusionCalibration, _Mapping]] = ...) -> None: ...
+
+class FusionCalibration(_message.Message):
+    __slots__ = ("scale", "center", "lexical_scale", "lexical_center")
+    SCALE_FIELD_NUMBER: _ClassVar[int]
+    CENTER_FIELD_NUMBER: _ClassVar[int]
+    LEXICAL_SCALE_FIELD_NUMBER: _ClassVar[int]
+    LEXICAL_CENTER_FIELD_NUMBER: _ClassVar[int]
+    scale: float
+    center: float
+    lexical_scale: float
+    lexical_center: float
+    def __init__(self, scale: _Optional[float] = ..., center: _Optional[float] = ..., lexical_scale: _Optional[float] = ..., lexical_center: _Optional[float] = ...) -> None: ...
+
+class RerankTextsRequest(_message.Message):
+    __slots__ = ("query", "documents", "top_n", "budget_ms", "request_id", "model")
+    QUERY_FIELD_NUMBER: _ClassVar[int]
+    DOCUMENTS_FIELD_NUMBER: _ClassVar[int]
+    TOP_N_FIELD_NUMBER: _ClassVar[int]
+    BUDGET_MS_FIELD_NUMBER: _ClassVar[int]
+    REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
+    MODEL_FIELD_NUMBER: _ClassVar[int]
+    query: str
+    documents: _containers.RepeatedScalarFieldContainer[str]
+    top_n: int
+    budget_ms: int
+    request_id: str
+    model: str
+    def __init__(self, query: _Optional[str] = ..., documents: _Optional[_Iterable[str]] = ..., top_n: _Optional[int] = ..., budget_ms: _Optional[int] = ..., request_id: _Optional[str] = ..., model: _Optional[str] = ...) -> None: ...
+
+class RankedText(_message.Message):
+    __slots__ = ("index", "score", "relevance")
+    INDEX_FIELD_NUMBER: _ClassVar[int]
+    SCORE_FIELD_NUMBER: _ClassVar[int]
+    RELEVANCE_FIELD_NUMBER: _ClassVar[int]
+    index: int
+    score: float
+    relevance: float
+    def __init__(self, index: _Optional[int] = ..., score: _Optional[float] = ..., relevance: _Optional[float] = ...) -> None: ...
+
+class RerankTextsResponse(_message.Message):
+    __slots__ = ("results", "degraded", "degraded_reason", "degradations", "timings_ms", "scored", "cached", "request_id", "model", "tokens")
+    class TimingsMsEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: float
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[float] = ...) -> None: ...
+    RESULTS_FIELD_NUMBER: _ClassVar[int]
+    DEGRADED_FIELD_NUMBER: _ClassVar[int]
+    DEGRADED_REASON_FIELD_NUMBER: _ClassVar[int]
+    DEGRADATIONS_FIELD_NUMBER: _ClassVar[int]
+    TIMINGS_MS_FIELD_NUMBER: _ClassVar[int]
+    SCORED_FIELD_NUMBER: _ClassVar[int]
+    CACHED_FIELD_NUMBER: _ClassVar[int]
+    REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
+    MODEL_FIELD_NUMBER: _ClassVar[int]
+    TOKENS_FIELD_NUMBER: _ClassVar[int]
+    results: _containers.RepeatedCompositeFieldContainer[RankedText]
+    degraded: bool
+    degraded_reason: str
+    degradations: _containers.RepeatedCompositeFieldContainer[Degradation]
+    timings_ms: _containers.ScalarMap[str, float]
+    scored: int
+    cached: int
+    request_id: str
+    model: str
+    tokens: int
+    def __init__(self, results: _Optional[_Iterable[_Union[RankedText, _Mapping]]] = ..., degraded: _Optional[bool] = ..., degraded_reason: _Optional[str] = ..., degradations: _Optional[_Iterable[_Union[Degradation, _Mapping]]] = ..., timings_ms: _Optional[_Mapping[str, float]] = ..., scored: _Optional[int] = ..., cached: _Optional[int] = ..., request_id: _Optional[str] = ..., model: _Optional[str] = ..., tokens: _Optional[int] = ...) -> None: ...
+
+class EmbedTextsRequest(_message.Message):
+    __slots__ = ("texts", "is_query", "model", "dimensions", "normalize", "budget_ms", "request_id")
+    TEXTS_FIELD_NUMBER: _ClassVar[int]
+    IS_QUERY_FIELD_NUMBER: _ClassVar[int]
+    MODEL_FIELD_NUMBER: _ClassVar[int]
+    DIMENSIONS_FIELD_NUMBER: _ClassVar[int]
+    NORMALIZE_FIELD_NUMBER: _ClassVar[int]
+    BUDGET_MS_FIELD_NUMBER: _ClassVar[int]
+    REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
+    texts: _containers.RepeatedScalarFieldContainer[str]
+    is_query: bool
+    model: str
+    dimensions: int
+    normalize: bool
+    budget_ms: int
+    request_id: str
+    def __init__(self, texts: _Optional[_Iterable[str]] = ..., is_query: _Optional[bool] = ..., model: _Optional[str] = ..., dimensions: _Optional[int] = ..., normalize: _Optional[bool] = ..., budget_ms: _Optional[int] = ..., request_id: _Optional[str] = ...) -> None: ...
+
+class Vector(_message.Message):
+    __slots__ = ("values",)
+    VALUES_FIELD_NUMBER: _ClassVar[int]
+    values: _containers.RepeatedScalarFieldContainer[float]
+    def __init__(self, values: _Optional[_Iterable[float]] = ...) -> None: ...
+
+class EmbedTextsResponse(_message.Message):
+    __slots__ = ("embeddings", "dims", "model", "tokens", "timings_ms", "request_id")
+    class TimingsMsEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: float
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[float] = ...) -> None: ...
+    EMBEDDINGS_FIELD_NUMBER: _ClassVar[int]
+    DIMS_FIELD_NUMBER: _ClassVar[int]
+    MODEL_FIELD_NUMBER: _ClassVar[int]
+    TOKENS_FIELD_NUMBER: _ClassVar[int]
+    TIMINGS_MS_FIELD_NUMBER: _ClassVar[int]
+    REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
+    embeddings: _containers.RepeatedCompositeFieldContainer[Vector]
+    dims: int
+    model: str
+    tokens: int
+    timings_ms: _containers.ScalarMap[str, float]
+    request_id: str
+    def __init__(self, embeddings: _Optional[_Iterable[_Union[Vector, _Mapping]]] = ..., dims: _Optional[int] = ..., model: _Optional[str] = ..., tokens: _Optional[int] = ..., timings_ms: _Optional[_Mapping[str, float]] = ..., request_id: _Optional[str] = ...) -> None: ...

@@ -61,6 +61,16 @@ class GatewayStub:
                 request_serializer=twostage_dot_v1_dot_common__pb2.GetRequest.SerializeToString,
                 response_deserializer=twostage_dot_v1_dot_common__pb2.GetResponse.FromString,
                 _registered_method=True)
+        self.Rerank = channel.unary_unary(
+                '/twostage.v1.Gateway/Rerank',
+                request_serializer=twostage_dot_v1_dot_gateway__pb2.RerankTextsRequest.SerializeToString,
+                response_deserializer=twostage_dot_v1_dot_gateway__pb2.RerankTextsResponse.FromString,
+                _registered_method=True)
+        self.Embed = channel.unary_unary(
+                '/twostage.v1.Gateway/Embed',
+                request_serializer=twostage_dot_v1_dot_gateway__pb2.EmbedTextsRequest.SerializeToString,
+                response_deserializer=twostage_dot_v1_dot_gateway__pb2.EmbedTextsResponse.FromString,
+                _registered_method=True)
 
 
 class GatewayServicer:
@@ -102,6 +112,21 @@ class GatewayServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Rerank(self, request, context):
+        """Scores the caller's own texts against a query on the rerank tier, with what Search has: the budget and
+        deadline, replica balancing, the pair-score cache, partial answers and degradation codes.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def Embed(self, request, context):
+        """Embeddings of the caller's texts from the recall tier's model.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_GatewayServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -129,6 +154,16 @@ def add_GatewayServicer_to_server(servicer, server):
                     servicer.Get,
                     request_deserializer=twostage_dot_v1_dot_common__pb2.GetRequest.FromString,
                     response_serializer=twostage_dot_v1_dot_common__pb2.GetResponse.SerializeToString,
+            ),
+            'Rerank': grpc.unary_unary_rpc_method_handler(
+                    servicer.Rerank,
+                    request_deserializer=twostage_dot_v1_dot_gateway__pb2.RerankTextsRequest.FromString,
+                    response_serializer=twostage_dot_v1_dot_gateway__pb2.RerankTextsResponse.SerializeToString,
+            ),
+            'Embed': grpc.unary_unary_rpc_method_handler(
+                    servicer.Embed,
+                    request_deserializer=twostage_dot_v1_dot_gateway__pb2.EmbedTextsRequest.FromString,
+                    response_serializer=twostage_dot_v1_dot_gateway__pb2.EmbedTextsResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -267,6 +302,60 @@ class Gateway:
             '/twostage.v1.Gateway/Get',
             twostage_dot_v1_dot_common__pb2.GetRequest.SerializeToString,
             twostage_dot_v1_dot_common__pb2.GetResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Rerank(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/twostage.v1.Gateway/Rerank',
+            twostage_dot_v1_dot_gateway__pb2.RerankTextsRequest.SerializeToString,
+            twostage_dot_v1_dot_gateway__pb2.RerankTextsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Embed(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/twostage.v1.Gateway/Embed',
+            twostage_dot_v1_dot_gateway__pb2.EmbedTextsRequest.SerializeToString,
+            twostage_dot_v1_dot_gateway__pb2.EmbedTextsResponse.FromString,
             options,
             channel_credentials,
             insecure,

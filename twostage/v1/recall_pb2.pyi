@@ -112,14 +112,16 @@ class ScoreCalibration(_message.Message):
     def __init__(self, scale: _Optional[float] = ..., center: _Optional[float] = ..., lexical_scale: _Optional[float] = ..., lexical_center: _Optional[float] = ..., pseudo_queries: _Optional[int] = ..., doc_count: _Optional[int] = ...) -> None: ...
 
 class EmbedRequest(_message.Message):
-    __slots__ = ("texts", "is_query", "model")
+    __slots__ = ("texts", "is_query", "model", "refuse_truncation")
     TEXTS_FIELD_NUMBER: _ClassVar[int]
     IS_QUERY_FIELD_NUMBER: _ClassVar[int]
     MODEL_FIELD_NUMBER: _ClassVar[int]
+    REFUSE_TRUNCATION_FIELD_NUMBER: _ClassVar[int]
     texts: _containers.RepeatedScalarFieldContainer[str]
     is_query: bool
     model: str
-    def __init__(self, texts: _Optional[_Iterable[str]] = ..., is_query: _Optional[bool] = ..., model: _Optional[str] = ...) -> None: ...
+    refuse_truncation: bool
+    def __init__(self, texts: _Optional[_Iterable[str]] = ..., is_query: _Optional[bool] = ..., model: _Optional[str] = ..., refuse_truncation: _Optional[bool] = ...) -> None: ...
 
 class Embedding(_message.Message):
     __slots__ = ("values",)
@@ -128,7 +130,7 @@ class Embedding(_message.Message):
     def __init__(self, values: _Optional[_Iterable[float]] = ...) -> None: ...
 
 class EmbedResponse(_message.Message):
-    __slots__ = ("embeddings", "dims", "timings_ms")
+    __slots__ = ("embeddings", "dims", "timings_ms", "tokens")
     class TimingsMsEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -139,10 +141,12 @@ class EmbedResponse(_message.Message):
     EMBEDDINGS_FIELD_NUMBER: _ClassVar[int]
     DIMS_FIELD_NUMBER: _ClassVar[int]
     TIMINGS_MS_FIELD_NUMBER: _ClassVar[int]
+    TOKENS_FIELD_NUMBER: _ClassVar[int]
     embeddings: _containers.RepeatedCompositeFieldContainer[Embedding]
     dims: int
     timings_ms: _containers.ScalarMap[str, float]
-    def __init__(self, embeddings: _Optional[_Iterable[_Union[Embedding, _Mapping]]] = ..., dims: _Optional[int] = ..., timings_ms: _Optional[_Mapping[str, float]] = ...) -> None: ...
+    tokens: int
+    def __init__(self, embeddings: _Optional[_Iterable[_Union[Embedding, _Mapping]]] = ..., dims: _Optional[int] = ..., timings_ms: _Optional[_Mapping[str, float]] = ..., tokens: _Optional[int] = ...) -> None: ...
 
 class RecallInfo(_message.Message):
     __slots__ = ("version", "model", "dims", "doc_count", "execution_provider", "limits", "shard", "shards", "read_only", "default_mode", "hybrid_fusion", "hybrid_dense_weight", "lexical", "calibration", "prf_depth", "prf_weight")

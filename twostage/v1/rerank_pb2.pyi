@@ -8,7 +8,7 @@ from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 DESCRIPTOR: _descriptor.FileDescriptor
 
 class RerankRequest(_message.Message):
-    __slots__ = ("query", "documents", "top_n", "model", "request_id", "bypass_cache", "allow_partial")
+    __slots__ = ("query", "documents", "top_n", "model", "request_id", "bypass_cache", "allow_partial", "refuse_truncation")
     QUERY_FIELD_NUMBER: _ClassVar[int]
     DOCUMENTS_FIELD_NUMBER: _ClassVar[int]
     TOP_N_FIELD_NUMBER: _ClassVar[int]
@@ -16,6 +16,7 @@ class RerankRequest(_message.Message):
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     BYPASS_CACHE_FIELD_NUMBER: _ClassVar[int]
     ALLOW_PARTIAL_FIELD_NUMBER: _ClassVar[int]
+    REFUSE_TRUNCATION_FIELD_NUMBER: _ClassVar[int]
     query: str
     documents: _containers.RepeatedScalarFieldContainer[str]
     top_n: int
@@ -23,7 +24,8 @@ class RerankRequest(_message.Message):
     request_id: str
     bypass_cache: bool
     allow_partial: bool
-    def __init__(self, query: _Optional[str] = ..., documents: _Optional[_Iterable[str]] = ..., top_n: _Optional[int] = ..., model: _Optional[str] = ..., request_id: _Optional[str] = ..., bypass_cache: _Optional[bool] = ..., allow_partial: _Optional[bool] = ...) -> None: ...
+    refuse_truncation: bool
+    def __init__(self, query: _Optional[str] = ..., documents: _Optional[_Iterable[str]] = ..., top_n: _Optional[int] = ..., model: _Optional[str] = ..., request_id: _Optional[str] = ..., bypass_cache: _Optional[bool] = ..., allow_partial: _Optional[bool] = ..., refuse_truncation: _Optional[bool] = ...) -> None: ...
 
 class RerankResult(_message.Message):
     __slots__ = ("index", "score")
@@ -34,7 +36,7 @@ class RerankResult(_message.Message):
     def __init__(self, index: _Optional[int] = ..., score: _Optional[float] = ...) -> None: ...
 
 class RerankResponse(_message.Message):
-    __slots__ = ("results", "timings_ms", "tokens", "queue_items", "query_truncated", "cached", "unscored")
+    __slots__ = ("results", "timings_ms", "tokens", "queue_items", "query_truncated", "cached", "unscored", "cost_ratio")
     class TimingsMsEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -49,6 +51,7 @@ class RerankResponse(_message.Message):
     QUERY_TRUNCATED_FIELD_NUMBER: _ClassVar[int]
     CACHED_FIELD_NUMBER: _ClassVar[int]
     UNSCORED_FIELD_NUMBER: _ClassVar[int]
+    COST_RATIO_FIELD_NUMBER: _ClassVar[int]
     results: _containers.RepeatedCompositeFieldContainer[RerankResult]
     timings_ms: _containers.ScalarMap[str, float]
     tokens: int
@@ -56,20 +59,29 @@ class RerankResponse(_message.Message):
     query_truncated: bool
     cached: int
     unscored: int
-    def __init__(self, results: _Optional[_Iterable[_Union[RerankResult, _Mapping]]] = ..., timings_ms: _Optional[_Mapping[str, float]] = ..., tokens: _Optional[int] = ..., queue_items: _Optional[int] = ..., query_truncated: _Optional[bool] = ..., cached: _Optional[int] = ..., unscored: _Optional[int] = ...) -> None: ...
+    cost_ratio: float
+    def __init__(self, results: _Optional[_Iterable[_Union[RerankResult, _Mapping]]] = ..., timings_ms: _Optional[_Mapping[str, float]] = ..., tokens: _Optional[int] = ..., queue_items: _Optional[int] = ..., query_truncated: _Optional[bool] = ..., cached: _Optional[int] = ..., unscored: _Optional[int] = ..., cost_ratio: _Optional[float] = ...) -> None: ...
 
 class RerankInfo(_message.Message):
-    __slots__ = ("version", "model", "max_length", "execution_provider", "limits", "ms_per_pair")
+    __slots__ = ("version", "model", "max_length", "execution_provider", "limits", "ms_per_pair", "pair_fixed_ms", "pair_ms_per_token", "cost_ratio", "chars_per_token")
     VERSION_FIELD_NUMBER: _ClassVar[int]
     MODEL_FIELD_NUMBER: _ClassVar[int]
     MAX_LENGTH_FIELD_NUMBER: _ClassVar[int]
     EXECUTION_PROVIDER_FIELD_NUMBER: _ClassVar[int]
     LIMITS_FIELD_NUMBER: _ClassVar[int]
     MS_PER_PAIR_FIELD_NUMBER: _ClassVar[int]
+    PAIR_FIXED_MS_FIELD_NUMBER: _ClassVar[int]
+    PAIR_MS_PER_TOKEN_FIELD_NUMBER: _ClassVar[int]
+    COST_RATIO_FIELD_NUMBER: _ClassVar[int]
+    CHARS_PER_TOKEN_FIELD_NUMBER: _ClassVar[int]
     version: str
     model: str
     max_length: int
     execution_provider: str
     limits: _containers.RepeatedCompositeFieldContainer[_common_pb2.Limit]
     ms_per_pair: float
-    def __init__(self, version: _Optional[str] = ..., model: _Optional[str] = ..., max_length: _Optional[int] = ..., execution_provider: _Optional[str] = ..., limits: _Optional[_Iterable[_Union[_common_pb2.Limit, _Mapping]]] = ..., ms_per_pair: _Optional[float] = ...) -> None: ...
+    pair_fixed_ms: float
+    pair_ms_per_token: float
+    cost_ratio: float
+    chars_per_token: float
+    def __init__(self, version: _Optional[str] = ..., model: _Optional[str] = ..., max_length: _Optional[int] = ..., execution_provider: _Optional[str] = ..., limits: _Optional[_Iterable[_Union[_common_pb2.Limit, _Mapping]]] = ..., ms_per_pair: _Optional[float] = ..., pair_fixed_ms: _Optional[float] = ..., pair_ms_per_token: _Optional[float] = ..., cost_ratio: _Optional[float] = ..., chars_per_token: _Optional[float] = ...) -> None: ...

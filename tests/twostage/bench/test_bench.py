@@ -29,6 +29,17 @@ def test_quick_gateway_benchmark_reports_the_overload_keys(tmp_path, models):
     assert overload["errors"] == {}
 
 
+@pytest.mark.perf
+def test_quick_http_benchmark_compares_the_faces(tmp_path, models):
+    out = tmp_path / "http.json"
+    assert main(["bench", "http", "--quick", "--json", str(out)]) == 0
+    report = json.loads(out.read_text())
+    for call in ("search", "rerank_20"):
+        row = report["faces"][call]
+        assert row["grpc_p50_ms"] > 0 and row["http_p50_ms"] > 0 and row["http_rps_ratio"] > 0
+    assert set(report["frameworks"]) == {"fastapi_uvicorn", "aiohttp"}
+
+
 @pytest.mark.gpu
 def test_rerank_runs_on_cuda(models):
     from rerank_server.cross_encoder import CrossEncoder
@@ -38,3 +49,13 @@ def test_rerank_runs_on_cuda(models):
     assert model.session.get_providers()[0] == "CUDAExecutionProvider"
     scores = model.score(model.encode("smoking and cancer", ["smoking causes lung cancer", "the sky is blue"])[0])
     assert scores[0] > scores[1]
+
+
+@pytest.mark.perf
+def test_trace_path_reports_each_sampling_setting_against_off():
+    from twostage.bench import trace_path
+
+    report = trace_path.run(requests=20, repeats=2)
+    assert set(trace_path.SETTINGS) <= set(report)
+    assert all(report[name]["cpu_us"] > 0 for name in trace_path.SETTINGS)
+    assert report["off"]["cpu_added_us"] == 0 and report["spans_received"] > 0
