@@ -55,6 +55,7 @@ class RecallReply:
     query_vector: np.ndarray | None = None  # the query's embedding, when vectors were asked for
     prf_hits: int = 0  # feedback ran from this many hits (0: it did not)
     prf_skipped: str = ""  # why feedback that was asked for did not run
+    replica: str = ""  # the replica that answered
 
 
 @dataclass(frozen=True)
@@ -186,7 +187,7 @@ class RecallClient(_Client):
         calibration = None if fitted is None else Calibration(fitted.scale, fitted.center, fitted.lexical_scale,
                                                               fitted.lexical_center)
         return RecallReply(candidates, dict(reply.timings_ms), recall_mode_from_proto(reply.mode), calibration,
-                           vector_from_bytes(reply.query_vector), reply.prf_hits, reply.prf_skipped)
+                           vector_from_bytes(reply.query_vector), reply.prf_hits, reply.prf_skipped, self.target)
 
     async def upsert(self, docs: list[Document], timeout_s: float | None, request_id: str = "",
                      version: Version | None = None) -> "WriteReply":

@@ -310,7 +310,7 @@ class SearchPipeline:
 
     async def _search(self, q: SearchQuery) -> SearchResult:
         top_k, recall_k, budget_s, request_id = self.resolve(q)
-        prf = feedback.check(q.prf_depth, q.prf_weight, self.limits.recall_feedback())
+        prf = feedback.check(q.prf_depth, q.prf_weight, self.limits.recall_feedback(), ("recall_k", recall_k))
         if (span := tracing.current_span()).is_recording():
             span.set_attributes({"twostage.top_k": top_k, "twostage.recall_k": recall_k,
                                  "twostage.request_id": request_id})
@@ -373,36 +373,45 @@ class SearchPipeline:
     ) -> list[RecallCandidate]:
         """Query every shard in parallel; merge. Fails only if every shard fails. Pseudo-relevance feedback: one
         shard runs it itself; over several, the gateway forms it from the global first pass (``_feedback_round``)."""
-        across = prf.active and len(self.recall) > 1
         asked = q.prf_depth is not None or q.prf_weight is not None
+        # The mode the request names decides now whether feedback can run (the servers' default mode: after the
+        # first round), so a lexical or an unasked dense search over several shards asks for no vectors.
+        across = feedback.for_mode(prf, q.recall_mode, asked).active and len(self.recall) > 1
         started = time.monotonic()
-        # One shard applies its own settings unless the request says: the same as a direct search of it.
-        answered, failures = await self._ask(q, k, deadline, request_id,
-                                             prf=feedback.OFF if across else (prf if asked else None),
+        # One shard applies its own settings unless the request says: the same as a direct search of it (a default
+        # depth above k reads every hit there too). Several are told exactly (off in their first round), so none
+        # runs feedback from its own top hits alone.
+        own = Feedback(min(prf.depth, k), prf.weight) if asked else None
+        answered, failures = await self._ask(q, k, deadline, request_id, self.recall,
+                                             prf=feedback.OFF if len(self.recall) > 1 else own,
                                              return_vectors=k if across else 0)
         if failures:
             result.degrade(DegradationCode.RECALL_PARTIAL,
                            f"{len(answered)} of {len(answered) + len(failures)} shards answered")
-        result.recall_mode = answered[0].mode
-        result.calibration = mean_calibration([r.calibration for r in answered if r.calibration is not None])
-        _add_timings(result, "recall", answered)
-        candidates = self._merge(answered, k)
+        replies = [reply for _, reply in answered]
+        result.recall_mode = replies[0].mode
+        result.calibration = mean_calibration([r.calibration for r in replies if r.calibration is not None])
+        _add_timings(result, "recall", replies)
+        candidates = self._merge(replies, k)
         if across:
             return await self._feedback_round(q, k, deadline, request_id, result,
                                               feedback.for_mode(prf, result.recall_mode, asked), candidates, answered,
                                               time.monotonic() - started)
-        if skipped := next((r.prf_skipped for r in answered if r.prf_skipped), ""):
+        if skipped := next((r.prf_skipped for r in replies if r.prf_skipped), ""):
             result.degrade(DegradationCode.PRF_SKIPPED, skipped)
-        if prf_ms := [r.timings_ms["prf_ms"] for r in answered if "prf_ms" in r.timings_ms]:
+        if prf_ms := [r.timings_ms["prf_ms"] for r in replies if "prf_ms" in r.timings_ms]:
             result.timings_ms["prf_ms"] = max(prf_ms)
         return candidates
 
-    async def _ask(self, q: SearchQuery, k: int, deadline: float, request_id: str,
-                   **feedback_fields) -> tuple[list[RecallReply], list[BaseException]]:
-        """One round: every shard at once; (the replies, the failures). Raises when every shard failed."""
+    async def _ask(self, q: SearchQuery, k: int, deadline: float, request_id: str, shards: list[RecallShard],
+                   replicas: dict[RecallShard, str] | None = None,
+                   **feedback_fields) -> tuple[list[tuple[RecallShard, RecallReply]], list[BaseException]]:
+        """One round: these shards at once (each on the replica ``replicas`` names for it, when it can);
+        ((shard, reply) for each that answered, the failures). Raises when every shard failed."""
         replies = await asyncio.gather(
-            *(shard.search(q.query, k, deadline, request_id, q.recall_mode, q.filter, **feedback_fields)
-              for shard in self.recall),
+            *(shard.search(q.query, k, deadline, request_id, q.recall_mode, q.filter,
+                           replica=(replicas or {}).get(shard), **feedback_fields)
+              for shard in shards),
             return_exceptions=True,
         )
         failures = [r for r in replies if isinstance(r, BaseException)]
@@ -413,7 +422,8 @@ class SearchPipeline:
                 raise failure
         for failure in failures:
             log.warning("request %s: recall shard failed: %s", request_id, failure)
-        return [reply for reply in replies if not isinstance(reply, BaseException)], failures
+        return [(shard, reply) for shard, reply in zip(shards, replies) if not isinstance(reply, BaseException)], \
+            failures
 
     def _merge(self, answered: list[RecallReply], k: int, refined: bool = False) -> list[RecallCandidate]:
         """The shards' candidates as one list. ``refined``: a feedback round, whose hybrid order fused each
@@ -434,13 +444,14 @@ class SearchPipeline:
         return sorted(merged.values(), key=lambda c: -c.score)[:k]
 
     async def _feedback_round(self, q: SearchQuery, k: int, deadline: float, request_id: str, result: SearchResult,
-                              prf: Feedback, first: list[RecallCandidate], answered: list[RecallReply],
-                              first_s: float) -> list[RecallCandidate]:
+                              prf: Feedback, first: list[RecallCandidate],
+                              answered: list[tuple[RecallShard, RecallReply]], first_s: float) -> list[RecallCandidate]:
         """Feedback across shards: the refined vector from the top hits of the global first pass (which may sit on
-        any shard), as one index forms it from its own; then every shard searched with it. The first round's
-        candidates stand, marked prf_skipped, when too little time is left or a shard fails the second."""
+        any shard), as one index forms it from its own; then the shards that answered the first round searched
+        with it, each on the replica that answered it (which kept the query's BM25 matches for it). The first
+        round's candidates stand, marked prf_skipped, when too little time is left or a shard fails the second."""
         top = [c.vector for c in first[:prf.depth] if c.vector is not None]
-        query_vector = next((r.query_vector for r in answered if r.query_vector is not None), None)
+        query_vector = next((r.query_vector for _, r in answered if r.query_vector is not None), None)
         if not prf.active or not top or query_vector is None:
             return first
         left_s = deadline - time.monotonic()
@@ -449,19 +460,21 @@ class SearchPipeline:
                            f"second round needs about {1000 * first_s:.0f} ms")
             return first
         refined = feedback.refine(query_vector, np.stack(top), prf.weight)
+        shards = [shard for shard, _ in answered]
         started = time.monotonic()
         try:
-            replies, failures = await self._ask(q, k, deadline, request_id, prf=feedback.OFF,
-                                                query_vector=query_vector, feedback_vector=refined)
+            replies, failures = await self._ask(q, k, deadline, request_id, shards,
+                                                {shard: reply.replica for shard, reply in answered},
+                                                prf=feedback.OFF, query_vector=query_vector, feedback_vector=refined)
         except errors.TwostageError as error:  # every shard failed it
             replies, failures = [], [error]
         result.timings_ms["prf_ms"] = 1000 * (time.monotonic() - started)
-        if len(replies) < len(answered):
-            result.degrade(DegradationCode.PRF_SKIPPED, f"{len(replies)} of {len(self.recall)} shards answered the "
+        if failures:  # a shard's first-round candidates beside the others' second-round ones would rank as neither
+            result.degrade(DegradationCode.PRF_SKIPPED, f"{len(replies)} of {len(shards)} shards answered the "
                            f"second round ({failures[0]})")
             return first
-        _add_timings(result, "prf", replies)
-        return self._merge(replies, k, refined=True)
+        _add_timings(result, "prf", [reply for _, reply in replies])
+        return self._merge([reply for _, reply in replies], k, refined=True)
 
     async def _rerank(
         self, query: str, candidates: list[RecallCandidate], deadline: float, request_id: str, result: SearchResult,
@@ -667,6 +680,8 @@ def _add_timings(result: SearchResult, prefix: str, replies: list[RecallReply]) 
     for reply in replies:
         for name, ms in reply.timings_ms.items():
             result.timings_ms[f"{prefix}.{name}"] = max(ms, result.timings_ms.get(f"{prefix}.{name}", 0.0))
+
+
 def _annotate(span, result: SearchResult) -> None:
     """What a search's span says of its answer: the share of the budget used, what was reranked, what was cut."""
     total_ms = result.timings_ms.get("total_ms", 0.0)

@@ -348,7 +348,7 @@ class RecallService:
         errors.check_text("query", query, s.max_query_chars)
         errors.check_limit("k", k, 1, s.max_k)
         errors.check_limit("return_vectors", return_vectors, 0, k)
-        prf = feedback.check(prf_depth, prf_weight, feedback.Feedback(s.prf_depth, s.prf_weight))
+        prf = feedback.check(prf_depth, prf_weight, feedback.Feedback(s.prf_depth, s.prf_weight), ("k", k))
         mode = mode or s.recall_mode
         prf = feedback.for_mode(prf, mode, asked=prf_depth is not None or prf_weight is not None)
         check_filter_types(filter_, self.index.store.schema())
@@ -379,8 +379,11 @@ class RecallService:
         if vector.shape != (dims,):
             raise errors.InvalidArgument(f"{field} has {vector.size} values; this index holds {dims}-dimension "
                                          "vectors")
-        if not np.isfinite(vector).all() or not vector.any():
-            raise errors.InvalidArgument(f"{field} must be finite and not all zero")
+        # Its length in float32, as the index computes cosines: one that overflows or vanishes has no direction.
+        length = np.linalg.norm(vector)
+        if not np.isfinite(vector).all() or not np.isfinite(length) or length == 0:
+            raise errors.InvalidArgument(f"{field} must be finite and not all zero, with a length float32 can hold "
+                                         f"(got {length:g})")
         return vector
 
     def _find(self, index: DocumentIndex, query: str, vector: np.ndarray, k: int, mode: str, filter_: Filter | None,
@@ -404,7 +407,7 @@ class RecallService:
         if deadline_s is not None and time.monotonic() + first.seconds > deadline_s:
             skipped = (f"{1000 * (deadline_s - time.monotonic()):.0f} ms left, a second pass needs about "
                        f"{1000 * first.seconds:.0f} ms")
-            return self._answer(index, vector, first, return_vectors, prf_ms=_ms_since(started), skipped=skipped)
+            return self._answer(index, vector, first, return_vectors, skipped=skipped)  # prf_ms: only when it ran
         hits = list(index.vectors([key for key, _ in first.ranked[:prf.depth]]).values())
         refined = feedback.refine(vector, np.asarray(hits, dtype=np.float32), prf.weight)
         try:

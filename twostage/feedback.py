@@ -40,10 +40,15 @@ OFF = Feedback(0, 0.0)
 DEFAULT = Feedback(5, 0.5)
 
 
-def check(depth: int | None, weight: float | None, default: Feedback) -> Feedback:
-    """A request's feedback: each field given, else the default; INVALID_ARGUMENT names a bad field."""
+def check(depth: int | None, weight: float | None, default: Feedback, k: tuple[str, int] | None = None) -> Feedback:
+    """A request's feedback: each field given, else the default; INVALID_ARGUMENT names a bad field. ``k``: (the
+    field's name, its value) for the candidates asked for, which a depth given must not exceed (feedback reads
+    the first pass's top hits; a default depth above it reads them all)."""
     if depth is not None and not 0 <= depth <= MAX_DEPTH:
         raise InvalidArgument(f"prf_depth must be between 0 and {MAX_DEPTH}, got {depth}")
+    if depth is not None and k is not None and depth > k[1]:
+        raise InvalidArgument(f"prf_depth ({depth}) must not exceed {k[0]} ({k[1]}): feedback is formed from the "
+                              "first pass's top hits")
     if weight is not None and not 0 <= weight <= 1:  # also refuses NaN
         raise InvalidArgument(f"prf_weight must be between 0 and 1, got {weight}")
     return Feedback(default.depth if depth is None else depth, default.weight if weight is None else float(weight))

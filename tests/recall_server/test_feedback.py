@@ -111,6 +111,7 @@ async def test_too_little_time_for_a_second_pass_skips_it_and_says_so(recall_ser
     with service._leases.hold(service.index) as index:
         passed = service._find(index, query, vector, 10, "hybrid", None, time.monotonic(), feedback.Feedback(3, 0.5))
     assert passed.prf_hits == 0 and "ms left, a second pass needs about" in passed.prf_skipped
+    assert "prf_ms" not in passed.timings  # it did not run: nothing to count (a gateway reports prf_ms as run)
     expected = first_pass(service.index, service.settings, query, vector, 10, "hybrid")
     assert [(c.document.id, c.score, c.dense_score, c.lexical_score) for c in passed.candidates] == expected
 

@@ -71,6 +71,11 @@ async def test_upsert_then_search_then_delete(stub):
          "feedback_vector must be finite and not all zero"),
         (lambda s: s.Search(recall_pb2.RecallSearchRequest(query="ok", k=5, return_vectors=6)),
          "return_vectors must be between 0 and 5, got 6"),
+        (lambda s: s.Search(recall_pb2.RecallSearchRequest(query="ok", k=5, prf_depth=6)),
+         "prf_depth (6) must not exceed k (5)"),
+        # Finite values whose squares overflow float32: a length the index cannot compute a cosine with.
+        (lambda s: s.Search(recall_pb2.RecallSearchRequest(query="ok", k=5, query_vector=b"\xca\xf2\x49\x71" * 384)),
+         "query_vector must be finite and not all zero, with a length float32 can hold (got inf)"),
         (lambda s: s.Embed(recall_pb2.EmbedRequest(texts=[])), "texts (count)"),
         (lambda s: s.Embed(recall_pb2.EmbedRequest(texts=["a"] * 300)), "texts (count)"),
         (lambda s: s.Embed(recall_pb2.EmbedRequest(texts=["a"], model="other")), "unknown model 'other'"),
