@@ -113,7 +113,7 @@ def test_a_settings_file_with_a_typo_or_a_stray_line_is_refused(tmp_path):
         settings_from_args(RerankSettings, parse(["--settings-file", str(stray)]))
     bad = tmp_path / "bad.env"
     bad.write_text("TWOSTAGE_RERANK_MAX_WAIT_MS=-1\n")
-    with pytest.raises(ConfigError, match="--max-wait-ms / TWOSTAGE_RERANK_MAX_WAIT_MS = '-1'"):
+    with pytest.raises(ConfigError, match=r"--max-wait-ms / TWOSTAGE_RERANK_MAX_WAIT_MS = '-1' \(settings file .*bad.env, line 1\)"):
         settings_from_args(RerankSettings, parse(["--settings-file", str(bad)]))
     with pytest.raises(ConfigError, match="settings file .*missing.env"):
         settings_from_args(RerankSettings, parse(["--settings-file", str(tmp_path / "missing.env")]))
@@ -128,3 +128,37 @@ def test_serve_all_hands_its_settings_file_to_every_process(tmp_path):
     stages, gateway = stack._security_flags()
     expected = ["--settings-file", str((Path.cwd() / "tuned.env").resolve())]
     assert stages == gateway == expected
+
+
+def test_a_settings_file_names_the_line_of_a_mistake_no_service_would_catch(tmp_path):
+    """A service prefix misspelt would be read by no service; a name twice, one value silently lost; a bad value
+    is traced to its line; and serve all / eval check every service's lines before starting anything."""
+    from twostage.cli.config import check_settings_file
+
+    cases = {
+        "TWOSTAGE_RECAL_PRF_DEPTH=3\n": r"line 1: TWOSTAGE_RECAL_PRF_DEPTH is under no service's prefix",
+        "TWOSTAGE_LOG_LEVEL=DEBUG\n": r"line 1: TWOSTAGE_LOG_LEVEL is under no service's prefix",
+        "TWOSTAGE_RERANK_MAX_WAIT_MS=4\n# again\nTWOSTAGE_RERANK_MAX_WAIT_MS=5\n":
+            r"line 3: TWOSTAGE_RERANK_MAX_WAIT_MS is set again \(first on line 1\)",
+    }
+    for number, (text, message) in enumerate(cases.items()):
+        path = tmp_path / f"case{number}.env"
+        path.write_text(text)
+        with pytest.raises(ConfigError, match=message):
+            settings_from_args(RerankSettings, parse(["--settings-file", str(path)]))
+    bad = tmp_path / "bad.env"
+    bad.write_text("TWOSTAGE_RERANK_MAX_WAIT_MS=2\nTWOSTAGE_GATEWAY_FUSION_ALPHA=1.5\n")
+    assert settings_from_args(RerankSettings, parse(["--settings-file", str(bad)])).max_wait_ms == 2.0
+    with pytest.raises(ConfigError, match=r"TWOSTAGE_GATEWAY_FUSION_ALPHA = '1.5' \(settings file .*bad.env, line 2\)"):
+        check_settings_file(bad)  # the gateway's line, caught before any process starts
+    binary = tmp_path / "binary.env"
+    binary.write_bytes(b"\xff\xfe\x00TWOSTAGE")
+    with pytest.raises(ConfigError, match="not UTF-8 text"):
+        settings_from_args(RerankSettings, parse(["--settings-file", str(binary)]))
+
+
+def test_the_services_prefixes_are_their_settings_prefixes():
+    from twostage.cli.config import settings_classes
+    from twostage.config import SERVICE_PREFIXES
+
+    assert sorted(SERVICE_PREFIXES) == sorted(cls.model_config["env_prefix"] for cls in settings_classes().values())

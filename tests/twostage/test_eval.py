@@ -161,6 +161,40 @@ async def test_eval_sweeps_and_tunes_feedback_through_the_gateway(tmp_path, demo
     assert tune["in_sample_gain"] >= 0 and tune["in_sample_ndcg@10"] >= tune["held_out_ndcg@10"] - 1e-9
     assert tune["outcome"].startswith("written" if tune["held_out_gain"] > 0 and tune["best"] else "not written")
     assert tuned.exists() == tune["outcome"].startswith("written")
+
+
+def test_a_tuned_combination_that_turns_feedback_off_is_written_and_printed(tmp_path, capsys):
+    """prf_depth 0 leaves prf_weight unset (any weight is the same search): the best such combination is written
+    without it, and the report prints."""
+    from recall_server.config import RecallSettings
+    from twostage.cli.evaluate import print_tuning
+    from twostage.config import read_settings_file
+    from twostage.evaluation.tuning import Combination, judge, write_if_better
+
+    queries = [f"q{i}" for i in range(6)]
+    grids = {"alpha": [0.4], "prf_depth": [0, 3], "prf_weight": [0.5]}
+    off = Combination(alpha=0.4, prf_depth=0)
+    scores = {Combination(): dict.fromkeys(queries, 0.5), off: dict.fromkeys(queries, 0.7),
+              Combination(alpha=0.4, prf_depth=3, prf_weight=0.5): dict.fromkeys(queries, 0.6)}
+    report = judge(scores, Combination(), grids, folds=3)
+    assert report["best"] == {"alpha": 0.4, "prf_depth": 0} and report["held_out_gain"] == pytest.approx(0.2)
+    out = tmp_path / "tuned.env"
+    report["outcome"] = write_if_better(report, out, "scifact", "test", 20)
+    assert report["outcome"].startswith("written") and read_settings_file(out, RecallSettings) == {"prf_depth": "0"}
+    print_tuning(report)
+    assert "best in sample (alpha=0.4, prf_depth=0) 0.7000 (+0.2000)" in capsys.readouterr().out
+
+
+def test_tuning_needs_queries_to_hold_out_and_at_least_two_folds(capsys):
+    from twostage.evaluation.tuning import Combination, cross_validate
+
+    with pytest.raises(ValueError, match="--tune needs at least 2 queries with relevant documents"):
+        cross_validate({Combination(): {"q1": 0.5}, Combination(alpha=0.3): {"q1": 0.6}}, Combination(), 5)
+    with pytest.raises(SystemExit):
+        main(["eval", "--tune", "alpha", "--folds", "1"])
+    assert "--folds: must be at least 2, got 1" in capsys.readouterr().err
+
+
 def with_corpus(dataset, demo_data, docs: int, empty: int):
     """The slice's queries over a corpus of its first ``docs`` documents plus ``empty`` empty ones."""
     rows = [{"_id": d.id, "title": d.title, "text": d.text} for d in list(demo_data["docs"].values())[:docs]]

@@ -3,6 +3,7 @@
 import asyncio
 from pathlib import Path
 
+from twostage.cli.args import at_least_two
 from twostage.connect import PLAINTEXT, add_credential_flags, credentials_from_args
 from twostage.corpus import DEMO_CORPUS
 
@@ -36,7 +37,8 @@ def register(commands) -> None:
                         "prf_weight=0.3,0.5,0.7) (repeatable)")
     parser.add_argument("--tune-out", type=Path, default=Path("tuned.env"),
                         help="the settings file --tune writes (serve it with --settings-file)")
-    parser.add_argument("--folds", type=int, default=5, help="cross-validation folds over queries for --tune")
+    parser.add_argument("--folds", type=at_least_two, default=5,
+                        help="cross-validation folds over queries for --tune (at least 2)")
     parser.add_argument("--settings-file", type=Path, default=None,
                         help="settings for the local stack (what --tune wrote)")
     parser.add_argument("--json", type=Path, default=None)
@@ -127,15 +129,7 @@ def print_report(report: dict) -> None:
         print(f"  pseudo-relevance feedback ran for {report['prf']['answers']} of {report['queries']} answers, "
               f"p50 {report['prf']['p50_ms']:.1f} ms")
     if "tune" in report:
-        tuned = report["tune"]
-        print(f"  tuning {', '.join(tuned['names'])} over {len(tuned['combinations'])} combinations, "
-              f"{tuned['folds']}-fold cross-validation over {tuned['queries']} queries (final nDCG@10):")
-        best = ", ".join(f"{name}={value:g}" for name, value in tuned["best"].items()) or "the defaults"
-        print(f"    defaults {tuned['default_ndcg@10']:.4f}; best in sample ({best}) {tuned['in_sample_ndcg@10']:.4f} "
-              f"({tuned['in_sample_gain']:+.4f}); held out {tuned['held_out_ndcg@10']:.4f} "
-              f"({tuned['held_out_gain']:+.4f})")
-        print(f"    chosen per fold: {'; '.join(tuned['chosen_per_fold'])}")
-        print(f"    settings file: {tuned['outcome']}")
+        print_tuning(report["tune"])
     for mode, row in report.get("sweep_recall_mode", {}).items():
         recalls = ", ".join(f"Recall@{c.split('@')[1]} {row[c]:.4f}" for c in ("recall@10", "recall@20", "recall@100")
                             if c in row)
@@ -143,6 +137,17 @@ def print_report(report: dict) -> None:
               f"{row['final_ndcg@10']:.4f}, mean latency {row['mean_latency_ms']:.1f} ms")
         if "advice" in row:
             print(f"            {row['advice']}")
+
+
+def print_tuning(tuned: dict) -> None:
+    print(f"  tuning {', '.join(tuned['names'])} over {len(tuned['combinations'])} combinations, "
+          f"{tuned['folds']}-fold cross-validation over {tuned['queries']} queries (final nDCG@10):")
+    best = ", ".join(f"{name}={value:g}" for name, value in tuned["best"].items()) or "the defaults"
+    print(f"    defaults {tuned['default_ndcg@10']:.4f}; best in sample ({best}) {tuned['in_sample_ndcg@10']:.4f} "
+          f"({tuned['in_sample_gain']:+.4f}); held out {tuned['held_out_ndcg@10']:.4f} "
+          f"({tuned['held_out_gain']:+.4f})")
+    print(f"    chosen per fold: {'; '.join(tuned['chosen_per_fold'])}")
+    print(f"    settings file: {tuned['outcome']}")
 
 
 def run(args) -> None:
@@ -155,6 +160,10 @@ def run(args) -> None:
     if args.settings_file and args.target:
         raise SystemExit("twostage: error: --settings-file configures the local stack: leave out --target (a running "
                          "stack reads it with 'twostage serve ... --settings-file')")
+    if args.settings_file:
+        from twostage.cli.config import check_settings_file
+
+        check_settings_file(args.settings_file)
 
     def measure(target: str, recall_target: str | None) -> dict:
         # A local stack is plaintext; credentials are for a running one.

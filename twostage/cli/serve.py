@@ -92,6 +92,10 @@ async def run_stack(args, then=None) -> int:
     """Run the stack until a signal or a child's exit; ``then(stack)`` runs once it is ready
     (with ``args.once`` the stack stops after it). A child that dies takes the stack down, named.
     SIGTERM, SIGINT and SIGHUP stop it (a clean stop is success)."""
+    if args.settings_file:
+        from twostage.cli.config import check_settings_file
+
+        check_settings_file(args.settings_file)
     stack = Stack(args.host, args.port, args.index_dir, args.rerank_replicas, args.recall_shards,
                   args.metrics_port, args.embed_model, args.rerank_model, args.tls_dir, args.auth_tokens,
                   args.shard_replicas, getattr(args, "http_port", None), args.settings_file)

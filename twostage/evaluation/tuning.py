@@ -76,12 +76,20 @@ def recall_combinations(grids: dict[str, list]) -> list[tuple[int | None, float 
     return pairs
 
 
+def best_values(combination: Combination, grids: dict[str, list]) -> dict[str, float]:
+    """The tuned names' values in ``combination``, those it sets."""
+    return {name: value for name in grids if (value := getattr(combination, name)) is not None}
+
+
 def cross_validate(scores: dict[Combination, dict[str, float]], default: Combination, folds: int,
                    seed: int = 0) -> dict:
     """Per-query scores of every combination (the default's among them) -> the held-out mean: each fold's queries
     scored by the combination with the best mean over the other folds (ties go to the default, then to the
     first listed). Also the in-sample best over every query."""
     queries = sorted(scores[default])
+    if len(queries) < 2:
+        raise ValueError(f"--tune needs at least 2 queries with relevant documents to hold some out, got "
+                         f"{len(queries)}")
     random.Random(seed).shuffle(queries)
     folds = max(2, min(folds, len(queries)))
     parts = [queries[i::folds] for i in range(folds)]
@@ -132,12 +140,20 @@ def tune(target: str, queries: dict[str, str], qrels: dict, recall_k: int, budge
         else:
             scores[combination] = per_query_ndcg(
                 rankings(answers[depth, weight], fusion, alpha, calibration)["final"], qrels)
+    return judge(scores, default, grids, folds)
+
+
+def judge(scores: dict[Combination, dict[str, float]], default: Combination, grids: dict[str, list],
+          folds: int) -> dict:
+    """The tuning report from every combination's per-query scores: the in-sample best, and the search's gain
+    held out (cross_validate)."""
     judged = cross_validate(scores, default, folds)
     return {
         "names": list(grids), "folds": judged["folds"], "queries": len(scores[default]),
         "default_ndcg@10": round(judged["default"], 4),
-        # Nothing when the defaults did best.
-        "best": {} if judged["best"] == default else {name: getattr(judged["best"], name) for name in grids},
+        # Nothing when the defaults did best; a name the combination leaves at the default (prf_weight beside a
+        # prf_depth of 0, which turns feedback off whatever the weight) is not written.
+        "best": {} if judged["best"] == default else best_values(judged["best"], grids),
         "in_sample_ndcg@10": round(judged["in_sample"], 4),
         "in_sample_gain": round(judged["in_sample"] - judged["default"], 4),
         "held_out_ndcg@10": round(judged["held_out"], 4),
