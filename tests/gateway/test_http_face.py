@@ -60,9 +60,7 @@ async def http(face):
 
 
 @pytest.fixture(scope="module")
-async def gateway_stub(face, channel_to):
-    # Async, so the channel is made on the tests' loop: a plain fixture runs where an earlier asyncio.run() (a CLI
-    # test's) may have left the main thread no event loop at all.
+def gateway_stub(face, channel_to):
     return gateway_pb2_grpc.GatewayStub(channel_to(face[1]))
 
 

@@ -28,7 +28,7 @@ def register(commands) -> None:
         sub.set_defaults(run=run, settings_cls=settings_cls)
     stack = services.add_parser("all", help="recall, rerank and gateway as separate processes")
     add_stack_flags(stack)
-    stack.set_defaults(run=lambda args: asyncio.run(run_stack(args)))
+    stack.set_defaults(run=serve_all)
 
 
 def add_settings_file_flag(parser: argparse.ArgumentParser) -> None:
@@ -88,14 +88,18 @@ def _serve_gateway(args) -> None:
     asyncio.run(serve_until_signal(lambda: build_server(settings), "gateway"))
 
 
+def serve_all(args) -> int:
+    if args.settings_file:  # checked once, before any process starts (each reads its own lines)
+        from twostage.cli.config import check_settings_file
+
+        check_settings_file(args.settings_file)
+    return asyncio.run(run_stack(args))
+
+
 async def run_stack(args, then=None) -> int:
     """Run the stack until a signal or a child's exit; ``then(stack)`` runs once it is ready
     (with ``args.once`` the stack stops after it). A child that dies takes the stack down, named.
     SIGTERM, SIGINT and SIGHUP stop it (a clean stop is success)."""
-    if args.settings_file:
-        from twostage.cli.config import check_settings_file
-
-        check_settings_file(args.settings_file)
     stack = Stack(args.host, args.port, args.index_dir, args.rerank_replicas, args.recall_shards,
                   args.metrics_port, args.embed_model, args.rerank_model, args.tls_dir, args.auth_tokens,
                   args.shard_replicas, getattr(args, "http_port", None), args.settings_file)
