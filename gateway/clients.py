@@ -7,6 +7,7 @@ failures into domain errors.
 from dataclasses import dataclass, field
 
 import grpc
+import numpy as np
 
 from gateway.fusion import Calibration
 from twostage import tracing
@@ -18,8 +19,11 @@ from twostage.convert import (
     metadata_from_proto,
     recall_mode_from_proto,
     recall_mode_to_proto,
+    vector_from_bytes,
+    vector_to_bytes,
 )
 from twostage.corpus import Document, MetadataValue
+from twostage.feedback import Feedback
 from twostage.filters import Filter
 from twostage.probe import channel_health
 from twostage.status import error_from_rpc
@@ -36,6 +40,22 @@ class RecallCandidate:
     metadata: dict[str, MetadataValue] = field(default_factory=dict)
     dense_score: float = 0.0
     lexical_score: float = 0.0
+    vector: np.ndarray | None = field(default=None, compare=False, repr=False)  # stored vector, when asked for
+    prf_dense_score: float = 0.0  # after feedback: the cosine with the refined vector (the order's dense part)
+
+
+@dataclass(frozen=True)
+class RecallReply:
+    """One shard's answer to a search."""
+
+    candidates: list[RecallCandidate]
+    timings_ms: dict[str, float]
+    mode: str | None  # the mode that answered
+    calibration: Calibration | None  # the server's score calibration (None: not fitted)
+    query_vector: np.ndarray | None = None  # the query's embedding, when vectors were asked for
+    prf_hits: int = 0  # feedback ran from this many hits (0: it did not)
+    prf_skipped: str = ""  # why feedback that was asked for did not run
+    replica: str = ""  # the replica that answered
 
 
 @dataclass(frozen=True)
@@ -145,22 +165,29 @@ class RecallClient(_Client):
 
     async def search(
         self, query: str, k: int, timeout_s: float, request_id: str, mode: str | None = None,
-        filter_: Filter | None = None,
-    ) -> tuple[list[RecallCandidate], dict[str, float], str | None, Calibration | None]:
-        """Candidates best first, the server's timings, the mode that answered, and the server's score
-        calibration (None: not fitted)."""
-        request = recall_pb2.RecallSearchRequest(query=query, k=k, request_id=request_id,
-                                                 mode=recall_mode_to_proto(mode), filter=filter_to_proto(filter_))
+        filter_: Filter | None = None, prf: Feedback | None = None, query_vector: np.ndarray | None = None,
+        feedback_vector: np.ndarray | None = None, return_vectors: int = 0,
+    ) -> RecallReply:
+        """Candidates best first, with what the server says about the search. ``prf``: the feedback to run (None:
+        the server's settings); ``query_vector``: the query's embedding, given; ``feedback_vector``: only the
+        second pass of feedback, with this refined vector."""
+        request = recall_pb2.RecallSearchRequest(
+            query=query, k=k, request_id=request_id, mode=recall_mode_to_proto(mode), filter=filter_to_proto(filter_),
+            return_vectors=return_vectors, query_vector=b"" if query_vector is None else vector_to_bytes(query_vector),
+            feedback_vector=b"" if feedback_vector is None else vector_to_bytes(feedback_vector))
+        if prf is not None:
+            request.prf_depth, request.prf_weight = prf.depth, prf.weight
         reply = await self._call("Search", request, timeout_s)
         candidates = [
             RecallCandidate(c.id, c.title, c.text, c.score, metadata_from_proto(c.metadata), c.dense_score,
-                            c.lexical_score)
+                            c.lexical_score, vector_from_bytes(c.vector), c.prf_dense_score)
             for c in reply.candidates
         ]
         fitted = reply.calibration if reply.HasField("calibration") else None
         calibration = None if fitted is None else Calibration(fitted.scale, fitted.center, fitted.lexical_scale,
                                                               fitted.lexical_center)
-        return candidates, dict(reply.timings_ms), recall_mode_from_proto(reply.mode), calibration
+        return RecallReply(candidates, dict(reply.timings_ms), recall_mode_from_proto(reply.mode), calibration,
+                           vector_from_bytes(reply.query_vector), reply.prf_hits, reply.prf_skipped, self.target)
 
     async def upsert(self, docs: list[Document], timeout_s: float | None, request_id: str = "",
                      version: Version | None = None) -> "WriteReply":

@@ -14,6 +14,7 @@ class DegradationCode(enum.Enum):
     RERANK_UNAVAILABLE = "rerank_unavailable"
     RECALL_PARTIAL = "recall_partial"
     QUERY_TRUNCATED = "query_truncated"
+    PRF_SKIPPED = "prf_skipped"
 
 
 @dataclass(frozen=True)

@@ -161,6 +161,7 @@ class GatewayLifecycle:
             if client is recall and (fusion := hybrid_fusion_from_proto(info.hybrid_fusion)):
                 self.limits.recall_hybrid_fusion = fusion
                 self.limits.recall_hybrid_dense_weight = info.hybrid_dense_weight
+                self.limits.recall_prf_depth, self.limits.recall_prf_weight = info.prf_depth, info.prf_weight
 
     async def adopt_published_costs(self) -> None:
         """Take each replica's published cost model (Info: a pair's cost by its length, fitted when its model

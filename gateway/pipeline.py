@@ -25,15 +25,18 @@ import time
 import uuid
 from dataclasses import dataclass, field
 
-from gateway.clients import RecallCandidate
+import numpy as np
+
+from gateway.clients import RecallCandidate, RecallReply
 from gateway.config import GatewaySettings
 from gateway.degradation import Degradable, Degradation, DegradationCode
 from gateway.fusion import DEFAULT_CALIBRATION, FUSIONS, Calibration, fuse, mean_calibration, recall_part, relevance
 from gateway.metrics import observe_degradations, observe_search
 from gateway.recall_tier import RecallShard
 from gateway.rerank_pool import RerankOutcome, RerankPool, is_callers_mistake
-from twostage import errors, tracing
+from twostage import errors, feedback, tracing
 from twostage.corpus import Document, MetadataValue, document_text
+from twostage.feedback import Feedback
 from twostage.filters import Filter
 from twostage.hybrid import fuse as fuse_recall
 
@@ -60,6 +63,8 @@ class SearchQuery:
     score_threshold: float | None = None
     recall_mode: str | None = None  # None: the recall servers' default
     filter: Filter | None = None
+    prf_depth: int | None = None  # None: the recall servers' setting
+    prf_weight: float | None = None
 
 
 @dataclass(frozen=True)
@@ -144,6 +149,13 @@ class StageLimits:
     recall_max_embed_texts: int | None = None
     recall_hybrid_fusion: str | None = None  # how the shards fuse hybrid lists; the gateway fuses their union alike
     recall_hybrid_dense_weight: float | None = None
+    recall_prf_depth: int | None = None  # the recall servers' pseudo-relevance feedback settings
+    recall_prf_weight: float | None = None
+
+    def recall_feedback(self) -> Feedback:
+        """Feedback for a search that does not say: the recall servers' settings, their defaults until known."""
+        return Feedback(feedback.DEFAULT.depth if self.recall_prf_depth is None else self.recall_prf_depth,
+                        feedback.DEFAULT.weight if self.recall_prf_weight is None else self.recall_prf_weight)
     # What the stages serve, for Rerank and Embed replies and the HTTP face's /info.
     rerank_model: str | None = None
     rerank_max_length: int | None = None
@@ -298,6 +310,7 @@ class SearchPipeline:
 
     async def _search(self, q: SearchQuery) -> SearchResult:
         top_k, recall_k, budget_s, request_id = self.resolve(q)
+        prf = feedback.check(q.prf_depth, q.prf_weight, self.limits.recall_feedback(), ("recall_k", recall_k))
         if (span := tracing.current_span()).is_recording():
             span.set_attributes({"twostage.top_k": top_k, "twostage.recall_k": recall_k,
                                  "twostage.request_id": request_id})
@@ -314,7 +327,7 @@ class SearchPipeline:
             recall_deadline = start + (deadline - start) * s.recall_budget_share
         try:
             with tracing.span("recall") as span:
-                candidates = await self._recall(q, recall_k, recall_deadline, request_id, result)
+                candidates = await self._recall(q, recall_k, recall_deadline, request_id, result, prf)
                 if span.is_recording():
                     span.set_attributes({"twostage.recall_k": recall_k, "twostage.shards": len(self.recall),
                                          "twostage.candidates": len(candidates),
@@ -356,11 +369,49 @@ class SearchPipeline:
         return result
 
     async def _recall(
-        self, q: SearchQuery, k: int, deadline: float, request_id: str, result: SearchResult
+        self, q: SearchQuery, k: int, deadline: float, request_id: str, result: SearchResult, prf: Feedback
     ) -> list[RecallCandidate]:
-        """Query every shard in parallel; merge. Fails only if every shard fails."""
+        """Query every shard in parallel; merge. Fails only if every shard fails. Pseudo-relevance feedback: one
+        shard runs it itself; over several, the gateway forms it from the global first pass (``_feedback_round``)."""
+        asked = q.prf_depth is not None or q.prf_weight is not None
+        # The mode the request names decides now whether feedback can run (the servers' default mode: after the
+        # first round), so a lexical or an unasked dense search over several shards asks for no vectors.
+        across = feedback.for_mode(prf, q.recall_mode, asked).active and len(self.recall) > 1
+        started = time.monotonic()
+        # One shard applies its own settings unless the request says: the same as a direct search of it (a default
+        # depth above k reads every hit there too). Several are told exactly (off in their first round), so none
+        # runs feedback from its own top hits alone.
+        own = Feedback(min(prf.depth, k), prf.weight) if asked else None
+        answered, failures = await self._ask(q, k, deadline, request_id, self.recall,
+                                             prf=feedback.OFF if len(self.recall) > 1 else own,
+                                             return_vectors=k if across else 0)
+        if failures:
+            result.degrade(DegradationCode.RECALL_PARTIAL,
+                           f"{len(answered)} of {len(answered) + len(failures)} shards answered")
+        replies = [reply for _, reply in answered]
+        result.recall_mode = replies[0].mode
+        result.calibration = mean_calibration([r.calibration for r in replies if r.calibration is not None])
+        _add_timings(result, "recall", replies)
+        candidates = self._merge(replies, k)
+        if across:
+            return await self._feedback_round(q, k, deadline, request_id, result,
+                                              feedback.for_mode(prf, result.recall_mode, asked), candidates, answered,
+                                              time.monotonic() - started)
+        if skipped := next((r.prf_skipped for r in replies if r.prf_skipped), ""):
+            result.degrade(DegradationCode.PRF_SKIPPED, skipped)
+        if prf_ms := [r.timings_ms["prf_ms"] for r in replies if "prf_ms" in r.timings_ms]:
+            result.timings_ms["prf_ms"] = max(prf_ms)
+        return candidates
+
+    async def _ask(self, q: SearchQuery, k: int, deadline: float, request_id: str, shards: list[RecallShard],
+                   replicas: dict[RecallShard, str] | None = None,
+                   **feedback_fields) -> tuple[list[tuple[RecallShard, RecallReply]], list[BaseException]]:
+        """One round: these shards at once (each on the replica ``replicas`` names for it, when it can);
+        ((shard, reply) for each that answered, the failures). Raises when every shard failed."""
         replies = await asyncio.gather(
-            *(shard.search(q.query, k, deadline, request_id, q.recall_mode, q.filter) for shard in self.recall),
+            *(shard.search(q.query, k, deadline, request_id, q.recall_mode, q.filter,
+                           replica=(replicas or {}).get(shard), **feedback_fields)
+              for shard in shards),
             return_exceptions=True,
         )
         failures = [r for r in replies if isinstance(r, BaseException)]
@@ -369,29 +420,61 @@ class SearchPipeline:
         for failure in failures:  # e.g. a filter of the wrong type for a key one shard has typed: not an outage
             if isinstance(failure, errors.InvalidArgument):
                 raise failure
-        if failures:
-            result.degrade(DegradationCode.RECALL_PARTIAL,
-                           f"{len(replies) - len(failures)} of {len(replies)} shards answered")
-            for failure in failures:
-                log.warning("request %s: recall shard failed: %s", request_id, failure)
+        for failure in failures:
+            log.warning("request %s: recall shard failed: %s", request_id, failure)
+        return [(shard, reply) for shard, reply in zip(shards, replies) if not isinstance(reply, BaseException)], \
+            failures
+
+    def _merge(self, answered: list[RecallReply], k: int, refined: bool = False) -> list[RecallCandidate]:
+        """The shards' candidates as one list. ``refined``: a feedback round, whose hybrid order fused each
+        candidate's cosine with the refined vector."""
         merged: dict[str, RecallCandidate] = {}
-        answered = [reply for reply in replies if not isinstance(reply, BaseException)]
-        result.recall_mode = answered[0][2]
-        result.calibration = mean_calibration([fitted for *_, fitted in answered if fitted is not None])
-        for candidates, timings, *_ in answered:
-            for name, ms in timings.items():
-                result.timings_ms[f"recall.{name}"] = max(ms, result.timings_ms.get(f"recall.{name}", 0.0))
-            for candidate in candidates:
+        for reply in answered:
+            for candidate in reply.candidates:
                 if candidate.id not in merged or merged[candidate.id].score < candidate.score:
                     merged[candidate.id] = candidate
         hybrid = self.limits.recall_hybrid_fusion
-        if len(answered) > 1 and hybrid and any(mode == "hybrid" for _, _, mode, _ in answered):
+        if len(answered) > 1 and hybrid and any(reply.mode == "hybrid" for reply in answered):
             # Fused scores are relative to each shard's lists: fuse the union again, as one index would.
             pool = list(merged.values())
-            fused = fuse_recall(range(len(pool)), [c.dense_score for c in pool], [c.lexical_score for c in pool],
-                                hybrid, self.limits.recall_hybrid_dense_weight)
+            dense = [c.prf_dense_score if refined else c.dense_score for c in pool]
+            fused = fuse_recall(range(len(pool)), dense, [c.lexical_score for c in pool], hybrid,
+                                self.limits.recall_hybrid_dense_weight)
             return [dataclasses.replace(pool[i], score=score) for i, score in fused[:k]]
         return sorted(merged.values(), key=lambda c: -c.score)[:k]
+
+    async def _feedback_round(self, q: SearchQuery, k: int, deadline: float, request_id: str, result: SearchResult,
+                              prf: Feedback, first: list[RecallCandidate],
+                              answered: list[tuple[RecallShard, RecallReply]], first_s: float) -> list[RecallCandidate]:
+        """Feedback across shards: the refined vector from the top hits of the global first pass (which may sit on
+        any shard), as one index forms it from its own; then the shards that answered the first round searched
+        with it, each on the replica that answered it (which kept the query's BM25 matches for it). The first
+        round's candidates stand, marked prf_skipped, when too little time is left or a shard fails the second."""
+        top = [c.vector for c in first[:prf.depth] if c.vector is not None]
+        query_vector = next((r.query_vector for _, r in answered if r.query_vector is not None), None)
+        if not prf.active or not top or query_vector is None:
+            return first
+        left_s = deadline - time.monotonic()
+        if left_s < first_s:  # the second round costs about what the first did (less: no embedding)
+            result.degrade(DegradationCode.PRF_SKIPPED, f"{1000 * left_s:.0f} ms of recall's share left, the "
+                           f"second round needs about {1000 * first_s:.0f} ms")
+            return first
+        refined = feedback.refine(query_vector, np.stack(top), prf.weight)
+        shards = [shard for shard, _ in answered]
+        started = time.monotonic()
+        try:
+            replies, failures = await self._ask(q, k, deadline, request_id, shards,
+                                                {shard: reply.replica for shard, reply in answered},
+                                                prf=feedback.OFF, query_vector=query_vector, feedback_vector=refined)
+        except errors.TwostageError as error:  # every shard failed it
+            replies, failures = [], [error]
+        result.timings_ms["prf_ms"] = 1000 * (time.monotonic() - started)
+        if failures:  # a shard's first-round candidates beside the others' second-round ones would rank as neither
+            result.degrade(DegradationCode.PRF_SKIPPED, f"{len(replies)} of {len(shards)} shards answered the "
+                           f"second round ({failures[0]})")
+            return first
+        _add_timings(result, "prf", [reply for _, reply in replies])
+        return self._merge([reply for _, reply in replies], k, refined=True)
 
     async def _rerank(
         self, query: str, candidates: list[RecallCandidate], deadline: float, request_id: str, result: SearchResult,
@@ -590,6 +673,13 @@ class SearchPipeline:
             rest.append(Hit(c.id, c.title, c.text, score, None, i + 1, c.score, c.metadata,
                             dense_score=c.dense_score, lexical_score=c.lexical_score))
         return reranked + rest
+
+
+def _add_timings(result: SearchResult, prefix: str, replies: list[RecallReply]) -> None:
+    """The shards' timings, the slowest shard's for each step."""
+    for reply in replies:
+        for name, ms in reply.timings_ms.items():
+            result.timings_ms[f"{prefix}.{name}"] = max(ms, result.timings_ms.get(f"{prefix}.{name}", 0.0))
 
 
 def _annotate(span, result: SearchResult) -> None:

@@ -81,17 +81,21 @@ class RecallShard:
         await asyncio.gather(*(c.close() for c in self.replicas), return_exceptions=True)
 
     async def search(self, query: str, k: int, deadline_s: float, request_id: str, mode: str | None = None,
-                     filter_=None):
+                     filter_=None, replica: str | None = None, **feedback):
+        """``feedback``: RecallClient.search's prf, query_vector, feedback_vector and return_vectors. ``replica``:
+        the one to ask first (a second round of feedback goes where the first went)."""
         return await self.on_one_replica(
-            lambda client, timeout: client.search(query, k, timeout, request_id, mode, filter_), deadline_s)
+            lambda client, timeout: client.search(query, k, timeout, request_id, mode, filter_, **feedback), deadline_s,
+            replica)
 
-    async def on_one_replica(self, call, deadline_s: float):
-        """A read: ``call(client, timeout_s)`` on one replica, taken in turn; an unreachable one hands over to
-        the next while time remains."""
+    async def on_one_replica(self, call, deadline_s: float, prefer: str | None = None):
+        """A read: ``call(client, timeout_s)`` on one replica, taken in turn (``prefer``: that one first, while it
+        is a member); an unreachable one hands over to the next while time remains."""
         replicas = list(self.replicas)
         if not replicas:
             raise errors.Unavailable(f"{self.name} has no replicas (its name resolves to nothing yet)")
-        start = next(self._turn)
+        targets = [client.target for client in replicas]
+        start = targets.index(prefer) if prefer in targets else next(self._turn)
         last_error: errors.TwostageError | None = None
         for attempt in range(len(replicas)):
             timeout = deadline_s - time.monotonic()

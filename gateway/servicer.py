@@ -71,6 +71,8 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
                 score_threshold=request.score_threshold if request.HasField("score_threshold") else None,
                 recall_mode=recall_mode_from_proto(request.recall_mode),
                 filter=filter_from_proto(request.filter),
+                prf_depth=request.prf_depth if request.HasField("prf_depth") else None,
+                prf_weight=request.prf_weight if request.HasField("prf_weight") else None,
             )
         )
         return gateway_pb2.SearchResponse(

@@ -7,6 +7,7 @@ import platformdirs
 from pydantic import Field
 from pydantic_settings import SettingsConfigDict
 
+from twostage import feedback
 from twostage.config import BatchingSettings, RuntimeSettings, ServiceSettings
 from twostage.documents import DEFAULT_LIMITS, DocumentLimits
 from twostage.model_store import DEFAULT_EMBED_MODEL
@@ -49,6 +50,19 @@ class RecallSettings(ServiceSettings, RuntimeSettings, BatchingSettings):
         0.7, ge=0, le=1,
         description="Weight of the dense list in hybrid fusion (0-1). On SciFact z-score fusion measured best at "
         "0.6-0.7 (recall nDCG@10 0.738-0.739, Recall@20 0.917-0.920); RRF at best 0.727 / 0.907.",
+    )
+    prf_depth: int = Field(
+        feedback.DEFAULT.depth, ge=0, le=feedback.MAX_DEPTH,
+        description="Pseudo-relevance feedback for hybrid searches: after the first pass the query's vector moves "
+        "toward the stored vectors of its top prf_depth hits and the search runs again (BM25 is read once); 0: off. "
+        "Dense searches get it when the request asks (prf_depth or prf_weight). A gateway over several shards forms "
+        "it from the global first pass and sends it to every shard. On SciFact (recall_k 20) 5 hits at weight 0.5 "
+        "lifted hybrid recall's nDCG@10 from 0.7343 to 0.7466 and Recall@20 from 0.9097 to 0.9317.",
+    )
+    prf_weight: float = Field(
+        feedback.DEFAULT.weight, ge=0, le=1,
+        description="Pseudo-relevance feedback: the share of the top hits' centroid in the refined query vector "
+        "(0-1; 0: off).",
     )
     calibration_refit_min_interval_s: float = Field(
         60.0, ge=0,

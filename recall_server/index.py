@@ -365,6 +365,16 @@ class DocumentIndex:
             present = np.asarray([key for key in keys if self._graph.contains(key)], dtype=np.uint64)
             return dict(self._exact_search(np.asarray(vector, np.float32), present, len(present)))
 
+    def vectors(self, keys: list[int]) -> dict[int, np.ndarray]:
+        """The stored vectors of these live documents, in the order given (pseudo-relevance feedback reads its
+        hits' vectors here; a key removed meanwhile is left out)."""
+        with self._graph_lock:
+            present = [key for key in keys if self._graph.contains(key)]
+            if not present:
+                return {}
+            found = np.asarray(self._graph.get(np.asarray(present, dtype=np.uint64)), dtype=np.float32)
+        return dict(zip(present, found.reshape(len(present), -1)))
+
     def _exact_search(self, vector: np.ndarray, keys: np.ndarray, k: int) -> list[tuple[int, float]]:
         """(key, cosine) of the k best of these keys by brute force; called with the graph lock held."""
         if len(keys) == 0 or k <= 0:

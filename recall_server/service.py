@@ -2,10 +2,13 @@
 
 import asyncio
 import contextlib
+import dataclasses
 import json
 import logging
+import threading
 import time
 import uuid
+from collections import OrderedDict
 from dataclasses import dataclass
 
 import numpy as np
@@ -18,7 +21,7 @@ from recall_server.index import DocumentIndex
 from recall_server.peer_sync import PAGE as PEER_PAGE
 from recall_server.peer_sync import PeerSync
 from recall_server.snapshot_follower import IndexLeases, SnapshotFollower
-from twostage import errors, tracing
+from twostage import errors, feedback, tracing
 from twostage.batching import BatchPolicy, DynamicBatcher
 from twostage.corpus import Document, document_text
 from twostage.documents import check_documents, check_ids, check_request_id
@@ -81,6 +84,58 @@ class Candidate:
     score: float  # the order's score: cosine (dense), BM25 (lexical) or fused (hybrid)
     dense_score: float = 0.0
     lexical_score: float = 0.0
+    vector: np.ndarray | None = None  # the stored vector, when asked for
+    prf_dense_score: float = 0.0  # after feedback: the cosine with the refined vector, which the order fused
+
+
+@dataclass
+class RecallAnswer:
+    candidates: list[Candidate]
+    timings: dict[str, float]
+    mode: str  # the mode that answered
+    vector: np.ndarray  # the query's embedding (computed, or given)
+    prf_hits: int = 0  # the hits pseudo-relevance feedback was formed from (0: it did not run)
+    prf_skipped: str = ""  # why feedback that was asked for did not run (too little time left)
+
+
+class KeptMatches:
+    """The BM25 matches a first round of feedback across shards read (it asks for vectors), kept for the gateway's
+    second round of the same query, which then reads BM25 no more than one server's own feedback does. Bounded;
+    a write or an index switch makes what is kept unusable."""
+
+    def __init__(self, size: int = 64):
+        self.size = size
+        self._kept: OrderedDict = OrderedDict()
+        self._lock = threading.Lock()  # searches run in threads
+        self._generation = 0
+
+    def key(self, index: DocumentIndex, query: str, filter_: Filter | None, k: int, mode: str) -> tuple:
+        return id(index), self._generation, query, repr(filter_), k, mode
+
+    def keep(self, key: tuple, matches: list) -> None:
+        with self._lock:
+            self._kept[key] = matches
+            while len(self._kept) > self.size:
+                self._kept.popitem(last=False)
+
+    def take(self, key: tuple) -> list | None:
+        with self._lock:
+            return self._kept.pop(key, None)
+
+    def invalidate(self) -> None:
+        with self._lock:
+            self._generation += 1
+            self._kept.clear()
+
+
+@dataclass(frozen=True)
+class _Pass:
+    ranked: list[tuple[int, float]]
+    dense: dict[int, float]
+    lexical: dict[int, float]
+    matches: list | None  # the BM25 matches read, which a second pass of the same query reuses
+    seconds: float
+    timings: dict[str, float]
 
 
 def _ms_since(start: float) -> float:
@@ -107,6 +162,7 @@ class RecallService:
         self._fitting: asyncio.Task | None = None
         self._last_fit = float("-inf")
         self._refit_later: asyncio.TimerHandle | None = None
+        self._kept_matches = KeptMatches()
         self._refit_after = False  # a new index came while a fit ran: fit again once it ends
 
     async def start(self) -> None:
@@ -166,6 +222,7 @@ class RecallService:
             # One step, no await between: whoever reads the served snapshot reads the index that goes with it.
             self.index = fresh
             served()
+            self._kept_matches.invalidate()
         self._refit_soon(after_running=True)
         if old is not None:
             await self._leases.wait_idle(old)
@@ -275,31 +332,120 @@ class RecallService:
     async def search(self, query: str, k: int, deadline_s: float | None = None, mode: str | None = None,
                      filter_: Filter | None = None) -> tuple[list[Candidate], dict, str]:
         """Candidates best first, timings, and the mode that answered."""
+        answer = await self.answer(query, k, deadline_s, mode, filter_)
+        return answer.candidates, answer.timings, answer.mode
+
+    async def answer(self, query: str, k: int, deadline_s: float | None = None, mode: str | None = None,
+                     filter_: Filter | None = None, prf_depth: int | None = None, prf_weight: float | None = None,
+                     vector: np.ndarray | None = None, feedback_vector: np.ndarray | None = None,
+                     return_vectors: int = 0) -> "RecallAnswer":
+        """A search. ``vector``: the query's embedding, given (BM25 still reads the query). Pseudo-relevance feedback
+        per ``prf_depth`` and ``prf_weight`` (None: the settings, for hybrid searches), or, with ``feedback_vector``
+        (formed elsewhere from a first pass over several shards), only its second pass. The stored vectors of the
+        first ``return_vectors`` candidates come back with them."""
         self._require_ready()
-        errors.check_text("query", query, self.settings.max_query_chars)
-        errors.check_limit("k", k, 1, self.settings.max_k)
-        mode = mode or self.settings.recall_mode
+        s = self.settings
+        errors.check_text("query", query, s.max_query_chars)
+        errors.check_limit("k", k, 1, s.max_k)
+        errors.check_limit("return_vectors", return_vectors, 0, k)
+        prf = feedback.check(prf_depth, prf_weight, feedback.Feedback(s.prf_depth, s.prf_weight), ("k", k))
+        mode = mode or s.recall_mode
+        prf = feedback.for_mode(prf, mode, asked=prf_depth is not None or prf_weight is not None)
         check_filter_types(filter_, self.index.store.schema())
+        vector = None if vector is None else self._given_vector(vector, "query_vector")
+        feedback_vector = None if feedback_vector is None else self._given_vector(feedback_vector, "feedback_vector")
         start = time.perf_counter()
-        # Every mode reports the cosine (the gateway's calibrated fusion reads it), so the query is embedded.
-        with tracing.span("embed"):
-            (vector,) = await self._embed([query], True, deadline_s)
+        if vector is None:
+            # Every mode reports the cosine (the gateway's calibrated fusion reads it), so the query is embedded.
+            with tracing.span("embed"):
+                (vector,) = await self._embed([query], True, deadline_s)
         embedded = time.perf_counter()
         with self._leases.hold(self.index) as index:
-            candidates, timings = await asyncio.to_thread(self._find, index, query, vector, k, mode, filter_,
-                                                          deadline_s)
+            answer = await asyncio.to_thread(self._find, index, query, vector, k, mode, filter_, deadline_s, prf,
+                                             return_vectors, feedback_vector)
             if (span := tracing.current_span()).is_recording():
                 span.set_attributes({"twostage.shard": index.manifest.shard, "twostage.shards": index.manifest.shards,
                                      "twostage.recall_mode": mode, "twostage.k": k,
-                                     "twostage.candidates": len(candidates)})
+                                     "twostage.candidates": len(answer.candidates),
+                                     "twostage.prf_hits": answer.prf_hits})
         SEARCH_SECONDS.labels(mode).observe(time.perf_counter() - start, exemplar())
-        timings = {"embed_ms": 1000 * (embedded - start), **timings, "total_ms": _ms_since(start)}
-        return candidates, timings, mode
+        answer.mode = mode
+        answer.timings = {"embed_ms": 1000 * (embedded - start), **answer.timings, "total_ms": _ms_since(start)}
+        return answer
+
+    def _given_vector(self, vector: np.ndarray, field: str) -> np.ndarray:
+        dims = self.embedder.dims
+        vector = np.asarray(vector, dtype=np.float32).reshape(-1)
+        if vector.shape != (dims,):
+            raise errors.InvalidArgument(f"{field} has {vector.size} values; this index holds {dims}-dimension "
+                                         "vectors")
+        # Its length in float32, as the index computes cosines: one that overflows or vanishes has no direction.
+        length = np.linalg.norm(vector)
+        if not np.isfinite(vector).all() or not np.isfinite(length) or length == 0:
+            raise errors.InvalidArgument(f"{field} must be finite and not all zero, with a length float32 can hold "
+                                         f"(got {length:g})")
+        return vector
 
     def _find(self, index: DocumentIndex, query: str, vector: np.ndarray, k: int, mode: str, filter_: Filter | None,
-              deadline_s: float | None = None):
+              deadline_s: float | None = None, prf: feedback.Feedback = feedback.OFF, return_vectors: int = 0,
+              feedback_vector: np.ndarray | None = None) -> "RecallAnswer":
         """Runs off the event loop: the index and SQLite block. A filtered dense search stops at ``deadline_s``
         (time.monotonic()): cancelling the call cannot stop this thread."""
+        # Before BM25 is read: a write that lands meanwhile makes what is kept under this key unusable.
+        matches_key = self._kept_matches.key(index, query, filter_, k, mode)
+        if feedback_vector is not None:
+            second = self._pass(index, query, feedback_vector, k, mode, filter_, deadline_s,
+                                self._kept_matches.take(matches_key))
+            return self._answer(index, vector, second, return_vectors, refined=True)
+        first = self._pass(index, query, vector, k, mode, filter_, deadline_s)
+        if not prf.active or not first.ranked:
+            if return_vectors and mode == "hybrid":  # a gateway's first round: its second reads the same BM25
+                self._kept_matches.keep(matches_key, first.matches)
+            return self._answer(index, vector, first, return_vectors)
+        started = time.perf_counter()
+        # The second pass costs about what the first did (less: BM25 is read once), so it needs that much time.
+        if deadline_s is not None and time.monotonic() + first.seconds > deadline_s:
+            skipped = (f"{1000 * (deadline_s - time.monotonic()):.0f} ms left, a second pass needs about "
+                       f"{1000 * first.seconds:.0f} ms")
+            return self._answer(index, vector, first, return_vectors, skipped=skipped)  # prf_ms: only when it ran
+        hits = list(index.vectors([key for key, _ in first.ranked[:prf.depth]]).values())
+        refined = feedback.refine(vector, np.asarray(hits, dtype=np.float32), prf.weight)
+        try:
+            second = self._pass(index, query, refined, k, mode, filter_, deadline_s, first.matches)
+        except errors.DeadlineExceeded:
+            return self._answer(index, vector, first, return_vectors, prf_ms=_ms_since(started),
+                                skipped="the deadline passed during the second pass")
+        # search_ms and lexical_ms are the first pass's; prf_ms is the feedback and the second pass.
+        second = dataclasses.replace(second, timings=first.timings)
+        return self._answer(index, vector, second, return_vectors, refined=True, prf_ms=_ms_since(started),
+                            prf_hits=len(hits))
+
+    def _answer(self, index: DocumentIndex, vector: np.ndarray, final: "_Pass", return_vectors: int,
+                refined: bool = False, prf_ms: float | None = None, prf_hits: int = 0,
+                skipped: str = "") -> "RecallAnswer":
+        """The pass's documents as candidates. After feedback (``refined``) the order is the refined vector's, and
+        each candidate's dense_score is still its cosine with the query itself: that is what the gateway's
+        calibrated fusion is fitted for (measured on SciFact, fusing the refined cosine ranked worse)."""
+        timings = dict(final.timings)
+        if prf_ms is not None:
+            timings["prf_ms"] = prf_ms
+        fetched = time.perf_counter()
+        docs = index.fetch([key for key, _ in final.ranked])
+        timings["fetch_ms"] = _ms_since(fetched)
+        kept = [(key, score) for key, score in final.ranked if key in docs]
+        own = index.dense_scores(vector, [key for key, _ in kept]) if refined else final.dense
+        vectors = {}
+        if return_vectors:
+            wanted = [key for key, _ in kept[:return_vectors]]
+            vectors = index.vectors(wanted)
+        candidates = [Candidate(docs[key], score, own.get(key, 0.0), final.lexical.get(key, 0.0), vectors.get(key),
+                                final.dense.get(key, 0.0) if refined else 0.0)
+                      for key, score in kept]
+        return RecallAnswer(candidates, timings, "", vector, prf_hits, skipped)
+
+    def _pass(self, index: DocumentIndex, query: str, vector: np.ndarray, k: int, mode: str, filter_: Filter | None,
+              deadline_s: float | None = None, matches: list | None = None) -> "_Pass":
+        """One search: the ranked keys with their parts. ``matches``: the BM25 matches a first pass read, reused."""
         s = self.settings
         start = time.perf_counter()
         dense: dict[int, float] = {}
@@ -317,7 +463,8 @@ class RecallService:
                 # Hybrid reads deeper than k, to give the dense candidates their BM25 from the same query; one
                 # beyond that depth gets the last score read (an upper bound), and 0 when every match was read.
                 depth = max(k, s.lexical_depth) if mode == "hybrid" else k
-                matches = index.store.lexical_search(query, depth, filter_)
+                if matches is None:
+                    matches = index.store.lexical_search(query, depth, filter_)
                 lexical = dict(matches[:k])
                 keys = list(lexical) if mode == "lexical" else list(dense | lexical)
                 if mode == "hybrid":
@@ -340,11 +487,7 @@ class RecallService:
         ranked_at = time.perf_counter()
         # search_ms: the graph; lexical_ms: BM25, the missing halves of the scores and the fusion.
         timings = {"search_ms": 1000 * (searched - start), "lexical_ms": 1000 * (ranked_at - searched)}
-        docs = index.fetch([key for key, _ in ranked])
-        timings["fetch_ms"] = _ms_since(ranked_at)
-        candidates = [Candidate(docs[key], score, dense.get(key, 0.0), lexical.get(key, 0.0))
-                      for key, score in ranked if key in docs]
-        return candidates, timings
+        return _Pass(ranked, dense, lexical, matches, ranked_at - start, timings)
 
     async def embed(self, texts: list[str], is_query: bool, model: str,
                     deadline_s: float | None, refuse_truncation: bool = False) -> tuple[np.ndarray, int]:
@@ -379,7 +522,10 @@ class RecallService:
             if snapshot_version:
                 self._served_snapshot(snapshot_version)
             with self._leases.hold(self.index) as index:
-                return await finish_even_if_cancelled(asyncio.to_thread(write, index))
+                try:
+                    return await finish_even_if_cancelled(asyncio.to_thread(write, index))
+                finally:
+                    self._kept_matches.invalidate()
 
     async def _replayed(self, request_id: str) -> WriteReply | None:
         check_request_id(request_id)
@@ -578,6 +724,8 @@ class RecallService:
             "default_mode": s.recall_mode,
             "hybrid_fusion": s.hybrid_fusion,
             "hybrid_dense_weight": s.hybrid_dense_weight,
+            "prf_depth": s.prf_depth,
+            "prf_weight": s.prf_weight,
             "lexical": self.index.store.has_lexical if self.index else False,
             "calibration": self.calibration,
             "snapshot": self.snapshots.state() if self.snapshots else None,

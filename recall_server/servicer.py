@@ -16,6 +16,8 @@ from twostage.convert import (
     metadata_to_proto,
     recall_mode_from_proto,
     recall_mode_to_proto,
+    vector_from_bytes,
+    vector_to_bytes,
 )
 from twostage.server import GrpcService, deadline_of
 from twostage.status import translate_errors
@@ -50,20 +52,28 @@ class RecallServicer(recall_pb2_grpc.RecallServicer):
     @translate_errors
     async def Search(self, request: recall_pb2.RecallSearchRequest, context: grpc.aio.ServicerContext):
         start = time.perf_counter()
-        candidates, timings, mode = await self.service.search(
+        answer = await self.service.answer(
             request.query, request.k, deadline_of(context), recall_mode_from_proto(request.mode),
             filter_from_proto(request.filter),
+            prf_depth=request.prf_depth if request.HasField("prf_depth") else None,
+            prf_weight=request.prf_weight if request.HasField("prf_weight") else None,
+            vector=vector_from_bytes(request.query_vector, "query_vector"),
+            feedback_vector=vector_from_bytes(request.feedback_vector, "feedback_vector"),
+            return_vectors=request.return_vectors,
         )
         converted = [
             recall_pb2.Candidate(id=c.document.id, title=c.document.title, text=c.document.text, score=c.score,
                                  metadata=metadata_to_proto(c.document.metadata), dense_score=c.dense_score,
-                                 lexical_score=c.lexical_score)
-            for c in candidates
+                                 lexical_score=c.lexical_score, prf_dense_score=c.prf_dense_score,
+                                 vector=b"" if c.vector is None else vector_to_bytes(c.vector))
+            for c in answer.candidates
         ]
         # total_ms covers the whole handler, so callers can tell transport from work.
-        return recall_pb2.RecallSearchResponse(candidates=converted, timings_ms={**timings, **_ms_since(start)},
-                                               mode=recall_mode_to_proto(mode),
-                                               calibration=calibration_to_proto(self.service.calibration))
+        return recall_pb2.RecallSearchResponse(
+            candidates=converted, timings_ms={**answer.timings, **_ms_since(start)},
+            mode=recall_mode_to_proto(answer.mode), calibration=calibration_to_proto(self.service.calibration),
+            query_vector=vector_to_bytes(answer.vector) if request.return_vectors else b"",
+            prf_hits=answer.prf_hits, prf_skipped=answer.prf_skipped)
 
     @translate_errors
     async def Embed(self, request: recall_pb2.EmbedRequest, context: grpc.aio.ServicerContext):
@@ -151,6 +161,8 @@ class RecallServicer(recall_pb2_grpc.RecallServicer):
             hybrid_dense_weight=info["hybrid_dense_weight"],
             lexical=info["lexical"],
             calibration=calibration_to_proto(info["calibration"]),
+            prf_depth=info["prf_depth"],
+            prf_weight=info["prf_weight"],
         )
 
 

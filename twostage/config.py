@@ -2,10 +2,13 @@
 
 Each service has one frozen settings class. A value comes from, highest first:
 a CLI flag (``--max-wait-ms 5``), an env var with the service's prefix
-(``TWOSTAGE_RERANK_MAX_WAIT_MS=5``), then the default below.
+(``TWOSTAGE_RERANK_MAX_WAIT_MS=5``), a settings file (``--settings-file``:
+the same variables, one ``NAME=VALUE`` a line, as ``twostage eval --tune``
+writes them), then the default below.
 """
 
 import argparse
+import os
 from pathlib import Path
 from typing import Literal
 
@@ -175,22 +178,82 @@ def add_settings_flags(parser: argparse.ArgumentParser, settings_cls: type[BaseS
 
 
 def settings_from_args(settings_cls, args: argparse.Namespace, **overrides):
-    """Build settings: flags given on the command line override env and defaults."""
+    """Build settings: flags given on the command line override env, then the settings file, then defaults."""
     given = {
         name: getattr(args, name)
         for name in settings_cls.model_fields
         if getattr(args, name, None) is not None
     }
     given.update(overrides)
-    return load_settings(settings_cls, **given)
+    origins = {}
+    if settings_file := getattr(args, "settings_file", None):
+        environment = {name.upper() for name in os.environ}
+        from_file = {field: found for field, found in settings_file_lines(Path(settings_file), settings_cls).items()
+                     if env_var(settings_cls, field) not in environment and field not in given}
+        given = {**{field: value for field, (value, _) in from_file.items()}, **given}
+        origins = {field: f"settings file {settings_file}, line {number}" for field, (_, number) in from_file.items()}
+    return load_settings(settings_cls, origins, **given)
+
+
+SETTINGS_FILE_PREFIX = "TWOSTAGE_"
+# The services' env prefixes (their settings classes' env_prefix): a settings file line under none of them is a
+# typo no service would read.
+SERVICE_PREFIXES = ("TWOSTAGE_RECALL_", "TWOSTAGE_RERANK_", "TWOSTAGE_GATEWAY_")
+
+
+def read_settings_file(path: Path, settings_cls: type[BaseSettings]) -> dict[str, str]:
+    """One service's values from a settings file: environment variable names and values, ``NAME=VALUE`` a line,
+    ``#`` comments. One file serves every service: a line under another service's prefix is left to it; a
+    name under no service's prefix, a name under this service's prefix that is no setting of it, and a name set
+    twice are errors (a typo must not pass unnoticed)."""
+    return {field: value for field, (value, _) in settings_file_lines(path, settings_cls).items()}
+
+
+def settings_file_lines(path: Path, settings_cls: type[BaseSettings]) -> dict[str, tuple[str, int]]:
+    """read_settings_file's values with the line each came from."""
+    prefix = settings_cls.model_config.get("env_prefix", "").upper()
+    try:
+        lines = Path(path).read_text(encoding="utf-8").splitlines()
+    except OSError as error:
+        raise ConfigError(f"settings file {path}: {error.strerror or error}") from None
+    except UnicodeDecodeError:
+        raise ConfigError(f"settings file {path}: not UTF-8 text") from None
+    values, seen = {}, {}
+    for number, line in enumerate(lines, 1):
+        line = line.strip()
+        if not line or line.startswith("#"):
+            continue
+        name, sep, value = line.removeprefix("export ").partition("=")
+        name, value = name.strip().upper(), value.strip()
+        if not sep or not name.startswith(SETTINGS_FILE_PREFIX):
+            raise ConfigError(f"settings file {path}, line {number}: expected {SETTINGS_FILE_PREFIX}..._NAME=VALUE, "
+                              f"got {line!r}")
+        if not name.startswith(SERVICE_PREFIXES):
+            raise ConfigError(f"settings file {path}, line {number}: {name} is under no service's prefix "
+                              f"({', '.join(SERVICE_PREFIXES)})")
+        if name in seen:
+            raise ConfigError(f"settings file {path}, line {number}: {name} is set again (first on line "
+                              f"{seen[name]})")
+        seen[name] = number
+        if len(value) >= 2 and value[0] == value[-1] and value[0] in "'\"":
+            value = value[1:-1]
+        if not name.startswith(prefix):
+            continue
+        field = name.removeprefix(prefix).lower()
+        if field not in settings_cls.model_fields:
+            raise ConfigError(f"settings file {path}, line {number}: {name} is no setting of {settings_cls.__name__} "
+                              "('twostage config' lists them)")
+        values[field] = (value, number)
+    return values
 
 
 def env_var(settings_cls: type[BaseSettings], field: str) -> str:
     return f"{settings_cls.model_config.get('env_prefix', '')}{field}".upper()
 
 
-def load_settings(settings_cls, **given):
-    """Build settings; a bad value is a ConfigError naming its flag and environment variable."""
+def load_settings(settings_cls, origins: dict[str, str] | None = None, **given):
+    """Build settings; a bad value is a ConfigError naming its flag and environment variable (and ``origins``'
+    place for the field, where a value came from a settings file)."""
     try:
         return settings_cls(**given)
     except ValidationError as error:
@@ -198,5 +261,6 @@ def load_settings(settings_cls, **given):
         for item in error.errors():
             field = str(item["loc"][0]) if item["loc"] else ""
             source = f"--{field.replace('_', '-')} / {env_var(settings_cls, field)}" if field else settings_cls.__name__
-            problems.append(f"{source} = {item.get('input')!r}: {item['msg']}")
+            where = f" ({origins[field]})" if field in (origins or {}) else ""
+            problems.append(f"{source} = {item.get('input')!r}{where}: {item['msg']}")
         raise ConfigError("invalid setting: " + "; ".join(problems)) from None

@@ -2,6 +2,8 @@
 
 from collections.abc import Mapping
 
+import numpy as np
+
 from twostage.corpus import Document, MetadataValue
 from twostage.errors import InvalidArgument
 from twostage.filters import BOUNDS, Filter, FilterClause, NumberRange, check_filter
@@ -106,3 +108,17 @@ HYBRID_FUSIONS = {"zscore": recall_pb2.HYBRID_FUSION_ZSCORE, "rrf": recall_pb2.H
 def hybrid_fusion_from_proto(fusion: int) -> str | None:
     """None when unspecified (a recall server that does not say)."""
     return next((name for name, value in HYBRID_FUSIONS.items() if value == fusion), None)
+
+
+def vector_to_bytes(vector) -> bytes:
+    """A vector on the wire: float32 little-endian, as stored."""
+    return np.asarray(vector, dtype="<f4").tobytes()
+
+
+def vector_from_bytes(data: bytes, field: str = "vector") -> np.ndarray | None:
+    """None when empty; INVALID_ARGUMENT naming the field when it is no whole number of float32 values."""
+    if not data:
+        return None
+    if len(data) % 4:
+        raise InvalidArgument(f"{field} has {len(data)} bytes, not a whole number of float32 values")
+    return np.frombuffer(data, dtype="<f4").astype(np.float32)

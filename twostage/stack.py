@@ -92,7 +92,7 @@ class Stack:
     def __init__(self, host: str, port: int, index_dir: str | None, rerank_replicas: int = 1, recall_shards: int = 1,
                  metrics_port: int = 0, embed_model: str | None = None, rerank_model: str | None = None,
                  tls_dir: str | None = None, auth_tokens: str | None = None, shard_replicas: int = 1,
-                 http_port: int | None = None):
+                 http_port: int | None = None, settings_file: str | None = None):
         if not all(1 <= n <= 64 for n in (recall_shards, rerank_replicas, shard_replicas)):
             raise StackError("--recall-shards, --shard-replicas and --rerank-replicas must be between 1 and 64")
         self.host = host
@@ -111,6 +111,7 @@ class Stack:
         self.rerank_model = rerank_model
         self.tls_dir = tls_dir
         self.auth_tokens = auth_tokens
+        self.settings_file = settings_file
         self._secrets: Path | None = None
         self.children: list[Child] = []
         self.exit_code = 0  # from stop(): 0 when every child stopped cleanly
@@ -119,6 +120,8 @@ class Stack:
         """(flags for the stages, flags for the gateway). With auth, the gateway gets its own admin token for
         the stages, made for this run and stored beside the caller's tokens in a private directory."""
         common = ["--tls-dir", self.tls_dir] if self.tls_dir else []
+        if self.settings_file:
+            common += ["--settings-file", str(Path(self.settings_file).resolve())]
         if not self.auth_tokens:
             return common, common
         from twostage.auth import new_token, token_line

@@ -68,6 +68,8 @@ class SearchBody(Body):
     score_threshold: float | None = None
     recall_mode: Literal["dense", "lexical", "hybrid"] | None = None
     filter: SearchFilter | None = None
+    prf_depth: UInt32 | None = None
+    prf_weight: float | None = None
 
 
 class DocumentBody(Body):
@@ -116,7 +118,7 @@ def router(face) -> APIRouter:
             query=body.query, top_k=body.top_k, recall_k=body.recall_k, budget_ms=body.budget_ms,
             request_id=body.request_id, fusion=body.fusion, fusion_alpha=body.fusion_alpha,
             skip_rerank=body.skip_rerank, score_threshold=body.score_threshold, recall_mode=body.recall_mode,
-            filter=filter_of(body.filter)))
+            filter=filter_of(body.filter), prf_depth=body.prf_depth, prf_weight=body.prf_weight))
         return await json_answer({
             "hits": [{"id": h.id, "title": h.title, "text": h.text, "score": h.score, "rerank_score": h.rerank_score,
                       "recall_rank": h.recall_rank, "recall_score": h.recall_score, "metadata": h.metadata,

@@ -133,6 +133,8 @@ async def test_recall_tier_down_is_unavailable(rerank_target, custom_gateway):
         (gateway_pb2.SearchRequest(query="ok", recall_k=1001), "recall_k must be between 1 and 1000"),
         (gateway_pb2.SearchRequest(query="ok", top_k=20, recall_k=10), "top_k (20) must not exceed recall_k (10)"),
         (gateway_pb2.SearchRequest(query="ok", request_id="has space"), "request_id"),
+        (gateway_pb2.SearchRequest(query="ok", prf_depth=101), "prf_depth must be between 0 and 100, got 101"),
+        (gateway_pb2.SearchRequest(query="ok", prf_weight=1.5), "prf_weight must be between 0 and 1, got 1.5"),
     ],
 )
 async def test_invalid_requests_are_rejected(stub, request_, message):
@@ -159,3 +161,7 @@ async def test_cli_search_prints_json(gateway_target, capsys):
     assert len(printed["hits"]) == 3 and printed["degraded"] is False
     assert {"id", "score", "rerank_score", "recall_rank", "recall_score", "title", "text"} <= set(printed["hits"][0])
     assert "total_ms" in printed["timings"]
+    assert "prf_ms" in printed["timings"]  # hybrid recall ran feedback
+    code = await asyncio.to_thread(main, ["search", "vitamin B12 and homocysteine", "--target", gateway_target,
+                                          "--recall-k", "8", "--top-k", "3", "--prf-depth", "0", "--json"])
+    assert code == 0 and "prf_ms" not in json.loads(capsys.readouterr().out)["timings"]

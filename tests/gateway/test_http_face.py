@@ -264,6 +264,30 @@ async def test_native_search_with_a_filter_and_documents(http, gateway_stub):
     assert_error(await http.get("/v1/documents/http-face-1"), "/v1/documents", 404)
 
 
+async def test_native_search_takes_feedback_fields_checked_as_grpc_checks_them(http, gateway_stub):
+    """prf_depth and prf_weight on /v1/search: the same answer as over gRPC, and the same refusals."""
+    body = {"query": "vitamin D bone density", "top_k": 5, "recall_k": 10, "skip_rerank": True,
+            "recall_mode": "hybrid"}
+    on, off = [(await http.post("/v1/search", json={**body, **fields})).json()
+               for fields in ({"prf_depth": 3, "prf_weight": 0.5}, {"prf_depth": 0})]
+    assert on["timings_ms"]["prf_ms"] > 0 and "prf_ms" not in off["timings_ms"]
+    reply = await gateway_stub.Search(gateway_pb2.SearchRequest(
+        query=body["query"], top_k=5, recall_k=10, skip_rerank=True, recall_mode=common_pb2.RECALL_MODE_HYBRID,
+        prf_depth=3, prf_weight=0.5))
+    assert [h["id"] for h in on["hits"]] == [h.id for h in reply.hits]
+    for fields, message in (({"prf_weight": 1.5}, "prf_weight must be between 0 and 1, got 1.5"),
+                            ({"prf_depth": 101}, "prf_depth must be between 0 and 100, got 101"),
+                            ({"prf_depth": 11}, "prf_depth (11) must not exceed recall_k (10)")):
+        answer = await http.post("/v1/search", json={**body, **fields})
+        assert message in assert_error(answer, "/v1/search", 422)
+        with pytest.raises(grpc.aio.AioRpcError) as caught:
+            await gateway_stub.Search(gateway_pb2.SearchRequest(query=body["query"], top_k=5, recall_k=10,
+                                                                **fields))
+        assert caught.value.code() is grpc.StatusCode.INVALID_ARGUMENT and message in caught.value.details()
+    for fields in ({"prf_depth": -1}, {"prf_weight": "0.5"}, {"prf_depth": 2.5}):  # not the field's type
+        assert_error(await http.post("/v1/search", json={**body, **fields}), "/v1/search", 422)
+
+
 async def test_documents_by_id_refuse_bad_ids(http):
     for bad in ("x" * 300, "%00nul", "%20padded", "tab%09inside%0a", "a" * 5000):
         for method in ("GET", "DELETE"):

@@ -10,7 +10,7 @@ from rerank_server.config import RerankSettings
 from rerank_server.service import RerankService
 from rerank_server.servicer import build_server as build_rerank
 from twostage.stack import Stack
-from twostage.v1 import common_pb2, gateway_pb2, gateway_pb2_grpc
+from twostage.v1 import common_pb2, gateway_pb2, gateway_pb2_grpc, recall_pb2, recall_pb2_grpc
 
 pytestmark = pytest.mark.slow
 QUERIES = ["vitamin B12 deficiency", "folic acid and homocysteine", "tuberculosis treatment", "obesity and diabetes"]
@@ -57,7 +57,9 @@ async def test_merged_shards_equal_the_single_index(stack, recall_target, gatewa
     sharded = await gateway(recall_targets=",".join(stack.recall_targets), **no_rerank)
     single = await gateway(recall_targets=recall_target, **no_rerank)
     for query in QUERIES:
-        request = gateway_pb2.SearchRequest(query=query, top_k=20, recall_k=20, recall_mode=common_pb2.RECALL_MODE_DENSE)
+        # One round (feedback, a second round, is the next test's).
+        request = gateway_pb2.SearchRequest(query=query, top_k=20, recall_k=20, prf_depth=0,
+                                            recall_mode=common_pb2.RECALL_MODE_DENSE)
         a, b = await sharded.Search(request), await single.Search(request)
         assert recall_order(a) == recall_order(b)
         assert a.candidates == b.candidates == 20
@@ -70,9 +72,36 @@ async def test_merged_shards_equal_the_single_index(stack, recall_target, gatewa
         assert [h.recall_score for h in a.hits] == sorted((h.recall_score for h in a.hits), reverse=True)
 
 
+async def test_sharded_feedback_equals_the_single_index(stack, recall_target, gateway, channel_to):
+    """Pseudo-relevance feedback over two shards: the gateway forms it from the global first round (whose top hits
+    sit on either shard) and sends it to both, so the answer is the single index's own feedback, hit for hit."""
+    no_rerank = {"rerank_targets": "127.0.0.1:1", "min_rerank_ms": 10**9, "startup_wait_s": 0}
+    sharded = await gateway(recall_targets=",".join(stack.recall_targets), **no_rerank)
+    single = await gateway(recall_targets=recall_target, **no_rerank)
+    direct = recall_pb2_grpc.RecallStub(channel_to(recall_target))
+    changed = 0
+    for query in QUERIES:
+        request = gateway_pb2.SearchRequest(query=query, top_k=10, recall_k=10, prf_depth=3, prf_weight=0.5,
+                                            recall_mode=common_pb2.RECALL_MODE_DENSE, skip_rerank=True)
+        a, b = await sharded.Search(request), await single.Search(request)
+        own = await direct.Search(recall_pb2.RecallSearchRequest(query=query, k=10, prf_depth=3, prf_weight=0.5,
+                                                                 mode=common_pb2.RECALL_MODE_DENSE))
+        assert recall_order(a) == recall_order(b) == [(c.id, round(c.score, 4)) for c in own.candidates]
+        assert [h.dense_score for h in a.hits] == pytest.approx([c.dense_score for c in own.candidates], abs=1e-6)
+        assert not a.degraded and a.timings_ms["prf_ms"] > 0 and b.timings_ms["prf_ms"] > 0
+        request.prf_depth = 0
+        changed += [h.id for h in (await sharded.Search(request)).hits] != [h.id for h in a.hits]
+        # Hybrid, feedback by default: as without it, BM25 statistics are each shard's own, so close, not equal.
+        hybrid = gateway_pb2.SearchRequest(query=query, top_k=10, recall_k=10, skip_rerank=True)
+        a, b = await sharded.Search(hybrid), await single.Search(hybrid)
+        assert len({h.id for h in a.hits} & {h.id for h in b.hits}) >= 7 and "prf_ms" in a.timings_ms
+    assert changed  # feedback changed the answer somewhere: the equality above is not the first round's
+
+
 async def test_tiny_budget_reports_what_was_reranked(stack, gateway):
     stub = await gateway(recall_targets=",".join(stack.recall_targets), rerank_targets=",".join(stack.rerank_targets))
-    reply = await stub.Search(gateway_pb2.SearchRequest(query=QUERIES[1], recall_k=50, budget_ms=300))
+    # Without feedback: a second recall round would take from the same 300 ms (prf_skipped when it cannot).
+    reply = await stub.Search(gateway_pb2.SearchRequest(query=QUERIES[1], recall_k=50, budget_ms=300, prf_depth=0))
     assert reply.candidates == 50
     if not reply.degraded:  # a fast machine reranks all 50 in 300 ms
         assert reply.reranked == 50

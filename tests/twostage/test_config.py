@@ -1,4 +1,5 @@
 import argparse
+from pathlib import Path
 
 import pydantic
 import pytest
@@ -11,6 +12,7 @@ from twostage.errors import ConfigError
 def parse(argv):
     parser = argparse.ArgumentParser()
     add_settings_flags(parser, RerankSettings)
+    parser.add_argument("--settings-file")
     return parser.parse_args(argv)
 
 
@@ -79,3 +81,84 @@ def test_every_field_has_a_description():
     for cls in (RerankSettings, RecallSettings, GatewaySettings):
         for name, field in cls.model_fields.items():
             assert field.description, f"{cls.__name__}.{name} is undocumented"
+
+
+def test_a_settings_file_sits_below_env_and_flags(tmp_path, monkeypatch):
+    """What 'twostage eval --tune' writes: one file for every service, each reading its own lines."""
+    from gateway.config import GatewaySettings
+
+    path = tmp_path / "tuned.env"
+    path.write_text("# tuned\nTWOSTAGE_RERANK_MAX_WAIT_MS=4\nexport TWOSTAGE_RERANK_MAX_BATCH_SIZE='16'\n\n"
+                    "TWOSTAGE_GATEWAY_FUSION_ALPHA=0.4\n")
+    settings = settings_from_args(RerankSettings, parse(["--settings-file", str(path)]))
+    assert (settings.max_wait_ms, settings.max_batch_size) == (4.0, 16)
+    monkeypatch.setenv("TWOSTAGE_RERANK_MAX_WAIT_MS", "6")
+    assert settings_from_args(RerankSettings, parse(["--settings-file", str(path)])).max_wait_ms == 6.0
+    assert settings_from_args(RerankSettings, parse(["--settings-file", str(path), "--max-wait-ms", "1"])
+                              ).max_wait_ms == 1.0
+    gateway = argparse.ArgumentParser()
+    add_settings_flags(gateway, GatewaySettings)
+    gateway.add_argument("--settings-file")
+    assert settings_from_args(GatewaySettings, gateway.parse_args(["--settings-file", str(path)])).fusion_alpha == 0.4
+
+
+def test_a_settings_file_with_a_typo_or_a_stray_line_is_refused(tmp_path):
+    typo = tmp_path / "typo.env"
+    typo.write_text("TWOSTAGE_RERANK_MAX_WAIT=4\n")
+    with pytest.raises(ConfigError, match=r"line 1: TWOSTAGE_RERANK_MAX_WAIT is no setting of RerankSettings"):
+        settings_from_args(RerankSettings, parse(["--settings-file", str(typo)]))
+    stray = tmp_path / "stray.env"
+    stray.write_text("TWOSTAGE_RERANK_MAX_WAIT_MS=4\nfusion_alpha 0.4\n")
+    with pytest.raises(ConfigError, match=r"line 2: expected TWOSTAGE_..._NAME=VALUE"):
+        settings_from_args(RerankSettings, parse(["--settings-file", str(stray)]))
+    bad = tmp_path / "bad.env"
+    bad.write_text("TWOSTAGE_RERANK_MAX_WAIT_MS=-1\n")
+    with pytest.raises(ConfigError, match=r"--max-wait-ms / TWOSTAGE_RERANK_MAX_WAIT_MS = '-1' \(settings file .*bad.env, line 1\)"):
+        settings_from_args(RerankSettings, parse(["--settings-file", str(bad)]))
+    with pytest.raises(ConfigError, match="settings file .*missing.env"):
+        settings_from_args(RerankSettings, parse(["--settings-file", str(tmp_path / "missing.env")]))
+
+
+def test_serve_all_hands_its_settings_file_to_every_process(tmp_path):
+    from twostage.stack import Stack
+
+    (tmp_path / "index").mkdir()
+    (tmp_path / "index" / "index.json").write_text("{}")
+    stack = Stack("127.0.0.1", 1, str(tmp_path / "index"), settings_file="tuned.env")
+    stages, gateway = stack._security_flags()
+    expected = ["--settings-file", str((Path.cwd() / "tuned.env").resolve())]
+    assert stages == gateway == expected
+
+
+def test_a_settings_file_names_the_line_of_a_mistake_no_service_would_catch(tmp_path):
+    """A service prefix misspelt would be read by no service; a name twice, one value silently lost; a bad value
+    is traced to its line; and serve all / eval check every service's lines before starting anything."""
+    from twostage.cli.config import check_settings_file
+
+    cases = {
+        "TWOSTAGE_RECAL_PRF_DEPTH=3\n": r"line 1: TWOSTAGE_RECAL_PRF_DEPTH is under no service's prefix",
+        "TWOSTAGE_LOG_LEVEL=DEBUG\n": r"line 1: TWOSTAGE_LOG_LEVEL is under no service's prefix",
+        "TWOSTAGE_RERANK_MAX_WAIT_MS=4\n# again\nTWOSTAGE_RERANK_MAX_WAIT_MS=5\n":
+            r"line 3: TWOSTAGE_RERANK_MAX_WAIT_MS is set again \(first on line 1\)",
+    }
+    for number, (text, message) in enumerate(cases.items()):
+        path = tmp_path / f"case{number}.env"
+        path.write_text(text)
+        with pytest.raises(ConfigError, match=message):
+            settings_from_args(RerankSettings, parse(["--settings-file", str(path)]))
+    bad = tmp_path / "bad.env"
+    bad.write_text("TWOSTAGE_RERANK_MAX_WAIT_MS=2\nTWOSTAGE_GATEWAY_FUSION_ALPHA=1.5\n")
+    assert settings_from_args(RerankSettings, parse(["--settings-file", str(bad)])).max_wait_ms == 2.0
+    with pytest.raises(ConfigError, match=r"TWOSTAGE_GATEWAY_FUSION_ALPHA = '1.5' \(settings file .*bad.env, line 2\)"):
+        check_settings_file(bad)  # the gateway's line, caught before any process starts
+    binary = tmp_path / "binary.env"
+    binary.write_bytes(b"\xff\xfe\x00TWOSTAGE")
+    with pytest.raises(ConfigError, match="not UTF-8 text"):
+        settings_from_args(RerankSettings, parse(["--settings-file", str(binary)]))
+
+
+def test_the_services_prefixes_are_their_settings_prefixes():
+    from twostage.cli.config import settings_classes
+    from twostage.config import SERVICE_PREFIXES
+
+    assert sorted(SERVICE_PREFIXES) == sorted(cls.model_config["env_prefix"] for cls in settings_classes().values())

@@ -2,6 +2,8 @@
 
 import json
 
+import pytest
+
 from twostage.cli import main
 from twostage.evaluation.eval_run import recall_k_advice
 
@@ -105,6 +107,92 @@ def test_eval_builds_its_index_where_told(tmp_path, models):
     assert cached_index(dataset, out) == out and IndexManifest.read(out).dims > 0
     built = (out / "index.json").stat().st_mtime_ns
     assert cached_index(dataset, out) == out and (out / "index.json").stat().st_mtime_ns == built  # reused
+
+
+def test_a_tuned_setting_is_judged_held_out_and_refused_when_it_loses_there(tmp_path):
+    from gateway.config import GatewaySettings
+    from recall_server.config import RecallSettings
+    from twostage.config import read_settings_file
+    from twostage.evaluation.tuning import Combination, cross_validate, write_if_better
+
+    queries = [f"q{i}" for i in range(10)]
+    default, lucky, better = Combination(), Combination(alpha=0.3), Combination(alpha=0.6, prf_depth=3)
+    # lucky wins in sample on one query's strength alone; held out, that query is never among its training folds.
+    scores = {default: dict.fromkeys(queries, 0.5), lucky: {q: 1.0 if q == "q3" else 0.45 for q in queries}}
+    judged = cross_validate(scores, default, folds=10)
+    assert judged["best"] == lucky and judged["in_sample"] > judged["default"] > judged["held_out"]
+    report = {"names": ["alpha"], "folds": 10, "queries": 10, "default_ndcg@10": 0.5, "best": {"alpha": 0.3},
+              "in_sample_ndcg@10": round(judged["in_sample"], 4), "in_sample_gain": 0.005,
+              "held_out_ndcg@10": round(judged["held_out"], 4), "held_out_gain": round(judged["held_out"] - 0.5, 4)}
+    out = tmp_path / "tuned.env"
+    assert write_if_better(report, out, "scifact", "test", 20).startswith(
+        "not written: the tuned settings do not beat the defaults held out (held-out gain -0.0450")
+    assert not out.exists()
+
+    scores[better] = dict.fromkeys(queries, 0.6)
+    judged = cross_validate(scores, default, folds=5)
+    assert judged["best"] == better and judged["chosen_per_fold"] == [better] * 5
+    assert judged["held_out"] == pytest.approx(0.6)
+    report.update({"names": ["alpha", "prf_depth"], "best": {"alpha": 0.6, "prf_depth": 3}, "held_out_gain": 0.1})
+    outcome = write_if_better(report, out, "scifact", "test", 20)
+    assert outcome == f"written to {out} (serve it with --settings-file {out})"
+    assert read_settings_file(out, GatewaySettings) == {"fusion_alpha": "0.6"}
+    assert read_settings_file(out, RecallSettings) == {"prf_depth": "3"}
+
+
+async def test_eval_sweeps_and_tunes_feedback_through_the_gateway(tmp_path, demo_data, gateway_target, recall_target):
+    import asyncio
+
+    dataset = beir_slice(tmp_path / "data", demo_data)
+    out, tuned = tmp_path / "report.json", tmp_path / "tuned.env"
+    code = await asyncio.to_thread(main, [
+        "eval", "--dataset", str(dataset), "--target", gateway_target, "--recall-target", recall_target,
+        "--recall-k", "8", "--limit", "4", "--sweep", "prf_depth=0,3", "--tune", "alpha,prf_depth",
+        "--tune-grid", "alpha=0.5,0.8", "--tune-grid", "prf_depth=0,2", "--folds", "2", "--tune-out", str(tuned),
+        "--json", str(out)])
+    assert code in (0, None)
+    report = json.loads(out.read_text())
+    assert set(report["sweep_prf_depth"]) == {"0", "3"}
+    assert report["sweep_prf_depth"]["0"]["prf_p50_ms"] is None and report["sweep_prf_depth"]["3"]["prf_p50_ms"] > 0
+    assert report["prf"]["answers"] == report["queries"]  # hybrid recall runs feedback by default
+    tune = report["tune"]
+    # The defaults, and prf_depth 0 and 2 each at two alphas.
+    assert len(tune["combinations"]) == 5 and tune["folds"] == 2 and len(tune["chosen_per_fold"]) == 2
+    assert tune["in_sample_gain"] >= 0 and tune["in_sample_ndcg@10"] >= tune["held_out_ndcg@10"] - 1e-9
+    assert tune["outcome"].startswith("written" if tune["held_out_gain"] > 0 and tune["best"] else "not written")
+    assert tuned.exists() == tune["outcome"].startswith("written")
+
+
+def test_a_tuned_combination_that_turns_feedback_off_is_written_and_printed(tmp_path, capsys):
+    """prf_depth 0 leaves prf_weight unset (any weight is the same search): the best such combination is written
+    without it, and the report prints."""
+    from recall_server.config import RecallSettings
+    from twostage.cli.evaluate import print_tuning
+    from twostage.config import read_settings_file
+    from twostage.evaluation.tuning import Combination, judge, write_if_better
+
+    queries = [f"q{i}" for i in range(6)]
+    grids = {"alpha": [0.4], "prf_depth": [0, 3], "prf_weight": [0.5]}
+    off = Combination(alpha=0.4, prf_depth=0)
+    scores = {Combination(): dict.fromkeys(queries, 0.5), off: dict.fromkeys(queries, 0.7),
+              Combination(alpha=0.4, prf_depth=3, prf_weight=0.5): dict.fromkeys(queries, 0.6)}
+    report = judge(scores, Combination(), grids, folds=3)
+    assert report["best"] == {"alpha": 0.4, "prf_depth": 0} and report["held_out_gain"] == pytest.approx(0.2)
+    out = tmp_path / "tuned.env"
+    report["outcome"] = write_if_better(report, out, "scifact", "test", 20)
+    assert report["outcome"].startswith("written") and read_settings_file(out, RecallSettings) == {"prf_depth": "0"}
+    print_tuning(report)
+    assert "best in sample (alpha=0.4, prf_depth=0) 0.7000 (+0.2000)" in capsys.readouterr().out
+
+
+def test_tuning_needs_queries_to_hold_out_and_at_least_two_folds(capsys):
+    from twostage.evaluation.tuning import Combination, cross_validate
+
+    with pytest.raises(ValueError, match="--tune needs at least 2 queries with relevant documents"):
+        cross_validate({Combination(): {"q1": 0.5}, Combination(alpha=0.3): {"q1": 0.6}}, Combination(), 5)
+    with pytest.raises(SystemExit):
+        main(["eval", "--tune", "alpha", "--folds", "1"])
+    assert "--folds: must be at least 2, got 1" in capsys.readouterr().err
 
 
 def with_corpus(dataset, demo_data, docs: int, empty: int):

@@ -21,6 +21,7 @@ def _int_at_least(low: int, high: int | None = None):
 positive_int = _int_at_least(1)
 non_negative_int = _int_at_least(0)
 port_number = _int_at_least(0, 65535)
+at_least_two = _int_at_least(2)
 
 
 def _number(text: str) -> float:

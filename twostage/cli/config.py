@@ -18,6 +18,17 @@ def settings_classes() -> dict:
     return {"gateway": GatewaySettings, "recall": RecallSettings, "rerank": RerankSettings}
 
 
+def check_settings_file(path) -> None:
+    """A settings file meant for several processes, each service's lines checked (names and values) before any
+    of them starts: a mistake is one clear error here, not a child that dies."""
+    from twostage.config import load_settings, settings_file_lines
+
+    for cls in settings_classes().values():
+        found = settings_file_lines(Path(path), cls)
+        load_settings(cls, {field: f"settings file {path}, line {number}" for field, (_, number) in found.items()},
+                      **{field: value for field, (value, _) in found.items()})
+
+
 def run(args) -> None:
     for name, cls in settings_classes().items():
         if args.service and args.service != name:

@@ -3,6 +3,7 @@
 import asyncio
 from pathlib import Path
 
+from twostage.cli.args import at_least_two
 from twostage.connect import PLAINTEXT, add_credential_flags, credentials_from_args
 from twostage.corpus import DEMO_CORPUS
 
@@ -23,9 +24,23 @@ def register(commands) -> None:
     parser.add_argument("--stages", default="all", choices=["all", "recall"],
                         help="recall: evaluate recall alone, without reranking (seconds, not minutes)")
     parser.add_argument("--sweep", action="append", default=[], metavar="NAME=V1,V2",
-                        help="recall_k=20,50,100, alpha=0,0.5,0.7,1, recall_mode=dense,lexical,hybrid and/or "
+                        help="recall_k=20,50,100, alpha=0,0.5,0.7,1, recall_mode=dense,lexical,hybrid, "
+                        "prf_depth=0,3,5, prf_weight=0.3,0.5,0.7 (pseudo-relevance feedback, per request) and/or "
                         "max_length=128,192,256,384 (the reranker's truncation; restarts the local stack per length) "
                         "(repeatable)")
+    parser.add_argument("--tune", default=None, metavar="NAME,...",
+                        help="search these settings (alpha, prf_depth, prf_weight) on the split's queries, report the "
+                        "gain held out by cross-validation over queries beside the in-sample gain, and write the "
+                        "best to --tune-out if it beats the defaults held out")
+    parser.add_argument("--tune-grid", action="append", default=[], metavar="NAME=V1,V2",
+                        help="the values --tune searches for a name (default: alpha=0.3,...,0.7, prf_depth=0,3,5,8, "
+                        "prf_weight=0.3,0.5,0.7) (repeatable)")
+    parser.add_argument("--tune-out", type=Path, default=Path("tuned.env"),
+                        help="the settings file --tune writes (serve it with --settings-file)")
+    parser.add_argument("--folds", type=at_least_two, default=5,
+                        help="cross-validation folds over queries for --tune (at least 2)")
+    parser.add_argument("--settings-file", type=Path, default=None,
+                        help="settings for the local stack (what --tune wrote)")
     parser.add_argument("--json", type=Path, default=None)
     parser.add_argument("--plot", type=Path, default=None, help="PNG of the sweeps")
     parser.add_argument("--port", type=int, default=50261, help="base port of the local stack")
@@ -46,14 +61,15 @@ def parse_sweeps(items: list[str]) -> dict[str, list]:
     sweeps: dict[str, list] = {}
     for item in items:
         name, _, values = item.partition("=")
-        if name not in ("recall_k", "alpha", "recall_mode", "max_length") or not values:
-            raise ValueError(f"--sweep takes recall_k=..., alpha=..., recall_mode=... or max_length=..., got {item!r}")
+        if name not in ("recall_k", "alpha", "recall_mode", "max_length", "prf_depth", "prf_weight") or not values:
+            raise ValueError(f"--sweep takes recall_k=..., alpha=..., recall_mode=..., prf_depth=..., prf_weight=... "
+                             f"or max_length=..., got {item!r}")
         if name == "recall_mode":
             modes = values.split(",")
             if unknown := [m for m in modes if m not in RECALL_MODES]:
                 raise ValueError(f"--sweep recall_mode: unknown {', '.join(unknown)}; choose from {RECALL_MODES}")
             sweeps[name] = modes
-        elif name == "max_length":
+        elif name in ("max_length", "prf_depth"):
             sweeps[name] = [int(v) for v in values.split(",")]
         else:
             sweeps[name] = [float(v) for v in values.split(",")]
@@ -102,6 +118,18 @@ def print_report(report: dict) -> None:
     for length, row in report.get("sweep_max_length", {}).items():
         print(f"  max_length={length:>4}: final nDCG@10 {row['final_ndcg@10']:.4f}, rerank alone "
               f"{row['rerank_ndcg@10']:.4f}, {row['pairs_per_s']:.1f} pairs/s (one query at a time)")
+    for name in ("prf_depth", "prf_weight"):
+        for value, row in report.get(f"sweep_{name}", {}).items():
+            recall_at = next(key for key in row if key.startswith("recall@"))
+            cost = f", feedback p50 {row['prf_p50_ms']:.1f} ms" if row["prf_p50_ms"] is not None else ""
+            final = "" if recall_alone else f"; final nDCG@10 {row['final_ndcg@10']:.4f}"
+            print(f"  {name}={value}: recall nDCG@10 {row['ndcg@10']:.4f}, {recall_at.capitalize()} "
+                  f"{row[recall_at]:.4f}{final}, mean latency {row['mean_latency_ms']:.1f} ms{cost}")
+    if report.get("prf", {}).get("answers"):
+        print(f"  pseudo-relevance feedback ran for {report['prf']['answers']} of {report['queries']} answers, "
+              f"p50 {report['prf']['p50_ms']:.1f} ms")
+    if "tune" in report:
+        print_tuning(report["tune"])
     for mode, row in report.get("sweep_recall_mode", {}).items():
         recalls = ", ".join(f"Recall@{c.split('@')[1]} {row[c]:.4f}" for c in ("recall@10", "recall@20", "recall@100")
                             if c in row)
@@ -111,19 +139,49 @@ def print_report(report: dict) -> None:
             print(f"            {row['advice']}")
 
 
+def print_tuning(tuned: dict) -> None:
+    print(f"  tuning {', '.join(tuned['names'])} over {len(tuned['combinations'])} combinations, "
+          f"{tuned['folds']}-fold cross-validation over {tuned['queries']} queries (final nDCG@10):")
+    best = ", ".join(f"{name}={value:g}" for name, value in tuned["best"].items()) or "the defaults"
+    print(f"    defaults {tuned['default_ndcg@10']:.4f}; best in sample ({best}) {tuned['in_sample_ndcg@10']:.4f} "
+          f"({tuned['in_sample_gain']:+.4f}); held out {tuned['held_out_ndcg@10']:.4f} "
+          f"({tuned['held_out_gain']:+.4f})")
+    print(f"    chosen per fold: {'; '.join(tuned['chosen_per_fold'])}")
+    print(f"    settings file: {tuned['outcome']}")
+
+
 def run(args) -> None:
     from twostage.evaluation.eval_run import run as evaluate
     from twostage.evaluation.eval_run import serve_and_measure, sweep_max_length, write_report
+    from twostage.evaluation.tuning import parse_tune, tune, write_if_better
 
     sweeps = parse_sweeps(args.sweep)
+    grids = parse_tune(args.tune, args.tune_grid) if args.tune else None
+    if args.settings_file and args.target:
+        raise SystemExit("twostage: error: --settings-file configures the local stack: leave out --target (a running "
+                         "stack reads it with 'twostage serve ... --settings-file')")
+    if args.settings_file:
+        from twostage.cli.config import check_settings_file
+
+        check_settings_file(args.settings_file)
 
     def measure(target: str, recall_target: str | None) -> dict:
         # A local stack is plaintext; credentials are for a running one.
         credentials = credentials_from_args(args) if args.target else PLAINTEXT
-        return evaluate(target, recall_target, args.dataset, args.split, args.recall_k, args.budget_ms, args.limit,
-                        [int(k) for k in sweeps.get("recall_k", [])], sweeps.get("alpha", []), args.fusion,
-                        credentials=credentials, recall_mode=args.recall_mode, stages=args.stages,
-                        sweep_recall_mode=sweeps.get("recall_mode", []))
+        report = evaluate(target, recall_target, args.dataset, args.split, args.recall_k, args.budget_ms, args.limit,
+                          [int(k) for k in sweeps.get("recall_k", [])], sweeps.get("alpha", []), args.fusion,
+                          credentials=credentials, recall_mode=args.recall_mode, stages=args.stages,
+                          sweep_recall_mode=sweeps.get("recall_mode", []),
+                          sweep_prf={name: sweeps[name] for name in ("prf_depth", "prf_weight") if name in sweeps})
+        if grids:
+            from twostage.evaluation.eval_run import load
+
+            queries, qrels = load(args.dataset, args.split, args.limit)
+            report["tune"] = tune(target, queries, qrels, args.recall_k, args.budget_ms, grids,
+                                  args.folds, credentials)
+            report["tune"]["outcome"] = write_if_better(report["tune"], args.tune_out, args.dataset.name, args.split,
+                                                        args.recall_k)
+        return report
 
     if "max_length" in sweeps and args.target:
         raise SystemExit("twostage: error: --sweep max_length restarts the rerank server, so it needs the local "
@@ -131,7 +189,8 @@ def run(args) -> None:
     if args.target:
         report = measure(args.target, args.recall_target)
     else:
-        report = asyncio.run(serve_and_measure(args.dataset, args.port, measure, args.index_dir, args.skip_invalid))
+        report = asyncio.run(serve_and_measure(args.dataset, args.port, measure, args.index_dir, args.settings_file,
+                                               args.skip_invalid))
     if "max_length" in sweeps:
         report["sweep_max_length"] = sweep_max_length(args.dataset, args.split, args.limit, args.recall_k,
                                                       args.budget_ms, args.recall_mode, args.port,

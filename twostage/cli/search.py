@@ -35,6 +35,10 @@ def register(commands) -> None:
     parser.add_argument("--fusion", choices=sorted(FUSIONS), help="how the final score combines recall and rerank "
                         "(default: the gateway's)")
     parser.add_argument("--alpha", type=unit_float, help="weight of rerank in the fusion, 0-1 (default: the gateway's)")
+    parser.add_argument("--prf-depth", type=non_negative_int,
+                        help="pseudo-relevance feedback from this many top recall hits; 0: off (default: recall's)")
+    parser.add_argument("--prf-weight", type=unit_float,
+                        help="the top hits' share in the refined query vector, 0-1 (default: recall's)")
     parser.add_argument("--json", action="store_true", help="print the response as JSON")
     parser.set_defaults(run=run)
 
@@ -94,6 +98,10 @@ def build_request(args) -> gateway_pb2.SearchRequest:
         request.fusion = FUSIONS[args.fusion]
     if args.alpha is not None:
         request.fusion_alpha = args.alpha
+    if args.prf_depth is not None:
+        request.prf_depth = args.prf_depth
+    if args.prf_weight is not None:
+        request.prf_weight = args.prf_weight
     return request
 
 

@@ -23,14 +23,22 @@ def register(commands) -> None:
         ("gateway", GatewaySettings, _serve_gateway),
     ):
         sub = services.add_parser(name, help=f"the {name} server")
+        add_settings_file_flag(sub)
         add_settings_flags(sub, settings_cls)
         sub.set_defaults(run=run, settings_cls=settings_cls)
     stack = services.add_parser("all", help="recall, rerank and gateway as separate processes")
     add_stack_flags(stack)
-    stack.set_defaults(run=lambda args: asyncio.run(run_stack(args)))
+    stack.set_defaults(run=serve_all)
+
+
+def add_settings_file_flag(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--settings-file", default=None,
+                        help="settings as environment variables, NAME=VALUE a line (what 'twostage eval --tune' "
+                        "writes); environment variables and flags override it")
 
 
 def add_stack_flags(parser: argparse.ArgumentParser) -> None:
+    add_settings_file_flag(parser)
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=port_number, default=50051, help="gateway port; recall and rerank take the next ones")
     parser.add_argument("--index-dir", default=None, help="recall index (default: the demo index)")
@@ -80,13 +88,21 @@ def _serve_gateway(args) -> None:
     asyncio.run(serve_until_signal(lambda: build_server(settings), "gateway"))
 
 
+def serve_all(args) -> int:
+    if args.settings_file:  # checked once, before any process starts (each reads its own lines)
+        from twostage.cli.config import check_settings_file
+
+        check_settings_file(args.settings_file)
+    return asyncio.run(run_stack(args))
+
+
 async def run_stack(args, then=None) -> int:
     """Run the stack until a signal or a child's exit; ``then(stack)`` runs once it is ready
     (with ``args.once`` the stack stops after it). A child that dies takes the stack down, named.
     SIGTERM, SIGINT and SIGHUP stop it (a clean stop is success)."""
     stack = Stack(args.host, args.port, args.index_dir, args.rerank_replicas, args.recall_shards,
                   args.metrics_port, args.embed_model, args.rerank_model, args.tls_dir, args.auth_tokens,
-                  args.shard_replicas, getattr(args, "http_port", None))
+                  args.shard_replicas, getattr(args, "http_port", None), args.settings_file)
     died = None
     try:
         async with stack.running(args.ready_timeout_s):

@@ -29,22 +29,29 @@ class Answer:
     hits: list[dict]  # id, recall_rank, recall_score, rerank_score (or None), score
     latency_s: float
     degradations: list[str]  # codes: rerank_partial, ...
+    prf_ms: float | None = None  # the gateway's second recall round or the shard's second pass, when feedback ran
 
 
 async def ask_gateway(target: str, queries: dict[str, str], recall_k: int, budget_ms: int, progress=True,
                       credentials: Credentials = PLAINTEXT, recall_mode: str | None = None,
-                      skip_rerank: bool = False) -> list[Answer]:
-    """One query at a time (latency without queueing), the whole candidate list returned."""
+                      skip_rerank: bool = False, prf_depth: int | None = None,
+                      prf_weight: float | None = None) -> list[Answer]:
+    """One query at a time (latency without queueing), the whole candidate list returned. ``prf_depth`` and
+    ``prf_weight``: pseudo-relevance feedback per request (None: the recall servers' settings)."""
     answers = []
     mode = recall_mode_to_proto(recall_mode)
-    label = f"recall_k={recall_k}" + (f" {recall_mode}" if recall_mode else "")
+    label = f"recall_k={recall_k}" + (f" {recall_mode}" if recall_mode else "") + "".join(
+        f" {name}={value:g}" for name, value in (("prf_depth", prf_depth), ("prf_weight", prf_weight))
+        if value is not None)
+    feedback = {name: value for name, value in (("prf_depth", prf_depth), ("prf_weight", prf_weight))
+                if value is not None}
     async with credentials.aio_channel(target) as channel:
         stub = gateway_pb2_grpc.GatewayStub(channel)
         for query_id, text in tqdm(queries.items(), desc=label, disable=not progress, unit="q"):
             start = time.perf_counter()
             reply = await stub.Search(
                 gateway_pb2.SearchRequest(query=text, top_k=recall_k, recall_k=recall_k, budget_ms=budget_ms,
-                                          recall_mode=mode, skip_rerank=skip_rerank),
+                                          recall_mode=mode, skip_rerank=skip_rerank, **feedback),
                 metadata=credentials.metadata,
             )
             hits = [
@@ -53,7 +60,8 @@ async def ask_gateway(target: str, queries: dict[str, str], recall_k: int, budge
                  "dense_score": h.dense_score, "lexical_score": h.lexical_score}
                 for h in reply.hits
             ]
-            answers.append(Answer(query_id, hits, time.perf_counter() - start, degradation_codes(reply)))
+            answers.append(Answer(query_id, hits, time.perf_counter() - start, degradation_codes(reply),
+                                  reply.timings_ms.get("prf_ms")))
     return answers
 
 
@@ -157,9 +165,12 @@ def summarise(answers: list[Answer], qrels, recall_k: int) -> dict:
         for code in a.degradations:
             degraded[code] = degraded.get(code, 0) + 1
     cutoffs = sorted({10, 20, 100, recall_k})
+    prf_ms = [a.prf_ms for a in answers if a.prf_ms is not None]
     return {
         **{name: evaluate(ranking, qrels, cutoffs) for name, ranking in rankings(answers).items()},
         "latency_ms": {"mean": round(float(latencies.mean()), 2), "p95": round(float(np.percentile(latencies, 95)), 2)},
+        # Pseudo-relevance feedback: the answers it ran for, and what it took (p50), as the gateway reports it.
+        "prf": {"answers": len(prf_ms), "p50_ms": round(float(np.median(prf_ms)), 2) if prf_ms else None},
         "degraded": degraded,
         "queries": len(answers),
         # Pairs the cross-encoder scored per query (rounds and budgets make it less than recall_k).
@@ -220,7 +231,7 @@ def write_report(path: Path | None, report: dict) -> None:
 def run(target: str, recall_target: str | None, dataset: Path, split: str, recall_k: int, budget_ms: int,
         limit: int | None, sweep_recall_k: list[int], sweep_alpha: list[float], fusion: str,
         progress: bool = True, credentials: Credentials = PLAINTEXT, recall_mode: str | None = None,
-        stages: str = "all", sweep_recall_mode: list[str] = ()) -> dict:
+        stages: str = "all", sweep_recall_mode: list[str] = (), sweep_prf: dict[str, list] | None = None) -> dict:
     """``stages="recall"`` evaluates recall alone (no reranking; rerank and final then equal recall)."""
     queries, qrels = load(dataset, split, limit)
     skip_rerank = stages == "recall"
@@ -252,6 +263,16 @@ def run(target: str, recall_target: str | None, dataset: Path, split: str, recal
                 mode_advice = _advice(target, recall_target, queries, qrels, recall_k, credentials, mode, absent)
                 row["beyond_recall_k"], row["advice"] = mode_advice["beyond_recall_k"], mode_advice["advice"]
             report["sweep_recall_mode"][mode] = row
+    for name, values in (sweep_prf or {}).items():
+        report[f"sweep_{name}"] = {}
+        for value in values:
+            swept = asyncio.run(ask_gateway(target, queries, recall_k, budget_ms, progress, credentials, recall_mode,
+                                            skip_rerank, **{name: value}))
+            summary = summarise(swept, qrels, recall_k)
+            report[f"sweep_{name}"][f"{value:g}"] = {
+                "ndcg@10": summary["recall"]["ndcg@10"], f"recall@{recall_k}": summary["recall"][f"recall@{recall_k}"],
+                "final_ndcg@10": summary["final"]["ndcg@10"], "mean_latency_ms": summary["latency_ms"]["mean"],
+                "prf_p50_ms": summary["prf"]["p50_ms"]}
     if sweep_alpha:
         report["sweep_alpha"] = {
             str(alpha): evaluate(rankings(answers, fusion, alpha, in_use)["final"], qrels, [10])["ndcg@10"]
@@ -272,17 +293,18 @@ def run(target: str, recall_target: str | None, dataset: Path, split: str, recal
 
 
 async def serve_and_measure(dataset: Path, port: int, measure, index_dir: Path | None = None,
-                            skip_invalid: bool = False) -> dict:
+                            settings_file: Path | None = None, skip_invalid: bool = False) -> dict:
     """Build (once, cached, or at ``index_dir``; ``skip_invalid``: around the corpus's invalid documents) an
-    index of the data set, serve it as a local stack from ``port`` on, and return
-    ``measure(gateway_target, recall_target)``."""
+    index of the data set, serve it as a local stack from ``port`` on (with ``settings_file``'s settings), and
+    return ``measure(gateway_target, recall_target)``."""
     from recall_server.build import cached_index
     from twostage.model_store import fetch_defaults
     from twostage.stack import Stack
 
     fetch_defaults()
     index_dir = await asyncio.to_thread(cached_index, dataset, index_dir, skip_invalid)
-    async with Stack("127.0.0.1", port, str(index_dir)).running(300) as stack:
+    stack = Stack("127.0.0.1", port, str(index_dir), settings_file=str(settings_file) if settings_file else None)
+    async with stack.running(300):
         return await asyncio.to_thread(measure, stack.gateway_target, stack.recall_targets[0])
 
 

@@ -26,6 +26,7 @@ class DegradationCode(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     RERANK_UNAVAILABLE: _ClassVar[DegradationCode]
     RECALL_PARTIAL: _ClassVar[DegradationCode]
     QUERY_TRUNCATED: _ClassVar[DegradationCode]
+    PRF_SKIPPED: _ClassVar[DegradationCode]
 FUSION_METHOD_UNSPECIFIED: FusionMethod
 FUSION_NONE: FusionMethod
 FUSION_LINEAR: FusionMethod
@@ -39,9 +40,10 @@ RERANK_OVERLOADED: DegradationCode
 RERANK_UNAVAILABLE: DegradationCode
 RECALL_PARTIAL: DegradationCode
 QUERY_TRUNCATED: DegradationCode
+PRF_SKIPPED: DegradationCode
 
 class SearchRequest(_message.Message):
-    __slots__ = ("query", "top_k", "recall_k", "budget_ms", "request_id", "fusion", "fusion_alpha", "skip_rerank", "score_threshold", "recall_mode", "filter")
+    __slots__ = ("query", "top_k", "recall_k", "budget_ms", "request_id", "fusion", "fusion_alpha", "skip_rerank", "score_threshold", "recall_mode", "filter", "prf_depth", "prf_weight")
     QUERY_FIELD_NUMBER: _ClassVar[int]
     TOP_K_FIELD_NUMBER: _ClassVar[int]
     RECALL_K_FIELD_NUMBER: _ClassVar[int]
@@ -53,6 +55,8 @@ class SearchRequest(_message.Message):
     SCORE_THRESHOLD_FIELD_NUMBER: _ClassVar[int]
     RECALL_MODE_FIELD_NUMBER: _ClassVar[int]
     FILTER_FIELD_NUMBER: _ClassVar[int]
+    PRF_DEPTH_FIELD_NUMBER: _ClassVar[int]
+    PRF_WEIGHT_FIELD_NUMBER: _ClassVar[int]
     query: str
     top_k: int
     recall_k: int
@@ -64,7 +68,9 @@ class SearchRequest(_message.Message):
     score_threshold: float
     recall_mode: _common_pb2.RecallMode
     filter: _common_pb2.Filter
-    def __init__(self, query: _Optional[str] = ..., top_k: _Optional[int] = ..., recall_k: _Optional[int] = ..., budget_ms: _Optional[int] = ..., request_id: _Optional[str] = ..., fusion: _Optional[_Union[FusionMethod, str]] = ..., fusion_alpha: _Optional[float] = ..., skip_rerank: _Optional[bool] = ..., score_threshold: _Optional[float] = ..., recall_mode: _Optional[_Union[_common_pb2.RecallMode, str]] = ..., filter: _Optional[_Union[_common_pb2.Filter, _Mapping]] = ...) -> None: ...
+    prf_depth: int
+    prf_weight: float
+    def __init__(self, query: _Optional[str] = ..., top_k: _Optional[int] = ..., recall_k: _Optional[int] = ..., budget_ms: _Optional[int] = ..., request_id: _Optional[str] = ..., fusion: _Optional[_Union[FusionMethod, str]] = ..., fusion_alpha: _Optional[float] = ..., skip_rerank: _Optional[bool] = ..., score_threshold: _Optional[float] = ..., recall_mode: _Optional[_Union[_common_pb2.RecallMode, str]] = ..., filter: _Optional[_Union[_common_pb2.Filter, _Mapping]] = ..., prf_depth: _Optional[int] = ..., prf_weight: _Optional[float] = ...) -> None: ...
 
 class Hit(_message.Message):
     __slots__ = ("id", "title", "text", "score", "rerank_score", "recall_rank", "recall_score", "metadata", "relevance", "dense_score", "lexical_score")

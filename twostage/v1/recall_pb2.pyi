@@ -18,21 +18,31 @@ HYBRID_FUSION_ZSCORE: HybridFusion
 HYBRID_FUSION_RRF: HybridFusion
 
 class RecallSearchRequest(_message.Message):
-    __slots__ = ("query", "k", "request_id", "mode", "filter")
+    __slots__ = ("query", "k", "request_id", "mode", "filter", "prf_depth", "prf_weight", "query_vector", "feedback_vector", "return_vectors")
     QUERY_FIELD_NUMBER: _ClassVar[int]
     K_FIELD_NUMBER: _ClassVar[int]
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     MODE_FIELD_NUMBER: _ClassVar[int]
     FILTER_FIELD_NUMBER: _ClassVar[int]
+    PRF_DEPTH_FIELD_NUMBER: _ClassVar[int]
+    PRF_WEIGHT_FIELD_NUMBER: _ClassVar[int]
+    QUERY_VECTOR_FIELD_NUMBER: _ClassVar[int]
+    FEEDBACK_VECTOR_FIELD_NUMBER: _ClassVar[int]
+    RETURN_VECTORS_FIELD_NUMBER: _ClassVar[int]
     query: str
     k: int
     request_id: str
     mode: _common_pb2.RecallMode
     filter: _common_pb2.Filter
-    def __init__(self, query: _Optional[str] = ..., k: _Optional[int] = ..., request_id: _Optional[str] = ..., mode: _Optional[_Union[_common_pb2.RecallMode, str]] = ..., filter: _Optional[_Union[_common_pb2.Filter, _Mapping]] = ...) -> None: ...
+    prf_depth: int
+    prf_weight: float
+    query_vector: bytes
+    feedback_vector: bytes
+    return_vectors: int
+    def __init__(self, query: _Optional[str] = ..., k: _Optional[int] = ..., request_id: _Optional[str] = ..., mode: _Optional[_Union[_common_pb2.RecallMode, str]] = ..., filter: _Optional[_Union[_common_pb2.Filter, _Mapping]] = ..., prf_depth: _Optional[int] = ..., prf_weight: _Optional[float] = ..., query_vector: _Optional[bytes] = ..., feedback_vector: _Optional[bytes] = ..., return_vectors: _Optional[int] = ...) -> None: ...
 
 class Candidate(_message.Message):
-    __slots__ = ("id", "title", "text", "score", "metadata", "dense_score", "lexical_score")
+    __slots__ = ("id", "title", "text", "score", "metadata", "dense_score", "lexical_score", "vector", "prf_dense_score")
     class MetadataEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -47,6 +57,8 @@ class Candidate(_message.Message):
     METADATA_FIELD_NUMBER: _ClassVar[int]
     DENSE_SCORE_FIELD_NUMBER: _ClassVar[int]
     LEXICAL_SCORE_FIELD_NUMBER: _ClassVar[int]
+    VECTOR_FIELD_NUMBER: _ClassVar[int]
+    PRF_DENSE_SCORE_FIELD_NUMBER: _ClassVar[int]
     id: str
     title: str
     text: str
@@ -54,10 +66,12 @@ class Candidate(_message.Message):
     metadata: _containers.MessageMap[str, _common_pb2.MetadataValue]
     dense_score: float
     lexical_score: float
-    def __init__(self, id: _Optional[str] = ..., title: _Optional[str] = ..., text: _Optional[str] = ..., score: _Optional[float] = ..., metadata: _Optional[_Mapping[str, _common_pb2.MetadataValue]] = ..., dense_score: _Optional[float] = ..., lexical_score: _Optional[float] = ...) -> None: ...
+    vector: bytes
+    prf_dense_score: float
+    def __init__(self, id: _Optional[str] = ..., title: _Optional[str] = ..., text: _Optional[str] = ..., score: _Optional[float] = ..., metadata: _Optional[_Mapping[str, _common_pb2.MetadataValue]] = ..., dense_score: _Optional[float] = ..., lexical_score: _Optional[float] = ..., vector: _Optional[bytes] = ..., prf_dense_score: _Optional[float] = ...) -> None: ...
 
 class RecallSearchResponse(_message.Message):
-    __slots__ = ("candidates", "timings_ms", "mode", "calibration")
+    __slots__ = ("candidates", "timings_ms", "mode", "calibration", "query_vector", "prf_hits", "prf_skipped")
     class TimingsMsEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -69,11 +83,17 @@ class RecallSearchResponse(_message.Message):
     TIMINGS_MS_FIELD_NUMBER: _ClassVar[int]
     MODE_FIELD_NUMBER: _ClassVar[int]
     CALIBRATION_FIELD_NUMBER: _ClassVar[int]
+    QUERY_VECTOR_FIELD_NUMBER: _ClassVar[int]
+    PRF_HITS_FIELD_NUMBER: _ClassVar[int]
+    PRF_SKIPPED_FIELD_NUMBER: _ClassVar[int]
     candidates: _containers.RepeatedCompositeFieldContainer[Candidate]
     timings_ms: _containers.ScalarMap[str, float]
     mode: _common_pb2.RecallMode
     calibration: ScoreCalibration
-    def __init__(self, candidates: _Optional[_Iterable[_Union[Candidate, _Mapping]]] = ..., timings_ms: _Optional[_Mapping[str, float]] = ..., mode: _Optional[_Union[_common_pb2.RecallMode, str]] = ..., calibration: _Optional[_Union[ScoreCalibration, _Mapping]] = ...) -> None: ...
+    query_vector: bytes
+    prf_hits: int
+    prf_skipped: str
+    def __init__(self, candidates: _Optional[_Iterable[_Union[Candidate, _Mapping]]] = ..., timings_ms: _Optional[_Mapping[str, float]] = ..., mode: _Optional[_Union[_common_pb2.RecallMode, str]] = ..., calibration: _Optional[_Union[ScoreCalibration, _Mapping]] = ..., query_vector: _Optional[bytes] = ..., prf_hits: _Optional[int] = ..., prf_skipped: _Optional[str] = ...) -> None: ...
 
 class ScoreCalibration(_message.Message):
     __slots__ = ("scale", "center", "lexical_scale", "lexical_center", "pseudo_queries", "doc_count")
@@ -129,7 +149,7 @@ class EmbedResponse(_message.Message):
     def __init__(self, embeddings: _Optional[_Iterable[_Union[Embedding, _Mapping]]] = ..., dims: _Optional[int] = ..., timings_ms: _Optional[_Mapping[str, float]] = ..., tokens: _Optional[int] = ...) -> None: ...
 
 class RecallInfo(_message.Message):
-    __slots__ = ("version", "model", "dims", "doc_count", "execution_provider", "limits", "shard", "shards", "read_only", "default_mode", "hybrid_fusion", "hybrid_dense_weight", "lexical", "calibration")
+    __slots__ = ("version", "model", "dims", "doc_count", "execution_provider", "limits", "shard", "shards", "read_only", "default_mode", "hybrid_fusion", "hybrid_dense_weight", "lexical", "calibration", "prf_depth", "prf_weight")
     VERSION_FIELD_NUMBER: _ClassVar[int]
     MODEL_FIELD_NUMBER: _ClassVar[int]
     DIMS_FIELD_NUMBER: _ClassVar[int]
@@ -144,6 +164,8 @@ class RecallInfo(_message.Message):
     HYBRID_DENSE_WEIGHT_FIELD_NUMBER: _ClassVar[int]
     LEXICAL_FIELD_NUMBER: _ClassVar[int]
     CALIBRATION_FIELD_NUMBER: _ClassVar[int]
+    PRF_DEPTH_FIELD_NUMBER: _ClassVar[int]
+    PRF_WEIGHT_FIELD_NUMBER: _ClassVar[int]
     version: str
     model: str
     dims: int
@@ -158,7 +180,9 @@ class RecallInfo(_message.Message):
     hybrid_dense_weight: float
     lexical: bool
     calibration: ScoreCalibration
-    def __init__(self, version: _Optional[str] = ..., model: _Optional[str] = ..., dims: _Optional[int] = ..., doc_count: _Optional[int] = ..., execution_provider: _Optional[str] = ..., limits: _Optional[_Iterable[_Union[_common_pb2.Limit, _Mapping]]] = ..., shard: _Optional[int] = ..., shards: _Optional[int] = ..., read_only: _Optional[bool] = ..., default_mode: _Optional[_Union[_common_pb2.RecallMode, str]] = ..., hybrid_fusion: _Optional[_Union[HybridFusion, str]] = ..., hybrid_dense_weight: _Optional[float] = ..., lexical: _Optional[bool] = ..., calibration: _Optional[_Union[ScoreCalibration, _Mapping]] = ...) -> None: ...
+    prf_depth: int
+    prf_weight: float
+    def __init__(self, version: _Optional[str] = ..., model: _Optional[str] = ..., dims: _Optional[int] = ..., doc_count: _Optional[int] = ..., execution_provider: _Optional[str] = ..., limits: _Optional[_Iterable[_Union[_common_pb2.Limit, _Mapping]]] = ..., shard: _Optional[int] = ..., shards: _Optional[int] = ..., read_only: _Optional[bool] = ..., default_mode: _Optional[_Union[_common_pb2.RecallMode, str]] = ..., hybrid_fusion: _Optional[_Union[HybridFusion, str]] = ..., hybrid_dense_weight: _Optional[float] = ..., lexical: _Optional[bool] = ..., calibration: _Optional[_Union[ScoreCalibration, _Mapping]] = ..., prf_depth: _Optional[int] = ..., prf_weight: _Optional[float] = ...) -> None: ...
 
 class ChangesRequest(_message.Message):
     __slots__ = ("snapshot_version", "after_seq", "limit", "ids", "after_key")
