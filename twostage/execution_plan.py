@@ -36,7 +36,7 @@ import tempfile
 import threading
 import time
 from collections import deque
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -378,6 +378,24 @@ class PlanCache:
         return target
 
 
+def _typical_label(sample: Sequence[Encoded]) -> str:
+    return f"{len(sample)}x{round(float(np.mean([item.length for item in sample])))}"
+
+
+def recalibrate(model_path: Path, settings: RuntimeSettings, call: ModelCall, typical: Callable[[], list[Encoded]],
+                model_digest: str, rounds: int = 5, cache: PlanCache | None = None) -> tuple[Measured, Path]:
+    """A longer calibration than a start's (``rounds`` full rounds, the rewrite at caps 2 to 32), kept where
+    servers starting with ``auto`` on this model and host read it: ``twostage models calibrate``."""
+    cache = cache or PlanCache()
+    sample = typical()
+    measured, plans = calibrate(model_path, settings, sample, call, caps=(2, 4, 8, 16, 32), most_rounds=rounds,
+                                allowance_s=float("inf"))
+    for plan in plans:
+        plan.close()
+    return measured, cache.put(cache.key(model_digest, settings, _typical_label(sample)), measured,
+                               "twostage models calibrate")
+
+
 _calibrating = threading.Lock()  # servers in one process (tests, 'serve all') measure one at a time
 
 
@@ -400,7 +418,7 @@ def load(model_path: Path, settings: RuntimeSettings, call: ModelCall, typical: 
     else:
         cache = cache or PlanCache()
         sample = typical()
-        key = cache.key(model_digest, settings, f"{len(sample)}x{round(np.mean([i.length for i in sample]))}")
+        key = cache.key(model_digest, settings, _typical_label(sample))
         with _calibrating:
             measured = cache.get(key)
             if measured is not None:
@@ -421,3 +439,37 @@ def load(model_path: Path, settings: RuntimeSettings, call: ModelCall, typical: 
         plan.rates = dict(measured.rates)
     log.info("%s: execution plan %s", Path(model_path).parent.name, plan.describe())
     return plan
+
+
+def calibrate_models(models: Sequence[str] | None = None, rounds: int = 5) -> Iterator[str]:
+    """``twostage models calibrate``: recalibrate each model (default: the rerank and recall servers') with the
+    settings its server reads (a reranker TWOSTAGE_RERANK_*, an embedder TWOSTAGE_RECALL_*); yields report lines."""
+    from recall_server.config import RecallSettings
+    from recall_server.embedder import Embedder
+    from rerank_server.config import RerankSettings
+    from rerank_server.cross_encoder import CrossEncoder
+    from twostage.manifest import ModelManifest
+    from twostage.model_store import resolve_model
+
+    rerank, recall = RerankSettings(), RecallSettings()
+    yield f"host: {host_identity()}"
+    for name in models or [rerank.model, recall.model]:
+        model_dir = resolve_model(name)
+        reranker = ModelManifest.load(model_dir).task == "rerank"
+        settings = rerank if reranker else recall
+        if not settings.batch_invariant:
+            yield f"{name}: batch_invariant is off, so it runs the stock graph in whole batches; nothing to calibrate"
+            continue
+        if choose_providers(settings.provider)[0] != "CPUExecutionProvider":
+            yield f"{name}: a GPU provider runs the per-row rewrite, batched, unmeasured; nothing to calibrate"
+            continue
+        unmeasured = settings.model_copy(update={"execution_plan": "single"})
+        model = (CrossEncoder(model_dir, unmeasured, settings.max_length) if reranker
+                 else Embedder(model_dir, unmeasured, settings.max_length))
+        typical = model.typical_pairs if reranker else model.typical_documents
+        yield f"{name}: measuring {rounds} rounds ..."
+        measured, path = recalibrate(model.model_file, settings, model._call, typical, model.digest, rounds)
+        unit = "pairs/s" if reranker else "texts/s"
+        for label, rate in sorted(measured.rates.items(), key=lambda item: -item[1]):
+            yield f"  {label:16} {rate:8.2f} {unit}"
+        yield f"  chosen: {max(measured.rates, key=measured.rates.get)} (kept in {path})"
