@@ -107,7 +107,7 @@ class ExecutionPlan:
 
     def describe(self) -> str:
         how = {"forced": "set by execution_plan", "calibrated": "measured now", "cached": "measured earlier, cached",
-               "unmeasured": "a GPU: the rewrite, batched"}[self.source]
+               "unmeasured": "a GPU: the rewrite, batched", "not invariant": "batch_invariant=false"}[self.source]
         measured = ", ".join(f"{name} {rate:.1f}/s" for name, rate in sorted(self.rates.items(), key=lambda r: -r[1]))
         return f"{self.label} on {self.provider} ({how}{'; ' + measured if measured else ''})"
 
@@ -410,6 +410,7 @@ def load(model_path: Path, settings: RuntimeSettings, call: ModelCall, typical: 
             raise ConfigError(f"execution_plan={wanted} keeps results independent of their batch-mates, which "
                               "batch_invariant=false gives up; leave execution_plan at auto")
         plan = build("batched", model_path, settings)
+        plan.source = "not invariant"
     elif wanted != "auto":
         plan = build(wanted, model_path, settings)
     elif choose_providers(settings.provider)[0] != "CPUExecutionProvider":
