@@ -37,7 +37,7 @@ import threading
 import time
 from collections import deque
 from collections.abc import Callable, Iterator, Sequence
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor, wait
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
@@ -145,15 +145,22 @@ class SessionsPlan(ExecutionPlan):
         waiting = deque(sorted(range(len(batch)), key=lambda i: -batch[i].length))  # longest first: a short tail
 
         def work(session):
-            while True:
-                try:
-                    i = waiting.popleft()
-                except IndexError:
-                    return
-                results[i] = call(session, [batch[i]])
+            try:
+                while waiting:
+                    try:
+                        i = waiting.popleft()
+                    except IndexError:  # another session took the last one
+                        return
+                    results[i] = call(session, [batch[i]])
+            except BaseException:
+                waiting.clear()  # the batch has failed: its other items need not run
+                raise
 
         helpers = [self._pool.submit(work, s) for s in self.sessions[1:len(batch)]]
-        work(self.sessions[0])
+        try:
+            work(self.sessions[0])
+        finally:  # nothing of this batch runs on beside the next one
+            wait(helpers)
         for helper in helpers:
             helper.result()
         return np.concatenate(results)

@@ -126,3 +126,21 @@ def test_a_forced_plan_is_not_measured_and_batch_invariant_false_runs_whole_batc
     with pytest.raises(ConfigError, match="batch_invariant=false"):
         execution_plan.load(model.model_file, RuntimeSettings(batch_invariant=False, execution_plan="single"),
                             model._call, model.typical_pairs, model.digest, cache)
+
+
+def test_sessions_return_results_in_the_batch_order_and_a_failing_item_fails_the_batch():
+    from types import SimpleNamespace
+
+    plan = execution_plan.SessionsPlan(["first", "second"])
+    items = [SimpleNamespace(length=n) for n in (3, 9, 1, 7, 5)]
+
+    def call(session, batch):
+        if batch[0].length == 0:
+            raise RuntimeError("the model failed")
+        return np.array([batch[0].length], dtype=np.float32)
+
+    np.testing.assert_array_equal(plan.run(items, call), [3, 9, 1, 7, 5])
+    with pytest.raises(RuntimeError, match="the model failed"):
+        plan.run([*items, SimpleNamespace(length=0)], call)
+    np.testing.assert_array_equal(plan.run(items[:2], call), [3, 9])  # the next batch runs as usual
+    plan.close()
