@@ -49,13 +49,15 @@ class BuildReport:
 
 
 def embed_documents(embedder: Embedder, docs: list[Document], policy: BatchPolicy, bar: tqdm | None = None) -> np.ndarray:
-    """Embed in length-sorted batches within the policy's size and token limits.
+    """Embed in length-sorted batches within the policy's size and token limits (as the embedder's execution
+    plan adjusts them: sessions side by side take a batch each, the per-row rewrite a measured cap).
 
     The bar counts documents, advanced by each batch's share of the padded tokens (the model's work) rather
     than by its documents: batches go short documents first, so counting documents would show a rate that
     only falls and an ETA that is too early until the end."""
     encoded = embedder.encode([document_text(d) for d in docs], is_query=False)
     vectors = np.empty((len(docs), embedder.dims), dtype=np.float32)
+    policy = embedder.plan.policy(policy)
     plans = plan_batches([e.length for e in encoded], policy.max_batch_size, policy.max_batch_tokens)
     work = [len(plan) * max(encoded[i].length for i in plan) for plan in plans]
     total, done, shown = sum(work), 0, 0

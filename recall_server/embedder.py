@@ -1,14 +1,19 @@
-"""The bi-encoder: tokenize text (pre), run the model on a batch (core), pool
-and L2-normalise (post)."""
+"""The bi-encoder: tokenize text (pre), run the model on a batch (core), pool and L2-normalise (post). How
+batches run is the execution plan's (twostage.execution_plan)."""
 
+import itertools
 from pathlib import Path
 
 import numpy as np
 
-from twostage import errors
+from twostage import errors, execution_plan
 from twostage.config import RuntimeSettings
+from twostage.corpus import DEMO_CORPUS, document_text, read_corpus
 from twostage.manifest import ModelManifest
-from twostage.runtime import Encoded, create_session, cut_by, encode_all, load_tokenizer, pad_batch
+from twostage.model_store import sha256_of
+from twostage.runtime import Encoded, cut_by, encode_all, load_tokenizer, pad_batch
+
+TYPICAL_DOCUMENTS = 4  # documents an execution plan is chosen on: SciFact abstracts
 
 
 class Embedder:
@@ -16,18 +21,25 @@ class Embedder:
         self.manifest = ModelManifest.load(model_dir)
         self.manifest.require_task("embed")
         self.max_length = min(max_length or self.manifest.max_length, self.manifest.max_length)
-        self.session = create_session(Path(model_dir) / self.manifest.onnx_file, runtime)
+        self.model_file = Path(model_dir) / self.manifest.onnx_file
         self.tokenizer = load_tokenizer(model_dir, self.max_length)
-        self._input_names = {i.name for i in self.session.get_inputs()}
-        outputs = [o.name for o in self.session.get_outputs()]
-        # Some exports carry a pooled output already; use it when present.
-        self._pooled_output = "sentence_embedding" in outputs
-        self._output_name = "sentence_embedding" if self._pooled_output else outputs[0]
-        self.dims = int(self.session.get_outputs()[outputs.index(self._output_name)].shape[-1])
+        self._io: tuple[set[str], str] | None = None  # input names, output name: every plan's graphs share them
+        self.plan = execution_plan.load(self.model_file, runtime, self._call, self.typical_documents, self.digest)
+        session = self.plan.sessions[0]
+        self.dims = int(next(o for o in session.get_outputs() if o.name == self._output(session)).shape[-1])
 
     @property
     def name(self) -> str:
         return self.manifest.name
+
+    @property
+    def digest(self) -> str:
+        """The model file's SHA-256: recorded in the manifest (checked when fetched), else computed."""
+        return self.manifest.sha256.get(self.manifest.onnx_file) or sha256_of(self.model_file)
+
+    def typical_documents(self) -> list[Encoded]:
+        texts = [document_text(d) for d in itertools.islice(read_corpus(DEMO_CORPUS), TYPICAL_DOCUMENTS)]
+        return self.encode(texts, is_query=False)
 
     def encode(self, texts: list[str], is_query: bool) -> list[Encoded]:
         prefix = self.manifest.query_prefix if is_query else ""
@@ -40,18 +52,31 @@ class Embedder:
             raise errors.TooLong(f"a text is longer than the model's window ({self.max_length} tokens); shorten it, "
                                  "or allow truncation")
 
-    def embed(self, batch: list[Encoded]) -> np.ndarray:
-        """(len(batch), dims) float32, unit length when the manifest says normalize."""
-        feeds = pad_batch(batch, self._input_names)
-        (hidden,) = self.session.run([self._output_name], feeds)
-        if self._pooled_output:
+    @staticmethod
+    def _output(session) -> str:
+        """Some exports carry a pooled output already; it is used when present."""
+        outputs = [o.name for o in session.get_outputs()]
+        return "sentence_embedding" if "sentence_embedding" in outputs else outputs[0]
+
+    def _call(self, session, batch: list[Encoded]) -> np.ndarray:
+        """(len(batch), dims) float32 from one model call, unit length when the manifest says normalize."""
+        if self._io is None:
+            self._io = {i.name for i in session.get_inputs()}, self._output(session)
+        inputs, output = self._io
+        feeds = pad_batch(batch, inputs)
+        (hidden,) = session.run([output], feeds)
+        if output == "sentence_embedding":
             pooled = hidden
         elif self.manifest.pooling == "cls":
             pooled = hidden[:, 0]
-        else:
-            mask = feeds["attention_mask"][:, :, None].astype(np.float32)
-            pooled = (hidden * mask).sum(axis=1) / np.maximum(mask.sum(axis=1), 1e-9)
+        else:  # each row over its own tokens: summing its padding too would regroup the sum (not bit-invariant)
+            pooled = np.stack([hidden[row, : item.length].mean(axis=0) for row, item in enumerate(batch)])
         pooled = pooled.astype(np.float32)
         if self.manifest.normalize:
             pooled /= np.maximum(np.linalg.norm(pooled, axis=1, keepdims=True), 1e-12)
         return pooled
+
+    def embed(self, batch: list[Encoded]) -> np.ndarray:
+        """(len(batch), dims) float32; an item's vector is the same whatever its batch-mates (unless
+        batch_invariant is off)."""
+        return self.plan.run(batch, self._call)

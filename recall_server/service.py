@@ -174,7 +174,7 @@ class RecallService:
             raise errors.ConfigError("peers needs snapshot_dir: replicas catch up on the writes made since the "
                                      "snapshot they share")
         self.embedder = await asyncio.to_thread(Embedder, resolve_model(s.model), s, s.max_length)
-        self.batcher = DynamicBatcher("embed", self.embedder.embed, BatchPolicy.from_settings(s))
+        self.batcher = DynamicBatcher("embed", self.embedder.embed, self.embedder.plan.policy(BatchPolicy.from_settings(s)))
         watch_batcher(self.batcher)
         watch_recall(self)
         self.batcher.start()
@@ -717,7 +717,8 @@ class RecallService:
             "model": self.embedder.name if self.embedder else s.model,
             "dims": self.embedder.dims if self.embedder else 0,
             "doc_count": self.doc_count(),
-            "execution_provider": self.embedder.session.get_providers()[0] if self.embedder else "",
+            "execution_provider": self.embedder.plan.provider if self.embedder else "",
+            "execution_plan": self.embedder.plan.label if self.embedder else "",
             "shard": self.index.manifest.shard if self.index else 0,
             "shards": self.index.manifest.shards if self.index else 1,
             "read_only": s.read_only,

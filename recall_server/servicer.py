@@ -152,6 +152,7 @@ class RecallServicer(recall_pb2_grpc.RecallServicer):
             dims=info["dims"],
             doc_count=info["doc_count"],
             execution_provider=info["execution_provider"],
+            execution_plan=info["execution_plan"],
             limits=[common_pb2.Limit(name=k, value=v) for k, v in info["limits"].items()],
             shard=info["shard"],
             shards=info["shards"],

@@ -1,14 +1,19 @@
-"""The cross-encoder: tokenize pairs (pre), run the model on a batch (core),
-return one relevance logit per pair (post)."""
+"""The cross-encoder: tokenize pairs (pre), run the model on a batch (core), return one relevance logit per
+pair (post). How batches run is the execution plan's (twostage.execution_plan)."""
 
+import itertools
 from pathlib import Path
 
 import numpy as np
 
-from twostage import errors
+from twostage import errors, execution_plan
 from twostage.config import RuntimeSettings
+from twostage.corpus import DEMO_CORPUS, document_text, read_corpus, read_queries
 from twostage.manifest import ModelManifest
-from twostage.runtime import Encoded, create_session, cut_by, encode_all, load_tokenizer, pad_batch
+from twostage.model_store import sha256_of
+from twostage.runtime import Encoded, cut_by, encode_all, load_tokenizer, pad_batch
+
+TYPICAL_PAIRS = 4  # pairs an execution plan is chosen on: SciFact abstracts with a claim, mostly cut at max_length
 
 
 class CrossEncoder:
@@ -19,17 +24,26 @@ class CrossEncoder:
         # A longer query is cut to this many tokens, so every document keeps at least half the window.
         self.max_query_tokens = self.max_length // 2
         self.model_file = Path(model_dir) / self.manifest.onnx_file
-        self.session = create_session(self.model_file, runtime)
         self.tokenizer = load_tokenizer(model_dir, self.max_length, pair_truncation=True)
         # Counting a query's tokens must not go through pair truncation, which fails on a lone long text.
         self._query_tokenizer = load_tokenizer(model_dir, self.max_length)
         self._query_tokenizer.no_truncation()
-        self._input_names = {i.name for i in self.session.get_inputs()}
-        self._output_name = self.session.get_outputs()[0].name
+        self._io: tuple[set[str], str] | None = None  # input names, output name: every plan's graphs share them
+        self.plan = execution_plan.load(self.model_file, runtime, self._call, self.typical_pairs, self.digest)
 
     @property
     def name(self) -> str:
         return self.manifest.name
+
+    @property
+    def digest(self) -> str:
+        """The model file's SHA-256: recorded in the manifest (checked when fetched), else computed."""
+        return self.manifest.sha256.get(self.manifest.onnx_file) or sha256_of(self.model_file)
+
+    def typical_pairs(self) -> list[Encoded]:
+        query = next(iter(read_queries(DEMO_CORPUS).values()))
+        documents = [document_text(d) for d in itertools.islice(read_corpus(DEMO_CORPUS), TYPICAL_PAIRS)]
+        return self.encode(query, documents)[0]
 
     def fit_query(self, query: str) -> tuple[str, bool]:
         """The query as scored: cut after ``max_query_tokens`` tokens when longer. Returns (text, truncated)."""
@@ -58,7 +72,14 @@ class CrossEncoder:
         """Tokenize pairs for a query already cut by ``fit_query``."""
         return encode_all(self.tokenizer, [(fitted_query, doc) for doc in documents])
 
-    def score(self, batch: list[Encoded]) -> np.ndarray:
-        """One relevance logit per pair; higher is more relevant."""
-        (logits,) = self.session.run([self._output_name], pad_batch(batch, self._input_names))
+    def _call(self, session, batch: list[Encoded]) -> np.ndarray:
+        if self._io is None:
+            self._io = {i.name for i in session.get_inputs()}, session.get_outputs()[0].name
+        inputs, output = self._io
+        (logits,) = session.run([output], pad_batch(batch, inputs))
         return logits.reshape(len(batch), -1)[:, 0].astype(np.float32)
+
+    def score(self, batch: list[Encoded]) -> np.ndarray:
+        """One relevance logit per pair; higher is more relevant. The same for a pair whatever its batch-mates
+        (unless batch_invariant is off)."""
+        return self.plan.run(batch, self._call)

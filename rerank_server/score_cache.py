@@ -5,8 +5,8 @@ a pair scored once never needs the model again: head queries, pagination and
 retries resend the same pairs. The key is a strong hash (BLAKE2b, 128 bits)
 of the model's identity (its file digest, max length, graph), the query as
 scored and the document text, so a changed document never reuses an old
-score. Scores come from the batch-invariant graph, so a cached score is
-bit-identical to a fresh one.
+score. Every execution plan keeps a score independent of its batch-mates
+(twostage.execution_plan), so a cached score is bit-identical to a fresh one.
 
 The cache is bounded in bytes with LRU eviction. Identical pairs in flight at
 the same time are computed once (single-flight): the first caller computes,

@@ -65,7 +65,9 @@ class RerankService:
             self.cache = PairScoreCache(int(self.settings.score_cache_mb * 2**20), identity)
             watch_score_cache(self.cache)
         self._specials = (await asyncio.to_thread(self.model.encode_pairs, "", [""]))[0].length
-        self.batcher = DynamicBatcher("rerank", self.model.score, BatchPolicy.from_settings(self.settings))
+        plan = getattr(self.model, "plan", None)  # a stand-in model (tests' fakes) has none: it batches as given
+        policy = BatchPolicy.from_settings(self.settings)
+        self.batcher = DynamicBatcher("rerank", self.model.score, plan.policy(policy) if plan else policy)
         watch_batcher(self.batcher)
         self.batcher.start()
         # Warm up: the first run allocates and optimizes; keep that off the first request.
@@ -86,7 +88,8 @@ class RerankService:
         there), timed alternately: the median of up to ``most_repeats`` repeats at each length, as many as
         fit in about ``allowance_s`` (at least one), so that a moment's contention at startup moves the
         estimate little while a slow model does not hold startup up."""
-        s, model = self.settings, self.model
+        model = self.model
+        parallel = model.plan.parallelism if getattr(model, "plan", None) else 1
         query = "how much does a pair cost"
         longest = model.max_length
         lengths = sorted({min(32, longest), longest})
@@ -95,7 +98,9 @@ class RerankService:
         for target in lengths:
             # Pairs of about ``target`` tokens (one word a token, the query's and the specials aside), or cut there.
             words = target if target == longest else max(1, target - 12)
-            count = max(1, min(4 if target < longest else 2, s.max_batch_size, s.max_batch_tokens // target))
+            # At least one pair for each item the plan computes at once (its sessions), or a pair costs too much.
+            count = max(1, min(max(4 if target < longest else 2, parallel), self.batcher.policy.max_batch_size,
+                               self.batcher.policy.max_batch_tokens // target))
             pairs = model.encode_pairs(query, [f"{i} " + " ".join(["cost"] * words) for i in range(count)])
             batches.append((max(p.length for p in pairs), pairs))
         started = time.perf_counter()
@@ -158,12 +163,15 @@ class RerankService:
             raise errors.InvalidArgument(f"unknown model {request.model!r}; this server serves {self.model.name!r}")
 
     def _model_identity(self) -> str:
-        """What a score depends on besides the text: the model file, how much of a pair it reads, the graph."""
+        """What a score depends on besides the text: the model file, how much of a pair it reads, the graph
+        (plans of one graph give the same scores)."""
         model_file = getattr(self.model, "model_file", None)
         manifest = getattr(self.model, "manifest", None)
         recorded = manifest.sha256.get(manifest.onnx_file) if manifest else None  # checked when fetched
         digest = recorded or (sha256_of(model_file) if model_file else self.model.name)
-        return f"{digest}:{self.model.max_length}:{self.model.max_query_tokens}:{self.settings.batch_invariant}"
+        plan = getattr(self.model, "plan", None)
+        graph = f"{plan.graph}:{plan.invariant}" if plan else str(self.settings.batch_invariant)
+        return f"{digest}:{self.model.max_length}:{self.model.max_query_tokens}:{graph}"
 
     async def _compute(self, query: str, documents: list[str], deadline_s: float | None, timings: dict,
                        partial: bool = False, answered_elsewhere: bool = False) -> tuple:
@@ -316,7 +324,8 @@ class RerankService:
             "chars_per_token": self.chars_per_token,
             "model": self.model.name if self.model else s.model,
             "max_length": s.max_length,
-            "execution_provider": self.model.session.get_providers()[0] if self.model else choose_providers(s.provider)[0],
+            "execution_provider": self.model.plan.provider if self.model else choose_providers(s.provider)[0],
+            "execution_plan": self.model.plan.label if self.model else "",
             "limits": {
                 "max_documents": s.max_documents,
                 "max_document_chars": s.max_document_chars,

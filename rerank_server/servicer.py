@@ -51,6 +51,7 @@ class RerankServicer(rerank_pb2_grpc.RerankServicer):
             model=info["model"],
             max_length=info["max_length"],
             execution_provider=info["execution_provider"],
+            execution_plan=info["execution_plan"],
             limits=[common_pb2.Limit(name=k, value=v) for k, v in info["limits"].items()],
             ms_per_pair=info["ms_per_pair"],
             pair_fixed_ms=info["pair_fixed_ms"],

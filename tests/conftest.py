@@ -4,6 +4,7 @@ gRPC servers on loopback ports picked by the OS."""
 import asyncio
 import itertools
 import json
+import os
 from pathlib import Path
 
 import grpc
@@ -15,6 +16,11 @@ from recall_server.config import RecallSettings
 from rerank_server.config import RerankSettings
 from twostage.corpus import DEMO_CORPUS, read_corpus, read_qrels, read_queries
 from twostage.model_store import fetch_defaults
+
+# Servers run the plan named here rather than calibrating at their first start; test_execution_plan covers
+# every plan and the choice by measurement.
+for _prefix in ("TWOSTAGE_RERANK_", "TWOSTAGE_RECALL_"):
+    os.environ.setdefault(_prefix + "EXECUTION_PLAN", "single")
 
 # Queries whose relevant documents go into the test index, with filler documents.
 TEST_QUERIES = 8

@@ -122,9 +122,16 @@ class RuntimeSettings(BaseSettings):
     inter_op_threads: int = Field(1, ge=1, description="Operators run in parallel; 1 suits transformer graphs.")
     batch_invariant: bool = Field(
         True,
-        description="For dynamically quantised int8 models, quantise activations per row so a result "
-        "never depends on its batch-mates (else scores move by up to 0.3 logits). Also closer to fp32; "
-        "costs about 20% of the stock graph's throughput on CPU (0.80 measured). No effect on fp32 models.",
+        description="Keep every result independent of its batch-mates (dynamically quantised int8 models pick "
+        "one activation scale per batch, so scores move by up to 0.3 logits with them): the model runs as "
+        "execution_plan says. false runs the stock graph in whole batches.",
+    )
+    execution_plan: Literal["auto", "single", "sessions", "rows"] = Field(
+        "auto",
+        description="How batches run, each plan batch-invariant: single (the stock graph, one item per call), "
+        "sessions (one single-threaded stock session per core side by side, one item per call each), rows (the "
+        "per-row int8 rewrite in batches capped by measured cost per token). auto: rows on a GPU; on a CPU the "
+        "fastest, measured at the first start on this model and host and cached ('twostage models calibrate').",
     )
 
 

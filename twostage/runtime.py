@@ -1,11 +1,9 @@
-"""onnxruntime sessions and tokenizers, configured from RuntimeSettings."""
+"""onnxruntime providers, tokenizers and the padded feeds of a batch (sessions: twostage.execution_plan)."""
 
-import logging
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-import onnx
 from tokenizers import Tokenizer
 
 try:
@@ -14,11 +12,7 @@ except ImportError:  # the cpu and gpu extras each bring one; they must not be i
     raise ImportError("twostage needs onnxruntime: install 'twostage[cpu]', or 'twostage[gpu]' (onnxruntime-gpu) "
                       "on a CUDA machine") from None
 
-from twostage.config import RuntimeSettings
 from twostage.errors import InvalidArgument
-from twostage.quantization import has_dynamic_quantization, make_batch_invariant
-
-log = logging.getLogger(__name__)
 
 _PROVIDERS_BY_NAME = {
     "cpu": ["CPUExecutionProvider"],
@@ -40,23 +34,6 @@ def choose_providers(provider: str, available: list[str] | None = None) -> list[
             "install the gpu extra or use provider=cpu"
         )
     return [p for p in wanted if p in available]
-
-
-def create_session(model_path: Path, settings: RuntimeSettings) -> ort.InferenceSession:
-    options = ort.SessionOptions()
-    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-    options.intra_op_num_threads = settings.intra_op_threads
-    options.inter_op_num_threads = settings.inter_op_threads
-    providers = choose_providers(settings.provider)
-    model: str | bytes = str(model_path)
-    rewritten = False
-    if settings.batch_invariant:
-        graph = onnx.load(str(model_path))
-        if has_dynamic_quantization(graph):
-            model, rewritten = make_batch_invariant(graph).SerializeToString(), True
-    session = ort.InferenceSession(model, sess_options=options, providers=providers)
-    log.info("loaded %s on %s%s", model_path, session.get_providers()[0], " (batch-invariant int8)" if rewritten else "")
-    return session
 
 
 def load_tokenizer(model_dir: Path, max_length: int, pair_truncation: bool = False) -> Tokenizer:

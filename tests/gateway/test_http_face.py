@@ -255,6 +255,7 @@ async def test_native_search_with_a_filter_and_documents(http, gateway_stub):
     # The same search over gRPC finds the same hit with the same score.
     reply = await gateway_stub.Search(gateway_pb2.SearchRequest(
         query=body["query"], top_k=3, recall_k=10, fusion=gateway_pb2.FUSION_CALIBRATED, fusion_alpha=0.5,
+        recall_mode=common_pb2.RECALL_MODE_DENSE,  # as the HTTP body asks (hybrid would fuse another recall score)
         filter={"clauses": [{"key": "year", "range": {"gte": 2020}}, {"key": "tags", "any_of": {"values": [
             {"string_value": "bone"}]}}]}))
     assert [h.id for h in reply.hits] == ["http-face-1"]

@@ -82,11 +82,13 @@ def test_the_progress_bar_advances_with_the_work_not_the_document_count():
     from recall_server.build import embed_documents
     from twostage.batching import BatchPolicy
     from twostage.corpus import Document
+    from twostage.execution_plan import SinglePlan
 
     lengths = [4] * 8 + [64] * 8  # half the documents, a 17th of the tokens
 
     class Embedder:
         dims = 2
+        plan = SinglePlan([])  # batches as the policy makes them
 
         def encode(self, texts, is_query):
             return [SimpleNamespace(length=int(text.split()[0])) for text in texts]

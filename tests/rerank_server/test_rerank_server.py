@@ -88,6 +88,7 @@ async def test_a_long_query_is_cut_to_its_token_limit_not_refused(stub, words):
 async def test_info(stub):
     info = await stub.Info(common_pb2.InfoRequest())
     assert (info.model, info.max_length, info.execution_provider) == ("ms-marco-minilm-l12", 256, "CPUExecutionProvider")
+    assert info.execution_plan == "single"  # as the test suite sets it (conftest)
     assert {limit.name: limit.value for limit in info.limits}["max_documents"] == 1000
 
 

@@ -32,6 +32,8 @@ def register(commands) -> None:
             sub.add_argument("--port", type=int, default=50191, help="base port of the stack it starts")
         elif kind == "embed":
             sub.add_argument("--docs", type=int, default=400)
+            sub.add_argument("--rounds", type=int, default=3,
+                             help="the stock graph, each plan and the build take turns this many times (medians)")
         elif kind == "chaos":
             sub.add_argument("--rounds", type=int, default=None, help="rounds of each fault type (quick: 1, else 3)")
             sub.add_argument("--hold-s", type=float, default=None, help="how long each fault lasts (quick: 2, else 5)")

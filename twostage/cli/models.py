@@ -1,4 +1,4 @@
-"""``twostage models fetch|export|list``."""
+"""``twostage models fetch|export|list|calibrate``."""
 
 from pathlib import Path
 
@@ -27,6 +27,16 @@ def register(commands) -> None:
     listing = actions.add_parser("list", help="show the cache and the default models")
     listing.set_defaults(run=_list)
 
+    calibrate = actions.add_parser(
+        "calibrate", help="measure each batch-invariant execution plan on this host and keep the fastest for servers "
+        "and index builds starting with execution_plan=auto",
+    )
+    calibrate.add_argument("--model", action="append", default=None,
+                           help="model name or directory, repeatable (default: the rerank and recall servers' models, "
+                           "with their TWOSTAGE_RERANK_* and TWOSTAGE_RECALL_* settings)")
+    calibrate.add_argument("--rounds", type=int, default=5, help="the plans take turns this many times (best counts)")
+    calibrate.set_defaults(run=_calibrate)
+
 
 def _fetch(args) -> None:
     print(f"model cache: {model_store.cache_dir()} (set {model_store.CACHE_ENV} to move it)")
@@ -47,3 +57,10 @@ def _list(args) -> None:
     for name, model in model_store.DEFAULT_MODELS.items():
         present = model_store.is_complete(model_store.cache_dir() / name, model.manifest, verify=False)
         print(f"  {name:24} {model.manifest.task:7} {'present' if present else 'missing'}  {model.manifest.source}")
+
+
+def _calibrate(args) -> None:
+    from twostage.execution_plan import calibrate_models
+
+    for line in calibrate_models(args.model, args.rounds):
+        print(line, flush=True)

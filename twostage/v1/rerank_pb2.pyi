@@ -63,7 +63,7 @@ class RerankResponse(_message.Message):
     def __init__(self, results: _Optional[_Iterable[_Union[RerankResult, _Mapping]]] = ..., timings_ms: _Optional[_Mapping[str, float]] = ..., tokens: _Optional[int] = ..., queue_items: _Optional[int] = ..., query_truncated: _Optional[bool] = ..., cached: _Optional[int] = ..., unscored: _Optional[int] = ..., cost_ratio: _Optional[float] = ...) -> None: ...
 
 class RerankInfo(_message.Message):
-    __slots__ = ("version", "model", "max_length", "execution_provider", "limits", "ms_per_pair", "pair_fixed_ms", "pair_ms_per_token", "cost_ratio", "chars_per_token")
+    __slots__ = ("version", "model", "max_length", "execution_provider", "limits", "ms_per_pair", "pair_fixed_ms", "pair_ms_per_token", "cost_ratio", "chars_per_token", "execution_plan")
     VERSION_FIELD_NUMBER: _ClassVar[int]
     MODEL_FIELD_NUMBER: _ClassVar[int]
     MAX_LENGTH_FIELD_NUMBER: _ClassVar[int]
@@ -74,6 +74,7 @@ class RerankInfo(_message.Message):
     PAIR_MS_PER_TOKEN_FIELD_NUMBER: _ClassVar[int]
     COST_RATIO_FIELD_NUMBER: _ClassVar[int]
     CHARS_PER_TOKEN_FIELD_NUMBER: _ClassVar[int]
+    EXECUTION_PLAN_FIELD_NUMBER: _ClassVar[int]
     version: str
     model: str
     max_length: int
@@ -84,4 +85,5 @@ class RerankInfo(_message.Message):
     pair_ms_per_token: float
     cost_ratio: float
     chars_per_token: float
-    def __init__(self, version: _Optional[str] = ..., model: _Optional[str] = ..., max_length: _Optional[int] = ..., execution_provider: _Optional[str] = ..., limits: _Optional[_Iterable[_Union[_common_pb2.Limit, _Mapping]]] = ..., ms_per_pair: _Optional[float] = ..., pair_fixed_ms: _Optional[float] = ..., pair_ms_per_token: _Optional[float] = ..., cost_ratio: _Optional[float] = ..., chars_per_token: _Optional[float] = ...) -> None: ...
+    execution_plan: str
+    def __init__(self, version: _Optional[str] = ..., model: _Optional[str] = ..., max_length: _Optional[int] = ..., execution_provider: _Optional[str] = ..., limits: _Optional[_Iterable[_Union[_common_pb2.Limit, _Mapping]]] = ..., ms_per_pair: _Optional[float] = ..., pair_fixed_ms: _Optional[float] = ..., pair_ms_per_token: _Optional[float] = ..., cost_ratio: _Optional[float] = ..., chars_per_token: _Optional[float] = ..., execution_plan: _Optional[str] = ...) -> None: ...

@@ -46,7 +46,8 @@ def test_rerank_runs_on_cuda(models):
     from twostage.config import RuntimeSettings
 
     model = CrossEncoder(models["ms-marco-minilm-l12"], RuntimeSettings(provider="cuda"), 256)
-    assert model.session.get_providers()[0] == "CUDAExecutionProvider"
+    assert model.plan.provider == "CUDAExecutionProvider"
+    assert model.plan.name == "rows" and model.plan.source == "unmeasured"  # auto: the rewrite, batched, on a GPU
     scores = model.score(model.encode("smoking and cancer", ["smoking causes lung cancer", "the sky is blue"])[0])
     assert scores[0] > scores[1]
 
