@@ -221,6 +221,7 @@ async def test_a_server_embedding_with_another_graph_than_its_index_says_so_and_
     assert IndexManifest.read(index_copy).embedding_graph == "stock"
     for plan, graph in (("rows", "per-row"), ("sessions", "stock")):
         caplog.clear()
+        before, started = set(threading.enumerate()), set()
         server = build_server(RecallService(RecallSettings(port=0, index_dir=index_copy, execution_plan=plan,
                                                            intra_op_threads=2)))
         with caplog.at_level("WARNING", logger="recall_server.service"):
@@ -228,9 +229,13 @@ async def test_a_server_embedding_with_another_graph_than_its_index_says_so_and_
         try:
             async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
                 info = await recall_pb2_grpc.RecallStub(channel).Info(common_pb2.InfoRequest())
-                await recall_pb2_grpc.RecallStub(channel).Search(recall_pb2.RecallSearchRequest(query="ribosomes", k=3))
+                texts = ["ribosomes", "a longer text about how ribosomes translate messenger RNA", "cells"]
+                embedded = await recall_pb2_grpc.RecallStub(channel).Embed(recall_pb2.EmbedRequest(texts=texts))
+            assert len(embedded.embeddings) == 3
             assert (info.embedding_graph, info.index_embedding_graph) == (graph, "stock")
             assert ("embedded by the stock graph" in caplog.text) == (graph != "stock")
+            started = {t for t in set(threading.enumerate()) - before if t.name.startswith("plan-session")}
+            assert bool(started) == (plan == "sessions")
         finally:
             await server.stop(grace_s=1)
-        assert not any(t.name.startswith("plan-session") for t in threading.enumerate())
+        assert not any(t.is_alive() for t in started)

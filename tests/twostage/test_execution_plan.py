@@ -34,7 +34,8 @@ def batchings(n: int) -> list[list[int]]:
 
 def use_plan(model, name: str, cap: int | None) -> None:
     settings = RuntimeSettings(intra_op_threads=2, execution_plan=name)
-    model.plan = execution_plan.build(name, model.model_file, settings, cap)
+    replaced, model.plan = model.plan, execution_plan.build(name, model.model_file, settings, cap)
+    replaced.close()
 
 
 @pytest.fixture(scope="module")
@@ -207,12 +208,14 @@ def test_a_failed_write_of_the_kept_choice_leaves_no_temporary_file(tmp_path):
 def test_closing_a_sessions_plan_stops_its_threads():
     import threading
 
+    before = set(threading.enumerate())
     plan = execution_plan.SessionsPlan(["first", "second", "third"])
     items = [SimpleNamespace(length=n) for n in (3, 9, 1, 7)]
     plan.run(items, lambda session, batch: np.array([batch[0].length], dtype=np.float32))
-    assert any(t.name.startswith("plan-session") for t in threading.enumerate())
+    started = set(threading.enumerate()) - before
+    assert any(t.name.startswith("plan-session") for t in started)
     plan.close()
-    assert not any(t.name.startswith("plan-session") for t in threading.enumerate())
+    assert not any(t.is_alive() for t in started)
 
 
 def test_the_stock_graph_batched_is_named_apart_from_the_invariant_graphs(reranker):
