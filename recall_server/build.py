@@ -167,7 +167,7 @@ def _build_one(docs: Iterable[Document], out: Path, embedder, policy, chunk_docs
     partial = out.with_name(out.name + ".partial")
     shutil.rmtree(partial, ignore_errors=True)
     index = DocumentIndex.create(partial, embedder.name, embedder.dims, shard=shard, shards=shards,
-                                 save_every_writes=1 << 62)
+                                 embedding_graph=embedder.graph, save_every_writes=1 << 62)
     try:
         index.store.declare_schema(schema)  # the whole corpus's, so every shard holds the same types
         for chunk in _chunks(docs, chunk_docs):
@@ -183,9 +183,10 @@ def build_from_corpus(corpus: Path, out: Path, model: str = DEFAULT_EMBED_MODEL,
                       max_length: int | None = None, max_batch_size: int | None = None,
                       max_batch_tokens: int | None = None, shards: int = 1, skip_invalid: bool = False,
                       progress: bool = True, shard_index: int | None = None,
-                      part: tuple[int, int] | None = None, schema: dict[str, str] | None = None) -> BuildReport:
-    """Check the corpus, load the embedding model, build an index with the recall server's document limits
-    (``schema`` declares metadata types; the rest are inferred)."""
+                      part: tuple[int, int] | None = None, schema: dict[str, str] | None = None,
+                      embedder: Embedder | None = None) -> BuildReport:
+    """Check the corpus, load the embedding model (unless ``embedder`` is given, loaded already), build an index
+    with the recall server's document limits (``schema`` declares metadata types; the rest are inferred)."""
     from recall_server.config import RecallSettings
 
     if Path(out).exists():
@@ -194,7 +195,7 @@ def build_from_corpus(corpus: Path, out: Path, model: str = DEFAULT_EMBED_MODEL,
     settings = RecallSettings()
     limits = settings.document_limits()
     scan = check_corpus(corpus, limits, skip_invalid, schema)  # before the model loads: a bad corpus fails at once
-    embedder = Embedder(resolve_model(model), settings, max_length)
+    embedder = embedder or Embedder(resolve_model(model), settings, max_length)
     policy = replace(
         DEFAULT_BUILD_POLICY,
         max_batch_size=max_batch_size or DEFAULT_BUILD_POLICY.max_batch_size,
@@ -259,7 +260,12 @@ def merge_parts(parts: list[Path], snapshot_dir: Path, shard_index: int, shards:
     building = _fresh_building_dir(snapshot_dir, shard_index, version, suffix=f"-{os.getpid()}-{uuid.uuid4().hex[:6]}")
     try:
         first = IndexManifest.read(parts[0])
+        graphs = sorted({IndexManifest.read(part).embedding_graph for part in parts})
+        if len(graphs) > 1:  # parts embedded on hosts that chose different execution plans
+            log.warning("the parts of shard %d were embedded by different graphs of %s (%s): their vectors differ "
+                        "slightly; build every part with one execution_plan", shard_index, first.model, ", ".join(graphs))
         merged = DocumentIndex.create(building, first.model, first.dims, shard=shard_index, shards=shards,
+                                      embedding_graph=graphs[0] if len(graphs) == 1 else "mixed: " + ", ".join(graphs),
                                       save_every_writes=1 << 62)
         try:
             for part in parts:
@@ -314,17 +320,34 @@ def local_corpus(source: str) -> Iterator[Path]:
         yield target
 
 
-def cached_index(dataset: Path, index_dir: Path | None = None, skip_invalid: bool = False) -> Path:
+def cached_index(dataset: Path, index_dir: Path | None = None, skip_invalid: bool = False,
+                 root: Path | None = None) -> Path:
     """An index of a BEIR data set, built once and kept (in the cache unless ``index_dir`` is given;
-    evaluation and benchmarks share it); ``skip_invalid`` builds it around invalid documents, reported."""
+    evaluation and benchmarks share it) with the recall server's model (TWOSTAGE_RECALL_*); ``skip_invalid``
+    builds it around invalid documents, reported. The cache (``root``, else ``eval-indexes`` beside the model
+    cache) keeps one per data set, model and embedding graph (which the execution plan decides), so a server
+    is never handed documents another graph embedded."""
     import hashlib
 
+    from recall_server.config import RecallSettings
     from twostage.model_store import cache_dir
 
-    if index_dir is None:
-        key = hashlib.sha256(str(dataset.resolve()).encode()).hexdigest()[:12]
-        index_dir = cache_dir().parent / "eval-indexes" / f"{dataset.name}-{key}"
-    if not (index_dir / "index.json").exists():
+    settings = RecallSettings()
+    embedder = Embedder(resolve_model(settings.model), settings)
+    try:
+        wanted = (embedder.name, embedder.graph)
+        if index_dir is None:
+            key = hashlib.sha256("\0".join([str(dataset.resolve()), *wanted]).encode()).hexdigest()[:12]
+            index_dir = Path(root or cache_dir().parent / "eval-indexes") / f"{dataset.name}-{key}"
+        if (index_dir / "index.json").exists():
+            manifest = IndexManifest.read(index_dir)
+            if (manifest.model, manifest.embedding_graph) != wanted:  # a directory given: the caller's to remove
+                log.warning("%s was embedded by %s (%s graph), not by %s (%s graph) as a server here would embed "
+                            "queries: remove it to rebuild", index_dir, manifest.model,
+                            manifest.embedding_graph or "an unrecorded", *wanted)
+            return index_dir
         print(f"building an index of {dataset} into {index_dir}", flush=True)
-        build_from_corpus(dataset, index_dir, skip_invalid=skip_invalid)
+        build_from_corpus(dataset, index_dir, model=settings.model, skip_invalid=skip_invalid, embedder=embedder)
+    finally:
+        embedder.close()
     return index_dir

@@ -80,3 +80,14 @@ class Embedder:
         """(len(batch), dims) float32; an item's vector is the same whatever its batch-mates (unless
         batch_invariant is off)."""
         return self.plan.run(batch, self._call)
+
+    @property
+    def graph(self) -> str:
+        """Which graph's vectors this embedder gives ("stock", "per-row", or "stock, batched"): vectors of one
+        graph are bit-identical; across graphs they differ slightly (cosine about 0.999), so an index records
+        the graph that embedded it."""
+        return self.plan.graph
+
+    def close(self) -> None:
+        """Stop the plan's threads (no batch may be running)."""
+        self.plan.close()

@@ -66,6 +66,9 @@ class IndexManifest:
     shards: int = 1
     # The type of each metadata key (twostage.schema); the store holds it durably, a save copies it here.
     metadata_schema: dict[str, str] = field(default_factory=dict)
+    # Which graph of the model embedded the documents (recall_server.embedder.Embedder.graph): vectors of
+    # another graph differ slightly, so a server embedding queries with another one warns. "": not recorded.
+    embedding_graph: str = ""
 
     @classmethod
     def read(cls, directory: Path) -> "IndexManifest":
@@ -113,12 +116,14 @@ class DocumentIndex:
         self.clock = HybridClock(f"index-{uuid.uuid4().hex[:12]}")  # versions for writes given none
 
     @classmethod
-    def create(cls, directory: Path, model: str, dims: int, shard: int = 0, shards: int = 1, **kwargs) -> "DocumentIndex":
+    def create(cls, directory: Path, model: str, dims: int, shard: int = 0, shards: int = 1, embedding_graph: str = "",
+               **kwargs) -> "DocumentIndex":
         directory = Path(directory)
         if (directory / MANIFEST).exists():
             raise InvalidArgument(f"{directory} already holds an index; remove it or choose another --out")
         directory.mkdir(parents=True, exist_ok=True)
-        index = cls(directory, IndexManifest(model=model, dims=dims, shard=shard, shards=shards), **kwargs)
+        index = cls(directory, IndexManifest(model=model, dims=dims, shard=shard, shards=shards,
+                                             embedding_graph=embedding_graph), **kwargs)
         index.save()
         return index
 

@@ -203,6 +203,12 @@ class RecallService:
         if not index.store.has_lexical:
             log.warning("%s has no lexical part: lexical and hybrid searches are refused until it is opened for "
                         "writing once (or 'twostage index repair')", directory)
+        if (built_by := index.manifest.embedding_graph or "not recorded") != self.embedder.graph:
+            log.warning("%s was embedded by the %s graph of %s, and this server embeds queries and writes with the "
+                        "%s graph (execution plan %s): their vectors differ slightly (cosine about 0.999), so "
+                        "dense scores shift a little; rebuild the index, or set execution_plan to a plan of its "
+                        "graph (stock: single or sessions; per-row: rows)", directory, built_by, self.embedder.name,
+                        self.embedder.graph, self.embedder.plan.label)
         return index
 
     async def _switch_index(self, fresh: DocumentIndex, prepare, served=lambda: None) -> None:
@@ -306,6 +312,8 @@ class RecallService:
             await self.snapshots.close()
         if self.batcher is not None:
             await self.batcher.close(drain=True)
+        if self.embedder is not None:
+            await asyncio.to_thread(self.embedder.close)  # after the drain: no batch runs on its sessions
         async with self._write_gate:
             if self.index is not None:
                 await self._leases.wait_idle(self.index)
@@ -718,7 +726,9 @@ class RecallService:
             "dims": self.embedder.dims if self.embedder else 0,
             "doc_count": self.doc_count(),
             "execution_provider": self.embedder.plan.provider if self.embedder else "",
-            "execution_plan": self.embedder.plan.label if self.embedder else "",
+            "execution_plan": self.embedder.plan.summary if self.embedder else "",
+            "embedding_graph": self.embedder.graph if self.embedder else "",
+            "index_embedding_graph": self.index.manifest.embedding_graph if self.index else "",
             "shard": self.index.manifest.shard if self.index else 0,
             "shards": self.index.manifest.shards if self.index else 1,
             "read_only": s.read_only,

@@ -153,6 +153,8 @@ class RecallServicer(recall_pb2_grpc.RecallServicer):
             doc_count=info["doc_count"],
             execution_provider=info["execution_provider"],
             execution_plan=info["execution_plan"],
+            embedding_graph=info["embedding_graph"],
+            index_embedding_graph=info["index_embedding_graph"],
             limits=[common_pb2.Limit(name=k, value=v) for k, v in info["limits"].items()],
             shard=info["shard"],
             shards=info["shards"],

@@ -83,3 +83,7 @@ class CrossEncoder:
         """One relevance logit per pair; higher is more relevant. The same for a pair whatever its batch-mates
         (unless batch_invariant is off)."""
         return self.plan.run(batch, self._call)
+
+    def close(self) -> None:
+        """Stop the plan's threads (no batch may be running)."""
+        self.plan.close()

@@ -45,6 +45,7 @@ class RerankService:
     def __init__(self, settings: RerankSettings, model: CrossEncoder | None = None):
         self.settings = settings
         self.model = model
+        self._owns_model = model is None  # a model handed in is its owner's to close (it may serve others)
         self.batcher: DynamicBatcher | None = None
         self.cache: PairScoreCache | None = None
         # Computations of shared pairs, held here: their caller may go away, and the loop keeps tasks weakly.
@@ -148,6 +149,8 @@ class RerankService:
     async def close(self) -> None:
         if self.batcher is not None:
             await self.batcher.close(drain=True)
+        if self._owns_model and self.model is not None:
+            await asyncio.to_thread(self.model.close)  # after the drain: no batch runs on its sessions
 
     def validate(self, request: RerankQuery) -> None:
         s = self.settings
@@ -325,7 +328,7 @@ class RerankService:
             "model": self.model.name if self.model else s.model,
             "max_length": s.max_length,
             "execution_provider": self.model.plan.provider if self.model else choose_providers(s.provider)[0],
-            "execution_plan": self.model.plan.label if self.model else "",
+            "execution_plan": self.model.plan.summary if self.model else "",
             "limits": {
                 "max_documents": s.max_documents,
                 "max_document_chars": s.max_document_chars,

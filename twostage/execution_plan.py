@@ -82,7 +82,9 @@ class ExecutionPlan:
 
     def __init__(self, sessions: list[ort.InferenceSession]):
         self.sessions = sessions
-        self.source = "forced"  # how it was chosen: forced, calibrated, cached or unmeasured (a GPU)
+        # How it was chosen: forced, calibrated, cached, unmeasured (a GPU), not invariant, or fallback (the
+        # measurement failed, so the plan that needs none runs).
+        self.source = "forced"
         self.rates: dict[str, float] = {}  # items/s of each candidate when it was chosen by measuring
 
     @property
@@ -107,12 +109,18 @@ class ExecutionPlan:
 
     def describe(self) -> str:
         how = {"forced": "set by execution_plan", "calibrated": "measured now", "cached": "measured earlier, cached",
-               "unmeasured": "a GPU: the rewrite, batched", "not invariant": "batch_invariant=false"}[self.source]
+               "unmeasured": "a GPU: the rewrite, batched", "not invariant": "batch_invariant=false",
+               "fallback": "the calibration failed; see the log"}[self.source]
         measured = ", ".join(f"{name} {rate:.1f}/s" for name, rate in sorted(self.rates.items(), key=lambda r: -r[1]))
         return f"{self.label} on {self.provider} ({how}{'; ' + measured if measured else ''})"
 
+    @property
+    def summary(self) -> str:
+        """What Info shows: the label, and why when the plan was not chosen as the settings asked."""
+        return f"{self.label} (calibration failed)" if self.source == "fallback" else self.label
+
     def close(self) -> None:
-        pass
+        """Release what the plan holds beyond its sessions (threads); no batch may be running."""
 
 
 class SinglePlan(ExecutionPlan):
@@ -171,7 +179,7 @@ class SessionsPlan(ExecutionPlan):
                        bulk_max_batch_tokens=policy.bulk_max_batch_tokens * n)
 
     def close(self):
-        self._pool.shutdown(wait=False)
+        self._pool.shutdown(wait=True, cancel_futures=True)
 
 
 class RowsPlan(ExecutionPlan):
@@ -205,6 +213,7 @@ class RowsPlan(ExecutionPlan):
 class BatchedPlan(ExecutionPlan):
     name = "batched"
     invariant = False
+    graph = "stock, batched"  # the stock graph's results, moved by their batch-mates
 
     def run(self, batch, call):
         return call(self.sessions[0], list(batch))
@@ -365,12 +374,16 @@ class PlanCache:
         return self.root / f"{digest}.json"
 
     def get(self, key: dict) -> Measured | None:
+        """The kept choice; None when there is none or it is unreadable (then it is measured again)."""
         try:
             saved = json.loads(self.path(key).read_text())
-            if saved.get("key") != key or saved["plan"] not in PLAN_NAMES:
+            cap, rates = saved.get("batch_cap"), saved.get("rates", {})
+            if (saved.get("key") != key or saved["plan"] not in PLAN_NAMES
+                    or not (cap is None or (type(cap) is int and cap > 0))
+                    or not all(isinstance(rate, (int, float)) for rate in rates.values())):
                 return None
-            return Measured(saved["plan"], saved.get("batch_cap"), saved.get("rates", {}))
-        except (OSError, ValueError, KeyError, TypeError):
+            return Measured(saved["plan"], cap, rates)
+        except (OSError, ValueError, KeyError, TypeError, AttributeError):
             return None
 
     def put(self, key: dict, measured: Measured, how: str) -> Path:
@@ -380,7 +393,12 @@ class PlanCache:
         record = {"key": key, "plan": measured.plan, "batch_cap": measured.batch_cap, "rates": measured.rates,
                   "measured_by": how, "measured_at": time.time()}
         with tempfile.NamedTemporaryFile("w", dir=self.root, suffix=".tmp", delete=False) as f:
-            json.dump(record, f, indent=1)
+            try:
+                json.dump(record, f, indent=1)
+            except BaseException:
+                f.close()
+                os.unlink(f.name)
+                raise
         os.replace(f.name, target)
         return target
 
@@ -433,20 +451,39 @@ def load(model_path: Path, settings: RuntimeSettings, call: ModelCall, typical: 
                 plan = build(measured.plan, model_path, settings, measured.batch_cap)
                 plan.source = "cached"
             else:
-                measured, tried = calibrate(model_path, settings, sample, call)
-                plan = next(p for p in tried if p.name == measured.plan
-                            and getattr(p, "batch_cap", None) == measured.batch_cap)
-                for other in tried:
-                    if other.sessions is not plan.sessions:
-                        other.close()
-                plan.source = "calibrated"
-                try:
-                    cache.put(key, measured, "startup")
-                except OSError as error:
-                    log.warning("could not keep the execution plan's calibration in %s: %s", cache.root, error)
+                plan, measured = _calibrate_at_start(model_path, settings, sample, call, cache, key)
         plan.rates = dict(measured.rates)
     log.info("%s: execution plan %s", Path(model_path).parent.name, plan.describe())
     return plan
+
+
+def _calibrate_at_start(model_path: Path, settings: RuntimeSettings, sample: Sequence[Encoded], call: ModelCall,
+                        cache: PlanCache, key: dict) -> tuple[ExecutionPlan, Measured]:
+    """Measure the candidates and keep the winner's sessions. A failure (a candidate that does not load or run
+    on this host) must not stop the server: it falls back to ``single``, which needs no measurement, says so
+    in the log and Info, and keeps nothing, so the next start measures again."""
+    tried: list[ExecutionPlan] = []
+    try:
+        tried = candidates(model_path, settings, (4,))
+        measured, tried = calibrate(model_path, settings, sample, call, plans=tried)
+    except Exception as error:  # noqa: BLE001 - onnxruntime's errors derive from Exception alone
+        for other in tried:
+            other.close()
+        log.warning("%s: measuring the execution plans failed (%s: %s); running 'single', the stock graph one "
+                    "item per call, unmeasured", Path(model_path).parent.name, type(error).__name__, error)
+        plan = build("single", model_path, settings)
+        plan.source = "fallback"
+        return plan, Measured("single", None)
+    plan = next(p for p in tried if p.name == measured.plan and getattr(p, "batch_cap", None) == measured.batch_cap)
+    for other in tried:
+        if other.sessions is not plan.sessions:
+            other.close()
+    plan.source = "calibrated"
+    try:
+        cache.put(key, measured, "startup")
+    except OSError as error:
+        log.warning("could not keep the execution plan's calibration in %s: %s", cache.root, error)
+    return plan, measured
 
 
 def calibrate_models(models: Sequence[str] | None = None, rounds: int = 5) -> Iterator[str]:

@@ -107,3 +107,24 @@ def test_the_progress_bar_advances_with_the_work_not_the_document_count():
     bar = Bar()
     embed_documents(Embedder(), docs, BatchPolicy(max_batch_size=8, max_batch_tokens=1 << 20), bar)
     assert bar.shown == [round(16 * 32 / (32 + 512)), 16]  # the short half is 1/17 of the work, not half of it
+
+
+def test_an_index_records_its_embedding_graph_and_the_eval_cache_keeps_one_per_graph(tmp_path, models, monkeypatch):
+    """Documents embedded by the per-row rewrite and queries by the stock graph differ slightly: the cache of
+    evaluation indexes must never hand an index of one graph to a server of the other."""
+    from recall_server.build import cached_index
+    from recall_server.index import IndexManifest
+
+    dataset = tmp_path / "tiny"
+    dataset.mkdir()
+    write(dataset / "corpus.jsonl", {"_id": "a", "text": "Tents keep campers dry."},
+          {"_id": "b", "text": "Lamps light desks."})
+    built = {}
+    for plan, graph in (("single", "stock"), ("rows", "per-row"), ("sessions", "stock")):
+        monkeypatch.setenv("TWOSTAGE_RECALL_EXECUTION_PLAN", plan)
+        index_dir = cached_index(dataset, root=tmp_path / "cache")
+        assert (IndexManifest.read(index_dir).model, IndexManifest.read(index_dir).embedding_graph) == (
+            "bge-small-en", graph)
+        built.setdefault(graph, (index_dir, (index_dir / "index.json").stat().st_mtime_ns))
+        assert built[graph] == (index_dir, (index_dir / "index.json").stat().st_mtime_ns)  # one per graph, reused
+    assert built["stock"][0] != built["per-row"][0]

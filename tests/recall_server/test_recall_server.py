@@ -205,3 +205,37 @@ async def test_metadata_comes_back_typed_in_hits_and_get(stub):
     got = await stub.Get(common_pb2.GetRequest(ids=["meta-1"]))
     assert dict(got.documents[0].metadata) == metadata
     await stub.Delete(common_pb2.DeleteRequest(ids=["meta-1"]))
+
+
+async def test_a_server_embedding_with_another_graph_than_its_index_says_so_and_stops_its_threads(
+        index_copy, models, caplog):
+    """The index records the graph that embedded it (stock, as the suite builds it); a server whose plan embeds
+    queries with the per-row rewrite warns and shows both in Info; a plan's threads end with the server."""
+    import threading
+
+    from recall_server.config import RecallSettings
+    from recall_server.index import IndexManifest
+    from recall_server.service import RecallService
+    from recall_server.servicer import build_server
+
+    assert IndexManifest.read(index_copy).embedding_graph == "stock"
+    for plan, graph in (("rows", "per-row"), ("sessions", "stock")):
+        caplog.clear()
+        before, started = set(threading.enumerate()), set()
+        server = build_server(RecallService(RecallSettings(port=0, index_dir=index_copy, execution_plan=plan,
+                                                           intra_op_threads=2)))
+        with caplog.at_level("WARNING", logger="recall_server.service"):
+            port = await server.start()
+        try:
+            async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
+                info = await recall_pb2_grpc.RecallStub(channel).Info(common_pb2.InfoRequest())
+                texts = ["ribosomes", "a longer text about how ribosomes translate messenger RNA", "cells"]
+                embedded = await recall_pb2_grpc.RecallStub(channel).Embed(recall_pb2.EmbedRequest(texts=texts))
+            assert len(embedded.embeddings) == 3
+            assert (info.embedding_graph, info.index_embedding_graph) == (graph, "stock")
+            assert ("embedded by the stock graph" in caplog.text) == (graph != "stock")
+            started = {t for t in set(threading.enumerate()) - before if t.name.startswith("plan-session")}
+            assert bool(started) == (plan == "sessions")
+        finally:
+            await server.stop(grace_s=1)
+        assert not any(t.is_alive() for t in started)

@@ -204,3 +204,21 @@ async def test_allow_partial_answers_with_the_pairs_scored_before_the_deadline(s
         assert {r.index: r.score for r in full.results}[reply.results[0].index] == reply.results[0].score
         assert full.unscored == 0 and full.cached == (1 if score_cache_mb else 0)
     await server.stop(grace_s=1)
+
+
+async def test_a_sessions_plans_threads_end_with_the_server(models):
+    import threading
+
+    from rerank_server.config import RerankSettings
+    from rerank_server.service import RerankService
+
+    before = set(threading.enumerate())
+    service = RerankService(RerankSettings(port=0, score_cache_mb=0, execution_plan="sessions", intra_op_threads=2))
+    await service.start()
+    try:
+        assert service.model.plan.label == "sessions x2"
+        started = {t for t in set(threading.enumerate()) - before if t.name.startswith("plan-session")}
+        assert started  # the warm-up used them
+    finally:
+        await service.close()
+    assert not any(t.is_alive() for t in started)

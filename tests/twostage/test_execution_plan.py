@@ -2,6 +2,8 @@
 result, bit for bit, alone and in any batch; auto chooses by measuring and keeps the choice per model and host."""
 
 import itertools
+import json
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -32,7 +34,8 @@ def batchings(n: int) -> list[list[int]]:
 
 def use_plan(model, name: str, cap: int | None) -> None:
     settings = RuntimeSettings(intra_op_threads=2, execution_plan=name)
-    model.plan = execution_plan.build(name, model.model_file, settings, cap)
+    replaced, model.plan = model.plan, execution_plan.build(name, model.model_file, settings, cap)
+    replaced.close()
 
 
 @pytest.fixture(scope="module")
@@ -83,6 +86,24 @@ def test_plans_of_one_graph_give_the_same_scores(reranker):
     np.testing.assert_array_equal(reranker.score(pairs), single)
 
 
+def test_the_stock_embedder_in_batches_is_not_batch_invariant(embedder):
+    """The control for the embedding test above: batched, a text's vector moves with its batch-mates."""
+    embedder.plan = execution_plan.build("batched", embedder.model_file, RuntimeSettings(batch_invariant=False))
+    encoded = embedder.encode(documents(6), is_query=False)
+    alone = np.concatenate([embedder.embed([e]) for e in encoded])
+    assert not np.array_equal(embedder.embed(encoded), alone)
+
+
+def test_plans_of_one_graph_give_the_same_vectors(embedder):
+    """An index records the graph that embedded it, not the plan: single (two threads) and sessions (one
+    thread each) must give the same vectors, or an index would mix them under one name."""
+    encoded = embedder.encode(documents(6), is_query=False)
+    use_plan(embedder, "single", None)
+    single = embedder.embed(encoded)
+    use_plan(embedder, "sessions", None)
+    np.testing.assert_array_equal(embedder.embed(encoded), single)
+
+
 def test_sessions_take_batches_n_fold_and_the_rewrite_its_cap():
     policy = BatchPolicy(max_batch_size=32, max_batch_tokens=1024, bulk_max_batch_tokens=512)
     sessions = execution_plan.SessionsPlan([object(), object(), object()])
@@ -109,8 +130,6 @@ def test_auto_measures_once_per_model_and_host_then_reuses_the_choice(models, tm
     again = load()
     assert (again.source, again.label, again.rates) == ("cached", first.label, first.rates)
     # Another host (or model, or onnxruntime) does not read this host's choice.
-    import json
-
     key = json.loads(kept.read_text())["key"]
     assert key["model"] == model.digest and cache.get(key) is not None and cache.get({**key, "cpu": "another processor"}) is None
 
@@ -129,8 +148,6 @@ def test_a_forced_plan_is_not_measured_and_batch_invariant_false_runs_whole_batc
 
 
 def test_sessions_return_results_in_the_batch_order_and_a_failing_item_fails_the_batch():
-    from types import SimpleNamespace
-
     plan = execution_plan.SessionsPlan(["first", "second"])
     items = [SimpleNamespace(length=n) for n in (3, 9, 1, 7, 5)]
 
@@ -144,3 +161,67 @@ def test_sessions_return_results_in_the_batch_order_and_a_failing_item_fails_the
         plan.run([*items, SimpleNamespace(length=0)], call)
     np.testing.assert_array_equal(plan.run(items[:2], call), [3, 9])  # the next batch runs as usual
     plan.close()
+
+
+def test_a_failed_calibration_falls_back_to_single_visibly_and_keeps_nothing(models, tmp_path, caplog):
+    """A plan that cannot run on this host (here: any call of more than one item fails, as a kernel missing for
+    the rewrite would) must not stop a server: it starts on 'single', says so, and measures again next time."""
+    cache = execution_plan.PlanCache(tmp_path)
+    model = CrossEncoder(models["ms-marco-minilm-l12"], RuntimeSettings(execution_plan="single"), 256)
+
+    def call(session, batch):
+        if len(batch) > 1:
+            raise RuntimeError("no kernel for this shape")
+        return model._call(session, batch)
+
+    with caplog.at_level("WARNING", logger="twostage.execution_plan"):
+        plan = execution_plan.load(model.model_file, RuntimeSettings(execution_plan="auto"), call,
+                                   model.typical_pairs, model.digest, cache)
+    assert (plan.name, plan.source, plan.summary) == ("single", "fallback", "single (calibration failed)")
+    assert "measuring the execution plans failed" in caplog.text and "no kernel for this shape" in caplog.text
+    assert not list(tmp_path.iterdir())  # nothing kept: the next start measures again
+    pairs, _ = model.encode(QUERY, documents(3))
+    assert plan.run(pairs, call).shape == (3,)
+
+
+@pytest.mark.parametrize("record", [
+    "not json", '{"plan": "rows"}', None,  # None: the key matches, the cap does not make sense
+])
+def test_an_unreadable_or_nonsensical_kept_choice_is_measured_again(tmp_path, record):
+    cache = execution_plan.PlanCache(tmp_path)
+    key = {"model": "m", "typical": "4x200"}
+    path = cache.path(key)
+    tmp_path.mkdir(exist_ok=True)
+    path.write_text(record if record is not None else json.dumps({"key": key, "plan": "rows", "batch_cap": "8"}))
+    assert cache.get(key) is None
+    cache.put(key, execution_plan.Measured("rows", 8, {"rows <=8": 3.0}), "test")
+    assert cache.get(key) == execution_plan.Measured("rows", 8, {"rows <=8": 3.0})
+
+
+def test_a_failed_write_of_the_kept_choice_leaves_no_temporary_file(tmp_path):
+    cache = execution_plan.PlanCache(tmp_path)
+    with pytest.raises(TypeError):
+        cache.put({"model": "m"}, execution_plan.Measured("single", None, {"single": object()}), "test")
+    assert not list(tmp_path.iterdir())
+
+
+def test_closing_a_sessions_plan_stops_its_threads():
+    import threading
+
+    before = set(threading.enumerate())
+    plan = execution_plan.SessionsPlan(["first", "second", "third"])
+    items = [SimpleNamespace(length=n) for n in (3, 9, 1, 7)]
+    plan.run(items, lambda session, batch: np.array([batch[0].length], dtype=np.float32))
+    started = set(threading.enumerate()) - before
+    assert any(t.name.startswith("plan-session") for t in started)
+    plan.close()
+    assert not any(t.is_alive() for t in started)
+
+
+def test_the_stock_graph_batched_is_named_apart_from_the_invariant_graphs(reranker):
+    """Results of the stock graph in whole batches move with batch-mates: an index manifest (and the score
+    cache's identity) names their graph apart from single's."""
+    settings = RuntimeSettings(intra_op_threads=2)
+    graphs = {name: execution_plan.build(name, reranker.model_file, settings, 4).graph
+              for name in ("single", "sessions", "rows", "batched")}
+    assert graphs["single"] == graphs["sessions"] and len(set(graphs.values())) == 3

@@ -149,7 +149,7 @@ class EmbedResponse(_message.Message):
     def __init__(self, embeddings: _Optional[_Iterable[_Union[Embedding, _Mapping]]] = ..., dims: _Optional[int] = ..., timings_ms: _Optional[_Mapping[str, float]] = ..., tokens: _Optional[int] = ...) -> None: ...
 
 class RecallInfo(_message.Message):
-    __slots__ = ("version", "model", "dims", "doc_count", "execution_provider", "limits", "shard", "shards", "read_only", "default_mode", "hybrid_fusion", "hybrid_dense_weight", "lexical", "calibration", "prf_depth", "prf_weight", "execution_plan")
+    __slots__ = ("version", "model", "dims", "doc_count", "execution_provider", "limits", "shard", "shards", "read_only", "default_mode", "hybrid_fusion", "hybrid_dense_weight", "lexical", "calibration", "prf_depth", "prf_weight", "execution_plan", "embedding_graph", "index_embedding_graph")
     VERSION_FIELD_NUMBER: _ClassVar[int]
     MODEL_FIELD_NUMBER: _ClassVar[int]
     DIMS_FIELD_NUMBER: _ClassVar[int]
@@ -167,6 +167,8 @@ class RecallInfo(_message.Message):
     PRF_DEPTH_FIELD_NUMBER: _ClassVar[int]
     PRF_WEIGHT_FIELD_NUMBER: _ClassVar[int]
     EXECUTION_PLAN_FIELD_NUMBER: _ClassVar[int]
+    EMBEDDING_GRAPH_FIELD_NUMBER: _ClassVar[int]
+    INDEX_EMBEDDING_GRAPH_FIELD_NUMBER: _ClassVar[int]
     version: str
     model: str
     dims: int
@@ -184,7 +186,9 @@ class RecallInfo(_message.Message):
     prf_depth: int
     prf_weight: float
     execution_plan: str
-    def __init__(self, version: _Optional[str] = ..., model: _Optional[str] = ..., dims: _Optional[int] = ..., doc_count: _Optional[int] = ..., execution_provider: _Optional[str] = ..., limits: _Optional[_Iterable[_Union[_common_pb2.Limit, _Mapping]]] = ..., shard: _Optional[int] = ..., shards: _Optional[int] = ..., read_only: _Optional[bool] = ..., default_mode: _Optional[_Union[_common_pb2.RecallMode, str]] = ..., hybrid_fusion: _Optional[_Union[HybridFusion, str]] = ..., hybrid_dense_weight: _Optional[float] = ..., lexical: _Optional[bool] = ..., calibration: _Optional[_Union[ScoreCalibration, _Mapping]] = ..., prf_depth: _Optional[int] = ..., prf_weight: _Optional[float] = ..., execution_plan: _Optional[str] = ...) -> None: ...
+    embedding_graph: str
+    index_embedding_graph: str
+    def __init__(self, version: _Optional[str] = ..., model: _Optional[str] = ..., dims: _Optional[int] = ..., doc_count: _Optional[int] = ..., execution_provider: _Optional[str] = ..., limits: _Optional[_Iterable[_Union[_common_pb2.Limit, _Mapping]]] = ..., shard: _Optional[int] = ..., shards: _Optional[int] = ..., read_only: _Optional[bool] = ..., default_mode: _Optional[_Union[_common_pb2.RecallMode, str]] = ..., hybrid_fusion: _Optional[_Union[HybridFusion, str]] = ..., hybrid_dense_weight: _Optional[float] = ..., lexical: _Optional[bool] = ..., calibration: _Optional[_Union[ScoreCalibration, _Mapping]] = ..., prf_depth: _Optional[int] = ..., prf_weight: _Optional[float] = ..., execution_plan: _Optional[str] = ..., embedding_graph: _Optional[str] = ..., index_embedding_graph: _Optional[str] = ...) -> None: ...
 
 class ChangesRequest(_message.Message):
     __slots__ = ("snapshot_version", "after_seq", "limit", "ids", "after_key")
