@@ -54,16 +54,18 @@ class RecallServicer(recall_pb2_grpc.RecallServicer):
             request.query, request.k, deadline_of(context), recall_mode_from_proto(request.mode),
             filter_from_proto(request.filter),
         )
-        converted = [
-            recall_pb2.Candidate(id=c.document.id, title=c.document.title, text=c.document.text, score=c.score,
-                                 metadata=metadata_to_proto(c.document.metadata), dense_score=c.dense_score,
-                                 lexical_score=c.lexical_score)
-            for c in candidates
-        ]
+        reply = recall_pb2.RecallSearchResponse(mode=recall_mode_to_proto(mode),
+                                                calibration=calibration_to_proto(self.service.calibration))
+        # Made in place: a Candidate made apart is copied, text and all, when the reply takes it.
+        add = reply.candidates.add
+        for c in candidates:
+            document = c.document
+            add(id=document.id, title=document.title, text=document.text, score=c.score,
+                metadata=metadata_to_proto(document.metadata) if document.metadata else None,
+                dense_score=c.dense_score, lexical_score=c.lexical_score)
         # total_ms covers the whole handler, so callers can tell transport from work.
-        return recall_pb2.RecallSearchResponse(candidates=converted, timings_ms={**timings, **_ms_since(start)},
-                                               mode=recall_mode_to_proto(mode),
-                                               calibration=calibration_to_proto(self.service.calibration))
+        reply.timings_ms.update({**timings, **_ms_since(start)})
+        return reply
 
     @translate_errors
     async def Embed(self, request: recall_pb2.EmbedRequest, context: grpc.aio.ServicerContext):

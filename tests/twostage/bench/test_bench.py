@@ -22,11 +22,20 @@ def test_quick_rerank_benchmark_reports_ratios(tmp_path, models):
 def test_quick_gateway_benchmark_reports_the_overload_keys(tmp_path, models):
     out = tmp_path / "gateway.json"
     assert main(["bench", "gateway", "--quick", "--json", str(out)]) == 0
-    overload = json.loads(out.read_text())["overload"]
+    report = json.loads(out.read_text())
+    overload = report["overload"]
     assert 0 < overload["rerank_utilization"] <= 1.05
     assert 0 < overload["fair_share_pairs"] <= overload["recall_k"]
     assert 0 <= overload["mean_reranked"] <= overload["recall_k"] and 0 < overload["budget_used_mean"] < 1.1
     assert overload["errors"] == {}
+    # The hops, each and together, and what TLS and tokens add: per repeat and their median.
+    hops = report["overhead"]
+    assert set(hops["hop_p50_ms"]) == {"recall", "rerank"} and hops["downstream_hops_p50_ms"] > 0
+    assert len(hops["repeats"]) == 2 and all(r["downstream_hops_p50_ms"] > 0 for r in hops["repeats"])
+    security = report["security"]
+    assert len(security["added_client_p50_ms_each"]) == 2
+    assert min(security["added_client_p50_ms_each"]) <= security["added_client_p50_ms"] \
+        <= max(security["added_client_p50_ms_each"])
 
 
 @pytest.mark.perf
