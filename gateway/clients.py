@@ -121,6 +121,8 @@ class _Client:
         domain error."""
         if not tracing.enabled:
             return await self._send(method, request, timeout_s, self._rotating.metadata)
+        if not tracing.sampled():  # no span; the callee is still told (flags 00) not to sample it either
+            return await self._send(method, request, timeout_s, tracing.outgoing(self._rotating.metadata))
         with tracing.client_span(f"{self.SERVICE}/{method}", self.name, self.target):
             return await self._send(method, request, timeout_s, tracing.outgoing(self._rotating.metadata))
 
