@@ -311,7 +311,7 @@ class RerankPool:
         """Which replica scores which document, as slices: contiguous runs sized by the replicas' shares, or
         with ``affinity`` each document where a rendezvous hash of its text, weighted by the shares, sends
         it (the same document keeps going to the same replica, and its cache). A replica's share is cut into
-        slices of about ``slice_ms`` only when it is predicted to take over half of ``time_left_ms``."""
+        slices of about ``slice_ms`` only when it is predicted to take over a quarter of ``time_left_ms``."""
         per_pair_ms = [max(sum(costs) / len(costs), 1e-6) if costs else r.ms_per_pair
                        for r, costs in ((r, r.pairs_ms(query, documents)) for r in replicas)]
         shares = self._shares(len(documents), replicas, per_pair_ms)
@@ -333,9 +333,11 @@ class RerankPool:
         now = time.monotonic()
         for replica, ms, positions in zip(replicas, per_pair_ms, assigned):
             # Several smaller requests rather than one: if the tail runs late, only the tail is lost. With time to
-            # spare nothing is expected late, and one request saves the others' round trips (each costs both
-            # ends about as much as a short pair's scoring from the cache).
-            tight = self.slice_ms and replica.finish_ms(ms * len(positions), now) > time_left_ms / 2
+            # spare (the share predicted done within a quarter of the time left: wrong fourfold before it is late)
+            # one request saves the others' round trips, each of which costs both ends about as much as a short
+            # pair scored from the cache. A budget that binds (the first call of a top-up takes up to half the
+            # time) is always sliced.
+            tight = self.slice_ms and replica.finish_ms(ms * len(positions), now) > time_left_ms / 4
             most = max(1, int(self.slice_ms / ms)) if tight else max(len(positions), 1)
             slices += [(replica, positions[first:first + most]) for first in range(0, len(positions), most)]
         return slices

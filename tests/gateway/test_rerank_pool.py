@@ -233,7 +233,7 @@ async def test_a_late_tail_costs_only_its_own_slice():
 
     replica = LateAfter("a", ms_per_pair=10)
     pool = RerankPool([replica], initial_ms_per_pair=10, slice_ms=30)
-    # 10 pairs of 10 ms with 150 ms left: over half the time, so sliced.
+    # 10 pairs of 10 ms with 150 ms left: over a quarter of the time, so sliced.
     outcome = await pool.rerank("q", DOCS, time.monotonic() + 0.15, "r1")
     assert [len(r) for r in replica.received] == [3, 3, 3, 1]
     assert sorted(outcome.scores) == list(range(6))
@@ -241,15 +241,15 @@ async def test_a_late_tail_costs_only_its_own_slice():
 
 
 async def test_a_share_with_time_to_spare_goes_as_one_request():
-    """Slicing guards against a late tail; a share predicted to take under half the time left goes whole,
-    and one predicted to take more is sliced (the work queued ahead counts)."""
+    """Slicing guards against a late tail; a share predicted to take under a quarter of the time left goes
+    whole, and one predicted to take more is sliced (the work queued ahead counts)."""
     replica = FakeReplica("a", ms_per_pair=10)
     pool = RerankPool([replica], initial_ms_per_pair=10, slice_ms=30)
-    await pool.rerank("q", DOCS, time.monotonic() + 0.3, "spare")  # 100 ms of 300
+    await pool.rerank("q", DOCS, time.monotonic() + 1.0, "spare")  # 100 ms of 1,000
     assert [len(r) for r in replica.received] == [len(DOCS)]
     replica.received.clear()
-    pool.replicas[0].abandon(150.0, time.monotonic())  # 250 ms of 300 with the work ahead
-    await pool.rerank("q", DOCS, time.monotonic() + 0.3, "queued")
+    pool.replicas[0].abandon(300.0, time.monotonic())  # 400 ms of 1,000 with the work ahead
+    await pool.rerank("q", DOCS, time.monotonic() + 1.0, "queued")
     assert [len(r) for r in replica.received] == [3, 3, 3, 1]
 
 

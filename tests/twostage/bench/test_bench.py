@@ -68,3 +68,13 @@ def test_trace_path_reports_each_sampling_setting_against_off():
     assert set(trace_path.SETTINGS) <= set(report)
     assert all(report[name]["cpu_us"] > 0 for name in trace_path.SETTINGS)
     assert report["off"]["cpu_added_us"] == 0 and report["spans_received"] > 0
+
+
+@pytest.mark.perf
+async def test_trace_path_compares_the_unsampled_path_with_off_in_one_process():
+    from twostage import tracing
+    from twostage.bench import trace_path
+
+    report = await trace_path._same_process(requests=20, repeats=2)
+    assert report["off"]["cpu_us"] > 0 and report["drop"]["cpu_us"] > 0
+    assert "cpu_added_us" in report["drop"] and not tracing.enabled  # set-up undone
