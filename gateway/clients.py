@@ -31,7 +31,7 @@ from twostage.v1 import common_pb2, recall_pb2, recall_pb2_grpc, rerank_pb2, rer
 from twostage.versions import Version
 
 
-@dataclass(frozen=True)
+@dataclass(slots=True)  # not frozen: made for every candidate of every search, four times faster so
 class RecallCandidate:
     id: str
     title: str
@@ -141,6 +141,8 @@ class _Client:
         domain error."""
         if not tracing.enabled:
             return await self._send(method, request, timeout_s, self._rotating.metadata)
+        if not tracing.sampled():  # no span; the callee is still told (flags 00) not to sample it either
+            return await self._send(method, request, timeout_s, tracing.outgoing(self._rotating.metadata))
         with tracing.client_span(f"{self.SERVICE}/{method}", self.name, self.target):
             return await self._send(method, request, timeout_s, tracing.outgoing(self._rotating.metadata))
 
@@ -179,8 +181,8 @@ class RecallClient(_Client):
             request.prf_depth, request.prf_weight = prf.depth, prf.weight
         reply = await self._call("Search", request, timeout_s)
         candidates = [
-            RecallCandidate(c.id, c.title, c.text, c.score, metadata_from_proto(c.metadata), c.dense_score,
-                            c.lexical_score, vector_from_bytes(c.vector), c.prf_dense_score)
+            RecallCandidate(c.id, c.title, c.text, c.score, metadata_from_proto(c.metadata) if c.metadata else {},
+                            c.dense_score, c.lexical_score, vector_from_bytes(c.vector), c.prf_dense_score)
             for c in reply.candidates
         ]
         fitted = reply.calibration if reply.HasField("calibration") else None

@@ -161,8 +161,9 @@ class GatewaySettings(ServiceSettings):
     )
     rerank_slice_ms: float = Field(
         150.0, ge=0,
-        description="A replica's share of one query is sent as requests of about this much predicted model "
-        "time each (at least one pair), so a tail that runs late costs only its own pairs. 0: one request.",
+        description="When a replica's share of one query is predicted to take over a quarter of the time left, it is sent "
+        "as requests of about this much predicted model time each (at least one pair), so a tail that runs late "
+        "costs only its own pairs; with time to spare, as one request. 0: always one request.",
     )
     write_timeout_s: float = Field(
         300.0, gt=0,

@@ -22,6 +22,7 @@
 Only reranked candidates are fused; the rest keep their recall order after them.
 """
 
+import statistics
 from dataclasses import dataclass
 from typing import Literal
 
@@ -70,7 +71,9 @@ def mean_calibration(calibrations: list[Calibration]) -> Calibration | None:
     """The shards' calibrations averaged (shards hold random parts of one corpus, so theirs agree closely)."""
     if not calibrations:
         return None
-    return Calibration(*(float(np.mean(values)) for values in zip(
+    if len(calibrations) == 1:  # one shard: its own, without numpy's cost on a handful of floats
+        return calibrations[0]
+    return Calibration(*(statistics.fmean(values) for values in zip(
         *((c.scale, c.center, c.lexical_scale, c.lexical_center) for c in calibrations))))
 
 

@@ -35,7 +35,7 @@ from gateway.metrics import observe_degradations, observe_search
 from gateway.recall_tier import RecallShard
 from gateway.rerank_pool import RerankOutcome, RerankPool, is_callers_mistake
 from twostage import errors, feedback, tracing
-from twostage.corpus import Document, MetadataValue, document_text
+from twostage.corpus import MetadataValue, titled_text
 from twostage.feedback import Feedback
 from twostage.filters import Filter
 from twostage.hybrid import fuse as fuse_recall
@@ -408,12 +408,16 @@ class SearchPipeline:
                    **feedback_fields) -> tuple[list[tuple[RecallShard, RecallReply]], list[BaseException]]:
         """One round: these shards at once (each on the replica ``replicas`` names for it, when it can);
         ((shard, reply) for each that answered, the failures). Raises when every shard failed."""
-        replies = await asyncio.gather(
-            *(shard.search(q.query, k, deadline, request_id, q.recall_mode, q.filter,
-                           replica=(replicas or {}).get(shard), **feedback_fields)
-              for shard in shards),
-            return_exceptions=True,
-        )
+        calls = [shard.search(q.query, k, deadline, request_id, q.recall_mode, q.filter,
+                              replica=(replicas or {}).get(shard), **feedback_fields)
+                 for shard in shards]
+        if len(calls) == 1:  # awaited as it is: a task for it would cost a turn of the event loop
+            try:
+                replies = [await calls[0]]
+            except Exception as error:  # noqa: BLE001 - judged below, as gather's would be
+                replies = [error]
+        else:
+            replies = await asyncio.gather(*calls, return_exceptions=True)
         failures = [r for r in replies if isinstance(r, BaseException)]
         if len(failures) == len(replies):
             raise _worst(failures)
@@ -488,7 +492,7 @@ class SearchPipeline:
         rerank_deadline = deadline - s.return_margin_ms / 1000
         # Index limits and rerank limits are set apart: cut a document rather than have it refused.
         max_chars = self.limits.rerank_max_document_chars
-        documents = [document_text(Document(c.id, c.title, c.text))[:max_chars] for c in candidates]
+        documents = [titled_text(c.title, c.text)[:max_chars] for c in candidates]
         remaining_ms = 1000 * (rerank_deadline - time.monotonic())
         if not self.rerank.available():
             result.degrade(DegradationCode.RERANK_UNAVAILABLE, "no healthy replica")

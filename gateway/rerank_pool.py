@@ -306,10 +306,12 @@ class RerankPool:
         horizon = (count + sum(backlogs)) / sum(speeds)
         return [max(0.0, horizon * s - b) for b, s in zip(backlogs, speeds)]
 
-    def _split(self, query: str, documents: list[str], replicas: list[Replica]) -> list[tuple[Replica, list[int]]]:
+    def _split(self, query: str, documents: list[str], replicas: list[Replica],
+               time_left_ms: float = math.inf) -> list[tuple[Replica, list[int]]]:
         """Which replica scores which document, as slices: contiguous runs sized by the replicas' shares, or
         with ``affinity`` each document where a rendezvous hash of its text, weighted by the shares, sends
-        it (the same document keeps going to the same replica, and its cache)."""
+        it (the same document keeps going to the same replica, and its cache). A replica's share is cut into
+        slices of about ``slice_ms`` only when it is predicted to take over a quarter of ``time_left_ms``."""
         per_pair_ms = [max(sum(costs) / len(costs), 1e-6) if costs else r.ms_per_pair
                        for r, costs in ((r, r.pairs_ms(query, documents)) for r in replicas)]
         shares = self._shares(len(documents), replicas, per_pair_ms)
@@ -328,9 +330,15 @@ class RerankPool:
             for i, document in enumerate(documents):
                 assigned[_rendezvous(document, replicas, weights)].append(i)
         slices = []
+        now = time.monotonic()
         for replica, ms, positions in zip(replicas, per_pair_ms, assigned):
-            # Several smaller requests rather than one: if the tail runs late, only the tail is lost.
-            most = max(1, int(self.slice_ms / ms)) if self.slice_ms else max(len(positions), 1)
+            # Several smaller requests rather than one: if the tail runs late, only the tail is lost. With time to
+            # spare (the share predicted done within a quarter of the time left: wrong fourfold before it is late)
+            # one request saves the others' round trips, each of which costs both ends about as much as a short
+            # pair scored from the cache. A budget that binds (the first call of a top-up takes up to half the
+            # time) is always sliced.
+            tight = self.slice_ms and replica.finish_ms(ms * len(positions), now) > time_left_ms / 4
+            most = max(1, int(self.slice_ms / ms)) if tight else max(len(positions), 1)
             slices += [(replica, positions[first:first + most]) for first in range(0, len(positions), most)]
         return slices
 
@@ -422,14 +430,13 @@ class RerankPool:
             replicas = [r for r in self.available() if r.target not in tried] or []
             if not replicas:
                 break
-            slices = self._split(query, [documents[i] for i in pending], replicas)
-            results = await asyncio.gather(
-                *(
-                    self._score_slice(r, query, documents, [pending[i] for i in span], deadline_s, request_id, outcome,
-                                      refuse_truncation)
-                    for r, span in slices
-                )
-            )
+            slices = self._split(query, [documents[i] for i in pending], replicas,
+                                 1000 * (deadline_s - time.monotonic()))
+            calls = [self._score_slice(r, query, documents, [pending[i] for i in span], deadline_s, request_id,
+                                       outcome, refuse_truncation)
+                     for r, span in slices]
+            # One call is awaited as it is: a task for it would cost a turn of the event loop.
+            results = [await calls[0]] if len(calls) == 1 else await asyncio.gather(*calls)
             failed = [pending[i] for (r, span), ok in zip(slices, results) if not ok for i in span]
             outcome.failed_slices += sum(not ok for ok in results)
             tried.update(r.target for (r, _), ok in zip(slices, results) if not ok)

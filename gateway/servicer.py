@@ -75,15 +75,7 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
                 prf_weight=request.prf_weight if request.HasField("prf_weight") else None,
             )
         )
-        return gateway_pb2.SearchResponse(
-            hits=[
-                gateway_pb2.Hit(
-                    id=h.id, title=h.title, text=h.text, score=h.score, rerank_score=h.rerank_score,
-                    recall_rank=h.recall_rank, recall_score=h.recall_score, metadata=metadata_to_proto(h.metadata),
-                    relevance=h.relevance, dense_score=h.dense_score, lexical_score=h.lexical_score,
-                )
-                for h in result.hits
-            ],
+        reply = gateway_pb2.SearchResponse(
             degraded=result.degraded,
             degraded_reason=result.degraded_reason,
             degradations=_degradations(result),
@@ -93,6 +85,13 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
             rerank_cached=result.rerank_cached if result.reranked else 0,
             request_id=result.request_id,
         )
+        add = reply.hits.add  # in place: a hit made apart is copied, text and all, when the reply takes it
+        for h in result.hits:
+            add(id=h.id, title=h.title, text=h.text, score=h.score, rerank_score=h.rerank_score,
+                recall_rank=h.recall_rank, recall_score=h.recall_score,
+                metadata=metadata_to_proto(h.metadata) if h.metadata else None, relevance=h.relevance,
+                dense_score=h.dense_score, lexical_score=h.lexical_score)
+        return reply
 
     @translate_errors
     async def Rerank(self, request: gateway_pb2.RerankTextsRequest, context: grpc.aio.ServicerContext):

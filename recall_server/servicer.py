@@ -61,19 +61,21 @@ class RecallServicer(recall_pb2_grpc.RecallServicer):
             feedback_vector=vector_from_bytes(request.feedback_vector, "feedback_vector"),
             return_vectors=request.return_vectors,
         )
-        converted = [
-            recall_pb2.Candidate(id=c.document.id, title=c.document.title, text=c.document.text, score=c.score,
-                                 metadata=metadata_to_proto(c.document.metadata), dense_score=c.dense_score,
-                                 lexical_score=c.lexical_score, prf_dense_score=c.prf_dense_score,
-                                 vector=b"" if c.vector is None else vector_to_bytes(c.vector))
-            for c in answer.candidates
-        ]
-        # total_ms covers the whole handler, so callers can tell transport from work.
-        return recall_pb2.RecallSearchResponse(
-            candidates=converted, timings_ms={**answer.timings, **_ms_since(start)},
+        reply = recall_pb2.RecallSearchResponse(
             mode=recall_mode_to_proto(answer.mode), calibration=calibration_to_proto(self.service.calibration),
             query_vector=vector_to_bytes(answer.vector) if request.return_vectors else b"",
             prf_hits=answer.prf_hits, prf_skipped=answer.prf_skipped)
+        # Made in place: a Candidate made apart is copied, text and all, when the reply takes it.
+        add = reply.candidates.add
+        for c in answer.candidates:
+            document = c.document
+            add(id=document.id, title=document.title, text=document.text, score=c.score,
+                metadata=metadata_to_proto(document.metadata) if document.metadata else None,
+                dense_score=c.dense_score, lexical_score=c.lexical_score, prf_dense_score=c.prf_dense_score,
+                vector=b"" if c.vector is None else vector_to_bytes(c.vector))
+        # total_ms covers the whole handler, so callers can tell transport from work.
+        reply.timings_ms.update({**answer.timings, **_ms_since(start)})
+        return reply
 
     @translate_errors
     async def Embed(self, request: recall_pb2.EmbedRequest, context: grpc.aio.ServicerContext):

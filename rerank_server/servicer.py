@@ -30,11 +30,7 @@ class RerankServicer(rerank_pb2_grpc.RerankServicer):
                 refuse_truncation=request.refuse_truncation,
             )
         )
-        results = [rerank_pb2.RerankResult(index=i, score=s) for i, s in outcome.ranked]
-        return rerank_pb2.RerankResponse(
-            results=results,
-            # total_ms covers the whole handler, so callers can tell transport from work.
-            timings_ms={**outcome.timings_ms, "total_ms": 1000 * (time.perf_counter() - start)},
+        reply = rerank_pb2.RerankResponse(
             tokens=outcome.tokens,
             queue_items=outcome.queue_items,
             query_truncated=outcome.query_truncated,
@@ -42,6 +38,12 @@ class RerankServicer(rerank_pb2_grpc.RerankServicer):
             unscored=outcome.unscored,
             cost_ratio=outcome.cost_ratio,
         )
+        add = reply.results.add  # in place: a result made apart is copied when the reply takes it
+        for index, score in outcome.ranked:
+            add(index=index, score=score)
+        # total_ms covers the whole handler, so callers can tell transport from work.
+        reply.timings_ms.update({**outcome.timings_ms, "total_ms": 1000 * (time.perf_counter() - start)})
+        return reply
 
     @translate_errors
     async def Info(self, request: common_pb2.InfoRequest, context: grpc.aio.ServicerContext):

@@ -116,4 +116,9 @@ def read_qrels(path: Path, split: str = "test") -> dict[str, dict[str, int]]:
 
 def document_text(doc: Document) -> str:
     """What the models read for a document: its title, then its text."""
-    return f"{doc.title}. {doc.text}" if doc.title else doc.text
+    return titled_text(doc.title, doc.text)
+
+
+def titled_text(title: str, text: str) -> str:
+    """``document_text`` of a title and a text that are not (yet) a Document."""
+    return f"{title}. {text}" if title else text

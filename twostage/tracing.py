@@ -67,11 +67,13 @@ SAMPLERS = ("always_on", "always_off", "parentbased_always_on", "parentbased_alw
 MAX_LINKS = 128  # a batch span's links (the SDK's own default limit, made explicit)
 EXPORT_LOG_EVERY_S = 60.0
 
-# The request this task serves: True when it is sampled (its spans are current in OpenTelemetry's context), its
-# traceparent to carry on (a str, flags 00) when it is not, None outside any request or while tracing is off.
-_REQUEST: contextvars.ContextVar[bool | str | None] = contextvars.ContextVar("twostage_trace", default=None)
+# The request this task serves: True when it is sampled (its spans are current in OpenTelemetry's context), the
+# metadata that carries its traceparent on (flags 00) when it is not, None outside any request or while tracing
+# is off.
+_REQUEST: contextvars.ContextVar[bool | tuple | None] = contextvars.ContextVar("twostage_trace", default=None)
 _CHOSEN: contextvars.ContextVar[int] = contextvars.ContextVar("twostage_trace_id", default=0)
 _UNSAMPLED_FLAGS = frozenset("02468ace")  # the last hex digit of a traceparent's flags, sampled bit clear
+_SPAN_ID_BITS = (1 << 64) - 1
 
 
 def configured(environ: Mapping[str, str] = os.environ) -> bool:
@@ -274,16 +276,17 @@ class _Active:
 
 
 class _Carry:
-    """An unsampled request: its traceparent, carried to the tiers it calls, and no span of ours."""
+    """An unsampled request: its traceparent, carried to the tiers it calls (made into metadata once, not at
+    every call), and no span of ours."""
 
-    __slots__ = ("_token", "traceparent")
+    __slots__ = ("_token", "carried")
 
     def __init__(self, traceparent: str):
-        self.traceparent = traceparent
+        self.carried = (("traceparent", traceparent),)
 
     def __enter__(self) -> Span:
-        self._token = _REQUEST.set(self.traceparent)
-        return trace.INVALID_SPAN
+        self._token = _REQUEST.set(self.carried)
+        return INVALID_SPAN
 
     def __exit__(self, *exc) -> None:
         _REQUEST.reset(self._token)
@@ -369,8 +372,8 @@ def outgoing(metadata: tuple[tuple[str, str], ...]) -> tuple[tuple[str, str], ..
     state = _REQUEST.get()
     if state is None:
         return metadata
-    if state is not True:
-        return (*metadata, ("traceparent", state))
+    if state is not True:  # unsampled: its traceparent, flags 00, so that the callee does not sample it either
+        return metadata + state if metadata else state
     context = trace.get_current_span().get_span_context()
     carried = ("traceparent", f"00-{context.trace_id:032x}-{context.span_id:016x}-{context.trace_flags:02x}")
     if context.trace_state:
@@ -391,10 +394,15 @@ def server_span(name: str, headers, kind: SpanKind = SpanKind.SERVER):
         parent = extract(headers)
         if trace.get_current_span(parent).get_span_context().is_valid:
             return _begin(_tracer.start_span(name, context=parent, kind=kind), parent)
-    # The first tier this request reaches: its trace id is drawn and the sampler asked, once.
-    trace_id = _random_id(128)
+    # The first tier this request reaches: its trace id is drawn and the sampler asked, once. Unsampled, it still
+    # gets a traceparent (flags 00, a span id drawn with the trace id) for the tiers it calls to follow.
+    ids = random.getrandbits(192)
+    trace_id = ids >> 64
     if not _root_sampled(trace_id):
-        return _Carry(f"00-{trace_id:032x}-{_random_id(64):016x}-00")
+        if trace_id and ids & _SPAN_ID_BITS:  # W3C: neither id may be all zeros
+            ids_hex = ids.to_bytes(24, "big").hex()  # both at once: half the cost of formatting each
+            return _Carry(f"00-{ids_hex[:32]}-{ids_hex[32:]}-00")
+        return _Carry(f"00-{_random_id(128):032x}-{_random_id(64):016x}-00")
     chosen = _CHOSEN.set(trace_id)  # the span the sampler was asked about gets this id
     try:
         return _begin(_tracer.start_span(name, context=_EMPTY, kind=kind), _EMPTY)
@@ -460,8 +468,8 @@ def use(span_: Span | None):
 
 
 def client_span(method: str, peer: str, target: str):
-    """A span for one call to another tier made for a request; ``outgoing`` inside it carries it to the
-    callee."""
+    """A span for one call to another tier made for a sampled request (check ``sampled()`` first: the no-op one
+    otherwise); ``outgoing`` inside it carries it to the callee."""
     if _REQUEST.get() is not True:
         return _NOOP  # ``outgoing`` still carries an unsampled request's traceparent to the callee
     return _Active(_tracer.start_span(method, kind=SpanKind.CLIENT, attributes={

@@ -233,10 +233,24 @@ async def test_a_late_tail_costs_only_its_own_slice():
 
     replica = LateAfter("a", ms_per_pair=10)
     pool = RerankPool([replica], initial_ms_per_pair=10, slice_ms=30)
-    outcome = await score_all(pool)
+    # 10 pairs of 10 ms with 150 ms left: over a quarter of the time, so sliced.
+    outcome = await pool.rerank("q", DOCS, time.monotonic() + 0.15, "r1")
     assert [len(r) for r in replica.received] == [3, 3, 3, 1]
     assert sorted(outcome.scores) == list(range(6))
     assert isinstance(outcome.error, errors.DeadlineExceeded)
+
+
+async def test_a_share_with_time_to_spare_goes_as_one_request():
+    """Slicing guards against a late tail; a share predicted to take under a quarter of the time left goes
+    whole, and one predicted to take more is sliced (the work queued ahead counts)."""
+    replica = FakeReplica("a", ms_per_pair=10)
+    pool = RerankPool([replica], initial_ms_per_pair=10, slice_ms=30)
+    await pool.rerank("q", DOCS, time.monotonic() + 1.0, "spare")  # 100 ms of 1,000
+    assert [len(r) for r in replica.received] == [len(DOCS)]
+    replica.received.clear()
+    pool.replicas[0].abandon(300.0, time.monotonic())  # 400 ms of 1,000 with the work ahead
+    await pool.rerank("q", DOCS, time.monotonic() + 1.0, "queued")
+    assert [len(r) for r in replica.received] == [3, 3, 3, 1]
 
 
 async def test_a_partial_answer_keeps_its_scores_and_is_no_fault():

@@ -6,6 +6,7 @@ cannot honour."""
 
 import asyncio
 import logging
+import re
 import subprocess
 import sys
 import time
@@ -80,6 +81,32 @@ async def test_an_unsampled_search_makes_no_span_and_tells_every_tier_with_flags
     assert first[0] == first[1] and second[0] == second[1] and first[0] != second[0]
     assert third == [NOT_SAMPLED, NOT_SAMPLED]
     assert tracing._REQUEST.get() is None  # nothing left behind in the caller's context
+
+
+def test_a_request_entering_here_gets_a_w3c_traceparent_with_the_id_the_sampler_judged(traced):
+    """Where a request enters, its trace id is drawn once and the sampler asked about it: a sampled request's
+    span has that id, and an unsampled one carries it on (with its own span id, flags 00) in a well-formed
+    traceparent, so that the tiers behind follow the same decision."""
+    from opentelemetry.sdk.trace.sampling import TraceIdRatioBased
+
+    traced("parentbased_traceidratio", 0.5)
+    bound = TraceIdRatioBased.get_bound_for_rate(0.5)
+    carried, sampled_ids = [], []
+    for _ in range(400):
+        with tracing.server_span("root", ()) as span:
+            if span.is_recording():
+                sampled_ids.append(span.get_span_context().trace_id)
+                assert not tracing.unsampled(dict(tracing.outgoing(()))["traceparent"])
+            else:
+                carried.append(dict(tracing.outgoing((("authorization", "Bearer x"),)))["traceparent"])
+    assert 100 < len(carried) < 300 and len(carried) + len(sampled_ids) == 400
+    assert all(trace_id & TraceIdRatioBased.TRACE_ID_LIMIT < bound for trace_id in sampled_ids)
+    for traceparent in carried:
+        assert re.fullmatch(r"00-[0-9a-f]{32}-[0-9a-f]{16}-00", traceparent), traceparent
+        trace_id, span_id = int(traceparent[3:35], 16), int(traceparent[36:52], 16)
+        assert trace_id and span_id  # neither all zeros
+        assert trace_id & TraceIdRatioBased.TRACE_ID_LIMIT >= bound  # the id the sampler refused
+    assert len(set(carried)) == len(carried)
 
 
 async def test_a_sampled_search_is_one_trace_across_the_tiers_with_batches_linked(traced):

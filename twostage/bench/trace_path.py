@@ -12,6 +12,8 @@ search, CPU (the process's, export thread included) and wall, the least of the s
 only ever adds time), and each setting's cost over off.
 
     python -m twostage.bench.trace_path [--requests 500] [--repeats 20] [--profile drop]
+
+``--same-process`` compares only off and the unsampled path, both in one process (see ``_same_process``).
 """
 
 import argparse
@@ -277,17 +279,65 @@ def run(requests: int = 500, repeats: int = 20, profile: str | None = None) -> d
     return {"requests": requests, "repeats": repeats, "spans_received": len(receiver.spans), **rows}
 
 
+async def _same_process(requests: int, repeats: int) -> dict:
+    """The unsampled path's cost in one process: a stack made with tracing off and one with tracing on (every
+    request dropped by the sampler), slices of ``requests`` searches taking turns ``repeats`` times each. Off
+    and on then share one heap, one set of loaded modules and one core, which separate processes do not: what
+    is left between them is the tracing calls. Per setting, the least and the median slice's CPU per search."""
+    from twostage import tracing
+
+    tracing.setup("bench", {**os.environ, **SETTINGS["drop"], "OTEL_TRACES_EXPORTER": "console"})
+    stacks = {}
+    for name, on in (("off", False), ("drop", True)):
+        tracing.enabled = on  # read when the interceptors are made, and by the clients at every call
+        stacks[name] = (await _stack(), on)
+    cpu: dict[str, list[float]] = {name: [] for name in stacks}
+    try:
+        for repeat in range(-1, repeats):  # the first round warms up
+            for name in (list(stacks) if repeat % 2 else list(stacks)[::-1]):
+                (one, _), on = stacks[name]
+                tracing.enabled = on
+                start = time.process_time_ns()
+                for i in range(requests):
+                    await one(f"query {i % 50}")
+                if repeat >= 0:
+                    cpu[name].append((time.process_time_ns() - start) / requests / 1000)
+    finally:
+        for (_, close), on in stacks.values():
+            tracing.enabled = on
+            await close()
+        tracing.enabled = True
+        tracing.shutdown(2)
+    rows = {name: {"cpu_us": round(min(v), 1), "cpu_us_median": round(sorted(v)[len(v) // 2], 1)}
+            for name, v in cpu.items()}
+    rows["drop"].update(cpu_added_us=round(rows["drop"]["cpu_us"] - rows["off"]["cpu_us"], 1),
+                        cpu_added_us_median=round(rows["drop"]["cpu_us_median"] - rows["off"]["cpu_us_median"], 1))
+    return {"requests": requests, "repeats": repeats, **rows}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--requests", type=int, default=500, help="searches per slice")
     parser.add_argument("--repeats", type=int, default=20, help="slices per setting")
     parser.add_argument("--profile", choices=list(SETTINGS), default=None,
                         help="print where this setting's first slice spends its time (cProfile, to stderr)")
+    parser.add_argument("--same-process", action="store_true",
+                        help="only off against the unsampled path, both in this process (less noise between them)")
     parser.add_argument("--json", default=None)
     parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
         asyncio.run(_serve(args.profile is not None))
+        return
+    if args.same_process:
+        report = asyncio.run(_same_process(args.requests, args.repeats))
+        drop = report["drop"]
+        print(f"same process: off {report['off']['cpu_us']} us CPU per search (median {report['off']['cpu_us_median']}), "
+              f"unsampled {drop['cpu_us']} ({drop['cpu_added_us']:+}; median {drop['cpu_us_median']}, "
+              f"{drop['cpu_added_us_median']:+}); least and median of {args.repeats} slices of {args.requests}")
+        if args.json:
+            with open(args.json, "w") as out:
+                json.dump(report, out, indent=2)
         return
     report = run(args.requests, args.repeats, args.profile)
     for name in SETTINGS:

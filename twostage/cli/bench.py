@@ -48,8 +48,12 @@ def register(commands) -> None:
             sub.add_argument("--recall-k", type=int, default=20, help="candidates per search")
             sub.add_argument("--budget-ms", type=int, default=1000)
             sub.add_argument("--port", type=int, default=50171, help="base port of the stack it starts")
-            sub.add_argument("--only", choices=["tracing"], default=None,
-                             help="tracing: only what tracing costs (off, sampling 1.0 and 0.01, side by side)")
+            sub.add_argument("--only", choices=["tracing", "overhead"], default=None,
+                             help="tracing: only what tracing costs (off, sampling 1.0 and 0.01, side by side); "
+                             "overhead: only the gateway's overhead and its hops, plaintext and with TLS and tokens")
+            sub.add_argument("--repeat", type=int, default=None,
+                             help="repeats of the overhead and tracing measurements, each reported with their "
+                             "median (quick: 2, else 3)")
 
 
 def _apply_overrides(args) -> None:

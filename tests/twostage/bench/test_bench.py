@@ -22,11 +22,20 @@ def test_quick_rerank_benchmark_reports_ratios(tmp_path, models):
 def test_quick_gateway_benchmark_reports_the_overload_keys(tmp_path, models):
     out = tmp_path / "gateway.json"
     assert main(["bench", "gateway", "--quick", "--json", str(out)]) == 0
-    overload = json.loads(out.read_text())["overload"]
+    report = json.loads(out.read_text())
+    overload = report["overload"]
     assert 0 < overload["rerank_utilization"] <= 1.05
     assert 0 < overload["fair_share_pairs"] <= overload["recall_k"]
     assert 0 <= overload["mean_reranked"] <= overload["recall_k"] and 0 < overload["budget_used_mean"] < 1.1
     assert overload["errors"] == {}
+    # The hops, each and together, and what TLS and tokens add: per repeat and their median.
+    hops = report["overhead"]
+    assert set(hops["hop_p50_ms"]) == {"recall", "rerank"} and hops["downstream_hops_p50_ms"] > 0
+    assert len(hops["repeats"]) == 2 and all(r["downstream_hops_p50_ms"] > 0 for r in hops["repeats"])
+    security = report["security"]
+    assert len(security["added_client_p50_ms_each"]) == 2
+    assert min(security["added_client_p50_ms_each"]) <= security["added_client_p50_ms"] \
+        <= max(security["added_client_p50_ms_each"])
 
 
 @pytest.mark.perf
@@ -60,3 +69,13 @@ def test_trace_path_reports_each_sampling_setting_against_off():
     assert set(trace_path.SETTINGS) <= set(report)
     assert all(report[name]["cpu_us"] > 0 for name in trace_path.SETTINGS)
     assert report["off"]["cpu_added_us"] == 0 and report["spans_received"] > 0
+
+
+@pytest.mark.perf
+async def test_trace_path_compares_the_unsampled_path_with_off_in_one_process():
+    from twostage import tracing
+    from twostage.bench import trace_path
+
+    report = await trace_path._same_process(requests=20, repeats=2)
+    assert report["off"]["cpu_us"] > 0 and report["drop"]["cpu_us"] > 0
+    assert "cpu_added_us" in report["drop"] and not tracing.enabled  # set-up undone
