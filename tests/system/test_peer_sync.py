@@ -13,7 +13,7 @@ from recall_server.config import RecallSettings
 from recall_server.docstore import Write
 from recall_server.service import RecallService
 from recall_server.servicer import build_server
-from tests.recall_server.test_snapshots import SHARD, id_of_shard, publish_copy, until
+from tests.system.test_snapshots import SHARD, id_of_shard, publish_copy, until
 from twostage.corpus import Document
 from twostage.sharding import shard_of
 from twostage.v1 import recall_pb2, recall_pb2_grpc
