@@ -5,7 +5,6 @@ import time
 import grpc
 
 from recall_server.docstore import BUCKETS
-from recall_server.peer_sync import version_of, version_to_proto
 from recall_server.service import RecallService
 from twostage import __version__
 from twostage.convert import (
@@ -16,6 +15,8 @@ from twostage.convert import (
     metadata_to_proto,
     recall_mode_from_proto,
     recall_mode_to_proto,
+    version_from_proto,
+    version_to_proto,
 )
 from twostage.server import GrpcService, deadline_of
 from twostage.status import translate_errors
@@ -32,7 +33,7 @@ def calibration_to_proto(fitted) -> recall_pb2.ScoreCalibration | None:
 
 def _given_version(request):
     """The version a gateway assigned, or None for a client writing directly (the server stamps one)."""
-    return version_of(request.version) if request.HasField("version") else None
+    return version_from_proto(request.version) if request.HasField("version") else None
 
 
 def _write_fields(reply) -> dict:

@@ -1,4 +1,4 @@
-"""Documents and metadata between protos and the dataclasses the services use."""
+"""Documents, metadata and write versions between protos and the dataclasses the services use."""
 
 from collections.abc import Mapping
 
@@ -6,6 +6,7 @@ from twostage.corpus import Document, MetadataValue
 from twostage.errors import InvalidArgument
 from twostage.filters import BOUNDS, Filter, FilterClause, NumberRange, check_filter
 from twostage.v1 import common_pb2, recall_pb2
+from twostage.versions import Version
 
 _INTEGRAL = 2**53  # doubles hold every integer up to here exactly
 
@@ -106,3 +107,11 @@ HYBRID_FUSIONS = {"zscore": recall_pb2.HYBRID_FUSION_ZSCORE, "rrf": recall_pb2.H
 def hybrid_fusion_from_proto(fusion: int) -> str | None:
     """None when unspecified (a recall server that does not say)."""
     return next((name for name, value in HYBRID_FUSIONS.items() if value == fusion), None)
+
+
+def version_from_proto(proto: common_pb2.WriteVersion) -> Version:
+    return Version(proto.clock, proto.writer)
+
+
+def version_to_proto(version: Version) -> common_pb2.WriteVersion:
+    return common_pb2.WriteVersion(clock=version.clock, writer=version.writer)
