@@ -23,7 +23,7 @@ from twostage.status import translate_errors
 from twostage.v1 import common_pb2, recall_pb2, recall_pb2_grpc
 
 
-def _ms_since(start: float) -> dict[str, float]:
+def _total_ms_since(start: float) -> dict[str, float]:
     return {"total_ms": 1000 * (time.perf_counter() - start)}
 
 
@@ -62,7 +62,7 @@ class RecallServicer(recall_pb2_grpc.RecallServicer):
             for c in candidates
         ]
         # total_ms covers the whole handler, so callers can tell transport from work.
-        return recall_pb2.RecallSearchResponse(candidates=converted, timings_ms={**timings, **_ms_since(start)},
+        return recall_pb2.RecallSearchResponse(candidates=converted, timings_ms={**timings, **_total_ms_since(start)},
                                                mode=recall_mode_to_proto(mode),
                                                calibration=calibration_to_proto(self.service.calibration))
 
@@ -74,7 +74,7 @@ class RecallServicer(recall_pb2_grpc.RecallServicer):
         return recall_pb2.EmbedResponse(
             embeddings=[recall_pb2.Embedding(values=v.tolist()) for v in vectors],
             dims=vectors.shape[1],
-            timings_ms=_ms_since(start),
+            timings_ms=_total_ms_since(start),
             tokens=tokens,
         )
 
@@ -83,14 +83,14 @@ class RecallServicer(recall_pb2_grpc.RecallServicer):
         start = time.perf_counter()
         docs = [document_from_proto(d) for d in request.documents]
         reply = await self.service.upsert(docs, deadline_of(context), request.request_id, _given_version(request))
-        return common_pb2.UpsertResponse(upserted=reply.count, timings_ms=_ms_since(start),
+        return common_pb2.UpsertResponse(upserted=reply.count, timings_ms=_total_ms_since(start),
                                          request_id=request.request_id, **_write_fields(reply))
 
     @translate_errors
     async def Delete(self, request: common_pb2.DeleteRequest, context: grpc.aio.ServicerContext):
         start = time.perf_counter()
         reply = await self.service.delete(list(request.ids), request.request_id, _given_version(request))
-        return common_pb2.DeleteResponse(deleted=reply.count, timings_ms=_ms_since(start),
+        return common_pb2.DeleteResponse(deleted=reply.count, timings_ms=_total_ms_since(start),
                                          request_id=request.request_id, **_write_fields(reply))
 
     @translate_errors
