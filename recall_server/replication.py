@@ -56,6 +56,7 @@ import grpc
 import numpy as np
 import prometheus_client as prom
 
+from recall_server.config import RecallSettings
 from recall_server.docstore import Write
 from twostage.connect import ReloadingCredentials, RotatingChannel
 from twostage.convert import document_from_proto, version_from_proto
@@ -183,7 +184,7 @@ class PeerSync:
     """Pulls, from the other replicas of the shard, what ``local`` lacks (catch-up, anti-entropy) and purges
     tombstones once every peer agrees. ``peers`` defaults to the addresses ``settings.peers`` names."""
 
-    def __init__(self, settings, local: LocalReplica, peers: PeerDirectory | None = None):
+    def __init__(self, settings: RecallSettings, local: LocalReplica, peers: PeerDirectory | None = None):
         self.settings = settings
         self.local = local
         self.target: PeerDirectory = peers if peers is not None else Target(settings.peers)
