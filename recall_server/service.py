@@ -52,7 +52,6 @@ class WriteReply:
     newest: Version | None = None  # the newest version held for the write's ids afterwards
 
 
-
 async def finish_even_if_cancelled(work):
     """Await ``work`` (a coroutine); if the caller is cancelled meanwhile, still wait for it to end before
     the cancellation goes on, so locks held around it are released only once a thread stops writing."""
