@@ -1,6 +1,7 @@
 """Shared fixtures: the real default models, a small real index, and real
 gRPC servers on loopback ports picked by the OS."""
 
+import asyncio
 import itertools
 import json
 from pathlib import Path
@@ -144,12 +145,25 @@ async def gateway_target(recall_target, rerank_target):
     await service.stop(grace_s=1)
 
 
+def _running() -> bool:
+    try:
+        asyncio.get_running_loop()
+    except RuntimeError:
+        return False
+    return True
+
+
 @pytest.fixture(scope="session")
 async def channel_to():
     """Open (and later close) an aio channel to a target."""
     channels = []
+    loop = asyncio.get_running_loop()
 
     def open_channel(target: str) -> grpc.aio.Channel:
+        # A plain fixture runs outside the tests' loop, and grpc takes the thread's default loop, which a CLI
+        # test's asyncio.run() unsets when it ends: the channel must belong to the loop the tests run on.
+        if not _running():
+            asyncio.set_event_loop(loop)
         channel = grpc.aio.insecure_channel(target)
         channels.append(channel)
         return channel
