@@ -42,8 +42,9 @@ test: install-export models
 	$(PY) -m ruff check .
 	$(PY) -m pytest
 
+# The unit tests: tests/system (several servers or processes together) and slow tests are left out.
 test-fast: install models
-	$(PY) -m pytest -m "not slow"
+	$(PY) -m pytest -m "not slow" --ignore=tests/system
 
 lint: install
 	$(PY) -m ruff check .

@@ -37,7 +37,7 @@ fails for the replica's sake is retried on another replica while time
 remains. A replica that fails ``eject_after_failures`` times in a row is
 ejected for ``eject_s``, then returns once a health check says SERVING; one
 whose health says NOT_SERVING is out until it says SERVING. Members come and
-go with ``update_members`` (see gateway/membership.py).
+go with ``update_members`` (targets resolved by twostage/membership.py, applied by gateway/lifecycle.py).
 """
 
 import asyncio
@@ -81,7 +81,7 @@ class Replica:
     unavailable_since_s: float | None = None  # out of rotation since (time.monotonic()); None while available
 
     def note_availability(self, now: float) -> None:
-        if self.available(now):
+        if self.available():
             self.unavailable_since_s = None
         elif self.unavailable_since_s is None:
             self.unavailable_since_s = now
@@ -93,7 +93,7 @@ class Replica:
     def target(self) -> str:
         return self.client.target
 
-    def available(self, now: float) -> bool:
+    def available(self) -> bool:
         # Ejected until eject_s has passed and a health check has said SERVING since (check_health clears it).
         return self.serving and not self.ejected_until_s
 
@@ -236,8 +236,7 @@ class RerankPool:
         await asyncio.gather(*(r.client.close() for r in self.replicas), *self._retiring, return_exceptions=True)
 
     def available(self) -> list[Replica]:
-        now = time.monotonic()
-        return [r for r in self.replicas if r.available(now)]
+        return [r for r in self.replicas if r.available()]
 
     def affordable_pairs(self, budget_ms: float, headroom: float, query: str = "",
                          documents: Sequence[str] | None = None, idle: bool = False) -> int:

@@ -17,7 +17,8 @@ Write contract, as a client can rely on it:
   replica away blocks the shard's writes); ``one`` answers after the first
   (a write acknowledged by a replica whose disk is then lost is gone). The
   reply says how many replicas acknowledged each shard's part. Replicas that
-  missed the write converge by catch-up and anti-entropy (``recall_server.peer_sync``).
+  missed the write converge by catch-up and anti-entropy (``recall_server.replication``
+  states what an acknowledgement means and how replicas converge).
 - **Retries.** A resend with the same ``request_id`` to this gateway is applied
   at the same version and answered alike (request ids are remembered for
   ``request_id_ttl_s``). Each recall replica stores the request ids it

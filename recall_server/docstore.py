@@ -13,6 +13,7 @@ title and text, written in the same transaction as the document, so a write
 and a crash cover both indexes alike. A store made before it existed gains
 it when first opened for writing (built from the stored text, no re-embedding)."""
 
+import contextlib
 import hashlib
 import json
 import logging
@@ -22,6 +23,7 @@ import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
+from enum import StrEnum
 from pathlib import Path
 
 import numpy as np
@@ -92,7 +94,6 @@ CREATE INDEX doc_meta_key ON doc_meta(key);
 """
 # The type of each metadata key (twostage.schema): declared at build, or set by the first value stored.
 _METADATA_TYPES_SCHEMA = "CREATE TABLE metadata_schema (name TEXT PRIMARY KEY, type TEXT NOT NULL)"
-_KIND_TYPES = {"text": "string", "item": "string_list", "number": "number", "bool": "bool"}
 # External content: the text lives once, in docs; FTS5 keeps only its inverted index.
 _LEXICAL_SCHEMA = """
 CREATE VIRTUAL TABLE docs_fts USING fts5(
@@ -156,29 +157,49 @@ class Applied:
     newest: Version | None = None  # the newest version held for the writes' ids afterwards
 
 
+class MetaKind(StrEnum):
+    """How a metadata value is stored (``doc_meta.kind``): numbers and booleans in ``num``, strings in ``txt``,
+    a list of strings as a row per item."""
+
+    TEXT = "text"
+    ITEM = "item"
+    NUMBER = "number"
+    BOOL = "bool"
+
+    @classmethod
+    def of(cls, value) -> "MetaKind":
+        return _KIND_OF_TYPE[type_of(value)]
+
+    @property
+    def schema_type(self) -> str:
+        """The metadata schema's type of a key holding values of this kind (twostage.schema.TYPES)."""
+        return _TYPE_OF_KIND[self]
+
+
+_TYPE_OF_KIND = {MetaKind.TEXT: "string", MetaKind.ITEM: "string_list", MetaKind.NUMBER: "number",
+                 MetaKind.BOOL: "bool"}
+_KIND_OF_TYPE = {schema_type: kind for kind, schema_type in _TYPE_OF_KIND.items()}
 _INSERT_META = "INSERT INTO doc_meta (key, name, kind, num, txt) VALUES (?, ?, ?, ?, ?)"
 
 
 def _metadata_rows(key: int, metadata: dict) -> list[tuple]:
     rows = []
     for name, value in metadata.items():
-        if isinstance(value, bool):
-            rows.append((key, name, "bool", float(value), None))
-        elif isinstance(value, int | float):
-            rows.append((key, name, "number", float(value), None))
-        elif isinstance(value, list):
-            rows.extend((key, name, "item", None, str(item)) for item in value)
+        kind = MetaKind.of(value)
+        if kind is MetaKind.ITEM:
+            rows.extend((key, name, kind.value, None, str(item)) for item in value)
+        elif kind is MetaKind.TEXT:
+            rows.append((key, name, kind.value, None, str(value)))
         else:
-            rows.append((key, name, "text", None, str(value)))
+            rows.append((key, name, kind.value, float(value), None))
     return rows
 
 
 def _value_test(value) -> tuple[str, list]:
-    if isinstance(value, bool):
-        return "(kind = 'bool' AND num = ?)", [float(value)]
-    if isinstance(value, int | float):
-        return "(kind = 'number' AND num = ?)", [float(value)]
-    return "(kind IN ('text', 'item') AND txt = ?)", [value]
+    kind = MetaKind.of(value)
+    if kind in (MetaKind.NUMBER, MetaKind.BOOL):
+        return f"(kind = '{kind.value}' AND num = ?)", [float(value)]
+    return f"(kind IN ('{MetaKind.TEXT.value}', '{MetaKind.ITEM.value}') AND txt = ?)", [value]
 
 
 def filter_sql(filter_: Filter) -> tuple[str, list]:
@@ -188,7 +209,8 @@ def filter_sql(filter_: Filter) -> tuple[str, list]:
         if clause.range is not None:
             bounds = clause.range.given()
             tests = " AND ".join(f"num {BOUNDS[name]} ?" for name in bounds)
-            parts.append(f"SELECT DISTINCT key FROM doc_meta WHERE name = ? AND kind = 'number' AND {tests}")
+            parts.append(f"SELECT DISTINCT key FROM doc_meta WHERE name = ? AND kind = '{MetaKind.NUMBER.value}' "
+                         f"AND {tests}")
             params += [clause.key, *bounds.values()]
             continue
         tests, values = [], []
@@ -283,33 +305,23 @@ class DocStore:
         transaction; ``fill`` then derives its rows from the documents already stored."""
         if _has_table(self._db, table):
             return
-        self._db.execute("BEGIN IMMEDIATE")
-        try:
+        with self._transaction():
             for statement in schema.strip().split(";\n"):
                 self._db.execute(statement)
             if fill is not None:
                 fill()
-            self._db.execute("COMMIT")
-        except BaseException:
-            self._rollback()
-            raise
 
     def _add_version_columns(self) -> None:
         """A store made before writes were versioned: its rows are the base version (below every write)."""
         missing = [name for name in _VERSION_COLUMNS if name not in _columns(self._db, "docs")]
         if not missing:
             return
-        self._db.execute("BEGIN IMMEDIATE")
-        try:
+        with self._transaction():
             for name in missing:
                 self._db.execute(f"ALTER TABLE docs ADD COLUMN {name} {_VERSION_COLUMNS[name]}")
             rows = self._db.execute("SELECT key, doc_id, clock, writer, deleted FROM docs").fetchall()
             self._db.executemany("UPDATE docs SET bucket = ?, row_hash = ? WHERE key = ?",
                                  [(bucket_of(d), row_hash(d, c, w, x), k) for k, d, c, w, x in rows])
-            self._db.execute("COMMIT")
-        except BaseException:
-            self._rollback()
-            raise
 
     def _fill_metadata(self) -> None:
         for key, metadata in self._db.execute("SELECT key, metadata FROM docs WHERE deleted = 0").fetchall():
@@ -320,7 +332,7 @@ class DocStore:
         rows = self._db.execute("SELECT name, kind, COUNT(DISTINCT key) AS n FROM doc_meta GROUP BY name, kind "
                                 "ORDER BY n DESC").fetchall()
         self._db.executemany("INSERT OR IGNORE INTO metadata_schema (name, type) VALUES (?, ?)",
-                             [(name, _KIND_TYPES[kind]) for name, kind, _ in rows])
+                             [(name, MetaKind(kind).schema_type) for name, kind, _ in rows])
 
     def schema(self) -> dict[str, str]:
         """metadata key -> type (twostage.schema.TYPES)."""
@@ -334,14 +346,9 @@ class DocStore:
                 key = next(iter(clash))
                 raise InvalidArgument(f"metadata schema: {key!r} is declared {clash[key]} but the index holds "
                                       f"{self._schema[key]} values under it")
-            self._db.execute("BEGIN IMMEDIATE")
-            try:
+            with self._transaction():
                 self._db.executemany("INSERT OR IGNORE INTO metadata_schema (name, type) VALUES (?, ?)",
                                      list(declared.items()))
-                self._db.execute("COMMIT")
-            except BaseException:
-                self._rollback()
-                raise
             self._schema.update(declared)
 
     @property
@@ -359,6 +366,21 @@ class DocStore:
     def _forget_metadata(self, keys: list[int]) -> None:
         for part, marks in _in_chunks(keys):
             self._db.execute(f"DELETE FROM doc_meta WHERE key IN ({marks})", part)
+
+    @contextlib.contextmanager
+    def _transaction(self):
+        """One write transaction: committed (durable) when the block ends, rolled back whole when it raises; a
+        full disk is StorageFull."""
+        self._db.execute("BEGIN IMMEDIATE")
+        try:
+            yield
+            self._db.execute("COMMIT")
+        except sqlite3.OperationalError as error:
+            self._rollback()
+            raise _storage_error(error) from None
+        except BaseException:
+            self._rollback()
+            raise
 
     def _rollback(self) -> None:
         if self._db.in_transaction:  # SQLite may already have rolled back (a full disk does)
@@ -396,11 +418,9 @@ class DocStore:
         back. ``answer(applied_rows, deleted)`` gives the count a request id is answered with (default:
         the writes given)."""
         with self._lock:
-            self._db.execute("BEGIN IMMEDIATE")
-            try:
+            with self._transaction():
                 if request_id and (known := self._db.execute(
                         "SELECT count, clock, writer FROM requests WHERE request_id = ?", (request_id,)).fetchone()):
-                    self._db.execute("COMMIT")
                     return Applied(count=known[0], replayed=True, version=Version(known[1], known[2]),
                                    last_seq=self._max_seq_locked())
                 applied = self._apply_locked(writes)
@@ -409,13 +429,6 @@ class DocStore:
                     version = writes[0].version if writes else Version(0, "")
                     self._db.execute("INSERT INTO requests (request_id, count, clock, writer, at) VALUES (?, ?, ?, ?, ?)",
                                      (request_id, count, version.clock, version.writer, time.time()))
-                self._db.execute("COMMIT")
-            except sqlite3.OperationalError as error:
-                self._rollback()
-                raise _storage_error(error) from None
-            except BaseException:
-                self._rollback()
-                raise
             self._live += len(applied.added) - applied.live_before
             self._schema.update(applied.new_types)
         return Applied(applied.keys, applied.added, applied.deleted, applied.last_seq, count,
@@ -514,24 +527,15 @@ class DocStore:
         """Drop tombstones older than ``horizon`` (ids absent from here on count as deleted at it) and request
         ids older than the given age. Only tombstones at or below ``saved_seq`` go: a graph saved before a
         tombstone must still find it when it replays the store after a crash. Returns the tombstones dropped."""
-        with self._lock:
-            self._db.execute("BEGIN IMMEDIATE")
-            try:
-                self._db.execute("INSERT INTO replica_state (name, value) VALUES ('seq_floor', ?) "
-                                 "ON CONFLICT(name) DO UPDATE SET value = MAX(value, excluded.value)",
-                                 (self._max_seq_locked(),))
-                dropped = self._db.execute("DELETE FROM docs WHERE deleted = 1 AND clock < ? AND seq <= ?",
-                                           (horizon.clock, saved_seq)).rowcount
-                self._db.execute("INSERT INTO replica_state (name, value) VALUES ('purge_horizon', ?) "
-                                 "ON CONFLICT(name) DO UPDATE SET value = MAX(value, excluded.value)", (horizon.clock,))
-                self._db.execute("DELETE FROM requests WHERE at < ?", (time.time() - requests_older_than_s,))
-                self._db.execute("COMMIT")
-            except sqlite3.OperationalError as error:
-                self._rollback()
-                raise _storage_error(error) from None
-            except BaseException:
-                self._rollback()
-                raise
+        with self._lock, self._transaction():
+            self._db.execute("INSERT INTO replica_state (name, value) VALUES ('seq_floor', ?) "
+                             "ON CONFLICT(name) DO UPDATE SET value = MAX(value, excluded.value)",
+                             (self._max_seq_locked(),))
+            dropped = self._db.execute("DELETE FROM docs WHERE deleted = 1 AND clock < ? AND seq <= ?",
+                                       (horizon.clock, saved_seq)).rowcount
+            self._db.execute("INSERT INTO replica_state (name, value) VALUES ('purge_horizon', ?) "
+                             "ON CONFLICT(name) DO UPDATE SET value = MAX(value, excluded.value)", (horizon.clock,))
+            self._db.execute("DELETE FROM requests WHERE at < ?", (time.time() - requests_older_than_s,))
         return dropped
 
     def digests(self, tombstones_after: Version, below_clock: int = 0) -> dict[int, tuple[int, int]]:

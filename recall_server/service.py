@@ -3,7 +3,6 @@
 import asyncio
 import contextlib
 import dataclasses
-import json
 import logging
 import threading
 import time
@@ -18,8 +17,17 @@ from recall_server.config import RecallSettings
 from recall_server.docstore import BUCKETS, Write
 from recall_server.embedder import Embedder
 from recall_server.index import DocumentIndex
-from recall_server.peer_sync import PAGE as PEER_PAGE
-from recall_server.peer_sync import PeerSync
+from recall_server.replication import (
+    MAX_BUCKETS_PER_CALL,
+    PAGE,
+    ChangesPage,
+    Digests,
+    PeerSync,
+    ReconcilePlan,
+    bounded_page,
+    plan_reconcile,
+    tombstone_horizon,
+)
 from recall_server.snapshot_follower import IndexLeases, SnapshotFollower
 from twostage import errors, feedback, tracing
 from twostage.batching import BatchPolicy, DynamicBatcher
@@ -47,10 +55,6 @@ class WriteReply:
     newest: Version | None = None  # the newest version held for the write's ids afterwards
 
 
-CHANGES_MAX_BYTES = 4 << 20  # one Changes reply, well inside the default 16 MiB message limit
-MAX_BUCKETS_PER_CALL = 128
-
-
 async def finish_even_if_cancelled(work):
     """Await ``work`` (a coroutine); if the caller is cancelled meanwhile, still wait for it to end before
     the cancellation goes on, so locks held around it are released only once a thread stops writing."""
@@ -62,20 +66,6 @@ async def finish_even_if_cancelled(work):
             with contextlib.suppress(asyncio.CancelledError):
                 await asyncio.wait([task])  # never raises the task's own error
         raise
-
-
-def _change_bytes(write: Write) -> int:
-    doc = write.doc
-    return 64 + len(doc.id) + len(doc.title) + len(doc.text) + len(json.dumps(doc.metadata)) + (
-        0 if write.vector is None else write.vector.nbytes)
-
-
-def tombstone_horizon(ttl_s: float, now_s: float | None = None) -> Version:
-    """Tombstones older than this are purged. Rounded down, so replicas pick the same point and their digests
-    (which leave such tombstones out) agree between purges."""
-    step = min(3600.0, ttl_s / 4)
-    point = (time.time() if now_s is None else now_s) - ttl_s
-    return Version(clock_at(point - point % step), "")
 
 
 @dataclass(frozen=True)
@@ -151,6 +141,7 @@ class RecallService:
         self.snapshots: SnapshotFollower | None = None
         self.replica_id = uuid.uuid4().hex  # this process, as its peers see it
         self.clock = HybridClock(f"recall-{self.replica_id[:12]}")  # versions for writes sent here directly
+        # Replication sees this service only as its LocalReplica (replication.py states the contract).
         self.peers: PeerSync | None = PeerSync(settings, self) if settings.peers else None
         # Writes and an index switch take turns, so no write lands on an index being replaced.
         self._write_gate = asyncio.Lock()
@@ -598,10 +589,14 @@ class RecallService:
             found = await asyncio.to_thread(index.get, ids)
         return [found[i] for i in ids if i in found]
 
+    def served_snapshot_version(self) -> str | None:
+        """The snapshot this replica serves now (None: it follows none, or none is served yet)."""
+        return self.snapshots.current.version if self.snapshots and self.snapshots.current else None
+
     def _served_snapshot(self, snapshot_version: str) -> str:
         """The snapshot this replica serves, which must be the caller's (empty: any)."""
         self._require_ready()
-        served = self.snapshots.current.version if self.snapshots and self.snapshots.current else None
+        served = self.served_snapshot_version()
         if served is None:
             raise errors.FailedPrecondition("this recall server does not follow snapshots (--snapshot-dir)")
         if snapshot_version and snapshot_version != served:
@@ -609,7 +604,7 @@ class RecallService:
         return served
 
     async def changes(self, snapshot_version: str, after_seq: int, limit: int, ids: list[str] = (),
-                      after_key: int = 0) -> tuple[list[Write], str, bool]:
+                      after_key: int = 0) -> ChangesPage:
         """Rows written since this replica adopted its snapshot, after ``(after_seq, after_key)``
         (``Recall.Changes``), or the rows of the ids asked for (in the order asked); this process's id; and whether
         the reply was cut short (more rows follow the last one, or ids after the last one answered are still to
@@ -618,22 +613,17 @@ class RecallService:
         with self._leases.hold(self.index) as index:  # the index of the snapshot just checked: no await between
             if ids:
                 # Only the count: ids a peer stores were valid when written, whatever the limits are now.
-                errors.check_limit("ids (count)", len(ids), 1, PEER_PAGE)
+                errors.check_limit("ids (count)", len(ids), 1, PAGE)
                 found = {w.doc.id: w for w in await asyncio.to_thread(index.store.rows, list(ids))}
                 rows = [found[i] for i in ids if i in found]
             else:
-                limit = min(limit or PEER_PAGE, PEER_PAGE)
+                limit = min(limit or PAGE, PAGE)
                 base = self.snapshots.base_seq
                 cursor = (after_seq, after_key) if after_seq >= base else (base, 0)
                 rows = await asyncio.to_thread(
                     lambda: next(index.store.writes_since(cursor[0], limit, after_key=cursor[1]), []))
-        kept, size = [], 0
-        for row in rows:
-            size += _change_bytes(row)
-            if kept and size > CHANGES_MAX_BYTES:
-                return kept, self.replica_id, True
-            kept.append(row)
-        return kept, self.replica_id, (not ids and len(rows) >= limit)
+        kept, cut = bounded_page(rows)
+        return ChangesPage(kept, self.replica_id, cut or (not ids and len(rows) >= limit))
 
     def tombstones_purgeable(self) -> Version:
         """Tombstones older than this may be purged now: past ``tombstone_ttl_s``, and older than the served
@@ -643,15 +633,14 @@ class RecallService:
             horizon = min(horizon, Version(clock_at(self.snapshots.current.created_at), ""))
         return horizon
 
-    async def digests(self, snapshot_version: str = "", below_clock: int = 0
-                      ) -> tuple[dict[int, tuple[int, int]], str, int]:
+    async def digests(self, snapshot_version: str = "", below_clock: int = 0) -> Digests:
         """Per bucket (rows, hash sum), the served snapshot, and the purge horizon's clock (0: none)."""
         served = self._served_snapshot(snapshot_version)
         with self._leases.hold(self.index) as index:
             def read():
                 horizon = index.store.purge_horizon()
                 digests = index.store.digests(tombstone_horizon(self.settings.tombstone_ttl_s), below_clock)
-                return digests, served, 0 if horizon is None else horizon.clock
+                return Digests(digests, served, 0 if horizon is None else horizon.clock)
             return await asyncio.to_thread(read)
 
     async def versions(self, snapshot_version: str, buckets: list[int]) -> tuple[list, str]:
@@ -664,24 +653,14 @@ class RecallService:
             return await asyncio.to_thread(index.store.versions, buckets), served
 
     async def reconcile_plan(self, snapshot_version: str, listed: list[tuple[str, Version]], buckets: list[int],
-                             peer_horizon: int) -> tuple[list[str], list[str]]:
-        """Against a peer's versions in these buckets (of the same snapshot): (ids it holds newer, which to pull;
-        ids held live here that the peer purged as deleted, which to tombstone). An id absent here counts as
-        deleted at this store's purge horizon; one absent at the peer, older than its horizon, was deleted there."""
+                             peer_horizon: int) -> ReconcilePlan:
+        """Against a peer's versions in these buckets (of the same snapshot): what to pull and what to tombstone
+        (``replication.plan_reconcile``)."""
         self._served_snapshot(snapshot_version)
         with self._leases.hold(self.index) as index:  # the index of the snapshot just checked: no await between
             def plan():
                 held = {doc_id: (version, deleted) for doc_id, version, deleted in index.store.versions(buckets)}
-                absent = index.store.purge_horizon()
-                pull = []
-                for doc_id, version in listed:
-                    ours = held[doc_id][0] if doc_id in held else absent
-                    if ours is None or version > ours:
-                        pull.append(doc_id)
-                theirs = {doc_id for doc_id, _ in listed}
-                purged = [doc_id for doc_id, (version, deleted) in held.items()
-                          if not deleted and doc_id not in theirs and version.clock < peer_horizon]
-                return pull, purged
+                return plan_reconcile(held, index.store.purge_horizon(), listed, peer_horizon)
             return await asyncio.to_thread(plan)
 
     async def apply_peer_writes(self, writes: list[Write], snapshot_version: str = "") -> int:

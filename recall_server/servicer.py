@@ -5,7 +5,6 @@ import time
 import grpc
 
 from recall_server.docstore import BUCKETS
-from recall_server.peer_sync import version_of, version_to_proto
 from recall_server.service import RecallService
 from twostage import __version__
 from twostage.convert import (
@@ -18,13 +17,15 @@ from twostage.convert import (
     recall_mode_to_proto,
     vector_from_bytes,
     vector_to_bytes,
+    version_from_proto,
+    version_to_proto,
 )
 from twostage.server import GrpcService, deadline_of
 from twostage.status import translate_errors
 from twostage.v1 import common_pb2, recall_pb2, recall_pb2_grpc
 
 
-def _ms_since(start: float) -> dict[str, float]:
+def _total_ms_since(start: float) -> dict[str, float]:
     return {"total_ms": 1000 * (time.perf_counter() - start)}
 
 
@@ -34,7 +35,7 @@ def calibration_to_proto(fitted) -> recall_pb2.ScoreCalibration | None:
 
 def _given_version(request):
     """The version a gateway assigned, or None for a client writing directly (the server stamps one)."""
-    return version_of(request.version) if request.HasField("version") else None
+    return version_from_proto(request.version) if request.HasField("version") else None
 
 
 def _write_fields(reply) -> dict:
@@ -74,7 +75,7 @@ class RecallServicer(recall_pb2_grpc.RecallServicer):
                 dense_score=c.dense_score, lexical_score=c.lexical_score, prf_dense_score=c.prf_dense_score,
                 vector=b"" if c.vector is None else vector_to_bytes(c.vector))
         # total_ms covers the whole handler, so callers can tell transport from work.
-        reply.timings_ms.update({**answer.timings, **_ms_since(start)})
+        reply.timings_ms.update({**answer.timings, **_total_ms_since(start)})
         return reply
 
     @translate_errors
@@ -85,7 +86,7 @@ class RecallServicer(recall_pb2_grpc.RecallServicer):
         return recall_pb2.EmbedResponse(
             embeddings=[recall_pb2.Embedding(values=v.tolist()) for v in vectors],
             dims=vectors.shape[1],
-            timings_ms=_ms_since(start),
+            timings_ms=_total_ms_since(start),
             tokens=tokens,
         )
 
@@ -94,14 +95,14 @@ class RecallServicer(recall_pb2_grpc.RecallServicer):
         start = time.perf_counter()
         docs = [document_from_proto(d) for d in request.documents]
         reply = await self.service.upsert(docs, deadline_of(context), request.request_id, _given_version(request))
-        return common_pb2.UpsertResponse(upserted=reply.count, timings_ms=_ms_since(start),
+        return common_pb2.UpsertResponse(upserted=reply.count, timings_ms=_total_ms_since(start),
                                          request_id=request.request_id, **_write_fields(reply))
 
     @translate_errors
     async def Delete(self, request: common_pb2.DeleteRequest, context: grpc.aio.ServicerContext):
         start = time.perf_counter()
         reply = await self.service.delete(list(request.ids), request.request_id, _given_version(request))
-        return common_pb2.DeleteResponse(deleted=reply.count, timings_ms=_ms_since(start),
+        return common_pb2.DeleteResponse(deleted=reply.count, timings_ms=_total_ms_since(start),
                                          request_id=request.request_id, **_write_fields(reply))
 
     @translate_errors

@@ -84,7 +84,7 @@ class PairScoreCache:
     def split(self, keys: list[bytes]) -> tuple[dict[int, float], dict[int, asyncio.Future], list[int]]:
         """For the pairs of one request: (position -> cached score, position -> a computation in flight to
         await, positions this request computes). The positions it computes are registered as in flight."""
-        cached, awaited, computed = {}, {}, []
+        cached, awaited, to_compute = {}, {}, []
         loop = asyncio.get_running_loop()
         for position, key in enumerate(keys):
             if (score := self.get(key)) is not None:
@@ -93,11 +93,11 @@ class PairScoreCache:
                 awaited[position] = future
             else:
                 self._in_flight[key] = loop.create_future()
-                computed.append(position)
+                to_compute.append(position)
         self.stats.hits += len(cached)
         self.stats.shared += len(awaited)
-        self.stats.misses += len(computed)
-        return cached, awaited, computed
+        self.stats.misses += len(to_compute)
+        return cached, awaited, to_compute
 
     def finish(self, keys: list[bytes], scores: list[float | None] | None, error: BaseException | None = None) -> None:
         """The computation of these in-flight keys ended: store and hand out the scores; a key without one

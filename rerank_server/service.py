@@ -30,7 +30,7 @@ class RerankQuery:
 
 
 @dataclass(frozen=True)
-class RerankOutcome:
+class RerankAnswer:
     ranked: list[tuple[int, float]]  # (document index, score), best first
     tokens: int
     queue_items: int
@@ -198,7 +198,7 @@ class RerankService:
         values = [None if v is None else float(v) for v in done.values]
         return values, sum(p.length for p, v in zip(pairs, values) if v is not None)
 
-    async def rerank(self, request: RerankQuery) -> RerankOutcome:
+    async def rerank(self, request: RerankQuery) -> RerankAnswer:
         if self.batcher is None:
             raise errors.NotReady("rerank server is still loading its model")
         started = time.perf_counter()
@@ -215,9 +215,9 @@ class RerankService:
             scores = {i: v for i, v in enumerate(values) if v is not None}
             cached = 0
         else:
-            scores, tokens, computed = await self._cached_scores(query, documents, request.deadline_s, timings,
+            scores, tokens, claimed = await self._cached_scores(query, documents, request.deadline_s, timings,
                                                                  request.allow_partial)
-            cached = len(documents) - computed
+            cached = len(documents) - claimed
         if (span := tracing.current_span()).is_recording():
             span.set_attributes({"twostage.documents": len(documents), "twostage.cached": cached,
                                  "twostage.unscored": len(documents) - len(scores), "twostage.tokens": tokens,
@@ -225,7 +225,7 @@ class RerankService:
         ranked = sorted(scores.items(), key=lambda pair: -pair[1])
         if request.top_n:
             ranked = ranked[: request.top_n]
-        return RerankOutcome(
+        return RerankAnswer(
             ranked=ranked,
             tokens=tokens,
             queue_items=self.batcher.queued_items,
@@ -244,12 +244,12 @@ class RerankService:
     async def _cached_scores(self, query: str, documents: list[str], deadline_s: float | None, timings: dict,
                              partial: bool = False):
         """Scores from the cache, from identical pairs in flight, and from the model for the rest:
-        (position -> score, tokens computed, pairs computed here). With ``partial``, a position the
-        deadline left unscored is absent."""
+        (position -> score, tokens computed, pairs this request took on to compute: its cache misses). With
+        ``partial``, a position the deadline left unscored is absent."""
         cache = self.cache
         keys = [cache.key(query, document) for document in documents]
         scores: dict[int, float] = {}
-        tokens = computed = 0
+        tokens = claimed = 0
         positions = list(range(len(documents)))
         # A second round for pairs whose computation failed for its own caller's reasons (its deadline):
         # computed here then, or awaited from whoever took them on meanwhile.
@@ -263,13 +263,13 @@ class RerankService:
                     [keys[p] for p in mine], query, [documents[p] for p in mine], deadline_s, timings, partial,
                     answered_elsewhere=bool(scores or awaited))
                 scores.update((p, v) for p, v in zip(mine, values) if v is not None)
-                tokens, computed = tokens + more, computed + len(mine)
+                tokens, claimed = tokens + more, claimed + len(mine)
             positions = await self._await_shared(awaited, scores)
             if not positions:
                 break
         if len(scores) < len(documents) and not (partial and scores):
             raise errors.DeadlineExceeded("rerank: the deadline passed before the pairs were scored")
-        return scores, tokens, computed
+        return scores, tokens, claimed
 
     async def _compute_shared(self, keys: list[bytes], query: str, documents: list[str], deadline_s: float | None,
                               timings: dict, partial: bool, answered_elsewhere: bool) -> tuple:
@@ -290,10 +290,10 @@ class RerankService:
 
         task = asyncio.get_running_loop().create_task(compute())
         self._computing.add(task)
-        task.add_done_callback(self._computed)
+        task.add_done_callback(self._computation_ended)
         return await asyncio.shield(task)
 
-    def _computed(self, task: asyncio.Task) -> None:
+    def _computation_ended(self, task: asyncio.Task) -> None:
         self._computing.discard(task)
         if not task.cancelled():
             task.exception()  # retrieved: its caller may have gone; the others had the outcome through the cache

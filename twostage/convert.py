@@ -1,4 +1,4 @@
-"""Documents and metadata between protos and the dataclasses the services use."""
+"""Documents, metadata and write versions between protos and the dataclasses the services use."""
 
 from collections.abc import Mapping
 
@@ -8,6 +8,7 @@ from twostage.corpus import Document, MetadataValue
 from twostage.errors import InvalidArgument
 from twostage.filters import BOUNDS, Filter, FilterClause, NumberRange, check_filter
 from twostage.v1 import common_pb2, recall_pb2
+from twostage.versions import Version
 
 _INTEGRAL = 2**53  # doubles hold every integer up to here exactly
 
@@ -122,3 +123,11 @@ def vector_from_bytes(data: bytes, field: str = "vector") -> np.ndarray | None:
     if len(data) % 4:
         raise InvalidArgument(f"{field} has {len(data)} bytes, not a whole number of float32 values")
     return np.frombuffer(data, dtype="<f4").astype(np.float32)
+
+
+def version_from_proto(proto: common_pb2.WriteVersion) -> Version:
+    return Version(proto.clock, proto.writer)
+
+
+def version_to_proto(version: Version) -> common_pb2.WriteVersion:
+    return common_pb2.WriteVersion(clock=version.clock, writer=version.writer)

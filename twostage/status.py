@@ -76,12 +76,28 @@ def translate_errors(method):
     return wrapper
 
 
-# A stage refusing the gateway's own token is the deployment's fault, not the caller's: it stays UNAVAILABLE.
-ERROR_BY_STATUS: dict[grpc.StatusCode, type[errors.TwostageError]] = {
-    code: error for error, code in STATUS_BY_ERROR.items()
-    if error not in (errors.ModelMismatch, errors.ConfigError, errors.IndexLocked, errors.StorageFull, errors.TooLarge,
-                     errors.Unauthenticated, errors.PermissionDenied, errors.RequestTimeout)
-}
+# Never read back from a stage's status. A stage refusing the gateway's own token is the deployment's fault, not
+# the caller's: it stays UNAVAILABLE.
+_NOT_FROM_A_STAGE = (errors.ModelMismatch, errors.ConfigError, errors.IndexLocked, errors.StorageFull,
+                     errors.TooLarge, errors.Unauthenticated, errors.PermissionDenied, errors.RequestTimeout)
+# Codes that several of the remaining errors share, and the error each means at the caller: a stage that is not
+# ready is, to its caller, unavailable.
+_SHARED_CODES: dict[grpc.StatusCode, type[errors.TwostageError]] = {grpc.StatusCode.UNAVAILABLE: errors.Unavailable}
+
+
+def _error_by_status() -> dict[grpc.StatusCode, type[errors.TwostageError]]:
+    candidates: dict[grpc.StatusCode, list[type[errors.TwostageError]]] = {}
+    for error, code in STATUS_BY_ERROR.items():
+        if error not in _NOT_FROM_A_STAGE:
+            candidates.setdefault(code, []).append(error)
+    shared = {code for code, found in candidates.items() if len(found) > 1}
+    if shared != set(_SHARED_CODES):  # a new error sharing a code must say which one the code means
+        raise AssertionError(f"statuses shared by several errors: {sorted(c.name for c in shared)}; "
+                             f"choices made: {sorted(c.name for c in _SHARED_CODES)}")
+    return {code: _SHARED_CODES.get(code, found[0]) for code, found in candidates.items()}
+
+
+ERROR_BY_STATUS = _error_by_status()
 
 
 def error_from_rpc(error: grpc.aio.AioRpcError, name: str, target: str) -> errors.TwostageError:

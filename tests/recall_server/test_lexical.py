@@ -1,11 +1,10 @@
 """Lexical and hybrid recall over a real index and the real embedding model: BM25 finds an exact rare
 term the embedding misses, hybrid keeps what each finds, both indexes follow every write (across kill -9
-too), an index made before the lexical part gains it on open, and filters apply in every mode."""
+too: tests/system/test_crash_recovery.py), an index made before the lexical part gains it on open, and
+filters apply in every mode."""
 
 import json
-import os
 import shutil
-import signal
 import sqlite3
 
 import grpc
@@ -146,38 +145,6 @@ def test_whether_the_store_has_a_lexical_part_is_known_without_reading_it(index_
         assert reader.lexical_search("cancer", 5) and reader.has_lexical
     finally:
         reader.close()
-
-
-@pytest.mark.slow
-def test_both_indexes_survive_kill_9(built_index, tmp_path):
-    from tests.recall_server.test_crash_recovery import start_recall
-    from tests.twostage.test_cli import free_port_run
-
-    index_dir = tmp_path / "index"
-    shutil.copytree(built_index, index_dir)
-    port = free_port_run(1)
-    kept = common_pb2.Document(id="kept", text="The YV5521 isolate grew at low temperature.")
-    gone = common_pb2.Document(id="gone", text="The WQ8813 isolate failed to grow.")
-    process = start_recall(index_dir, port)
-    with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
-        stub = recall_pb2_grpc.RecallStub(channel)
-        stub.Upsert(common_pb2.UpsertRequest(documents=[kept, gone]), timeout=60)
-        stub.Delete(common_pb2.DeleteRequest(ids=["gone"]), timeout=60)
-    os.kill(process.pid, signal.SIGKILL)
-    process.wait()
-    process = start_recall(index_dir, port)
-    try:
-        with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
-            stub = recall_pb2_grpc.RecallStub(channel)
-            for mode in (common_pb2.RECALL_MODE_LEXICAL, common_pb2.RECALL_MODE_HYBRID, common_pb2.RECALL_MODE_DENSE):
-                def found(query, mode=mode):
-                    reply = stub.Search(recall_pb2.RecallSearchRequest(query=query, k=5, mode=mode), timeout=60)
-                    return [c.id for c in reply.candidates]
-                assert "kept" in found("YV5521 isolate temperature")
-                assert "gone" not in found("WQ8813 isolate failed to grow")
-    finally:
-        process.send_signal(signal.SIGTERM)
-        process.wait(60)
 
 
 async def test_a_bad_filter_is_invalid_argument_naming_the_clause(recall_target, channel_to):

@@ -154,42 +154,6 @@ async def test_acknowledged_writes_survive_a_restart(index_copy, models):
         await server.stop(grace_s=1)
 
 
-async def test_a_shard_refuses_ids_it_does_not_own_and_a_replica_refuses_writes(sharded_index, tmp_path, models):
-    import shutil
-
-    from recall_server.config import RecallSettings
-    from recall_server.service import RecallService
-    from recall_server.servicer import build_server
-    from twostage.sharding import shard_of
-
-    shutil.copytree(sharded_index / "shard-0", tmp_path / "shard-0")
-    mine = next(f"id-{i}" for i in range(100) if shard_of(f"id-{i}", 2) == 0)
-    theirs = next(f"id-{i}" for i in range(100) if shard_of(f"id-{i}", 2) == 1)
-    for read_only in (False, True):
-        server = build_server(RecallService(RecallSettings(port=0, index_dir=tmp_path / "shard-0", read_only=read_only)))
-        port = await server.start()
-        try:
-            async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
-                stub = recall_pb2_grpc.RecallStub(channel)
-                info = await stub.Info(common_pb2.InfoRequest())
-                assert (info.shard, info.shards, info.read_only) == (0, 2, read_only)
-                with pytest.raises(grpc.aio.AioRpcError) as caught:
-                    await stub.Upsert(common_pb2.UpsertRequest(documents=[common_pb2.Document(id=theirs, text="x")]))
-                assert caught.value.code() is grpc.StatusCode.INVALID_ARGUMENT
-                assert "belongs to shard 1 of 2, and this server holds shard 0" in caught.value.details()
-                write = stub.Upsert(common_pb2.UpsertRequest(documents=[common_pb2.Document(id=mine, text="x")]))
-                if read_only:
-                    with pytest.raises(grpc.aio.AioRpcError) as caught:
-                        await write
-                    assert caught.value.code() is grpc.StatusCode.FAILED_PRECONDITION
-                else:
-                    assert (await write).upserted == 1
-                got = await stub.Get(common_pb2.GetRequest(ids=[mine, "absent"]))
-                assert [d.id for d in got.documents] == [mine] and list(got.missing) == ["absent"]
-        finally:
-            await server.stop(grace_s=0)
-
-
 async def test_metadata_comes_back_typed_in_hits_and_get(stub):
     metadata = {
         "lang": common_pb2.MetadataValue(string_value="en"),

@@ -186,8 +186,8 @@ async def test_prometheus_reads_the_caches_own_totals_at_scrape_time():
     cache = PairScoreCache(10_000, "model")
     collector.register(cache)
     keys = [cache.key("query", f"document {i}") for i in range(3)]
-    _, _, computed = cache.split(keys)
-    cache.finish([keys[i] for i in computed], [0.1, 0.2, 0.3])
+    _, _, to_compute = cache.split(keys)
+    cache.finish([keys[i] for i in to_compute], [0.1, 0.2, 0.3])
     cache.split(keys[:2])
     exported = {family.name: family.samples[0].value for family in collector.collect()}
     assert exported == {"twostage_rerank_cache_hits": 2, "twostage_rerank_cache_misses": 3,

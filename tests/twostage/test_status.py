@@ -49,3 +49,20 @@ def test_the_status_table_gives_each_error_its_codes():
     }
     for error, (code, http) in expected.items():
         assert (status_for(error), http_status_for(error)) == (code, http), type(error).__name__
+
+
+def test_a_stages_status_reads_back_as_the_error_it_means_at_the_caller():
+    """Written out: UNAVAILABLE is Unavailable (a stage not ready is, to its caller, unavailable), and errors that
+    only this server raises (a refused token, a full disk) are never read back from a stage's status."""
+    from twostage.status import ERROR_BY_STATUS
+
+    assert ERROR_BY_STATUS == {
+        grpc.StatusCode.INVALID_ARGUMENT: errors.InvalidArgument,
+        grpc.StatusCode.OUT_OF_RANGE: errors.TooLong,
+        grpc.StatusCode.RESOURCE_EXHAUSTED: errors.Overloaded,
+        grpc.StatusCode.UNAVAILABLE: errors.Unavailable,
+        grpc.StatusCode.DEADLINE_EXCEEDED: errors.DeadlineExceeded,
+        grpc.StatusCode.CANCELLED: errors.Cancelled,
+        grpc.StatusCode.FAILED_PRECONDITION: errors.FailedPrecondition,
+        grpc.StatusCode.NOT_FOUND: errors.NotFound,
+    }

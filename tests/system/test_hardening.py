@@ -109,7 +109,7 @@ async def test_a_failing_replica_is_ejected_for_eject_s_then_returns(servers, re
     batches_before = flaky.batcher.stats.batches
 
     async def back():
-        return flaky_replica.available(time.monotonic())
+        return flaky_replica.available()
 
     await wait_until(back)
     assert time.monotonic() >= ejected_until  # out for eject_s, though health said SERVING all along

@@ -235,7 +235,7 @@ def test_sigterm_to_eval_stops_its_stack_and_frees_its_ports(tmp_path, demo_data
     import subprocess
     import sys
 
-    from tests.twostage.test_cli import free_port_run, wait_for_line
+    from tests.system.test_cli import free_port_run, wait_for_line
 
     dataset = with_corpus(beir_slice(tmp_path / "data", demo_data), demo_data, 40, 2)
     port = free_port_run(3)

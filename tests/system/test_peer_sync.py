@@ -11,9 +11,10 @@ import pytest
 
 from recall_server.config import RecallSettings
 from recall_server.docstore import Write
+from recall_server.replication import PeerCursor
 from recall_server.service import RecallService
 from recall_server.servicer import build_server
-from tests.recall_server.test_snapshots import SHARD, id_of_shard, publish_copy, until
+from tests.system.test_snapshots import SHARD, id_of_shard, publish_copy, until
 from twostage.corpus import Document
 from twostage.sharding import shard_of
 from twostage.v1 import recall_pb2, recall_pb2_grpc
@@ -135,7 +136,7 @@ async def test_anti_entropy_repairs_what_catch_up_cannot_see(shard):
     # The second replica's cursor claims it has read all of the first's changes already (a lost or restored
     # cursor, say): catch-up alone never sends them.
     _, first_id, _ = await first.changes("v1", 0, 1)
-    second.peers._cursors[first_address] = (first_id, "v1", first.index.store.max_seq())
+    second.peers._cursors[first_address] = PeerCursor(first_id, "v1", (first.index.store.max_seq(), 0))
     shard.peers(first_address, second_address)
     await until(lambda: state(second) == state(first), timeout_s=60)
     repaired_at = time.time()
@@ -226,9 +227,9 @@ async def test_a_purge_waits_until_every_peer_holds_the_rows_below_its_horizon(s
 
 
 async def test_changes_are_sent_in_replies_bounded_in_size(shard, monkeypatch):
-    import recall_server.service as service_module
+    from recall_server import replication
 
-    monkeypatch.setattr(service_module, "CHANGES_MAX_BYTES", 1)  # one change a reply
+    monkeypatch.setattr(replication, "CHANGES_MAX_BYTES", 1)  # one change a reply
     first, _, first_address = await shard.start("a")
     written = [Document(i, "", f"note {i}") for i in ids_of_shard("bounded", 30)]
     await first.upsert(written)

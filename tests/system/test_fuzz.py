@@ -98,7 +98,7 @@ INFO = st.just(common_pb2.InfoRequest())
 def stack(built_index, tmp_path_factory):
     """serve all on a copy of the test index, two rerank replicas, and budgets capped so that the
     run is bounded by what the CPU can do, not by the generated budgets."""
-    from tests.twostage.test_cli import free_port_run, wait_for_line
+    from tests.system.test_cli import free_port_run, wait_for_line
 
     index = tmp_path_factory.mktemp("fuzz") / "index"
     shutil.copytree(built_index, index)

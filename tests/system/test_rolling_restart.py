@@ -53,7 +53,7 @@ class Process:
 
 
 async def test_rolling_restarts_under_load_fail_no_request(built_index, tmp_path):
-    from tests.twostage.test_cli import free_port_run
+    from tests.system.test_cli import free_port_run
 
     base = free_port_run(4)
     copies = []

@@ -1,5 +1,6 @@
 """kill -9 of a recall server in the middle of a stream of acknowledged upserts, several
-rounds: after each restart every acknowledged document is there, whole, by id and by search."""
+rounds: after each restart every acknowledged document is there, whole, by id and by search; and both
+indexes (the graph and BM25) follow a write and a delete across kill -9."""
 
 import os
 import shutil
@@ -38,7 +39,7 @@ def document(round_: int, i: int) -> common_pb2.Document:
 
 
 def test_acknowledged_upserts_survive_kill_9(built_index, tmp_path):
-    from tests.twostage.test_cli import free_port_run
+    from tests.system.test_cli import free_port_run
 
     index_dir = tmp_path / "index"
     shutil.copytree(built_index, index_dir)
@@ -86,3 +87,33 @@ def test_acknowledged_upserts_survive_kill_9(built_index, tmp_path):
             process.send_signal(signal.SIGTERM)
             process.wait(60)
     print(f"\nkill -9: {len(acknowledged)} acknowledged upserts over {ROUNDS} rounds, all recovered")
+
+
+def test_both_indexes_survive_kill_9(built_index, tmp_path):
+    from tests.system.test_cli import free_port_run
+
+    index_dir = tmp_path / "index"
+    shutil.copytree(built_index, index_dir)
+    port = free_port_run(1)
+    kept = common_pb2.Document(id="kept", text="The YV5521 isolate grew at low temperature.")
+    gone = common_pb2.Document(id="gone", text="The WQ8813 isolate failed to grow.")
+    process = start_recall(index_dir, port)
+    with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
+        stub = recall_pb2_grpc.RecallStub(channel)
+        stub.Upsert(common_pb2.UpsertRequest(documents=[kept, gone]), timeout=60)
+        stub.Delete(common_pb2.DeleteRequest(ids=["gone"]), timeout=60)
+    os.kill(process.pid, signal.SIGKILL)
+    process.wait()
+    process = start_recall(index_dir, port)
+    try:
+        with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
+            stub = recall_pb2_grpc.RecallStub(channel)
+            for mode in (common_pb2.RECALL_MODE_LEXICAL, common_pb2.RECALL_MODE_HYBRID, common_pb2.RECALL_MODE_DENSE):
+                def found(query, mode=mode):
+                    reply = stub.Search(recall_pb2.RecallSearchRequest(query=query, k=5, mode=mode), timeout=60)
+                    return [c.id for c in reply.candidates]
+                assert "kept" in found("YV5521 isolate temperature")
+                assert "gone" not in found("WQ8813 isolate failed to grow")
+    finally:
+        process.send_signal(signal.SIGTERM)
+        process.wait(60)

@@ -1,7 +1,9 @@
 """Independent tiers as real processes on loopback: two recall shards, two
-rerank replicas. Replicas and shards are killed while traffic flows."""
+rerank replicas. Replicas and shards are killed while traffic flows. A shard's
+server holds only its own ids."""
 
 
+import grpc
 import pytest
 
 from gateway.config import GatewaySettings
@@ -20,7 +22,7 @@ QUERIES = ["vitamin B12 deficiency", "folic acid and homocysteine", "tuberculosi
 async def stack(sharded_index, tmp_path_factory):
     """One topology for the module (five model-loading processes). The tests that kill part of it
     come last in the file and leave enough standing for each other."""
-    from tests.twostage.test_cli import free_port_run
+    from tests.system.test_cli import free_port_run
 
     base = free_port_run(5)
     topology = Stack("127.0.0.1", base, str(sharded_index), rerank_replicas=2, recall_shards=2)
@@ -148,3 +150,39 @@ async def test_a_slow_replica_still_answers_within_budget(rerank_target, recall_
         assert sum(reranked) > 0  # the healthy replica's share still gets reranked
     finally:
         await slow.stop(grace_s=0)
+
+
+async def test_a_shard_refuses_ids_it_does_not_own_and_a_replica_refuses_writes(sharded_index, tmp_path, models):
+    import shutil
+
+    from recall_server.config import RecallSettings
+    from recall_server.service import RecallService
+    from recall_server.servicer import build_server
+    from twostage.sharding import shard_of
+
+    shutil.copytree(sharded_index / "shard-0", tmp_path / "shard-0")
+    mine = next(f"id-{i}" for i in range(100) if shard_of(f"id-{i}", 2) == 0)
+    theirs = next(f"id-{i}" for i in range(100) if shard_of(f"id-{i}", 2) == 1)
+    for read_only in (False, True):
+        server = build_server(RecallService(RecallSettings(port=0, index_dir=tmp_path / "shard-0", read_only=read_only)))
+        port = await server.start()
+        try:
+            async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
+                stub = recall_pb2_grpc.RecallStub(channel)
+                info = await stub.Info(common_pb2.InfoRequest())
+                assert (info.shard, info.shards, info.read_only) == (0, 2, read_only)
+                with pytest.raises(grpc.aio.AioRpcError) as caught:
+                    await stub.Upsert(common_pb2.UpsertRequest(documents=[common_pb2.Document(id=theirs, text="x")]))
+                assert caught.value.code() is grpc.StatusCode.INVALID_ARGUMENT
+                assert "belongs to shard 1 of 2, and this server holds shard 0" in caught.value.details()
+                write = stub.Upsert(common_pb2.UpsertRequest(documents=[common_pb2.Document(id=mine, text="x")]))
+                if read_only:
+                    with pytest.raises(grpc.aio.AioRpcError) as caught:
+                        await write
+                    assert caught.value.code() is grpc.StatusCode.FAILED_PRECONDITION
+                else:
+                    assert (await write).upserted == 1
+                got = await stub.Get(common_pb2.GetRequest(ids=[mine, "absent"]))
+                assert [d.id for d in got.documents] == [mine] and list(got.missing) == ["absent"]
+        finally:
+            await server.stop(grace_s=0)

@@ -18,7 +18,7 @@ from opentelemetry import trace
 from prometheus_client.openmetrics.parser import text_string_to_metric_families as openmetrics_families
 from prometheus_client.parser import text_string_to_metric_families
 
-from tests.twostage.test_cli import free_port_run
+from tests.system.test_cli import free_port_run
 from twostage import tracing
 from twostage.bench.otlp import OtlpReceiver
 from twostage.stack import Stack

@@ -16,7 +16,7 @@ from twostage.v1 import common_pb2, gateway_pb2, gateway_pb2_grpc, recall_pb2_gr
 async def test_a_write_through_the_gateway_reaches_every_replica_of_its_shard_only(sharded_index, tmp_path):
     import shutil
 
-    from tests.twostage.test_cli import free_port_run
+    from tests.system.test_cli import free_port_run
 
     shutil.copytree(sharded_index, tmp_path / "index")  # replica 0 of each shard writes to its shard's index
     stack = Stack("127.0.0.1", free_port_run(6), str(tmp_path / "index"), recall_shards=2, shard_replicas=2)
