@@ -18,9 +18,10 @@ from twostage.corpus import DEMO_CORPUS, read_corpus, read_qrels, read_queries
 from twostage.model_store import fetch_defaults
 
 # Servers run the plan named here rather than calibrating at their first start; test_execution_plan covers
-# every plan and the choice by measurement.
-for _prefix in ("TWOSTAGE_RERANK_", "TWOSTAGE_RECALL_"):
-    os.environ.setdefault(_prefix + "EXECUTION_PLAN", "single")
+# every plan and the choice by measurement. Recall runs its sessions side by side: the system tests' bulk writes
+# embed on both cores, with the same stock graph (and vectors) as single.
+os.environ.setdefault("TWOSTAGE_RERANK_EXECUTION_PLAN", "single")
+os.environ.setdefault("TWOSTAGE_RECALL_EXECUTION_PLAN", "sessions")
 
 # Queries whose relevant documents go into the test index, with filler documents.
 TEST_QUERIES = 8
