@@ -334,8 +334,9 @@ class RerankPool:
             # Several smaller requests rather than one: if the tail runs late, only the tail is lost. With time to
             # spare (the share predicted done within a quarter of the time left: wrong fourfold before it is late)
             # one request saves the others' round trips, each of which costs both ends about as much as a short
-            # pair scored from the cache. A budget that binds (the first call of a top-up takes up to half the
-            # time) is always sliced.
+            # pair scored from the cache. A budget that binds is mostly sliced (a top-up's first call takes up to
+            # half the time, so it goes whole only below about a quarter). One request is all or nothing at the
+            # deadline: a late second server batch loses the first batch's pairs too, where slices keep them.
             tight = self.slice_ms and replica.finish_ms(ms * len(positions), now) > time_left_ms / 4
             most = max(1, int(self.slice_ms / ms)) if tight else max(len(positions), 1)
             slices += [(replica, positions[first:first + most]) for first in range(0, len(positions), most)]
