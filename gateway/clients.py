@@ -21,6 +21,8 @@ from twostage.convert import (
     recall_mode_to_proto,
     vector_from_bytes,
     vector_to_bytes,
+    version_from_proto,
+    version_to_proto,
 )
 from twostage.corpus import Document, MetadataValue
 from twostage.feedback import Feedback
@@ -100,13 +102,8 @@ class WriteReply:
 
     @classmethod
     def of(cls, reply, count: int) -> "WriteReply":
-        newest = reply.newest_version if reply.HasField("newest_version") else None
-        return cls(count, reply.doc_count, reply.superseded,
-                   None if newest is None else Version(newest.clock, newest.writer))
-
-
-def _version_proto(version: Version | None) -> common_pb2.WriteVersion | None:
-    return None if version is None else common_pb2.WriteVersion(clock=version.clock, writer=version.writer)
+        newest = version_from_proto(reply.newest_version) if reply.HasField("newest_version") else None
+        return cls(count, reply.doc_count, reply.superseded, newest)
 
 
 class _Client:
@@ -194,13 +191,14 @@ class RecallClient(_Client):
     async def upsert(self, docs: list[Document], timeout_s: float | None, request_id: str = "",
                      version: Version | None = None) -> "WriteReply":
         request = common_pb2.UpsertRequest(documents=[document_to_proto(d) for d in docs], request_id=request_id,
-                                           version=_version_proto(version))
+                                           version=None if version is None else version_to_proto(version))
         reply = await self._call("Upsert", request, timeout_s)
         return WriteReply.of(reply, reply.upserted)
 
     async def delete(self, ids: list[str], timeout_s: float | None, request_id: str = "",
                      version: Version | None = None) -> "WriteReply":
-        request = common_pb2.DeleteRequest(ids=ids, request_id=request_id, version=_version_proto(version))
+        request = common_pb2.DeleteRequest(ids=ids, request_id=request_id,
+                                           version=None if version is None else version_to_proto(version))
         reply = await self._call("Delete", request, timeout_s)
         return WriteReply.of(reply, reply.deleted)
 
