@@ -9,10 +9,10 @@ from dataclasses import dataclass, field
 import grpc
 import numpy as np
 
-from gateway.fusion import Calibration
 from twostage import tracing
 from twostage.connect import PLAINTEXT, Credentials, ReloadingCredentials, RotatingChannel
 from twostage.convert import (
+    calibration_from_proto,
     document_from_proto,
     document_to_proto,
     filter_to_proto,
@@ -28,6 +28,7 @@ from twostage.corpus import Document, MetadataValue
 from twostage.feedback import Feedback
 from twostage.filters import Filter
 from twostage.probe import channel_health
+from twostage.scoring import Calibration
 from twostage.status import error_from_rpc
 from twostage.v1 import common_pb2, recall_pb2, recall_pb2_grpc, rerank_pb2, rerank_pb2_grpc
 from twostage.versions import Version
@@ -182,9 +183,7 @@ class RecallClient(_Client):
                             c.dense_score, c.lexical_score, vector_from_bytes(c.vector), c.prf_dense_score)
             for c in reply.candidates
         ]
-        fitted = reply.calibration if reply.HasField("calibration") else None
-        calibration = None if fitted is None else Calibration(fitted.scale, fitted.center, fitted.lexical_scale,
-                                                              fitted.lexical_center)
+        calibration = calibration_from_proto(reply.calibration) if reply.HasField("calibration") else None
         return RecallReply(candidates, dict(reply.timings_ms), recall_mode_from_proto(reply.mode), calibration,
                            vector_from_bytes(reply.query_vector), reply.prf_hits, reply.prf_skipped, self.target)
 

@@ -6,16 +6,17 @@ from typing import Literal
 from pydantic import Field
 from pydantic_settings import SettingsConfigDict
 
-from gateway.fusion import (
+from twostage.config import ServiceSettings
+from twostage.membership import split_targets
+from twostage.scoring import (
     DEFAULT_CALIBRATION,
     LEXICAL_CENTER,
     LEXICAL_SCALE,
     RECALL_CENTER,
     RECALL_SCALE,
     Calibration,
+    Fusion,
 )
-from twostage.config import ServiceSettings
-from twostage.membership import split_targets
 
 
 class GatewaySettings(ServiceSettings):
@@ -89,8 +90,8 @@ class GatewaySettings(ServiceSettings):
         description="Most texts in one Embed request; the gateway cuts it into pieces of the size a recall replica "
         "accepts and spreads them over the tier.",
     )
-    fusion: Literal["none", "linear", "rrf", "calibrated"] = Field(
-        "calibrated",
+    fusion: Fusion = Field(
+        Fusion.CALIBRATED,
         description="Final score: calibrated (both scores on the logit scale with constants fitted from the index, "
         "in [0, 1], "
         "comparable across queries), linear (per-query z-scores), rrf or none (rerank only). On SciFact "

@@ -30,7 +30,6 @@ import numpy as np
 from gateway.clients import RecallCandidate, RecallReply
 from gateway.config import GatewaySettings
 from gateway.degradation import Degradable, Degradation, DegradationCode
-from gateway.fusion import DEFAULT_CALIBRATION, FUSIONS, Calibration, fuse, mean_calibration, recall_part, relevance
 from gateway.metrics import observe_degradations, observe_search
 from gateway.recall_tier import RecallShard
 from gateway.rerank_pool import RerankOutcome, RerankPool, is_callers_mistake
@@ -38,7 +37,17 @@ from twostage import errors, feedback, tracing
 from twostage.corpus import MetadataValue, titled_text
 from twostage.feedback import Feedback
 from twostage.filters import Filter
-from twostage.hybrid import fuse as fuse_recall
+from twostage.scoring import (
+    DEFAULT_CALIBRATION,
+    HYBRID_DENSE_WEIGHT,
+    Calibration,
+    Fusion,
+    HybridFusion,
+    fuse_recall,
+    mean_calibration,
+    rank_final,
+    relevance,
+)
 
 log = logging.getLogger(__name__)
 _REQUEST_ID = re.compile(r"[A-Za-z0-9._:/-]{1,128}")
@@ -57,7 +66,7 @@ class SearchQuery:
     budget_ms: int = 0
     request_id: str = ""
     deadline_s: float | None = None  # client deadline, time.monotonic() clock
-    fusion: str | None = None  # None: the server default
+    fusion: Fusion | None = None  # None: the server default
     fusion_alpha: float | None = None
     skip_rerank: bool = False
     score_threshold: float | None = None
@@ -147,8 +156,9 @@ class StageLimits:
     rerank_max_documents: int | None = None
     rerank_max_document_chars: int | None = None
     recall_max_embed_texts: int | None = None
-    recall_hybrid_fusion: str | None = None  # how the shards fuse hybrid lists; the gateway fuses their union alike
-    recall_hybrid_dense_weight: float | None = None
+    # How the shards fuse hybrid lists (None: not known yet); the gateway fuses their union alike.
+    recall_hybrid_fusion: HybridFusion | None = None
+    recall_hybrid_dense_weight: float = HYBRID_DENSE_WEIGHT
     recall_prf_depth: int | None = None  # the recall servers' pseudo-relevance feedback settings
     recall_prf_weight: float | None = None
 
@@ -208,8 +218,8 @@ class SearchPipeline:
         if top_k > recall_k:
             raise errors.InvalidArgument(f"top_k ({top_k}) must not exceed recall_k ({recall_k})")
         budget_s, request_id = resolve_budget(self.settings, q.budget_ms, q.request_id)
-        if q.fusion is not None and q.fusion not in FUSIONS:
-            raise errors.InvalidArgument(f"fusion must be one of {', '.join(FUSIONS)}, got {q.fusion!r}")
+        if q.fusion is not None and q.fusion not in tuple(Fusion):
+            raise errors.InvalidArgument(f"fusion must be one of {', '.join(Fusion)}, got {q.fusion!r}")
         if q.fusion_alpha is not None and not 0 <= q.fusion_alpha <= 1:
             raise errors.InvalidArgument(f"fusion_alpha must be between 0 and 1, got {q.fusion_alpha}")
         if q.score_threshold is not None and not math.isfinite(q.score_threshold):
@@ -645,38 +655,17 @@ class SearchPipeline:
             start, end = end, min(end + self.settings.rerank_round_pairs, len(documents))
 
     @staticmethod
-    def _rank(candidates: list[RecallCandidate], scores: dict[int, float], fusion: str, alpha: float,
+    def _rank(candidates: list[RecallCandidate], scores: dict[int, float], fusion: Fusion, alpha: float,
               calibration: Calibration = DEFAULT_CALIBRATION, lexical: bool = False) -> list[Hit]:
-        """Reranked candidates by fused score, then the rest in recall order; scores descend with rank.
-        ``lexical``: recall ran lexically, so calibrated fusion counts BM25 too."""
-        positions = sorted(scores)
-        # Calibrated fusion reads the cosine (fixed constants); the relative ones the recall order's own score.
-        recall_scores = [c.dense_score if fusion == "calibrated" else c.score for c in candidates]
-        bm25 = [candidates[i].lexical_score for i in positions] if lexical else None
-        fused = dict(zip(positions, fuse([recall_scores[i] for i in positions], [scores[i] for i in positions],
-                                         fusion, alpha, calibration, bm25)))
-        reranked = sorted(
-            (Hit(c.id, c.title, c.text, fused[i], scores[i], i + 1, c.score, c.metadata, relevance(scores[i]),
-                 c.dense_score, c.lexical_score)
-             for i, c in enumerate(candidates) if i in scores),
-            key=lambda h: -h.score,
-        )
-        # Not reranked: what the fusion gives a candidate with no rerank evidence (calibrated: its recall part
-        # alone; the relative fusions: the cosine), never above a reranked hit, so order and score agree.
-        rest = []
-        ceiling = reranked[-1].score if reranked else math.inf
-        for i, c in enumerate(candidates):
-            if i in scores:
-                continue
-            natural = (recall_part(c.dense_score, alpha, calibration, c.lexical_score if lexical else None)
-                       if fusion == "calibrated" else c.score)
-            score = min(natural, ceiling)
-            if reranked and score >= ceiling:
-                score = math.nextafter(ceiling, -math.inf)
-            ceiling = score
-            rest.append(Hit(c.id, c.title, c.text, score, None, i + 1, c.score, c.metadata,
-                            dense_score=c.dense_score, lexical_score=c.lexical_score))
-        return reranked + rest
+        """The final order as hits (scoring.rank_final); ``scores``: rerank's, by position in recall order."""
+        hits = []
+        for i, score in rank_final(candidates, scores, fusion, alpha, calibration, lexical):
+            c = candidates[i]
+            rerank_score = scores.get(i)
+            hits.append(Hit(c.id, c.title, c.text, score, rerank_score, i + 1, c.score, c.metadata,
+                            None if rerank_score is None else relevance(rerank_score), c.dense_score,
+                            c.lexical_score))
+        return hits
 
 
 def _add_timings(result: SearchResult, prefix: str, replies: list[RecallReply]) -> None:

@@ -6,7 +6,6 @@ import grpc
 
 from gateway.config import GatewaySettings
 from gateway.embedding import EmbedTextsQuery
-from gateway.fusion import FUSIONS
 from gateway.lifecycle import GatewayLifecycle
 from gateway.pipeline import RerankTextsQuery, SearchQuery
 from gateway.writes import WriteResult
@@ -16,6 +15,8 @@ from twostage.convert import (
     document_from_proto,
     document_to_proto,
     filter_from_proto,
+    fusion_from_proto,
+    fusion_to_proto,
     metadata_to_proto,
     recall_mode_from_proto,
 )
@@ -24,11 +25,6 @@ from twostage.status import translate_errors
 from twostage.v1 import common_pb2, gateway_pb2, gateway_pb2_grpc
 
 log = logging.getLogger(__name__)
-
-
-# The proto's FusionMethod by the settings' names; UNSPECIFIED means the server default.
-FUSION_BY_CODE = {gateway_pb2.FusionMethod.Value(f"FUSION_{name.upper()}"): name for name in FUSIONS}
-CODE_BY_FUSION = {name: code for code, name in FUSION_BY_CODE.items()}
 
 
 def _write_fields(result: WriteResult) -> dict:
@@ -65,7 +61,7 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
                 budget_ms=request.budget_ms,
                 request_id=request.request_id,
                 deadline_s=deadline_of(context),
-                fusion=FUSION_BY_CODE.get(request.fusion),
+                fusion=fusion_from_proto(request.fusion),
                 fusion_alpha=request.fusion_alpha if request.HasField("fusion_alpha") else None,
                 skip_rerank=request.skip_rerank,
                 score_threshold=request.score_threshold if request.HasField("score_threshold") else None,
@@ -149,7 +145,7 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
     async def Info(self, request: common_pb2.InfoRequest, context: grpc.aio.ServicerContext):
         info = info_fields(self.lifecycle)
         return gateway_pb2.GatewayInfo(
-            **{**info, "default_fusion": CODE_BY_FUSION[info["default_fusion"]],
+            **{**info, "default_fusion": fusion_to_proto(info["default_fusion"]),
                "calibration": gateway_pb2.FusionCalibration(**info["calibration"]),
                "limits": [common_pb2.Limit(name=name, value=value) for name, value in info["limits"].items()]})
 

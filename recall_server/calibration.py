@@ -21,6 +21,7 @@ from dataclasses import asdict, dataclass
 import numpy as np
 
 from twostage.corpus import Document
+from twostage.scoring import Calibration
 
 PSEUDO_QUERIES = 256
 IRRELEVANT_PER_QUERY = 16
@@ -34,12 +35,10 @@ PSEUDO_QUERY_CHARS = 200
 PSEUDO_QUERY_WORDS = 10  # without a title: a query is a few words, never the whole document
 
 
-@dataclass(frozen=True)
-class FittedCalibration:
-    scale: float
-    center: float
-    lexical_scale: float
-    lexical_center: float
+@dataclass(frozen=True, kw_only=True)
+class FittedCalibration(Calibration):
+    """The constants as fitted from an index, with what they were fitted on."""
+
     pseudo_queries: int
     doc_count: int  # live documents when fitted
 
@@ -87,4 +86,5 @@ def fit(own_cosine: np.ndarray, other_cosine: np.ndarray, own_bm25: np.ndarray, 
     if len(own_bm25) and len(other_bm25):
         lexical_center = float(np.quantile(other_bm25, IRRELEVANT_QUANTILE))
         lexical_scale = LEXICAL_SPAN / max(float(np.median(own_bm25)) - lexical_center, MIN_LEXICAL_GAP)
-    return FittedCalibration(COSINE_SPAN / gap, center, lexical_scale, lexical_center, len(own_cosine), doc_count)
+    return FittedCalibration(scale=COSINE_SPAN / gap, center=center, lexical_scale=lexical_scale,
+                             lexical_center=lexical_center, pseudo_queries=len(own_cosine), doc_count=doc_count)

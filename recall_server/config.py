@@ -11,6 +11,7 @@ from twostage import feedback
 from twostage.config import BatchingSettings, RuntimeSettings, ServiceSettings
 from twostage.documents import DEFAULT_LIMITS, DocumentLimits
 from twostage.model_store import DEFAULT_EMBED_MODEL
+from twostage.scoring import HYBRID_DENSE_WEIGHT, HybridFusion
 
 DEFAULT_INDEX_DIR = Path(platformdirs.user_data_dir("twostage")) / "indexes" / "demo"
 
@@ -37,9 +38,9 @@ class RecallSettings(ServiceSettings, RuntimeSettings, BatchingSettings):
         description="How a search without a mode finds candidates: dense (embedding nearest neighbours), lexical "
         "(BM25 over title and text) or hybrid (both, fused). On SciFact hybrid measured best (see the README).",
     )
-    hybrid_fusion: Literal["zscore", "rrf"] = Field(
-        "zscore", description="How hybrid mode fuses the dense and lexical lists: per-query z-scores or reciprocal "
-        "rank fusion.",
+    hybrid_fusion: HybridFusion = Field(
+        HybridFusion.ZSCORE,
+        description="How hybrid mode fuses the dense and lexical lists: per-query z-scores or reciprocal rank fusion.",
     )
     lexical_depth: int = Field(
         1000, ge=1, le=100_000,
@@ -47,7 +48,7 @@ class RecallSettings(ServiceSettings, RuntimeSettings, BatchingSettings):
         "a candidate beyond them gets the last score read, an upper bound.",
     )
     hybrid_dense_weight: float = Field(
-        0.7, ge=0, le=1,
+        HYBRID_DENSE_WEIGHT, ge=0, le=1,
         description="Weight of the dense list in hybrid fusion (0-1). On SciFact z-score fusion measured best at "
         "0.6-0.7 (recall nDCG@10 0.738-0.739, Recall@20 0.917-0.920); RRF at best 0.727 / 0.907.",
     )

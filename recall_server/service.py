@@ -34,11 +34,11 @@ from twostage.batching import BatchPolicy, DynamicBatcher
 from twostage.corpus import Document, document_text
 from twostage.documents import check_documents, check_ids, check_request_id
 from twostage.filters import Filter
-from twostage.hybrid import fuse
 from twostage.metrics import RECALL_SEARCH_SECONDS as SEARCH_SECONDS
 from twostage.metrics import watch_batcher, watch_recall
 from twostage.model_store import resolve_model
 from twostage.schema import check_filter_types, conform
+from twostage.scoring import fuse_recall
 from twostage.sharding import shard_of
 from twostage.tracing import exemplar
 from twostage.versions import HybridClock, Version, clock_at
@@ -476,8 +476,8 @@ class RecallService:
                                          "twostage.filtered": filter_ is not None})
         if mode == "hybrid":
             with tracing.span("fusion") as span:
-                ranked = fuse(keys, [dense.get(key, 0.0) for key in keys], [lexical.get(key, 0.0) for key in keys],
-                              s.hybrid_fusion, s.hybrid_dense_weight)[:k]
+                ranked = fuse_recall(keys, [dense.get(key, 0.0) for key in keys],
+                                     [lexical.get(key, 0.0) for key in keys], s.hybrid_fusion, s.hybrid_dense_weight)[:k]
                 if span.is_recording():
                     span.set_attributes({"twostage.fusion": s.hybrid_fusion, "twostage.fused": len(keys)})
         else:

@@ -8,10 +8,10 @@ from recall_server.docstore import BUCKETS
 from recall_server.service import RecallService
 from twostage import __version__
 from twostage.convert import (
-    HYBRID_FUSIONS,
     document_from_proto,
     document_to_proto,
     filter_from_proto,
+    hybrid_fusion_to_proto,
     metadata_to_proto,
     recall_mode_from_proto,
     recall_mode_to_proto,
@@ -163,7 +163,7 @@ class RecallServicer(recall_pb2_grpc.RecallServicer):
             shards=info["shards"],
             read_only=info["read_only"],
             default_mode=recall_mode_to_proto(info["default_mode"]),
-            hybrid_fusion=HYBRID_FUSIONS[info["hybrid_fusion"]],
+            hybrid_fusion=hybrid_fusion_to_proto(info["hybrid_fusion"]),
             hybrid_dense_weight=info["hybrid_dense_weight"],
             lexical=info["lexical"],
             calibration=calibration_to_proto(info["calibration"]),

@@ -7,7 +7,8 @@ import numpy as np
 from twostage.corpus import Document, MetadataValue
 from twostage.errors import InvalidArgument
 from twostage.filters import BOUNDS, Filter, FilterClause, NumberRange, check_filter
-from twostage.v1 import common_pb2, recall_pb2
+from twostage.scoring import Calibration, Fusion, HybridFusion
+from twostage.v1 import common_pb2, gateway_pb2, recall_pb2
 from twostage.versions import Version
 
 _INTEGRAL = 2**53  # doubles hold every integer up to here exactly
@@ -103,12 +104,35 @@ def recall_mode_to_proto(mode: str | None) -> int:
     return RECALL_MODES[mode] if mode else common_pb2.RECALL_MODE_UNSPECIFIED
 
 
-HYBRID_FUSIONS = {"zscore": recall_pb2.HYBRID_FUSION_ZSCORE, "rrf": recall_pb2.HYBRID_FUSION_RRF}
+HYBRID_FUSIONS = {HybridFusion.ZSCORE: recall_pb2.HYBRID_FUSION_ZSCORE,
+                  HybridFusion.RRF: recall_pb2.HYBRID_FUSION_RRF}
 
 
-def hybrid_fusion_from_proto(fusion: int) -> str | None:
+def hybrid_fusion_from_proto(fusion: int) -> HybridFusion | None:
     """None when unspecified (a recall server that does not say)."""
     return next((name for name, value in HYBRID_FUSIONS.items() if value == fusion), None)
+
+
+def hybrid_fusion_to_proto(fusion: HybridFusion) -> int:
+    return HYBRID_FUSIONS[HybridFusion(fusion)]
+
+
+FUSIONS = {Fusion.NONE: gateway_pb2.FUSION_NONE, Fusion.LINEAR: gateway_pb2.FUSION_LINEAR,
+           Fusion.RRF: gateway_pb2.FUSION_RRF, Fusion.CALIBRATED: gateway_pb2.FUSION_CALIBRATED}
+
+
+def fusion_from_proto(fusion: int) -> Fusion | None:
+    """None when unspecified or unknown to this version (the gateway's default applies)."""
+    return next((name for name, value in FUSIONS.items() if value == fusion), None)
+
+
+def fusion_to_proto(fusion: Fusion | None) -> int:
+    return FUSIONS[Fusion(fusion)] if fusion else gateway_pb2.FUSION_METHOD_UNSPECIFIED
+
+
+def calibration_from_proto(proto: recall_pb2.ScoreCalibration | gateway_pb2.FusionCalibration) -> Calibration:
+    """The constants of a recall server's fit or of the gateway's calibration in use."""
+    return Calibration(proto.scale, proto.center, proto.lexical_scale, proto.lexical_center)
 
 
 def vector_to_bytes(vector) -> bytes:

@@ -8,7 +8,6 @@ from fastapi import APIRouter
 from fastapi.responses import JSONResponse
 from pydantic import Field
 
-from gateway.fusion import FUSIONS
 from gateway.http.app import Body, UInt32, bounded_list
 from gateway.http.face import Dialect, calls, dialect_route, json_answer
 from gateway.pipeline import SearchQuery
@@ -17,6 +16,7 @@ from gateway.writes import WriteResult
 from twostage import errors
 from twostage.corpus import Document
 from twostage.filters import FilterClause, NumberRange, check_filter
+from twostage.scoring import Fusion
 
 # For answers no error stands for: no such route is gRPC's unknown method; no such path, not found.
 _CODE_BY_HTTP = {404: "NOT_FOUND", 405: "UNIMPLEMENTED"}
@@ -62,7 +62,7 @@ class SearchBody(Body):
     recall_k: UInt32 = 0
     budget_ms: UInt32 = 0
     request_id: str = ""
-    fusion: Literal[tuple(FUSIONS)] | None = None
+    fusion: Annotated[Fusion | None, Field(strict=False)] = None  # by name: strict takes only the enum itself
     fusion_alpha: float | None = None
     skip_rerank: bool = False
     score_threshold: float | None = None

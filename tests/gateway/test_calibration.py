@@ -6,9 +6,9 @@ import numpy as np
 import pytest
 
 from gateway.config import GatewaySettings
-from gateway.fusion import DEFAULT_CALIBRATION, Calibration
 from recall_server import calibration
 from twostage.corpus import Document
+from twostage.scoring import DEFAULT_CALIBRATION, Calibration
 
 
 def test_fit_centres_on_unrelated_pairs_and_scales_to_the_related():

@@ -9,7 +9,7 @@ import pytest
 
 from twostage import feedback
 from twostage.convert import vector_from_bytes
-from twostage.hybrid import fuse
+from twostage.scoring import fuse_recall
 from twostage.v1 import common_pb2, recall_pb2, recall_pb2_grpc
 
 MODES = {"dense": common_pb2.RECALL_MODE_DENSE, "lexical": common_pb2.RECALL_MODE_LEXICAL,
@@ -37,8 +37,8 @@ def first_pass(index, settings, query: str, vector: np.ndarray, k: int, mode: st
         if missing := [key for key in lexical if key not in dense]:
             dense.update(index.dense_scores(vector, missing))
     if mode == "hybrid":
-        ranked = fuse(keys, [dense.get(key, 0.0) for key in keys], [lexical.get(key, 0.0) for key in keys],
-                      settings.hybrid_fusion, settings.hybrid_dense_weight)[:k]
+        ranked = fuse_recall(keys, [dense.get(key, 0.0) for key in keys], [lexical.get(key, 0.0) for key in keys],
+                             settings.hybrid_fusion, settings.hybrid_dense_weight)[:k]
     else:
         source = dense if mode == "dense" else lexical
         ranked = sorted(((key, source[key]) for key in keys), key=lambda pair: -pair[1])[:k]

@@ -10,9 +10,9 @@ from pathlib import Path
 import pytest
 
 from gateway.config import GatewaySettings
-from gateway.fusion import DEFAULT_CALIBRATION, fuse
 from recall_server.config import RecallSettings
 from twostage.corpus import DEMO_CORPUS, Document, read_corpus
+from twostage.scoring import DEFAULT_CALIBRATION, Fusion, fuse_final
 from twostage.v1 import common_pb2, gateway_pb2, gateway_pb2_grpc, recall_pb2_grpc
 
 NONSENSE_QUERY = "zxqv blorp wibble"
@@ -58,8 +58,8 @@ async def test_a_catalogue_scores_relevant_hits_high_and_nonsense_low(catalogue_
             hits = (await _search(stub, query)).hits
             assert hits[0].id == product, query
             assert hits[0].score >= 0.5, (query, hits[0])
-            with_scifact_constants += fuse([hits[0].dense_score], [hits[0].rerank_score], "calibrated", 0.5,
-                                           DEFAULT_CALIBRATION, [hits[0].lexical_score])
+            with_scifact_constants += fuse_final([hits[0].dense_score], [hits[0].rerank_score], Fusion.CALIBRATED,
+                                                 0.5, DEFAULT_CALIBRATION, [hits[0].lexical_score])
         # SciFact's constants put most of them near 0, as the issue saw.
         assert sum(score < 0.1 for score in with_scifact_constants) >= 2, with_scifact_constants
         nonsense = (await _search(stub, NONSENSE_QUERY)).hits

@@ -6,6 +6,7 @@ from pathlib import Path
 from twostage.cli.args import at_least_two
 from twostage.connect import PLAINTEXT, add_credential_flags, credentials_from_args
 from twostage.corpus import DEMO_CORPUS
+from twostage.scoring import Fusion
 
 
 def register(commands) -> None:
@@ -17,7 +18,7 @@ def register(commands) -> None:
     parser.add_argument("--recall-k", type=int, default=100)
     parser.add_argument("--budget-ms", type=int, default=600_000, help="large by default: measure quality, not cuts")
     parser.add_argument("--limit", type=int, default=None, help="only the first N queries")
-    parser.add_argument("--fusion", default="linear", choices=["none", "linear", "rrf", "calibrated"],
+    parser.add_argument("--fusion", default=Fusion.LINEAR.value, choices=[f.value for f in Fusion],
                         help="the fusion the alpha sweep recomputes")
     parser.add_argument("--recall-mode", default=None, choices=["dense", "lexical", "hybrid"],
                         help="how recall finds candidates (default: the recall servers' setting)")
@@ -169,7 +170,7 @@ def run(args) -> None:
         # A local stack is plaintext; credentials are for a running one.
         credentials = credentials_from_args(args) if args.target else PLAINTEXT
         report = evaluate(target, recall_target, args.dataset, args.split, args.recall_k, args.budget_ms, args.limit,
-                          [int(k) for k in sweeps.get("recall_k", [])], sweeps.get("alpha", []), args.fusion,
+                          [int(k) for k in sweeps.get("recall_k", [])], sweeps.get("alpha", []), Fusion(args.fusion),
                           credentials=credentials, recall_mode=args.recall_mode, stages=args.stages,
                           sweep_recall_mode=sweeps.get("recall_mode", []),
                           sweep_prf={name: sweeps[name] for name in ("prf_depth", "prf_weight") if name in sweeps})

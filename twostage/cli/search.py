@@ -11,9 +11,10 @@ from google.protobuf.json_format import MessageToDict
 from twostage.cli.args import non_negative_int, positive_float
 from twostage.cli.client import add_target_flag, explain
 from twostage.connect import PLAINTEXT, Credentials, credentials_from_args
-from twostage.convert import RECALL_MODES, filter_to_proto, metadata_from_proto, recall_mode_to_proto
+from twostage.convert import RECALL_MODES, filter_to_proto, fusion_to_proto, metadata_from_proto, recall_mode_to_proto
 from twostage.errors import InvalidArgument
 from twostage.filters import parse_filter
+from twostage.scoring import Fusion
 from twostage.v1 import gateway_pb2, gateway_pb2_grpc
 
 
@@ -32,7 +33,7 @@ def register(commands) -> None:
                         "(default: the recall servers')")
     parser.add_argument("--score-threshold", type=float, help="drop hits whose final score is below this")
     parser.add_argument("--skip-rerank", action="store_true", help="answer from recall alone")
-    parser.add_argument("--fusion", choices=sorted(FUSIONS), help="how the final score combines recall and rerank "
+    parser.add_argument("--fusion", choices=sorted(f.value for f in Fusion), help="how the final score combines recall and rerank "
                         "(default: the gateway's)")
     parser.add_argument("--alpha", type=unit_float, help="weight of rerank in the fusion, 0-1 (default: the gateway's)")
     parser.add_argument("--prf-depth", type=non_negative_int,
@@ -74,10 +75,6 @@ def format_response(response: gateway_pb2.SearchResponse) -> str:
     return "\n".join(lines)
 
 
-FUSIONS = {"none": gateway_pb2.FUSION_NONE, "linear": gateway_pb2.FUSION_LINEAR, "rrf": gateway_pb2.FUSION_RRF,
-           "calibrated": gateway_pb2.FUSION_CALIBRATED}
-
-
 def unit_float(text: str) -> float:
     value = float(text)
     if not 0 <= value <= 1:
@@ -95,7 +92,7 @@ def build_request(args) -> gateway_pb2.SearchRequest:
     if args.score_threshold is not None:
         request.score_threshold = args.score_threshold
     if args.fusion:
-        request.fusion = FUSIONS[args.fusion]
+        request.fusion = fusion_to_proto(args.fusion)
     if args.alpha is not None:
         request.fusion_alpha = args.alpha
     if args.prf_depth is not None:

@@ -13,10 +13,11 @@ import numpy as np
 from tqdm import tqdm
 
 from twostage.connect import PLAINTEXT, Credentials
-from twostage.convert import recall_mode_to_proto
+from twostage.convert import calibration_from_proto, fusion_from_proto, recall_mode_to_proto
 from twostage.corpus import read_qrels, read_queries
 from twostage.evaluation.loadtest import degradation_codes
 from twostage.evaluation.metrics import evaluate
+from twostage.scoring import DEFAULT_CALIBRATION, Fusion, fuse_final
 from twostage.v1 import common_pb2, gateway_pb2, gateway_pb2_grpc, recall_pb2, recall_pb2_grpc
 
 # Bins of recall positions for the promotion-depth histogram.
@@ -81,14 +82,12 @@ async def recall_positions(target: str, queries: dict[str, str], qrels, depth: i
     return positions
 
 
-def rankings(answers: list[Answer], fusion: str | None = None, alpha: float = 0.7,
+def rankings(answers: list[Answer], fusion: Fusion | None = None, alpha: float = 0.7,
              calibration=None) -> dict[str, dict[str, list[str]]]:
     """The recall, rerank and final orderings of each answer (final recomputed when ``fusion`` is given).
 
-    ``calibrated`` fuses the cosine and BM25 of each hit with ``calibration`` (a ``gateway.fusion.Calibration``;
+    ``calibrated`` fuses the cosine and BM25 of each hit with ``calibration`` (a ``twostage.scoring.Calibration``;
     None: the built-in constants), as the gateway does for hybrid recall."""
-    from gateway.fusion import DEFAULT_CALIBRATION, fuse
-
     out = {"recall": {}, "rerank": {}, "final": {}}
     for a in answers:
         by_recall = sorted(a.hits, key=lambda h: h["recall_rank"])
@@ -99,12 +98,13 @@ def rankings(answers: list[Answer], fusion: str | None = None, alpha: float = 0.
         if fusion is None:
             out["final"][a.query_id] = [h["id"] for h in a.hits]
         else:
-            if fusion == "calibrated":
-                fused = fuse([h["dense_score"] for h in reranked], [h["rerank_score"] for h in reranked], fusion,
-                             alpha, calibration or DEFAULT_CALIBRATION, [h["lexical_score"] for h in reranked])
+            if fusion == Fusion.CALIBRATED:
+                fused = fuse_final([h["dense_score"] for h in reranked], [h["rerank_score"] for h in reranked],
+                                   fusion, alpha, calibration or DEFAULT_CALIBRATION,
+                                   [h["lexical_score"] for h in reranked])
             else:
-                fused = fuse([h["recall_score"] for h in reranked], [h["rerank_score"] for h in reranked], fusion,
-                             alpha)
+                fused = fuse_final([h["recall_score"] for h in reranked], [h["rerank_score"] for h in reranked],
+                                   fusion, alpha)
             order = [h["id"] for _, h in sorted(zip(fused, reranked), key=lambda pair: -pair[0])]
             out["final"][a.query_id] = order + rest
     return out
@@ -191,24 +191,18 @@ def _advice(target: str, recall_target: str, queries: dict[str, str], qrels, rec
 
 async def gateway_fusion(target: str, credentials: Credentials = PLAINTEXT):
     """The gateway's default fusion method and alpha, and the calibration its calibrated fusion uses."""
-    from gateway.fusion import Calibration
-
     async with credentials.aio_channel(target) as channel:
         info = await gateway_pb2_grpc.GatewayStub(channel).Info(common_pb2.InfoRequest(),
                                                                 metadata=credentials.metadata)
-    c = info.calibration
-    return (gateway_pb2.FusionMethod.Name(info.default_fusion).removeprefix("FUSION_").lower(),
-            info.default_fusion_alpha, Calibration(c.scale, c.center, c.lexical_scale, c.lexical_center))
+    return fusion_from_proto(info.default_fusion), info.default_fusion_alpha, calibration_from_proto(info.calibration)
 
 
 def calibration_comparison(answers: list[Answer], qrels, alpha: float, in_use) -> dict:
     """Final nDCG@10 of the same answers with the constants the gateway used (the recall servers' fit, with
     any overrides) and with the built-in ones (fitted by hand on SciFact): fitting from the index is judged
     against them on identical candidates and rerank scores."""
-    from gateway.fusion import DEFAULT_CALIBRATION
-
     def ndcg(calibration) -> float:
-        return evaluate(rankings(answers, "calibrated", alpha, calibration)["final"], qrels, [10])["ndcg@10"]
+        return evaluate(rankings(answers, Fusion.CALIBRATED, alpha, calibration)["final"], qrels, [10])["ndcg@10"]
 
     return {"in_use": {**in_use.__dict__, "final_ndcg@10": ndcg(in_use)},
             "built_in": {**DEFAULT_CALIBRATION.__dict__, "final_ndcg@10": ndcg(DEFAULT_CALIBRATION)}}
@@ -229,7 +223,7 @@ def write_report(path: Path | None, report: dict) -> None:
 
 
 def run(target: str, recall_target: str | None, dataset: Path, split: str, recall_k: int, budget_ms: int,
-        limit: int | None, sweep_recall_k: list[int], sweep_alpha: list[float], fusion: str,
+        limit: int | None, sweep_recall_k: list[int], sweep_alpha: list[float], fusion: Fusion,
         progress: bool = True, credentials: Credentials = PLAINTEXT, recall_mode: str | None = None,
         stages: str = "all", sweep_recall_mode: list[str] = (), sweep_prf: dict[str, list] | None = None) -> dict:
     """``stages="recall"`` evaluates recall alone (no reranking; rerank and final then equal recall)."""
@@ -248,7 +242,7 @@ def run(target: str, recall_target: str | None, dataset: Path, split: str, recal
         absent = advice.pop("absent")
         report.update(advice)
     default_fusion, default_alpha, in_use = asyncio.run(gateway_fusion(target, credentials))
-    if not skip_rerank and default_fusion == "calibrated":
+    if not skip_rerank and default_fusion == Fusion.CALIBRATED:
         report["calibration"] = calibration_comparison(answers, qrels, default_alpha, in_use)
     if sweep_recall_mode:
         report["sweep_recall_mode"] = {}
