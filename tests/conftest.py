@@ -2,9 +2,12 @@
 gRPC servers on loopback ports picked by the OS."""
 
 import asyncio
+import hashlib
 import itertools
 import json
 import os
+import shutil
+import tempfile
 from pathlib import Path
 
 import grpc
@@ -15,7 +18,7 @@ from recall_server.build import build_from_corpus
 from recall_server.config import RecallSettings
 from rerank_server.config import RerankSettings
 from twostage.corpus import DEMO_CORPUS, read_corpus, read_qrels, read_queries
-from twostage.model_store import fetch_defaults
+from twostage.model_store import DEFAULT_MODELS, cache_dir, fetch_defaults
 
 # Servers run the plan named here rather than calibrating at their first start; test_execution_plan covers
 # every plan and the choice by measurement. Recall runs its sessions side by side: the system tests' bulk writes
@@ -27,6 +30,41 @@ os.environ.setdefault("TWOSTAGE_RECALL_EXECUTION_PLAN", "sessions")
 TEST_QUERIES = 8
 FILLER_DOCS = 120
 CATALOGUE = Path(__file__).parent / "data" / "catalogue.jsonl"
+ROOT = Path(__file__).parent.parent
+# Indexes the fixtures build, kept between runs. A kept index is used only when everything that could change it is
+# unchanged: the corpus, the build options, the pinned models, the TWOSTAGE_* environment and every source file of
+# the packages that build it. tests/recall_server/test_build.py builds afresh.
+INDEX_CACHE = Path(os.environ.get("TWOSTAGE_TEST_INDEX_CACHE", cache_dir().parent / "test-indexes"))
+
+
+def _build_key(corpus: Path, options: dict) -> str:
+    digest = hashlib.sha256()
+    digest.update(Path(corpus).read_bytes())
+    digest.update(json.dumps(options, sort_keys=True).encode())
+    digest.update(repr(sorted(DEFAULT_MODELS.items())).encode())
+    digest.update(repr(sorted((k, v) for k, v in os.environ.items() if k.startswith("TWOSTAGE_"))).encode())
+    for package in ("twostage", "recall_server"):
+        for source in sorted((ROOT / package).rglob("*.py")):
+            digest.update(str(source.relative_to(ROOT)).encode())
+            digest.update(source.read_bytes())
+    return digest.hexdigest()[:32]
+
+
+def build_index_cached(corpus: Path, out: Path, **options) -> None:
+    """``build_from_corpus(corpus, out, **options)``, or a copy of the same build kept from an earlier run."""
+    kept = INDEX_CACHE / _build_key(corpus, options)
+    if not kept.is_dir():
+        INDEX_CACHE.mkdir(parents=True, exist_ok=True)
+        staging = Path(tempfile.mkdtemp(dir=INDEX_CACHE, prefix=".building-"))
+        try:
+            build_from_corpus(corpus, staging / "index", progress=False, **options)
+            try:
+                (staging / "index").rename(kept)  # atomic: a concurrent run keeps the first finished build
+            except OSError:
+                pass
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)
+    shutil.copytree(kept, out)
 
 
 def pytest_collection_modifyitems(config, items):
@@ -76,7 +114,7 @@ def small_corpus(tmp_path_factory, demo_data) -> Path:
 def built_index(tmp_path_factory, models, small_corpus) -> Path:
     """Built once; tests that write copy it first (see ``index_copy``)."""
     out = tmp_path_factory.mktemp("index") / "small"
-    build_from_corpus(small_corpus, out)
+    build_index_cached(small_corpus, out)
     return out
 
 
@@ -85,7 +123,7 @@ def catalogue_index(tmp_path_factory, models) -> Path:
     """A product catalogue (50 short texts): a corpus of another kind than SciFact's abstracts. Copy it
     before serving it."""
     out = tmp_path_factory.mktemp("catalogue") / "index"
-    build_from_corpus(CATALOGUE, out, progress=False)
+    build_index_cached(CATALOGUE, out)
     return out
 
 
@@ -93,13 +131,12 @@ def catalogue_index(tmp_path_factory, models) -> Path:
 def sharded_index(tmp_path_factory, small_corpus, models) -> Path:
     """The small corpus in two shards (INDEX/shard-0, INDEX/shard-1); copy it before writing."""
     out = tmp_path_factory.mktemp("sharded") / "index"
-    build_from_corpus(small_corpus, out, shards=2, progress=False)
+    build_index_cached(small_corpus, out, shards=2)
     return out
 
 
 @pytest.fixture
 def index_copy(tmp_path, built_index) -> Path:
-    import shutil
 
     target = tmp_path / "index"
     shutil.copytree(built_index, target)
@@ -125,7 +162,6 @@ async def rerank_target(models):
 @pytest.fixture(scope="session")
 async def recall_server(tmp_path_factory, built_index):
     """A recall server over its own copy of the index (tests may write to it)."""
-    import shutil
 
     from recall_server.service import RecallService
     from recall_server.servicer import build_server

@@ -47,6 +47,7 @@ async def test_search_reranks_recall_candidates(stub, demo_data):
     assert {"recall_ms", "rerank_ms", "total_ms", "recall.embed_ms", "rerank.compute_ms"} <= set(reply.timings_ms)
 
 
+@pytest.mark.slow
 async def test_most_test_queries_find_a_relevant_document(stub, demo_data):
     found = 0
     for query_id, query in demo_data["queries"].items():

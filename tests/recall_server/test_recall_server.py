@@ -129,6 +129,7 @@ async def test_info_health_and_reflection(recall_target, channel_to, stub):
         break
 
 
+@pytest.mark.slow
 async def test_acknowledged_writes_survive_a_restart(index_copy, models):
     from recall_server.config import RecallSettings
     from recall_server.service import RecallService
@@ -171,6 +172,7 @@ async def test_metadata_comes_back_typed_in_hits_and_get(stub):
     await stub.Delete(common_pb2.DeleteRequest(ids=["meta-1"]))
 
 
+@pytest.mark.slow
 async def test_a_server_embedding_with_another_graph_than_its_index_says_so_and_stops_its_threads(
         index_copy, models, caplog):
     """The index records the graph that embedded it (stock, as the suite builds it); a server whose plan embeds

@@ -36,6 +36,7 @@ async def test_top_n_truncates(stub):
     assert [r.index for r in reply.results] == [2]
 
 
+@pytest.mark.slow
 async def test_concurrent_batched_scores_equal_unbatched_scores(models, stub, demo_data):
     from pathlib import Path
 
@@ -131,6 +132,7 @@ async def wait_until(condition, timeout_s: float = 30.0) -> None:
         await asyncio.sleep(0.01)
 
 
+@pytest.mark.slow
 async def test_overload_is_shed_with_resource_exhausted(slow_reranker):
     """A queue bound of 4 pairs: with 3 queued behind a slow batch, 2 more are refused at once
     (each request alone fits the queue)."""
@@ -153,6 +155,7 @@ async def test_overload_is_shed_with_resource_exhausted(slow_reranker):
     await server.stop(grace_s=1)
 
 
+@pytest.mark.slow
 async def test_an_item_whose_deadline_passes_in_the_queue_is_dropped_uncomputed(slow_reranker):
     """The server, not only the client, gives up: the expired item never reaches the model."""
     from rerank_server.service import RerankService
@@ -177,6 +180,7 @@ async def test_an_item_whose_deadline_passes_in_the_queue_is_dropped_uncomputed(
     await server.stop(grace_s=1)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("score_cache_mb", [0, 8])
 async def test_allow_partial_answers_with_the_pairs_scored_before_the_deadline(slow_reranker, score_cache_mb):
     """One pair a batch, a second a batch, 1.6 s: the first batch is scored, the others would finish late

@@ -18,7 +18,9 @@ from twostage.errors import ConfigError
 
 QUERY = "A deficiency of vitamin B12 increases blood levels of homocysteine."
 # Two sessions side by side even on a one-core host; a cap of 3 puts items of different lengths together.
-PLANS = [("single", None), ("sessions", None), ("rows", 3), ("rows", None)]
+# The rewrite's two caps run with the slow tests; the plans servers default to run in the fast ones too.
+PLANS = [("single", None), ("sessions", None), pytest.param("rows", 3, marks=pytest.mark.slow),
+         pytest.param("rows", None, marks=pytest.mark.slow)]
 
 
 def documents(n: int) -> list[str]:
@@ -113,6 +115,7 @@ def test_sessions_take_batches_n_fold_and_the_rewrite_its_cap():
     sessions.close()
 
 
+@pytest.mark.slow
 def test_auto_measures_once_per_model_and_host_then_reuses_the_choice(models, tmp_path, caplog):
     cache = execution_plan.PlanCache(tmp_path)
     settings = RuntimeSettings(execution_plan="auto")
@@ -163,6 +166,7 @@ def test_sessions_return_results_in_the_batch_order_and_a_failing_item_fails_the
     plan.close()
 
 
+@pytest.mark.slow
 def test_a_failed_calibration_falls_back_to_single_visibly_and_keeps_nothing(models, tmp_path, caplog):
     """A plan that cannot run on this host (here: any call of more than one item fails, as a kernel missing for
     the rewrite would) must not stop a server: it starts on 'single', says so, and measures again next time."""

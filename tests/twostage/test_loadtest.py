@@ -1,5 +1,7 @@
 """The open-loop load tester against real servers on loopback."""
 
+import pytest
+
 from rerank_server.config import RerankSettings
 from rerank_server.service import RerankService
 from rerank_server.servicer import build_server
@@ -23,6 +25,7 @@ async def test_fixed_rate_against_recall(recall_target):
     assert report["p50_ms"] <= report["p99_ms"] <= report["max_ms"]
 
 
+@pytest.mark.slow
 async def test_schedule_is_kept_when_the_server_is_slow(slow_reranker):
     """Each batch takes 0.3 s; requests still leave on time and queueing shows in latency."""
     settings = RerankSettings(port=0, score_cache_mb=0, max_batch_size=1, pipeline_depth=1)

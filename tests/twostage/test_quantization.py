@@ -17,6 +17,7 @@ def documents(n: int) -> list[str]:
     return [document_text(d) for d in itertools.islice(read_corpus(DEMO_CORPUS), n)]
 
 
+@pytest.mark.slow
 def test_rewrite_stays_close_to_the_shipped_quantisation(models):
     invariant = CrossEncoder(models["ms-marco-minilm-l12"], RuntimeSettings(execution_plan="rows"), 256)
     shipped = CrossEncoder(models["ms-marco-minilm-l12"], RuntimeSettings(execution_plan="single"), 256)

@@ -5,6 +5,7 @@ import asyncio
 import time
 
 import grpc
+import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from rerank_server.config import RerankSettings
@@ -27,6 +28,7 @@ async def wait_until(condition, timeout_s: float = 30.0) -> None:
         await asyncio.sleep(0.1)
 
 
+@pytest.mark.slow
 async def test_a_stuck_model_turns_the_server_not_serving_and_back(slow_reranker):
     settings = RerankSettings(port=0, score_cache_mb=0, watchdog_s=1)
     model = slow_reranker(settings, delay_s=0.0)
@@ -58,6 +60,7 @@ async def test_a_stuck_model_turns_the_server_not_serving_and_back(slow_reranker
     await server.stop(grace_s=0)
 
 
+@pytest.mark.slow
 async def test_sigterm_drains_not_serving_first_and_still_answers(models):
     server = build_server(RerankService(RerankSettings(port=0, drain_delay_s=3.0)))
     port = await server.start()
