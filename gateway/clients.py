@@ -28,6 +28,7 @@ from twostage.corpus import Document, MetadataValue
 from twostage.feedback import Feedback
 from twostage.filters import Filter
 from twostage.probe import channel_health
+from twostage.recall_mode import RecallMode
 from twostage.status import error_from_rpc
 from twostage.v1 import common_pb2, recall_pb2, recall_pb2_grpc, rerank_pb2, rerank_pb2_grpc
 from twostage.versions import Version
@@ -52,7 +53,7 @@ class RecallReply:
 
     candidates: list[RecallCandidate]
     timings_ms: dict[str, float]
-    mode: str | None  # the mode that answered
+    mode: RecallMode | None  # the mode that answered
     calibration: Calibration | None  # the server's score calibration (None: not fitted)
     query_vector: np.ndarray | None = None  # the query's embedding, when vectors were asked for
     prf_hits: int = 0  # feedback ran from this many hits (0: it did not)
@@ -163,7 +164,7 @@ class RecallClient(_Client):
     SERVICE = "twostage.v1.Recall"
 
     async def search(
-        self, query: str, k: int, timeout_s: float, request_id: str, mode: str | None = None,
+        self, query: str, k: int, timeout_s: float, request_id: str, mode: RecallMode | None = None,
         filter_: Filter | None = None, prf: Feedback | None = None, query_vector: np.ndarray | None = None,
         feedback_vector: np.ndarray | None = None, return_vectors: int = 0,
     ) -> RecallReply:

@@ -39,6 +39,7 @@ from twostage.corpus import MetadataValue, titled_text
 from twostage.feedback import Feedback
 from twostage.filters import Filter
 from twostage.hybrid import fuse as fuse_recall
+from twostage.recall_mode import RecallMode
 
 log = logging.getLogger(__name__)
 _REQUEST_ID = re.compile(r"[A-Za-z0-9._:/-]{1,128}")
@@ -61,7 +62,7 @@ class SearchQuery:
     fusion_alpha: float | None = None
     skip_rerank: bool = False
     score_threshold: float | None = None
-    recall_mode: str | None = None  # None: the recall servers' default
+    recall_mode: RecallMode | None = None  # None: the recall servers' default
     filter: Filter | None = None
     prf_depth: int | None = None  # None: the recall servers' setting
     prf_weight: float | None = None
@@ -92,7 +93,7 @@ class SearchResult(Degradable):
     rerank_cached: int = 0
     timings_ms: dict[str, float] = field(default_factory=dict)
     budget_ms: float = 0.0  # the time it was given: the budget or the client's deadline, whichever is shorter
-    recall_mode: str | None = None  # the mode the recall shards answered in
+    recall_mode: RecallMode | None = None  # the mode the recall shards answered in
     calibration: Calibration | None = None  # the answering shards' fitted score calibration (None: none fitted)
 
 
@@ -342,7 +343,7 @@ class SearchPipeline:
         result.candidates = len(candidates)
         fusion = q.fusion or s.fusion
         alpha = s.fusion_alpha if q.fusion_alpha is None else q.fusion_alpha
-        lexical = result.recall_mode in ("lexical", "hybrid")
+        lexical = result.recall_mode in (RecallMode.LEXICAL, RecallMode.HYBRID)
 
         calibration = s.calibration(result.calibration)
         if result.calibration is not None:
@@ -438,7 +439,7 @@ class SearchPipeline:
                 if candidate.id not in merged or merged[candidate.id].score < candidate.score:
                     merged[candidate.id] = candidate
         hybrid = self.limits.recall_hybrid_fusion
-        if len(answered) > 1 and hybrid and any(reply.mode == "hybrid" for reply in answered):
+        if len(answered) > 1 and hybrid and any(reply.mode == RecallMode.HYBRID for reply in answered):
             # Fused scores are relative to each shard's lists: fuse the union again, as one index would.
             pool = list(merged.values())
             dense = [c.prf_dense_score if refined else c.dense_score for c in pool]

@@ -17,6 +17,7 @@ from gateway.writes import WriteResult
 from twostage import errors
 from twostage.corpus import Document
 from twostage.filters import FilterClause, NumberRange, check_filter
+from twostage.recall_mode import RecallMode
 
 # For answers no error stands for: no such route is gRPC's unknown method; no such path, not found.
 _CODE_BY_HTTP = {404: "NOT_FOUND", 405: "UNIMPLEMENTED"}
@@ -66,7 +67,7 @@ class SearchBody(Body):
     fusion_alpha: float | None = None
     skip_rerank: bool = False
     score_threshold: float | None = None
-    recall_mode: Literal["dense", "lexical", "hybrid"] | None = None
+    recall_mode: RecallMode | None = None
     filter: SearchFilter | None = None
     prf_depth: UInt32 | None = None
     prf_weight: float | None = None
