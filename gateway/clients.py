@@ -27,7 +27,7 @@ from twostage.convert import (
 from twostage.corpus import Document, MetadataValue
 from twostage.feedback import Feedback
 from twostage.filters import Filter
-from twostage.probe import channel_health
+from twostage.probe import Health, channel_health
 from twostage.recall_mode import RecallMode
 from twostage.status import error_from_rpc
 from twostage.v1 import common_pb2, recall_pb2, recall_pb2_grpc, rerank_pb2, rerank_pb2_grpc
@@ -153,9 +153,9 @@ class _Client:
     async def info(self, timeout_s: float):
         return await self._call("Info", common_pb2.InfoRequest(), timeout_s)
 
-    async def health_status(self, timeout_s: float) -> bool | None:
-        """True if SERVING, False if it says it is not, None if it did not answer. Sent with this client's
-        token: callers without one cannot crowd it out."""
+    async def health_status(self, timeout_s: float) -> Health:
+        """The replica's health (UNKNOWN: it did not answer). Sent with this client's token: callers without one
+        cannot crowd it out."""
         return await channel_health(self.channel, timeout_s, self._rotating.metadata)
 
 
