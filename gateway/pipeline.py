@@ -24,6 +24,7 @@ import re
 import time
 import uuid
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
 import numpy as np
 
@@ -169,12 +170,28 @@ class StageLimits:
                 setattr(self, name, value)
 
 
-def resolve_budget(settings: GatewaySettings, budget_ms: int, request_id: str) -> tuple[float, str]:
-    """What every read request has, checked and defaults filled: (budget_s, request_id)."""
+class RequestBudget(NamedTuple):
+    """What every read request has, checked and defaults filled."""
+
+    budget_s: float  # the budget, or the default, capped at max_budget_ms
+    request_id: str  # the request's, or a new one
+
+
+class ResolvedSearch(NamedTuple):
+    """A Search request's sizes and budget, checked and defaults filled."""
+
+    top_k: int
+    recall_k: int
+    budget_s: float
+    request_id: str
+
+
+def resolve_budget(settings: GatewaySettings, budget_ms: int, request_id: str) -> RequestBudget:
     errors.check_limit("budget_ms", budget_ms, 0, 2**31 - 1)
     if request_id and not is_request_id(request_id):
         raise errors.InvalidArgument("request_id must be 1-128 characters of letters, digits and ._:/-")
-    return min(budget_ms or settings.default_budget_ms, settings.max_budget_ms) / 1000, request_id or uuid.uuid4().hex
+    return RequestBudget(min(budget_ms or settings.default_budget_ms, settings.max_budget_ms) / 1000,
+                         request_id or uuid.uuid4().hex)
 
 
 class SearchPipeline:
@@ -197,8 +214,8 @@ class SearchPipeline:
     def max_recall_k(self) -> int:
         return min(v for v in (self.settings.max_recall_k, self.limits.recall_max_k) if v)
 
-    def resolve(self, q: SearchQuery) -> tuple[int, int, float, str]:
-        """Validate and fill defaults: (top_k, recall_k, budget_s, request_id)."""
+    def resolve(self, q: SearchQuery) -> ResolvedSearch:
+        """Validate and fill defaults."""
         s = self.settings
         errors.check_text("query", q.query, self.max_query_chars())
         # A field left at 0 takes its default, bounded by the field that was given.
@@ -215,13 +232,13 @@ class SearchPipeline:
             raise errors.InvalidArgument(f"fusion_alpha must be between 0 and 1, got {q.fusion_alpha}")
         if q.score_threshold is not None and not math.isfinite(q.score_threshold):
             raise errors.InvalidArgument("score_threshold must be a finite number")
-        return top_k, recall_k, budget_s, request_id
+        return ResolvedSearch(top_k, recall_k, budget_s, request_id)
 
     def max_rerank_documents(self) -> int:
         return min(v for v in (self.settings.max_recall_k, self.limits.rerank_max_documents) if v)
 
-    def resolve_rerank(self, q: RerankTextsQuery) -> tuple[float, str]:
-        """Validate a Rerank request as the rerank tier would, before any replica sees it: (budget_s, request_id)."""
+    def resolve_rerank(self, q: RerankTextsQuery) -> RequestBudget:
+        """Validate a Rerank request as the rerank tier would, before any replica sees it."""
         errors.check_text("query", q.query, min(v for v in (self.settings.max_query_chars,
                                                             self.limits.rerank_max_query_chars) if v))
         most = self.max_rerank_documents()
@@ -532,7 +549,7 @@ class SearchPipeline:
     def max_whole_documents(self, budget_ms: int) -> int:
         """The most documents a request that takes all or nothing can bring with ``budget_ms`` (0: the default
         budget): what the rerank tier, idle, scores within it at its measured cost, within the documents limit."""
-        budget_s, _ = resolve_budget(self.settings, budget_ms, "")
+        budget_s = resolve_budget(self.settings, budget_ms, "").budget_s
         left_ms = 1000 * budget_s - self.settings.return_margin_ms
         idle = self.rerank.affordable_pairs(left_ms, self.settings.rerank_cost_headroom, idle=True)
         return min(idle, self.max_rerank_documents())

@@ -238,7 +238,7 @@ class RecallService:
             sample = await asyncio.to_thread(index.calibration_sample)
             if sample is None:
                 return self.calibration
-            queries = [calibration.pseudo_query(doc) for doc in sample[2]]
+            queries = [calibration.pseudo_query(doc) for doc in sample.documents]
             encoded = await asyncio.to_thread(self.embedder.encode, queries, True)
             done = await self.batcher.submit(encoded, [e.length for e in encoded], None, bulk=True)
             fitted = await asyncio.to_thread(index.calibration_fit, sample, queries, np.stack(done.values))
@@ -524,7 +524,7 @@ class RecallService:
     async def _replayed(self, request_id: str) -> WriteReply | None:
         check_request_id(request_id)
         if request_id and (known := await asyncio.to_thread(self.index.store.request, request_id)):
-            return WriteReply(known[0], known[1], self.doc_count())
+            return WriteReply(known.count, known.version, self.doc_count())
         return None
 
     def _version(self, given: Version | None) -> Version:

@@ -150,7 +150,7 @@ def router(face) -> APIRouter:
     @routes.get("/v1/documents/{doc_id:path}", openapi_extra=calls("Gateway/Get"),
                 summary="A stored document by id (Gateway.Get)")
     async def get(doc_id: str):
-        found, _ = await lifecycle.ready_router().get([doc_id], write_timeout_s())
+        found = (await lifecycle.ready_router().get([doc_id], write_timeout_s())).found
         if not found:
             raise errors.NotFound(f"no document with id {doc_id[:128]!r}")
         d = found[0]
