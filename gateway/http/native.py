@@ -67,7 +67,7 @@ class SearchBody(Body):
     fusion_alpha: float | None = None
     skip_rerank: bool = False
     score_threshold: float | None = None
-    recall_mode: RecallMode | None = None
+    recall_mode: Annotated[RecallMode | None, Field(strict=False)] = None  # strict takes no string for an enum
     filter: SearchFilter | None = None
     prf_depth: UInt32 | None = None
     prf_weight: float | None = None
