@@ -27,7 +27,8 @@ from twostage.convert import (
 from twostage.corpus import Document, MetadataValue
 from twostage.feedback import Feedback
 from twostage.filters import Filter
-from twostage.probe import channel_health
+from twostage.probe import Health, channel_health
+from twostage.recall_mode import RecallMode
 from twostage.scoring import Calibration
 from twostage.status import error_from_rpc
 from twostage.v1 import common_pb2, recall_pb2, recall_pb2_grpc, rerank_pb2, rerank_pb2_grpc
@@ -53,7 +54,7 @@ class RecallReply:
 
     candidates: list[RecallCandidate]
     timings_ms: dict[str, float]
-    mode: str | None  # the mode that answered
+    mode: RecallMode | None  # the mode that answered
     calibration: Calibration | None  # the server's score calibration (None: not fitted)
     query_vector: np.ndarray | None = None  # the query's embedding, when vectors were asked for
     prf_hits: int = 0  # feedback ran from this many hits (0: it did not)
@@ -153,9 +154,9 @@ class _Client:
     async def info(self, timeout_s: float):
         return await self._call("Info", common_pb2.InfoRequest(), timeout_s)
 
-    async def health_status(self, timeout_s: float) -> bool | None:
-        """True if SERVING, False if it says it is not, None if it did not answer. Sent with this client's
-        token: callers without one cannot crowd it out."""
+    async def health_status(self, timeout_s: float) -> Health:
+        """The replica's health (UNKNOWN: it did not answer). Sent with this client's token: callers without one
+        cannot crowd it out."""
         return await channel_health(self.channel, timeout_s, self._rotating.metadata)
 
 
@@ -164,7 +165,7 @@ class RecallClient(_Client):
     SERVICE = "twostage.v1.Recall"
 
     async def search(
-        self, query: str, k: int, timeout_s: float, request_id: str, mode: str | None = None,
+        self, query: str, k: int, timeout_s: float, request_id: str, mode: RecallMode | None = None,
         filter_: Filter | None = None, prf: Feedback | None = None, query_vector: np.ndarray | None = None,
         feedback_vector: np.ndarray | None = None, return_vectors: int = 0,
     ) -> RecallReply:

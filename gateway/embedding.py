@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from gateway.config import GatewaySettings
-from gateway.pipeline import StageLimits, resolve_budget
+from gateway.pipeline import RequestBudget, StageLimits, resolve_budget
 from gateway.recall_tier import RecallShard
 from twostage import errors, tracing
 
@@ -50,8 +50,8 @@ class TextEmbedder:
         self.limits = limits
         self._turn = itertools.count()
 
-    def resolve(self, q: EmbedTextsQuery) -> tuple[float, str]:
-        """Validate as the recall tier would, before any replica sees it: (budget_s, request_id)."""
+    def resolve(self, q: EmbedTextsQuery) -> RequestBudget:
+        """Validate as the recall tier would, before any replica sees it."""
         s = self.settings
         errors.check_limit("texts (count)", len(q.texts), 1, s.max_embed_texts)
         max_chars = self.limits.recall_max_doc_chars or 100_000

@@ -24,6 +24,7 @@ import re
 import time
 import uuid
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
 import numpy as np
 
@@ -37,6 +38,7 @@ from twostage import errors, feedback, tracing
 from twostage.corpus import MetadataValue, titled_text
 from twostage.feedback import Feedback
 from twostage.filters import Filter
+from twostage.recall_mode import RecallMode
 from twostage.scoring import (
     DEFAULT_CALIBRATION,
     HYBRID_DENSE_WEIGHT,
@@ -70,7 +72,7 @@ class SearchQuery:
     fusion_alpha: float | None = None
     skip_rerank: bool = False
     score_threshold: float | None = None
-    recall_mode: str | None = None  # None: the recall servers' default
+    recall_mode: RecallMode | None = None  # None: the recall servers' default
     filter: Filter | None = None
     prf_depth: int | None = None  # None: the recall servers' setting
     prf_weight: float | None = None
@@ -101,7 +103,7 @@ class SearchResult(Degradable):
     rerank_cached: int = 0
     timings_ms: dict[str, float] = field(default_factory=dict)
     budget_ms: float = 0.0  # the time it was given: the budget or the client's deadline, whichever is shorter
-    recall_mode: str | None = None  # the mode the recall shards answered in
+    recall_mode: RecallMode | None = None  # the mode the recall shards answered in
     calibration: Calibration | None = None  # the answering shards' fitted score calibration (None: none fitted)
 
 
@@ -178,12 +180,28 @@ class StageLimits:
                 setattr(self, name, value)
 
 
-def resolve_budget(settings: GatewaySettings, budget_ms: int, request_id: str) -> tuple[float, str]:
-    """What every read request has, checked and defaults filled: (budget_s, request_id)."""
+class RequestBudget(NamedTuple):
+    """What every read request has, checked and defaults filled."""
+
+    budget_s: float  # the budget, or the default, capped at max_budget_ms
+    request_id: str  # the request's, or a new one
+
+
+class ResolvedSearch(NamedTuple):
+    """A Search request's sizes and budget, checked and defaults filled."""
+
+    top_k: int
+    recall_k: int
+    budget_s: float
+    request_id: str
+
+
+def resolve_budget(settings: GatewaySettings, budget_ms: int, request_id: str) -> RequestBudget:
     errors.check_limit("budget_ms", budget_ms, 0, 2**31 - 1)
     if request_id and not is_request_id(request_id):
         raise errors.InvalidArgument("request_id must be 1-128 characters of letters, digits and ._:/-")
-    return min(budget_ms or settings.default_budget_ms, settings.max_budget_ms) / 1000, request_id or uuid.uuid4().hex
+    return RequestBudget(min(budget_ms or settings.default_budget_ms, settings.max_budget_ms) / 1000,
+                         request_id or uuid.uuid4().hex)
 
 
 class SearchPipeline:
@@ -206,8 +224,8 @@ class SearchPipeline:
     def max_recall_k(self) -> int:
         return min(v for v in (self.settings.max_recall_k, self.limits.recall_max_k) if v)
 
-    def resolve(self, q: SearchQuery) -> tuple[int, int, float, str]:
-        """Validate and fill defaults: (top_k, recall_k, budget_s, request_id)."""
+    def resolve(self, q: SearchQuery) -> ResolvedSearch:
+        """Validate and fill defaults."""
         s = self.settings
         errors.check_text("query", q.query, self.max_query_chars())
         # A field left at 0 takes its default, bounded by the field that was given.
@@ -224,13 +242,13 @@ class SearchPipeline:
             raise errors.InvalidArgument(f"fusion_alpha must be between 0 and 1, got {q.fusion_alpha}")
         if q.score_threshold is not None and not math.isfinite(q.score_threshold):
             raise errors.InvalidArgument("score_threshold must be a finite number")
-        return top_k, recall_k, budget_s, request_id
+        return ResolvedSearch(top_k, recall_k, budget_s, request_id)
 
     def max_rerank_documents(self) -> int:
         return min(v for v in (self.settings.max_recall_k, self.limits.rerank_max_documents) if v)
 
-    def resolve_rerank(self, q: RerankTextsQuery) -> tuple[float, str]:
-        """Validate a Rerank request as the rerank tier would, before any replica sees it: (budget_s, request_id)."""
+    def resolve_rerank(self, q: RerankTextsQuery) -> RequestBudget:
+        """Validate a Rerank request as the rerank tier would, before any replica sees it."""
         errors.check_text("query", q.query, min(v for v in (self.settings.max_query_chars,
                                                             self.limits.rerank_max_query_chars) if v))
         most = self.max_rerank_documents()
@@ -352,7 +370,7 @@ class SearchPipeline:
         result.candidates = len(candidates)
         fusion = q.fusion or s.fusion
         alpha = s.fusion_alpha if q.fusion_alpha is None else q.fusion_alpha
-        lexical = result.recall_mode in ("lexical", "hybrid")
+        lexical = result.recall_mode in (RecallMode.LEXICAL, RecallMode.HYBRID)
 
         calibration = s.calibration(result.calibration)
         if result.calibration is not None:
@@ -448,7 +466,7 @@ class SearchPipeline:
                 if candidate.id not in merged or merged[candidate.id].score < candidate.score:
                     merged[candidate.id] = candidate
         hybrid = self.limits.recall_hybrid_fusion
-        if len(answered) > 1 and hybrid and any(reply.mode == "hybrid" for reply in answered):
+        if len(answered) > 1 and hybrid and any(reply.mode == RecallMode.HYBRID for reply in answered):
             # Fused scores are relative to each shard's lists: fuse the union again, as one index would.
             pool = list(merged.values())
             dense = [c.prf_dense_score if refined else c.dense_score for c in pool]
@@ -541,7 +559,7 @@ class SearchPipeline:
     def max_whole_documents(self, budget_ms: int) -> int:
         """The most documents a request that takes all or nothing can bring with ``budget_ms`` (0: the default
         budget): what the rerank tier, idle, scores within it at its measured cost, within the documents limit."""
-        budget_s, _ = resolve_budget(self.settings, budget_ms, "")
+        budget_s = resolve_budget(self.settings, budget_ms, "").budget_s
         left_ms = 1000 * budget_s - self.settings.return_margin_ms
         idle = self.rerank.affordable_pairs(left_ms, self.settings.rerank_cost_headroom, idle=True)
         return min(idle, self.max_rerank_documents())

@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 from gateway.clients import RecallClient
 from twostage import errors
 from twostage.membership import Target
+from twostage.recall_mode import RecallMode
 
 log = logging.getLogger(__name__)
 
@@ -80,7 +81,7 @@ class RecallShard:
     async def close(self) -> None:
         await asyncio.gather(*(c.close() for c in self.replicas), return_exceptions=True)
 
-    async def search(self, query: str, k: int, deadline_s: float, request_id: str, mode: str | None = None,
+    async def search(self, query: str, k: int, deadline_s: float, request_id: str, mode: RecallMode | None = None,
                      filter_=None, replica: str | None = None, **feedback):
         """``feedback``: RecallClient.search's prf, query_vector, feedback_vector and return_vectors. ``replica``:
         the one to ask first (a second round of feedback goes where the first went)."""

@@ -36,7 +36,8 @@ shed load (RESOURCE_EXHAUSTED) and a deadline are not faults. A slice that
 fails for the replica's sake is retried on another replica while time
 remains. A replica that fails ``eject_after_failures`` times in a row is
 ejected for ``eject_s``, then returns once a health check says SERVING; one
-whose health says NOT_SERVING is out until it says SERVING. Members come and
+whose health says NOT_SERVING is out until it says SERVING, and one that stays
+silent (UNKNOWN) is out after a few checks in a row. Members come and
 go with ``update_members`` (targets resolved by twostage/membership.py, applied by gateway/lifecycle.py).
 """
 
@@ -52,6 +53,7 @@ from gateway.clients import RerankClient
 from gateway.metrics import EJECTIONS, REPLICAS
 from twostage import errors
 from twostage.batching import PairCost
+from twostage.probe import Health
 
 log = logging.getLogger(__name__)
 # An answer whose model time is this many times off (either way) the prediction asks for the replica's
@@ -76,7 +78,7 @@ class Replica:
     ejected_until_s: float = 0.0
     serving: bool = True
     missed_health_checks: int = 0
-    answered_serving: bool = False  # its last health check said SERVING (not merely stayed silent)
+    health: Health = Health.UNKNOWN  # what its last health check found (UNKNOWN also before the first)
     pairs_scored: int = 0
     unavailable_since_s: float | None = None  # out of rotation since (time.monotonic()); None while available
 
@@ -455,14 +457,15 @@ class RerankPool:
         ``misses_to_eject`` rounds in a row (a busy CPU can delay one answer). An ejected replica
         returns once it reports SERVING."""
         replicas = list(self.replicas)  # membership may change while the checks are out
-        states = await asyncio.gather(*(r.client.health_status(timeout_s) for r in replicas))
-        for replica, state in zip(replicas, states):
-            replica.answered_serving = state is True
-            replica.missed_health_checks = replica.missed_health_checks + 1 if state is None else 0
-            serving = state if state is not None else replica.missed_health_checks < misses_to_eject
+        found = await asyncio.gather(*(r.client.health_status(timeout_s) for r in replicas))
+        for replica, health in zip(replicas, found):
+            replica.health = health
+            silent = health is Health.UNKNOWN
+            replica.missed_health_checks = replica.missed_health_checks + 1 if silent else 0
+            serving = replica.missed_health_checks < misses_to_eject if silent else health is Health.SERVING
             if serving and not replica.serving:
                 log.info("rerank replica %s is serving again", replica.target)
-            if state and replica.ejected_until_s and time.monotonic() >= replica.ejected_until_s:
+            if health is Health.SERVING and replica.ejected_until_s and time.monotonic() >= replica.ejected_until_s:
                 log.info("rerank replica %s returns after its ejection", replica.target)
                 replica.ejected_until_s = 0.0
                 replica.consecutive_failures = 0
@@ -475,8 +478,8 @@ class RerankPool:
         deadline = time.monotonic() + timeout_s
         while True:
             await self.check_health(timeout_s=period_s * 5)
-            if any(r.answered_serving for r in self.replicas) or time.monotonic() >= deadline:
-                return any(r.answered_serving for r in self.replicas)
+            if any(r.health is Health.SERVING for r in self.replicas) or time.monotonic() >= deadline:
+                return any(r.health is Health.SERVING for r in self.replicas)
             await asyncio.sleep(period_s)
 
     async def watch_health(self, stop: asyncio.Event, period_s: float = 1.0) -> None:

@@ -52,6 +52,7 @@ import re
 import time
 import uuid
 from dataclasses import dataclass
+from typing import NamedTuple
 
 from gateway.recall_tier import RecallShard, ShardWrite
 from twostage import errors
@@ -82,6 +83,13 @@ class WriteResult:
     request_id: str
     superseded: int = 0  # documents held at a newer version by the replicas that answered
     newest: Version | None = None
+
+
+class StoredDocuments(NamedTuple):
+    """What a read by ids found."""
+
+    found: list[Document]  # in request order
+    missing: list[str]  # the ids no shard stores
 
 
 @dataclass
@@ -234,8 +242,7 @@ class DocumentRouter:
         return await self._write("delete", list(ids), ids, request_id, timeout_s,
                                  lambda client, part, version, rid, timeout: client.delete(part, timeout, rid, version))
 
-    async def get(self, ids: list[str], timeout_s: float) -> tuple[list[Document], list[str]]:
-        """(stored documents in request order, ids not stored)."""
+    async def get(self, ids: list[str], timeout_s: float) -> StoredDocuments:
         check_ids(ids, self._document_limits())
         deadline = time.monotonic() + timeout_s
         parts = {s: [ids[i] for i in where] for s, where in self._split(ids).items()}
@@ -248,7 +255,7 @@ class DocumentRouter:
             if isinstance(reply, BaseException):
                 raise reply
         found = {d.id: d for reply in replies for d in reply}
-        return [found[i] for i in ids if i in found], [i for i in ids if i not in found]
+        return StoredDocuments([found[i] for i in ids if i in found], [i for i in ids if i not in found])
 
 
 def _in_client_positions(error: errors.InvalidArgument, positions: list[int]) -> errors.InvalidArgument:

@@ -1,7 +1,6 @@
 """Recall server settings: env prefix TWOSTAGE_RECALL_, or CLI flags."""
 
 from pathlib import Path
-from typing import Literal
 
 import platformdirs
 from pydantic import Field
@@ -11,6 +10,7 @@ from twostage import feedback
 from twostage.config import BatchingSettings, RuntimeSettings, ServiceSettings
 from twostage.documents import DEFAULT_LIMITS, DocumentLimits
 from twostage.model_store import DEFAULT_EMBED_MODEL
+from twostage.recall_mode import RecallMode
 from twostage.scoring import HYBRID_DENSE_WEIGHT, HybridFusion
 
 DEFAULT_INDEX_DIR = Path(platformdirs.user_data_dir("twostage")) / "indexes" / "demo"
@@ -33,8 +33,8 @@ class RecallSettings(ServiceSettings, RuntimeSettings, BatchingSettings):
     max_upsert_docs: int = Field(DEFAULT_LIMITS.max_docs, ge=1, description="Most documents in one Upsert or Delete request.")
     max_doc_chars: int = Field(DEFAULT_LIMITS.max_doc_chars, ge=1, description="Longest document title + text accepted.")
     max_id_chars: int = Field(DEFAULT_LIMITS.max_id_chars, ge=1, le=4096, description="Longest document id accepted.")
-    recall_mode: Literal["dense", "lexical", "hybrid"] = Field(
-        "hybrid",
+    recall_mode: RecallMode = Field(
+        RecallMode.HYBRID,
         description="How a search without a mode finds candidates: dense (embedding nearest neighbours), lexical "
         "(BM25 over title and text) or hybrid (both, fused). On SciFact hybrid measured best (see the README).",
     )

@@ -157,6 +157,14 @@ class Applied:
     newest: Version | None = None  # the newest version held for the writes' ids afterwards
 
 
+@dataclass(frozen=True)
+class StoredRequest:
+    """A write stored under its request id: what a resend of it is answered."""
+
+    count: int  # the first answer
+    version: Version
+
+
 class MetaKind(StrEnum):
     """How a metadata value is stored (``doc_meta.kind``): numbers and booleans in ``num``, strings in ``txt``,
     a list of strings as a row per item."""
@@ -399,12 +407,12 @@ class DocStore:
     def count(self) -> int:
         return self._live
 
-    def request(self, request_id: str) -> tuple[int, Version] | None:
-        """(answer, version) of a write stored under this request id, if any."""
+    def request(self, request_id: str) -> StoredRequest | None:
+        """The write stored under this request id, if any."""
         with self._read_lock:
             row = self._reader.execute("SELECT count, clock, writer FROM requests WHERE request_id = ?",
                                        (request_id,)).fetchone()
-        return None if row is None else (row[0], Version(row[1], row[2]))
+        return None if row is None else StoredRequest(row[0], Version(row[1], row[2]))
 
     def purge_horizon(self) -> Version | None:
         """Tombstones older than this were purged: an id absent here with an older version was deleted."""

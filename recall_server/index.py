@@ -82,6 +82,15 @@ def _add(graph: Index, keys: np.ndarray, vectors: np.ndarray) -> None:
     graph.add(keys, vectors, threads=0 if len(keys) >= PARALLEL_ADD_MIN_VECTORS else 1)
 
 
+@dataclass(frozen=True)
+class CalibrationSample:
+    """Documents sampled to fit the score calibration from."""
+
+    keys: np.ndarray  # the sampled documents' keys
+    partners: np.ndarray  # random other keys per sampled one: the pairs that are not relevant
+    documents: list[Document]  # the sampled documents, in the order of ``keys``
+
+
 class DocumentIndex:
     def __init__(self, directory: Path, manifest: IndexManifest, save_every_writes: int = 1000, read_only: bool = False,
                  filter_exact_max_docs: int = 10_000, filter_max_fetch: int = 4096):
@@ -390,9 +399,8 @@ class DocumentIndex:
         best = np.argsort(-similarity, kind="stable")[:k]
         return list(zip(keys[best].tolist(), similarity[best].tolist()))
 
-    def calibration_sample(self) -> tuple[np.ndarray, np.ndarray, list[Document]] | None:
-        """(sampled keys, random other keys per sampled one, the sampled documents) for fitting the score
-        calibration; None when the index holds too few documents."""
+    def calibration_sample(self) -> CalibrationSample | None:
+        """Documents to fit the score calibration from; None when the index holds too few."""
         with self._graph_lock:
             keys = np.asarray(self._graph.keys, dtype=np.uint64)
         if len(keys) < calibration.MIN_DOCS:
@@ -400,12 +408,14 @@ class DocumentIndex:
         sampled = calibration.sample_keys(keys)
         docs = self.store.fetch(sampled.tolist())
         sampled = np.asarray([key for key in sampled.tolist() if key in docs], dtype=np.uint64)
-        return sampled, calibration.irrelevant_partners(sampled, keys), [docs[key] for key in sampled.tolist()]
+        return CalibrationSample(sampled, calibration.irrelevant_partners(sampled, keys),
+                                 [docs[key] for key in sampled.tolist()])
 
-    def calibration_fit(self, sample, queries: list[str], vectors: np.ndarray) -> calibration.FittedCalibration | None:
+    def calibration_fit(self, sample: CalibrationSample, queries: list[str],
+                        vectors: np.ndarray) -> calibration.FittedCalibration | None:
         """Fit from the sample's pseudo-queries (``queries``, embedded as ``vectors``): cosines and BM25 against
         their own documents and against the random others. Blocks (graph reads, SQLite)."""
-        sampled, partners, _ = sample
+        sampled, partners = sample.keys, sample.partners
         dims = self.manifest.dims
         with self._graph_lock:
             # A document removed since the sample was drawn has no vector: its pairs are left out.

@@ -37,6 +37,7 @@ from twostage.filters import Filter
 from twostage.metrics import RECALL_SEARCH_SECONDS as SEARCH_SECONDS
 from twostage.metrics import watch_batcher, watch_recall
 from twostage.model_store import resolve_model
+from twostage.recall_mode import RecallMode
 from twostage.schema import check_filter_types, conform
 from twostage.scoring import fuse_recall
 from twostage.sharding import shard_of
@@ -82,7 +83,7 @@ class Candidate:
 class RecallAnswer:
     candidates: list[Candidate]
     timings: dict[str, float]
-    mode: str  # the mode that answered
+    mode: RecallMode  # the mode that answered
     vector: np.ndarray  # the query's embedding (computed, or given)
     prf_hits: int = 0  # the hits pseudo-relevance feedback was formed from (0: it did not run)
     prf_skipped: str = ""  # why feedback that was asked for did not run (too little time left)
@@ -99,7 +100,7 @@ class KeptMatches:
         self._lock = threading.Lock()  # searches run in threads
         self._generation = 0
 
-    def key(self, index: DocumentIndex, query: str, filter_: Filter | None, k: int, mode: str) -> tuple:
+    def key(self, index: DocumentIndex, query: str, filter_: Filter | None, k: int, mode: RecallMode) -> tuple:
         return id(index), self._generation, query, repr(filter_), k, mode
 
     def keep(self, key: tuple, matches: list) -> None:
@@ -179,7 +180,7 @@ class RecallService:
             self.index = await asyncio.to_thread(self._open_index, s.index_dir)
         if self.peers is None and not s.read_only:
             self._purging = asyncio.get_running_loop().create_task(self._purge_periodically())
-        await self.search("warm up", 1, mode="dense")
+        await self.answer("warm up", 1, mode=RecallMode.DENSE)
         # Its first run allocates: predicted from it, the next queries would be refused as late.
         self.batcher.reset_costs()
         self._refit_soon()  # in snapshot mode the first switch has started one already: wait for that one
@@ -237,7 +238,7 @@ class RecallService:
             sample = await asyncio.to_thread(index.calibration_sample)
             if sample is None:
                 return self.calibration
-            queries = [calibration.pseudo_query(doc) for doc in sample[2]]
+            queries = [calibration.pseudo_query(doc) for doc in sample.documents]
             encoded = await asyncio.to_thread(self.embedder.encode, queries, True)
             done = await self.batcher.submit(encoded, [e.length for e in encoded], None, bulk=True)
             fitted = await asyncio.to_thread(index.calibration_fit, sample, queries, np.stack(done.values))
@@ -328,13 +329,7 @@ class RecallService:
         vectors = np.stack(done.values) if done.values else np.empty((0, self.embedder.dims), np.float32)
         return vectors, sum(e.length for e in encoded)
 
-    async def search(self, query: str, k: int, deadline_s: float | None = None, mode: str | None = None,
-                     filter_: Filter | None = None) -> tuple[list[Candidate], dict, str]:
-        """Candidates best first, timings, and the mode that answered."""
-        answer = await self.answer(query, k, deadline_s, mode, filter_)
-        return answer.candidates, answer.timings, answer.mode
-
-    async def answer(self, query: str, k: int, deadline_s: float | None = None, mode: str | None = None,
+    async def answer(self, query: str, k: int, deadline_s: float | None = None, mode: RecallMode | None = None,
                      filter_: Filter | None = None, prf_depth: int | None = None, prf_weight: float | None = None,
                      vector: np.ndarray | None = None, feedback_vector: np.ndarray | None = None,
                      return_vectors: int = 0) -> "RecallAnswer":
@@ -348,7 +343,7 @@ class RecallService:
         errors.check_limit("k", k, 1, s.max_k)
         errors.check_limit("return_vectors", return_vectors, 0, k)
         prf = feedback.check(prf_depth, prf_weight, feedback.Feedback(s.prf_depth, s.prf_weight), ("k", k))
-        mode = mode or s.recall_mode
+        mode = RecallMode(mode or s.recall_mode)
         prf = feedback.for_mode(prf, mode, asked=prf_depth is not None or prf_weight is not None)
         check_filter_types(filter_, self.index.store.schema())
         vector = None if vector is None else self._given_vector(vector, "query_vector")
@@ -385,9 +380,9 @@ class RecallService:
                                          f"(got {length:g})")
         return vector
 
-    def _find(self, index: DocumentIndex, query: str, vector: np.ndarray, k: int, mode: str, filter_: Filter | None,
-              deadline_s: float | None = None, prf: feedback.Feedback = feedback.OFF, return_vectors: int = 0,
-              feedback_vector: np.ndarray | None = None) -> "RecallAnswer":
+    def _find(self, index: DocumentIndex, query: str, vector: np.ndarray, k: int, mode: RecallMode,
+              filter_: Filter | None, deadline_s: float | None = None, prf: feedback.Feedback = feedback.OFF,
+              return_vectors: int = 0, feedback_vector: np.ndarray | None = None) -> "RecallAnswer":
         """Runs off the event loop: the index and SQLite block. A filtered dense search stops at ``deadline_s``
         (time.monotonic()): cancelling the call cannot stop this thread."""
         # Before BM25 is read: a write that lands meanwhile makes what is kept under this key unusable.
@@ -398,7 +393,7 @@ class RecallService:
             return self._answer(index, vector, second, return_vectors, refined=True)
         first = self._pass(index, query, vector, k, mode, filter_, deadline_s)
         if not prf.active or not first.ranked:
-            if return_vectors and mode == "hybrid":  # a gateway's first round: its second reads the same BM25
+            if return_vectors and mode == RecallMode.HYBRID:  # a gateway's first round: its second reads the same BM25
                 self._kept_matches.keep(matches_key, first.matches)
             return self._answer(index, vector, first, return_vectors)
         started = time.perf_counter()
@@ -442,13 +437,13 @@ class RecallService:
                       for key, score in kept]
         return RecallAnswer(candidates, timings, "", vector, prf_hits, skipped)
 
-    def _pass(self, index: DocumentIndex, query: str, vector: np.ndarray, k: int, mode: str, filter_: Filter | None,
-              deadline_s: float | None = None, matches: list | None = None) -> "_Pass":
+    def _pass(self, index: DocumentIndex, query: str, vector: np.ndarray, k: int, mode: RecallMode,
+              filter_: Filter | None, deadline_s: float | None = None, matches: list | None = None) -> "_Pass":
         """One search: the ranked keys with their parts. ``matches``: the BM25 matches a first pass read, reused."""
         s = self.settings
         start = time.perf_counter()
         dense: dict[int, float] = {}
-        if mode != "lexical":
+        if mode != RecallMode.LEXICAL:
             with tracing.span("dense search") as span:
                 dense = dict(index.nearest(vector, k, filter_, deadline_s))
                 if span.is_recording():
@@ -457,16 +452,16 @@ class RecallService:
         searched = time.perf_counter()
         lexical: dict[int, float] = {}
         keys = list(dense)
-        if mode != "dense":
+        if mode != RecallMode.DENSE:
             with tracing.span("lexical search") as span:
                 # Hybrid reads deeper than k, to give the dense candidates their BM25 from the same query; one
                 # beyond that depth gets the last score read (an upper bound), and 0 when every match was read.
-                depth = max(k, s.lexical_depth) if mode == "hybrid" else k
+                depth = max(k, s.lexical_depth) if mode == RecallMode.HYBRID else k
                 if matches is None:
                     matches = index.store.lexical_search(query, depth, filter_)
                 lexical = dict(matches[:k])
-                keys = list(lexical) if mode == "lexical" else list(dense | lexical)
-                if mode == "hybrid":
+                keys = list(lexical) if mode == RecallMode.LEXICAL else list(dense | lexical)
+                if mode == RecallMode.HYBRID:
                     every, floor = dict(matches), (matches[-1][1] if len(matches) == depth else 0.0)
                     lexical.update({key: every.get(key, floor) for key in dense if key not in lexical})
                 if missing := [key for key in lexical if key not in dense]:
@@ -474,14 +469,14 @@ class RecallService:
                 if span.is_recording():
                     span.set_attributes({"twostage.depth": depth, "twostage.matches": len(matches),
                                          "twostage.filtered": filter_ is not None})
-        if mode == "hybrid":
+        if mode == RecallMode.HYBRID:
             with tracing.span("fusion") as span:
                 ranked = fuse_recall(keys, [dense.get(key, 0.0) for key in keys],
                                      [lexical.get(key, 0.0) for key in keys], s.hybrid_fusion, s.hybrid_dense_weight)[:k]
                 if span.is_recording():
                     span.set_attributes({"twostage.fusion": s.hybrid_fusion, "twostage.fused": len(keys)})
         else:
-            source = dense if mode == "dense" else lexical
+            source = dense if mode == RecallMode.DENSE else lexical
             ranked = sorted(((key, source[key]) for key in keys), key=lambda pair: -pair[1])[:k]
         ranked_at = time.perf_counter()
         # search_ms: the graph; lexical_ms: BM25, the missing halves of the scores and the fusion.
@@ -529,7 +524,7 @@ class RecallService:
     async def _replayed(self, request_id: str) -> WriteReply | None:
         check_request_id(request_id)
         if request_id and (known := await asyncio.to_thread(self.index.store.request, request_id)):
-            return WriteReply(known[0], known[1], self.doc_count())
+            return WriteReply(known.count, known.version, self.doc_count())
         return None
 
     def _version(self, given: Version | None) -> Version:

@@ -3,6 +3,7 @@ pair (post). How batches run is the execution plan's (twostage.execution_plan)."
 
 import itertools
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 
@@ -14,6 +15,16 @@ from twostage.model_store import sha256_of
 from twostage.runtime import Encoded, cut_by, encode_all, load_tokenizer, pad_batch
 
 TYPICAL_PAIRS = 4  # pairs an execution plan is chosen on: SciFact abstracts with a claim, mostly cut at max_length
+
+
+class FittedQuery(NamedTuple):
+    text: str  # the query as scored
+    truncated: bool  # it was cut to fit
+
+
+class EncodedPairs(NamedTuple):
+    pairs: list[Encoded]
+    query_truncated: bool
 
 
 class CrossEncoder:
@@ -43,25 +54,24 @@ class CrossEncoder:
     def typical_pairs(self) -> list[Encoded]:
         query = next(iter(read_queries(DEMO_CORPUS).values()))
         documents = [document_text(d) for d in itertools.islice(read_corpus(DEMO_CORPUS), TYPICAL_PAIRS)]
-        return self.encode(query, documents)[0]
+        return self.encode(query, documents).pairs
 
-    def fit_query(self, query: str) -> tuple[str, bool]:
-        """The query as scored: cut after ``max_query_tokens`` tokens when longer. Returns (text, truncated)."""
+    def fit_query(self, query: str) -> FittedQuery:
+        """The query as scored: cut after ``max_query_tokens`` tokens when longer."""
         encoding = self._query_tokenizer.encode(query, add_special_tokens=False)
         if len(encoding.ids) <= self.max_query_tokens:
-            return query, False
+            return FittedQuery(query, False)
         end = encoding.offsets[self.max_query_tokens - 1][1]
-        return query[:end], True
+        return FittedQuery(query[:end], True)
 
-    def encode(self, query: str, documents: list[str]) -> tuple[list[Encoded], bool]:
-        """Tokenize (query, document) pairs; documents fill what the query leaves of the window.
-        Returns (pairs, whether the query was cut)."""
-        query, truncated = self.fit_query(query)
-        return self.encode_pairs(query, documents), truncated
+    def encode(self, query: str, documents: list[str]) -> EncodedPairs:
+        """Tokenize (query, document) pairs; documents fill what the query leaves of the window."""
+        fitted = self.fit_query(query)
+        return EncodedPairs(self.encode_pairs(fitted.text, documents), fitted.truncated)
 
     def check_fits(self, query: str, documents: list[str]) -> None:
         """TooLong unless the query and each document, with it, fit in the window uncut."""
-        if self.fit_query(query)[1]:
+        if self.fit_query(query).truncated:
             raise errors.TooLong(f"the query is longer than {self.max_query_tokens} tokens, half the model's window; "
                                  "shorten it, or allow truncation")
         if cut_by(self.tokenizer, [(query, doc) for doc in documents]):

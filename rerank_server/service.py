@@ -4,6 +4,7 @@ import asyncio
 import statistics
 import time
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
 from rerank_server.config import RerankSettings
 from rerank_server.cross_encoder import CrossEncoder
@@ -39,6 +40,14 @@ class RerankAnswer:
     cached: int = 0  # pairs answered from the cache or from an identical pair in flight
     unscored: int = 0  # with allow_partial: documents the deadline left unscored (absent from ranked)
     cost_ratio: float = 0.0  # live batches' model time over the published cost model's prediction (0: none yet)
+
+
+class Computed(NamedTuple):
+    """What the model gave for some pairs: a score each, in their order (None: the deadline left it unscored),
+    and the tokens of the pairs it scored."""
+
+    values: list[float | None]
+    tokens: int
 
 
 class RerankService:
@@ -177,8 +186,8 @@ class RerankService:
         return f"{digest}:{self.model.max_length}:{self.model.max_query_tokens}:{graph}"
 
     async def _compute(self, query: str, documents: list[str], deadline_s: float | None, timings: dict,
-                       partial: bool = False, answered_elsewhere: bool = False) -> tuple:
-        """Scores from the model: (scores, tokens); with ``partial`` None for a document its deadline left
+                       partial: bool = False, answered_elsewhere: bool = False) -> Computed:
+        """Scores from the model; with ``partial`` None for a document its deadline left
         unscored (at least one is scored, or it is DeadlineExceeded, unless ``answered_elsewhere``: other
         scores already make the partial answer, and these may all be None)."""
         started = time.perf_counter()
@@ -193,10 +202,10 @@ class RerankService:
         except errors.DeadlineExceeded:
             if not (partial and answered_elsewhere):
                 raise
-            return [None] * len(documents), 0
+            return Computed([None] * len(documents), 0)
         timings["queue_ms"], timings["compute_ms"] = done.queue_ms, done.compute_ms
         values = [None if v is None else float(v) for v in done.values]
-        return values, sum(p.length for p, v in zip(pairs, values) if v is not None)
+        return Computed(values, sum(p.length for p, v in zip(pairs, values) if v is not None))
 
     async def rerank(self, request: RerankQuery) -> RerankAnswer:
         if self.batcher is None:
@@ -272,21 +281,21 @@ class RerankService:
         return scores, tokens, claimed
 
     async def _compute_shared(self, keys: list[bytes], query: str, documents: list[str], deadline_s: float | None,
-                              timings: dict, partial: bool, answered_elsewhere: bool) -> tuple:
+                              timings: dict, partial: bool, answered_elsewhere: bool) -> Computed:
         """_compute for pairs registered in flight, which other requests may await: it runs in a task of its
         own, so this caller going away neither cancels it nor leaves the others to compute the pairs again;
         its scores are stored and each of its futures resolved however it ends."""
         cache = self.cache
 
-        async def compute():
+        async def compute() -> Computed:
             try:
-                values, tokens = await self._compute(query, documents, deadline_s, timings, partial,
-                                                     answered_elsewhere)
+                computed = await self._compute(query, documents, deadline_s, timings, partial, answered_elsewhere)
             except BaseException as error:
                 cache.finish(keys, None, error)
                 raise
-            cache.finish(keys, values, errors.DeadlineExceeded("the deadline passed before this pair was scored"))
-            return values, tokens
+            cache.finish(keys, computed.values,
+                         errors.DeadlineExceeded("the deadline passed before this pair was scored"))
+            return computed
 
         task = asyncio.get_running_loop().create_task(compute())
         self._computing.add(task)

@@ -7,6 +7,7 @@ import numpy as np
 from twostage.corpus import Document, MetadataValue
 from twostage.errors import InvalidArgument
 from twostage.filters import BOUNDS, Filter, FilterClause, NumberRange, check_filter
+from twostage.recall_mode import RecallMode
 from twostage.scoring import Calibration, Fusion, HybridFusion
 from twostage.v1 import common_pb2, gateway_pb2, recall_pb2
 from twostage.versions import Version
@@ -86,12 +87,12 @@ def filter_to_proto(filter_: Filter | None) -> common_pb2.Filter:
     return common_pb2.Filter(clauses=clauses)
 
 
-RECALL_MODES = {"dense": common_pb2.RECALL_MODE_DENSE, "lexical": common_pb2.RECALL_MODE_LEXICAL,
-                "hybrid": common_pb2.RECALL_MODE_HYBRID}
+RECALL_MODES = {RecallMode.DENSE: common_pb2.RECALL_MODE_DENSE, RecallMode.LEXICAL: common_pb2.RECALL_MODE_LEXICAL,
+                RecallMode.HYBRID: common_pb2.RECALL_MODE_HYBRID}
 
 
-def recall_mode_from_proto(mode: int) -> str | None:
-    """None when unspecified (the server's default applies)."""
+def recall_mode_from_proto(mode: int) -> RecallMode | None:
+    """None when unspecified (the server's default applies); INVALID_ARGUMENT for a value this build does not know."""
     for name, value in RECALL_MODES.items():
         if value == mode:
             return name
@@ -100,7 +101,7 @@ def recall_mode_from_proto(mode: int) -> str | None:
     return None
 
 
-def recall_mode_to_proto(mode: str | None) -> int:
+def recall_mode_to_proto(mode: RecallMode | None) -> int:
     return RECALL_MODES[mode] if mode else common_pb2.RECALL_MODE_UNSPECIFIED
 
 

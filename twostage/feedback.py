@@ -21,6 +21,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from twostage.errors import InvalidArgument
+from twostage.recall_mode import RecallMode
 
 MAX_DEPTH = 100
 
@@ -54,11 +55,11 @@ def check(depth: int | None, weight: float | None, default: Feedback, k: tuple[s
     return Feedback(default.depth if depth is None else depth, default.weight if weight is None else float(weight))
 
 
-def for_mode(prf: Feedback, mode: str | None, asked: bool) -> Feedback:
+def for_mode(prf: Feedback, mode: RecallMode | None, asked: bool) -> Feedback:
     """The feedback a search in ``mode`` gets: none in lexical mode (its order never reads the vector); in dense
     mode only when the request asks for it (``asked``): on SciFact feedback after a hybrid first pass lifted
     recall, after a dense one it did not."""
-    if mode == "lexical" or (mode == "dense" and not asked):
+    if mode == RecallMode.LEXICAL or (mode == RecallMode.DENSE and not asked):
         return OFF
     return prf
 

@@ -2,7 +2,7 @@
 Bodies and answers are the protos' fields under the same names; errors are
 ``{"error": {"status": <gRPC code name>, "message": ...}}``."""
 
-from typing import Annotated, Literal
+from typing import Annotated
 
 from fastapi import APIRouter
 from fastapi.responses import JSONResponse
@@ -16,6 +16,7 @@ from gateway.writes import WriteResult
 from twostage import errors
 from twostage.corpus import Document
 from twostage.filters import FilterClause, NumberRange, check_filter
+from twostage.recall_mode import RecallMode
 from twostage.scoring import Fusion
 
 # For answers no error stands for: no such route is gRPC's unknown method; no such path, not found.
@@ -66,7 +67,7 @@ class SearchBody(Body):
     fusion_alpha: float | None = None
     skip_rerank: bool = False
     score_threshold: float | None = None
-    recall_mode: Literal["dense", "lexical", "hybrid"] | None = None
+    recall_mode: Annotated[RecallMode | None, Field(strict=False)] = None  # strict takes no string for an enum
     filter: SearchFilter | None = None
     prf_depth: UInt32 | None = None
     prf_weight: float | None = None
@@ -149,7 +150,7 @@ def router(face) -> APIRouter:
     @routes.get("/v1/documents/{doc_id:path}", openapi_extra=calls("Gateway/Get"),
                 summary="A stored document by id (Gateway.Get)")
     async def get(doc_id: str):
-        found, _ = await lifecycle.ready_router().get([doc_id], write_timeout_s())
+        found = (await lifecycle.ready_router().get([doc_id], write_timeout_s())).found
         if not found:
             raise errors.NotFound(f"no document with id {doc_id[:128]!r}")
         d = found[0]

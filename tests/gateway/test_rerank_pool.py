@@ -9,6 +9,9 @@ import pytest
 from gateway.clients import RerankReply
 from gateway.rerank_pool import RerankPool
 from twostage import errors
+from twostage.probe import Health
+
+SERVING, NOT_SERVING, SILENT = Health.SERVING, Health.NOT_SERVING, Health.UNKNOWN
 
 
 class FakeReplica:
@@ -20,7 +23,7 @@ class FakeReplica:
         self.fail_with = fail_with
         self.ms_per_pair = ms_per_pair
         self.received: list[list[str]] = []
-        self.health = health if health is not None else [True]  # answers in turn; the last one repeats
+        self.health = health if health is not None else [SERVING]  # answers in turn; the last one repeats
 
     async def health_status(self, timeout_s):
         return self.health.pop(0) if len(self.health) > 1 else self.health[0]
@@ -114,7 +117,8 @@ async def test_nothing_available_is_an_error_not_a_hang():
 
 
 async def test_health_needs_repeated_silence_but_obeys_not_serving():
-    pool = RerankPool([FakeReplica("a", health=[None, None, None, True]), FakeReplica("b", health=[False, True])],
+    pool = RerankPool([FakeReplica("a", health=[SILENT, SILENT, SILENT, SERVING]),
+                       FakeReplica("b", health=[NOT_SERVING, SERVING])],
                       initial_ms_per_pair=10)
     seen = []
     for _ in range(4):
@@ -125,21 +129,21 @@ async def test_health_needs_repeated_silence_but_obeys_not_serving():
 
 
 async def test_start_waits_for_a_loading_replica():
-    replica = FakeReplica("a", health=[False, False, True])
+    replica = FakeReplica("a", health=[NOT_SERVING, NOT_SERVING, SERVING])
     pool = RerankPool([replica], initial_ms_per_pair=10)
     assert await pool.wait_for_a_replica(timeout_s=10, period_s=0.001)
-    assert replica.health == [True]  # it checked until the replica said SERVING
+    assert replica.health == [SERVING]  # it checked until the replica said SERVING
 
-    pool = RerankPool([FakeReplica("a", health=[False])], initial_ms_per_pair=10)
+    pool = RerankPool([FakeReplica("a", health=[NOT_SERVING])], initial_ms_per_pair=10)
     assert not await pool.wait_for_a_replica(timeout_s=0)
 
 
 async def test_start_does_not_take_silence_for_serving():
     """A replica still starting refuses connections (no answer): the gateway must keep waiting."""
-    replica = FakeReplica("a", health=[None, None, True])
+    replica = FakeReplica("a", health=[SILENT, SILENT, SERVING])
     pool = RerankPool([replica], initial_ms_per_pair=10)
     assert await pool.wait_for_a_replica(timeout_s=10, period_s=0.001)
-    assert replica.health == [True]
+    assert replica.health == [SERVING]
 
 
 class QueuedReplica:

@@ -106,7 +106,7 @@ async def test_a_searchs_deadline_reaches_the_filtered_graph_search(service, mon
     monkeypatch.setattr(service.index, "nearest", lambda *args: seen.append(args[3]) or nearest(*args))
     deadline = time.monotonic() + 60
     farming = check_filter([FilterClause("tags", equals="farming")])
-    await service.search("barley", 3, deadline_s=deadline, mode="dense", filter_=farming)
+    await service.answer("barley", 3, deadline_s=deadline, mode="dense", filter_=farming)
     assert seen == [deadline]
 
 

@@ -161,8 +161,8 @@ async def test_writes_and_filters_are_checked_against_the_schema(product_index, 
     try:
         await coercing.upsert([bad])
         assert coercing.index.get(["new-2"])["new-2"].metadata == {"price": 12.99}
-        candidates, _, _ = await coercing.search("kettle", 20, filter_=parse_filter(["price<=20"]), mode="lexical")
-        assert "new-2" in {c.document.id for c in candidates}
+        answer = await coercing.answer("kettle", 20, filter_=parse_filter(["price<=20"]), mode="lexical")
+        assert "new-2" in {c.document.id for c in answer.candidates}
         # A row a peer accepted is copied as it is (refusing it would leave the replicas apart for good), and
         # the contradiction is counted: a price filter misses that row, and the operator must be able to see it.
         from recall_server.docstore import SCHEMA_CONFLICTS

@@ -16,6 +16,7 @@ from grpc_reflection.v1alpha import reflection_pb2
 from twostage.auth import add_token
 from twostage.connect import Credentials
 from twostage.dev_certs import make_ca, write_dev_certs
+from twostage.probe import Health
 from twostage.v1 import (
     common_pb2,
     gateway_pb2,
@@ -719,7 +720,7 @@ async def test_stalled_checks_cannot_fail_the_health_checks_of_callers_with_a_to
             reply = await health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=10,
                                                                      metadata=searcher.metadata)
         assert reply.status == health_pb2.HealthCheckResponse.SERVING
-        assert await client.health_status(10) is True
+        assert await client.health_status(10) is Health.SERVING
         for call in stalled:
             call.cancel()
     finally:

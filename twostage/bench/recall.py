@@ -19,9 +19,12 @@ from twostage.bench.workload import default_dataset
 from twostage.corpus import Document, read_queries
 from twostage.filters import FilterClause, check_filter
 from twostage.model_store import fetch_defaults
+from twostage.recall_mode import RecallMode
 
-# hybrid+prf: hybrid with pseudo-relevance feedback as the settings have it (the default); the others without.
-MODES = ("dense", "lexical", "hybrid", "hybrid+prf")
+# Each row's recall mode. hybrid+prf: hybrid with pseudo-relevance feedback as the settings have it (the default);
+# the others without.
+MODES = {"dense": RecallMode.DENSE, "lexical": RecallMode.LEXICAL, "hybrid": RecallMode.HYBRID,
+         "hybrid+prf": RecallMode.HYBRID}
 
 
 async def mode_latency(index_dir: Path, queries: list[str], k: int) -> dict:
@@ -33,9 +36,9 @@ async def mode_latency(index_dir: Path, queries: list[str], k: int) -> dict:
         times: dict[str, list[float]] = {mode: [] for mode in MODES}
         feedback_ms: list[float] = []
         for query in queries:
-            for mode in MODES:
+            for mode, recall_mode in MODES.items():
                 start = time.perf_counter()
-                answer = await service.answer(query, k, mode="hybrid" if mode == "hybrid+prf" else mode,
+                answer = await service.answer(query, k, mode=recall_mode,
                                               prf_depth=None if mode == "hybrid+prf" else 0)
                 times[mode].append(1000 * (time.perf_counter() - start))
                 if mode == "hybrid+prf":

@@ -25,13 +25,13 @@ from twostage.probe import wait_serving
 
 def measure_ceiling(model: CrossEncoder, workload: list[RerankRequest], batch_sizes: list[int]) -> dict:
     """Best pairs/s of raw onnxruntime over batch sizes, all pairs length-sorted globally."""
-    pairs = [p for r in workload for p in model.encode(r.query, r.documents)[0]]
+    pairs = [p for r in workload for p in model.encode(r.query, r.documents).pairs]
     return best_rate(pairs, [p.length for p in pairs], model.score, batch_sizes)
 
 
 def measure_plans(model: CrossEncoder, plans: list, workload: list[RerankRequest], settings: RerankSettings) -> dict:
     """Pairs/s of each execution plan, raw, in the batches the server's batcher would hand it."""
-    pairs = [p for r in workload for p in model.encode(r.query, r.documents)[0]]
+    pairs = [p for r in workload for p in model.encode(r.query, r.documents).pairs]
     return plan_rates(plans, pairs, model._call, BatchPolicy.from_settings(settings))
 
 

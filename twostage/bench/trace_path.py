@@ -103,6 +103,7 @@ async def _stack(received: list | None = None):
     from twostage.batching import BatchPolicy, DynamicBatcher
     from twostage.membership import Target
     from twostage.metrics import RECALL_SEARCH_SECONDS, batch_observer
+    from twostage.recall_mode import RecallMode
     from twostage.tracing import exemplar
     from twostage.v1 import common_pb2, recall_pb2, rerank_pb2
 
@@ -134,9 +135,9 @@ async def _stack(received: list | None = None):
             if span.is_recording():
                 span.set_attributes({"twostage.fusion": "rrf", "twostage.fused": CANDIDATES})
         if (span := tracing.current_span()).is_recording():
-            span.set_attributes({"twostage.shard": 0, "twostage.shards": 1, "twostage.recall_mode": "hybrid",
+            span.set_attributes({"twostage.shard": 0, "twostage.shards": 1, "twostage.recall_mode": RecallMode.HYBRID,
                                  "twostage.k": request.k, "twostage.candidates": CANDIDATES})
-        RECALL_SEARCH_SECONDS.labels("hybrid").observe(time.perf_counter() - start, exemplar())
+        RECALL_SEARCH_SECONDS.labels(RecallMode.HYBRID).observe(time.perf_counter() - start, exemplar())
         return reply
 
     async def rerank(request, context):  # the tracing calls RerankService.rerank makes

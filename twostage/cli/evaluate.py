@@ -6,6 +6,7 @@ from pathlib import Path
 from twostage.cli.args import at_least_two
 from twostage.connect import PLAINTEXT, add_credential_flags, credentials_from_args
 from twostage.corpus import DEMO_CORPUS
+from twostage.recall_mode import RecallMode
 from twostage.scoring import Fusion
 
 
@@ -20,7 +21,7 @@ def register(commands) -> None:
     parser.add_argument("--limit", type=int, default=None, help="only the first N queries")
     parser.add_argument("--fusion", default=Fusion.LINEAR.value, choices=[f.value for f in Fusion],
                         help="the fusion the alpha sweep recomputes")
-    parser.add_argument("--recall-mode", default=None, choices=["dense", "lexical", "hybrid"],
+    parser.add_argument("--recall-mode", default=None, type=RecallMode, choices=list(RecallMode),
                         help="how recall finds candidates (default: the recall servers' setting)")
     parser.add_argument("--stages", default="all", choices=["all", "recall"],
                         help="recall: evaluate recall alone, without reranking (seconds, not minutes)")
@@ -55,9 +56,6 @@ def register(commands) -> None:
     parser.set_defaults(run=run)
 
 
-RECALL_MODES = ("dense", "lexical", "hybrid")
-
-
 def parse_sweeps(items: list[str]) -> dict[str, list]:
     sweeps: dict[str, list] = {}
     for item in items:
@@ -67,9 +65,10 @@ def parse_sweeps(items: list[str]) -> dict[str, list]:
                              f"or max_length=..., got {item!r}")
         if name == "recall_mode":
             modes = values.split(",")
-            if unknown := [m for m in modes if m not in RECALL_MODES]:
-                raise ValueError(f"--sweep recall_mode: unknown {', '.join(unknown)}; choose from {RECALL_MODES}")
-            sweeps[name] = modes
+            known = tuple(m.value for m in RecallMode)
+            if unknown := [m for m in modes if m not in known]:
+                raise ValueError(f"--sweep recall_mode: unknown {', '.join(unknown)}; choose from {known}")
+            sweeps[name] = [RecallMode(m) for m in modes]
         elif name in ("max_length", "prf_depth"):
             sweeps[name] = [int(v) for v in values.split(",")]
         else:

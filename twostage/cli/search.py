@@ -11,9 +11,10 @@ from google.protobuf.json_format import MessageToDict
 from twostage.cli.args import non_negative_int, positive_float
 from twostage.cli.client import add_target_flag, explain
 from twostage.connect import PLAINTEXT, Credentials, credentials_from_args
-from twostage.convert import RECALL_MODES, filter_to_proto, fusion_to_proto, metadata_from_proto, recall_mode_to_proto
+from twostage.convert import filter_to_proto, fusion_to_proto, metadata_from_proto, recall_mode_to_proto
 from twostage.errors import InvalidArgument
 from twostage.filters import parse_filter
+from twostage.recall_mode import RecallMode
 from twostage.scoring import Fusion
 from twostage.v1 import gateway_pb2, gateway_pb2_grpc
 
@@ -29,8 +30,8 @@ def register(commands) -> None:
     parser.add_argument("--filter", action="append", default=[], metavar="FILTER",
                         help="only documents whose metadata passes: price<=100, tags=travel, 'category in garden,"
                              "outdoor', or JSON such as '{\"price\": {\"lte\": 100}}'; repeat to require several")
-    parser.add_argument("--recall-mode", choices=sorted(RECALL_MODES), help="dense, lexical or hybrid recall "
-                        "(default: the recall servers')")
+    parser.add_argument("--recall-mode", type=RecallMode, choices=sorted(RecallMode),
+                        help="dense, lexical or hybrid recall (default: the recall servers')")
     parser.add_argument("--score-threshold", type=float, help="drop hits whose final score is below this")
     parser.add_argument("--skip-rerank", action="store_true", help="answer from recall alone")
     parser.add_argument("--fusion", choices=sorted(f.value for f in Fusion), help="how the final score combines recall and rerank "

@@ -17,6 +17,7 @@ from twostage.convert import calibration_from_proto, fusion_from_proto, recall_m
 from twostage.corpus import read_qrels, read_queries
 from twostage.evaluation.loadtest import degradation_codes
 from twostage.evaluation.metrics import evaluate
+from twostage.recall_mode import RecallMode
 from twostage.scoring import DEFAULT_CALIBRATION, Fusion, fuse_final
 from twostage.v1 import common_pb2, gateway_pb2, gateway_pb2_grpc, recall_pb2, recall_pb2_grpc
 
@@ -34,7 +35,7 @@ class Answer:
 
 
 async def ask_gateway(target: str, queries: dict[str, str], recall_k: int, budget_ms: int, progress=True,
-                      credentials: Credentials = PLAINTEXT, recall_mode: str | None = None,
+                      credentials: Credentials = PLAINTEXT, recall_mode: RecallMode | None = None,
                       skip_rerank: bool = False, prf_depth: int | None = None,
                       prf_weight: float | None = None) -> list[Answer]:
     """One query at a time (latency without queueing), the whole candidate list returned. ``prf_depth`` and
@@ -68,7 +69,7 @@ async def ask_gateway(target: str, queries: dict[str, str], recall_k: int, budge
 
 async def recall_positions(target: str, queries: dict[str, str], qrels, depth: int,
                            credentials: Credentials = PLAINTEXT,
-                           recall_mode: str | None = None) -> dict[str, dict[str, int | None]]:
+                           recall_mode: RecallMode | None = None) -> dict[str, dict[str, int | None]]:
     """Where recall alone ranks each relevant document (None: beyond ``depth``)."""
     positions = {}
     async with credentials.aio_channel(target) as channel:
@@ -179,7 +180,7 @@ def summarise(answers: list[Answer], qrels, recall_k: int) -> dict:
 
 
 def _advice(target: str, recall_target: str, queries: dict[str, str], qrels, recall_k: int,
-            credentials: Credentials, recall_mode: str | None, absent: set[str] | None = None) -> dict:
+            credentials: Credentials, recall_mode: RecallMode | None, absent: set[str] | None = None) -> dict:
     depth = max(1000, recall_k)
     positions = asyncio.run(recall_positions(recall_target, queries, qrels, depth, credentials, recall_mode))
     if absent is None:
@@ -224,8 +225,8 @@ def write_report(path: Path | None, report: dict) -> None:
 
 def run(target: str, recall_target: str | None, dataset: Path, split: str, recall_k: int, budget_ms: int,
         limit: int | None, sweep_recall_k: list[int], sweep_alpha: list[float], fusion: Fusion,
-        progress: bool = True, credentials: Credentials = PLAINTEXT, recall_mode: str | None = None,
-        stages: str = "all", sweep_recall_mode: list[str] = (), sweep_prf: dict[str, list] | None = None) -> dict:
+        progress: bool = True, credentials: Credentials = PLAINTEXT, recall_mode: RecallMode | None = None,
+        stages: str = "all", sweep_recall_mode: list[RecallMode] = (), sweep_prf: dict[str, list] | None = None) -> dict:
     """``stages="recall"`` evaluates recall alone (no reranking; rerank and final then equal recall)."""
     queries, qrels = load(dataset, split, limit)
     skip_rerank = stages == "recall"
@@ -303,7 +304,7 @@ async def serve_and_measure(dataset: Path, port: int, measure, index_dir: Path |
 
 
 def sweep_max_length(dataset: Path, split: str, limit: int | None, recall_k: int, budget_ms: int,
-                     recall_mode: str | None, port: int, lengths: list[int], skip_invalid: bool = False) -> dict:
+                     recall_mode: RecallMode | None, port: int, lengths: list[int], skip_invalid: bool = False) -> dict:
     """Quality and rerank throughput per truncation length, each on a fresh local stack."""
     import os
 
