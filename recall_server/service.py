@@ -86,7 +86,7 @@ class RecallAnswer:
     vector: np.ndarray  # the query's embedding (computed, or given)
     prf_hits: int = 0  # the hits pseudo-relevance feedback was formed from (0: it did not run)
     prf_skipped: str = ""  # why feedback that was asked for did not run (too little time left)
-    cost: Cost = field(default_factory=Cost)  # what embedding the query cost the model (nothing when its vector was given)
+    cost: Cost = field(default_factory=Cost)  # what embedding the query cost the model (nothing: vector given)
 
 
 class KeptMatches:
