@@ -717,8 +717,8 @@ def _annotate_degradations(span, result) -> None:
 def _merge(merged: RerankOutcome, outcome: RerankOutcome, offset: int) -> None:
     """Add one call's outcome (its positions counted from ``offset``) to the request's."""
     merged.scores.update({offset + i: score for i, score in outcome.scores.items()})
-    for name, ms in outcome.timings_ms.items():  # times add up over calls; a rate is the latest
-        merged.timings_ms[name] = ms if name.endswith("_per_pair") else merged.timings_ms.get(name, 0.0) + ms
+    for name, ms in outcome.timings_ms.items():  # times add up over calls
+        merged.timings_ms[name] = merged.timings_ms.get(name, 0.0) + ms
     merged.query_truncated |= outcome.query_truncated
     merged.cached += outcome.cached
     merged.tokens += outcome.tokens

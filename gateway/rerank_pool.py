@@ -21,13 +21,29 @@ by their own lengths): one factor scales every length alike, so answers on
 long documents do not make short ones look dear, and pairs of other callers
 batched with ours do not blur it. A replica that publishes no model (or
 before its Info is read) is planned at one cost per pair, ``ms_per_pair``,
-its recent average as its answers report it (``model_ms_per_pair``);
+its recent average as its answers report it (``Cost.ms_per_item``);
 ``ms_per_pair`` also prices other callers' queued pairs, whose lengths are
 unknown. The published model is re-read on a slow period, and soon after an
 answer whose model time is more than ``DISAGREEMENT`` times off the
 prediction, or one that came back late (see ``refresh_wanted``); while no
 replica's cost has been confirmed by live traffic, a pair goes now and then
 whatever the model says (``probe``).
+
+Three cost models meet here. In the replica, the batcher
+(twostage/batching.py) predicts a batch's model time from its padded tokens
+(``BatchCost``) and keeps a running model time per pair (``ms_per_item``),
+with which it refuses pairs that would be late. The replica reports that
+ms-per-pair estimate in every answer's typed ``Cost`` (reply.cost), with the
+request's queue wait and its service (model) time; its Info publishes the
+cost by length (``PairCost``) and ``cost_ratio``, its live batches' model
+time over what that model predicted for them. The gateway adopts the
+reported estimate as the replica's rate (``ms_per_pair``), corrects the
+published model for the difference between predicted and reported service
+time (``cost_ratio``, and a fresh read of Info when an answer's service time
+is ``DISAGREEMENT`` times off its prediction), and measures what else a
+request takes, tokenising and transport, as its overhead: elapsed minus
+queue minus service. Answers' ``timings_ms`` are diagnostics, passed on
+and never modelled.
 
 Only a replica's own faults count against it (outlier ejection as in
 Envoy): UNAVAILABLE, INTERNAL, NOT_SERVING. A caller's mistake
@@ -345,24 +361,24 @@ class RerankPool:
         return slices
 
     def _observe(self, replica: Replica, pairs: int, reply, elapsed_ms: float, predicted_ms: float) -> None:
-        """Learn service time and overhead from what the replica reports, apart from its queueing.
-        ``predicted_ms``: the service time predicted for the ``pairs`` it scored."""
+        """Learn service time and overhead from the cost the replica reports (``reply.cost``), apart from its
+        queueing. ``predicted_ms``: the service time predicted for the ``pairs`` it scored."""
         replica.consecutive_failures = 0
         replica.pairs_scored += pairs
-        timings = reply.timings_ms
-        if timings.get("model_ms_per_pair"):
-            replica.ms_per_pair = timings["model_ms_per_pair"]  # the replica's own recent average
-        elif timings.get("compute_ms"):
-            replica.ms_per_pair += self.ewma_weight * (timings["compute_ms"] / max(pairs, 1) - replica.ms_per_pair)
+        cost = reply.cost
+        if cost.ms_per_item:
+            replica.ms_per_pair = cost.ms_per_item  # the replica's own recent average
+        elif cost.service_ms:
+            replica.ms_per_pair += self.ewma_weight * (cost.service_ms / max(pairs, 1) - replica.ms_per_pair)
         replica.cost_confirmed = True
         if reply.cost_ratio > 0:
             replica.cost_ratio = reply.cost_ratio
         computed = pairs - reply.cached
-        if computed > 0 and pairs and timings.get("compute_ms") and predicted_ms > 0:
-            off = timings["compute_ms"] / (predicted_ms * computed / pairs)
+        if computed > 0 and pairs and cost.service_ms and predicted_ms > 0:
+            off = cost.service_ms / (predicted_ms * computed / pairs)
             if not 1 / DISAGREEMENT <= off <= DISAGREEMENT:
                 self.refresh_wanted.set()
-        overhead = elapsed_ms - timings.get("queue_ms", 0.0) - timings.get("compute_ms", 0.0)
+        overhead = elapsed_ms - cost.queue_ms - cost.service_ms
         replica.overhead_ms += self.ewma_weight * (max(overhead, 0.0) - replica.overhead_ms)
         replica.others_pairs = max(0, reply.queue_items - replica.outstanding_pairs)
         replica.others_seen_s = time.monotonic()

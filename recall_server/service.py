@@ -8,7 +8,7 @@ import threading
 import time
 import uuid
 from collections import OrderedDict
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 
@@ -30,7 +30,7 @@ from recall_server.replication import (
 )
 from recall_server.snapshot_follower import IndexLeases, SnapshotFollower
 from twostage import errors, feedback, tracing
-from twostage.batching import BatchPolicy, DynamicBatcher
+from twostage.batching import BatchPolicy, Cost, DynamicBatcher, Submission
 from twostage.corpus import Document, document_text
 from twostage.documents import check_documents, check_ids, check_request_id
 from twostage.filters import Filter
@@ -87,6 +87,7 @@ class RecallAnswer:
     vector: np.ndarray  # the query's embedding (computed, or given)
     prf_hits: int = 0  # the hits pseudo-relevance feedback was formed from (0: it did not run)
     prf_skipped: str = ""  # why feedback that was asked for did not run (too little time left)
+    cost: Cost = field(default_factory=Cost)  # what embedding the query cost the model (nothing: vector given)
 
 
 class KeptMatches:
@@ -321,13 +322,13 @@ class RecallService:
         return (await self._embed_counted(texts, is_query, deadline_s))[0]
 
     async def _embed_counted(self, texts: list[str], is_query: bool,
-                             deadline_s: float | None) -> tuple[np.ndarray, int]:
-        """The embeddings, and the tokens the model read."""
+                             deadline_s: float | None) -> tuple[np.ndarray, int, Submission]:
+        """The embeddings, the tokens the model read, and the batcher's submission (what they cost)."""
         encoded = await asyncio.to_thread(self.embedder.encode, texts, is_query)
         # Documents (writes) yield to queries in the batcher: a bulk upsert never holds searches back.
         done = await self.batcher.submit(encoded, [e.length for e in encoded], deadline_s, bulk=not is_query)
         vectors = np.stack(done.values) if done.values else np.empty((0, self.embedder.dims), np.float32)
-        return vectors, sum(e.length for e in encoded)
+        return vectors, sum(e.length for e in encoded), done
 
     async def answer(self, query: str, k: int, deadline_s: float | None = None, mode: RecallMode | None = None,
                      filter_: Filter | None = None, prf_depth: int | None = None, prf_weight: float | None = None,
@@ -349,10 +350,12 @@ class RecallService:
         vector = None if vector is None else self._given_vector(vector, "query_vector")
         feedback_vector = None if feedback_vector is None else self._given_vector(feedback_vector, "feedback_vector")
         start = time.perf_counter()
+        cost = Cost()  # the query's vector given: the model computed nothing for this search
         if vector is None:
             # Every mode reports the cosine (the gateway's calibrated fusion reads it), so the query is embedded.
             with tracing.span("embed"):
-                (vector,) = await self._embed([query], True, deadline_s)
+                (vector,), _, done = await self._embed_counted([query], True, deadline_s)
+            cost = Cost.of([done], self.batcher.ms_per_item)
         embedded = time.perf_counter()
         with self._leases.hold(self.index) as index:
             answer = await asyncio.to_thread(self._find, index, query, vector, k, mode, filter_, deadline_s, prf,
@@ -363,7 +366,7 @@ class RecallService:
                                      "twostage.candidates": len(answer.candidates),
                                      "twostage.prf_hits": answer.prf_hits})
         SEARCH_SECONDS.labels(mode).observe(time.perf_counter() - start, exemplar())
-        answer.mode = mode
+        answer.mode, answer.cost = mode, cost
         answer.timings = {"embed_ms": 1000 * (embedded - start), **answer.timings, "total_ms": _ms_since(start)}
         return answer
 
@@ -495,7 +498,8 @@ class RecallService:
             raise errors.InvalidArgument(f"unknown model {model!r}; this server serves {self.embedder.name!r}")
         if refuse_truncation:
             await asyncio.to_thread(self.embedder.check_fits, texts, is_query)
-        return await self._embed_counted(texts, is_query, deadline_s)
+        vectors, tokens, _ = await self._embed_counted(texts, is_query, deadline_s)
+        return vectors, tokens
 
     def _check_owned(self, ids: list[str]) -> None:
         """A sharded index holds only its ids: a write for another shard would leave a second copy."""

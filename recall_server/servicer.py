@@ -8,6 +8,7 @@ from recall_server.docstore import BUCKETS
 from recall_server.service import RecallService
 from twostage import __version__
 from twostage.convert import (
+    cost_to_proto,
     document_from_proto,
     document_to_proto,
     filter_from_proto,
@@ -65,7 +66,7 @@ class RecallServicer(recall_pb2_grpc.RecallServicer):
         reply = recall_pb2.RecallSearchResponse(
             mode=recall_mode_to_proto(answer.mode), calibration=calibration_to_proto(self.service.calibration),
             query_vector=vector_to_bytes(answer.vector) if request.return_vectors else b"",
-            prf_hits=answer.prf_hits, prf_skipped=answer.prf_skipped)
+            prf_hits=answer.prf_hits, prf_skipped=answer.prf_skipped, cost=cost_to_proto(answer.cost))
         # Made in place: a Candidate made apart is copied, text and all, when the reply takes it.
         add = reply.candidates.add
         for c in answer.candidates:

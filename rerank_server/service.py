@@ -10,7 +10,7 @@ from rerank_server.config import RerankSettings
 from rerank_server.cross_encoder import CrossEncoder
 from rerank_server.score_cache import PairScoreCache
 from twostage import errors, tracing
-from twostage.batching import BatchPolicy, DynamicBatcher, PairCost
+from twostage.batching import BatchPolicy, Cost, DynamicBatcher, PairCost, Submission
 from twostage.metrics import watch_batcher, watch_score_cache
 from twostage.model_store import resolve_model, sha256_of
 from twostage.runtime import choose_providers
@@ -40,6 +40,7 @@ class RerankAnswer:
     cached: int = 0  # pairs answered from the cache or from an identical pair in flight
     unscored: int = 0  # with allow_partial: documents the deadline left unscored (absent from ranked)
     cost_ratio: float = 0.0  # live batches' model time over the published cost model's prediction (0: none yet)
+    cost: Cost = field(default_factory=Cost)  # what it cost the model, with the replica's current model time per pair
 
 
 class Computed(NamedTuple):
@@ -87,7 +88,7 @@ class RerankService:
         self.batcher.reset_costs()
         # What a pair costs here by its length, published in Info: gateways budget with it from their first
         # request instead of a guess. Timed on the model directly, never through the batcher, whose running
-        # estimate (model_ms_per_pair in every answer) is of live traffic only.
+        # estimate (ms_per_item in every answer's cost) is of live traffic only.
         self.cost = await asyncio.to_thread(self.measure_cost)
         self._characters = (0.0, 0.0)  # nor are the warm-up's texts anyone's corpus
         self.batcher.add_observer(self._observe_batch)
@@ -186,10 +187,11 @@ class RerankService:
         return f"{digest}:{self.model.max_length}:{self.model.max_query_tokens}:{graph}"
 
     async def _compute(self, query: str, documents: list[str], deadline_s: float | None, timings: dict,
-                       partial: bool = False, answered_elsewhere: bool = False) -> Computed:
+                       spent: list[Submission], partial: bool = False, answered_elsewhere: bool = False) -> Computed:
         """Scores from the model; with ``partial`` None for a document its deadline left
         unscored (at least one is scored, or it is DeadlineExceeded, unless ``answered_elsewhere``: other
-        scores already make the partial answer, and these may all be None)."""
+        scores already make the partial answer, and these may all be None). The batcher's submission, which
+        says what it cost, is added to ``spent``."""
         started = time.perf_counter()
         with tracing.span("tokenize") as span:
             pairs = await asyncio.to_thread(self.model.encode_pairs, query, documents)  # the query is already fitted
@@ -203,7 +205,7 @@ class RerankService:
             if not (partial and answered_elsewhere):
                 raise
             return Computed([None] * len(documents), 0)
-        timings["queue_ms"], timings["compute_ms"] = done.queue_ms, done.compute_ms
+        spent.append(done)
         values = [None if v is None else float(v) for v in done.values]
         return Computed(values, sum(p.length for p, v in zip(pairs, values) if v is not None))
 
@@ -214,18 +216,20 @@ class RerankService:
         self.validate(request)
         if request.refuse_truncation:
             await asyncio.to_thread(self.model.check_fits, request.query, request.documents)
-        timings = {"tokenize_ms": 0.0, "queue_ms": 0.0, "compute_ms": 0.0}
+        timings = {"tokenize_ms": 0.0}
+        spent: list[Submission] = []  # the batcher's submissions for this request's pairs (none: all cached)
         with tracing.span("tokenize query"):
             query, query_truncated = await asyncio.to_thread(self.model.fit_query, request.query)
         timings["tokenize_ms"] = 1000 * (time.perf_counter() - started)
         documents = request.documents
         if self.cache is None or request.bypass_cache:
-            values, tokens = await self._compute(query, documents, request.deadline_s, timings, request.allow_partial)
+            values, tokens = await self._compute(query, documents, request.deadline_s, timings, spent,
+                                                 request.allow_partial)
             scores = {i: v for i, v in enumerate(values) if v is not None}
             cached = 0
         else:
             scores, tokens, claimed = await self._cached_scores(query, documents, request.deadline_s, timings,
-                                                                 request.allow_partial)
+                                                                 spent, request.allow_partial)
             cached = len(documents) - claimed
         if (span := tracing.current_span()).is_recording():
             span.set_attributes({"twostage.documents": len(documents), "twostage.cached": cached,
@@ -234,24 +238,28 @@ class RerankService:
         ranked = sorted(scores.items(), key=lambda pair: -pair[1])
         if request.top_n:
             ranked = ranked[: request.top_n]
+        # The one place a request's cost is formed: its queue wait and model time, and what one pair of live
+        # traffic costs the model now (on average over its lengths). Its timings repeat the first two.
+        cost = Cost.of(spent, self.batcher.ms_per_item)
         return RerankAnswer(
             ranked=ranked,
             tokens=tokens,
             queue_items=self.batcher.queued_items,
             timings_ms={
                 **timings,
-                # What one pair of live traffic costs the model now, on average over its lengths.
-                "model_ms_per_pair": self.batcher.ms_per_item,
+                "queue_ms": cost.queue_ms,
+                "compute_ms": cost.service_ms,
                 "total_ms": 1000 * (time.perf_counter() - started),
             },
             query_truncated=query_truncated,
             cached=cached,
             unscored=len(documents) - len(scores),
             cost_ratio=self.cost_ratio,
+            cost=cost,
         )
 
     async def _cached_scores(self, query: str, documents: list[str], deadline_s: float | None, timings: dict,
-                             partial: bool = False):
+                             spent: list[Submission], partial: bool = False):
         """Scores from the cache, from identical pairs in flight, and from the model for the rest:
         (position -> score, tokens computed, pairs this request took on to compute: its cache misses). With
         ``partial``, a position the deadline left unscored is absent."""
@@ -269,8 +277,8 @@ class RerankService:
             mine = [positions[i] for i in mine]
             if mine:
                 values, more = await self._compute_shared(
-                    [keys[p] for p in mine], query, [documents[p] for p in mine], deadline_s, timings, partial,
-                    answered_elsewhere=bool(scores or awaited))
+                    [keys[p] for p in mine], query, [documents[p] for p in mine], deadline_s, timings, spent,
+                    partial, answered_elsewhere=bool(scores or awaited))
                 scores.update((p, v) for p, v in zip(mine, values) if v is not None)
                 tokens, claimed = tokens + more, claimed + len(mine)
             positions = await self._await_shared(awaited, scores)
@@ -281,7 +289,8 @@ class RerankService:
         return scores, tokens, claimed
 
     async def _compute_shared(self, keys: list[bytes], query: str, documents: list[str], deadline_s: float | None,
-                              timings: dict, partial: bool, answered_elsewhere: bool) -> Computed:
+                              timings: dict, spent: list[Submission], partial: bool,
+                              answered_elsewhere: bool) -> Computed:
         """_compute for pairs registered in flight, which other requests may await: it runs in a task of its
         own, so this caller going away neither cancels it nor leaves the others to compute the pairs again;
         its scores are stored and each of its futures resolved however it ends."""
@@ -289,7 +298,8 @@ class RerankService:
 
         async def compute() -> Computed:
             try:
-                computed = await self._compute(query, documents, deadline_s, timings, partial, answered_elsewhere)
+                computed = await self._compute(query, documents, deadline_s, timings, spent, partial,
+                                               answered_elsewhere)
             except BaseException as error:
                 cache.finish(keys, None, error)
                 raise

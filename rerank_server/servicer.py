@@ -6,6 +6,7 @@ import grpc
 
 from rerank_server.service import RerankQuery, RerankService
 from twostage import __version__
+from twostage.convert import cost_to_proto
 from twostage.server import GrpcService, deadline_of
 from twostage.status import translate_errors
 from twostage.v1 import common_pb2, rerank_pb2, rerank_pb2_grpc
@@ -37,6 +38,7 @@ class RerankServicer(rerank_pb2_grpc.RerankServicer):
             cached=outcome.cached,
             unscored=outcome.unscored,
             cost_ratio=outcome.cost_ratio,
+            cost=cost_to_proto(outcome.cost),
         )
         add = reply.results.add  # in place: a result made apart is copied when the reply takes it
         for index, score in outcome.ranked:

@@ -126,6 +126,24 @@ class Submission(Generic[R]):
     compute_ms: float
 
 
+@dataclass(frozen=True)
+class Cost:
+    """What one request cost a replica's model, as its reply reports it (the Cost message): how long it queued
+    before its first batch, the model time its batches took, and the replica's current model time per item
+    (the batcher's ``ms_per_item``). Callers model the replica with it; timings are for diagnostics."""
+
+    queue_ms: float = 0.0
+    service_ms: float = 0.0
+    ms_per_item: float = 0.0
+
+    @classmethod
+    def of(cls, submissions: Sequence[Submission], ms_per_item: float) -> "Cost":
+        """A request's cost from the submissions that computed its items, in order (none: the model computed
+        nothing for it, and it queued for nothing)."""
+        return cls(submissions[0].queue_ms if submissions else 0.0, sum(s.compute_ms for s in submissions),
+                   ms_per_item)
+
+
 class BatchCost:
     """A batch's model time as a fixed part plus a part per padded token, fitted by least squares over
     recent batches (each older batch weighs ``memory`` times less than the one after it)."""

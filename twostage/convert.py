@@ -4,6 +4,7 @@ from collections.abc import Mapping
 
 import numpy as np
 
+from twostage.batching import Cost
 from twostage.corpus import Document, MetadataValue
 from twostage.errors import InvalidArgument
 from twostage.filters import BOUNDS, Filter, FilterClause, NumberRange, check_filter
@@ -156,3 +157,11 @@ def version_from_proto(proto: common_pb2.WriteVersion) -> Version:
 
 def version_to_proto(version: Version) -> common_pb2.WriteVersion:
     return common_pb2.WriteVersion(clock=version.clock, writer=version.writer)
+
+
+def cost_to_proto(cost: Cost) -> common_pb2.Cost:
+    return common_pb2.Cost(queue_ms=cost.queue_ms, service_ms=cost.service_ms, ms_per_item=cost.ms_per_item)
+
+
+def cost_from_proto(proto: common_pb2.Cost) -> Cost:
+    return Cost(proto.queue_ms, proto.service_ms, proto.ms_per_item)

@@ -1,6 +1,7 @@
 """The gateway prices each pair by its length under the cost model a replica publishes, corrects the model by
-the replica's live ratio, and is never stuck: one pair still goes when it alone fits, or as a probe while no
-replica's cost has been confirmed. Fake replicas (tests/gateway/test_rerank_pool.py) answer at once."""
+the replica's live ratio, follows the cost every answer reports, and is never stuck: one pair still goes when it
+alone fits, or as a probe while no replica's cost has been confirmed. Fake replicas
+(tests/gateway/test_rerank_pool.py) answer at once; one test runs against a real rerank server."""
 
 import asyncio
 import dataclasses
@@ -8,12 +9,13 @@ import time
 
 import pytest
 
+from gateway.clients import RerankClient, RerankReply
 from gateway.config import GatewaySettings
 from gateway.pipeline import SearchPipeline, SearchResult
-from gateway.rerank_pool import PROBE_INTERVAL_S, RerankPool
+from gateway.rerank_pool import DISAGREEMENT, PROBE_INTERVAL_S, RerankPool
 from tests.gateway.test_rerank_pool import FakeReplica
 from twostage import errors
-from twostage.batching import PairCost
+from twostage.batching import Cost, PairCost
 
 # A pair of t tokens costs 2 + 0.5 t ms: a short product text about 6 ms, an abstract cut at 256 tokens 130 ms.
 COST = PairCost(2.0, 0.5, max_length=256, chars_per_token=4.0)
@@ -61,6 +63,67 @@ async def test_the_live_ratio_scales_the_model_for_every_length():
     # Info says the same: its ratio is taken, and its figure per pair only until answers have said.
     pool.replicas[0].adopt_published(COST, 0.5, 999.0)
     assert pool.replicas[0].cost_ratio == 0.5 and pool.replicas[0].ms_per_pair != 999.0
+
+
+class Reports(FakeReplica):
+    """Answers with the cost it is given; its timings (diagnostics) say something else entirely."""
+
+    def __init__(self, target: str, cost: Cost, **kwargs):
+        super().__init__(target, **kwargs)
+        self.cost = cost
+
+    async def rerank(self, query, documents, timeout_s, request_id):
+        reply = await super().rerank(query, documents, timeout_s, request_id)
+        return dataclasses.replace(reply, cost=self.cost, timings_ms={"queue_ms": 1e6, "compute_ms": 1e6})
+
+
+async def test_the_pool_follows_the_cost_each_answer_reports_not_its_timings():
+    replica = Reports("a", Cost(queue_ms=0.0, service_ms=4 * 6.0, ms_per_item=7.0))
+    pool = pool_with(replica)
+    await pool.rerank("q", [SHORT] * 4, time.monotonic() + 5, "r")
+    assert pool.replicas[0].ms_per_pair == 7.0  # the replica's own estimate, adopted as its rate
+    assert not pool.refresh_wanted.is_set()  # 24 ms of service, as predicted (the timings' 1e6 is never read)
+    replica.cost = Cost(queue_ms=0.0, service_ms=4 * 6.0 * DISAGREEMENT * 1.1, ms_per_item=20.0)
+    await pool.rerank("q", [SHORT] * 4, time.monotonic() + 5, "r")
+    assert pool.replicas[0].ms_per_pair == 20.0 and pool.refresh_wanted.is_set()  # service far off the prediction
+
+
+def test_overhead_is_the_elapsed_time_the_reported_cost_leaves():
+    pool = pool_with(FakeReplica("a"), ewma_weight=1.0)
+    replica = pool.replicas[0]
+
+    def answer(cost: Cost, elapsed_ms: float) -> None:
+        reply = RerankReply(scores={0: 1.0, 1: 0.5}, timings_ms={}, tokens=0, queue_items=0, cost=cost)
+        pool._observe(replica, 2, reply, elapsed_ms, predicted_ms=cost.service_ms)
+
+    answer(Cost(queue_ms=5.0, service_ms=12.0, ms_per_item=6.0), elapsed_ms=20.0)
+    assert replica.overhead_ms == pytest.approx(3.0) and replica.ms_per_pair == 6.0
+    # No estimate reported (a replica that has run no batch yet): the rate moves toward service time per pair.
+    answer(Cost(queue_ms=0.0, service_ms=16.0), elapsed_ms=18.0)
+    assert replica.overhead_ms == pytest.approx(2.0) and replica.ms_per_pair == pytest.approx(8.0)
+
+
+async def test_a_real_replica_s_reported_cost_becomes_its_rate(rerank_target, channel_to):
+    from twostage.v1 import rerank_pb2, rerank_pb2_grpc
+
+    pool = RerankPool([RerankClient(rerank_target, "rerank 0")], initial_ms_per_pair=1000.0)
+    query = "what does one pair cost the cross-encoder"
+    documents = [f"Pair {i}: the model time a replica reports for each pair it scores." for i in range(3)]
+    try:
+        outcome = await pool.rerank(query, documents, time.monotonic() + 30, "cost")
+        assert len(outcome.scores) == 3 and outcome.cached == 0
+        replica = pool.replicas[0]
+        assert replica.cost_confirmed and replica.pairs_scored == 3 and replica.ms_per_pair != 1000.0
+        # Tokenising and transport lie outside the queue and the model: what the reported cost leaves.
+        assert replica.overhead_ms > 0
+        # The same pairs again, straight to the replica: answered from its cache, so no batch runs and the
+        # estimate it reports is still the one the pool's answer carried.
+        again = await rerank_pb2_grpc.RerankStub(channel_to(rerank_target)).Rerank(
+            rerank_pb2.RerankRequest(query=query, documents=documents))
+        assert again.cached == 3 and again.cost.service_ms == 0
+        assert replica.ms_per_pair == pytest.approx(again.cost.ms_per_item)
+    finally:
+        await pool.close()
 
 
 async def test_an_answer_far_off_the_prediction_asks_for_the_published_costs_again():

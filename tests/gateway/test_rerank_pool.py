@@ -9,6 +9,7 @@ import pytest
 from gateway.clients import RerankReply
 from gateway.rerank_pool import RerankPool
 from twostage import errors
+from twostage.batching import Cost
 from twostage.probe import Health
 
 SERVING, NOT_SERVING, SILENT = Health.SERVING, Health.NOT_SERVING, Health.UNKNOWN
@@ -35,8 +36,9 @@ class FakeReplica:
         return RerankReply(
             scores={i: float(len(d)) for i, d in enumerate(documents)},
             timings_ms={"total_ms": self.ms_per_pair * len(documents), "compute_ms": self.ms_per_pair * len(documents),
-                        "model_ms_per_pair": self.ms_per_pair, "queue_ms": 0.0},
+                        "queue_ms": 0.0},
             tokens=0, queue_items=0,
+            cost=Cost(queue_ms=0.0, service_ms=self.ms_per_pair * len(documents), ms_per_item=self.ms_per_pair),
         )
 
     async def close(self):
@@ -167,11 +169,12 @@ class QueuedReplica:
             started = time.monotonic()
             await asyncio.sleep(self.ms_per_pair * len(documents) / 1000)
         self.queued -= len(documents)
+        cost = Cost(queue_ms=1000 * (started - arrived), service_ms=self.ms_per_pair * len(documents),
+                    ms_per_item=self.ms_per_pair)
         return RerankReply(
             scores={i: 0.0 for i in range(len(documents))},
-            timings_ms={"queue_ms": 1000 * (started - arrived), "compute_ms": self.ms_per_pair * len(documents),
-                        "model_ms_per_pair": self.ms_per_pair},
-            tokens=0, queue_items=self.queued,
+            timings_ms={"queue_ms": cost.queue_ms, "compute_ms": cost.service_ms},
+            tokens=0, queue_items=self.queued, cost=cost,
         )
 
     async def health_status(self, timeout_s):

@@ -27,6 +27,20 @@ async def test_search_finds_a_relevant_document(stub, demo_data):
     assert {"embed_ms", "search_ms", "total_ms"} <= set(reply.timings_ms)
 
 
+async def test_a_search_reports_what_embedding_its_query_cost(stub):
+    """Queue wait, model time and the replica's model time per embedded text; nothing when the query's vector
+    is given, for nothing is embedded."""
+    embedded = await stub.Search(recall_pb2.RecallSearchRequest(query="what a query's embedding costs", k=3,
+                                                                 return_vectors=1))
+    cost = embedded.cost
+    assert cost.queue_ms >= 0 and cost.service_ms > 0 and cost.ms_per_item > 0
+    assert cost.queue_ms + cost.service_ms <= embedded.timings_ms["embed_ms"]  # within the step that embeds
+    given = await stub.Search(recall_pb2.RecallSearchRequest(query="what a query's embedding costs", k=3,
+                                                              query_vector=embedded.query_vector))
+    assert [c.id for c in given.candidates] == [c.id for c in embedded.candidates]
+    assert (given.cost.queue_ms, given.cost.service_ms, given.cost.ms_per_item) == (0, 0, 0)
+
+
 async def test_embed_returns_unit_vectors(stub):
     reply = await stub.Embed(recall_pb2.EmbedRequest(texts=["first text", "second"], is_query=True))
     assert reply.dims == 384 and len(reply.embeddings) == 2

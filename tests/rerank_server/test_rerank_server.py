@@ -31,6 +31,23 @@ async def test_relevant_document_ranks_first(stub):
     assert {"tokenize_ms", "queue_ms", "compute_ms", "total_ms"} <= set(reply.timings_ms)
 
 
+async def test_every_reply_reports_what_it_cost_the_model(stub):
+    """Queue wait, model time and the replica's model time per pair, typed; pairs answered from the cache cost
+    the model nothing. The timings repeat the first two, for diagnostics."""
+    query = "what one rerank request costs the model"
+    documents = [f"Document {i} on what a cross-encoder spends scoring a pair." for i in range(3)]
+    computed = await stub.Rerank(rerank_pb2.RerankRequest(query=query, documents=documents))
+    cost = computed.cost
+    assert computed.cached == 0 and cost.queue_ms >= 0 and cost.service_ms > 0 and cost.ms_per_item > 0
+    # Both lie within the handler's own time.
+    assert cost.queue_ms + cost.service_ms <= computed.timings_ms["total_ms"]
+    assert (computed.timings_ms["queue_ms"], computed.timings_ms["compute_ms"]) == (cost.queue_ms, cost.service_ms)
+    assert "model_ms_per_pair" not in computed.timings_ms  # a cost figure, in cost only
+    cached = await stub.Rerank(rerank_pb2.RerankRequest(query=query, documents=documents))
+    assert cached.cached == 3 and (cached.cost.queue_ms, cached.cost.service_ms) == (0, 0)
+    assert cached.cost.ms_per_item == cost.ms_per_item  # still reported, and no batch ran to move it
+
+
 async def test_top_n_truncates(stub):
     reply = await stub.Rerank(rerank_pb2.RerankRequest(query=QUERY, documents=[*IRRELEVANT, RELEVANT], top_n=1))
     assert [r.index for r in reply.results] == [2]
@@ -106,7 +123,7 @@ async def test_info_publishes_a_cost_model_by_length_corrected_by_live_batches(s
 
 async def test_the_load_time_measurement_is_not_taken_for_live_traffic(models):
     """The cost fitted at load is timed on the model directly: the batcher's estimate, which every answer
-    reports as model_ms_per_pair (and admission predicts with), starts from the first live batch."""
+    reports in its cost (and admission predicts with), starts from the first live batch."""
     from rerank_server.service import RerankQuery, RerankService
 
     service = RerankService(RerankSettings(port=0, score_cache_mb=0))
@@ -116,8 +133,7 @@ async def test_the_load_time_measurement_is_not_taken_for_live_traffic(models):
         assert service.batcher.ms_per_item == 0 and service.batcher.batch_cost.predict(1024) is None
         assert service.cost_ratio == 0 and service.chars_per_token == 0  # nor the warm-up's texts
         outcome = await service.rerank(RerankQuery(QUERY, [RELEVANT, *IRRELEVANT]))
-        timings = outcome.timings_ms
-        assert timings["model_ms_per_pair"] == pytest.approx(timings["compute_ms"] / 3, rel=0.05)
+        assert outcome.cost.ms_per_item == pytest.approx(outcome.cost.service_ms / 3, rel=0.05)
         assert outcome.cost_ratio > 0 and service.chars_per_token > 0
     finally:
         await service.close()

@@ -27,7 +27,6 @@ class Row:
     degradation: str  # the degraded_reason, "DEADLINE_EXCEEDED" when refused, "" when whole
     recall_ms: float
     total_ms: float
-    ms_per_pair: float = 0.0  # the replica's own recent cost per pair, as its answer reported it
 
 
 @dataclass
@@ -149,7 +148,7 @@ class Stack:
                 raise
             return Row(budget_ms, 0, "DEADLINE_EXCEEDED", 0.0, 1000 * (time.monotonic() - started))
         return Row(budget_ms, reply.reranked, reply.degraded_reason, reply.timings_ms["recall_ms"],
-                   reply.timings_ms["total_ms"], reply.timings_ms.get("rerank.model_ms_per_pair", 0.0))
+                   reply.timings_ms["total_ms"])
 
     async def sweep(self, budgets=BUDGETS_MS) -> list[Row]:
         return [await self.search(budget) for budget in budgets]

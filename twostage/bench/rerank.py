@@ -139,7 +139,7 @@ async def drive(target: str, workload: list[RerankRequest], clients: int, reques
                 latencies.append(time.perf_counter() - start)
                 # Server time beyond tokenizing: queueing plus the model's batches.
                 in_server_ms.append(reply.timings_ms["total_ms"] - reply.timings_ms["tokenize_ms"])
-                queue_ms.append(reply.timings_ms["queue_ms"])
+                queue_ms.append(reply.cost.queue_ms)
                 handler_ms.append(reply.timings_ms["total_ms"])
                 pairs += len(reply.results)
                 cached += reply.cached

@@ -30,6 +30,16 @@ class Limit(_message.Message):
     value: int
     def __init__(self, name: _Optional[str] = ..., value: _Optional[int] = ...) -> None: ...
 
+class Cost(_message.Message):
+    __slots__ = ("queue_ms", "service_ms", "ms_per_item")
+    QUEUE_MS_FIELD_NUMBER: _ClassVar[int]
+    SERVICE_MS_FIELD_NUMBER: _ClassVar[int]
+    MS_PER_ITEM_FIELD_NUMBER: _ClassVar[int]
+    queue_ms: float
+    service_ms: float
+    ms_per_item: float
+    def __init__(self, queue_ms: _Optional[float] = ..., service_ms: _Optional[float] = ..., ms_per_item: _Optional[float] = ...) -> None: ...
+
 class MetadataValue(_message.Message):
     __slots__ = ("string_value", "number_value", "bool_value", "string_list")
     STRING_VALUE_FIELD_NUMBER: _ClassVar[int]

@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 from twostage.v1 import common_pb2 as twostage_dot_v1_dot_common__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x18twostage/v1/recall.proto\x12\x0btwostage.v1\x1a\x18twostage/v1/common.proto\"\xa4\x02\n\x13RecallSearchRequest\x12\r\n\x05query\x18\x01 \x01(\t\x12\t\n\x01k\x18\x02 \x01(\r\x12\x12\n\nrequest_id\x18\x03 \x01(\t\x12%\n\x04mode\x18\x04 \x01(\x0e\x32\x17.twostage.v1.RecallMode\x12#\n\x06\x66ilter\x18\x05 \x01(\x0b\x32\x13.twostage.v1.Filter\x12\x16\n\tprf_depth\x18\x06 \x01(\rH\x00\x88\x01\x01\x12\x17\n\nprf_weight\x18\x07 \x01(\x02H\x01\x88\x01\x01\x12\x14\n\x0cquery_vector\x18\x08 \x01(\x0c\x12\x17\n\x0f\x66\x65\x65\x64\x62\x61\x63k_vector\x18\n \x01(\x0c\x12\x16\n\x0ereturn_vectors\x18\t \x01(\rB\x0c\n\n_prf_depthB\r\n\x0b_prf_weight\"\x9d\x02\n\tCandidate\x12\n\n\x02id\x18\x01 \x01(\t\x12\r\n\x05title\x18\x02 \x01(\t\x12\x0c\n\x04text\x18\x03 \x01(\t\x12\r\n\x05score\x18\x04 \x01(\x02\x12\x36\n\x08metadata\x18\x05 \x03(\x0b\x32$.twostage.v1.Candidate.MetadataEntry\x12\x13\n\x0b\x64\x65nse_score\x18\x06 \x01(\x02\x12\x15\n\rlexical_score\x18\x07 \x01(\x02\x12\x0e\n\x06vector\x18\x08 \x01(\x0c\x12\x17\n\x0fprf_dense_score\x18\t \x01(\x02\x1aK\n\rMetadataEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12)\n\x05value\x18\x02 \x01(\x0b\x32\x1a.twostage.v1.MetadataValue:\x02\x38\x01\"\xd2\x02\n\x14RecallSearchResponse\x12*\n\ncandidates\x18\x01 \x03(\x0b\x32\x16.twostage.v1.Candidate\x12\x44\n\ntimings_ms\x18\x02 \x03(\x0b\x32\x30.twostage.v1.RecallSearchResponse.TimingsMsEntry\x12%\n\x04mode\x18\x03 \x01(\x0e\x32\x17.twostage.v1.RecallMode\x12\x32\n\x0b\x63\x61libration\x18\x04 \x01(\x0b\x32\x1d.twostage.v1.ScoreCalibration\x12\x14\n\x0cquery_vector\x18\x05 \x01(\x0c\x12\x10\n\x08prf_hits\x18\x06 \x01(\r\x12\x13\n\x0bprf_skipped\x18\x07 \x01(\t\x1a\x30\n\x0eTimingsMsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01\"\x8b\x01\n\x10ScoreCalibration\x12\r\n\x05scale\x18\x01 \x01(\x02\x12\x0e\n\x06\x63\x65nter\x18\x02 \x01(\x02\x12\x15\n\rlexical_scale\x18\x03 \x01(\x02\x12\x16\n\x0elexical_center\x18\x04 \x01(\x02\x12\x16\n\x0epseudo_queries\x18\x05 \x01(\r\x12\x11\n\tdoc_count\x18\x06 \x01(\x04\"Y\n\x0c\x45mbedRequest\x12\r\n\x05texts\x18\x01 \x03(\t\x12\x10\n\x08is_query\x18\x02 \x01(\x08\x12\r\n\x05model\x18\x03 \x01(\t\x12\x19\n\x11refuse_truncation\x18\x04 \x01(\x08\"\x1b\n\tEmbedding\x12\x0e\n\x06values\x18\x01 \x03(\x02\"\xca\x01\n\rEmbedResponse\x12*\n\nembeddings\x18\x01 \x03(\x0b\x32\x16.twostage.v1.Embedding\x12\x0c\n\x04\x64ims\x18\x02 \x01(\r\x12=\n\ntimings_ms\x18\x03 \x03(\x0b\x32).twostage.v1.EmbedResponse.TimingsMsEntry\x12\x0e\n\x06tokens\x18\x04 \x01(\x04\x1a\x30\n\x0eTimingsMsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01\"\xf9\x03\n\nRecallInfo\x12\x0f\n\x07version\x18\x01 \x01(\t\x12\r\n\x05model\x18\x02 \x01(\t\x12\x0c\n\x04\x64ims\x18\x03 \x01(\r\x12\x11\n\tdoc_count\x18\x04 \x01(\x04\x12\x1a\n\x12\x65xecution_provider\x18\x05 \x01(\t\x12\"\n\x06limits\x18\x06 \x03(\x0b\x32\x12.twostage.v1.Limit\x12\r\n\x05shard\x18\x07 \x01(\r\x12\x0e\n\x06shards\x18\x08 \x01(\r\x12\x11\n\tread_only\x18\t \x01(\x08\x12-\n\x0c\x64\x65\x66\x61ult_mode\x18\n \x01(\x0e\x32\x17.twostage.v1.RecallMode\x12\x30\n\rhybrid_fusion\x18\x0b \x01(\x0e\x32\x19.twostage.v1.HybridFusion\x12\x1b\n\x13hybrid_dense_weight\x18\x0c \x01(\x02\x12\x0f\n\x07lexical\x18\r \x01(\x08\x12\x32\n\x0b\x63\x61libration\x18\x0e \x01(\x0b\x32\x1d.twostage.v1.ScoreCalibration\x12\x11\n\tprf_depth\x18\x0f \x01(\r\x12\x12\n\nprf_weight\x18\x10 \x01(\x02\x12\x16\n\x0e\x65xecution_plan\x18\x11 \x01(\t\x12\x17\n\x0f\x65mbedding_graph\x18\x12 \x01(\t\x12\x1d\n\x15index_embedding_graph\x18\x13 \x01(\t\"l\n\x0e\x43hangesRequest\x12\x18\n\x10snapshot_version\x18\x01 \x01(\t\x12\x11\n\tafter_seq\x18\x02 \x01(\x04\x12\r\n\x05limit\x18\x03 \x01(\r\x12\x0b\n\x03ids\x18\x04 \x03(\t\x12\x11\n\tafter_key\x18\x05 \x01(\x04\"\xa0\x01\n\x0e\x44ocumentChange\x12\'\n\x08\x64ocument\x18\x01 \x01(\x0b\x32\x15.twostage.v1.Document\x12\x0f\n\x07\x64\x65leted\x18\x02 \x01(\x08\x12\x0e\n\x06vector\x18\x03 \x01(\x0c\x12\x0b\n\x03seq\x18\x04 \x01(\x04\x12*\n\x07version\x18\x05 \x01(\x0b\x32\x19.twostage.v1.WriteVersion\x12\x0b\n\x03key\x18\x06 \x01(\x04\"{\n\x0f\x43hangesResponse\x12,\n\x07\x63hanges\x18\x01 \x03(\x0b\x32\x1b.twostage.v1.DocumentChange\x12\x12\n\nreplica_id\x18\x02 \x01(\t\x12\x18\n\x10snapshot_version\x18\x03 \x01(\t\x12\x0c\n\x04more\x18\x04 \x01(\x08\">\n\rDigestRequest\x12\x18\n\x10snapshot_version\x18\x01 \x01(\t\x12\x13\n\x0b\x62\x65low_clock\x18\x02 \x01(\x04\";\n\x0c\x42ucketDigest\x12\x0e\n\x06\x62ucket\x18\x01 \x01(\r\x12\r\n\x05\x63ount\x18\x02 \x01(\x04\x12\x0c\n\x04hash\x18\x03 \x01(\x06\"\x92\x01\n\x0e\x44igestResponse\x12\x12\n\nreplica_id\x18\x01 \x01(\t\x12\x18\n\x10snapshot_version\x18\x02 \x01(\t\x12\x0f\n\x07\x62uckets\x18\x03 \x01(\r\x12*\n\x07\x64igests\x18\x04 \x03(\x0b\x32\x19.twostage.v1.BucketDigest\x12\x15\n\rpurge_horizon\x18\x05 \x01(\x04\"<\n\x0fVersionsRequest\x12\x18\n\x10snapshot_version\x18\x01 \x01(\t\x12\x0f\n\x07\x62uckets\x18\x02 \x03(\r\"Z\n\x0f\x44ocumentVersion\x12\n\n\x02id\x18\x01 \x01(\t\x12*\n\x07version\x18\x02 \x01(\x0b\x32\x19.twostage.v1.WriteVersion\x12\x0f\n\x07\x64\x65leted\x18\x03 \x01(\x08\"p\n\x10VersionsResponse\x12\x12\n\nreplica_id\x18\x01 \x01(\t\x12.\n\x08versions\x18\x02 \x03(\x0b\x32\x1c.twostage.v1.DocumentVersion\x12\x18\n\x10snapshot_version\x18\x03 \x01(\t*^\n\x0cHybridFusion\x12\x1d\n\x19HYBRID_FUSION_UNSPECIFIED\x10\x00\x12\x18\n\x14HYBRID_FUSION_ZSCORE\x10\x01\x12\x15\n\x11HYBRID_FUSION_RRF\x10\x02\x32\xe4\x04\n\x06Recall\x12M\n\x06Search\x12 .twostage.v1.RecallSearchRequest\x1a!.twostage.v1.RecallSearchResponse\x12>\n\x05\x45mbed\x12\x19.twostage.v1.EmbedRequest\x1a\x1a.twostage.v1.EmbedResponse\x12\x41\n\x06Upsert\x12\x1a.twostage.v1.UpsertRequest\x1a\x1b.twostage.v1.UpsertResponse\x12\x41\n\x06\x44\x65lete\x12\x1a.twostage.v1.DeleteRequest\x1a\x1b.twostage.v1.DeleteResponse\x12\x38\n\x03Get\x12\x17.twostage.v1.GetRequest\x1a\x18.twostage.v1.GetResponse\x12\x39\n\x04Info\x12\x18.twostage.v1.InfoRequest\x1a\x17.twostage.v1.RecallInfo\x12\x44\n\x07\x43hanges\x12\x1b.twostage.v1.ChangesRequest\x1a\x1c.twostage.v1.ChangesResponse\x12\x41\n\x06\x44igest\x12\x1a.twostage.v1.DigestRequest\x1a\x1b.twostage.v1.DigestResponse\x12G\n\x08Versions\x12\x1c.twostage.v1.VersionsRequest\x1a\x1d.twostage.v1.VersionsResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x18twostage/v1/recall.proto\x12\x0btwostage.v1\x1a\x18twostage/v1/common.proto\"\xa4\x02\n\x13RecallSearchRequest\x12\r\n\x05query\x18\x01 \x01(\t\x12\t\n\x01k\x18\x02 \x01(\r\x12\x12\n\nrequest_id\x18\x03 \x01(\t\x12%\n\x04mode\x18\x04 \x01(\x0e\x32\x17.twostage.v1.RecallMode\x12#\n\x06\x66ilter\x18\x05 \x01(\x0b\x32\x13.twostage.v1.Filter\x12\x16\n\tprf_depth\x18\x06 \x01(\rH\x00\x88\x01\x01\x12\x17\n\nprf_weight\x18\x07 \x01(\x02H\x01\x88\x01\x01\x12\x14\n\x0cquery_vector\x18\x08 \x01(\x0c\x12\x17\n\x0f\x66\x65\x65\x64\x62\x61\x63k_vector\x18\n \x01(\x0c\x12\x16\n\x0ereturn_vectors\x18\t \x01(\rB\x0c\n\n_prf_depthB\r\n\x0b_prf_weight\"\x9d\x02\n\tCandidate\x12\n\n\x02id\x18\x01 \x01(\t\x12\r\n\x05title\x18\x02 \x01(\t\x12\x0c\n\x04text\x18\x03 \x01(\t\x12\r\n\x05score\x18\x04 \x01(\x02\x12\x36\n\x08metadata\x18\x05 \x03(\x0b\x32$.twostage.v1.Candidate.MetadataEntry\x12\x13\n\x0b\x64\x65nse_score\x18\x06 \x01(\x02\x12\x15\n\rlexical_score\x18\x07 \x01(\x02\x12\x0e\n\x06vector\x18\x08 \x01(\x0c\x12\x17\n\x0fprf_dense_score\x18\t \x01(\x02\x1aK\n\rMetadataEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12)\n\x05value\x18\x02 \x01(\x0b\x32\x1a.twostage.v1.MetadataValue:\x02\x38\x01\"\xf3\x02\n\x14RecallSearchResponse\x12*\n\ncandidates\x18\x01 \x03(\x0b\x32\x16.twostage.v1.Candidate\x12\x44\n\ntimings_ms\x18\x02 \x03(\x0b\x32\x30.twostage.v1.RecallSearchResponse.TimingsMsEntry\x12%\n\x04mode\x18\x03 \x01(\x0e\x32\x17.twostage.v1.RecallMode\x12\x32\n\x0b\x63\x61libration\x18\x04 \x01(\x0b\x32\x1d.twostage.v1.ScoreCalibration\x12\x14\n\x0cquery_vector\x18\x05 \x01(\x0c\x12\x10\n\x08prf_hits\x18\x06 \x01(\r\x12\x13\n\x0bprf_skipped\x18\x07 \x01(\t\x12\x1f\n\x04\x63ost\x18\x08 \x01(\x0b\x32\x11.twostage.v1.Cost\x1a\x30\n\x0eTimingsMsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01\"\x8b\x01\n\x10ScoreCalibration\x12\r\n\x05scale\x18\x01 \x01(\x02\x12\x0e\n\x06\x63\x65nter\x18\x02 \x01(\x02\x12\x15\n\rlexical_scale\x18\x03 \x01(\x02\x12\x16\n\x0elexical_center\x18\x04 \x01(\x02\x12\x16\n\x0epseudo_queries\x18\x05 \x01(\r\x12\x11\n\tdoc_count\x18\x06 \x01(\x04\"Y\n\x0c\x45mbedRequest\x12\r\n\x05texts\x18\x01 \x03(\t\x12\x10\n\x08is_query\x18\x02 \x01(\x08\x12\r\n\x05model\x18\x03 \x01(\t\x12\x19\n\x11refuse_truncation\x18\x04 \x01(\x08\"\x1b\n\tEmbedding\x12\x0e\n\x06values\x18\x01 \x03(\x02\"\xca\x01\n\rEmbedResponse\x12*\n\nembeddings\x18\x01 \x03(\x0b\x32\x16.twostage.v1.Embedding\x12\x0c\n\x04\x64ims\x18\x02 \x01(\r\x12=\n\ntimings_ms\x18\x03 \x03(\x0b\x32).twostage.v1.EmbedResponse.TimingsMsEntry\x12\x0e\n\x06tokens\x18\x04 \x01(\x04\x1a\x30\n\x0eTimingsMsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01\"\xf9\x03\n\nRecallInfo\x12\x0f\n\x07version\x18\x01 \x01(\t\x12\r\n\x05model\x18\x02 \x01(\t\x12\x0c\n\x04\x64ims\x18\x03 \x01(\r\x12\x11\n\tdoc_count\x18\x04 \x01(\x04\x12\x1a\n\x12\x65xecution_provider\x18\x05 \x01(\t\x12\"\n\x06limits\x18\x06 \x03(\x0b\x32\x12.twostage.v1.Limit\x12\r\n\x05shard\x18\x07 \x01(\r\x12\x0e\n\x06shards\x18\x08 \x01(\r\x12\x11\n\tread_only\x18\t \x01(\x08\x12-\n\x0c\x64\x65\x66\x61ult_mode\x18\n \x01(\x0e\x32\x17.twostage.v1.RecallMode\x12\x30\n\rhybrid_fusion\x18\x0b \x01(\x0e\x32\x19.twostage.v1.HybridFusion\x12\x1b\n\x13hybrid_dense_weight\x18\x0c \x01(\x02\x12\x0f\n\x07lexical\x18\r \x01(\x08\x12\x32\n\x0b\x63\x61libration\x18\x0e \x01(\x0b\x32\x1d.twostage.v1.ScoreCalibration\x12\x11\n\tprf_depth\x18\x0f \x01(\r\x12\x12\n\nprf_weight\x18\x10 \x01(\x02\x12\x16\n\x0e\x65xecution_plan\x18\x11 \x01(\t\x12\x17\n\x0f\x65mbedding_graph\x18\x12 \x01(\t\x12\x1d\n\x15index_embedding_graph\x18\x13 \x01(\t\"l\n\x0e\x43hangesRequest\x12\x18\n\x10snapshot_version\x18\x01 \x01(\t\x12\x11\n\tafter_seq\x18\x02 \x01(\x04\x12\r\n\x05limit\x18\x03 \x01(\r\x12\x0b\n\x03ids\x18\x04 \x03(\t\x12\x11\n\tafter_key\x18\x05 \x01(\x04\"\xa0\x01\n\x0e\x44ocumentChange\x12\'\n\x08\x64ocument\x18\x01 \x01(\x0b\x32\x15.twostage.v1.Document\x12\x0f\n\x07\x64\x65leted\x18\x02 \x01(\x08\x12\x0e\n\x06vector\x18\x03 \x01(\x0c\x12\x0b\n\x03seq\x18\x04 \x01(\x04\x12*\n\x07version\x18\x05 \x01(\x0b\x32\x19.twostage.v1.WriteVersion\x12\x0b\n\x03key\x18\x06 \x01(\x04\"{\n\x0f\x43hangesResponse\x12,\n\x07\x63hanges\x18\x01 \x03(\x0b\x32\x1b.twostage.v1.DocumentChange\x12\x12\n\nreplica_id\x18\x02 \x01(\t\x12\x18\n\x10snapshot_version\x18\x03 \x01(\t\x12\x0c\n\x04more\x18\x04 \x01(\x08\">\n\rDigestRequest\x12\x18\n\x10snapshot_version\x18\x01 \x01(\t\x12\x13\n\x0b\x62\x65low_clock\x18\x02 \x01(\x04\";\n\x0c\x42ucketDigest\x12\x0e\n\x06\x62ucket\x18\x01 \x01(\r\x12\r\n\x05\x63ount\x18\x02 \x01(\x04\x12\x0c\n\x04hash\x18\x03 \x01(\x06\"\x92\x01\n\x0e\x44igestResponse\x12\x12\n\nreplica_id\x18\x01 \x01(\t\x12\x18\n\x10snapshot_version\x18\x02 \x01(\t\x12\x0f\n\x07\x62uckets\x18\x03 \x01(\r\x12*\n\x07\x64igests\x18\x04 \x03(\x0b\x32\x19.twostage.v1.BucketDigest\x12\x15\n\rpurge_horizon\x18\x05 \x01(\x04\"<\n\x0fVersionsRequest\x12\x18\n\x10snapshot_version\x18\x01 \x01(\t\x12\x0f\n\x07\x62uckets\x18\x02 \x03(\r\"Z\n\x0f\x44ocumentVersion\x12\n\n\x02id\x18\x01 \x01(\t\x12*\n\x07version\x18\x02 \x01(\x0b\x32\x19.twostage.v1.WriteVersion\x12\x0f\n\x07\x64\x65leted\x18\x03 \x01(\x08\"p\n\x10VersionsResponse\x12\x12\n\nreplica_id\x18\x01 \x01(\t\x12.\n\x08versions\x18\x02 \x03(\x0b\x32\x1c.twostage.v1.DocumentVersion\x12\x18\n\x10snapshot_version\x18\x03 \x01(\t*^\n\x0cHybridFusion\x12\x1d\n\x19HYBRID_FUSION_UNSPECIFIED\x10\x00\x12\x18\n\x14HYBRID_FUSION_ZSCORE\x10\x01\x12\x15\n\x11HYBRID_FUSION_RRF\x10\x02\x32\xe4\x04\n\x06Recall\x12M\n\x06Search\x12 .twostage.v1.RecallSearchRequest\x1a!.twostage.v1.RecallSearchResponse\x12>\n\x05\x45mbed\x12\x19.twostage.v1.EmbedRequest\x1a\x1a.twostage.v1.EmbedResponse\x12\x41\n\x06Upsert\x12\x1a.twostage.v1.UpsertRequest\x1a\x1b.twostage.v1.UpsertResponse\x12\x41\n\x06\x44\x65lete\x12\x1a.twostage.v1.DeleteRequest\x1a\x1b.twostage.v1.DeleteResponse\x12\x38\n\x03Get\x12\x17.twostage.v1.GetRequest\x1a\x18.twostage.v1.GetResponse\x12\x39\n\x04Info\x12\x18.twostage.v1.InfoRequest\x1a\x17.twostage.v1.RecallInfo\x12\x44\n\x07\x43hanges\x12\x1b.twostage.v1.ChangesRequest\x1a\x1c.twostage.v1.ChangesResponse\x12\x41\n\x06\x44igest\x12\x1a.twostage.v1.DigestRequest\x1a\x1b.twostage.v1.DigestResponse\x12G\n\x08Versions\x12\x1c.twostage.v1.VersionsRequest\x1a\x1d.twostage.v1.VersionsResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -38,8 +38,8 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_RECALLSEARCHRESPONSE_TIMINGSMSENTRY']._serialized_options = b'8\001'
   _globals['_EMBEDRESPONSE_TIMINGSMSENTRY']._loaded_options = None
   _globals['_EMBEDRESPONSE_TIMINGSMSENTRY']._serialized_options = b'8\001'
-  _globals['_HYBRIDFUSION']._serialized_start=2906
-  _globals['_HYBRIDFUSION']._serialized_end=3000
+  _globals['_HYBRIDFUSION']._serialized_start=2939
+  _globals['_HYBRIDFUSION']._serialized_end=3033
   _globals['_RECALLSEARCHREQUEST']._serialized_start=68
   _globals['_RECALLSEARCHREQUEST']._serialized_end=360
   _globals['_CANDIDATE']._serialized_start=363
@@ -47,39 +47,39 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_CANDIDATE_METADATAENTRY']._serialized_start=573
   _globals['_CANDIDATE_METADATAENTRY']._serialized_end=648
   _globals['_RECALLSEARCHRESPONSE']._serialized_start=651
-  _globals['_RECALLSEARCHRESPONSE']._serialized_end=989
-  _globals['_RECALLSEARCHRESPONSE_TIMINGSMSENTRY']._serialized_start=941
-  _globals['_RECALLSEARCHRESPONSE_TIMINGSMSENTRY']._serialized_end=989
-  _globals['_SCORECALIBRATION']._serialized_start=992
-  _globals['_SCORECALIBRATION']._serialized_end=1131
-  _globals['_EMBEDREQUEST']._serialized_start=1133
-  _globals['_EMBEDREQUEST']._serialized_end=1222
-  _globals['_EMBEDDING']._serialized_start=1224
-  _globals['_EMBEDDING']._serialized_end=1251
-  _globals['_EMBEDRESPONSE']._serialized_start=1254
-  _globals['_EMBEDRESPONSE']._serialized_end=1456
-  _globals['_EMBEDRESPONSE_TIMINGSMSENTRY']._serialized_start=941
-  _globals['_EMBEDRESPONSE_TIMINGSMSENTRY']._serialized_end=989
-  _globals['_RECALLINFO']._serialized_start=1459
-  _globals['_RECALLINFO']._serialized_end=1964
-  _globals['_CHANGESREQUEST']._serialized_start=1966
-  _globals['_CHANGESREQUEST']._serialized_end=2074
-  _globals['_DOCUMENTCHANGE']._serialized_start=2077
-  _globals['_DOCUMENTCHANGE']._serialized_end=2237
-  _globals['_CHANGESRESPONSE']._serialized_start=2239
-  _globals['_CHANGESRESPONSE']._serialized_end=2362
-  _globals['_DIGESTREQUEST']._serialized_start=2364
-  _globals['_DIGESTREQUEST']._serialized_end=2426
-  _globals['_BUCKETDIGEST']._serialized_start=2428
-  _globals['_BUCKETDIGEST']._serialized_end=2487
-  _globals['_DIGESTRESPONSE']._serialized_start=2490
-  _globals['_DIGESTRESPONSE']._serialized_end=2636
-  _globals['_VERSIONSREQUEST']._serialized_start=2638
-  _globals['_VERSIONSREQUEST']._serialized_end=2698
-  _globals['_DOCUMENTVERSION']._serialized_start=2700
-  _globals['_DOCUMENTVERSION']._serialized_end=2790
-  _globals['_VERSIONSRESPONSE']._serialized_start=2792
-  _globals['_VERSIONSRESPONSE']._serialized_end=2904
-  _globals['_RECALL']._serialized_start=3003
-  _globals['_RECALL']._serialized_end=3615
+  _globals['_RECALLSEARCHRESPONSE']._serialized_end=1022
+  _globals['_RECALLSEARCHRESPONSE_TIMINGSMSENTRY']._serialized_start=974
+  _globals['_RECALLSEARCHRESPONSE_TIMINGSMSENTRY']._serialized_end=1022
+  _globals['_SCORECALIBRATION']._serialized_start=1025
+  _globals['_SCORECALIBRATION']._serialized_end=1164
+  _globals['_EMBEDREQUEST']._serialized_start=1166
+  _globals['_EMBEDREQUEST']._serialized_end=1255
+  _globals['_EMBEDDING']._serialized_start=1257
+  _globals['_EMBEDDING']._serialized_end=1284
+  _globals['_EMBEDRESPONSE']._serialized_start=1287
+  _globals['_EMBEDRESPONSE']._serialized_end=1489
+  _globals['_EMBEDRESPONSE_TIMINGSMSENTRY']._serialized_start=974
+  _globals['_EMBEDRESPONSE_TIMINGSMSENTRY']._serialized_end=1022
+  _globals['_RECALLINFO']._serialized_start=1492
+  _globals['_RECALLINFO']._serialized_end=1997
+  _globals['_CHANGESREQUEST']._serialized_start=1999
+  _globals['_CHANGESREQUEST']._serialized_end=2107
+  _globals['_DOCUMENTCHANGE']._serialized_start=2110
+  _globals['_DOCUMENTCHANGE']._serialized_end=2270
+  _globals['_CHANGESRESPONSE']._serialized_start=2272
+  _globals['_CHANGESRESPONSE']._serialized_end=2395
+  _globals['_DIGESTREQUEST']._serialized_start=2397
+  _globals['_DIGESTREQUEST']._serialized_end=2459
+  _globals['_BUCKETDIGEST']._serialized_start=2461
+  _globals['_BUCKETDIGEST']._serialized_end=2520
+  _globals['_DIGESTRESPONSE']._serialized_start=2523
+  _globals['_DIGESTRESPONSE']._serialized_end=2669
+  _globals['_VERSIONSREQUEST']._serialized_start=2671
+  _globals['_VERSIONSREQUEST']._serialized_end=2731
+  _globals['_DOCUMENTVERSION']._serialized_start=2733
+  _globals['_DOCUMENTVERSION']._serialized_end=2823
+  _globals['_VERSIONSRESPONSE']._serialized_start=2825
+  _globals['_VERSIONSRESPONSE']._serialized_end=2937
+  _globals['_RECALL']._serialized_start=3036
+  _globals['_RECALL']._serialized_end=3648
 # @@protoc_insertion_point(module_scope)

@@ -71,7 +71,7 @@ class Candidate(_message.Message):
     def __init__(self, id: _Optional[str] = ..., title: _Optional[str] = ..., text: _Optional[str] = ..., score: _Optional[float] = ..., metadata: _Optional[_Mapping[str, _common_pb2.MetadataValue]] = ..., dense_score: _Optional[float] = ..., lexical_score: _Optional[float] = ..., vector: _Optional[bytes] = ..., prf_dense_score: _Optional[float] = ...) -> None: ...
 
 class RecallSearchResponse(_message.Message):
-    __slots__ = ("candidates", "timings_ms", "mode", "calibration", "query_vector", "prf_hits", "prf_skipped")
+    __slots__ = ("candidates", "timings_ms", "mode", "calibration", "query_vector", "prf_hits", "prf_skipped", "cost")
     class TimingsMsEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -86,6 +86,7 @@ class RecallSearchResponse(_message.Message):
     QUERY_VECTOR_FIELD_NUMBER: _ClassVar[int]
     PRF_HITS_FIELD_NUMBER: _ClassVar[int]
     PRF_SKIPPED_FIELD_NUMBER: _ClassVar[int]
+    COST_FIELD_NUMBER: _ClassVar[int]
     candidates: _containers.RepeatedCompositeFieldContainer[Candidate]
     timings_ms: _containers.ScalarMap[str, float]
     mode: _common_pb2.RecallMode
@@ -93,7 +94,8 @@ class RecallSearchResponse(_message.Message):
     query_vector: bytes
     prf_hits: int
     prf_skipped: str
-    def __init__(self, candidates: _Optional[_Iterable[_Union[Candidate, _Mapping]]] = ..., timings_ms: _Optional[_Mapping[str, float]] = ..., mode: _Optional[_Union[_common_pb2.RecallMode, str]] = ..., calibration: _Optional[_Union[ScoreCalibration, _Mapping]] = ..., query_vector: _Optional[bytes] = ..., prf_hits: _Optional[int] = ..., prf_skipped: _Optional[str] = ...) -> None: ...
+    cost: _common_pb2.Cost
+    def __init__(self, candidates: _Optional[_Iterable[_Union[Candidate, _Mapping]]] = ..., timings_ms: _Optional[_Mapping[str, float]] = ..., mode: _Optional[_Union[_common_pb2.RecallMode, str]] = ..., calibration: _Optional[_Union[ScoreCalibration, _Mapping]] = ..., query_vector: _Optional[bytes] = ..., prf_hits: _Optional[int] = ..., prf_skipped: _Optional[str] = ..., cost: _Optional[_Union[_common_pb2.Cost, _Mapping]] = ...) -> None: ...
 
 class ScoreCalibration(_message.Message):
     __slots__ = ("scale", "center", "lexical_scale", "lexical_center", "pseudo_queries", "doc_count")

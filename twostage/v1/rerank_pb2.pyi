@@ -36,7 +36,7 @@ class RerankResult(_message.Message):
     def __init__(self, index: _Optional[int] = ..., score: _Optional[float] = ...) -> None: ...
 
 class RerankResponse(_message.Message):
-    __slots__ = ("results", "timings_ms", "tokens", "queue_items", "query_truncated", "cached", "unscored", "cost_ratio")
+    __slots__ = ("results", "timings_ms", "tokens", "queue_items", "query_truncated", "cached", "unscored", "cost_ratio", "cost")
     class TimingsMsEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -52,6 +52,7 @@ class RerankResponse(_message.Message):
     CACHED_FIELD_NUMBER: _ClassVar[int]
     UNSCORED_FIELD_NUMBER: _ClassVar[int]
     COST_RATIO_FIELD_NUMBER: _ClassVar[int]
+    COST_FIELD_NUMBER: _ClassVar[int]
     results: _containers.RepeatedCompositeFieldContainer[RerankResult]
     timings_ms: _containers.ScalarMap[str, float]
     tokens: int
@@ -60,7 +61,8 @@ class RerankResponse(_message.Message):
     cached: int
     unscored: int
     cost_ratio: float
-    def __init__(self, results: _Optional[_Iterable[_Union[RerankResult, _Mapping]]] = ..., timings_ms: _Optional[_Mapping[str, float]] = ..., tokens: _Optional[int] = ..., queue_items: _Optional[int] = ..., query_truncated: _Optional[bool] = ..., cached: _Optional[int] = ..., unscored: _Optional[int] = ..., cost_ratio: _Optional[float] = ...) -> None: ...
+    cost: _common_pb2.Cost
+    def __init__(self, results: _Optional[_Iterable[_Union[RerankResult, _Mapping]]] = ..., timings_ms: _Optional[_Mapping[str, float]] = ..., tokens: _Optional[int] = ..., queue_items: _Optional[int] = ..., query_truncated: _Optional[bool] = ..., cached: _Optional[int] = ..., unscored: _Optional[int] = ..., cost_ratio: _Optional[float] = ..., cost: _Optional[_Union[_common_pb2.Cost, _Mapping]] = ...) -> None: ...
 
 class RerankInfo(_message.Message):
     __slots__ = ("version", "model", "max_length", "execution_provider", "limits", "ms_per_pair", "pair_fixed_ms", "pair_ms_per_token", "cost_ratio", "chars_per_token", "execution_plan")
