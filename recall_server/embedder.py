@@ -9,33 +9,20 @@ import numpy as np
 from twostage import errors, execution_plan
 from twostage.config import RuntimeSettings
 from twostage.corpus import DEMO_CORPUS, document_text, read_corpus
-from twostage.manifest import ModelManifest
-from twostage.model_store import sha256_of
+from twostage.model_store import ManifestModel
 from twostage.runtime import Encoded, cut_by, encode_all, load_tokenizer, pad_batch
 
 TYPICAL_DOCUMENTS = 4  # documents an execution plan is chosen on: SciFact abstracts
 
 
-class Embedder:
+class Embedder(ManifestModel):
     def __init__(self, model_dir: Path, runtime: RuntimeSettings, max_length: int | None = None):
-        self.manifest = ModelManifest.load(model_dir)
-        self.manifest.require_task("embed")
-        self.max_length = min(max_length or self.manifest.max_length, self.manifest.max_length)
-        self.model_file = Path(model_dir) / self.manifest.onnx_file
+        super().__init__(model_dir, "embed", max_length)
         self.tokenizer = load_tokenizer(model_dir, self.max_length)
         self._io: tuple[set[str], str] | None = None  # input names, output name: every plan's graphs share them
         self.plan = execution_plan.load(self.model_file, runtime, self._call, self.typical_documents, self.digest)
         session = self.plan.sessions[0]
         self.dims = int(next(o for o in session.get_outputs() if o.name == self._output(session)).shape[-1])
-
-    @property
-    def name(self) -> str:
-        return self.manifest.name
-
-    @property
-    def digest(self) -> str:
-        """The model file's SHA-256: recorded in the manifest (checked when fetched), else computed."""
-        return self.manifest.sha256.get(self.manifest.onnx_file) or sha256_of(self.model_file)
 
     def typical_documents(self) -> list[Encoded]:
         texts = [document_text(d) for d in itertools.islice(read_corpus(DEMO_CORPUS), TYPICAL_DOCUMENTS)]

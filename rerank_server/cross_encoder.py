@@ -10,8 +10,7 @@ import numpy as np
 from twostage import errors, execution_plan
 from twostage.config import RuntimeSettings
 from twostage.corpus import DEMO_CORPUS, document_text, read_corpus, read_queries
-from twostage.manifest import ModelManifest
-from twostage.model_store import sha256_of
+from twostage.model_store import ManifestModel
 from twostage.runtime import Encoded, cut_by, encode_all, load_tokenizer, pad_batch
 
 TYPICAL_PAIRS = 4  # pairs an execution plan is chosen on: SciFact abstracts with a claim, mostly cut at max_length
@@ -27,29 +26,17 @@ class EncodedPairs(NamedTuple):
     query_truncated: bool
 
 
-class CrossEncoder:
+class CrossEncoder(ManifestModel):
     def __init__(self, model_dir: Path, runtime: RuntimeSettings, max_length: int):
-        self.manifest = ModelManifest.load(model_dir)
-        self.manifest.require_task("rerank")
-        self.max_length = min(max_length, self.manifest.max_length)
+        super().__init__(model_dir, "rerank", max_length)
         # A longer query is cut to this many tokens, so every document keeps at least half the window.
         self.max_query_tokens = self.max_length // 2
-        self.model_file = Path(model_dir) / self.manifest.onnx_file
         self.tokenizer = load_tokenizer(model_dir, self.max_length, pair_truncation=True)
         # Counting a query's tokens must not go through pair truncation, which fails on a lone long text.
         self._query_tokenizer = load_tokenizer(model_dir, self.max_length)
         self._query_tokenizer.no_truncation()
         self._io: tuple[set[str], str] | None = None  # input names, output name: every plan's graphs share them
         self.plan = execution_plan.load(self.model_file, runtime, self._call, self.typical_pairs, self.digest)
-
-    @property
-    def name(self) -> str:
-        return self.manifest.name
-
-    @property
-    def digest(self) -> str:
-        """The model file's SHA-256: recorded in the manifest (checked when fetched), else computed."""
-        return self.manifest.sha256.get(self.manifest.onnx_file) or sha256_of(self.model_file)
 
     def typical_pairs(self) -> list[Encoded]:
         query = next(iter(read_queries(DEMO_CORPUS).values()))

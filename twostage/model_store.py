@@ -71,6 +71,26 @@ DEFAULT_EMBED_MODEL = "bge-small-en"
 DEFAULT_RERANK_MODEL = "ms-marco-minilm-l12"
 
 
+class ManifestModel:
+    """A model directory with a twostage manifest, loaded for one task: what the embedder and the cross-encoder
+    share. ``max_length`` may lower the manifest's window, never raise it."""
+
+    def __init__(self, model_dir: Path, task: str, max_length: int | None):
+        self.manifest = ModelManifest.load(model_dir)
+        self.manifest.require_task(task)
+        self.max_length = min(max_length or self.manifest.max_length, self.manifest.max_length)
+        self.model_file = Path(model_dir) / self.manifest.onnx_file
+
+    @property
+    def name(self) -> str:
+        return self.manifest.name
+
+    @property
+    def digest(self) -> str:
+        """The model file's SHA-256: recorded in the manifest (checked when fetched), else computed."""
+        return self.manifest.sha256.get(self.manifest.onnx_file) or sha256_of(self.model_file)
+
+
 def cache_dir() -> Path:
     return Path(os.environ.get(CACHE_ENV) or platformdirs.user_cache_dir("twostage")) / "models"
 
