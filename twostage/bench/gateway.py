@@ -131,6 +131,22 @@ async def hop_cost(index_dir: Path, port: int, queries: list[str], requests: int
             "added_gateway_p50_ms_each": added("gateway_p50_ms")}
 
 
+async def hop_floor(requests: int, repeats: int) -> dict:
+    """What a bare grpc.aio unary call between two processes takes here, shaped as the overhead's hops (4
+    candidates) and as a full recall reply (20), for the hops to be read against."""
+    from twostage.bench.grpc_floor import floor
+
+    return {"candidates_4": await floor(requests, 4, repeats), "candidates_20": await floor(requests, 20, repeats)}
+
+
+def print_floor(bare: dict, cost: dict) -> None:
+    four, twenty = bare["candidates_4"]["p50_ms"], bare["candidates_20"]["p50_ms"]
+    print(f"floor (a bare grpc.aio echo between two processes, same sizes): recall {four['recall']} ms, rerank "
+          f"{four['rerank']} ms (with 20 documents of ~1 KB: {twenty['recall']}, {twenty['rerank']} ms); the hops add "
+          f"{cost['hop_p50_ms']['recall'] - four['recall']:.3f} and {cost['hop_p50_ms']['rerank'] - four['rerank']:.3f} "
+          "ms to it", flush=True)
+
+
 def print_overhead(security: dict) -> None:
     cost, secured = security["plaintext"], security["tls_and_tokens"]
     each = [r["hop_p50_ms"] for r in cost["repeats"]]
@@ -357,8 +373,11 @@ async def run(args) -> dict:
         index_dir = await asyncio.to_thread(bench_index, 200 if args.quick else 1000)
         print("gateway overhead, plaintext and with TLS and tokens, side by side ...", flush=True)
         security = await hop_cost(index_dir, args.port + 50, queries, 40 if args.quick else 100, repeats)
+        print("the floor under a hop: a bare grpc.aio echo between two processes ...", flush=True)
+        bare = await hop_floor(200 if args.quick else 500, repeats)
         print_overhead(security)
-        report = {"machine": machine(), "overhead": security["plaintext"], "security": security}
+        print_floor(bare, security["plaintext"])
+        report = {"machine": machine(), "overhead": {**security["plaintext"], "floor": bare}, "security": security}
         write_json(args.json, report)
         return report
     if getattr(args, "only", None) == "tracing":
@@ -396,6 +415,8 @@ async def run(args) -> dict:
     os.environ.pop("TWOSTAGE_RERANK_SCORE_CACHE_MB")  # the overhead and the cache's own parts use the cache
     print("gateway overhead, plaintext and with TLS and tokens, side by side ...", flush=True)
     security = await hop_cost(index_dir, args.port + 50, queries, 40 if args.quick else 100, repeats)
+    print("the floor under a hop: a bare grpc.aio echo between two processes ...", flush=True)
+    bare = await hop_floor(200 if args.quick else 500, repeats)
     print("score cache through the gateway: one replica, two with and without affinity ...", flush=True)
     affinity = await cache_affinity(index_dir, args.port + 30, queries, 12 if args.quick else 40, args.recall_k)
     print("tracing off, sampling 1.0 and 0.01, side by side ...", flush=True)
@@ -411,7 +432,7 @@ async def run(args) -> dict:
     report = {
         "machine": machine(),
         # Targets: each hop <= 1 ms p50 (hop_p50_ms), TLS with tokens adds <= 1 ms p50 (added_client_p50_ms).
-        "overhead": security["plaintext"],
+        "overhead": {**security["plaintext"], "floor": bare},
         "security": security,
         "cache_affinity": affinity,
         "tracing": tracing,
@@ -435,6 +456,7 @@ async def run(args) -> dict:
     }
     print()
     print_overhead(security)
+    print_floor(bare, security["plaintext"])
     o = report["overload"]
     print(f"rerank tier {o['rerank_utilization']:.0%} busy; {o['mean_reranked']} candidates reranked per answer "
           f"against a fair share of {o['fair_share_pairs']} (target >= 0.85 of it); {o['wasted_share']:.1%} of "
