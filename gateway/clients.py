@@ -123,6 +123,8 @@ class _Client:
         self._rotating = RotatingChannel(target, credentials, options if options is not None else channel_options())
         self._stub_for = None
         self._stub = None
+        self._metadata_of: tuple = ()
+        self._metadata: grpc.aio.Metadata | None = None
 
     @property
     def channel(self) -> grpc.aio.Channel:
@@ -148,9 +150,18 @@ class _Client:
         with tracing.client_span(f"{self.SERVICE}/{method}", self.name, self.target):
             return await self._send(method, request, timeout_s, tracing.outgoing(self._rotating.metadata))
 
+    def _aio_metadata(self, metadata: tuple[tuple[str, str], ...]) -> grpc.aio.Metadata | None:
+        """``metadata`` as grpc.aio keeps it, made once while it stays the same (a token's): handed a tuple,
+        grpc.aio checks it against typing.Sequence and copies it into one at every call."""
+        if metadata != self._metadata_of:
+            if not metadata:
+                return None
+            self._metadata_of, self._metadata = metadata, grpc.aio.Metadata(*metadata)
+        return self._metadata
+
     async def _send(self, method: str, request, timeout_s: float | None, metadata):
         try:
-            return await getattr(self.stub, method)(request, timeout=timeout_s, metadata=metadata)
+            return await getattr(self.stub, method)(request, timeout=timeout_s, metadata=self._aio_metadata(metadata))
         except grpc.aio.AioRpcError as error:
             raise error_from_rpc(error, self.name, self.target) from None
 

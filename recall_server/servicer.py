@@ -50,6 +50,16 @@ def _write_fields(reply) -> dict:
 class RecallServicer(recall_pb2_grpc.RecallServicer):
     def __init__(self, service: RecallService):
         self.service = service
+        self._calibration_of = None
+        self._calibration = None
+
+    def _calibration_proto(self) -> recall_pb2.ScoreCalibration | None:
+        """The served calibration as a message, made once per fit: made at every search, its dataclass's as_dict
+        (a deep copy) cost more than the rest of the reply."""
+        fitted = self.service.calibration
+        if fitted is not self._calibration_of:
+            self._calibration_of, self._calibration = fitted, calibration_to_proto(fitted)
+        return self._calibration
 
     @translate_errors
     async def Search(self, request: recall_pb2.RecallSearchRequest, context: grpc.aio.ServicerContext):
@@ -64,7 +74,7 @@ class RecallServicer(recall_pb2_grpc.RecallServicer):
             return_vectors=request.return_vectors,
         )
         reply = recall_pb2.RecallSearchResponse(
-            mode=recall_mode_to_proto(answer.mode), calibration=calibration_to_proto(self.service.calibration),
+            mode=recall_mode_to_proto(answer.mode), calibration=self._calibration_proto(),
             query_vector=vector_to_bytes(answer.vector) if request.return_vectors else b"",
             prf_hits=answer.prf_hits, prf_skipped=answer.prf_skipped, cost=cost_to_proto(answer.cost))
         # Made in place: a Candidate made apart is copied, text and all, when the reply takes it.

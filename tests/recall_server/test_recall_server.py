@@ -219,3 +219,26 @@ async def test_a_server_embedding_with_another_graph_than_its_index_says_so_and_
         finally:
             await server.stop(grace_s=1)
         assert not any(t.is_alive() for t in started)
+
+
+async def test_searches_carry_the_calibration_of_the_latest_fit(index_copy, models):
+    from recall_server.config import RecallSettings
+    from recall_server.service import RecallService
+    from recall_server.servicer import build_server
+
+    service = RecallService(RecallSettings(port=0, index_dir=index_copy))
+    server = build_server(service)
+    port = await server.start()
+    try:
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
+            stub = recall_pb2_grpc.RecallStub(channel)
+            first = (await stub.Search(recall_pb2.RecallSearchRequest(query="mycobacterium", k=1))).calibration
+            assert service.calibration is not None and first.doc_count == service.calibration.doc_count
+            await stub.Upsert(common_pb2.UpsertRequest(documents=[common_pb2.Document(
+                id="fit-1", title="Tardigrade desiccation", text="Tardigrades survive drying in a tun state.")]))
+            refitted = await service.refit_calibration()
+            assert refitted.doc_count == first.doc_count + 1
+            again = (await stub.Search(recall_pb2.RecallSearchRequest(query="mycobacterium", k=1))).calibration
+            assert again.doc_count == refitted.doc_count and again.scale == pytest.approx(refitted.scale)
+    finally:
+        await server.stop(grace_s=1)

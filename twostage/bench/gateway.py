@@ -131,6 +131,22 @@ async def hop_cost(index_dir: Path, port: int, queries: list[str], requests: int
             "added_gateway_p50_ms_each": added("gateway_p50_ms")}
 
 
+async def hop_floor(requests: int, repeats: int) -> dict:
+    """What a bare grpc.aio unary call between two processes takes here, shaped as the overhead's hops (4
+    candidates) and as a full recall reply (20), for the hops to be read against."""
+    from twostage.bench.grpc_floor import floor
+
+    return {"candidates_4": await floor(requests, 4, repeats), "candidates_20": await floor(requests, 20, repeats)}
+
+
+def print_floor(bare: dict, cost: dict) -> None:
+    four, twenty = bare["candidates_4"]["p50_ms"], bare["candidates_20"]["p50_ms"]
+    print(f"floor (a bare grpc.aio echo between two processes, same sizes): recall {four['recall']} ms, rerank "
+          f"{four['rerank']} ms (with 20 documents of ~1 KB: {twenty['recall']}, {twenty['rerank']} ms); the hops add "
+          f"{cost['hop_p50_ms']['recall'] - four['recall']:.3f} and {cost['hop_p50_ms']['rerank'] - four['rerank']:.3f} "
+          "ms to it", flush=True)
+
+
 def print_overhead(security: dict) -> None:
     cost, secured = security["plaintext"], security["tls_and_tokens"]
     each = [r["hop_p50_ms"] for r in cost["repeats"]]
@@ -217,6 +233,18 @@ TRACING = {  # what each stack of the tracing comparison runs with
 }
 
 
+def cpu_s(pids: list[int]) -> float:
+    """CPU seconds these processes have used so far, every thread of theirs (Linux's /proc; 0 elsewhere)."""
+    total = 0.0
+    for pid in pids:
+        try:
+            fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        total += (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")  # user and system time
+    return total
+
+
 @contextlib.contextmanager
 def environment(values: dict[str, str]):
     """These variables (and no other OTEL_* one) for what starts inside; the process's own restored after."""
@@ -234,7 +262,7 @@ def environment(values: dict[str, str]):
 async def _tracing_round(index_dir: Path, port: int, order: list[str], queries: list[str], requests: int,
                          throughput_s: float, clients: int, exporting: dict[str, str], receiver) -> dict:
     """One repeat of the comparison: a stack per setting, side by side (ports in ``order``), measured alike;
-    per setting (p50 ms, searches per second)."""
+    per setting (p50 ms, searches per second, CPU ms per search)."""
     import shutil
     import tempfile
 
@@ -244,7 +272,7 @@ async def _tracing_round(index_dir: Path, port: int, order: list[str], queries: 
     one_thread = {"TWOSTAGE_RECALL_INTRA_OP_THREADS": "1", "TWOSTAGE_RERANK_INTRA_OP_THREADS": "1"}
     try:
         async with contextlib.AsyncExitStack() as running:
-            stubs = {}
+            stubs, pids = {}, {}
             for i, name in enumerate(order):
                 copy = copies / name
                 await asyncio.to_thread(shutil.copytree, index_dir, copy, ignore=shutil.ignore_patterns(".lock"))
@@ -254,6 +282,7 @@ async def _tracing_round(index_dir: Path, port: int, order: list[str], queries: 
                                                               .running(300))
                 channel = await running.enter_async_context(grpc.aio.insecure_channel(stack.gateway_target))
                 stubs[name] = gateway_pb2_grpc.GatewayStub(channel)
+                pids[name] = [child.process.pid for child in stack.children]
             asked = itertools.cycle(queries[:20])
 
             async def ask(stub) -> float:
@@ -273,9 +302,13 @@ async def _tracing_round(index_dir: Path, port: int, order: list[str], queries: 
                 return orders[i % len(orders)]
 
             latencies = {name: [] for name in stubs}
+            # The CPU each stack's three processes spend a search, all their threads: what the wall clock on a
+            # shared machine blurs.
+            used = {name: cpu_s(pids[name]) for name in stubs}
             for i in range(requests):
                 for name in turns(i):
                     latencies[name].append(await ask(stubs[name]))
+            used = {name: 1000 * (cpu_s(pids[name]) - used[name]) / requests for name in stubs}
             answered, elapsed = dict.fromkeys(stubs, 0), dict.fromkeys(stubs, 0.0)
             for i in range(len(orders)):  # throughput: closed-loop slices, taking turns
                 for name in turns(i):
@@ -294,7 +327,7 @@ async def _tracing_round(index_dir: Path, port: int, order: list[str], queries: 
                     elapsed[name] += time.perf_counter() - start
     finally:
         shutil.rmtree(copies, ignore_errors=True)
-    return {name: (statistics.median(latencies[name]), answered[name] / elapsed[name]) for name in stubs}
+    return {name: (statistics.median(latencies[name]), answered[name] / elapsed[name], used[name]) for name in stubs}
 
 
 async def tracing_cost(index_dir: Path, port: int, queries: list[str], requests: int, repeats: int,
@@ -323,12 +356,16 @@ async def tracing_cost(index_dir: Path, port: int, queries: list[str], requests:
     for name in names:
         p50s = [r[name][0] for r in rounds]
         rates = [r[name][1] for r in rounds]
+        cpu = [r[name][2] for r in rounds]
         rows[name] = {"p50_ms": round(statistics.median(p50s), 3), "throughput_rps": round(statistics.median(rates), 2),
-                      "p50_ms_each": [round(v, 3) for v in p50s], "throughput_rps_each": [round(v, 2) for v in rates]}
+                      "p50_ms_each": [round(v, 3) for v in p50s], "throughput_rps_each": [round(v, 2) for v in rates],
+                      "cpu_ms_per_search": round(statistics.median(cpu), 3)}
     for name in names[1:]:
         added = [r[name][0] - r["off"][0] for r in rounds]
         ratios = [r[name][1] / r["off"][1] for r in rounds]
-        rows[name].update({"p50_added_ms": round(statistics.median(added), 3),
+        cpu_added = [r[name][2] - r["off"][2] for r in rounds]
+        rows[name].update({"cpu_added_ms": round(statistics.median(cpu_added), 3),
+                           "cpu_added_ms_each": [round(v, 3) for v in cpu_added],"p50_added_ms": round(statistics.median(added), 3),
                            "p50_added_ms_each": [round(v, 3) for v in added],
                            "throughput_ratio": round(statistics.median(ratios), 4),
                            "throughput_ratio_each": [round(v, 4) for v in ratios]})
@@ -342,9 +379,10 @@ async def tracing_cost(index_dir: Path, port: int, queries: list[str], requests:
 def print_tracing(cost: dict) -> None:
     off = cost["off"]
     print(f"tracing (medians of {cost['repeats']} repeats): off p50 {off['p50_ms']} ms, {off['throughput_rps']} "
-          "searches/s; " + "; ".join(
+          f"searches/s, {off['cpu_ms_per_search']} ms CPU a search (its three processes); " + "; ".join(
               f"{name.replace('_', ' ')}: p50 {row['p50_added_ms']:+} ms (each repeat {row['p50_added_ms_each']}), "
-              f"throughput x{row['throughput_ratio']} (each {row['throughput_ratio_each']})"
+              f"throughput x{row['throughput_ratio']} (each {row['throughput_ratio_each']}), CPU a search "
+              f"{row['cpu_added_ms']:+} ms (each {row['cpu_added_ms_each']})"
               for name, row in cost.items() if isinstance(row, dict) and name != "off")
           + f"; {cost['spans_received']} spans exported", flush=True)
 
@@ -357,8 +395,11 @@ async def run(args) -> dict:
         index_dir = await asyncio.to_thread(bench_index, 200 if args.quick else 1000)
         print("gateway overhead, plaintext and with TLS and tokens, side by side ...", flush=True)
         security = await hop_cost(index_dir, args.port + 50, queries, 40 if args.quick else 100, repeats)
+        print("the floor under a hop: a bare grpc.aio echo between two processes ...", flush=True)
+        bare = await hop_floor(200 if args.quick else 500, repeats)
         print_overhead(security)
-        report = {"machine": machine(), "overhead": security["plaintext"], "security": security}
+        print_floor(bare, security["plaintext"])
+        report = {"machine": machine(), "overhead": {**security["plaintext"], "floor": bare}, "security": security}
         write_json(args.json, report)
         return report
     if getattr(args, "only", None) == "tracing":
@@ -396,6 +437,8 @@ async def run(args) -> dict:
     os.environ.pop("TWOSTAGE_RERANK_SCORE_CACHE_MB")  # the overhead and the cache's own parts use the cache
     print("gateway overhead, plaintext and with TLS and tokens, side by side ...", flush=True)
     security = await hop_cost(index_dir, args.port + 50, queries, 40 if args.quick else 100, repeats)
+    print("the floor under a hop: a bare grpc.aio echo between two processes ...", flush=True)
+    bare = await hop_floor(200 if args.quick else 500, repeats)
     print("score cache through the gateway: one replica, two with and without affinity ...", flush=True)
     affinity = await cache_affinity(index_dir, args.port + 30, queries, 12 if args.quick else 40, args.recall_k)
     print("tracing off, sampling 1.0 and 0.01, side by side ...", flush=True)
@@ -411,7 +454,7 @@ async def run(args) -> dict:
     report = {
         "machine": machine(),
         # Targets: each hop <= 1 ms p50 (hop_p50_ms), TLS with tokens adds <= 1 ms p50 (added_client_p50_ms).
-        "overhead": security["plaintext"],
+        "overhead": {**security["plaintext"], "floor": bare},
         "security": security,
         "cache_affinity": affinity,
         "tracing": tracing,
@@ -435,6 +478,7 @@ async def run(args) -> dict:
     }
     print()
     print_overhead(security)
+    print_floor(bare, security["plaintext"])
     o = report["overload"]
     print(f"rerank tier {o['rerank_utilization']:.0%} busy; {o['mean_reranked']} candidates reranked per answer "
           f"against a fair share of {o['fair_share_pairs']} (target >= 0.85 of it); {o['wasted_share']:.1%} of "

@@ -32,10 +32,18 @@ def test_quick_gateway_benchmark_reports_the_overload_keys(tmp_path, models):
     hops = report["overhead"]
     assert set(hops["hop_p50_ms"]) == {"recall", "rerank"} and hops["downstream_hops_p50_ms"] > 0
     assert len(hops["repeats"]) == 2 and all(r["downstream_hops_p50_ms"] > 0 for r in hops["repeats"])
+    # The floor under them: a bare echo of the same sizes between two processes, each shape timed.
+    for shape in ("candidates_4", "candidates_20"):
+        floor = hops["floor"][shape]
+        assert set(floor["p50_ms"]) == {"recall", "rerank"} and all(v > 0 for v in floor["p50_ms"].values())
+        assert floor["bytes"]["recall"]["reply"] == floor["bytes"]["rerank"]["request"] > 1000 * floor["candidates"]
     security = report["security"]
     assert len(security["added_client_p50_ms_each"]) == 2
     assert min(security["added_client_p50_ms_each"]) <= security["added_client_p50_ms"] \
         <= max(security["added_client_p50_ms_each"])
+    # Tracing's cost in CPU too: each stack's three processes, per search, and each setting's against off.
+    traced = report["tracing"]
+    assert traced["off"]["cpu_ms_per_search"] > 0 and len(traced["sampled_0.01"]["cpu_added_ms_each"]) == 2
 
 
 @pytest.mark.perf
