@@ -12,6 +12,7 @@ from twostage.convert import (
     document_from_proto,
     document_to_proto,
     filter_from_proto,
+    fitted_calibration_to_proto,
     hybrid_fusion_to_proto,
     metadata_to_proto,
     recall_mode_from_proto,
@@ -28,10 +29,6 @@ from twostage.v1 import common_pb2, recall_pb2, recall_pb2_grpc
 
 def _total_ms_since(start: float) -> dict[str, float]:
     return {"total_ms": 1000 * (time.perf_counter() - start)}
-
-
-def calibration_to_proto(fitted) -> recall_pb2.ScoreCalibration | None:
-    return None if fitted is None else recall_pb2.ScoreCalibration(**fitted.as_dict())
 
 
 def _given_version(request):
@@ -64,7 +61,7 @@ class RecallServicer(recall_pb2_grpc.RecallServicer):
             return_vectors=request.return_vectors,
         )
         reply = recall_pb2.RecallSearchResponse(
-            mode=recall_mode_to_proto(answer.mode), calibration=calibration_to_proto(self.service.calibration),
+            mode=recall_mode_to_proto(answer.mode), calibration=fitted_calibration_to_proto(self.service.calibration),
             query_vector=vector_to_bytes(answer.vector) if request.return_vectors else b"",
             prf_hits=answer.prf_hits, prf_skipped=answer.prf_skipped, cost=cost_to_proto(answer.cost))
         # Made in place: a Candidate made apart is copied, text and all, when the reply takes it.
@@ -167,7 +164,7 @@ class RecallServicer(recall_pb2_grpc.RecallServicer):
             hybrid_fusion=hybrid_fusion_to_proto(info["hybrid_fusion"]),
             hybrid_dense_weight=info["hybrid_dense_weight"],
             lexical=info["lexical"],
-            calibration=calibration_to_proto(info["calibration"]),
+            calibration=fitted_calibration_to_proto(info["calibration"]),
             prf_depth=info["prf_depth"],
             prf_weight=info["prf_weight"],
         )
