@@ -15,6 +15,7 @@ from twostage.convert import (
     document_from_proto,
     document_to_proto,
     filter_from_proto,
+    fusion_calibration_to_proto,
     fusion_from_proto,
     fusion_to_proto,
     metadata_to_proto,
@@ -146,12 +147,13 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
         info = info_fields(self.lifecycle)
         return gateway_pb2.GatewayInfo(
             **{**info, "default_fusion": fusion_to_proto(info["default_fusion"]),
-               "calibration": gateway_pb2.FusionCalibration(**info["calibration"]),
+               "calibration": fusion_calibration_to_proto(info["calibration"]),
                "limits": [common_pb2.Limit(name=name, value=value) for name, value in info["limits"].items()]})
 
 
 def info_fields(lifecycle: GatewayLifecycle) -> dict:
-    """GatewayInfo's fields (fusion by name, limits as a dict), for gRPC's Info and HTTP's /v1/info."""
+    """GatewayInfo's fields (fusion by name, calibration as a ``Calibration``, limits as a dict), for gRPC's Info
+    and HTTP's /v1/info."""
     pipeline = lifecycle.ready_pipeline()
     s = pipeline.settings
     internals = caller_may_see_internals()  # addresses are for operators (admin), not search clients
@@ -164,7 +166,7 @@ def info_fields(lifecycle: GatewayLifecycle) -> dict:
         "default_fusion_alpha": s.fusion_alpha,
         "default_top_k": s.default_top_k,
         "default_recall_k": s.default_recall_k,
-        "calibration": pipeline.calibration_in_use.__dict__,
+        "calibration": pipeline.calibration_in_use,
         "limits": {"max_top_k": s.max_top_k, "max_budget_ms": s.max_budget_ms, "max_recall_k": pipeline.max_recall_k(),
                    "max_query_chars": pipeline.max_query_chars()},
     }

@@ -16,7 +16,7 @@ hand-fitted centres (0.72, 13) were SciFact's own and put every hit of a catalog
 Ranking within one query depends only on the scales; the centres give scores their absolute meaning.
 """
 
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 
 import numpy as np
 
@@ -41,9 +41,6 @@ class FittedCalibration(Calibration):
 
     pseudo_queries: int
     doc_count: int  # live documents when fitted
-
-    def as_dict(self) -> dict:
-        return asdict(self)
 
 
 def pseudo_query(doc: Document) -> str:

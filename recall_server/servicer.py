@@ -12,6 +12,7 @@ from twostage.convert import (
     document_from_proto,
     document_to_proto,
     filter_from_proto,
+    fitted_calibration_to_proto,
     hybrid_fusion_to_proto,
     metadata_to_proto,
     recall_mode_from_proto,
@@ -28,10 +29,6 @@ from twostage.v1 import common_pb2, recall_pb2, recall_pb2_grpc
 
 def _total_ms_since(start: float) -> dict[str, float]:
     return {"total_ms": 1000 * (time.perf_counter() - start)}
-
-
-def calibration_to_proto(fitted) -> recall_pb2.ScoreCalibration | None:
-    return None if fitted is None else recall_pb2.ScoreCalibration(**fitted.as_dict())
 
 
 def _given_version(request):
@@ -54,11 +51,11 @@ class RecallServicer(recall_pb2_grpc.RecallServicer):
         self._calibration = None
 
     def _calibration_proto(self) -> recall_pb2.ScoreCalibration | None:
-        """The served calibration as a message, made once per fit: made at every search, its dataclass's as_dict
-        (a deep copy) cost more than the rest of the reply."""
+        """The served calibration as a message, made once per fit: made at every search (from a dataclass, by a
+        deep copy) it cost more than the rest of the reply."""
         fitted = self.service.calibration
         if fitted is not self._calibration_of:
-            self._calibration_of, self._calibration = fitted, calibration_to_proto(fitted)
+            self._calibration_of, self._calibration = fitted, fitted_calibration_to_proto(fitted)
         return self._calibration
 
     @translate_errors
@@ -177,7 +174,7 @@ class RecallServicer(recall_pb2_grpc.RecallServicer):
             hybrid_fusion=hybrid_fusion_to_proto(info["hybrid_fusion"]),
             hybrid_dense_weight=info["hybrid_dense_weight"],
             lexical=info["lexical"],
-            calibration=calibration_to_proto(info["calibration"]),
+            calibration=fitted_calibration_to_proto(info["calibration"]),
             prf_depth=info["prf_depth"],
             prf_weight=info["prf_weight"],
         )

@@ -137,6 +137,25 @@ def calibration_from_proto(proto: recall_pb2.ScoreCalibration | gateway_pb2.Fusi
     return Calibration(proto.scale, proto.center, proto.lexical_scale, proto.lexical_center)
 
 
+def _constants(calibration: Calibration) -> dict[str, float]:
+    return {"scale": calibration.scale, "center": calibration.center, "lexical_scale": calibration.lexical_scale,
+            "lexical_center": calibration.lexical_center}
+
+
+def fitted_calibration_to_proto(fitted) -> recall_pb2.ScoreCalibration | None:
+    """A recall server's fit (``recall_server.calibration.FittedCalibration``: the constants and what they were
+    fitted on); None when it has not fitted."""
+    if fitted is None:
+        return None
+    return recall_pb2.ScoreCalibration(**_constants(fitted), pseudo_queries=fitted.pseudo_queries,
+                                       doc_count=fitted.doc_count)
+
+
+def fusion_calibration_to_proto(calibration: Calibration) -> gateway_pb2.FusionCalibration:
+    """The constants the gateway's calibrated fusion uses."""
+    return gateway_pb2.FusionCalibration(**_constants(calibration))
+
+
 def vector_to_bytes(vector) -> bytes:
     """A vector on the wire: float32 little-endian, as stored."""
     return np.asarray(vector, dtype="<f4").tobytes()

@@ -150,17 +150,18 @@ def fuse_final(recall_scores: list[float], rerank_scores: list[float], method: F
                calibration: Calibration = DEFAULT_CALIBRATION, lexical_scores: list[float] | None = None) -> list[float]:
     """Final scores for the reranked candidates, given in recall order. For ``calibrated``, recall_scores are
     the cosines and lexical_scores the BM25 (None when recall did not run lexically)."""
-    method = Fusion(method)
     recall = np.asarray(recall_scores, dtype=np.float64)
     rerank = np.asarray(rerank_scores, dtype=np.float64)
     if method == Fusion.NONE or len(rerank) == 0:
         return rerank.tolist()
     if method == Fusion.LINEAR:
         return (alpha * standardised(rerank) + (1 - alpha) * standardised(recall)).tolist()
+    if method == Fusion.RRF:
+        recall_rank = np.arange(1, len(recall) + 1)  # candidates arrive in recall order
+        return (1 / (RRF_K + _ranks(rerank)) + 1 / (RRF_K + recall_rank)).tolist()
     if method == Fusion.CALIBRATED:
         return _sigmoid(alpha * rerank + (1 - alpha) * calibration.recall_logits(recall, lexical_scores)).tolist()
-    recall_rank = np.arange(1, len(recall) + 1)  # candidates arrive in recall order
-    return (1 / (RRF_K + _ranks(rerank)) + 1 / (RRF_K + recall_rank)).tolist()
+    raise ValueError(f"unknown fusion {method!r}")
 
 
 class RecallScored(Protocol):

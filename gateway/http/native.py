@@ -2,6 +2,7 @@
 Bodies and answers are the protos' fields under the same names; errors are
 ``{"error": {"status": <gRPC code name>, "message": ...}}``."""
 
+from dataclasses import asdict
 from typing import Annotated
 
 from fastapi import APIRouter
@@ -158,6 +159,7 @@ def router(face) -> APIRouter:
 
     @routes.get("/v1/info", openapi_extra=calls("Gateway/Info"), summary="Defaults and limits (Gateway.Info)")
     async def info():
-        return JSONResponse(info_fields(lifecycle))
+        fields = info_fields(lifecycle)
+        return JSONResponse({**fields, "calibration": asdict(fields["calibration"])})
 
     return routes

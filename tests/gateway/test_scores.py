@@ -43,6 +43,26 @@ def test_calibrated_relevance_lies_in_unit_range_and_ranks_like_the_logit():
     assert all(h.relevance == pytest.approx(1 / (1 + math.exp(-h.rerank_score))) for h in hits)
 
 
+def test_hits_carry_the_fused_score_and_each_candidates_own_recall_scores():
+    # The recall order's score (here a hybrid fusion's) differs from the cosine; recall z-scores are exact
+    # (mean 0, spread 5) and so are rerank's (mean 2, spread 5), so the linear scores compare with ==.
+    pool = [RecallCandidate(f"d{i}", "", "t", score, dense_score=cosine, lexical_score=bm25) for i, (score, cosine, bm25)
+            in enumerate([(7.0, 0.5, 14.0), (1.0, 0.75, 10.0), (-1.0, 0.25, 12.0), (-7.0, 0.625, 6.0),
+                          (-8.0, 0.375, 16.0)])]
+    rerank = {0: 1.0, 1: -5.0, 2: 9.0, 3: 3.0}
+    hits = SearchPipeline._rank(pool, rerank, "linear", 0.5)
+    fused = {0: 0.5 * (-1 / 5) + 0.5 * (7 / 5), 1: 0.5 * (-7 / 5) + 0.5 * (1 / 5), 2: 0.5 * (7 / 5) + 0.5 * (-1 / 5),
+             3: 0.5 * (1 / 5) + 0.5 * (-7 / 5)}
+    # Positions 0 and 2 tie, and 1 and 3: recall order decides; the one not reranked keeps its recall score.
+    assert [(h.id, h.score) for h in hits] == [("d0", fused[0]), ("d2", fused[2]), ("d1", fused[1]),
+                                               ("d3", fused[3]), ("d4", -8.0)]
+    assert [(h.recall_rank, h.recall_score, h.dense_score, h.lexical_score, h.rerank_score) for h in hits] == [
+        (i + 1, pool[i].score, pool[i].dense_score, pool[i].lexical_score, rerank.get(i)) for i in (0, 2, 1, 3, 4)]
+    assert [h.relevance for h in hits[:4]] == [pytest.approx(1 / (1 + math.exp(-rerank[i])), rel=1e-15)
+                                               for i in (0, 2, 1, 3)]
+    assert hits[4].relevance is None
+
+
 async def test_a_query_with_nothing_relevant_scores_below_one_with_a_match(stub, demo_data):
     def search(query):
         return stub.Search(gateway_pb2.SearchRequest(query=query, recall_k=8, budget_ms=60_000,

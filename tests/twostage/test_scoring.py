@@ -41,6 +41,9 @@ def sigmoid(x: float) -> float:
 def test_standardised_has_mean_zero_and_unit_spread_or_no_preference():
     assert standardised(np.array([1.0, 2.0, 3.0])) == pytest.approx([-math.sqrt(1.5), 0.0, math.sqrt(1.5)])
     assert standardised(np.array([4.0, 4.0])).tolist() == [0.0, 0.0]
+    # Mean 5, standard deviation 2: every step exact in binary, so the golden values compare with ==.
+    assert standardised(np.array([2.0, 4.0, 4.0, 4.0, 5.0, 5.0, 7.0, 9.0])).tolist() == [
+        -1.5, -0.5, -0.5, -0.5, 0.0, 0.0, 1.0, 2.0]
 
 
 def test_zscore_recall_fusion_weighs_standardised_scores():
@@ -81,6 +84,8 @@ def test_fusing_two_shards_candidates_together_equals_fusing_the_one_list(method
 def test_unknown_recall_fusion_is_an_error():
     with pytest.raises(ValueError):
         fuse_recall(["a"], [1.0], [1.0], "max", 0.5)  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match=r"^unknown hybrid fusion 'max'$"):
+        fuse_recall(["a"], [1.0], [1.0], "max", 0.5)  # type: ignore[arg-type]
 
 
 # Final fusion
@@ -95,6 +100,13 @@ def test_linear_mixes_per_query_zscores():
     assert fuse_final([0.9, 0.7], [2.0, 4.0], "linear", 0.7) == pytest.approx([0.7 * -1 + 0.3 * 1, 0.7 * 1 + 0.3 * -1])
     assert fuse_final([0.9, 0.7], [2.0, 4.0], "linear", 1.0) == pytest.approx([-1.0, 1.0])
     assert fuse_final([0.5, 0.5], [1.0, 1.0], "linear", 0.5) == [0.0, 0.0]  # no spread, no preference
+
+
+def test_rrf_ranks_recall_by_position_whatever_its_scores_say():
+    # The candidates arrive in recall order: the recall rank is the position, not the rank of recall_scores.
+    scores = fuse_final([-7.0, 7.0, 1.0], [0.5, 4.0, 2.0], "rrf", 0.0)
+    assert scores == [1 / (RRF_K + 3) + 1 / (RRF_K + 1), 1 / (RRF_K + 1) + 1 / (RRF_K + 2),
+                      1 / (RRF_K + 2) + 1 / (RRF_K + 3)]
 
 
 def test_rrf_adds_reciprocal_ranks():
@@ -115,6 +127,13 @@ def test_calibrated_is_the_sigmoid_of_the_logit_and_the_calibrated_recall_scores
 def test_unknown_method_is_an_error():
     with pytest.raises(ValueError):
         fuse_final([1.0], [1.0], "max", 0.5)  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match=r"^unknown fusion 'max'$"):
+        fuse_final([1.0], [1.0], "max", 0.5)  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("method", [*Fusion, *(f.value for f in Fusion), "max"])
+def test_nothing_reranked_fuses_to_nothing(method):
+    assert fuse_final([], [], method, 0.5) == []
 
 
 # Calibration
@@ -124,6 +143,15 @@ def test_relevance_is_the_sigmoid_of_the_logit_and_stays_finite():
     assert relevance(0.0) == 0.5
     assert relevance(2.0) == pytest.approx(sigmoid(2.0))
     assert relevance(-1000.0) >= 0 and relevance(1000.0) <= 1  # clipped: no overflow
+
+
+def test_logits_are_clipped_at_plus_and_minus_sixty():
+    # Within the clip the sigmoid is exact to its last bits (numpy's exp and libm's may differ in the last one);
+    # beyond it, a logit scores as ±60 does.
+    assert relevance(-45.0) == pytest.approx(1 / (1 + math.exp(45.0)), rel=1e-15, abs=0)
+    assert relevance(-1000.0) == pytest.approx(1 / (1 + math.exp(60.0)), rel=1e-15, abs=0)
+    assert relevance(-60.0) == relevance(-1000.0) > 0
+    assert relevance(1000.0) == 1.0
 
 
 def test_recall_part_is_the_calibrated_score_without_rerank_evidence():
@@ -197,6 +225,52 @@ def test_calibrated_tail_scores_are_the_recall_part_where_it_lies_below_the_rera
         assert score == recall_part(pool[i].dense_score, 0.5, DEFAULT_CALIBRATION, pool[i].lexical_score)
     # Nothing reranked: the recall order's own scores for a relative fusion.
     assert rank_final(pool, {}, Fusion.RRF, 0.5) == [(i, c.score) for i, c in enumerate(pool)]
+
+
+# Golden final orders. The recall order's score differs from the cosine; recall and rerank scores each have
+# mean and standard deviation exact in binary (recall: mean 0, deviations ±7, ±1, spread 5; rerank: mean 2,
+# deviations -1, -7, 7, 1, spread 5), so every relative score below is exact and compares with ==.
+GOLDEN_POOL = [Candidate(7.0, 0.5, 14.0), Candidate(1.0, 0.75, 10.0), Candidate(-1.0, 0.25, 12.0),
+               Candidate(-7.0, 0.625, 6.0), Candidate(-8.0, 0.375, 16.0), Candidate(-9.0, 0.125, 8.0)]
+GOLDEN_RERANK = {0: 1.0, 1: -5.0, 2: 9.0, 3: 3.0}
+
+
+def test_golden_none_orders_by_the_rerank_score_and_gives_the_tail_its_recall_score():
+    assert rank_final(GOLDEN_POOL, GOLDEN_RERANK, Fusion.NONE, 0.5) == [
+        (2, 9.0), (3, 3.0), (0, 1.0), (1, -5.0), (4, -8.0), (5, -9.0)]
+
+
+def test_golden_linear_mixes_zscores_of_the_recall_score_and_keeps_recall_order_among_ties():
+    recall_z = [7 / 5, 1 / 5, -1 / 5, -7 / 5]  # (score - 0) / 5, the recall order's score, not the cosine
+    rerank_z = [-1 / 5, -7 / 5, 7 / 5, 1 / 5]  # (rerank - 2) / 5
+    fused = [0.5 * r + 0.5 * c for r, c in zip(rerank_z, recall_z)]
+    assert fused[0] == fused[2] and fused[1] == fused[3]  # two ties: recall order decides each
+    assert rank_final(GOLDEN_POOL, GOLDEN_RERANK, Fusion.LINEAR, 0.5) == [
+        (0, fused[0]), (2, fused[2]), (1, fused[1]), (3, fused[3]), (4, -8.0), (5, -9.0)]
+
+
+def test_golden_rrf_adds_reciprocal_ranks_and_keeps_recall_order_among_ties():
+    # rerank ranks by position: 3, 4, 1, 2; recall ranks: 1, 2, 3, 4
+    fused = [1 / (RRF_K + 3) + 1 / (RRF_K + 1), 1 / (RRF_K + 4) + 1 / (RRF_K + 2),
+             1 / (RRF_K + 1) + 1 / (RRF_K + 3), 1 / (RRF_K + 2) + 1 / (RRF_K + 4)]
+    assert fused[0] == fused[2] and fused[1] == fused[3]
+    assert rank_final(GOLDEN_POOL, GOLDEN_RERANK, Fusion.RRF, 0.5) == [
+        (0, fused[0]), (2, fused[2]), (1, fused[1]), (3, fused[3]), (4, -8.0), (5, -9.0)]
+
+
+def test_golden_calibrated_reads_the_cosine_and_bm25_and_caps_the_tail_below_the_reranked():
+    calibration = Calibration(scale=8.0, center=0.5, lexical_scale=0.5, lexical_center=10.0)
+    # recall logits, 8 * (cosine - 0.5) + 0.5 * (bm25 - 10): 2, 2, -1, -1, 2, -4
+    # fused logits, 0.5 * rerank + 0.5 * recall logit: 1.5, -1.5, 4, 1
+    ranked = rank_final(GOLDEN_POOL, GOLDEN_RERANK, Fusion.CALIBRATED, 0.5, calibration, lexical=True)
+    assert [i for i, _ in ranked] == [2, 0, 3, 1, 4, 5]
+    lowest_reranked = sigmoid(-1.5)
+    # numpy's exp and libm's may differ in the last bit: compared to within a few units in the last place.
+    expected = [sigmoid(4.0), sigmoid(1.5), sigmoid(1.0), lowest_reranked,
+                math.nextafter(ranked[3][1], -math.inf),  # its recall part, sigmoid(0.5 * 2), lies above: capped
+                sigmoid(0.5 * -4)]
+    assert ranked[4][1] == math.nextafter(ranked[3][1], -math.inf)
+    assert [score for _, score in ranked] == [pytest.approx(e, rel=1e-15, abs=0) for e in expected]
 
 
 # The methods by name

@@ -13,7 +13,7 @@ import numpy as np
 from tqdm import tqdm
 
 from twostage.connect import PLAINTEXT, Credentials
-from twostage.convert import calibration_from_proto, fusion_from_proto, recall_mode_to_proto
+from twostage.convert import FUSIONS, calibration_from_proto, fusion_from_proto, recall_mode_to_proto
 from twostage.corpus import read_qrels, read_queries
 from twostage.evaluation.loadtest import degradation_codes
 from twostage.evaluation.metrics import evaluate
@@ -191,11 +191,21 @@ def _advice(target: str, recall_target: str, queries: dict[str, str], qrels, rec
 
 
 async def gateway_fusion(target: str, credentials: Credentials = PLAINTEXT):
-    """The gateway's default fusion method and alpha, and the calibration its calibrated fusion uses."""
+    """The gateway's default fusion method and alpha, and the calibration its calibrated fusion uses.
+
+    ValueError when the gateway names no method this client knows: recomputing the final order needs one, and
+    without it every alpha would silently give the gateway's own order."""
     async with credentials.aio_channel(target) as channel:
         info = await gateway_pb2_grpc.GatewayStub(channel).Info(common_pb2.InfoRequest(),
                                                                 metadata=credentials.metadata)
-    return fusion_from_proto(info.default_fusion), info.default_fusion_alpha, calibration_from_proto(info.calibration)
+    fusion = fusion_from_proto(info.default_fusion)
+    if fusion is None:
+        code = info.default_fusion
+        reported = (gateway_pb2.FusionMethod.Name(code) if code in gateway_pb2.FusionMethod.values()
+                    else f"unknown value {code}")
+        raise ValueError(f"the gateway at {target} reports default_fusion {reported}; the final order can only be "
+                         f"recomputed for one of {', '.join(FUSIONS)}")
+    return fusion, info.default_fusion_alpha, calibration_from_proto(info.calibration)
 
 
 def calibration_comparison(answers: list[Answer], qrels, alpha: float, in_use) -> dict:
