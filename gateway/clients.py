@@ -74,7 +74,7 @@ class RerankReply:
     unscored: int = 0  # documents the replica's deadline left unscored (absent from scores)
     cached: int = 0  # pairs answered from the replica's score cache
     cost_ratio: float = 0.0  # the replica's live model time over its published cost model's (0: not measured)
-    cost: Cost = field(default_factory=Cost)  # its queue wait, model time, and model time per pair now
+    cost: Cost | None = None  # its queue wait, model time and model time per pair now (None: a replica too old to say)
 
 
 def channel_options(max_message_mb: int = 16, keepalive_time_s: float = 30.0,
@@ -248,5 +248,5 @@ class RerankClient(_Client):
             unscored=reply.unscored,
             cached=reply.cached,
             cost_ratio=reply.cost_ratio,
-            cost=cost_from_proto(reply.cost),
+            cost=cost_from_proto(reply.cost) if reply.HasField("cost") else None,
         )

@@ -365,14 +365,18 @@ class RerankPool:
         queueing. ``predicted_ms``: the service time predicted for the ``pairs`` it scored."""
         replica.consecutive_failures = 0
         replica.pairs_scored += pairs
+        replica.others_pairs = max(0, reply.queue_items - replica.outstanding_pairs)
+        replica.others_seen_s = time.monotonic()
+        if reply.cost_ratio > 0:
+            replica.cost_ratio = reply.cost_ratio
         cost = reply.cost
+        if cost is None:  # a replica older than the Cost message: its published cost (Info) stands, nothing learnt
+            return
         if cost.ms_per_item:
             replica.ms_per_pair = cost.ms_per_item  # the replica's own recent average
         elif cost.service_ms:
             replica.ms_per_pair += self.ewma_weight * (cost.service_ms / max(pairs, 1) - replica.ms_per_pair)
         replica.cost_confirmed = True
-        if reply.cost_ratio > 0:
-            replica.cost_ratio = reply.cost_ratio
         computed = pairs - reply.cached
         if computed > 0 and pairs and cost.service_ms and predicted_ms > 0:
             off = cost.service_ms / (predicted_ms * computed / pairs)
@@ -380,8 +384,6 @@ class RerankPool:
                 self.refresh_wanted.set()
         overhead = elapsed_ms - cost.queue_ms - cost.service_ms
         replica.overhead_ms += self.ewma_weight * (max(overhead, 0.0) - replica.overhead_ms)
-        replica.others_pairs = max(0, reply.queue_items - replica.outstanding_pairs)
-        replica.others_seen_s = time.monotonic()
 
     def _fail(self, replica: Replica, error: Exception) -> None:
         if isinstance(error, errors.DeadlineExceeded):

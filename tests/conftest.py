@@ -3,11 +3,15 @@ gRPC servers on loopback ports picked by the OS."""
 
 import asyncio
 import hashlib
+import importlib.metadata
 import itertools
 import json
 import os
 import shutil
+import sqlite3
+import sys
 import tempfile
+import time
 from pathlib import Path
 
 import grpc
@@ -17,6 +21,7 @@ from gateway.config import GatewaySettings
 from recall_server.build import build_from_corpus
 from recall_server.config import RecallSettings
 from rerank_server.config import RerankSettings
+from twostage import execution_plan
 from twostage.corpus import DEMO_CORPUS, read_corpus, read_qrels, read_queries
 from twostage.model_store import DEFAULT_MODELS, cache_dir, fetch_defaults
 
@@ -32,9 +37,12 @@ FILLER_DOCS = 120
 CATALOGUE = Path(__file__).parent / "data" / "catalogue.jsonl"
 ROOT = Path(__file__).parent.parent
 # Indexes the fixtures build, kept between runs. A kept index is used only when everything that could change it is
-# unchanged: the corpus, the build options, the pinned models, the TWOSTAGE_* environment and every source file of
-# the packages that build it. tests/recall_server/test_build.py builds afresh.
+# unchanged: the corpus, the build options, the pinned models, the TWOSTAGE_* environment, every source file of
+# the packages that build it, the libraries and Python that run them and the processor (int8 kernels differ by
+# instruction set). tests/recall_server/test_build.py builds afresh.
 INDEX_CACHE = Path(os.environ.get("TWOSTAGE_TEST_INDEX_CACHE", cache_dir().parent / "test-indexes"))
+INDEX_CACHE_DAYS = 7  # entries unused this long are removed, and builds a killed run left behind
+BUILD_LIBRARIES = ("onnxruntime", "usearch", "tokenizers", "numpy")
 
 
 def _build_key(corpus: Path, options: dict) -> str:
@@ -43,6 +51,8 @@ def _build_key(corpus: Path, options: dict) -> str:
     digest.update(json.dumps(options, sort_keys=True).encode())
     digest.update(repr(sorted(DEFAULT_MODELS.items())).encode())
     digest.update(repr(sorted((k, v) for k, v in os.environ.items() if k.startswith("TWOSTAGE_"))).encode())
+    digest.update(repr([(name, importlib.metadata.version(name)) for name in BUILD_LIBRARIES]).encode())
+    digest.update(f"{sys.version}|{sqlite3.sqlite_version}|{sorted(execution_plan.host_identity().items())}".encode())
     for package in ("twostage", "recall_server"):
         for source in sorted((ROOT / package).rglob("*.py")):
             digest.update(str(source.relative_to(ROOT)).encode())
@@ -55,16 +65,26 @@ def build_index_cached(corpus: Path, out: Path, **options) -> None:
     kept = INDEX_CACHE / _build_key(corpus, options)
     if not kept.is_dir():
         INDEX_CACHE.mkdir(parents=True, exist_ok=True)
+        _prune_index_cache()
         staging = Path(tempfile.mkdtemp(dir=INDEX_CACHE, prefix=".building-"))
         try:
             build_from_corpus(corpus, staging / "index", progress=False, **options)
             try:
                 (staging / "index").rename(kept)  # atomic: a concurrent run keeps the first finished build
             except OSError:
-                pass
+                if not kept.is_dir():  # not a concurrent run's build: this one's failure
+                    raise
         finally:
             shutil.rmtree(staging, ignore_errors=True)
+    os.utime(kept)  # in use: not pruned
     shutil.copytree(kept, out)
+
+
+def _prune_index_cache() -> None:
+    horizon = time.time() - INDEX_CACHE_DAYS * 86400
+    for entry in INDEX_CACHE.iterdir():
+        if entry.is_dir() and entry.stat().st_mtime < horizon:
+            shutil.rmtree(entry, ignore_errors=True)
 
 
 def pytest_collection_modifyitems(config, items):

@@ -336,11 +336,11 @@ class DynamicBatcher(Generic[T, R]):
             raise failures[0] if failures else DeadlineExceeded(
                 f"{self.name}: deadline passed with {len(items) - len(computed)} items not yet computed")
         if traced is not None:
-            tracing.record("queue wait", now, max(i.dispatched_s for i in computed),
+            tracing.record("queue wait", now, min(i.dispatched_s for i in computed),
                            {"twostage.batcher": self.name, "twostage.items": len(items)})
         return Submission(
             values=[None if i.future.cancelled() or i.future.exception() else i.future.result() for i in items],
-            queue_ms=1000 * max(i.dispatched_s - i.enqueued_s for i in computed),
+            queue_ms=1000 * (min(i.dispatched_s for i in computed) - min(i.enqueued_s for i in computed)),
             compute_ms=1000 * (max(i.done_s for i in computed) - min(i.dispatched_s for i in computed)),
         )
 

@@ -103,6 +103,18 @@ def test_overhead_is_the_elapsed_time_the_reported_cost_leaves():
     assert replica.overhead_ms == pytest.approx(2.0) and replica.ms_per_pair == pytest.approx(8.0)
 
 
+def test_an_answer_without_a_cost_teaches_the_pool_nothing():
+    """A replica older than the Cost message answers without one: its published cost stands, where reading the
+    missing figures as zeros would take its whole elapsed time, model time included, for overhead."""
+    pool = pool_with(FakeReplica("a"), ewma_weight=1.0)
+    replica = pool.replicas[0]
+    before = (replica.ms_per_pair, replica.overhead_ms, replica.cost_confirmed)
+    reply = RerankReply(scores={0: 1.0, 1: 0.5}, timings_ms={}, tokens=0, queue_items=3, cost=None)
+    pool._observe(replica, 2, reply, elapsed_ms=500.0, predicted_ms=40.0)
+    assert (replica.ms_per_pair, replica.overhead_ms, replica.cost_confirmed) == before
+    assert replica.pairs_scored == 2 and replica.others_pairs == 3  # what it did and what it has queued still count
+
+
 async def test_a_real_replica_s_reported_cost_becomes_its_rate(rerank_target, channel_to):
     from twostage.v1 import rerank_pb2, rerank_pb2_grpc
 

@@ -48,6 +48,30 @@ async def test_every_reply_reports_what_it_cost_the_model(stub):
     assert cached.cost.ms_per_item == cost.ms_per_item  # still reported, and no batch ran to move it
 
 
+async def test_a_request_over_several_batches_reports_its_wait_before_the_first():
+    """Twelve abstracts of up to 256 tokens fill several batches of at most 1,024 tokens: the queue wait is the
+    one before the first batch, the service time runs from it to the last, so the two never overlap and both
+    lie within the handler's own time (the wait before the last batch overlapped the model time)."""
+    import itertools
+
+    from rerank_server.service import RerankService
+    from rerank_server.servicer import build_server
+    from twostage.corpus import DEMO_CORPUS, document_text, read_corpus
+
+    server = build_server(RerankService(RerankSettings(port=0, score_cache_mb=0, max_batch_tokens=1024)))
+    port = await server.start()
+    documents = [document_text(d) for d in itertools.islice(read_corpus(DEMO_CORPUS), 12)]
+    try:
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
+            reply = await rerank_pb2_grpc.RerankStub(channel).Rerank(
+                rerank_pb2.RerankRequest(query=QUERY, documents=documents))
+    finally:
+        await server.stop(grace_s=1)
+    assert reply.tokens > 2 * 1024  # more than two batches' worth
+    assert reply.cost.service_ms > 0
+    assert reply.cost.queue_ms + reply.cost.service_ms <= reply.timings_ms["total_ms"]
+
+
 async def test_top_n_truncates(stub):
     reply = await stub.Rerank(rerank_pb2.RerankRequest(query=QUERY, documents=[*IRRELEVANT, RELEVANT], top_n=1))
     assert [r.index for r in reply.results] == [2]

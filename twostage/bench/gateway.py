@@ -365,7 +365,7 @@ async def tracing_cost(index_dir: Path, port: int, queries: list[str], requests:
         ratios = [r[name][1] / r["off"][1] for r in rounds]
         cpu_added = [r[name][2] - r["off"][2] for r in rounds]
         rows[name].update({"cpu_added_ms": round(statistics.median(cpu_added), 3),
-                           "cpu_added_ms_each": [round(v, 3) for v in cpu_added],"p50_added_ms": round(statistics.median(added), 3),
+                           "cpu_added_ms_each": [round(v, 3) for v in cpu_added], "p50_added_ms": round(statistics.median(added), 3),
                            "p50_added_ms_each": [round(v, 3) for v in added],
                            "throughput_ratio": round(statistics.median(ratios), 4),
                            "throughput_ratio_each": [round(v, 4) for v in ratios]})

@@ -74,7 +74,8 @@ async def floor(requests: int, candidates: int, rounds: int = 3) -> dict:
                 for name, each in times.items():
                     p50s[name].append(statistics.median(each))
     finally:
-        server.terminate()
+        if server.returncode is None:  # a server that died at start has its own error, not this one's
+            server.terminate()
         await server.wait()
     return {"candidates": candidates, "bytes": {name: {"request": r, "reply": a} for name, (r, a) in sizes.items()},
             "p50_ms": {name: round(statistics.median(each), 3) for name, each in p50s.items()},
