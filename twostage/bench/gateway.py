@@ -281,7 +281,7 @@ async def _tracing_round(index_dir: Path, port: int, order: list[str], queries: 
     one_thread = {"TWOSTAGE_RECALL_INTRA_OP_THREADS": "1", "TWOSTAGE_RERANK_INTRA_OP_THREADS": "1"}
     try:
         async with contextlib.AsyncExitStack() as running:
-            stubs, pids = {}, {}
+            stubs, pids, tiers = {}, {}, {}
             for i, name in enumerate(order):
                 copy = copies / name
                 await asyncio.to_thread(shutil.copytree, index_dir, copy, ignore=shutil.ignore_patterns(".lock"))
@@ -292,6 +292,7 @@ async def _tracing_round(index_dir: Path, port: int, order: list[str], queries: 
                 channel = await running.enter_async_context(grpc.aio.insecure_channel(stack.gateway_target))
                 stubs[name] = gateway_pb2_grpc.GatewayStub(channel)
                 pids[name] = [child.process.pid for child in stack.children]
+                tiers[name] = {child.name.split()[0]: child.process.pid for child in stack.children}
             asked = itertools.cycle(queries[:20])
 
             async def ask(stub) -> float:
@@ -314,10 +315,13 @@ async def _tracing_round(index_dir: Path, port: int, order: list[str], queries: 
             # The CPU each stack's three processes spend a search, all their threads: what the wall clock on a
             # shared machine blurs.
             used = {name: cpu_s(pids[name]) for name in stubs}
+            by_tier = {name: {tier: cpu_s([pid]) for tier, pid in tiers[name].items()} for name in stubs}
             for i in range(requests):
                 for name in turns(i):
                     latencies[name].append(await ask(stubs[name]))
             used = {name: 1000 * (cpu_s(pids[name]) - used[name]) / requests for name in stubs}
+            by_tier = {name: {tier: 1000 * (cpu_s([pid]) - by_tier[name][tier]) / requests
+                              for tier, pid in tiers[name].items()} for name in stubs}
             answered, elapsed = dict.fromkeys(stubs, 0), dict.fromkeys(stubs, 0.0)
             for i in range(len(orders)):  # throughput: closed-loop slices, taking turns
                 for name in turns(i):
@@ -336,7 +340,8 @@ async def _tracing_round(index_dir: Path, port: int, order: list[str], queries: 
                     elapsed[name] += time.perf_counter() - start
     finally:
         shutil.rmtree(copies, ignore_errors=True)
-    return {name: (statistics.median(latencies[name]), answered[name] / elapsed[name], used[name]) for name in stubs}
+    return {name: (statistics.median(latencies[name]), answered[name] / elapsed[name], used[name], by_tier[name])
+            for name in stubs}
 
 
 async def tracing_cost(index_dir: Path, port: int, queries: list[str], requests: int, repeats: int,
@@ -373,6 +378,10 @@ async def tracing_cost(index_dir: Path, port: int, queries: list[str], requests:
         added = [r[name][0] - r["off"][0] for r in rounds]
         ratios = [r[name][1] / r["off"][1] for r in rounds]
         cpu_added = [r[name][2] - r["off"][2] for r in rounds]
+        # Which tier's processes the added CPU is in (gateway, recall, rerank): where to look for a cost.
+        rows[name]["cpu_added_ms_by_tier"] = {
+            tier: round(statistics.median(r[name][3][tier] - r["off"][3][tier] for r in rounds), 3)
+            for tier in rounds[0]["off"][3]}
         rows[name].update({"cpu_added_ms": round(statistics.median(cpu_added), 3),
                            "cpu_added_ms_each": [round(v, 3) for v in cpu_added], "p50_added_ms": round(statistics.median(added), 3),
                            "p50_added_ms_each": [round(v, 3) for v in added],
@@ -391,7 +400,7 @@ def print_tracing(cost: dict) -> None:
           f"searches/s, {off['cpu_ms_per_search']} ms CPU a search (its three processes); " + "; ".join(
               f"{name.replace('_', ' ')}: p50 {row['p50_added_ms']:+} ms (each repeat {row['p50_added_ms_each']}), "
               f"throughput x{row['throughput_ratio']} (each {row['throughput_ratio_each']}), CPU a search "
-              f"{row['cpu_added_ms']:+} ms (each {row['cpu_added_ms_each']})"
+              f"{row['cpu_added_ms']:+} ms (each {row['cpu_added_ms_each']}; by tier {row['cpu_added_ms_by_tier']})"
               for name, row in cost.items() if isinstance(row, dict) and name != "off")
           + f"; {cost['spans_received']} spans exported", flush=True)
 
