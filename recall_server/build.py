@@ -321,12 +321,12 @@ def local_corpus(source: str) -> Iterator[Path]:
 
 
 def cached_index(dataset: Path, index_dir: Path | None = None, skip_invalid: bool = False,
-                 root: Path | None = None) -> Path:
+                 root: Path | None = None, limit: int | None = None) -> Path:
     """An index of a BEIR data set, built once and kept (in the cache unless ``index_dir`` is given;
     evaluation and benchmarks share it) with the recall server's model (TWOSTAGE_RECALL_*); ``skip_invalid``
     builds it around invalid documents, reported. The cache (``root``, else ``eval-indexes`` beside the model
     cache) keeps one per data set, model and embedding graph (which the execution plan decides), so a server
-    is never handed documents another graph embedded."""
+    is never handed documents another graph embedded. ``limit``: only the first so many documents."""
     import hashlib
 
     from recall_server.config import RecallSettings
@@ -337,7 +337,8 @@ def cached_index(dataset: Path, index_dir: Path | None = None, skip_invalid: boo
     try:
         wanted = (embedder.name, embedder.graph)
         if index_dir is None:
-            key = hashlib.sha256("\0".join([str(dataset.resolve()), *wanted]).encode()).hexdigest()[:12]
+            parts = [str(dataset.resolve()), *wanted, *([f"limit={limit}"] if limit else [])]
+            key = hashlib.sha256("\0".join(parts).encode()).hexdigest()[:12]
             index_dir = Path(root or cache_dir().parent / "eval-indexes") / f"{dataset.name}-{key}"
         if (index_dir / "index.json").exists():
             manifest = IndexManifest.read(index_dir)
@@ -347,7 +348,8 @@ def cached_index(dataset: Path, index_dir: Path | None = None, skip_invalid: boo
                             manifest.embedding_graph or "an unrecorded", *wanted)
             return index_dir
         print(f"building an index of {dataset} into {index_dir}", flush=True)
-        build_from_corpus(dataset, index_dir, model=settings.model, skip_invalid=skip_invalid, embedder=embedder)
+        build_from_corpus(dataset, index_dir, model=settings.model, skip_invalid=skip_invalid, embedder=embedder,
+                          limit=limit)
     finally:
         embedder.close()
     return index_dir

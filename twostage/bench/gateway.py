@@ -21,22 +21,11 @@ from twostage.v1 import gateway_pb2, gateway_pb2_grpc
 
 
 def bench_index(docs: int) -> Path:
-    """A cached index of the first ``docs`` demo documents, one per model and embedding graph (as the eval's
-    cache keeps them), so the stacks measured never serve vectors another graph embedded."""
-    from recall_server.build import build_from_corpus
-    from recall_server.config import RecallSettings
-    from recall_server.embedder import Embedder
-    from twostage.model_store import resolve_model
+    """A cached index of the first ``docs`` demo documents, kept as the eval's are (one per model and embedding
+    graph), so the stacks measured never serve vectors another graph embedded."""
+    from recall_server.build import cached_index
 
-    settings = RecallSettings()
-    embedder = Embedder(resolve_model(settings.model), settings)
-    try:
-        out = cache_dir().parent / "bench-indexes" / f"demo-{docs}-{embedder.name}-{embedder.graph}"
-        if not (out / "index.json").exists():
-            build_from_corpus(DEMO_CORPUS, out, limit=docs, embedder=embedder)
-    finally:
-        embedder.close()
-    return out
+    return cached_index(DEMO_CORPUS, root=cache_dir().parent / "bench-indexes", limit=docs)
 
 
 def _overhead_of(elapsed_ms: float, timings: dict[str, float]) -> tuple[float, ...]:
