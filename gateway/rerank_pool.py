@@ -467,7 +467,9 @@ class RerankPool:
             ):
                 break
         if pending and not outcome.error:
-            outcome.error = errors.Unavailable("no rerank replica available")
+            # Time ran out before a replica was asked (a budget spent on the way here) is a deadline, not an outage.
+            outcome.error = (errors.DeadlineExceeded("no time was left to ask a rerank replica")
+                             if time.monotonic() >= deadline_s else errors.Unavailable("no rerank replica available"))
         return outcome
 
     async def check_health(self, timeout_s: float, misses_to_eject: int = 3) -> None:

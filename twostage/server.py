@@ -136,7 +136,11 @@ class GrpcService:
         self.rpcs = RpcMetricsInterceptor(traced=tracing.enabled)
         interceptors: list[grpc.aio.ServerInterceptor] = [self.rpcs]
         reflection_on = settings.reflection == "on" or (settings.reflection == "auto" and not settings.auth_tokens)
-        slots = settings.max_concurrent_rpcs
+        # gRPC's own cap is only a backstop: ``Slots`` below is the limit callers meet, with its own message. gRPC
+        # counts a call until its task's done-callback has run, which is after the caller already has its answer
+        # (or its refusal); at the limit exactly, a caller sending again as answers come back, or a flood of
+        # refused calls, would meet gRPC's cap before ours. Twice the slots keeps it out of their way.
+        slots = 2 * settings.max_concurrent_rpcs
         # The tokens, shared with any other listener of this service: one file, one reload, one answer.
         self.tokens: TokenFile | TokenFiles | None = None
         if settings.auth_tokens:

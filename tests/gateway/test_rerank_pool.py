@@ -276,3 +276,13 @@ async def test_a_partial_answer_keeps_its_scores_and_is_no_fault():
     assert sorted(outcome.scores) == [0, 1] and outcome.scores[1] == len(DOCS[1])
     assert isinstance(outcome.error, errors.DeadlineExceeded) and outcome.failed_slices == 0
     assert pool.replicas[0].consecutive_failures == 0 and len(replica.received) == 1
+
+
+async def test_a_deadline_already_past_is_a_deadline_not_an_outage():
+    """A budget spent before the pool is reached (a tiny budget on a busy host) ends as DeadlineExceeded:
+    the caller is told to allow more time, and no replica is asked or blamed."""
+    a = FakeReplica("a")
+    pool = RerankPool([a], initial_ms_per_pair=10, affinity=False)
+    outcome = await pool.rerank("q", DOCS, time.monotonic() - 0.001, "r1")
+    assert isinstance(outcome.error, errors.DeadlineExceeded) and not outcome.scores
+    assert a.received == [] and pool.available()
