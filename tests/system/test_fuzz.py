@@ -159,7 +159,7 @@ def fuzz(name: str, strategy, channel_name: str, stub_cls, method: str, examples
 # (service.method, strategy, channel, stub, method, batches of BATCH requests)
 CASES = [
     ("Gateway.Search", SEARCH, "gateway", gateway_pb2_grpc.GatewayStub, "Search", 55),
-    ("Gateway.Upsert", UPSERT, "gateway", gateway_pb2_grpc.GatewayStub, "Upsert", 6),
+    ("Gateway.Upsert", UPSERT, "gateway", gateway_pb2_grpc.GatewayStub, "Upsert", 4),
     ("Gateway.Delete", DELETE, "gateway", gateway_pb2_grpc.GatewayStub, "Delete", 10),
     ("Gateway.Get", GET, "gateway", gateway_pb2_grpc.GatewayStub, "Get", 14),
     ("Gateway.Info", INFO, "gateway", gateway_pb2_grpc.GatewayStub, "Info", 2),
@@ -167,7 +167,7 @@ CASES = [
     ("Gateway.Embed", GATEWAY_EMBED, "gateway", gateway_pb2_grpc.GatewayStub, "Embed", 6),
     ("Recall.Search", RECALL_SEARCH, "recall", recall_pb2_grpc.RecallStub, "Search", 45),
     ("Recall.Embed", EMBED, "recall", recall_pb2_grpc.RecallStub, "Embed", 8),
-    ("Recall.Upsert", UPSERT, "recall", recall_pb2_grpc.RecallStub, "Upsert", 6),
+    ("Recall.Upsert", UPSERT, "recall", recall_pb2_grpc.RecallStub, "Upsert", 4),
     ("Recall.Delete", DELETE, "recall", recall_pb2_grpc.RecallStub, "Delete", 10),
     ("Recall.Get", GET, "recall", recall_pb2_grpc.RecallStub, "Get", 14),
     ("Recall.Info", INFO, "recall", recall_pb2_grpc.RecallStub, "Info", 2),
