@@ -4,6 +4,7 @@ twice the load the rerank tier can sustain, and what tracing costs."""
 import asyncio
 import contextlib
 import itertools
+import math
 import os
 import statistics
 import time
@@ -384,9 +385,16 @@ async def tracing_cost(index_dir: Path, port: int, queries: list[str], requests:
                            "throughput_ratio_each": [round(v, 4) for v in ratios]})
     at_1pct, control = rows["sampled_0.01"], rows["off_again"]
     # Targets: sampling 1%, p50 rises by 0.1 ms at most and throughput stays at 0.99 of untraced or more. A run
-    # whose control differs from off by as much cannot tell a cost of that size from its own spread.
-    resolution = {"p50_ms": abs(control["p50_added_ms"]), "throughput": round(abs(1 - control["throughput_ratio"]), 4),
-                  "cpu_ms": abs(control["cpu_added_ms"])}
+    # whose control differs from off by as much, or spreads as much from repeat to repeat, cannot tell a cost of
+    # that size from its own noise.
+    # Resolution: the control's median difference from off, or the standard error of its repeats, the larger.
+    def resolution_of(median: float, each: list[float]) -> float:
+        error = statistics.stdev(each) / math.sqrt(len(each)) if len(each) > 1 else 0.0
+        return round(max(abs(median), error), 4)
+
+    resolution = {"p50_ms": resolution_of(control["p50_added_ms"], control["p50_added_ms_each"]),
+                  "throughput": resolution_of(1 - control["throughput_ratio"], control["throughput_ratio_each"]),
+                  "cpu_ms": resolution_of(control["cpu_added_ms"], control["cpu_added_ms_each"])}
     return {"requests_each": requests, "repeats": repeats, "throughput_s": throughput_s, "clients": clients,
             "spans_received": len(receiver.spans), **rows, "resolution": resolution,
             "resolves_targets": resolution["p50_ms"] <= 0.1 and resolution["throughput"] <= 0.01,

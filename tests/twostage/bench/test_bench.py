@@ -45,7 +45,7 @@ def test_quick_gateway_benchmark_reports_the_overload_keys(tmp_path, models):
     traced = report["tracing"]
     assert traced["off"]["cpu_ms_per_search"] > 0 and len(traced["sampled_0.01"]["cpu_added_ms_each"]) == 2
     # The untraced control's difference from off is the run's resolution, and says whether it can judge the targets.
-    assert traced["resolution"]["p50_ms"] == abs(traced["off_again"]["p50_added_ms"])
+    assert traced["resolution"]["p50_ms"] >= abs(traced["off_again"]["p50_added_ms"])
     assert traced["resolves_targets"] == (traced["resolution"]["p50_ms"] <= 0.1
                                           and traced["resolution"]["throughput"] <= 0.01)
 
