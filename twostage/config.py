@@ -39,7 +39,8 @@ class ServiceSettings(BaseSettings):
         "load balancers and gateways notice first (5 in Kubernetes; 0 stops at once).",
     )
     max_concurrent_rpcs: int = Field(
-        1000, ge=1, description="RPCs handled at once; more are refused with RESOURCE_EXHAUSTED, not queued."
+        1000, ge=1, le=1_000_000,
+        description="RPCs handled at once; more are refused with RESOURCE_EXHAUSTED, not queued."
     )
     keepalive_time_s: float = Field(
         30.0, ge=1, description="Idle connections are pinged this often, so dead peers are noticed."

@@ -136,10 +136,10 @@ class GrpcService:
         self.rpcs = RpcMetricsInterceptor(traced=tracing.enabled)
         interceptors: list[grpc.aio.ServerInterceptor] = [self.rpcs]
         reflection_on = settings.reflection == "on" or (settings.reflection == "auto" and not settings.auth_tokens)
-        # gRPC's own cap is only a backstop: ``Slots`` below is the limit callers meet, with its own message. gRPC
-        # counts a call until its task's done-callback has run, which is after the caller already has its answer
-        # (or its refusal); at the limit exactly, a caller sending again as answers come back, or a flood of
-        # refused calls, would meet gRPC's cap before ours. Twice the slots keeps it out of their way.
+        # ``Slots`` below is the limit callers meet, with its own message, taken once a call's message has arrived;
+        # gRPC's own cap bounds the calls still sending theirs. gRPC counts a call from its headers until its task's
+        # done-callback has run, after the caller already has its answer: a cap equal to the slots would refuse a
+        # caller whose next call follows its last answer at once. Twice the slots is the margin for that lag.
         slots = 2 * settings.max_concurrent_rpcs
         # The tokens, shared with any other listener of this service: one file, one reload, one answer.
         self.tokens: TokenFile | TokenFiles | None = None

@@ -286,3 +286,16 @@ async def test_a_deadline_already_past_is_a_deadline_not_an_outage():
     outcome = await pool.rerank("q", DOCS, time.monotonic() - 0.001, "r1")
     assert isinstance(outcome.error, errors.DeadlineExceeded) and not outcome.scores
     assert a.received == [] and pool.available()
+
+
+async def test_no_replica_to_ask_while_time_remains_is_an_outage():
+    """The other side of the same line: with time left and every replica ejected, nothing is sent and the
+    answer is Unavailable (retry later), not a deadline the caller could fix with more budget."""
+    a = FakeReplica("a", fail_with=errors.Unavailable("connection refused"))
+    pool = RerankPool([a], initial_ms_per_pair=10, affinity=False, eject_after_failures=1)
+    await score_all(pool)  # fails once: ejected
+    assert not pool.available()
+    sent = len(a.received)
+    outcome = await score_all(pool)
+    assert isinstance(outcome.error, errors.Unavailable) and not outcome.scores
+    assert len(a.received) == sent

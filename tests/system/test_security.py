@@ -379,7 +379,8 @@ async def test_unauthenticated_callers_cannot_take_the_slots_searches_need(secur
     from gateway.config import GatewaySettings
     from gateway.servicer import build_server as build_gateway
 
-    cap, open_cap, floods = 8, 4, 24
+    cap, open_cap = 8, 4
+    floods = 2 * cap + open_cap + 4  # of each kind: more than gRPC's own cap (twice the slots, plus the open ones)
     gateway = build_gateway(GatewaySettings(
         port=0, recall_targets=secured["recall"], rerank_targets=secured["rerank"],
         stage_token_file=secrets_dir["gateway_token_file"], tls_dir=secrets_dir["tls"],

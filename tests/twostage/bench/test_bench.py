@@ -46,6 +46,8 @@ def test_quick_gateway_benchmark_reports_the_overload_keys(tmp_path, models):
     assert traced["off"]["cpu_ms_per_search"] > 0 and len(traced["sampled_0.01"]["cpu_added_ms_each"]) == 2
     # The untraced control's difference from off is the run's resolution, and says whether it can judge the targets.
     assert traced["resolution"]["p50_ms"] >= abs(traced["off_again"]["p50_added_ms"])
+    assert all(set(traced[name]["cpu_ms_by_tier"]) == {"gateway", "recall", "rerank"}
+               for name in ("off", "sampled_1.0", "sampled_0.01", "off_again"))
     assert traced["resolves_targets"] == (traced["resolution"]["p50_ms"] <= 0.1
                                           and traced["resolution"]["throughput"] <= 0.01)
 
@@ -91,3 +93,18 @@ async def test_trace_path_compares_the_unsampled_path_with_off_in_one_process():
     report = await trace_path._same_process(requests=20, repeats=2)
     assert report["off"]["cpu_us"] > 0 and report["drop"]["cpu_us"] > 0
     assert "cpu_added_us" in report["drop"] and not tracing.enabled  # set-up undone
+
+
+@pytest.mark.parametrize("count", [2, 3, 4, 5])
+def test_the_tracing_stacks_take_turns_in_balanced_orders(count):
+    """Each stack comes straight after each other one equally often, in as few orders as that takes."""
+    from collections import Counter
+
+    from twostage.bench.gateway import balanced_orders
+
+    names = [f"stack{i}" for i in range(count)]
+    orders = balanced_orders(names)
+    assert all(sorted(order) == names for order in orders)
+    assert len(orders) == (count if count % 2 == 0 else 2 * count)
+    follows = Counter((order[i], order[i + 1]) for order in orders for i in range(count - 1))
+    assert len(follows) == count * (count - 1) and len(set(follows.values())) == 1
