@@ -297,11 +297,14 @@ async def _tracing_round(index_dir: Path, port: int, order: list[str], queries: 
                 stubs[name] = gateway_pb2_grpc.GatewayStub(channel)
                 pids[name] = [child.process.pid for child in stack.children]
                 tiers[name] = {child.name.split()[0]: child.process.pid for child in stack.children}
-            asked = itertools.cycle(queries[:20])
+            # Each stack cycles through the same queries on its own: one cycle shared by stacks taking turns would
+            # give a stack only every n-th query in the warm-up, and the rest would run the model when measured.
+            asked = {id(stub): itertools.cycle(queries[:20]) for stub in stubs.values()}
 
             async def ask(stub) -> float:
                 start = time.perf_counter()
-                await stub.Search(gateway_pb2.SearchRequest(query=next(asked), recall_k=4, top_k=4, budget_ms=60_000))
+                await stub.Search(gateway_pb2.SearchRequest(query=next(asked[id(stub)]), recall_k=4, top_k=4,
+                                                            budget_ms=60_000))
                 return 1000 * (time.perf_counter() - start)
 
             for _ in range(2 * min(len(queries), 20)):  # warm: models, connections, the score cache
