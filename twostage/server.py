@@ -140,7 +140,7 @@ class GrpcService:
         # gRPC's own cap bounds the calls still sending theirs. gRPC counts a call from its headers until its task's
         # done-callback has run, after the caller already has its answer: a cap equal to the slots would refuse a
         # caller whose next call follows its last answer at once. Twice the slots is the margin for that lag.
-        slots = 2 * settings.max_concurrent_rpcs
+        grpc_cap = 2 * settings.max_concurrent_rpcs
         # The tokens, shared with any other listener of this service: one file, one reload, one answer.
         self.tokens: TokenFile | TokenFiles | None = None
         if settings.auth_tokens:
@@ -150,14 +150,14 @@ class GrpcService:
                 self.tokens, open_reflection=reflection_on,
                 max_open_rpcs=settings.max_open_rpcs, message_timeout_s=settings.message_timeout_s))
             # Calls without a token get max_open_rpcs slots on top, so they can never take the others.
-            slots += settings.max_open_rpcs
+            grpc_cap += settings.max_open_rpcs
         # The count every face of this service shares (the gateway's HTTP face takes from it too); gRPC's own cap
         # above stays as the bound on calls whose message is still arriving.
         self.slots = Slots(settings.max_concurrent_rpcs)
         interceptors.append(SlotInterceptor(self.slots))
         self.server = grpc.aio.server(
             interceptors=interceptors,
-            maximum_concurrent_rpcs=slots,
+            maximum_concurrent_rpcs=grpc_cap,
             options=[
                 ("grpc.max_receive_message_length", limit),
                 ("grpc.max_send_message_length", limit),

@@ -299,17 +299,17 @@ async def _tracing_round(index_dir: Path, port: int, order: list[str], queries: 
                 tiers[name] = {child.name.split()[0]: child.process.pid for child in stack.children}
             # Each stack cycles through the same queries on its own: one cycle shared by stacks taking turns would
             # give a stack only every n-th query in the warm-up, and the rest would run the model when measured.
-            asked = {id(stub): itertools.cycle(queries[:20]) for stub in stubs.values()}
+            asked = {name: itertools.cycle(queries[:20]) for name in stubs}
 
-            async def ask(stub) -> float:
+            async def ask(name: str) -> float:
                 start = time.perf_counter()
-                await stub.Search(gateway_pb2.SearchRequest(query=next(asked[id(stub)]), recall_k=4, top_k=4,
-                                                            budget_ms=60_000))
+                await stubs[name].Search(gateway_pb2.SearchRequest(query=next(asked[name]), recall_k=4, top_k=4,
+                                                                   budget_ms=60_000))
                 return 1000 * (time.perf_counter() - start)
 
             for _ in range(2 * min(len(queries), 20)):  # warm: models, connections, the score cache
-                for stub in stubs.values():
-                    await ask(stub)
+                for name in stubs:
+                    await ask(name)
 
             # Orders in turn in which each stack follows each other one as often (the one exporting every span
             # leaves work behind for whichever comes next), and no more of them than that needs.
@@ -325,7 +325,7 @@ async def _tracing_round(index_dir: Path, port: int, order: list[str], queries: 
             by_tier = {name: {tier: cpu_s([pid]) for tier, pid in tiers[name].items()} for name in stubs}
             for i in range(requests):
                 for name in turns(i):
-                    latencies[name].append(await ask(stubs[name]))
+                    latencies[name].append(await ask(name))
             used = {name: 1000 * (cpu_s(pids[name]) - used[name]) / requests for name in stubs}
             by_tier = {name: {tier: 1000 * (cpu_s([pid]) - by_tier[name][tier]) / requests
                               for tier, pid in tiers[name].items()} for name in stubs}
@@ -335,10 +335,10 @@ async def _tracing_round(index_dir: Path, port: int, order: list[str], queries: 
                     await asyncio.to_thread(receiver.wait_quiet)  # the last slice's spans exported first
                     end = time.perf_counter() + throughput_s / len(orders)
 
-                    async def client(stub=stubs[name], end=end) -> int:
+                    async def client(name=name, end=end) -> int:
                         count = 0
                         while time.perf_counter() < end:
-                            await ask(stub)
+                            await ask(name)
                             count += 1
                         return count
 
@@ -422,7 +422,7 @@ def print_tracing(cost: dict) -> None:
               f"{name.replace('_', ' ')}: p50 {row['p50_added_ms']:+} ms (each repeat {row['p50_added_ms_each']}), "
               f"throughput x{row['throughput_ratio']} (each {row['throughput_ratio_each']}), CPU a search "
               f"{row['cpu_added_ms']:+} ms (each {row['cpu_added_ms_each']}; by tier {row['cpu_added_ms_by_tier']})"
-              for name, row in cost.items() if isinstance(row, dict) and name not in ("off", "resolution"))
+              for name, row in cost.items() if name in TRACING and name != "off")
           + f"; {cost['spans_received']} spans exported", flush=True)
     resolution = cost["resolution"]
     print(f"resolution (off against the untraced control, off_again): p50 {resolution['p50_ms']} ms, throughput "
