@@ -282,7 +282,10 @@ async def _tracing_round(index_dir: Path, port: int, order: list[str], queries: 
     copies = Path(tempfile.mkdtemp(prefix="twostage-bench-"))  # a recall server holds its index alone
     # One model thread per server: a dozen processes on a few cores, each with a thread per core spinning, would
     # make the stacks differ by more than what is measured.
-    one_thread = {"TWOSTAGE_RECALL_INTRA_OP_THREADS": "1", "TWOSTAGE_RERANK_INTRA_OP_THREADS": "1"}
+    one_thread = {"TWOSTAGE_RECALL_INTRA_OP_THREADS": "1", "TWOSTAGE_RERANK_INTRA_OP_THREADS": "1",
+                  # One hash seed for every stack: a process's seed sets its dicts' and sets' layouts for good, a
+                  # lasting difference between two processes that is not the one measured.
+                  "PYTHONHASHSEED": "0"}
     try:
         async with contextlib.AsyncExitStack() as running:
             stubs, pids, tiers = {}, {}, {}
@@ -370,8 +373,9 @@ async def tracing_cost(index_dir: Path, port: int, queries: list[str], requests:
             order = names[repeat % len(names):] + names[:repeat % len(names)]
             print(f"  repeat {repeat + 1} of {repeats} ...", flush=True)
             rounds.append(await _tracing_round(index_dir, port, order, queries, requests, throughput_s, clients,
-                                               {"OTEL_EXPORTER_OTLP_ENDPOINT": receiver.endpoint,
-                                                "OTEL_BSP_SCHEDULE_DELAY": "200"}, receiver))
+                                               # The SDK's export interval (5 s), as deployed: a
+                                               # shorter one costs every traced process CPU by itself.
+                                               {"OTEL_EXPORTER_OTLP_ENDPOINT": receiver.endpoint}, receiver))
     finally:
         receiver.stop()
     rows = {}
@@ -450,7 +454,7 @@ async def run(args) -> dict:
         queries = list(read_queries(DEMO_CORPUS).values())
         index_dir = await asyncio.to_thread(bench_index, 200 if args.quick else 1000)
         print("tracing off, sampling 1.0 and 0.01, side by side ...", flush=True)
-        cost = await tracing_cost(index_dir, args.port + 40, queries, 100 if args.quick else 300,
+        cost = await tracing_cost(index_dir, args.port + 40, queries, 100 if args.quick else 500,
                                   repeats, 6.0 if args.quick else 12.0)
         print_tracing(cost)
         report = {"machine": machine(), "tracing": cost}
