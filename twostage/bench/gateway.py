@@ -225,6 +225,7 @@ async def cache_affinity(index_dir: Path, port: int, queries: list[str], searche
     return {"searches": searches, "distinct_queries": len(set(stream)), "recall_k": recall_k, **rows}
 
 
+TRACING_SEARCHES = 500  # per stack and repeat, for p50 and CPU a search
 TRACING = {  # what each stack of the tracing comparison runs with
     "off": {},
     "sampled_1.0": {"OTEL_TRACES_SAMPLER": "parentbased_traceidratio", "OTEL_TRACES_SAMPLER_ARG": "1.0"},
@@ -261,19 +262,28 @@ def environment(values: dict[str, str]):
         os.environ.update(saved)
 
 
-def balanced_orders(names: list[str]) -> list[tuple[str, ...]]:
-    """Orders of ``names`` in which each one comes straight after each other one equally often (a Williams
-    design): n orders for an even n, 2n for an odd one, where all n! would make each order's share short."""
+def turn_cycle(names: list[str]) -> list[str]:
+    """A cyclic order of turns in which each name comes straight after each other one exactly once, the step
+    from the last turn back to the first included, and never after itself: an Eulerian circuit of the
+    complete directed graph (Hierholzer's algorithm). n(n-1) turns, each name n-1 of them. Run over and
+    over, every stack meets the after-effects of every other one (its export work, its caches' state)
+    equally often, and none finds its own caches warm from a turn just before."""
     n = len(names)
-    first = [0] + [(i + 1) // 2 if i % 2 else n - i // 2 for i in range(1, n)]
-    rows = [[(j + shift) % n for j in first] for shift in range(n)]
-    if n % 2:
-        rows += [row[::-1] for row in rows]
-    return [tuple(names[j] for j in row) for row in rows]
+    if n < 2:
+        return list(names)
+    unused = {i: [j for j in range(n) if j != i] for i in range(n)}
+    path, circuit = [0], []
+    while path:
+        if unused[path[-1]]:
+            path.append(unused[path[-1]].pop())
+        else:
+            circuit.append(path.pop())
+    return [names[i] for i in reversed(circuit[1:])]  # the circuit ends where it began: once is enough
 
 
 async def _tracing_round(index_dir: Path, port: int, order: list[str], queries: list[str], requests: int,
-                         throughput_s: float, clients: int, exporting: dict[str, str], receiver) -> dict:
+                         throughput_s: float, clients: int, exporting: dict[str, str], receiver,
+                         hash_seed: str) -> dict:
     """One repeat of the comparison: a stack per setting, side by side (ports in ``order``), measured alike;
     per setting (p50 ms, searches per second, CPU ms per search)."""
     import shutil
@@ -282,10 +292,10 @@ async def _tracing_round(index_dir: Path, port: int, order: list[str], queries: 
     copies = Path(tempfile.mkdtemp(prefix="twostage-bench-"))  # a recall server holds its index alone
     # One model thread per server: a dozen processes on a few cores, each with a thread per core spinning, would
     # make the stacks differ by more than what is measured.
-    one_thread = {"TWOSTAGE_RECALL_INTRA_OP_THREADS": "1", "TWOSTAGE_RERANK_INTRA_OP_THREADS": "1",
-                  # One hash seed for every stack: a process's seed sets its dicts' and sets' layouts for good, a
-                  # lasting difference between two processes that is not the one measured.
-                  "PYTHONHASHSEED": "0"}
+    alike = {"TWOSTAGE_RECALL_INTRA_OP_THREADS": "1", "TWOSTAGE_RERANK_INTRA_OP_THREADS": "1",
+             # One hash seed for the stacks of a repeat, another each repeat: a process's seed sets its dicts' and
+             # sets' layouts for good, a lasting difference between two processes that is not the one measured.
+             "PYTHONHASHSEED": hash_seed}
     try:
         async with contextlib.AsyncExitStack() as running:
             stubs, pids, tiers = {}, {}, {}
@@ -293,7 +303,7 @@ async def _tracing_round(index_dir: Path, port: int, order: list[str], queries: 
                 copy = copies / name
                 await asyncio.to_thread(shutil.copytree, index_dir, copy, ignore=shutil.ignore_patterns(".lock"))
                 sampler = TRACING[name]
-                with environment({**one_thread, **({**exporting, **sampler} if sampler else {})}):
+                with environment({**alike, **({**exporting, **sampler} if sampler else {})}):
                     stack = await running.enter_async_context(Stack("127.0.0.1", port + 3 * i, str(copy))
                                                               .running(300))
                 channel = await running.enter_async_context(grpc.aio.insecure_channel(stack.gateway_target))
@@ -314,40 +324,39 @@ async def _tracing_round(index_dir: Path, port: int, order: list[str], queries: 
                 for name in stubs:
                     await ask(name)
 
-            # Orders in turn in which each stack follows each other one as often (the one exporting every span
-            # leaves work behind for whichever comes next), and no more of them than that needs.
-            orders = balanced_orders(order)
-
-            def turns(i: int) -> tuple[str, ...]:
-                return orders[i % len(orders)]
-
+            # Turns in which each stack follows each other one equally often (the one exporting every span leaves
+            # work behind for whichever comes next: its spans still queued when its turn ends reach the receiver in
+            # a later turn) and never itself.
+            cycle = turn_cycle(order)
+            turns_each = max(1, len(order) - 1)  # a stack's turns in one cycle
+            cycles = math.ceil(requests / turns_each)
             latencies = {name: [] for name in stubs}
             # The CPU each stack's three processes spend a search, all their threads: what the wall clock on a
             # shared machine blurs.
             used = {name: cpu_s(pids[name]) for name in stubs}
             by_tier = {name: {tier: cpu_s([pid]) for tier, pid in tiers[name].items()} for name in stubs}
-            for i in range(requests):
-                for name in turns(i):
+            for _ in range(cycles):
+                for name in cycle:
                     latencies[name].append(await ask(name))
-            used = {name: 1000 * (cpu_s(pids[name]) - used[name]) / requests for name in stubs}
-            by_tier = {name: {tier: 1000 * (cpu_s([pid]) - by_tier[name][tier]) / requests
+            asked_each = {name: len(latencies[name]) for name in stubs}
+            used = {name: 1000 * (cpu_s(pids[name]) - used[name]) / asked_each[name] for name in stubs}
+            by_tier = {name: {tier: 1000 * (cpu_s([pid]) - by_tier[name][tier]) / asked_each[name]
                               for tier, pid in tiers[name].items()} for name in stubs}
             answered, elapsed = dict.fromkeys(stubs, 0), dict.fromkeys(stubs, 0.0)
-            for i in range(len(orders)):  # throughput: closed-loop slices, taking turns
-                for name in turns(i):
-                    await asyncio.to_thread(receiver.wait_quiet)  # the last slice's spans exported first
-                    end = time.perf_counter() + throughput_s / len(orders)
+            for name in cycle:  # throughput: closed-loop slices, one a turn
+                await asyncio.to_thread(receiver.wait_quiet)  # spans already on their way received first
+                end = time.perf_counter() + throughput_s / turns_each
 
-                    async def client(name=name, end=end) -> int:
-                        count = 0
-                        while time.perf_counter() < end:
-                            await ask(name)
-                            count += 1
-                        return count
+                async def client(name=name, end=end) -> int:
+                    count = 0
+                    while time.perf_counter() < end:
+                        await ask(name)
+                        count += 1
+                    return count
 
-                    start = time.perf_counter()
-                    answered[name] += sum(await asyncio.gather(*(client() for _ in range(clients))))
-                    elapsed[name] += time.perf_counter() - start
+                start = time.perf_counter()
+                answered[name] += sum(await asyncio.gather(*(client() for _ in range(clients))))
+                elapsed[name] += time.perf_counter() - start
     finally:
         shutil.rmtree(copies, ignore_errors=True)
     return {name: (statistics.median(latencies[name]), answered[name] / elapsed[name], used[name], by_tier[name])
@@ -358,10 +367,10 @@ async def tracing_cost(index_dir: Path, port: int, queries: list[str], requests:
                        throughput_s: float, clients: int = 4) -> dict:
     """Searches with tracing off, sampling every trace and sampling 1%, spans exported to a local OTLP receiver,
     and an untraced control stack beside them, whose difference from off is the run's resolution.
-    Each repeat starts a stack per setting, side by side, and alternates requests between them (p50, one at a
-    time) and closed-loop slices of ``clients`` concurrent searches (throughput), so a shared machine's drift
-    hits every stack alike; fresh processes each repeat, and the settings' places rotated, so that what differs
-    between processes (where the OS put their threads) averages out. Queries repeat: after the warm-up the
+    Each repeat starts a stack per setting, side by side, and gives them turns (``turn_cycle``) at requests
+    (p50 and CPU, one at a time) and at closed-loop slices of ``clients`` concurrent searches (throughput), so
+    a shared machine's drift hits every stack alike; fresh processes each repeat, the settings' places rotated
+    and a new hash seed, so that what differs between processes (where the OS put their threads) averages out. Queries repeat: after the warm-up the
     score cache answers rerank, leaving the hops and the query embedding, where tracing's cost would show."""
     from twostage.bench.otlp import OtlpReceiver
 
@@ -375,7 +384,8 @@ async def tracing_cost(index_dir: Path, port: int, queries: list[str], requests:
             rounds.append(await _tracing_round(index_dir, port, order, queries, requests, throughput_s, clients,
                                                # The SDK's export interval (5 s), as deployed: a
                                                # shorter one costs every traced process CPU by itself.
-                                               {"OTEL_EXPORTER_OTLP_ENDPOINT": receiver.endpoint}, receiver))
+                                               {"OTEL_EXPORTER_OTLP_ENDPOINT": receiver.endpoint}, receiver,
+                                               hash_seed=str(repeat + 1)))
     finally:
         receiver.stop()
     rows = {}
@@ -454,7 +464,7 @@ async def run(args) -> dict:
         queries = list(read_queries(DEMO_CORPUS).values())
         index_dir = await asyncio.to_thread(bench_index, 200 if args.quick else 1000)
         print("tracing off, sampling 1.0 and 0.01, side by side ...", flush=True)
-        cost = await tracing_cost(index_dir, args.port + 40, queries, 100 if args.quick else 500,
+        cost = await tracing_cost(index_dir, args.port + 40, queries, 100 if args.quick else TRACING_SEARCHES,
                                   repeats, 6.0 if args.quick else 12.0)
         print_tracing(cost)
         report = {"machine": machine(), "tracing": cost}
@@ -490,7 +500,7 @@ async def run(args) -> dict:
     print("score cache through the gateway: one replica, two with and without affinity ...", flush=True)
     affinity = await cache_affinity(index_dir, args.port + 30, queries, 12 if args.quick else 40, args.recall_k)
     print("tracing off, sampling 1.0 and 0.01, side by side ...", flush=True)
-    tracing = await tracing_cost(index_dir, args.port + 40, queries, 100 if args.quick else 300,
+    tracing = await tracing_cost(index_dir, args.port + 40, queries, 100 if args.quick else TRACING_SEARCHES,
                                  repeats, 6.0 if args.quick else 12.0)
     overload = load.report()
 
