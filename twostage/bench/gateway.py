@@ -6,6 +6,7 @@ import contextlib
 import itertools
 import math
 import os
+import random
 import statistics
 import time
 from pathlib import Path
@@ -280,6 +281,17 @@ def turn_cycle(names: list[str]) -> list[str]:
             circuit.append(path.pop())
     return [names[i] for i in reversed(circuit[1:])]  # the circuit ends where it began: once is enough
 
+def tracing_turns(order: list[str], seed: str, requests: int) -> tuple[list[str], list[str]]:
+    """(the turns for p50 and CPU, the turns for throughput slices) of one repeat: ``turn_cycle`` over the
+    stacks in an order drawn from ``seed`` (so that which stack's turns come at which gaps changes from
+    repeat to repeat), each list led by an unmeasured turn of the cycle's last stack, so that every measured
+    turn follows the one the cycle puts before it. Every stack gets at least ``requests`` measured requests
+    and one throughput slice per other stack."""
+    cycle = turn_cycle(random.Random(seed).sample(order, len(order)))
+    cycles = math.ceil(requests / max(1, len(order) - 1))
+    return [cycle[-1], *cycle * cycles], [cycle[-1], *cycle]
+
+
 
 async def _tracing_round(index_dir: Path, port: int, order: list[str], queries: list[str], requests: int,
                          throughput_s: float, clients: int, exporting: dict[str, str], receiver,
@@ -326,24 +338,23 @@ async def _tracing_round(index_dir: Path, port: int, order: list[str], queries: 
 
             # Turns in which each stack follows each other one equally often (the one exporting every span leaves
             # work behind for whichever comes next: its spans still queued when its turn ends reach the receiver in
-            # a later turn) and never itself.
-            cycle = turn_cycle(order)
-            turns_each = max(1, len(order) - 1)  # a stack's turns in one cycle
-            cycles = math.ceil(requests / turns_each)
+            # a later turn) and never itself; the first of each list is not measured.
+            request_turns, slice_turns = tracing_turns(order, hash_seed, requests)
+            turns_each = max(1, len(order) - 1)  # a stack's slices
             latencies = {name: [] for name in stubs}
+            await ask(request_turns[0])
             # The CPU each stack's three processes spend a search, all their threads: what the wall clock on a
             # shared machine blurs.
             used = {name: cpu_s(pids[name]) for name in stubs}
             by_tier = {name: {tier: cpu_s([pid]) for tier, pid in tiers[name].items()} for name in stubs}
-            for _ in range(cycles):
-                for name in cycle:
-                    latencies[name].append(await ask(name))
+            for name in request_turns[1:]:
+                latencies[name].append(await ask(name))
             asked_each = {name: len(latencies[name]) for name in stubs}
             used = {name: 1000 * (cpu_s(pids[name]) - used[name]) / asked_each[name] for name in stubs}
             by_tier = {name: {tier: 1000 * (cpu_s([pid]) - by_tier[name][tier]) / asked_each[name]
                               for tier, pid in tiers[name].items()} for name in stubs}
             answered, elapsed = dict.fromkeys(stubs, 0), dict.fromkeys(stubs, 0.0)
-            for name in cycle:  # throughput: closed-loop slices, one a turn
+            for turn, name in enumerate(slice_turns):  # throughput: closed-loop slices, one a turn
                 await asyncio.to_thread(receiver.wait_quiet)  # spans already on their way received first
                 end = time.perf_counter() + throughput_s / turns_each
 
@@ -355,8 +366,10 @@ async def _tracing_round(index_dir: Path, port: int, order: list[str], queries: 
                     return count
 
                 start = time.perf_counter()
-                answered[name] += sum(await asyncio.gather(*(client() for _ in range(clients))))
-                elapsed[name] += time.perf_counter() - start
+                count = sum(await asyncio.gather(*(client() for _ in range(clients))))
+                if turn:  # the lead-in slice is not measured
+                    answered[name] += count
+                    elapsed[name] += time.perf_counter() - start
     finally:
         shutil.rmtree(copies, ignore_errors=True)
     return {name: (statistics.median(latencies[name]), answered[name] / elapsed[name], used[name], by_tier[name])
@@ -423,7 +436,8 @@ async def tracing_cost(index_dir: Path, port: int, queries: list[str], requests:
     resolution = {"p50_ms": resolution_of(control["p50_added_ms"], control["p50_added_ms_each"]),
                   "throughput": resolution_of(1 - control["throughput_ratio"], control["throughput_ratio_each"]),
                   "cpu_ms": resolution_of(control["cpu_added_ms"], control["cpu_added_ms_each"])}
-    return {"requests_each": requests, "repeats": repeats, "throughput_s": throughput_s, "clients": clients,
+    asked_each = math.ceil(requests / max(1, len(names) - 1)) * max(1, len(names) - 1)  # whole cycles
+    return {"requests_each": asked_each, "repeats": repeats, "throughput_s": throughput_s, "clients": clients,
             "spans_received": len(receiver.spans), **rows, "resolution": resolution,
             "resolves_targets": resolution["p50_ms"] <= 0.1 and resolution["throughput"] <= 0.01,
             "meets_targets_at_0.01": at_1pct["p50_added_ms"] <= 0.1 and at_1pct["throughput_ratio"] >= 0.99}

@@ -112,3 +112,27 @@ def test_the_tracing_stacks_take_turns_that_follow_each_other_equally_often(coun
     assert all(a != b for a, b in follows)
     assert len(follows) == count * (count - 1)
     assert set(follows.values()) <= {2, 3} and sum(v == 2 for v in follows.values()) == 1  # the last step is cut
+
+
+@pytest.mark.parametrize("count", [2, 4, 6])
+def test_every_measured_turn_of_a_repeat_follows_each_other_stack_equally_often(count):
+    """The schedule a repeat runs: each measured turn (all but the lead-in) comes straight after another stack,
+    every ordered pair equally often, in the requests and in the throughput slices alike; each stack gets at
+    least the requests asked for; the order is drawn from the seed."""
+    from collections import Counter
+    from itertools import pairwise
+
+    from twostage.bench.gateway import tracing_turns
+
+    names = [f"stack{i}" for i in range(count)]
+    for requests in (1, 7, 500):
+        for turns in tracing_turns(names, "3", requests):
+            follows = Counter(pairwise(turns))
+            assert all(a != b for a, b in follows)
+            assert len(follows) == count * (count - 1) and len(set(follows.values())) == 1
+        requested, slices = tracing_turns(names, "3", requests)
+        assert min(Counter(requested[1:]).values()) >= requests
+        assert Counter(slices[1:]) == dict.fromkeys(names, count - 1)
+    assert tracing_turns(names, "3", 10) == tracing_turns(names, "3", 10)
+    if count > 2:
+        assert len({tuple(tracing_turns(names, str(seed), 10)[1]) for seed in range(8)}) > 1
