@@ -281,6 +281,17 @@ def turn_cycle(names: list[str]) -> list[str]:
             circuit.append(path.pop())
     return [names[i] for i in reversed(circuit[1:])]  # the circuit ends where it began: once is enough
 
+
+def turns_per_cycle(stacks: int) -> int:
+    """A stack's turns in one ``turn_cycle`` over ``stacks`` stacks."""
+    return max(1, stacks - 1)
+
+
+def requests_per_stack(requests: int, stacks: int) -> int:
+    """The measured requests each stack gets: at least ``requests``, in whole cycles."""
+    return math.ceil(requests / turns_per_cycle(stacks)) * turns_per_cycle(stacks)
+
+
 def tracing_turns(order: list[str], seed: str, requests: int) -> tuple[list[str], list[str]]:
     """(the turns for p50 and CPU, the turns for throughput slices) of one repeat: ``turn_cycle`` over the
     stacks in an order drawn from ``seed`` (so that which stack's turns come at which gaps changes from
@@ -288,9 +299,8 @@ def tracing_turns(order: list[str], seed: str, requests: int) -> tuple[list[str]
     turn follows the one the cycle puts before it. Every stack gets at least ``requests`` measured requests
     and one throughput slice per other stack."""
     cycle = turn_cycle(random.Random(seed).sample(order, len(order)))
-    cycles = math.ceil(requests / max(1, len(order) - 1))
+    cycles = requests_per_stack(requests, len(order)) // turns_per_cycle(len(order))
     return [cycle[-1], *cycle * cycles], [cycle[-1], *cycle]
-
 
 
 async def _tracing_round(index_dir: Path, port: int, order: list[str], queries: list[str], requests: int,
@@ -340,7 +350,6 @@ async def _tracing_round(index_dir: Path, port: int, order: list[str], queries: 
             # work behind for whichever comes next: its spans still queued when its turn ends reach the receiver in
             # a later turn) and never itself; the first of each list is not measured.
             request_turns, slice_turns = tracing_turns(order, hash_seed, requests)
-            turns_each = max(1, len(order) - 1)  # a stack's slices
             latencies = {name: [] for name in stubs}
             await ask(request_turns[0])
             # The CPU each stack's three processes spend a search, all their threads: what the wall clock on a
@@ -356,7 +365,7 @@ async def _tracing_round(index_dir: Path, port: int, order: list[str], queries: 
             answered, elapsed = dict.fromkeys(stubs, 0), dict.fromkeys(stubs, 0.0)
             for turn, name in enumerate(slice_turns):  # throughput: closed-loop slices, one a turn
                 await asyncio.to_thread(receiver.wait_quiet)  # spans already on their way received first
-                end = time.perf_counter() + throughput_s / turns_each
+                end = time.perf_counter() + throughput_s / turns_per_cycle(len(order))
 
                 async def client(name=name, end=end) -> int:
                     count = 0
@@ -380,11 +389,12 @@ async def tracing_cost(index_dir: Path, port: int, queries: list[str], requests:
                        throughput_s: float, clients: int = 4) -> dict:
     """Searches with tracing off, sampling every trace and sampling 1%, spans exported to a local OTLP receiver,
     and an untraced control stack beside them, whose difference from off is the run's resolution.
-    Each repeat starts a stack per setting, side by side, and gives them turns (``turn_cycle``) at requests
+    Each repeat starts a stack per setting, side by side, and gives them turns (``tracing_turns``) at requests
     (p50 and CPU, one at a time) and at closed-loop slices of ``clients`` concurrent searches (throughput), so
     a shared machine's drift hits every stack alike; fresh processes each repeat, the settings' places rotated
-    and a new hash seed, so that what differs between processes (where the OS put their threads) averages out. Queries repeat: after the warm-up the
-    score cache answers rerank, leaving the hops and the query embedding, where tracing's cost would show."""
+    and a new hash seed, so that what differs between processes (where the OS put their threads) averages out.
+    Queries repeat: after the warm-up the score cache answers rerank, leaving the hops and the query
+    embedding, where tracing's cost would show."""
     from twostage.bench.otlp import OtlpReceiver
 
     receiver = OtlpReceiver().start()
@@ -436,8 +446,7 @@ async def tracing_cost(index_dir: Path, port: int, queries: list[str], requests:
     resolution = {"p50_ms": resolution_of(control["p50_added_ms"], control["p50_added_ms_each"]),
                   "throughput": resolution_of(1 - control["throughput_ratio"], control["throughput_ratio_each"]),
                   "cpu_ms": resolution_of(control["cpu_added_ms"], control["cpu_added_ms_each"])}
-    asked_each = math.ceil(requests / max(1, len(names) - 1)) * max(1, len(names) - 1)  # whole cycles
-    return {"requests_each": asked_each, "repeats": repeats, "throughput_s": throughput_s, "clients": clients,
+    return {"requests_each": requests_per_stack(requests, len(names)), "repeats": repeats, "throughput_s": throughput_s, "clients": clients,
             "spans_received": len(receiver.spans), **rows, "resolution": resolution,
             "resolves_targets": resolution["p50_ms"] <= 0.1 and resolution["throughput"] <= 0.01,
             "meets_targets_at_0.01": at_1pct["p50_added_ms"] <= 0.1 and at_1pct["throughput_ratio"] >= 0.99}
