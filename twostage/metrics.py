@@ -253,7 +253,9 @@ class RpcMetricsInterceptor(grpc.aio.ServerInterceptor):
         async def observed(request, context):
             start = time.perf_counter()
             code = "OK"
-            with tracing.server_span(full[1:], metadata) if traced else NOT_TRACED as span:
+            # A caller's "not sampled" comes in the request itself where its message has room (trace_unsampled)
+            declined = traced and getattr(request, "trace_unsampled", False)
+            with tracing.server_span(full[1:], metadata, declined_by_caller=declined) if traced else NOT_TRACED as span:
                 if span.is_recording():
                     tracing.rpc_started(span, full[1:], self.replica)
                 try:

@@ -13,9 +13,13 @@ start rather than silently sampling everything) decides once per request, where
 it enters (``server_span``): the first tier a request reaches draws its trace id
 and asks the sampler; a tier behind it follows the ``traceparent`` it was sent.
 What runs under an unsampled request makes no span object at all, touches no
-OpenTelemetry context, formats no id: the request only carries its
-``traceparent`` (flags ``00``) to the tiers it calls, which see the flags and
-do nothing more. Under a sampled one, spans are made and exported in batches
+OpenTelemetry context, formats no id: the tiers it calls are only told it is
+not sampled, and do nothing more. A call whose request message has a
+``trace_unsampled`` field (recall's Search and Embed, rerank's Rerank: every
+call a search makes) is told by setting it; any other by the request's
+``traceparent`` (flags ``00``). A header on every call costs more than the
+tracing calls themselves. Either way a tier never takes a request its caller
+declined for one entering there, to be sampled anew. Under a sampled one, spans are made and exported in batches
 from a thread of their own (a bounded queue: with the collector down, spans
 beyond it are dropped, and the exporter's complaints are logged at most once a
 minute), never from the event loop.
@@ -281,8 +285,9 @@ class _Carry:
 
     __slots__ = ("_token", "carried")
 
-    def __init__(self, traceparent: str):
-        self.carried = (("traceparent", traceparent),)
+    def __init__(self, traceparent: str | None):
+        # None: the caller said so in the request itself; this tier calls no other for it
+        self.carried = (("traceparent", traceparent),) if traceparent is not None else ()
 
     def __enter__(self) -> Span:
         self._token = _REQUEST.set(self.carried)
@@ -315,6 +320,12 @@ def detached():
 def sampled() -> bool:
     """Whether the current request is traced (its spans are kept)."""
     return _REQUEST.get() is True
+
+
+def declined() -> bool:
+    """Whether the current request is one the tracing decided not to sample (False while tracing is off and
+    outside any request): a call made for it sets the request's ``trace_unsampled`` field where it has one."""
+    return type(_REQUEST.get()) is tuple
 
 
 def span(name: str, kind: SpanKind = SpanKind.INTERNAL):
@@ -381,10 +392,11 @@ def outgoing(metadata: tuple[tuple[str, str], ...]) -> tuple[tuple[str, str], ..
     return (*metadata, carried)
 
 
-def server_span(name: str, headers, kind: SpanKind = SpanKind.SERVER):
+def server_span(name: str, headers, kind: SpanKind = SpanKind.SERVER, declined_by_caller: bool = False):
     """A span for a request received with these headers (gRPC metadata or HTTP), child of the caller's when
-    they carry one. The sampling decision is the caller's when it sent one, else taken here, once; an
-    unsampled request gets no span, only its traceparent to carry on."""
+    they carry one. The sampling decision is the caller's when it sent one (a traceparent, or
+    ``declined_by_caller``: the request's ``trace_unsampled`` field), else taken here, once; an unsampled
+    request gets no span, only its traceparent to carry on."""
     if not enabled:
         return _NOOP
     given = _traceparent(headers)
@@ -394,6 +406,8 @@ def server_span(name: str, headers, kind: SpanKind = SpanKind.SERVER):
         parent = extract(headers)
         if trace.get_current_span(parent).get_span_context().is_valid:
             return _begin(_tracer.start_span(name, context=parent, kind=kind), parent)
+    elif declined_by_caller:
+        return _Carry(None)
     # The first tier this request reaches: its trace id is drawn and the sampler asked, once. Unsampled, it still
     # gets a traceparent (flags 00, a span id drawn with the trace id) for the tiers it calls to follow.
     ids = random.getrandbits(192)

@@ -136,6 +136,38 @@ async def test_one_search_is_one_trace_from_the_gateway_to_each_model_batch(trac
     assert not [s.name for s in spans if "homocysteine" in repr((s.attributes, s.events))]
 
 
+SEARCH_CALLS = ("twostage.v1.Recall/Search", "twostage.v1.Rerank/Rerank")
+
+
+def stage_roots(spans) -> set[str]:
+    """Traces recall or rerank started on their own for a search's calls: such server spans with no parent (the
+    gateway's own Info calls, made outside any request, are left out)."""
+    return {s.span_id for s in spans if s.name in SEARCH_CALLS and s.kind == SERVER and not s.parent_span_id}
+
+
+async def test_a_search_its_caller_did_not_sample_starts_no_trace_at_any_tier(traced_stack):
+    """Every tier here samples every request that enters it untraced (parent-based, always on). A search whose
+    caller sent a traceparent with flags 00 is not sampled at the gateway, and recall and rerank, told so in
+    their requests, start no trace of their own for it."""
+    stack, receiver = traced_stack
+    await search(stack, "before-declined")
+    await received_trace(receiver, "before-declined", batches=False)
+    before = stage_roots(receiver.spans)
+    declined = f"00-{'ab' * 16}-{'cd' * 8}-00"
+    async with grpc.aio.insecure_channel(stack.gateway_target) as channel:
+        reply = await gateway_pb2_grpc.GatewayStub(channel).Search(gateway_pb2.SearchRequest(
+            query="vitamin B12 and homocysteine", request_id="declined", recall_k=8, top_k=3, budget_ms=60_000),
+            metadata=(("traceparent", declined),))
+    assert reply.reranked > 0
+    # Each process exports its spans in the order they end: once a later search's spans have arrived from every
+    # tier, whatever the declined one made has too.
+    await search(stack, "after-declined")
+    after = await received_trace(receiver, "after-declined", batches=False)
+    assert {s.service for s in after} == {"twostage-gateway", "twostage-recall", "twostage-rerank"}
+    assert not [s for s in receiver.spans if s.trace_id == "ab" * 16]
+    assert stage_roots(receiver.spans) == before
+
+
 async def test_a_degraded_answer_carries_its_code_in_its_trace(traced_stack):
     stack, receiver = traced_stack
     reply = await search(stack, "traced-degraded", LONG_QUERY)

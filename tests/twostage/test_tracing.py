@@ -51,7 +51,7 @@ def traced():
 
 
 def traceparents(received) -> list[str]:
-    return [dict(metadata)["traceparent"] for _, metadata in received]
+    return [dict(metadata)["traceparent"] for _, metadata, _ in received]
 
 
 def hex_id(value: int, width: int) -> str:
@@ -60,7 +60,7 @@ def hex_id(value: int, width: int) -> str:
 
 # --- One decision per request, where it enters --------------------------------------------------------------
 
-async def test_an_unsampled_search_makes_no_span_and_tells_every_tier_with_flags_00(traced):
+async def test_an_unsampled_search_makes_no_span_and_tells_every_tier_in_its_request(traced):
     exporter = traced("parentbased_traceidratio", 0.0)  # every request that arrives untraced: not sampled
     received = []
     search, close = await trace_path._stack(received)
@@ -68,19 +68,33 @@ async def test_an_unsampled_search_makes_no_span_and_tells_every_tier_with_flags
         result = await search("first")
         assert result.reranked == trace_path.CANDIDATES
         await search("second")
-        # A caller that decided not to sample: its traceparent goes on to the tiers unchanged.
+        # A caller that decided not to sample: the tiers are told the same.
         await search("third", (("traceparent", NOT_SAMPLED),))
     finally:
         await close()
     assert exporter.get_finished_spans() == ()
-    sent = traceparents(received)
-    assert [method.rsplit("/", 1)[-1] for method, _ in received] == ["Search", "Rerank"] * 3
-    assert all(tracing.unsampled(t) and len(t) == 55 for t in sent)
-    first, second, third = sent[0:2], sent[2:4], sent[4:6]
-    # One trace id per request, the same at both tiers; a fresh one for the next request.
-    assert first[0] == first[1] and second[0] == second[1] and first[0] != second[0]
-    assert third == [NOT_SAMPLED, NOT_SAMPLED]
+    assert [method.rsplit("/", 1)[-1] for method, _, _ in received] == ["Search", "Rerank"] * 3
+    # Told in the request message (trace_unsampled), with no traceparent header on the call.
+    assert all(declined and "traceparent" not in dict(metadata) for _, metadata, declined in received)
     assert tracing._REQUEST.get() is None  # nothing left behind in the caller's context
+
+
+def test_a_tier_told_in_the_request_that_its_caller_did_not_sample_starts_no_trace(traced):
+    """Where every request entering untraced is sampled (parent-based, always on), one whose request says its
+    caller declined it gets no span, and nothing under it does; a traceparent that comes with it decides
+    instead."""
+    exporter = traced()
+    with tracing.server_span("twostage.v1.Recall/Search", (), declined_by_caller=True) as span:
+        assert not span.is_recording() and not tracing.sampled() and tracing.declined()
+        with tracing.span("embed") as step:
+            assert not step.is_recording()
+        assert tracing.outgoing((("authorization", "Bearer x"),)) == (("authorization", "Bearer x"),)
+    assert not tracing.declined()
+    with tracing.server_span("twostage.v1.Recall/Search", ()) as span:  # the same request, not declined
+        assert span.is_recording() and not tracing.declined()
+    with tracing.server_span("twostage.v1.Recall/Search", (("traceparent", SAMPLED),), declined_by_caller=True) as span:
+        assert span.is_recording() and hex_id(span.get_span_context().trace_id, 32) == CALLER_TRACE
+    assert [s.name for s in exporter.get_finished_spans()] == ["twostage.v1.Recall/Search"] * 2
 
 
 def test_a_request_entering_here_gets_a_w3c_traceparent_with_the_id_the_sampler_judged(traced):

@@ -93,7 +93,7 @@ def _interceptors():
 
 async def _stack(received: list | None = None):
     """(the gateway's search for one query (and the metadata to call it with), what to close); ``received``
-    collects (method, metadata) of each call a recall or rerank tier receives."""
+    collects (method, metadata, its trace_unsampled field) of each call a recall or rerank tier receives."""
     from gateway.clients import RecallClient, RerankClient
     from gateway.config import GatewaySettings
     from gateway.pipeline import SearchPipeline, SearchQuery
@@ -160,7 +160,7 @@ async def _stack(received: list | None = None):
 
         async def __call__(self, request, timeout=None, metadata=None):
             if received is not None:
-                received.append((self.method, tuple(metadata or ())))
+                received.append((self.method, tuple(metadata or ()), request.trace_unsampled))
             return await _intercepted(self.interceptors, self.method, metadata, self.behavior, request)
 
     class Recall(RecallClient):

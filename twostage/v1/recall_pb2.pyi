@@ -18,7 +18,7 @@ HYBRID_FUSION_ZSCORE: HybridFusion
 HYBRID_FUSION_RRF: HybridFusion
 
 class RecallSearchRequest(_message.Message):
-    __slots__ = ("query", "k", "request_id", "mode", "filter", "prf_depth", "prf_weight", "query_vector", "feedback_vector", "return_vectors")
+    __slots__ = ("query", "k", "request_id", "mode", "filter", "prf_depth", "prf_weight", "query_vector", "feedback_vector", "return_vectors", "trace_unsampled")
     QUERY_FIELD_NUMBER: _ClassVar[int]
     K_FIELD_NUMBER: _ClassVar[int]
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
@@ -29,6 +29,7 @@ class RecallSearchRequest(_message.Message):
     QUERY_VECTOR_FIELD_NUMBER: _ClassVar[int]
     FEEDBACK_VECTOR_FIELD_NUMBER: _ClassVar[int]
     RETURN_VECTORS_FIELD_NUMBER: _ClassVar[int]
+    TRACE_UNSAMPLED_FIELD_NUMBER: _ClassVar[int]
     query: str
     k: int
     request_id: str
@@ -39,7 +40,8 @@ class RecallSearchRequest(_message.Message):
     query_vector: bytes
     feedback_vector: bytes
     return_vectors: int
-    def __init__(self, query: _Optional[str] = ..., k: _Optional[int] = ..., request_id: _Optional[str] = ..., mode: _Optional[_Union[_common_pb2.RecallMode, str]] = ..., filter: _Optional[_Union[_common_pb2.Filter, _Mapping]] = ..., prf_depth: _Optional[int] = ..., prf_weight: _Optional[float] = ..., query_vector: _Optional[bytes] = ..., feedback_vector: _Optional[bytes] = ..., return_vectors: _Optional[int] = ...) -> None: ...
+    trace_unsampled: bool
+    def __init__(self, query: _Optional[str] = ..., k: _Optional[int] = ..., request_id: _Optional[str] = ..., mode: _Optional[_Union[_common_pb2.RecallMode, str]] = ..., filter: _Optional[_Union[_common_pb2.Filter, _Mapping]] = ..., prf_depth: _Optional[int] = ..., prf_weight: _Optional[float] = ..., query_vector: _Optional[bytes] = ..., feedback_vector: _Optional[bytes] = ..., return_vectors: _Optional[int] = ..., trace_unsampled: _Optional[bool] = ...) -> None: ...
 
 class Candidate(_message.Message):
     __slots__ = ("id", "title", "text", "score", "metadata", "dense_score", "lexical_score", "vector", "prf_dense_score")
@@ -114,16 +116,18 @@ class ScoreCalibration(_message.Message):
     def __init__(self, scale: _Optional[float] = ..., center: _Optional[float] = ..., lexical_scale: _Optional[float] = ..., lexical_center: _Optional[float] = ..., pseudo_queries: _Optional[int] = ..., doc_count: _Optional[int] = ...) -> None: ...
 
 class EmbedRequest(_message.Message):
-    __slots__ = ("texts", "is_query", "model", "refuse_truncation")
+    __slots__ = ("texts", "is_query", "model", "refuse_truncation", "trace_unsampled")
     TEXTS_FIELD_NUMBER: _ClassVar[int]
     IS_QUERY_FIELD_NUMBER: _ClassVar[int]
     MODEL_FIELD_NUMBER: _ClassVar[int]
     REFUSE_TRUNCATION_FIELD_NUMBER: _ClassVar[int]
+    TRACE_UNSAMPLED_FIELD_NUMBER: _ClassVar[int]
     texts: _containers.RepeatedScalarFieldContainer[str]
     is_query: bool
     model: str
     refuse_truncation: bool
-    def __init__(self, texts: _Optional[_Iterable[str]] = ..., is_query: _Optional[bool] = ..., model: _Optional[str] = ..., refuse_truncation: _Optional[bool] = ...) -> None: ...
+    trace_unsampled: bool
+    def __init__(self, texts: _Optional[_Iterable[str]] = ..., is_query: _Optional[bool] = ..., model: _Optional[str] = ..., refuse_truncation: _Optional[bool] = ..., trace_unsampled: _Optional[bool] = ...) -> None: ...
 
 class Embedding(_message.Message):
     __slots__ = ("values",)

@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 from twostage.v1 import common_pb2 as twostage_dot_v1_dot_common__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x18twostage/v1/rerank.proto\x12\x0btwostage.v1\x1a\x18twostage/v1/common.proto\"\xab\x01\n\rRerankRequest\x12\r\n\x05query\x18\x01 \x01(\t\x12\x11\n\tdocuments\x18\x02 \x03(\t\x12\r\n\x05top_n\x18\x03 \x01(\r\x12\r\n\x05model\x18\x04 \x01(\t\x12\x12\n\nrequest_id\x18\x05 \x01(\t\x12\x14\n\x0c\x62ypass_cache\x18\x06 \x01(\x08\x12\x15\n\rallow_partial\x18\x07 \x01(\x08\x12\x19\n\x11refuse_truncation\x18\x08 \x01(\x08\",\n\x0cRerankResult\x12\r\n\x05index\x18\x01 \x01(\r\x12\r\n\x05score\x18\x02 \x01(\x02\"\xc3\x02\n\x0eRerankResponse\x12*\n\x07results\x18\x01 \x03(\x0b\x32\x19.twostage.v1.RerankResult\x12>\n\ntimings_ms\x18\x02 \x03(\x0b\x32*.twostage.v1.RerankResponse.TimingsMsEntry\x12\x0e\n\x06tokens\x18\x03 \x01(\x04\x12\x13\n\x0bqueue_items\x18\x04 \x01(\r\x12\x17\n\x0fquery_truncated\x18\x05 \x01(\x08\x12\x0e\n\x06\x63\x61\x63hed\x18\x06 \x01(\r\x12\x10\n\x08unscored\x18\x07 \x01(\r\x12\x12\n\ncost_ratio\x18\x08 \x01(\x01\x12\x1f\n\x04\x63ost\x18\t \x01(\x0b\x32\x11.twostage.v1.Cost\x1a\x30\n\x0eTimingsMsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01\"\x8c\x02\n\nRerankInfo\x12\x0f\n\x07version\x18\x01 \x01(\t\x12\r\n\x05model\x18\x02 \x01(\t\x12\x12\n\nmax_length\x18\x03 \x01(\r\x12\x1a\n\x12\x65xecution_provider\x18\x04 \x01(\t\x12\"\n\x06limits\x18\x05 \x03(\x0b\x32\x12.twostage.v1.Limit\x12\x13\n\x0bms_per_pair\x18\x06 \x01(\x01\x12\x15\n\rpair_fixed_ms\x18\x07 \x01(\x01\x12\x19\n\x11pair_ms_per_token\x18\x08 \x01(\x01\x12\x12\n\ncost_ratio\x18\t \x01(\x01\x12\x17\n\x0f\x63hars_per_token\x18\n \x01(\x01\x12\x16\n\x0e\x65xecution_plan\x18\x0b \x01(\t2\x86\x01\n\x06Rerank\x12\x41\n\x06Rerank\x12\x1a.twostage.v1.RerankRequest\x1a\x1b.twostage.v1.RerankResponse\x12\x39\n\x04Info\x12\x18.twostage.v1.InfoRequest\x1a\x17.twostage.v1.RerankInfob\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x18twostage/v1/rerank.proto\x12\x0btwostage.v1\x1a\x18twostage/v1/common.proto\"\xc4\x01\n\rRerankRequest\x12\r\n\x05query\x18\x01 \x01(\t\x12\x11\n\tdocuments\x18\x02 \x03(\t\x12\r\n\x05top_n\x18\x03 \x01(\r\x12\r\n\x05model\x18\x04 \x01(\t\x12\x12\n\nrequest_id\x18\x05 \x01(\t\x12\x14\n\x0c\x62ypass_cache\x18\x06 \x01(\x08\x12\x15\n\rallow_partial\x18\x07 \x01(\x08\x12\x19\n\x11refuse_truncation\x18\x08 \x01(\x08\x12\x17\n\x0ftrace_unsampled\x18\t \x01(\x08\",\n\x0cRerankResult\x12\r\n\x05index\x18\x01 \x01(\r\x12\r\n\x05score\x18\x02 \x01(\x02\"\xc3\x02\n\x0eRerankResponse\x12*\n\x07results\x18\x01 \x03(\x0b\x32\x19.twostage.v1.RerankResult\x12>\n\ntimings_ms\x18\x02 \x03(\x0b\x32*.twostage.v1.RerankResponse.TimingsMsEntry\x12\x0e\n\x06tokens\x18\x03 \x01(\x04\x12\x13\n\x0bqueue_items\x18\x04 \x01(\r\x12\x17\n\x0fquery_truncated\x18\x05 \x01(\x08\x12\x0e\n\x06\x63\x61\x63hed\x18\x06 \x01(\r\x12\x10\n\x08unscored\x18\x07 \x01(\r\x12\x12\n\ncost_ratio\x18\x08 \x01(\x01\x12\x1f\n\x04\x63ost\x18\t \x01(\x0b\x32\x11.twostage.v1.Cost\x1a\x30\n\x0eTimingsMsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01\"\x8c\x02\n\nRerankInfo\x12\x0f\n\x07version\x18\x01 \x01(\t\x12\r\n\x05model\x18\x02 \x01(\t\x12\x12\n\nmax_length\x18\x03 \x01(\r\x12\x1a\n\x12\x65xecution_provider\x18\x04 \x01(\t\x12\"\n\x06limits\x18\x05 \x03(\x0b\x32\x12.twostage.v1.Limit\x12\x13\n\x0bms_per_pair\x18\x06 \x01(\x01\x12\x15\n\rpair_fixed_ms\x18\x07 \x01(\x01\x12\x19\n\x11pair_ms_per_token\x18\x08 \x01(\x01\x12\x12\n\ncost_ratio\x18\t \x01(\x01\x12\x17\n\x0f\x63hars_per_token\x18\n \x01(\x01\x12\x16\n\x0e\x65xecution_plan\x18\x0b \x01(\t2\x86\x01\n\x06Rerank\x12\x41\n\x06Rerank\x12\x1a.twostage.v1.RerankRequest\x1a\x1b.twostage.v1.RerankResponse\x12\x39\n\x04Info\x12\x18.twostage.v1.InfoRequest\x1a\x17.twostage.v1.RerankInfob\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -35,15 +35,15 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_RERANKRESPONSE_TIMINGSMSENTRY']._loaded_options = None
   _globals['_RERANKRESPONSE_TIMINGSMSENTRY']._serialized_options = b'8\001'
   _globals['_RERANKREQUEST']._serialized_start=68
-  _globals['_RERANKREQUEST']._serialized_end=239
-  _globals['_RERANKRESULT']._serialized_start=241
-  _globals['_RERANKRESULT']._serialized_end=285
-  _globals['_RERANKRESPONSE']._serialized_start=288
-  _globals['_RERANKRESPONSE']._serialized_end=611
-  _globals['_RERANKRESPONSE_TIMINGSMSENTRY']._serialized_start=563
-  _globals['_RERANKRESPONSE_TIMINGSMSENTRY']._serialized_end=611
-  _globals['_RERANKINFO']._serialized_start=614
-  _globals['_RERANKINFO']._serialized_end=882
-  _globals['_RERANK']._serialized_start=885
-  _globals['_RERANK']._serialized_end=1019
+  _globals['_RERANKREQUEST']._serialized_end=264
+  _globals['_RERANKRESULT']._serialized_start=266
+  _globals['_RERANKRESULT']._serialized_end=310
+  _globals['_RERANKRESPONSE']._serialized_start=313
+  _globals['_RERANKRESPONSE']._serialized_end=636
+  _globals['_RERANKRESPONSE_TIMINGSMSENTRY']._serialized_start=588
+  _globals['_RERANKRESPONSE_TIMINGSMSENTRY']._serialized_end=636
+  _globals['_RERANKINFO']._serialized_start=639
+  _globals['_RERANKINFO']._serialized_end=907
+  _globals['_RERANK']._serialized_start=910
+  _globals['_RERANK']._serialized_end=1044
 # @@protoc_insertion_point(module_scope)

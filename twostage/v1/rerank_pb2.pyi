@@ -8,7 +8,7 @@ from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 DESCRIPTOR: _descriptor.FileDescriptor
 
 class RerankRequest(_message.Message):
-    __slots__ = ("query", "documents", "top_n", "model", "request_id", "bypass_cache", "allow_partial", "refuse_truncation")
+    __slots__ = ("query", "documents", "top_n", "model", "request_id", "bypass_cache", "allow_partial", "refuse_truncation", "trace_unsampled")
     QUERY_FIELD_NUMBER: _ClassVar[int]
     DOCUMENTS_FIELD_NUMBER: _ClassVar[int]
     TOP_N_FIELD_NUMBER: _ClassVar[int]
@@ -17,6 +17,7 @@ class RerankRequest(_message.Message):
     BYPASS_CACHE_FIELD_NUMBER: _ClassVar[int]
     ALLOW_PARTIAL_FIELD_NUMBER: _ClassVar[int]
     REFUSE_TRUNCATION_FIELD_NUMBER: _ClassVar[int]
+    TRACE_UNSAMPLED_FIELD_NUMBER: _ClassVar[int]
     query: str
     documents: _containers.RepeatedScalarFieldContainer[str]
     top_n: int
@@ -25,7 +26,8 @@ class RerankRequest(_message.Message):
     bypass_cache: bool
     allow_partial: bool
     refuse_truncation: bool
-    def __init__(self, query: _Optional[str] = ..., documents: _Optional[_Iterable[str]] = ..., top_n: _Optional[int] = ..., model: _Optional[str] = ..., request_id: _Optional[str] = ..., bypass_cache: _Optional[bool] = ..., allow_partial: _Optional[bool] = ..., refuse_truncation: _Optional[bool] = ...) -> None: ...
+    trace_unsampled: bool
+    def __init__(self, query: _Optional[str] = ..., documents: _Optional[_Iterable[str]] = ..., top_n: _Optional[int] = ..., model: _Optional[str] = ..., request_id: _Optional[str] = ..., bypass_cache: _Optional[bool] = ..., allow_partial: _Optional[bool] = ..., refuse_truncation: _Optional[bool] = ..., trace_unsampled: _Optional[bool] = ...) -> None: ...
 
 class RerankResult(_message.Message):
     __slots__ = ("index", "score")
