@@ -114,8 +114,6 @@ class WriteReply:
 class _Client:
     STUB = None
     SERVICE = ""  # the proto service's full name, for span names
-    # Methods whose request message says itself, in ``trace_unsampled``, that the caller did not sample it.
-    UNSAMPLED_IN_REQUEST: frozenset[str] = frozenset()
 
     def __init__(self, target: str, name: str, credentials: Credentials | ReloadingCredentials = PLAINTEXT,
                  options: list | None = None):
@@ -147,10 +145,13 @@ class _Client:
         domain error."""
         if not tracing.enabled:
             return await self._send(method, request, timeout_s, self._rotating.metadata)
-        if not tracing.sampled():  # no span; the callee is still told not to sample it either
-            if method in self.UNSAMPLED_IN_REQUEST and tracing.declined():
-                request.trace_unsampled = True  # in the message, not a header on the call
+        if f"{self.SERVICE}/{method}" in tracing.DECLINED_IN_REQUEST:
+            # Said in the message, not by a header on the call; set either way, so that a message sent again
+            # never keeps an earlier request's answer.
+            request.trace_unsampled = tracing.declined()
+            if request.trace_unsampled:
                 return await self._send(method, request, timeout_s, self._rotating.metadata)
+        if not tracing.sampled():  # no span; the callee is still told (flags 00) not to sample it either
             return await self._send(method, request, timeout_s, tracing.outgoing(self._rotating.metadata))
         with tracing.client_span(f"{self.SERVICE}/{method}", self.name, self.target):
             return await self._send(method, request, timeout_s, tracing.outgoing(self._rotating.metadata))
@@ -182,7 +183,6 @@ class _Client:
 class RecallClient(_Client):
     STUB = recall_pb2_grpc.RecallStub
     SERVICE = "twostage.v1.Recall"
-    UNSAMPLED_IN_REQUEST = frozenset({"Search", "Embed"})
 
     async def search(
         self, query: str, k: int, timeout_s: float, request_id: str, mode: RecallMode | None = None,
@@ -238,7 +238,6 @@ class RecallClient(_Client):
 class RerankClient(_Client):
     STUB = rerank_pb2_grpc.RerankStub
     SERVICE = "twostage.v1.Rerank"
-    UNSAMPLED_IN_REQUEST = frozenset({"Rerank"})
 
     async def rerank(self, query: str, documents: list[str], timeout_s: float, request_id: str,
                      refuse_truncation: bool = False) -> RerankReply:

@@ -248,13 +248,13 @@ class RpcMetricsInterceptor(grpc.aio.ServerInterceptor):
         method = f"{service.rsplit('.', 1)[-1]}/{name}"
         behavior = handler.unary_unary
         traced = self.traced and not full.startswith("/grpc.")
+        declines_in_request = traced and full[1:] in tracing.DECLINED_IN_REQUEST  # its message has trace_unsampled
         metadata = handler_call_details.invocation_metadata
 
         async def observed(request, context):
             start = time.perf_counter()
             code = "OK"
-            # A caller's "not sampled" comes in the request itself where its message has room (trace_unsampled)
-            declined = traced and getattr(request, "trace_unsampled", False)
+            declined = declines_in_request and request.trace_unsampled
             with tracing.server_span(full[1:], metadata, declined_by_caller=declined) if traced else NOT_TRACED as span:
                 if span.is_recording():
                     tracing.rpc_started(span, full[1:], self.replica)

@@ -11,17 +11,18 @@ On, the sampler (``OTEL_TRACES_SAMPLER`` / ``OTEL_TRACES_SAMPLER_ARG``, default
 parent-based always on; a name or ratio the SDK does not know is refused at
 start rather than silently sampling everything) decides once per request, where
 it enters (``server_span``): the first tier a request reaches draws its trace id
-and asks the sampler; a tier behind it follows the ``traceparent`` it was sent.
-What runs under an unsampled request makes no span object at all, touches no
-OpenTelemetry context, formats no id: the tiers it calls are only told it is
-not sampled, and do nothing more. A call whose request message has a
-``trace_unsampled`` field (recall's Search and Embed, rerank's Rerank: every
-call a search makes) is told by setting it; any other by the request's
-``traceparent`` (flags ``00``). A header on every call costs more than the
-tracing calls themselves. Either way a tier never takes a request its caller
-declined for one entering there, to be sampled anew. Under a sampled one, spans are made and exported in batches
-from a thread of their own (a bounded queue: with the collector down, spans
-beyond it are dropped, and the exporter's complaints are logged at most once a
+and asks the sampler; a tier behind it follows its caller's decision.
+What runs under an unsampled request makes no span object at all and touches
+no OpenTelemetry context; the tiers it calls are told it is not sampled and do
+nothing more. The calls a search makes (``DECLINED_IN_REQUEST``: recall's
+Search and Embed, rerank's Rerank) are told in their request message, its
+``trace_unsampled`` field, which decides over any header (a tier older than
+that field samples such a call anew: upgrade the stages before the gateway);
+any other call by a ``traceparent`` with flags ``00``. A header on every call
+costs the caller more than the tracing calls themselves. Under a sampled
+request, spans are made and exported in batches from a thread of their own (a
+bounded queue: with the collector down, spans beyond it are dropped, and the
+exporter's complaints are logged at most once a
 minute), never from the event loop.
 
 Spans carry counts, sizes, times and codes, never what a caller sent: no query
@@ -78,6 +79,9 @@ _REQUEST: contextvars.ContextVar[bool | tuple | None] = contextvars.ContextVar("
 _CHOSEN: contextvars.ContextVar[int] = contextvars.ContextVar("twostage_trace_id", default=0)
 _UNSAMPLED_FLAGS = frozenset("02468ace")  # the last hex digit of a traceparent's flags, sampled bit clear
 _SPAN_ID_BITS = (1 << 64) - 1
+# The calls whose request message says, in ``trace_unsampled``, that its caller did not sample it: every call a
+# search makes, where a header would cost the most.
+DECLINED_IN_REQUEST = frozenset({"twostage.v1.Recall/Search", "twostage.v1.Recall/Embed", "twostage.v1.Rerank/Rerank"})
 
 
 def configured(environ: Mapping[str, str] = os.environ) -> bool:
@@ -280,13 +284,13 @@ class _Active:
 
 
 class _Carry:
-    """An unsampled request: its traceparent, carried to the tiers it calls (made into metadata once, not at
-    every call), and no span of ours."""
+    """An unsampled request: the traceparent it came with or was given here (flags 00), carried to the tiers it
+    calls (made into metadata once, not at every call), and no span of ours. None: its caller said so in the
+    request message, with no trace id; a call made for it then carries a fresh one (``outgoing``)."""
 
     __slots__ = ("_token", "carried")
 
     def __init__(self, traceparent: str | None):
-        # None: the caller said so in the request itself; this tier calls no other for it
         self.carried = (("traceparent", traceparent),) if traceparent is not None else ()
 
     def __enter__(self) -> Span:
@@ -378,12 +382,24 @@ def unsampled(traceparent: str) -> bool:
     return len(traceparent) >= 55 and traceparent[54] in _UNSAMPLED_FLAGS
 
 
+def _unsampled_traceparent(ids: int | None = None) -> str:
+    """A W3C traceparent with flags 00 for trace and span ids ``ids`` (192 random bits; drawn when None)."""
+    if ids is None:
+        ids = random.getrandbits(192)
+    if ids >> 64 and ids & _SPAN_ID_BITS:  # W3C: neither id may be all zeros
+        ids_hex = ids.to_bytes(24, "big").hex()  # both at once: half the cost of formatting each
+        return f"00-{ids_hex[:32]}-{ids_hex[32:]}-00"
+    return f"00-{_random_id(128):032x}-{_random_id(64):016x}-00"
+
+
 def outgoing(metadata: tuple[tuple[str, str], ...]) -> tuple[tuple[str, str], ...]:
     """``metadata`` plus the current request's trace context, for a call to another tier."""
     state = _REQUEST.get()
     if state is None:
         return metadata
     if state is not True:  # unsampled: its traceparent, flags 00, so that the callee does not sample it either
+        if not state:  # declined in the request message that reached this tier: no trace id came with it
+            state = (("traceparent", _unsampled_traceparent()),)
         return metadata + state if metadata else state
     context = trace.get_current_span().get_span_context()
     carried = ("traceparent", f"00-{context.trace_id:032x}-{context.span_id:016x}-{context.trace_flags:02x}")
@@ -394,11 +410,13 @@ def outgoing(metadata: tuple[tuple[str, str], ...]) -> tuple[tuple[str, str], ..
 
 def server_span(name: str, headers, kind: SpanKind = SpanKind.SERVER, declined_by_caller: bool = False):
     """A span for a request received with these headers (gRPC metadata or HTTP), child of the caller's when
-    they carry one. The sampling decision is the caller's when it sent one (a traceparent, or
-    ``declined_by_caller``: the request's ``trace_unsampled`` field), else taken here, once; an unsampled
-    request gets no span, only its traceparent to carry on."""
+    they carry one. The sampling decision is the caller's when it sent one (``declined_by_caller``, the
+    request's ``trace_unsampled`` field, first; else a traceparent), else taken here, once; an unsampled
+    request gets no span, only what to carry on to the tiers it calls."""
     if not enabled:
         return _NOOP
+    if declined_by_caller:
+        return _Carry(None)
     given = _traceparent(headers)
     if given is not None:
         if unsampled(given):
@@ -406,17 +424,12 @@ def server_span(name: str, headers, kind: SpanKind = SpanKind.SERVER, declined_b
         parent = extract(headers)
         if trace.get_current_span(parent).get_span_context().is_valid:
             return _begin(_tracer.start_span(name, context=parent, kind=kind), parent)
-    elif declined_by_caller:
-        return _Carry(None)
     # The first tier this request reaches: its trace id is drawn and the sampler asked, once. Unsampled, it still
     # gets a traceparent (flags 00, a span id drawn with the trace id) for the tiers it calls to follow.
     ids = random.getrandbits(192)
     trace_id = ids >> 64
     if not _root_sampled(trace_id):
-        if trace_id and ids & _SPAN_ID_BITS:  # W3C: neither id may be all zeros
-            ids_hex = ids.to_bytes(24, "big").hex()  # both at once: half the cost of formatting each
-            return _Carry(f"00-{ids_hex[:32]}-{ids_hex[32:]}-00")
-        return _Carry(f"00-{_random_id(128):032x}-{_random_id(64):016x}-00")
+        return _Carry(_unsampled_traceparent(ids))
     chosen = _CHOSEN.set(trace_id)  # the span the sampler was asked about gets this id
     try:
         return _begin(_tracer.start_span(name, context=_EMPTY, kind=kind), _EMPTY)

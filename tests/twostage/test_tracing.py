@@ -60,20 +60,25 @@ def hex_id(value: int, width: int) -> str:
 
 # --- One decision per request, where it enters --------------------------------------------------------------
 
-async def test_an_unsampled_search_makes_no_span_and_tells_every_tier_in_its_request(traced):
-    exporter = traced("parentbased_traceidratio", 0.0)  # every request that arrives untraced: not sampled
+@pytest.mark.parametrize("sampler", ["parentbased_traceidratio", "parentbased_always_on"])
+async def test_an_unsampled_search_makes_no_span_and_tells_every_tier_in_its_request(traced, sampler):
+    """At ratio 0 no request entering untraced is sampled; under always-on every one is, so a tier that did not
+    read the field would make spans of its own."""
+    exporter = traced(sampler, 0.0 if sampler.endswith("ratio") else None)
     received = []
     search, close = await trace_path._stack(received)
     try:
-        result = await search("first")
-        assert result.reranked == trace_path.CANDIDATES
-        await search("second")
+        if sampler.endswith("ratio"):
+            result = await search("first")
+            assert result.reranked == trace_path.CANDIDATES
+            await search("second")
         # A caller that decided not to sample: the tiers are told the same.
         await search("third", (("traceparent", NOT_SAMPLED),))
     finally:
         await close()
     assert exporter.get_finished_spans() == ()
-    assert [method.rsplit("/", 1)[-1] for method, _, _ in received] == ["Search", "Rerank"] * 3
+    calls = 3 if sampler.endswith("ratio") else 1
+    assert [method.rsplit("/", 1)[-1] for method, _, _ in received] == ["Search", "Rerank"] * calls
     # Told in the request message (trace_unsampled), with no traceparent header on the call.
     assert all(declined and "traceparent" not in dict(metadata) for _, metadata, declined in received)
     assert tracing._REQUEST.get() is None  # nothing left behind in the caller's context
@@ -81,20 +86,47 @@ async def test_an_unsampled_search_makes_no_span_and_tells_every_tier_in_its_req
 
 def test_a_tier_told_in_the_request_that_its_caller_did_not_sample_starts_no_trace(traced):
     """Where every request entering untraced is sampled (parent-based, always on), one whose request says its
-    caller declined it gets no span, and nothing under it does; a traceparent that comes with it decides
-    instead."""
+    caller declined it gets no span, and nothing under it does, whatever traceparent comes with it; a call it
+    makes still tells the next tier, with a fresh traceparent of flags 00."""
     exporter = traced()
-    with tracing.server_span("twostage.v1.Recall/Search", (), declined_by_caller=True) as span:
-        assert not span.is_recording() and not tracing.sampled() and tracing.declined()
-        with tracing.span("embed") as step:
-            assert not step.is_recording()
-        assert tracing.outgoing((("authorization", "Bearer x"),)) == (("authorization", "Bearer x"),)
-    assert not tracing.declined()
+    for headers in ((), (("traceparent", SAMPLED),), (("traceparent", "00-not-a-traceparent"),)):
+        with tracing.server_span("twostage.v1.Recall/Search", headers, declined_by_caller=True) as span:
+            assert not span.is_recording() and not tracing.sampled() and tracing.declined()
+            with tracing.span("embed") as step:
+                assert not step.is_recording()
+            (token, carried) = tracing.outgoing((("authorization", "Bearer x"),))
+            assert token == ("authorization", "Bearer x") and carried[0] == "traceparent"
+            assert tracing.unsampled(carried[1]) and re.fullmatch(r"00-[0-9a-f]{32}-[0-9a-f]{16}-00", carried[1])
+        assert not tracing.declined()
     with tracing.server_span("twostage.v1.Recall/Search", ()) as span:  # the same request, not declined
         assert span.is_recording() and not tracing.declined()
-    with tracing.server_span("twostage.v1.Recall/Search", (("traceparent", SAMPLED),), declined_by_caller=True) as span:
-        assert span.is_recording() and hex_id(span.get_span_context().trace_id, 32) == CALLER_TRACE
-    assert [s.name for s in exporter.get_finished_spans()] == ["twostage.v1.Recall/Search"] * 2
+    assert [s.name for s in exporter.get_finished_spans()] == ["twostage.v1.Recall/Search"]
+
+
+async def test_calls_outside_a_search_tell_the_next_tier_by_a_traceparent_and_a_message_never_keeps_a_decision(
+        traced):
+    """Info has no field: an unsampled request's call carries its traceparent (flags 00). A search's message
+    sent again under another decision says the new one."""
+    from gateway.clients import RecallClient
+    from twostage.v1 import common_pb2, recall_pb2
+
+    traced("parentbased_traceidratio", 0.0)
+    sent = []
+
+    class Recording(RecallClient):
+        async def _send(self, method, request, timeout_s, metadata):
+            sent.append((method, dict(metadata), getattr(request, "trace_unsampled", None)))
+
+    client = Recording("127.0.0.1:1", "recall shard 0")
+    message = recall_pb2.RecallSearchRequest(query="q", k=4)
+    try:
+        with tracing.server_span("twostage.v1.Gateway/Search", (("traceparent", NOT_SAMPLED),)):
+            await client._call("Info", common_pb2.InfoRequest(), 1.0)
+            await client._call("Search", message, 1.0)
+        await client._call("Search", message, 1.0)  # outside any request
+    finally:
+        await client.close()
+    assert sent == [("Info", {"traceparent": NOT_SAMPLED}, None), ("Search", {}, True), ("Search", {}, False)]
 
 
 def test_a_request_entering_here_gets_a_w3c_traceparent_with_the_id_the_sampler_judged(traced):
@@ -164,7 +196,8 @@ async def test_a_sampled_search_is_one_trace_across_the_tiers_with_batches_linke
             (link,) = batch.links
             assert link.context.span_id == waited[batch.attributes["twostage.batcher"]].context.span_id
             assert batch.parent.span_id == link.context.span_id and batch.attributes["twostage.batch.traced"] == 1
-    # The tiers were told the caller's trace (sampled) and the span that called them.
+    # The tiers were told the caller's trace (sampled) and the span that called them, and nothing says otherwise.
+    assert not any(declined for *_, declined in received)
     sent = traceparents(received)
     assert all(not tracing.unsampled(t) for t in sent)
     assert {t.split("-")[1] for t in sent[2:]} == {CALLER_TRACE}
