@@ -226,8 +226,9 @@ def observe_rpc(method: str, code: str, protocol: str, elapsed_s: float, request
 
 class RpcMetricsInterceptor(grpc.aio.ServerInterceptor):
     """Counts every unary RPC by method and status code, times it, and logs it with its request id; while
-    tracing is on, runs it in its server span (``twostage.tracing.server_span``: child of the caller's when
-    the metadata carries a traceparent), health checks and reflection aside. One interceptor for both: each
+    tracing is on, runs it in its server span (``twostage.tracing.server_span``: none when the request's
+    ``trace_unsampled`` says its caller declined it, else child of the caller's when the metadata carries a
+    traceparent), health checks and reflection aside. One interceptor for both: each
     layer of interceptor costs an RPC a handler and a coroutine more. Outermost, so that the metrics and the
     access log see the span (its exemplar, its trace id)."""
 

@@ -14,9 +14,10 @@ it enters (``server_span``): the first tier a request reaches draws its trace id
 and asks the sampler; a tier behind it follows its caller's decision.
 What runs under an unsampled request makes no span object at all and touches
 no OpenTelemetry context; the tiers it calls are told it is not sampled and do
-nothing more. The calls a search makes (``DECLINED_IN_REQUEST``: recall's
-Search and Embed, rerank's Rerank) are told in their request message, its
-``trace_unsampled`` field, which decides over any header (a tier older than
+nothing more. Calls to recall's Search and Embed and rerank's Rerank
+(``DECLINED_IN_REQUEST``: what searches and the gateway's Embed and Rerank
+send) are told in their request message, its ``trace_unsampled`` field, which
+decides over any header (a tier older than
 that field samples such a call anew: upgrade the stages before the gateway);
 any other call by a ``traceparent`` with flags ``00``. A header on every call
 costs the caller more than the tracing calls themselves. Under a sampled
@@ -73,14 +74,14 @@ MAX_LINKS = 128  # a batch span's links (the SDK's own default limit, made expli
 EXPORT_LOG_EVERY_S = 60.0
 
 # The request this task serves: True when it is sampled (its spans are current in OpenTelemetry's context), the
-# metadata that carries its traceparent on (flags 00) when it is not, None outside any request or while tracing
-# is off.
+# metadata that carries its traceparent on (flags 00) when it is not (empty when its caller declined it in the
+# request message, which carries no trace id), None outside any request or while tracing is off.
 _REQUEST: contextvars.ContextVar[bool | tuple | None] = contextvars.ContextVar("twostage_trace", default=None)
 _CHOSEN: contextvars.ContextVar[int] = contextvars.ContextVar("twostage_trace_id", default=0)
 _UNSAMPLED_FLAGS = frozenset("02468ace")  # the last hex digit of a traceparent's flags, sampled bit clear
 _SPAN_ID_BITS = (1 << 64) - 1
-# The calls whose request message says, in ``trace_unsampled``, that its caller did not sample it: every call a
-# search makes, where a header would cost the most.
+# The calls whose request message says, in ``trace_unsampled``, that its caller did not sample it: the ones
+# searches and the gateway's Embed and Rerank make, where a header on every call would cost the most.
 DECLINED_IN_REQUEST = frozenset({"twostage.v1.Recall/Search", "twostage.v1.Recall/Embed", "twostage.v1.Rerank/Rerank"})
 
 
@@ -286,7 +287,7 @@ class _Active:
 class _Carry:
     """An unsampled request: the traceparent it came with or was given here (flags 00), carried to the tiers it
     calls (made into metadata once, not at every call), and no span of ours. None: its caller said so in the
-    request message, with no trace id; a call made for it then carries a fresh one (``outgoing``)."""
+    request message, with no trace id; each call made for it then carries a fresh one (``outgoing``)."""
 
     __slots__ = ("_token", "carried")
 
@@ -443,7 +444,7 @@ def _begin(span_: Span, parent: Context):
     # Sampled out here although the caller's was sampled (a sampler that is not parent-based): tiers behind
     # follow this decision.
     context = span_.get_span_context()
-    return _Carry(f"00-{context.trace_id:032x}-{context.span_id:016x}-00")
+    return _Carry(_unsampled_traceparent(context.trace_id << 64 | context.span_id))
 
 
 def exemplar() -> dict[str, str] | None:

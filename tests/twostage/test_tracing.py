@@ -129,6 +129,38 @@ async def test_calls_outside_a_search_tell_the_next_tier_by_a_traceparent_and_a_
     assert sent == [("Info", {"traceparent": NOT_SAMPLED}, None), ("Search", {}, True), ("Search", {}, False)]
 
 
+def test_every_call_declined_in_its_request_has_the_field():
+    """``DECLINED_IN_REQUEST`` names methods whose request message has ``trace_unsampled``: a name without the
+    field would fail every such call."""
+    from twostage.v1 import recall_pb2, rerank_pb2
+
+    services = {service.full_name: service for module in (recall_pb2, rerank_pb2)
+                for service in module.DESCRIPTOR.services_by_name.values()}
+    for call in tracing.DECLINED_IN_REQUEST:
+        service, method = call.rsplit("/", 1)
+        assert "trace_unsampled" in services[service].methods_by_name[method].input_type.fields_by_name, call
+
+
+async def test_the_field_decides_over_a_sampled_header_at_a_tiers_interceptor(traced):
+    """Through the interceptor a stage runs: a Rerank whose request declines it makes no span even with a sampled
+    traceparent and a sampler that samples everything; the same call without the field is traced."""
+    from twostage.v1 import rerank_pb2
+
+    exporter = traced()
+    recorded = []
+
+    async def rerank(request, context):
+        recorded.append(tracing.sampled())
+        return rerank_pb2.RerankResponse()
+
+    for declined in (True, False):
+        await trace_path._intercepted(trace_path._interceptors(), "/twostage.v1.Rerank/Rerank",
+                                      (("traceparent", SAMPLED),), rerank,
+                                      rerank_pb2.RerankRequest(query="q", documents=["d"], trace_unsampled=declined))
+    assert recorded == [False, True]
+    assert [s.name for s in exporter.get_finished_spans()] == ["twostage.v1.Rerank/Rerank"]
+
+
 def test_a_request_entering_here_gets_a_w3c_traceparent_with_the_id_the_sampler_judged(traced):
     """Where a request enters, its trace id is drawn once and the sampler asked about it: a sampled request's
     span has that id, and an unsampled one carries it on (with its own span id, flags 00) in a well-formed
