@@ -49,10 +49,11 @@ async def traced_stack(tmp_path_factory, built_index):
     receiver.stop()
 
 
-async def search(stack: Stack, request_id: str, query: str = "homocysteine and vitamin B12", **fields):
+async def search(stack: Stack, request_id: str, query: str = "homocysteine and vitamin B12", metadata=(),
+                 **fields):
     async with grpc.aio.insecure_channel(stack.gateway_target) as channel:
         return await gateway_pb2_grpc.GatewayStub(channel).Search(gateway_pb2.SearchRequest(
-            query=query, request_id=request_id, recall_k=8, top_k=3, budget_ms=60_000, **fields))
+            query=query, request_id=request_id, recall_k=8, top_k=3, budget_ms=60_000, **fields), metadata=metadata)
 
 
 def trace_of(spans, request_id: str) -> str | None:
@@ -154,10 +155,7 @@ async def test_a_search_its_caller_did_not_sample_starts_no_trace_at_any_tier(tr
     await received_trace(receiver, "before-declined", batches=False)
     before = stage_roots(receiver.spans)
     declined = f"00-{'ab' * 16}-{'cd' * 8}-00"
-    async with grpc.aio.insecure_channel(stack.gateway_target) as channel:
-        reply = await gateway_pb2_grpc.GatewayStub(channel).Search(gateway_pb2.SearchRequest(
-            query="vitamin B12 and homocysteine", request_id="declined", recall_k=8, top_k=3, budget_ms=60_000),
-            metadata=(("traceparent", declined),))
+    reply = await search(stack, "declined", "vitamin B12 and homocysteine", (("traceparent", declined),))
     assert reply.reranked > 0
     # Each process exports its spans in the order they end: once a later search's spans have arrived from every
     # tier, whatever the declined one made has too.
