@@ -11,20 +11,19 @@ On, the sampler (``OTEL_TRACES_SAMPLER`` / ``OTEL_TRACES_SAMPLER_ARG``, default
 parent-based always on; a name or ratio the SDK does not know is refused at
 start rather than silently sampling everything) decides once per request, where
 it enters (``server_span``): the first tier a request reaches draws its trace id
-and asks the sampler; a tier behind it follows its caller's decision.
-What runs under an unsampled request makes no span object at all and touches
-no OpenTelemetry context; the tiers it calls are told it is not sampled and do
+and asks the sampler; a tier behind it follows its caller's decision. What runs
+under an unsampled request makes no span object at all and touches no
+OpenTelemetry context; the tiers it calls are told it is not sampled and do
 nothing more. Calls to recall's Search and Embed and rerank's Rerank
-(``DECLINED_IN_REQUEST``: what searches and the gateway's Embed and Rerank
-send) are told in their request message, its ``trace_unsampled`` field, which
-decides over any header (a tier older than
-that field samples such a call anew: upgrade the stages before the gateway);
-any other call by a ``traceparent`` with flags ``00``. A header on every call
-costs the caller more than the tracing calls themselves. Under a sampled
-request, spans are made and exported in batches from a thread of their own (a
-bounded queue: with the collector down, spans beyond it are dropped, and the
-exporter's complaints are logged at most once a
-minute), never from the event loop.
+(``DECLINED_IN_REQUEST``: what searches and the gateway's Embed and Rerank send)
+are told in their request message, its ``trace_unsampled`` field, which decides
+over any header (a tier older than that field samples such a call anew: upgrade
+the stages before the gateway); any other call by a ``traceparent`` with flags
+``00``. A header on every call costs the caller more than the tracing calls
+themselves. Under a sampled request, spans are made and exported in batches from
+a thread of their own (a bounded queue: with the collector down, spans beyond it
+are dropped, and the exporter's complaints are logged at most once a minute),
+never from the event loop.
 
 Spans carry counts, sizes, times and codes, never what a caller sent: no query
 or document text, no filter value, no error message (which may quote one); a
